@@ -1,0 +1,301 @@
+"""Train from scratch or fine-tune a timm ViT: the backbone that the agents learn to prune.
+
+Reads the ``train`` split (minus the seeded ``val`` subset), picks nothing on ``test``, and reports
+test accuracy once at the end for the model card. Needs torch + timm + safetensors only (no Ray), so it
+runs on any GPU box. Decoded images live in one uint8 tensor on the device and are augmented there.
+
+    python backbone.py --data-dir ../shared/data --output-dir runs/backbone
+    python backbone.py --output-dir runs/backbone --resume      # continue after --time-limit or a crash
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from envs.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
+from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
+
+STATE_FILE = "train_state.pt"
+EXPORT_DIR = "backbone"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def parse_kwargs(pairs: list[str]) -> dict:
+    """``["img_size=32", "patch_size=4"]`` -> ``{"img_size": 32, "patch_size": 4}``."""
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"model kwarg {pair!r} is not key=value")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
+    p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4"], metavar="K=V",
+                   help="timm create_model kwargs (default: 32x32 input, 4x4 patches)")
+    p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
+    p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100 if absent")
+    p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE)
+    p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
+    p.add_argument("--limit", type=int, default=None, help="use a seeded subset of N images of each split (smoke tests)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate for batch 512 (scaled linearly)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=5)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--randaug", type=int, default=2, help="RandAugment ops per image (0 = off)")
+    p.add_argument("--randaug-magnitude", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop (resumably) after the first epoch that ends past this many seconds")
+    p.add_argument("--output-dir", default="runs/backbone")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
+    p.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")
+    p.add_argument("--full-precision", dest="half", action="store_false", help="export float32 weights")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no GPU is visible")
+    return device
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop after reflect padding, and horizontal flip, on a uint8 batch in place of PIL."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images.float(), (padding,) * 4, mode="reflect")
+    dev = images.device
+    top = torch.randint(0, 2 * padding + 1, (batch, 1, 1), generator=generator).to(dev)
+    left = torch.randint(0, 2 * padding + 1, (batch, 1, 1), generator=generator).to(dev)
+    rows = (top + torch.arange(height, device=dev).view(1, -1, 1)).expand(batch, height, width)
+    cols = (left + torch.arange(width, device=dev).view(1, 1, -1)).expand(batch, height, width)
+    flip = torch.rand(batch, generator=generator).to(dev) < 0.5
+    cols = torch.where(flip.view(-1, 1, 1), padded.shape[-1] - 1 - cols, cols)
+    index = torch.arange(batch, device=dev).view(-1, 1, 1)
+    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2).to(torch.uint8)
+
+
+def make_randaugment(num_ops: int, magnitude: int):
+    """RandAugment over chunks of 8 images (one op draw per chunk keeps it fast on batched tensors)."""
+    if num_ops <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    return lambda images: torch.cat([augment(chunk) for chunk in images.split(8)])
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, config, device, batch_size=512, amp=True) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            correct += (model(x).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
+    return correct / len(labels)
+
+
+@torch.no_grad()
+def images_per_second(model, config, device, batch_size=256, repeats=5) -> float:
+    """Median eval throughput in float32 on random input (warm-up first)."""
+    model.eval()
+    size = config["input_size"]
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return batch_size / sorted(times)[len(times) // 2]
+
+
+def count_gflops(model, input_size: int) -> float:
+    """GFLOPs as multiply-accumulates (DeiT/fvcore convention): FlopCounterMode counts 2 per MAC."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    amp = not args.no_amp
+    out = Path(args.output_dir)
+    state_path = out / STATE_FILE
+    if state_path.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if args.resume and not state_path.exists():
+        raise ValueError(f"nothing to resume: {state_path} does not exist")
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
+    if state is not None:
+        args = argparse.Namespace(**{**state["args"], "resume": True, "time_limit": args.time_limit,
+                                     "device": args.device, "output_dir": args.output_dir})
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    kwargs = parse_kwargs(args.model_kwargs)
+    probe = create_vit(args.model, 1, kwargs)
+    input_size = probe.default_cfg.get("input_size", (3, 224, 224))[-1]
+    input_size = kwargs.get("img_size", input_size)
+    mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
+    if not args.pretrained and args.dataset.startswith("cifar"):
+        mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics
+    del probe
+
+    split_kw = dict(data_dir=args.data_dir, input_size=input_size, val_size=args.val_size,
+                    seed=args.split_seed, limit=args.limit, download=args.download)
+    train_split = load_split(args.dataset, "train", **split_kw)
+    val_split = load_split(args.dataset, "val", **split_kw)
+    num_classes = len(train_split.class_names)
+    config = {"model_name": args.model, "model_kwargs": kwargs, "num_classes": num_classes,
+              "class_names": list(train_split.class_names), "input_size": input_size,
+              "mean": list(mean), "std": list(std), "dataset": args.dataset,
+              "split_sizes": {"train": len(train_split), "val": len(val_split)},
+              "split_seed": args.split_seed}
+
+    model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
+    steps_per_epoch = max(1, len(train_split) // args.batch_size)
+    lr = args.lr * args.batch_size / 512
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
+                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
+                                  t_in_epochs=False)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+                      num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = LabelSmoothingCrossEntropy(args.label_smoothing)
+    randaugment = make_randaugment(args.randaug, args.randaug_magnitude)
+
+    history, start_epoch = [], 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"]
+        print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = train_split.images.to(device)
+    labels = train_split.labels.to(device)
+    began = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator).to(device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=not sys.stderr.isatty())
+        loss_sum = 0.0
+        for step in bar:
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x, y = random_crop_flip(images[batch], 4, generator), labels[batch]
+            if randaugment is not None:
+                x = randaugment(x)
+            x = normalize(x, config)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            loss_sum += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = accuracy(model, val_split.images, val_split.labels, config, device, amp=amp)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "val_accuracy": val_acc,
+                        "seconds": time.time() - began})
+        print(f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / steps_per_epoch:.4f} "
+              f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
+        save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                                "history": history, "epoch": epoch + 1, "args": vars(args)})
+        if args.time_limit is not None and time.time() - began > args.time_limit and epoch + 1 < args.epochs:
+            print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
+            return {"finished": False, "epoch": epoch + 1}
+
+    test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
+                            limit=args.limit, download=args.download)
+    test_acc = accuracy(model, test_split.images, test_split.labels, config, device, amp=False)
+    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                                            "label_smoothing", "mixup", "cutmix", "randaug",
+                                            "randaug_magnitude", "seed", "pretrained", "limit")}
+    recipe.update(optimizer="adamw (timm, no decay on norms/biases/pos-embed)", schedule="warmup + cosine per step",
+                  amp="bf16 autocast" if amp else "float32", device=str(device),
+                  train_seconds=round(history[-1]["seconds"], 1) if history else 0)
+    config.update(split_sizes={**config["split_sizes"], "test": len(test_split)}, recipe=recipe,
+                  history=history, test_accuracy=test_acc,
+                  gflops=round(count_gflops(model, input_size), 4),
+                  params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                  images_per_s_b256=round(images_per_second(model, config, device), 1),
+                  throughput_device=str(device))
+    export = save_backbone(model, config, out / EXPORT_DIR, half=args.half)
+    print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
+    return {"finished": True, "test_accuracy": test_acc, "export": str(export)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not math.isfinite(args.lr) or args.lr <= 0:
+            raise ValueError("--lr must be a positive number")
+        args.model_kwargs = args.model_kwargs or []
+        parse_kwargs(args.model_kwargs)
+        train(args)
+    except (ValueError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Self-describing backbone checkpoints: ``model.safetensors`` + ``config.json`` in one directory.
+
+Everything downstream (the pruning env, the ViT server, evaluation) builds the ViT only from such a
+directory, so a checkpoint carries what is needed to rebuild and feed the model: the timm model name and
+kwargs, classes, input size and normalisation, plus how it was made (data, splits, recipe, accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REFERENCE_BACKBONE = Path(__file__).resolve().parent.parent / "reference" / "vit_tiny_cifar10"
+
+
+class CheckpointError(RuntimeError):
+    """A backbone checkpoint that is missing or unreadable; the message is meant for the user as is."""
+
+
+def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any], pretrained: bool = False):
+    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights."""
+    if model_name not in timm.list_models():
+        raise CheckpointError(f"unknown timm model {model_name!r}")
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    except (OSError, RuntimeError) as error:
+        if pretrained:
+            raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
+        raise
+
+
+def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike,
+                  half: bool = False) -> Path:
+    """Write weights (optionally as float16) and config; each file is replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    config = {**config, "weights_dtype": str(dtype).removeprefix("torch.")}
+    tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    tmp = directory / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a backbone checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    missing = {"model_name", "model_kwargs", "num_classes", "input_size", "mean", "std"} - set(config)
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}")
+    return config
+
+
+def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
+                  device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the timm model of a checkpoint directory in float32, in eval mode, with its config."""
+    config = read_backbone_config(directory)
+    model = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
+    try:
+        state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read weights in {directory}: {error}") from None
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {directory} do not fit {config['model_name']}: {error}") from None
+    return model.to(device).eval(), config
+
+
+def normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` images to the float input the checkpoint expects (its mean and std)."""
+    mean = torch.tensor(config["mean"], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"], device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std

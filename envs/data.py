@@ -1,0 +1,163 @@
+"""Data sets by name, with explicit, reproducible train / val / test splits.
+
+Every command in the project reads images through :func:`load_split`:
+
+- ``train``: the training split minus a fixed, seeded validation subset. Backbone training and
+  PPO training use it.
+- ``val``: that held-out subset of the training split. Model selection (best backbone epoch, best
+  policy checkpoint) uses it.
+- ``test``: the data set's own test split. Only final evaluation (``evaluate.py``, the backbone's
+  model card) reads it.
+
+Data sets:
+
+- ``cifar10`` / ``cifar100``: ``<data-dir>/<name>/{train,test}.tar`` or ``{train,test}/`` in ImageFolder
+  layout (the layout of the shared JPEG copy), else torchvision's own files under
+  ``<data-dir>/<name>``, downloaded when ``download=True`` and the network is reachable.
+- ``folder``: any ImageFolder directory (or ``.tar`` of one) with ``train`` and ``test`` (or ``val``)
+  children, ImageNet-style, at ``<data-dir>``.
+
+Images are decoded once into a ``uint8`` tensor ``[N, 3, H, W]`` at the model's input size, so that
+training, the ViT server and evaluation index images instead of re-reading files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset
+
+DATASETS = ("cifar10", "cifar100", "folder")
+SPLITS = ("train", "val", "test")
+DEFAULT_VAL_SIZE = 5000
+DEFAULT_SPLIT_SEED = 0
+DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
+
+
+class DataError(RuntimeError):
+    """A data set that cannot be found or read; the message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """A decoded split: images as uint8 ``[N, 3, H, W]``, labels as int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def default_data_dir() -> str:
+    """``$MARL_PRUNING_DATA_DIR`` when set, else ``./data``."""
+    return os.environ.get(DATA_DIR_ENV, "data")
+
+
+def _split_source(dataset: str, data_dir: Path, split: str) -> Path | None:
+    """The ImageFolder directory or tar holding a train/test split, or None if absent."""
+    base = data_dir if dataset == "folder" else data_dir / dataset
+    names = ("train",) if split == "train" else ("test", "val", "validation")
+    for name in names:
+        for candidate in (base / f"{name}.tar", base / name):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
+    """A timm / torchvision dataset over the raw ``train`` or ``test`` split (PIL image, int label)."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
+    source = _split_source(dataset, data_dir, split)
+    if source is not None:
+        return create_dataset("", root=str(source))
+    if dataset == "folder":
+        raise DataError(f"no '{split}' ImageFolder directory or .tar found in {data_dir}")
+    root = data_dir / dataset
+    try:
+        return create_dataset(f"torch/{dataset}", root=str(root), split=split, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        hint = "" if download else " (pass --download to fetch it)"
+        raise DataError(f"{dataset} not found in {data_dir}{hint}: {error}") from None
+    except OSError as error:  # offline download attempt
+        raise DataError(f"{dataset} not found in {data_dir} and could not be downloaded: {error}") from None
+
+
+def _class_names(raw) -> tuple[str, ...]:
+    if hasattr(raw, "classes"):  # torchvision
+        return tuple(raw.classes)
+    mapping = raw.reader.class_name_to_idx
+    return tuple(sorted(mapping, key=mapping.get))
+
+
+def _labels(raw) -> np.ndarray:
+    if hasattr(raw, "targets"):  # torchvision
+        return np.asarray(raw.targets, dtype=np.int64)
+    return np.asarray(raw.reader.targets, dtype=np.int64)
+
+
+def split_indices(num_train: int, split: str, val_size: int, seed: int) -> np.ndarray:
+    """Indices into the raw training split for ``train`` or ``val``: a seeded permutation, cut once."""
+    if not 0 < val_size < num_train:
+        raise DataError(f"validation size {val_size} must be between 1 and {num_train - 1}")
+    order = np.random.default_rng(seed).permutation(num_train)
+    chosen = order[:val_size] if split == "val" else order[val_size:]
+    return np.sort(chosen)
+
+
+def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
+    """Decode images to uint8 ``[N, 3, S, S]``: resize the short side to S, centre-crop (no-op for CIFAR)."""
+    out = torch.empty((len(indices), 3, input_size, input_size), dtype=torch.uint8)
+    for row, index in enumerate(indices):
+        image, _ = raw[int(index)]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        image = image.convert("RGB")
+        if image.size != (input_size, input_size):
+            scale = input_size / min(image.size)
+            width, height = (max(input_size, round(s * scale)) for s in image.size)
+            image = image.resize((width, height), Image.BICUBIC)
+            left, top = (width - input_size) // 2, (height - input_size) // 2
+            image = image.crop((left, top, left + input_size, top + input_size))
+        out[row] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    input_size: int = 32,
+    val_size: int = DEFAULT_VAL_SIZE,
+    seed: int = DEFAULT_SPLIT_SEED,
+    limit: int | None = None,
+    download: bool = False,
+) -> ImageSplit:
+    """Decode one split of a data set into memory (see the module docstring for the splits).
+
+    ``limit`` keeps a seeded random subset of ``limit`` images of the split (for quick looks and tests);
+    the split itself never changes with it.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+    if not root.exists() and not download:
+        raise DataError(f"data directory {root} does not exist")
+    raw = _open_raw_split(dataset, root, "test" if split == "test" else "train", download)
+    labels = _labels(raw)
+    if split == "test":
+        indices = np.arange(len(labels))
+    else:
+        indices = split_indices(len(labels), split, val_size, seed)
+    if limit is not None and limit < len(indices):
+        indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
+    images = _decode(raw, indices, input_size)
+    return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
