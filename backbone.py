@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100 if absent")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download cifar10/cifar100 (by default they are fetched into --data-dir if absent)")
     p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE)
     p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
-    p.add_argument("--limit", type=int, default=None, help="use a seeded subset of N images of each split (smoke tests)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use a seeded subset of N images of each split (smoke tests)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate for batch 512 (scaled linearly)")

@@ -27,7 +27,7 @@ class CheckpointError(RuntimeError):
 
 def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any], pretrained: bool = False):
     """A timm model by name; a clear error for unknown names and for unreachable pretrained weights."""
-    if model_name not in timm.list_models():
+    if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
     try:
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)

@@ -84,8 +84,8 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     try:
         return create_dataset(f"torch/{dataset}", root=str(root), split=split, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
-        hint = "" if download else " (pass --download to fetch it)"
-        raise DataError(f"{dataset} not found in {data_dir}{hint}: {error}") from None
+        raise DataError(f"{dataset} not found in {data_dir} (expected {dataset}/train.tar and test.tar, "
+                        f"or torchvision's files): {error}") from None
     except OSError as error:  # offline download attempt
         raise DataError(f"{dataset} not found in {data_dir} and could not be downloaded: {error}") from None
 
@@ -149,7 +149,7 @@ def load_split(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-    if not root.exists() and not download:
+    if not root.exists() and not (download and dataset != "folder"):
         raise DataError(f"data directory {root} does not exist")
     raw = _open_raw_split(dataset, root, "test" if split == "test" else "train", download)
     labels = _labels(raw)

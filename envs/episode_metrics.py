@@ -1,0 +1,35 @@
+"""Per-image results of finished episodes, logged through RLlib's MetricsLogger.
+
+They appear in the training results under ``env_runners`` (and ``evaluation/env_runners`` for the
+validation runs): agreement with the unpruned model, top-1 correctness, kept-token ratio after the last
+pruning point, and GFLOPs (backbone + features) per image.
+"""
+
+from __future__ import annotations
+
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from envs.pruning_env import policy_for_agent
+
+WINDOW = 1000  # images
+METRICS = ("agree", "correct", "keep_ratio", "gflops")
+
+
+class PruningMetrics(RLlibCallback):
+    """Averages the env's final per-image infos over the last ``WINDOW`` images."""
+
+    def on_episode_end(self, *, episode, metrics_logger, **kwargs) -> None:
+        infos = episode.get_infos(-1)
+        if any(info.get("server_restart") for info in infos.values()):
+            metrics_logger.log_value("server_restarts", 1, reduce="sum")
+            return
+        for agent_id, info in infos.items():
+            # both agents of an image carry the same info: count each image once
+            if "agree" not in info or (policy_for_agent(agent_id) == "similarity"
+                                       and agent_id.replace("similarity", "attention") in infos):
+                continue
+            values = {"agree": float(info["agree"]), "correct": float(info["correct"]),
+                      "keep_ratio": info["keep_ratio"],
+                      "gflops": info["gflops_backbone"] + info["gflops_features"]}
+            for key in METRICS:
+                metrics_logger.log_value(key, values[key], reduce="mean", window=WINDOW)

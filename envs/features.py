@@ -1,0 +1,87 @@
+"""Per-token features the two agents observe at a pruning point (docs/DESIGN.md, "Observations").
+
+All cheap: the class-token attention row comes from the backbone (``StagedViT.forward_stage``); the rest
+needs token norms and one ``[N, N]`` cosine-similarity matrix per image, never a full attention matrix.
+Every feature is finite for any number of live tokens, and 0 on dead rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_FEATURES: tuple[str, ...] = (
+    "attention",  # class-token attention, renormalised over live tokens and scaled so uniform = 1
+    "log_attention",
+    "attention_rank",  # 1 for the most attended live token, 0 for the least
+    "norm",  # token L2 norm / mean over live tokens
+    "row",  # grid row in [0, 1]
+    "col",  # grid column in [0, 1]
+    "progress",  # stage / (num_points - 1), in [0, 1]
+    "keep_fraction",  # 1 - target_ratio
+)
+SIMILARITY_FEATURES: tuple[str, ...] = (
+    "max_similarity",  # max cosine similarity to the other live tokens (0 if there are none)
+    "mean_similarity",  # mean cosine similarity to the other live tokens (0 if there are none)
+    "norm",
+    "row",
+    "col",
+    "progress",
+    "keep_fraction",
+)
+
+_LOG_EPS = 1e-6
+
+
+def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
+                   positions: torch.Tensor, grid_size: tuple[int, int], stage: int, num_points: int,
+                   keep_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every patch token for the attention agent and the similarity agent.
+
+    Args:
+        x_patch: ``[B, N, D]`` patch-token embeddings after the stage before the pruning point.
+        cls_attention: ``[B, N]`` class-token attention to each token (``StagedViT.forward_stage``).
+        live: ``[B, N]`` bool (an image with no live token gets all-zero features).
+        positions: ``[B, N]`` long, each token's index in the original ``grid_size`` patch grid.
+        grid_size: ``(rows, cols)`` of the patch grid.
+        stage: index of the pruning point (= of the stage that produced ``x_patch``), ``0 .. num_points - 1``.
+        num_points: number of pruning points.
+        keep_fraction: ``1 - target_ratio``.
+
+    Returns:
+        ``attention [B, N, len(ATTENTION_FEATURES)]`` and ``similarity [B, N, len(SIMILARITY_FEATURES)]``,
+        float32, zeros on dead rows.
+    """
+    if not 0 <= stage < num_points:
+        raise ValueError(f"stage must be in [0, {num_points - 1}], got {stage}")
+    x = x_patch.float()
+    mask = live.float()
+    n_live = mask.sum(dim=1, keepdim=True)  # [B, 1]
+
+    attention = cls_attention.float() * mask
+    attention = attention / attention.sum(dim=1, keepdim=True).clamp_min(1e-12) * n_live
+    order = attention.masked_fill(~live, float("-inf")).argsort(dim=1, descending=True)
+    rank = order.argsort(dim=1).float()  # 0 = most attended
+    attention_rank = 1.0 - rank / (n_live - 1).clamp_min(1)
+
+    norm = x.norm(dim=-1) * mask
+    norm = norm / (norm.sum(dim=1, keepdim=True) / n_live.clamp_min(1)).clamp_min(1e-12)
+
+    unit = F.normalize(x, dim=-1)
+    similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
+    others = live.unsqueeze(1) & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
+    n_others = others.sum(dim=-1)  # [B, N]
+    max_similarity = torch.where(n_others > 0, similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
+    mean_similarity = (similarity * others).sum(dim=-1) / n_others.clamp_min(1)
+
+    rows, cols = grid_size
+    row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
+    col = (positions % cols).float() / max(cols - 1, 1)
+    progress = torch.full_like(mask, stage / max(num_points - 1, 1))
+    keep = torch.full_like(mask, keep_fraction)
+
+    shared = [norm, row, col, progress, keep]
+    attention_features = torch.stack(
+        [attention, attention.clamp_min(_LOG_EPS).log(), attention_rank, *shared], dim=-1)
+    similarity_features = torch.stack([max_similarity, mean_similarity, *shared], dim=-1)
+    return attention_features * mask.unsqueeze(-1), similarity_features * mask.unsqueeze(-1)

@@ -1,0 +1,167 @@
+"""A timm VisionTransformer run stage by stage, so tokens can be dropped between stages.
+
+``StagedViT`` reuses the wrapped model's modules (no weight copies). Its block forward mirrors timm's
+``Block``/``Attention`` and adds two things pruning needs: an attention mask for padded (dead) patch
+tokens, and the class token's attention to each patch token from the last block of a stage, computed
+from the class token's query row alone (``q_cls @ K^T``), never the full attention matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+
+def cls_attention_row(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
+                      num_prefix: int) -> torch.Tensor:
+    """Class token's (token 0) attention to each patch token, averaged over heads (EViT's score).
+
+    Args:
+        q, k: ``[B, H, T, head_dim]`` queries and keys after q/k norm.
+        key_mask: ``[B, 1, 1, T]`` bool, False for padded keys, or None.
+        num_prefix: prefix tokens ``P``; the class token is token 0.
+
+    Returns:
+        ``[B, T - P]``; 0 on padded tokens.
+    """
+    scores = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, 1, T]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+
+
+def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
+                            num_prefix: int) -> torch.Tensor:
+    """Attention each patch token receives, averaged over live queries and heads.
+
+    The stand-in for :func:`cls_attention_row` in models without a class token; it needs the full
+    ``[B, H, T, T]`` attention matrix. Shapes as in :func:`cls_attention_row`.
+    """
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, T, T]
+    if key_mask is None:
+        return attn.softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]
+    attn = attn.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
+    query_live = key_mask.transpose(-2, -1).to(attn.dtype)  # [B, 1, T, 1]
+    received = (attn * query_live).sum(dim=2) / query_live.sum(dim=2)  # [B, H, T]
+    return received.mean(dim=1)[:, num_prefix:]
+
+
+def _attention(attn: Attention, x: torch.Tensor, key_mask: torch.Tensor | None,
+               training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` with a boolean key mask; also returns ``q``, ``k`` for the scores."""
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=key_mask, dropout_p=attn.attn_drop.p if training else 0.0)
+    out = attn.norm(out.transpose(1, 2).flatten(2))
+    return attn.proj_drop(attn.proj(out)), q, k
+
+
+def _block(block: Block, x: torch.Tensor, key_mask: torch.Tensor | None,
+           training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Block.forward`` built from its modules; returns the new tokens and the block's ``q``, ``k``."""
+    attn_out, q, k = _attention(block.attn, block.norm1(x), key_mask, training)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, q, k
+
+
+class StagedViT(nn.Module):
+    """A timm ``VisionTransformer`` split into stages at pruning points (see docs/DESIGN.md).
+
+    ``prune_points=(3, 6, 9)`` on 12 blocks gives stages ``[0, 3), [3, 6), [6, 9), [9, 12)``.
+    """
+
+    def __init__(self, vit: VisionTransformer, prune_points: Sequence[int] = (3, 6, 9)) -> None:
+        super().__init__()
+        if type(vit) is not VisionTransformer:  # subclasses (e.g. distilled DeiT) change the head
+            raise ValueError(f"StagedViT needs a plain timm VisionTransformer, got {type(vit).__name__}")
+        for i, blk in enumerate(vit.blocks):
+            if type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None):
+                raise ValueError(f"StagedViT supports only standard timm Block/Attention; block {i} is "
+                                 f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}")
+        if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
+            raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
+        depth = len(vit.blocks)
+        points = tuple(prune_points)
+        valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
+        if not valid or any(a >= b for a, b in pairwise(points)):
+            raise ValueError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
+                             f"for a {depth}-block ViT, got {points}")
+        self.vit = vit
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.num_patches: int = vit.patch_embed.num_patches
+        self.grid_size: tuple[int, int] = tuple(vit.patch_embed.grid_size)
+        self.embed_dim: int = vit.embed_dim
+        self.num_heads: int = vit.blocks[0].attn.num_heads
+        self.depth = depth
+        self.prune_points: tuple[int, ...] = tuple(int(p) for p in points)
+        self.num_stages = len(points) + 1
+        bounds = (0, *self.prune_points, depth)
+        self.stage_blocks: list[range] = [range(a, b) for a, b in pairwise(bounds)]
+        self._pool_include_prefix = getattr(vit, "pool_include_prefix", False)  # absent in older timm
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, C, H, W]`` -> tokens ``[B, P + N, D]``, as timm's forward_features does."""
+        vit = self.vit
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+
+    def _with_prefix(self, live: torch.Tensor) -> torch.Tensor:
+        """``live [B, N]`` -> ``[B, P + N]`` bool, prefix tokens always live."""
+        return torch.cat([live.new_ones(live.shape[0], self.num_prefix_tokens), live], dim=1)
+
+    def forward_stage(self, x: torch.Tensor, stage: int,
+                      live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the blocks of ``stage``.
+
+        Args:
+            x: ``[B, P + N, D]`` tokens.
+            stage: ``0 .. num_stages - 1``.
+            live: ``[B, N]`` bool, False on padded patch tokens (masked out as keys), or None if all live.
+
+        Returns:
+            ``x [B, P + N, D]`` and ``cls_attention [B, N]``: the class token's attention to each patch
+            token in the stage's last block, mean over heads, 0 on padded tokens (without a class token:
+            the mean attention each patch token receives).
+        """
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {stage}")
+        key_mask = None if live is None else self._with_prefix(live)[:, None, None, :]
+        for i in self.stage_blocks[stage]:
+            x, q, k = _block(self.vit.blocks[i], x, key_mask, self.training)
+        score = cls_attention_row if self.vit.has_class_token else mean_attention_received
+        return x, score(q, k, key_mask, self.num_prefix_tokens)
+
+    def classify(self, x: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` from tokens ``x [B, P + N, D]``, as timm's forward_head.
+
+        With ``global_pool='avg'`` only live patch tokens (``live [B, N]``) are averaged.
+        """
+        vit = self.vit
+        x = vit.norm(x)
+        if vit.global_pool == "token":
+            pooled = x[:, 0]
+        elif live is None:
+            pooled = x[:, 0 if self._pool_include_prefix else self.num_prefix_tokens:].mean(dim=1)
+        else:
+            if self._pool_include_prefix:
+                live = self._with_prefix(live)
+            weight = live.to(x.dtype).unsqueeze(-1)
+            pooled = (x[:, -live.shape[1]:] * weight).sum(dim=1) / weight.sum(dim=1)
+        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Keep-all forward through every stage: the same logits as the wrapped ViT."""
+        x = self.embed(images)
+        for stage in range(self.num_stages):
+            x, _ = self.forward_stage(x, stage)
+        return self.classify(x)

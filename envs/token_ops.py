@@ -1,0 +1,80 @@
+"""Pure tensor functions for dropping patch tokens: the token budget, top-k selection, gathering, packing.
+
+Token layout everywhere: ``x [B, T, D]`` holds the ``P`` prefix tokens (class, distillation, register)
+first, then the ``N = T - P`` patch tokens. Only patch tokens are ever dropped. Indices into patch tokens
+run over ``0 .. N-1``; a ``live`` bool mask ``[B, N]`` marks real tokens in batches padded to a common
+length (adaptive mode, where images keep different numbers of tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tokens_to_keep(num_live: int, target_ratio: float) -> int:
+    """Patch tokens kept at a pruning point: ``max(1, round(num_live * (1 - target_ratio)))``.
+
+    The one definition of the budget, shared by the heuristics, the exact-budget mode of the learned
+    policy and the reward. ``round`` is Python's (half to even).
+    """
+    if not 0.0 < target_ratio < 1.0:
+        raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio}")
+    if num_live < 1:
+        raise ValueError(f"num_live must be >= 1, got {num_live}")
+    return max(1, round(num_live * (1.0 - target_ratio)))
+
+
+def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Prefix tokens plus the patch tokens at ``keep_index``, in that order.
+
+    Args:
+        x: ``[B, P + N, D]`` tokens, prefix first.
+        keep_index: ``[B, K]`` long indices into the patch tokens (``0 .. N-1``).
+        num_prefix: ``P``.
+
+    Returns:
+        ``[B, P + K, D]``.
+    """
+    patches = x[:, num_prefix:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :num_prefix], patches], dim=1)
+
+
+def topk_keep_index(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest-scoring live tokens, ascending so kept tokens stay in image order.
+
+    Args:
+        scores: ``[B, N]`` float; higher means keep.
+        live: ``[B, N]`` bool; dead tokens are never chosen.
+        k: tokens to keep per image, ``1 <= k <=`` the smallest live count in the batch.
+
+    Returns:
+        ``[B, k]`` long.
+    """
+    min_live = int(live.sum(dim=1).min()) if live.numel() else 0
+    if not 1 <= k <= min_live:
+        raise ValueError(f"k must be in [1, {min_live}] (smallest live count in the batch), got {k}")
+    # Clamp so that a live score of -inf still ranks above the dead tokens' -inf.
+    finite = scores.float().clamp_min(torch.finfo(torch.float32).min)
+    masked = finite.masked_fill(~live, float("-inf"))
+    return masked.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn per-image keep decisions of different counts into one padded index for :func:`gather_tokens`.
+
+    Kept live tokens come first, in their original order; rows are padded to the largest kept count,
+    padded entries point at token 0 and are marked not live.
+
+    Args:
+        keep: ``[B, N]`` bool decisions; ignored where ``live`` is False.
+        live: ``[B, N]`` bool.
+
+    Returns:
+        ``index [B, K_max]`` long and ``live_after [B, K_max]`` bool.
+    """
+    kept = keep & live
+    counts = kept.sum(dim=1)
+    k_max = int(counts.max()) if counts.numel() else 0
+    order = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :k_max]
+    live_after = torch.arange(k_max, device=keep.device) < counts.unsqueeze(1)
+    return order.masked_fill(~live_after, 0), live_after

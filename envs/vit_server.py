@@ -1,0 +1,169 @@
+"""The shared ViT server: one named async Ray actor that serves every env runner.
+
+It holds the backbone (on a GPU when it was given one) and the decoded image split. Envs find it by
+name and send image indices and keep decisions, never images. Concurrent requests from all callers are
+queued and served together: the queue is drained once ``max_batch`` images are waiting or ``max_wait_ms``
+has passed, and the whole drain goes through one engine call (one padded forward per stage present), so
+throughput grows with the number of callers. The forward runs in a worker thread, so requests keep
+queueing while it computes.
+
+If the actor dies, Ray restarts it (``max_restarts``) from the same creation arguments; episodes that were
+in flight are gone and the env starts new ones (see ``TokenPruningEnv``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+import torch
+
+from envs.backbone_checkpoint import create_vit, load_backbone
+from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
+from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
+from envs.staged_vit import StagedViT
+
+NAMESPACE = "marl_token_pruning"
+DEFAULT_NAME = "vit_server"
+_PINNED: dict[str, list[ray.ObjectRef]] = {}  # creation arguments must outlive the actor for restarts
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything that defines a server; stored with training runs so evaluation can rebuild it."""
+
+    backbone: str
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    split: str = "train"
+    limit: int | None = None
+    val_size: int = DEFAULT_VAL_SIZE
+    split_seed: int = DEFAULT_SPLIT_SEED
+    prune_points: tuple[int, ...] = (3, 6, 9)
+    target_ratio: float = 0.5
+    max_batch: int = 256
+    max_wait_ms: float = 2.0
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    torch_threads: int = 1
+    max_restarts: int = 5
+
+
+class ViTServer:
+    """Async actor body; created by :func:`start_vit_server`, which reads data and weights on the driver."""
+
+    def __init__(self, state: dict, config: dict, images: torch.Tensor, labels: torch.Tensor,
+                 settings: dict):
+        self.settings = ServerSettings(**settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        vit = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
+        vit.load_state_dict(state)
+        staged = StagedViT(vit.eval(), self.settings.prune_points)
+        self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device)
+        self._queue: list[tuple[str, list, list, asyncio.Future]] = []
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self.counts = {"requests": 0, "batches": 0, "images": 0}
+
+    async def spec(self) -> EngineSpec:
+        return self.engine.spec()
+
+    async def reset(self, keys: list[str], indices: list[int]) -> list[dict]:
+        return await self._submit("reset", keys, list(indices))
+
+    async def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
+        return await self._submit("step", keys, keep)
+
+    async def release(self, keys: list[str]) -> None:
+        self.engine.release(keys)
+
+    async def stats(self) -> dict:
+        return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes)}
+
+    async def _submit(self, kind: str, keys: list, payload: list) -> list:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((kind, keys, payload, future))
+        self.counts["requests"] += 1
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._serve())
+        return await future
+
+    async def _serve(self) -> None:
+        """Drain the queue forever: wait for a first request, then up to max_wait for company."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            while self._waiting_images() < self.settings.max_batch and time.monotonic() < deadline:
+                await asyncio.sleep(max(0.0, min(0.0005, deadline - time.monotonic())))
+            batch, size = [], 0
+            while self._queue and (not batch or size + len(self._queue[0][1]) <= self.settings.max_batch):
+                batch.append(self._queue.pop(0))
+                size += len(batch[-1][1])
+            if not self._queue:
+                self._arrived.clear()
+            self.counts["batches"] += 1
+            self.counts["images"] += size
+            outcomes = await loop.run_in_executor(self._executor, self._run, batch)
+            for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _waiting_images(self) -> int:
+        return sum(len(keys) for _, keys, _, _ in self._queue)
+
+    def _run(self, batch: list) -> list:
+        """One engine call per kind for the whole drain; failures are returned per request."""
+        outcomes: list = [None] * len(batch)
+        for kind in ("reset", "step"):
+            chosen = [i for i, request in enumerate(batch) if request[0] == kind]
+            if kind == "step":  # a request naming a lost episode fails alone
+                for i in list(chosen):
+                    lost = [k for k in batch[i][1] if k not in self.engine.episodes]
+                    if lost:
+                        outcomes[i] = EpisodeLost(f"unknown episodes {lost[:3]}")
+                        chosen.remove(i)
+            if not chosen:
+                continue
+            keys = [k for i in chosen for k in batch[i][1]]
+            payload = [p for i in chosen for p in batch[i][2]]
+            try:
+                results = getattr(self.engine, kind)(keys, payload)
+            except Exception as error:  # noqa: BLE001 - reported to each caller, the server stays up
+                for i in chosen:
+                    outcomes[i] = error
+                continue
+            start = 0
+            for i in chosen:
+                outcomes[i] = results[start:start + len(batch[i][1])]
+                start += len(batch[i][1])
+        return outcomes
+
+
+def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME) -> ray.actor.ActorHandle:
+    """Load weights and data on the driver, start the named actor, and wait until it serves.
+
+    Weights and images travel through Ray's object store, so the node the actor lands on needs neither
+    the checkpoint nor the data set on its disk.
+    """
+    model, config = load_backbone(settings.backbone)
+    StagedViT(model, settings.prune_points)  # fail here, clearly, on bad pruning points
+    split = load_split(settings.dataset, settings.split, settings.data_dir, input_size=config["input_size"],
+                       val_size=settings.val_size, seed=settings.split_seed, limit=settings.limit)
+    actor_class = ray.remote(ViTServer).options(
+        name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
+        max_restarts=settings.max_restarts, max_concurrency=1000)
+    refs = [ray.put(model.state_dict()), ray.put(split.images), ray.put(split.labels)]
+    _PINNED[name] = refs
+    server = actor_class.remote(refs[0], config, refs[1], refs[2], asdict(settings))
+    ray.get(server.spec.remote())
+    return server

@@ -1,0 +1,40 @@
+"""Shared fixtures: where the data lives, a tiny backbone checkpoint, and a HOME that Ray cannot litter."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from envs.backbone_checkpoint import save_backbone
+from envs.data import DATA_DIR_ENV
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["HOME"] = tempfile.mkdtemp(prefix="marl-pruning-home-")  # Ray writes under ~ otherwise
+
+TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared CIFAR-10 copy: ``$MARL_PRUNING_DATA_DIR``, else ``../shared/data`` beside the repo."""
+    path = Path(os.environ.get(DATA_DIR_ENV, REPO.parent / "shared" / "data"))
+    if not (path / "cifar10" / "test.tar").exists():
+        pytest.skip(f"CIFAR-10 tars not found under {path} (set {DATA_DIR_ENV})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """An untrained 4-block ViT checkpoint with CIFAR-10 geometry (32x32, 4x4 patches, 10 classes)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS)
+    config = {"model_name": "vit_tiny_patch16_224", "model_kwargs": TINY_KWARGS, "num_classes": 10,
+              "class_names": CIFAR_CLASSES, "input_size": 32, "mean": [0.49, 0.48, 0.45],
+              "std": [0.25, 0.24, 0.26], "dataset": "cifar10"}
+    return save_backbone(model, config, tmp_path_factory.mktemp("tiny_backbone"))

@@ -1,0 +1,57 @@
+"""backbone.py: a tiny model trains a few steps, exports, and reloads with the same logits."""
+
+import json
+
+import pytest
+import torch
+
+import backbone
+from envs.backbone_checkpoint import CheckpointError, load_backbone, normalize, save_backbone
+
+TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
+
+
+def run_backbone(tmp_path, data_dir, *extra):
+    return backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "256",
+                          "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--no-download",
+                          "--model-kwargs", *TINY, *extra])
+
+
+def test_train_export_and_reload_same_logits(tmp_path, data_dir):
+    assert run_backbone(tmp_path, data_dir, "--full-precision") == 0
+    export = tmp_path / "run" / "backbone"
+    config = json.loads((export / "config.json").read_text())
+    assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256}
+    assert config["class_names"][0] == "airplane" and 0.0 <= config["test_accuracy"] <= 1.0
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    trained, _ = load_backbone(export)
+    reference = backbone.create_vit(config["model_name"], 10, config["model_kwargs"])
+    reference.load_state_dict(state["model"])
+    x = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), config)
+    assert torch.equal(trained(x), reference.eval()(x))
+
+
+def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
+    assert run_backbone(tmp_path, data_dir) == 0
+    assert run_backbone(tmp_path, data_dir) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
+
+
+def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
+    model, config = load_backbone(tiny_backbone)
+    save_backbone(model, config, tmp_path / "half", half=True)
+    reloaded, reloaded_config = load_backbone(tmp_path / "half")
+    assert reloaded_config["weights_dtype"] == "float16"
+    expected = model.half().float()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(reloaded(x), expected(x))
+
+
+def test_bad_checkpoints_and_models_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="not a backbone checkpoint"):
+        load_backbone(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_backbone(tmp_path)
+    assert backbone.main(["--model", "vit_nonexistent", "--output-dir", str(tmp_path / "x")]) == 2

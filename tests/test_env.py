@@ -1,0 +1,141 @@
+"""TokenPruningEnv and PruningEngine, with an in-process engine (no Ray cluster needed)."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from ray.rllib.utils.pre_checks.env import check_multiagent_environments
+
+from envs.pruning_engine import EpisodeLost, PruningEngine
+from envs.pruning_env import TokenPruningEnv, combine_decisions, policy_for_agent
+from envs.staged_vit import StagedViT
+
+KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **KWARGS).eval()
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5)
+
+
+def rollout(env, seed, policy):
+    obs, _ = env.reset(seed=seed)
+    trace, done = [], False
+    while not done:
+        obs, rewards, terminateds, _, infos = env.step({aid: policy(aid, o) for aid, o in obs.items()})
+        trace.append((rewards, {aid: info.get("kept") for aid, info in infos.items()}))
+        done = terminateds["__all__"]
+    return trace, infos
+
+
+def keep_all(aid, obs):
+    """Attention agent keeps every token, similarity agent calls none redundant."""
+    return (np.ones if policy_for_agent(aid) == "attention" else np.zeros)(len(obs["live"]), dtype=np.int8)
+
+
+def test_rllib_env_check_passes(engine):
+    check_multiagent_environments(TokenPruningEnv({"server": engine, "images_per_env": 1}))
+    check_multiagent_environments(TokenPruningEnv({"server": engine, "images_per_env": 3}))
+
+
+def test_agent_ids_spaces_and_mapping(engine):
+    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    assert env.possible_agents == ["attention_0", "similarity_0", "attention_1", "similarity_1"]
+    assert {policy_for_agent(a) for a in env.possible_agents} == {"attention", "similarity"}
+    obs, _ = env.reset(seed=0)
+    assert obs["attention_0"]["tokens"].shape == (64, len(engine.spec().attention_features))
+    assert obs["similarity_1"]["tokens"].shape == (64, len(engine.spec().similarity_features))
+    assert obs["attention_0"]["live"].sum() == 64
+    single = TokenPruningEnv({"server": engine, "images_per_env": 1, "agents": "similarity"})
+    assert single.possible_agents == ["similarity"]
+
+
+def test_combination_rule_is_and_of_keep_and_not_redundant():
+    keep = np.array([1, 1, 0, 0])
+    redundant = np.array([0, 1, 0, 1])
+    assert combine_decisions(keep, redundant).tolist() == [True, False, False, False]
+    assert combine_decisions(keep, None).tolist() == [True, True, False, False]
+    assert combine_decisions(None, redundant).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError):
+        combine_decisions(None, None)
+
+
+def test_keep_all_matches_unpruned_and_pays_budget_penalty(engine):
+    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    trace, infos = rollout(env, 0, keep_all)
+    assert len(trace) == 3  # one step per pruning point
+    assert all(info["agree"] and info["kept_per_stage"] == [64, 64, 64] for info in infos.values())
+    # kept 64 where 32 were the target: |64/32 - 1| = 1, times the budget weight 2
+    assert trace[0][0]["attention_0"] == pytest.approx(-2.0)
+
+
+def test_exact_target_has_no_budget_penalty(engine):
+    def first_half(aid, obs):
+        n = int(obs["live"].sum())
+        act = np.zeros(len(obs["live"]), dtype=np.int8)
+        if policy_for_agent(aid) == "attention":
+            act[: n // 2] = 1
+        return act
+
+    trace, infos = rollout(TokenPruningEnv({"server": engine, "images_per_env": 1}), 0, first_half)
+    assert [step[1]["attention"] for step in trace] == [32, 16, 8]
+    assert trace[0][0]["attention"] == 0.0 and trace[1][0]["attention"] == 0.0
+    assert infos["attention"]["keep_ratio"] == 8 / 64
+
+
+def test_each_agent_alone_can_prune(engine):
+    for agents in ("attention", "similarity"):
+        env = TokenPruningEnv({"server": engine, "images_per_env": 1, "agents": agents})
+        drop_odd = lambda aid, obs: (np.arange(64) % 2 == (1 if aid == "attention" else 0)).astype(np.int8)  # noqa: E731
+        _, infos = rollout(env, 0, drop_odd)
+        assert infos[agents]["kept_per_stage"][0] == 32
+
+
+def test_seeded_and_reproducible(engine):
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(0, 2, 64) for _ in range(12)]
+
+    def scripted(aid, obs):
+        return actions[sum(map(ord, aid)) % 12]
+
+    runs = [rollout(TokenPruningEnv({"server": engine, "images_per_env": 2}), 7, scripted) for _ in range(2)]
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1]["attention_0"]["image"] == runs[1][1]["attention_0"]["image"]
+
+
+def test_lost_episode_truncates_and_reset_recovers(engine):
+    env = TokenPruningEnv({"server": engine, "images_per_env": 1})
+    obs, _ = env.reset(seed=0)
+    engine.release(env._keys)  # what a server restart does to in-flight episodes
+    with pytest.raises(EpisodeLost):
+        engine.step(env._keys, [np.ones(64)])
+    _, rewards, terminateds, truncateds, _ = env.step({aid: keep_all(aid, o) for aid, o in obs.items()})
+    assert truncateds["__all__"] and not terminateds["__all__"] and rewards["attention"] == 0.0
+    obs, _ = env.reset()
+    assert obs["attention"]["live"].sum() == 64
+
+
+def test_engine_state_is_bounded_and_freed(engine):
+    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    before = len(engine.episodes)
+    rollout(env, 0, keep_all)
+    assert len(engine.episodes) == before
+    env.reset(seed=1)
+    env.reset(seed=2)  # abandoning an episode releases it
+    assert len(engine.episodes) == before + 2
+
+
+def test_bad_settings_fail_clearly(engine):
+    with pytest.raises(ValueError, match="agents must be"):
+        TokenPruningEnv({"server": engine, "agents": "both_and_more"})
+    with pytest.raises(ValueError, match="images_per_env"):
+        TokenPruningEnv({"server": engine, "images_per_env": 0})
+    vit = engine.staged.vit
+    with pytest.raises(ValueError):
+        PruningEngine(engine.staged, engine.config, engine.images, engine.labels, 1.5)
+    with pytest.raises(ValueError, match="prune_points"):
+        StagedViT(vit, (2, 9))

@@ -1,0 +1,383 @@
+"""evaluate.py: the table's rows and columns, numbers checked against direct computations (timm accuracy,
+analytic GFLOPs, the training engine's adaptive episodes), determinism, timings, and one-line errors.
+
+The tiny backbone is untrained, so its accuracy is near chance; what matters is that every number is the
+one it claims to be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+import evaluate
+from envs.backbone_checkpoint import load_backbone, normalize
+from envs.data import load_split
+from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
+from envs.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, schedule_tokens
+from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
+from envs.pruning_engine import PruningEngine
+from envs.staged_vit import StagedViT
+from envs.token_ops import topk_keep_index
+from policies.rl_module import TokenPolicyModule, policy_gflops
+
+REPO = Path(__file__).resolve().parent.parent
+PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
+NUM_PATCHES = 64
+HIDDEN = 16
+LIMIT = 64
+TARGET_RATIO = 0.5
+FEATURE_COUNTS = {"attention": len(ATTENTION_FEATURES), "similarity": len(SIMILARITY_FEATURES)}
+TIMING = ["images_per_s_b1", "images_per_s_b256", "speedup"]
+COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "gflops_backbone",
+           "gflops_features", "gflops_policies", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3",
+           "keep_ratio", *TIMING]
+HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity"]
+MARL_ROWS = ["MARL exact", "MARL adaptive", "MARL attention only", "MARL similarity only"]
+
+
+def build_module(name: str, num_patches: int = NUM_PATCHES, seed: int = 0):
+    torch.manual_seed(seed)
+    obs = gym.spaces.Dict({
+        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, FEATURE_COUNTS[name]), np.float32),
+        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
+    spec = RLModuleSpec(module_class=TokenPolicyModule, observation_space=obs,
+                        action_space=gym.spaces.MultiBinary(num_patches), model_config={"hidden": HIDDEN})
+    return spec.build()
+
+
+def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
+    """Rescale the last layer so that logits at the first pruning point of random images have unit spread
+    and a fraction ``quantile`` of them is negative: decisions then vary from token to token and image
+    to image, as after training (a fresh module gives nearly the same logit to every token)."""
+    with torch.no_grad():
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        x, cls_attention = staged.forward_stage(staged.embed(images), 0)
+        positions = torch.arange(staged.num_patches).expand(8, -1)
+        ctx = PruneContext(x[:, 1:], cls_attention, torch.ones_like(positions, dtype=torch.bool), positions, 0, 0)
+        logits = evaluate.policy_logits({name: module}, ctx, staged, TARGET_RATIO)[name]
+        last = module.logit_net[-1]
+        last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
+        last.weight.div_(logits.std())
+
+
+def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
+                     prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
+                     calibrate_on: StagedViT | None = None) -> Path:
+    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json."""
+    for seed, name in enumerate(evaluate.POLICIES):
+        if agents in ("both", name):
+            module = build_module(name, num_patches, seed)
+            if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
+                calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
+            module.save_to_path(directory / evaluate.MODULES_DIR / name)
+    config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
+                         "prune_points": list(prune_points), "target_ratio": target_ratio},
+              "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
+    (directory / evaluate.PRUNING_CONFIG).write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_backbone) -> tuple[StagedViT, dict]:
+    vit, config = load_backbone(tiny_backbone)
+    return StagedViT(vit, PRUNE_POINTS).eval(), config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_backbone, staged) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("policy"), tiny_backbone, calibrate_on=staged[0])
+
+
+@pytest.fixture(scope="module")
+def split(data_dir):
+    return load_split("cifar10", "test", data_dir, input_size=32, limit=LIMIT)
+
+
+def cli(checkpoint: Path, data_dir: Path, output: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--limit", str(LIMIT),
+            "--output-dir", str(output), "--batch-size", "24", *extra]
+
+
+@pytest.fixture(scope="module")
+def results(checkpoint, data_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    output = tmp_path_factory.mktemp("results") / "out"
+    assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")) == 0
+    return output, pd.read_csv(output / "results.csv")
+
+
+def rows(table: pd.DataFrame, method: str) -> pd.DataFrame:
+    return table[table["method"] == method].set_index("budget")
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+
+
+def test_rows_columns_and_files(results):
+    output, table = results
+    assert list(table.columns) == COLUMNS
+    expected = [("Baseline (unpruned)", None), *[(m, 0.3) for m in HEURISTIC_ROWS],
+                *[(m, 0.5) for m in HEURISTIC_ROWS + MARL_ROWS]]
+    got = [(m, None if math.isnan(b) else b) for m, b in zip(table["method"], table["budget"], strict=True)]
+    assert got == expected
+    assert table[TIMING].isna().all().all()  # --no-speed
+    for name in ("results.csv", "results.json", "results.md", "accuracy_vs_gflops.png"):
+        assert (output / name).stat().st_size > 0
+    saved = json.loads((output / "results.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == list(table["method"])
+    assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
+    assert "| method | budget |" in (output / "results.md").read_text()
+    quality = table[["accuracy", "f1_macro", "agreement"]]
+    assert ((quality >= 0) & (quality <= 100)).all().all()
+
+
+def test_baseline_accuracy_is_the_backbones_own(results, tiny_backbone, split):
+    model, config = load_backbone(tiny_backbone)
+    with torch.no_grad():
+        predictions = model(normalize(split.images, config)).argmax(dim=1)
+    baseline = rows(results[1], "Baseline (unpruned)").iloc[0]
+    assert baseline["accuracy"] == pytest.approx(100.0 * (predictions == split.labels).float().mean().item())
+    assert baseline["agreement"] == 100.0 and baseline["keep_ratio"] == 1.0
+
+
+def test_gflops_are_the_analytic_counts(results, staged):
+    table = results[1]
+    spec = ViTSpec.from_model(staged[0].vit)
+    d = spec.embed_dim
+    full = backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, [NUM_PATCHES] * 4))
+    assert rows(table, "Baseline (unpruned)")["gflops"].iloc[0] == pytest.approx(full)
+    for budget in (0.3, 0.5):
+        schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), budget)
+        backbone = backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, schedule))
+        live = schedule[:-1]
+        expected = {"Random": backbone, "Greedy attention": backbone + sum(n * d for n in live) / 1e9,
+                    "Greedy similarity": backbone + sum(n * d + n * n * d for n in live) / 1e9}
+        for method, gflops in expected.items():
+            row = rows(table, method).loc[budget]
+            assert row["gflops"] == pytest.approx(gflops, rel=1e-9)
+            assert row["gflops_backbone"] == pytest.approx(backbone, rel=1e-9)
+            assert [row[f"keep_ratio_s{i}"] for i in (1, 2, 3)] == pytest.approx(
+                [n / NUM_PATCHES for n in schedule[1:]])
+    exact = rows(table, "MARL exact").loc[0.5]
+    assert exact["gflops_backbone"] == pytest.approx(rows(table, "Random").loc[0.5, "gflops_backbone"])
+    live = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)[:-1]
+    policies = sum(policy_gflops(n, f, HIDDEN) for n in live for f in FEATURE_COUNTS.values())
+    assert exact["gflops_policies"] == pytest.approx(policies)
+    assert exact["gflops"] == pytest.approx(exact["gflops_backbone"] + feature_gflops(spec, live) + policies)
+    adaptive = rows(table, "MARL adaptive").loc[0.5]
+    assert 0 < adaptive["keep_ratio"] <= adaptive["keep_ratio_s2"] <= adaptive["keep_ratio_s1"] <= 1
+    assert adaptive["gflops_backbone"] < full
+
+
+def test_deterministic(results, checkpoint, data_dir, tmp_path):
+    output, table = results
+    assert evaluate.main(cli(checkpoint, data_dir, tmp_path / "again", "--budgets", "0.3,0.5",
+                             "--no-speed")) == 0
+    assert (tmp_path / "again" / "results.csv").read_text() == (output / "results.csv").read_text()
+
+
+def test_timings(checkpoint, staged, split):
+    modules, _ = evaluate.load_policies(checkpoint)
+    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, "both")})
+    small = type(split)(split.images[:16], split.labels[:16], split.class_names)
+    table = evaluate.evaluate_methods(staged[0], staged[1], small, methods, speed_repeats=1, progress=False)
+    assert (table[TIMING] > 0).all().all()
+    assert table.loc[0, "speedup"] == 1.0
+
+
+# -- the pruned forwards behind the MARL rows --------------------------------------------------------------
+
+
+def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, staged, split):
+    """Policies see row i = i-th live token; cutting the dead rows the engine pads to N changes nothing."""
+    modules, _ = evaluate.load_policies(checkpoint)
+    model, config = staged
+    with torch.no_grad():
+        x, cls_attention = model.forward_stage(model.embed(normalize(split.images[:4], config)), 0)
+        keep = torch.arange(NUM_PATCHES) % 3 != 0
+        patches = x[:, 1:][:, keep]
+        positions = torch.arange(NUM_PATCHES)[keep].expand(4, -1)
+        live = torch.ones_like(positions, dtype=torch.bool)
+        ctx = PruneContext(patches, cls_attention[:, keep], live, positions, 1, 0)
+        cut = evaluate.policy_logits(modules, ctx, model, TARGET_RATIO)
+        padded_ctx = PruneContext(torch.cat([patches, torch.zeros(4, NUM_PATCHES - keep.sum(), 48)], 1),
+                                  torch.cat([ctx.cls_attention, torch.zeros(4, NUM_PATCHES - keep.sum())], 1),
+                                  torch.arange(NUM_PATCHES).expand(4, -1) < keep.sum(),
+                                  torch.cat([positions, torch.zeros_like(positions)[:, :NUM_PATCHES - keep.sum()]],
+                                            1), 1, 0)
+        padded = evaluate.policy_logits(modules, padded_ctx, model, TARGET_RATIO)
+    for name in evaluate.POLICIES:
+        assert padded[name].shape == (4, NUM_PATCHES)
+        torch.testing.assert_close(cut[name], padded[name][:, :int(keep.sum())])
+
+
+def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
+    """Same images, same deterministic decisions through PruningEngine (what the env steps): same result."""
+    modules, _ = evaluate.load_policies(checkpoint)
+    model, config = staged
+    count = 16
+    engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO)
+    keys = [str(i) for i in range(count)]
+    observations = engine.reset(keys, list(range(count)))
+    while True:
+        live = torch.from_numpy(np.stack([o["live"] for o in observations]))
+        logits = {}
+        for name, module in modules.items():
+            obs = {"tokens": torch.from_numpy(np.stack([o[name] for o in observations])), "live": live}
+            with torch.no_grad():
+                logits[name] = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        keep = list(evaluate.survival_decision(logits, live.bool()).numpy())
+        results = engine.step(keys, keep)
+        if results[0]["done"]:
+            break
+        observations = [result["obs"] for result in results]
+    method = evaluate.Method("MARL adaptive", "policy", TARGET_RATIO, modules, adaptive=True)
+    with torch.no_grad():
+        logits, kept = evaluate.make_runner(method, model)(normalize(split.images[:count], config))
+    assert kept[:, 1:].tolist() == [result["kept_per_stage"] for result in results]
+    assert logits.argmax(dim=1).tolist() == [result["prediction"] for result in results]
+    assert len({tuple(row) for row in kept.tolist()}) > 1  # images really kept different counts
+
+
+def above_mean_attention(ctx: PruneContext) -> torch.Tensor:
+    """A keep rule whose counts differ per image."""
+    attention = ctx.cls_attention.masked_fill(~ctx.live, 0)
+    return attention > attention.sum(1, keepdim=True) / ctx.live.sum(1, keepdim=True)
+
+
+def test_adaptive_forward_regrouping_and_padding_agree(staged, split):
+    model, config = staged
+    images = normalize(split.images[:12], config)
+    with torch.no_grad():
+        exact, kept = adaptive_forward(model, images, above_mean_attention)
+        padded, kept_padded = adaptive_forward(model, images, above_mean_attention, max_padding=0.9)
+        alone = [adaptive_forward(model, images[i:i + 1], above_mean_attention) for i in range(12)]
+    assert len(set(kept[:, -1].tolist())) > 1
+    torch.testing.assert_close(exact, padded)
+    assert torch.equal(kept, kept_padded)
+    torch.testing.assert_close(exact, torch.cat([logits for logits, _ in alone]))
+    assert torch.equal(kept, torch.cat([k for _, k in alone]))
+
+
+def test_adaptive_forward_special_cases(staged, split):
+    model, config = staged
+    images = normalize(split.images[:3], config)
+
+    def half_by_attention(ctx: PruneContext) -> torch.Tensor:
+        index = topk_keep_index(ctx.cls_attention, ctx.live, max(1, round(int(ctx.live.sum(1)[0]) / 2)))
+        return torch.zeros_like(ctx.live).scatter(1, index, True)
+
+    with torch.no_grad():
+        logits, kept = adaptive_forward(model, images, lambda ctx: ctx.live)
+        torch.testing.assert_close(logits, model.vit(images))
+        assert kept.tolist() == [[NUM_PATCHES] * 4] * 3
+        logits, kept = adaptive_forward(model, images, half_by_attention)
+        reference, schedule = pruned_forward(
+            model, images, lambda ctx: topk_keep_index(ctx.cls_attention, ctx.live, ctx.k), 0.5)
+        torch.testing.assert_close(logits, reference)
+        assert kept.tolist() == [schedule] * 3
+        _, kept = adaptive_forward(model, images, lambda ctx: torch.zeros_like(ctx.live))
+        assert kept.tolist() == [[NUM_PATCHES, 1, 1, 1]] * 3  # at least one token always survives
+
+
+def test_checkpoints_per_budget_add_marl_rows(checkpoint, tiny_backbone, data_dir, staged, tmp_path):
+    other = write_checkpoint(tmp_path / "ckpt_03", tiny_backbone, target_ratio=0.3, calibrate_on=staged[0])
+    output = tmp_path / "out"
+    assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.5", "--no-speed",
+                             "--checkpoints-per-budget", f"0.3={other}")) == 0
+    table = pd.read_csv(output / "results.csv")
+    for budget in (0.3, 0.5):
+        assert list(table.loc[table["budget"] == budget, "method"]) == HEURISTIC_ROWS + MARL_ROWS
+    assert json.loads((output / "results.json").read_text())["settings"]["checkpoints"] == {
+        "0.3": str(other), "0.5": str(checkpoint)}
+
+
+def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
+    path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
+    modules, config = evaluate.load_policies(path)
+    assert list(modules) == ["similarity"]
+    methods = evaluate.plan_methods([0.5], {0.5: (modules, evaluate.checkpoint_agents(config))})
+    assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+
+
+def truncated(path: Path) -> Path:
+    state = path / evaluate.MODULES_DIR / "attention" / "module_state.pkl"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "does not exist"),
+    ("not_a_checkpoint", "is not a policy checkpoint (no pruning_config.json; train.py writes one in each "
+                         "checkpoint); for the best checkpoint of this training run pass --checkpoint"),
+    ("truncated", "cannot load the attention policy"),
+    ("other_backbone", "was it trained on another backbone"),
+    ("prune_points_beyond_depth", "prune_points must be"),
+    ("missing_module", "has no similarity policy"),
+    ("bad_budget", "target ratios must be in (0, 1)"),
+    ("missing_data", "does not exist"),
+    ("existing_results", "pass --overwrite"),
+])
+def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_backbone, data_dir, tmp_path,
+                                               capsys):
+    path, extra, data, output = checkpoint, [], data_dir, tmp_path / "out"
+    if case == "missing":
+        path = tmp_path / "nowhere"
+    elif case == "not_a_checkpoint":  # a train.py output directory, not one of its checkpoints
+        path = tmp_path / "run"
+        path.mkdir()
+        (path / "best.json").write_text('{"checkpoint": "checkpoints/iter_000010"}')
+    elif case == "truncated":
+        path = truncated(Path(shutil.copytree(checkpoint, tmp_path / "copy")))
+    elif case == "other_backbone":
+        path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, num_patches=16)
+    elif case == "prune_points_beyond_depth":
+        path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, prune_points=(3, 6, 9))
+    elif case == "missing_module":
+        path = Path(shutil.copytree(checkpoint, tmp_path / "copy"))
+        shutil.rmtree(path / evaluate.MODULES_DIR / "similarity")
+    elif case == "bad_budget":
+        extra = ["--budgets", "0.5,1.5"]
+    elif case == "missing_data":
+        data = tmp_path / "no_data"
+    elif case == "existing_results":
+        output.mkdir()
+        (output / "results.csv").write_text("keep me\n")
+    capsys.readouterr()
+    assert evaluate.main(cli(path, data, output, "--no-speed", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    if case == "existing_results":
+        assert (output / "results.csv").read_text() == "keep me\n" and len(list(output.iterdir())) == 1
+    else:
+        assert not output.exists()
+
+
+def test_command_line_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(tmp_path / "nope"),
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: checkpoint") and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(evaluate, "DEFAULT_CHECKPOINT", tmp_path / "reference" / "marl_policy")
+    assert evaluate.main(["--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no policy checkpoint at") and "--checkpoint" in err and err.count("\n") == 1

@@ -1,0 +1,112 @@
+"""Analytic GFLOPs agree with PyTorch's FlopCounterMode, unpruned and pruned, and the reference geometry."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from envs.features import token_features
+from envs.flops import (
+    ViTSpec,
+    backbone_gflops,
+    block_macs,
+    feature_gflops,
+    heuristic_schedule,
+    schedule_tokens,
+)
+from envs.pruned_forward import pruned_forward
+from envs.staged_vit import StagedViT
+from policies.heuristics import make_selector
+
+TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+
+
+def counted_gmacs(fn, batch: int) -> float:
+    """FlopCounterMode's count per image, in GMACs. The math SDPA backend makes the attention matmuls
+    visible to the counter (it does not count PyTorch's fused CPU kernel)."""
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2 / batch / 1e9
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+
+
+def test_spec_from_model(vit):
+    assert ViTSpec.from_model(vit) == ViTSpec(embed_dim=48, depth=4, num_heads=3, mlp_hidden=192,
+                                              patch_size=(4, 4), in_chans=3, num_patches=64,
+                                              num_prefix_tokens=1, num_classes=10)
+
+
+def test_unpruned_matches_flop_counter(vit):
+    images = torch.randn(2, 3, 32, 32)
+    spec = ViTSpec.from_model(vit)
+    analytic = backbone_gflops(spec, [65] * spec.depth)
+    assert analytic == pytest.approx(counted_gmacs(lambda: vit(images), 2), rel=0.02)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_pruned_matches_flop_counter(vit, ratio):
+    images = torch.randn(2, 3, 32, 32)
+    staged = StagedViT(vit, prune_points=(1, 2, 3))
+    kept: list[int] = []
+    counted = counted_gmacs(
+        lambda: kept.extend(pruned_forward(staged, images, make_selector("attention"), ratio)[1]), 2)
+    spec = ViTSpec.from_model(vit)
+    assert kept == heuristic_schedule(64, 3, ratio)
+    analytic = backbone_gflops(spec, schedule_tokens(spec, staged.prune_points, kept))
+    assert analytic == pytest.approx(counted, rel=0.02)
+    assert analytic < backbone_gflops(spec, [65] * spec.depth)
+
+
+def test_reference_geometry():
+    """The reference backbone: 5.36 M parameters, 0.365 GMACs with attention matmuls.
+
+    0.346 is the same count without the two attention matmuls (2 * T^2 * D per block): what
+    FlopCounterMode reports on CPU with the default fused attention kernel, which it does not count.
+    """
+    with torch.device("meta"):  # geometry only: skip the weight init
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10)
+    spec = ViTSpec.from_model(vit)
+    assert sum(p.numel() for p in vit.parameters()) / 1e6 == pytest.approx(5.36, abs=0.005)
+    full = backbone_gflops(spec, [65] * 12)
+    assert full == pytest.approx(0.365, rel=0.01)
+    attention_matmuls = 12 * 2 * 65 * 65 * spec.embed_dim / 1e9
+    assert full - attention_matmuls == pytest.approx(0.346, rel=0.01)
+
+
+def test_block_macs_formula(vit):
+    spec = ViTSpec.from_model(vit)
+    x = torch.randn(1, 65, 48)
+    counted = counted_gmacs(lambda: vit.blocks[0](x), 1) * 1e9
+    assert block_macs(spec, 65) == pytest.approx(counted, rel=1e-6)
+
+
+def test_feature_gflops_covers_the_counted_matmuls(vit):
+    spec = ViTSpec.from_model(vit)
+    x, live = torch.randn(1, 64, 48), torch.ones(1, 64, dtype=torch.bool)
+    positions = torch.arange(64).unsqueeze(0)
+    attention = torch.rand(1, 64)
+    counted = counted_gmacs(lambda: token_features(x, attention, live, positions, (8, 8), 0, 1, 0.5), 1)
+    assert counted <= feature_gflops(spec, [64]) <= 1.05 * counted
+    two_points = feature_gflops(spec, [64]) + feature_gflops(spec, [32])
+    assert feature_gflops(spec, [64, 32]) == pytest.approx(two_points)
+
+
+def test_schedules():
+    spec = ViTSpec(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, patch_size=(4, 4), in_chans=3,
+                   num_patches=64, num_prefix_tokens=1, num_classes=10)
+    assert heuristic_schedule(64, 3, 0.5) == [64, 32, 16, 8]
+    assert heuristic_schedule(64, 3, 0.9) == [64, 6, 1, 1]
+    assert schedule_tokens(spec, (3, 6, 9), [64, 32, 16, 8]) == [65] * 3 + [33] * 3 + [17] * 3 + [9] * 3
+    with pytest.raises(ValueError, match="per-stage counts"):
+        schedule_tokens(spec, (3, 6, 9), [64, 32])
+    with pytest.raises(ValueError, match="one per block"):
+        backbone_gflops(spec, [65] * 11)

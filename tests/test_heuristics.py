@@ -1,0 +1,171 @@
+"""Token budget, token ops, and the heuristic selectors: exact counts, live tokens only, prefix kept."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from envs.flops import heuristic_schedule
+from envs.pruned_forward import pruned_forward
+from envs.staged_vit import StagedViT
+from envs.token_ops import gather_tokens, pack_keep_mask, tokens_to_keep, topk_keep_index
+from policies.heuristics import (
+    HEURISTICS,
+    greedy_attention_keep,
+    greedy_similarity_keep,
+    make_selector,
+    random_keep,
+)
+
+TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+
+
+@pytest.mark.parametrize(("num_live", "ratio", "expected"), [
+    (64, 0.5, 32), (64, 0.3, 45), (64, 0.7, 19), (64, 0.9, 6), (6, 0.9, 1), (1, 0.5, 1),
+    (5, 0.5, 2),  # Python's round: half to even
+])
+def test_tokens_to_keep(num_live, ratio, expected):
+    assert tokens_to_keep(num_live, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_tokens_to_keep_rejects_ratio_outside_open_unit_interval(ratio):
+    with pytest.raises(ValueError, match=r"target_ratio must be in \(0, 1\)"):
+        tokens_to_keep(64, ratio)
+
+
+def test_gather_tokens_keeps_prefix():
+    x = torch.arange(2 * 7 * 1).float().reshape(2, 7, 1)  # 2 prefix + 5 patch tokens
+    out = gather_tokens(x, torch.tensor([[0, 4], [1, 2]]), num_prefix=2)
+    assert out[..., 0].tolist() == [[0, 1, 2, 6], [7, 8, 10, 11]]
+
+
+def test_topk_keep_index_sorted_and_live_only():
+    scores = torch.tensor([[5.0, 1.0, 9.0, 3.0, float("-inf")]])
+    live = torch.tensor([[True, True, False, True, True]])
+    assert topk_keep_index(scores, live, 2).tolist() == [[0, 3]]
+    assert topk_keep_index(scores, live, 4).tolist() == [[0, 1, 3, 4]]  # a live -inf beats a dead token
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
+        topk_keep_index(scores, live, 5)
+
+
+def test_pack_keep_mask():
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, True, True]])
+    live = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
+    index, live_after = pack_keep_mask(keep, live)
+    assert index.tolist() == [[0, 2, 0, 0], [1, 0, 0, 0], [0, 1, 2, 3]]
+    assert live_after.tolist() == [[True, True, False, False], [True, False, False, False], [True] * 4]
+
+
+def assert_valid_keep_index(index: torch.Tensor, live: torch.Tensor, k: int) -> None:
+    assert index.shape == (live.shape[0], k) and index.dtype == torch.long
+    assert (index.diff(dim=1) > 0).all()  # ascending, no repeats
+    assert live.gather(1, index).all()
+
+
+@pytest.fixture()
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    live = torch.rand(4, 20, generator=gen) < 0.7
+    live[:, :8] = True  # at least 8 live per image
+    return torch.randn(4, 20, 16, generator=gen), torch.rand(4, 20, generator=gen), live
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_selectors_exact_budget_live_only(batch, k):
+    x, attention, live = batch
+    for index in (random_keep(live, k, torch.Generator().manual_seed(1)),
+                  greedy_attention_keep(attention, live, k),
+                  greedy_similarity_keep(x, live, k)):
+        assert_valid_keep_index(index, live, k)
+
+
+def test_greedy_attention_is_top_k(batch):
+    _, attention, live = batch
+    index = greedy_attention_keep(attention, live, 5)
+    for i in range(4):
+        live_scores = attention[i][live[i]]
+        assert attention[i, index[i]].min() >= live_scores.topk(5).values.min()
+
+
+def test_random_keep_is_reproducible(batch):
+    live = batch[2]
+    first = random_keep(live, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(first, random_keep(live, 5, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, random_keep(live, 5, torch.Generator().manual_seed(4)))
+
+
+def reference_greedy_similarity(x: torch.Tensor, live: torch.Tensor, k: int) -> list[int]:
+    """One image, plain Python: drop the remaining token with the highest (max, summed) similarity."""
+    unit = F.normalize(x, dim=-1)
+    sim = unit @ unit.T
+    sim = ((sim + sim.T) / 2).tolist()
+    remaining = live.nonzero().flatten().tolist()
+    while len(remaining) > k:
+        def redundancy(i):
+            others = [sim[i][j] for j in remaining if j != i]
+            return max(others), sum(others)
+        remaining.remove(max(remaining, key=redundancy))
+    return remaining
+
+
+def test_greedy_similarity_matches_reference(batch):
+    x, _, live = batch
+    index = greedy_similarity_keep(x, live, 4)
+    assert index.tolist() == [reference_greedy_similarity(x[i], live[i], 4) for i in range(4)]
+
+
+def test_greedy_similarity_drops_duplicates_first():
+    e = torch.eye(4)
+    x = torch.stack([e[0], e[1], 1.01 * e[0], e[2], e[1] + 0.01 * e[3]]).unsqueeze(0)
+    index = greedy_similarity_keep(x, torch.ones(1, 5, dtype=torch.bool), 3)
+    kept = F.normalize(x[0, index[0]], dim=-1)
+    assert (kept @ kept.T - torch.eye(3)).abs().max() < 0.1  # one of each direction survives
+
+
+@pytest.fixture(scope="module")
+def staged():
+    torch.manual_seed(0)
+    return StagedViT(timm.create_model("vit_tiny_patch16_224", reg_tokens=2, **TINY).eval(), (1, 2, 3))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("name", HEURISTICS)
+def test_pruned_forward_exact_counts(staged, name, ratio):
+    with torch.no_grad():
+        logits, kept = pruned_forward(staged, torch.randn(2, 3, 32, 32), make_selector(name), ratio)
+    assert kept == heuristic_schedule(64, 3, ratio)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_pruned_forward_keeps_prefix_and_tracks_positions(staged):
+    seen, tokens_in = [], []
+
+    def select(ctx):
+        seen.append(ctx)
+        return torch.arange(ctx.k).expand(ctx.x_patch.shape[0], -1) + ctx.x_patch.shape[1] - ctx.k  # last k
+
+    hooks = [staged.vit.blocks[i].norm1.register_forward_pre_hook(
+        lambda module, args: tokens_in.append(args[0].shape[1])) for i in range(staged.depth)]
+    try:
+        with torch.no_grad():
+            pruned_forward(staged, torch.randn(2, 3, 32, 32), select, 0.5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert tokens_in == [3 + 64, 3 + 32, 3 + 16, 3 + 8]  # class + 2 register tokens always stay
+    assert [ctx.stage for ctx in seen] == [0, 1, 2] and [ctx.k for ctx in seen] == [32, 16, 8]
+    assert seen[-1].positions[0].tolist() == list(range(48, 64))  # alive in stage 2: the last 16
+    assert all(ctx.live.all() and ctx.cls_attention.shape == ctx.live.shape for ctx in seen)
+
+
+def test_selector_errors(staged):
+    with pytest.raises(ValueError, match="unknown heuristic"):
+        make_selector("magic")
+    def wrong_k(ctx):
+        return torch.arange(ctx.k + 1).unsqueeze(0)
+
+    with pytest.raises(ValueError, match="keep_index of shape"):
+        pruned_forward(staged, torch.randn(1, 3, 32, 32), wrong_k, 0.5)

@@ -1,0 +1,67 @@
+"""The shared ViT server as a real named Ray actor: batching, env access by name, restart after a crash."""
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from envs.pruning_env import TokenPruningEnv
+from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def server(ray_local, tiny_backbone, data_dir):
+    settings = ServerSettings(backbone=str(tiny_backbone), data_dir=str(data_dir), split="val", limit=64,
+                              prune_points=(1, 2, 3), max_wait_ms=200, num_cpus=0)
+    handle = start_vit_server(settings, name="test_server")
+    yield handle
+    ray.kill(handle, no_restart=True)
+
+
+def test_concurrent_callers_share_one_forward(server):
+    before = ray.get(server.stats.remote())
+    calls = [server.reset.remote([f"caller{c}-{i}" for i in range(2)], [c, c + 10]) for c in range(4)]
+    results = ray.get(calls)
+    stats = ray.get(server.stats.remote())
+    assert [len(r) for r in results] == [2, 2, 2, 2]
+    assert stats["requests"] - before["requests"] == 4
+    assert stats["forwards"] - before["forwards"] == 1  # four callers, one stage-0 forward
+    keep = [np.ones(64, dtype=bool)] * 2
+    ray.get([server.step.remote([f"caller{c}-{i}" for i in range(2)], keep) for c in range(4)])
+    assert ray.get(server.stats.remote())["forwards"] - stats["forwards"] == 1
+    ray.get([server.release.remote([f"caller{c}-{i}" for i in range(2)]) for c in range(4)])
+    assert ray.get(server.stats.remote())["open_episodes"] == before["open_episodes"]
+
+
+def test_env_finds_server_by_name_and_survives_a_restart(server):
+    env = TokenPruningEnv({"server_name": "test_server", "images_per_env": 2})
+    obs, _ = env.reset(seed=0)
+    keep_all = {aid: np.ones(64, dtype=np.int8) if aid.startswith("attention") else np.zeros(64, np.int8)
+                for aid in obs}
+    _, _, _, truncateds, _ = env.step(keep_all)
+    assert not truncateds["__all__"]
+    ray.kill(server, no_restart=False)  # a crash: Ray restarts the actor, in-flight episodes are gone
+    time.sleep(0.5)
+    _, rewards, _, truncateds, _ = env.step(keep_all)
+    assert truncateds["__all__"] and set(rewards.values()) == {0.0}
+    obs, _ = env.reset()
+    steps = 0
+    while True:
+        _, _, terminateds, _, infos = env.step(keep_all)
+        steps += 1
+        if terminateds["__all__"]:
+            break
+    assert steps == 3 and infos["attention_0"]["agree"]
+
+
+def test_unknown_server_name_fails_clearly(ray_local):
+    with pytest.raises(RuntimeError, match="no ViT server named"):
+        TokenPruningEnv({"server_name": "nobody_home", "server_timeout_s": 1})

@@ -1,0 +1,62 @@
+"""train.py end to end on a tiny backbone: training, checkpoints, --resume (also with other worker counts)."""
+
+import json
+
+import pytest
+import torch
+from ray.rllib.core.rl_module.rl_module import RLModule
+
+import train
+from policies.checkpoints import latest_checkpoint, list_checkpoints, module_path, read_pruning_config
+
+
+def run(tmp_path, tiny_backbone, data_dir, *extra):
+    return train.main(["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--train-limit", "128",
+                       "--val-limit", "16", "--prune-points", "1,2,3", "--images-per-env", "4",
+                       "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
+                       "--num-cpus", "2", "--output-dir", str(tmp_path / "run"), *extra])
+
+
+def weights(checkpoint, policy):
+    return RLModule.from_checkpoint(str(module_path(checkpoint, policy))).state_dict()
+
+
+@pytest.mark.slow
+def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys):
+    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2", "--checkpoint-every", "1",
+               "--num-workers", "0") == 0
+    out = capsys.readouterr().out
+    assert "iter    1" in out and "iter    2" in out and "agree" in out and "GFLOPs" in out
+    first = latest_checkpoint(tmp_path / "run")
+    config = read_pruning_config(first)
+    assert config["iteration"] == 2 and config["server"]["target_ratio"] == 0.5
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["iteration"] in (1, 2)
+    assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
+    assert list((tmp_path / "run" / "tb").iterdir())
+
+    # a second start without --resume refuses to touch the run
+    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2") == 2
+    assert "--resume" in capsys.readouterr().err
+
+    # resume with another worker count and nothing left to do: same iteration counter, same weights
+    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2", "--num-workers", "1", "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    again = latest_checkpoint(tmp_path / "run")
+    assert read_pruning_config(again)["iteration"] == 2
+    for policy in ("attention", "similarity"):
+        before, after = weights(first, policy), weights(again, policy)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # and one more iteration continues the count
+    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "3", "--num-workers", "1", "--resume") == 0
+    assert read_pruning_config(latest_checkpoint(tmp_path / "run"))["iteration"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "iter_000003"
+
+
+def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
+    for flags in (["--target-ratio", "1.5"], ["--num-workers", "-1"], ["--prune-points", "a,b"],
+                  ["--resume"]):
+        assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,331 @@
+"""Train the attention and similarity agents with RLlib PPO (new API stack).
+
+    python train.py --data-dir ../shared/data                    # default run, ~20 min on 2 CPU cores
+    python train.py --num-workers 4 --iterations 400             # longer, more env runners
+    python train.py --address auto --num-workers 16              # on a running Ray cluster
+    python train.py --output-dir runs/marl --resume              # continue from the latest checkpoint
+
+Sampling uses the ``train`` split; every ``--checkpoint-every`` iterations the deterministic policy is
+scored on a fixed subset of the ``val`` split and the best checkpoint is recorded in ``best.json``. The
+test split is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.tune.utils import flatten_dict
+
+from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError
+from envs.data import DataError, default_data_dir
+from envs.episode_metrics import PruningMetrics
+from envs.pruning_env import DEFAULT_ENV_CONFIG, POLICIES, TokenPruningEnv, policy_for_agent
+from envs.token_ops import tokens_to_keep
+from envs.vit_server import ServerSettings, start_vit_server
+from policies.checkpoints import (
+    PolicyCheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_pruning_config,
+    remove_old_checkpoints,
+    write_checkpoint,
+)
+from policies.rl_module import TokenPolicyModule
+
+REPO = Path(__file__).resolve().parent
+TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
+
+# PPO defaults and why: 3-step episodes with a shared terminal reward (result-to-go), so gamma ~ 1 and a
+# short GAE horizon; many correlated per-token decisions per action, so a moderate clip and no entropy
+# bonus (the multi-Bernoulli entropy is a sum over ~64 tokens and would swamp the reward).
+DEFAULT_PPO: dict[str, Any] = {
+    "lr": 3e-4, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
+    "num_epochs": 4, "minibatch_size": 512, "train_batch_size_per_learner": 256,
+    "vf_loss_coeff": 0.5, "use_kl_loss": False, "grad_clip": 1.0,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--num-workers", type=int, default=1, help="env runners (0 = sample in the driver, for debugging)")
+    run.add_argument("--envs-per-worker", type=int, default=1)
+    run.add_argument("--iterations", type=int, default=60)
+    run.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                     help="stop (with a checkpoint) once this much wall time has passed")
+    run.add_argument("--output-dir", default="runs/marl")
+    run.add_argument("--checkpoint-every", type=int, default=10, metavar="K")
+    run.add_argument("--keep-checkpoints", type=int, default=3)
+    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                     help="continue the run in --output-dir (or from the given checkpoint directory)")
+    run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
+    run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    run.add_argument("--seed", type=int, default=0)
+
+    problem = p.add_argument_group("pruning problem (taken from the checkpoint on --resume)")
+    problem.add_argument("--backbone", default=str(REFERENCE_BACKBONE), help="backbone checkpoint directory")
+    problem.add_argument("--dataset", default="cifar10")
+    problem.add_argument("--data-dir", default=default_data_dir())
+    problem.add_argument("--train-limit", type=int, default=None, help="sample from a seeded subset of train")
+    problem.add_argument("--val-limit", type=int, default=1000, help="validation images scored per checkpoint")
+    problem.add_argument("--target-ratio", type=float, default=0.5,
+                         help="fraction of live patch tokens removed at each pruning point (0.5: 64->32->16->8)")
+    problem.add_argument("--prune-points", default="3,6,9", help="blocks before which tokens are pruned")
+    problem.add_argument("--agents", choices=("both", "attention", "similarity"), default="both",
+                         help="'attention' or 'similarity' trains one agent alone (ablation)")
+    problem.add_argument("--images-per-env", type=int, default=DEFAULT_ENV_CONFIG["images_per_env"])
+    for key in ("agree_weight", "prob_weight", "budget_weight"):
+        problem.add_argument(f"--{key.replace('_', '-')}", type=float, default=DEFAULT_ENV_CONFIG[key])
+    problem.add_argument("--hidden", type=int, default=64, help="width of the policy networks")
+    ppo = p.add_argument_group("PPO")
+    for key, value in DEFAULT_PPO.items():
+        ppo.add_argument(f"--{key.rstrip('_').replace('_', '-')}", dest=key, type=type(value)
+                         if not isinstance(value, bool) else _boolean, default=value)
+    return p
+
+
+def _boolean(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
+def initial_bias(policy: str, agents: str, target_ratio: float) -> float:
+    """Logit bias so that, at the start, the AND of both agents keeps the target fraction on average."""
+    keep = 1.0 - target_ratio
+    p = math.sqrt(keep) if agents == "both" else keep
+    keep_logit = math.log(p / (1 - p)) if 0 < p < 1 else 0.0
+    return keep_logit if policy == "attention" else -keep_logit  # similarity votes "redundant"
+
+
+def build_config(problem: dict[str, Any], spec, num_workers: int, envs_per_worker: int, seed: int,
+                 gpus: float) -> PPOConfig:
+    """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings."""
+    env_config = {**problem["env"], "server_name": TRAIN_SERVER, "seed": seed}
+    val_config = {**env_config, "server_name": VAL_SERVER, "sequential": True}
+    agents = problem["env"]["agents"]
+    policies = POLICIES if agents == "both" else (agents,)
+    module_specs = {  # spaces come from the env, per policy
+        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
+            **problem["model_config"], "init_logit_bias": initial_bias(policy, agents, spec.target_ratio)})
+        for policy in policies}
+    images_per_env = problem["env"]["images_per_env"]
+    val_episodes = max(1, math.ceil(problem["val_limit"] / images_per_env))
+    return (
+        PPOConfig()
+        .environment(TokenPruningEnv, env_config=env_config, disable_env_checking=True)
+        .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent)
+        .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
+        .env_runners(num_env_runners=num_workers, num_envs_per_env_runner=envs_per_worker,
+                     rollout_fragment_length="auto", num_cpus_per_env_runner=1)
+        .learners(num_learners=0, num_gpus_per_learner=gpus)
+        .training(**problem["ppo"])
+        .callbacks(PruningMetrics)
+        .evaluation(evaluation_interval=problem["checkpoint_every"], evaluation_num_env_runners=0,
+                    evaluation_duration=val_episodes, evaluation_duration_unit="episodes",
+                    evaluation_config=PPOConfig.overrides(env_config=val_config))
+        .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
+                         delay_between_env_runner_restarts_s=5.0)
+        .debugging(seed=seed)
+    )
+
+
+def problem_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What defines the pruning problem and the learner, stored in every checkpoint."""
+    try:
+        points = tuple(int(p) for p in args.prune_points.split(","))
+    except ValueError:
+        raise ValueError(f"--prune-points must be comma-separated integers, got {args.prune_points!r}") from None
+    backbone = Path(args.backbone).resolve()
+    stored = str(backbone.relative_to(REPO)) if backbone.is_relative_to(REPO) else str(backbone)
+    server = ServerSettings(backbone=stored, dataset=args.dataset, data_dir=str(args.data_dir),
+                            limit=args.train_limit, prune_points=points, target_ratio=args.target_ratio)
+    env = {"agents": args.agents, "images_per_env": args.images_per_env,
+           **{k: getattr(args, k) for k in ("agree_weight", "prob_weight", "budget_weight")}}
+    return {"server": asdict(server), "val_limit": args.val_limit, "env": env,
+            "model_config": {"hidden": args.hidden}, "ppo": {k: getattr(args, k) for k in DEFAULT_PPO},
+            "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject bad settings before anything starts or is written."""
+    tokens_to_keep(64, args.target_ratio)
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    for name in ("iterations", "checkpoint_every", "envs_per_worker", "images_per_env", "hidden"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def resolve_start(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any]]:
+    """Which checkpoint to continue from (if any) and the problem definition to use."""
+    out = Path(args.output_dir)
+    existing = list_checkpoints(out)
+    if args.resume is None:
+        if (existing or (out / "progress.csv").exists()) and not args.overwrite:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        return None, problem_from_args(args)
+    checkpoint = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
+    if checkpoint is None:
+        raise ValueError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
+    return checkpoint, read_pruning_config(checkpoint)
+
+
+def backbone_path(stored: str) -> str:
+    path = Path(stored)
+    return str(path if path.is_absolute() else REPO / path)
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    """A local Ray instance, or the cluster at --address with this repo shipped to every node."""
+    if args.address:
+        runtime_env = {"working_dir": str(REPO),
+                       "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
+        ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def start_servers(problem: dict[str, Any], gpus: float):
+    """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
+    settings = ServerSettings(**{**problem["server"], "backbone": backbone_path(problem["server"]["backbone"]),
+                                 "prune_points": tuple(problem["server"]["prune_points"]), "num_cpus": 0,
+                                 "num_gpus": gpus})
+    train = start_vit_server(settings, TRAIN_SERVER)
+    val = start_vit_server(replace(settings, split="val", limit=problem["val_limit"]), VAL_SERVER)
+    return train, val
+
+
+def progress_line(result: dict[str, Any], elapsed: float) -> str:
+    """One compact line per iteration."""
+    runners = result.get("env_runners", {})
+    returns = runners.get("module_episode_returns_mean", {})
+    ret = " ".join(f"R[{m[:3]}]={v:+.3f}" for m, v in sorted(returns.items()))
+    parts = [f"iter {result['training_iteration']:4d}",
+             f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}", ret,
+             f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
+             f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
+             f"kept {runners.get('keep_ratio', float('nan')):.3f}",
+             f"GFLOPs {runners.get('gflops', float('nan')):.4f}", f"{elapsed:6.0f}s"]
+    evaluation = result.get("evaluation", {}).get("env_runners", {})
+    if evaluation:
+        parts.append(f"| val agree {100 * evaluation.get('agree', float('nan')):.1f}% "
+                     f"kept {evaluation.get('keep_ratio', float('nan')):.3f}")
+    return "  ".join(parts)
+
+
+def validation_score(result: dict[str, Any]) -> float | None:
+    """Mean per-agent return on the validation images (fidelity minus budget penalty).
+
+    The policy samples as in training: thresholding each token's probability at 0.5 would score a different
+    (and, early on, non-pruning) policy than the one PPO optimises.
+    """
+    returns = result.get("evaluation", {}).get("env_runners", {}).get("module_episode_returns_mean", {})
+    return float(sum(returns.values()) / len(returns)) if returns else None
+
+
+class MetricsWriter:
+    """Every flattened RLlib result row to CSV (columns fixed by the first row) and TensorBoard."""
+
+    def __init__(self, output_dir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.path = output_dir / "progress.csv"
+        self.tb = SummaryWriter(str(output_dir / "tb"))
+        self.columns: list[str] | None = None
+        if self.path.exists():
+            with self.path.open() as f:
+                self.columns = next(csv.reader(f), None)
+
+    def write(self, result: dict[str, Any]) -> None:
+        flat = {k: v for k, v in flatten_dict(result, delimiter="/").items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = result["training_iteration"]
+        for key, value in flat.items():
+            if math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+        if self.columns is None:
+            self.columns = sorted(flat)
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([flat.get(c, "") for c in self.columns])
+
+
+def train(args: argparse.Namespace) -> Path:
+    checkpoint, problem = resolve_start(args)
+    out = Path(args.output_dir)
+    start_ray(args)
+    gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    train_server, _ = start_servers(problem, gpus)
+    spec = ray.get(train_server.spec.remote())
+    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, problem["seed"], gpus)
+    algo = config.build_algo()
+    if checkpoint is not None:
+        algo.restore_from_path(str(checkpoint.resolve()))
+        # restore pushes weights to remote runners without waiting; make sure they have them
+        algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group,
+                                           inference_only=True, timeout_seconds=60)
+        print(f"resumed from {checkpoint} at iteration {algo.iteration}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(out)
+    best_path = out / "best.json"
+    best = json.loads(best_path.read_text()) if best_path.exists() and checkpoint is not None else None
+    began, last = time.time(), None
+    every = problem["checkpoint_every"]
+    while algo.iteration < args.iterations:
+        result = algo.train()
+        writer.write(result)
+        print(progress_line(result, time.time() - began), flush=True)
+        out_of_time = args.time_budget is not None and time.time() - began > 60 * args.time_budget
+        final = algo.iteration >= args.iterations or out_of_time
+        if algo.iteration % every == 0 or final:
+            last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration,
+                                                "val_score": validation_score(result)})
+            score = validation_score(result)
+            if score is not None and (best is None or score > best["val_score"]):
+                best = {"checkpoint": str(last.relative_to(out)), "iteration": algo.iteration,
+                        "val_score": score}
+                best_path.write_text(json.dumps(best, indent=2) + "\n")
+            protect = {out / best["checkpoint"]} if best else set()
+            remove_old_checkpoints(out, args.keep_checkpoints, protect)
+        if out_of_time:
+            print(f"time budget of {args.time_budget} min reached", flush=True)
+            break
+    if last is None:  # resumed at or past --iterations: write the restored state as it is
+        last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration, "val_score": None})
+    algo.stop()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        last = train(args)
+    except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"last checkpoint: {last}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    sys.exit(main())
