@@ -25,6 +25,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
     p.add_argument("--limit", type=int, default=None,
                    help="use a seeded subset of N images of each split (smoke tests)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="schedule length (default 100); on --resume, a new length shortens or extends the schedule")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate for batch 512 (scaled linearly)")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -152,11 +154,47 @@ def images_per_second(model, config, device, batch_size=256, repeats=5) -> float
 
 
 def count_gflops(model, input_size: int) -> float:
-    """GFLOPs as multiply-accumulates (DeiT/fvcore convention): FlopCounterMode counts 2 per MAC."""
+    """GFLOPs as multiply-accumulates (DeiT/fvcore convention): FlopCounterMode counts 2 per MAC.
+
+    The math attention backend makes the attention matmuls visible to the counter (fused CPU kernels are not).
+    """
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model.eval()(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
     return counter.get_total_flops() / 2 / 1e9
+
+
+def model_card(config: dict) -> str:
+    """A short Markdown card: what the model is, how it was trained, what it measured."""
+    recipe = config["recipe"]
+    changes = "".join(f"; from epoch {c['at_epoch'] + 1} the cosine schedule was re-set to {c['epochs']} epochs"
+                      for c in recipe.get("schedule_changes", []))
+    rows = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['val_accuracy']:.2f} | {h['seconds']:.0f} |"
+                     for h in config["history"])
+    kwargs = ", ".join(f"{k}={v}" for k, v in config["model_kwargs"].items())
+    sizes = config["split_sizes"]
+    return f"""# {config['model_name']} ({kwargs}) on {config['dataset']}
+
+| | |
+|---|---|
+| test top-1 ({sizes['test']} images, float32) | **{100 * config['test_accuracy']:.2f}%** |
+| GFLOPs (multiply-accumulates, attention matmuls included) | {config['gflops']} |
+| parameters | {config['params_m']} M |
+| images/s, batch 256, float32, {config['throughput_device']} | {config['images_per_s_b256']} |
+| input | {config['input_size']}x{config['input_size']}, mean {config['mean']}, std {config['std']} |
+| splits | train {sizes['train']}, val {sizes['val']} (seed {config['split_seed']}), test {sizes['test']} |
+| weights | {config['weights_dtype']} safetensors |
+
+Recipe: {recipe['epochs']} epochs{changes}, batch {recipe['batch_size']}, AdamW lr {recipe['lr']} (per 512
+images, scaled linearly), weight decay {recipe['weight_decay']}, {recipe['warmup_epochs']} warm-up epochs then
+cosine per step, label smoothing {recipe['label_smoothing']}, mixup {recipe['mixup']}, cutmix {recipe['cutmix']},
+RandAugment ops {recipe['randaug']}, random crop (pad 4) + flip, {recipe['amp']}, seed {recipe['seed']},
+on {recipe['device']} in {recipe['train_seconds'] / 60:.0f} min. The test split was read once, after training.
+
+| epoch | train loss | val top-1 % | elapsed s |
+|---|---|---|---|
+{rows}
+"""
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -176,8 +214,17 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"nothing to resume: {state_path} does not exist")
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
     if state is not None:
-        args = argparse.Namespace(**{**state["args"], "resume": True, "time_limit": args.time_limit,
-                                     "device": args.device, "output_dir": args.output_dir})
+        saved = state["args"]
+        epochs = args.epochs if args.epochs is not None else saved["epochs"]
+        schedule = saved.get("schedule_changes", [])
+        if epochs != saved["epochs"]:
+            schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
+            print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
+        args = argparse.Namespace(**{**saved, "resume": True, "time_limit": args.time_limit, "epochs": epochs,
+                                     "schedule_changes": schedule, "device": args.device,
+                                     "output_dir": args.output_dir})
+    elif args.epochs is None:
+        args.epochs = 100
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -229,7 +276,8 @@ def train(args: argparse.Namespace) -> dict:
 
     images = train_split.images.to(device)
     labels = train_split.labels.to(device)
-    began = time.time()
+    process_start = time.time()
+    began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
     for epoch in range(start_epoch, args.epochs):
         model.train()
         order = torch.randperm(len(labels), generator=generator).to(device)
@@ -261,7 +309,8 @@ def train(args: argparse.Namespace) -> dict:
         save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                                 "history": history, "epoch": epoch + 1, "args": vars(args)})
-        if args.time_limit is not None and time.time() - began > args.time_limit and epoch + 1 < args.epochs:
+        over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
+        if over_time and epoch + 1 < args.epochs:
             print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
             return {"finished": False, "epoch": epoch + 1}
 
@@ -271,6 +320,7 @@ def train(args: argparse.Namespace) -> dict:
     recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "label_smoothing", "mixup", "cutmix", "randaug",
                                             "randaug_magnitude", "seed", "pretrained", "limit")}
+    recipe["schedule_changes"] = getattr(args, "schedule_changes", [])
     recipe.update(optimizer="adamw (timm, no decay on norms/biases/pos-embed)", schedule="warmup + cosine per step",
                   amp="bf16 autocast" if amp else "float32", device=str(device),
                   train_seconds=round(history[-1]["seconds"], 1) if history else 0)
@@ -281,6 +331,7 @@ def train(args: argparse.Namespace) -> dict:
                   images_per_s_b256=round(images_per_second(model, config, device), 1),
                   throughput_device=str(device))
     export = save_backbone(model, config, out / EXPORT_DIR, half=args.half)
+    (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
     print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
     return {"finished": True, "test_accuracy": test_acc, "export": str(export)}
 

@@ -42,14 +42,12 @@ Numbers other than timings are deterministic for the same inputs, ``--seed`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +57,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModule
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
@@ -73,20 +70,17 @@ from envs.data import (
     default_data_dir,
     load_split,
 )
-from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, token_features
+from envs.features import token_features
 from envs.flops import ViTSpec, backbone_gflops, feature_gflops, schedule_tokens
 from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
 from envs.staged_vit import StagedViT
 from envs.token_ops import topk_keep_index
+from policies.checkpoints import Modules, PolicyCheckpointError, check_policies, checkpoint_agents, load_policies
 from policies.heuristics import make_selector
 from policies.rl_module import DEFAULT_HIDDEN, policy_gflops
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
-MODULES_DIR = Path("learner_group", "learner", "rl_module")
-PRUNING_CONFIG = "pruning_config.json"
-POLICIES = ("attention", "similarity")
-FEATURES = {"attention": ATTENTION_FEATURES, "similarity": SIMILARITY_FEATURES}
 SPEED_BATCH = 256
 SPEED_SINGLE_IMAGES = 8
 ADAPTIVE_MAX_PADDING = 0.0  # regroup adaptive batches by exact kept count: no compute on padding
@@ -117,7 +111,6 @@ COLUMN_DOCS = {
     "speedup": "images_per_s_b256 / the Baseline's",
 }
 
-Modules = Mapping[str, RLModule]
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Normalised images ``[B, C, H, W]`` -> logits ``[B, classes]`` and ``kept [B, num_stages]``."""
 
@@ -127,107 +120,6 @@ class EvaluationError(RuntimeError):
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_ray_deprecations() -> Iterator[None]:
-    """RLlib logs a deprecation warning for every module it restores; it says nothing to our users."""
-    logger = logging.getLogger("ray._common.deprecation")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def read_pruning_config(checkpoint: Path) -> dict[str, Any]:
-    """``pruning_config.json`` of a policy checkpoint, checked for what evaluation needs."""
-    path = checkpoint / PRUNING_CONFIG
-    if not path.is_file():
-        raise EvaluationError(f"{checkpoint} is not a policy checkpoint (no {PRUNING_CONFIG}; train.py "
-                              f"writes one in each checkpoint){_run_directory_hint(checkpoint)}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EvaluationError(f"{path} is not readable JSON: {error}") from None
-    server = config.get("server") if isinstance(config, dict) else None
-    if not isinstance(server, dict) or not {"backbone", "prune_points", "target_ratio"} <= set(server):
-        raise EvaluationError(f"{path} lacks server.backbone, server.prune_points or server.target_ratio")
-    env = config.get("env") or {}
-    agents = env.get("agents", "both") if isinstance(env, dict) else None
-    if agents not in ("both", *POLICIES):
-        raise EvaluationError(f"{path}: env.agents must be 'both', 'attention' or 'similarity', not {agents!r}")
-    ratio = server["target_ratio"]
-    if not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
-        raise EvaluationError(f"{path}: server.target_ratio must be in (0, 1), got {ratio!r}")
-    return config
-
-
-def _run_directory_hint(directory: Path) -> str:
-    """For a train.py output directory, where its best checkpoint is (train.py's best.json)."""
-    try:
-        best = json.loads((directory / "best.json").read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f"; for the best checkpoint of this training run pass --checkpoint {directory / best}"
-
-
-def checkpoint_agents(config: Mapping[str, Any]) -> str:
-    """``both``, ``attention`` or ``similarity``: which agents the checkpoint's run trained."""
-    return (config.get("env") or {}).get("agents", "both")
-
-
-def _load_module(path: Path, name: str) -> RLModule:
-    """One RLModule, in eval mode; any failure to restore it (truncated, corrupt) is a user error."""
-    try:
-        with _quiet_ray_deprecations():
-            module = RLModule.from_checkpoint(str(path))
-    except Exception as error:  # unpickling a damaged file can raise nearly anything
-        message = " ".join(str(error).split()) or "no details"
-        raise EvaluationError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "
-                              f"{message}") from None
-    return module.eval()
-
-
-def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], dict[str, Any]]:
-    """The policy modules a checkpoint trained (by policy name) and its ``pruning_config.json``.
-
-    A run with ``env.agents`` naming one agent has only that module; a ``both`` run must have both.
-    """
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise EvaluationError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise EvaluationError(f"checkpoint {path} is not a directory")
-    config = read_pruning_config(path)
-    agents = checkpoint_agents(config)
-    modules = {}
-    for name in POLICIES if agents == "both" else (agents,):
-        module_path = path / MODULES_DIR / name
-        if not module_path.is_dir():
-            raise EvaluationError(f"checkpoint {path} has no {name} policy (expected {MODULES_DIR / name}; "
-                                  f"env.agents is {agents!r})")
-        modules[name] = _load_module(module_path, name)
-    return modules, config
-
-
-def check_policies(modules: Modules, staged: StagedViT, checkpoint: Path | str) -> None:
-    """Fail clearly when a module was built for another backbone (patch count) or feature set."""
-    n = staged.num_patches
-    for name, module in modules.items():
-        space = getattr(module, "observation_space", None)
-        try:
-            shapes = (tuple(space["tokens"].shape), tuple(space["live"].shape))
-        except (KeyError, TypeError):
-            raise EvaluationError(f"the {name} policy in {checkpoint} does not observe "
-                                  f"{{'tokens', 'live'}} (observation space {space})") from None
-        expected = ((n, len(FEATURES[name])), (n,))
-        if shapes != expected:
-            raise EvaluationError(
-                f"the {name} policy in {checkpoint} observes tokens {shapes[0]} and live {shapes[1]}, but the "
-                f"backbone has {n} patch tokens and there are {len(FEATURES[name])} {name} features, so it "
-                f"expects tokens {expected[0]}: was it trained on another backbone?")
 
 
 def resolve_backbone(config: Mapping[str, Any] | None, override: str | None) -> Path:
@@ -709,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
     main_path = next(iter(policies.values()))[2]
     staged = make_staged(vit, config["server"]["prune_points"], f"checkpoint {main_path}, backbone {backbone_path}")
     for modules, _, path in policies.values():
-        check_policies(modules, staged, path)
+        check_policies(modules, staged.num_patches, path)
     server = config["server"]
     dataset = args.dataset or server.get("dataset", "cifar10")
     split = load_split(dataset, args.split, args.data_dir, input_size=backbone_config["input_size"],
@@ -739,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return run(args)
-    except (EvaluationError, CheckpointError, DataError) as error:
+    except (EvaluationError, PolicyCheckpointError, CheckpointError, DataError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
 

@@ -37,8 +37,10 @@ from envs.token_ops import tokens_to_keep
 from envs.vit_server import ServerSettings, start_vit_server
 from policies.checkpoints import (
     PolicyCheckpointError,
+    check_policies,
     latest_checkpoint,
     list_checkpoints,
+    load_policies,
     read_pruning_config,
     remove_old_checkpoints,
     write_checkpoint,
@@ -53,7 +55,7 @@ TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
 # bonus (the multi-Bernoulli entropy is a sum over ~64 tokens and would swamp the reward).
 DEFAULT_PPO: dict[str, Any] = {
     "lr": 3e-4, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
-    "num_epochs": 4, "minibatch_size": 512, "train_batch_size_per_learner": 256,
+    "num_epochs": 4, "minibatch_size": 128, "train_batch_size_per_learner": 256,
     "vf_loss_coeff": 0.5, "use_kl_loss": False, "grad_clip": 1.0,
 }
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
     run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    run.add_argument("--server-threads", type=int, default=1, help="torch threads of each ViT server")
     run.add_argument("--seed", type=int, default=0)
 
     problem = p.add_argument_group("pruning problem (taken from the checkpoint on --resume)")
@@ -129,7 +132,7 @@ def build_config(problem: dict[str, Any], spec, num_workers: int, envs_per_worke
         .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent)
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .env_runners(num_env_runners=num_workers, num_envs_per_env_runner=envs_per_worker,
-                     rollout_fragment_length="auto", num_cpus_per_env_runner=1)
+                     rollout_fragment_length="auto", num_cpus_per_env_runner=1, sample_timeout_s=600.0)
         .learners(num_learners=0, num_gpus_per_learner=gpus)
         .training(**problem["ppo"])
         .callbacks(PruningMetrics)
@@ -198,21 +201,21 @@ def start_ray(args: argparse.Namespace) -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def start_servers(problem: dict[str, Any], gpus: float):
+def start_servers(problem: dict[str, Any], gpus: float, threads: int):
     """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
     settings = ServerSettings(**{**problem["server"], "backbone": backbone_path(problem["server"]["backbone"]),
                                  "prune_points": tuple(problem["server"]["prune_points"]), "num_cpus": 0,
-                                 "num_gpus": gpus})
+                                 "num_gpus": gpus, "torch_threads": threads})
     train = start_vit_server(settings, TRAIN_SERVER)
     val = start_vit_server(replace(settings, split="val", limit=problem["val_limit"]), VAL_SERVER)
     return train, val
 
 
-def progress_line(result: dict[str, Any], elapsed: float) -> str:
-    """One compact line per iteration."""
+def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int) -> str:
+    """One compact line per iteration; returns are per image (an env episode carries several images)."""
     runners = result.get("env_runners", {})
     returns = runners.get("module_episode_returns_mean", {})
-    ret = " ".join(f"R[{m[:3]}]={v:+.3f}" for m, v in sorted(returns.items()))
+    ret = " ".join(f"R/img[{m[:3]}]={v / images_per_env:+.3f}" for m, v in sorted(returns.items()))
     parts = [f"iter {result['training_iteration']:4d}",
              f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}", ret,
              f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
@@ -226,14 +229,14 @@ def progress_line(result: dict[str, Any], elapsed: float) -> str:
     return "  ".join(parts)
 
 
-def validation_score(result: dict[str, Any]) -> float | None:
-    """Mean per-agent return on the validation images (fidelity minus budget penalty).
+def validation_score(result: dict[str, Any], images_per_env: int) -> float | None:
+    """Mean return per image on the validation images (fidelity minus budget penalty).
 
     The policy samples as in training: thresholding each token's probability at 0.5 would score a different
     (and, early on, non-pruning) policy than the one PPO optimises.
     """
     returns = result.get("evaluation", {}).get("env_runners", {}).get("module_episode_returns_mean", {})
-    return float(sum(returns.values()) / len(returns)) if returns else None
+    return float(sum(returns.values()) / len(returns) / images_per_env) if returns else None
 
 
 class MetricsWriter:
@@ -266,16 +269,34 @@ class MetricsWriter:
 
 
 def train(args: argparse.Namespace) -> Path:
+    """Run (or continue) training; uses the Ray instance already initialised in this process, if any."""
     checkpoint, problem = resolve_start(args)
-    out = Path(args.output_dir)
-    start_ray(args)
+    if not ray.is_initialized():
+        start_ray(args)
     gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    train_server, _ = start_servers(problem, gpus)
+    servers = start_servers(problem, gpus, args.server_threads)
+    try:
+        return run_training(args, checkpoint, problem, servers[0], gpus)
+    finally:
+        for server in servers:
+            ray.kill(server, no_restart=True)
+
+
+def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dict[str, Any], train_server,
+                 gpus: float) -> Path:
+    """The PPO loop: train, log, checkpoint every K iterations, record the best on validation."""
+    out = Path(args.output_dir)
     spec = ray.get(train_server.spec.remote())
     config = build_config(problem, spec, args.num_workers, args.envs_per_worker, problem["seed"], gpus)
+    if checkpoint is not None:  # a checkpoint of another backbone or feature set fails here, clearly
+        check_policies(load_policies(checkpoint)[0], spec.num_patches, checkpoint)
     algo = config.build_algo()
     if checkpoint is not None:
-        algo.restore_from_path(str(checkpoint.resolve()))
+        try:
+            algo.restore_from_path(str(checkpoint.resolve()))
+        except Exception as error:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
+            algo.stop()
+            raise PolicyCheckpointError(f"cannot restore {checkpoint}: {type(error).__name__}: {error}") from None
         # restore pushes weights to remote runners without waiting; make sure they have them
         algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group,
                                            inference_only=True, timeout_seconds=60)
@@ -289,13 +310,12 @@ def train(args: argparse.Namespace) -> Path:
     while algo.iteration < args.iterations:
         result = algo.train()
         writer.write(result)
-        print(progress_line(result, time.time() - began), flush=True)
+        print(progress_line(result, time.time() - began, problem["env"]["images_per_env"]), flush=True)
         out_of_time = args.time_budget is not None and time.time() - began > 60 * args.time_budget
         final = algo.iteration >= args.iterations or out_of_time
         if algo.iteration % every == 0 or final:
-            last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration,
-                                                "val_score": validation_score(result)})
-            score = validation_score(result)
+            score = validation_score(result, problem["env"]["images_per_env"])
+            last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration, "val_score": score})
             if score is not None and (best is None or score > best["val_score"]):
                 best = {"checkpoint": str(last.relative_to(out)), "iteration": algo.iteration,
                         "val_score": score}
@@ -313,6 +333,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    owns_ray = not ray.is_initialized()
     try:
         validate(args)
         last = train(args)
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if ray.is_initialized():
+        if owns_ray and ray.is_initialized():
             ray.shutdown()
     print(f"last checkpoint: {last}")
     return 0

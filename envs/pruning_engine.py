@@ -71,6 +71,7 @@ class PruningEngine:
         self.vit_spec = ViTSpec.from_model(staged.vit)
         self._full_probs = torch.full((len(labels), backbone_config["num_classes"]), float("nan"))
         self.forwards = 0  # stage forward passes run, for batching statistics
+        self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
     def spec(self) -> EngineSpec:
         staged = self.staged
@@ -85,6 +86,10 @@ class PruningEngine:
         attention, similarity = token_features(
             x_patch, cls_attention, live, positions, self.staged.grid_size, point,
             len(self.staged.prune_points), 1.0 - self.target_ratio)
+        bad = (~attention.isfinite()).sum() + (~similarity.isfinite()).sum()
+        if bad:  # sanitised and counted, never handed to the policies
+            self.nonfinite_features += int(bad)
+            attention, similarity = attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0)
         rows = self.staged.num_patches
         out = []
         for b in range(len(x_patch)):

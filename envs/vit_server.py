@@ -5,7 +5,9 @@ name and send image indices and keep decisions, never images. Concurrent request
 queued and served together: the queue is drained once ``max_batch`` images are waiting or ``max_wait_ms``
 has passed, and the whole drain goes through one engine call (one padded forward per stage present), so
 throughput grows with the number of callers. The forward runs in a worker thread, so requests keep
-queueing while it computes.
+queueing while it computes. On a CPU that is all the batching worth having: a forward costs about the same
+per image at any batch size, so waiting only idles the server (benchmarks/README.md); ``max_wait_ms=None``
+(the default) therefore waits 2 ms on a GPU and not at all on a CPU.
 
 If the actor dies, Ray restarts it (``max_restarts``) from the same creation arguments; episodes that were
 in flight are gone and the env starts new ones (see ``TokenPruningEnv``).
@@ -46,7 +48,7 @@ class ServerSettings:
     prune_points: tuple[int, ...] = (3, 6, 9)
     target_ratio: float = 0.5
     max_batch: int = 256
-    max_wait_ms: float = 2.0
+    max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     torch_threads: int = 1
@@ -65,6 +67,8 @@ class ViTServer:
         vit.load_state_dict(state)
         staged = StagedViT(vit.eval(), self.settings.prune_points)
         self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device)
+        wait_ms = self.settings.max_wait_ms
+        self._max_wait_s = (2.0 if device == "cuda" else 0.0) / 1000 if wait_ms is None else wait_ms / 1000
         self._queue: list[tuple[str, list, list, asyncio.Future]] = []
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -84,7 +88,8 @@ class ViTServer:
         self.engine.release(keys)
 
     async def stats(self) -> dict:
-        return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes)}
+        return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),
+                "nonfinite_features": self.engine.nonfinite_features}
 
     async def _submit(self, kind: str, keys: list, payload: list) -> list:
         future = asyncio.get_running_loop().create_future()
@@ -100,7 +105,7 @@ class ViTServer:
         loop = asyncio.get_running_loop()
         while True:
             await self._arrived.wait()
-            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            deadline = time.monotonic() + self._max_wait_s
             while self._waiting_images() < self.settings.max_batch and time.monotonic() < deadline:
                 await asyncio.sleep(max(0.0, min(0.0005, deadline - time.monotonic())))
             batch, size = [], 0

@@ -68,8 +68,11 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
         return MultiBernoulli
 
     def _embed(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token embeddings ``[..., N, h]`` and the live-token context ``[..., h]``."""
-        emb = self.token_net(obs["tokens"])
+        """Per-token embeddings ``[..., N, h]`` and the live-token context ``[..., h]``.
+
+        Non-finite features (the engine counts them) become 0 so one bad token cannot poison a batch.
+        """
+        emb = self.token_net(torch.nan_to_num(obs["tokens"], nan=0.0, posinf=0.0, neginf=0.0))
         return emb, masked_mean(emb, obs["live"])
 
     def _logits(self, obs: dict[str, torch.Tensor], emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,11 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     assert run_backbone(tmp_path, data_dir) == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
+    # a resumed run may extend its schedule; the card records the change
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert [h["epoch"] for h in config["history"]] == [1, 2]
+    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 1, "epochs": 2}]
 
 
 def test_half_precision_export_round_trips(tmp_path, tiny_backbone):

@@ -31,6 +31,7 @@ from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
 from envs.pruning_engine import PruningEngine
 from envs.staged_vit import StagedViT
 from envs.token_ops import topk_keep_index
+from policies.checkpoints import MODULES_DIR, POLICIES, PRUNING_CONFIG, load_policies
 from policies.rl_module import TokenPolicyModule, policy_gflops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,16 +78,16 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
                      prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
                      calibrate_on: StagedViT | None = None) -> Path:
     """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json."""
-    for seed, name in enumerate(evaluate.POLICIES):
+    for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
             if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
                 calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
-            module.save_to_path(directory / evaluate.MODULES_DIR / name)
+            module.save_to_path(directory / MODULES_DIR / name)
     config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
                          "prune_points": list(prune_points), "target_ratio": target_ratio},
               "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
-    (directory / evaluate.PRUNING_CONFIG).write_text(json.dumps(config))
+    (directory / PRUNING_CONFIG).write_text(json.dumps(config))
     return directory
 
 
@@ -189,7 +190,7 @@ def test_deterministic(results, checkpoint, data_dir, tmp_path):
 
 
 def test_timings(checkpoint, staged, split):
-    modules, _ = evaluate.load_policies(checkpoint)
+    modules, _ = load_policies(checkpoint)
     methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, "both")})
     small = type(split)(split.images[:16], split.labels[:16], split.class_names)
     table = evaluate.evaluate_methods(staged[0], staged[1], small, methods, speed_repeats=1, progress=False)
@@ -202,7 +203,7 @@ def test_timings(checkpoint, staged, split):
 
 def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, staged, split):
     """Policies see row i = i-th live token; cutting the dead rows the engine pads to N changes nothing."""
-    modules, _ = evaluate.load_policies(checkpoint)
+    modules, _ = load_policies(checkpoint)
     model, config = staged
     with torch.no_grad():
         x, cls_attention = model.forward_stage(model.embed(normalize(split.images[:4], config)), 0)
@@ -218,14 +219,14 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, stag
                                   torch.cat([positions, torch.zeros_like(positions)[:, :NUM_PATCHES - keep.sum()]],
                                             1), 1, 0)
         padded = evaluate.policy_logits(modules, padded_ctx, model, TARGET_RATIO)
-    for name in evaluate.POLICIES:
+    for name in POLICIES:
         assert padded[name].shape == (4, NUM_PATCHES)
         torch.testing.assert_close(cut[name], padded[name][:, :int(keep.sum())])
 
 
 def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
     """Same images, same deterministic decisions through PruningEngine (what the env steps): same result."""
-    modules, _ = evaluate.load_policies(checkpoint)
+    modules, _ = load_policies(checkpoint)
     model, config = staged
     count = 16
     engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO)
@@ -306,7 +307,7 @@ def test_checkpoints_per_budget_add_marl_rows(checkpoint, tiny_backbone, data_di
 
 def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
-    modules, config = evaluate.load_policies(path)
+    modules, config = load_policies(path)
     assert list(modules) == ["similarity"]
     methods = evaluate.plan_methods([0.5], {0.5: (modules, evaluate.checkpoint_agents(config))})
     assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
@@ -316,7 +317,7 @@ def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
 
 
 def truncated(path: Path) -> Path:
-    state = path / evaluate.MODULES_DIR / "attention" / "module_state.pkl"
+    state = path / MODULES_DIR / "attention" / "module_state.pkl"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     return path
 
@@ -350,7 +351,7 @@ def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_b
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, prune_points=(3, 6, 9))
     elif case == "missing_module":
         path = Path(shutil.copytree(checkpoint, tmp_path / "copy"))
-        shutil.rmtree(path / evaluate.MODULES_DIR / "similarity")
+        shutil.rmtree(path / MODULES_DIR / "similarity")
     elif case == "bad_budget":
         extra = ["--budgets", "0.5,1.5"]
     elif case == "missing_data":
