@@ -77,6 +77,9 @@ def _quiet_ray_deprecations() -> Iterator[None]:
 
 def read_pruning_config(checkpoint: Path) -> dict[str, Any]:
     """``pruning_config.json`` of a policy checkpoint, checked for what evaluation needs."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise PolicyCheckpointError(f"checkpoint {checkpoint} does not exist")
     path = checkpoint / PRUNING_CONFIG
     if not path.is_file():
         raise PolicyCheckpointError(f"{checkpoint} is not a policy checkpoint (no {PRUNING_CONFIG}; train.py "
