@@ -34,7 +34,7 @@ from envs.data import DataError, default_data_dir
 from envs.episode_metrics import PruningMetrics
 from envs.pruning_env import DEFAULT_ENV_CONFIG, POLICIES, TokenPruningEnv, policy_for_agent
 from envs.token_ops import tokens_to_keep
-from envs.vit_server import ServerSettings, start_vit_server
+from envs.vit_server import ServerSettings, load_server_inputs, start_vit_server
 from policies.checkpoints import (
     PolicyCheckpointError,
     check_policies,
@@ -54,7 +54,7 @@ TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
 # short GAE horizon; many correlated per-token decisions per action, so a moderate clip and no entropy
 # bonus (the multi-Bernoulli entropy is a sum over ~64 tokens and would swamp the reward).
 DEFAULT_PPO: dict[str, Any] = {
-    "lr": 3e-4, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
+    "lr": 1e-3, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
     "num_epochs": 4, "minibatch_size": 128, "train_batch_size_per_learner": 256,
     "vf_loss_coeff": 0.5, "use_kl_loss": False, "grad_clip": 1.0,
 }
@@ -201,14 +201,12 @@ def start_ray(args: argparse.Namespace) -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def start_servers(problem: dict[str, Any], gpus: float, threads: int):
+def server_settings(problem: dict[str, Any], threads: int) -> dict[str, ServerSettings]:
     """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
-    settings = ServerSettings(**{**problem["server"], "backbone": backbone_path(problem["server"]["backbone"]),
-                                 "prune_points": tuple(problem["server"]["prune_points"]), "num_cpus": 0,
-                                 "num_gpus": gpus, "torch_threads": threads})
-    train = start_vit_server(settings, TRAIN_SERVER)
-    val = start_vit_server(replace(settings, split="val", limit=problem["val_limit"]), VAL_SERVER)
-    return train, val
+    train = ServerSettings(**{**problem["server"], "backbone": backbone_path(problem["server"]["backbone"]),
+                              "prune_points": tuple(problem["server"]["prune_points"]), "num_cpus": 0,
+                              "torch_threads": threads})
+    return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem["val_limit"])}
 
 
 def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int) -> str:
@@ -240,9 +238,12 @@ def validation_score(result: dict[str, Any], images_per_env: int) -> float | Non
 
 
 class MetricsWriter:
-    """Every flattened RLlib result row to CSV (columns fixed by the first row) and TensorBoard."""
+    """Every flattened RLlib result row to CSV (columns fixed by the first row) and TensorBoard.
 
-    def __init__(self, output_dir: Path):
+    On resume, rows logged after the restored iteration (work lost since that checkpoint) are dropped.
+    """
+
+    def __init__(self, output_dir: Path, iteration: int = 0):
         from tensorboardX import SummaryWriter
 
         self.path = output_dir / "progress.csv"
@@ -250,7 +251,13 @@ class MetricsWriter:
         self.columns: list[str] | None = None
         if self.path.exists():
             with self.path.open() as f:
-                self.columns = next(csv.reader(f), None)
+                rows = list(csv.reader(f))
+            self.columns = rows[0] if rows else None
+            if self.columns and "training_iteration" in self.columns:
+                at = self.columns.index("training_iteration")
+                kept = [r for r in rows[1:] if r[at] and float(r[at]) <= iteration]
+                with self.path.open("w", newline="") as f:
+                    csv.writer(f).writerows([self.columns, *kept])
 
     def write(self, result: dict[str, Any]) -> None:
         flat = {k: v for k, v in flatten_dict(result, delimiter="/").items()
@@ -271,10 +278,12 @@ class MetricsWriter:
 def train(args: argparse.Namespace) -> Path:
     """Run (or continue) training; uses the Ray instance already initialised in this process, if any."""
     checkpoint, problem = resolve_start(args)
+    settings = server_settings(problem, args.server_threads)
+    inputs = {name: load_server_inputs(s) for name, s in settings.items()}  # bad backbone/data fail here
     if not ray.is_initialized():
         start_ray(args)
     gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    servers = start_servers(problem, gpus, args.server_threads)
+    servers = [start_vit_server(replace(s, num_gpus=gpus), name, inputs[name]) for name, s in settings.items()]
     try:
         return run_training(args, checkpoint, problem, servers[0], gpus)
     finally:
@@ -302,7 +311,7 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dic
                                            inference_only=True, timeout_seconds=60)
         print(f"resumed from {checkpoint} at iteration {algo.iteration}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out)
+    writer = MetricsWriter(out, algo.iteration)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() and checkpoint is not None else None
     began, last = time.time(), None

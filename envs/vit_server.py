@@ -154,21 +154,38 @@ class ViTServer:
         return outcomes
 
 
-def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME) -> ray.actor.ActorHandle:
-    """Load weights and data on the driver, start the named actor, and wait until it serves.
+@dataclass(frozen=True)
+class ServerInputs:
+    """What a server is built from, read on the driver: weights, backbone config and the decoded split."""
 
-    Weights and images travel through Ray's object store, so the node the actor lands on needs neither
-    the checkpoint nor the data set on its disk.
-    """
+    state: dict
+    config: dict
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_server_inputs(settings: ServerSettings) -> ServerInputs:
+    """Read and check the backbone and the data (no Ray needed): bad settings fail here, before anything starts."""
     model, config = load_backbone(settings.backbone)
     StagedViT(model, settings.prune_points)  # fail here, clearly, on bad pruning points
     split = load_split(settings.dataset, settings.split, settings.data_dir, input_size=config["input_size"],
                        val_size=settings.val_size, seed=settings.split_seed, limit=settings.limit)
+    return ServerInputs(model.state_dict(), config, split.images, split.labels)
+
+
+def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME,
+                     inputs: ServerInputs | None = None) -> ray.actor.ActorHandle:
+    """Start the named actor and wait until it serves.
+
+    Weights and images travel through Ray's object store, so the node the actor lands on needs neither
+    the checkpoint nor the data set on its disk.
+    """
+    inputs = inputs or load_server_inputs(settings)
     actor_class = ray.remote(ViTServer).options(
         name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
         max_restarts=settings.max_restarts, max_concurrency=1000)
-    refs = [ray.put(model.state_dict()), ray.put(split.images), ray.put(split.labels)]
+    refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
     _PINNED[name] = refs
-    server = actor_class.remote(refs[0], config, refs[1], refs[2], asdict(settings))
+    server = actor_class.remote(refs[0], inputs.config, refs[1], refs[2], asdict(settings))
     ray.get(server.spec.remote())
     return server
