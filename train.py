@@ -1,7 +1,7 @@
 """Train the attention and similarity agents with RLlib PPO (new API stack).
 
-    python train.py --data-dir ../shared/data                    # default run, ~20 min on 2 CPU cores
-    python train.py --num-workers 4 --iterations 400             # longer, more env runners
+    python train.py --data-dir ../shared/data                    # default run: 18 min of training
+    python train.py --num-workers 4 --time-budget 0 --iterations 2000   # longer, more env runners
     python train.py --address auto --num-workers 16              # on a running Ray cluster
     python train.py --output-dir runs/marl --resume              # continue from the latest checkpoint
 
@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=1, help="env runners (0 = sample in the driver, for debugging)")
     run.add_argument("--envs-per-worker", type=int, default=1)
-    run.add_argument("--iterations", type=int, default=60)
-    run.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                     help="stop (with a checkpoint) once this much wall time has passed")
+    run.add_argument("--iterations", type=int, default=1000, help="stop after this many iterations in total")
+    run.add_argument("--time-budget", type=float, default=18.0, metavar="MINUTES",
+                     help="stop (with a checkpoint) after the iteration that passes this much training time; "
+                          "0 = no limit (default 18, so the default run fits in ~20 min)")
     run.add_argument("--output-dir", default="runs/marl")
     run.add_argument("--checkpoint-every", type=int, default=10, metavar="K")
     run.add_argument("--keep-checkpoints", type=int, default=3)
@@ -320,7 +321,7 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dic
         result = algo.train()
         writer.write(result)
         print(progress_line(result, time.time() - began, problem["env"]["images_per_env"]), flush=True)
-        out_of_time = args.time_budget is not None and time.time() - began > 60 * args.time_budget
+        out_of_time = args.time_budget > 0 and time.time() - began > 60 * args.time_budget
         final = algo.iteration >= args.iterations or out_of_time
         if algo.iteration % every == 0 or final:
             score = validation_score(result, problem["env"]["images_per_env"])
