@@ -210,7 +210,7 @@ def server_settings(problem: dict[str, Any], threads: int) -> dict[str, ServerSe
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem["val_limit"])}
 
 
-def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int) -> str:
+def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int, validated: bool) -> str:
     """One compact line per iteration; returns are per image (an env episode carries several images)."""
     runners = result.get("env_runners", {})
     returns = runners.get("module_episode_returns_mean", {})
@@ -222,7 +222,7 @@ def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int) -
              f"kept {runners.get('keep_ratio', float('nan')):.3f}",
              f"GFLOPs {runners.get('gflops', float('nan')):.4f}", f"{elapsed:6.0f}s"]
     evaluation = result.get("evaluation", {}).get("env_runners", {})
-    if evaluation:
+    if validated:  # results carry the last validation along; show it only where it ran
         parts.append(f"| val agree {100 * evaluation.get('agree', float('nan')):.1f}% "
                      f"kept {evaluation.get('keep_ratio', float('nan')):.3f}")
     return "  ".join(parts)
@@ -295,7 +295,7 @@ def train(args: argparse.Namespace) -> Path:
 def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dict[str, Any], train_server,
                  gpus: float) -> Path:
     """The PPO loop: train, log, checkpoint every K iterations, record the best on validation."""
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()
     spec = ray.get(train_server.spec.remote())
     config = build_config(problem, spec, args.num_workers, args.envs_per_worker, problem["seed"], gpus)
     if checkpoint is not None:  # a checkpoint of another backbone or feature set fails here, clearly
@@ -320,11 +320,12 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dic
     while algo.iteration < args.iterations:
         result = algo.train()
         writer.write(result)
-        print(progress_line(result, time.time() - began, problem["env"]["images_per_env"]), flush=True)
+        validated = algo.iteration % every == 0  # evaluation_interval == checkpoint_every
+        print(progress_line(result, time.time() - began, problem["env"]["images_per_env"], validated), flush=True)
         out_of_time = args.time_budget > 0 and time.time() - began > 60 * args.time_budget
         final = algo.iteration >= args.iterations or out_of_time
         if algo.iteration % every == 0 or final:
-            score = validation_score(result, problem["env"]["images_per_env"])
+            score = validation_score(result, problem["env"]["images_per_env"]) if validated else None
             last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration, "val_score": score})
             if score is not None and (best is None or score > best["val_score"]):
                 best = {"checkpoint": str(last.relative_to(out)), "iteration": algo.iteration,

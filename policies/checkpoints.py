@@ -132,7 +132,7 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], dict[str
 
     A run with ``env.agents`` naming one agent has only that module; a ``both`` run must have both.
     """
-    path = Path(checkpoint).expanduser()
+    path = Path(checkpoint).expanduser().resolve()  # RLlib loads from URIs: a relative path is not one
     if not path.exists():
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
@@ -169,7 +169,7 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
 
 def write_checkpoint(algo, output_dir: str | os.PathLike, pruning_config: dict[str, Any]) -> Path:
     """Save ``algo`` as ``checkpoints/iter_<n>``: write to a temporary directory, then rename."""
-    root = checkpoints_dir(output_dir)
+    root = checkpoints_dir(output_dir).resolve()  # RLlib saves to URIs: a relative path is not one
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{pruning_config['iteration']:06d}"
     tmp, final = root / f".tmp_{name}", root / name
