@@ -102,3 +102,24 @@ def test_policy_module_ignores_non_finite_inputs():
     logits = module.forward_inference({Columns.OBS: {"tokens": tokens, "live": torch.ones(1, 4)}})
     assert torch.isfinite(logits[Columns.ACTION_DIST_INPUTS]).all()
     assert json.dumps(float(logits[Columns.ACTION_DIST_INPUTS].sum()))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune-points", "2,9"], "prune_points"),
+    (["--data-dir", "EMPTY"], "cifar10 not found"),
+    (["--backbone", "UNKNOWN_MODEL"], "unknown timm model"),
+])
+def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backbone, capsys, flags, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    config = json.loads((tiny_backbone / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_name": "vit_nonexistent"}))
+    flags = [{"EMPTY": str(empty), "UNKNOWN_MODEL": str(unknown)}.get(f, f) for f in flags]
+    args = ["--backbone", str(tiny_backbone), "--data-dir", str(empty), "--prune-points", "1,2,3",
+            "--output-dir", str(tmp_path / "run")]
+    assert train.main([*args, *flags]) == 2  # later flags win
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
