@@ -29,7 +29,6 @@ from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
 from envs.pruning_env import POLICIES
 
 PRUNING_CONFIG = "pruning_config.json"
-RLLIB_MARKER = "rllib_checkpoint.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 PREFIX = "iter_"
 FEATURES = {"attention": ATTENTION_FEATURES, "similarity": SIMILARITY_FEATURES}
