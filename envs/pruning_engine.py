@@ -138,11 +138,13 @@ class PruningEngine:
         if missing:
             raise EpisodeLost(f"unknown episodes {missing[:3]}")
         results: dict[str, dict] = {}
-        by_point: dict[int, list[str]] = {}
-        for key in keys:
-            by_point.setdefault(self.episodes[key].point, []).append(key)
-        for point, group in by_point.items():
-            results.update(self._advance(point, group, [keep[keys.index(k)] for k in group]))
+        by_point: dict[int, tuple[list[str], list[np.ndarray]]] = {}
+        for key, mask in zip(keys, keep, strict=True):
+            group_keys, group_masks = by_point.setdefault(self.episodes[key].point, ([], []))
+            group_keys.append(key)
+            group_masks.append(mask)
+        for point, (group_keys, group_masks) in by_point.items():
+            results.update(self._advance(point, group_keys, group_masks))
         return [results[key] for key in keys]
 
     def _advance(self, point: int, keys: list[str], keep: list[np.ndarray]) -> dict[str, dict]:
