@@ -165,7 +165,7 @@ def problem_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad settings before anything starts or is written."""
-    tokens_to_keep(64, args.target_ratio)
+    tokens_to_keep(1, args.target_ratio)  # the one place that defines a valid ratio: (0, 1)
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     for name in ("iterations", "checkpoint_every", "envs_per_worker", "images_per_env", "hidden"):
