@@ -41,6 +41,10 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     assert [h["epoch"] for h in config["history"]] == [1, 2]
     assert config["recipe"]["schedule_changes"] == [{"at_epoch": 1, "epochs": 2}]
+    # every finished run read the test split; the card says so instead of claiming a single reading
+    assert [r["epoch"] for r in config["test_readings"]] == [1, 1, 2]
+    card = (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
+    assert "read only when a run finished: after epoch 1" in card and "read once" not in card
 
 
 def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
