@@ -135,6 +135,37 @@ def make_randaugment(num_ops: int, magnitude: int):
     return lambda images: torch.cat([augment(chunk) for chunk in images.tensor_split(RANDAUG_CHUNKS) if len(chunk)])
 
 
+def make_mixup_and_loss(args: argparse.Namespace, num_classes: int):
+    """timm's batch Mixup/CutMix (None when both alphas are 0) and the loss that fits its targets."""
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None, LabelSmoothingCrossEntropy(args.label_smoothing)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+                  num_classes=num_classes)
+    return mixup, SoftTargetCrossEntropy()
+
+
+def augment_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, randaugment, mixup,
+                  config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[B, 3, H, W]`` -> normalised, augmented float images and (soft, with mixup) targets."""
+    x = random_crop_flip(images, 4, generator)
+    if randaugment is not None:
+        x = randaugment(x)
+    x = normalize(x, config)
+    return mixup(x, labels) if mixup is not None else (x, labels)
+
+
+def optimize_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, optimizer,
+                  amp: bool) -> torch.Tensor:
+    """One AdamW step (bf16 autocast, gradients clipped at norm 1); returns the detached loss, unsynced."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = criterion(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def accuracy(model, images, labels, config, device, batch_size=512, amp=True) -> float:
     model.eval()
@@ -277,13 +308,7 @@ def train(args: argparse.Namespace) -> dict:
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
                                   warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
                                   t_in_epochs=False)
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
-                      num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = LabelSmoothingCrossEntropy(args.label_smoothing)
+    mixup, criterion = make_mixup_and_loss(args, num_classes)
     randaugment = make_randaugment(args.randaug, args.randaug_magnitude)
 
     history, start_epoch, test_readings = [], 0, []
@@ -309,20 +334,10 @@ def train(args: argparse.Namespace) -> dict:
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for step in bar:
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x, y = random_crop_flip(images[batch], 4, generator), labels[batch]
-            if randaugment is not None:
-                x = randaugment(x)
-            x = normalize(x, config)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            x, y = augment_batch(images[batch], labels[batch], generator, randaugment, mixup, config)
+            loss = optimize_step(model, x, y, criterion, optimizer, amp)
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            loss_sum += loss.detach()
+            loss_sum += loss
             if not bar.disable and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         mean_loss = loss_sum.item() / steps_per_epoch

@@ -64,3 +64,15 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_backbone(tmp_path)
     assert backbone.main(["--model", "vit_nonexistent", "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_step_benchmark_times_every_part(tmp_path):
+    import benchmarks.backbone_step as step_benchmark
+
+    out = tmp_path / "steps.json"
+    assert step_benchmark.main(["--model-kwargs", *TINY, "--batch-size", "16", "--steps", "2", "--warmup", "1",
+                                "--json", str(out)]) == 0
+    rows = {row["part"]: row["ms_per_step"] for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"crop + flip", "RandAugment", "normalize + mixup/cutmix", "forward + backward + AdamW",
+                         "sum of the parts", "training loop (no sync inside)"}
+    assert all(ms > 0 for ms in rows.values())
