@@ -312,6 +312,7 @@ def train(args: argparse.Namespace) -> dict:
     randaugment = make_randaugment(args.randaug, args.randaug_magnitude)
 
     history, start_epoch, test_readings = [], 0, []
+    snapshot = state  # what train_state.pt holds now
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -346,10 +347,10 @@ def train(args: argparse.Namespace) -> dict:
                         "seconds": time.time() - began})
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
-        save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                "history": history, "epoch": epoch + 1, "args": vars(args),
-                                "test_readings": test_readings})
+        snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings}
+        save_state(state_path, snapshot)
         over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
         if over_time and epoch + 1 < args.epochs:
             print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
@@ -359,9 +360,8 @@ def train(args: argparse.Namespace) -> dict:
                             limit=args.limit, download=args.download)
     test_acc = accuracy(model, test_split.images, test_split.labels, config, device, amp=False)
     test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
-    if state_path.exists():  # a later --resume --epochs must know the test split has been read
-        save_state(state_path, {**torch.load(state_path, map_location="cpu", weights_only=False),
-                                "test_readings": test_readings})
+    if snapshot is not None:  # a later --resume --epochs must know the test split has been read
+        save_state(state_path, {**snapshot, "test_readings": test_readings})
     recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "label_smoothing", "mixup", "cutmix", "randaug",
                                             "randaug_magnitude", "seed", "pretrained", "limit")}
