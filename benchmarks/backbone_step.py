@@ -75,7 +75,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     x, y = backbone.augment_batch(images, labels, generator, randaugment, mixup, config)
 
     def mix():
-        return mixup(normalize(cropped, config), labels) if mixup is not None else normalize(cropped, config)
+        normalized = normalize(cropped, config)
+        return mixup(normalized, labels) if mixup is not None else normalized
 
     def loop():  # what backbone.py runs per step, with no sync inside
         for _ in range(args.steps):
