@@ -8,8 +8,9 @@ in batches. One row per method and budget (``budget`` = ``target_ratio``, see do
   (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the checkpoints.
 - ``MARL exact``: both agents; tokens ranked by ``p_keep * (1 - p_redundant)`` (each ``p`` the sigmoid of
   a module's logit), the top ``tokens_to_keep`` survive each pruning point.
-- ``MARL adaptive``: both agents, deterministic: a token survives iff its attention logit > 0 and its
-  similarity logit <= 0 (at least the most class-attended token survives); counts differ per image.
+- ``MARL adaptive``: both agents, deterministic: each image keeps its policies' expected number of
+  survivors, ``round(sum p_keep * (1 - p_redundant))`` (at least 1), the most likely ones; counts differ
+  per image (docs/DESIGN.md).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget,
   ranked by ``p_keep`` / ``1 - p_redundant``. A checkpoint trained with one agent gives only its row.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
@@ -60,7 +61,7 @@ from ray.rllib.core.columns import Columns
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize
+from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize, stored_backbone_path
 from envs.data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
@@ -77,7 +78,7 @@ from envs.staged_vit import StagedViT
 from envs.token_ops import topk_keep_index
 from policies.checkpoints import Modules, PolicyCheckpointError, check_policies, checkpoint_agents, load_policies
 from policies.heuristics import make_selector
-from policies.rl_module import DEFAULT_HIDDEN, policy_gflops
+from policies.rl_module import policy_gflops
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
@@ -128,8 +129,7 @@ def resolve_backbone(config: Mapping[str, Any] | None, override: str | None) -> 
     if override:
         return Path(override).expanduser()
     if config is not None:
-        path = Path(config["server"]["backbone"]).expanduser()
-        return path if path.is_absolute() else REPO / path
+        return stored_backbone_path(config["server"]["backbone"])
     return REFERENCE_BACKBONE
 
 
@@ -293,9 +293,8 @@ def _policy_gflops(modules: Modules, live_per_point: Sequence[int]) -> float:
     """GMACs of every module used, at each pruning point, on its live tokens."""
     total = 0.0
     for module in modules.values():
-        num_features = module.observation_space["tokens"].shape[-1]
-        hidden = int((module.model_config or {}).get("hidden", DEFAULT_HIDDEN))
-        total += sum(policy_gflops(n, num_features, hidden) for n in live_per_point)
+        first = module.token_net[0]  # the widths the module was built with
+        total += sum(policy_gflops(n, first.in_features, first.out_features) for n in live_per_point)
     return total
 
 
@@ -356,13 +355,13 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     batches = math.ceil(len(split) / batch_size)
     bar = tqdm(total=batches * (len(methods) + 1), desc="evaluating", unit="batch", disable=not progress)
     bar.set_postfix_str("unpruned reference")
-    reference, _ = predict(make_runner(Method(BASELINE, "baseline"), staged), split, backbone_config,
-                           batch_size, bar)
+    reference, reference_kept = predict(make_runner(Method(BASELINE, "baseline"), staged), split,
+                                        backbone_config, batch_size, bar)
     rows = []
     for method in methods:
         bar.set_postfix_str(_label(method))
         if method.selector == "baseline":
-            predictions, kept = reference, torch.full((len(split), staged.num_stages), staged.num_patches)
+            predictions, kept = reference, reference_kept
             bar.update(batches)
         else:
             predictions, kept = predict(make_runner(method, staged, seed), split, backbone_config,
@@ -565,6 +564,7 @@ def load_all_policies(args: argparse.Namespace) -> tuple[dict[float, tuple[dict,
     modules, config = load_policies(main_path)
     budget = round(float(config["server"]["target_ratio"]), 6)
     policies = {budget: (modules, config, main_path)}
+    main_backbone = resolve_backbone(config, None)
     for extra_budget, path in parse_checkpoints_per_budget(args.checkpoints_per_budget).items():
         if extra_budget in policies:
             raise EvaluationError(f"--checkpoints-per-budget: budget {extra_budget:g} is the main "
@@ -573,10 +573,10 @@ def load_all_policies(args: argparse.Namespace) -> tuple[dict[float, tuple[dict,
         if list(extra_config["server"]["prune_points"]) != list(config["server"]["prune_points"]):
             raise EvaluationError(f"checkpoint {path} prunes at {extra_config['server']['prune_points']}, "
                                   f"the main one at {config['server']['prune_points']}")
-        if not args.backbone and resolve_backbone(extra_config, None) != resolve_backbone(config, None):
-            raise EvaluationError(f"checkpoint {path} was trained on backbone "
-                                  f"{resolve_backbone(extra_config, None)}, the main one on "
-                                  f"{resolve_backbone(config, None)} (pass --backbone to force one)")
+        extra_backbone = resolve_backbone(extra_config, None)
+        if not args.backbone and extra_backbone != main_backbone:
+            raise EvaluationError(f"checkpoint {path} was trained on backbone {extra_backbone}, the main one "
+                                  f"on {main_backbone} (pass --backbone to force one)")
         trained = round(float(extra_config["server"]["target_ratio"]), 6)
         if trained != extra_budget:
             print(f"note: checkpoint {path} was trained at target_ratio {trained:g}; evaluating it at "

@@ -29,10 +29,10 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.utils import flatten_dict
 
-from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError
+from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, stored_backbone_path
 from envs.data import DataError, default_data_dir
 from envs.episode_metrics import PruningMetrics
-from envs.pruning_env import DEFAULT_ENV_CONFIG, POLICIES, TokenPruningEnv, policy_for_agent
+from envs.pruning_env import AGENT_MODES, DEFAULT_ENV_CONFIG, TokenPruningEnv, policy_for_agent, trained_policies
 from envs.token_ops import tokens_to_keep
 from envs.vit_server import ServerSettings, load_server_inputs, start_vit_server
 from policies.checkpoints import (
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     problem.add_argument("--target-ratio", type=float, default=0.5,
                          help="fraction of live patch tokens removed at each pruning point (0.5: 64->32->16->8)")
     problem.add_argument("--prune-points", default="3,6,9", help="blocks before which tokens are pruned")
-    problem.add_argument("--agents", choices=("both", "attention", "similarity"), default="both",
+    problem.add_argument("--agents", choices=AGENT_MODES, default="both",
                          help="'attention' or 'similarity' trains one agent alone (ablation)")
     problem.add_argument("--images-per-env", type=int, default=DEFAULT_ENV_CONFIG["images_per_env"])
     for key in ("agree_weight", "prob_weight", "budget_weight"):
@@ -120,7 +120,7 @@ def build_config(problem: dict[str, Any], spec, num_workers: int, envs_per_worke
     env_config = {**problem["env"], "server_name": TRAIN_SERVER, "seed": seed}
     val_config = {**env_config, "server_name": VAL_SERVER, "sequential": True}
     agents = problem["env"]["agents"]
-    policies = POLICIES if agents == "both" else (agents,)
+    policies = trained_policies(agents)
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
             **problem["model_config"], "init_logit_bias": initial_bias(policy, agents, spec.target_ratio)})
@@ -187,11 +187,6 @@ def resolve_start(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any]
     return checkpoint, read_pruning_config(checkpoint)
 
 
-def backbone_path(stored: str) -> str:
-    path = Path(stored)
-    return str(path if path.is_absolute() else REPO / path)
-
-
 def start_ray(args: argparse.Namespace) -> None:
     """A local Ray instance, or the cluster at --address with this repo shipped to every node."""
     if args.address:
@@ -204,9 +199,9 @@ def start_ray(args: argparse.Namespace) -> None:
 
 def server_settings(problem: dict[str, Any], threads: int) -> dict[str, ServerSettings]:
     """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
-    train = ServerSettings(**{**problem["server"], "backbone": backbone_path(problem["server"]["backbone"]),
-                              "prune_points": tuple(problem["server"]["prune_points"]), "num_cpus": 0,
-                              "torch_threads": threads})
+    server = problem["server"]
+    train = ServerSettings(**{**server, "backbone": str(stored_backbone_path(server["backbone"])),
+                              "prune_points": tuple(server["prune_points"]), "num_cpus": 0, "torch_threads": threads})
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem["val_limit"])}
 
 
@@ -324,7 +319,7 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dic
         print(progress_line(result, time.time() - began, problem["env"]["images_per_env"], validated), flush=True)
         out_of_time = args.time_budget > 0 and time.time() - began > 60 * args.time_budget
         final = algo.iteration >= args.iterations or out_of_time
-        if algo.iteration % every == 0 or final:
+        if validated or final:
             score = validation_score(result, problem["env"]["images_per_env"]) if validated else None
             last = write_checkpoint(algo, out, {**problem, "iteration": algo.iteration, "val_score": score})
             if score is not None and (best is None or score > best["val_score"]):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-REFERENCE_BACKBONE = Path(__file__).resolve().parent.parent / "reference" / "vit_tiny_cifar10"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
 
 
 class CheckpointError(RuntimeError):
@@ -68,6 +69,12 @@ def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}")
     return config
+
+
+def stored_backbone_path(stored: str | os.PathLike) -> Path:
+    """A backbone path as a policy checkpoint stores it: relative paths are relative to the repository."""
+    path = Path(stored).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,

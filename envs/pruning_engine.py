@@ -29,14 +29,10 @@ class EngineSpec:
     """What an env needs to know to build its spaces and its reward, without a copy of the model."""
 
     num_patches: int
-    num_prune_points: int
-    prune_points: tuple[int, ...]
     attention_features: tuple[str, ...]
     similarity_features: tuple[str, ...]
     num_images: int
-    num_classes: int
     target_ratio: float
-    gflops_unpruned: float
 
 
 @dataclass
@@ -74,11 +70,8 @@ class PruningEngine:
         self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
     def spec(self) -> EngineSpec:
-        staged = self.staged
-        full = schedule_tokens(self.vit_spec, staged.prune_points, [staged.num_patches] * staged.num_stages)
-        return EngineSpec(staged.num_patches, len(staged.prune_points), tuple(staged.prune_points),
-                          ATTENTION_FEATURES, SIMILARITY_FEATURES, len(self.labels),
-                          self.config["num_classes"], self.target_ratio, backbone_gflops(self.vit_spec, full))
+        return EngineSpec(self.staged.num_patches, ATTENTION_FEATURES, SIMILARITY_FEATURES, len(self.labels),
+                          self.target_ratio)
 
     def _observation(self, x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
                      positions: torch.Tensor, point: int) -> list[dict[str, np.ndarray]]:
@@ -91,14 +84,16 @@ class PruningEngine:
             self.nonfinite_features += int(bad)
             attention, similarity = attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0)
         rows = self.staged.num_patches
+        counts = live.sum(1).tolist()  # one device-to-host copy per tensor, not per episode
+        attention, similarity = attention.cpu().numpy(), similarity.cpu().numpy()
         out = []
-        for b in range(len(x_patch)):
-            n = int(live[b].sum())
+        for b, n in enumerate(counts):
+            n = int(n)
             obs = {"attention": np.zeros((rows, attention.shape[-1]), np.float32),
                    "similarity": np.zeros((rows, similarity.shape[-1]), np.float32),
                    "live": np.zeros(rows, np.float32)}
-            obs["attention"][:n] = attention[b, :n].cpu().numpy()
-            obs["similarity"][:n] = similarity[b, :n].cpu().numpy()
+            obs["attention"][:n] = attention[b, :n]
+            obs["similarity"][:n] = similarity[b, :n]
             obs["live"][:n] = 1.0
             out.append(obs)
         return out

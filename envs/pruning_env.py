@@ -37,7 +37,7 @@ from envs.token_ops import tokens_to_keep
 from envs.vit_server import DEFAULT_NAME, NAMESPACE
 
 POLICIES = ("attention", "similarity")
-AGENT_MODES = ("both", "attention", "similarity")
+AGENT_MODES = ("both", *POLICIES)
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "server_name": DEFAULT_NAME,
     "images_per_env": 8,
@@ -49,6 +49,11 @@ DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "sequential": False,
     "server_timeout_s": 120.0,
 }
+
+
+def trained_policies(agents: str) -> tuple[str, ...]:
+    """The policies an ``agents`` mode trains: both, or the one it names."""
+    return POLICIES if agents == "both" else (agents,)
 
 
 def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
@@ -81,7 +86,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
         self.num_images = int(self.config["images_per_env"])
-        policies = POLICIES if self.config["agents"] == "both" else (self.config["agents"],)
+        policies = trained_policies(self.config["agents"])
         suffixes = [""] if self.num_images == 1 else [f"_{i}" for i in range(self.num_images)]
         self._image_agents = [[f"{p}{s}" for p in policies] for s in suffixes]
         self.possible_agents = [aid for pair in self._image_agents for aid in pair]

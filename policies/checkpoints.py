@@ -26,7 +26,7 @@ from typing import Any
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
-from envs.pruning_env import POLICIES
+from envs.pruning_env import AGENT_MODES, trained_policies
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
@@ -92,7 +92,7 @@ def read_pruning_config(checkpoint: Path) -> dict[str, Any]:
         raise PolicyCheckpointError(f"{path} lacks server.backbone, server.prune_points or server.target_ratio")
     env = config.get("env") or {}
     agents = env.get("agents", "both") if isinstance(env, dict) else None
-    if agents not in ("both", *POLICIES):
+    if agents not in AGENT_MODES:
         raise PolicyCheckpointError(f"{path}: env.agents must be 'both', 'attention' or 'similarity', not {agents!r}")
     ratio = server["target_ratio"]
     if not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
@@ -139,12 +139,12 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], dict[str
     config = read_pruning_config(path)
     agents = checkpoint_agents(config)
     modules = {}
-    for name in POLICIES if agents == "both" else (agents,):
-        module_path = path / MODULES_DIR / name
-        if not module_path.is_dir():
+    for name in trained_policies(agents):
+        directory = module_path(path, name)
+        if not directory.is_dir():
             raise PolicyCheckpointError(f"checkpoint {path} has no {name} policy (expected {MODULES_DIR / name}; "
                                   f"env.agents is {agents!r})")
-        modules[name] = _load_module(module_path, name)
+        modules[name] = _load_module(directory, name)
     return modules, config
 
 

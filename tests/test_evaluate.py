@@ -29,9 +29,10 @@ from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
 from envs.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, schedule_tokens
 from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
 from envs.pruning_engine import PruningEngine
+from envs.pruning_env import POLICIES
 from envs.staged_vit import StagedViT
 from envs.token_ops import topk_keep_index
-from policies.checkpoints import MODULES_DIR, POLICIES, PRUNING_CONFIG, load_policies
+from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG, load_policies
 from policies.rl_module import TokenPolicyModule, policy_gflops
 
 REPO = Path(__file__).resolve().parent.parent
