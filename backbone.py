@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from envs.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
+from envs.cli import OneLineParser
 from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
 
 STATE_FILE = "train_state.pt"
@@ -52,7 +53,7 @@ def parse_kwargs(pairs: list[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
     p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
                    metavar="K=V", help="timm create_model kwargs (default: 32x32 input, 4x4 patches, stochastic depth)")
@@ -382,8 +383,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if not math.isfinite(args.lr) or args.lr <= 0:
             raise ValueError("--lr must be a positive number")
         args.model_kwargs = args.model_kwargs or []

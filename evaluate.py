@@ -14,20 +14,23 @@ in batches. One row per method and budget (``budget`` = ``target_ratio``, see do
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget,
   ranked by ``p_keep`` / ``1 - p_redundant``. A checkpoint trained with one agent gives only its row.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
+Every pruned row removes tokens the same way, the checkpoint's ``reduction`` unless ``--reduction`` says
+otherwise (``envs.token_merge``: ``merge`` averages them into the most similar kept token, ``drop``
+discards them).
 
 Columns (also written, with these definitions, to results.md and results.json):
 
 - ``accuracy``, ``f1_macro`` (sklearn, macro over the classes present), ``agreement`` (same argmax as the
   unpruned model): all in percent.
 - ``gflops``: mean per image of ``gflops_backbone + gflops_features + gflops_policies``, in GMACs
-  (``envs.flops``). ``gflops_backbone`` is exact per image (each image's own token schedule, then the
-  mean). ``gflops_features`` counts what the method needs at each pruning point with ``n`` live tokens:
-  Random 0; Greedy attention the class-attention row ``n*D``; Greedy similarity token norms and the cosine
-  matrix ``n*D + n^2*D`` (its iterative removal is comparisons, like softmax not counted); MARL rows the
-  full ``envs.features`` cost ``2*n*D + n^2*D`` (both agents' features are computed, also for the
-  single-agent rows). ``gflops_policies``: ``policies.rl_module.policy_gflops`` on the live tokens, per
-  module used. Not counted: the class-attention row ``StagedViT`` also computes after the last stage
-  (unused, ``n*D``, ~1e-5 GFLOPs here).
+  (``envs.flops``). ``gflops_backbone`` is exact per image (each image's own token schedule, then the mean),
+  merging included (``envs.flops.merge_gflops``). ``gflops_features`` counts what the method needs at each
+  pruning point with ``n`` live tokens: Random 0; Greedy attention the class-attention row ``n*D``; Greedy
+  similarity token norms and the cosine matrix ``n*D + n^2*D`` (its iterative removal is comparisons, like
+  softmax not counted); MARL rows the full ``envs.features`` cost ``2*n*D + n^2*D`` (both agents' features are
+  computed, also for the single-agent rows). ``gflops_policies``: ``policies.rl_module.policy_gflops`` on the
+  live tokens, per module used. Not counted: the class-attention row ``StagedViT`` also computes after the
+  last stage (unused, ``n*D``, ~1e-5 GFLOPs here).
 - ``keep_ratio_s1 .. keep_ratio_sK``: mean over images of the fraction of the ``N`` patch tokens alive in
   stage ``i`` (after pruning point ``i``; stage 0 always has all); ``keep_ratio``: the same for the last
   stage, i.e. the overall fraction that reaches the head.
@@ -62,6 +65,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize, stored_backbone_path
+from envs.cli import OneLineParser, UsageError
 from envs.data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
@@ -72,9 +76,10 @@ from envs.data import (
     load_split,
 )
 from envs.features import token_features
-from envs.flops import ViTSpec, backbone_gflops, feature_gflops, schedule_tokens
+from envs.flops import ViTSpec, backbone_gflops, feature_gflops, merge_gflops, schedule_tokens
 from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
 from envs.staged_vit import StagedViT
+from envs.token_merge import REDUCTIONS
 from envs.token_ops import topk_keep_index
 from policies.checkpoints import Modules, PolicyCheckpointError, check_policies, checkpoint_agents, load_policies
 from policies.heuristics import make_selector
@@ -225,13 +230,13 @@ def survival_decision(logits: Mapping[str, torch.Tensor], live: torch.Tensor) ->
     return (rank < count[:, None]) & live
 
 
-def make_runner(method: Method, staged: StagedViT, seed: int = 0) -> Runner:
+def make_runner(method: Method, staged: StagedViT, seed: int = 0, reduction: str = "merge") -> Runner:
     """The pruned forward of ``method``; a fresh seeded generator makes Random repeatable."""
     num_stages = staged.num_stages
 
     def exact(select) -> Runner:
         def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, kept = pruned_forward(staged, images, select, method.budget)
+            logits, kept = pruned_forward(staged, images, select, method.budget, reduction)
             return logits, torch.tensor(kept).expand(len(images), num_stages)
         return run
 
@@ -243,7 +248,7 @@ def make_runner(method: Method, staged: StagedViT, seed: int = 0) -> Runner:
     if method.adaptive:
         def decide(ctx: PruneContext) -> torch.Tensor:
             return survival_decision(policy_logits(method.modules, ctx, staged, method.budget), ctx.live)
-        return lambda images: adaptive_forward(staged, images, decide, ADAPTIVE_MAX_PADDING)
+        return lambda images: adaptive_forward(staged, images, decide, ADAPTIVE_MAX_PADDING, reduction)
 
     def select(ctx: PruneContext) -> torch.Tensor:
         score = survival_score(policy_logits(method.modules, ctx, staged, method.budget))
@@ -298,14 +303,16 @@ def _policy_gflops(modules: Modules, live_per_point: Sequence[int]) -> float:
     return total
 
 
-def method_gflops(method: Method, staged: StagedViT, kept: torch.Tensor) -> dict[str, float]:
-    """Mean per-image GMACs (backbone, features, policies) from each image's own token schedule."""
+def method_gflops(method: Method, staged: StagedViT, kept: torch.Tensor,
+                  reduction: str = "merge") -> dict[str, float]:
+    """Mean per-image GMACs (backbone with merging, features, policies) from each image's own token schedule."""
     spec = ViTSpec.from_model(staged.vit)
     schedules, counts = torch.unique(kept, dim=0, return_counts=True)
     totals = np.zeros(3)
     for schedule, count in zip(schedules.tolist(), counts.tolist(), strict=True):
         live_per_point = schedule[:-1] if method.selector != "baseline" else []
-        parts = (backbone_gflops(spec, schedule_tokens(spec, staged.prune_points, schedule)),
+        merging = merge_gflops(spec, live_per_point, schedule[1:]) if reduction == "merge" and live_per_point else 0.0
+        parts = (backbone_gflops(spec, schedule_tokens(spec, staged.prune_points, schedule)) + merging,
                  _feature_gflops(method.selector, spec, live_per_point),
                  _policy_gflops(method.modules, live_per_point))
         totals += np.asarray(parts) * count
@@ -346,10 +353,12 @@ def speed_images(split: ImageSplit, backbone_config: Mapping[str, Any]) -> torch
 
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
                      methods: Sequence[Method], *, batch_size: int = 256, seed: int = 0,
-                     speed_repeats: int | None = 5, progress: bool = True) -> pd.DataFrame:
+                     speed_repeats: int | None = 5, progress: bool = True,
+                     reduction: str = "merge") -> pd.DataFrame:
     """The results table: one row per method, the columns of the module docstring.
 
-    ``speed_repeats=None`` skips the timings (their columns stay empty).
+    ``speed_repeats=None`` skips the timings (their columns stay empty). ``reduction``: what every pruned
+    row does with the tokens it removes (``envs.token_merge``).
     """
     staged = staged.eval()
     batches = math.ceil(len(split) / batch_size)
@@ -364,10 +373,11 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             predictions, kept = reference, reference_kept
             bar.update(batches)
         else:
-            predictions, kept = predict(make_runner(method, staged, seed), split, backbone_config,
+            predictions, kept = predict(make_runner(method, staged, seed, reduction), split, backbone_config,
                                         batch_size, bar)
         rows.append({"method": method.name, "budget": method.budget,
-                     **quality(predictions, split.labels, reference), **method_gflops(method, staged, kept),
+                     **quality(predictions, split.labels, reference),
+                     **method_gflops(method, staged, kept, reduction),
                      **keep_ratios(kept, staged.num_patches)})
     bar.close()
     table = pd.DataFrame(rows)
@@ -376,7 +386,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         table[column] = np.nan
     if speed_repeats is not None:
         time_methods(table, staged, methods, speed_images(split, backbone_config), speed_repeats, seed,
-                     progress)
+                     progress, reduction)
     return table
 
 
@@ -385,12 +395,12 @@ def _label(method: Method) -> str:
 
 
 def time_methods(table: pd.DataFrame, staged: StagedViT, methods: Sequence[Method], images: torch.Tensor,
-                 repeats: int, seed: int, progress: bool = True) -> None:
+                 repeats: int, seed: int, progress: bool = True, reduction: str = "merge") -> None:
     """Fill the timing columns of ``table`` (rows in the order of ``methods``), all in this process."""
     bar = tqdm(methods, desc="timing", unit="method", disable=not progress)
     for row, method in enumerate(bar):
         bar.set_postfix_str(_label(method))
-        runner = make_runner(method, staged, seed)
+        runner = make_runner(method, staged, seed, reduction)
         table.loc[row, "images_per_s_b1"] = images_per_second(runner, images[:SPEED_SINGLE_IMAGES], 1, repeats)
         table.loc[row, "images_per_s_b256"] = images_per_second(runner, images, SPEED_BATCH, repeats)
     baseline = table.loc[table["method"] == BASELINE, "images_per_s_b256"]
@@ -476,15 +486,8 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
 # -- command line ----------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one ``error: ...`` line and exit code 2, like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None,
                         help="RLlib checkpoint directory written by train.py (default: "
                              "reference/marl_policy in the repo)")
@@ -497,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", default="0.3,0.5,0.7",
                         help="target ratios of the heuristics, comma-separated (default: %(default)s)")
+    parser.add_argument("--reduction", default=None, choices=REDUCTIONS,
+                        help="what pruned rows do with removed tokens (default: the checkpoint's)")
     parser.add_argument("--checkpoints-per-budget", default="", metavar="RATIO=PATH,...",
                         help="more policy checkpoints, each evaluated at its budget: 0.3=PATH,0.7=PATH")
     parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
@@ -573,6 +578,10 @@ def load_all_policies(args: argparse.Namespace) -> tuple[dict[float, tuple[dict,
         if list(extra_config["server"]["prune_points"]) != list(config["server"]["prune_points"]):
             raise EvaluationError(f"checkpoint {path} prunes at {extra_config['server']['prune_points']}, "
                                   f"the main one at {config['server']['prune_points']}")
+        if not args.reduction and extra_config["server"]["reduction"] != config["server"]["reduction"]:
+            raise EvaluationError(f"checkpoint {path} was trained to {extra_config['server']['reduction']} "
+                                  f"tokens, the main one to {config['server']['reduction']} (pass --reduction "
+                                  "to force one)")
         extra_backbone = resolve_backbone(extra_config, None)
         if not args.backbone and extra_backbone != main_backbone:
             raise EvaluationError(f"checkpoint {path} was trained on backbone {extra_backbone}, the main one "
@@ -608,12 +617,15 @@ def run(args: argparse.Namespace) -> int:
                        val_size=server.get("val_size", DEFAULT_VAL_SIZE),
                        seed=server.get("split_seed", DEFAULT_SPLIT_SEED), limit=args.limit)
     methods = plan_methods(budgets, {b: (m, checkpoint_agents(c)) for b, (m, c, _) in policies.items()})
+    reduction = args.reduction or server["reduction"]
     table = evaluate_methods(staged, backbone_config, split, methods, batch_size=args.batch_size,
-                             seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats)
+                             seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
+                             reduction=reduction)
     settings = {"checkpoints": {f"{b:g}": str(path) for b, (_, _, path) in policies.items()},
                 "iteration": config.get("iteration"), "backbone": str(backbone_path),
                 "dataset": dataset, "split": args.split,
                 "images": len(split), "limit": args.limit, "prune_points": list(staged.prune_points),
+                "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed,
                 "batch_size": args.batch_size, "speed_repeats": None if args.no_speed else args.speed_repeats,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -626,12 +638,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr otherwise."""
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        return run(args)
-    except (EvaluationError, PolicyCheckpointError, CheckpointError, DataError) as error:
+        return run(build_parser().parse_args(argv))
+    except (UsageError, EvaluationError, PolicyCheckpointError, CheckpointError, DataError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
 

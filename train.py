@@ -30,9 +30,11 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.utils import flatten_dict
 
 from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, stored_backbone_path
+from envs.cli import OneLineParser
 from envs.data import DataError, default_data_dir
 from envs.episode_metrics import PruningMetrics
 from envs.pruning_env import AGENT_MODES, DEFAULT_ENV_CONFIG, TokenPruningEnv, policy_for_agent, trained_policies
+from envs.token_merge import REDUCTIONS
 from envs.token_ops import tokens_to_keep
 from envs.vit_server import ServerSettings, load_server_inputs, start_vit_server
 from policies.checkpoints import (
@@ -61,7 +63,7 @@ DEFAULT_PPO: dict[str, Any] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=1, help="env runners (0 = sample in the driver, for debugging)")
     run.add_argument("--envs-per-worker", type=int, default=1)
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     problem.add_argument("--target-ratio", type=float, default=0.5,
                          help="fraction of live patch tokens removed at each pruning point (0.5: 64->32->16->8)")
     problem.add_argument("--prune-points", default="3,6,9", help="blocks before which tokens are pruned")
+    problem.add_argument("--reduction", choices=REDUCTIONS, default="merge",
+                         help="what happens to removed tokens: merged into the most similar kept one (ToMe) "
+                              "or dropped")
     problem.add_argument("--agents", choices=AGENT_MODES, default="both",
                          help="'attention' or 'similarity' trains one agent alone (ablation)")
     problem.add_argument("--images-per-env", type=int, default=DEFAULT_ENV_CONFIG["images_per_env"])
@@ -155,7 +160,8 @@ def problem_from_args(args: argparse.Namespace) -> dict[str, Any]:
     backbone = Path(args.backbone).resolve()
     stored = str(backbone.relative_to(REPO)) if backbone.is_relative_to(REPO) else str(backbone)
     server = ServerSettings(backbone=stored, dataset=args.dataset, data_dir=str(args.data_dir),
-                            limit=args.train_limit, prune_points=points, target_ratio=args.target_ratio)
+                            limit=args.train_limit, prune_points=points, target_ratio=args.target_ratio,
+                            reduction=args.reduction)
     env = {"agents": args.agents, "images_per_env": args.images_per_env,
            **{k: getattr(args, k) for k in ("agree_weight", "prob_weight", "budget_weight")}}
     return {"server": asdict(server), "val_limit": args.val_limit, "env": env,
@@ -338,9 +344,9 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     owns_ray = not ray.is_initialized()
     try:
+        args = build_parser().parse_args(argv)
         validate(args)
         last = train(args)
     except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:

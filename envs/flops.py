@@ -101,6 +101,17 @@ def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float]) -> flo
     return sum(2 * n * d + n * n * d for n in live_tokens_per_point) / 1e9
 
 
+def merge_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float],
+                 kept_tokens_per_point: Sequence[float]) -> float:
+    """GFLOPs (GMACs) of merging the removed tokens into the kept ones (``envs.token_merge``), per image.
+
+    At a pruning point with ``n`` live and ``k`` kept patch tokens: normalising the tokens ``n*D`` and
+    their cosine similarity to the kept ones ``n*k*D``; the weighted sums are additions, not counted.
+    """
+    d = spec.embed_dim
+    return sum(n * d + n * k * d for n, k in zip(live_tokens_per_point, kept_tokens_per_point, strict=True)) / 1e9
+
+
 def heuristic_schedule(num_patches: int, num_prune_points: int, target_ratio: float) -> list[int]:
     """Patch tokens alive in each of the ``num_prune_points + 1`` stages at an exact budget.
 

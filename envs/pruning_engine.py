@@ -19,9 +19,10 @@ import torch
 
 from envs.backbone_checkpoint import normalize
 from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, token_features
-from envs.flops import ViTSpec, backbone_gflops, feature_gflops, schedule_tokens
+from envs.flops import ViTSpec, backbone_gflops, feature_gflops, merge_gflops, schedule_tokens
 from envs.staged_vit import StagedViT
-from envs.token_ops import tokens_to_keep
+from envs.token_merge import check_reduction, reduce_tokens
+from envs.token_ops import pack_keep_mask, tokens_to_keep
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class _Episode:
     tokens: torch.Tensor  # [P + n, D]
     positions: torch.Tensor  # [n] original patch index of each live patch token
     cls_attention: torch.Tensor  # [n] class attention of each live patch token at this pruning point
+    size: torch.Tensor  # [n] original patches each live patch token stands for (envs.token_merge)
     point: int = 0  # index of the pruning point the episode waits at
     kept: list[int] = field(default_factory=list)
 
@@ -52,11 +54,16 @@ class EpisodeLost(KeyError):
 
 
 class PruningEngine:
-    """Runs pruning episodes in batches. ``max_episodes`` bounds the state kept for unfinished ones."""
+    """Runs pruning episodes in batches. ``max_episodes`` bounds the state kept for unfinished ones.
+
+    ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.token_merge``).
+    """
 
     def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor, labels: torch.Tensor,
-                 target_ratio: float, device: str | torch.device = "cpu", max_episodes: int = 65536):
+                 target_ratio: float, device: str | torch.device = "cpu", max_episodes: int = 65536,
+                 reduction: str = "merge"):
         tokens_to_keep(staged.num_patches, target_ratio)  # validates the ratio
+        self.reduction = check_reduction(reduction)
         self.staged = staged.to(device).eval()
         self.config = backbone_config
         self.images, self.labels = images, labels
@@ -116,9 +123,10 @@ class PruningEngine:
         prefix = self.staged.num_prefix_tokens
         positions = torch.arange(self.staged.num_patches, device=self.device).expand(len(keys), -1)
         live = torch.ones(len(keys), self.staged.num_patches, dtype=torch.bool, device=self.device)
+        size = torch.ones(self.staged.num_patches, device=self.device)
         for key, image, tokens, attention in zip(keys, indices, x, cls_attention, strict=True):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), tokens, positions[0], attention)
+            self.episodes[key] = _Episode(int(image), tokens, positions[0], attention, size)
         self._evict()
         return self._observation(x[:, prefix:], cls_attention, live, positions, 0)
 
@@ -146,40 +154,46 @@ class PruningEngine:
         """One padded forward of the stage after ``point`` for episodes waiting there."""
         prefix = self.staged.num_prefix_tokens
         episodes = [self.episodes[key] for key in keys]
-        kept_index = []
-        for episode, mask in zip(episodes, keep, strict=True):
+        width = max(len(episode.positions) for episode in episodes)
+        batch = len(keys)
+        x = torch.zeros(batch, prefix + width, episodes[0].tokens.shape[-1], device=self.device,
+                        dtype=episodes[0].tokens.dtype)
+        live = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        size = torch.ones(batch, width, device=self.device)
+        positions = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        chosen = torch.zeros(batch, width, dtype=torch.bool)
+        for b, (episode, mask) in enumerate(zip(episodes, keep, strict=True)):
             n = len(episode.positions)
-            mask = torch.as_tensor(np.asarray(mask[:n], dtype=bool))
-            if not mask.any():
-                mask[int(episode.cls_attention.argmax())] = True
-            kept_index.append(mask.nonzero().squeeze(1))
-        width = max(len(index) for index in kept_index)
-        dim = episodes[0].tokens.shape[-1]
-        x = torch.zeros(len(keys), prefix + width, dim, device=self.device, dtype=episodes[0].tokens.dtype)
-        live = torch.zeros(len(keys), width, dtype=torch.bool, device=self.device)
-        positions = torch.zeros(len(keys), width, dtype=torch.long, device=self.device)
-        for b, (episode, index) in enumerate(zip(episodes, kept_index, strict=True)):
-            x[b, :prefix] = episode.tokens[:prefix]
-            x[b, prefix:prefix + len(index)] = episode.tokens[prefix + index]
-            live[b, :len(index)] = True
-            positions[b, :len(index)] = episode.positions[index]
-            episode.kept.append(len(index))
-        x, cls_attention = self.staged.forward_stage(x, point + 1, live)
+            x[b, :prefix + n] = episode.tokens
+            live[b, :n] = True
+            size[b, :n] = episode.size
+            positions[b, :n] = episode.positions
+            chosen[b, :n] = torch.as_tensor(np.asarray(mask[:n], dtype=bool))
+            if not chosen[b, :n].any():
+                chosen[b, int(episode.cls_attention.argmax())] = True
+        index, live_after = pack_keep_mask(chosen.to(self.device), live)
+        x, size = reduce_tokens(x, size, live, index, live_after, prefix, self.reduction)
+        positions = positions.gather(1, index)
+        counts = live_after.sum(1).tolist()
+        for episode, n in zip(episodes, counts, strict=True):
+            episode.kept.append(int(n))
+        merge = self.reduction == "merge"
+        x, cls_attention = self.staged.forward_stage(x, point + 1, live_after, size if merge else None)
         self.forwards += 1
         last = point + 1 == len(self.staged.prune_points)
         out: dict[str, dict] = {}
         if last:
-            probs = self.staged.classify(x, live).float().softmax(-1).cpu()
+            probs = self.staged.classify(x, live_after, size if merge else None).float().softmax(-1).cpu()
             for b, (key, episode) in enumerate(zip(keys, episodes, strict=True)):
                 out[key] = self._final(episode, probs[b])
                 del self.episodes[key]
             return out
-        observations = self._observation(x[:, prefix:], cls_attention, live, positions, point + 1)
-        for b, (key, episode) in enumerate(zip(keys, episodes, strict=True)):
-            n = len(kept_index[b])
+        observations = self._observation(x[:, prefix:], cls_attention, live_after, positions, point + 1)
+        for b, (key, episode, n) in enumerate(zip(keys, episodes, counts, strict=True)):
             episode.tokens = x[b, :prefix + n].clone()
             episode.positions = positions[b, :n].clone()
             episode.cls_attention = cls_attention[b, :n].clone()
+            episode.size = size[b, :n].clone()
             episode.point = point + 1
             out[key] = {"done": False, "obs": observations[b], "kept": n}
         return out
@@ -193,6 +207,8 @@ class PruningEngine:
         live_per_point = [self.staged.num_patches, *episode.kept[:-1]]
         backbone = backbone_gflops(self.vit_spec, schedule_tokens(self.vit_spec, self.staged.prune_points,
                                                                   stage_tokens))
+        if self.reduction == "merge":
+            backbone += merge_gflops(self.vit_spec, live_per_point, episode.kept)
         return {"done": True, "kept": episode.kept[-1], "kept_per_stage": episode.kept,
                 "prediction": int(probs.argmax()), "unpruned_prediction": full_class, "label": label,
                 "agree": int(probs.argmax()) == full_class, "correct": int(probs.argmax()) == label,

@@ -1,9 +1,10 @@
 """A timm VisionTransformer run stage by stage, so tokens can be dropped between stages.
 
 ``StagedViT`` reuses the wrapped model's modules (no weight copies). Its block forward mirrors timm's
-``Block``/``Attention`` and adds two things pruning needs: an attention mask for padded (dead) patch
-tokens, and the class token's attention to each patch token from the last block of a stage, computed
-from the class token's query row alone (``q_cls @ K^T``), never the full attention matrix.
+``Block``/``Attention`` and adds what pruning needs: an additive key bias that masks padded (dead) patch
+tokens and gives merged tokens attention in proportion to their size (ToMe's proportional attention,
+``envs.token_merge``), and the class token's attention to each patch token from the last block of a stage,
+computed from the class token's query row alone (``q_cls @ K^T``), never the full attention matrix.
 """
 
 from __future__ import annotations
@@ -19,25 +20,25 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 
-def cls_attention_row(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
+def cls_attention_row(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
                       num_prefix: int) -> torch.Tensor:
     """Class token's (token 0) attention to each patch token, averaged over heads (EViT's score).
 
     Args:
         q, k: ``[B, H, T, head_dim]`` queries and keys after q/k norm.
-        key_mask: ``[B, 1, 1, T]`` bool, False for padded keys, or None.
+        key_bias: ``[B, 1, 1, T]`` additive bias (``-inf`` on padded keys, ``log(size)``), or None.
         num_prefix: prefix tokens ``P``; the class token is token 0.
 
     Returns:
         ``[B, T - P]``; 0 on padded tokens.
     """
     scores = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, 1, T]
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))
+    if key_bias is not None:
+        scores = scores + key_bias
     return scores.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
 
 
-def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
+def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
                             num_prefix: int) -> torch.Tensor:
     """Attention each patch token receives, averaged over live queries and heads.
 
@@ -45,31 +46,31 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Te
     ``[B, H, T, T]`` attention matrix. Shapes as in :func:`cls_attention_row`.
     """
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, T, T]
-    if key_mask is None:
+    if key_bias is None:
         return attn.softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]
-    attn = attn.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
-    query_live = key_mask.transpose(-2, -1).to(attn.dtype)  # [B, 1, T, 1]
+    attn = (attn + key_bias).softmax(dim=-1)
+    query_live = key_bias.isfinite().transpose(-2, -1).to(attn.dtype)  # [B, 1, T, 1]
     received = (attn * query_live).sum(dim=2) / query_live.sum(dim=2)  # [B, H, T]
     return received.mean(dim=1)[:, num_prefix:]
 
 
-def _attention(attn: Attention, x: torch.Tensor, key_mask: torch.Tensor | None,
+def _attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
                training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` with a boolean key mask; also returns ``q``, ``k`` for the scores."""
+    """timm ``Attention.forward`` with an additive key bias; also returns ``q``, ``k`` for the scores."""
     B, T, _ = x.shape
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_mask, dropout_p=attn.attn_drop.p if training else 0.0)
+        q, k, v, attn_mask=key_bias, dropout_p=attn.attn_drop.p if training else 0.0)
     out = attn.norm(out.transpose(1, 2).flatten(2))
     return attn.proj_drop(attn.proj(out)), q, k
 
 
-def _block(block: Block, x: torch.Tensor, key_mask: torch.Tensor | None,
+def _block(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
            training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm ``Block.forward`` built from its modules; returns the new tokens and the block's ``q``, ``k``."""
-    attn_out, q, k = _attention(block.attn, block.norm1(x), key_mask, training)
+    attn_out, q, k = _attention(block.attn, block.norm1(x), key_bias, training)
     x = x + block.drop_path1(block.ls1(attn_out))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, q, k
@@ -119,14 +120,28 @@ class StagedViT(nn.Module):
         """``live [B, N]`` -> ``[B, P + N]`` bool, prefix tokens always live."""
         return torch.cat([live.new_ones(live.shape[0], self.num_prefix_tokens), live], dim=1)
 
-    def forward_stage(self, x: torch.Tensor, stage: int,
-                      live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_bias(self, x: torch.Tensor, live: torch.Tensor | None,
+                 size: torch.Tensor | None) -> torch.Tensor | None:
+        """Additive attention bias ``[B, 1, 1, P + N]``: ``log(size)`` on patch keys, ``-inf`` on dead ones."""
+        if live is None and size is None:
+            return None
+        bias = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        if size is not None:
+            bias[:, self.num_prefix_tokens:] = size.log().to(x.dtype)
+        if live is not None:
+            bias = bias.masked_fill(~self._with_prefix(live), float("-inf"))
+        return bias[:, None, None, :]
+
+    def forward_stage(self, x: torch.Tensor, stage: int, live: torch.Tensor | None = None,
+                      size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the blocks of ``stage``.
 
         Args:
             x: ``[B, P + N, D]`` tokens.
             stage: ``0 .. num_stages - 1``.
             live: ``[B, N]`` bool, False on padded patch tokens (masked out as keys), or None if all live.
+            size: ``[B, N]`` original patches each patch token stands for (merged tokens,
+                ``envs.token_merge``): keys get attention in proportion to it. None: all 1.
 
         Returns:
             ``x [B, P + N, D]`` and ``cls_attention [B, N]``: the class token's attention to each patch
@@ -135,28 +150,33 @@ class StagedViT(nn.Module):
         """
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {stage}")
-        key_mask = None if live is None else self._with_prefix(live)[:, None, None, :]
+        key_bias = self.key_bias(x, live, size)
         for i in self.stage_blocks[stage]:
-            x, q, k = _block(self.vit.blocks[i], x, key_mask, self.training)
+            x, q, k = _block(self.vit.blocks[i], x, key_bias, self.training)
         score = cls_attention_row if self.vit.has_class_token else mean_attention_received
-        return x, score(q, k, key_mask, self.num_prefix_tokens)
+        return x, score(q, k, key_bias, self.num_prefix_tokens)
 
-    def classify(self, x: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    def classify(self, x: torch.Tensor, live: torch.Tensor | None = None,
+                 size: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, num_classes]`` from tokens ``x [B, P + N, D]``, as timm's forward_head.
 
-        With ``global_pool='avg'`` only live patch tokens (``live [B, N]``) are averaged.
+        With ``global_pool='avg'`` only live patch tokens (``live [B, N]``) are averaged, each weighted by
+        its ``size [B, N]`` (merged tokens) when given.
         """
         vit = self.vit
         x = vit.norm(x)
         if vit.global_pool == "token":
             pooled = x[:, 0]
-        elif live is None:
+        elif live is None and size is None:
             pooled = x[:, 0 if self._pool_include_prefix else self.num_prefix_tokens:].mean(dim=1)
         else:
+            weight = torch.ones_like(x[:, self.num_prefix_tokens:, 0]) if live is None else live.to(x.dtype)
+            if size is not None:
+                weight = weight * size.to(x.dtype)
             if self._pool_include_prefix:
-                live = self._with_prefix(live)
-            weight = live.to(x.dtype).unsqueeze(-1)
-            pooled = (x[:, -live.shape[1]:] * weight).sum(dim=1) / weight.sum(dim=1)
+                weight = torch.cat([weight.new_ones(weight.shape[0], self.num_prefix_tokens), weight], dim=1)
+            weight = weight.unsqueeze(-1)
+            pooled = (x[:, -weight.shape[1]:] * weight).sum(dim=1) / weight.sum(dim=1)
         return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from envs.backbone_checkpoint import create_vit, load_backbone
 from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.staged_vit import StagedViT
+from envs.token_merge import check_reduction
 
 NAMESPACE = "marl_token_pruning"
 DEFAULT_NAME = "vit_server"
@@ -47,6 +48,7 @@ class ServerSettings:
     split_seed: int = DEFAULT_SPLIT_SEED
     prune_points: tuple[int, ...] = (3, 6, 9)
     target_ratio: float = 0.5
+    reduction: str = "merge"  # envs.token_merge: "merge" or "drop"
     max_batch: int = 256
     max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
     num_gpus: float = 0.0
@@ -66,7 +68,8 @@ class ViTServer:
         vit = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
         vit.load_state_dict(state)
         staged = StagedViT(vit.eval(), self.settings.prune_points)
-        self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device)
+        self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device,
+                                    reduction=self.settings.reduction)
         wait_ms = self.settings.max_wait_ms
         self._max_wait_s = (2.0 if device == "cuda" else 0.0) / 1000 if wait_ms is None else wait_ms / 1000
         self._queue: list[tuple[str, list, list, asyncio.Future]] = []
@@ -168,6 +171,7 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     """Read and check the backbone and the data (no Ray needed): bad settings fail here, before anything starts."""
     model, config = load_backbone(settings.backbone)
     StagedViT(model, settings.prune_points)  # fail here, clearly, on bad pruning points
+    check_reduction(settings.reduction)
     split = load_split(settings.dataset, settings.split, settings.data_dir, input_size=config["input_size"],
                        val_size=settings.val_size, seed=settings.split_seed, limit=settings.limit)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)

@@ -27,6 +27,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
 from envs.pruning_env import AGENT_MODES, trained_policies
+from envs.token_merge import REDUCTIONS
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
@@ -97,6 +98,10 @@ def read_pruning_config(checkpoint: Path) -> dict[str, Any]:
     ratio = server["target_ratio"]
     if not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
         raise PolicyCheckpointError(f"{path}: server.target_ratio must be in (0, 1), got {ratio!r}")
+    server.setdefault("reduction", "drop")  # runs from before token merging existed dropped tokens
+    if server["reduction"] not in REDUCTIONS:
+        raise PolicyCheckpointError(f"{path}: server.reduction must be one of {REDUCTIONS}, "
+                                    f"got {server['reduction']!r}")
     return config
 
 

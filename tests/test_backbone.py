@@ -57,13 +57,17 @@ def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
     assert torch.equal(reloaded(x), expected(x))
 
 
-def test_bad_checkpoints_and_models_fail_clearly(tmp_path):
+def test_bad_checkpoints_and_models_fail_clearly(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="not a backbone checkpoint"):
         load_backbone(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_backbone(tmp_path)
     assert backbone.main(["--model", "vit_nonexistent", "--output-dir", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert backbone.main(["--epochs", "many", "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --epochs") and err.count("\n") == 1
 
 
 def test_step_benchmark_times_every_part(tmp_path):

@@ -26,7 +26,7 @@ import evaluate
 from envs.backbone_checkpoint import load_backbone, normalize
 from envs.data import load_split
 from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
-from envs.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, schedule_tokens
+from envs.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import POLICIES
@@ -77,8 +77,9 @@ def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
 
 def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
                      prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
-                     calibrate_on: StagedViT | None = None) -> Path:
-    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json."""
+                     calibrate_on: StagedViT | None = None, reduction: str | None = "merge") -> Path:
+    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json
+    (``reduction=None``: as written before the setting existed)."""
     for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
@@ -88,6 +89,8 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
     config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
                          "prune_points": list(prune_points), "target_ratio": target_ratio},
               "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
+    if reduction is not None:
+        config["server"]["reduction"] = reduction
     (directory / PRUNING_CONFIG).write_text(json.dumps(config))
     return directory
 
@@ -162,8 +165,9 @@ def test_gflops_are_the_analytic_counts(results, staged):
     assert rows(table, "Baseline (unpruned)")["gflops"].iloc[0] == pytest.approx(full)
     for budget in (0.3, 0.5):
         schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), budget)
-        backbone = backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, schedule))
         live = schedule[:-1]
+        backbone = (backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, schedule))
+                    + merge_gflops(spec, live, schedule[1:]))
         expected = {"Random": backbone, "Greedy attention": backbone + sum(n * d for n in live) / 1e9,
                     "Greedy similarity": backbone + sum(n * d + n * n * d for n in live) / 1e9}
         for method, gflops in expected.items():
@@ -188,6 +192,27 @@ def test_deterministic(results, checkpoint, data_dir, tmp_path):
     assert evaluate.main(cli(checkpoint, data_dir, tmp_path / "again", "--budgets", "0.3,0.5",
                              "--no-speed")) == 0
     assert (tmp_path / "again" / "results.csv").read_text() == (output / "results.csv").read_text()
+
+
+def test_reduction_comes_from_the_checkpoint_unless_overridden(results, checkpoint, tiny_backbone, data_dir,
+                                                               staged, tmp_path):
+    """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
+    --reduction overrides; every pruned row follows the one setting, and dropping costs no merge GFLOPs."""
+    _, merged = results
+    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=staged[0], reduction=None)
+    tables = {}
+    for name, path, extra in (("legacy", legacy, ()), ("forced", checkpoint, ("--reduction", "drop"))):
+        assert evaluate.main(cli(path, data_dir, tmp_path / name, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
+        tables[name] = pd.read_csv(tmp_path / name / "results.csv")
+        assert json.loads((tmp_path / name / "results.json").read_text())["settings"]["reduction"] == "drop"
+    spec = ViTSpec.from_model(staged[0].vit)
+    schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)
+    merging = merge_gflops(spec, schedule[:-1], schedule[1:])
+    for table in tables.values():
+        dropped = rows(table, "Random").loc[0.5, "gflops_backbone"]
+        assert dropped == pytest.approx(rows(merged, "Random").loc[0.5, "gflops_backbone"] - merging)
+    pruned = merged["method"] != "Baseline (unpruned)"
+    assert (tables["forced"].loc[pruned, "agreement"] != merged.loc[pruned, "agreement"]).any()
 
 
 def test_timings(checkpoint, staged, split):
@@ -334,6 +359,8 @@ def truncated(path: Path) -> Path:
     ("bad_budget", "target ratios must be in (0, 1)"),
     ("missing_data", "does not exist"),
     ("existing_results", "pass --overwrite"),
+    ("unknown_reduction", "server.reduction must be one of"),
+    ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_backbone, data_dir, tmp_path,
                                                capsys):
@@ -360,6 +387,11 @@ def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_b
     elif case == "existing_results":
         output.mkdir()
         (output / "results.csv").write_text("keep me\n")
+    elif case == "unknown_reduction":
+        path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, reduction="prune")
+    elif case == "extra_checkpoint_other_reduction":
+        other = write_checkpoint(tmp_path / "ckpt", tiny_backbone, target_ratio=0.3, reduction="drop")
+        extra = ["--checkpoints-per-budget", f"0.3={other}"]
     capsys.readouterr()
     assert evaluate.main(cli(path, data, output, "--no-speed", *extra)) == 2
     err = capsys.readouterr().err

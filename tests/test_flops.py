@@ -15,6 +15,7 @@ from envs.flops import (
     block_macs,
     feature_gflops,
     heuristic_schedule,
+    merge_gflops,
     schedule_tokens,
 )
 from envs.pruned_forward import pruned_forward
@@ -52,16 +53,19 @@ def test_unpruned_matches_flop_counter(vit):
     assert analytic == pytest.approx(counted_gmacs(lambda: vit(images), 2), rel=0.02)
 
 
+@pytest.mark.parametrize("reduction", ["drop", "merge"])
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
-def test_pruned_matches_flop_counter(vit, ratio):
+def test_pruned_matches_flop_counter(vit, ratio, reduction):
     images = torch.randn(2, 3, 32, 32)
     staged = StagedViT(vit, prune_points=(1, 2, 3))
     kept: list[int] = []
-    counted = counted_gmacs(
-        lambda: kept.extend(pruned_forward(staged, images, make_selector("attention"), ratio)[1]), 2)
+    counted = counted_gmacs(lambda: kept.extend(
+        pruned_forward(staged, images, make_selector("attention"), ratio, reduction)[1]), 2)
     spec = ViTSpec.from_model(vit)
     assert kept == heuristic_schedule(64, 3, ratio)
     analytic = backbone_gflops(spec, schedule_tokens(spec, staged.prune_points, kept))
+    if reduction == "merge":
+        analytic += merge_gflops(spec, kept[:-1], kept[1:])
     assert analytic == pytest.approx(counted, rel=0.02)
     assert analytic < backbone_gflops(spec, [65] * spec.depth)
 

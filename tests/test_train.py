@@ -31,6 +31,7 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
     first = latest_checkpoint(tmp_path / "run")
     config = read_pruning_config(first)
     assert config["iteration"] == 2 and config["server"]["target_ratio"] == 0.5
+    assert config["server"]["reduction"] == "merge"
     assert json.loads((tmp_path / "run" / "best.json").read_text())["iteration"] in (1, 2)
     assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
     assert list((tmp_path / "run" / "tb").iterdir())
@@ -56,7 +57,7 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
 
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
     for flags in (["--target-ratio", "1.5"], ["--num-workers", "-1"], ["--prune-points", "a,b"],
-                  ["--resume"]):
+                  ["--resume"], ["--reduction", "prune"], ["--iterations", "many"]):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
