@@ -7,6 +7,7 @@ kwargs, classes, input size and normalisation, plus how it was made (data, split
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -95,6 +96,12 @@ def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
 
 def normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` images to the float input the checkpoint expects (its mean and std)."""
-    mean = torch.tensor(config["mean"], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(config["std"], device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(tuple(config["mean"]), tuple(config["std"]), images.device)
     return (images.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per device: a new tensor per call would be a host-to-GPU copy per training step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
