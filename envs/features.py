@@ -2,6 +2,9 @@
 
 All cheap: the class-token attention row comes from the backbone (``StagedViT.forward_stage``); the rest
 needs token norms and one ``[N, N]`` cosine-similarity matrix per image, never a full attention matrix.
+Max and mean similarity are static: two near-duplicates both score high, though removing one of them
+makes the other unique. ``redundancy`` adds that context: the order in which removing the most redundant
+token first, recomputing after each removal, would take the tokens away down to the budget.
 Every feature is finite for any number of live tokens, and 0 on dead rows.
 """
 
@@ -23,6 +26,7 @@ ATTENTION_FEATURES: tuple[str, ...] = (
 SIMILARITY_FEATURES: tuple[str, ...] = (
     "max_similarity",  # max cosine similarity to the other live tokens (0 if there are none)
     "mean_similarity",  # mean cosine similarity to the other live tokens (0 if there are none)
+    "redundancy",  # greedy removal to the budget (greedy_removal_order): 1 = removed first, 0 = survives
     "norm",
     "row",
     "col",
@@ -31,6 +35,44 @@ SIMILARITY_FEATURES: tuple[str, ...] = (
 )
 
 _LOG_EPS = 1e-6
+
+
+def greedy_removal_order(x_patch: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The step at which greedy similarity removal takes each live token away, until ``keep`` remain.
+
+    Each step removes the remaining live token with the highest max cosine similarity to the other
+    remaining tokens. The two tokens of the closest pair always tie on that score; the one more similar to
+    all the others (higher summed similarity) goes, so the more distinctive one stays. Vectorised over the
+    batch; images stop at their own budget.
+
+    Args:
+        x_patch: ``[B, N, D]`` patch tokens.
+        live: ``[B, N]`` bool.
+        keep: ``[B]`` long, tokens left per image when the removal stops.
+
+    Returns:
+        ``[B, N]`` float: ``0, 1, ...`` in removal order; ``inf`` for the tokens that remain, ``-1`` on dead
+        tokens.
+    """
+    num_tokens = live.shape[1]
+    unit = F.normalize(x_patch.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    similarity = (similarity + similarity.transpose(1, 2)) / 2  # exactly symmetric: ties are exact
+    self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
+    remaining = live.clone()
+    order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
+    steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
+    for step in range(steps):
+        others = remaining.unsqueeze(1) & ~self_pair  # [B, N, N]
+        nearest = similarity.masked_fill(~others, float("-inf")).amax(dim=-1)
+        nearest = nearest.masked_fill(~remaining, float("-inf"))  # [B, N]
+        closest = nearest == nearest.amax(dim=1, keepdim=True)
+        total = (similarity * others).sum(dim=-1).masked_fill(~closest, float("-inf"))
+        over_budget = remaining.sum(dim=1) > keep
+        removed = F.one_hot(total.argmax(dim=1), num_tokens).bool() & over_budget.unsqueeze(1)
+        order = order.masked_fill(removed, float(step))
+        remaining &= ~removed
+    return order
 
 
 def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
@@ -73,6 +115,10 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     n_others = others.sum(dim=-1)  # [B, N]
     max_similarity = torch.where(n_others > 0, similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
     mean_similarity = (similarity * others).sum(dim=-1) / n_others.clamp_min(1)
+    budget = (n_live * keep_fraction).round().clamp_min(1)  # envs.token_ops.tokens_to_keep, per image
+    order = greedy_removal_order(x, live, budget.squeeze(1).long())
+    n_removed = (n_live - budget).clamp_min(1)
+    redundancy = torch.where(order.isfinite() & live, (n_removed - order) / n_removed, 0.0)
 
     rows, cols = grid_size
     row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
@@ -83,5 +129,5 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     shared = [norm, row, col, progress, keep]
     attention_features = torch.stack(
         [attention, attention.clamp_min(_LOG_EPS).log(), attention_rank, *shared], dim=-1)
-    similarity_features = torch.stack([max_similarity, mean_similarity, *shared], dim=-1)
+    similarity_features = torch.stack([max_similarity, mean_similarity, redundancy, *shared], dim=-1)
     return attention_features * mask.unsqueeze(-1), similarity_features * mask.unsqueeze(-1)

@@ -93,3 +93,15 @@ def test_on_staged_vit_outputs():
 def test_stage_out_of_range():
     with pytest.raises(ValueError, match="stage"):
         features(torch.randn(1, 2, 3), torch.rand(1, 2), torch.ones(1, 2, dtype=torch.bool), stage=3)
+
+
+def test_redundancy_is_the_greedy_removal_order_down_to_the_budget():
+    """One of each near-duplicate pair goes, the closest pair first; the rest survive with 0."""
+    a, b, c = torch.eye(3)
+    x = torch.stack([a, a + 0.05 * b, b + 0.3 * a, b, c, c]).unsqueeze(0)  # last token dead
+    live = torch.tensor([[True] * 5 + [False]])
+    _, sim = features(x, torch.ones(1, 6), live, keep=0.6)  # keep round(5 * 0.6) = 3 of 5
+    redundancy = sim[0, :, S["redundancy"]]
+    assert sorted(redundancy[:2].tolist()) == [0.0, 1.0]  # closest pair: one removed first
+    assert sorted(redundancy[2:4].tolist()) == [0.0, 0.5]  # next closest pair: one removed second
+    assert redundancy[4] == 0 and redundancy[5] == 0  # distinct survivor; dead row
