@@ -37,7 +37,14 @@ SIMILARITY_FEATURES: tuple[str, ...] = (
 _LOG_EPS = 1e-6
 
 
-def greedy_removal_order(x_patch: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def cosine_similarity(x_patch: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` cosine similarity of the tokens ``x_patch [B, N, D]``, exactly symmetric (exact ties)."""
+    unit = F.normalize(x_patch.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    return (similarity + similarity.transpose(1, 2)) / 2
+
+
+def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The step at which greedy similarity removal takes each live token away, until ``keep`` remain.
 
     Each step removes the remaining live token with the highest max cosine similarity to the other
@@ -46,7 +53,7 @@ def greedy_removal_order(x_patch: torch.Tensor, live: torch.Tensor, keep: torch.
     batch; images stop at their own budget.
 
     Args:
-        x_patch: ``[B, N, D]`` patch tokens.
+        similarity: ``[B, N, N]`` from :func:`cosine_similarity`.
         live: ``[B, N]`` bool.
         keep: ``[B]`` long, tokens left per image when the removal stops.
 
@@ -55,9 +62,6 @@ def greedy_removal_order(x_patch: torch.Tensor, live: torch.Tensor, keep: torch.
         tokens.
     """
     num_tokens = live.shape[1]
-    unit = F.normalize(x_patch.float(), dim=-1)
-    similarity = unit @ unit.transpose(1, 2)
-    similarity = (similarity + similarity.transpose(1, 2)) / 2  # exactly symmetric: ties are exact
     self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
     remaining = live.clone()
     order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
@@ -109,14 +113,13 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     norm = x.norm(dim=-1) * mask
     norm = norm / (norm.sum(dim=1, keepdim=True) / n_live.clamp_min(1)).clamp_min(1e-12)
 
-    unit = F.normalize(x, dim=-1)
-    similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
+    similarity = cosine_similarity(x)  # [B, N, N]
     others = live.unsqueeze(1) & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
     n_others = others.sum(dim=-1)  # [B, N]
     max_similarity = torch.where(n_others > 0, similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
     mean_similarity = (similarity * others).sum(dim=-1) / n_others.clamp_min(1)
     budget = (n_live * keep_fraction).round().clamp_min(1)  # envs.token_ops.tokens_to_keep, per image
-    order = greedy_removal_order(x, live, budget.squeeze(1).long())
+    order = greedy_removal_order(similarity, live, budget.squeeze(1).long())
     n_removed = (n_live - budget).clamp_min(1)
     redundancy = torch.where(order.isfinite() & live, (n_removed - order) / n_removed, 0.0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from envs.features import greedy_removal_order
+from envs.features import cosine_similarity, greedy_removal_order
 from envs.pruned_forward import Selector
 from envs.token_ops import topk_keep_index
 
@@ -31,7 +31,8 @@ def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) ->
     """Drop the most redundant token first, recomputing after each removal, until ``k`` remain
     (``envs.features.greedy_removal_order``). ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, k]``."""
     keep = torch.full(live.shape[:1], k, dtype=torch.long, device=live.device)
-    return topk_keep_index(greedy_removal_order(x_patch, live, keep), live, k)  # exactly k remain; checks k
+    order = greedy_removal_order(cosine_similarity(x_patch), live, keep)
+    return topk_keep_index(order, live, k)  # exactly k remain; also validates k
 
 
 def make_selector(name: str, generator: torch.Generator | None = None) -> Selector:
