@@ -24,19 +24,27 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.utils import flatten_dict
 
-from envs.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, stored_backbone_path
+from envs.backbone_checkpoint import (
+    REFERENCE_BACKBONE,
+    CheckpointError,
+    create_vit,
+    normalize,
+    stored_backbone_path,
+)
 from envs.cli import OneLineParser
 from envs.data import DataError, default_data_dir
 from envs.episode_metrics import PruningMetrics
 from envs.pruning_env import AGENT_MODES, DEFAULT_ENV_CONFIG, TokenPruningEnv, policy_for_agent, trained_policies
+from envs.staged_vit import StagedViT
 from envs.token_merge import REDUCTIONS
 from envs.token_ops import tokens_to_keep
-from envs.vit_server import ServerSettings, load_server_inputs, start_vit_server
+from envs.vit_server import ServerInputs, ServerSettings, load_server_inputs, start_vit_server
 from policies.checkpoints import (
     PolicyCheckpointError,
     check_policies,
@@ -48,6 +56,14 @@ from policies.checkpoints import (
     write_checkpoint,
 )
 from policies.rl_module import TokenPolicyModule
+from policies.warm_start import (
+    IMITATION_IMAGES,
+    KEEP_PROBABILITY,
+    WARM_STARTS,
+    clone_similarity,
+    imitation_data,
+    similarity_module_spec,
+)
 
 REPO = Path(__file__).resolve().parent
 TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
@@ -100,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("agree_weight", "prob_weight", "budget_weight"):
         problem.add_argument(f"--{key.replace('_', '-')}", type=float, default=DEFAULT_ENV_CONFIG[key])
     problem.add_argument("--hidden", type=int, default=64, help="width of the policy networks")
+    problem.add_argument("--warm-start", choices=WARM_STARTS, default="none",
+                         help="'greedy': the similarity agent first imitates greedy similarity removal on "
+                              "train images (policies/warm_start.py), the attention agent starts keeping "
+                              f"{round(KEEP_PROBABILITY * 100)}%% of tokens")
     ppo = p.add_argument_group("PPO")
     for key, value in DEFAULT_PPO.items():
         ppo.add_argument(f"--{key.rstrip('_').replace('_', '-')}", dest=key, type=type(value)
@@ -111,24 +131,34 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
-def initial_bias(policy: str, agents: str, target_ratio: float) -> float:
-    """Logit bias so that, at the start, the AND of both agents keeps the target fraction on average."""
+def initial_bias(policy: str, agents: str, target_ratio: float, warm_start: str = "none") -> float:
+    """Logit bias so that, at the start, the AND of both agents keeps the target fraction on average
+    (with a warm start, the attention agent keeps ``KEEP_PROBABILITY`` and the imitation does the rest)."""
     keep = 1.0 - target_ratio
     p = math.sqrt(keep) if agents == "both" else keep
+    if warm_start != "none" and policy == "attention":
+        p = KEEP_PROBABILITY
     keep_logit = math.log(p / (1 - p)) if 0 < p < 1 else 0.0
     return keep_logit if policy == "attention" else -keep_logit  # similarity votes "redundant"
 
 
 def build_config(problem: dict[str, Any], spec, num_workers: int, envs_per_worker: int, seed: int,
-                 gpus: float) -> PPOConfig:
-    """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings."""
+                 gpus: float, initial_states: dict[str, Path] | None = None) -> PPOConfig:
+    """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings.
+
+    ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start).
+    """
     env_config = {**problem["env"], "server_name": TRAIN_SERVER, "seed": seed}
     val_config = {**env_config, "server_name": VAL_SERVER, "sequential": True}
     agents = problem["env"]["agents"]
     policies = trained_policies(agents)
+    warm_start = problem.get("warm_start", "none")
+    initial_states = initial_states or {}
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
-            **problem["model_config"], "init_logit_bias": initial_bias(policy, agents, spec.target_ratio)})
+            **problem["model_config"],
+            "init_logit_bias": initial_bias(policy, agents, spec.target_ratio, warm_start)},
+            load_state_path=str(initial_states[policy]) if policy in initial_states else None)
         for policy in policies}
     images_per_env = problem["env"]["images_per_env"]
     val_episodes = max(1, math.ceil(problem["val_limit"] / images_per_env))
@@ -165,7 +195,8 @@ def problem_from_args(args: argparse.Namespace) -> dict[str, Any]:
     env = {"agents": args.agents, "images_per_env": args.images_per_env,
            **{k: getattr(args, k) for k in ("agree_weight", "prob_weight", "budget_weight")}}
     return {"server": asdict(server), "val_limit": args.val_limit, "env": env,
-            "model_config": {"hidden": args.hidden}, "ppo": {k: getattr(args, k) for k in DEFAULT_PPO},
+            "model_config": {"hidden": args.hidden}, "warm_start": args.warm_start,
+            "ppo": {k: getattr(args, k) for k in DEFAULT_PPO},
             "checkpoint_every": args.checkpoint_every, "seed": args.seed}
 
 
@@ -285,20 +316,49 @@ def train(args: argparse.Namespace) -> Path:
     if not ray.is_initialized():
         start_ray(args)
     gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    initial_states = {}
+    if checkpoint is None and problem.get("warm_start", "none") == "greedy":
+        initial_states = imitate_greedy_similarity(problem, settings[TRAIN_SERVER], inputs[TRAIN_SERVER],
+                                                   Path(args.output_dir).resolve() / "warm_start")
     servers = [start_vit_server(replace(s, num_gpus=gpus), name, inputs[name]) for name, s in settings.items()]
     try:
-        return run_training(args, checkpoint, problem, servers[0], gpus)
+        return run_training(args, checkpoint, problem, servers[0], gpus, initial_states)
     finally:
         for server in servers:
             ray.kill(server, no_restart=True)
 
 
+def imitate_greedy_similarity(problem: dict[str, Any], settings: ServerSettings, inputs: ServerInputs,
+                              directory: Path) -> dict[str, Path]:
+    """The warm start (policies/warm_start.py): the similarity module fitted to greedy similarity on a seeded
+    subset of the train split, saved under ``directory``; returns ``{"similarity": its path}``."""
+    started = time.time()
+    vit = create_vit(inputs.config["model_name"], inputs.config["num_classes"], inputs.config["model_kwargs"])
+    vit.load_state_dict(inputs.state)
+    staged = StagedViT(vit.eval(), settings.prune_points)
+    chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem["seed"]))
+    images = normalize(inputs.images[chosen[:IMITATION_IMAGES]], inputs.config)
+    features, live, redundant = imitation_data(staged, images, settings.target_ratio, settings.reduction)
+    agents = problem["env"]["agents"]
+    torch.manual_seed(problem["seed"])
+    module = similarity_module_spec(staged.num_patches, {
+        **problem["model_config"],
+        "init_logit_bias": initial_bias("similarity", agents, settings.target_ratio, "greedy")}).build()
+    agreement = clone_similarity(module, features, live, redundant, seed=problem["seed"])
+    path = directory / "similarity"
+    module.save_to_path(str(path))
+    print(f"warm start: similarity agent imitates greedy similarity on {len(images)} train images "
+          f"({agreement:.1%} of token decisions match) in {time.time() - started:.0f} s", flush=True)
+    return {"similarity": path}
+
+
 def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: dict[str, Any], train_server,
-                 gpus: float) -> Path:
+                 gpus: float, initial_states: dict[str, Path] | None = None) -> Path:
     """The PPO loop: train, log, checkpoint every K iterations, record the best on validation."""
     out = Path(args.output_dir).resolve()
     spec = ray.get(train_server.spec.remote())
-    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, problem["seed"], gpus)
+    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, problem["seed"], gpus,
+                          initial_states)
     if checkpoint is not None:  # a checkpoint of another backbone or feature set fails here, clearly
         check_policies(load_policies(checkpoint)[0], spec.num_patches, checkpoint)
     algo = config.build_algo()
