@@ -92,6 +92,9 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
         return {Columns.ACTION_DIST_INPUTS: self._logits(obs, emb, context), Columns.EMBEDDINGS: context}
 
     def compute_values(self, batch: dict[str, Any], embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The value of the live-token context. The value head reads the token embeddings but does not train
+        them: a value loss flowing into the shared token network moves every token's logit at once (it
+        wrecked a warm-started policy within two PPO iterations)."""
         if embeddings is None:
             embeddings = self._embed(batch[Columns.OBS])[1]
-        return self.value_head(embeddings).squeeze(-1)
+        return self.value_head(embeddings.detach()).squeeze(-1)

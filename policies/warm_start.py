@@ -23,6 +23,7 @@ from policies.rl_module import TokenPolicyModule
 
 WARM_STARTS: tuple[str, ...] = ("none", "greedy")
 KEEP_PROBABILITY = 0.95  # the attention agent's initial keep probability under a warm start
+IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 redundant / 0.05 not, so logits stay near +-3
 IMITATION_IMAGES = 2048
 IMITATION_STEPS = 400
 IMITATION_BATCH = 128
@@ -79,7 +80,10 @@ def clone_similarity(module: RLModule, features: torch.Tensor, live: torch.Tenso
                      seed: int = 0) -> float:
     """Fit the module's per-token logits to ``redundant`` (binary cross-entropy on live tokens, Adam).
 
-    Returns the fraction of live tokens whose thresholded decision matches the heuristic afterwards.
+    The targets are smoothed to ``IMITATION_CONFIDENCE``: on hard 0/1 targets the separable data drive the
+    logits to +-80, and PPO's first small weight changes then flip whole images to "all redundant"; at +-3
+    the clone still explores and PPO moves it gradually. Returns the fraction of live tokens whose
+    thresholded decision matches the heuristic afterwards.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
@@ -88,7 +92,8 @@ def clone_similarity(module: RLModule, features: torch.Tensor, live: torch.Tenso
         rows = torch.randint(0, len(features), (batch_size,), generator=generator)
         obs = {"tokens": features[rows], "live": live[rows]}
         logits = module.forward_train({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-        loss = F.binary_cross_entropy_with_logits(logits, redundant[rows], weight=live[rows], reduction="sum")
+        target = redundant[rows] * (2 * IMITATION_CONFIDENCE - 1) + (1 - IMITATION_CONFIDENCE)
+        loss = F.binary_cross_entropy_with_logits(logits, target, weight=live[rows], reduction="sum")
         optimizer.zero_grad()
         (loss / live[rows].sum()).backward()
         optimizer.step()
