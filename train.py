@@ -70,9 +70,10 @@ TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
 
 # PPO defaults and why: 3-step episodes with a shared terminal reward (result-to-go), so gamma ~ 1 and a
 # short GAE horizon; many correlated per-token decisions per action, so a moderate clip and no entropy
-# bonus (the multi-Bernoulli entropy is a sum over ~64 tokens and would swamp the reward).
+# bonus (the multi-Bernoulli entropy is a sum over ~64 tokens and would swamp the reward); lr 1e-4 so the
+# warm-started policy changes gradually (at 1e-3 it collapsed to "remove everything" within 7 iterations).
 DEFAULT_PPO: dict[str, Any] = {
-    "lr": 1e-3, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
+    "lr": 1e-4, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0,
     "num_epochs": 4, "minibatch_size": 128, "train_batch_size_per_learner": 256,
     "vf_loss_coeff": 0.5, "use_kl_loss": False, "grad_clip": 1.0,
 }
@@ -116,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("agree_weight", "prob_weight", "budget_weight"):
         problem.add_argument(f"--{key.replace('_', '-')}", type=float, default=DEFAULT_ENV_CONFIG[key])
     problem.add_argument("--hidden", type=int, default=64, help="width of the policy networks")
-    problem.add_argument("--warm-start", choices=WARM_STARTS, default="none",
-                         help="'greedy': the similarity agent first imitates greedy similarity removal on "
-                              "train images (policies/warm_start.py), the attention agent starts keeping "
-                              f"{round(KEEP_PROBABILITY * 100)}%% of tokens")
+    problem.add_argument("--warm-start", choices=WARM_STARTS, default="greedy",
+                         help="'greedy' (default): the similarity agent first imitates greedy similarity "
+                              "removal on train images (policies/warm_start.py), the attention agent starts "
+                              f"keeping {round(KEEP_PROBABILITY * 100)}%% of tokens; 'none': both start uniform")
     ppo = p.add_argument_group("PPO")
     for key, value in DEFAULT_PPO.items():
         ppo.add_argument(f"--{key.rstrip('_').replace('_', '-')}", dest=key, type=type(value)
