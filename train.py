@@ -33,7 +33,6 @@ from ray.tune.utils import flatten_dict
 from envs.backbone_checkpoint import (
     REFERENCE_BACKBONE,
     CheckpointError,
-    create_vit,
     normalize,
     stored_backbone_path,
 )
@@ -41,10 +40,15 @@ from envs.cli import OneLineParser
 from envs.data import DataError, default_data_dir
 from envs.episode_metrics import PruningMetrics
 from envs.pruning_env import AGENT_MODES, DEFAULT_ENV_CONFIG, TokenPruningEnv, policy_for_agent, trained_policies
-from envs.staged_vit import StagedViT
 from envs.token_merge import REDUCTIONS
 from envs.token_ops import tokens_to_keep
-from envs.vit_server import ServerInputs, ServerSettings, load_server_inputs, start_vit_server
+from envs.vit_server import (
+    ServerInputs,
+    ServerSettings,
+    load_server_inputs,
+    staged_from_weights,
+    start_vit_server,
+)
 from policies.checkpoints import (
     PolicyCheckpointError,
     check_policies,
@@ -56,14 +60,7 @@ from policies.checkpoints import (
     write_checkpoint,
 )
 from policies.rl_module import TokenPolicyModule
-from policies.warm_start import (
-    IMITATION_IMAGES,
-    KEEP_PROBABILITY,
-    WARM_STARTS,
-    clone_similarity,
-    imitation_data,
-    similarity_module_spec,
-)
+from policies.warm_start import IMITATION_IMAGES, KEEP_PROBABILITY, WARM_STARTS, warm_start_similarity
 
 REPO = Path(__file__).resolve().parent
 TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
@@ -334,20 +331,13 @@ def imitate_greedy_similarity(problem: dict[str, Any], settings: ServerSettings,
     """The warm start (policies/warm_start.py): the similarity module fitted to greedy similarity on a seeded
     subset of the train split, saved under ``directory``; returns ``{"similarity": its path}``."""
     started = time.time()
-    vit = create_vit(inputs.config["model_name"], inputs.config["num_classes"], inputs.config["model_kwargs"])
-    vit.load_state_dict(inputs.state)
-    staged = StagedViT(vit.eval(), settings.prune_points)
+    staged = staged_from_weights(inputs.state, inputs.config, settings.prune_points)
     chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem["seed"]))
     images = normalize(inputs.images[chosen[:IMITATION_IMAGES]], inputs.config)
-    features, live, redundant = imitation_data(staged, images, settings.target_ratio, settings.reduction)
-    agents = problem["env"]["agents"]
-    torch.manual_seed(problem["seed"])
-    module = similarity_module_spec(staged.num_patches, {
-        **problem["model_config"],
-        "init_logit_bias": initial_bias("similarity", agents, settings.target_ratio, "greedy")}).build()
-    agreement = clone_similarity(module, features, live, redundant, seed=problem["seed"])
-    path = directory / "similarity"
-    module.save_to_path(str(path))
+    model_config = {**problem["model_config"], "init_logit_bias": initial_bias(
+        "similarity", problem["env"]["agents"], settings.target_ratio, "greedy")}
+    path, agreement = warm_start_similarity(staged, images, settings.target_ratio, settings.reduction,
+                                            model_config, directory, problem["seed"])
     print(f"warm start: similarity agent imitates greedy similarity on {len(images)} train images "
           f"({agreement:.1%} of token decisions match) in {time.time() - started:.0f} s", flush=True)
     return {"similarity": path}

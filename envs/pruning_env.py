@@ -56,6 +56,14 @@ def trained_policies(agents: str) -> tuple[str, ...]:
     return POLICIES if agents == "both" else (agents,)
 
 
+def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
+    """An agent's observation (per-token features and the live mask) and action (one bit per token) spaces."""
+    observation = gym.spaces.Dict({
+        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
+        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
+    return observation, gym.spaces.MultiBinary(num_patches)
+
+
 def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
     return agent_id.split("_")[0]
@@ -91,13 +99,11 @@ class TokenPruningEnv(MultiAgentEnv):
         self._image_agents = [[f"{p}{s}" for p in policies] for s in suffixes]
         self.possible_agents = [aid for pair in self._image_agents for aid in pair]
         self.agents = list(self.possible_agents)
-        n = self.spec_.num_patches
-        live = gym.spaces.Box(0.0, 1.0, (n,), np.float32)
         feature_names = {"attention": self.spec_.attention_features, "similarity": self.spec_.similarity_features}
-        self.observation_spaces = {
-            aid: gym.spaces.Dict({"tokens": gym.spaces.Box(-np.inf, np.inf, (n, len(feature_names[
-                policy_for_agent(aid)])), np.float32), "live": live}) for aid in self.possible_agents}
-        self.action_spaces = {aid: gym.spaces.MultiBinary(n) for aid in self.possible_agents}
+        spaces = {aid: agent_spaces(self.spec_.num_patches, len(feature_names[policy_for_agent(aid)]))
+                  for aid in self.possible_agents}
+        self.observation_spaces = {aid: observation for aid, (observation, _) in spaces.items()}
+        self.action_spaces = {aid: action for aid, (_, action) in spaces.items()}
         self._rng = np.random.default_rng(self.config["seed"])
         self._cursor = 0  # next image in sequential mode
         self._episode = 0

@@ -65,9 +65,7 @@ class ViTServer:
         self.settings = ServerSettings(**settings)
         torch.set_num_threads(self.settings.torch_threads)
         device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        vit = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
-        vit.load_state_dict(state)
-        staged = StagedViT(vit.eval(), self.settings.prune_points)
+        staged = staged_from_weights(state, config, self.settings.prune_points)
         self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device,
                                     reduction=self.settings.reduction)
         wait_ms = self.settings.max_wait_ms
@@ -155,6 +153,13 @@ class ViTServer:
                 outcomes[i] = results[start:start + len(batch[i][1])]
                 start += len(batch[i][1])
         return outcomes
+
+
+def staged_from_weights(state: dict, config: dict, prune_points: tuple[int, ...]) -> StagedViT:
+    """The backbone rebuilt from its weights and checkpoint config (as read by ``load_server_inputs``)."""
+    vit = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
+    vit.load_state_dict(state)
+    return StagedViT(vit.eval(), prune_points)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ at the start the pair removes what greedy similarity removes, and PPO then train
 
 from __future__ import annotations
 
-import gymnasium as gym
-import numpy as np
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
@@ -17,6 +17,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 
 from envs.features import SIMILARITY_FEATURES, token_features
 from envs.pruned_forward import PruneContext, pruned_forward
+from envs.pruning_env import agent_spaces
 from envs.staged_vit import StagedViT
 from policies.heuristics import greedy_similarity_keep
 from policies.rl_module import TokenPolicyModule
@@ -66,13 +67,21 @@ def _pad_tokens(t: torch.Tensor, num_patches: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
 
 
-def similarity_module_spec(num_patches: int, model_config: dict) -> RLModuleSpec:
-    """The similarity policy's module, with the spaces the env gives it."""
-    observation = gym.spaces.Dict({
-        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, len(SIMILARITY_FEATURES)), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
-    return RLModuleSpec(module_class=TokenPolicyModule, observation_space=observation,
-                        action_space=gym.spaces.MultiBinary(num_patches), model_config=model_config)
+def warm_start_similarity(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
+                          model_config: dict, directory: Path, seed: int = 0) -> tuple[Path, float]:
+    """Fit a similarity module to greedy similarity on ``images`` (normalised) and save it in ``directory``.
+
+    Returns its path (``RLModule.save_to_path``) and the agreement :func:`clone_similarity` reports.
+    """
+    features, live, redundant = imitation_data(staged, images, target_ratio, reduction)
+    observation, action = agent_spaces(staged.num_patches, len(SIMILARITY_FEATURES))
+    torch.manual_seed(seed)
+    module = RLModuleSpec(module_class=TokenPolicyModule, observation_space=observation, action_space=action,
+                          model_config=model_config).build()
+    agreement = clone_similarity(module, features, live, redundant, seed=seed)
+    path = Path(directory) / "similarity"
+    module.save_to_path(str(path))
+    return path, agreement
 
 
 def clone_similarity(module: RLModule, features: torch.Tensor, live: torch.Tensor, redundant: torch.Tensor,

@@ -6,13 +6,15 @@ from __future__ import annotations
 import timm
 import torch
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 
 import train
 from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
+from envs.pruning_env import agent_spaces
 from envs.staged_vit import StagedViT
 from policies.checkpoints import latest_checkpoint, module_path, read_pruning_config
-from policies.warm_start import clone_similarity, imitation_data, similarity_module_spec
+from policies.rl_module import TokenPolicyModule
+from policies.warm_start import clone_similarity, imitation_data
 from tests.test_train import run
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
@@ -29,7 +31,9 @@ def test_imitation_data_are_greedy_decisions_and_cloning_fits_them():
     removed_first = features[..., SIMILARITY_FEATURES.index("redundancy")] > 0
     assert torch.equal(removed_first, redundant.bool())  # the feature the agent sees encodes the decision
 
-    module = similarity_module_spec(64, {"hidden": 16}).build()
+    observation, action = agent_spaces(64, len(SIMILARITY_FEATURES))
+    module = RLModuleSpec(module_class=TokenPolicyModule, observation_space=observation, action_space=action,
+                          model_config={"hidden": 16}).build()
     before = clone_similarity(module, features, live, redundant, steps=0)
     after = clone_similarity(module, features, live, redundant, steps=150, batch_size=8, lr=1e-2)
     assert before < 0.7 < 0.95 <= after
