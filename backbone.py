@@ -29,9 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from envs.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
-from envs.cli import OneLineParser
-from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
+from cli import OneLineParser
+from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
+from envs.vit.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
 
 STATE_FILE = "train_state.pt"
 EXPORT_DIR = "backbone"

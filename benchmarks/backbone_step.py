@@ -8,27 +8,23 @@ sum is far above the forward/backward row, host work and host-device syncs domin
 
 Needs torch + timm only (no data set: random uint8 images), so it runs on a bare GPU box::
 
-    python benchmarks/backbone_step.py                          # the reference recipe, on cuda when present
-    python benchmarks/backbone_step.py --batch-size 1024 --randaug 0 --steps 20
+    python -m benchmarks.backbone_step                          # the reference recipe, on cuda when present
+    python -m benchmarks.backbone_step --batch-size 1024 --randaug 0 --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-import backbone  # noqa: E402
-from envs.backbone_checkpoint import create_vit, normalize  # noqa: E402
+import backbone
+from envs.vit.backbone_checkpoint import create_vit, normalize
+from envs.vit.timing import median_seconds
 
 EPOCH_IMAGES = 45_000  # the CIFAR-10 train split minus the 5,000 validation images
 
@@ -42,19 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the rows here")
     return parser
-
-
-def timed(fn: Callable[[], object], device: torch.device, steps: int, warmup: int) -> float:
-    """Median milliseconds of ``fn`` with a device sync after each call."""
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -87,10 +70,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
              "RandAugment": (lambda: randaugment(cropped)) if randaugment is not None else None,
              "normalize + mixup/cutmix": mix,
              "forward + backward + AdamW": lambda: backbone.optimize_step(model, x, y, criterion, optimizer, amp)}
-    rows = [{"part": name, "ms_per_step": round(timed(fn, device, args.steps, args.warmup), 3)}
+    rows = [{"part": name, "ms_per_step": round(1000 * median_seconds(fn, repeats=args.steps, warmup=args.warmup,
+                                                                      device=device), 3)}
             for name, fn in parts.items() if fn is not None]
     rows.append({"part": "sum of the parts", "ms_per_step": round(sum(r["ms_per_step"] for r in rows), 3)})
-    loop_ms = timed(loop, device, 1, 1) / args.steps
+    loop_ms = 1000 * median_seconds(loop, repeats=1, warmup=1, device=device) / args.steps
     rows.append({"part": "training loop (no sync inside)", "ms_per_step": round(loop_ms, 3)})
     for row in rows:
         row["epoch_s"] = round(row["ms_per_step"] / 1000 * EPOCH_IMAGES / args.batch_size, 2)

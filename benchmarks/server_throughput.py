@@ -17,7 +17,7 @@ here runs after one warm-up pass over all images, so that cost is left out. Use 
 
 Run from the repository root (Ray writes under ``$HOME``)::
 
-    HOME=$(mktemp -d) .venv/bin/python benchmarks/server_throughput.py --backbone reference/vit_tiny_cifar10
+    HOME=$(mktemp -d) python -m benchmarks.server_throughput --backbone reference/vit_tiny_cifar10
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,15 @@ import numpy as np
 import ray
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from envs.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize  # noqa: E402
-from envs.data import load_split  # noqa: E402
-from envs.flops import ViTSpec, backbone_gflops, heuristic_schedule, schedule_tokens  # noqa: E402
-from envs.pruning_engine import PruningEngine  # noqa: E402
-from envs.staged_vit import StagedViT  # noqa: E402
-from envs.token_ops import tokens_to_keep  # noqa: E402
-from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server  # noqa: E402
+from envs.problem import PruningProblem
+from envs.pruning_engine import PruningEngine
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
+from envs.vit.data import load_split
+from envs.vit.flops import ViTSpec, backbone_gflops, heuristic_schedule, schedule_tokens
+from envs.vit.staged_vit import StagedViT
+from envs.vit.timing import timed_calls
+from envs.vit.token_ops import tokens_to_keep
+from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server
 
 Call = Callable[..., Any]  # call(method_name, *args) -> result, on an engine or a server
 
@@ -125,26 +126,13 @@ class Caller:
 # -- the four measurements ---------------------------------------------------------------------------
 
 
-def time_forward(forward: Callable[[], Any], seconds: float, warmup: int = 3) -> list[float]:
-    """Per-call seconds of ``forward`` repeated for ``seconds`` (at least 5 times) after ``warmup`` calls."""
-    for _ in range(warmup):
-        forward()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        start = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def bench_backbone(model: torch.nn.Module, staged: StagedViT, inputs: torch.Tensor,
                    seconds: float) -> list[dict[str, Any]]:
     """Unpruned batched forwards, eval mode, no grad: the compute the server's episodes are compared to."""
     rows = []
     with torch.no_grad():
         for name, module in (("backbone: timm forward", model), ("backbone: StagedViT forward", staged)):
-            times = time_forward(lambda m=module: m(inputs), seconds)
+            times = timed_calls(lambda m=module: m(inputs), repeats=5, seconds=seconds, warmup=3)
             median = statistics.median(times)
             rows.append({"what": f"{name}, batch {len(inputs)}", "kind": "backbone",
                          "images_per_s": len(inputs) / median, "calls": len(times),
@@ -208,14 +196,15 @@ def bench_server(server: ray.actor.ActorHandle, num_images: int, callers: list[i
     return rows
 
 
-def bench_env(server: ray.actor.ActorHandle, server_name: str, sizes: list[int], seconds: float,
-              seed: int = 0) -> list[dict[str, Any]]:
+def bench_env(server: ray.actor.ActorHandle, server_name: str, problem: PruningProblem, sizes: list[int],
+              seconds: float, seed: int = 0) -> list[dict[str, Any]]:
     """One TokenPruningEnv in this process (what one env runner steps), random MultiBinary actions."""
     from envs.pruning_env import TokenPruningEnv  # imports RLlib: only when needed
 
     rows = []
     for size in sizes:
-        env = TokenPruningEnv({"server_name": server_name, "images_per_env": size, "seed": seed})
+        env = TokenPruningEnv({"server_name": server_name, "seed": seed,
+                               "problem": replace(problem, images_per_env=size).to_json()})
         rng = np.random.default_rng(seed)
         actions = {aid: space.shape for aid, space in env.action_spaces.items()}
         env.reset()  # warm-up episode
@@ -295,13 +284,13 @@ def markdown_table(rows: list[dict[str, Any]], backbone_ips: float, ceiling_ips:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = ServerSettings(backbone="")
+    defaults = ServerSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backbone", default=str(REFERENCE_BACKBONE) if REFERENCE_BACKBONE.exists() else None,
                         required=not REFERENCE_BACKBONE.exists(), help="backbone checkpoint directory")
     parser.add_argument("--data-dir", default="../shared/data", help="holds cifar10/{train,test}.tar")
-    parser.add_argument("--dataset", default=defaults.dataset)
+    parser.add_argument("--dataset", default=defaults.problem.dataset)
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("--limit", type=int, default=512, help="images served (each one warmed once)")
     parser.add_argument("--batch", type=int, default=64, help="backbone batch size")
@@ -310,8 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env-images", type=int, nargs="+", default=[1, 8], help="images_per_env values")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--torch-threads", type=int, default=defaults.torch_threads)
-    parser.add_argument("--target-ratio", type=float, default=defaults.target_ratio)
-    parser.add_argument("--prune-points", type=int, nargs="+", default=list(defaults.prune_points))
+    parser.add_argument("--target-ratio", type=float, default=defaults.problem.target_ratio)
+    parser.add_argument("--prune-points", type=int, nargs="+", default=list(defaults.problem.prune_points))
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                         help="how long the server waits for company before a drain")
@@ -345,8 +334,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"the GFLOPs ({pruned:.4f} vs {full:.4f}), so the compute ceiling is {ceiling_ips:.1f} images/s",
           flush=True)
 
+    problem = PruningProblem(backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir,
+                             prune_points=prune_points, target_ratio=args.target_ratio)
     engine = PruningEngine(StagedViT(model, prune_points), config, split.images, split.labels,
-                           args.target_ratio)
+                           problem.target_ratio, problem.reduction)
     engine_sizes = sorted({args.images_per_call, args.batch})
     rows += bench_engine(engine, engine_sizes, args.seconds, args.target_ratio)
     print(f"engine done: {_rates(rows[2:])} images/s", flush=True)
@@ -356,15 +347,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              namespace=NAMESPACE, object_store_memory=256 * 1024**2)
     try:
         name = f"bench_vit_server_{os.getpid()}"
-        settings = ServerSettings(backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir,
-                                  split=args.split, limit=args.limit, prune_points=prune_points,
-                                  target_ratio=args.target_ratio, max_batch=args.max_batch,
+        settings = ServerSettings(problem, split=args.split, limit=args.limit, max_batch=args.max_batch,
                                   max_wait_ms=args.max_wait_ms, torch_threads=args.torch_threads, num_cpus=0)
         server = start_vit_server(settings, name=name)
         rows += bench_server(server, len(split), args.callers, args.images_per_call, args.seconds,
                              args.target_ratio)
         print(f"server done: {_rates(rows[-len(args.callers):])} images/s", flush=True)
-        rows += bench_env(server, name, args.env_images, args.seconds)
+        rows += bench_env(server, name, problem, args.env_images, args.seconds)
     finally:
         ray.shutdown()
 

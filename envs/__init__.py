@@ -1,0 +1,7 @@
+"""The pruning problem and its RL environment.
+
+``envs.vit`` is the prunable ViT in pure torch (data, backbone checkpoints, the staged forward, token
+operations, features, GFLOPs, the pruned step); the modules here turn it into an RLlib problem: what
+defines it (``problem``), batched episodes (``pruning_engine``), the shared Ray actor (``vit_server``), the
+``MultiAgentEnv`` (``pruning_env``) and its metrics (``episode_metrics``).
+"""

@@ -1,8 +1,8 @@
 """Per-image results of finished episodes, logged through RLlib's MetricsLogger.
 
-They appear in the training results under ``env_runners`` (and ``evaluation/env_runners`` for the
-validation runs): agreement with the unpruned model, top-1 correctness, kept-token ratio after the last
-pruning point, and GFLOPs (backbone + features) per image.
+They appear in the training results under ``env_runners``: agreement with the unpruned model, top-1
+correctness, kept-token ratio after the last pruning point, and GFLOPs (backbone + features) per image.
+(Validation, in the deterministic modes evaluation reports, is ``train.validate_on_server``.)
 """
 
 from __future__ import annotations

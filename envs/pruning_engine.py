@@ -1,9 +1,10 @@
 """Batched pruning episodes over one ViT: the compute behind the env, with no Ray in it.
 
 An *episode* is one image's pass through the :class:`StagedViT`. ``reset`` runs stage 0 and returns the
-features at the first pruning point; each ``step`` applies a keep mask, runs the next stage and returns
-either the next features or, after the last stage, the classification. Many episodes, at any mix of
-stages, go through one call: episodes at the same stage share one padded forward pass.
+observations at the first pruning point; each ``step`` applies a keep mask and runs the next stage
+(:func:`~envs.vit.pruned_forward.prune_step`, the same step evaluation uses) and returns either the next
+observations or, after the last stage, the classification. Many episodes, at any mix of pruning points, go
+through one call: episodes waiting at the same point share one padded step.
 
 The :class:`~envs.vit_server.ViTServer` actor wraps one engine for all env runners; tests and
 ``--num-workers 0`` debugging can also use an engine in-process.
@@ -17,35 +18,38 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from envs.backbone_checkpoint import normalize
-from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, token_features
-from envs.flops import ViTSpec, backbone_gflops, feature_gflops, merge_gflops, schedule_tokens
-from envs.staged_vit import StagedViT
-from envs.token_merge import check_reduction, reduce_tokens
-from envs.token_ops import pack_keep_mask, tokens_to_keep
+from envs.vit.backbone_checkpoint import normalize
+from envs.vit.features import AGENT_FEATURES, observe
+from envs.vit.flops import ViTSpec, image_gflops
+from envs.vit.pruned_forward import (
+    TokenState,
+    adaptive_forward,
+    classify,
+    concat_states,
+    exact_forward,
+    initial_state,
+    prune_step,
+)
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import pad_tokens
+from policies.decisions import policy_keep_rule, policy_selector
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What an env needs to know to build its spaces and its reward, without a copy of the model."""
+    """What an env needs to know to build its spaces, without a copy of the model."""
 
     num_patches: int
-    attention_features: tuple[str, ...]
-    similarity_features: tuple[str, ...]
     num_images: int
-    target_ratio: float
+    num_features: dict[str, int] = field(default_factory=lambda: {k: len(v) for k, v in AGENT_FEATURES.items()})
 
 
 @dataclass
 class _Episode:
-    """Per-episode state between calls: the live tokens (prefix first) and where they came from."""
+    """One image between calls: its token state (a batch of one, cut to its live tokens) and kept counts."""
 
     image: int
-    tokens: torch.Tensor  # [P + n, D]
-    positions: torch.Tensor  # [n] original patch index of each live patch token
-    cls_attention: torch.Tensor  # [n] class attention of each live patch token at this pruning point
-    size: torch.Tensor  # [n] original patches each live patch token stands for (envs.token_merge)
-    point: int = 0  # index of the pruning point the episode waits at
+    state: TokenState
     kept: list[int] = field(default_factory=list)
 
 
@@ -56,18 +60,16 @@ class EpisodeLost(KeyError):
 class PruningEngine:
     """Runs pruning episodes in batches. ``max_episodes`` bounds the state kept for unfinished ones.
 
-    ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.token_merge``).
+    ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.vit.token_merge``).
     """
 
     def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor, labels: torch.Tensor,
-                 target_ratio: float, device: str | torch.device = "cpu", max_episodes: int = 65536,
-                 reduction: str = "merge"):
-        tokens_to_keep(staged.num_patches, target_ratio)  # validates the ratio
-        self.reduction = check_reduction(reduction)
+                 target_ratio: float, reduction: str, device: str | torch.device = "cpu",
+                 max_episodes: int = 65536):
         self.staged = staged.to(device).eval()
         self.config = backbone_config
         self.images, self.labels = images, labels
-        self.target_ratio = target_ratio
+        self.target_ratio, self.reduction = target_ratio, reduction
         self.device = torch.device(device)
         self.max_episodes = max_episodes
         self.episodes: OrderedDict[str, _Episode] = OrderedDict()
@@ -77,33 +79,16 @@ class PruningEngine:
         self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
     def spec(self) -> EngineSpec:
-        return EngineSpec(self.staged.num_patches, ATTENTION_FEATURES, SIMILARITY_FEATURES, len(self.labels),
-                          self.target_ratio)
+        return EngineSpec(self.staged.num_patches, len(self.labels))
 
-    def _observation(self, x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
-                     positions: torch.Tensor, point: int) -> list[dict[str, np.ndarray]]:
-        """Features at pruning point ``point`` for a padded batch, as one numpy dict per episode."""
-        attention, similarity = token_features(
-            x_patch, cls_attention, live, positions, self.staged.grid_size, point,
-            len(self.staged.prune_points), 1.0 - self.target_ratio)
-        bad = (~attention.isfinite()).sum() + (~similarity.isfinite()).sum()
-        if bad:  # sanitised and counted, never handed to the policies
-            self.nonfinite_features += int(bad)
-            attention, similarity = attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0)
+    def _observations(self, state: TokenState) -> list[dict[str, np.ndarray]]:
+        """Both agents' features and the live mask, zero-padded to ``N`` rows, as one numpy dict per image."""
+        observation = observe(self.staged, state, self.target_ratio)
+        self.nonfinite_features += observation.nonfinite
         rows = self.staged.num_patches
-        counts = live.sum(1).tolist()  # one device-to-host copy per tensor, not per episode
-        attention, similarity = attention.cpu().numpy(), similarity.cpu().numpy()
-        out = []
-        for b, n in enumerate(counts):
-            n = int(n)
-            obs = {"attention": np.zeros((rows, attention.shape[-1]), np.float32),
-                   "similarity": np.zeros((rows, similarity.shape[-1]), np.float32),
-                   "live": np.zeros(rows, np.float32)}
-            obs["attention"][:n] = attention[b, :n]
-            obs["similarity"][:n] = similarity[b, :n]
-            obs["live"][:n] = 1.0
-            out.append(obs)
-        return out
+        attention, similarity, live = (pad_tokens(t, rows).float().cpu().numpy() for t in
+                                       (observation.attention, observation.similarity, state.live))
+        return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
     def _ensure_full_probs(self, indices: list[int]) -> None:
         """The unpruned model's class probabilities, computed once per image (the label-free target)."""
@@ -117,25 +102,20 @@ class PruningEngine:
     def reset(self, keys: list[str], indices: list[int]) -> list[dict[str, np.ndarray]]:
         """Start one episode per key on image ``indices[i]``; returns the first observations."""
         self._ensure_full_probs(indices)
-        x = self.staged.embed(normalize(self.images[indices].to(self.device), self.config))
-        x, cls_attention = self.staged.forward_stage(x, 0)
+        state = initial_state(self.staged, normalize(self.images[indices].to(self.device), self.config))
         self.forwards += 1
-        prefix = self.staged.num_prefix_tokens
-        positions = torch.arange(self.staged.num_patches, device=self.device).expand(len(keys), -1)
-        live = torch.ones(len(keys), self.staged.num_patches, dtype=torch.bool, device=self.device)
-        size = torch.ones(self.staged.num_patches, device=self.device)
-        for key, image, tokens, attention in zip(keys, indices, x, cls_attention, strict=True):
+        for b, (key, image) in enumerate(zip(keys, indices, strict=True)):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), tokens, positions[0], attention, size)
+            self.episodes[key] = _Episode(int(image), state.rows([b]))
         self._evict()
-        return self._observation(x[:, prefix:], cls_attention, live, positions, 0)
+        return self._observations(state)
 
     @torch.no_grad()
     def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
         """Apply one keep mask per episode (over its live tokens, in order) and run the next stage.
 
-        At least one patch token always survives (the one with the highest class attention among those
-        the agents dropped), so every image still gets a prediction.
+        At least one patch token always survives (``envs.vit.pruned_forward.effective_keep``), so every
+        image still gets a prediction.
         """
         missing = [key for key in keys if key not in self.episodes]
         if missing:
@@ -143,58 +123,34 @@ class PruningEngine:
         results: dict[str, dict] = {}
         by_point: dict[int, tuple[list[str], list[np.ndarray]]] = {}
         for key, mask in zip(keys, keep, strict=True):
-            group_keys, group_masks = by_point.setdefault(self.episodes[key].point, ([], []))
+            group_keys, group_masks = by_point.setdefault(self.episodes[key].state.stage, ([], []))
             group_keys.append(key)
             group_masks.append(mask)
-        for point, (group_keys, group_masks) in by_point.items():
-            results.update(self._advance(point, group_keys, group_masks))
+        for group_keys, group_masks in by_point.values():
+            results.update(self._advance(group_keys, group_masks))
         return [results[key] for key in keys]
 
-    def _advance(self, point: int, keys: list[str], keep: list[np.ndarray]) -> dict[str, dict]:
-        """One padded forward of the stage after ``point`` for episodes waiting there."""
-        prefix = self.staged.num_prefix_tokens
+    def _advance(self, keys: list[str], masks: list[np.ndarray]) -> dict[str, dict]:
+        """One padded step for episodes waiting at the same pruning point."""
         episodes = [self.episodes[key] for key in keys]
-        width = max(len(episode.positions) for episode in episodes)
-        batch = len(keys)
-        x = torch.zeros(batch, prefix + width, episodes[0].tokens.shape[-1], device=self.device,
-                        dtype=episodes[0].tokens.dtype)
-        live = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
-        size = torch.ones(batch, width, device=self.device)
-        positions = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        chosen = torch.zeros(batch, width, dtype=torch.bool)
-        for b, (episode, mask) in enumerate(zip(episodes, keep, strict=True)):
-            n = len(episode.positions)
-            x[b, :prefix + n] = episode.tokens
-            live[b, :n] = True
-            size[b, :n] = episode.size
-            positions[b, :n] = episode.positions
-            chosen[b, :n] = torch.as_tensor(np.asarray(mask[:n], dtype=bool))
-            if not chosen[b, :n].any():
-                chosen[b, int(episode.cls_attention.argmax())] = True
-        index, live_after = pack_keep_mask(chosen.to(self.device), live)
-        x, size = reduce_tokens(x, size, live, index, live_after, prefix, self.reduction)
-        positions = positions.gather(1, index)
-        counts = live_after.sum(1).tolist()
+        state = concat_states([episode.state for episode in episodes])
+        width = state.live.shape[1]
+        keep = torch.from_numpy(np.stack([np.asarray(mask[:width], dtype=bool) for mask in masks]))
+        state = prune_step(self.staged, state, keep.to(self.device), self.reduction)
+        self.forwards += 1
+        counts = state.live.sum(dim=1).tolist()
         for episode, n in zip(episodes, counts, strict=True):
             episode.kept.append(int(n))
-        merge = self.reduction == "merge"
-        x, cls_attention = self.staged.forward_stage(x, point + 1, live_after, size if merge else None)
-        self.forwards += 1
-        last = point + 1 == len(self.staged.prune_points)
-        out: dict[str, dict] = {}
-        if last:
-            probs = self.staged.classify(x, live_after, size if merge else None).float().softmax(-1).cpu()
-            for b, (key, episode) in enumerate(zip(keys, episodes, strict=True)):
-                out[key] = self._final(episode, probs[b])
+        if state.stage == len(self.staged.prune_points):
+            probs = classify(self.staged, state, self.reduction).float().softmax(-1).cpu()
+            out = {key: self._final(episode, row) for key, episode, row in zip(keys, episodes, probs, strict=True)}
+            for key in keys:
                 del self.episodes[key]
             return out
-        observations = self._observation(x[:, prefix:], cls_attention, live_after, positions, point + 1)
+        observations = self._observations(state)
+        out = {}
         for b, (key, episode, n) in enumerate(zip(keys, episodes, counts, strict=True)):
-            episode.tokens = x[b, :prefix + n].clone()
-            episode.positions = positions[b, :n].clone()
-            episode.cls_attention = cls_attention[b, :n].clone()
-            episode.size = size[b, :n].clone()
-            episode.point = point + 1
+            episode.state = state.rows([b])
             out[key] = {"done": False, "obs": observations[b], "kept": n}
         return out
 
@@ -203,18 +159,37 @@ class PruningEngine:
         full = self._full_probs[episode.image]
         full_class = int(full.argmax())
         label = int(self.labels[episode.image])
-        stage_tokens = [self.staged.num_patches, *episode.kept]
-        live_per_point = [self.staged.num_patches, *episode.kept[:-1]]
-        backbone = backbone_gflops(self.vit_spec, schedule_tokens(self.vit_spec, self.staged.prune_points,
-                                                                  stage_tokens))
-        if self.reduction == "merge":
-            backbone += merge_gflops(self.vit_spec, live_per_point, episode.kept)
+        gflops = image_gflops(self.vit_spec, self.staged.prune_points, [self.staged.num_patches, *episode.kept],
+                              self.reduction, "agents")
         return {"done": True, "kept": episode.kept[-1], "kept_per_stage": episode.kept,
                 "prediction": int(probs.argmax()), "unpruned_prediction": full_class, "label": label,
                 "agree": int(probs.argmax()) == full_class, "correct": int(probs.argmax()) == label,
                 "prob_unpruned_class": float(probs[full_class]),
-                "gflops_backbone": backbone,
-                "gflops_features": feature_gflops(self.vit_spec, live_per_point)}
+                "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
+
+    @torch.no_grad()
+    def validate(self, modules: dict, batch_size: int = 256) -> dict[str, float]:
+        """How the deterministic modes that evaluation reports do on every image the engine holds: accuracy
+        and agreement with the unpruned model at the exact budget (``MARL exact``) and with per-image counts
+        (``MARL adaptive``, with its mean fraction of patches reaching the head), in percent."""
+        everything = list(range(len(self.labels)))
+        self._ensure_full_probs(everything)
+        modes = {"exact": lambda x: exact_forward(self.staged, x, policy_selector(modules, self.staged,
+                                                                                   self.target_ratio),
+                                                  self.target_ratio, self.reduction),
+                 "adaptive": lambda x: adaptive_forward(self.staged, x, policy_keep_rule(modules, self.staged,
+                                                                                         self.target_ratio),
+                                                        self.reduction)}
+        metrics = {}
+        for mode, forward in modes.items():
+            outputs = [forward(normalize(self.images[start:start + batch_size].to(self.device), self.config))
+                       for start in range(0, len(everything), batch_size)]
+            predictions = torch.cat([logits.argmax(1).cpu() for logits, _ in outputs])
+            kept = torch.cat([kept[:, -1].cpu() for _, kept in outputs]).double()
+            metrics[f"{mode}_accuracy"] = 100 * (predictions == self.labels).double().mean().item()
+            metrics[f"{mode}_agreement"] = 100 * (predictions == self._full_probs.argmax(1)).double().mean().item()
+            metrics[f"{mode}_keep_ratio"] = (kept / self.staged.num_patches).mean().item()
+        return metrics
 
     def release(self, keys: list[str]) -> None:
         """Forget episodes that will not be stepped again (env reset mid-episode, runner gone)."""

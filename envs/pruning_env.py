@@ -6,20 +6,16 @@ batch. Each image has an agent pair: ``attention`` and ``similarity`` when there
 (:func:`policy_for_agent`). Every pruning point is one step in which both agents of every image act
 on the tokens still alive; the episode ends after the last stage.
 
-With ``sequential=True`` the images are taken in split order instead of at random (validation).
+What defines the problem (agents, reward weights, target ratio) comes from ``env_config["problem"]``, a
+:class:`~envs.problem.PruningProblem` as JSON. The two agents' decisions combine by the AND rule of
+``policies.decisions`` (docs/DESIGN.md); ``agents="attention"`` or ``"similarity"`` runs one agent alone.
 
-Combination (docs/DESIGN.md): a token survives iff the attention agent keeps it (1) AND the similarity
-agent does not call it redundant (0). ``agents="attention"`` or ``"similarity"`` runs one agent alone.
-
-Reward, shared by the two agents of an image:
+Reward, shared by the two agents of an image (docs/DESIGN.md, "Reward"):
 - at every step, ``-budget_weight * |kept / target - 1|`` where ``target = tokens_to_keep(live, ratio)``:
   the budget is measured in kept patch tokens per pruning point;
 - at the last step, ``agree_weight * [pruned argmax == unpruned argmax]
   + prob_weight * p_pruned(unpruned argmax)``: label-free fidelity, so no label (and no test image) is
   needed to train.
-Defaults: agreement and probability weigh 1 each (the probability term gives a dense signal when the
-answer is kept or lost narrowly); the budget weight of 2 makes a 10% overshoot cost as much as a 0.2 drop
-in the probability of the right answer, which keeps adaptive pruning near the target in practice.
 """
 
 from __future__ import annotations
@@ -27,26 +23,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import ray
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
+from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost
-from envs.token_ops import tokens_to_keep
+from envs.vit.token_ops import tokens_to_keep
 from envs.vit_server import DEFAULT_NAME, NAMESPACE
+from policies.decisions import survives
+from policies.rl_module import agent_spaces
 
-POLICIES = ("attention", "similarity")
-AGENT_MODES = ("both", *POLICIES)
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
-    "server_name": DEFAULT_NAME,
-    "images_per_env": 8,
-    "agents": "both",
-    "agree_weight": 1.0,
-    "prob_weight": 1.0,
-    "budget_weight": 2.0,
+    "server_name": DEFAULT_NAME,  # the ViT server to find by name (or "server": an in-process engine)
     "seed": 0,
-    "sequential": False,
     "server_timeout_s": 120.0,
 }
 
@@ -56,29 +46,9 @@ def trained_policies(agents: str) -> tuple[str, ...]:
     return POLICIES if agents == "both" else (agents,)
 
 
-def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
-    """An agent's observation (per-token features and the live mask) and action (one bit per token) spaces."""
-    observation = gym.spaces.Dict({
-        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
-    return observation, gym.spaces.MultiBinary(num_patches)
-
-
 def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
     return agent_id.split("_")[0]
-
-
-def combine_decisions(keep: np.ndarray | None, redundant: np.ndarray | None) -> np.ndarray:
-    """AND rule: survive iff kept by the attention agent and not redundant for the similarity agent."""
-    if keep is None and redundant is None:
-        raise ValueError("at least one agent must act")
-    survive = np.ones_like(keep if keep is not None else redundant, dtype=bool)
-    if keep is not None:
-        survive &= np.asarray(keep).astype(bool)
-    if redundant is not None:
-        survive &= ~np.asarray(redundant).astype(bool)
-    return survive
 
 
 class TokenPruningEnv(MultiAgentEnv):
@@ -86,26 +56,24 @@ class TokenPruningEnv(MultiAgentEnv):
 
     def __init__(self, config: dict | None = None):
         super().__init__()
+        unknown = sorted(set(config or {}) - {*DEFAULT_ENV_CONFIG, "problem", "server"})
+        if unknown:
+            raise ValueError(f"unknown env_config keys: {', '.join(unknown)}")
         self.config = {**DEFAULT_ENV_CONFIG, **(config or {})}
-        if self.config["agents"] not in AGENT_MODES:
-            raise ValueError(f"agents must be one of {AGENT_MODES}, not {self.config['agents']!r}")
-        if int(self.config["images_per_env"]) < 1:
-            raise ValueError("images_per_env must be at least 1")
+        self.problem = PruningProblem.from_json(self.config.get("problem", {}))
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
-        self.num_images = int(self.config["images_per_env"])
-        policies = trained_policies(self.config["agents"])
+        self.num_images = self.problem.images_per_env
+        policies = trained_policies(self.problem.agents)
         suffixes = [""] if self.num_images == 1 else [f"_{i}" for i in range(self.num_images)]
         self._image_agents = [[f"{p}{s}" for p in policies] for s in suffixes]
         self.possible_agents = [aid for pair in self._image_agents for aid in pair]
         self.agents = list(self.possible_agents)
-        feature_names = {"attention": self.spec_.attention_features, "similarity": self.spec_.similarity_features}
-        spaces = {aid: agent_spaces(self.spec_.num_patches, len(feature_names[policy_for_agent(aid)]))
+        spaces = {aid: agent_spaces(self.spec_.num_patches, self.spec_.num_features[policy_for_agent(aid)])
                   for aid in self.possible_agents}
         self.observation_spaces = {aid: observation for aid, (observation, _) in spaces.items()}
         self.action_spaces = {aid: action for aid, (_, action) in spaces.items()}
         self._rng = np.random.default_rng(self.config["seed"])
-        self._cursor = 0  # next image in sequential mode
         self._episode = 0
         self._keys: list[str] = []
         self._live: list[int] = []
@@ -160,11 +128,7 @@ class TokenPruningEnv(MultiAgentEnv):
             self._call("release", self._keys)
         self._episode += 1
         self._keys = [f"{self._instance}-{self._episode}-{i}" for i in range(self.num_images)]
-        if self.config["sequential"]:  # validation: walk the split in order, the same images every pass
-            indices = [(self._cursor + i) % self.spec_.num_images for i in range(self.num_images)]
-            self._cursor = (self._cursor + self.num_images) % self.spec_.num_images
-        else:
-            indices = self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
+        indices = self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
         self._images = indices
         results = self._call("reset", self._keys, indices)
         self._live = [int(r["live"].sum()) for r in results]
@@ -175,7 +139,7 @@ class TokenPruningEnv(MultiAgentEnv):
         keep = []
         for i in range(self.num_images):
             decisions = {policy_for_agent(aid): action_dict.get(aid) for aid in self._image_agents[i]}
-            keep.append(combine_decisions(decisions.get("attention"), decisions.get("similarity")))
+            keep.append(survives(decisions.get("attention"), decisions.get("similarity")))
         try:
             results = self._call("step", self._keys, keep)
         except ray.exceptions.RayTaskError as error:
@@ -184,16 +148,16 @@ class TokenPruningEnv(MultiAgentEnv):
             return self._truncate()
         except EpisodeLost:
             return self._truncate()
-        weights = self.config
+        problem = self.problem
         obs, rewards, infos = {}, {}, {}
         done = results[0]["done"]
         for i, result in enumerate(results):
-            target = tokens_to_keep(self._live[i], self.spec_.target_ratio)
-            reward = -weights["budget_weight"] * abs(result["kept"] / target - 1.0)
+            target = tokens_to_keep(self._live[i], problem.target_ratio)
+            reward = -problem.budget_weight * abs(result["kept"] / target - 1.0)
             info: dict[str, Any] = {"kept": result["kept"], "target": target}
             if done:
-                reward += weights["agree_weight"] * float(result["agree"])
-                reward += weights["prob_weight"] * result["prob_unpruned_class"]
+                reward += problem.agree_weight * float(result["agree"])
+                reward += problem.prob_weight * result["prob_unpruned_class"]
                 info.update({k: result[k] for k in ("agree", "correct", "prob_unpruned_class",
                                                     "kept_per_stage", "gflops_backbone", "gflops_features")})
                 info["keep_ratio"] = result["kept"] / self.spec_.num_patches

@@ -18,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import ray
 import torch
 
-from envs.backbone_checkpoint import create_vit, load_backbone
-from envs.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, load_split
+from envs.problem import PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
-from envs.staged_vit import StagedViT
-from envs.token_merge import check_reduction
+from envs.vit.backbone_checkpoint import create_vit, load_backbone
+from envs.vit.data import load_split
+from envs.vit.staged_vit import StagedViT
+from policies.rl_module import policy_module_spec
 
 NAMESPACE = "marl_token_pruning"
 DEFAULT_NAME = "vit_server"
@@ -37,18 +39,11 @@ _PINNED: dict[str, list[ray.ObjectRef]] = {}  # creation arguments must outlive 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Everything that defines a server; stored with training runs so evaluation can rebuild it."""
+    """Everything that defines a server: the problem it serves, which images, and its resources."""
 
-    backbone: str
-    dataset: str = "cifar10"
-    data_dir: str = "data"
+    problem: PruningProblem = field(default_factory=PruningProblem)
     split: str = "train"
-    limit: int | None = None
-    val_size: int = DEFAULT_VAL_SIZE
-    split_seed: int = DEFAULT_SPLIT_SEED
-    prune_points: tuple[int, ...] = (3, 6, 9)
-    target_ratio: float = 0.5
-    reduction: str = "merge"  # envs.token_merge: "merge" or "drop"
+    limit: int | None = None  # serve a seeded subset of this many images of the split
     max_batch: int = 256
     max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
     num_gpus: float = 0.0
@@ -57,20 +52,29 @@ class ServerSettings:
     max_restarts: int = 5
 
 
+class _Request(NamedTuple):
+    """One caller's request, waiting in the server's queue."""
+
+    kind: str  # "reset" or "step"
+    keys: list[str]  # one episode key per image
+    payload: list  # image indices (reset) or keep masks (step), one per key
+    future: asyncio.Future
+
+
 class ViTServer:
     """Async actor body; created by :func:`start_vit_server`, which reads data and weights on the driver."""
 
     def __init__(self, state: dict, config: dict, images: torch.Tensor, labels: torch.Tensor,
-                 settings: dict):
-        self.settings = ServerSettings(**settings)
-        torch.set_num_threads(self.settings.torch_threads)
-        device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        staged = staged_from_weights(state, config, self.settings.prune_points)
-        self.engine = PruningEngine(staged, config, images, labels, self.settings.target_ratio, device,
-                                    reduction=self.settings.reduction)
-        wait_ms = self.settings.max_wait_ms
+                 settings: ServerSettings):
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads)
+        device = "cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        problem = settings.problem
+        staged = staged_from_weights(state, config, problem.prune_points)
+        self.engine = PruningEngine(staged, config, images, labels, problem.target_ratio, problem.reduction, device)
+        wait_ms = settings.max_wait_ms
         self._max_wait_s = (2.0 if device == "cuda" else 0.0) / 1000 if wait_ms is None else wait_ms / 1000
-        self._queue: list[tuple[str, list, list, asyncio.Future]] = []
+        self._queue: list[_Request] = []
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1)
@@ -88,13 +92,23 @@ class ViTServer:
     async def release(self, keys: list[str]) -> None:
         self.engine.release(keys)
 
+    async def validate(self, weights: dict[str, dict], model_config: dict) -> dict[str, float]:
+        """``PruningEngine.validate`` of policy modules with these weights (``LearnerGroup.get_weights``), on
+        every image this server holds; queued behind the episodes in flight."""
+        modules = {}
+        for policy, state in weights.items():
+            modules[policy] = policy_module_spec(policy, self.engine.staged.num_patches, model_config).build()
+            modules[policy].set_state(state)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self.engine.validate({p: m.eval() for p, m in modules.items()}))
+
     async def stats(self) -> dict:
         return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),
                 "nonfinite_features": self.engine.nonfinite_features}
 
     async def _submit(self, kind: str, keys: list, payload: list) -> list:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((kind, keys, payload, future))
+        self._queue.append(_Request(kind, keys, payload, future))
         self.counts["requests"] += 1
         self._arrived.set()
         if self._worker is None or self._worker.done():
@@ -110,38 +124,38 @@ class ViTServer:
             while self._waiting_images() < self.settings.max_batch and time.monotonic() < deadline:
                 await asyncio.sleep(max(0.0, min(0.0005, deadline - time.monotonic())))
             batch, size = [], 0
-            while self._queue and (not batch or size + len(self._queue[0][1]) <= self.settings.max_batch):
+            while self._queue and (not batch or size + len(self._queue[0].keys) <= self.settings.max_batch):
                 batch.append(self._queue.pop(0))
-                size += len(batch[-1][1])
+                size += len(batch[-1].keys)
             if not self._queue:
                 self._arrived.clear()
             self.counts["batches"] += 1
             self.counts["images"] += size
             outcomes = await loop.run_in_executor(self._executor, self._run, batch)
-            for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
+            for request, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
+                    request.future.set_exception(outcome)
                 else:
-                    future.set_result(outcome)
+                    request.future.set_result(outcome)
 
     def _waiting_images(self) -> int:
-        return sum(len(keys) for _, keys, _, _ in self._queue)
+        return sum(len(request.keys) for request in self._queue)
 
-    def _run(self, batch: list) -> list:
+    def _run(self, batch: list[_Request]) -> list:
         """One engine call per kind for the whole drain; failures are returned per request."""
         outcomes: list = [None] * len(batch)
         for kind in ("reset", "step"):
-            chosen = [i for i, request in enumerate(batch) if request[0] == kind]
+            chosen = [i for i, request in enumerate(batch) if request.kind == kind]
             if kind == "step":  # a request naming a lost episode fails alone
                 for i in list(chosen):
-                    lost = [k for k in batch[i][1] if k not in self.engine.episodes]
+                    lost = [k for k in batch[i].keys if k not in self.engine.episodes]
                     if lost:
                         outcomes[i] = EpisodeLost(f"unknown episodes {lost[:3]}")
                         chosen.remove(i)
             if not chosen:
                 continue
-            keys = [k for i in chosen for k in batch[i][1]]
-            payload = [p for i in chosen for p in batch[i][2]]
+            keys = [k for i in chosen for k in batch[i].keys]
+            payload = [p for i in chosen for p in batch[i].payload]
             try:
                 results = getattr(self.engine, kind)(keys, payload)
             except Exception as error:  # noqa: BLE001 - reported to each caller, the server stays up
@@ -150,8 +164,8 @@ class ViTServer:
                 continue
             start = 0
             for i in chosen:
-                outcomes[i] = results[start:start + len(batch[i][1])]
-                start += len(batch[i][1])
+                outcomes[i] = results[start:start + len(batch[i].keys)]
+                start += len(batch[i].keys)
         return outcomes
 
 
@@ -174,11 +188,11 @@ class ServerInputs:
 
 def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     """Read and check the backbone and the data (no Ray needed): bad settings fail here, before anything starts."""
-    model, config = load_backbone(settings.backbone)
-    StagedViT(model, settings.prune_points)  # fail here, clearly, on bad pruning points
-    check_reduction(settings.reduction)
-    split = load_split(settings.dataset, settings.split, settings.data_dir, input_size=config["input_size"],
-                       val_size=settings.val_size, seed=settings.split_seed, limit=settings.limit)
+    problem = settings.problem
+    model, config = load_backbone(problem.backbone_path)
+    StagedViT(model, problem.prune_points)  # fail here, clearly, on pruning points the backbone lacks
+    split = load_split(problem.dataset, settings.split, problem.data_dir, input_size=config["input_size"],
+                       val_size=problem.val_size, seed=problem.split_seed, limit=settings.limit)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 
@@ -195,6 +209,6 @@ def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME,
         max_restarts=settings.max_restarts, max_concurrency=1000)
     refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
     _PINNED[name] = refs
-    server = actor_class.remote(refs[0], inputs.config, refs[1], refs[2], asdict(settings))
+    server = actor_class.remote(refs[0], inputs.config, refs[1], refs[2], settings)
     ray.get(server.spec.remote())
     return server

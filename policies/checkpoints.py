@@ -3,7 +3,7 @@
 Layout of a run's output directory::
 
     <output-dir>/checkpoints/iter_000010/     one RLlib checkpoint (``Algorithm.save_to_path``) and
-        pruning_config.json                   the backbone, pruning points, target ratio, env/model/PPO
+        pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score"}
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray
     <output-dir>/best.json                    which checkpoint scored best on the validation split
     <output-dir>/progress.csv, tb/            metrics
@@ -19,21 +19,33 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ray.rllib.core.rl_module.rl_module import RLModule
 
-from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
-from envs.pruning_env import AGENT_MODES, trained_policies
-from envs.token_merge import REDUCTIONS
+from envs.problem import ProblemError, PruningProblem
+from envs.pruning_env import trained_policies
+from envs.vit.features import AGENT_FEATURES
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 PREFIX = "iter_"
-FEATURES = {"attention": ATTENTION_FEATURES, "similarity": SIMILARITY_FEATURES}
 Modules = Mapping[str, RLModule]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``pruning_config.json`` says about a checkpoint."""
+
+    problem: PruningProblem
+    iteration: int | None = None
+    val_score: float | None = None  # the validation score it was selected by, if validated
+
+    def to_json(self) -> dict:
+        return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score}
 
 
 class PolicyCheckpointError(RuntimeError):
@@ -75,34 +87,27 @@ def _quiet_ray_deprecations() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def read_pruning_config(checkpoint: Path) -> dict[str, Any]:
-    """``pruning_config.json`` of a policy checkpoint, checked for what evaluation needs."""
+def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
+    """``pruning_config.json`` of a policy checkpoint: its problem (older layouts too), iteration and score."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise PolicyCheckpointError(f"checkpoint {checkpoint} does not exist")
     path = checkpoint / PRUNING_CONFIG
     if not path.is_file():
         raise PolicyCheckpointError(f"{checkpoint} is not a policy checkpoint (no {PRUNING_CONFIG}; train.py "
-                              f"writes one in each checkpoint){_run_directory_hint(checkpoint)}")
+                                    f"writes one in each checkpoint){_run_directory_hint(checkpoint)}")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PolicyCheckpointError(f"{path} is not readable JSON: {error}") from None
-    server = config.get("server") if isinstance(config, dict) else None
-    if not isinstance(server, dict) or not {"backbone", "prune_points", "target_ratio"} <= set(server):
-        raise PolicyCheckpointError(f"{path} lacks server.backbone, server.prune_points or server.target_ratio")
-    env = config.get("env") or {}
-    agents = env.get("agents", "both") if isinstance(env, dict) else None
-    if agents not in AGENT_MODES:
-        raise PolicyCheckpointError(f"{path}: env.agents must be 'both', 'attention' or 'similarity', not {agents!r}")
-    ratio = server["target_ratio"]
-    if not isinstance(ratio, int | float) or not 0.0 < ratio < 1.0:
-        raise PolicyCheckpointError(f"{path}: server.target_ratio must be in (0, 1), got {ratio!r}")
-    server.setdefault("reduction", "drop")  # runs from before token merging existed dropped tokens
-    if server["reduction"] not in REDUCTIONS:
-        raise PolicyCheckpointError(f"{path}: server.reduction must be one of {REDUCTIONS}, "
-                                    f"got {server['reduction']!r}")
-    return config
+    if not isinstance(config, dict):
+        raise PolicyCheckpointError(f"{path} does not hold a JSON object")
+    try:
+        problem = (PruningProblem.from_json(config["problem"]) if "problem" in config
+                   else PruningProblem.from_legacy_json(config))
+    except (ProblemError, TypeError) as error:
+        raise PolicyCheckpointError(f"{path}: {error}") from None
+    return CheckpointInfo(problem, config.get("iteration"), config.get("val_score"))
 
 
 def _run_directory_hint(directory: Path) -> str:
@@ -112,11 +117,6 @@ def _run_directory_hint(directory: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     return f"; for the best checkpoint of this training run pass --checkpoint {directory / best}"
-
-
-def checkpoint_agents(config: Mapping[str, Any]) -> str:
-    """``both``, ``attention`` or ``similarity``: which agents the checkpoint's run trained."""
-    return (config.get("env") or {}).get("agents", "both")
 
 
 def _load_module(path: Path, name: str) -> RLModule:
@@ -131,26 +131,63 @@ def _load_module(path: Path, name: str) -> RLModule:
     return module.eval()
 
 
-def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], dict[str, Any]]:
-    """The policy modules a checkpoint trained (by policy name) and its ``pruning_config.json``.
+def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], CheckpointInfo]:
+    """The policy modules a checkpoint trained (by policy name) and what its ``pruning_config.json`` says.
 
-    A run with ``env.agents`` naming one agent has only that module; a ``both`` run must have both.
+    A run whose ``agents`` names one agent has only that module; a ``both`` run must have both.
     """
     path = Path(checkpoint).expanduser().resolve()  # RLlib loads from URIs: a relative path is not one
     if not path.exists():
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} is not a directory")
-    config = read_pruning_config(path)
-    agents = checkpoint_agents(config)
+    info = read_checkpoint_info(path)
+    agents = info.problem.agents
     modules = {}
     for name in trained_policies(agents):
         directory = module_path(path, name)
         if not directory.is_dir():
             raise PolicyCheckpointError(f"checkpoint {path} has no {name} policy (expected {MODULES_DIR / name}; "
-                                  f"env.agents is {agents!r})")
+                                        f"agents is {agents!r})")
         modules[name] = _load_module(directory, name)
-    return modules, config
+    return modules, info
+
+
+LoadedPolicy = tuple[dict[str, RLModule], CheckpointInfo, Path]
+"""A checkpoint's policy modules (by policy name), what its ``pruning_config.json`` says, and its path."""
+
+
+def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_backbone: bool = True,
+                            same_reduction: bool = True) -> dict[float, LoadedPolicy]:
+    """The checkpoint ``main`` at its own target ratio and each of ``extras`` at the budget it is given for,
+    as ``{budget: (modules, info, path)}``, ``main`` first.
+
+    Results are only comparable on one backbone, pruning schedule and reduction: every extra checkpoint must
+    share the main one's pruning points and, where ``same_backbone`` / ``same_reduction``, its backbone and
+    reduction.
+    """
+    modules, info = load_policies(main)
+    policies = {round(info.problem.target_ratio, 6): (modules, info, Path(main))}
+    problem = info.problem
+    for budget, path in extras.items():
+        if budget in policies:
+            raise PolicyCheckpointError(f"budget {budget:g} is the main checkpoint's own target_ratio")
+        extra_modules, extra = load_policies(path)
+        other = extra.problem
+        if other.prune_points != problem.prune_points:
+            raise PolicyCheckpointError(f"checkpoint {path} prunes at {list(other.prune_points)}, the main one at "
+                                        f"{list(problem.prune_points)}")
+        if same_reduction and other.reduction != problem.reduction:
+            raise PolicyCheckpointError(f"checkpoint {path} was trained to {other.reduction} tokens, the main one "
+                                        f"to {problem.reduction} (pass --reduction to force one)")
+        if same_backbone and other.backbone_path != problem.backbone_path:
+            raise PolicyCheckpointError(f"checkpoint {path} was trained on backbone {other.backbone_path}, the main "
+                                        f"one on {problem.backbone_path} (pass --backbone to force one)")
+        if round(other.target_ratio, 6) != budget:
+            print(f"note: checkpoint {path} was trained at target_ratio {other.target_ratio:g}; evaluating it at "
+                  f"{budget:g}", file=sys.stderr)
+        policies[budget] = (extra_modules, extra, Path(path))
+    return policies
 
 
 def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -> None:
@@ -163,23 +200,23 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
         except (KeyError, TypeError):
             raise PolicyCheckpointError(f"the {name} policy in {checkpoint} does not observe "
                                   f"{{'tokens', 'live'}} (observation space {space})") from None
-        expected = ((n, len(FEATURES[name])), (n,))
+        expected = ((n, len(AGENT_FEATURES[name])), (n,))
         if shapes != expected:
             raise PolicyCheckpointError(
                 f"the {name} policy in {checkpoint} observes tokens {shapes[0]} and live {shapes[1]}, but the "
-                f"backbone has {n} patch tokens and there are {len(FEATURES[name])} {name} features, so it "
-                f"expects tokens {expected[0]}: was it trained on another backbone?")
+                f"backbone has {n} patch tokens and there are {len(AGENT_FEATURES[name])} {name} features, so "
+                f"it expects tokens {expected[0]}: was it trained on another backbone?")
 
 
-def write_checkpoint(algo, output_dir: str | os.PathLike, pruning_config: dict[str, Any]) -> Path:
+def write_checkpoint(algo, output_dir: str | os.PathLike, info: CheckpointInfo) -> Path:
     """Save ``algo`` as ``checkpoints/iter_<n>``: write to a temporary directory, then rename."""
     root = checkpoints_dir(output_dir).resolve()  # RLlib saves to URIs: a relative path is not one
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{PREFIX}{pruning_config['iteration']:06d}"
+    name = f"{PREFIX}{info.iteration:06d}"
     tmp, final = root / f".tmp_{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp))
-    (tmp / PRUNING_CONFIG).write_text(json.dumps(pruning_config, indent=2) + "\n")
+    (tmp / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
     if final.exists():  # a resumed run that went back past this iteration replaces its old copy
         stale = root / f".stale_{name}"
         shutil.rmtree(stale, ignore_errors=True)

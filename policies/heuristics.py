@@ -1,47 +1,99 @@
-"""Baseline token selectors at an exact budget: random, greedy class attention (EViT), greedy similarity.
+"""Baseline token selectors at an exact budget: random, greedy class attention (EViT), greedy similarity, and
+attention NMS (non-maximum suppression of near-duplicates by class attention).
 
-Each takes the live mask and the budget ``k`` (from ``envs.token_ops.tokens_to_keep``) and returns
-``keep_index [B, k]``, long, ascending, live tokens only. :func:`make_selector` adapts them to
-``envs.pruned_forward.Selector``.
+Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_keep``) and returns
+``keep [B, N]`` bool with exactly ``k`` live tokens per image. :func:`heuristic_selector` adapts them to
+``envs.vit.pruned_forward.Selector``; :data:`HEURISTIC_SCORES` says what each computes
+(``envs.vit.flops.feature_gflops``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from envs.features import cosine_similarity, greedy_removal_order
-from envs.pruned_forward import Selector
-from envs.token_ops import topk_keep_index
+from envs.vit.features import cosine_similarity
+from envs.vit.pruned_forward import Selector
+from envs.vit.token_ops import topk_keep_mask
 
-HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity")
+HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms")
+HEURISTIC_SCORES: dict[str, str] = {"random": "none", "attention": "attention", "similarity": "similarity",
+                                    "nms": "agents"}
 
 
 def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``k`` live tokens per image, uniformly at random. ``live [B, N]`` -> ``[B, k]``."""
+    """``k`` live tokens per image, uniformly at random. ``live [B, N]`` -> ``[B, N]``."""
     scores = torch.rand(live.shape, generator=generator, device=live.device)
-    return topk_keep_index(scores, live, k)
+    return topk_keep_mask(scores, live, k)
 
 
 def greedy_attention_keep(cls_attention: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` live tokens the class token attends to most (EViT). ``[B, N]`` -> ``[B, k]``."""
-    return topk_keep_index(cls_attention, live, k)
+    """The ``k`` live tokens the class token attends to most (EViT). ``[B, N]`` -> ``[B, N]``."""
+    return topk_keep_mask(cls_attention, live, k)
+
+
+def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The step at which greedy similarity removal takes each live token away, until ``keep`` remain.
+
+    Each step removes the remaining live token with the highest max cosine similarity to the other
+    remaining tokens. The two tokens of the closest pair always tie on that score; the one more similar to
+    all the others (higher summed similarity) goes, so the more distinctive one stays. Vectorised over the
+    batch; images stop at their own budget.
+
+    Args:
+        similarity: ``[B, N, N]`` from :func:`cosine_similarity`.
+        live: ``[B, N]`` bool.
+        keep: ``[B]`` long, tokens left per image when the removal stops.
+
+    Returns:
+        ``[B, N]`` float: ``0, 1, ...`` in removal order; ``inf`` for the tokens that remain, ``-1`` on dead
+        tokens.
+    """
+    num_tokens = live.shape[1]
+    self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
+    remaining = live.clone()
+    order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
+    steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
+    for step in range(steps):
+        others = remaining.unsqueeze(1) & ~self_pair  # [B, N, N]
+        nearest = similarity.masked_fill(~others, float("-inf")).amax(dim=-1)
+        nearest = nearest.masked_fill(~remaining, float("-inf"))  # [B, N]
+        closest = nearest == nearest.amax(dim=1, keepdim=True)
+        total = (similarity * others).sum(dim=-1).masked_fill(~closest, float("-inf"))
+        over_budget = remaining.sum(dim=1) > keep
+        removed = F.one_hot(total.argmax(dim=1), num_tokens).bool() & over_budget.unsqueeze(1)
+        order = order.masked_fill(removed, float(step))
+        remaining &= ~removed
+    return order
 
 
 def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
     """Drop the most redundant token first, recomputing after each removal, until ``k`` remain
-    (``envs.features.greedy_removal_order``). ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, k]``."""
+    (:func:`greedy_removal_order`). ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
     keep = torch.full(live.shape[:1], k, dtype=torch.long, device=live.device)
     order = greedy_removal_order(cosine_similarity(x_patch), live, keep)
-    return topk_keep_index(order, live, k)  # exactly k remain; also validates k
+    return topk_keep_mask(order, live, k)  # exactly the k survivors (order inf); also validates k
 
 
-def make_selector(name: str, generator: torch.Generator | None = None) -> Selector:
-    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``pruned_forward``."""
+def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
+                       k: int) -> torch.Tensor:
+    """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
+    suppression in one shot, so of each group of near-duplicates the most attended one stays (the
+    ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
+    similarity = cosine_similarity(x_patch)
+    more_attended = live.unsqueeze(1) & (cls_attention.unsqueeze(1) > cls_attention.unsqueeze(2))
+    suppression = similarity.masked_fill(~more_attended, -1.0).amax(dim=-1)
+    return topk_keep_mask(-suppression, live, k)
+
+
+def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:
+    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``exact_forward``."""
     if name == "random":
-        return lambda ctx: random_keep(ctx.live, ctx.k, generator)
+        return lambda state, k: random_keep(state.live, k, generator)
     if name == "attention":
-        return lambda ctx: greedy_attention_keep(ctx.cls_attention, ctx.live, ctx.k)
+        return lambda state, k: greedy_attention_keep(state.cls_attention, state.live, k)
     if name == "similarity":
-        return lambda ctx: greedy_similarity_keep(ctx.x_patch, ctx.live, ctx.k)
+        return lambda state, k: greedy_similarity_keep(state.patches, state.live, k)
+    if name == "nms":
+        return lambda state, k: attention_nms_keep(state.patches, state.cls_attention, state.live, k)
     raise ValueError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
-

@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from envs.backbone_checkpoint import save_backbone
-from envs.data import DATA_DIR_ENV
+from envs.vit.backbone_checkpoint import save_backbone
+from envs.vit.data import DATA_DIR_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HOME"] = tempfile.mkdtemp(prefix="marl-pruning-home-")  # Ray writes under ~ otherwise
@@ -38,3 +38,21 @@ def tiny_backbone(tmp_path_factory) -> Path:
               "class_names": CIFAR_CLASSES, "input_size": 32, "mean": [0.49, 0.48, 0.45],
               "std": [0.25, 0.24, 0.26], "dataset": "cifar10"}
     return save_backbone(model, config, tmp_path_factory.mktemp("tiny_backbone"))
+
+
+@pytest.fixture(scope="session")
+def image_folder_224(tmp_path_factory) -> Path:
+    """A generated ImageFolder data set (``folder`` layout): train/ and test/, 3 classes, JPEGs of assorted
+    sizes around 224 px, so decoding resizes and centre-crops."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder224")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for label in ("ant", "bee", "cat"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                height, width = 224 + 16 * (i % 3), 224 + 24 * (i % 2)
+                pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.jpg", quality=90)
+    return root

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import backbone
-from envs.backbone_checkpoint import CheckpointError, load_backbone, normalize, save_backbone
+from envs.vit.backbone_checkpoint import CheckpointError, load_backbone, normalize, save_backbone
 
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 

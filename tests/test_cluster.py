@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.checkpoints import latest_checkpoint, read_pruning_config
+from policies.checkpoints import latest_checkpoint, read_checkpoint_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_di
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "iter    1" in done.stdout
-    assert read_pruning_config(latest_checkpoint(out))["iteration"] == 1
+    assert read_checkpoint_info(latest_checkpoint(out)).iteration == 1
     nodes = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address={address}"],
                            env=env, capture_output=True, text=True, timeout=120).stdout
     assert nodes.count("node_") >= 2, nodes

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from envs.data import DataError, load_split, split_indices
+from envs.vit.data import DataError, StreamedImages, load_split, split_indices
 
 
 def test_val_split_is_seeded_and_disjoint_from_train():
@@ -46,3 +47,16 @@ def test_missing_dataset_offline_gives_clear_error(tmp_path):
         load_split("mnist", "test", tmp_path)
     with pytest.raises(DataError, match="unknown split"):
         load_split("cifar10", "validation", tmp_path)
+
+
+def test_a_split_over_the_memory_budget_streams_the_same_pixels(image_folder_224):
+    decoded = load_split("folder", "train", image_folder_224, input_size=224, val_size=6)
+    streamed = load_split("folder", "train", image_folder_224, input_size=224, val_size=6, memory_budget_mb=1)
+    assert isinstance(decoded.images, torch.Tensor) and isinstance(streamed.images, StreamedImages)
+    assert len(streamed) == len(decoded) == 18 and torch.equal(streamed.labels, decoded.labels)
+    assert torch.equal(streamed.images[3], decoded.images[3])
+    assert torch.equal(streamed.images[[7, 2, 7]], decoded.images[[7, 2, 7]])
+    assert torch.equal(streamed.images[torch.tensor([0, 5])], decoded.images[torch.tensor([0, 5])])
+    assert torch.equal(streamed.images[4:9], decoded.images[4:9])
+    for mine, theirs in zip(streamed.batches(5, workers=2), decoded.batches(5), strict=True):
+        assert torch.equal(mine, theirs)

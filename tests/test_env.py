@@ -6,9 +6,11 @@ import timm
 import torch
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
+from envs.problem import ProblemError
 from envs.pruning_engine import EpisodeLost, PruningEngine
-from envs.pruning_env import TokenPruningEnv, combine_decisions, policy_for_agent
-from envs.staged_vit import StagedViT
+from envs.pruning_env import TokenPruningEnv, policy_for_agent
+from envs.vit.staged_vit import StagedViT
+from policies.decisions import survives
 
 KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
 
@@ -19,7 +21,12 @@ def engine():
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **KWARGS).eval()
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
-    return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5)
+    return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5, "merge")
+
+
+def make_env(engine, images_per_env: int = 1, **problem) -> TokenPruningEnv:
+    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults."""
+    return TokenPruningEnv({"server": engine, "problem": {"images_per_env": images_per_env, **problem}})
 
 
 def rollout(env, seed, policy):
@@ -38,34 +45,34 @@ def keep_all(aid, obs):
 
 
 def test_rllib_env_check_passes(engine):
-    check_multiagent_environments(TokenPruningEnv({"server": engine, "images_per_env": 1}))
-    check_multiagent_environments(TokenPruningEnv({"server": engine, "images_per_env": 3}))
+    check_multiagent_environments(make_env(engine, 1))
+    check_multiagent_environments(make_env(engine, 3))
 
 
 def test_agent_ids_spaces_and_mapping(engine):
-    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    env = make_env(engine, 2)
     assert env.possible_agents == ["attention_0", "similarity_0", "attention_1", "similarity_1"]
     assert {policy_for_agent(a) for a in env.possible_agents} == {"attention", "similarity"}
     obs, _ = env.reset(seed=0)
-    assert obs["attention_0"]["tokens"].shape == (64, len(engine.spec().attention_features))
-    assert obs["similarity_1"]["tokens"].shape == (64, len(engine.spec().similarity_features))
+    assert obs["attention_0"]["tokens"].shape == (64, engine.spec().num_features["attention"])
+    assert obs["similarity_1"]["tokens"].shape == (64, engine.spec().num_features["similarity"])
     assert obs["attention_0"]["live"].sum() == 64
-    single = TokenPruningEnv({"server": engine, "images_per_env": 1, "agents": "similarity"})
+    single = make_env(engine, 1, agents="similarity")
     assert single.possible_agents == ["similarity"]
 
 
 def test_combination_rule_is_and_of_keep_and_not_redundant():
     keep = np.array([1, 1, 0, 0])
     redundant = np.array([0, 1, 0, 1])
-    assert combine_decisions(keep, redundant).tolist() == [True, False, False, False]
-    assert combine_decisions(keep, None).tolist() == [True, True, False, False]
-    assert combine_decisions(None, redundant).tolist() == [True, False, True, False]
+    assert survives(keep, redundant).tolist() == [True, False, False, False]
+    assert survives(keep, None).tolist() == [True, True, False, False]
+    assert survives(None, redundant).tolist() == [True, False, True, False]
     with pytest.raises(ValueError):
-        combine_decisions(None, None)
+        survives(None, None)
 
 
 def test_keep_all_matches_unpruned_and_pays_budget_penalty(engine):
-    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    env = make_env(engine, 2)
     trace, infos = rollout(env, 0, keep_all)
     assert len(trace) == 3  # one step per pruning point
     assert all(info["agree"] and info["kept_per_stage"] == [64, 64, 64] for info in infos.values())
@@ -81,7 +88,7 @@ def test_exact_target_has_no_budget_penalty(engine):
             act[: n // 2] = 1
         return act
 
-    trace, infos = rollout(TokenPruningEnv({"server": engine, "images_per_env": 1}), 0, first_half)
+    trace, infos = rollout(make_env(engine, 1), 0, first_half)
     assert [step[1]["attention"] for step in trace] == [32, 16, 8]
     assert trace[0][0]["attention"] == 0.0 and trace[1][0]["attention"] == 0.0
     assert infos["attention"]["keep_ratio"] == 8 / 64
@@ -89,7 +96,7 @@ def test_exact_target_has_no_budget_penalty(engine):
 
 def test_each_agent_alone_can_prune(engine):
     for agents in ("attention", "similarity"):
-        env = TokenPruningEnv({"server": engine, "images_per_env": 1, "agents": agents})
+        env = make_env(engine, 1, agents=agents)
         drop_odd = lambda aid, obs: (np.arange(64) % 2 == (1 if aid == "attention" else 0)).astype(np.int8)  # noqa: E731
         _, infos = rollout(env, 0, drop_odd)
         assert infos[agents]["kept_per_stage"][0] == 32
@@ -102,13 +109,13 @@ def test_seeded_and_reproducible(engine):
     def scripted(aid, obs):
         return actions[sum(map(ord, aid)) % 12]
 
-    runs = [rollout(TokenPruningEnv({"server": engine, "images_per_env": 2}), 7, scripted) for _ in range(2)]
+    runs = [rollout(make_env(engine, 2), 7, scripted) for _ in range(2)]
     assert runs[0][0] == runs[1][0]
     assert runs[0][1]["attention_0"]["image"] == runs[1][1]["attention_0"]["image"]
 
 
 def test_lost_episode_truncates_and_reset_recovers(engine):
-    env = TokenPruningEnv({"server": engine, "images_per_env": 1})
+    env = make_env(engine, 1)
     obs, _ = env.reset(seed=0)
     engine.release(env._keys)  # what a server restart does to in-flight episodes
     with pytest.raises(EpisodeLost):
@@ -120,7 +127,7 @@ def test_lost_episode_truncates_and_reset_recovers(engine):
 
 
 def test_engine_state_is_bounded_and_freed(engine):
-    env = TokenPruningEnv({"server": engine, "images_per_env": 2})
+    env = make_env(engine, 2)
     before = len(engine.episodes)
     rollout(env, 0, keep_all)
     assert len(engine.episodes) == before
@@ -130,12 +137,11 @@ def test_engine_state_is_bounded_and_freed(engine):
 
 
 def test_bad_settings_fail_clearly(engine):
-    with pytest.raises(ValueError, match="agents must be"):
-        TokenPruningEnv({"server": engine, "agents": "both_and_more"})
-    with pytest.raises(ValueError, match="images_per_env"):
-        TokenPruningEnv({"server": engine, "images_per_env": 0})
-    vit = engine.staged.vit
-    with pytest.raises(ValueError):
-        PruningEngine(engine.staged, engine.config, engine.images, engine.labels, 1.5)
+    with pytest.raises(ProblemError, match="agents must be one of both, attention, similarity"):
+        make_env(engine, agents="both_and_more")
+    with pytest.raises(ProblemError, match="images_per_env must be >= 1"):
+        make_env(engine, 0)
+    with pytest.raises(ValueError, match="unknown env_config keys: agents"):
+        TokenPruningEnv({"server": engine, "agents": "attention"})
     with pytest.raises(ValueError, match="prune_points"):
-        StagedViT(vit, (2, 9))
+        StagedViT(engine.staged.vit, (2, 9))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -23,17 +24,17 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 import evaluate
-from envs.backbone_checkpoint import load_backbone, normalize
-from envs.data import load_split
-from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
-from envs.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
-from envs.pruned_forward import PruneContext, adaptive_forward, pruned_forward
+from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import PruningEngine
-from envs.pruning_env import POLICIES
-from envs.staged_vit import StagedViT
-from envs.token_ops import topk_keep_index
+from envs.vit.backbone_checkpoint import load_backbone, normalize
+from envs.vit.data import load_split
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
+from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
+from envs.vit.pruned_forward import TokenState, initial_state
+from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG, load_policies
-from policies.rl_module import TokenPolicyModule, policy_gflops
+from policies.decisions import agent_logits
+from policies.rl_module import TokenPolicyModule
 
 REPO = Path(__file__).resolve().parent.parent
 PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
@@ -45,8 +46,9 @@ FEATURE_COUNTS = {"attention": len(ATTENTION_FEATURES), "similarity": len(SIMILA
 TIMING = ["images_per_s_b1", "images_per_s_b256", "speedup"]
 COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "gflops_backbone",
            "gflops_features", "gflops_policies", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3",
-           "keep_ratio", *TIMING]
-HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity"]
+           "keep_ratio", *TIMING, "delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
+HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity", "Attention NMS", "ToMe"]
+DELTA = ["delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
 MARL_ROWS = ["MARL exact", "MARL adaptive", "MARL attention only", "MARL similarity only"]
 
 
@@ -66,31 +68,32 @@ def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
     to image, as after training (a fresh module gives nearly the same logit to every token)."""
     with torch.no_grad():
         images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        x, cls_attention = staged.forward_stage(staged.embed(images), 0)
-        positions = torch.arange(staged.num_patches).expand(8, -1)
-        ctx = PruneContext(x[:, 1:], cls_attention, torch.ones_like(positions, dtype=torch.bool), positions, 0, 0)
-        logits = evaluate.policy_logits({name: module}, ctx, staged, TARGET_RATIO)[name]
-        last = module.logit_net[-1]
+        logits = agent_logits({name: module}, staged, initial_state(staged, images), TARGET_RATIO)[name]
+        last = module._logit_net[-1]
         last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
         last.weight.div_(logits.std())
 
 
 def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
                      prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
-                     calibrate_on: StagedViT | None = None, reduction: str | None = "merge") -> Path:
-    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json
-    (``reduction=None``: as written before the setting existed)."""
+                     calibrate_on: StagedViT | None = None, reduction: str = "merge",
+                     legacy: bool = False) -> Path:
+    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
+    layout of reference/marl_policy, with no reduction named)."""
     for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
             if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
                 calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
             module.save_to_path(directory / MODULES_DIR / name)
-    config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
-                         "prune_points": list(prune_points), "target_ratio": target_ratio},
-              "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
-    if reduction is not None:
-        config["server"]["reduction"] = reduction
+    if legacy:
+        config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
+                             "prune_points": list(prune_points), "target_ratio": target_ratio},
+                  "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
+    else:
+        problem = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
+                                    hidden=HIDDEN).to_json(), "target_ratio": target_ratio, "reduction": reduction}
+        config = {"problem": problem, "iteration": 3}
     (directory / PRUNING_CONFIG).write_text(json.dumps(config))
     return directory
 
@@ -143,7 +146,7 @@ def test_rows_columns_and_files(results):
     saved = json.loads((output / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
-    assert "| method | budget |" in (output / "results.md").read_text()
+    assert re.search(r"\| method +\| +budget \|", (output / "results.md").read_text())
     quality = table[["accuracy", "f1_macro", "agreement"]]
     assert ((quality >= 0) & (quality <= 100)).all().all()
 
@@ -179,7 +182,8 @@ def test_gflops_are_the_analytic_counts(results, staged):
     exact = rows(table, "MARL exact").loc[0.5]
     assert exact["gflops_backbone"] == pytest.approx(rows(table, "Random").loc[0.5, "gflops_backbone"])
     live = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)[:-1]
-    policies = sum(policy_gflops(n, f, HIDDEN) for n in live for f in FEATURE_COUNTS.values())
+    h = HIDDEN  # token MLP f -> h -> h, logit MLP 2h -> h -> 1, per live token
+    policies = sum(n * (f * h + h * h + 2 * h * h + h) for n in live for f in FEATURE_COUNTS.values()) / 1e9
     assert exact["gflops_policies"] == pytest.approx(policies)
     assert exact["gflops"] == pytest.approx(exact["gflops_backbone"] + feature_gflops(spec, live) + policies)
     adaptive = rows(table, "MARL adaptive").loc[0.5]
@@ -199,7 +203,7 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, checkpoi
     """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
     --reduction overrides; every pruned row follows the one setting, and dropping costs no merge GFLOPs."""
     _, merged = results
-    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=staged[0], reduction=None)
+    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=staged[0], legacy=True)
     tables = {}
     for name, path, extra in (("legacy", legacy, ()), ("forced", checkpoint, ("--reduction", "drop"))):
         assert evaluate.main(cli(path, data_dir, tmp_path / name, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
@@ -219,7 +223,8 @@ def test_timings(checkpoint, staged, split):
     modules, _ = load_policies(checkpoint)
     methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, "both")})
     small = type(split)(split.images[:16], split.labels[:16], split.class_names)
-    table = evaluate.evaluate_methods(staged[0], staged[1], small, methods, speed_repeats=1, progress=False)
+    table = evaluate.evaluate_methods(staged[0], staged[1], small, methods, "merge", speed_repeats=1,
+                                      progress=False)
     assert (table[TIMING] > 0).all().all()
     assert table.loc[0, "speedup"] == 1.0
 
@@ -232,22 +237,18 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, stag
     modules, _ = load_policies(checkpoint)
     model, config = staged
     with torch.no_grad():
-        x, cls_attention = model.forward_stage(model.embed(normalize(split.images[:4], config)), 0)
+        state = initial_state(model, normalize(split.images[:4], config))
         keep = torch.arange(NUM_PATCHES) % 3 != 0
-        patches = x[:, 1:][:, keep]
-        positions = torch.arange(NUM_PATCHES)[keep].expand(4, -1)
-        live = torch.ones_like(positions, dtype=torch.bool)
-        ctx = PruneContext(patches, cls_attention[:, keep], live, positions, 1, 0)
-        cut = evaluate.policy_logits(modules, ctx, model, TARGET_RATIO)
-        padded_ctx = PruneContext(torch.cat([patches, torch.zeros(4, NUM_PATCHES - keep.sum(), 48)], 1),
-                                  torch.cat([ctx.cls_attention, torch.zeros(4, NUM_PATCHES - keep.sum())], 1),
-                                  torch.arange(NUM_PATCHES).expand(4, -1) < keep.sum(),
-                                  torch.cat([positions, torch.zeros_like(positions)[:, :NUM_PATCHES - keep.sum()]],
-                                            1), 1, 0)
-        padded = evaluate.policy_logits(modules, padded_ctx, model, TARGET_RATIO)
+        n = int(keep.sum())
+        cut = TokenState(torch.cat([state.tokens[:, :1], state.patches[:, keep]], 1), state.live[:, keep],
+                         state.size[:, keep], state.positions[:, keep], state.cls_attention[:, keep], 1)
+        padded = TokenState(*(torch.cat([t, t.new_zeros(4, NUM_PATCHES - n, *t.shape[2:])], 1) for t in cut[:5]),
+                            1)
+        cut_logits = agent_logits(modules, model, cut, TARGET_RATIO)
+        padded_logits = agent_logits(modules, model, padded, TARGET_RATIO)
     for name in POLICIES:
-        assert padded[name].shape == (4, NUM_PATCHES)
-        torch.testing.assert_close(cut[name], padded[name][:, :int(keep.sum())])
+        assert padded_logits[name].shape == (4, NUM_PATCHES)
+        torch.testing.assert_close(cut_logits[name], padded_logits[name][:, :n])
 
 
 def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
@@ -255,7 +256,7 @@ def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
     modules, _ = load_policies(checkpoint)
     model, config = staged
     count = 16
-    engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO)
+    engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO, "merge")
     keys = [str(i) for i in range(count)]
     observations = engine.reset(keys, list(range(count)))
     while True:
@@ -265,58 +266,21 @@ def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
             obs = {"tokens": torch.from_numpy(np.stack([o[name] for o in observations])), "live": live}
             with torch.no_grad():
                 logits[name] = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-        keep = list(evaluate.survival_decision(logits, live.bool()).numpy())
-        results = engine.step(keys, keep)
+        # the adaptive rule, from its definition: the expected number of survivors, the most likely ones
+        score = sum(torch.nn.functional.logsigmoid(logits[n] * sign) for n, sign in
+                    (("attention", 1), ("similarity", -1))).masked_fill(live == 0, float("-inf"))
+        count_kept = score.exp().sum(1).round().clamp(min=1)
+        rank = score.argsort(1, descending=True).argsort(1)
+        results = engine.step(keys, list((rank < count_kept[:, None]).numpy()))
         if results[0]["done"]:
             break
         observations = [result["obs"] for result in results]
     method = evaluate.Method("MARL adaptive", "policy", TARGET_RATIO, modules, adaptive=True)
     with torch.no_grad():
-        logits, kept = evaluate.make_runner(method, model)(normalize(split.images[:count], config))
+        logits, kept = method.runner(model, "merge")(normalize(split.images[:count], config))
     assert kept[:, 1:].tolist() == [result["kept_per_stage"] for result in results]
     assert logits.argmax(dim=1).tolist() == [result["prediction"] for result in results]
     assert len({tuple(row) for row in kept.tolist()}) > 1  # images really kept different counts
-
-
-def above_mean_attention(ctx: PruneContext) -> torch.Tensor:
-    """A keep rule whose counts differ per image."""
-    attention = ctx.cls_attention.masked_fill(~ctx.live, 0)
-    return attention > attention.sum(1, keepdim=True) / ctx.live.sum(1, keepdim=True)
-
-
-def test_adaptive_forward_regrouping_and_padding_agree(staged, split):
-    model, config = staged
-    images = normalize(split.images[:12], config)
-    with torch.no_grad():
-        exact, kept = adaptive_forward(model, images, above_mean_attention)
-        padded, kept_padded = adaptive_forward(model, images, above_mean_attention, max_padding=0.9)
-        alone = [adaptive_forward(model, images[i:i + 1], above_mean_attention) for i in range(12)]
-    assert len(set(kept[:, -1].tolist())) > 1
-    torch.testing.assert_close(exact, padded)
-    assert torch.equal(kept, kept_padded)
-    torch.testing.assert_close(exact, torch.cat([logits for logits, _ in alone]))
-    assert torch.equal(kept, torch.cat([k for _, k in alone]))
-
-
-def test_adaptive_forward_special_cases(staged, split):
-    model, config = staged
-    images = normalize(split.images[:3], config)
-
-    def half_by_attention(ctx: PruneContext) -> torch.Tensor:
-        index = topk_keep_index(ctx.cls_attention, ctx.live, max(1, round(int(ctx.live.sum(1)[0]) / 2)))
-        return torch.zeros_like(ctx.live).scatter(1, index, True)
-
-    with torch.no_grad():
-        logits, kept = adaptive_forward(model, images, lambda ctx: ctx.live)
-        torch.testing.assert_close(logits, model.vit(images))
-        assert kept.tolist() == [[NUM_PATCHES] * 4] * 3
-        logits, kept = adaptive_forward(model, images, half_by_attention)
-        reference, schedule = pruned_forward(
-            model, images, lambda ctx: topk_keep_index(ctx.cls_attention, ctx.live, ctx.k), 0.5)
-        torch.testing.assert_close(logits, reference)
-        assert kept.tolist() == [schedule] * 3
-        _, kept = adaptive_forward(model, images, lambda ctx: torch.zeros_like(ctx.live))
-        assert kept.tolist() == [[NUM_PATCHES, 1, 1, 1]] * 3  # at least one token always survives
 
 
 def test_checkpoints_per_budget_add_marl_rows(checkpoint, tiny_backbone, data_dir, staged, tmp_path):
@@ -333,9 +297,9 @@ def test_checkpoints_per_budget_add_marl_rows(checkpoint, tiny_backbone, data_di
 
 def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
-    modules, config = load_policies(path)
+    modules, info = load_policies(path)
     assert list(modules) == ["similarity"]
-    methods = evaluate.plan_methods([0.5], {0.5: (modules, evaluate.checkpoint_agents(config))})
+    methods = evaluate.plan_methods([0.5], {0.5: (modules, info.problem.agents)})
     assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
 
 
@@ -356,10 +320,10 @@ def truncated(path: Path) -> Path:
     ("other_backbone", "was it trained on another backbone"),
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
-    ("bad_budget", "target ratios must be in (0, 1)"),
+    ("bad_budget", "argument --budgets: a target ratio must be in (0, 1), got 1.5"),
     ("missing_data", "does not exist"),
     ("existing_results", "pass --overwrite"),
-    ("unknown_reduction", "server.reduction must be one of"),
+    ("unknown_reduction", "reduction must be one of merge, drop"),
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_backbone, data_dir, tmp_path,
@@ -415,3 +379,40 @@ def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):
     assert evaluate.main(["--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no policy checkpoint at") and "--checkpoint" in err and err.count("\n") == 1
+
+
+def test_learned_rows_compare_with_the_best_heuristic_at_their_budget(results):
+    table = results[1]
+    heuristics = table[table["method"].isin(HEURISTIC_ROWS)]
+    for _, row in table.iterrows():
+        if row["method"] in MARL_ROWS:
+            best = heuristics.loc[heuristics["budget"] == row["budget"], "accuracy"].max()
+            assert row["delta_best_heuristic"] == pytest.approx(row["accuracy"] - best)
+            assert row["delta_ci_low"] <= row["delta_best_heuristic"] <= row["delta_ci_high"]
+        else:
+            assert row[DELTA].isna().all()
+
+
+def test_tome_row_costs_what_greedy_similarity_costs(results, staged):
+    table = results[1]
+    for budget in (0.3, 0.5):
+        tome, greedy = rows(table, "ToMe").loc[budget], rows(table, "Greedy similarity").loc[budget]
+        assert tome["gflops"] == pytest.approx(greedy["gflops"], rel=0.03)
+        assert tome["gflops_features"] == 0 and tome["keep_ratio_s1"] < 1
+
+
+def test_training_validation_scores_the_modes_evaluate_reports(checkpoint, staged, split):
+    """train.py selects checkpoints by PruningEngine.validate: it must be evaluate.py's MARL rows."""
+    modules, _ = load_policies(checkpoint)
+    model, config = staged
+    engine = PruningEngine(model, config, split.images, split.labels, TARGET_RATIO, "merge")
+    scores = engine.validate(modules)
+    images = normalize(split.images, config)
+    with torch.no_grad():
+        reference = model.vit(images).argmax(1)
+        for mode, adaptive in (("exact", False), ("adaptive", True)):
+            method = evaluate.Method(mode, "policy", TARGET_RATIO, modules, adaptive=adaptive)
+            logits, kept = method.runner(model, "merge")(images)
+            assert scores[f"{mode}_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
+            assert scores[f"{mode}_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())
+            assert scores[f"{mode}_keep_ratio"] == pytest.approx(kept[:, -1].double().mean() / NUM_PATCHES)

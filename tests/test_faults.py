@@ -13,7 +13,7 @@ import torch
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
-from policies.checkpoints import latest_checkpoint, module_path, read_pruning_config
+from policies.checkpoints import latest_checkpoint, module_path, read_checkpoint_info
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path, tiny_backbone,
     job.wait()
     logged = len(rows(tmp_path))
     checkpoint = latest_checkpoint(tmp_path / "run")
-    saved = read_pruning_config(checkpoint)["iteration"]
+    saved = read_checkpoint_info(checkpoint).iteration
     assert logged - saved <= 2  # at most one checkpoint interval lost
     before = {p: RLModule.from_checkpoint(str(module_path(checkpoint, p))).state_dict()
               for p in ("attention", "similarity")}
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path, tiny_backbone,
     assert train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--iterations", str(saved),
                        "--num-workers", "0", "--num-cpus", "2"]) == 0
     resumed = latest_checkpoint(tmp_path / "run")
-    assert read_pruning_config(resumed)["iteration"] == saved
+    assert read_checkpoint_info(resumed).iteration == saved
     assert len(rows(tmp_path)) == saved
     for policy, weights in before.items():
         after = RLModule.from_checkpoint(str(module_path(resumed, policy))).state_dict()

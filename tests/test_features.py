@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from envs.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, token_features
-from envs.staged_vit import StagedViT
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, token_features
+from envs.vit.staged_vit import StagedViT
 
 A = {name: i for i, name in enumerate(ATTENTION_FEATURES)}
 S = {name: i for i, name in enumerate(SIMILARITY_FEATURES)}
@@ -95,13 +95,16 @@ def test_stage_out_of_range():
         features(torch.randn(1, 2, 3), torch.rand(1, 2), torch.ones(1, 2, dtype=torch.bool), stage=3)
 
 
-def test_redundancy_is_the_greedy_removal_order_down_to_the_budget():
-    """One of each near-duplicate pair goes, the closest pair first; the rest survive with 0."""
+def test_suppression_singles_out_the_less_attended_of_each_near_duplicate_pair():
+    """In one shot: the less attended member of a near-duplicate pair scores ~1, the more attended one and a
+    distinct token score low, the most attended token and dead rows 0."""
     a, b, c = torch.eye(3)
-    x = torch.stack([a, a + 0.05 * b, b + 0.3 * a, b, c, c]).unsqueeze(0)  # last token dead
-    live = torch.tensor([[True] * 5 + [False]])
-    _, sim = features(x, torch.ones(1, 6), live, keep=0.6)  # keep round(5 * 0.6) = 3 of 5
-    redundancy = sim[0, :, S["redundancy"]]
-    assert sorted(redundancy[:2].tolist()) == [0.0, 1.0]  # closest pair: one removed first
-    assert sorted(redundancy[2:4].tolist()) == [0.0, 0.5]  # next closest pair: one removed second
-    assert redundancy[4] == 0 and redundancy[5] == 0  # distinct survivor; dead row
+    x = torch.stack([a, a + 0.05 * b, b, c, c]).unsqueeze(0)  # last token dead
+    attention = torch.tensor([[0.4, 0.1, 0.2, 0.3, 0.9]])
+    live = torch.tensor([[True] * 4 + [False]])
+    _, sim = features(x, attention, live)
+    suppression = sim[0, :, S["suppression"]]
+    assert suppression[0] == 0  # the most attended live token: nothing above it
+    assert suppression[1] > 0.99  # a near-copy of token 0, which the class token attends to more
+    assert suppression[2] < 0.1 and suppression[3] < 0.1  # nothing similar is attended more
+    assert suppression[4] == 0  # dead row

@@ -8,19 +8,21 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from envs.features import token_features
-from envs.flops import (
+from envs.vit.features import cosine_similarity, token_features
+from envs.vit.flops import (
     ViTSpec,
     backbone_gflops,
     block_macs,
     feature_gflops,
     heuristic_schedule,
+    image_gflops,
     merge_gflops,
     schedule_tokens,
+    unpruned_gflops,
 )
-from envs.pruned_forward import pruned_forward
-from envs.staged_vit import StagedViT
-from policies.heuristics import make_selector
+from envs.vit.pruned_forward import exact_forward
+from envs.vit.staged_vit import StagedViT
+from policies.heuristics import heuristic_selector
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 
@@ -58,16 +60,14 @@ def test_unpruned_matches_flop_counter(vit):
 def test_pruned_matches_flop_counter(vit, ratio, reduction):
     images = torch.randn(2, 3, 32, 32)
     staged = StagedViT(vit, prune_points=(1, 2, 3))
-    kept: list[int] = []
+    kept: list[list[int]] = []
     counted = counted_gmacs(lambda: kept.extend(
-        pruned_forward(staged, images, make_selector("attention"), ratio, reduction)[1]), 2)
+        exact_forward(staged, images, heuristic_selector("attention"), ratio, reduction)[1].tolist()), 2)
     spec = ViTSpec.from_model(vit)
-    assert kept == heuristic_schedule(64, 3, ratio)
-    analytic = backbone_gflops(spec, schedule_tokens(spec, staged.prune_points, kept))
-    if reduction == "merge":
-        analytic += merge_gflops(spec, kept[:-1], kept[1:])
+    assert kept == [heuristic_schedule(64, 3, ratio)] * 2
+    analytic = image_gflops(spec, staged.prune_points, kept[0], reduction, "none").backbone
     assert analytic == pytest.approx(counted, rel=0.02)
-    assert analytic < backbone_gflops(spec, [65] * spec.depth)
+    assert analytic < unpruned_gflops(spec) == backbone_gflops(spec, [65] * spec.depth)
 
 
 def test_reference_geometry():
@@ -104,6 +104,25 @@ def test_feature_gflops_covers_the_counted_matmuls(vit):
     assert feature_gflops(spec, [64, 32]) == pytest.approx(two_points)
 
 
+def test_similarity_scores_cost_the_cosine_matrix(vit):
+    spec = ViTSpec.from_model(vit)
+    counted = counted_gmacs(lambda: cosine_similarity(torch.randn(1, 64, 48)), 1)
+    assert counted <= feature_gflops(spec, [64], "similarity") <= 1.05 * counted
+    assert feature_gflops(spec, [64], "attention") == 64 * 48 / 1e9 and feature_gflops(spec, [64], "none") == 0
+
+
+def test_image_gflops_adds_its_parts(vit):
+    spec = ViTSpec.from_model(vit)
+    kept = [64, 32, 16, 8]
+    dropped = image_gflops(spec, (1, 2, 3), kept, "drop", "agents", policy_macs_per_token=1000)
+    merged = image_gflops(spec, (1, 2, 3), kept, "merge", "agents", policy_macs_per_token=1000)
+    assert dropped.backbone == backbone_gflops(spec, schedule_tokens(spec, (1, 2, 3), kept))
+    assert merged.backbone == pytest.approx(dropped.backbone + merge_gflops(spec, kept[:-1], kept[1:]))
+    assert merged.features == feature_gflops(spec, kept[:-1], "agents")
+    assert merged.policies == pytest.approx((64 + 32 + 16) * 1000 / 1e9)
+    assert merged.total == pytest.approx(merged.backbone + merged.features + merged.policies)
+
+
 def test_schedules():
     spec = ViTSpec(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, patch_size=(4, 4), in_chans=3,
                    num_patches=64, num_prefix_tokens=1, num_classes=10)
@@ -114,3 +133,12 @@ def test_schedules():
         schedule_tokens(spec, (3, 6, 9), [64, 32])
     with pytest.raises(ValueError, match="one per block"):
         backbone_gflops(spec, [65] * 11)
+
+
+def test_distilled_deit_counts_both_heads():
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", **TINY).eval()
+    spec = ViTSpec.from_model(deit)
+    assert spec.num_prefix_tokens == 2 and spec.num_heads_out == 2
+    images = torch.randn(2, 3, 32, 32)
+    assert backbone_gflops(spec, [66] * spec.depth) == pytest.approx(counted_gmacs(lambda: deit(images), 2), rel=0.02)

@@ -7,15 +7,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from envs.flops import heuristic_schedule
-from envs.pruned_forward import pruned_forward
-from envs.staged_vit import StagedViT
-from envs.token_ops import gather_tokens, pack_keep_mask, tokens_to_keep, topk_keep_index
+from envs.vit.flops import heuristic_schedule
+from envs.vit.pruned_forward import exact_forward
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import gather_tokens, pack_keep_mask, pad_tokens, tokens_to_keep, topk_keep_mask
 from policies.heuristics import (
     HEURISTICS,
+    attention_nms_keep,
     greedy_attention_keep,
     greedy_similarity_keep,
-    make_selector,
+    heuristic_selector,
     random_keep,
 )
 
@@ -30,25 +31,19 @@ def test_tokens_to_keep(num_live, ratio, expected):
     assert tokens_to_keep(num_live, ratio) == expected
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
-def test_tokens_to_keep_rejects_ratio_outside_open_unit_interval(ratio):
-    with pytest.raises(ValueError, match=r"target_ratio must be in \(0, 1\)"):
-        tokens_to_keep(64, ratio)
-
-
 def test_gather_tokens_keeps_prefix():
     x = torch.arange(2 * 7 * 1).float().reshape(2, 7, 1)  # 2 prefix + 5 patch tokens
     out = gather_tokens(x, torch.tensor([[0, 4], [1, 2]]), num_prefix=2)
     assert out[..., 0].tolist() == [[0, 1, 2, 6], [7, 8, 10, 11]]
 
 
-def test_topk_keep_index_sorted_and_live_only():
+def test_topk_keep_mask_live_only():
     scores = torch.tensor([[5.0, 1.0, 9.0, 3.0, float("-inf")]])
     live = torch.tensor([[True, True, False, True, True]])
-    assert topk_keep_index(scores, live, 2).tolist() == [[0, 3]]
-    assert topk_keep_index(scores, live, 4).tolist() == [[0, 1, 3, 4]]  # a live -inf beats a dead token
+    assert topk_keep_mask(scores, live, 2).tolist() == [[True, False, False, True, False]]
+    assert topk_keep_mask(scores, live, 4).tolist() == [[True, True, False, True, True]]  # live -inf beats dead
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
-        topk_keep_index(scores, live, 5)
+        topk_keep_mask(scores, live, 5)
 
 
 def test_pack_keep_mask():
@@ -59,10 +54,16 @@ def test_pack_keep_mask():
     assert live_after.tolist() == [[True, True, False, False], [True, False, False, False], [True] * 4]
 
 
-def assert_valid_keep_index(index: torch.Tensor, live: torch.Tensor, k: int) -> None:
-    assert index.shape == (live.shape[0], k) and index.dtype == torch.long
-    assert (index.diff(dim=1) > 0).all()  # ascending, no repeats
-    assert live.gather(1, index).all()
+def test_pad_tokens():
+    x = torch.ones(2, 3, 4)
+    assert pad_tokens(x, 5).shape == (2, 5, 4) and pad_tokens(x, 5)[:, 3:].abs().sum() == 0
+    assert pad_tokens(torch.ones(2, 3, dtype=torch.bool), 4).tolist() == [[True] * 3 + [False]] * 2
+    assert pad_tokens(x, 3) is x
+
+
+def assert_valid_keep(keep: torch.Tensor, live: torch.Tensor, k: int) -> None:
+    assert keep.shape == live.shape and keep.dtype == torch.bool
+    assert (keep.sum(dim=1) == k).all() and not (keep & ~live).any()
 
 
 @pytest.fixture()
@@ -76,18 +77,18 @@ def batch():
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_selectors_exact_budget_live_only(batch, k):
     x, attention, live = batch
-    for index in (random_keep(live, k, torch.Generator().manual_seed(1)),
-                  greedy_attention_keep(attention, live, k),
-                  greedy_similarity_keep(x, live, k)):
-        assert_valid_keep_index(index, live, k)
+    for keep in (random_keep(live, k, torch.Generator().manual_seed(1)),
+                 greedy_attention_keep(attention, live, k),
+                 greedy_similarity_keep(x, live, k)):
+        assert_valid_keep(keep, live, k)
 
 
 def test_greedy_attention_is_top_k(batch):
     _, attention, live = batch
-    index = greedy_attention_keep(attention, live, 5)
+    keep = greedy_attention_keep(attention, live, 5)
     for i in range(4):
         live_scores = attention[i][live[i]]
-        assert attention[i, index[i]].min() >= live_scores.topk(5).values.min()
+        assert attention[i, keep[i]].min() >= live_scores.topk(5).values.min()
 
 
 def test_random_keep_is_reproducible(batch):
@@ -113,15 +114,16 @@ def reference_greedy_similarity(x: torch.Tensor, live: torch.Tensor, k: int) -> 
 
 def test_greedy_similarity_matches_reference(batch):
     x, _, live = batch
-    index = greedy_similarity_keep(x, live, 4)
-    assert index.tolist() == [reference_greedy_similarity(x[i], live[i], 4) for i in range(4)]
+    keep = greedy_similarity_keep(x, live, 4)
+    assert [row.nonzero().flatten().tolist() for row in keep] == [
+        reference_greedy_similarity(x[i], live[i], 4) for i in range(4)]
 
 
 def test_greedy_similarity_drops_duplicates_first():
     e = torch.eye(4)
     x = torch.stack([e[0], e[1], 1.01 * e[0], e[2], e[1] + 0.01 * e[3]]).unsqueeze(0)
-    index = greedy_similarity_keep(x, torch.ones(1, 5, dtype=torch.bool), 3)
-    kept = F.normalize(x[0, index[0]], dim=-1)
+    keep = greedy_similarity_keep(x, torch.ones(1, 5, dtype=torch.bool), 3)
+    kept = F.normalize(x[0, keep[0]], dim=-1)
     assert (kept @ kept.T - torch.eye(3)).abs().max() < 0.1  # one of each direction survives
 
 
@@ -133,39 +135,49 @@ def staged():
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.7, 0.9])
 @pytest.mark.parametrize("name", HEURISTICS)
-def test_pruned_forward_exact_counts(staged, name, ratio):
+def test_exact_forward_counts(staged, name, ratio):
     with torch.no_grad():
-        logits, kept = pruned_forward(staged, torch.randn(2, 3, 32, 32), make_selector(name), ratio)
-    assert kept == heuristic_schedule(64, 3, ratio)
+        logits, kept = exact_forward(staged, torch.randn(2, 3, 32, 32), heuristic_selector(name), ratio, "merge")
+    assert kept.tolist() == [heuristic_schedule(64, 3, ratio)] * 2
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
-def test_pruned_forward_keeps_prefix_and_tracks_positions(staged):
+def test_exact_forward_keeps_prefix_and_tracks_positions(staged):
     seen, tokens_in = [], []
 
-    def select(ctx):
-        seen.append(ctx)
-        return torch.arange(ctx.k).expand(ctx.x_patch.shape[0], -1) + ctx.x_patch.shape[1] - ctx.k  # last k
+    def select(state, k):  # the last k live tokens
+        seen.append((state, k))
+        return torch.zeros_like(state.live).index_fill(1, torch.arange(state.live.shape[1] - k, state.live.shape[1]),
+                                                       True)
 
     hooks = [staged.vit.blocks[i].norm1.register_forward_pre_hook(
         lambda module, args: tokens_in.append(args[0].shape[1])) for i in range(staged.depth)]
     try:
         with torch.no_grad():
-            pruned_forward(staged, torch.randn(2, 3, 32, 32), select, 0.5)
+            exact_forward(staged, torch.randn(2, 3, 32, 32), select, 0.5, "drop")
     finally:
         for hook in hooks:
             hook.remove()
     assert tokens_in == [3 + 64, 3 + 32, 3 + 16, 3 + 8]  # class + 2 register tokens always stay
-    assert [ctx.stage for ctx in seen] == [0, 1, 2] and [ctx.k for ctx in seen] == [32, 16, 8]
-    assert seen[-1].positions[0].tolist() == list(range(48, 64))  # alive in stage 2: the last 16
-    assert all(ctx.live.all() and ctx.cls_attention.shape == ctx.live.shape for ctx in seen)
+    assert [state.stage for state, _ in seen] == [0, 1, 2] and [k for _, k in seen] == [32, 16, 8]
+    assert seen[-1][0].positions[0].tolist() == list(range(48, 64))  # alive in stage 2: the last 16
+    assert all(state.live.all() and state.cls_attention.shape == state.live.shape for state, _ in seen)
 
 
 def test_selector_errors(staged):
     with pytest.raises(ValueError, match="unknown heuristic"):
-        make_selector("magic")
-    def wrong_k(ctx):
-        return torch.arange(ctx.k + 1).unsqueeze(0)
+        heuristic_selector("magic")
 
-    with pytest.raises(ValueError, match="keep_index of shape"):
-        pruned_forward(staged, torch.randn(1, 3, 32, 32), wrong_k, 0.5)
+    def one_too_many(state, k):
+        return topk_keep_mask(state.cls_attention, state.live, k + 1)
+
+    with pytest.raises(ValueError, match="a selector must keep exactly 32 live tokens"):
+        exact_forward(staged, torch.randn(1, 3, 32, 32), one_too_many, 0.5, "merge")
+
+
+def test_attention_nms_keeps_the_most_attended_of_each_near_duplicate_group():
+    e = torch.eye(4)
+    x = torch.stack([e[0], 1.01 * e[0], e[1], e[1] + 0.01 * e[2], e[3]]).unsqueeze(0)
+    attention = torch.tensor([[0.1, 0.3, 0.2, 0.05, 0.35]])
+    keep = attention_nms_keep(x, attention, torch.ones(1, 5, dtype=torch.bool), 3)
+    assert keep[0].tolist() == [False, True, True, False, True]

@@ -17,7 +17,7 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from torch.utils.flop_counter import FlopCounterMode
 
 from policies.distribution import MultiBernoulli
-from policies.rl_module import DEAD_LOGIT, TokenPolicyModule, policy_gflops
+from policies.rl_module import DEAD_LOGIT, TokenPolicyModule
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
 LIVE_COUNTS = [16, 9, 3, 1]
@@ -127,13 +127,24 @@ def test_permuting_live_tokens_permutes_logits(module):
 
 
 @pytest.mark.parametrize("num_tokens,num_features,hidden", [(16, 7, 64), (196, 9, 32), (49, 8, 128)])
-def test_policy_gflops_matches_flop_counter(num_tokens, num_features, hidden):
+def test_macs_per_token_matches_flop_counter(num_tokens, num_features, hidden):
     policy = build(num_tokens, num_features, hidden=hidden)
     batch = {Columns.OBS: make_obs([num_tokens], num_tokens, num_features)}
     with FlopCounterMode(display=False) as counter:
         policy.forward_inference(batch)
-    measured = counter.get_total_flops() / 2 / 1e9
-    assert policy_gflops(num_tokens, num_features, hidden) == pytest.approx(measured, rel=0.02)
+    measured = counter.get_total_flops() / 2
+    assert num_tokens * policy.macs_per_token() == pytest.approx(measured, rel=0.02)
+
+
+def test_states_naming_the_networks_without_underscore_load(module):
+    """reference/marl_policy names them token_net, logit_net, value_head."""
+    public = {key.removeprefix("_"): value for key, value in module.get_state().items()}
+    assert "token_net.0.weight" in public
+    fresh = build()
+    fresh.set_state(public)
+    batch = {Columns.OBS: make_obs(LIVE_COUNTS)}
+    assert torch.equal(fresh.forward_inference(batch)[Columns.ACTION_DIST_INPUTS],
+                       module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS])
 
 
 ENV_N, ENV_F = 8, 3
@@ -187,7 +198,7 @@ def test_ppo_trains_both_modules_and_checkpoint_reloads(tmp_path):
         .training(train_batch_size_per_learner=60, minibatch_size=30, num_epochs=2, lr=1e-3)
         .debugging(seed=0)
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = config.build_algo()
     try:
         for _ in range(2):

@@ -1,36 +1,39 @@
 """The committed reference backbone and policy: they load, fit together, and reproduce their card."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from envs.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
-from envs.data import load_split
-from envs.staged_vit import StagedViT
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
+from envs.vit.data import load_split
+from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import check_policies, load_policies
 
 REFERENCE_POLICY = REFERENCE_BACKBONE.parent / "marl_policy"
 
 
-@pytest.mark.slow
-def test_reference_backbone_reproduces_its_card(data_dir):
+SAMPLE = 1000  # the full split takes minutes on a CPU; evaluate.py's Baseline row reads all of it
+
+
+def test_reference_backbone_agrees_with_its_card_on_a_sample(data_dir):
+    """A seeded sample of the test split scores the card's accuracy within 3 binomial standard errors
+    (about 3.3 points at 1,000 images): broken weights or preprocessing land far outside."""
     model, config = load_backbone(REFERENCE_BACKBONE)
-    test = load_split(config["dataset"], "test", data_dir, input_size=config["input_size"])
-    assert len(test) == config["split_sizes"]["test"]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    correct = 0
+    test = load_split(config["dataset"], "test", data_dir, input_size=config["input_size"], limit=SAMPLE)
     with torch.inference_mode():
-        for start in range(0, len(test), 500):
-            logits = model(normalize(test.images[start:start + 500], config))
-            correct += (logits.argmax(1) == test.labels[start:start + 500]).sum().item()
-    assert abs(100 * correct / len(test) - 100 * config["test_accuracy"]) <= 0.2
+        correct = sum((model(normalize(test.images[start:start + 500], config)).argmax(1)
+                       == test.labels[start:start + 500]).sum().item() for start in range(0, SAMPLE, 500))
+    card = config["test_accuracy"]
+    assert abs(correct / SAMPLE - card) <= 3 * math.sqrt(card * (1 - card) / SAMPLE)
 
 
 def test_reference_policy_fits_the_reference_backbone():
     if not REFERENCE_POLICY.exists():
         pytest.skip("no committed policy yet")
-    modules, pruning = load_policies(REFERENCE_POLICY)
+    modules, info = load_policies(REFERENCE_POLICY)
+    assert info.problem.backbone_path == REFERENCE_BACKBONE and info.problem.reduction == "merge"
     model, _ = load_backbone(REFERENCE_BACKBONE)
-    check_policies(modules, StagedViT(model, pruning["server"]["prune_points"]).num_patches, REFERENCE_POLICY)
+    check_policies(modules, StagedViT(model, info.problem.prune_points).num_patches, REFERENCE_POLICY)
     assert json.loads((REFERENCE_BACKBONE / "config.json").read_text())["model_name"] == "vit_tiny_patch16_224"

@@ -9,10 +9,17 @@ import torch
 
 import train
 from envs import pruning_engine
-from policies.checkpoints import latest_checkpoint, list_checkpoints, read_pruning_config, write_checkpoint
+from envs.problem import PruningProblem
+from envs.vit import features
+from policies.checkpoints import (
+    CheckpointInfo,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+    write_checkpoint,
+)
 
-CONFIG = {"server": {"backbone": "b", "prune_points": [3, 6, 9], "target_ratio": 0.5}, "env": {"agents": "both"},
-          "model_config": {}, "iteration": 1}
+PROBLEM = PruningProblem(backbone="b")
 
 
 class FakeAlgo:
@@ -30,14 +37,14 @@ class FakeAlgo:
 
 
 def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
-    good = write_checkpoint(FakeAlgo(), tmp_path, {**CONFIG, "iteration": 5})
+    good = write_checkpoint(FakeAlgo(), tmp_path, CheckpointInfo(PROBLEM, 5))
     with pytest.raises(OSError):
-        write_checkpoint(FakeAlgo(crash=True), tmp_path, {**CONFIG, "iteration": 10})
+        write_checkpoint(FakeAlgo(crash=True), tmp_path, CheckpointInfo(PROBLEM, 10))
     assert latest_checkpoint(tmp_path) == good
-    assert read_pruning_config(good)["iteration"] == 5
+    assert read_checkpoint_info(good) == CheckpointInfo(PROBLEM, 5)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_000005"]
     # the next save cleans the debris and lands
-    assert write_checkpoint(FakeAlgo(), tmp_path, {**CONFIG, "iteration": 10}).name == "iter_000010"
+    assert write_checkpoint(FakeAlgo(), tmp_path, CheckpointInfo(PROBLEM, 10)).name == "iter_000010"
 
 
 def test_resume_with_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
@@ -63,49 +70,36 @@ def test_output_dir_holding_a_run_is_refused(tmp_path, capsys):
     assert (tmp_path / "run" / "progress.csv").read_text() == "training_iteration\n1\n"
 
 
-def test_non_finite_features_are_sanitised_and_counted(monkeypatch):
+def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
     import timm
 
-    from envs.staged_vit import StagedViT
+    from envs.vit.staged_vit import StagedViT
 
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2,
                             embed_dim=48, num_heads=3).eval()
-    real = pruning_engine.token_features
+    real = features.token_features
 
     def poisoned(*args, **kwargs):
         attention, similarity = real(*args, **kwargs)
         attention[:, 0, 0], similarity[:, 1, 1] = float("nan"), float("inf")
         return attention, similarity
 
-    monkeypatch.setattr(pruning_engine, "token_features", poisoned)
+    monkeypatch.setattr(features, "token_features", poisoned)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     engine = pruning_engine.PruningEngine(StagedViT(vit, (1,)), {"num_classes": 10, "mean": [0.5] * 3,
-                                                               "std": [0.25] * 3}, images, torch.zeros(2), 0.5)
+                                                               "std": [0.25] * 3}, images, torch.zeros(2), 0.5,
+                                          "merge")
     observations = engine.reset(["a", "b"], [0, 1])
     assert all(np.isfinite(o["attention"]).all() and np.isfinite(o["similarity"]).all() for o in observations)
     assert engine.nonfinite_features == 4
 
 
-def test_policy_module_ignores_non_finite_inputs():
-    import gymnasium as gym
-    from ray.rllib.core.columns import Columns
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from policies.rl_module import TokenPolicyModule
-
-    space = gym.spaces.Dict({"tokens": gym.spaces.Box(-np.inf, np.inf, (4, 3), np.float32),
-                             "live": gym.spaces.Box(0, 1, (4,), np.float32)})
-    module = RLModuleSpec(module_class=TokenPolicyModule, observation_space=space,
-                          action_space=gym.spaces.MultiBinary(4), model_config={"hidden": 8}).build()
-    tokens = torch.zeros(1, 4, 3)
-    tokens[0, 0, 0] = float("nan")
-    logits = module.forward_inference({Columns.OBS: {"tokens": tokens, "live": torch.ones(1, 4)}})
-    assert torch.isfinite(logits[Columns.ACTION_DIST_INPUTS]).all()
-    assert json.dumps(float(logits[Columns.ACTION_DIST_INPUTS].sum()))
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--prune-points", "2,9"], "prune_points"),
+    (["--target-ratio", "1.5"], "target_ratio must be in (0, 1), got 1.5"),
+    (["--prune-points", "2,x"], "argument --prune-points: expected comma-separated integers, got '2,x'"),
+    (["--reduction", "prune"], "argument --reduction: invalid choice: 'prune'"),
+    (["--lr", "0"], "lr must be > 0, got 0.0"),
     (["--data-dir", "EMPTY"], "cifar10 not found"),
     (["--backbone", "UNKNOWN_MODEL"], "unknown timm model"),
 ])

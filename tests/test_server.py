@@ -6,21 +6,22 @@ import numpy as np
 import pytest
 import ray
 
+from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv
 from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
     yield
     ray.shutdown()
 
 
 @pytest.fixture
 def server(ray_local, tiny_backbone, data_dir):
-    settings = ServerSettings(backbone=str(tiny_backbone), data_dir=str(data_dir), split="val", limit=64,
-                              prune_points=(1, 2, 3), max_wait_ms=200, num_cpus=0)
+    problem = PruningProblem(backbone=str(tiny_backbone), data_dir=str(data_dir), prune_points=(1, 2, 3))
+    settings = ServerSettings(problem, split="val", limit=64, max_wait_ms=200, num_cpus=0)
     handle = start_vit_server(settings, name="test_server")
     yield handle
     ray.kill(handle, no_restart=True)
@@ -42,7 +43,7 @@ def test_concurrent_callers_share_one_forward(server):
 
 
 def test_env_finds_server_by_name_and_survives_a_restart(server):
-    env = TokenPruningEnv({"server_name": "test_server", "images_per_env": 2})
+    env = TokenPruningEnv({"server_name": "test_server", "problem": {"images_per_env": 2}})
     obs, _ = env.reset(seed=0)
     keep_all = {aid: np.ones(64, dtype=np.int8) if aid.startswith("attention") else np.zeros(64, np.int8)
                 for aid in obs}

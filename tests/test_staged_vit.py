@@ -8,8 +8,8 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-from envs.staged_vit import StagedViT
-from envs.token_ops import gather_tokens, pack_keep_mask
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import gather_tokens, pack_keep_mask
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 VARIANTS = {
@@ -32,9 +32,14 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, "deit_distilled"])
 def test_keep_all_forward_matches_timm(variant, images):
-    vit = tiny_vit(**VARIANTS[variant])
+    if variant == "deit_distilled":  # class + distillation token, two heads averaged
+        torch.manual_seed(0)
+        vit = timm.create_model("deit_tiny_distilled_patch16_224", **TINY).eval()
+        assert type(vit) is VisionTransformerDistilled and StagedViT(vit, (1,)).num_prefix_tokens == 2
+    else:
+        vit = tiny_vit(**VARIANTS[variant])
     staged = StagedViT(vit, prune_points=(1, 3))
     with torch.no_grad():
         assert (staged(images) - vit(images)).abs().max() <= 1e-5
@@ -110,8 +115,6 @@ def test_rejects_nonstandard_models():
         StagedViT(VisionTransformer(**TINY, block_fn=ResPostBlock))
     with pytest.raises(ValueError, match="plain timm VisionTransformer"):
         StagedViT(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="plain timm VisionTransformer"):
-        StagedViT(VisionTransformerDistilled(**TINY))
     with pytest.raises(ValueError, match="global_pool"):
         StagedViT(tiny_vit(global_pool="map"), prune_points=(1,))
 

@@ -7,10 +7,9 @@ import pytest
 import timm
 import torch
 
-from envs.pruning_engine import PruningEngine
-from envs.staged_vit import StagedViT
-from envs.token_merge import check_reduction, reduce_tokens
-from envs.token_ops import gather_tokens, pack_keep_mask, topk_keep_index
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_merge import reduce_tokens
+from envs.vit.token_ops import gather_tokens, pack_keep_mask
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 
@@ -56,12 +55,6 @@ def test_merge_with_padding_conserves_each_images_patches():
     assert (out_size[~live_after] == 1).all()
 
 
-def test_unknown_reduction_is_a_clear_error():
-    assert check_reduction("merge") == "merge"
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        check_reduction("prune")
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"class_token": False, "global_pool": "avg"}])
 def test_a_token_of_size_two_acts_like_two_copies(kwargs):
     """Proportional attention: log(size) on the keys makes one token of size s equal to s identical ones."""
@@ -81,35 +74,3 @@ def test_a_token_of_size_two_acts_like_two_copies(kwargs):
             torch.testing.assert_close(merged_attention[:, 0], both, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(staged.classify(merged, None, size), staged.classify(copied), atol=1e-5,
                                    rtol=1e-5)
-
-
-@pytest.mark.parametrize("reduction", ["merge", "drop"])
-def test_engine_episode_matches_the_exact_budget_forward(reduction):
-    """The env's engine and evaluate's forward remove tokens the same way under both reductions."""
-    from envs.pruned_forward import pruned_forward
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
-    staged = StagedViT(vit, (1, 2, 3))
-    config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    engine = PruningEngine(staged, config, images, torch.zeros(4, dtype=torch.long), 0.5, reduction=reduction)
-    keys = [str(i) for i in range(4)]
-    observations = engine.reset(keys, list(range(4)))
-    while True:  # keep the top half by class attention, as the heuristic does
-        keep = []
-        for obs in observations:
-            live = torch.from_numpy(obs["live"]).bool()[None]
-            attention = torch.from_numpy(obs["attention"][:, 0])[None]
-            index = topk_keep_index(attention, live, max(1, round(int(live.sum()) / 2)))
-            keep.append(torch.zeros_like(live).scatter(1, index, True)[0].numpy())
-        results = engine.step(keys, keep)
-        if results[0]["done"]:
-            break
-        observations = [result["obs"] for result in results]
-    normalized = (images.float() / 255 - 0.5) / 0.25
-    with torch.no_grad():
-        logits, _ = pruned_forward(staged, normalized, lambda ctx: topk_keep_index(ctx.cls_attention, ctx.live,
-                                                                                   ctx.k), 0.5, reduction)
-    assert [result["prediction"] for result in results] == logits.argmax(1).tolist()
-    assert [result["kept_per_stage"] for result in results] == [[32, 16, 8]] * 4

@@ -7,7 +7,7 @@ import torch
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
-from policies.checkpoints import latest_checkpoint, list_checkpoints, module_path, read_pruning_config
+from policies.checkpoints import latest_checkpoint, list_checkpoints, module_path, read_checkpoint_info
 
 
 def run(tmp_path, tiny_backbone, data_dir, *extra):
@@ -28,11 +28,13 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
                "--num-workers", "0") == 0
     out = capsys.readouterr().out
     assert "iter    1" in out and "iter    2" in out and "agree" in out and "GFLOPs" in out
+    assert out.count("| val exact ") == 2  # every iteration validated (--checkpoint-every 1)
     first = latest_checkpoint(tmp_path / "run")
-    config = read_pruning_config(first)
-    assert config["iteration"] == 2 and config["server"]["target_ratio"] == 0.5
-    assert config["server"]["reduction"] == "merge"
-    assert json.loads((tmp_path / "run" / "best.json").read_text())["iteration"] in (1, 2)
+    info = read_checkpoint_info(first)
+    assert info.iteration == 2 and info.problem.target_ratio == 0.5 and info.problem.reduction == "merge"
+    assert info.problem.prune_points == (1, 2, 3) and info.problem.ppo.minibatch_size == 32
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["iteration"] in (1, 2) and 0 <= best["val_score"] <= 100  # exact-budget accuracy, %
     assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
     assert list((tmp_path / "run" / "tb").iterdir())
 
@@ -44,14 +46,14 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2", "--num-workers", "1", "--resume") == 0
     assert "resumed from" in capsys.readouterr().out
     again = latest_checkpoint(tmp_path / "run")
-    assert read_pruning_config(again)["iteration"] == 2
+    assert read_checkpoint_info(again).iteration == 2
     for policy in ("attention", "similarity"):
         before, after = weights(first, policy), weights(again, policy)
         assert all(torch.equal(before[k], after[k]) for k in before)
 
     # and one more iteration continues the count
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "3", "--num-workers", "1", "--resume") == 0
-    assert read_pruning_config(latest_checkpoint(tmp_path / "run"))["iteration"] == 3
+    assert read_checkpoint_info(latest_checkpoint(tmp_path / "run")).iteration == 3
     assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "iter_000003"
 
 

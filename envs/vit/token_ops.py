@@ -1,9 +1,9 @@
-"""Pure tensor functions for dropping patch tokens: the token budget, top-k selection, gathering, packing.
+"""Pure tensor functions on patch tokens: the token budget, top-k keep masks, gathering, packing, padding.
 
 Token layout everywhere: ``x [B, T, D]`` holds the ``P`` prefix tokens (class, distillation, register)
-first, then the ``N = T - P`` patch tokens. Only patch tokens are ever dropped. Indices into patch tokens
+first, then the ``N = T - P`` patch tokens. Only patch tokens are ever removed. Indices into patch tokens
 run over ``0 .. N-1``; a ``live`` bool mask ``[B, N]`` marks real tokens in batches padded to a common
-length (adaptive mode, where images keep different numbers of tokens).
+length (images that keep different numbers of tokens).
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ def tokens_to_keep(num_live: int, target_ratio: float) -> int:
     """Patch tokens kept at a pruning point: ``max(1, round(num_live * (1 - target_ratio)))``.
 
     The one definition of the budget, shared by the heuristics, the exact-budget mode of the learned
-    policy and the reward. ``round`` is Python's (half to even).
+    policy, the features and the reward. ``round`` is Python's (half to even).
     """
-    if not 0.0 < target_ratio < 1.0:
-        raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio}")
-    if num_live < 1:
-        raise ValueError(f"num_live must be >= 1, got {num_live}")
     return max(1, round(num_live * (1.0 - target_ratio)))
 
 
@@ -39,8 +35,8 @@ def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_prefix: int) ->
     return torch.cat([x[:, :num_prefix], patches], dim=1)
 
 
-def topk_keep_index(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest-scoring live tokens, ascending so kept tokens stay in image order.
+def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scoring live tokens of each image.
 
     Args:
         scores: ``[B, N]`` float; higher means keep.
@@ -48,15 +44,15 @@ def topk_keep_index(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.T
         k: tokens to keep per image, ``1 <= k <=`` the smallest live count in the batch.
 
     Returns:
-        ``[B, k]`` long.
+        ``keep [B, N]`` bool with exactly ``k`` True per image.
     """
     min_live = int(live.sum(dim=1).min()) if live.numel() else 0
     if not 1 <= k <= min_live:
         raise ValueError(f"k must be in [1, {min_live}] (smallest live count in the batch), got {k}")
     # Clamp so that a live score of -inf still ranks above the dead tokens' -inf.
     finite = scores.float().clamp_min(torch.finfo(torch.float32).min)
-    masked = finite.masked_fill(~live, float("-inf"))
-    return masked.topk(k, dim=1).indices.sort(dim=1).values
+    index = finite.masked_fill(~live, float("-inf")).topk(k, dim=1).indices
+    return torch.zeros_like(live).scatter(1, index, True)
 
 
 def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,3 +74,9 @@ def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor
     order = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :k_max]
     live_after = torch.arange(k_max, device=keep.device) < counts.unsqueeze(1)
     return order.masked_fill(~live_after, 0), live_after
+
+
+def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t [B, n, ...]`` zero-padded (False for bool) along the token axis (dim 1) to ``length >= n``."""
+    extra = length - t.shape[1]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)

@@ -5,9 +5,9 @@ token it is most similar to (cosine similarity of the token embeddings), weighte
 original patches a token already stands for; sizes add up, and the blocks after the pruning point give each
 token attention in proportion to its size (``StagedViT``'s ``size`` argument, a ``log(size)`` key bias).
 Removed tokens so still inform the class token, at the cost of one ``[n, k]`` similarity matrix per image
-(``envs.flops.merge_gflops``). ``drop`` discards them (EViT without fusion). Which tokens survive is decided
+(``envs.vit.flops.merge_gflops``). ``drop`` discards them (EViT without fusion). Which tokens survive is decided
 before, by a heuristic or the agents, identically in both modes; the budget and GFLOPs of the blocks are
-the same.
+the same. The setting is part of the pruning problem (``envs.problem``), which validates it.
 """
 
 from __future__ import annotations
@@ -15,16 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from envs.token_ops import gather_tokens
+from envs.vit.token_ops import gather_tokens
 
 REDUCTIONS: tuple[str, ...] = ("merge", "drop")
-
-
-def check_reduction(reduction: str) -> str:
-    """``reduction`` itself, or a ValueError naming the choices."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def reduce_tokens(x: torch.Tensor, size: torch.Tensor, live: torch.Tensor, keep_index: torch.Tensor,
@@ -35,7 +28,7 @@ def reduce_tokens(x: torch.Tensor, size: torch.Tensor, live: torch.Tensor, keep_
         x: ``[B, P + N, D]`` tokens, prefix first.
         size: ``[B, N]`` original patches each patch token stands for (all 1 before the first merge).
         live: ``[B, N]`` bool, real (not padded) patch tokens.
-        keep_index: ``[B, K]`` long, the kept patch tokens (``topk_keep_index`` or ``pack_keep_mask``).
+        keep_index: ``[B, K]`` long, the kept patch tokens (``envs.vit.token_ops.pack_keep_mask``).
         live_after: ``[B, K]`` bool, False on padded entries of ``keep_index``.
         num_prefix: ``P``.
         reduction: ``"merge"`` or ``"drop"``.
@@ -47,7 +40,7 @@ def reduce_tokens(x: torch.Tensor, size: torch.Tensor, live: torch.Tensor, keep_
     """
     kept = gather_tokens(x, keep_index, num_prefix)
     kept_size = size.gather(1, keep_index).masked_fill(~live_after, 1.0)
-    if check_reduction(reduction) == "drop":
+    if reduction == "drop":
         return kept, kept_size
     patches, kept_patches = x[:, num_prefix:], kept[:, num_prefix:]
     # Padded entries of keep_index point at token 0: count real entries only, so token 0 is kept only if chosen.

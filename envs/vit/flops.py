@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 from timm.models.vision_transformer import VisionTransformer
 
-from envs.token_ops import tokens_to_keep
+from envs.vit.token_ops import tokens_to_keep
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ViTSpec:
     num_patches: int
     num_prefix_tokens: int
     num_classes: int
+    num_heads_out: int = 1  # classifier heads: 2 for DeiT's class and distillation heads
 
     @classmethod
     def from_model(cls, vit: VisionTransformer) -> ViTSpec:
@@ -46,6 +48,7 @@ class ViTSpec:
             num_patches=vit.patch_embed.num_patches,
             num_prefix_tokens=vit.num_prefix_tokens,
             num_classes=vit.num_classes,
+            num_heads_out=2 if hasattr(vit, "head_dist") else 1,
         )
 
 
@@ -70,7 +73,7 @@ def backbone_gflops(spec: ViTSpec, tokens_per_block: Sequence[float]) -> float:
         raise ValueError(f"need {spec.depth} token counts (one per block), got {len(tokens_per_block)}")
     ph, pw = spec.patch_size
     patch_embed = spec.num_patches * spec.in_chans * ph * pw * spec.embed_dim
-    head = spec.embed_dim * spec.num_classes
+    head = spec.embed_dim * spec.num_classes * spec.num_heads_out
     return (patch_embed + sum(block_macs(spec, t) for t in tokens_per_block) + head) / 1e9
 
 
@@ -91,19 +94,27 @@ def schedule_tokens(spec: ViTSpec, prune_points: Sequence[int],
     return tokens
 
 
-def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float]) -> float:
-    """GFLOPs (GMACs) of the agents' features at each pruning point (``envs.features``), per image.
+TOKEN_SCORES: tuple[str, ...] = ("none", "attention", "similarity", "agents")
+"""What a selector computes at a pruning point to rank tokens (:func:`feature_gflops`)."""
 
-    With ``N`` live patch tokens: class-token attention row ``N*D`` (summed over heads), token norms
-    ``N*D`` and the cosine-similarity matrix ``N^2*D``.
+
+def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float], scores: str = "agents") -> float:
+    """GFLOPs (GMACs) of the token scores a selector computes at each pruning point, per image.
+
+    With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads), token norms
+    ``N*D``, the cosine-similarity matrix ``N^2*D``. ``scores``: ``none`` (random) computes nothing;
+    ``attention`` (greedy attention) the row; ``similarity`` (greedy similarity) norms and matrix (its
+    iterative removal compares, like softmax it is not counted); ``agents`` all three (``envs.vit.features``).
     """
     d = spec.embed_dim
-    return sum(2 * n * d + n * n * d for n in live_tokens_per_point) / 1e9
+    cost = {"none": lambda n: 0, "attention": lambda n: n * d, "similarity": lambda n: n * d + n * n * d,
+            "agents": lambda n: 2 * n * d + n * n * d}[scores]
+    return sum(cost(n) for n in live_tokens_per_point) / 1e9
 
 
 def merge_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float],
                  kept_tokens_per_point: Sequence[float]) -> float:
-    """GFLOPs (GMACs) of merging the removed tokens into the kept ones (``envs.token_merge``), per image.
+    """GFLOPs (GMACs) of merging the removed tokens into the kept ones (``envs.vit.token_merge``), per image.
 
     At a pruning point with ``n`` live and ``k`` kept patch tokens: normalising the tokens ``n*D`` and
     their cosine similarity to the kept ones ``n*k*D``; the weighted sums are additions, not counted.
@@ -121,3 +132,62 @@ def heuristic_schedule(num_patches: int, num_prune_points: int, target_ratio: fl
     for _ in range(num_prune_points):
         schedule.append(tokens_to_keep(schedule[-1], target_ratio))
     return schedule
+
+
+class ImageGflops(NamedTuple):
+    """GFLOPs (GMACs) of one image's pruned forward, in three parts."""
+
+    backbone: float  # patch embedding, blocks on the image's token schedule, head, and merging
+    features: float  # the token scores of the selector (feature_gflops)
+    policies: float  # the policy networks on the live tokens
+
+    @property
+    def total(self) -> float:
+        return self.backbone + self.features + self.policies
+
+
+def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Sequence[float], reduction: str,
+                 scores: str, policy_macs_per_token: float = 0.0) -> ImageGflops:
+    """The cost of one image pruned at ``prune_points`` to ``kept_per_stage`` live patch tokens per stage.
+
+    The one per-image GFLOPs function: the training engine reports it per episode and evaluation per row.
+
+    Args:
+        kept_per_stage: ``len(prune_points) + 1`` counts, the first being all patches.
+        reduction: ``merge`` adds the cost of merging removed tokens (:func:`merge_gflops`).
+        scores: what the selector computes at each pruning point (:data:`TOKEN_SCORES`).
+        policy_macs_per_token: multiply-accumulates of the policy networks per live token and pruning point
+            (``TokenPolicyModule.macs_per_token``, summed over the modules used).
+    """
+    live, kept = kept_per_stage[:-1], kept_per_stage[1:]
+    backbone = backbone_gflops(spec, schedule_tokens(spec, prune_points, kept_per_stage))
+    if reduction == "merge":
+        backbone += merge_gflops(spec, live, kept)
+    return ImageGflops(backbone, feature_gflops(spec, live, scores), sum(live) * policy_macs_per_token / 1e9)
+
+
+def unpruned_gflops(spec: ViTSpec) -> float:
+    """GFLOPs (GMACs) of the unpruned model on one image."""
+    return backbone_gflops(spec, [spec.num_prefix_tokens + spec.num_patches] * spec.depth)
+
+
+def tome_gflops(spec: ViTSpec, merges: Sequence[int]) -> ImageGflops:
+    """GFLOPs (GMACs) of ToMe (``envs.vit.tome``) merging ``merges[l]`` patch tokens in block ``l``, per image.
+
+    A block attends over its ``t`` incoming tokens (``4tD^2 + 2t^2D``), matches its ``n`` patch tokens on keys
+    averaged over heads (normalising ``n*d`` and the bipartite similarity ``(n/2)^2*d``, ``d`` the head
+    width; counted as merging, in ``backbone``) and runs its MLP on the ``t - r`` tokens left.
+    """
+    if len(merges) != spec.depth:
+        raise ValueError(f"need {spec.depth} merge counts (one per block), got {len(merges)}")
+    d, head = spec.embed_dim, spec.embed_dim // spec.num_heads
+    ph, pw = spec.patch_size
+    macs = spec.num_patches * spec.in_chans * ph * pw * d + d * spec.num_classes * spec.num_heads_out
+    patches = spec.num_patches
+    for r in merges:
+        tokens = spec.num_prefix_tokens + patches
+        macs += 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * (tokens - r) * d * spec.mlp_hidden
+        if r > 0:
+            macs += patches * head + ((patches + 1) // 2) * (patches // 2) * head
+        patches -= r
+    return ImageGflops(macs / 1e9, 0.0, 0.0)

@@ -18,12 +18,15 @@ Data sets:
   children, ImageNet-style, at ``<data-dir>``.
 
 Images are decoded once into a ``uint8`` tensor ``[N, 3, H, W]`` at the model's input size, so that
-training, the ViT server and evaluation index images instead of re-reading files.
+training, the ViT server and evaluation index images instead of re-reading files, unless the split would
+take more than ``memory_budget_mb``: then the split streams (:class:`StreamedImages`), decoding the same
+pixels from the files on demand, and :meth:`ImageSplit.batches` reads ahead with DataLoader workers.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +40,50 @@ SPLITS = ("train", "val", "test")
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_SPLIT_SEED = 0
 DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
+DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR's train split: 138 MB)
 
 
 class DataError(RuntimeError):
     """A data set that cannot be found or read; the message is meant for the user as is."""
 
 
+class StreamedImages(torch.utils.data.Dataset):
+    """A split's images read from their files on demand. ``images[i]`` is uint8 ``[3, S, S]`` and
+    ``images[indices]`` uint8 ``[n, 3, S, S]``, the same pixels as the decoded tensor would hold."""
+
+    def __init__(self, raw, indices: np.ndarray, input_size: int):
+        self.raw, self.indices, self.input_size = raw, indices, input_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, int | np.integer):
+            return _decode(self.raw, self.indices[[index]], self.input_size)[0]
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        return _decode(self.raw, self.indices[rows], self.input_size)
+
+
 @dataclass(frozen=True)
 class ImageSplit:
-    """A decoded split: images as uint8 ``[N, 3, H, W]``, labels as int64 ``[N]``."""
+    """A split: images as uint8 ``[N, 3, H, W]`` (a tensor, or :class:`StreamedImages` indexed alike), labels
+    as int64 ``[N]``."""
 
-    images: torch.Tensor
+    images: torch.Tensor | StreamedImages
     labels: torch.Tensor
     class_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batches(self, batch_size: int, workers: int = 2) -> Iterator[torch.Tensor]:
+        """The images in order, ``batch_size`` at a time; a streamed split decodes ahead in ``workers``
+        processes while the caller computes."""
+        if isinstance(self.images, torch.Tensor):
+            yield from self.images.split(batch_size)
+            return
+        yield from torch.utils.data.DataLoader(self.images, batch_size=batch_size, num_workers=workers,
+                                               prefetch_factor=2 if workers else None)
 
 
 def default_data_dir() -> str:
@@ -93,14 +124,17 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
 def _class_names(raw) -> tuple[str, ...]:
     if hasattr(raw, "classes"):  # torchvision
         return tuple(raw.classes)
-    mapping = raw.reader.class_name_to_idx
+    reader = raw.reader  # timm: a tar (class_name_to_idx) or a directory (class_to_idx)
+    mapping = getattr(reader, "class_name_to_idx", None) or reader.class_to_idx
     return tuple(sorted(mapping, key=mapping.get))
 
 
 def _labels(raw) -> np.ndarray:
     if hasattr(raw, "targets"):  # torchvision
         return np.asarray(raw.targets, dtype=np.int64)
-    return np.asarray(raw.reader.targets, dtype=np.int64)
+    reader = raw.reader  # timm: a tar (targets) or a directory (samples of (path, target))
+    targets = reader.targets if hasattr(reader, "targets") else [target for _, target in reader.samples]
+    return np.asarray(targets, dtype=np.int64)
 
 
 def split_indices(num_train: int, split: str, val_size: int, seed: int) -> np.ndarray:
@@ -140,8 +174,10 @@ def load_split(
     seed: int = DEFAULT_SPLIT_SEED,
     limit: int | None = None,
     download: bool = False,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> ImageSplit:
-    """Decode one split of a data set into memory (see the module docstring for the splits).
+    """One split of a data set, decoded into memory or, above ``memory_budget_mb``, streamed from its files
+    (see the module docstring for the splits).
 
     ``limit`` keeps a seeded random subset of ``limit`` images of the split (for quick looks and tests);
     the split itself never changes with it.
@@ -159,5 +195,7 @@ def load_split(
         indices = split_indices(len(labels), split, val_size, seed)
     if limit is not None and limit < len(indices):
         indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
-    images = _decode(raw, indices, input_size)
+    decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
+    images = (_decode(raw, indices, input_size) if decoded_mb <= memory_budget_mb
+              else StreamedImages(raw, indices, input_size))
     return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))

@@ -3,7 +3,7 @@
 ``StagedViT`` reuses the wrapped model's modules (no weight copies). Its block forward mirrors timm's
 ``Block``/``Attention`` and adds what pruning needs: an additive key bias that masks padded (dead) patch
 tokens and gives merged tokens attention in proportion to their size (ToMe's proportional attention,
-``envs.token_merge``), and the class token's attention to each patch token from the last block of a stage,
+``envs.vit.token_merge``), and the class token's attention to each patch token from the last block of a stage,
 computed from the class token's query row alone (``q_cls @ K^T``), never the full attention matrix.
 """
 
@@ -16,6 +16,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -54,7 +55,7 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Te
     return received.mean(dim=1)[:, num_prefix:]
 
 
-def _attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
+def attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
                training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm ``Attention.forward`` with an additive key bias; also returns ``q``, ``k`` for the scores."""
     B, T, _ = x.shape
@@ -70,7 +71,7 @@ def _attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
 def _block(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
            training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm ``Block.forward`` built from its modules; returns the new tokens and the block's ``q``, ``k``."""
-    attn_out, q, k = _attention(block.attn, block.norm1(x), key_bias, training)
+    attn_out, q, k = attention(block.attn, block.norm1(x), key_bias, training)
     x = x + block.drop_path1(block.ls1(attn_out))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, q, k
@@ -84,8 +85,9 @@ class StagedViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, prune_points: Sequence[int] = (3, 6, 9)) -> None:
         super().__init__()
-        if type(vit) is not VisionTransformer:  # subclasses (e.g. distilled DeiT) change the head
-            raise ValueError(f"StagedViT needs a plain timm VisionTransformer, got {type(vit).__name__}")
+        if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
+            raise ValueError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
+                             f"{type(vit).__name__}")
         for i, blk in enumerate(vit.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None):
                 raise ValueError(f"StagedViT supports only standard timm Block/Attention; block {i} is "
@@ -141,7 +143,7 @@ class StagedViT(nn.Module):
             stage: ``0 .. num_stages - 1``.
             live: ``[B, N]`` bool, False on padded patch tokens (masked out as keys), or None if all live.
             size: ``[B, N]`` original patches each patch token stands for (merged tokens,
-                ``envs.token_merge``): keys get attention in proportion to it. None: all 1.
+                ``envs.vit.token_merge``): keys get attention in proportion to it. None: all 1.
 
         Returns:
             ``x [B, P + N, D]`` and ``cls_attention [B, N]``: the class token's attention to each patch
@@ -165,6 +167,8 @@ class StagedViT(nn.Module):
         """
         vit = self.vit
         x = vit.norm(x)
+        if isinstance(vit, VisionTransformerDistilled):  # class and distillation heads, averaged
+            return vit.forward_head(x)
         if vit.global_pool == "token":
             pooled = x[:, 0]
         elif live is None and size is None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
 
 

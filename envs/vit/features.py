@@ -1,17 +1,25 @@
 """Per-token features the two agents observe at a pruning point (docs/DESIGN.md, "Observations").
 
-All cheap: the class-token attention row comes from the backbone (``StagedViT.forward_stage``); the rest
-needs token norms and one ``[N, N]`` cosine-similarity matrix per image, never a full attention matrix.
-Max and mean similarity are static: two near-duplicates both score high, though removing one of them
-makes the other unique. ``redundancy`` adds that context: the order in which removing the most redundant
-token first, recomputing after each removal, would take the tokens away down to the budget.
-Every feature is finite for any number of live tokens, and 0 on dead rows.
+:func:`observe` is the one feature call: the training engine, evaluation and the warm start all observe a
+:class:`~envs.vit.pruned_forward.TokenState` through it, and it is the one place that handles non-finite
+values (replaced by 0 and counted). All cheap: the class-token attention row comes from the backbone
+(``StagedViT.forward_stage``); the rest needs token norms and one ``[N, N]`` cosine-similarity matrix per
+image, never a full attention matrix, and no sequential step, so they stay cheap at 196 tokens. Max and
+mean similarity are symmetric: two near-duplicates both score high, though removing one of them makes the
+other unique. ``suppression`` breaks the tie in one shot, as non-maximum suppression does: a token's
+similarity to the live tokens the class token attends to more, so of a near-duplicate pair only the less
+attended member scores high. Every feature is finite for any number of live tokens, and 0 on dead rows.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from envs.vit.pruned_forward import TokenState
+from envs.vit.staged_vit import StagedViT
 
 ATTENTION_FEATURES: tuple[str, ...] = (
     "attention",  # class-token attention, renormalised over live tokens and scaled so uniform = 1
@@ -26,13 +34,14 @@ ATTENTION_FEATURES: tuple[str, ...] = (
 SIMILARITY_FEATURES: tuple[str, ...] = (
     "max_similarity",  # max cosine similarity to the other live tokens (0 if there are none)
     "mean_similarity",  # mean cosine similarity to the other live tokens (0 if there are none)
-    "redundancy",  # greedy removal to the budget (greedy_removal_order): 1 = removed first, 0 = survives
+    "suppression",  # max cosine similarity to a more attended live token (0 for the most attended)
     "norm",
     "row",
     "col",
     "progress",
     "keep_fraction",
 )
+AGENT_FEATURES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_FEATURES, "similarity": SIMILARITY_FEATURES}
 
 _LOG_EPS = 1e-6
 
@@ -42,41 +51,6 @@ def cosine_similarity(x_patch: torch.Tensor) -> torch.Tensor:
     unit = F.normalize(x_patch.float(), dim=-1)
     similarity = unit @ unit.transpose(1, 2)
     return (similarity + similarity.transpose(1, 2)) / 2
-
-
-def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The step at which greedy similarity removal takes each live token away, until ``keep`` remain.
-
-    Each step removes the remaining live token with the highest max cosine similarity to the other
-    remaining tokens. The two tokens of the closest pair always tie on that score; the one more similar to
-    all the others (higher summed similarity) goes, so the more distinctive one stays. Vectorised over the
-    batch; images stop at their own budget.
-
-    Args:
-        similarity: ``[B, N, N]`` from :func:`cosine_similarity`.
-        live: ``[B, N]`` bool.
-        keep: ``[B]`` long, tokens left per image when the removal stops.
-
-    Returns:
-        ``[B, N]`` float: ``0, 1, ...`` in removal order; ``inf`` for the tokens that remain, ``-1`` on dead
-        tokens.
-    """
-    num_tokens = live.shape[1]
-    self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
-    remaining = live.clone()
-    order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
-    steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
-    for step in range(steps):
-        others = remaining.unsqueeze(1) & ~self_pair  # [B, N, N]
-        nearest = similarity.masked_fill(~others, float("-inf")).amax(dim=-1)
-        nearest = nearest.masked_fill(~remaining, float("-inf"))  # [B, N]
-        closest = nearest == nearest.amax(dim=1, keepdim=True)
-        total = (similarity * others).sum(dim=-1).masked_fill(~closest, float("-inf"))
-        over_budget = remaining.sum(dim=1) > keep
-        removed = F.one_hot(total.argmax(dim=1), num_tokens).bool() & over_budget.unsqueeze(1)
-        order = order.masked_fill(removed, float(step))
-        remaining &= ~removed
-    return order
 
 
 def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
@@ -118,10 +92,9 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     n_others = others.sum(dim=-1)  # [B, N]
     max_similarity = torch.where(n_others > 0, similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
     mean_similarity = (similarity * others).sum(dim=-1) / n_others.clamp_min(1)
-    budget = (n_live * keep_fraction).round().clamp_min(1)  # envs.token_ops.tokens_to_keep, per image
-    order = greedy_removal_order(similarity, live, budget.squeeze(1).long())
-    n_removed = (n_live - budget).clamp_min(1)
-    redundancy = torch.where(order.isfinite() & live, (n_removed - order) / n_removed, 0.0)
+    more_attended = others & (attention.unsqueeze(1) > attention.unsqueeze(2))  # [b, i, j]: j above i
+    suppression = torch.where(more_attended.any(dim=-1),
+                              similarity.masked_fill(~more_attended, -1.0).amax(dim=-1), 0.0)
 
     rows, cols = grid_size
     row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
@@ -132,5 +105,33 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     shared = [norm, row, col, progress, keep]
     attention_features = torch.stack(
         [attention, attention.clamp_min(_LOG_EPS).log(), attention_rank, *shared], dim=-1)
-    similarity_features = torch.stack([max_similarity, mean_similarity, redundancy, *shared], dim=-1)
+    similarity_features = torch.stack([max_similarity, mean_similarity, suppression, *shared], dim=-1)
     return attention_features * mask.unsqueeze(-1), similarity_features * mask.unsqueeze(-1)
+
+
+class Observation(NamedTuple):
+    """What the two agents see at one pruning point, row ``i`` being the state's ``i``-th token row."""
+
+    attention: torch.Tensor  # [B, W, len(ATTENTION_FEATURES)] float32, zeros on dead rows
+    similarity: torch.Tensor  # [B, W, len(SIMILARITY_FEATURES)] float32, zeros on dead rows
+    live: torch.Tensor  # [B, W] bool
+    nonfinite: int  # feature values that were NaN or infinite and were replaced by 0
+
+    def features(self, policy: str) -> torch.Tensor:
+        """The features of the ``attention`` or ``similarity`` agent."""
+        return self.attention if policy == "attention" else self.similarity
+
+
+def observe(staged: StagedViT, state: TokenState, target_ratio: float) -> Observation:
+    """Both agents' features for the tokens of ``state`` at the pruning point it waits at.
+
+    Non-finite values (a degenerate backbone or input) are replaced by 0 and counted here, so nothing
+    downstream needs to guard against them.
+    """
+    attention, similarity = token_features(state.patches, state.cls_attention, state.live, state.positions,
+                                           staged.grid_size, state.stage, len(staged.prune_points),
+                                           1.0 - target_ratio)
+    nonfinite = int((~attention.isfinite()).sum() + (~similarity.isfinite()).sum())
+    if nonfinite:
+        attention, similarity = attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0)
+    return Observation(attention, similarity, state.live, nonfinite)

@@ -1,0 +1,242 @@
+"""What defines a pruning problem: one frozen dataclass, validated once, stored in every checkpoint.
+
+:class:`PruningProblem` holds everything that fixes what the agents learn and how: the backbone and the
+data, where and how much to prune, what removed tokens become, which agents act, the reward weights, the
+policy width and the PPO settings (:class:`PPOSettings`). Each field carries a one-line doc that is also
+its ``--flag`` help (:func:`add_problem_arguments`), and ``__post_init__`` is the only place a value is
+checked. ``train.py`` builds it from the command line, stores it as JSON in every checkpoint under its
+own key and reads it back on ``--resume``; ``evaluate.py`` reads it from the checkpoint it evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, REPO_ROOT, stored_backbone_path
+from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
+from envs.vit.token_merge import REDUCTIONS
+
+POLICIES: tuple[str, ...] = ("attention", "similarity")
+AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
+WARM_STARTS: tuple[str, ...] = ("none", "nms", "greedy")
+
+
+class ProblemError(ValueError):
+    """A setting outside its allowed values; the message is meant for the user as is."""
+
+
+def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, factory: bool = False) -> Any:
+    """A dataclass field with its one-line doc (the ``--flag`` help) and, for strings, its choices."""
+    metadata = {"doc": doc, "choices": choices}
+    if factory:
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_target_ratio(value: float, name: str = "target_ratio") -> float:
+    """``value`` if it is a fraction of tokens to remove, in (0, 1); else a :class:`ProblemError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+        raise ProblemError(f"{name} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ProblemError(message)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """RLlib PPO settings; docs/DESIGN.md ("PPO settings") says why the defaults are what they are."""
+
+    lr: float = setting(1e-4, "learning rate (higher rates undid the warm start, docs/DESIGN.md)")
+    gamma: float = setting(0.99, "discount; an episode is one step per pruning point")
+    lambda_: float = setting(0.95, "GAE lambda")
+    clip_param: float = setting(0.2, "PPO's clip of the probability ratio")
+    entropy_coeff: float = setting(0.0, "entropy bonus (the multi-Bernoulli entropy sums over every token)")
+    num_epochs: int = setting(4, "SGD passes over each iteration's batch")
+    minibatch_size: int = setting(128, "agent steps (one agent's decision at one pruning point) per SGD minibatch")
+    train_batch_size_per_learner: int = setting(4096, "agent steps sampled per iteration")
+    vf_loss_coeff: float = setting(0.5, "weight of the value loss")
+    use_kl_loss: bool = setting(False, "add PPO's adaptive KL penalty")
+    grad_clip: float = setting(1.0, "global gradient-norm clip")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _check(0 <= self.lambda_ <= 1, f"lambda must be in [0, 1], got {self.lambda_}")
+        _check(self.clip_param > 0, f"clip_param must be > 0, got {self.clip_param}")
+        _check(self.entropy_coeff >= 0, f"entropy_coeff must be >= 0, got {self.entropy_coeff}")
+        _check(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
+        _check(1 <= self.minibatch_size <= self.train_batch_size_per_learner,
+               f"minibatch_size must be in [1, train_batch_size_per_learner = {self.train_batch_size_per_learner}]"
+               f", got {self.minibatch_size}")
+        _check(self.vf_loss_coeff >= 0, f"vf_loss_coeff must be >= 0, got {self.vf_loss_coeff}")
+        _check(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class PruningProblem:
+    """What the agents learn and how they are trained; see docs/DESIGN.md for each part."""
+
+    backbone: str = setting(str(REFERENCE_BACKBONE.relative_to(REPO_ROOT)),
+                            "backbone checkpoint directory (backbone.py writes one)")
+    dataset: str = setting("cifar10", "data set", choices=DATASETS)
+    data_dir: str = setting(default_data_dir, "directory holding the data set ($MARL_PRUNING_DATA_DIR, else ./data)",
+                            factory=True)
+    train_limit: int | None = setting(None, "sample from a seeded subset of this many train images")
+    val_size: int = setting(DEFAULT_VAL_SIZE, "validation images held out of the training split")
+    split_seed: int = setting(DEFAULT_SPLIT_SEED, "seed of the train/validation split")
+    val_limit: int = setting(1000, "validation images scored at each checkpoint")
+    prune_points: tuple[int, ...] = setting((3, 6, 9), "blocks before which tokens are pruned")
+    target_ratio: float = setting(0.5, "fraction of live patch tokens removed at each pruning point "
+                                       "(0.5: 64->32->16->8)")
+    reduction: str = setting("merge", "what removed tokens become: merged into the most similar kept one "
+                                      "(ToMe) or dropped", choices=REDUCTIONS)
+    agents: str = setting("both", "which agents act: both, or one alone (ablation)", choices=AGENT_MODES)
+    images_per_env: int = setting(8, "images one env instance carries (one server call moves them all)")
+    agree_weight: float = setting(1.0, "reward for keeping the unpruned model's answer")
+    prob_weight: float = setting(1.0, "reward per unit of probability of the unpruned model's answer")
+    budget_weight: float = setting(2.0, "penalty per unit of relative miss of the token budget, per step")
+    hidden: int = setting(64, "width of the policy networks")
+    warm_start: str = setting("nms", "the heuristic the similarity agent first imitates (policies/warm_start.py): "
+                                     "'nms' attention NMS, 'greedy' greedy similarity; 'none': both start uniform",
+                              choices=WARM_STARTS)
+    checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
+    seed: int = setting(0, "seed of the policies, the image streams and the warm start")
+    ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "reduction", "agents", "warm_start"):
+            choices = _field(type(self), name).metadata["choices"]
+            _check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}, "
+                                                   f"got {getattr(self, name)!r}")
+        _check(self.train_limit is None or self.train_limit >= 1, f"train_limit must be >= 1, got {self.train_limit}")
+        for name in ("val_size", "val_limit", "images_per_env", "hidden", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
+               f"prune_points must be one or more integers, got {self.prune_points!r}")
+        check_target_ratio(self.target_ratio)
+        for name in ("agree_weight", "prob_weight", "budget_weight"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def backbone_path(self) -> Path:
+        """The backbone directory (``backbone`` resolved against the repository)."""
+        return stored_backbone_path(self.backbone)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_json` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PruningProblem:
+        """The problem :meth:`to_json` wrote; missing fields take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown problem settings: {', '.join(unknown)}")
+        values = dict(data)
+        if "prune_points" in values:
+            values["prune_points"] = tuple(values["prune_points"])
+        if "ppo" in values:
+            ppo_known = {f.name for f in dataclasses.fields(PPOSettings)}
+            unknown = sorted(set(values["ppo"]) - ppo_known)
+            _check(not unknown, f"unknown PPO settings: {', '.join(unknown)}")
+            values["ppo"] = PPOSettings(**values["ppo"])
+        return cls(**values)
+
+    @classmethod
+    def from_legacy_json(cls, config: Mapping[str, Any]) -> PruningProblem:
+        """The problem of a checkpoint whose ``pruning_config.json`` spreads it over ``server``, ``env``,
+        ``model_config`` and top-level keys (the layout of ``reference/marl_policy``). Such checkpoints that
+        name no ``reduction`` dropped tokens, none without ``warm_start`` had one, and their iteration's batch
+        was counted in env steps (each carrying ``images_per_env`` images times the agents)."""
+        server, env = config.get("server"), config.get("env") or {}
+        _check(isinstance(server, Mapping) and {"backbone", "prune_points", "target_ratio"} <= set(server),
+               "lacks server.backbone, server.prune_points or server.target_ratio")
+        values = {"backbone": server["backbone"], "dataset": server.get("dataset"), "data_dir": server.get("data_dir"),
+                  "train_limit": server.get("limit"), "val_size": server.get("val_size"),
+                  "split_seed": server.get("split_seed"), "prune_points": server["prune_points"],
+                  "target_ratio": server["target_ratio"], "reduction": server.get("reduction", "drop"),
+                  **{k: env.get(k) for k in ("agents", "images_per_env", "agree_weight", "prob_weight",
+                                             "budget_weight")},
+                  "hidden": (config.get("model_config") or {}).get("hidden"),
+                  "warm_start": config.get("warm_start", "none"),
+                  **{k: config.get(k) for k in ("val_limit", "checkpoint_every", "seed", "ppo")}}
+        if "train_batch_size_per_learner" in (values["ppo"] or {}):  # counted in env steps there
+            agent_steps_per_env_step = env.get("images_per_env", 8) * (2 if env.get("agents", "both") == "both" else 1)
+            values["ppo"] = {**values["ppo"], "train_batch_size_per_learner":
+                             values["ppo"]["train_batch_size_per_learner"] * agent_steps_per_env_step}
+        return cls.from_json({k: v for k, v in values.items() if v is not None})
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+# -- command line -------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
+    """The argparse ``type`` of a field annotation: str, int, float, bool, ``X | None`` or ``tuple[int, ...]``."""
+    if annotation is bool:
+        return _boolean
+    if typing.get_origin(annotation) is tuple:
+        return _integers
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        choices = f.metadata["choices"]
+        group.add_argument(_flag(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=default,
+                           choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
+                           help=f"{f.metadata['doc']} (default: {shown})")
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    """One flag per field of :class:`PruningProblem` and :class:`PPOSettings`, their docs as help."""
+    _add_fields(parser.add_argument_group(title), PruningProblem, "problem.")
+    _add_fields(parser.add_argument_group("PPO"), PPOSettings, "ppo.")
+
+
+def problem_from_args(args: argparse.Namespace) -> PruningProblem:
+    """The problem the flags of :func:`add_problem_arguments` describe. A ``--backbone`` path is relative to
+    the working directory and is stored relative to the repository when it lies inside it."""
+    values = {name.removeprefix("problem."): value for name, value in vars(args).items()
+              if name.startswith("problem.")}
+    if values["backbone"] != _field(PruningProblem, "backbone").default:
+        backbone = Path(values["backbone"]).expanduser().resolve()
+        values["backbone"] = str(backbone.relative_to(REPO_ROOT) if backbone.is_relative_to(REPO_ROOT) else backbone)
+    ppo = PPOSettings(**{name.removeprefix("ppo."): value for name, value in vars(args).items()
+                         if name.startswith("ppo.")})
+    return PruningProblem(**values, ppo=ppo)

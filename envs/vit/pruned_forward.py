@@ -1,0 +1,171 @@
+"""The pruned step, and the two pruned forwards built on it.
+
+One implementation of "decide, reduce, run the next stage" serves everything that prunes: the training
+engine (``envs.pruning_engine``, episodes arriving at any stage), both evaluation modes and the warm start.
+
+- :class:`TokenState`: a batch of images between two stages, what a pruning point decides on.
+- :func:`prune_step`: apply a keep decision at the pruning point a state waits at (the removed tokens are
+  merged or dropped, ``envs.vit.token_merge``), then run the next stage.
+- :func:`exact_forward`: every image keeps ``tokens_to_keep(n_live, target_ratio)`` patch tokens at each
+  pruning point (a ``Selector`` returns a top-k mask), so batches stay rectangular.
+- :func:`adaptive_forward`: a ``KeepRule`` decides per image how many tokens survive; before each step the
+  batch is regrouped into sub-batches of equal kept count, so compute goes to real tokens, not padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_merge import reduce_tokens
+from envs.vit.token_ops import pack_keep_mask, pad_tokens, tokens_to_keep
+
+
+class TokenState(NamedTuple):
+    """A batch of images between two stages of a :class:`StagedViT`.
+
+    Patch-token rows are packed: each image's live tokens first, in original image order, then dead rows
+    up to the widest image of the batch. ``W`` is that width, ``P`` the prefix tokens.
+    """
+
+    tokens: torch.Tensor  # [B, P + W, D] prefix tokens, then patch tokens
+    live: torch.Tensor  # [B, W] bool
+    size: torch.Tensor  # [B, W] float, original patches each token stands for (1 unless merged)
+    positions: torch.Tensor  # [B, W] long, each token's index in the original patch grid
+    cls_attention: torch.Tensor  # [B, W] class-token attention in the last block of `stage`, 0 on dead rows
+    stage: int  # the stage just run; the pruning point the state waits at has the same index
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """``[B, W, D]`` patch tokens."""
+        return self.tokens[:, self.tokens.shape[1] - self.live.shape[1]:]
+
+    @property
+    def padded(self) -> bool:
+        """Whether any row is dead (attention then needs the live mask)."""
+        return not bool(self.live.all())
+
+    def rows(self, index: torch.Tensor | Sequence[int]) -> TokenState:
+        """The images at ``index``, cut to the widest of them."""
+        live = self.live[index]
+        width = int(live.sum(dim=1).max())
+        prefix = self.tokens.shape[1] - self.live.shape[1]
+        return TokenState(self.tokens[index, :prefix + width], live[:, :width], self.size[index, :width],
+                          self.positions[index, :width], self.cls_attention[index, :width], self.stage)
+
+
+def concat_states(states: Sequence[TokenState]) -> TokenState:
+    """One state of all images of ``states`` (at the same stage), padded with dead rows to the widest."""
+    if len({state.stage for state in states}) != 1:
+        raise ValueError("states to concatenate must wait at the same pruning point")
+    width = max(state.live.shape[1] for state in states)
+    prefix = states[0].tokens.shape[1] - states[0].live.shape[1]
+    columns = zip(*((pad_tokens(state.tokens, prefix + width), *(pad_tokens(t, width) for t in state[1:5]))
+                    for state in states), strict=True)
+    return TokenState(*(torch.cat(column) for column in columns), states[0].stage)
+
+
+def initial_state(staged: StagedViT, images: torch.Tensor) -> TokenState:
+    """Embed normalised ``images [B, C, H, W]`` and run stage 0: the state at the first pruning point."""
+    tokens, cls_attention = staged.forward_stage(staged.embed(images), 0)
+    batch, num_patches, device = len(images), staged.num_patches, tokens.device
+    return TokenState(tokens, torch.ones(batch, num_patches, dtype=torch.bool, device=device),
+                      torch.ones(batch, num_patches, device=device),
+                      torch.arange(num_patches, device=device).expand(batch, num_patches), cls_attention, 0)
+
+
+def effective_keep(state: TokenState, keep: torch.Tensor) -> torch.Tensor:
+    """``keep [B, W]`` restricted to live tokens; an image that keeps none keeps its most class-attended one,
+    so every image still reaches the head."""
+    keep = keep.bool() & state.live
+    empty = ~keep.any(dim=1)
+    if empty.any():
+        best = state.cls_attention.masked_fill(~state.live, float("-inf")).argmax(dim=1)
+        keep = keep | (torch.nn.functional.one_hot(best, keep.shape[1]).bool() & empty.unsqueeze(1))
+    return keep
+
+
+def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reduction: str) -> TokenState:
+    """Apply ``keep [B, W]`` (bool, any count per image) at the pruning point ``state`` waits at, then run
+    the next stage.
+
+    The tokens not kept are merged into the kept ones or dropped (``reduction``, ``envs.vit.token_merge``);
+    the survivors are packed first (:func:`envs.vit.token_ops.pack_keep_mask`) and attention is masked only
+    when images keep different counts.
+    """
+    prefix = state.tokens.shape[1] - state.live.shape[1]
+    index, live = pack_keep_mask(effective_keep(state, keep), state.live)
+    tokens, size = reduce_tokens(state.tokens, state.size, state.live, index, live, prefix, reduction)
+    stage = state.stage + 1
+    padded = not bool(live.all())
+    tokens, cls_attention = staged.forward_stage(tokens, stage, live if padded else None,
+                                                 size if reduction == "merge" else None)
+    return TokenState(tokens, live, size, state.positions.gather(1, index), cls_attention, stage)
+
+
+def classify(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
+    """Logits ``[B, num_classes]`` of a state after the last stage."""
+    return staged.classify(state.tokens, state.live if state.padded else None,
+                           state.size if reduction == "merge" else None)
+
+
+Selector = Callable[[TokenState, int], torch.Tensor]
+"""``(state, k)`` -> ``keep [B, W]`` bool with exactly ``k`` live tokens per image (exact budget)."""
+
+KeepRule = Callable[[TokenState], torch.Tensor]
+"""``state`` -> ``keep [B, W]`` bool, any number of live tokens per image (adaptive budget)."""
+
+
+def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
+                  reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point.
+
+    Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
+    alike; the first stage has all patches).
+    """
+    state = initial_state(staged, images)
+    kept = [staged.num_patches]
+    for _ in staged.prune_points:
+        k = tokens_to_keep(kept[-1], target_ratio)
+        keep = select(state, k)
+        if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
+            raise ValueError(f"a selector must keep exactly {k} live tokens per image "
+                             f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
+        state = prune_step(staged, state, keep, reduction)
+        kept.append(k)
+    return classify(staged, state, reduction), torch.tensor(kept).expand(len(images), -1)
+
+
+def adaptive_forward(staged: StagedViT, images: torch.Tensor, decide: KeepRule,
+                     reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, num_classes]`` with ``decide`` choosing, per image, which tokens survive each point.
+
+    Images keep different numbers of tokens; after every decision the batch is regrouped into sub-batches
+    of equal kept count, each stepped on its own (no padding in the blocks). An image whose decision keeps
+    nothing keeps its most class-attended live token (:func:`effective_keep`).
+
+    Returns the logits and ``kept [B, num_stages]`` long: each image's patch tokens alive in each stage.
+    """
+    state = initial_state(staged, images)
+    batch = len(images)
+    groups = [(torch.arange(batch, device=state.tokens.device), state)]
+    kept = torch.full((batch, staged.num_stages), staged.num_patches, dtype=torch.long)
+    for point in range(len(staged.prune_points)):
+        keeps = [pad_tokens(effective_keep(group, decide(group)), staged.num_patches) for _, group in groups]
+        rows = torch.cat([group_rows for group_rows, _ in groups])
+        state = concat_states([group for _, group in groups])
+        keep = torch.cat(keeps)[:, :state.live.shape[1]]
+        counts = keep.sum(dim=1)
+        kept[rows.cpu(), point + 1] = counts.cpu()
+        groups = []
+        for count in counts.unique(sorted=True).flip(0).tolist():
+            index = (counts == count).nonzero().squeeze(1)
+            sub = state.rows(index)
+            groups.append((rows[index], prune_step(staged, sub, keep[index, :sub.live.shape[1]], reduction)))
+    logits = torch.empty(batch, staged.vit.num_classes, device=state.tokens.device, dtype=state.tokens.dtype)
+    for rows, group in groups:
+        logits[rows] = classify(staged, group, reduction)
+    return logits, kept

@@ -1,0 +1,109 @@
+"""The pruning problem: one validated value per field, a JSON round trip, older checkpoint layouts, --flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from envs.problem import (
+    PPOSettings,
+    ProblemError,
+    PruningProblem,
+    add_problem_arguments,
+    check_target_ratio,
+    problem_from_args,
+)
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_json_round_trip_is_exact():
+    problem = PruningProblem(prune_points=(2, 5), target_ratio=0.3, reduction="drop", agents="similarity",
+                             train_limit=100, ppo=PPOSettings(lr=3e-4, use_kl_loss=True))
+    text = json.dumps(problem.to_json())
+    assert PruningProblem.from_json(json.loads(text)) == problem
+    assert json.loads(text)["prune_points"] == [2, 5] and json.loads(text)["ppo"]["lr"] == 3e-4
+
+
+def test_the_committed_reference_policy_reads_in_its_older_layout():
+    config = json.loads((REPO / "reference" / "marl_policy" / "pruning_config.json").read_text())
+    assert "problem" not in config
+    problem = PruningProblem.from_legacy_json(config)
+    assert problem.backbone_path == REFERENCE_BACKBONE
+    assert (problem.prune_points, problem.target_ratio, problem.reduction) == ((3, 6, 9), 0.5, "merge")
+    assert (problem.agents, problem.images_per_env, problem.hidden, problem.warm_start) == ("both", 8, 64, "greedy")
+    assert problem.checkpoint_every == 5
+    assert problem.ppo == PPOSettings(**{**config["ppo"], "train_batch_size_per_learner": 256 * 8 * 2})
+
+
+def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_started_uniform():
+    problem = PruningProblem.from_legacy_json({"server": {"backbone": "b", "prune_points": [3, 6, 9],
+                                                          "target_ratio": 0.4}})
+    assert (problem.reduction, problem.warm_start, problem.target_ratio) == ("drop", "none", 0.4)
+    with pytest.raises(ProblemError, match="lacks server.backbone"):
+        PruningProblem.from_legacy_json({"server": {"backbone": "b"}})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"target_ratio": 1.0}, r"target_ratio must be in \(0, 1\), got 1.0"),
+    ({"target_ratio": 0}, r"target_ratio must be in \(0, 1\), got 0"),
+    ({"reduction": "prune"}, "reduction must be one of merge, drop, got 'prune'"),
+    ({"agents": "all"}, "agents must be one of both, attention, similarity"),
+    ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100, folder"),
+    ({"warm_start": "bc"}, "warm_start must be one of none, nms, greedy"),
+    ({"images_per_env": 0}, "images_per_env must be >= 1"),
+    ({"hidden": 0}, "hidden must be >= 1"),
+    ({"train_limit": 0}, "train_limit must be >= 1"),
+    ({"budget_weight": -1.0}, "budget_weight must be >= 0"),
+    ({"prune_points": ()}, "prune_points must be one or more integers"),
+])
+def test_each_field_is_validated(change, message):
+    with pytest.raises(ProblemError, match=message):
+        PruningProblem(**change)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"lr": 0.0}, "lr must be > 0"), ({"gamma": 1.5}, r"gamma must be in \(0, 1\]"),
+    ({"minibatch_size": 8192}, r"minibatch_size must be in \[1, train_batch_size_per_learner = 4096\]"),
+    ({"num_epochs": 0}, "num_epochs must be >= 1"), ({"grad_clip": 0.0}, "grad_clip must be > 0"),
+])
+def test_ppo_settings_are_validated(change, message):
+    with pytest.raises(ProblemError, match=message):
+        PPOSettings(**change)
+
+
+def test_unknown_settings_are_named():
+    with pytest.raises(ProblemError, match="unknown problem settings: colour"):
+        PruningProblem.from_json({"colour": "blue"})
+    with pytest.raises(ProblemError, match="unknown PPO settings: momentum"):
+        PruningProblem.from_json({"ppo": {"momentum": 0.9}})
+
+
+def test_check_target_ratio_names_what_it_checks():
+    assert check_target_ratio(0.25) == 0.25
+    with pytest.raises(ProblemError, match=r"--budgets must be in \(0, 1\), got 1.5"):
+        check_target_ratio(1.5, "--budgets")
+
+
+def test_flags_come_from_the_fields_with_their_docs_as_help(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_problem_arguments(parser, "pruning problem")
+    help_text = " ".join(parser.format_help().split())
+    for cls in (PruningProblem, PPOSettings):
+        for field in dataclasses.fields(cls):
+            if field.name != "ppo":
+                assert " ".join(field.metadata["doc"].split()) in help_text, field.name
+    args = parser.parse_args(["--target-ratio", "0.3", "--prune-points", "2,4", "--lambda", "0.9",
+                              "--use-kl-loss", "true", "--backbone", str(tmp_path)])
+    problem = problem_from_args(args)
+    assert (problem.target_ratio, problem.prune_points, problem.ppo.lambda_, problem.ppo.use_kl_loss) == (
+        0.3, (2, 4), 0.9, True)
+    assert problem.backbone == str(tmp_path.resolve())  # outside the repository: stored absolute
+    assert problem_from_args(parser.parse_args([])) == PruningProblem(data_dir=problem.data_dir)
+    inside = problem_from_args(parser.parse_args(["--backbone", str(REFERENCE_BACKBONE)]))
+    assert inside.backbone == "reference/vit_tiny_cifar10"  # inside: stored relative to the repository
