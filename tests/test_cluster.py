@@ -1,9 +1,12 @@
 """train.py on a real two-node Ray cluster started on this machine (head + one worker node)."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +22,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def active_nodes(ray_bin: str, address: str, env: dict) -> int:
+    status = subprocess.run([ray_bin, "status", f"--address={address}"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    return status.stdout.count("node_") if status.returncode == 0 else 0
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
+    """Head and worker node as ``ray start --block`` process groups: stopping them kills these two nodes
+    only (``ray stop`` would kill every Ray process on the machine, other sessions' included)."""
     env = {**os.environ, "HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled"}
     (tmp_path / "home").mkdir()
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    starts = [[ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+              [ray_bin, "start", f"--address={address}", *common]]
+    nodes = []
     try:
-        subprocess.run([ray_bin, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, timeout=180)
+        for count, start in enumerate(starts, 1):
+            nodes.append(subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+            deadline = time.monotonic() + 180
+            while active_nodes(ray_bin, address, env) < count:
+                assert time.monotonic() < deadline, f"node {count} of the test cluster did not start"
+                time.sleep(1)
         yield address, env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+        time.sleep(5)
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -49,6 +73,4 @@ def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     assert "iter    1" in done.stdout
     assert read_checkpoint_info(latest_checkpoint(out)).iteration == 1
-    nodes = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address={address}"],
-                           env=env, capture_output=True, text=True, timeout=120).stdout
-    assert nodes.count("node_") >= 2, nodes
+    assert active_nodes(str(Path(sys.executable).parent / "ray"), address, env) >= 2
