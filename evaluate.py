@@ -19,14 +19,13 @@ batches. One row per method and budget (``budget`` = ``target_ratio``, see docs/
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``envs.vit.flops.image_gflops`` per image; the
-columns are defined in :data:`COLUMNS` (also written to results.md and results.json). Numbers other than
-timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
+columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json).
+Numbers other than timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from cli import OneLineParser, UsageError, positive_int
 from envs.problem import ProblemError, check_target_ratio
+from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
 from envs.vit.flops import ImageGflops, ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
@@ -62,35 +62,11 @@ from policies.heuristics import HEURISTIC_SCORES, heuristic_selector
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
-SPEED_BATCH = 256
-SPEED_SINGLE_IMAGES = 8
-
-BASELINE = "Baseline (unpruned)"
 HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similarity": "Greedy similarity",
                   "nms": "Attention NMS", "tome": "ToMe"}
 MARL_EXACT, MARL_ADAPTIVE = "MARL exact", "MARL adaptive"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
 
-COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio_s{i} repeats per pruning point
-    "method": "how tokens are chosen (see evaluate.py's docstring)",
-    "budget": "target_ratio: fraction of live patch tokens removed at each pruning point (blank: unpruned)",
-    "accuracy": "top-1 accuracy vs the labels, %",
-    "f1_macro": "macro F1 over the classes present, %",
-    "agreement": "images with the same argmax as the unpruned model, %",
-    "gflops": "GMACs per image: gflops_backbone + gflops_features + gflops_policies",
-    "gflops_backbone": "GMACs of the ViT on each image's own token schedule (merging included), mean over images",
-    "gflops_features": "GMACs of the token scores the method needs (class-attention row, norms, cosine matrix)",
-    "gflops_policies": "GMACs of the policy networks on the live tokens",
-    "keep_ratio_s{i}": "mean fraction of the patch tokens alive in stage {i} (after pruning point {i})",
-    "keep_ratio": "mean fraction of the patch tokens alive in the last stage",
-    "images_per_s_b1": f"images/s, one at a time ({SPEED_SINGLE_IMAGES} images), median of repeats "
-                       "(features and policies included, input normalisation excluded)",
-    "images_per_s_b256": f"images/s, one batch of {SPEED_BATCH}, median of repeats",
-    "speedup": "images_per_s_b256 / the Baseline's",
-    "delta_best_heuristic": "learned rows: accuracy minus the best heuristic's at the same budget, points",
-    "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
-    "delta_ci_high": "upper end of that interval",
-}
 BOOTSTRAP_RESAMPLES = 2000
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -99,16 +75,6 @@ Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 class EvaluationError(RuntimeError):
     """A bad argument, checkpoint or combination of them; the message is meant for the user as is."""
-
-
-def column_docs(num_points: int) -> dict[str, str]:
-    """:data:`COLUMNS` with one ``keep_ratio_s{i}`` per pruning point."""
-    docs = {}
-    for column, doc in COLUMNS.items():
-        stages = range(1, num_points + 1) if "{i}" in column else [None]
-        docs.update({column.format(i=i): doc.format(i=i) for i in stages})
-    return docs
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,7 +144,6 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
     return methods
 
 
-
 @torch.inference_mode()
 def predict(runner: Runner, split: ImageSplit, backbone_config: Mapping[str, Any], batch_size: int,
             bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +195,7 @@ def versus_best_heuristic(method: Method, methods: Sequence[Method], outputs: Ma
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
                      methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
                      speed_repeats: int | None = 5, progress: bool = True) -> pd.DataFrame:
-    """The results table: one row per method, the columns of :data:`COLUMNS`.
+    """The results table: one row per method, the columns of ``envs.results_table.COLUMNS``.
 
     ``speed_repeats=None`` skips the timings (their columns stay empty).
     """
@@ -270,62 +235,6 @@ def speed_images(split: ImageSplit, backbone_config: Mapping[str, Any]) -> torch
     count = min(len(split), SPEED_BATCH)
     images = normalize(split.images[:count], backbone_config)
     return images.repeat(math.ceil(SPEED_BATCH / count), 1, 1, 1)[:SPEED_BATCH]
-
-
-
-def _format(column: str, value: Any) -> str:
-    """A cell of the Markdown table: blank for missing values, sensible precision per column."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, str):
-        return value
-    formats = {"gflops": "{:.4g}", "budget": "{:g}", "keep_ratio": "{:.3f}", "images_per_s": "{:.1f}"}
-    return next((f.format(value) for prefix, f in formats.items() if column.startswith(prefix)), f"{value:.2f}")
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """The table as GitHub Markdown, numbers right-aligned."""
-    cells = pd.DataFrame({column: [_format(column, v) for v in table[column]] for column in table.columns})
-    return cells.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
-                             colalign=["left"] + ["right"] * (len(cells.columns) - 1))
-
-
-def plot_accuracy_vs_gflops(table: pd.DataFrame, path: Path) -> None:
-    """Accuracy against GFLOPs, one line per method across budgets (Agg-safe: no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    for name, rows in table.groupby("method", sort=False):
-        rows = rows.sort_values("gflops")
-        baseline = name == BASELINE
-        axes.plot(rows["gflops"], rows["accuracy"], marker="*" if baseline else "o", markersize=12 if baseline else 5,
-                  linestyle="-" if len(rows) > 1 else "none", label=name)
-    axes.set_xlabel("GFLOPs per image (backbone + features + policies)")
-    axes.set_ylabel("top-1 accuracy (%)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=150)
-
-
-def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any]) -> list[Path]:
-    """results.csv, results.json, results.md and, with more than one budget, accuracy_vs_gflops.png."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    docs = column_docs(len(settings["prune_points"]))
-    records = table.astype(object).where(table.notna(), None).to_dict("records")
-    paths = [output_dir / name for name in ("results.csv", "results.json", "results.md")]
-    table.to_csv(paths[0], index=False)
-    paths[1].write_text(json.dumps({"settings": settings, "columns": docs, "rows": records}, indent=2) + "\n")
-    legend = "\n".join(f"- `{column}`: {doc}" for column, doc in docs.items())
-    setting_lines = "\n".join(f"- {key}: `{value}`" for key, value in settings.items())
-    paths[2].write_text(f"# Token pruning results\n\n{markdown_table(table)}\n\n## Columns\n\n{legend}\n\n"
-                        f"## Settings\n\n{setting_lines}\n")
-    if table["budget"].nunique() > 1:
-        paths.append(output_dir / "accuracy_vs_gflops.png")
-        plot_accuracy_vs_gflops(table, paths[-1])
-    return paths
-
 
 
 def build_parser() -> argparse.ArgumentParser:
