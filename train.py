@@ -18,6 +18,7 @@ import argparse
 import csv
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 import ray
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
@@ -98,12 +100,10 @@ def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, en
     """
     env_config = {"problem": problem.to_json(), "server_name": TRAIN_SERVER, "seed": problem.seed}
     policies = trained_policies(problem.agents)
-    initial_states = initial_states or {}
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
             "hidden": problem.hidden,
-            "init_logit_bias": initial_logit_bias(policy, problem.agents, problem.target_ratio, problem.warm_start)},
-            load_state_path=str(initial_states[policy]) if policy in initial_states else None)
+            "init_logit_bias": initial_logit_bias(policy, problem.agents, problem.target_ratio, problem.warm_start)})
         for policy in policies}
     return (
         PPOConfig()
@@ -114,13 +114,14 @@ def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, en
                      rollout_fragment_length="auto", num_cpus_per_env_runner=1, sample_timeout_s=600.0)
         .learners(num_learners=0, num_gpus_per_learner=gpus)
         .training(**asdict(problem.ppo))
-        .callbacks(PruningMetrics)
+        .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
+                                                                        initial_states=initial_states or {}))
         .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
                     custom_evaluation_function=functools.partial(validate_on_server, server_name=VAL_SERVER,
                                                                  model_config={"hidden": problem.hidden}))
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
                          delay_between_env_runner_restarts_s=5.0)
-        .debugging(seed=problem.seed)
+        .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
     )
 
 
@@ -139,19 +140,41 @@ def resolve_start(args: argparse.Namespace) -> tuple[Path | None, PruningProblem
 
 
 def start_ray(args: argparse.Namespace) -> None:
-    """A local Ray instance, or the cluster at --address with this repo shipped to every node."""
+    """A local Ray instance, or the cluster at --address with this repo shipped to every node.
+
+    The console shows our progress lines and Ray's errors: worker and actor output reaches the terminal
+    (a crashing env runner or server prints its traceback), while Ray's and RLlib's own warnings, all
+    internal to them at start (token auth notice, RLModuleConfig and new-API-stack deprecations, gputil),
+    are kept to the session logs under /tmp/ray. One line stays: the core worker's note that the ViT
+    server has constructor arguments in the object store, which it does on purpose (see vit_server.py).
+    """
+    quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR"),
+             "log_to_driver": True}
+    for logger in ("ray", "ray.rllib"):  # RLlib's logger has a level of its own
+        logging.getLogger(logger).setLevel(logging.ERROR)
     if args.address:
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
-        ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=args.address, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, **quiet)
 
 
 def server_settings(problem: PruningProblem, threads: int) -> dict[str, ServerSettings]:
     """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
     train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=0, torch_threads=threads)
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit)}
+
+
+def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -> None:
+    """RLlib's ``on_algorithm_init`` hook: load each warm-started module into the learner, the documented
+    ``restore_from_path(..., component=...)`` way, then hand the weights to the env runners."""
+    for policy, path in initial_states.items():
+        algorithm.restore_from_path(str(path), component="/".join(
+            (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, policy)))
+    if initial_states:
+        algorithm.env_runner_group.sync_weights(from_worker_or_learner_group=algorithm.learner_group,
+                                                inference_only=True)
 
 
 def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str,
@@ -167,8 +190,16 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str,
     return metrics, 0, 0
 
 
-def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int, validated: bool) -> str:
-    """One compact line per iteration; returns are per image (an env episode carries several images)."""
+def duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m``, ``125`` -> ``2m05s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(result: dict[str, Any], elapsed: float, remaining: float, images_per_env: int,
+                  validated: bool) -> str:
+    """One compact line per iteration; returns are per image (an env episode carries several images);
+    ``remaining``: seconds until --iterations or --time-budget ends the run, whichever comes first."""
     runners = result.get("env_runners", {})
     returns = runners.get("module_episode_returns_mean", {})
     ret = " ".join(f"R/img[{m[:3]}]={v / images_per_env:+.3f}" for m, v in sorted(returns.items()))
@@ -177,7 +208,8 @@ def progress_line(result: dict[str, Any], elapsed: float, images_per_env: int, v
              f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
              f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
              f"kept {runners.get('keep_ratio', float('nan')):.3f}",
-             f"GFLOPs {runners.get('gflops', float('nan')):.4f}", f"{elapsed:6.0f}s"]
+             f"GFLOPs {runners.get('gflops', float('nan')):.4f}",
+             f"{duration(elapsed):>6} elapsed, {duration(remaining):>6} left"]
     if validated:  # results carry the last validation along; show it only where it ran
         val = result.get("evaluation", {})
         parts.append(f"| val exact {val.get('exact_accuracy', float('nan')):.2f}% "
@@ -289,13 +321,17 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: Pru
     writer = MetricsWriter(out, algo.iteration)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() and checkpoint is not None else None
-    began, last = time.time(), None
+    began, first, last = time.time(), algo.iteration, None
     while algo.iteration < args.iterations:
         result = algo.train()
         writer.write(result)
         validated = algo.iteration % problem.checkpoint_every == 0  # evaluation_interval == checkpoint_every
-        print(progress_line(result, time.time() - began, problem.images_per_env, validated), flush=True)
-        out_of_time = args.time_budget > 0 and time.time() - began > 60 * args.time_budget
+        elapsed = time.time() - began
+        remaining = (args.iterations - algo.iteration) * elapsed / (algo.iteration - first)
+        if args.time_budget > 0:
+            remaining = max(0.0, min(remaining, 60 * args.time_budget - elapsed))
+        print(progress_line(result, elapsed, remaining, problem.images_per_env, validated), flush=True)
+        out_of_time = args.time_budget > 0 and elapsed > 60 * args.time_budget
         final = algo.iteration >= args.iterations or out_of_time
         if validated or final:
             score = validation_score(result) if validated else None
@@ -315,6 +351,20 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: Pru
     return last
 
 
+def closing_line(output_dir: Path, last: Path) -> str:
+    """Which checkpoint to use (the best on validation, else the last) and the command that evaluates it."""
+    best_path = output_dir / "best.json"
+    if best_path.exists():
+        best = json.loads(best_path.read_text())
+        chosen, why = output_dir / best["checkpoint"], (f"best on validation: iteration {best['iteration']}, "
+                                                        f"exact-budget accuracy {best['val_score']:.2f}%")
+    else:
+        chosen, why = last, "no validation ran; the last checkpoint"
+    return (f"best checkpoint: {chosen} ({why})\n"
+            f"evaluate it: python evaluate.py --checkpoint {chosen} "
+            f"--data-dir {read_checkpoint_info(chosen).problem.data_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     try:
@@ -327,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
     print(f"last checkpoint: {last}")
+    print(closing_line(Path(args.output_dir), last))
     return 0
 
 

@@ -29,11 +29,14 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
     out = capsys.readouterr().out
     assert "iter    1" in out and "iter    2" in out and "agree" in out and "GFLOPs" in out
     assert out.count("| val exact ") == 2  # every iteration validated (--checkpoint-every 1)
+    assert "elapsed" in out and "left" in out
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert f"best checkpoint: run/{best['checkpoint']} (best on validation: iteration {best['iteration']}" in out
+    assert f"evaluate it: python evaluate.py --checkpoint run/{best['checkpoint']} --data-dir {data_dir}" in out
     first = latest_checkpoint(tmp_path / "run")
     info = read_checkpoint_info(first)
     assert info.iteration == 2 and info.problem.target_ratio == 0.5 and info.problem.reduction == "merge"
     assert info.problem.prune_points == (1, 2, 3) and info.problem.ppo.minibatch_size == 32
-    best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["iteration"] in (1, 2) and 0 <= best["val_score"] <= 100  # exact-budget accuracy, %
     assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
     assert list((tmp_path / "run" / "tb").iterdir())
