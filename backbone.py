@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from cli import OneLineParser
+from cli import OneLineParser, add_download_argument
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
 from envs.vit.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
 
@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download cifar10/cifar100 (by default they are fetched into --data-dir if absent)")
+    add_download_argument(p)
     p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE)
     p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
     p.add_argument("--limit", type=int, default=None,

@@ -18,6 +18,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def add_download_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-download``: CIFAR-10/100 are fetched into the data directory when absent, unless this is given."""
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download cifar10/cifar100 (by default they are fetched into --data-dir, "
+                             "with a progress bar, when absent)")
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1."""
     return _int_at_least(text, 1)

@@ -40,7 +40,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from cli import OneLineParser, UsageError, positive_int
+from cli import OneLineParser, UsageError, add_download_argument, positive_int
 from envs.problem import ProblemError, check_target_ratio
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO)})")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    add_download_argument(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="default: %(default)s")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
@@ -315,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
         check_policies(modules, staged.num_patches, path)
     dataset = args.dataset or problem.dataset
     split = load_split(dataset, args.split, args.data_dir, input_size=backbone_config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
+                       val_size=problem.val_size, seed=problem.split_seed, limit=args.limit,
+                       download=args.download)
     methods = plan_methods(budgets, {b: (m, info.problem.agents) for b, (m, info, _) in policies.items()})
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,

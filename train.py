@@ -36,7 +36,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.utils import flatten_dict
 
-from cli import OneLineParser, non_negative_int, positive_int
+from cli import OneLineParser, add_download_argument, non_negative_int, positive_int
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problem_from_args
 from envs.pruning_engine import EngineSpec
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
     run.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray instance")
     run.add_argument("--server-threads", type=positive_int, default=1, help="torch threads of each ViT server")
+    add_download_argument(run)
     add_problem_arguments(p, "pruning problem (taken from the checkpoint on --resume)")
     return p
 
@@ -160,9 +161,10 @@ def start_ray(args: argparse.Namespace) -> None:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, **quiet)
 
 
-def server_settings(problem: PruningProblem, threads: int) -> dict[str, ServerSettings]:
+def server_settings(problem: PruningProblem, threads: int, download: bool = False) -> dict[str, ServerSettings]:
     """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
-    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=0, torch_threads=threads)
+    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=0, torch_threads=threads,
+                           download=download)
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit)}
 
 
@@ -265,7 +267,7 @@ class MetricsWriter:
 def train(args: argparse.Namespace) -> Path:
     """Run (or continue) training; uses the Ray instance already initialised in this process, if any."""
     checkpoint, problem = resolve_start(args)
-    settings = server_settings(problem, args.server_threads)
+    settings = server_settings(problem, args.server_threads, args.download)
     inputs = {name: load_server_inputs(s) for name, s in settings.items()}  # bad backbone/data fail here
     if not ray.is_initialized():
         start_ray(args)

@@ -67,3 +67,26 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, monkeypatch, capsys):
+    """No data and no network: the download is tried (as on a fresh clone), then one line names the layout
+    looked for, --data-dir and MARL_PRUNING_DATA_DIR."""
+    import torchvision.datasets.cifar
+    from urllib.error import URLError
+
+    import evaluate
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    monkeypatch.delenv("MARL_PRUNING_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    main = train.main if command == "train" else evaluate.main
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cifar10 not found in data and could not be downloaded") and err.count("\n") == 1
+    assert "data/cifar10/train.tar" in err and "--data-dir" in err and "MARL_PRUNING_DATA_DIR" in err
+    assert not (tmp_path / "runs").exists()

@@ -102,6 +102,15 @@ def _split_source(dataset: str, data_dir: Path, split: str) -> Path | None:
     return None
 
 
+def _where_to_put_it(dataset: str, data_dir: Path) -> str:
+    """The layout a data set is looked for in and how to point the commands at it, for error messages."""
+    base = data_dir if dataset == "folder" else data_dir / dataset
+    layout = f"{base}/train.tar and {base}/test.tar, or train/ and test/ ImageFolder directories"
+    if dataset != "folder":
+        layout += ", or torchvision's files"
+    return f"expected {layout}; pass --data-dir DIR or set {DATA_DIR_ENV}"
+
+
 def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     """A timm / torchvision dataset over the raw ``train`` or ``test`` split (PIL image, int label)."""
     if dataset not in DATASETS:
@@ -110,15 +119,14 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if source is not None:
         return create_dataset("", root=str(source))
     if dataset == "folder":
-        raise DataError(f"no '{split}' ImageFolder directory or .tar found in {data_dir}")
-    root = data_dir / dataset
+        raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     try:
-        return create_dataset(f"torch/{dataset}", root=str(root), split=split, download=download)
-    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(f"{dataset} not found in {data_dir} (expected {dataset}/train.tar and test.tar, "
-                        f"or torchvision's files): {error}") from None
+        return create_dataset(f"torch/{dataset}", root=str(data_dir / dataset), split=split, download=download)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted", download=False
+        raise DataError(f"{dataset} not found in {data_dir}: {_where_to_put_it(dataset, data_dir)}") from None
     except OSError as error:  # offline download attempt
-        raise DataError(f"{dataset} not found in {data_dir} and could not be downloaded: {error}") from None
+        raise DataError(f"{dataset} not found in {data_dir} and could not be downloaded ({error}): "
+                        f"{_where_to_put_it(dataset, data_dir)}") from None
 
 
 def _class_names(raw) -> tuple[str, ...]:
@@ -186,7 +194,7 @@ def load_split(
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if not root.exists() and not (download and dataset != "folder"):
-        raise DataError(f"data directory {root} does not exist")
+        raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
     raw = _open_raw_split(dataset, root, "test" if split == "test" else "train", download)
     labels = _labels(raw)
     if split == "test":
