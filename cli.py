@@ -4,18 +4,50 @@
 from __future__ import annotations
 
 import argparse
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
 class UsageError(ValueError):
     """A bad command line; the commands print it as one ``error: ...`` line and exit with code 2."""
 
 
+def versions_line() -> str:
+    """``marl-token-pruning 0.1.0, torch 2.14.1, ...``: what produced a result, printed by ``--version`` and
+    written into every results file."""
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join([*(f"{package} {installed(package)}" for package in VERSIONED_PACKAGES),
+                      f"python {platform.python_version()}"])
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Raises :class:`UsageError` instead of printing the usage text and exiting, so that argument errors
-    read like every other error of the commands."""
+    read like every other error of the commands; every command answers ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action=_PrintVersions, help="print the versions of the packages used and exit")
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+class _PrintVersions(argparse.Action):
+    """``--version``: :func:`versions_line` as one line (argparse's own action wraps it to the terminal)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_line())
+        parser.exit()
 
 
 def add_download_argument(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from cli import OneLineParser, UsageError, add_download_argument, positive_int
+from cli import OneLineParser, UsageError, add_download_argument, positive_int, versions_line
 from envs.problem import ProblemError, check_target_ratio
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
                 "speed_repeats": None if args.no_speed else args.speed_repeats,
-                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+                "torch_threads": torch.get_num_threads(), "versions": versions_line()}
     print(markdown_table(table))
     paths = write_results(table, output_dir, settings)
     print("\nwrote " + ", ".join(str(path) for path in paths))

@@ -36,7 +36,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.utils import flatten_dict
 
-from cli import OneLineParser, add_download_argument, non_negative_int, positive_int
+from cli import OneLineParser, add_download_argument, non_negative_int, positive_int, versions_line
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problem_from_args
 from envs.pruning_engine import EngineSpec
@@ -340,7 +340,7 @@ def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: Pru
             last = write_checkpoint(algo, out, CheckpointInfo(problem, algo.iteration, score))
             if score is not None and (best is None or score > best["val_score"]):
                 best = {"checkpoint": str(last.relative_to(out)), "iteration": algo.iteration,
-                        "val_score": score}
+                        "val_score": score, "versions": versions_line()}
                 best_path.write_text(json.dumps(best, indent=2) + "\n")
             protect = {out / best["checkpoint"]} if best else set()
             remove_old_checkpoints(out, args.keep_checkpoints, protect)

@@ -146,6 +146,7 @@ def test_rows_columns_and_files(results):
     saved = json.loads((output / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
+    assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
     assert re.search(r"\| method +\| +budget \|", (output / "results.md").read_text())
     quality = table[["accuracy", "f1_macro", "agreement"]]
     assert ((quality >= 0) & (quality <= 100)).all().all()
@@ -346,8 +347,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_b
         shutil.rmtree(path / MODULES_DIR / "similarity")
     elif case == "bad_budget":
         extra = ["--budgets", "0.5,1.5"]
-    elif case == "missing_data":
-        data = tmp_path / "no_data"
+    elif case == "missing_data":  # the download is the offline test's (test_train.py)
+        data, extra = tmp_path / "no_data", ["--no-download"]
     elif case == "existing_results":
         output.mkdir()
         (output / "results.csv").write_text("keep me\n")

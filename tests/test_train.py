@@ -73,8 +73,9 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
 def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, monkeypatch, capsys):
     """No data and no network: the download is tried (as on a fresh clone), then one line names the layout
     looked for, --data-dir and MARL_PRUNING_DATA_DIR."""
-    import torchvision.datasets.cifar
     from urllib.error import URLError
+
+    import torchvision.datasets.cifar
 
     import evaluate
 
