@@ -121,7 +121,7 @@ def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, en
                     custom_evaluation_function=functools.partial(validate_on_server, server_name=VAL_SERVER,
                                                                  model_config={"hidden": problem.hidden}))
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
-                         delay_between_env_runner_restarts_s=5.0)
+                         delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
         .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
     )
 

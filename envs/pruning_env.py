@@ -20,11 +20,13 @@ Reward, shared by the two agents of an image (docs/DESIGN.md, "Reward"):
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import numpy as np
 import ray
+from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from envs.problem import POLICIES, PruningProblem
@@ -51,6 +53,19 @@ def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
     return agent_id.split("_")[0]
 
 
+_episodes_lost = 0  # in this process; RLlib recreates the env after each, and the new one must not replay
+
+
+def image_stream_key(config: dict | None) -> tuple[int, ...]:
+    """What makes each env's image stream its own, mixed with the seed into a ``SeedSequence``: the env
+    runner's index, the sub-env's index, the episodes this process lost before (RLlib recreates the env
+    and re-seeds it with the same seed) and, in a runner Ray restarted, its process id (so that it does not
+    replay its predecessor's images). Plain sums such as ``seed + runner + sub-env`` collide."""
+    worker, vector = getattr(config, "worker_index", 0), getattr(config, "vector_index", 0)
+    restarted = (os.getpid(),) if getattr(config, "recreated_worker", False) else ()
+    return (worker, vector, _episodes_lost, *restarted)
+
+
 class TokenPruningEnv(MultiAgentEnv):
     """Both agents prune the tokens of ``images_per_env`` images, one pruning point per step."""
 
@@ -73,7 +88,8 @@ class TokenPruningEnv(MultiAgentEnv):
                   for aid in self.possible_agents}
         self.observation_spaces = {aid: observation for aid, (observation, _) in spaces.items()}
         self.action_spaces = {aid: action for aid, (_, action) in spaces.items()}
-        self._rng = np.random.default_rng(self.config["seed"])
+        self._stream = image_stream_key(config)
+        self._rng = np.random.default_rng([self.config["seed"], *self._stream])
         self._episode = 0
         self._keys: list[str] = []
         self._live: list[int] = []
@@ -123,7 +139,7 @@ class TokenPruningEnv(MultiAgentEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
-            self._rng = np.random.default_rng(seed)
+            self._rng = np.random.default_rng([seed, *self._stream])
         if self._keys:
             self._call("release", self._keys)
         self._episode += 1
@@ -145,9 +161,9 @@ class TokenPruningEnv(MultiAgentEnv):
         except ray.exceptions.RayTaskError as error:
             if not isinstance(error.as_instanceof_cause(), EpisodeLost):
                 raise
-            return self._truncate()
+            raise self._episode_lost() from None
         except EpisodeLost:
-            return self._truncate()
+            raise self._episode_lost() from None
         problem = self.problem
         obs, rewards, infos = {}, {}, {}
         done = results[0]["done"]
@@ -176,11 +192,10 @@ class TokenPruningEnv(MultiAgentEnv):
         truncateds = {aid: False for aid in self.agents} | {"__all__": False}
         return obs, rewards, terminateds, truncateds, infos
 
-    def _truncate(self):
-        """The server lost our episodes (restart): end this episode without reward; reset starts anew."""
+    def _episode_lost(self) -> StepFailedRecreateEnvError:
+        """The server lost our episodes (a restart): RLlib discards this episode (nothing of it is trained on),
+        recreates the env and resets (``restart_failed_sub_environments``)."""
+        global _episodes_lost
+        _episodes_lost += 1
         self._keys = []
-        obs = self._zero_observations()
-        zeros = {aid: 0.0 for aid in self.agents}
-        flags = {aid: False for aid in self.agents} | {"__all__": False}
-        truncs = {aid: True for aid in self.agents} | {"__all__": True}
-        return obs, zeros, flags, truncs, {aid: {"server_restart": True} for aid in self.agents}
+        return StepFailedRecreateEnvError("the ViT server lost this episode (it restarted); discarding it")

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from ray.rllib.env.env_context import EnvContext
+from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
 from envs.problem import ProblemError
@@ -114,16 +116,31 @@ def test_seeded_and_reproducible(engine):
     assert runs[0][1]["attention_0"]["image"] == runs[1][1]["attention_0"]["image"]
 
 
-def test_lost_episode_truncates_and_reset_recovers(engine):
-    env = make_env(engine, 1)
+def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
+    env = make_env(engine, 4)
     obs, _ = env.reset(seed=0)
     engine.release(env._keys)  # what a server restart does to in-flight episodes
     with pytest.raises(EpisodeLost):
-        engine.step(env._keys, [np.ones(64)])
-    _, rewards, terminateds, truncateds, _ = env.step({aid: keep_all(aid, o) for aid, o in obs.items()})
-    assert truncateds["__all__"] and not terminateds["__all__"] and rewards["attention"] == 0.0
-    obs, _ = env.reset()
-    assert obs["attention"]["live"].sum() == 64
+        engine.step(env._keys, [np.ones(64)] * 4)
+    with pytest.raises(StepFailedRecreateEnvError):  # RLlib discards the episode and recreates the env
+        env.step({aid: keep_all(aid, o) for aid, o in obs.items()})
+    recreated = make_env(engine, 4)
+    obs, _ = recreated.reset(seed=0)  # RLlib re-seeds a recreated env with the runner's seed
+    assert obs["attention_0"]["live"].sum() == 64
+    assert recreated._images != env._images
+
+
+def test_image_streams_of_runners_and_sub_envs_are_independent(engine):
+    def images(worker: int, vector: int, recreated_worker: bool = False) -> list[int]:
+        config = EnvContext({"server": engine, "problem": {"images_per_env": 8}}, worker_index=worker,
+                            vector_index=vector, recreated_worker=recreated_worker)
+        env = TokenPruningEnv(config)
+        env.reset(seed=100 + worker)  # RLlib's seed: the base seed plus the runner's index
+        return env._images
+
+    assert images(1, 1) == images(1, 1)  # reproducible
+    assert images(1, 1) != images(2, 0)  # seed + runner + sub-env would collide here
+    assert images(1, 0) != images(1, 0, recreated_worker=True)  # a restarted runner does not replay
 
 
 def test_engine_state_is_bounded_and_freed(engine):
