@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from envs.vit_server import (
     load_server_inputs,
     staged_from_weights,
     start_vit_server,
+    start_vit_servers,
 )
 from policies.checkpoints import (
     CheckpointInfo,
@@ -86,20 +87,59 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in --output-dir (or from the given checkpoint directory)")
     run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
     run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
-    run.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray instance")
-    run.add_argument("--server-threads", type=positive_int, default=1, help="torch threads of each ViT server")
+    run.add_argument("--num-cpus", type=positive_int, default=None,
+                     help="CPUs of a local Ray instance (default: this machine's; raised to what the servers and "
+                          "env runners reserve)")
+    run.add_argument("--servers", type=positive_int, default=None,
+                     help="ViT servers the env runners are spread over, by runner index (default: one per GPU "
+                          "of the cluster, one without GPUs)")
+    run.add_argument("--server-threads", type=positive_int, default=1,
+                     help="torch threads of each ViT server, and the CPUs it reserves")
     add_download_argument(run)
     add_problem_arguments(p, "pruning problem (taken from the checkpoint on --resume)")
     return p
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the learner and the ViT servers run, and what each reserves from Ray."""
+
+    servers: int  # sampling servers; env runner i uses server i % servers
+    server_gpus: float  # GPU share of each server (the validation server's too)
+    server_cpus: float  # CPUs each sampling server reserves (its torch threads)
+    learner_actor: bool  # the learner runs as its own actor (a GPU elsewhere than the driver) or in the driver
+    learner_gpus: float
+
+    def describe(self, num_workers: int) -> str:
+        """One line for the console."""
+        device = f"{self.server_gpus:g} GPU" if self.server_gpus else f"{self.server_cpus:g} CPU"
+        learner = "a learner actor" if self.learner_actor else "the driver"
+        learner += f" ({self.learner_gpus:g} GPU)" if self.learner_gpus else " (CPU)"
+        return (f"placement: {num_workers} env runner(s) over {self.servers} ViT server(s) of {device} each, "
+                f"one validation server, the learner in {learner}")
+
+
+def plan_placement(servers: int | None, server_threads: int, cluster_gpus: float, driver_has_gpu: bool) -> Placement:
+    """Without GPUs everything runs on CPUs, the learner in the driver. With GPUs there is one server per GPU
+    unless ``servers`` says otherwise; the learner takes half a GPU: in the driver when the driver has one,
+    else as a learner actor that Ray places on a GPU node (RLlib's device check fails on a GPU-less driver
+    asked for GPUs). The servers, the validation one included, share what the learner leaves."""
+    if cluster_gpus < 1:
+        return Placement(servers or 1, 0.0, server_threads, False, 0.0)
+    count = servers or int(cluster_gpus)
+    reserved_by_learner = 0.0 if driver_has_gpu else 0.5
+    share = min(0.5, (cluster_gpus - reserved_by_learner) / (count + 1))
+    return Placement(count, share, server_threads, not driver_has_gpu, 0.5)
+
+
 def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, envs_per_worker: int,
-                 gpus: float, initial_states: dict[str, Path] | None = None) -> PPOConfig:
+                 placement: Placement, initial_states: dict[str, Path] | None = None) -> PPOConfig:
     """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings.
 
     ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start).
     """
-    env_config = {"problem": problem.to_json(), "server_name": TRAIN_SERVER, "seed": problem.seed}
+    env_config = {"problem": problem.to_json(), "server_name": train_server_names(placement.servers),
+                  "seed": problem.seed}
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
@@ -113,7 +153,7 @@ def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, en
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .env_runners(num_env_runners=num_workers, num_envs_per_env_runner=envs_per_worker,
                      rollout_fragment_length="auto", num_cpus_per_env_runner=1, sample_timeout_s=600.0)
-        .learners(num_learners=0, num_gpus_per_learner=gpus)
+        .learners(num_learners=int(placement.learner_actor), num_gpus_per_learner=placement.learner_gpus)
         .training(**asdict(problem.ppo))
         .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
                                                                         initial_states=initial_states or {}))
@@ -158,14 +198,23 @@ def start_ray(args: argparse.Namespace) -> None:
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         ray.init(address=args.address, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, **quiet)
+        servers = args.servers or max(1, torch.cuda.device_count())
+        reserved = servers * args.server_threads + args.num_workers  # each env runner reserves one CPU
+        ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved),
+                 include_dashboard=False, **quiet)
+
+
+def train_server_names(count: int) -> list[str]:
+    """The sampling servers' actor names."""
+    return [f"{TRAIN_SERVER}_{index}" for index in range(count)]
 
 
 def server_settings(problem: PruningProblem, threads: int, download: bool = False) -> dict[str, ServerSettings]:
-    """One ViT server on the train split for sampling, one on a val subset for checkpoint selection."""
-    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=0, torch_threads=threads,
-                           download=download)
-    return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit)}
+    """Servers on the train split for sampling, one on a val subset for checkpoint selection. The validation
+    server reserves no CPU: it works between sampling rounds, when the env runners wait."""
+    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=threads,
+                           torch_threads=threads, download=download)
+    return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
 
 
 def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -> None:
@@ -271,14 +320,19 @@ def train(args: argparse.Namespace) -> Path:
     inputs = {name: load_server_inputs(s) for name, s in settings.items()}  # bad backbone/data fail here
     if not ray.is_initialized():
         start_ray(args)
-    gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    placement = plan_placement(args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0),
+                               torch.cuda.is_available())
+    print(placement.describe(args.num_workers), flush=True)
     initial_states = {}
     if checkpoint is None and problem.warm_start != "none":
         initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER],
-                                                   Path(args.output_dir).resolve() / "warm_start")
-    servers = [start_vit_server(replace(s, num_gpus=gpus), name, inputs[name]) for name, s in settings.items()]
+                                           Path(args.output_dir).resolve() / "warm_start")
+    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus),
+                                  train_server_names(placement.servers), inputs[TRAIN_SERVER]),
+               start_vit_server(replace(settings[VAL_SERVER], num_gpus=placement.server_gpus), VAL_SERVER,
+                                inputs[VAL_SERVER])]
     try:
-        return run_training(args, checkpoint, problem, servers[0], gpus, initial_states)
+        return run_training(args, checkpoint, problem, servers[0], placement, initial_states)
     finally:
         for server in servers:
             ray.kill(server, no_restart=True)
@@ -301,11 +355,11 @@ def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: 
 
 
 def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: PruningProblem, train_server,
-                 gpus: float, initial_states: dict[str, Path] | None = None) -> Path:
+                 placement: Placement, initial_states: dict[str, Path] | None = None) -> Path:
     """The PPO loop: train, log, checkpoint every K iterations, record the best on validation."""
     out = Path(args.output_dir).resolve()
     spec = ray.get(train_server.spec.remote())
-    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, gpus, initial_states)
+    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, placement, initial_states)
     if checkpoint is not None:  # a checkpoint of another backbone or feature set fails here, clearly
         check_policies(load_policies(checkpoint)[0], spec.num_patches, checkpoint)
     algo = config.build_algo()

@@ -37,7 +37,8 @@ from policies.decisions import survives
 from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
-    "server_name": DEFAULT_NAME,  # the ViT server to find by name (or "server": an in-process engine)
+    "server_name": DEFAULT_NAME,  # the ViT server to find by name, or a list of names: runner i uses name i % n
+                                  # ("server" instead: an in-process engine)
     "seed": 0,
     "server_timeout_s": 120.0,
 }
@@ -76,6 +77,9 @@ class TokenPruningEnv(MultiAgentEnv):
             raise ValueError(f"unknown env_config keys: {', '.join(unknown)}")
         self.config = {**DEFAULT_ENV_CONFIG, **(config or {})}
         self.problem = PruningProblem.from_json(self.config.get("problem", {}))
+        names = self.config["server_name"]
+        self._server_name = (names[getattr(config, "worker_index", 0) % len(names)] if isinstance(names, list)
+                             else names)
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
         self.num_images = self.problem.images_per_env
@@ -98,7 +102,7 @@ class TokenPruningEnv(MultiAgentEnv):
     # -- server access -------------------------------------------------------------------------------
 
     def _lookup_server(self):
-        name = self.config["server_name"]
+        name = self._server_name
         deadline = time.monotonic() + float(self.config["server_timeout_s"])
         while True:
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -46,8 +47,8 @@ class ServerSettings:
     limit: int | None = None  # serve a seeded subset of this many images of the split
     max_batch: int = 256
     max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
-    num_gpus: float = 0.0
     download: bool = False  # fetch CIFAR-10/100 into the problem's data_dir when absent (on the driver)
+    num_gpus: float = 0.0
     num_cpus: float = 1.0
     torch_threads: int = 1
     max_restarts: int = 5
@@ -198,19 +199,27 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 
-def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME,
-                     inputs: ServerInputs | None = None) -> ray.actor.ActorHandle:
-    """Start the named actor and wait until it serves.
+def start_vit_servers(settings: ServerSettings, names: Sequence[str],
+                      inputs: ServerInputs | None = None) -> list[ray.actor.ActorHandle]:
+    """Start one named actor per name on the same inputs and wait until they all serve.
 
-    Weights and images travel through Ray's object store, so the node the actor lands on needs neither
-    the checkpoint nor the data set on its disk.
+    Weights and images travel through Ray's object store, put there once for all of them, so the nodes the
+    actors land on need neither the checkpoint nor the data set on their disk.
     """
     inputs = inputs or load_server_inputs(settings)
-    actor_class = ray.remote(ViTServer).options(
-        name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
-        max_restarts=settings.max_restarts, max_concurrency=1000)
     refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
-    _PINNED[name] = refs
-    server = actor_class.remote(refs[0], inputs.config, refs[1], refs[2], settings)
-    ray.get(server.spec.remote())
-    return server
+    servers = []
+    for name in names:
+        _PINNED[name] = refs
+        actor_class = ray.remote(ViTServer).options(
+            name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
+            max_restarts=settings.max_restarts, max_concurrency=1000)
+        servers.append(actor_class.remote(refs[0], inputs.config, refs[1], refs[2], settings))
+    ray.get([server.spec.remote() for server in servers])
+    return servers
+
+
+def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME,
+                     inputs: ServerInputs | None = None) -> ray.actor.ActorHandle:
+    """One server: :func:`start_vit_servers` with one name."""
+    return start_vit_servers(settings, [name], inputs)[0]

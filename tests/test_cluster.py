@@ -1,4 +1,4 @@
-"""train.py on a real two-node Ray cluster started on this machine (head + one worker node)."""
+"""train.py on a real two-node Ray cluster started on this machine (head + one worker node), two ViT servers."""
 
 import contextlib
 import os
@@ -37,7 +37,7 @@ def two_node_cluster(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    common = ["--num-cpus=2", "--disable-usage-stats", "--block"]
     starts = [[ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
               [ray_bin, "start", f"--address={address}", *common]]
     nodes = []
@@ -64,13 +64,14 @@ def two_node_cluster(tmp_path):
 def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_dir, tmp_path):
     address, env = two_node_cluster
     out = tmp_path / "run"
-    command = [sys.executable, str(REPO / "train.py"), "--address", address, "--num-workers", "2",
+    command = [sys.executable, str(REPO / "train.py"), "--address", address, "--num-workers", "2", "--servers", "2",
                "--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--train-limit", "64",
                "--val-limit", "8", "--prune-points", "1,2,3", "--images-per-env", "4", "--iterations", "1",
                "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
                "--output-dir", str(out)]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 env runner(s) over 2 ViT server(s)" in done.stdout
     assert "iter    1" in done.stdout and "evaluate it: python evaluate.py --checkpoint" in done.stdout
     assert "WARNING" not in done.stderr and "Deprecat" not in done.stderr, done.stderr  # a quiet console
     assert read_checkpoint_info(latest_checkpoint(out)).iteration == 1

@@ -162,3 +162,10 @@ def test_bad_settings_fail_clearly(engine):
         TokenPruningEnv({"server": engine, "agents": "attention"})
     with pytest.raises(ValueError, match="prune_points"):
         StagedViT(engine.staged.vit, (2, 9))
+
+
+def test_runners_spread_over_servers_by_index(engine):
+    names = ["server_0", "server_1", "server_2"]
+    for worker in range(5):
+        env = TokenPruningEnv(EnvContext({"server": engine, "server_name": names}, worker_index=worker))
+        assert env._server_name == names[worker % 3]
