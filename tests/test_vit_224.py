@@ -1,0 +1,64 @@
+"""224-px timm ViTs end to end on a generated ImageFolder (``dataset folder``): backbone.py trains each,
+train.py trains the agents on the DeiT one, evaluate.py scores that policy on every backbone against the
+heuristics. Tiny widths and depths keep it to seconds per model on a CPU; the geometry (16-px patches,
+196 tokens, prefix tokens, heads) is the real one."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import backbone
+import evaluate
+import train
+from policies.checkpoints import latest_checkpoint
+
+TINY_224 = ["depth=3", "embed_dim=48", "num_heads=3"]
+MODELS = {  # name: (timm model, extra kwargs)
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", []),  # class + distillation token, two heads
+    "registers": ("vit_tiny_patch16_224", ["reg_tokens=4"]),  # four register tokens
+    "avg_pool": ("vit_tiny_patch16_224", ["class_token=False", "global_pool='avg'"]),  # no class token
+}
+
+
+def data_flags(folder: Path) -> list[str]:
+    return ["--dataset", "folder", "--data-dir", str(folder), "--val-size", "6"]
+
+
+def train_backbone(variant: str, folder: Path, output: Path) -> Path:
+    model, extra = MODELS[variant]
+    assert backbone.main(["--model", model, "--model-kwargs", *TINY_224, *extra, *data_flags(folder),
+                          "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                          "--output-dir", str(output)]) == 0
+    config = json.loads((output / "backbone" / "config.json").read_text())
+    assert config["input_size"] == 224 and config["class_names"] == ["ant", "bee", "cat"]
+    return output / "backbone"
+
+
+@pytest.fixture(scope="module")
+def deit_policy(image_folder_224, tmp_path_factory) -> Path:
+    """A policy checkpoint trained by train.py (one iteration) on the tiny distilled DeiT."""
+    root = tmp_path_factory.mktemp("deit_policy")
+    deit = train_backbone("deit_distilled", image_folder_224, root / "backbone")
+    assert train.main(["--backbone", str(deit), *data_flags(image_folder_224), "--prune-points", "1,2",
+                       "--val-limit", "6", "--images-per-env", "2", "--warm-start", "none", "--iterations", "1",
+                       "--checkpoint-every", "1", "--num-workers", "0", "--train-batch-size-per-learner", "16",
+                       "--minibatch-size", "16", "--num-epochs", "1", "--num-cpus", "2",
+                       "--output-dir", str(root / "run")]) == 0
+    return latest_checkpoint(root / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(MODELS))
+def test_224px_backbone_trains_and_the_policy_evaluates_on_it(variant, deit_policy, image_folder_224, tmp_path):
+    policy_backbone = deit_policy.parent.parent.parent / "backbone" / "backbone"
+    backbone_dir = (policy_backbone if variant == "deit_distilled"
+                    else train_backbone(variant, image_folder_224, tmp_path / "backbone"))
+    assert evaluate.main(["--checkpoint", str(deit_policy), "--backbone", str(backbone_dir), "--data-dir",
+                          str(image_folder_224), "--budgets", "0.5", "--no-speed",
+                          "--output-dir", str(tmp_path / "results")]) == 0
+    rows = {row["method"]: row for row in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
+    assert rows["Baseline (unpruned)"]["keep_ratio"] == 1.0
+    assert rows["MARL exact"]["gflops_backbone"] == pytest.approx(rows["Greedy attention"]["gflops_backbone"])
+    assert rows["MARL exact"]["gflops_backbone"] < 0.7 * rows["Baseline (unpruned)"]["gflops_backbone"]
+    assert rows["MARL exact"]["keep_ratio"] == pytest.approx(49 / 196)  # 196 -> 98 -> 49 patch tokens
