@@ -15,34 +15,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 import evaluate
-from envs.problem import POLICIES, PruningProblem
+from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.vit.pruned_forward import TokenState, initial_state
 from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG, load_policies
+from policies.checkpoints import MODULES_DIR, load_policies
 from policies.decisions import agent_logits
-from policies.rl_module import TokenPolicyModule
+from tests.tiny_policies import (
+    FEATURE_COUNTS,
+    HIDDEN,
+    NUM_PATCHES,
+    PRUNE_POINTS,
+    TARGET_RATIO,
+    write_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
-NUM_PATCHES = 64
-HIDDEN = 16
 LIMIT = 64
-TARGET_RATIO = 0.5
-FEATURE_COUNTS = {"attention": len(ATTENTION_FEATURES), "similarity": len(SIMILARITY_FEATURES)}
 TIMING = ["images_per_s_b1", "images_per_s_b256", "speedup"]
 COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "gflops_backbone",
            "gflops_features", "gflops_policies", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3",
@@ -50,52 +49,6 @@ COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "g
 HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity", "Attention NMS", "ToMe"]
 DELTA = ["delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
 MARL_ROWS = ["MARL exact", "MARL adaptive", "MARL attention only", "MARL similarity only"]
-
-
-def build_module(name: str, num_patches: int = NUM_PATCHES, seed: int = 0):
-    torch.manual_seed(seed)
-    obs = gym.spaces.Dict({
-        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, FEATURE_COUNTS[name]), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
-    spec = RLModuleSpec(module_class=TokenPolicyModule, observation_space=obs,
-                        action_space=gym.spaces.MultiBinary(num_patches), model_config={"hidden": HIDDEN})
-    return spec.build()
-
-
-def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
-    """Rescale the last layer so that logits at the first pruning point of random images have unit spread
-    and a fraction ``quantile`` of them is negative: decisions then vary from token to token and image
-    to image, as after training (a fresh module gives nearly the same logit to every token)."""
-    with torch.no_grad():
-        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        logits = agent_logits({name: module}, staged, initial_state(staged, images), TARGET_RATIO)[name]
-        last = module._logit_net[-1]
-        last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
-        last.weight.div_(logits.std())
-
-
-def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
-                     prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
-                     calibrate_on: StagedViT | None = None, reduction: str = "merge",
-                     legacy: bool = False) -> Path:
-    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
-    layout of reference/marl_policy, with no reduction named)."""
-    for seed, name in enumerate(POLICIES):
-        if agents in ("both", name):
-            module = build_module(name, num_patches, seed)
-            if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
-                calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
-            module.save_to_path(directory / MODULES_DIR / name)
-    if legacy:
-        config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
-                             "prune_points": list(prune_points), "target_ratio": target_ratio},
-                  "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
-    else:
-        problem = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
-                                    hidden=HIDDEN).to_json(), "target_ratio": target_ratio, "reduction": reduction}
-        config = {"problem": problem, "iteration": 3}
-    (directory / PRUNING_CONFIG).write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="module")
