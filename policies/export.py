@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from envs.problem import ProblemError, PruningProblem
 from envs.pruning_env import trained_policies
+from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
 from policies.rl_module import DEFAULT_HIDDEN, TokenPolicyModule, policy_module_spec
 
@@ -66,12 +67,7 @@ def write_export(modules: Mapping[str, TokenPolicyModule], info: CheckpointInfo,
     weights = {f"{name}.{key}": value.detach().to("cpu").contiguous()
                for name, module in modules.items() for key, value in module.state_dict().items()}
     config = {**info.to_json(), "modules": {name: module_config(module) for name, module in modules.items()}}
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    tmp = directory / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    write_weights_and_config(directory, WEIGHTS_FILE, weights, CONFIG_FILE, config)
     return directory
 
 
