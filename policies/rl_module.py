@@ -127,7 +127,8 @@ def policy_module_spec(policy: str, num_patches: int, model_config: dict[str, An
     """The spec of ``policy``'s module for a backbone with ``num_patches`` patch tokens (the env's spaces).
 
     ``num_features``: the module's feature count when it is rebuilt as saved (``policies.export``), so that a
-    module of another feature set still loads and ``check_policies`` names the mismatch; default: today's.
+    module of another feature set still loads and ``check_policies`` names the mismatch; default: the
+    current features' count.
     """
     features = len(AGENT_FEATURES[policy]) if num_features is None else num_features
     observation, action = agent_spaces(num_patches, features)

@@ -38,7 +38,7 @@ from policies.export import (
 from policies.export import main as export_main
 from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import PrunedViT
-from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO
+from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,6 +223,13 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     weights = export_path(path) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):
+        PrunedViT.from_checkpoint(path)
+
+
+def test_exported_policy_of_another_backbone_fails_the_same_check(tmp_path, tiny_backbone):
+    path = write_checkpoint(tmp_path / "policy", tiny_backbone, num_patches=16)
+    export_policies(path)
+    with pytest.raises(PolicyCheckpointError, match="was it trained on another backbone"):
         PrunedViT.from_checkpoint(path)
 
 
