@@ -3,8 +3,9 @@
     python evaluate.py --data-dir ../shared/data                   # the committed policy, test split
     python evaluate.py --checkpoint runs/marl/checkpoints/iter_000060 --split val --limit 2000 --no-speed
 
-No Ray cluster: only the policy modules are loaded from the checkpoint, and the pruned ViT runs here, in
-batches. One row per method and budget (``budget`` = ``target_ratio``, see docs/DESIGN.md):
+No Ray cluster: only the policy modules are loaded from the checkpoint (from its export, safetensors and
+JSON, when it has one: ``policies.export``), and each row's pruned ViT (``policies.pruned_vit.PrunedViT``)
+runs here, in batches. One row per method and budget (``budget`` = ``target_ratio``, see docs/DESIGN.md):
 
 - ``Baseline (unpruned)``: the timm model's own forward.
 - ``Random``, ``Greedy attention`` (top-k class attention, EViT), ``Greedy similarity``, ``Attention NMS``
@@ -18,7 +19,7 @@ batches. One row per method and budget (``budget`` = ``target_ratio``, see docs/
   checkpoint trained with one agent gives only its row.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
-otherwise (``envs.vit.token_merge``). GFLOPs come from ``envs.vit.flops.image_gflops`` per image; the
+otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
 columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json).
 Numbers other than timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,22 +44,18 @@ from tqdm import tqdm
 from cli import OneLineParser, UsageError, add_download_argument, positive_int, versions_line
 from envs.problem import ProblemError, check_target_ratio
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
-from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, load_backbone, normalize
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
-from envs.vit.flops import ImageGflops, ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
-from envs.vit.pruned_forward import adaptive_forward, exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
 from envs.vit.token_merge import REDUCTIONS
-from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import (
     Modules,
     PolicyCheckpointError,
     check_policies,
     load_policies_by_budget,
 )
-from policies.decisions import policy_keep_rule, policy_selector
-from policies.heuristics import HEURISTIC_SCORES, heuristic_selector
+from policies.pruned_vit import PrunedViT, policy_backbone
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
@@ -69,9 +66,6 @@ MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity 
 
 BOOTSTRAP_RESAMPLES = 2000
 
-Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""Normalised images ``[B, C, H, W]`` -> logits ``[B, classes]`` and ``kept [B, num_stages]``."""
-
 
 class EvaluationError(RuntimeError):
     """A bad argument, checkpoint or combination of them; the message is meant for the user as is."""
@@ -81,8 +75,8 @@ class EvaluationError(RuntimeError):
 class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
-    ``selector``: ``baseline``, a heuristic of ``policies.heuristics`` or ``policy`` (``modules`` score the
-    tokens; ``adaptive``: each image keeps its own count).
+    ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
+    score the tokens; ``adaptive``: each image keeps its own count).
     """
 
     name: str
@@ -91,39 +85,12 @@ class Method:
     modules: Modules = field(default_factory=dict)
     adaptive: bool = False
 
-    def runner(self, staged: StagedViT, reduction: str, seed: int = 0) -> Runner:
-        """The pruned forward of this method; a fresh seeded generator makes Random repeatable."""
-        if self.selector == "baseline":
-            return lambda images: (staged.vit(images), torch.full((len(images), staged.num_stages),
-                                                                  staged.num_patches))
-        if self.selector == "tome":
-            merges = self.tome_merges(staged, reduction)
-            alive = [staged.num_patches - sum(merges[:start]) for start in (0, *staged.prune_points)]
-            return lambda images: (tome_forward(staged, images, merges), torch.tensor(alive).expand(len(images), -1))
-        if self.adaptive:
-            rule = policy_keep_rule(self.modules, staged, self.budget)
-            return lambda images: adaptive_forward(staged, images, rule, reduction)
-        select = (policy_selector(self.modules, staged, self.budget) if self.selector == "policy"
-                  else heuristic_selector(self.selector, torch.Generator().manual_seed(seed)))
-        return lambda images: exact_forward(staged, images, select, self.budget, reduction)
-
-    def gflops(self, staged: StagedViT, kept_per_stage: Sequence[int], reduction: str) -> ImageGflops:
-        """GMACs of one image with this token schedule."""
-        spec = ViTSpec.from_model(staged.vit)
-        if self.selector == "baseline":
-            return ImageGflops(unpruned_gflops(spec), 0.0, 0.0)
-        if self.selector == "tome":
-            return tome_gflops(spec, self.tome_merges(staged, reduction))
-        scores = "agents" if self.selector == "policy" else HEURISTIC_SCORES[self.selector]
-        macs = sum(module.macs_per_token() for module in self.modules.values())
-        return image_gflops(spec, staged.prune_points, kept_per_stage, reduction, scores, macs)
-
-
-    def tome_merges(self, staged: StagedViT, reduction: str) -> list[int]:
-        """ToMe's merges per block at the GFLOPs of greedy similarity at this budget."""
-        spec = ViTSpec.from_model(staged.vit)
-        schedule = heuristic_schedule(staged.num_patches, len(staged.prune_points), self.budget)
-        return tome_schedule(spec, image_gflops(spec, staged.prune_points, schedule, reduction, "similarity").total)
+    def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
+              seed: int = 0) -> PrunedViT:
+        """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
+        selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
+        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, adaptive=self.adaptive,
+                         seed=seed)
 
 
 def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, str]]) -> list[Method]:
@@ -144,13 +111,12 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
     return methods
 
 
-@torch.inference_mode()
-def predict(runner: Runner, split: ImageSplit, backbone_config: Mapping[str, Any], batch_size: int,
+def predict(model: PrunedViT, split: ImageSplit, batch_size: int,
             bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split."""
     predictions, kept = [], []
     for start in range(0, len(split), batch_size):
-        logits, batch_kept = runner(normalize(split.images[start:start + batch_size], backbone_config))
+        logits, batch_kept = model.forward_with_kept(model.normalize(split.images[start:start + batch_size]))
         predictions.append(logits.argmax(dim=1).cpu())
         kept.append(batch_kept.cpu())
         if bar is not None:
@@ -166,14 +132,12 @@ def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Te
             "agreement": 100.0 * float((predictions == reference).float().mean())}
 
 
-def cost(method: Method, staged: StagedViT, kept: torch.Tensor, reduction: str) -> dict[str, float]:
+def cost(model: PrunedViT, kept: torch.Tensor) -> dict[str, float]:
     """Mean per-image GMACs over each image's own token schedule, and the mean fraction kept per stage."""
-    schedules, counts = torch.unique(kept, dim=0, return_counts=True)
-    parts = sum(np.asarray(method.gflops(staged, schedule, reduction)) * count
-                for schedule, count in zip(schedules.tolist(), counts.tolist(), strict=True)) / len(kept)
-    ratios = (kept[:, 1:].double() / staged.num_patches).mean(dim=0).tolist()
-    return {"gflops": float(parts.sum()), "gflops_backbone": parts[0], "gflops_features": parts[1],
-            "gflops_policies": parts[2], **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)},
+    parts = model.mean_gflops(kept)
+    ratios = (kept[:, 1:].double() / model.staged.num_patches).mean(dim=0).tolist()
+    return {"gflops": parts.total, "gflops_backbone": parts.backbone, "gflops_features": parts.features,
+            "gflops_policies": parts.policies, **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)},
             "keep_ratio": ratios[-1]}
 
 
@@ -204,14 +168,15 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     batches = math.ceil(len(split) / batch_size)
     runs = [baseline, *(method for method in methods if method is not baseline)]
     bar = tqdm(total=batches * len(runs), desc="evaluating", unit="batch", disable=not progress)
-    outputs = {}
+    outputs, models = {}, {}
     for method in runs:
         bar.set_postfix_str(method.name if method.budget is None else f"{method.name} @ {method.budget:g}")
-        outputs[method] = predict(method.runner(staged, reduction, seed), split, backbone_config, batch_size, bar)
+        models[method] = method.model(staged, backbone_config, reduction, seed)
+        outputs[method] = predict(models[method], split, batch_size, bar)
     bar.close()
     reference = outputs[baseline][0]
     rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
-             **cost(method, staged, outputs[method][1], reduction)} for method in methods]
+             **cost(models[method], outputs[method][1])} for method in methods]
     for row, method in zip(rows, methods, strict=True):
         if method.selector == "policy":
             row.update(versus_best_heuristic(method, methods, outputs, split.labels))
@@ -220,11 +185,9 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     if speed_repeats is not None:
         images = speed_images(split, backbone_config)
         for row, method in enumerate(tqdm(methods, desc="timing", unit="method", disable=not progress)):
-            runner = method.runner(staged, reduction, seed)
-            with torch.inference_mode():
-                table.loc[row, "images_per_s_b1"] = images_per_second(runner, images[:SPEED_SINGLE_IMAGES], 1,
-                                                                      speed_repeats)
-                table.loc[row, "images_per_s_b256"] = images_per_second(runner, images, SPEED_BATCH, speed_repeats)
+            run = method.model(staged, backbone_config, reduction, seed).forward_with_kept
+            table.loc[row, "images_per_s_b1"] = images_per_second(run, images[:SPEED_SINGLE_IMAGES], 1, speed_repeats)
+            table.loc[row, "images_per_s_b256"] = images_per_second(run, images, SPEED_BATCH, speed_repeats)
         table["speedup"] = table["images_per_s_b256"] / table.loc[table["method"] == BASELINE,
                                                                   "images_per_s_b256"].iloc[0]
     return table
@@ -306,12 +269,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    backbone_path = Path(args.backbone).expanduser() if args.backbone else problem.backbone_path
-    vit, backbone_config = load_backbone(backbone_path)
-    try:
-        staged = StagedViT(vit, problem.prune_points).eval()
-    except ValueError as error:
-        raise EvaluationError(f"checkpoint {main_path}, backbone {backbone_path}: {error}") from None
+    staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
     for modules, _, path in policies.values():
         check_policies(modules, staged.num_patches, path)
     dataset = args.dataset or problem.dataset

@@ -4,12 +4,14 @@ Layout of a run's output directory::
 
     <output-dir>/checkpoints/iter_000010/     one RLlib checkpoint (``Algorithm.save_to_path``) and
         pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score"}
-        learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray
+        learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
+        export/                               the policy modules as safetensors + JSON (``policies.export``):
+                                              what inference loads, never unpickling
     <output-dir>/best.json                    which checkpoint scored best on the validation split
     <output-dir>/progress.csv, tb/            metrics
 
-A checkpoint is first written to ``.tmp_iter_*`` and renamed when complete, so a crash while saving never
-touches the last good checkpoint, and an unfinished one is never taken for a checkpoint.
+A checkpoint (export included) is first written to ``.tmp_iter_*`` and renamed when complete, so a crash
+while saving never touches the last good checkpoint, and an unfinished one is never taken for a checkpoint.
 """
 
 from __future__ import annotations
@@ -132,15 +134,33 @@ def _load_module(path: Path, name: str) -> RLModule:
 
 
 def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], CheckpointInfo]:
-    """The policy modules a checkpoint trained (by policy name) and what its ``pruning_config.json`` says.
+    """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
-    A run whose ``agents`` names one agent has only that module; a ``both`` run must have both.
+    Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
+    one, else RLlib's files (:func:`load_rllib_policies`, checkpoints written before exports existed).
     """
-    path = Path(checkpoint).expanduser().resolve()  # RLlib loads from URIs: a relative path is not one
+    from policies.export import has_export, load_exported_policies  # policies.export builds on this module
+
+    path = _checkpoint_directory(checkpoint)
+    return load_exported_policies(path) if has_export(path) else load_rllib_policies(path)
+
+
+def _checkpoint_directory(checkpoint: str | Path) -> Path:
+    """``checkpoint`` as an absolute path (RLlib loads from URIs: a relative path is not one), if a directory."""
+    path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} is not a directory")
+    return path
+
+
+def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], CheckpointInfo]:
+    """The policy modules of a checkpoint read through RLlib (unpickled), and its ``pruning_config.json``.
+
+    A run whose ``agents`` names one agent has only that module; a ``both`` run must have both.
+    """
+    path = _checkpoint_directory(checkpoint)
     info = read_checkpoint_info(path)
     agents = info.problem.agents
     modules = {}
@@ -209,7 +229,10 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
 
 
 def write_checkpoint(algo, output_dir: str | os.PathLike, info: CheckpointInfo) -> Path:
-    """Save ``algo`` as ``checkpoints/iter_<n>``: write to a temporary directory, then rename."""
+    """Save ``algo`` as ``checkpoints/iter_<n>`` with its policy export (``policies.export``): write both to a
+    temporary directory, then rename."""
+    from policies.export import export_policies  # policies.export builds on this module
+
     root = checkpoints_dir(output_dir).resolve()  # RLlib saves to URIs: a relative path is not one
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{info.iteration:06d}"
@@ -217,6 +240,7 @@ def write_checkpoint(algo, output_dir: str | os.PathLike, info: CheckpointInfo) 
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp))
     (tmp / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    export_policies(tmp)
     if final.exists():  # a resumed run that went back past this iteration replaces its old copy
         stale = root / f".stale_{name}"
         shutil.rmtree(stale, ignore_errors=True)

@@ -122,8 +122,15 @@ def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, 
     return observation, gym.spaces.MultiBinary(num_patches)
 
 
-def policy_module_spec(policy: str, num_patches: int, model_config: dict[str, Any]) -> RLModuleSpec:
-    """The spec of ``policy``'s module for a backbone with ``num_patches`` patch tokens (the env's spaces)."""
-    observation, action = agent_spaces(num_patches, len(AGENT_FEATURES[policy]))
+def policy_module_spec(policy: str, num_patches: int, model_config: dict[str, Any],
+                       num_features: int | None = None) -> RLModuleSpec:
+    """The spec of ``policy``'s module for a backbone with ``num_patches`` patch tokens (the env's spaces).
+
+    ``num_features``: the module's feature count when it is rebuilt as saved (``policies.export``), so that a
+    module of another feature set still loads and ``check_policies`` names the mismatch; default: the
+    current features' count.
+    """
+    features = len(AGENT_FEATURES[policy]) if num_features is None else num_features
+    observation, action = agent_spaces(num_patches, features)
     return RLModuleSpec(module_class=TokenPolicyModule, observation_space=observation, action_space=action,
                         model_config=model_config)

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the data lives, a tiny backbone checkpoint, and a HOME that Ray cannot litter."""
+"""Shared fixtures: where the data lives, a tiny backbone and policy checkpoint, and a HOME that Ray cannot litter."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 import timm
 import torch
 
-from envs.vit.backbone_checkpoint import save_backbone
+from envs.vit.backbone_checkpoint import load_backbone, save_backbone
 from envs.vit.data import DATA_DIR_ENV
+from envs.vit.staged_vit import StagedViT
+from tests.tiny_policies import PRUNE_POINTS, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HOME"] = tempfile.mkdtemp(prefix="marl-pruning-home-")  # Ray writes under ~ otherwise
@@ -38,6 +40,20 @@ def tiny_backbone(tmp_path_factory) -> Path:
               "class_names": CIFAR_CLASSES, "input_size": 32, "mean": [0.49, 0.48, 0.45],
               "std": [0.25, 0.24, 0.26], "dataset": "cifar10"}
     return save_backbone(model, config, tmp_path_factory.mktemp("tiny_backbone"))
+
+
+@pytest.fixture(scope="session")
+def tiny_staged(tiny_backbone) -> tuple[StagedViT, dict]:
+    """The tiny backbone split at ``tests.tiny_policies.PRUNE_POINTS``, in eval mode, and its config."""
+    vit, config = load_backbone(tiny_backbone)
+    return StagedViT(vit, PRUNE_POINTS).eval(), config
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, tiny_backbone, tiny_staged) -> Path:
+    """A checkpoint of both policies on the tiny backbone, calibrated so decisions vary, in RLlib's files only
+    (no export, as checkpoints were written before exports existed). Tests copy it before changing it."""
+    return write_checkpoint(tmp_path_factory.mktemp("policy"), tiny_backbone, calibrate_on=tiny_staged[0])
 
 
 @pytest.fixture(scope="session")

@@ -15,34 +15,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 import evaluate
-from envs.problem import POLICIES, PruningProblem
+from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.vit.pruned_forward import TokenState, initial_state
-from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG, load_policies
+from policies.checkpoints import MODULES_DIR, load_policies
 from policies.decisions import agent_logits
-from policies.rl_module import TokenPolicyModule
+from tests.tiny_policies import (
+    FEATURE_COUNTS,
+    HIDDEN,
+    NUM_PATCHES,
+    PRUNE_POINTS,
+    TARGET_RATIO,
+    write_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
-NUM_PATCHES = 64
-HIDDEN = 16
 LIMIT = 64
-TARGET_RATIO = 0.5
-FEATURE_COUNTS = {"attention": len(ATTENTION_FEATURES), "similarity": len(SIMILARITY_FEATURES)}
 TIMING = ["images_per_s_b1", "images_per_s_b256", "speedup"]
 COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "gflops_backbone",
            "gflops_features", "gflops_policies", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3",
@@ -50,63 +48,6 @@ COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "g
 HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity", "Attention NMS", "ToMe"]
 DELTA = ["delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
 MARL_ROWS = ["MARL exact", "MARL adaptive", "MARL attention only", "MARL similarity only"]
-
-
-def build_module(name: str, num_patches: int = NUM_PATCHES, seed: int = 0):
-    torch.manual_seed(seed)
-    obs = gym.spaces.Dict({
-        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, FEATURE_COUNTS[name]), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
-    spec = RLModuleSpec(module_class=TokenPolicyModule, observation_space=obs,
-                        action_space=gym.spaces.MultiBinary(num_patches), model_config={"hidden": HIDDEN})
-    return spec.build()
-
-
-def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
-    """Rescale the last layer so that logits at the first pruning point of random images have unit spread
-    and a fraction ``quantile`` of them is negative: decisions then vary from token to token and image
-    to image, as after training (a fresh module gives nearly the same logit to every token)."""
-    with torch.no_grad():
-        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        logits = agent_logits({name: module}, staged, initial_state(staged, images), TARGET_RATIO)[name]
-        last = module._logit_net[-1]
-        last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
-        last.weight.div_(logits.std())
-
-
-def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
-                     prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
-                     calibrate_on: StagedViT | None = None, reduction: str = "merge",
-                     legacy: bool = False) -> Path:
-    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
-    layout of reference/marl_policy, with no reduction named)."""
-    for seed, name in enumerate(POLICIES):
-        if agents in ("both", name):
-            module = build_module(name, num_patches, seed)
-            if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
-                calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
-            module.save_to_path(directory / MODULES_DIR / name)
-    if legacy:
-        config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
-                             "prune_points": list(prune_points), "target_ratio": target_ratio},
-                  "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
-    else:
-        problem = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
-                                    hidden=HIDDEN).to_json(), "target_ratio": target_ratio, "reduction": reduction}
-        config = {"problem": problem, "iteration": 3}
-    (directory / PRUNING_CONFIG).write_text(json.dumps(config))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def staged(tiny_backbone) -> tuple[StagedViT, dict]:
-    vit, config = load_backbone(tiny_backbone)
-    return StagedViT(vit, PRUNE_POINTS).eval(), config
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_backbone, staged) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("policy"), tiny_backbone, calibrate_on=staged[0])
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +61,9 @@ def cli(checkpoint: Path, data_dir: Path, output: Path, *extra: str) -> list[str
 
 
 @pytest.fixture(scope="module")
-def results(checkpoint, data_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+def results(tiny_policy, data_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     output = tmp_path_factory.mktemp("results") / "out"
-    assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")) == 0
+    assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")) == 0
     return output, pd.read_csv(output / "results.csv")
 
 
@@ -161,9 +102,9 @@ def test_baseline_accuracy_is_the_backbones_own(results, tiny_backbone, split):
     assert baseline["agreement"] == 100.0 and baseline["keep_ratio"] == 1.0
 
 
-def test_gflops_are_the_analytic_counts(results, staged):
+def test_gflops_are_the_analytic_counts(results, tiny_staged):
     table = results[1]
-    spec = ViTSpec.from_model(staged[0].vit)
+    spec = ViTSpec.from_model(tiny_staged[0].vit)
     d = spec.embed_dim
     full = backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, [NUM_PATCHES] * 4))
     assert rows(table, "Baseline (unpruned)")["gflops"].iloc[0] == pytest.approx(full)
@@ -192,25 +133,25 @@ def test_gflops_are_the_analytic_counts(results, staged):
     assert adaptive["gflops_backbone"] < full
 
 
-def test_deterministic(results, checkpoint, data_dir, tmp_path):
+def test_deterministic(results, tiny_policy, data_dir, tmp_path):
     output, table = results
-    assert evaluate.main(cli(checkpoint, data_dir, tmp_path / "again", "--budgets", "0.3,0.5",
+    assert evaluate.main(cli(tiny_policy, data_dir, tmp_path / "again", "--budgets", "0.3,0.5",
                              "--no-speed")) == 0
     assert (tmp_path / "again" / "results.csv").read_text() == (output / "results.csv").read_text()
 
 
-def test_reduction_comes_from_the_checkpoint_unless_overridden(results, checkpoint, tiny_backbone, data_dir,
-                                                               staged, tmp_path):
+def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_policy, tiny_backbone, data_dir,
+                                                               tiny_staged, tmp_path):
     """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
     --reduction overrides; every pruned row follows the one setting, and dropping costs no merge GFLOPs."""
     _, merged = results
-    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=staged[0], legacy=True)
+    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=tiny_staged[0], legacy=True)
     tables = {}
-    for name, path, extra in (("legacy", legacy, ()), ("forced", checkpoint, ("--reduction", "drop"))):
+    for name, path, extra in (("legacy", legacy, ()), ("forced", tiny_policy, ("--reduction", "drop"))):
         assert evaluate.main(cli(path, data_dir, tmp_path / name, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
         tables[name] = pd.read_csv(tmp_path / name / "results.csv")
         assert json.loads((tmp_path / name / "results.json").read_text())["settings"]["reduction"] == "drop"
-    spec = ViTSpec.from_model(staged[0].vit)
+    spec = ViTSpec.from_model(tiny_staged[0].vit)
     schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)
     merging = merge_gflops(spec, schedule[:-1], schedule[1:])
     for table in tables.values():
@@ -220,11 +161,11 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, checkpoi
     assert (tables["forced"].loc[pruned, "agreement"] != merged.loc[pruned, "agreement"]).any()
 
 
-def test_timings(checkpoint, staged, split):
-    modules, _ = load_policies(checkpoint)
+def test_timings(tiny_policy, tiny_staged, split):
+    modules, _ = load_policies(tiny_policy)
     methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, "both")})
     small = type(split)(split.images[:16], split.labels[:16], split.class_names)
-    table = evaluate.evaluate_methods(staged[0], staged[1], small, methods, "merge", speed_repeats=1,
+    table = evaluate.evaluate_methods(tiny_staged[0], tiny_staged[1], small, methods, "merge", speed_repeats=1,
                                       progress=False)
     assert (table[TIMING] > 0).all().all()
     assert table.loc[0, "speedup"] == 1.0
@@ -233,10 +174,10 @@ def test_timings(checkpoint, staged, split):
 # -- the pruned forwards behind the MARL rows --------------------------------------------------------------
 
 
-def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, staged, split):
+def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(tiny_policy, tiny_staged, split):
     """Policies see row i = i-th live token; cutting the dead rows the engine pads to N changes nothing."""
-    modules, _ = load_policies(checkpoint)
-    model, config = staged
+    modules, _ = load_policies(tiny_policy)
+    model, config = tiny_staged
     with torch.no_grad():
         state = initial_state(model, normalize(split.images[:4], config))
         keep = torch.arange(NUM_PATCHES) % 3 != 0
@@ -252,10 +193,10 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(checkpoint, stag
         torch.testing.assert_close(cut_logits[name], padded_logits[name][:, :n])
 
 
-def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
+def test_marl_adaptive_matches_the_training_engine(tiny_policy, tiny_staged, split):
     """Same images, same deterministic decisions through PruningEngine (what the env steps): same result."""
-    modules, _ = load_policies(checkpoint)
-    model, config = staged
+    modules, _ = load_policies(tiny_policy)
+    model, config = tiny_staged
     count = 16
     engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO, "merge")
     keys = [str(i) for i in range(count)]
@@ -277,23 +218,22 @@ def test_marl_adaptive_matches_the_training_engine(checkpoint, staged, split):
             break
         observations = [result["obs"] for result in results]
     method = evaluate.Method("MARL adaptive", "policy", TARGET_RATIO, modules, adaptive=True)
-    with torch.no_grad():
-        logits, kept = method.runner(model, "merge")(normalize(split.images[:count], config))
+    logits, kept = method.model(model, config, "merge").forward_with_kept(normalize(split.images[:count], config))
     assert kept[:, 1:].tolist() == [result["kept_per_stage"] for result in results]
     assert logits.argmax(dim=1).tolist() == [result["prediction"] for result in results]
     assert len({tuple(row) for row in kept.tolist()}) > 1  # images really kept different counts
 
 
-def test_checkpoints_per_budget_add_marl_rows(checkpoint, tiny_backbone, data_dir, staged, tmp_path):
-    other = write_checkpoint(tmp_path / "ckpt_03", tiny_backbone, target_ratio=0.3, calibrate_on=staged[0])
+def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_dir, tiny_staged, tmp_path):
+    other = write_checkpoint(tmp_path / "ckpt_03", tiny_backbone, target_ratio=0.3, calibrate_on=tiny_staged[0])
     output = tmp_path / "out"
-    assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.5", "--no-speed",
+    assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--no-speed",
                              "--checkpoints-per-budget", f"0.3={other}")) == 0
     table = pd.read_csv(output / "results.csv")
     for budget in (0.3, 0.5):
         assert list(table.loc[table["budget"] == budget, "method"]) == HEURISTIC_ROWS + MARL_ROWS
     assert json.loads((output / "results.json").read_text())["settings"]["checkpoints"] == {
-        "0.3": str(other), "0.5": str(checkpoint)}
+        "0.3": str(other), "0.5": str(tiny_policy)}
 
 
 def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
@@ -327,9 +267,9 @@ def truncated(path: Path) -> Path:
     ("unknown_reduction", "reduction must be one of merge, drop"),
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
 ])
-def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_backbone, data_dir, tmp_path,
+def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
                                                capsys):
-    path, extra, data, output = checkpoint, [], data_dir, tmp_path / "out"
+    path, extra, data, output = tiny_policy, [], data_dir, tmp_path / "out"
     if case == "missing":
         path = tmp_path / "nowhere"
     elif case == "not_a_checkpoint":  # a train.py output directory, not one of its checkpoints
@@ -337,13 +277,13 @@ def test_errors_are_one_line_and_write_nothing(case, message, checkpoint, tiny_b
         path.mkdir()
         (path / "best.json").write_text('{"checkpoint": "checkpoints/iter_000010"}')
     elif case == "truncated":
-        path = truncated(Path(shutil.copytree(checkpoint, tmp_path / "copy")))
+        path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
     elif case == "other_backbone":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, num_patches=16)
     elif case == "prune_points_beyond_depth":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, prune_points=(3, 6, 9))
     elif case == "missing_module":
-        path = Path(shutil.copytree(checkpoint, tmp_path / "copy"))
+        path = Path(shutil.copytree(tiny_policy, tmp_path / "copy"))
         shutil.rmtree(path / MODULES_DIR / "similarity")
     elif case == "bad_budget":
         extra = ["--budgets", "0.5,1.5"]
@@ -394,7 +334,7 @@ def test_learned_rows_compare_with_the_best_heuristic_at_their_budget(results):
             assert row[DELTA].isna().all()
 
 
-def test_tome_row_costs_what_greedy_similarity_costs(results, staged):
+def test_tome_row_costs_what_greedy_similarity_costs(results, tiny_staged):
     table = results[1]
     for budget in (0.3, 0.5):
         tome, greedy = rows(table, "ToMe").loc[budget], rows(table, "Greedy similarity").loc[budget]
@@ -402,10 +342,10 @@ def test_tome_row_costs_what_greedy_similarity_costs(results, staged):
         assert tome["gflops_features"] == 0 and tome["keep_ratio_s1"] < 1
 
 
-def test_training_validation_scores_the_modes_evaluate_reports(checkpoint, staged, split):
+def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny_staged, split):
     """train.py selects checkpoints by PruningEngine.validate: it must be evaluate.py's MARL rows."""
-    modules, _ = load_policies(checkpoint)
-    model, config = staged
+    modules, _ = load_policies(tiny_policy)
+    model, config = tiny_staged
     engine = PruningEngine(model, config, split.images, split.labels, TARGET_RATIO, "merge")
     scores = engine.validate(modules)
     images = normalize(split.images, config)
@@ -413,7 +353,7 @@ def test_training_validation_scores_the_modes_evaluate_reports(checkpoint, stage
         reference = model.vit(images).argmax(1)
         for mode, adaptive in (("exact", False), ("adaptive", True)):
             method = evaluate.Method(mode, "policy", TARGET_RATIO, modules, adaptive=adaptive)
-            logits, kept = method.runner(model, "merge")(images)
+            logits, kept = method.model(model, config, "merge").forward_with_kept(images)
             assert scores[f"{mode}_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
             assert scores[f"{mode}_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())
             assert scores[f"{mode}_keep_ratio"] == pytest.approx(kept[:, -1].double().mean() / NUM_PATCHES)

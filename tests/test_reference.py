@@ -9,7 +9,8 @@ import torch
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import check_policies, load_policies
+from policies.checkpoints import check_policies, load_policies, load_rllib_policies
+from policies.export import load_exported_policies
 
 REFERENCE_POLICY = REFERENCE_BACKBONE.parent / "marl_policy"
 
@@ -37,3 +38,16 @@ def test_reference_policy_fits_the_reference_backbone():
     model, _ = load_backbone(REFERENCE_BACKBONE)
     check_policies(modules, StagedViT(model, info.problem.prune_points).num_patches, REFERENCE_POLICY)
     assert json.loads((REFERENCE_BACKBONE / "config.json").read_text())["model_name"] == "vit_tiny_patch16_224"
+
+
+def test_reference_policy_export_holds_its_rllib_modules():
+    """What inference loads is what was trained; after retraining: python -m policies.export reference/marl_policy."""
+    if not REFERENCE_POLICY.exists():
+        pytest.skip("no committed policy yet")
+    exported, info = load_exported_policies(REFERENCE_POLICY)
+    modules, rllib_info = load_rllib_policies(REFERENCE_POLICY)
+    assert info == rllib_info and exported.keys() == modules.keys()
+    for name, module in modules.items():
+        state = exported[name].state_dict()
+        assert state.keys() == module.state_dict().keys()
+        assert all(torch.equal(state[key], value) for key, value in module.state_dict().items())

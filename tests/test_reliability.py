@@ -9,21 +9,25 @@ import torch
 
 import train
 from envs import pruning_engine
-from envs.problem import PruningProblem
+from envs.problem import POLICIES, PruningProblem
 from envs.vit import features
 from policies.checkpoints import (
     CheckpointInfo,
     latest_checkpoint,
     list_checkpoints,
+    module_path,
     read_checkpoint_info,
     write_checkpoint,
 )
+from policies.export import load_exported_policies
+from tests.tiny_policies import build_module
 
 PROBLEM = PruningProblem(backbone="b")
 
 
 class FakeAlgo:
-    """Stands in for an RLlib Algorithm: writes a checkpoint directory, optionally dying half-way."""
+    """Stands in for an RLlib Algorithm: writes a checkpoint directory with its two policy modules, optionally
+    dying half-way."""
 
     def __init__(self, crash: bool = False):
         self.crash = crash
@@ -34,6 +38,8 @@ class FakeAlgo:
         if self.crash:
             (Path(path) / "algorithm_state.pkl").write_bytes(b"\x80partial")
             raise OSError("disk full")
+        for seed, name in enumerate(POLICIES):
+            build_module(name, seed=seed).save_to_path(module_path(path, name))
 
 
 def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
@@ -42,6 +48,7 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
         write_checkpoint(FakeAlgo(crash=True), tmp_path, CheckpointInfo(PROBLEM, 10))
     assert latest_checkpoint(tmp_path) == good
     assert read_checkpoint_info(good) == CheckpointInfo(PROBLEM, 5)
+    assert load_exported_policies(good)[1] == CheckpointInfo(PROBLEM, 5)  # every checkpoint carries its export
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_000005"]
     # the next save cleans the debris and lands
     assert write_checkpoint(FakeAlgo(), tmp_path, CheckpointInfo(PROBLEM, 10)).name == "iter_000010"

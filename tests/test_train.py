@@ -8,6 +8,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
 from policies.checkpoints import latest_checkpoint, list_checkpoints, module_path, read_checkpoint_info
+from policies.export import load_exported_policies
 
 
 def run(tmp_path, tiny_backbone, data_dir, *extra):
@@ -37,6 +38,11 @@ def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, 
     info = read_checkpoint_info(first)
     assert info.iteration == 2 and info.problem.target_ratio == 0.5 and info.problem.reduction == "merge"
     assert info.problem.prune_points == (1, 2, 3) and info.problem.ppo.minibatch_size == 32
+    exported, exported_info = load_exported_policies(first)  # every checkpoint carries its policy export
+    assert exported_info == info
+    for policy, module in exported.items():
+        trained = weights(first, policy)
+        assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)
     assert best["iteration"] in (1, 2) and 0 <= best["val_score"] <= 100  # exact-budget accuracy, %
     assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
     assert list((tmp_path / "run" / "tb").iterdir())

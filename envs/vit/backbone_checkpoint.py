@@ -48,13 +48,20 @@ def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     config = {**config, "weights_dtype": str(dtype).removeprefix("torch.")}
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    tmp = directory / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    write_weights_and_config(directory, WEIGHTS_FILE, state, CONFIG_FILE, config)
     return directory
+
+
+def write_weights_and_config(directory: Path, weights_file: str, state: dict[str, torch.Tensor], config_file: str,
+                             config: dict[str, Any]) -> None:
+    """Write ``state`` as safetensors, then ``config`` as JSON, into ``directory``; each file is replaced
+    atomically, so a reader never sees half of one (also the policy export's format, ``policies.export``)."""
+    tmp = directory / f".{weights_file}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / weights_file)
+    tmp = directory / f".{config_file}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, directory / config_file)
 
 
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:

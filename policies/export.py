@@ -1,0 +1,139 @@
+"""A trained policy as safetensors plus JSON: what inference loads, so that loading never unpickles.
+
+RLlib checkpoints are pickles, and unpickling a checkpoint someone sent you runs their code. Every training
+checkpoint therefore carries, beside RLlib's files, an export of its policy modules
+(``policies.checkpoints.write_checkpoint`` writes it before the checkpoint becomes visible)::
+
+    <checkpoint>/export/policies.safetensors   every module's state dict, keys prefixed by policy id
+                                               ("attention._token_net.0.weight", "similarity. ...")
+    <checkpoint>/export/policy.json            {"problem", "iteration", "val_score"} as in pruning_config.json,
+                                               and per module what rebuilds it: {"modules": {policy:
+                                               {"num_patches", "num_features", "hidden", "init_logit_bias"}}}
+
+:func:`load_exported_policies` rebuilds the ``TokenPolicyModule`` of each policy from these two files only
+(JSON and safetensors, neither of which can run code). Re-export a checkpoint (the committed reference
+policy, an older run) with::
+
+    python -m policies.export reference/marl_policy
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from envs.problem import ProblemError, PruningProblem
+from envs.pruning_env import trained_policies
+from envs.vit.backbone_checkpoint import write_weights_and_config
+from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
+from policies.rl_module import DEFAULT_HIDDEN, TokenPolicyModule, policy_module_spec
+
+EXPORT_DIR = "export"
+WEIGHTS_FILE = "policies.safetensors"
+CONFIG_FILE = "policy.json"
+
+
+def export_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's export lives (it may not exist: checkpoints written before exports did not)."""
+    return Path(checkpoint) / EXPORT_DIR
+
+
+def has_export(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` carries an export to load instead of RLlib's pickles."""
+    return (export_path(checkpoint) / CONFIG_FILE).is_file()
+
+
+def module_config(module: TokenPolicyModule) -> dict[str, Any]:
+    """What rebuilds ``module`` without RLlib's pickles: its observation size and its ``model_config``."""
+    num_patches, num_features = module.observation_space["tokens"].shape
+    config = module.model_config or {}
+    return {"num_patches": int(num_patches), "num_features": int(num_features),
+            "hidden": int(config.get("hidden", DEFAULT_HIDDEN)),
+            "init_logit_bias": float(config.get("init_logit_bias", 0.0))}
+
+
+def write_export(modules: Mapping[str, TokenPolicyModule], info: CheckpointInfo,
+                 checkpoint: str | os.PathLike) -> Path:
+    """Write ``modules`` and ``info`` as ``<checkpoint>/export``; each file is replaced atomically."""
+    directory = export_path(checkpoint)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {f"{name}.{key}": value.detach().to("cpu").contiguous()
+               for name, module in modules.items() for key, value in module.state_dict().items()}
+    config = {**info.to_json(), "modules": {name: module_config(module) for name, module in modules.items()}}
+    write_weights_and_config(directory, WEIGHTS_FILE, weights, CONFIG_FILE, config)
+    return directory
+
+
+def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
+    """Export the policy of an RLlib training checkpoint (read through RLlib, i.e. unpickled: only for
+    checkpoints you trained yourself) beside it; returns the export directory."""
+    modules, info = load_rllib_policies(checkpoint_dir)
+    return write_export(modules, info, checkpoint_dir)
+
+
+def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPolicyModule], CheckpointInfo]:
+    """The policy modules (by policy name, in eval mode) and the checkpoint info of an export.
+
+    ``path`` is the checkpoint or its ``export`` directory. Reads ``policy.json`` and
+    ``policies.safetensors`` only; a missing, unreadable or inconsistent file is a
+    :class:`~policies.checkpoints.PolicyCheckpointError`.
+    """
+    directory = Path(path).expanduser()
+    if not (directory / CONFIG_FILE).is_file():
+        directory = export_path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    try:
+        config = json.loads(config_path.read_text())
+        info = CheckpointInfo(PruningProblem.from_json(config["problem"]), config.get("iteration"),
+                              config.get("val_score"))
+        specs = config["modules"]
+        weights = load_file(str(weights_path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ProblemError,
+            SafetensorError) as error:
+        raise PolicyCheckpointError(f"cannot read the policy export {directory}: {type(error).__name__}: "
+                                    f"{' '.join(str(error).split())}") from None
+    expected = set(trained_policies(info.problem.agents))
+    if set(specs) != expected:
+        raise PolicyCheckpointError(f"the policy export {directory} holds the policies {sorted(specs)}, but agents "
+                                    f"is {info.problem.agents!r}: expected {sorted(expected)}")
+    modules = {}
+    for name, spec in specs.items():
+        prefix = f"{name}."
+        state = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+        try:
+            module = policy_module_spec(name, spec["num_patches"], {"hidden": spec["hidden"],
+                                                                     "init_logit_bias": spec["init_logit_bias"]},
+                                        num_features=spec["num_features"]).build()
+            module.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise PolicyCheckpointError(f"the {name} policy in {directory} cannot be rebuilt: "
+                                        f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+        modules[name] = module.eval()
+    return modules, info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m policies.export CHECKPOINT...``: export each checkpoint in place."""
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m policies.export CHECKPOINT [CHECKPOINT ...]", file=sys.stderr)
+        return 2
+    for checkpoint in paths:
+        try:
+            print(f"wrote {export_policies(checkpoint)}")
+        except PolicyCheckpointError as error:
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

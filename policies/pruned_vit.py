@@ -1,0 +1,217 @@
+"""PrunedViT: a token-pruned Vision Transformer that loads in one line and is called like a timm model.
+
+    model = PrunedViT.from_checkpoint("reference/marl_policy")          # the trained agents, exact budget
+    logits = model(model.normalize(images))                             # uint8 [B, 3, H, W] -> [B, classes]
+
+It composes the project's one pruned computation (``exact_forward`` / ``adaptive_forward`` of
+``envs.vit.pruned_forward``) with what chooses the tokens: the agents (``policies.decisions``), a heuristic
+(``policies.heuristics``), ToMe (``envs.vit.tome``) or nothing (the unpruned model), and costs it with
+``envs.vit.flops``. evaluate.py builds every row of its table as a PrunedViT, so what a user runs is what
+was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and JSON,
+never a pickle) when it has one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from envs.problem import POLICIES, PruningProblem, check_target_ratio
+from envs.vit.backbone_checkpoint import load_backbone, normalize
+from envs.vit.flops import ImageGflops, ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
+from envs.vit.pruned_forward import adaptive_forward, exact_forward
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_merge import REDUCTIONS
+from envs.vit.tome import tome_forward, tome_schedule
+from policies.checkpoints import PolicyCheckpointError, check_policies, load_policies
+from policies.decisions import policy_keep_rule, policy_selector
+from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
+from policies.rl_module import TokenPolicyModule
+
+SELECTIONS: tuple[str, ...] = (*HEURISTICS, "tome")
+"""The selections named by a string: the heuristics of ``policies.heuristics`` and ToMe."""
+
+
+def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike,
+                    backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
+    """The backbone a policy checkpoint's problem names (or ``backbone``) split at its pruning points, in eval
+    mode, with its config and path; a backbone too shallow for the pruning points is a
+    :class:`~policies.checkpoints.PolicyCheckpointError` naming both."""
+    backbone_path = Path(backbone).expanduser() if backbone else problem.backbone_path
+    vit, config = load_backbone(backbone_path)
+    try:
+        return StagedViT(vit, problem.prune_points).eval(), config, backbone_path
+    except ValueError as error:
+        raise PolicyCheckpointError(f"checkpoint {checkpoint}, backbone {backbone_path}: {error}") from None
+
+
+class PrunedViT(nn.Module):
+    """A ViT whose patch tokens are pruned at the pruning points of ``staged`` (docs/DESIGN.md).
+
+    Args:
+        staged: the backbone split into stages at its pruning points.
+        backbone_config: the backbone checkpoint's ``config.json`` (``envs.vit.backbone_checkpoint``): its
+            ``mean`` and ``std`` are how :meth:`normalize` prepares images.
+        selection: what chooses the surviving tokens: ``None``, the unpruned model; a name of
+            :data:`SELECTIONS`; or the policy modules by policy name (``attention``, ``similarity``; one
+            alone is that agent's ablation).
+        budget: ``target_ratio``, the fraction of live patch tokens removed at each pruning point; required
+            by every selection but ``None``, which takes none.
+        reduction: what removed tokens become: ``merge`` (into the most similar kept token) or ``drop``.
+        adaptive: policies only: each image keeps its policies' expected number of survivors instead of
+            exactly the budget's count (``policies.decisions.policy_keep_rule``).
+        seed: seed of the ``random`` heuristic, so that a new model repeats its choices.
+    """
+
+    def __init__(self, staged: StagedViT, backbone_config: Mapping[str, Any],
+                 selection: str | Mapping[str, TokenPolicyModule] | None = None, budget: float | None = None,
+                 reduction: str = "merge", *, adaptive: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        is_policy = isinstance(selection, Mapping)
+        if is_policy and not (selection and set(selection) <= set(POLICIES)):
+            raise ValueError(f"policy modules must be named from {POLICIES}, got {sorted(selection)}")
+        if not is_policy and selection is not None and selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS} or pass policy modules")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        if adaptive and not is_policy:
+            raise ValueError("only the policies have an adaptive mode; heuristics and ToMe keep exact budgets")
+        if selection is None and budget is not None:
+            raise ValueError("the unpruned model takes no budget")
+        self.staged = staged
+        self.backbone_config = dict(backbone_config)
+        self.selection = None if selection is None else "policy" if is_policy else selection
+        self.policies = nn.ModuleDict(selection if is_policy else {})
+        self.budget = None if selection is None else check_target_ratio(budget, "budget")
+        self.reduction = reduction
+        self.adaptive = adaptive
+        self.seed = seed
+        self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
+        self.tome_merges = self._tome_merges() if selection == "tome" else None
+        self.eval()  # dropout and stochastic depth off: this is an inference model
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, adaptive: bool = False, budget: float | None = None,
+                        backbone: str | os.PathLike | None = None, reduction: str | None = None) -> PrunedViT:
+        """The policies of a training checkpoint on their backbone, at their target ratio.
+
+        Reads the checkpoint's export when it has one (no pickle is opened), else RLlib's files.
+
+        Args:
+            path: a checkpoint directory written by train.py (e.g. ``reference/marl_policy``).
+            adaptive: per-image token counts instead of the exact budget.
+            budget: another target ratio than the one the policies were trained at (their observations
+                include it, so they adapt their scores; in adaptive mode each image still keeps its expected
+                survivors).
+            backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
+            reduction: ``merge`` or ``drop``; default: the policy's.
+        """
+        modules, info = load_policies(path)
+        problem = info.problem
+        staged, config, _ = policy_backbone(problem, path, backbone)
+        check_policies(modules, staged.num_patches, path)
+        return cls(staged, config, modules, problem.target_ratio if budget is None else budget,
+                   reduction or problem.reduction, adaptive=adaptive)
+
+    @classmethod
+    def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
+                       prune_points: Sequence[int] = (3, 6, 9), reduction: str = "merge") -> PrunedViT:
+        """A backbone checkpoint directory (backbone.py's) pruned by a heuristic at ``budget``, or by ToMe
+        merging in every block at the GFLOPs greedy similarity has at ``budget`` (:data:`SELECTIONS`)."""
+        vit, config = load_backbone(backbone)
+        return cls(StagedViT(vit, prune_points), config, name, budget, reduction)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (``.to(device)`` moves the backbone and the policies alike)."""
+        return next(self.staged.parameters()).device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as :meth:`forward` expects them, by the backbone's mean and std.
+
+        ``images``: ``[B, 3, H, W]`` at the backbone's ``input_size``, uint8 in [0, 255] (as
+        ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1].
+        """
+        return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of normalised images ``[B, 3, H, W]`` (:meth:`normalize`), under
+        ``torch.inference_mode`` (choosing tokens is not differentiable)."""
+        return self.forward_with_kept(images)[0]
+
+    @torch.inference_mode()
+    def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, num_classes]`` and ``kept [B, num_stages]`` long, the patch tokens each image has
+        alive in each stage (the first stage has all of them), of normalised ``images [B, 3, H, W]``."""
+        staged = self.staged
+        if self.selection is None:
+            return staged.vit(images), torch.tensor(self.schedule()).expand(len(images), -1)
+        if self.selection == "tome":
+            return tome_forward(staged, images, self.tome_merges), torch.tensor(self.schedule()).expand(len(images), -1)
+        if self.adaptive:
+            rule = policy_keep_rule(self.policies, staged, self.budget)
+            return adaptive_forward(staged, images, rule, self.reduction)
+        if self.selection == "policy":
+            select = policy_selector(self.policies, staged, self.budget)
+        else:
+            select = heuristic_selector(self.selection, self._random_generator(images.device))
+        return exact_forward(staged, images, select, self.budget, self.reduction)
+
+    def _random_generator(self, device: torch.device) -> torch.Generator:
+        """The random heuristic's generator, seeded when first used on ``device``; later batches continue it."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+        return self._generator
+
+    def schedule(self) -> list[int]:
+        """Patch tokens alive in each stage, the same for every image: all but the adaptive policies."""
+        if self.adaptive:
+            raise ValueError("in adaptive mode each image keeps its own counts; see forward_with_kept")
+        staged = self.staged
+        if self.selection is None:
+            return [staged.num_patches] * staged.num_stages
+        if self.selection == "tome":
+            return [staged.num_patches - sum(self.tome_merges[:start]) for start in (0, *staged.prune_points)]
+        return heuristic_schedule(staged.num_patches, len(staged.prune_points), self.budget)
+
+    def gflops(self, kept_per_stage: Sequence[int] | None = None) -> ImageGflops:
+        """GFLOPs (GMACs) of one image (``envs.vit.flops``): backbone, token scores and policy networks.
+
+        ``kept_per_stage``: the image's ``num_stages`` patch-token counts (a row of
+        :meth:`forward_with_kept`'s ``kept``); default: :meth:`schedule`. ToMe and the unpruned model cost
+        the same for every image.
+        """
+        spec = ViTSpec.from_model(self.staged.vit)
+        if self.selection is None:
+            return ImageGflops(unpruned_gflops(spec), 0.0, 0.0)
+        if self.selection == "tome":
+            return tome_gflops(spec, self.tome_merges)
+        kept = self.schedule() if kept_per_stage is None else list(kept_per_stage)
+        scores = "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
+        macs = sum(module.macs_per_token() for module in self.policies.values())
+        return image_gflops(spec, self.staged.prune_points, kept, self.reduction, scores, macs)
+
+    def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
+        """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``."""
+        schedules, counts = torch.unique(kept, dim=0, return_counts=True)
+        parts = sum(torch.tensor(self.gflops(schedule), dtype=torch.float64) * count
+                    for schedule, count in zip(schedules.tolist(), counts.tolist(), strict=True)) / len(kept)
+        return ImageGflops(*parts.tolist())
+
+    def _tome_merges(self) -> list[int]:
+        """ToMe's merges per block at the GFLOPs of greedy similarity at this budget, so ToMe is compared at
+        the cost of the other methods."""
+        spec = ViTSpec.from_model(self.staged.vit)
+        schedule = heuristic_schedule(self.staged.num_patches, len(self.staged.prune_points), self.budget)
+        target = image_gflops(spec, self.staged.prune_points, schedule, self.reduction, "similarity").total
+        return tome_schedule(spec, target)
+
+    def extra_repr(self) -> str:
+        mode = "adaptive" if self.adaptive else "exact"
+        return (f"selection={self.selection or 'none'}, budget={self.budget}, reduction={self.reduction}, "
+                f"mode={mode}, prune_points={self.staged.prune_points}")

@@ -1,0 +1,247 @@
+"""PrunedViT (policies/pruned_vit.py) and the policy export (policies/export.py).
+
+The API must give what evaluate.py reports (the same compositions of the pruned forwards), move to a device,
+run a policy at another budget, cost what envs.vit.flops says, and load an exported checkpoint without
+opening a pickle; the README's example must run as written.
+"""
+
+from __future__ import annotations
+
+import _pickle
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+import torch
+from ray.rllib.core.columns import Columns
+
+import evaluate
+from envs.problem import ProblemError
+from envs.vit.data import DATA_DIR_ENV
+from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
+from envs.vit.pruned_forward import adaptive_forward, exact_forward
+from envs.vit.tome import tome_forward, tome_schedule
+from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
+from policies.decisions import policy_keep_rule, policy_selector
+from policies.export import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_path,
+    export_policies,
+    has_export,
+    load_exported_policies,
+)
+from policies.export import main as export_main
+from policies.heuristics import HEURISTICS, heuristic_selector
+from policies.pruned_vit import PrunedViT
+from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_policy, tmp_path_factory) -> Path:
+    """The same checkpoint with its export."""
+    path = Path(shutil.copytree(tiny_policy, tmp_path_factory.mktemp("exported") / "policy"))
+    export_policies(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tiny_staged) -> torch.Tensor:
+    """Normalised random images ``[6, 3, 32, 32]``."""
+    pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return PrunedViT(tiny_staged[0], tiny_staged[1]).normalize(pixels)
+
+
+def assert_same(result: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor]) -> None:
+    torch.testing.assert_close(result[0], expected[0], rtol=0, atol=0)
+    assert torch.equal(result[1], expected[1])
+
+
+# -- the same numbers as the compositions evaluate.py reported -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*HEURISTICS, "tome"])
+def test_from_heuristic_is_the_heuristic_forward(name, tiny_backbone, tiny_staged, images):
+    model = PrunedViT.from_heuristic(tiny_backbone, name, TARGET_RATIO, prune_points=PRUNE_POINTS)
+    vit = tiny_staged[0]
+    with torch.inference_mode():
+        if name == "tome":
+            spec = ViTSpec.from_model(vit.vit)
+            schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
+            merges = tome_schedule(spec, image_gflops(spec, PRUNE_POINTS, schedule, "merge", "similarity").total)
+            expected = tome_forward(vit, images, merges)
+            assert model.tome_merges == merges
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+        else:
+            select = heuristic_selector(name, torch.Generator().manual_seed(0))
+            assert_same(model.forward_with_kept(images), exact_forward(vit, images, select, TARGET_RATIO, "merge"))
+
+
+def test_unpruned_model_is_the_timm_model(tiny_staged, images):
+    model = PrunedViT(*tiny_staged)
+    logits, kept = model.forward_with_kept(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, tiny_staged[0].vit(images), rtol=0, atol=0)
+    assert kept.tolist() == [[NUM_PATCHES] * 4] * len(images)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(adaptive, tiny_policy, exported, tiny_staged, images):
+    """The RLlib checkpoint and its export give the same model; evaluate.py's row is that model."""
+    modules, _ = load_rllib_policies(tiny_policy)
+    vit, config = tiny_staged
+    with torch.inference_mode():
+        if adaptive:
+            expected = adaptive_forward(vit, images, policy_keep_rule(modules, vit, TARGET_RATIO), "merge")
+        else:
+            expected = exact_forward(vit, images, policy_selector(modules, vit, TARGET_RATIO), TARGET_RATIO, "merge")
+    for path in (tiny_policy, exported):
+        model = PrunedViT.from_checkpoint(path, adaptive=adaptive)
+        assert (model.selection, model.budget, model.reduction, model.adaptive) == ("policy", 0.5, "merge", adaptive)
+        assert_same(model.forward_with_kept(images), expected)
+    row = evaluate.Method("MARL", "policy", TARGET_RATIO, modules, adaptive=adaptive).model(vit, config, "merge")
+    assert_same(row.forward_with_kept(images), expected)
+    if adaptive:
+        assert len({tuple(k) for k in expected[1].tolist()}) > 1  # images really kept different counts
+
+
+def test_to_device_moves_backbone_and_policies(exported, images):
+    model = PrunedViT.from_checkpoint(exported)
+    logits = model(images)
+    assert model.to("cpu") is model and model.device == torch.device("cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert any(p is q for p in model.parameters() for q in model.policies["attention"].parameters())
+    torch.testing.assert_close(model(images), logits, rtol=0, atol=0)
+    assert not model.training and torch.is_inference(logits)
+
+
+def test_budget_override_changes_the_kept_counts(exported, images):
+    trained = PrunedViT.from_checkpoint(exported)
+    other = PrunedViT.from_checkpoint(exported, budget=0.3)
+    assert trained.forward_with_kept(images)[1][0].tolist() == [64, 32, 16, 8] == trained.schedule()
+    assert other.forward_with_kept(images)[1][0].tolist() == [64, 45, 31, 22] == other.schedule()
+    assert other.budget == 0.3
+    with pytest.raises(ProblemError, match=r"budget must be in \(0, 1\), got 1.5"):
+        PrunedViT.from_checkpoint(exported, budget=1.5)
+
+
+def test_invalid_combinations_are_refused(tiny_staged):
+    with pytest.raises(ValueError, match="unpruned model takes no budget"):
+        PrunedViT(*tiny_staged, None, 0.5)
+    with pytest.raises(ValueError, match="only the policies have an adaptive mode"):
+        PrunedViT(*tiny_staged, "attention", 0.5, adaptive=True)
+    with pytest.raises(ValueError, match="unknown selection 'greedy'"):
+        PrunedViT(*tiny_staged, "greedy", 0.5)
+    with pytest.raises(ProblemError, match="budget must be in"):
+        PrunedViT(*tiny_staged, "random")
+
+
+def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
+    model = PrunedViT(*tiny_staged)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.normalize(pixels), model.normalize(pixels.float() / 255))
+
+
+# -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
+
+
+def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_staged, images):
+    spec = ViTSpec.from_model(tiny_staged[0].vit)
+    schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
+    policy = PrunedViT.from_checkpoint(exported)
+    macs = sum(module.macs_per_token() for module in policy.policies.values())
+    assert policy.gflops() == image_gflops(spec, PRUNE_POINTS, schedule, "merge", "agents", macs)
+    greedy = PrunedViT.from_heuristic(tiny_backbone, "similarity", TARGET_RATIO, prune_points=PRUNE_POINTS)
+    assert greedy.gflops() == image_gflops(spec, PRUNE_POINTS, schedule, "merge", "similarity")
+    tome = PrunedViT.from_heuristic(tiny_backbone, "tome", TARGET_RATIO, prune_points=PRUNE_POINTS)
+    assert tome.gflops() == tome_gflops(spec, tome.tome_merges)
+    assert PrunedViT(*tiny_staged).gflops().total == unpruned_gflops(spec)
+
+    adaptive = PrunedViT.from_checkpoint(exported, adaptive=True)
+    _, kept = adaptive.forward_with_kept(images)
+    rows = [image_gflops(spec, PRUNE_POINTS, row, "merge", "agents", macs) for row in kept.tolist()]
+    expected = [sum(row[part] for row in rows) / len(rows) for part in range(3)]
+    assert list(adaptive.mean_gflops(kept)) == pytest.approx(expected, rel=1e-12)
+    assert adaptive.gflops(kept[0].tolist()) == rows[0]
+    with pytest.raises(ValueError, match="each image keeps its own counts"):
+        adaptive.gflops()
+
+
+# -- the export ------------------------------------------------------------------------------------------------
+
+
+def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
+    original, info = load_rllib_policies(tiny_policy)
+    loaded, loaded_info = load_exported_policies(exported)
+    assert loaded_info == info and list(loaded) == list(original)
+    config = json.loads((export_path(exported) / CONFIG_FILE).read_text())
+    assert config["modules"]["attention"]["num_patches"] == NUM_PATCHES
+    generator = torch.Generator().manual_seed(0)
+    for name, module in original.items():
+        copy = loaded[name]
+        assert not copy.training and copy.model_config["hidden"] == module.model_config["hidden"]
+        state = module.state_dict()
+        assert copy.state_dict().keys() == state.keys()
+        assert all(torch.equal(copy.state_dict()[key], value) for key, value in state.items())
+        tokens = torch.randn(3, NUM_PATCHES, module.observation_space["tokens"].shape[1], generator=generator)
+        live = (torch.rand(3, NUM_PATCHES, generator=generator) > 0.3).float()
+        batch = {Columns.OBS: {"tokens": tokens, "live": live}}
+        with torch.no_grad():
+            torch.testing.assert_close(copy.forward_inference(batch)[Columns.ACTION_DIST_INPUTS],
+                                       module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], rtol=0, atol=0)
+            torch.testing.assert_close(copy.compute_values(batch), module.compute_values(batch), rtol=0, atol=0)
+
+
+def test_loading_an_export_never_unpickles(exported, images, monkeypatch):
+    expected = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was opened")
+
+    for owner in (pickle, _pickle, ray.cloudpickle):  # RLlib reads its files with ray.cloudpickle's load
+        for name in ("load", "loads", "Unpickler"):
+            monkeypatch.setattr(owner, name, refuse, raising=False)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(PolicyCheckpointError, match="a pickle was opened"):  # the patches bite RLlib's loader
+        load_rllib_policies(exported)
+    assert_same(PrunedViT.from_checkpoint(exported).forward_with_kept(images), expected)
+
+
+def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
+    path = Path(shutil.copytree(tiny_policy, tmp_path / "policy"))
+    assert not has_export(path)
+    assert export_main([str(path)]) == 0 and has_export(path)
+    assert capsys.readouterr().out == f"wrote {export_path(path)}\n"
+    assert export_main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint")
+    weights = export_path(path) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):
+        PrunedViT.from_checkpoint(path)
+
+
+def test_exported_policy_of_another_backbone_fails_the_same_check(tmp_path, tiny_backbone):
+    path = write_checkpoint(tmp_path / "policy", tiny_backbone, num_patches=16)
+    export_policies(path)
+    with pytest.raises(PolicyCheckpointError, match="was it trained on another backbone"):
+        PrunedViT.from_checkpoint(path)
+
+
+# -- the README's example ------------------------------------------------------------------------------------------
+
+
+def test_readme_python_api_example_runs_as_written(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv(DATA_DIR_ENV, str(data_dir))
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(REPO)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[2].endswith("[64, 32, 16, 8]")

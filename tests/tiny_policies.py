@@ -1,0 +1,64 @@
+"""Tiny policy checkpoints for the tests: modules of the real policy class on the tiny backbone of conftest,
+calibrated so their decisions vary as a trained policy's do, in the layout train.py writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from envs.problem import POLICIES, PruningProblem
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
+from envs.vit.pruned_forward import initial_state
+from envs.vit.staged_vit import StagedViT
+from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG
+from policies.decisions import agent_logits
+from policies.rl_module import TokenPolicyModule, policy_module_spec
+
+PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
+NUM_PATCHES = 64
+HIDDEN = 16
+TARGET_RATIO = 0.5
+FEATURE_COUNTS = {"attention": len(ATTENTION_FEATURES), "similarity": len(SIMILARITY_FEATURES)}
+
+
+def build_module(name: str, num_patches: int = NUM_PATCHES, seed: int = 0) -> TokenPolicyModule:
+    torch.manual_seed(seed)
+    return policy_module_spec(name, num_patches, {"hidden": HIDDEN}).build()
+
+
+def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
+    """Rescale the last layer so that logits at the first pruning point of random images have unit spread
+    and a fraction ``quantile`` of them is negative: decisions then vary from token to token and image
+    to image, as after training (a fresh module gives nearly the same logit to every token)."""
+    with torch.no_grad():
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        logits = agent_logits({name: module}, staged, initial_state(staged, images), TARGET_RATIO)[name]
+        last = module._logit_net[-1]
+        last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
+        last.weight.div_(logits.std())
+
+
+def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
+                     prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
+                     calibrate_on: StagedViT | None = None, reduction: str = "merge",
+                     legacy: bool = False) -> Path:
+    """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
+    layout of reference/marl_policy, with no reduction named)."""
+    for seed, name in enumerate(POLICIES):
+        if agents in ("both", name):
+            module = build_module(name, num_patches, seed)
+            if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
+                calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
+            module.save_to_path(directory / MODULES_DIR / name)
+    if legacy:
+        config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",
+                             "prune_points": list(prune_points), "target_ratio": target_ratio},
+                  "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
+    else:
+        problem = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
+                                    hidden=HIDDEN).to_json(), "target_ratio": target_ratio, "reduction": reduction}
+        config = {"problem": problem, "iteration": 3}
+    (directory / PRUNING_CONFIG).write_text(json.dumps(config))
+    return directory
