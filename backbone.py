@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from cli import OneLineParser, add_download_argument
+from cli import OneLineParser, add_data_access_arguments, data_access
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
 from envs.vit.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
-    add_download_argument(p)
+    add_data_access_arguments(p)
     p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE)
     p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
     p.add_argument("--limit", type=int, default=None,
@@ -291,7 +291,7 @@ def train(args: argparse.Namespace) -> dict:
     del probe
 
     split_kw = dict(data_dir=args.data_dir, input_size=input_size, val_size=args.val_size,
-                    seed=args.split_seed, limit=args.limit, download=args.download)
+                    seed=args.split_seed, limit=args.limit, **data_access(args))
     train_split = load_split(args.dataset, "train", **split_kw)
     val_split = load_split(args.dataset, "val", **split_kw)
     num_classes = len(train_split.class_names)
@@ -357,7 +357,7 @@ def train(args: argparse.Namespace) -> dict:
             return {"finished": False, "epoch": epoch + 1}
 
     test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
-                            limit=args.limit, download=args.download)
+                            limit=args.limit, **data_access(args))
     test_acc = accuracy(model, test_split.images, test_split.labels, config, device, amp=False)
     test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
     if snapshot is not None:  # a later --resume --epochs must know the test split has been read

@@ -50,11 +50,20 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
-def add_download_argument(parser: argparse.ArgumentParser) -> None:
-    """``--no-download``: CIFAR-10/100 are fetched into the data directory when absent, unless this is given."""
+def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the commands reach the data: ``--no-download`` (CIFAR-10/100 are fetched into the data directory
+    when absent, unless given) and ``--memory-budget-mb`` (larger splits are read from their files)."""
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download cifar10/cifar100 (by default they are fetched into --data-dir, "
                              "with a progress bar, when absent)")
+    parser.add_argument("--memory-budget-mb", type=float, default=None, metavar="MB",
+                        help="a split that would take more than this decoded is streamed from its files instead "
+                             "of decoded into memory (default: 4096)")
+
+
+def data_access(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``envs.vit.data.load_split`` that :func:`add_data_access_arguments` set."""
+    return {"download": args.download, "memory_budget_mb": args.memory_budget_mb}
 
 
 def positive_int(text: str) -> int:

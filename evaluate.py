@@ -41,7 +41,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from cli import OneLineParser, UsageError, add_download_argument, positive_int, versions_line
+from cli import OneLineParser, UsageError, add_data_access_arguments, data_access, positive_int, versions_line
 from envs.problem import ProblemError, check_target_ratio
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
@@ -111,17 +111,22 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
     return methods
 
 
-def predict(model: PrunedViT, split: ImageSplit, batch_size: int,
-            bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split."""
-    predictions, kept = [], []
-    for start in range(0, len(split), batch_size):
-        logits, batch_kept = model.forward_with_kept(model.normalize(split.images[start:start + batch_size]))
-        predictions.append(logits.argmax(dim=1).cpu())
-        kept.append(batch_kept.cpu())
+def predict(models: Mapping[Method, PrunedViT], split: ImageSplit, batch_size: int,
+            bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
+    """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split. Every
+    batch of images is read once for all models, so a streamed split is decoded once."""
+    predictions: dict[Method, list] = {method: [] for method in models}
+    kept: dict[Method, list] = {method: [] for method in models}
+    normalize_images = next(iter(models.values())).normalize  # one backbone, one normalisation
+    for images in split.batches(batch_size):
+        inputs = normalize_images(images)
+        for method, model in models.items():
+            logits, batch_kept = model.forward_with_kept(inputs)
+            predictions[method].append(logits.argmax(dim=1).cpu())
+            kept[method].append(batch_kept.cpu())
         if bar is not None:
             bar.update()
-    return torch.cat(predictions), torch.cat(kept)
+    return {method: (torch.cat(predictions[method]), torch.cat(kept[method])) for method in models}
 
 
 def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -165,15 +170,11 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     """
     staged = staged.eval()
     baseline = next((method for method in methods if method.selector == "baseline"), Method(BASELINE, "baseline"))
-    batches = math.ceil(len(split) / batch_size)
-    runs = [baseline, *(method for method in methods if method is not baseline)]
-    bar = tqdm(total=batches * len(runs), desc="evaluating", unit="batch", disable=not progress)
-    outputs, models = {}, {}
-    for method in runs:
-        bar.set_postfix_str(method.name if method.budget is None else f"{method.name} @ {method.budget:g}")
-        models[method] = method.model(staged, backbone_config, reduction, seed)
-        outputs[method] = predict(models[method], split, batch_size, bar)
-    bar.close()
+    models = {method: method.model(staged, backbone_config, reduction, seed)
+              for method in [baseline, *(method for method in methods if method is not baseline)]}
+    with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
+              disable=not progress) as bar:
+        outputs = predict(models, split, batch_size, bar)
     reference = outputs[baseline][0]
     rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
              **cost(models[method], outputs[method][1])} for method in methods]
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO)})")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
-    add_download_argument(parser)
+    add_data_access_arguments(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="default: %(default)s")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or problem.dataset
     split = load_split(dataset, args.split, args.data_dir, input_size=backbone_config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit,
-                       download=args.download)
+                       **data_access(args))
     methods = plan_methods(budgets, {b: (m, info.problem.agents) for b, (m, info, _) in policies.items()})
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,

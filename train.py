@@ -36,7 +36,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.utils import flatten_dict
 
-from cli import OneLineParser, add_download_argument, non_negative_int, positive_int, versions_line
+from cli import OneLineParser, add_data_access_arguments, data_access, non_negative_int, positive_int, versions_line
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problem_from_args
 from envs.pruning_engine import EngineSpec
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "of the cluster, one without GPUs)")
     run.add_argument("--server-threads", type=positive_int, default=1,
                      help="torch threads of each ViT server, and the CPUs it reserves")
-    add_download_argument(run)
+    add_data_access_arguments(run)
     add_problem_arguments(p, "pruning problem (taken from the checkpoint on --resume)")
     return p
 
@@ -209,11 +209,11 @@ def train_server_names(count: int) -> list[str]:
     return [f"{TRAIN_SERVER}_{index}" for index in range(count)]
 
 
-def server_settings(problem: PruningProblem, threads: int, download: bool = False) -> dict[str, ServerSettings]:
+def server_settings(problem: PruningProblem, threads: int, access: dict | None = None) -> dict[str, ServerSettings]:
     """Servers on the train split for sampling, one on a val subset for checkpoint selection. The validation
     server reserves no CPU: it works between sampling rounds, when the env runners wait."""
     train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=threads,
-                           torch_threads=threads, download=download)
+                           torch_threads=threads, **(access or {}))
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
 
 
@@ -316,7 +316,7 @@ class MetricsWriter:
 def train(args: argparse.Namespace) -> Path:
     """Run (or continue) training; uses the Ray instance already initialised in this process, if any."""
     checkpoint, problem = resolve_start(args)
-    settings = server_settings(problem, args.server_threads, args.download)
+    settings = server_settings(problem, args.server_threads, data_access(args))
     inputs = {name: load_server_inputs(s) for name, s in settings.items()}  # bad backbone/data fail here
     if not ray.is_initialized():
         start_ray(args)

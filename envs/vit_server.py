@@ -48,6 +48,7 @@ class ServerSettings:
     max_batch: int = 256
     max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
     download: bool = False  # fetch CIFAR-10/100 into the problem's data_dir when absent (on the driver)
+    memory_budget_mb: float | None = None  # above this, images are read from their files (envs/vit/data.py)
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     torch_threads: int = 1
@@ -195,7 +196,7 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     StagedViT(model, problem.prune_points)  # fail here, clearly, on pruning points the backbone lacks
     split = load_split(problem.dataset, settings.split, problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=settings.limit,
-                       download=settings.download)
+                       download=settings.download, memory_budget_mb=settings.memory_budget_mb)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 

@@ -1,7 +1,8 @@
 """224-px timm ViTs end to end on a generated ImageFolder (``dataset folder``): backbone.py trains each,
 train.py trains the agents on the DeiT one, evaluate.py scores that policy on every backbone against the
 heuristics. Tiny widths and depths keep it to seconds per model on a CPU; the geometry (16-px patches,
-196 tokens, prefix tokens, heads) is the real one."""
+196 tokens, prefix tokens, heads) is the real one. Training and one evaluation stream the images from the
+files (a memory budget below the data set's size), and streaming gives the same table as decoding."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ import train
 from policies.checkpoints import latest_checkpoint
 
 TINY_224 = ["depth=3", "embed_dim=48", "num_heads=3"]
+STREAM = "0.5"  # MB: the generated splits take 2-3 MB decoded, so they stream
 MODELS = {  # name: (timm model, extra kwargs)
     "deit_distilled": ("deit_tiny_distilled_patch16_224", []),  # class + distillation token, two heads
     "registers": ("vit_tiny_patch16_224", ["reg_tokens=4"]),  # four register tokens
@@ -44,7 +46,7 @@ def deit_policy(image_folder_224, tmp_path_factory) -> Path:
                        "--val-limit", "6", "--images-per-env", "2", "--warm-start", "none", "--iterations", "1",
                        "--checkpoint-every", "1", "--num-workers", "0", "--train-batch-size-per-learner", "16",
                        "--minibatch-size", "16", "--num-epochs", "1", "--num-cpus", "2",
-                       "--output-dir", str(root / "run")]) == 0
+                       "--memory-budget-mb", STREAM, "--output-dir", str(root / "run")]) == 0
     return latest_checkpoint(root / "run")
 
 
@@ -54,11 +56,17 @@ def test_224px_backbone_trains_and_the_policy_evaluates_on_it(variant, deit_poli
     policy_backbone = deit_policy.parent.parent.parent / "backbone" / "backbone"
     backbone_dir = (policy_backbone if variant == "deit_distilled"
                     else train_backbone(variant, image_folder_224, tmp_path / "backbone"))
-    assert evaluate.main(["--checkpoint", str(deit_policy), "--backbone", str(backbone_dir), "--data-dir",
-                          str(image_folder_224), "--budgets", "0.5", "--no-speed",
-                          "--output-dir", str(tmp_path / "results")]) == 0
-    rows = {row["method"]: row for row in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
+    def evaluation(*extra: str) -> dict[str, dict]:
+        output = tmp_path / f"results{len(extra)}"
+        assert evaluate.main(["--checkpoint", str(deit_policy), "--backbone", str(backbone_dir), "--data-dir",
+                              str(image_folder_224), "--budgets", "0.5", "--no-speed", "--output-dir", str(output),
+                              *extra]) == 0
+        return {row["method"]: row for row in json.loads((output / "results.json").read_text())["rows"]}
+
+    rows = evaluation()
     assert rows["Baseline (unpruned)"]["keep_ratio"] == 1.0
     assert rows["MARL exact"]["gflops_backbone"] == pytest.approx(rows["Greedy attention"]["gflops_backbone"])
     assert rows["MARL exact"]["gflops_backbone"] < 0.7 * rows["Baseline (unpruned)"]["gflops_backbone"]
     assert rows["MARL exact"]["keep_ratio"] == pytest.approx(49 / 196)  # 196 -> 98 -> 49 patch tokens
+    if variant == "deit_distilled":
+        assert evaluation("--memory-budget-mb", STREAM) == rows

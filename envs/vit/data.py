@@ -182,13 +182,13 @@ def load_split(
     seed: int = DEFAULT_SPLIT_SEED,
     limit: int | None = None,
     download: bool = False,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = None,
 ) -> ImageSplit:
     """One split of a data set, decoded into memory or, above ``memory_budget_mb``, streamed from its files
     (see the module docstring for the splits).
 
     ``limit`` keeps a seeded random subset of ``limit`` images of the split (for quick looks and tests);
-    the split itself never changes with it.
+    the split itself never changes with it. ``memory_budget_mb=None``: :data:`DEFAULT_MEMORY_BUDGET_MB`.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -204,6 +204,6 @@ def load_split(
     if limit is not None and limit < len(indices):
         indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
     decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
-    images = (_decode(raw, indices, input_size) if decoded_mb <= memory_budget_mb
+    images = (_decode(raw, indices, input_size) if decoded_mb <= (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
               else StreamedImages(raw, indices, input_size))
     return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
