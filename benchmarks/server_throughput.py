@@ -8,7 +8,9 @@ side by side, all on the same machine, data and thread count:
    features, numpy observations) costs on top of the forwards;
 3. the ViT server actor with 1, 2, 4 concurrent callers (Ray actors looping full episodes): what Ray's
    per-call overhead costs and how much the server's batching wins back;
-4. one ``TokenPruningEnv`` against the server with random actions: what one env runner can step.
+4. one ``TokenPruningEnv`` against the server with random actions: what one env runner can step;
+5. ``--runners`` envs (Ray actors, as env runners) spread over 1 and over ``--servers`` servers, side by
+   side: what more servers buy (``train.py --servers``).
 
 A pruned episode at ratio 0.5 needs about half the compute of an unpruned forward (64 -> 32 -> 16 -> 8
 tokens), so the "ceiling" column scales the backbone rate by the GFLOPs ratio. The engine computes the
@@ -46,7 +48,7 @@ from envs.vit.flops import ViTSpec, backbone_gflops, heuristic_schedule, schedul
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import timed_calls
 from envs.vit.token_ops import tokens_to_keep
-from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server
+from envs.vit_server import NAMESPACE, ServerSettings, start_vit_servers
 
 Call = Callable[..., Any]  # call(method_name, *args) -> result, on an engine or a server
 
@@ -196,45 +198,93 @@ def bench_server(server: ray.actor.ActorHandle, num_images: int, callers: list[i
     return rows
 
 
+def step_env(env, rng: np.random.Generator, seconds: float) -> dict[str, Any]:
+    """Step ``env`` with random MultiBinary actions, whole episodes, until ``seconds`` have passed (at least
+    one episode); per-call latencies of reset and step."""
+    actions = {aid: space.shape for aid, space in env.action_spaces.items()}
+    latencies: list[float] = []
+    steps = episodes = 0
+    start = time.perf_counter()
+    while episodes == 0 or time.perf_counter() < start + seconds:
+        tick = time.perf_counter()
+        env.reset()
+        latencies.append(time.perf_counter() - tick)
+        done = False
+        while not done:
+            action = {a: rng.integers(0, 2, s, dtype=np.int8) for a, s in actions.items()}
+            tick = time.perf_counter()
+            _, _, terminateds, _, _ = env.step(action)
+            latencies.append(time.perf_counter() - tick)
+            done = terminateds["__all__"]
+            steps += 1
+        episodes += 1
+    return {"images": episodes * env.num_images, "episodes": episodes, "steps": steps, "latencies": latencies,
+            "elapsed": time.perf_counter() - start}
+
+
+def make_env(server_names: str | list[str], problem: PruningProblem, index: int = 0):
+    """A TokenPruningEnv as env runner ``index`` would have it (it picks server ``index % len(names)``)."""
+    from ray.rllib.env.env_context import EnvContext  # imports RLlib: only when needed
+
+    from envs.pruning_env import TokenPruningEnv
+
+    return TokenPruningEnv(EnvContext({"server_name": server_names, "seed": index, "problem": problem.to_json()},
+                                      worker_index=index))
+
+
 def bench_env(server: ray.actor.ActorHandle, server_name: str, problem: PruningProblem, sizes: list[int],
               seconds: float, seed: int = 0) -> list[dict[str, Any]]:
     """One TokenPruningEnv in this process (what one env runner steps), random MultiBinary actions."""
-    from envs.pruning_env import TokenPruningEnv  # imports RLlib: only when needed
-
     rows = []
     for size in sizes:
-        env = TokenPruningEnv({"server_name": server_name, "seed": seed,
-                               "problem": replace(problem, images_per_env=size).to_json()})
+        env = make_env(server_name, replace(problem, images_per_env=size))
         rng = np.random.default_rng(seed)
-        actions = {aid: space.shape for aid, space in env.action_spaces.items()}
-        env.reset()  # warm-up episode
-        done = False
-        while not done:
-            _, _, terminateds, _, _ = env.step({a: rng.integers(0, 2, s, dtype=np.int8) for a, s in actions.items()})
-            done = terminateds["__all__"]
+        step_env(env, rng, 0.0)  # warm-up episode
         before = ray.get(server.stats.remote())
-        latencies: list[float] = []
-        steps = episodes = 0
-        start = time.perf_counter()
-        while time.perf_counter() < start + seconds:
-            tick = time.perf_counter()
-            env.reset()
-            latencies.append(time.perf_counter() - tick)
-            done = False
-            while not done:
-                action = {a: rng.integers(0, 2, s, dtype=np.int8) for a, s in actions.items()}
-                tick = time.perf_counter()
-                _, _, terminateds, _, _ = env.step(action)
-                latencies.append(time.perf_counter() - tick)
-                done = terminateds["__all__"]
-                steps += 1
-            episodes += 1
-        elapsed = time.perf_counter() - start
-        run = {"images": episodes * size, "episodes": episodes, "latencies": latencies}
-        row = episode_row(f"one env, images_per_env {size}, random actions", "env", [run], elapsed,
+        run = step_env(env, rng, seconds)
+        row = episode_row(f"one env, images_per_env {size}, random actions", "env", [run], run["elapsed"],
                           server_stats_delta(server, before))
-        row["env_steps_per_s"] = steps / elapsed
+        row["env_steps_per_s"] = run["steps"] / run["elapsed"]
         rows.append(row)
+    return rows
+
+
+@ray.remote(num_cpus=0)
+class EnvRunnerStandIn:
+    """An env runner without a policy: one env with runner index ``index``, random actions."""
+
+    def __init__(self, server_names: list[str], problem: PruningProblem, index: int):
+        self.env = make_env(server_names, problem, index)
+        self.rng = np.random.default_rng(index)
+        step_env(self.env, self.rng, 0.0)  # warm-up episode
+
+    def run(self, start_at: float, seconds: float) -> dict[str, Any]:
+        """Wait for the common start (wall clock), then step for ``seconds``."""
+        time.sleep(max(0.0, start_at - time.time()))
+        out = step_env(self.env, self.rng, seconds)
+        out["finished_at"] = time.time()
+        return out
+
+
+def bench_servers(servers: list[ray.actor.ActorHandle], names: list[str], problem: PruningProblem, runners: int,
+                  seconds: float) -> list[dict[str, Any]]:
+    """``runners`` env runner stand-ins spread over the first 1, then all, of the servers (``--servers``):
+    what adding a server buys, side by side in one run."""
+    rows = []
+    for count in sorted({1, len(servers)}):
+        pool = [EnvRunnerStandIn.remote(names[:count], problem, index) for index in range(1, runners + 1)]
+        before = [ray.get(server.stats.remote()) for server in servers[:count]]
+        start_at = time.time() + 1.0
+        runs = ray.get([runner.run.remote(start_at, seconds) for runner in pool])
+        elapsed = max(run["finished_at"] for run in runs) - start_at
+        deltas = [server_stats_delta(server, b) for server, b in zip(servers[:count], before, strict=True)]
+        stats = {key: sum(delta[key] for delta in deltas) for key in deltas[0]}
+        row = episode_row(f"{runners} envs x {problem.images_per_env} images over {count} server(s)", "servers",
+                          runs, elapsed, stats)
+        row["env_steps_per_s"] = sum(run["steps"] for run in runs) / elapsed
+        rows.append(row)
+        for runner in pool:
+            ray.kill(runner)
     return rows
 
 
@@ -304,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                         help="how long the server waits for company before a drain")
+    parser.add_argument("--servers", type=int, default=2, help="servers of the last measurement (1 vs this many)")
+    parser.add_argument("--runners", type=int, default=4, help="env runner stand-ins of the last measurement")
     parser.add_argument("--ray-cpus", type=int, default=4, help="num_cpus of the local Ray instance")
     parser.add_argument("--output", help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -349,11 +401,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = f"bench_vit_server_{os.getpid()}"
         settings = ServerSettings(problem, split=args.split, limit=args.limit, max_batch=args.max_batch,
                                   max_wait_ms=args.max_wait_ms, torch_threads=args.torch_threads, num_cpus=0)
-        server = start_vit_server(settings, name=name)
+        names = [f"{name}_{index}" for index in range(args.servers)]
+        servers = start_vit_servers(settings, names)
+        server = servers[0]
         rows += bench_server(server, len(split), args.callers, args.images_per_call, args.seconds,
                              args.target_ratio)
         print(f"server done: {_rates(rows[-len(args.callers):])} images/s", flush=True)
-        rows += bench_env(server, name, problem, args.env_images, args.seconds)
+        rows += bench_env(server, names[0], problem, args.env_images, args.seconds)
+        for other in servers[1:]:
+            warm_cache(lambda method, *a, other=other: ray.get(getattr(other, method).remote(*a)), len(split))
+        rows += bench_servers(servers, names, replace(problem, images_per_env=args.images_per_call),
+                              args.runners, args.seconds)
     finally:
         ray.shutdown()
 
