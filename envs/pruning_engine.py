@@ -90,19 +90,27 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_full_probs(self, indices: list[int]) -> None:
-        """The unpruned model's class probabilities, computed once per image (the label-free target)."""
-        todo = sorted({i for i in indices if torch.isnan(self._full_probs[i, 0])})
-        for start in range(0, len(todo), 256):
-            chunk = todo[start:start + 256]
-            logits = self.staged(normalize(self.images[chunk].to(self.device), self.config))
-            self._full_probs[chunk] = logits.float().softmax(-1).cpu()
+    def _ensure_full_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
+        """The unpruned model's class probabilities, computed once per image (the label-free target);
+        ``inputs``: the normalised images ``[len(indices), C, H, W]``."""
+        todo = [row for row, index in enumerate(indices) if torch.isnan(self._full_probs[index, 0])]
+        if todo:
+            logits = self.staged(inputs[todo])
+            self._full_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
+
+    def _inputs(self, indices: list[int] | slice) -> torch.Tensor:
+        """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
+        return normalize(self.images[indices].to(self.device), self.config)
 
     @torch.no_grad()
-    def reset(self, keys: list[str], indices: list[int]) -> list[dict[str, np.ndarray]]:
-        """Start one episode per key on image ``indices[i]``; returns the first observations."""
-        self._ensure_full_probs(indices)
-        state = initial_state(self.staged, normalize(self.images[indices].to(self.device), self.config))
+    def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = ()) -> list[dict[str, np.ndarray]]:
+        """Start one episode per key on image ``indices[i]``; returns the first observations. ``upcoming``:
+        images asked for next, read ahead when the split streams from its files."""
+        inputs = self._inputs(indices)
+        if upcoming and hasattr(self.images, "prefetch"):
+            self.images.prefetch(upcoming)
+        self._ensure_full_probs(indices, inputs)
+        state = initial_state(self.staged, inputs)
         self.forwards += 1
         for b, (key, image) in enumerate(zip(keys, indices, strict=True)):
             self.episodes.pop(key, None)
@@ -172,20 +180,23 @@ class PruningEngine:
         """How the deterministic modes that evaluation reports do on every image the engine holds: accuracy
         and agreement with the unpruned model at the exact budget (``MARL exact``) and with per-image counts
         (``MARL adaptive``, with its mean fraction of patches reaching the head), in percent."""
-        everything = list(range(len(self.labels)))
-        self._ensure_full_probs(everything)
         modes = {"exact": lambda x: exact_forward(self.staged, x, policy_selector(modules, self.staged,
                                                                                    self.target_ratio),
                                                   self.target_ratio, self.reduction),
                  "adaptive": lambda x: adaptive_forward(self.staged, x, policy_keep_rule(modules, self.staged,
                                                                                          self.target_ratio),
                                                         self.reduction)}
+        outputs: dict[str, list] = {mode: [] for mode in modes}
+        for start in range(0, len(self.labels), batch_size):  # each image read once
+            batch = list(range(start, min(start + batch_size, len(self.labels))))
+            inputs = self._inputs(batch)
+            self._ensure_full_probs(batch, inputs)
+            for mode, forward in modes.items():
+                outputs[mode].append(forward(inputs))
         metrics = {}
-        for mode, forward in modes.items():
-            outputs = [forward(normalize(self.images[start:start + batch_size].to(self.device), self.config))
-                       for start in range(0, len(everything), batch_size)]
-            predictions = torch.cat([logits.argmax(1).cpu() for logits, _ in outputs])
-            kept = torch.cat([kept[:, -1].cpu() for _, kept in outputs]).double()
+        for mode in modes:
+            predictions = torch.cat([logits.argmax(1).cpu() for logits, _ in outputs[mode]])
+            kept = torch.cat([kept[:, -1].cpu() for _, kept in outputs[mode]]).double()
             metrics[f"{mode}_accuracy"] = 100 * (predictions == self.labels).double().mean().item()
             metrics[f"{mode}_agreement"] = 100 * (predictions == self._full_probs.argmax(1)).double().mean().item()
             metrics[f"{mode}_keep_ratio"] = (kept / self.staged.num_patches).mean().item()

@@ -94,6 +94,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self.action_spaces = {aid: action for aid, (_, action) in spaces.items()}
         self._stream = image_stream_key(config)
         self._rng = np.random.default_rng([self.config["seed"], *self._stream])
+        self._upcoming: list[int] | None = None
         self._episode = 0
         self._keys: list[str] = []
         self._live: list[int] = []
@@ -141,16 +142,21 @@ class TokenPruningEnv(MultiAgentEnv):
                 out[aid] = {"tokens": obs[policy_for_agent(aid)], "live": obs["live"]}
         return out
 
+    def _draw_images(self) -> list[int]:
+        return self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
             self._rng = np.random.default_rng([seed, *self._stream])
+            self._upcoming = None
         if self._keys:
             self._call("release", self._keys)
         self._episode += 1
         self._keys = [f"{self._instance}-{self._episode}-{i}" for i in range(self.num_images)]
-        indices = self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
+        indices = self._upcoming or self._draw_images()  # the k-th episode uses the k-th draw
+        self._upcoming = self._draw_images()  # the server reads them ahead when it streams
         self._images = indices
-        results = self._call("reset", self._keys, indices)
+        results = self._call("reset", self._keys, indices, self._upcoming)
         self._live = [int(r["live"].sum()) for r in results]
         self.agents = list(self.possible_agents)
         return self._observations(results), {aid: {} for aid in self.agents}

@@ -62,6 +62,7 @@ class _Request(NamedTuple):
     keys: list[str]  # one episode key per image
     payload: list  # image indices (reset) or keep masks (step), one per key
     future: asyncio.Future
+    upcoming: list[int] = ()  # reset: images the caller will ask for next
 
 
 class ViTServer:
@@ -86,8 +87,10 @@ class ViTServer:
     async def spec(self) -> EngineSpec:
         return self.engine.spec()
 
-    async def reset(self, keys: list[str], indices: list[int]) -> list[dict]:
-        return await self._submit("reset", keys, list(indices))
+    async def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = ()) -> list[dict]:
+        """Start episodes on these images; ``upcoming``: the images the caller will ask for next (read ahead
+        when the split streams from its files)."""
+        return await self._submit("reset", keys, list(indices), list(upcoming))
 
     async def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
         return await self._submit("step", keys, keep)
@@ -109,9 +112,9 @@ class ViTServer:
         return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),
                 "nonfinite_features": self.engine.nonfinite_features}
 
-    async def _submit(self, kind: str, keys: list, payload: list) -> list:
+    async def _submit(self, kind: str, keys: list, payload: list, upcoming: list[int] = ()) -> list:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(kind, keys, payload, future))
+        self._queue.append(_Request(kind, keys, payload, future, upcoming))
         self.counts["requests"] += 1
         self._arrived.set()
         if self._worker is None or self._worker.done():
@@ -159,8 +162,10 @@ class ViTServer:
                 continue
             keys = [k for i in chosen for k in batch[i].keys]
             payload = [p for i in chosen for p in batch[i].payload]
+            upcoming = [u for i in chosen for u in batch[i].upcoming]
             try:
-                results = getattr(self.engine, kind)(keys, payload)
+                results = (self.engine.reset(keys, payload, upcoming) if kind == "reset"
+                           else self.engine.step(keys, payload))
             except Exception as error:  # noqa: BLE001 - reported to each caller, the server stays up
                 for i in chosen:
                     outcomes[i] = error

@@ -1,10 +1,16 @@
 """The data module: split sizes and labels on the shared CIFAR-10 copy, and clear errors."""
 
+import pickle
+
 import numpy as np
 import pytest
+import timm
 import torch
 
+from envs.pruning_engine import PruningEngine
+from envs.pruning_env import TokenPruningEnv
 from envs.vit.data import DataError, StreamedImages, load_split, split_indices
+from envs.vit.staged_vit import StagedViT
 
 
 def test_val_split_is_seeded_and_disjoint_from_train():
@@ -60,3 +66,30 @@ def test_a_split_over_the_memory_budget_streams_the_same_pixels(image_folder_224
     assert torch.equal(streamed.images[4:9], decoded.images[4:9])
     for mine, theirs in zip(streamed.batches(5, workers=2), decoded.batches(5), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_streamed_tar_prefetches_ahead_and_pickles_without_open_files(data_dir):
+    decoded = load_split("cifar10", "val", data_dir, limit=32)
+    streamed = load_split("cifar10", "val", data_dir, limit=32, memory_budget_mb=0.01)
+    streamed.images.prefetch([4, 9])
+    assert set(streamed.images._pending) == {4, 9}  # queued on the reader thread before anyone asks
+    assert torch.equal(streamed.images[[9, 1, 4]], decoded.images[[9, 1, 4]]) and not streamed.images._pending
+    copy = pickle.loads(pickle.dumps(streamed.images))  # the tar it has open stays behind; the copy reopens it
+    assert torch.equal(copy[[3, 30]], decoded.images[[3, 30]])
+
+
+def test_streamed_and_decoded_engines_give_identical_observations(data_dir):
+    """What the agents see does not depend on whether the server streams its images."""
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2,
+                            embed_dim=48, num_heads=3).eval()
+    config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
+    runs = []
+    for budget in (None, 0.01):
+        split = load_split("cifar10", "val", data_dir, limit=32, memory_budget_mb=budget)
+        engine = PruningEngine(StagedViT(vit, (1,)), config, split.images, split.labels, 0.5, "merge")
+        env = TokenPruningEnv({"server": engine, "problem": {"images_per_env": 4, "prune_points": [1]}})
+        runs.append([env.reset(seed=3)[0], env.reset()[0], env.reset()[0]])  # the later two were read ahead
+    for streamed, decoded in zip(*runs, strict=True):
+        for agent in streamed:
+            for key in ("tokens", "live"):
+                np.testing.assert_array_equal(streamed[agent][key], decoded[agent][key])

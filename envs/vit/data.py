@@ -25,10 +25,13 @@ pixels from the files on demand, and :meth:`ImageSplit.batches` reads ahead with
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,19 +52,57 @@ class DataError(RuntimeError):
 
 class StreamedImages(torch.utils.data.Dataset):
     """A split's images read from their files on demand. ``images[i]`` is uint8 ``[3, S, S]`` and
-    ``images[indices]`` uint8 ``[n, 3, S, S]``, the same pixels as the decoded tensor would hold."""
+    ``images[indices]`` uint8 ``[n, 3, S, S]``, the same pixels as the decoded tensor would hold.
 
-    def __init__(self, raw, indices: np.ndarray, input_size: int):
-        self.raw, self.indices, self.input_size = raw, indices, input_size
+    :meth:`prefetch` decodes images a caller will ask for next in a background thread. That thread is the
+    only one that reads the files (lookups of other images queue there too), because the data set readers
+    (a tar file, say) are not safe to share across threads. ``open_raw`` opens the data set; each process
+    opens its own, so the object pickles (to a Ray actor, a DataLoader worker) without open files.
+    """
+
+    PREFETCHED_LIMIT = 4096  # prefetched images kept waiting at most; the oldest are dropped first
+
+    def __init__(self, open_raw: Callable[[], Any], indices: np.ndarray, input_size: int):
+        self.open_raw, self.indices, self.input_size = open_raw, indices, input_size
+        self._raw = None
+        self._pending: dict[int, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_pid = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_raw": None, "_pending": {}, "_reader": None, "_reader_pid": 0}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(index, int | np.integer):
-            return _decode(self.raw, self.indices[[index]], self.input_size)[0]
+            return self[[int(index)]][0]
         rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
-        return _decode(self.raw, self.indices[rows], self.input_size)
+        futures = [self._pending.pop(int(row), None) or self._read(int(row)) for row in rows.reshape(-1)]
+        if not futures:
+            return torch.empty((0, 3, self.input_size, self.input_size), dtype=torch.uint8)
+        return torch.cat([future.result() for future in futures])
+
+    def prefetch(self, rows: Sequence[int]) -> None:
+        """Start decoding these images now, so that a later ``images[rows]`` finds them ready."""
+        for row in rows:
+            if int(row) not in self._pending:
+                self._pending[int(row)] = self._read(int(row))
+        while len(self._pending) > self.PREFETCHED_LIMIT:
+            self._pending.pop(next(iter(self._pending)))
+
+    def _read(self, row: int) -> Future:
+        if self._reader is None or self._reader_pid != os.getpid():  # a forked process has no reader thread
+            self._reader, self._reader_pid, self._raw = ThreadPoolExecutor(max_workers=1), os.getpid(), None
+            self._pending = {}
+        return self._reader.submit(self._decode_row, row)
+
+    def _decode_row(self, row: int) -> torch.Tensor:
+        """In the reader thread: one image ``[1, 3, S, S]``."""
+        if self._raw is None:
+            self._raw = self.open_raw()
+        return _decode(self._raw, self.indices[[row]], self.input_size)
 
 
 @dataclass(frozen=True)
@@ -195,7 +236,8 @@ def load_split(
     root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if not root.exists() and not (download and dataset != "folder"):
         raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
-    raw = _open_raw_split(dataset, root, "test" if split == "test" else "train", download)
+    open_raw = functools.partial(_open_raw_split, dataset, root, "test" if split == "test" else "train")
+    raw = open_raw(download)
     labels = _labels(raw)
     if split == "test":
         indices = np.arange(len(labels))
@@ -205,5 +247,5 @@ def load_split(
         indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
     decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
     images = (_decode(raw, indices, input_size) if decoded_mb <= (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
-              else StreamedImages(raw, indices, input_size))
+              else StreamedImages(functools.partial(open_raw, False), indices, input_size))
     return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
