@@ -158,8 +158,9 @@ def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, en
         .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
                                                                         initial_states=initial_states or {}))
         .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
-                    custom_evaluation_function=functools.partial(validate_on_server, server_name=VAL_SERVER,
-                                                                 model_config={"hidden": problem.hidden}))
+                    custom_evaluation_function=functools.partial(
+                        validate_on_server, server_name=VAL_SERVER, model_config={"hidden": problem.hidden},
+                        steps_per_image=len(problem.prune_points)))
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
                          delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
         .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
@@ -228,17 +229,21 @@ def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -
                                                 inference_only=True)
 
 
-def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str,
-                       model_config: dict) -> tuple[dict[str, float], int, int]:
+def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, model_config: dict,
+                       steps_per_image: int) -> tuple[dict[str, float], int, int]:
     """RLlib's custom evaluation: the learner's current weights, scored by the ViT server that holds the
     validation images in the deterministic modes that evaluate.py reports (``PruningEngine.validate``); every
-    validation image counts, every time. The scores land in the results under ``evaluation``."""
+    validation image counts, every time. The scores land in the results under ``evaluation``. The step counts
+    returned are what stepping those images through the env would have been: one env step per pruning point
+    and image, one agent step per policy in each."""
     server = ray.get_actor(server_name, namespace=NAMESPACE)
-    weights = algorithm.learner_group.get_weights(module_ids=list(algorithm.config.policies))
+    policies = list(algorithm.config.policies)
+    weights = algorithm.learner_group.get_weights(module_ids=policies)
     metrics = ray.get(server.validate.remote(weights, model_config))
     for name, value in metrics.items():
         algorithm.metrics.log_value((EVALUATION_RESULTS, name), value, reduce="item")
-    return metrics, 0, 0
+    env_steps = ray.get(server.spec.remote()).num_images * steps_per_image
+    return metrics, env_steps, env_steps * len(policies)
 
 
 def duration(seconds: float) -> str:
