@@ -23,7 +23,7 @@ def start_training(tmp_path, tiny_backbone, data_dir, *extra) -> subprocess.Pope
     command = [sys.executable, str(REPO / "train.py"), "--backbone", str(tiny_backbone), "--data-dir", str(data_dir),
                "--train-limit", "128", "--val-limit", "16", "--prune-points", "1,2,3", "--images-per-env", "4",
                "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
-               "--num-cpus", "3", "--output-dir", str(tmp_path / "run"), *extra]
+               "--num-cpus", "4", "--output-dir", str(tmp_path / "run"), *extra]
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

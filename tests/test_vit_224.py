@@ -1,8 +1,8 @@
-"""224-px timm ViTs end to end on a generated ImageFolder (``dataset folder``): backbone.py trains each,
-train.py trains the agents on the DeiT one, evaluate.py scores that policy on every backbone against the
-heuristics. Tiny widths and depths keep it to seconds per model on a CPU; the geometry (16-px patches,
-196 tokens, prefix tokens, heads) is the real one. Training and one evaluation stream the images from the
-files (a memory budget below the data set's size), and streaming gives the same table as decoding."""
+"""224-px timm ViTs end to end on a generated ImageFolder (``dataset folder``): for each kind of ViT,
+backbone.py trains it, train.py trains the agents on it, evaluate.py scores them against the heuristics.
+Tiny widths and depths keep it to seconds per model on a CPU; the geometry (16-px patches, 196 tokens,
+prefix tokens, heads) is the real one. Training and one evaluation stream the images from the files (a
+memory budget below the data set's size), and streaming gives the same table as decoding."""
 
 import json
 from pathlib import Path
@@ -27,38 +27,25 @@ def data_flags(folder: Path) -> list[str]:
     return ["--dataset", "folder", "--data-dir", str(folder), "--val-size", "6"]
 
 
-def train_backbone(variant: str, folder: Path, output: Path) -> Path:
-    model, extra = MODELS[variant]
-    assert backbone.main(["--model", model, "--model-kwargs", *TINY_224, *extra, *data_flags(folder),
-                          "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
-                          "--output-dir", str(output)]) == 0
-    config = json.loads((output / "backbone" / "config.json").read_text())
-    assert config["input_size"] == 224 and config["class_names"] == ["ant", "bee", "cat"]
-    return output / "backbone"
-
-
-@pytest.fixture(scope="module")
-def deit_policy(image_folder_224, tmp_path_factory) -> Path:
-    """A policy checkpoint trained by train.py (one iteration) on the tiny distilled DeiT."""
-    root = tmp_path_factory.mktemp("deit_policy")
-    deit = train_backbone("deit_distilled", image_folder_224, root / "backbone")
-    assert train.main(["--backbone", str(deit), *data_flags(image_folder_224), "--prune-points", "1,2",
-                       "--val-limit", "6", "--images-per-env", "2", "--warm-start", "none", "--iterations", "1",
-                       "--checkpoint-every", "1", "--num-workers", "0", "--train-batch-size-per-learner", "16",
-                       "--minibatch-size", "16", "--num-epochs", "1", "--num-cpus", "2",
-                       "--memory-budget-mb", STREAM, "--output-dir", str(root / "run")]) == 0
-    return latest_checkpoint(root / "run")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(MODELS))
-def test_224px_backbone_trains_and_the_policy_evaluates_on_it(variant, deit_policy, image_folder_224, tmp_path):
-    policy_backbone = deit_policy.parent.parent.parent / "backbone" / "backbone"
-    backbone_dir = (policy_backbone if variant == "deit_distilled"
-                    else train_backbone(variant, image_folder_224, tmp_path / "backbone"))
+def test_224px_vit_trains_and_evaluates(variant, image_folder_224, tmp_path):
+    model, extra = MODELS[variant]
+    assert backbone.main(["--model", model, "--model-kwargs", *TINY_224, *extra, *data_flags(image_folder_224),
+                          "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                          "--output-dir", str(tmp_path / "backbone")]) == 0
+    config = json.loads((tmp_path / "backbone" / "backbone" / "config.json").read_text())
+    assert config["input_size"] == 224 and config["class_names"] == ["ant", "bee", "cat"]
+
+    assert train.main(["--backbone", str(tmp_path / "backbone" / "backbone"), *data_flags(image_folder_224),
+                       "--prune-points", "1,2", "--val-limit", "6", "--images-per-env", "2", "--warm-start", "none",
+                       "--iterations", "1", "--checkpoint-every", "1", "--num-workers", "0",
+                       "--train-batch-size-per-learner", "16", "--minibatch-size", "16", "--num-epochs", "1",
+                       "--num-cpus", "2", "--memory-budget-mb", STREAM, "--output-dir", str(tmp_path / "run")]) == 0
+
     def evaluation(*extra: str) -> dict[str, dict]:
         output = tmp_path / f"results{len(extra)}"
-        assert evaluate.main(["--checkpoint", str(deit_policy), "--backbone", str(backbone_dir), "--data-dir",
+        assert evaluate.main(["--checkpoint", str(latest_checkpoint(tmp_path / "run")), "--data-dir",
                               str(image_folder_224), "--budgets", "0.5", "--no-speed", "--output-dir", str(output),
                               *extra]) == 0
         return {row["method"]: row for row in json.loads((output / "results.json").read_text())["rows"]}
