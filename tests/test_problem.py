@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +18,6 @@ from envs.problem import (
 )
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def test_json_round_trip_is_exact():
     problem = PruningProblem(prune_points=(2, 5), target_ratio=0.3, reduction="drop", agents="similarity",
@@ -30,9 +27,24 @@ def test_json_round_trip_is_exact():
     assert json.loads(text)["prune_points"] == [2, 5] and json.loads(text)["ppo"]["lr"] == 3e-4
 
 
-def test_the_committed_reference_policy_reads_in_its_older_layout():
-    config = json.loads((REPO / "reference" / "marl_policy" / "pruning_config.json").read_text())
-    assert "problem" not in config
+LEGACY_CONFIG = {  # pruning_config.json of the reference policy committed before PruningProblem existed
+    "server": {"backbone": "reference/vit_tiny_cifar10", "dataset": "cifar10", "data_dir": "../shared/data",
+               "split": "train", "limit": None, "val_size": 5000, "split_seed": 0, "prune_points": [3, 6, 9],
+               "target_ratio": 0.5, "reduction": "merge", "max_batch": 256, "max_wait_ms": None, "num_gpus": 0.0,
+               "num_cpus": 1.0, "torch_threads": 1, "max_restarts": 5},
+    "val_limit": 1000,
+    "env": {"agents": "both", "images_per_env": 8, "agree_weight": 1.0, "prob_weight": 1.0, "budget_weight": 2.0},
+    "model_config": {"hidden": 64},
+    "warm_start": "greedy",
+    "ppo": {"lr": 0.0001, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0, "num_epochs": 4,
+            "minibatch_size": 128, "train_batch_size_per_learner": 256, "vf_loss_coeff": 0.5, "use_kl_loss": False,
+            "grad_clip": 1.0},
+    "checkpoint_every": 5, "seed": 0, "iteration": 45, "val_score": 1.5173502493184088,
+}
+
+
+def test_the_former_reference_policy_reads_in_its_older_layout():
+    config = LEGACY_CONFIG
     problem = PruningProblem.from_legacy_json(config)
     assert problem.backbone_path == REFERENCE_BACKBONE
     assert (problem.prune_points, problem.target_ratio, problem.reduction) == ((3, 6, 9), 0.5, "merge")
