@@ -45,16 +45,19 @@ def wait_for(predicate, job: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def kill_ray_processes(title: str, session: int) -> int:
-    """SIGKILL the processes of this job's Ray session whose title starts with ``title`` (e.g. ray::ViTServer)."""
+def ray_processes(title: str, session: int) -> set[int]:
+    """PIDs of this job's Ray session whose title starts with ``title`` (e.g. ray::ViTServer)."""
     listing = subprocess.run(["ps", "-eo", "pid=,sess=,args="], capture_output=True, text=True).stdout
-    killed = 0
-    for line in listing.splitlines():
-        pid, sess, args = line.split(None, 2)
-        if int(sess) == session and args.startswith(title):
-            os.kill(int(pid), signal.SIGKILL)
-            killed += 1
-    return killed
+    return {int(pid) for pid, sess, args in (line.split(None, 2) for line in listing.splitlines())
+            if int(sess) == session and args.startswith(title)}
+
+
+def kill_ray_processes(title: str, session: int) -> set[int]:
+    """SIGKILL those processes; returns their PIDs."""
+    pids = ray_processes(title, session)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def finish(job: subprocess.Popen) -> str:
@@ -64,19 +67,23 @@ def finish(job: subprocess.Popen) -> str:
 
 
 def test_env_runner_killed_mid_training(tmp_path, tiny_backbone, data_dir):
-    job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "2", "--iterations", "8")
+    job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "2", "--iterations", "12")
     wait_for(lambda: len(rows(tmp_path)) >= 1, job)
-    assert kill_ray_processes("ray::MultiAgentEnvRunner", os.getsid(job.pid)) >= 1
+    session = os.getsid(job.pid)
+    killed = kill_ray_processes("ray::MultiAgentEnvRunner", session)
+    assert killed
+    # the lost runners are replaced: RLlib recreates them, or Ray restarts them before RLlib notices (then
+    # RLlib's restart counter stays 0), depending on when the kill lands
+    wait_for(lambda: len(ray_processes("ray::MultiAgentEnvRunner", session) - killed) >= len(killed), job)
     finish(job)
     done = rows(tmp_path)
-    assert [int(float(r["training_iteration"])) for r in done] == list(range(1, 9))
-    assert float(done[-1]["fault_tolerance/num_remote_worker_restarts"]) >= 1  # the lost runner was replaced
+    assert [int(float(r["training_iteration"])) for r in done] == list(range(1, 13))
 
 
 def test_vit_server_killed_mid_training(tmp_path, tiny_backbone, data_dir):
     job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "1", "--iterations", "5")
     wait_for(lambda: len(rows(tmp_path)) >= 1, job)
-    assert kill_ray_processes("ray::ViTServer", os.getsid(job.pid)) >= 1
+    assert kill_ray_processes("ray::ViTServer", os.getsid(job.pid))
     finish(job)
     assert len(rows(tmp_path)) == 5
 
