@@ -199,8 +199,9 @@ def start_ray(args: argparse.Namespace) -> None:
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         ray.init(address=args.address, runtime_env=runtime_env, **quiet)
     else:
-        servers = args.servers or max(1, torch.cuda.device_count())
-        reserved = servers * args.server_threads + args.num_workers  # each env runner reserves one CPU
+        placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(),
+                                   torch.cuda.is_available())
+        reserved = placement.servers * placement.server_cpus + args.num_workers  # one CPU per env runner
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved),
                  include_dashboard=False, **quiet)
 
@@ -211,10 +212,11 @@ def train_server_names(count: int) -> list[str]:
 
 
 def server_settings(problem: PruningProblem, threads: int, access: dict | None = None) -> dict[str, ServerSettings]:
-    """Servers on the train split for sampling, one on a val subset for checkpoint selection. The validation
-    server reserves no CPU: it works between sampling rounds, when the env runners wait."""
-    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_cpus=threads,
-                           torch_threads=threads, **(access or {}))
+    """Servers on the train split for sampling, one on a val subset for checkpoint selection; their resources
+    come from the :class:`Placement`. The validation server reserves no CPU: it works between sampling
+    rounds, when the env runners wait."""
+    train = ServerSettings(problem, split="train", limit=problem.train_limit, torch_threads=threads,
+                           **(access or {}))
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
 
 
@@ -332,7 +334,8 @@ def train(args: argparse.Namespace) -> Path:
     if checkpoint is None and problem.warm_start != "none":
         initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER],
                                            Path(args.output_dir).resolve() / "warm_start")
-    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus),
+    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus,
+                                          num_cpus=placement.server_cpus),
                                   train_server_names(placement.servers), inputs[TRAIN_SERVER]),
                start_vit_server(replace(settings[VAL_SERVER], num_gpus=placement.server_gpus), VAL_SERVER,
                                 inputs[VAL_SERVER])]

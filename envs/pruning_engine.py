@@ -98,7 +98,7 @@ class PruningEngine:
             logits = self.staged(inputs[todo])
             self._full_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
 
-    def _inputs(self, indices: list[int] | slice) -> torch.Tensor:
+    def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
         return normalize(self.images[indices].to(self.device), self.config)
 

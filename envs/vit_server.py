@@ -214,13 +214,14 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
     """
     inputs = inputs or load_server_inputs(settings)
     refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
+    actor_class = ray.remote(ViTServer)
     servers = []
     for name in names:
         _PINNED[name] = refs
-        actor_class = ray.remote(ViTServer).options(
+        servers.append(actor_class.options(
             name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
-            max_restarts=settings.max_restarts, max_concurrency=1000)
-        servers.append(actor_class.remote(refs[0], inputs.config, refs[1], refs[2], settings))
+            max_restarts=settings.max_restarts, max_concurrency=1000,
+        ).remote(refs[0], inputs.config, refs[1], refs[2], settings))
     ray.get([server.spec.remote() for server in servers])
     return servers
 
