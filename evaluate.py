@@ -1,7 +1,7 @@
 """Evaluate trained token-pruning policies against baselines; print and save the results table.
 
     python evaluate.py --data-dir ../shared/data                   # the committed policy, test split
-    python evaluate.py --checkpoint runs/marl/checkpoints/iter_000060 --split val --limit 2000 --no-speed
+    python evaluate.py --checkpoint runs/marl/target_ratio=0.5/checkpoint_000005 --split val --limit 2000 --no-speed
 
 No Ray cluster: only the policy modules are loaded from the checkpoint (from its export, safetensors and
 JSON, when it has one: ``policies.export``), and each row's pruned ViT (``policies.pruned_vit.PrunedViT``)

@@ -1,45 +1,49 @@
-"""Train the attention and similarity agents with RLlib PPO (new API stack).
+"""Train the attention and similarity agents with RLlib PPO (new API stack), run by Ray Tune.
 
     python train.py --data-dir ../shared/data                    # default run: 18 min of training
+    python train.py --target-ratio 0.3,0.5,0.7                   # a sweep: one trial per budget
     python train.py --num-workers 4 --time-budget 0 --iterations 2000   # longer, more env runners
-    python train.py --address auto --num-workers 16              # on a running Ray cluster
-    python train.py --output-dir runs/marl --resume              # continue from the latest checkpoint
+    python train.py --address auto --num-workers 16 --output-dir s3://bucket/runs/marl   # a Ray cluster
+    python train.py --output-dir runs/marl --resume              # continue every trial of a run
 
-Sampling uses the ``train`` split; every ``--checkpoint-every`` iterations the policies are scored in the
-modes evaluate.py reports (exact budget and per-image counts) on a fixed subset of the ``val`` split, and
-the checkpoint with the best exact-budget accuracy is recorded in ``best.json``.
-The test split is never read here. ``python train.py --help`` lists every setting of the pruning problem
-(``envs/problem.py``) with its doc.
+Each trial is one PPO run on one pruning problem, with its own ViT servers; a number setting given several
+comma-separated values (``--target-ratio 0.3,0.5``) makes one trial per combination, run in parallel when
+the cluster has room. Sampling uses the ``train`` split; every ``--checkpoint-every`` iterations and at the
+end the policies are scored in the modes evaluate.py reports (exact budget and per-image counts) on a fixed
+subset of the ``val`` split, and a checkpoint is written; Tune keeps the best ``--keep-checkpoints`` by the
+exact-budget accuracy (and the latest), retries a failed trial from its latest checkpoint, and logs every
+result (``progress.csv``, ``result.json``, TensorBoard) in the trial's directory under ``--output-dir``.
+It ends naming each trial's best checkpoint and the command that evaluates it. The test split is never read
+here. ``python train.py --help`` lists every setting of the pruning problem (``envs/problem.py``) with its doc.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import json
 import logging
-import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-from ray.rllib.algorithms.ppo import PPOConfig
+from ray import tune
+from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
-from ray.tune.utils import flatten_dict
 
-from cli import OneLineParser, add_data_access_arguments, data_access, non_negative_int, positive_int, versions_line
+from cli import OneLineParser, add_data_access_arguments, data_access, non_negative_int, positive_int
 from envs.episode_metrics import PruningMetrics
-from envs.problem import PruningProblem, add_problem_arguments, problem_from_args
-from envs.pruning_engine import EngineSpec
+from envs.problem import PruningProblem, add_problem_arguments, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
 from envs.vit.backbone_checkpoint import CheckpointError, normalize
 from envs.vit.data import DataError
@@ -49,56 +53,65 @@ from envs.vit_server import (
     ServerSettings,
     load_server_inputs,
     staged_from_weights,
-    start_vit_server,
     start_vit_servers,
 )
 from policies.checkpoints import (
     CheckpointInfo,
     PolicyCheckpointError,
     check_policies,
-    latest_checkpoint,
-    list_checkpoints,
     load_policies,
     read_checkpoint_info,
-    remove_old_checkpoints,
-    write_checkpoint,
+    stage_checkpoint,
+    trial_checkpoints,
 )
 from policies.decisions import initial_logit_bias
 from policies.rl_module import TokenPolicyModule
-from policies.warm_start import IMITATION_IMAGES, warm_start_similarity
+from policies.warm_start import warm_start_similarity
 
 REPO = Path(__file__).resolve().parent
 TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
+SCORE = "val_score"  # the reported metric checkpoints are ranked by: see validation_score
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--num-workers", type=non_negative_int, default=1,
-                     help="env runners (0 = sample in the driver, for debugging)")
+                     help="env runners per trial (0 = sample in the trial's own process, for debugging)")
     run.add_argument("--envs-per-worker", type=positive_int, default=1)
-    run.add_argument("--iterations", type=positive_int, default=1000, help="stop after this many iterations in total")
+    run.add_argument("--iterations", type=positive_int, default=1000,
+                     help="stop a trial after this many iterations in total (raise it on --resume to go on)")
     run.add_argument("--time-budget", type=float, default=18.0, metavar="MINUTES",
-                     help="stop (with a checkpoint) after the iteration that passes this much training time; "
-                          "0 = no limit (default 18, so the default run fits in ~20 min)")
-    run.add_argument("--output-dir", default="runs/marl")
-    run.add_argument("--keep-checkpoints", type=positive_int, default=3)
-    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                     help="continue the run in --output-dir (or from the given checkpoint directory)")
+                     help="stop a trial (with a checkpoint) after the iteration that passes this much training "
+                          "time since it (re)started; 0 = no limit (default 18, so the default run fits in ~20 min)")
+    run.add_argument("--output-dir", default="runs/marl",
+                     help="the run's directory, local or a cloud URI (s3://, gs://): a cluster needs no shared disk")
+    run.add_argument("--keep-checkpoints", type=positive_int, default=3,
+                     help="checkpoints kept per trial: the best by validation score, and always the latest")
+    run.add_argument("--max-failures", type=non_negative_int, default=2,
+                     help="times a failed trial is restarted from its latest checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue every trial of the run in --output-dir from its latest checkpoint, with its "
+                          "problem and resources; --iterations and --time-budget are taken from this command")
+    run.add_argument("--from-checkpoint", default=None, metavar="CHECKPOINT",
+                     help="start a new run from a checkpoint: its problem, weights, optimiser state and iteration "
+                          "count (e.g. to go on with more env runners)")
     run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
     run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
     run.add_argument("--num-cpus", type=positive_int, default=None,
-                     help="CPUs of a local Ray instance (default: this machine's; raised to what the servers and "
-                          "env runners reserve)")
+                     help="CPUs of a local Ray instance (default: this machine's; raised to what one trial "
+                          "reserves)")
     run.add_argument("--servers", type=positive_int, default=None,
-                     help="ViT servers the env runners are spread over, by runner index (default: one per GPU "
-                          "of the cluster, one without GPUs)")
+                     help="ViT servers per trial, the env runners spread over them by index (default: one per "
+                          "GPU of the cluster, one without GPUs)")
     run.add_argument("--server-threads", type=positive_int, default=1,
                      help="torch threads of each ViT server, and the CPUs it reserves")
     add_data_access_arguments(run)
-    add_problem_arguments(p, "pruning problem (taken from the checkpoint on --resume)")
+    add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume)")
     return p
 
+
+# -- where things run --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Placement:
@@ -113,17 +126,18 @@ class Placement:
     def describe(self, num_workers: int) -> str:
         """One line for the console."""
         device = f"{self.server_gpus:g} GPU" if self.server_gpus else f"{self.server_cpus:g} CPU"
-        learner = "a learner actor" if self.learner_actor else "the driver"
+        learner = "a learner actor" if self.learner_actor else "the trial's process"
         learner += f" ({self.learner_gpus:g} GPU)" if self.learner_gpus else " (CPU)"
-        return (f"placement: {num_workers} env runner(s) over {self.servers} ViT server(s) of {device} each, "
-                f"one validation server, the learner in {learner}")
+        return (f"placement per trial: {num_workers} env runner(s) over {self.servers} ViT server(s) of {device} "
+                f"each, one validation server, the learner in {learner}")
 
 
 def plan_placement(servers: int | None, server_threads: int, cluster_gpus: float, driver_has_gpu: bool) -> Placement:
-    """Without GPUs everything runs on CPUs, the learner in the driver. With GPUs there is one server per GPU
-    unless ``servers`` says otherwise; the learner takes half a GPU: in the driver when the driver has one,
-    else as a learner actor that Ray places on a GPU node (RLlib's device check fails on a GPU-less driver
-    asked for GPUs). The servers, the validation one included, share what the learner leaves."""
+    """Without GPUs everything runs on CPUs, the learner in the trial's process. With GPUs there is one server
+    per GPU unless ``servers`` says otherwise; the learner takes half a GPU: in the trial's process when the
+    machine that starts it has one, else as a learner actor that Ray places on a GPU node (RLlib's device check
+    fails on a GPU-less process asked for GPUs). The servers, the validation one included, share what the
+    learner leaves."""
     if cluster_gpus < 1:
         return Placement(servers or 1, 0.0, server_threads, False, 0.0)
     count = servers or int(cluster_gpus)
@@ -132,57 +146,57 @@ def plan_placement(servers: int | None, server_threads: int, cluster_gpus: float
     return Placement(count, share, server_threads, not driver_has_gpu, 0.5)
 
 
-def build_config(problem: PruningProblem, spec: EngineSpec, num_workers: int, envs_per_worker: int,
-                 placement: Placement, initial_states: dict[str, Path] | None = None) -> PPOConfig:
-    """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings.
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial runs with; stored in the trial's config, so that ``--resume`` keeps it."""
 
-    ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start).
-    """
-    env_config = {"problem": problem.to_json(), "server_name": train_server_names(placement.servers),
-                  "seed": problem.seed}
-    policies = trained_policies(problem.agents)
-    module_specs = {  # spaces come from the env, per policy
-        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
-            "hidden": problem.hidden,
-            "init_logit_bias": initial_logit_bias(policy, problem.agents, problem.target_ratio, problem.warm_start)})
-        for policy in policies}
-    return (
-        PPOConfig()
-        .environment(TokenPruningEnv, env_config=env_config, disable_env_checking=True)
-        .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent, count_steps_by="agent_steps")
-        .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
-        .env_runners(num_env_runners=num_workers, num_envs_per_env_runner=envs_per_worker,
-                     rollout_fragment_length="auto", num_cpus_per_env_runner=1, sample_timeout_s=600.0)
-        .learners(num_learners=int(placement.learner_actor), num_gpus_per_learner=placement.learner_gpus)
-        .training(**asdict(problem.ppo))
-        .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
-                                                                        initial_states=initial_states or {}))
-        .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
-                    custom_evaluation_function=functools.partial(
-                        validate_on_server, server_name=VAL_SERVER, model_config={"hidden": problem.hidden},
-                        steps_per_image=len(problem.prune_points)))
-        .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
-                         delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
-        .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
-    )
+    num_workers: int
+    envs_per_worker: int
+    placement: Placement
+
+    def to_json(self) -> dict:
+        return {"num_workers": self.num_workers, "envs_per_worker": self.envs_per_worker,
+                "placement": asdict(self.placement)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrialResources:
+        return cls(data["num_workers"], data["envs_per_worker"], Placement(**data["placement"]))
 
 
-def resolve_start(args: argparse.Namespace) -> tuple[Path | None, PruningProblem]:
-    """Which checkpoint to continue from (if any) and the problem definition to use."""
-    out = Path(args.output_dir)
-    existing = list_checkpoints(out)
-    if args.resume is None:
-        if (existing or (out / "progress.csv").exists()) and not args.overwrite:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        return None, problem_from_args(args)
-    checkpoint = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-    if checkpoint is None:
-        raise ValueError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
-    return checkpoint, read_checkpoint_info(checkpoint).problem
+def trial_resources(resources: TrialResources) -> tune.PlacementGroupFactory:
+    """The trial's placement group: RLlib's request for PPO (the trial's process with its learner, the env
+    runners, a learner actor), then one bundle per sampling server and, with GPUs, one for the validation
+    server (:func:`server_bundles`). Without GPUs the validation server reserves nothing: it works between
+    sampling rounds, when the env runners wait."""
+    rllib = PPO.default_resource_request(with_resources(PPOConfig(), resources))
+    placement = resources.placement
+    servers = [{"CPU": placement.server_cpus, "GPU": placement.server_gpus}] * placement.servers
+    if placement.server_gpus:
+        servers.append({"GPU": placement.server_gpus})
+    return tune.PlacementGroupFactory([*rllib.bundles, *servers], strategy=rllib.strategy)
 
 
-def start_ray(args: argparse.Namespace) -> None:
-    """A local Ray instance, or the cluster at --address with this repo shipped to every node.
+def server_bundles(resources: TrialResources) -> tuple[list[int], int]:
+    """The bundles of :func:`trial_resources` the sampling servers take, and the validation server's (the
+    trial process's own, 0, when it reserves nothing). RLlib puts each env runner in a bundle of its own, so
+    a server must not take one of those."""
+    total, placement = len(trial_resources(resources).bundles), resources.placement
+    first = total - placement.servers - (1 if placement.server_gpus else 0)
+    return list(range(first, first + placement.servers)), first + placement.servers if placement.server_gpus else 0
+
+
+def with_resources(config: PPOConfig, resources: TrialResources) -> PPOConfig:
+    """``config`` with the trial's env runners and learner placed."""
+    return (config
+            .env_runners(num_env_runners=resources.num_workers, num_envs_per_env_runner=resources.envs_per_worker,
+                         num_cpus_per_env_runner=1)
+            .learners(num_learners=int(resources.placement.learner_actor),
+                      num_gpus_per_learner=resources.placement.learner_gpus))
+
+
+def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
+    """A local Ray instance with at least the CPUs one trial reserves, or the cluster at --address with this
+    repo shipped to every node.
 
     The console shows our progress lines and Ray's errors: worker and actor output reaches the terminal
     (a crashing env runner or server prints its traceback), while Ray's and RLlib's own warnings, all
@@ -192,29 +206,66 @@ def start_ray(args: argparse.Namespace) -> None:
     """
     quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR"),
              "log_to_driver": True}
-    for logger in ("ray", "ray.rllib"):  # RLlib's logger has a level of its own
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    quiet_ray_loggers()
     if args.address:
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         ray.init(address=args.address, runtime_env=runtime_env, **quiet)
     else:
-        placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(),
-                                   torch.cuda.is_available())
-        reserved = placement.servers * placement.server_cpus + args.num_workers  # one CPU per env runner
-        ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved),
+        ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, **quiet)
 
 
-def train_server_names(count: int) -> list[str]:
+def quiet_ray_loggers() -> None:
+    """Ray's, RLlib's and Tune's own warnings to the session logs (start_ray says which), in this process;
+    Tune's progress tables off (its legacy reporter, silent at ``verbose=0``: the new one prints tables even
+    then); our progress lines are the console."""
+    for logger in ("ray", "ray.rllib", "ray.tune"):  # RLlib's and Tune's loggers have levels of their own
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+# -- one trial: RLlib's PPO on one problem ------------------------------------------------------------------
+
+def train_server_names(prefix: str, count: int) -> list[str]:
     """The sampling servers' actor names."""
-    return [f"{TRAIN_SERVER}_{index}" for index in range(count)]
+    return [f"{TRAIN_SERVER}{prefix}_{index}" for index in range(count)]
+
+
+def build_config(problem: PruningProblem, resources: TrialResources, train_servers: list[str], val_server: str,
+                 initial_states: dict[str, Path] | None = None) -> PPOConfig:
+    """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings.
+
+    ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start).
+    """
+    env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed}
+    policies = trained_policies(problem.agents)
+    module_specs = {  # spaces come from the env, per policy
+        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
+            "hidden": problem.hidden,
+            "init_logit_bias": initial_logit_bias(policy, problem.agents, problem.target_ratio, problem.warm_start)})
+        for policy in policies}
+    return (
+        with_resources(PPOConfig(), resources)
+        .environment(TokenPruningEnv, env_config=env_config, disable_env_checking=True)
+        .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent, count_steps_by="agent_steps")
+        .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
+        .env_runners(rollout_fragment_length="auto", sample_timeout_s=600.0)
+        .training(**asdict(problem.ppo))
+        .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
+                                                                        initial_states=initial_states or {}))
+        .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
+                    custom_evaluation_function=functools.partial(
+                        validate_on_server, server_name=val_server, model_config={"hidden": problem.hidden},
+                        steps_per_image=len(problem.prune_points)))
+        .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
+                         delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
+        .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
+    )
 
 
 def server_settings(problem: PruningProblem, threads: int, access: dict | None = None) -> dict[str, ServerSettings]:
-    """Servers on the train split for sampling, one on a val subset for checkpoint selection; their resources
-    come from the :class:`Placement`. The validation server reserves no CPU: it works between sampling
-    rounds, when the env runners wait."""
+    """Servers on the train split for sampling, one on a val subset for checkpoint selection."""
     train = ServerSettings(problem, split="train", limit=problem.train_limit, torch_threads=threads,
                            **(access or {}))
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
@@ -248,18 +299,142 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, mo
     return metrics, env_steps, env_steps * len(policies)
 
 
-def duration(seconds: float) -> str:
-    """``3725`` -> ``1h02m``, ``125`` -> ``2m05s``."""
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: Path, trial: str) -> dict[str, Path]:
+    """The warm start (policies/warm_start.py): the similarity module fitted to a heuristic on a seeded
+    subset of the train split, saved under ``directory``; returns ``{"similarity": its path}``."""
+    started = time.time()
+    staged = staged_from_weights(inputs.state, inputs.config, problem.prune_points)
+    chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
+    images = normalize(inputs.images[chosen[:problem.warm_start_images]], inputs.config)
+    model_config = {"hidden": problem.hidden, "init_logit_bias": initial_logit_bias(
+        "similarity", problem.agents, problem.target_ratio, problem.warm_start)}
+    path, agreement = warm_start_similarity(staged, images, problem.target_ratio, problem.reduction,
+                                            problem.warm_start, model_config, directory, problem.seed)
+    print(f"[{trial}] warm start: similarity agent imitates {problem.warm_start} on {len(images)} train images "
+          f"({agreement:.1%} of token decisions match) in {time.time() - started:.0f} s", flush=True)
+    return {"similarity": path}
 
 
-def progress_line(result: dict[str, Any], elapsed: float, remaining: float, images_per_env: int,
-                  validated: bool) -> str:
+@dataclass(frozen=True)
+class StopRule:
+    """When a trial stops; given anew by each command, ``--resume`` included."""
+
+    iterations: int
+    time_budget_min: float  # 0: no limit
+
+
+def validation_score(result: dict[str, Any]) -> float | None:
+    """The score checkpoints are ranked by: top-1 accuracy of the exact-budget mode (``MARL exact``, what
+    ships at the problem's budget) on the validation images."""
+    return result.get(EVALUATION_RESULTS, {}).get("exact_accuracy")
+
+
+def run_trial(config: dict, *, stop: StopRule, access: dict, inputs: dict[str, ServerInputs] | None = None) -> None:
+    """Tune's trainable: one PPO run on one problem with its own ViT servers. It starts from the trial's
+    latest checkpoint when Tune restarts or resumes it, else from ``config["from_checkpoint"]`` or the warm
+    start; it reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
+    checkpoint. ``config["trial"]``: the trial's problem, resources and starting checkpoint (build_tuner);
+    ``inputs``: the servers' weights and images as the driver read them (loaded here if None)."""
+    quiet_ray_loggers()
+    trial = config["trial"]  # this trial's entry of the grid (build_tuner)
+    problem = PruningProblem.from_json(trial["problem"])
+    resources = TrialResources.from_json(trial["resources"])
+    settings = server_settings(problem, int(resources.placement.server_cpus), access)
+    inputs = inputs or {name: load_server_inputs(s) for name, s in settings.items()}
+    placement = resources.placement
+    suffix = f"_{tune.get_context().get_trial_id()}_{uuid.uuid4().hex[:6]}"  # a restarted trial's too
+    names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, placement.servers)}
+    train_bundles, val_bundle = server_bundles(resources)
+    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus,
+                                          num_cpus=placement.server_cpus), names[TRAIN_SERVER], inputs[TRAIN_SERVER],
+                                  train_bundles),
+               *start_vit_servers(replace(settings[VAL_SERVER], num_gpus=placement.server_gpus), [names[VAL_SERVER]],
+                                  inputs[VAL_SERVER], [val_bundle])]
+    try:
+        trial_dir = Path(tune.get_context().get_trial_dir())
+        own = resumable_checkpoints(trial_dir, tune.get_checkpoint())
+        start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
+        initial_states = {}
+        if not own and not start and problem.warm_start != "none":
+            initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER], trial_dir / "warm_start", trial["name"])
+        algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states).build_algo()
+        try:
+            restore_newest(algo, own or start)
+            train_until(algo, problem, stop)
+        finally:
+            algo.stop()
+    finally:
+        for server in servers:
+            ray.kill(server, no_restart=True)
+
+
+def resumable_checkpoints(trial_dir: Path, recorded: tune.Checkpoint | None) -> list[Path]:
+    """What a restarted or resumed trial may go on from, newest first: its checkpoints on this disk (local
+    storage), then the one Tune recorded last when it is elsewhere (cloud storage). The disk comes first
+    because Tune saves its record of a run only every 10 s or more: after a SIGKILL the record can name a
+    checkpoint older than the newest, even one its rotation has deleted since."""
+    found = list(reversed(trial_checkpoints(trial_dir)))
+    if recorded is not None and not Path(recorded.path).is_relative_to(trial_dir):
+        with recorded.as_directory() as directory:  # downloaded, kept for the trial's lifetime
+            found.append(Path(shutil.copytree(directory, tempfile.mkdtemp(prefix="marl_restore_"),
+                                              dirs_exist_ok=True)))
+    return found
+
+
+def restore_newest(algo, checkpoints: list[Path]) -> None:
+    """The whole algorithm state (weights, optimiser, iteration count) from the first of ``checkpoints``
+    that restores (a checkpoint cut short by a crash while it was stored does not), on every runner."""
+    for checkpoint in checkpoints:
+        try:
+            algo.restore_from_path(str(checkpoint.resolve()))
+        except Exception as error:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
+            print(f"cannot restore {checkpoint} ({type(error).__name__}: {error}); trying an older one", flush=True)
+            continue
+        # restore pushes weights to remote runners without waiting; make sure they have them
+        algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True,
+                                           timeout_seconds=60)
+        print(f"resumed from {checkpoint} at iteration {algo.iteration}", flush=True)
+        return
+    if checkpoints:
+        raise PolicyCheckpointError(f"none of {', '.join(map(str, checkpoints))} restores")
+
+
+def train_until(algo, problem: PruningProblem, stop: StopRule) -> None:
+    """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
+    stop (Tune ranks the checkpoints by :data:`SCORE`)."""
+    began, first = time.time(), algo.iteration
+    while algo.iteration < stop.iterations:
+        result = algo.train()
+        validated = algo.iteration % problem.checkpoint_every == 0  # evaluation_interval == checkpoint_every
+        elapsed = time.time() - began
+        out_of_time = stop.time_budget_min > 0 and elapsed > 60 * stop.time_budget_min
+        final = algo.iteration >= stop.iterations or out_of_time
+        if final and not validated:
+            result[EVALUATION_RESULTS] = algo.evaluate()
+        remaining = (stop.iterations - algo.iteration) * elapsed / (algo.iteration - first)
+        if stop.time_budget_min > 0:
+            remaining = max(0.0, min(remaining, 60 * stop.time_budget_min - elapsed))
+        result["progress"] = {"elapsed_s": elapsed, "remaining_s": 0.0 if final else remaining,
+                              "validated": validated or final, "out_of_time": out_of_time}
+        if validated or final:
+            result[SCORE] = validation_score(result)
+            with tempfile.TemporaryDirectory(prefix="marl_checkpoint_") as staging:
+                stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE]))
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(staging))
+        else:
+            tune.report(result)
+        if out_of_time:
+            break
+
+
+# -- the run: trials under Tune -------------------------------------------------------------------------------
+
+def progress_line(result: dict[str, Any], images_per_env: int) -> str:
     """One compact line per iteration; returns are per image (an env episode carries several images);
-    ``remaining``: seconds until --iterations or --time-budget ends the run, whichever comes first."""
+    ``remaining``: time until --iterations or --time-budget ends the trial, whichever comes first."""
     runners = result.get("env_runners", {})
     returns = runners.get("module_episode_returns_mean", {})
+    progress = result["progress"]
     ret = " ".join(f"R/img[{m[:3]}]={v / images_per_env:+.3f}" for m, v in sorted(returns.items()))
     parts = [f"iter {result['training_iteration']:4d}",
              f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}", ret,
@@ -267,182 +442,170 @@ def progress_line(result: dict[str, Any], elapsed: float, remaining: float, imag
              f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
              f"kept {runners.get('keep_ratio', float('nan')):.3f}",
              f"GFLOPs {runners.get('gflops', float('nan')):.4f}",
-             f"{duration(elapsed):>6} elapsed, {duration(remaining):>6} left"]
-    if validated:  # results carry the last validation along; show it only where it ran
-        val = result.get("evaluation", {})
+             f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
+    if progress["validated"]:  # results carry the last validation along; show it only where it ran
+        val = result.get(EVALUATION_RESULTS, {})
         parts.append(f"| val exact {val.get('exact_accuracy', float('nan')):.2f}% "
                      f"adaptive {val.get('adaptive_accuracy', float('nan')):.2f}% "
                      f"(kept {val.get('adaptive_keep_ratio', float('nan')):.3f})")
+    if progress["out_of_time"]:
+        parts.append("| time budget reached")
     return "  ".join(parts)
 
 
-def validation_score(result: dict[str, Any]) -> float | None:
-    """The score checkpoints are selected by: top-1 accuracy of the exact-budget mode (``MARL exact``, what
-    ships at the problem's budget) on the validation images."""
-    return result.get("evaluation", {}).get("exact_accuracy")
+def duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m``, ``125`` -> ``2m05s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
-class MetricsWriter:
-    """Every flattened RLlib result row to CSV (columns fixed by the first row) and TensorBoard.
+class ProgressLines(tune.Callback):
+    """The console: one :func:`progress_line` per trial iteration, led by the trial's name when there are
+    several (Tune's own reporter is off: ``RunConfig(verbose=0)``)."""
 
-    On resume, rows logged after the restored iteration (work lost since that checkpoint) are dropped.
-    """
-
-    def __init__(self, output_dir: Path, iteration: int = 0):
-        from tensorboardX import SummaryWriter
-
-        self.path = output_dir / "progress.csv"
-        self.tb = SummaryWriter(str(output_dir / "tb"))
-        self.columns: list[str] | None = None
-        if self.path.exists():
-            with self.path.open() as f:
-                rows = list(csv.reader(f))
-            self.columns = rows[0] if rows else None
-            if self.columns and "training_iteration" in self.columns:
-                at = self.columns.index("training_iteration")
-                kept = [r for r in rows[1:] if r[at] and float(r[at]) <= iteration]
-                with self.path.open("w", newline="") as f:
-                    csv.writer(f).writerows([self.columns, *kept])
-
-    def write(self, result: dict[str, Any]) -> None:
-        flat = {k: v for k, v in flatten_dict(result, delimiter="/").items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        step = result["training_iteration"]
-        for key, value in flat.items():
-            if math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
-        if self.columns is None:
-            self.columns = sorted(flat)
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([flat.get(c, "") for c in self.columns])
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        problem = PruningProblem.from_json(trial.config["trial"]["problem"])
+        name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
+        print(name + progress_line(result, problem.images_per_env), flush=True)
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run (or continue) training; uses the Ray instance already initialised in this process, if any."""
-    checkpoint, problem = resolve_start(args)
-    settings = server_settings(problem, args.server_threads, data_access(args))
-    inputs = {name: load_server_inputs(s) for name, s in settings.items()}  # bad backbone/data fail here
+def storage_location(output_dir: str) -> tuple[str, str]:
+    """``--output-dir`` as Tune's ``(storage_path, name)``: a cloud URI as it is, a local path made absolute."""
+    if "://" in output_dir:
+        parent, _, name = output_dir.rstrip("/").rpartition("/")
+        return parent, name
+    path = Path(output_dir).expanduser().resolve()
+    return str(path.parent), path.name
+
+
+def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProblem],
+                resources: TrialResources) -> tune.Tuner:
+    """A new run of one trial per problem, or with --resume the run in --output-dir restored: every trial,
+    finished ones too, goes on from its latest checkpoint with the problem and resources it started with."""
+    storage_path, name = storage_location(args.output_dir)
+    trainable = tune.with_resources(trainable, trial_resources(resources))
+    if args.resume:
+        resume = tune.ResumeConfig.ResumeType.RESUME
+        return tune.Tuner.restore(f"{storage_path}/{name}", trainable=trainable,
+                                  _resume_config=tune.ResumeConfig(finished=resume, errored=resume))
+    trials = [{"name": sweep_label(p, problems), "problem": p.to_json(), "resources": resources.to_json(),
+               "from_checkpoint": args.from_checkpoint and str(Path(args.from_checkpoint).resolve())}
+              for p in problems]
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.config["trial"]["name"]),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, verbose=0, callbacks=[ProgressLines()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=args.keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                                    checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures)),
+    )
+
+
+def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], TrialResources]:
+    """The problems and resources of the trials: from the flags (or ``--from-checkpoint``'s problem) for a new
+    run, from the run's own record on --resume. The placement is this machine's guess until Ray is up."""
+    storage_path, name = storage_location(args.output_dir)
+    if args.resume:
+        if args.from_checkpoint:
+            raise ValueError("--resume continues a run; --from-checkpoint starts a new one: pass one of them")
+        if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
+            raise ValueError(f"nothing to resume: no run in {args.output_dir}")
+        trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+        return ([PruningProblem.from_json(t["problem"]) for t in trials],
+                TrialResources.from_json(trials[0]["resources"]))
+    local = Path(storage_path, name) if "://" not in storage_path else None
+    if local is not None and local.exists() and any(local.iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
+                         f"to replace it")
+    problems = ([read_checkpoint_info(Path(args.from_checkpoint)).problem] if args.from_checkpoint
+                else problems_from_args(args))
+    placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
+    return problems, TrialResources(args.num_workers, args.envs_per_worker, placement)
+
+
+DATA_SETTINGS = ("backbone", "dataset", "data_dir", "train_limit", "val_size", "split_seed", "val_limit",
+                 "prune_points")  # the fields of a problem that decide its servers' weights and images
+
+
+def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
+                       resources: TrialResources) -> dict[str, ServerInputs] | None:
+    """The servers' weights and images, read here, so that a bad backbone, data set or ``--from-checkpoint``
+    fails before anything starts, and shipped to the trials through Ray's object store when their problems
+    differ in no :data:`DATA_SETTINGS` (a sweep of the budget); else None: each trial reads its own."""
+    settings = server_settings(problems[0], int(resources.placement.server_cpus), data_access(args))
+    inputs = {name: load_server_inputs(s) for name, s in settings.items()}
+    if args.from_checkpoint:  # a checkpoint of another backbone or feature set fails here, clearly
+        patches = staged_from_weights(inputs[TRAIN_SERVER].state, inputs[TRAIN_SERVER].config,
+                                      problems[0].prune_points).num_patches
+        check_policies(load_policies(args.from_checkpoint)[0], patches, args.from_checkpoint)
+    shared = all(getattr(p, f) == getattr(problems[0], f) for p in problems for f in DATA_SETTINGS)
+    return inputs if shared else None
+
+
+def train(args: argparse.Namespace) -> tune.ResultGrid:
+    """Run (or resume) the trials; uses the Ray instance already initialised in this process, if any."""
+    problems, resources = planned_trials(args)
+    inputs = read_server_inputs(args, problems, resources)
+    if args.overwrite and not args.resume and "://" not in args.output_dir:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    quiet_ray_loggers()
     if not ray.is_initialized():
-        start_ray(args)
-    placement = plan_placement(args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0),
-                               torch.cuda.is_available())
-    print(placement.describe(args.num_workers), flush=True)
-    initial_states = {}
-    if checkpoint is None and problem.warm_start != "none":
-        initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER],
-                                           Path(args.output_dir).resolve() / "warm_start")
-    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus,
-                                          num_cpus=placement.server_cpus),
-                                  train_server_names(placement.servers), inputs[TRAIN_SERVER]),
-               start_vit_server(replace(settings[VAL_SERVER], num_gpus=placement.server_gpus), VAL_SERVER,
-                                inputs[VAL_SERVER])]
-    try:
-        return run_training(args, checkpoint, problem, servers[0], placement, initial_states)
-    finally:
-        for server in servers:
-            ray.kill(server, no_restart=True)
+        placement = resources.placement
+        start_ray(args, 1 + placement.servers * placement.server_cpus + resources.num_workers)
+    if not args.resume:  # the cluster's GPUs decide the placement
+        resources = replace(resources, placement=plan_placement(
+            args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
+    print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
+    trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
+                                     access=data_access(args), inputs=inputs)
+    return build_tuner(args, trainable, problems, resources).fit()
 
 
-def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: Path) -> dict[str, Path]:
-    """The warm start (policies/warm_start.py): the similarity module fitted to a heuristic on a seeded
-    subset of the train split, saved under ``directory``; returns ``{"similarity": its path}``."""
-    started = time.time()
-    staged = staged_from_weights(inputs.state, inputs.config, problem.prune_points)
-    chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
-    images = normalize(inputs.images[chosen[:IMITATION_IMAGES]], inputs.config)
-    model_config = {"hidden": problem.hidden, "init_logit_bias": initial_logit_bias(
-        "similarity", problem.agents, problem.target_ratio, problem.warm_start)}
-    path, agreement = warm_start_similarity(staged, images, problem.target_ratio, problem.reduction,
-                                            problem.warm_start, model_config, directory, problem.seed)
-    print(f"warm start: similarity agent imitates {problem.warm_start} on {len(images)} train images "
-          f"({agreement:.1%} of token decisions match) in {time.time() - started:.0f} s", flush=True)
-    return {"similarity": path}
-
-
-def run_training(args: argparse.Namespace, checkpoint: Path | None, problem: PruningProblem, train_server,
-                 placement: Placement, initial_states: dict[str, Path] | None = None) -> Path:
-    """The PPO loop: train, log, checkpoint every K iterations, record the best on validation."""
-    out = Path(args.output_dir).resolve()
-    spec = ray.get(train_server.spec.remote())
-    config = build_config(problem, spec, args.num_workers, args.envs_per_worker, placement, initial_states)
-    if checkpoint is not None:  # a checkpoint of another backbone or feature set fails here, clearly
-        check_policies(load_policies(checkpoint)[0], spec.num_patches, checkpoint)
-    algo = config.build_algo()
-    if checkpoint is not None:
-        try:
-            algo.restore_from_path(str(checkpoint.resolve()))
-        except Exception as error:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
-            algo.stop()
-            raise PolicyCheckpointError(f"cannot restore {checkpoint}: {type(error).__name__}: {error}") from None
-        # restore pushes weights to remote runners without waiting; make sure they have them
-        algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group,
-                                           inference_only=True, timeout_seconds=60)
-        print(f"resumed from {checkpoint} at iteration {algo.iteration}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out, algo.iteration)
-    best_path = out / "best.json"
-    best = json.loads(best_path.read_text()) if best_path.exists() and checkpoint is not None else None
-    began, first, last = time.time(), algo.iteration, None
-    while algo.iteration < args.iterations:
-        result = algo.train()
-        writer.write(result)
-        validated = algo.iteration % problem.checkpoint_every == 0  # evaluation_interval == checkpoint_every
-        elapsed = time.time() - began
-        remaining = (args.iterations - algo.iteration) * elapsed / (algo.iteration - first)
-        if args.time_budget > 0:
-            remaining = max(0.0, min(remaining, 60 * args.time_budget - elapsed))
-        print(progress_line(result, elapsed, remaining, problem.images_per_env, validated), flush=True)
-        out_of_time = args.time_budget > 0 and elapsed > 60 * args.time_budget
-        final = algo.iteration >= args.iterations or out_of_time
-        if validated or final:
-            score = validation_score(result) if validated else None
-            last = write_checkpoint(algo, out, CheckpointInfo(problem, algo.iteration, score))
-            if score is not None and (best is None or score > best["val_score"]):
-                best = {"checkpoint": str(last.relative_to(out)), "iteration": algo.iteration,
-                        "val_score": score, "versions": versions_line()}
-                best_path.write_text(json.dumps(best, indent=2) + "\n")
-            protect = {out / best["checkpoint"]} if best else set()
-            remove_old_checkpoints(out, args.keep_checkpoints, protect)
-        if out_of_time:
-            print(f"time budget of {args.time_budget} min reached", flush=True)
-            break
-    if last is None:  # resumed at or past --iterations: write the restored state as it is
-        last = write_checkpoint(algo, out, CheckpointInfo(problem, algo.iteration))
-    algo.stop()
-    return last
-
-
-def closing_line(output_dir: Path, last: Path) -> str:
-    """Which checkpoint to use (the best on validation, else the last) and the command that evaluates it."""
-    best_path = output_dir / "best.json"
-    if best_path.exists():
-        best = json.loads(best_path.read_text())
-        chosen, why = output_dir / best["checkpoint"], (f"best on validation: iteration {best['iteration']}, "
-                                                        f"exact-budget accuracy {best['val_score']:.2f}%")
-    else:
-        chosen, why = last, "no validation ran; the last checkpoint"
-    return (f"best checkpoint: {chosen} ({why})\n"
-            f"evaluate it: python evaluate.py --checkpoint {chosen} "
-            f"--data-dir {read_checkpoint_info(chosen).problem.data_dir}")
+def closing_lines(results: tune.ResultGrid) -> tuple[list[str], list[str]]:
+    """For each trial, its best checkpoint (by validation score, else its latest) and the command that
+    evaluates it; and one line per trial that failed."""
+    lines, errors = [], []
+    several = len(results) > 1
+    for result in results:
+        name = f"[{result.config['trial']['name']}] " if several else ""
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's
+            message = " ".join(str(cause).split()) or "no details"
+            errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
+                          f"{result.path}/error.txt)")
+            continue
+        best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else None
+        best = best or result.checkpoint
+        if best is None:
+            lines.append(f"{name}no checkpoint")
+            continue
+        path = Path(best.path)
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        info = read_checkpoint_info(path)
+        lines.append(f"{name}best checkpoint: {shown} (best on validation: iteration {info.iteration}, "
+                     f"exact-budget accuracy {info.val_score:.2f}%)\n"
+                     f"{name}evaluate it: python evaluate.py --checkpoint {shown} --data-dir {info.problem.data_dir}")
+    return lines, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     try:
         args = build_parser().parse_args(argv)
-        last = train(args)
+        results = train(args)
     except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
-    print(f"last checkpoint: {last}")
-    print(closing_line(Path(args.output_dir), last))
-    return 0
+    lines, errors = closing_lines(results)
+    print("\n".join(lines))
+    for line in errors:
+        print("error: " + line, file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class PruningProblem:
     warm_start: str = setting("nms", "the heuristic the similarity agent first imitates (policies/warm_start.py): "
                                      "'nms' attention NMS, 'greedy' greedy similarity; 'none': both start uniform",
                               choices=WARM_STARTS)
+    warm_start_images: int = setting(2048, "train images the warm start imitates the heuristic on")
     checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
     seed: int = setting(0, "seed of the policies, the image streams and the warm start")
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
@@ -118,7 +120,7 @@ class PruningProblem:
             _check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}, "
                                                    f"got {getattr(self, name)!r}")
         _check(self.train_limit is None or self.train_limit >= 1, f"train_limit must be >= 1, got {self.train_limit}")
-        for name in ("val_size", "val_limit", "images_per_env", "hidden", "checkpoint_every"):
+        for name in ("val_size", "val_limit", "images_per_env", "hidden", "warm_start_images", "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
@@ -200,14 +202,27 @@ def _integers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _swept(kind: type) -> typing.Callable[[str], tuple]:
+    """The argparse ``type`` of a number setting: one value or several, comma-separated (a sweep)."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected one or more comma-separated numbers, got {text!r}") from None
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
-    """The argparse ``type`` of a field annotation: str, int, float, bool, ``X | None`` or ``tuple[int, ...]``."""
+    """The argparse ``type`` of a field annotation: str, bool, ``tuple[int, ...]``, or int / float / ``X | None``,
+    which take a comma-separated sweep of values."""
     if annotation is bool:
         return _boolean
     if typing.get_origin(annotation) is tuple:
         return _integers
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
+    kind = args[0] if args else annotation
+    return _swept(kind) if kind in (int, float) else kind
 
 
 def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
@@ -229,14 +244,35 @@ def add_problem_arguments(parser: argparse.ArgumentParser, title: str) -> None:
     _add_fields(parser.add_argument_group("PPO"), PPOSettings, "ppo.")
 
 
-def problem_from_args(args: argparse.Namespace) -> PruningProblem:
-    """The problem the flags of :func:`add_problem_arguments` describe. A ``--backbone`` path is relative to
-    the working directory and is stored relative to the repository when it lies inside it."""
-    values = {name.removeprefix("problem."): value for name, value in vars(args).items()
-              if name.startswith("problem.")}
-    if values["backbone"] != _field(PruningProblem, "backbone").default:
-        backbone = Path(values["backbone"]).expanduser().resolve()
-        values["backbone"] = str(backbone.relative_to(REPO_ROOT) if backbone.is_relative_to(REPO_ROOT) else backbone)
-    ppo = PPOSettings(**{name.removeprefix("ppo."): value for name, value in vars(args).items()
-                         if name.startswith("ppo.")})
-    return PruningProblem(**values, ppo=ppo)
+def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
+    """The problems the flags of :func:`add_problem_arguments` describe: one, or one per combination of the
+    values of the number settings given several (``--target-ratio 0.3,0.5 --lr 1e-4,3e-4``: four), in the
+    order given. A ``--backbone`` path is relative to the working directory and is stored relative to the
+    repository when it lies inside it."""
+    values = {name: value for name, value in vars(args).items() if name.startswith(("problem.", "ppo."))}
+    default_backbone = _field(PruningProblem, "backbone").default
+    if values["problem.backbone"] != default_backbone:
+        backbone = Path(values["problem.backbone"]).expanduser().resolve()
+        values["problem.backbone"] = str(backbone.relative_to(REPO_ROOT) if backbone.is_relative_to(REPO_ROOT)
+                                         else backbone)
+    swept = {name for name, value in values.items() if isinstance(value, tuple) and name != "problem.prune_points"}
+    grid = itertools.product(*(values[name] if name in swept else (values[name],) for name in values))
+    problems = []
+    for combination in grid:
+        chosen = dict(zip(values, combination, strict=True))
+        ppo = PPOSettings(**{k.removeprefix("ppo."): v for k, v in chosen.items() if k.startswith("ppo.")})
+        problems.append(PruningProblem(**{k.removeprefix("problem."): v for k, v in chosen.items()
+                                          if k.startswith("problem.")}, ppo=ppo))
+    return problems
+
+
+def sweep_label(problem: PruningProblem, problems: list[PruningProblem]) -> str:
+    """``target_ratio=0.3,lr=0.001``: the settings in which ``problem`` differs from the others of its sweep
+    (``target_ratio`` alone for a single problem), to name its trial."""
+    def flat(p: PruningProblem) -> dict[str, Any]:
+        data = p.to_json()
+        return {**{k: v for k, v in data.items() if k != "ppo"}, **data["ppo"]}
+
+    mine, others = flat(problem), [flat(p) for p in problems]
+    varied = [name for name in mine if any(other[name] != mine[name] for other in others)] or ["target_ratio"]
+    return ",".join(f"{name.rstrip('_')}={mine[name]:g}" for name in varied)

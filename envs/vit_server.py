@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from envs.problem import PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
@@ -205,22 +206,27 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 
-def start_vit_servers(settings: ServerSettings, names: Sequence[str],
-                      inputs: ServerInputs | None = None) -> list[ray.actor.ActorHandle]:
+def start_vit_servers(settings: ServerSettings, names: Sequence[str], inputs: ServerInputs | None = None,
+                      bundles: Sequence[int] | None = None) -> list[ray.actor.ActorHandle]:
     """Start one named actor per name on the same inputs and wait until they all serve.
 
     Weights and images travel through Ray's object store, put there once for all of them, so the nodes the
-    actors land on need neither the checkpoint nor the data set on their disk.
+    actors land on need neither the checkpoint nor the data set on their disk. ``bundles``: for each server,
+    the bundle of the caller's placement group it takes (a Tune trial's), so that it never takes a bundle
+    that RLlib has set aside for an env runner.
     """
     inputs = inputs or load_server_inputs(settings)
     refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
     actor_class = ray.remote(ViTServer)
     servers = []
-    for name in names:
+    group = ray.util.get_current_placement_group() if bundles is not None else None
+    for index, name in enumerate(names):
         _PINNED[name] = refs
+        strategy = (PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundles[index])
+                    if group is not None else None)
         servers.append(actor_class.options(
             name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
-            max_restarts=settings.max_restarts, max_concurrency=1000,
+            max_restarts=settings.max_restarts, max_concurrency=1000, scheduling_strategy=strategy,
         ).remote(refs[0], inputs.config, refs[1], refs[2], settings))
     ray.get([server.spec.remote() for server in servers])
     return servers

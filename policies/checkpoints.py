@@ -1,17 +1,19 @@
-"""Training checkpoints: RLlib's own format, written atomically, plus what defines the pruning problem.
+"""Training checkpoints: RLlib's own format plus what defines the pruning problem, kept by Ray Tune.
 
-Layout of a run's output directory::
+Layout of a run's output directory (``train.py --output-dir``, Tune's experiment directory)::
 
-    <output-dir>/checkpoints/iter_000010/     one RLlib checkpoint (``Algorithm.save_to_path``) and
-        pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score"}
+    <output-dir>/<trial>/                     one trial (e.g. ``target_ratio=0.5``): Tune's progress.csv,
+                                              result.json and TensorBoard events
+    <output-dir>/<trial>/checkpoint_000003/   one RLlib checkpoint (``Algorithm.save_to_path``) and
+        pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score",
+                                              "versions"}
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
         export/                               the policy modules as safetensors + JSON (``policies.export``):
                                               what inference loads, never unpickling
-    <output-dir>/best.json                    which checkpoint scored best on the validation split
-    <output-dir>/progress.csv, tb/            metrics
 
-A checkpoint (export included) is first written to ``.tmp_iter_*`` and renamed when complete, so a crash
-while saving never touches the last good checkpoint, and an unfinished one is never taken for a checkpoint.
+A checkpoint (export included) is staged complete in a temporary directory (:func:`stage_checkpoint`) and
+only then reported to Tune, which copies it to the run's storage and records it; a crash while saving
+leaves the recorded checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from pathlib import Path
 
 from ray.rllib.core.rl_module.rl_module import RLModule
 
+from cli import versions_line
 from envs.problem import ProblemError, PruningProblem
 from envs.pruning_env import trained_policies
 from envs.vit.features import AGENT_FEATURES
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
-PREFIX = "iter_"
+PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
 Modules = Mapping[str, RLModule]
 
 
@@ -47,27 +49,28 @@ class CheckpointInfo:
     val_score: float | None = None  # the validation score it was selected by, if validated
 
     def to_json(self) -> dict:
-        return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score}
+        """What ``pruning_config.json`` holds, with the versions of the packages that wrote it."""
+        return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score,
+                "versions": versions_line()}
 
 
 class PolicyCheckpointError(RuntimeError):
     """A path that is not a complete, readable training checkpoint; the message is meant for the user."""
 
 
-def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / PRUNING_CONFIG).is_file()]
+    """Complete checkpoints of a run's trials, by trial name, oldest first."""
+    return [c for trial in sorted(Path(output_dir).glob("*/")) for c in trial_checkpoints(trial)]
+
+
+def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
+    """A trial's complete checkpoints (those with their ``pruning_config.json``), oldest first."""
+    found = [p.parent for p in Path(trial_dir).glob(f"{PREFIX}*/{PRUNING_CONFIG}")]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run of one trial (of the last trial by name, for several)."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
@@ -113,12 +116,17 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
 
 
 def _run_directory_hint(directory: Path) -> str:
-    """For a train.py output directory, where its best checkpoint is (train.py's best.json)."""
+    """For a train.py output directory, where its best checkpoint on validation is."""
+    scored = [(info.val_score, path) for path in list_checkpoints(directory)
+              if (info := _readable_info(path)) is not None and info.val_score is not None]
+    return f"; for the best checkpoint of this training run pass --checkpoint {max(scored)[1]}" if scored else ""
+
+
+def _readable_info(checkpoint: Path) -> CheckpointInfo | None:
     try:
-        best = json.loads((directory / "best.json").read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f"; for the best checkpoint of this training run pass --checkpoint {directory / best}"
+        return read_checkpoint_info(checkpoint)
+    except PolicyCheckpointError:
+        return None
 
 
 def _load_module(path: Path, name: str) -> RLModule:
@@ -228,33 +236,13 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
                 f"it expects tokens {expected[0]}: was it trained on another backbone?")
 
 
-def write_checkpoint(algo, output_dir: str | os.PathLike, info: CheckpointInfo) -> Path:
-    """Save ``algo`` as ``checkpoints/iter_<n>`` with its policy export (``policies.export``): write both to a
-    temporary directory, then rename."""
+def stage_checkpoint(algo, directory: str | os.PathLike, info: CheckpointInfo) -> Path:
+    """Save ``algo``, ``pruning_config.json`` and the policy export (``policies.export``) into ``directory``
+    (empty or absent): a complete checkpoint, ready to be reported to Tune."""
     from policies.export import export_policies  # policies.export builds on this module
 
-    root = checkpoints_dir(output_dir).resolve()  # RLlib saves to URIs: a relative path is not one
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"{PREFIX}{info.iteration:06d}"
-    tmp, final = root / f".tmp_{name}", root / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save_to_path(str(tmp))
-    (tmp / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    export_policies(tmp)
-    if final.exists():  # a resumed run that went back past this iteration replaces its old copy
-        stale = root / f".stale_{name}"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    return final
-
-
-def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int, protect: set[Path]) -> None:
-    """Keep the newest ``keep`` checkpoints and the protected ones (the best)."""
-    found = list_checkpoints(output_dir)
-    for path in found[:-keep] if keep > 0 else []:
-        if path.resolve() not in {p.resolve() for p in protect}:
-            shutil.rmtree(path, ignore_errors=True)
+    path = Path(directory).resolve()  # RLlib saves to URIs: a relative path is not one
+    algo.save_to_path(str(path))
+    (path / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    export_policies(path)
+    return path

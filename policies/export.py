@@ -2,7 +2,7 @@
 
 RLlib checkpoints are pickles, and unpickling a checkpoint someone sent you runs their code. Every training
 checkpoint therefore carries, beside RLlib's files, an export of its policy modules
-(``policies.checkpoints.write_checkpoint`` writes it before the checkpoint becomes visible)::
+(``policies.checkpoints.stage_checkpoint`` writes it before the checkpoint is reported to Tune)::
 
     <checkpoint>/export/policies.safetensors   every module's state dict, keys prefixed by policy id
                                                ("attention._token_net.0.weight", "similarity. ...")

@@ -25,7 +25,6 @@ from policies.heuristics import heuristic_selector
 from policies.rl_module import policy_module_spec
 
 IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 redundant / 0.05 not, so logits stay near +-3
-IMITATION_IMAGES = 2048
 IMITATION_STEPS = 400
 IMITATION_BATCH = 128
 IMITATION_LR = 3e-3

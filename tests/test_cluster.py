@@ -37,7 +37,7 @@ def two_node_cluster(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=2", "--disable-usage-stats", "--block"]
+    common = ["--num-cpus=3", "--disable-usage-stats", "--block"]  # a trial: its process, 2 runners, 2 servers
     starts = [[ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
               [ray_bin, "start", f"--address={address}", *common]]
     nodes = []

@@ -274,8 +274,11 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         path = tmp_path / "nowhere"
     elif case == "not_a_checkpoint":  # a train.py output directory, not one of its checkpoints
         path = tmp_path / "run"
-        path.mkdir()
-        (path / "best.json").write_text('{"checkpoint": "checkpoints/iter_000010"}')
+        for index, score in ((3, 50.0), (4, 40.0)):
+            checkpoint = Path(shutil.copytree(tiny_policy, path / "target_ratio=0.5" / f"checkpoint_00000{index}"))
+            config = json.loads((checkpoint / "pruning_config.json").read_text())
+            (checkpoint / "pruning_config.json").write_text(json.dumps({**config, "val_score": score}))
+        message += f" {path / 'target_ratio=0.5' / 'checkpoint_000003'}"
     elif case == "truncated":
         path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
     elif case == "other_backbone":

@@ -14,7 +14,8 @@ from envs.problem import (
     PruningProblem,
     add_problem_arguments,
     check_target_ratio,
-    problem_from_args,
+    problems_from_args,
+    sweep_label,
 )
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE
 
@@ -112,10 +113,24 @@ def test_flags_come_from_the_fields_with_their_docs_as_help(tmp_path):
                 assert " ".join(field.metadata["doc"].split()) in help_text, field.name
     args = parser.parse_args(["--target-ratio", "0.3", "--prune-points", "2,4", "--lambda", "0.9",
                               "--use-kl-loss", "true", "--backbone", str(tmp_path)])
-    problem = problem_from_args(args)
+    (problem,) = problems_from_args(args)
     assert (problem.target_ratio, problem.prune_points, problem.ppo.lambda_, problem.ppo.use_kl_loss) == (
         0.3, (2, 4), 0.9, True)
     assert problem.backbone == str(tmp_path.resolve())  # outside the repository: stored absolute
-    assert problem_from_args(parser.parse_args([])) == PruningProblem(data_dir=problem.data_dir)
-    inside = problem_from_args(parser.parse_args(["--backbone", str(REFERENCE_BACKBONE)]))
+    assert problems_from_args(parser.parse_args([])) == [PruningProblem(data_dir=problem.data_dir)]
+    (inside,) = problems_from_args(parser.parse_args(["--backbone", str(REFERENCE_BACKBONE)]))
     assert inside.backbone == "reference/vit_tiny_cifar10"  # inside: stored relative to the repository
+
+
+def test_number_settings_given_several_values_sweep_their_combinations():
+    parser = argparse.ArgumentParser()
+    add_problem_arguments(parser, "pruning problem")
+    problems = problems_from_args(parser.parse_args(["--target-ratio", "0.3,0.5", "--lr", "1e-4,3e-4",
+                                                     "--prune-points", "2,4", "--hidden", "32"]))
+    assert [(p.target_ratio, p.ppo.lr) for p in problems] == [(0.3, 1e-4), (0.3, 3e-4), (0.5, 1e-4), (0.5, 3e-4)]
+    assert {(p.prune_points, p.hidden) for p in problems} == {((2, 4), 32)}  # a list of integers is one value
+    assert [sweep_label(p, problems) for p in problems] == ["target_ratio=0.3,lr=0.0001", "target_ratio=0.3,lr=0.0003",
+                                                            "target_ratio=0.5,lr=0.0001", "target_ratio=0.5,lr=0.0003"]
+    assert sweep_label(problems[0], problems[:1]) == "target_ratio=0.3"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--target-ratio", "0.3,half"])

@@ -17,7 +17,7 @@ from policies.checkpoints import (
     list_checkpoints,
     module_path,
     read_checkpoint_info,
-    write_checkpoint,
+    stage_checkpoint,
 )
 from policies.export import load_exported_policies
 from tests.tiny_policies import build_module
@@ -42,19 +42,18 @@ class FakeAlgo:
             build_module(name, seed=seed).save_to_path(module_path(path, name))
 
 
-def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
-    good = write_checkpoint(FakeAlgo(), tmp_path, CheckpointInfo(PROBLEM, 5))
+def test_crash_while_saving_leaves_no_checkpoint_behind(tmp_path):
+    """A checkpoint is staged complete before Tune records it; one that died half-way is never listed, as its
+    pruning_config.json comes after RLlib's state."""
+    good = stage_checkpoint(FakeAlgo(), tmp_path / "trial" / "checkpoint_000000", CheckpointInfo(PROBLEM, 5))
     with pytest.raises(OSError):
-        write_checkpoint(FakeAlgo(crash=True), tmp_path, CheckpointInfo(PROBLEM, 10))
-    assert latest_checkpoint(tmp_path) == good
+        stage_checkpoint(FakeAlgo(crash=True), tmp_path / "trial" / "checkpoint_000001", CheckpointInfo(PROBLEM, 10))
+    assert list_checkpoints(tmp_path) == [good] and latest_checkpoint(tmp_path) == good
     assert read_checkpoint_info(good) == CheckpointInfo(PROBLEM, 5)
     assert load_exported_policies(good)[1] == CheckpointInfo(PROBLEM, 5)  # every checkpoint carries its export
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_000005"]
-    # the next save cleans the debris and lands
-    assert write_checkpoint(FakeAlgo(), tmp_path, CheckpointInfo(PROBLEM, 10)).name == "iter_000010"
 
 
-def test_resume_with_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
+def test_starting_from_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     corrupt = tmp_path / "corrupt"
@@ -63,7 +62,7 @@ def test_resume_with_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
     (corrupt / "pruning_config.json").write_text('{"server": {"backb')
     for path, message in ((tmp_path / "missing", "does not exist"), (not_a_checkpoint, "not a policy checkpoint"),
                           (corrupt, "not readable JSON")):
-        assert train.main(["--output-dir", str(tmp_path / "run"), "--resume", str(path)]) == 2
+        assert train.main(["--output-dir", str(tmp_path / "run"), "--from-checkpoint", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()

@@ -1,13 +1,14 @@
-"""train.py end to end on a tiny backbone: training, checkpoints, --resume (also with other worker counts)."""
+"""train.py end to end on a tiny backbone under Ray Tune: a sweep of two trials, checkpoints, --resume, and a new
+run started from a checkpoint with another worker count."""
 
-import json
+import csv
 
 import pytest
 import torch
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
-from policies.checkpoints import latest_checkpoint, list_checkpoints, module_path, read_checkpoint_info
+from policies.checkpoints import list_checkpoints, module_path, read_checkpoint_info
 from policies.export import load_exported_policies
 
 
@@ -15,60 +16,77 @@ def run(tmp_path, tiny_backbone, data_dir, *extra):
     return train.main(["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--train-limit", "128",
                        "--val-limit", "16", "--prune-points", "1,2,3", "--images-per-env", "4",
                        "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
-                       "--num-cpus", "2", "--output-dir", "run", *extra])  # relative, as in the quick start
+                       "--warm-start-images", "32", "--num-cpus", "2", "--output-dir", "run",  # relative, as in
+                       *extra])                                                                 # the quick start
 
 
 def weights(checkpoint, policy):
     return RLModule.from_checkpoint(str(module_path(checkpoint, policy))).state_dict()
 
 
+def iterations(trial_dir) -> list[int]:
+    """The iterations Tune logged for a trial (progress.csv)."""
+    with (trial_dir / "progress.csv").open() as f:
+        return [int(row["training_iteration"]) for row in csv.DictReader(f)]
+
+
 @pytest.mark.slow
-def test_train_checkpoint_and_resume(tmp_path, tiny_backbone, data_dir, capsys, monkeypatch):
+def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_backbone, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2", "--checkpoint-every", "1",
-               "--num-workers", "0") == 0
+    assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.3,0.5", "--iterations", "2",
+               "--checkpoint-every", "1", "--num-workers", "0", "--num-cpus", "4") == 0
     out = capsys.readouterr().out
-    assert "iter    1" in out and "iter    2" in out and "agree" in out and "GFLOPs" in out
-    assert out.count("| val exact ") == 2  # every iteration validated (--checkpoint-every 1)
-    assert "elapsed" in out and "left" in out
-    best = json.loads((tmp_path / "run" / "best.json").read_text())
-    assert f"best checkpoint: run/{best['checkpoint']} (best on validation: iteration {best['iteration']}" in out
-    assert f"evaluate it: python evaluate.py --checkpoint run/{best['checkpoint']} --data-dir {data_dir}" in out
-    first = latest_checkpoint(tmp_path / "run")
-    info = read_checkpoint_info(first)
-    assert info.iteration == 2 and info.problem.target_ratio == 0.5 and info.problem.reduction == "merge"
-    assert info.problem.prune_points == (1, 2, 3) and info.problem.ppo.minibatch_size == 32
-    exported, exported_info = load_exported_policies(first)  # every checkpoint carries its policy export
-    assert exported_info == info
-    for policy, module in exported.items():
-        trained = weights(first, policy)
-        assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)
-    assert best["iteration"] in (1, 2) and 0 <= best["val_score"] <= 100  # exact-budget accuracy, %
-    assert (tmp_path / "run" / "progress.csv").read_text().count("\n") == 3  # header + 2 iterations
-    assert list((tmp_path / "run" / "tb").iterdir())
+    assert "2 trial(s)" in out
+    for ratio in ("0.3", "0.5"):
+        name = f"target_ratio={ratio}"
+        assert f"[{name}] iter    1" in out and f"[{name}] iter    2" in out
+        assert out.count(f"[{name}] iter ") == 2 and "agree" in out and "GFLOPs" in out
+        trial = tmp_path / "run" / name
+        checkpoints = list_checkpoints(tmp_path / "run")
+        mine = [c for c in checkpoints if c.parent == trial]
+        assert [read_checkpoint_info(c).iteration for c in mine] == [1, 2]  # --checkpoint-every 1
+        info = read_checkpoint_info(mine[-1])
+        assert info.problem.target_ratio == float(ratio) and info.problem.prune_points == (1, 2, 3)
+        assert info.problem.ppo.minibatch_size == 32 and 0 <= info.val_score <= 100  # exact-budget accuracy, %
+        best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
+        shown = f"run/{name}/{best.name}"
+        assert f"[{name}] best checkpoint: {shown} (best on validation: iteration" in out
+        assert f"[{name}] evaluate it: python evaluate.py --checkpoint {shown} --data-dir {data_dir}" in out
+        exported, exported_info = load_exported_policies(mine[-1])  # every checkpoint carries its export
+        assert exported_info == info
+        for policy, module in exported.items():
+            trained = weights(mine[-1], policy)
+            assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)
+        assert iterations(trial) == [1, 2] and list(trial.glob("events.out.tfevents.*"))  # Tune's loggers
+    assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
 
     # a second start without --resume refuses to touch the run
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2") == 2
     assert "--resume" in capsys.readouterr().err
 
-    # resume with another worker count and nothing left to do: same iteration counter, same weights
-    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2", "--num-workers", "1", "--resume") == 0
-    assert "resumed from" in capsys.readouterr().out
-    again = latest_checkpoint(tmp_path / "run")
-    assert read_checkpoint_info(again).iteration == 2
-    for policy in ("attention", "similarity"):
-        before, after = weights(first, policy), weights(again, policy)
-        assert all(torch.equal(before[k], after[k]) for k in before)
+    # --resume goes on with both trials (finished ones too) from their latest checkpoints
+    assert train.main(["--output-dir", "run", "--resume", "--iterations", "3", "--num-cpus", "4"]) == 0
+    out = capsys.readouterr().out
+    for name in ("target_ratio=0.3", "target_ratio=0.5"):
+        assert f"[{name}] iter    3" in out and f"[{name}] iter    2" not in out
+        assert iterations(tmp_path / "run" / name) == [1, 2, 3]
+        latest = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == name][-1]
+        assert read_checkpoint_info(latest).iteration == 3
 
-    # and one more iteration continues the count
-    assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "3", "--num-workers", "1", "--resume") == 0
-    assert read_checkpoint_info(latest_checkpoint(tmp_path / "run")).iteration == 3
-    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "iter_000003"
+    # a new run from a checkpoint, with an env runner: its problem, weights and iteration count go on
+    start = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == "target_ratio=0.3"][-1]
+    assert train.main(["--output-dir", "run2", "--from-checkpoint", str(start), "--iterations", "4",
+                       "--num-workers", "1", "--num-cpus", "2"]) == 0
+    assert "best checkpoint: run2/target_ratio=0.3/" in capsys.readouterr().out
+    continued = list_checkpoints(tmp_path / "run2")
+    assert [read_checkpoint_info(c).iteration for c in continued] == [4]
+    assert read_checkpoint_info(continued[0]).problem == read_checkpoint_info(start).problem
 
 
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
     for flags in (["--target-ratio", "1.5"], ["--num-workers", "-1"], ["--prune-points", "a,b"],
-                  ["--resume"], ["--reduction", "prune"], ["--iterations", "many"]):
+                  ["--resume"], ["--reduction", "prune"], ["--iterations", "many"], ["--target-ratio", "0.3,x"],
+                  ["--resume", "--from-checkpoint", "x"]):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
