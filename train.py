@@ -330,9 +330,11 @@ def validation_score(result: dict[str, Any]) -> float | None:
 
 
 def run_trial(config: dict, *, stop: StopRule, access: dict, inputs: dict[str, ServerInputs] | None = None) -> None:
-    """Tune's trainable: one PPO run on one problem with its own ViT servers. It starts from the trial's
-    latest checkpoint when Tune restarts or resumes it, else from ``config["from_checkpoint"]`` or the warm
-    start; it reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
+    """Tune's trainable: one PPO run on one problem with its own ViT servers.
+
+    It goes on from the trial's newest checkpoint when Tune restarts or resumes it
+    (:func:`resumable_checkpoints`), else starts from the trial's ``from_checkpoint`` or the warm start; it
+    reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
     checkpoint. ``config["trial"]``: the trial's problem, resources and starting checkpoint (build_tuner);
     ``inputs``: the servers' weights and images as the driver read them (loaded here if None)."""
     quiet_ray_loggers()
