@@ -1,0 +1,88 @@
+"""Training images/s of the default setup next to the batched pruned inference of the same ViT, in one run.
+
+PPO learns from the images that pass through pruning episodes, so its sample throughput is measured against
+what the same machine does with the same ViT when it only infers: a ratio of 1 would mean training sees
+images as fast as inference prunes them.
+
+1. Training: ``train.py`` with its defaults (one env runner, the ViT servers, PPO's 4,096 agent steps per
+   iteration), ``--iterations`` iterations with no warm start and no validation inside them (the stop's
+   runs after the last one is timed). Images/s is over the iterations after the first (which includes
+   start-up), from Tune's ``progress.csv``: an image takes ``len(prune_points)`` env steps, each of which
+   carries ``images_per_env`` images. The run has the whole machine (Ray's processes share its cores).
+2. Inference: the policy that run wrote, as ``PrunedViT`` in exact mode, over ``--images`` validation
+   images in batches of ``--batch-size`` (median of ``--repeats`` passes after a warm-up), in this process
+   with torch's default threads, once training has ended.
+
+Run from the repository root (Ray writes under ``$HOME``); it takes a few minutes on a 2-core CPU::
+
+    HOME=$(mktemp -d) python -m benchmarks.train_throughput --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import train
+from cli import OneLineParser, versions_line
+from envs.problem import PruningProblem
+from envs.vit.data import load_split
+from envs.vit.timing import images_per_second
+from policies.checkpoints import latest_checkpoint, read_checkpoint_info
+from policies.pruned_vit import PrunedViT
+
+
+def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tuple[float, int]:
+    """Images sampled per second of iteration time (RLlib's ``time_this_iter_s``: sampling, learning and
+    weight sync), over the iterations after the first; returns the rate and the iterations it covers."""
+    with (trial_dir / "progress.csv").open() as f:
+        rows = list(csv.DictReader(f))[1:]
+    if not rows:
+        raise SystemExit("error: need --iterations of 2 or more: the first iteration includes start-up")
+    env_steps = sum(float(row["env_runners/num_env_steps_sampled"]) for row in rows)
+    seconds = sum(float(row["time_this_iter_s"]) for row in rows)
+    return env_steps * problem.images_per_env / len(problem.prune_points) / seconds, len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (default: as train.py)")
+    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations to time (the first is dropped)")
+    parser.add_argument("--images", type=int, default=1024, help="validation images for the inference pass")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    output = Path(tempfile.mkdtemp(prefix="train_throughput_")) / "run"
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    code = train.main([*data, "--iterations", str(args.iterations), "--warm-start", "none",  # validated once, at
+                       "--checkpoint-every", str(args.iterations + 1), "--output-dir", str(output)])  # the stop
+    if code != 0:
+        return code
+    checkpoint = latest_checkpoint(output)
+    problem = read_checkpoint_info(checkpoint).problem
+    train_rate, timed = training_images_per_second(checkpoint.parent, problem)
+
+    model = PrunedViT.from_checkpoint(checkpoint)
+    split = load_split(problem.dataset, "val", problem.data_dir, input_size=model.backbone_config["input_size"],
+                       val_size=problem.val_size, seed=problem.split_seed, limit=args.images)
+    images = model.normalize(split.images)
+    infer_rate = images_per_second(model, images, args.batch_size, args.repeats)
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
+          f"{versions_line()}")
+    print(f"training (train.py defaults, {timed} iterations timed): {train_rate:8.1f} images/s")
+    print(f"pruned inference (MARL exact, batch {args.batch_size}, {len(images)} val images): "
+          f"{infer_rate:8.1f} images/s")
+    print(f"ratio training / inference: {train_rate / infer_rate:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
