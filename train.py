@@ -206,7 +206,6 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     """
     quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR"),
              "log_to_driver": True}
-    quiet_ray_loggers()
     if args.address:
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
@@ -264,10 +263,11 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
     )
 
 
-def server_settings(problem: PruningProblem, threads: int, access: dict | None = None) -> dict[str, ServerSettings]:
-    """Servers on the train split for sampling, one on a val subset for checkpoint selection."""
-    train = ServerSettings(problem, split="train", limit=problem.train_limit, torch_threads=threads,
-                           **(access or {}))
+def server_settings(problem: PruningProblem, placement: Placement, access: dict) -> dict[str, ServerSettings]:
+    """Servers on the train split for sampling, one on a val subset for checkpoint selection, with the
+    resources the placement gives them (the validation server reserves no CPU: see trial_resources)."""
+    train = ServerSettings(problem, split="train", limit=problem.train_limit, num_gpus=placement.server_gpus,
+                           num_cpus=placement.server_cpus, torch_threads=int(placement.server_cpus), **access)
     return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
 
 
@@ -341,17 +341,13 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, inputs: dict[str, S
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = PruningProblem.from_json(trial["problem"])
     resources = TrialResources.from_json(trial["resources"])
-    settings = server_settings(problem, int(resources.placement.server_cpus), access)
+    settings = server_settings(problem, resources.placement, access)
     inputs = inputs or {name: load_server_inputs(s) for name, s in settings.items()}
-    placement = resources.placement
     suffix = f"_{tune.get_context().get_trial_id()}_{uuid.uuid4().hex[:6]}"  # a restarted trial's too
-    names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, placement.servers)}
+    names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, resources.placement.servers)}
     train_bundles, val_bundle = server_bundles(resources)
-    servers = [*start_vit_servers(replace(settings[TRAIN_SERVER], num_gpus=placement.server_gpus,
-                                          num_cpus=placement.server_cpus), names[TRAIN_SERVER], inputs[TRAIN_SERVER],
-                                  train_bundles),
-               *start_vit_servers(replace(settings[VAL_SERVER], num_gpus=placement.server_gpus), [names[VAL_SERVER]],
-                                  inputs[VAL_SERVER], [val_bundle])]
+    servers = [*start_vit_servers(settings[TRAIN_SERVER], names[TRAIN_SERVER], inputs[TRAIN_SERVER], train_bundles),
+               *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle])]
     try:
         trial_dir = Path(tune.get_context().get_trial_dir())
         own = resumable_checkpoints(trial_dir, tune.get_checkpoint())
@@ -536,7 +532,7 @@ def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
     """The servers' weights and images, read here, so that a bad backbone, data set or ``--from-checkpoint``
     fails before anything starts, and shipped to the trials through Ray's object store when their problems
     differ in no :data:`DATA_SETTINGS` (a sweep of the budget); else None: each trial reads its own."""
-    settings = server_settings(problems[0], int(resources.placement.server_cpus), data_access(args))
+    settings = server_settings(problems[0], resources.placement, data_access(args))
     inputs = {name: load_server_inputs(s) for name, s in settings.items()}
     if args.from_checkpoint:  # a checkpoint of another backbone or feature set fails here, clearly
         patches = staged_from_weights(inputs[TRAIN_SERVER].state, inputs[TRAIN_SERVER].config,
@@ -554,8 +550,7 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
         shutil.rmtree(args.output_dir, ignore_errors=True)
     quiet_ray_loggers()
     if not ray.is_initialized():
-        placement = resources.placement
-        start_ray(args, 1 + placement.servers * placement.server_cpus + resources.num_workers)
+        start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
     if not args.resume:  # the cluster's GPUs decide the placement
         resources = replace(resources, placement=plan_placement(
             args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
