@@ -52,10 +52,11 @@ def wait_for(predicate, job: subprocess.Popen, tmp_path, timeout: float = 600) -
 
 
 def ray_processes(title: str, session: int) -> set[int]:
-    """PIDs of this job's Ray session whose title starts with ``title`` (e.g. ray::ViTServer)."""
-    listing = subprocess.run(["ps", "-eo", "pid=,sess=,args="], capture_output=True, text=True).stdout
-    return {int(pid) for pid, sess, args in (line.split(None, 2) for line in listing.splitlines())
-            if int(sess) == session and args.startswith(title)}
+    """PIDs of this job's live processes (zombies left out) whose title starts with ``title`` (e.g.
+    ray::ViTServer)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sess=,stat=,args="], capture_output=True, text=True).stdout
+    return {int(pid) for pid, sess, stat, args in (line.split(None, 3) for line in listing.splitlines())
+            if int(sess) == session and not stat.startswith("Z") and args.startswith(title)}
 
 
 def kill_ray_processes(title: str, session: int) -> set[int]:
@@ -113,7 +114,9 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path, tiny_backbone,
     job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "0", "--time-budget", "1",
                          "--checkpoint-every", "2")
     wait_for(lambda: len(iterations(tmp_path)) >= 5, job, tmp_path)
-    os.killpg(job.pid, signal.SIGKILL)
+    session = os.getsid(job.pid)
+    while kill_ray_processes("", session):  # the driver and every Ray process it started, trial included,
+        time.sleep(0.5)                      # so that nothing writes after the kill
     job.wait()
     before = iterations(tmp_path)
     # resume for one iteration past the last logged: the trial goes on from its newest checkpoint, though Tune's
