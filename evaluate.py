@@ -8,13 +8,12 @@ JSON, when it has one: ``policies.export``), and each row's pruned ViT (``polici
 runs here, in batches. One row per method and budget (``budget`` = ``target_ratio``, see docs/DESIGN.md):
 
 - ``Baseline (unpruned)``: the timm model's own forward.
-- ``Random``, ``Greedy attention`` (top-k class attention, EViT), ``Greedy similarity``, ``Attention NMS``
-  (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the checkpoints.
+- ``Random``, ``Greedy attention`` (top-k class attention, EViT), ``Greedy similarity``, ``Attention NMS``,
+  ``Distinctive NMS`` (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the
+  checkpoints.
 - ``ToMe`` (``envs.vit.tome``): merging in every block, at greedy similarity's GFLOPs.
-- ``MARL exact``: both agents, the top ``tokens_to_keep`` tokens by survival probability under the AND rule
+- ``MARL exact``: both agents, each keeping its most likely set in turn under the AND rule
   (``policies.decisions.policy_selector``).
-- ``MARL adaptive``: both agents; each image keeps its expected number of survivors, so counts differ per
-  image (``policies.decisions.policy_keep_rule``).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget. A
   checkpoint trained with one agent gives only its row.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
@@ -60,8 +59,8 @@ from policies.pruned_vit import PrunedViT, policy_backbone
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
 HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similarity": "Greedy similarity",
-                  "nms": "Attention NMS", "tome": "ToMe"}
-MARL_EXACT, MARL_ADAPTIVE = "MARL exact", "MARL adaptive"
+                  "nms": "Attention NMS", "distinct": "Distinctive NMS", "tome": "ToMe"}
+MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -76,21 +75,19 @@ class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
     ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
-    score the tokens; ``adaptive``: each image keeps its own count).
+    choose the tokens).
     """
 
     name: str
     selector: str
     budget: float | None = None
     modules: Modules = field(default_factory=dict)
-    adaptive: bool = False
 
     def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
               seed: int = 0) -> PrunedViT:
         """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
         selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
-        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, adaptive=self.adaptive,
-                         seed=seed)
+        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed)
 
 
 def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, str]]) -> list[Method]:
@@ -105,8 +102,7 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
             continue
         modules, agents = policies[budget]
         if agents == "both":
-            methods += [Method(MARL_EXACT, "policy", budget, modules),
-                        Method(MARL_ADAPTIVE, "policy", budget, modules, adaptive=True)]
+            methods.append(Method(MARL_EXACT, "policy", budget, modules))
         methods += [Method(MARL_ONLY[name], "policy", budget, {name: modules[name]}) for name in modules]
     return methods
 

@@ -64,9 +64,8 @@ from policies.checkpoints import (
     stage_checkpoint,
     trial_checkpoints,
 )
-from policies.decisions import initial_logit_bias
 from policies.rl_module import TokenPolicyModule
-from policies.warm_start import warm_start_similarity
+from policies.warm_start import warm_start_modules
 
 REPO = Path(__file__).resolve().parent
 TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
@@ -240,9 +239,7 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
     env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed}
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
-        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
-            "hidden": problem.hidden,
-            "init_logit_bias": initial_logit_bias(policy, problem.agents, problem.target_ratio, problem.warm_start)})
+        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={"hidden": problem.hidden})
         for policy in policies}
     return (
         with_resources(PPOConfig(), resources)
@@ -300,19 +297,20 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, mo
 
 
 def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: Path, trial: str) -> dict[str, Path]:
-    """The warm start (policies/warm_start.py): the similarity module fitted to a heuristic on a seeded
-    subset of the train split, saved under ``directory``; returns ``{"similarity": its path}``."""
+    """The warm start (policies/warm_start.py): the modules fitted to the heuristics on a seeded subset of the
+    train split, saved under ``directory``; returns each policy's path."""
     started = time.time()
     staged = staged_from_weights(inputs.state, inputs.config, problem.prune_points)
     chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
     images = normalize(inputs.images[chosen[:problem.warm_start_images]], inputs.config)
-    model_config = {"hidden": problem.hidden, "init_logit_bias": initial_logit_bias(
-        "similarity", problem.agents, problem.target_ratio, problem.warm_start)}
-    path, agreement = warm_start_similarity(staged, images, problem.target_ratio, problem.reduction,
-                                            problem.warm_start, model_config, directory, problem.seed)
-    print(f"[{trial}] warm start: similarity agent imitates {problem.warm_start} on {len(images)} train images "
-          f"({agreement:.1%} of token decisions match) in {time.time() - started:.0f} s", flush=True)
-    return {"similarity": path}
+    fitted = warm_start_modules(staged, images, problem.target_ratio, problem.reduction, problem.warm_start,
+                                problem.agents, {"hidden": problem.hidden}, directory, problem.seed)
+    imitated = {"attention": "greedy attention", "similarity": problem.warm_start}
+    matches = ", ".join(f"{policy} agent imitates {imitated[policy]} ({agreement:.1%} of its choices match)"
+                        for policy, (_, agreement) in fitted.items())
+    print(f"[{trial}] warm start on {len(images)} train images: {matches}, in {time.time() - started:.0f} s",
+          flush=True)
+    return {policy: path for policy, (path, _) in fitted.items()}
 
 
 @dataclass(frozen=True)
@@ -444,8 +442,7 @@ def progress_line(result: dict[str, Any], images_per_env: int) -> str:
     if progress["validated"]:  # results carry the last validation along; show it only where it ran
         val = result.get(EVALUATION_RESULTS, {})
         parts.append(f"| val exact {val.get('exact_accuracy', float('nan')):.2f}% "
-                     f"adaptive {val.get('adaptive_accuracy', float('nan')):.2f}% "
-                     f"(kept {val.get('adaptive_keep_ratio', float('nan')):.3f})")
+                     f"(agree {val.get('exact_agreement', float('nan')):.2f}%)")
     if progress["out_of_time"]:
         parts.append("| time budget reached")
     return "  ".join(parts)

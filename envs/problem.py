@@ -22,10 +22,11 @@ from typing import Any
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, REPO_ROOT, stored_backbone_path
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
 from envs.vit.token_merge import REDUCTIONS
+from policies.heuristics import HEURISTICS
 
 POLICIES: tuple[str, ...] = ("attention", "similarity")
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
-WARM_STARTS: tuple[str, ...] = ("none", "nms", "greedy")
+WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
 
 
 class ProblemError(ValueError):
@@ -60,7 +61,7 @@ class PPOSettings:
     gamma: float = setting(0.99, "discount; an episode is one step per pruning point")
     lambda_: float = setting(0.95, "GAE lambda")
     clip_param: float = setting(0.2, "PPO's clip of the probability ratio")
-    entropy_coeff: float = setting(0.0, "entropy bonus (the multi-Bernoulli entropy sums over every token)")
+    entropy_coeff: float = setting(0.0, "entropy bonus (a set's entropy grows with its size)")
     num_epochs: int = setting(4, "SGD passes over each iteration's batch")
     minibatch_size: int = setting(128, "agent steps (one agent's decision at one pruning point) per SGD minibatch")
     train_batch_size_per_learner: int = setting(4096, "agent steps sampled per iteration")
@@ -104,18 +105,20 @@ class PruningProblem:
     images_per_env: int = setting(8, "images one env instance carries (one server call moves them all)")
     agree_weight: float = setting(1.0, "reward for keeping the unpruned model's answer")
     prob_weight: float = setting(1.0, "reward per unit of probability of the unpruned model's answer")
-    budget_weight: float = setting(2.0, "penalty per unit of relative miss of the token budget, per step")
+    reward_baseline: str = setting("distinct", "heuristic whose fidelity reward on the same image is subtracted from "
+                                               "the final reward, a per-image baseline independent of the actions; "
+                                               "'none' subtracts nothing", choices=("none", *HEURISTICS))
     hidden: int = setting(64, "width of the policy networks")
-    warm_start: str = setting("nms", "the heuristic the similarity agent first imitates (policies/warm_start.py): "
-                                     "'nms' attention NMS, 'greedy' greedy similarity; 'none': both start uniform",
-                              choices=WARM_STARTS)
+    warm_start: str = setting("distinct", "the heuristic the similarity agent first imitates (policies/warm_start.py)"
+                                          ": 'nms' attention NMS, 'distinct' distinctive NMS, 'similarity' greedy "
+                                          "similarity; 'none': both start uniform", choices=WARM_STARTS)
     warm_start_images: int = setting(2048, "train images the warm start imitates the heuristic on")
     checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
     seed: int = setting(0, "seed of the policies, the image streams and the warm start")
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
 
     def __post_init__(self) -> None:
-        for name in ("dataset", "reduction", "agents", "warm_start"):
+        for name in ("dataset", "reduction", "agents", "warm_start", "reward_baseline"):
             choices = _field(type(self), name).metadata["choices"]
             _check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}, "
                                                    f"got {getattr(self, name)!r}")
@@ -125,7 +128,7 @@ class PruningProblem:
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)
-        for name in ("agree_weight", "prob_weight", "budget_weight"):
+        for name in ("agree_weight", "prob_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
@@ -166,8 +169,7 @@ class PruningProblem:
                   "train_limit": server.get("limit"), "val_size": server.get("val_size"),
                   "split_seed": server.get("split_seed"), "prune_points": server["prune_points"],
                   "target_ratio": server["target_ratio"], "reduction": server.get("reduction", "drop"),
-                  **{k: env.get(k) for k in ("agents", "images_per_env", "agree_weight", "prob_weight",
-                                             "budget_weight")},
+                  **{k: env.get(k) for k in ("agents", "images_per_env", "agree_weight", "prob_weight")},
                   "hidden": (config.get("model_config") or {}).get("hidden"),
                   "warm_start": config.get("warm_start", "none"),
                   **{k: config.get(k) for k in ("val_limit", "checkpoint_every", "seed", "ppo")}}

@@ -23,7 +23,6 @@ from envs.vit.features import AGENT_FEATURES, observe
 from envs.vit.flops import ViTSpec, image_gflops
 from envs.vit.pruned_forward import (
     TokenState,
-    adaptive_forward,
     classify,
     concat_states,
     exact_forward,
@@ -32,7 +31,8 @@ from envs.vit.pruned_forward import (
 )
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import pad_tokens
-from policies.decisions import policy_keep_rule, policy_selector
+from policies.decisions import policy_selector
+from policies.heuristics import heuristic_selector
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class EngineSpec:
 
     num_patches: int
     num_images: int
+    baseline: str  # the heuristic whose outcome final results carry (the reward baseline), or "none"
     num_features: dict[str, int] = field(default_factory=lambda: {k: len(v) for k, v in AGENT_FEATURES.items()})
 
 
@@ -61,11 +62,13 @@ class PruningEngine:
     """Runs pruning episodes in batches. ``max_episodes`` bounds the state kept for unfinished ones.
 
     ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.vit.token_merge``).
+    ``baseline``: a heuristic (``policies.heuristics``) whose pruned prediction of each image is reported with
+    the agents' (the env's per-image reward baseline), or ``"none"``.
     """
 
     def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor, labels: torch.Tensor,
                  target_ratio: float, reduction: str, device: str | torch.device = "cpu",
-                 max_episodes: int = 65536):
+                 max_episodes: int = 65536, baseline: str = "none"):
         self.staged = staged.to(device).eval()
         self.config = backbone_config
         self.images, self.labels = images, labels
@@ -75,11 +78,14 @@ class PruningEngine:
         self.episodes: OrderedDict[str, _Episode] = OrderedDict()
         self.vit_spec = ViTSpec.from_model(staged.vit)
         self._full_probs = torch.full((len(labels), backbone_config["num_classes"]), float("nan"))
+        self.baseline = baseline
+        self._baseline = None if baseline == "none" else heuristic_selector(baseline)
+        self._baseline_probs = torch.full_like(self._full_probs, float("nan"))
         self.forwards = 0  # stage forward passes run, for batching statistics
         self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
     def spec(self) -> EngineSpec:
-        return EngineSpec(self.staged.num_patches, len(self.labels))
+        return EngineSpec(self.staged.num_patches, len(self.labels), self.baseline)
 
     def _observations(self, state: TokenState) -> list[dict[str, np.ndarray]]:
         """Both agents' features and the live mask, zero-padded to ``N`` rows, as one numpy dict per image."""
@@ -98,6 +104,13 @@ class PruningEngine:
             logits = self.staged(inputs[todo])
             self._full_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
 
+    def _ensure_baseline_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
+        """The baseline heuristic's class probabilities at the exact budget, computed once per image."""
+        todo = [row for row, index in enumerate(indices) if torch.isnan(self._baseline_probs[index, 0])]
+        if todo and self._baseline is not None:
+            logits, _ = exact_forward(self.staged, inputs[todo], self._baseline, self.target_ratio, self.reduction)
+            self._baseline_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
+
     def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
         return normalize(self.images[indices].to(self.device), self.config)
@@ -110,6 +123,7 @@ class PruningEngine:
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
         self._ensure_full_probs(indices, inputs)
+        self._ensure_baseline_probs(indices, inputs)
         state = initial_state(self.staged, inputs)
         self.forwards += 1
         for b, (key, image) in enumerate(zip(keys, indices, strict=True)):
@@ -169,38 +183,32 @@ class PruningEngine:
         label = int(self.labels[episode.image])
         gflops = image_gflops(self.vit_spec, self.staged.prune_points, [self.staged.num_patches, *episode.kept],
                               self.reduction, "agents")
-        return {"done": True, "kept": episode.kept[-1], "kept_per_stage": episode.kept,
+        out = {"done": True, "kept": episode.kept[-1], "kept_per_stage": episode.kept,
                 "prediction": int(probs.argmax()), "unpruned_prediction": full_class, "label": label,
                 "agree": int(probs.argmax()) == full_class, "correct": int(probs.argmax()) == label,
                 "prob_unpruned_class": float(probs[full_class]),
                 "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
+        if self._baseline is not None:
+            baseline = self._baseline_probs[episode.image]
+            out.update(baseline_agree=int(baseline.argmax()) == full_class,
+                       baseline_prob_unpruned_class=float(baseline[full_class]))
+        return out
 
     @torch.no_grad()
     def validate(self, modules: dict, batch_size: int = 256) -> dict[str, float]:
-        """How the deterministic modes that evaluation reports do on every image the engine holds: accuracy
-        and agreement with the unpruned model at the exact budget (``MARL exact``) and with per-image counts
-        (``MARL adaptive``, with its mean fraction of patches reaching the head), in percent."""
-        modes = {"exact": lambda x: exact_forward(self.staged, x, policy_selector(modules, self.staged,
-                                                                                   self.target_ratio),
-                                                  self.target_ratio, self.reduction),
-                 "adaptive": lambda x: adaptive_forward(self.staged, x, policy_keep_rule(modules, self.staged,
-                                                                                         self.target_ratio),
-                                                        self.reduction)}
-        outputs: dict[str, list] = {mode: [] for mode in modes}
+        """How the agents' deterministic policy, which evaluation reports as ``MARL exact``, does on every image
+        the engine holds: accuracy and agreement with the unpruned model, in percent."""
+        select = policy_selector(modules, self.staged, self.target_ratio)
+        predictions = []
         for start in range(0, len(self.labels), batch_size):  # each image read once
             batch = list(range(start, min(start + batch_size, len(self.labels))))
             inputs = self._inputs(batch)
             self._ensure_full_probs(batch, inputs)
-            for mode, forward in modes.items():
-                outputs[mode].append(forward(inputs))
-        metrics = {}
-        for mode in modes:
-            predictions = torch.cat([logits.argmax(1).cpu() for logits, _ in outputs[mode]])
-            kept = torch.cat([kept[:, -1].cpu() for _, kept in outputs[mode]]).double()
-            metrics[f"{mode}_accuracy"] = 100 * (predictions == self.labels).double().mean().item()
-            metrics[f"{mode}_agreement"] = 100 * (predictions == self._full_probs.argmax(1)).double().mean().item()
-            metrics[f"{mode}_keep_ratio"] = (kept / self.staged.num_patches).mean().item()
-        return metrics
+            logits, _ = exact_forward(self.staged, inputs, select, self.target_ratio, self.reduction)
+            predictions.append(logits.argmax(1).cpu())
+        predictions = torch.cat(predictions)
+        return {"exact_accuracy": 100 * (predictions == self.labels).double().mean().item(),
+                "exact_agreement": 100 * (predictions == self._full_probs.argmax(1)).double().mean().item()}
 
     def release(self, keys: list[str]) -> None:
         """Forget episodes that will not be stepped again (env reset mid-episode, runner gone)."""

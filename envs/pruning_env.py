@@ -3,19 +3,21 @@
 One env instance carries ``images_per_env`` images at once, so each call to the ViT server moves a
 batch. Each image has an agent pair: ``attention`` and ``similarity`` when there is one image, else
 ``attention_<i>`` and ``similarity_<i>``; the policy of an agent is the part of its ID before ``_``
-(:func:`policy_for_agent`). Every pruning point is one step in which both agents of every image act
-on the tokens still alive; the episode ends after the last stage.
+(:func:`policy_for_agent`). The agents take turns at every pruning point (``policies.decisions``): a step
+in which the similarity agents mark redundant tokens, then one in which the attention agents choose the
+tokens they keep among the rest, each a set of exactly the size its observation's ``count`` says; the
+second step applies the AND rule and runs the next stage. The episode ends after the last stage, so every
+image meets the budget exactly.
 
 What defines the problem (agents, reward weights, target ratio) comes from ``env_config["problem"]``, a
-:class:`~envs.problem.PruningProblem` as JSON. The two agents' decisions combine by the AND rule of
-``policies.decisions`` (docs/DESIGN.md); ``agents="attention"`` or ``"similarity"`` runs one agent alone.
+:class:`~envs.problem.PruningProblem` as JSON; ``agents="attention"`` or ``"similarity"`` runs one agent
+alone, one step per pruning point.
 
-Reward, shared by the two agents of an image (docs/DESIGN.md, "Reward"):
-- at every step, ``-budget_weight * |kept / target - 1|`` where ``target = tokens_to_keep(live, ratio)``:
-  the budget is measured in kept patch tokens per pruning point;
-- at the last step, ``agree_weight * [pruned argmax == unpruned argmax]
-  + prob_weight * p_pruned(unpruned argmax)``: label-free fidelity, so no label (and no test image) is
-  needed to train.
+Reward, shared by the two agents of an image at the last step (docs/DESIGN.md, "Reward"): the fidelity
+``agree_weight * [pruned argmax == unpruned argmax] + prob_weight * p_pruned(unpruned argmax)``: label-free,
+so no label (and no test image) is needed to train; minus the same fidelity of the ``reward_baseline``
+heuristic on the same image, a per-image baseline that does not depend on the agents' actions (the
+gradient stays unbiased) and leaves a return above 0 exactly where the agents beat the heuristic.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost
-from envs.vit.token_ops import tokens_to_keep
 from envs.vit_server import DEFAULT_NAME, NAMESPACE
-from policies.decisions import survives
+from policies.decisions import TURNS, survives, turn_counts
 from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
@@ -52,6 +53,11 @@ def trained_policies(agents: str) -> tuple[str, ...]:
 def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
     return agent_id.split("_")[0]
+
+
+def fidelity(problem: PruningProblem, agree: bool, prob_unpruned_class: float) -> float:
+    """The final reward for how well a pruned forward keeps the unpruned model's answer."""
+    return problem.agree_weight * float(agree) + problem.prob_weight * prob_unpruned_class
 
 
 _episodes_lost = 0  # in this process; RLlib recreates the env after each, and the new one must not replay
@@ -82,6 +88,9 @@ class TokenPruningEnv(MultiAgentEnv):
                              else names)
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
+        if self.spec_.baseline != self.problem.reward_baseline:
+            raise ValueError(f"the ViT server computes the reward baseline {self.spec_.baseline!r}, the problem "
+                             f"asks for {self.problem.reward_baseline!r}")
         self.num_images = self.problem.images_per_env
         policies = trained_policies(self.problem.agents)
         suffixes = [""] if self.num_images == 1 else [f"_{i}" for i in range(self.num_images)]
@@ -97,7 +106,9 @@ class TokenPruningEnv(MultiAgentEnv):
         self._upcoming: list[int] | None = None
         self._episode = 0
         self._keys: list[str] = []
-        self._live: list[int] = []
+        self._point: list[dict[str, np.ndarray]] = []  # per image: both agents' features and the live mask
+        self._turns: list[str] = []  # the policies still to choose at the current pruning point, in order
+        self._left: list[np.ndarray] = []  # per image: the tokens the turns so far have left alive
         self._instance = f"{id(self):x}-{time.monotonic_ns():x}"
 
     # -- server access -------------------------------------------------------------------------------
@@ -134,13 +145,25 @@ class TokenPruningEnv(MultiAgentEnv):
         return {aid: {k: np.zeros(space.shape, np.float32) for k, space in self.observation_spaces[aid].items()}
                 for aid in self.agents}
 
-    def _observations(self, results: list[dict]) -> dict:
+    def _turn_observations(self, policy: str) -> dict:
+        """The observations of the agents of ``policy`` for their turn at the current pruning point: their
+        features, the tokens they choose from (those left by the turns before) and how many to choose
+        (:func:`~policies.decisions.turn_counts`)."""
         out = {}
-        for i, result in enumerate(results):
-            obs = result["obs"] if "obs" in result else result
-            for aid in self._image_agents[i]:
-                out[aid] = {"tokens": obs[policy_for_agent(aid)], "live": obs["live"]}
+        for i, point in enumerate(self._point):
+            counts = dict(zip(TURNS, turn_counts(int(point["live"].sum()), self.problem.target_ratio,
+                                                 self.problem.agents), strict=True))
+            out[self._agent(i, policy)] = {"tokens": point[policy], "live": self._left[i].astype(np.float32),
+                                           "count": np.array([counts[policy]], np.float32)}
         return out
+
+    def _start_point(self, points: list[dict[str, np.ndarray]]) -> dict:
+        """Begin the turns at a pruning point with the server's observations ``points`` (one per image); returns
+        the observations of whoever chooses first."""
+        self._point = points
+        self._left = [point["live"] > 0.5 for point in points]
+        self._turns = [policy for policy in TURNS if policy in trained_policies(self.problem.agents)]
+        return self._turn_observations(self._turns[0])
 
     def _draw_images(self) -> list[int]:
         return self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
@@ -156,51 +179,49 @@ class TokenPruningEnv(MultiAgentEnv):
         indices = self._upcoming or self._draw_images()  # the k-th episode uses the k-th draw
         self._upcoming = self._draw_images()  # the server reads them ahead when it streams
         self._images = indices
-        results = self._call("reset", self._keys, indices, self._upcoming)
-        self._live = [int(r["live"].sum()) for r in results]
         self.agents = list(self.possible_agents)
-        return self._observations(results), {aid: {} for aid in self.agents}
+        obs = self._start_point(self._call("reset", self._keys, indices, self._upcoming))
+        return obs, {aid: {} for aid in obs}
 
     def step(self, action_dict: dict):
-        keep = []
-        for i in range(self.num_images):
-            decisions = {policy_for_agent(aid): action_dict.get(aid) for aid in self._image_agents[i]}
-            keep.append(survives(decisions.get("attention"), decisions.get("similarity")))
+        policy = self._turns.pop(0)
+        for i, left in enumerate(self._left):
+            chosen = action_dict[self._agent(i, policy)]
+            self._left[i] = left & (survives(chosen, None) if policy == "attention" else survives(None, chosen))
+        if self._turns:
+            return self._turn_observations(self._turns[0]), {}, {"__all__": False}, {"__all__": False}, {}
         try:
-            results = self._call("step", self._keys, keep)
+            results = self._call("step", self._keys, self._left)
         except ray.exceptions.RayTaskError as error:
             if not isinstance(error.as_instanceof_cause(), EpisodeLost):
                 raise
             raise self._episode_lost() from None
         except EpisodeLost:
             raise self._episode_lost() from None
+        if not results[0]["done"]:
+            return self._start_point([result["obs"] for result in results]), {}, {"__all__": False}, \
+                {"__all__": False}, {}
         problem = self.problem
-        obs, rewards, infos = {}, {}, {}
-        done = results[0]["done"]
+        rewards, infos = {}, {}
         for i, result in enumerate(results):
-            target = tokens_to_keep(self._live[i], problem.target_ratio)
-            reward = -problem.budget_weight * abs(result["kept"] / target - 1.0)
-            info: dict[str, Any] = {"kept": result["kept"], "target": target}
-            if done:
-                reward += problem.agree_weight * float(result["agree"])
-                reward += problem.prob_weight * result["prob_unpruned_class"]
-                info.update({k: result[k] for k in ("agree", "correct", "prob_unpruned_class",
-                                                    "kept_per_stage", "gflops_backbone", "gflops_features")})
-                info["keep_ratio"] = result["kept"] / self.spec_.num_patches
-                info["image"] = self._images[i]
-            else:
-                self._live[i] = result["kept"]
+            reward = fidelity(problem, result["agree"], result["prob_unpruned_class"])
+            if problem.reward_baseline != "none":
+                reward -= fidelity(problem, result["baseline_agree"], result["baseline_prob_unpruned_class"])
+            info = {k: result[k] for k in ("kept", "agree", "correct", "prob_unpruned_class", "kept_per_stage",
+                                          "gflops_backbone", "gflops_features")}
+            info.update(keep_ratio=result["kept"] / self.spec_.num_patches, image=self._images[i])
             for aid in self._image_agents[i]:
                 rewards[aid] = float(reward)
                 infos[aid] = info
-        if not done:
-            obs = self._observations(results)
-        else:
-            self._keys = []
-            obs = self._zero_observations()
-        terminateds = {aid: done for aid in self.agents} | {"__all__": done}
+        self._keys = []
+        terminateds = {aid: True for aid in self.agents} | {"__all__": True}
         truncateds = {aid: False for aid in self.agents} | {"__all__": False}
-        return obs, rewards, terminateds, truncateds, infos
+        return self._zero_observations(), rewards, terminateds, truncateds, infos
+
+    def _agent(self, image: int, policy: str) -> str | None:
+        """The agent of ``policy`` on image ``image`` (``attention_3``, or ``attention`` with one image); None
+        when ``policy`` does not act."""
+        return next((aid for aid in self._image_agents[image] if policy_for_agent(aid) == policy), None)
 
     def _episode_lost(self) -> StepFailedRecreateEnvError:
         """The server lost our episodes (a restart): RLlib discards this episode (nothing of it is trained on),

@@ -76,7 +76,8 @@ class ViTServer:
         device = "cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         problem = settings.problem
         staged = staged_from_weights(state, config, problem.prune_points)
-        self.engine = PruningEngine(staged, config, images, labels, problem.target_ratio, problem.reduction, device)
+        self.engine = PruningEngine(staged, config, images, labels, problem.target_ratio, problem.reduction, device,
+                                    baseline=problem.reward_baseline)
         wait_ms = settings.max_wait_ms
         self._max_wait_s = (2.0 if device == "cuda" else 0.0) / 1000 if wait_ms is None else wait_ms / 1000
         self._queue: list[_Request] = []

@@ -8,7 +8,7 @@ checkpoint therefore carries, beside RLlib's files, an export of its policy modu
                                                ("attention._token_net.0.weight", "similarity. ...")
     <checkpoint>/export/policy.json            {"problem", "iteration", "val_score"} as in pruning_config.json,
                                                and per module what rebuilds it: {"modules": {policy:
-                                               {"num_patches", "num_features", "hidden", "init_logit_bias"}}}
+                                               {"num_patches", "num_features", "hidden"}}}
 
 :func:`load_exported_policies` rebuilds the ``TokenPolicyModule`` of each policy from these two files only
 (JSON and safetensors, neither of which can run code). Re-export a checkpoint (the committed reference
@@ -55,8 +55,7 @@ def module_config(module: TokenPolicyModule) -> dict[str, Any]:
     num_patches, num_features = module.observation_space["tokens"].shape
     config = module.model_config or {}
     return {"num_patches": int(num_patches), "num_features": int(num_features),
-            "hidden": int(config.get("hidden", DEFAULT_HIDDEN)),
-            "init_logit_bias": float(config.get("init_logit_bias", 0.0))}
+            "hidden": int(config.get("hidden", DEFAULT_HIDDEN))}
 
 
 def write_export(modules: Mapping[str, TokenPolicyModule], info: CheckpointInfo,
@@ -108,8 +107,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPoli
         prefix = f"{name}."
         state = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
         try:
-            module = policy_module_spec(name, spec["num_patches"], {"hidden": spec["hidden"],
-                                                                     "init_logit_bias": spec["init_logit_bias"]},
+            module = policy_module_spec(name, spec["num_patches"], {"hidden": spec["hidden"]},
                                         num_features=spec["num_features"]).build()
             module.load_state_dict(state)
         except (KeyError, TypeError, RuntimeError) as error:

@@ -1,5 +1,6 @@
-"""Baseline token selectors at an exact budget: random, greedy class attention (EViT), greedy similarity, and
-attention NMS (non-maximum suppression of near-duplicates by class attention).
+"""Baseline token selectors at an exact budget: random, greedy class attention (EViT), greedy similarity,
+attention NMS (non-maximum suppression of near-duplicates by class attention) and distinctive NMS (the same
+by distinctiveness: a one-shot version of greedy similarity).
 
 Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_keep``) and returns
 ``keep [B, N]`` bool with exactly ``k`` live tokens per image. :func:`heuristic_selector` adapts them to
@@ -12,13 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from envs.vit.features import cosine_similarity
+from envs.vit.features import cosine_similarity, mean_similarity, suppression
 from envs.vit.pruned_forward import Selector
 from envs.vit.token_ops import topk_keep_mask
 
-HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms")
+HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms", "distinct")
 HEURISTIC_SCORES: dict[str, str] = {"random": "none", "attention": "attention", "similarity": "similarity",
-                                    "nms": "agents"}
+                                    "nms": "agents", "distinct": "similarity"}
 
 
 def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,10 +81,18 @@ def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live:
     """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
     suppression in one shot, so of each group of near-duplicates the most attended one stays (the
     ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
+    suppressed = suppression(cosine_similarity(x_patch), live, cls_attention, top=-1.0)
+    return topk_keep_mask(-suppressed, live, k)
+
+
+def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` live tokens least similar to a more distinctive token (lower mean cosine similarity to
+    the others): of each group of near-duplicates the most distinctive one stays, as in greedy similarity's
+    sequential removal, but in one shot (the ``distinct_suppression`` feature of ``envs.vit.features``).
+    ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
     similarity = cosine_similarity(x_patch)
-    more_attended = live.unsqueeze(1) & (cls_attention.unsqueeze(1) > cls_attention.unsqueeze(2))
-    suppression = similarity.masked_fill(~more_attended, -1.0).amax(dim=-1)
-    return topk_keep_mask(-suppression, live, k)
+    suppressed = suppression(similarity, live, -mean_similarity(similarity, live), top=-1.0)
+    return topk_keep_mask(-suppressed, live, k)
 
 
 def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:
@@ -96,4 +105,6 @@ def heuristic_selector(name: str, generator: torch.Generator | None = None) -> S
         return lambda state, k: greedy_similarity_keep(state.patches, state.live, k)
     if name == "nms":
         return lambda state, k: attention_nms_keep(state.patches, state.cls_attention, state.live, k)
+    if name == "distinct":
+        return lambda state, k: distinctive_nms_keep(state.patches, state.live, k)
     raise ValueError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")

@@ -3,8 +3,8 @@
     model = PrunedViT.from_checkpoint("reference/marl_policy")          # the trained agents, exact budget
     logits = model(model.normalize(images))                             # uint8 [B, 3, H, W] -> [B, classes]
 
-It composes the project's one pruned computation (``exact_forward`` / ``adaptive_forward`` of
-``envs.vit.pruned_forward``) with what chooses the tokens: the agents (``policies.decisions``), a heuristic
+It composes the project's one pruned computation (``exact_forward`` of ``envs.vit.pruned_forward``) with
+what chooses the tokens: the agents (``policies.decisions``), a heuristic
 (``policies.heuristics``), ToMe (``envs.vit.tome``) or nothing (the unpruned model), and costs it with
 ``envs.vit.flops``. evaluate.py builds every row of its table as a PrunedViT, so what a user runs is what
 was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and JSON,
@@ -24,12 +24,12 @@ from torch import nn
 from envs.problem import POLICIES, PruningProblem, check_target_ratio
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.flops import ImageGflops, ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
-from envs.vit.pruned_forward import adaptive_forward, exact_forward
+from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, check_policies, load_policies
-from policies.decisions import policy_keep_rule, policy_selector
+from policies.decisions import policy_selector
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
 from policies.rl_module import TokenPolicyModule
 
@@ -63,14 +63,12 @@ class PrunedViT(nn.Module):
         budget: ``target_ratio``, the fraction of live patch tokens removed at each pruning point; required
             by every selection but ``None``, which takes none.
         reduction: what removed tokens become: ``merge`` (into the most similar kept token) or ``drop``.
-        adaptive: policies only: each image keeps its policies' expected number of survivors instead of
-            exactly the budget's count (``policies.decisions.policy_keep_rule``).
         seed: seed of the ``random`` heuristic, so that a new model repeats its choices.
     """
 
     def __init__(self, staged: StagedViT, backbone_config: Mapping[str, Any],
                  selection: str | Mapping[str, TokenPolicyModule] | None = None, budget: float | None = None,
-                 reduction: str = "merge", *, adaptive: bool = False, seed: int = 0) -> None:
+                 reduction: str = "merge", *, seed: int = 0) -> None:
         super().__init__()
         is_policy = isinstance(selection, Mapping)
         if is_policy and not (selection and set(selection) <= set(POLICIES)):
@@ -79,8 +77,6 @@ class PrunedViT(nn.Module):
             raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS} or pass policy modules")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if adaptive and not is_policy:
-            raise ValueError("only the policies have an adaptive mode; heuristics and ToMe keep exact budgets")
         if selection is None and budget is not None:
             raise ValueError("the unpruned model takes no budget")
         self.staged = staged
@@ -89,14 +85,13 @@ class PrunedViT(nn.Module):
         self.policies = nn.ModuleDict(selection if is_policy else {})
         self.budget = None if selection is None else check_target_ratio(budget, "budget")
         self.reduction = reduction
-        self.adaptive = adaptive
         self.seed = seed
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
         self.tome_merges = self._tome_merges() if selection == "tome" else None
         self.eval()  # dropout and stochastic depth off: this is an inference model
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, adaptive: bool = False, budget: float | None = None,
+    def from_checkpoint(cls, path: str | os.PathLike, *, budget: float | None = None,
                         backbone: str | os.PathLike | None = None, reduction: str | None = None) -> PrunedViT:
         """The policies of a training checkpoint on their backbone, at their target ratio.
 
@@ -104,10 +99,8 @@ class PrunedViT(nn.Module):
 
         Args:
             path: a checkpoint directory written by train.py (e.g. ``reference/marl_policy``).
-            adaptive: per-image token counts instead of the exact budget.
             budget: another target ratio than the one the policies were trained at (their observations
-                include it, so they adapt their scores; in adaptive mode each image still keeps its expected
-                survivors).
+                include it, so they adapt their scores).
             backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
@@ -116,7 +109,7 @@ class PrunedViT(nn.Module):
         staged, config, _ = policy_backbone(problem, path, backbone)
         check_policies(modules, staged.num_patches, path)
         return cls(staged, config, modules, problem.target_ratio if budget is None else budget,
-                   reduction or problem.reduction, adaptive=adaptive)
+                   reduction or problem.reduction)
 
     @classmethod
     def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
@@ -153,9 +146,6 @@ class PrunedViT(nn.Module):
             return staged.vit(images), torch.tensor(self.schedule()).expand(len(images), -1)
         if self.selection == "tome":
             return tome_forward(staged, images, self.tome_merges), torch.tensor(self.schedule()).expand(len(images), -1)
-        if self.adaptive:
-            rule = policy_keep_rule(self.policies, staged, self.budget)
-            return adaptive_forward(staged, images, rule, self.reduction)
         if self.selection == "policy":
             select = policy_selector(self.policies, staged, self.budget)
         else:
@@ -169,9 +159,7 @@ class PrunedViT(nn.Module):
         return self._generator
 
     def schedule(self) -> list[int]:
-        """Patch tokens alive in each stage, the same for every image: all but the adaptive policies."""
-        if self.adaptive:
-            raise ValueError("in adaptive mode each image keeps its own counts; see forward_with_kept")
+        """Patch tokens alive in each stage, the same for every image."""
         staged = self.staged
         if self.selection is None:
             return [staged.num_patches] * staged.num_stages
@@ -212,6 +200,5 @@ class PrunedViT(nn.Module):
         return tome_schedule(spec, target)
 
     def extra_repr(self) -> str:
-        mode = "adaptive" if self.adaptive else "exact"
         return (f"selection={self.selection or 'none'}, budget={self.budget}, reduction={self.reduction}, "
-                f"mode={mode}, prune_points={self.staged.prune_points}")
+                f"prune_points={self.staged.prune_points}")

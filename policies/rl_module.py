@@ -1,8 +1,9 @@
-"""TokenPolicyModule: the per-token keep/redundant policy both agents use (each with its own weights).
+"""TokenPolicyModule: the per-token scoring policy both agents use (each with its own weights).
 
 The network is shared across tokens and sees the others only through a masked-mean context, so it works for
-any number of live tokens and permuting the live rows permutes its outputs. Dead rows get a fixed very
-negative logit: they are deterministically 0 and contribute ~nothing to log-probability or entropy. Its
+any number of live tokens and permuting the live rows permutes its outputs. Its action is a set of exactly
+``count`` live tokens (the observation says how many), drawn by :class:`~policies.distribution.ExactCount`
+from the token scores; dead rows get :data:`~policies.distribution.DEAD_SCORE`, so no set holds them. Its
 observations come from ``envs.vit.features.observe``, which has already replaced non-finite values.
 """
 
@@ -21,9 +22,8 @@ from ray.rllib.utils.annotations import override
 from torch import nn
 
 from envs.vit.features import AGENT_FEATURES
-from policies.distribution import MultiBernoulli
+from policies.distribution import DEAD_SCORE, ExactCount
 
-DEAD_LOGIT = -20.0
 DEFAULT_HIDDEN = 64
 _NETWORKS = ("token_net", "logit_net", "value_head")
 
@@ -35,10 +35,9 @@ def masked_mean(emb: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
-    """Per-token Bernoulli policy over a Dict(tokens [N, F], live [N]) observation, plus a value head.
+    """Exact-count set policy over a Dict(tokens [N, F], live [N], count [1]) observation, plus a value head.
 
-    ``model_config``: ``hidden`` (width, default 64) and ``init_logit_bias`` (initial logit of every live
-    token, default 0.0, i.e. start from keep probability sigmoid(bias)).
+    ``model_config``: ``hidden`` (width, default 64).
     """
 
     @override(TorchRLModule)
@@ -50,10 +49,8 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
             nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self._logit_net = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self._value_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        last = self._logit_net[-1]
-        with torch.no_grad():  # small last layer: every token starts near the configured keep probability
-            last.weight.mul_(0.01)
-            last.bias.fill_(float(cfg.get("init_logit_bias", 0.0)))
+        with torch.no_grad():  # small last layer: every set starts about equally likely
+            self._logit_net[-1].weight.mul_(0.01)
         self._register_load_state_dict_pre_hook(_accept_unprefixed_names)
 
     def macs_per_token(self) -> int:
@@ -63,39 +60,49 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
                    for net in (self._token_net, self._logit_net) for layer in net if isinstance(layer, nn.Linear))
 
     @override(RLModule)
-    def get_inference_action_dist_cls(self) -> type[MultiBernoulli]:
-        return MultiBernoulli
+    def get_inference_action_dist_cls(self) -> type[ExactCount]:
+        return ExactCount
 
     @override(RLModule)
-    def get_exploration_action_dist_cls(self) -> type[MultiBernoulli]:
-        return MultiBernoulli
+    def get_exploration_action_dist_cls(self) -> type[ExactCount]:
+        return ExactCount
 
     @override(RLModule)
-    def get_train_action_dist_cls(self) -> type[MultiBernoulli]:
-        return MultiBernoulli
+    def get_train_action_dist_cls(self) -> type[ExactCount]:
+        return ExactCount
 
     def _embed(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token embeddings ``[..., N, h]`` and the live-token context ``[..., h]``."""
         emb = self._token_net(obs["tokens"])
         return emb, masked_mean(emb, obs["live"])
 
-    def _logits(self, obs: dict[str, torch.Tensor], emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _scores(self, obs: dict[str, torch.Tensor], emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([emb, context.unsqueeze(-2).expand_as(emb)], dim=-1)
-        logits = self._logit_net(joint).squeeze(-1)
-        return torch.where(obs["live"] > 0.5, logits, torch.full_like(logits, DEAD_LOGIT))
+        scores = self._logit_net(joint).squeeze(-1)
+        return torch.where(obs["live"] > 0.5, scores, torch.full_like(scores, DEAD_SCORE))
+
+    def token_scores(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """The scores ``[..., N]`` of tokens with features ``tokens [..., N, F]`` and live mask ``live [..., N]``
+        (the deterministic policy keeps the ``count`` highest)."""
+        obs = {"tokens": tokens, "live": live}
+        return self._scores(obs, *self._embed(obs))
+
+    def _action_dist_inputs(self, obs: dict[str, torch.Tensor], emb: torch.Tensor,
+                            context: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._scores(obs, emb, context), obs["count"]], dim=-1)
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         obs = batch[Columns.OBS]
         emb, context = self._embed(obs)
-        return {Columns.ACTION_DIST_INPUTS: self._logits(obs, emb, context)}
+        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, emb, context)}
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         """Also returns the context as EMBEDDINGS so PPO's value loss does not re-run the token MLP."""
         obs = batch[Columns.OBS]
         emb, context = self._embed(obs)
-        return {Columns.ACTION_DIST_INPUTS: self._logits(obs, emb, context), Columns.EMBEDDINGS: context}
+        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, emb, context), Columns.EMBEDDINGS: context}
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,10 +122,12 @@ def _accept_unprefixed_names(state_dict: dict[str, torch.Tensor], prefix: str, *
 
 
 def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
-    """An agent's observation (per-token features and the live mask) and action (one bit per token) spaces."""
+    """An agent's observation (per-token features, the live mask and how many tokens to choose) and action
+    (one bit per token: the chosen set) spaces."""
     observation = gym.spaces.Dict({
         "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32)})
+        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32),
+        "count": gym.spaces.Box(0.0, float(num_patches), (1,), np.float32)})
     return observation, gym.spaces.MultiBinary(num_patches)
 
 

@@ -1,11 +1,13 @@
-"""Warm start: before PPO, the similarity agent imitates a heuristic's removals (behaviour cloning).
+"""Warm start: before PPO, the agents imitate a pair of heuristics (behaviour cloning).
 
-PPO pays one shared reward per image for ~64 per-token decisions, so per-token preferences emerge slowly
-(docs/DESIGN.md). Imitation gives the similarity agent the best heuristic's behaviour to start from, on
-train-split images only; the attention agent starts keeping almost every token
-(``policies.decisions.KEEP_PROBABILITY``), so at the start the pair removes what the heuristic removes, and
-PPO then trains both agents from there. ``nms`` (attention NMS) is what the similarity agent's one-shot
-``suppression`` feature encodes, so it is imitated almost exactly; ``greedy`` (greedy similarity) is not.
+PPO pays one shared reward per image for sets of dozens of tokens, so per-token preferences emerge slowly
+(docs/DESIGN.md). Imitation gives the agents a strong start, on train-split images only: at each pruning
+point the similarity agent imitates the chosen heuristic for its share of the removals, and the attention
+agent imitates greedy attention on the tokens left (it keeps those the class token attends to most;
+``policies.decisions`` splits the removals). ``nms`` (attention NMS) and ``distinct``
+(distinctive NMS) are what the similarity agent's one-shot ``suppression`` and ``distinct_suppression``
+features encode, so they are imitated almost exactly; ``similarity`` (greedy similarity, sequential) is
+approximated. PPO then trains both agents from there.
 """
 
 from __future__ import annotations
@@ -14,90 +16,99 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.vit.features import observe
 from envs.vit.pruned_forward import TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import pad_tokens
+from envs.vit.token_ops import pad_tokens, topk_keep_mask
+from policies.decisions import highest, turn_counts
 from policies.heuristics import heuristic_selector
 from policies.rl_module import policy_module_spec
 
-IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 redundant / 0.05 not, so logits stay near +-3
+IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 chosen / 0.05 not, so scores stay near +-3
 IMITATION_STEPS = 400
 IMITATION_BATCH = 128
 IMITATION_LR = 3e-3
 
 
+Demonstration = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Per acting policy: ``features [R, N, F]``, ``live [R, N]`` and ``chosen [R, N]``, one row per image and
+pruning point: what the agent observes, the tokens it chooses from, and the set the heuristic chose (the
+attention agent's kept tokens, the similarity agent's redundant ones), zero-padded to ``N`` rows as in the env."""
+
+
 @torch.no_grad()
 def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str, heuristic: str,
-                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The similarity agent's observations along the ``heuristic``'s pruned forwards, and the heuristic's choice.
-
-    Args:
-        images: normalised ``[M, C, H, W]``.
-
-    Returns:
-        ``features [R, N, F]``, ``live [R, N]`` and ``redundant [R, N]`` (1 = the heuristic removes it), one row per
-        image and pruning point, live tokens first and zero-padded to ``N`` as in the env.
-    """
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    select = heuristic_selector(heuristic)
+                   agents: str = "both", batch_size: int = 256) -> Demonstration:
+    """The agents' observations along the heuristics' pruned forwards of ``images`` (normalised
+    ``[M, C, H, W]``), and the heuristics' choices."""
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    similarity_select = heuristic_selector(heuristic)
 
     def record(state: TokenState, k: int) -> torch.Tensor:
-        keep = select(state, k)
-        features = observe(staged, state, target_ratio).similarity
-        rows.append((features, state.live.float(), (~keep & state.live).float()))
+        observation = observe(staged, state, target_ratio)
+        similarity_removes, _ = turn_counts(int(state.live[0].sum()), target_ratio, agents)
+        left = state.live
+        if agents != "attention":
+            left = similarity_select(state, int(state.live[0].sum()) - similarity_removes)
+            rows.setdefault("similarity", []).append((observation.similarity, state.live, state.live & ~left))
+        if agents == "similarity":
+            return left
+        keep = topk_keep_mask(state.cls_attention, left, k)
+        rows.setdefault("attention", []).append((observation.attention, left, keep))
         return keep
 
     for start in range(0, len(images), batch_size):
         exact_forward(staged, images[start:start + batch_size], record, target_ratio, reduction)
-    features, live, redundant = (torch.cat([pad_tokens(row[i], staged.num_patches) for row in rows])
-                                 for i in range(3))
-    return features, live, redundant
+    return {policy: tuple(torch.cat([pad_tokens(row[i].float(), staged.num_patches) for row in policy_rows])
+                          for i in range(3))
+            for policy, policy_rows in rows.items()}
 
 
-def warm_start_similarity(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
-                          heuristic: str, model_config: dict, directory: Path,
-                          seed: int = 0) -> tuple[Path, float]:
-    """Fit a similarity module to the ``heuristic`` on ``images`` (normalised) and save it in ``directory``.
+def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
+                       heuristic: str, agents: str, model_config: dict, directory: Path,
+                       seed: int = 0) -> dict[str, tuple[Path, float]]:
+    """Fit each acting agent's module to its heuristic on ``images`` (normalised) and save it in ``directory``.
 
-    Returns its path (``RLModule.save_to_path``) and the agreement :func:`clone_similarity` reports.
+    Returns, per policy, its path (``RLModule.save_to_path``) and the agreement :func:`clone_module` reports.
     """
-    features, live, redundant = imitation_data(staged, images, target_ratio, reduction, heuristic)
-    torch.manual_seed(seed)
-    module = policy_module_spec("similarity", staged.num_patches, model_config).build()
-    agreement = clone_similarity(module, features, live, redundant, seed=seed)
-    path = Path(directory) / "similarity"
-    module.save_to_path(str(path))
-    return path, agreement
+    demonstration = imitation_data(staged, images, target_ratio, reduction, heuristic, agents)
+    out = {}
+    for policy, (features, live, chosen) in demonstration.items():
+        torch.manual_seed(seed)
+        module = policy_module_spec(policy, staged.num_patches, model_config).build()
+        agreement = clone_module(module, features, live, chosen, seed=seed)
+        path = Path(directory) / policy
+        module.save_to_path(str(path))
+        out[policy] = (path, agreement)
+    return out
 
 
-def clone_similarity(module: RLModule, features: torch.Tensor, live: torch.Tensor, redundant: torch.Tensor,
-                     steps: int = IMITATION_STEPS, batch_size: int = IMITATION_BATCH, lr: float = IMITATION_LR,
-                     seed: int = 0) -> float:
-    """Fit the module's per-token logits to ``redundant`` (binary cross-entropy on live tokens, Adam).
+def clone_module(module: RLModule, features: torch.Tensor, live: torch.Tensor, chosen: torch.Tensor,
+                 steps: int = IMITATION_STEPS, batch_size: int = IMITATION_BATCH, lr: float = IMITATION_LR,
+                 seed: int = 0) -> float:
+    """Fit the module's token scores to ``chosen`` (binary cross-entropy on live tokens, Adam): the chosen
+    tokens score high, so the module's most likely set of that size is the heuristic's. The targets are
+    smoothed to ``IMITATION_CONFIDENCE`` so the scores stay moderate and PPO's sampled sets still explore
+    (docs/DESIGN.md, "Warm start").
 
-    The targets are smoothed to ``IMITATION_CONFIDENCE`` so the clone's logits stay moderate and PPO can move
-    it gradually (docs/DESIGN.md, "Warm start"). Returns the fraction of live tokens whose thresholded
-    decision matches the heuristic afterwards.
+    Returns the fraction of the chosen tokens that the module's most likely sets contain afterwards.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     module.train()
     for _ in range(steps):
         rows = torch.randint(0, len(features), (batch_size,), generator=generator)
-        obs = {"tokens": features[rows], "live": live[rows]}
-        logits = module.forward_train({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-        target = redundant[rows] * (2 * IMITATION_CONFIDENCE - 1) + (1 - IMITATION_CONFIDENCE)
-        loss = F.binary_cross_entropy_with_logits(logits, target, weight=live[rows], reduction="sum")
+        scores = module.token_scores(features[rows], live[rows])
+        target = chosen[rows] * (2 * IMITATION_CONFIDENCE - 1) + (1 - IMITATION_CONFIDENCE)
+        loss = F.binary_cross_entropy_with_logits(scores, target, weight=live[rows], reduction="sum")
         optimizer.zero_grad()
         (loss / live[rows].sum()).backward()
         optimizer.step()
     module.eval()
     with torch.no_grad():
-        logits = module.forward_inference({Columns.OBS: {"tokens": features, "live": live}})[
-            Columns.ACTION_DIST_INPUTS]
-    agree = ((logits > 0).float() == redundant).float() * live
-    return float(agree.sum() / live.sum())
+        scores = module.token_scores(features, live)
+    count = chosen.sum(dim=1, keepdim=True)
+    matched = (highest(scores, count) & chosen.bool()).sum()
+    return float(matched / count.sum().clamp_min(1))

@@ -87,7 +87,8 @@ def test_streamed_and_decoded_engines_give_identical_observations(data_dir):
     for budget in (None, 0.01):
         split = load_split("cifar10", "val", data_dir, limit=32, memory_budget_mb=budget)
         engine = PruningEngine(StagedViT(vit, (1,)), config, split.images, split.labels, 0.5, "merge")
-        env = TokenPruningEnv({"server": engine, "problem": {"images_per_env": 4, "prune_points": [1]}})
+        problem = {"images_per_env": 4, "prune_points": [1], "reward_baseline": "none"}
+        env = TokenPruningEnv({"server": engine, "problem": problem})
         runs.append([env.reset(seed=3)[0], env.reset()[0], env.reset()[0]])  # the later two were read ahead
     for streamed, decoded in zip(*runs, strict=True):
         for agent in streamed:

@@ -11,8 +11,11 @@ from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 from envs.problem import ProblemError
 from envs.pruning_engine import EpisodeLost, PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
+from envs.vit.backbone_checkpoint import normalize
+from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from policies.decisions import survives
+from policies.heuristics import heuristic_selector
 
 KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
 
@@ -23,12 +26,15 @@ def engine():
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **KWARGS).eval()
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
-    return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5, "merge")
+    return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5, "merge",
+                         baseline="distinct")
 
 
 def make_env(engine, images_per_env: int = 1, **problem) -> TokenPruningEnv:
-    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults."""
-    return TokenPruningEnv({"server": engine, "problem": {"images_per_env": images_per_env, **problem}})
+    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults (the reward
+    baseline: the engine's)."""
+    problem = {"images_per_env": images_per_env, "reward_baseline": engine.baseline, **problem}
+    return TokenPruningEnv({"server": engine, "problem": problem})
 
 
 def rollout(env, seed, policy):
@@ -36,14 +42,16 @@ def rollout(env, seed, policy):
     trace, done = [], False
     while not done:
         obs, rewards, terminateds, _, infos = env.step({aid: policy(aid, o) for aid, o in obs.items()})
-        trace.append((rewards, {aid: info.get("kept") for aid, info in infos.items()}))
+        trace.append((set(obs), rewards))
         done = terminateds["__all__"]
     return trace, infos
 
 
-def keep_all(aid, obs):
-    """Attention agent keeps every token, similarity agent calls none redundant."""
-    return (np.ones if policy_for_agent(aid) == "attention" else np.zeros)(len(obs["live"]), dtype=np.int8)
+def first_live(aid, obs):
+    """Each agent chooses the first ``count`` tokens it may choose from (an exact-count set, as sampled)."""
+    chosen = np.zeros(len(obs["live"]), dtype=np.int8)
+    chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
+    return chosen
 
 
 def test_rllib_env_check_passes(engine):
@@ -51,14 +59,20 @@ def test_rllib_env_check_passes(engine):
     check_multiagent_environments(make_env(engine, 3))
 
 
-def test_agent_ids_spaces_and_mapping(engine):
+def test_agent_ids_spaces_and_turns(engine):
     env = make_env(engine, 2)
     assert env.possible_agents == ["attention_0", "similarity_0", "attention_1", "similarity_1"]
     assert {policy_for_agent(a) for a in env.possible_agents} == {"attention", "similarity"}
     obs, _ = env.reset(seed=0)
-    assert obs["attention_0"]["tokens"].shape == (64, engine.spec().num_features["attention"])
+    assert set(obs) == {"similarity_0", "similarity_1"}  # the similarity agents choose first
     assert obs["similarity_1"]["tokens"].shape == (64, engine.spec().num_features["similarity"])
-    assert obs["attention_0"]["live"].sum() == 64
+    assert obs["similarity_1"]["live"].sum() == 64 and obs["similarity_1"]["count"][0] == 24  # 24 of 32 removals
+    redundant = {aid: first_live(aid, o) for aid, o in obs.items()}
+    obs, rewards, terminateds, _, _ = env.step(redundant)
+    assert set(obs) == {"attention_0", "attention_1"} and rewards == {} and not terminateds["__all__"]
+    assert obs["attention_0"]["tokens"].shape == (64, engine.spec().num_features["attention"])
+    assert (obs["attention_0"]["live"] == 1 - redundant["similarity_0"]).all()  # it chooses among the rest
+    assert obs["attention_0"]["count"][0] == 32
     single = make_env(engine, 1, agents="similarity")
     assert single.possible_agents == ["similarity"]
 
@@ -73,43 +87,42 @@ def test_combination_rule_is_and_of_keep_and_not_redundant():
         survives(None, None)
 
 
-def test_keep_all_matches_unpruned_and_pays_budget_penalty(engine):
-    env = make_env(engine, 2)
-    trace, infos = rollout(env, 0, keep_all)
-    assert len(trace) == 3  # one step per pruning point
-    assert all(info["agree"] and info["kept_per_stage"] == [64, 64, 64] for info in infos.values())
-    # kept 64 where 32 were the target: |64/32 - 1| = 1, times the budget weight 2
-    assert trace[0][0]["attention_0"] == pytest.approx(-2.0)
+def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
+    trace, infos = rollout(make_env(engine, 2), 0, first_live)
+    assert len(trace) == 6  # two turns per pruning point
+    assert all(rewards == {} for _, rewards in trace[:-1])
+    assert all(info["kept_per_stage"] == [32, 16, 8] for info in infos.values()), infos
+    assert infos["attention_0"]["keep_ratio"] == 8 / 64
+    assert set(trace[-1][1]) == {"attention_0", "similarity_0", "attention_1", "similarity_1"}
 
 
-def test_exact_target_has_no_budget_penalty(engine):
-    def first_half(aid, obs):
-        n = int(obs["live"].sum())
-        act = np.zeros(len(obs["live"]), dtype=np.int8)
-        if policy_for_agent(aid) == "attention":
-            act[: n // 2] = 1
-        return act
+def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
+    """With a reward baseline, the final reward is the agents' fidelity minus the heuristic's on the same
+    image; the heuristic's is what its own pruned forward of that image gives."""
+    trace, infos = rollout(make_env(engine, 2, prob_weight=0.0), 0, first_live)
+    images = [infos[f"attention_{i}"]["image"] for i in range(2)]
+    inputs = normalize(engine.images[images], engine.config)
+    full = engine.staged(inputs).argmax(1)
+    heuristic, _ = exact_forward(engine.staged, inputs, heuristic_selector("distinct"), 0.5, "merge")
+    for i in range(2):
+        expected = float(infos[f"attention_{i}"]["agree"]) - float(heuristic[i].argmax() == full[i])
+        assert trace[-1][1][f"attention_{i}"] == trace[-1][1][f"similarity_{i}"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="reward baseline 'distinct'.*'none'"):
+        make_env(engine, 1, reward_baseline="none")
 
-    trace, infos = rollout(make_env(engine, 1), 0, first_half)
-    assert [step[1]["attention"] for step in trace] == [32, 16, 8]
-    assert trace[0][0]["attention"] == 0.0 and trace[1][0]["attention"] == 0.0
-    assert infos["attention"]["keep_ratio"] == 8 / 64
 
-
-def test_each_agent_alone_can_prune(engine):
+def test_each_agent_alone_makes_every_removal(engine):
     for agents in ("attention", "similarity"):
-        env = make_env(engine, 1, agents=agents)
-        drop_odd = lambda aid, obs: (np.arange(64) % 2 == (1 if aid == "attention" else 0)).astype(np.int8)  # noqa: E731
-        _, infos = rollout(env, 0, drop_odd)
-        assert infos[agents]["kept_per_stage"][0] == 32
+        trace, infos = rollout(make_env(engine, 1, agents=agents), 0, first_live)
+        assert len(trace) == 3 and infos[agents]["kept_per_stage"] == [32, 16, 8]
 
 
 def test_seeded_and_reproducible(engine):
-    rng = np.random.default_rng(0)
-    actions = [rng.integers(0, 2, 64) for _ in range(12)]
-
-    def scripted(aid, obs):
-        return actions[sum(map(ord, aid)) % 12]
+    def scripted(aid, obs):  # a random exact-count set, the same for the same agent and choice
+        rng = np.random.default_rng([sum(map(ord, aid)), int(obs["live"].sum())])
+        chosen = np.zeros(len(obs["live"]), dtype=np.int8)
+        chosen[rng.choice(np.flatnonzero(obs["live"]), int(obs["count"][0]), replace=False)] = 1
+        return chosen
 
     runs = [rollout(make_env(engine, 2), 7, scripted) for _ in range(2)]
     assert runs[0][0] == runs[1][0]
@@ -122,11 +135,12 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
     engine.release(env._keys)  # what a server restart does to in-flight episodes
     with pytest.raises(EpisodeLost):
         engine.step(env._keys, [np.ones(64)] * 4)
+    obs, *_ = env.step({aid: first_live(aid, o) for aid, o in obs.items()})  # the similarity turn
     with pytest.raises(StepFailedRecreateEnvError):  # RLlib discards the episode and recreates the env
-        env.step({aid: keep_all(aid, o) for aid, o in obs.items()})
+        env.step({aid: first_live(aid, o) for aid, o in obs.items()})
     recreated = make_env(engine, 4)
     obs, _ = recreated.reset(seed=0)  # RLlib re-seeds a recreated env with the runner's seed
-    assert obs["attention_0"]["live"].sum() == 64
+    assert obs["similarity_0"]["live"].sum() == 64
     assert recreated._images != env._images
 
 
@@ -146,7 +160,7 @@ def test_image_streams_of_runners_and_sub_envs_are_independent(engine):
 def test_engine_state_is_bounded_and_freed(engine):
     env = make_env(engine, 2)
     before = len(engine.episodes)
-    rollout(env, 0, keep_all)
+    rollout(env, 0, first_live)
     assert len(engine.episodes) == before
     env.reset(seed=1)
     env.reset(seed=2)  # abandoning an episode releases it

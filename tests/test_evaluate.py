@@ -1,5 +1,5 @@
 """evaluate.py: the table's rows and columns, numbers checked against direct computations (timm accuracy,
-analytic GFLOPs, the training engine's adaptive episodes), determinism, timings, and one-line errors.
+analytic GFLOPs, the training env's episodes), determinism, timings, and one-line errors.
 
 The tiny backbone is untrained, so its accuracy is near chance; what matters is that every number is the
 one it claims to be.
@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -24,12 +23,14 @@ from ray.rllib.core.columns import Columns
 import evaluate
 from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
+from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.data import load_split
+from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.vit.pruned_forward import TokenState, initial_state
 from policies.checkpoints import MODULES_DIR, load_policies
-from policies.decisions import agent_logits
+from policies.distribution import ExactCount
 from tests.tiny_policies import (
     FEATURE_COUNTS,
     HIDDEN,
@@ -45,9 +46,9 @@ TIMING = ["images_per_s_b1", "images_per_s_b256", "speedup"]
 COLUMNS = ["method", "budget", "accuracy", "f1_macro", "agreement", "gflops", "gflops_backbone",
            "gflops_features", "gflops_policies", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3",
            "keep_ratio", *TIMING, "delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
-HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity", "Attention NMS", "ToMe"]
+HEURISTIC_ROWS = ["Random", "Greedy attention", "Greedy similarity", "Attention NMS", "Distinctive NMS", "ToMe"]
 DELTA = ["delta_best_heuristic", "delta_ci_low", "delta_ci_high"]
-MARL_ROWS = ["MARL exact", "MARL adaptive", "MARL attention only", "MARL similarity only"]
+MARL_ROWS = ["MARL exact", "MARL attention only", "MARL similarity only"]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +129,6 @@ def test_gflops_are_the_analytic_counts(results, tiny_staged):
     policies = sum(n * (f * h + h * h + 2 * h * h + h) for n in live for f in FEATURE_COUNTS.values()) / 1e9
     assert exact["gflops_policies"] == pytest.approx(policies)
     assert exact["gflops"] == pytest.approx(exact["gflops_backbone"] + feature_gflops(spec, live) + policies)
-    adaptive = rows(table, "MARL adaptive").loc[0.5]
-    assert 0 < adaptive["keep_ratio"] <= adaptive["keep_ratio_s2"] <= adaptive["keep_ratio_s1"] <= 1
-    assert adaptive["gflops_backbone"] < full
 
 
 def test_deterministic(results, tiny_policy, data_dir, tmp_path):
@@ -186,42 +184,46 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(tiny_policy, tin
                          state.size[:, keep], state.positions[:, keep], state.cls_attention[:, keep], 1)
         padded = TokenState(*(torch.cat([t, t.new_zeros(4, NUM_PATCHES - n, *t.shape[2:])], 1) for t in cut[:5]),
                             1)
-        cut_logits = agent_logits(modules, model, cut, TARGET_RATIO)
-        padded_logits = agent_logits(modules, model, padded, TARGET_RATIO)
-    for name in POLICIES:
-        assert padded_logits[name].shape == (4, NUM_PATCHES)
-        torch.testing.assert_close(cut_logits[name], padded_logits[name][:, :n])
+        for name in POLICIES:
+            cut_scores, padded_scores = (
+                modules[name].token_scores(observe(model, s, TARGET_RATIO).features(name), s.live.float())
+                for s in (cut, padded))
+            assert padded_scores.shape == (4, NUM_PATCHES)
+            torch.testing.assert_close(cut_scores, padded_scores[:, :n])
 
 
-def test_marl_adaptive_matches_the_training_engine(tiny_policy, tiny_staged, split):
-    """Same images, same deterministic decisions through PruningEngine (what the env steps): same result."""
+def test_marl_exact_is_what_the_training_env_does_with_the_most_likely_sets(tiny_policy, tiny_staged, split):
+    """The env's turns, with each module's most likely set as its action (what RLlib's deterministic policy
+    acts), prune every image exactly as the MARL exact row does: the seam between training and evaluation."""
     modules, _ = load_policies(tiny_policy)
     model, config = tiny_staged
     count = 16
     engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO, "merge")
-    keys = [str(i) for i in range(count)]
-    observations = engine.reset(keys, list(range(count)))
-    while True:
-        live = torch.from_numpy(np.stack([o["live"] for o in observations]))
-        logits = {}
-        for name, module in modules.items():
-            obs = {"tokens": torch.from_numpy(np.stack([o[name] for o in observations])), "live": live}
+    env = TokenPruningEnv({"server": engine, "problem": {"images_per_env": count, "reward_baseline": "none",
+                                                         "prune_points": list(PRUNE_POINTS)}})
+    obs, _ = env.reset(seed=0)
+    done = False
+    while not done:
+        actions = {}
+        for aid, agent_obs in obs.items():
+            batch = {Columns.OBS: {key: torch.from_numpy(value)[None] for key, value in agent_obs.items()}}
             with torch.no_grad():
-                logits[name] = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-        # the adaptive rule, from its definition: the expected number of survivors, the most likely ones
-        score = sum(torch.nn.functional.logsigmoid(logits[n] * sign) for n, sign in
-                    (("attention", 1), ("similarity", -1))).masked_fill(live == 0, float("-inf"))
-        count_kept = score.exp().sum(1).round().clamp(min=1)
-        rank = score.argsort(1, descending=True).argsort(1)
-        results = engine.step(keys, list((rank < count_kept[:, None]).numpy()))
-        if results[0]["done"]:
-            break
-        observations = [result["obs"] for result in results]
-    method = evaluate.Method("MARL adaptive", "policy", TARGET_RATIO, modules, adaptive=True)
-    logits, kept = method.model(model, config, "merge").forward_with_kept(normalize(split.images[:count], config))
-    assert kept[:, 1:].tolist() == [result["kept_per_stage"] for result in results]
-    assert logits.argmax(dim=1).tolist() == [result["prediction"] for result in results]
-    assert len({tuple(row) for row in kept.tolist()}) > 1  # images really kept different counts
+                inputs = modules[policy_for_agent(aid)].forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
+            actions[aid] = ExactCount.from_logits(inputs).to_deterministic().sample()[0].numpy()
+        obs, _, terminateds, _, infos = env.step(actions)
+        done = terminateds["__all__"]
+    images = [infos[f"attention_{i}"]["image"] for i in range(count)]
+    method = evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)
+    logits, kept = method.model(model, config, "merge").forward_with_kept(normalize(split.images[images], config))
+    assert kept[:, 1:].tolist() == [infos[f"attention_{i}"]["kept_per_stage"] for i in range(count)]
+    probabilities = logits.float().softmax(1)
+    with torch.no_grad():
+        unpruned = model.vit(normalize(split.images[images], config)).argmax(1)
+    info = [infos[f"attention_{i}"] for i in range(count)]
+    assert [i["agree"] for i in info] == (logits.argmax(1) == unpruned).tolist()
+    assert [i["correct"] for i in info] == (logits.argmax(1) == split.labels[images]).tolist()
+    torch.testing.assert_close(torch.tensor([i["prob_unpruned_class"] for i in info]),
+                               probabilities[torch.arange(count), unpruned], rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_dir, tiny_staged, tmp_path):
@@ -354,9 +356,7 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
     images = normalize(split.images, config)
     with torch.no_grad():
         reference = model.vit(images).argmax(1)
-        for mode, adaptive in (("exact", False), ("adaptive", True)):
-            method = evaluate.Method(mode, "policy", TARGET_RATIO, modules, adaptive=adaptive)
-            logits, kept = method.model(model, config, "merge").forward_with_kept(images)
-            assert scores[f"{mode}_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
-            assert scores[f"{mode}_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())
-            assert scores[f"{mode}_keep_ratio"] == pytest.approx(kept[:, -1].double().mean() / NUM_PATCHES)
+        method = evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)
+        logits, _ = method.model(model, config, "merge").forward_with_kept(images)
+    assert scores["exact_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
+    assert scores["exact_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())

@@ -108,3 +108,6 @@ def test_suppression_singles_out_the_less_attended_of_each_near_duplicate_pair()
     assert suppression[1] > 0.99  # a near-copy of token 0, which the class token attends to more
     assert suppression[2] < 0.1 and suppression[3] < 0.1  # nothing similar is attended more
     assert suppression[4] == 0  # dead row
+    distinct = sim[0, :, S["distinct_suppression"]]  # ranked by distinctiveness instead of attention
+    assert distinct[1] > 0.99 and distinct[0] < 0.1  # token 1 leans towards token 2: the less distinctive
+    assert distinct[4] == 0

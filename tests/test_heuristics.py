@@ -14,6 +14,7 @@ from envs.vit.token_ops import gather_tokens, pack_keep_mask, pad_tokens, tokens
 from policies.heuristics import (
     HEURISTICS,
     attention_nms_keep,
+    distinctive_nms_keep,
     greedy_attention_keep,
     greedy_similarity_keep,
     heuristic_selector,
@@ -79,7 +80,9 @@ def test_selectors_exact_budget_live_only(batch, k):
     x, attention, live = batch
     for keep in (random_keep(live, k, torch.Generator().manual_seed(1)),
                  greedy_attention_keep(attention, live, k),
-                 greedy_similarity_keep(x, live, k)):
+                 greedy_similarity_keep(x, live, k),
+                 attention_nms_keep(x, attention, live, k),
+                 distinctive_nms_keep(x, live, k)):
         assert_valid_keep(keep, live, k)
 
 
@@ -181,3 +184,14 @@ def test_attention_nms_keeps_the_most_attended_of_each_near_duplicate_group():
     attention = torch.tensor([[0.1, 0.3, 0.2, 0.05, 0.35]])
     keep = attention_nms_keep(x, attention, torch.ones(1, 5, dtype=torch.bool), 3)
     assert keep[0].tolist() == [False, True, True, False, True]
+
+
+def test_distinctive_nms_keeps_the_more_distinctive_of_each_near_duplicate_pair():
+    """Of a near-duplicate pair, the member less similar to all the others stays (greedy similarity's
+    tie-break), in one shot; a token unlike every other stays."""
+    e = torch.eye(4)
+    # tokens 0 and 1 nearly equal; 1 leans towards token 2, so it is the less distinctive of the pair
+    x = torch.stack([e[0], e[0] + 0.05 * e[1], e[1], e[2], e[3]]).unsqueeze(0)
+    keep = distinctive_nms_keep(x, torch.ones(1, 5, dtype=torch.bool), 4)
+    assert keep[0].tolist() == [True, False, True, True, True]
+    assert torch.equal(keep, greedy_similarity_keep(x, torch.ones(1, 5, dtype=torch.bool), 4))

@@ -1,47 +1,43 @@
-"""TokenPolicyModule and MultiBernoulli: shapes, dead-token masking, exact distribution maths,
-permutation equivariance, the analytic policy GFLOPs, and one short PPO run on a dummy two-agent env
-(train, save, reload one module from the checkpoint).
+"""TokenPolicyModule and ExactCount: shapes, dead-token masking, the distribution's maths against enumeration
+of every set, permutation equivariance, the analytic policy GFLOPs, and one short PPO run on a dummy two-agent
+env (train, save, reload one module from the checkpoint).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from torch.utils.flop_counter import FlopCounterMode
 
-from policies.distribution import MultiBernoulli
-from policies.rl_module import DEAD_LOGIT, TokenPolicyModule
+from policies.distribution import DEAD_SCORE, ExactCount
+from policies.rl_module import TokenPolicyModule, agent_spaces
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
 LIVE_COUNTS = [16, 9, 3, 1]
 
 
-def spaces(n: int, f: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
-    obs = gym.spaces.Dict({"tokens": gym.spaces.Box(-np.inf, np.inf, (n, f), np.float32),
-                           "live": gym.spaces.Box(0.0, 1.0, (n,), np.float32)})
-    return obs, gym.spaces.MultiBinary(n)
-
-
 def build(n: int = N, f: int = NUM_FEATURES, **model_config) -> TokenPolicyModule:
-    obs_space, act_space = spaces(n, f)
+    obs_space, act_space = agent_spaces(n, f)
     spec = RLModuleSpec(module_class=TokenPolicyModule, observation_space=obs_space, action_space=act_space,
                         model_config={"hidden": HIDDEN, **model_config})
     return spec.build()
 
 
 def make_obs(live_counts: list[int], n: int = N, f: int = NUM_FEATURES, seed: int = 0) -> dict:
-    """Live tokens packed first, zero features on dead rows (the env's layout)."""
+    """Live tokens packed first, zero features on dead rows (the env's layout); choose half the live tokens."""
     gen = torch.Generator().manual_seed(seed)
     live = (torch.arange(n)[None, :] < torch.tensor(live_counts)[:, None]).float()
     tokens = torch.randn(len(live_counts), n, f, generator=gen) * live[..., None]
-    return {"tokens": tokens, "live": live}
+    count = torch.tensor([[float(c // 2)] for c in live_counts])
+    return {"tokens": tokens, "live": live, "count": count}
 
 
 @pytest.fixture(scope="module")
@@ -53,75 +49,92 @@ def module() -> TokenPolicyModule:
 def test_forward_shapes_and_value(module):
     batch = {Columns.OBS: make_obs(LIVE_COUNTS)}
     for out in (module.forward_exploration(batch), module.forward_inference(batch)):
-        assert out[Columns.ACTION_DIST_INPUTS].shape == (len(LIVE_COUNTS), N)
+        assert out[Columns.ACTION_DIST_INPUTS].shape == (len(LIVE_COUNTS), N + 1)  # scores, then the count
+        assert out[Columns.ACTION_DIST_INPUTS][:, -1].tolist() == [c // 2 for c in LIVE_COUNTS]
     train = module.forward_train(batch)
-    assert train[Columns.ACTION_DIST_INPUTS].shape == (len(LIVE_COUNTS), N)
+    assert train[Columns.ACTION_DIST_INPUTS].shape == (len(LIVE_COUNTS), N + 1)
     assert train[Columns.EMBEDDINGS].shape == (len(LIVE_COUNTS), HIDDEN)
     values = module.compute_values(batch)
     assert values.shape == (len(LIVE_COUNTS),)
     assert torch.allclose(values, module.compute_values(batch, embeddings=train[Columns.EMBEDDINGS]))
     for get in (module.get_inference_action_dist_cls, module.get_exploration_action_dist_cls,
                 module.get_train_action_dist_cls):
-        assert get() is MultiBernoulli
+        assert get() is ExactCount
 
 
-def test_dead_tokens_are_masked_and_never_sampled(module):
+def test_sets_have_exactly_the_count_and_never_a_dead_token(module):
     obs = make_obs(LIVE_COUNTS)
-    logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    inputs = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
     dead = obs["live"] == 0
-    assert torch.all(logits[dead] == DEAD_LOGIT) and torch.all(logits[~dead] > DEAD_LOGIT)
-    dist = MultiBernoulli.from_logits(logits)
-    samples = dist.sample(sample_shape=(2000,))
-    assert samples.shape == (2000, len(LIVE_COUNTS), N)
-    assert not samples[:, dead].any() and samples[:, ~dead].any()
-    assert not dist.to_deterministic().sample()[dead].any()
-    # All-dead rows contribute ~nothing to entropy or log-probability.
-    all_dead = MultiBernoulli.from_logits(torch.full((1, N), DEAD_LOGIT))
-    assert all_dead.entropy().item() < 1e-6 and abs(all_dead.logp(torch.zeros(1, N)).item()) < 1e-6
+    assert torch.all(inputs[:, :-1][dead] == DEAD_SCORE) and torch.all(inputs[:, :-1][~dead] > DEAD_SCORE)
+    dist = ExactCount.from_logits(inputs)
+    for _ in range(50):
+        sample = dist.sample()
+        assert sample.sum(-1).tolist() == obs["count"].squeeze(1).tolist() and not sample[dead].any()
+    mode = dist.to_deterministic().sample()
+    scores = inputs[:, :-1]
+    for row, count in enumerate(obs["count"].squeeze(1).long().tolist()):  # the mode: the highest scores
+        assert set(mode[row].nonzero().squeeze(1).tolist()) == set(scores[row].topk(count).indices.tolist())
 
 
-def test_init_logit_bias_sets_initial_keep_probability():
-    torch.manual_seed(0)
-    obs = make_obs(LIVE_COUNTS)
-    logits = build(init_logit_bias=2.0).forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-    live = logits[obs["live"] > 0]
-    assert torch.allclose(live, torch.full_like(live, 2.0), atol=0.1)
+def enumerate_sets(scores: torch.Tensor, count: int) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """Every set of ``count`` live tokens and its probability, by brute force."""
+    live = [i for i in range(len(scores)) if scores[i] > DEAD_SCORE]
+    sets = list(itertools.combinations(live, count))
+    weights = torch.tensor([float(scores[list(chosen)].sum()) for chosen in sets], dtype=torch.float64)
+    return sets, (weights - weights.logsumexp(0)).exp()
 
 
-def test_distribution_matches_hand_computed_bernoulli():
+def test_distribution_matches_enumeration_of_every_set():
     gen = torch.Generator().manual_seed(1)
-    p_logits, q_logits = torch.randn(5, N, generator=gen) * 3, torch.randn(5, N, generator=gen) * 3
-    actions = torch.randint(0, 2, (5, N), generator=gen)
-    p, q = torch.sigmoid(p_logits), torch.sigmoid(q_logits)
-    dist, other = MultiBernoulli.from_logits(p_logits), MultiBernoulli.from_logits(q_logits)
+    scores, other = torch.randn(3, 7, generator=gen, dtype=torch.float64) * 2, torch.randn(3, 7, generator=gen)
+    scores[1, 5:] = DEAD_SCORE
+    other = other.double().masked_fill(scores == DEAD_SCORE, DEAD_SCORE)
+    counts = torch.tensor([[3.0], [2.0], [0.0]], dtype=torch.float64)
+    dist = ExactCount.from_logits(torch.cat([scores, counts], 1))
+    second = ExactCount.from_logits(torch.cat([other, counts], 1))
+    chosen = torch.zeros(3, 7)
+    chosen[0, [0, 2, 6]] = 1
+    chosen[1, [1, 4]] = 1
+    logp = dist.logp(chosen)
+    for row in range(3):
+        sets, probabilities = enumerate_sets(scores[row], int(counts[row]))
+        _, other_probabilities = enumerate_sets(other[row], int(counts[row]))
+        index = sets.index(tuple(chosen[row].nonzero().squeeze(1).tolist()))
+        assert logp[row].item() == pytest.approx(probabilities[index].log().item(), abs=1e-9)
+        entropy = -(probabilities * probabilities.log()).sum()
+        assert dist.entropy()[row].item() == pytest.approx(entropy.item(), abs=1e-9)
+        kl = (probabilities * (probabilities.log() - other_probabilities.log())).sum()
+        assert dist.kl(second)[row].item() == pytest.approx(kl.item(), abs=1e-9)
+    # sampling frequencies of the 35 sets of the first row
+    sets, probabilities = enumerate_sets(scores[0], 3)
+    torch.manual_seed(0)
+    draws = ExactCount.from_logits(torch.cat([scores[:1], counts[:1]], 1).expand(20000, -1)).sample()
+    frequencies = torch.zeros(len(sets), dtype=torch.float64)
+    for draw in draws:
+        frequencies[sets.index(tuple(draw.nonzero().squeeze(1).tolist()))] += 1
+    assert (frequencies / len(draws) - probabilities).abs().max() < 0.01
+    assert ExactCount.required_input_dim(gym.spaces.MultiBinary(N)) == N + 1
 
-    expected_logp = (actions * F.logsigmoid(p_logits) + (1 - actions) * F.logsigmoid(-p_logits)).sum(-1)
-    for value in (actions, actions.float(), actions.to(torch.int8), actions.bool()):
-        assert torch.allclose(dist.logp(value), expected_logp, atol=1e-5)
-    expected_entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum(-1)
-    assert torch.allclose(dist.entropy(), expected_entropy, atol=1e-5)
-    expected_kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
-    assert torch.allclose(dist.kl(other), expected_kl, atol=1e-4)
 
-    assert torch.equal(dist.to_deterministic().sample(), (p_logits > 0).float())
-    assert MultiBernoulli.required_input_dim(gym.spaces.MultiBinary(N)) == N
-
-
-def test_rsample_is_binary_with_gradients():
-    logits = torch.zeros(3, N, requires_grad=True)
-    sample = MultiBernoulli.from_logits(logits).rsample()
-    assert set(sample.detach().unique().tolist()) <= {0.0, 1.0}
-    sample.sum().backward()
-    assert torch.allclose(logits.grad, torch.full_like(logits, 0.25))
+def test_entropy_and_log_probability_have_finite_gradients():
+    scores = torch.randn(4, N, requires_grad=True)
+    with torch.no_grad():
+        dead = torch.arange(N)[None, :] >= torch.tensor(LIVE_COUNTS)[:, None]
+    masked = scores.masked_fill(dead, DEAD_SCORE)
+    counts = torch.tensor([[c // 2] for c in LIVE_COUNTS], dtype=torch.float32)
+    dist = ExactCount.from_logits(torch.cat([masked, counts], 1))
+    (dist.entropy().sum() + dist.logp(dist.sample()).sum()).backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad[~dead].abs().sum() > 0
 
 
 def test_permuting_live_tokens_permutes_logits(module):
     obs = make_obs([11])
     perm = torch.cat([torch.randperm(11, generator=torch.Generator().manual_seed(2)), torch.arange(11, N)])
-    permuted = {"tokens": obs["tokens"][:, perm], "live": obs["live"][:, perm]}
+    permuted = {"tokens": obs["tokens"][:, perm], "live": obs["live"][:, perm], "count": obs["count"]}
     logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
     logits_perm = module.forward_inference({Columns.OBS: permuted})[Columns.ACTION_DIST_INPUTS]
-    assert torch.allclose(logits_perm, logits[:, perm], atol=1e-6)
+    assert torch.allclose(logits_perm[:, :N], logits[:, perm], atol=1e-6)
     values = module.compute_values({Columns.OBS: obs})
     assert torch.allclose(module.compute_values({Columns.OBS: permuted}), values, atol=1e-6)
 
@@ -152,13 +165,13 @@ TARGET = np.array([1, 0, 1, 1, 0, 0, 1, 0])
 
 
 class TargetPatternEnv(MultiAgentEnv):
-    """Both agents see the same tokens; live tokens shrink 8 -> 6 -> 4 over 3 steps; reward is the fraction
-    of live tokens whose action equals TARGET."""
+    """Both agents see the same tokens and choose half the live ones; live tokens shrink 8 -> 6 -> 4 over 3
+    steps; the reward is the fraction of chosen tokens that TARGET marks."""
 
     def __init__(self, config: dict | None = None):
         super().__init__()
         self.agents = self.possible_agents = ["attention", "similarity"]
-        obs_space, act_space = spaces(ENV_N, ENV_F)
+        obs_space, act_space = agent_spaces(ENV_N, ENV_F)
         self.observation_spaces = dict.fromkeys(self.agents, obs_space)
         self.action_spaces = dict.fromkeys(self.agents, act_space)
         self.rng = np.random.default_rng((config or {}).get("seed", 0))
@@ -166,15 +179,15 @@ class TargetPatternEnv(MultiAgentEnv):
     def _obs(self) -> dict:
         live = (np.arange(ENV_N) < self.n_live).astype(np.float32)
         tokens = (self.rng.normal(size=(ENV_N, ENV_F)) * live[:, None]).astype(np.float32)
-        return {agent: {"tokens": tokens, "live": live} for agent in self.agents}
+        count = np.array([self.n_live // 2], np.float32)
+        return {agent: {"tokens": tokens, "live": live, "count": count} for agent in self.agents}
 
     def reset(self, *, seed=None, options=None):
         self.n_live = ENV_N
         return self._obs(), {}
 
     def step(self, action_dict):
-        live = np.arange(ENV_N) < self.n_live
-        rewards = {a: float((np.asarray(act)[live] == TARGET[live]).mean()) for a, act in action_dict.items()}
+        rewards = {a: float(TARGET[np.asarray(act).astype(bool)].mean()) for a, act in action_dict.items()}
         self.n_live -= 2
         done = self.n_live <= ENV_N - 6
         return self._obs(), rewards, {"__all__": done}, {"__all__": False}, {}
@@ -184,7 +197,7 @@ def test_ppo_trains_both_modules_and_checkpoint_reloads(tmp_path):
     import ray
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    obs_space, act_space = spaces(ENV_N, ENV_F)
+    obs_space, act_space = agent_spaces(ENV_N, ENV_F)
     module_specs = {pid: RLModuleSpec(module_class=TokenPolicyModule, observation_space=obs_space,
                                       action_space=act_space, model_config={"hidden": 16})
                     for pid in ("attention", "similarity")}

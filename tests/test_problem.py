@@ -36,7 +36,7 @@ LEGACY_CONFIG = {  # pruning_config.json of the reference policy committed befor
     "val_limit": 1000,
     "env": {"agents": "both", "images_per_env": 8, "agree_weight": 1.0, "prob_weight": 1.0, "budget_weight": 2.0},
     "model_config": {"hidden": 64},
-    "warm_start": "greedy",
+    "warm_start": "similarity",
     "ppo": {"lr": 0.0001, "gamma": 0.99, "lambda_": 0.95, "clip_param": 0.2, "entropy_coeff": 0.0, "num_epochs": 4,
             "minibatch_size": 128, "train_batch_size_per_learner": 256, "vf_loss_coeff": 0.5, "use_kl_loss": False,
             "grad_clip": 1.0},
@@ -49,7 +49,7 @@ def test_the_former_reference_policy_reads_in_its_older_layout():
     problem = PruningProblem.from_legacy_json(config)
     assert problem.backbone_path == REFERENCE_BACKBONE
     assert (problem.prune_points, problem.target_ratio, problem.reduction) == ((3, 6, 9), 0.5, "merge")
-    assert (problem.agents, problem.images_per_env, problem.hidden, problem.warm_start) == ("both", 8, 64, "greedy")
+    assert (problem.agents, problem.images_per_env, problem.hidden, problem.warm_start) == ("both", 8, 64, "similarity")
     assert problem.checkpoint_every == 5
     assert problem.ppo == PPOSettings(**{**config["ppo"], "train_batch_size_per_learner": 256 * 8 * 2})
 
@@ -68,11 +68,12 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"reduction": "prune"}, "reduction must be one of merge, drop, got 'prune'"),
     ({"agents": "all"}, "agents must be one of both, attention, similarity"),
     ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100, folder"),
-    ({"warm_start": "bc"}, "warm_start must be one of none, nms, greedy"),
+    ({"warm_start": "bc"}, "warm_start must be one of none, nms, distinct, similarity"),
     ({"images_per_env": 0}, "images_per_env must be >= 1"),
     ({"hidden": 0}, "hidden must be >= 1"),
     ({"train_limit": 0}, "train_limit must be >= 1"),
-    ({"budget_weight": -1.0}, "budget_weight must be >= 0"),
+    ({"prob_weight": -1.0}, "prob_weight must be >= 0"),
+    ({"reward_baseline": "greedy"}, "reward_baseline must be one of none, random, attention"),
     ({"prune_points": ()}, "prune_points must be one or more integers"),
 ])
 def test_each_field_is_validated(change, message):

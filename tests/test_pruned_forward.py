@@ -1,5 +1,6 @@
-"""The pruned step and the forwards built on it: the training engine, exact-budget and adaptive evaluation give
-identical logits for the same decisions; regrouping by count changes nothing; state bookkeeping is right."""
+"""The pruned step and what is built on it: the training engine and the exact-budget forward give identical
+logits for the same decisions; padding images of different counts into one step changes nothing; state
+bookkeeping is right."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from envs.pruning_engine import PruningEngine
 from envs.vit.features import observe
 from envs.vit.pruned_forward import (
     TokenState,
-    adaptive_forward,
     concat_states,
     effective_keep,
     exact_forward,
@@ -68,14 +68,12 @@ def engine_episodes(staged: StagedViT, images: torch.Tensor, decide, reduction: 
 
 
 @pytest.mark.parametrize("reduction", ["merge", "drop"])
-def test_engine_exact_and_adaptive_forwards_agree_on_the_same_decisions(staged, images, reduction):
+def test_engine_and_exact_forward_agree_on_the_same_decisions(staged, images, reduction):
     """The one regression test for the seam between training and evaluation: same decisions, same logits."""
     with torch.no_grad():
         exact, exact_kept = exact_forward(staged, normalized(images), top_half_by_attention, 0.5, reduction)
-        adaptive, adaptive_kept = adaptive_forward(staged, normalized(images), top_half_by_attention, reduction)
         episodes = engine_episodes(staged, images, top_half_by_attention, reduction)
-    torch.testing.assert_close(adaptive, exact, rtol=0, atol=0)
-    assert torch.equal(adaptive_kept, exact_kept) and exact_kept[0].tolist() == [64, 32, 16, 8]
+    assert exact_kept[0].tolist() == [64, 32, 16, 8]
     probs = exact.float().softmax(-1)
     assert [episode["prediction"] for episode in episodes] == exact.argmax(1).tolist()
     assert [episode["kept_per_stage"] for episode in episodes] == exact_kept[:, 1:].tolist()
@@ -86,29 +84,29 @@ def test_engine_exact_and_adaptive_forwards_agree_on_the_same_decisions(staged, 
 
 
 @pytest.mark.parametrize("reduction", ["merge", "drop"])
-def test_adaptive_counts_differ_and_each_image_is_as_if_alone(staged, images, reduction):
-    """Regrouping by count and padding in the engine change nothing: an image pruned in a batch gets the
-    logits it gets alone."""
+def test_engine_images_of_different_counts_are_as_if_alone(staged, images, reduction):
+    """Padding images that keep different counts into one engine step changes nothing: an image pruned in a
+    batch gets the prediction and probabilities it gets alone."""
     with torch.no_grad():
-        logits, kept = adaptive_forward(staged, normalized(images), above_mean_attention, reduction)
-        alone = [adaptive_forward(staged, normalized(images[i:i + 1]), above_mean_attention, reduction)
+        together = engine_episodes(staged, images, above_mean_attention, reduction)
+        alone = [engine_episodes(staged, images[i:i + 1], above_mean_attention, reduction)[0]
                  for i in range(len(images))]
-        episodes = engine_episodes(staged, images, above_mean_attention, reduction)
-    assert len(set(kept[:, -1].tolist())) > 1
-    torch.testing.assert_close(logits, torch.cat([one for one, _ in alone]), atol=1e-5, rtol=1e-5)
-    assert torch.equal(kept, torch.cat([k for _, k in alone]))
-    assert [episode["kept_per_stage"] for episode in episodes] == kept[:, 1:].tolist()
-    assert [episode["prediction"] for episode in episodes] == logits.argmax(1).tolist()
+    assert len({episode["kept"] for episode in together}) > 1
+    for key in ("kept_per_stage", "prediction"):
+        assert [episode[key] for episode in together] == [episode[key] for episode in alone]
+    torch.testing.assert_close(torch.tensor([episode["prob_unpruned_class"] for episode in together]),
+                               torch.tensor([episode["prob_unpruned_class"] for episode in alone]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_keep_all_is_the_unpruned_model_and_keep_none_keeps_one(staged, images):
-    x = normalized(images[:3])
     with torch.no_grad():
-        logits, kept = adaptive_forward(staged, x, lambda state: state.live, "merge")
-        torch.testing.assert_close(logits, staged.vit(x))
-        assert kept.tolist() == [[64] * 4] * 3
-        _, kept = adaptive_forward(staged, x, lambda state: torch.zeros_like(state.live), "merge")
-    assert kept.tolist() == [[64, 1, 1, 1]] * 3  # at least one token always survives
+        episodes = engine_episodes(staged, images[:3], lambda state: state.live, "merge")
+        unpruned = staged.vit(normalized(images[:3])).argmax(1)
+        assert [episode["prediction"] for episode in episodes] == unpruned.tolist()
+        assert [episode["kept_per_stage"] for episode in episodes] == [[64] * 3] * 3
+        episodes = engine_episodes(staged, images[:3], lambda state: torch.zeros_like(state.live), "merge")
+    assert [episode["kept_per_stage"] for episode in episodes] == [[1, 1, 1]] * 3  # at least one token survives
 
 
 def test_effective_keep_restricts_to_live_and_keeps_the_most_attended():

@@ -23,10 +23,10 @@ import evaluate
 from envs.problem import ProblemError
 from envs.vit.data import DATA_DIR_ENV
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
-from envs.vit.pruned_forward import adaptive_forward, exact_forward
+from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
-from policies.decisions import policy_keep_rule, policy_selector
+from policies.decisions import policy_selector
 from policies.export import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -91,24 +91,18 @@ def test_unpruned_model_is_the_timm_model(tiny_staged, images):
     assert kept.tolist() == [[NUM_PATCHES] * 4] * len(images)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(adaptive, tiny_policy, exported, tiny_staged, images):
+def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, exported, tiny_staged, images):
     """The RLlib checkpoint and its export give the same model; evaluate.py's row is that model."""
     modules, _ = load_rllib_policies(tiny_policy)
     vit, config = tiny_staged
     with torch.inference_mode():
-        if adaptive:
-            expected = adaptive_forward(vit, images, policy_keep_rule(modules, vit, TARGET_RATIO), "merge")
-        else:
-            expected = exact_forward(vit, images, policy_selector(modules, vit, TARGET_RATIO), TARGET_RATIO, "merge")
+        expected = exact_forward(vit, images, policy_selector(modules, vit, TARGET_RATIO), TARGET_RATIO, "merge")
     for path in (tiny_policy, exported):
-        model = PrunedViT.from_checkpoint(path, adaptive=adaptive)
-        assert (model.selection, model.budget, model.reduction, model.adaptive) == ("policy", 0.5, "merge", adaptive)
+        model = PrunedViT.from_checkpoint(path)
+        assert (model.selection, model.budget, model.reduction) == ("policy", 0.5, "merge")
         assert_same(model.forward_with_kept(images), expected)
-    row = evaluate.Method("MARL", "policy", TARGET_RATIO, modules, adaptive=adaptive).model(vit, config, "merge")
+    row = evaluate.Method("MARL", "policy", TARGET_RATIO, modules).model(vit, config, "merge")
     assert_same(row.forward_with_kept(images), expected)
-    if adaptive:
-        assert len({tuple(k) for k in expected[1].tolist()}) > 1  # images really kept different counts
 
 
 def test_to_device_moves_backbone_and_policies(exported, images):
@@ -134,8 +128,6 @@ def test_budget_override_changes_the_kept_counts(exported, images):
 def test_invalid_combinations_are_refused(tiny_staged):
     with pytest.raises(ValueError, match="unpruned model takes no budget"):
         PrunedViT(*tiny_staged, None, 0.5)
-    with pytest.raises(ValueError, match="only the policies have an adaptive mode"):
-        PrunedViT(*tiny_staged, "attention", 0.5, adaptive=True)
     with pytest.raises(ValueError, match="unknown selection 'greedy'"):
         PrunedViT(*tiny_staged, "greedy", 0.5)
     with pytest.raises(ProblemError, match="budget must be in"):
@@ -163,14 +155,11 @@ def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_
     assert tome.gflops() == tome_gflops(spec, tome.tome_merges)
     assert PrunedViT(*tiny_staged).gflops().total == unpruned_gflops(spec)
 
-    adaptive = PrunedViT.from_checkpoint(exported, adaptive=True)
-    _, kept = adaptive.forward_with_kept(images)
+    kept = torch.tensor([[64, 32, 16, 8], [64, 40, 20, 10], [64, 32, 16, 8]])  # per-image schedules average
     rows = [image_gflops(spec, PRUNE_POINTS, row, "merge", "agents", macs) for row in kept.tolist()]
     expected = [sum(row[part] for row in rows) / len(rows) for part in range(3)]
-    assert list(adaptive.mean_gflops(kept)) == pytest.approx(expected, rel=1e-12)
-    assert adaptive.gflops(kept[0].tolist()) == rows[0]
-    with pytest.raises(ValueError, match="each image keeps its own counts"):
-        adaptive.gflops()
+    assert list(policy.mean_gflops(kept)) == pytest.approx(expected, rel=1e-12)
+    assert policy.gflops(kept[1].tolist()) == rows[1]
 
 
 # -- the export ------------------------------------------------------------------------------------------------
@@ -191,7 +180,7 @@ def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
         assert all(torch.equal(copy.state_dict()[key], value) for key, value in state.items())
         tokens = torch.randn(3, NUM_PATCHES, module.observation_space["tokens"].shape[1], generator=generator)
         live = (torch.rand(3, NUM_PATCHES, generator=generator) > 0.3).float()
-        batch = {Columns.OBS: {"tokens": tokens, "live": live}}
+        batch = {Columns.OBS: {"tokens": tokens, "live": live, "count": live.sum(1, keepdim=True) // 2}}
         with torch.no_grad():
             torch.testing.assert_close(copy.forward_inference(batch)[Columns.ACTION_DIST_INPUTS],
                                        module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], rtol=0, atol=0)

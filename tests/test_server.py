@@ -43,25 +43,32 @@ def test_concurrent_callers_share_one_forward(server):
     assert ray.get(server.stats.remote())["open_episodes"] == before["open_episodes"]
 
 
+def first_live(obs: dict) -> np.ndarray:
+    """The first ``count`` tokens the agent may choose from: an exact-size set, as the policies sample."""
+    chosen = np.zeros(len(obs["live"]), dtype=np.int8)
+    chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
+    return chosen
+
+
 def test_env_finds_server_by_name_and_survives_a_restart(server):
     env = TokenPruningEnv({"server_name": "test_server", "problem": {"images_per_env": 2}})
     obs, _ = env.reset(seed=0)
-    keep_all = {aid: np.ones(64, dtype=np.int8) if aid.startswith("attention") else np.zeros(64, np.int8)
-                for aid in obs}
-    _, _, _, truncateds, _ = env.step(keep_all)
+    obs, *_ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the similarity turn: no server call
+    obs, _, _, truncateds, _ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the attention turn
     assert not truncateds["__all__"]
     ray.kill(server, no_restart=False)  # a crash: Ray restarts the actor, in-flight episodes are gone
     time.sleep(0.5)
+    obs, *_ = env.step({aid: first_live(o) for aid, o in obs.items()})
     with pytest.raises(StepFailedRecreateEnvError):  # the lost episode is discarded, not trained on
-        env.step(keep_all)
+        env.step({aid: first_live(o) for aid, o in obs.items()})
     obs, _ = env.reset()
     steps = 0
     while True:
-        _, _, terminateds, _, infos = env.step(keep_all)
+        obs, _, terminateds, _, infos = env.step({aid: first_live(o) for aid, o in obs.items()})
         steps += 1
         if terminateds["__all__"]:
             break
-    assert steps == 3 and infos["attention_0"]["agree"]
+    assert steps == 6 and infos["attention_0"]["kept_per_stage"] == [32, 16, 8]
 
 
 def test_unknown_server_name_fails_clearly(ray_local):

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from envs.problem import POLICIES, PruningProblem
-from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import initial_state
 from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import MODULES_DIR, PRUNING_CONFIG
-from policies.decisions import agent_logits
 from policies.rl_module import TokenPolicyModule, policy_module_spec
 
 PRUNE_POINTS = (1, 2, 3)  # the tiny backbone has 4 blocks
@@ -28,16 +27,15 @@ def build_module(name: str, num_patches: int = NUM_PATCHES, seed: int = 0) -> To
     return policy_module_spec(name, num_patches, {"hidden": HIDDEN}).build()
 
 
-def calibrate(module, name: str, staged: StagedViT, quantile: float) -> None:
-    """Rescale the last layer so that logits at the first pruning point of random images have unit spread
-    and a fraction ``quantile`` of them is negative: decisions then vary from token to token and image
-    to image, as after training (a fresh module gives nearly the same logit to every token)."""
+def calibrate(module, name: str, staged: StagedViT) -> None:
+    """Rescale the last layer so that scores at the first pruning point of random images have unit spread:
+    choices then vary from token to token and image to image, as after training (a fresh module gives nearly
+    the same score to every token)."""
     with torch.no_grad():
         images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        logits = agent_logits({name: module}, staged, initial_state(staged, images), TARGET_RATIO)[name]
-        last = module._logit_net[-1]
-        last.bias.sub_(logits.quantile(quantile)).div_(logits.std())
-        last.weight.div_(logits.std())
+        state = initial_state(staged, images)
+        scores = module.token_scores(observe(staged, state, TARGET_RATIO).features(name), state.live.float())
+        module._logit_net[-1].weight.div_(scores.std())
 
 
 def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
@@ -49,8 +47,8 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
     for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
-            if calibrate_on is not None:  # attention keeps ~70%, similarity calls ~30% redundant
-                calibrate(module, name, calibrate_on, 0.3 if name == "attention" else 0.7)
+            if calibrate_on is not None:
+                calibrate(module, name, calibrate_on)
             module.save_to_path(directory / MODULES_DIR / name)
     if legacy:
         config = {"server": {"backbone": str(backbone), "dataset": "cifar10", "data_dir": "data",

@@ -6,9 +6,12 @@ values (replaced by 0 and counted). All cheap: the class-token attention row com
 (``StagedViT.forward_stage``); the rest needs token norms and one ``[N, N]`` cosine-similarity matrix per
 image, never a full attention matrix, and no sequential step, so they stay cheap at 196 tokens. Max and
 mean similarity are symmetric: two near-duplicates both score high, though removing one of them makes the
-other unique. ``suppression`` breaks the tie in one shot, as non-maximum suppression does: a token's
-similarity to the live tokens the class token attends to more, so of a near-duplicate pair only the less
-attended member scores high. Every feature is finite for any number of live tokens, and 0 on dead rows.
+other unique. The two suppression features break the tie in one shot, as non-maximum suppression does
+(:func:`suppression`): a token's similarity to the live tokens ranked above it, so of a near-duplicate pair
+only the lower-ranked member scores high. ``suppression`` ranks by class attention; ``distinct_suppression``
+ranks by distinctiveness (lower mean similarity first), which is what greedy similarity's sequential
+removal keeps, so it encodes that heuristic's choice in one shot. Every feature is finite for any number of
+live tokens, and 0 on dead rows.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ SIMILARITY_FEATURES: tuple[str, ...] = (
     "max_similarity",  # max cosine similarity to the other live tokens (0 if there are none)
     "mean_similarity",  # mean cosine similarity to the other live tokens (0 if there are none)
     "suppression",  # max cosine similarity to a more attended live token (0 for the most attended)
+    "distinct_suppression",  # max cosine similarity to a more distinctive live token (0 for the most distinctive)
     "norm",
     "row",
     "col",
@@ -51,6 +55,35 @@ def cosine_similarity(x_patch: torch.Tensor) -> torch.Tensor:
     unit = F.normalize(x_patch.float(), dim=-1)
     similarity = unit @ unit.transpose(1, 2)
     return (similarity + similarity.transpose(1, 2)) / 2
+
+
+def other_live(live: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` bool: ``[b, i, j]`` is whether ``j`` is a live token other than ``i``."""
+    return live.unsqueeze(1) & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
+
+
+def mean_similarity(similarity: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: each token's mean cosine similarity to the other live tokens (0 if there are none)."""
+    others = other_live(live)
+    return (similarity * others).sum(dim=-1) / others.sum(dim=-1).clamp_min(1)
+
+
+def suppression(similarity: torch.Tensor, live: torch.Tensor, priority: torch.Tensor,
+                top: float = 0.0) -> torch.Tensor:
+    """One-shot non-maximum suppression: each live token's max cosine similarity to a live token of higher
+    ``priority``, so of a group of near-duplicates only the highest-priority member scores low.
+
+    Args:
+        similarity: ``[B, N, N]`` from :func:`cosine_similarity`.
+        live: ``[B, N]`` bool.
+        priority: ``[B, N]``; ties suppress neither way.
+        top: the score of a token with no live token above it (the highest-priority one).
+
+    Returns:
+        ``[B, N]`` float; ``top`` on dead rows too.
+    """
+    above = other_live(live) & (priority.unsqueeze(1) > priority.unsqueeze(2))  # [b, i, j]: j ranks above i
+    return torch.where(above.any(dim=-1), similarity.masked_fill(~above, -1.0).amax(dim=-1), top)
 
 
 def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
@@ -88,13 +121,11 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     norm = norm / (norm.sum(dim=1, keepdim=True) / n_live.clamp_min(1)).clamp_min(1e-12)
 
     similarity = cosine_similarity(x)  # [B, N, N]
-    others = live.unsqueeze(1) & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
-    n_others = others.sum(dim=-1)  # [B, N]
-    max_similarity = torch.where(n_others > 0, similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
-    mean_similarity = (similarity * others).sum(dim=-1) / n_others.clamp_min(1)
-    more_attended = others & (attention.unsqueeze(1) > attention.unsqueeze(2))  # [b, i, j]: j above i
-    suppression = torch.where(more_attended.any(dim=-1),
-                              similarity.masked_fill(~more_attended, -1.0).amax(dim=-1), 0.0)
+    others = other_live(live)
+    max_similarity = torch.where(others.any(dim=-1), similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
+    mean = mean_similarity(similarity, live)
+    suppressed_by_attention = suppression(similarity, live, attention)
+    suppressed_by_distinct = suppression(similarity, live, -mean)
 
     rows, cols = grid_size
     row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
@@ -105,7 +136,8 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     shared = [norm, row, col, progress, keep]
     attention_features = torch.stack(
         [attention, attention.clamp_min(_LOG_EPS).log(), attention_rank, *shared], dim=-1)
-    similarity_features = torch.stack([max_similarity, mean_similarity, suppression, *shared], dim=-1)
+    similarity_features = torch.stack([max_similarity, mean, suppressed_by_attention,
+                                       suppressed_by_distinct, *shared], dim=-1)
     return attention_features * mask.unsqueeze(-1), similarity_features * mask.unsqueeze(-1)
 
 

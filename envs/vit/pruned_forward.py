@@ -1,15 +1,13 @@
-"""The pruned step, and the two pruned forwards built on it.
+"""The pruned step, and the pruned forward built on it.
 
 One implementation of "decide, reduce, run the next stage" serves everything that prunes: the training
-engine (``envs.pruning_engine``, episodes arriving at any stage), both evaluation modes and the warm start.
+engine (``envs.pruning_engine``, episodes arriving at any stage), evaluation and the warm start.
 
 - :class:`TokenState`: a batch of images between two stages, what a pruning point decides on.
 - :func:`prune_step`: apply a keep decision at the pruning point a state waits at (the removed tokens are
   merged or dropped, ``envs.vit.token_merge``), then run the next stage.
 - :func:`exact_forward`: every image keeps ``tokens_to_keep(n_live, target_ratio)`` patch tokens at each
   pruning point (a ``Selector`` returns a top-k mask), so batches stay rectangular.
-- :func:`adaptive_forward`: a ``KeepRule`` decides per image how many tokens survive; before each step the
-  batch is regrouped into sub-batches of equal kept count, so compute goes to real tokens, not padding.
 """
 
 from __future__ import annotations
@@ -115,8 +113,6 @@ def classify(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tens
 Selector = Callable[[TokenState, int], torch.Tensor]
 """``(state, k)`` -> ``keep [B, W]`` bool with exactly ``k`` live tokens per image (exact budget)."""
 
-KeepRule = Callable[[TokenState], torch.Tensor]
-"""``state`` -> ``keep [B, W]`` bool, any number of live tokens per image (adaptive budget)."""
 
 
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
@@ -137,35 +133,3 @@ def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, tar
         state = prune_step(staged, state, keep, reduction)
         kept.append(k)
     return classify(staged, state, reduction), torch.tensor(kept).expand(len(images), -1)
-
-
-def adaptive_forward(staged: StagedViT, images: torch.Tensor, decide: KeepRule,
-                     reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, num_classes]`` with ``decide`` choosing, per image, which tokens survive each point.
-
-    Images keep different numbers of tokens; after every decision the batch is regrouped into sub-batches
-    of equal kept count, each stepped on its own (no padding in the blocks). An image whose decision keeps
-    nothing keeps its most class-attended live token (:func:`effective_keep`).
-
-    Returns the logits and ``kept [B, num_stages]`` long: each image's patch tokens alive in each stage.
-    """
-    state = initial_state(staged, images)
-    batch = len(images)
-    groups = [(torch.arange(batch, device=state.tokens.device), state)]
-    kept = torch.full((batch, staged.num_stages), staged.num_patches, dtype=torch.long)
-    for point in range(len(staged.prune_points)):
-        keeps = [pad_tokens(effective_keep(group, decide(group)), staged.num_patches) for _, group in groups]
-        rows = torch.cat([group_rows for group_rows, _ in groups])
-        state = concat_states([group for _, group in groups])
-        keep = torch.cat(keeps)[:, :state.live.shape[1]]
-        counts = keep.sum(dim=1)
-        kept[rows.cpu(), point + 1] = counts.cpu()
-        groups = []
-        for count in counts.unique(sorted=True).flip(0).tolist():
-            index = (counts == count).nonzero().squeeze(1)
-            sub = state.rows(index)
-            groups.append((rows[index], prune_step(staged, sub, keep[index, :sub.live.shape[1]], reduction)))
-    logits = torch.empty(batch, staged.vit.num_classes, device=state.tokens.device, dtype=state.tokens.dtype)
-    for rows, group in groups:
-        logits[rows] = classify(staged, group, reduction)
-    return logits, kept

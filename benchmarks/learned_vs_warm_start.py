@@ -1,0 +1,98 @@
+"""Is the gain learned? A trial's policy before PPO (its warm start) and after, on validation images.
+
+    HOME=$(mktemp -d) python -m benchmarks.learned_vs_warm_start runs/marl/target_ratio=0.5 --data-dir ../shared/data
+
+For the warm-start modules (``<trial>/warm_start``) and the trial's best checkpoint, on the first ``--limit``
+validation images (never the test split): exact-budget accuracy and agreement with the unpruned model, the
+paired difference to greedy similarity with a bootstrap 95% interval, and how often the tokens that reach
+the head (their original patch positions) differ from greedy similarity's and from the imitated heuristic's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+from ray.rllib.core.rl_module.rl_module import RLModule
+
+from envs.vit.backbone_checkpoint import normalize
+from envs.vit.data import load_split
+from envs.vit.pruned_forward import Selector, TokenState, exact_forward
+from policies.checkpoints import load_policies, read_checkpoint_info, trial_checkpoints
+from policies.decisions import policy_selector
+from policies.heuristics import heuristic_selector
+from policies.pruned_vit import policy_backbone
+
+
+def surviving_positions(select: Selector, last_point: int) -> tuple[Selector, list[torch.Tensor]]:
+    """``select``, recording the original patch positions each image keeps at the last pruning point."""
+    kept: list[torch.Tensor] = []
+
+    def recording(state: TokenState, k: int) -> torch.Tensor:
+        keep = select(state, k)
+        if state.stage == last_point:
+            kept.append(state.positions.masked_fill(~keep, -1).sort(dim=1).values)
+        return keep
+    return recording, kept
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--limit", type=int, default=2000, help="validation images")
+    parser.add_argument("--batch-size", type=int, default=250)
+    args = parser.parse_args(argv)
+
+    checkpoint = max(trial_checkpoints(args.trial),  # the best on validation, the earliest of equals (train.py's)
+                     key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
+    modules, info = load_policies(checkpoint)
+    problem = info.problem
+    staged, config, _ = policy_backbone(problem, checkpoint)
+    warm = {policy: RLModule.from_checkpoint(str(args.trial / "warm_start" / policy)).eval() for policy in modules}
+    split = load_split(problem.dataset, "val", problem.data_dir, input_size=config["input_size"],
+                       val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
+    rows = {"before PPO (warm start)": policy_selector(warm, staged, problem.target_ratio),
+            f"after PPO ({checkpoint.name}, iteration {info.iteration})":
+                policy_selector(modules, staged, problem.target_ratio),
+            "greedy similarity": heuristic_selector("similarity"),
+            f"imitated heuristic ({problem.warm_start})": heuristic_selector(problem.warm_start)}
+    last_point = len(staged.prune_points) - 1
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
+    positions: dict[str, list[torch.Tensor]] = {}
+    recorders = {}
+    for name, select in rows.items():
+        recorders[name], positions[name] = surviving_positions(select, last_point)
+    unpruned = []
+    with torch.no_grad():
+        for start in range(0, len(split.labels), args.batch_size):
+            inputs = normalize(split.images[start:start + args.batch_size], config)
+            unpruned.append(staged.vit(inputs).argmax(1))
+            for name, select in recorders.items():
+                logits, _ = exact_forward(staged, inputs, select, problem.target_ratio, problem.reduction)
+                predictions[name].append(logits.argmax(1))
+    labels, unpruned = split.labels.numpy(), torch.cat(unpruned).numpy()
+    correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}
+    kept = {name: torch.cat(p) for name, p in positions.items()}
+    greedy, imitated = list(rows)[2], list(rows)[3]
+    print(f"{checkpoint}: {len(labels)} validation images, r = {problem.target_ratio}")
+    print(f"{'selection':<46} {'acc %':>6} {'agree %':>8} {'vs greedy':>10} {'95% CI':>16} "
+          f"{'sets != greedy':>15} {'!= imitated':>12}")
+    for name in rows:
+        result = scipy.stats.bootstrap((correct[name], correct[greedy]), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+                                       paired=True, vectorized=True, n_resamples=2000, method="percentile",
+                                       rng=np.random.default_rng(0))
+        low, high = result.confidence_interval
+        differ = {other: 100 * (kept[name] != kept[other]).any(dim=1).double().mean().item()
+                  for other in (greedy, imitated)}
+        agree = 100 * (torch.cat(predictions[name]).numpy() == unpruned).mean()
+        print(f"{name:<46} {100 * correct[name].mean():6.2f} {agree:8.2f} "
+              f"{100 * (correct[name].mean() - correct[greedy].mean()):+10.2f} "
+              f"[{100 * low:+6.2f}, {100 * high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}%")
+
+
+if __name__ == "__main__":
+    main()
