@@ -13,6 +13,7 @@ The :class:`~envs.vit_server.ViTServer` actor wraps one engine for all env runne
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,20 +97,23 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_full_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
-        """The unpruned model's class probabilities, computed once per image (the label-free target);
-        ``inputs``: the normalised images ``[len(indices), C, H, W]``."""
-        todo = [row for row, index in enumerate(indices) if torch.isnan(self._full_probs[index, 0])]
-        if todo:
-            logits = self.staged(inputs[todo])
-            self._full_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
+    def _ensure_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
+        """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
+        heuristic's at the exact budget, each computed once per image; ``inputs``: the normalised images
+        ``[len(indices), C, H, W]``."""
+        self._fill_once(self._full_probs, indices, inputs, self.staged)
+        if self._baseline is not None:
+            self._fill_once(self._baseline_probs, indices, inputs, lambda x: exact_forward(
+                self.staged, x, self._baseline, self.target_ratio, self.reduction)[0])
 
-    def _ensure_baseline_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
-        """The baseline heuristic's class probabilities at the exact budget, computed once per image."""
-        todo = [row for row, index in enumerate(indices) if torch.isnan(self._baseline_probs[index, 0])]
-        if todo and self._baseline is not None:
-            logits, _ = exact_forward(self.staged, inputs[todo], self._baseline, self.target_ratio, self.reduction)
-            self._baseline_probs[[indices[row] for row in todo]] = logits.float().softmax(-1).cpu()
+    @staticmethod
+    def _fill_once(probs: torch.Tensor, indices: list[int], inputs: torch.Tensor,
+                   logits_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Fill the rows ``indices`` of the cache ``probs`` (NaN until computed) that are still empty with the
+        softmax of ``logits_of`` on their ``inputs``."""
+        todo = [row for row, index in enumerate(indices) if torch.isnan(probs[index, 0])]
+        if todo:
+            probs[[indices[row] for row in todo]] = logits_of(inputs[todo]).float().softmax(-1).cpu()
 
     def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
@@ -122,8 +126,7 @@ class PruningEngine:
         inputs = self._inputs(indices)
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
-        self._ensure_full_probs(indices, inputs)
-        self._ensure_baseline_probs(indices, inputs)
+        self._ensure_probs(indices, inputs)
         state = initial_state(self.staged, inputs)
         self.forwards += 1
         for b, (key, image) in enumerate(zip(keys, indices, strict=True)):
@@ -203,7 +206,7 @@ class PruningEngine:
         for start in range(0, len(self.labels), batch_size):  # each image read once
             batch = list(range(start, min(start + batch_size, len(self.labels))))
             inputs = self._inputs(batch)
-            self._ensure_full_probs(batch, inputs)
+            self._fill_once(self._full_probs, batch, inputs, self.staged)
             logits, _ = exact_forward(self.staged, inputs, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)

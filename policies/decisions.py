@@ -27,7 +27,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from envs.vit.features import observe
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import tokens_to_keep
+from envs.vit.token_ops import highest, tokens_to_keep
 
 ATTENTION_SHARE = 0.25
 """The fraction of each pruning point's removals the attention agent makes when both agents act."""
@@ -55,12 +55,6 @@ def survives(keep: np.ndarray | None, redundant: np.ndarray | None) -> np.ndarra
     if redundant is not None:
         survive &= ~np.asarray(redundant).astype(bool)
     return survive
-
-
-def highest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """``[B, W]`` bool: the ``count`` highest ``scores [B, W]`` per row (dead tokens score lowest)."""
-    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
-    return rank < count
 
 
 def policy_selector(modules: Mapping[str, RLModule], staged: StagedViT, target_ratio: float) -> Selector:

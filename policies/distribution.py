@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
 
+from envs.vit.token_ops import highest
+
 DEAD_SCORE = -1e4
 """The score of a dead token: ``exp`` of it is 0 in the dynamic program, so no set ever holds one."""
 IMPOSSIBLE = -1e30
@@ -117,5 +119,4 @@ class ExactCount(TorchDistribution):
 
     def to_deterministic(self) -> TorchDeterministic:
         """The most likely set: the ``count`` highest scores."""
-        rank = self.scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-        return TorchDeterministic(loc=(rank < self.count.unsqueeze(-1)).to(self.scores.dtype))
+        return TorchDeterministic(loc=highest(self.scores, self.count.unsqueeze(-1)).to(self.scores.dtype))

@@ -21,9 +21,9 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from envs.vit.features import observe
 from envs.vit.pruned_forward import TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import pad_tokens, topk_keep_mask
-from policies.decisions import highest, turn_counts
-from policies.heuristics import heuristic_selector
+from envs.vit.token_ops import highest, pad_tokens
+from policies.decisions import turn_counts
+from policies.heuristics import greedy_attention_keep, heuristic_selector
 from policies.rl_module import policy_module_spec
 
 IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 chosen / 0.05 not, so scores stay near +-3
@@ -55,7 +55,7 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float,
             rows.setdefault("similarity", []).append((observation.similarity, state.live, state.live & ~left))
         if agents == "similarity":
             return left
-        keep = topk_keep_mask(state.cls_attention, left, k)
+        keep = greedy_attention_keep(state.cls_attention, left, k)
         rows.setdefault("attention", []).append((observation.attention, left, keep))
         return keep
 

@@ -55,6 +55,14 @@ def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Te
     return torch.zeros_like(live).scatter(1, index, True)
 
 
+def highest(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` bool: the ``count`` highest ``scores [..., N]`` of each row, ``count`` an int or one per row
+    (``[..., 1]``), 0 allowed. Unlike :func:`topk_keep_mask` it takes no live mask: dead tokens must score
+    lowest (the policies give them ``policies.distribution.DEAD_SCORE``)."""
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return rank < count
+
+
 def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn per-image keep decisions of different counts into one padded index for :func:`gather_tokens`.
 
