@@ -51,6 +51,7 @@ from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
     ServerSettings,
+    call_through_restarts,
     load_server_inputs,
     staged_from_weights,
     start_vit_servers,
@@ -289,10 +290,10 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, mo
     server = ray.get_actor(server_name, namespace=NAMESPACE)
     policies = list(algorithm.config.policies)
     weights = algorithm.learner_group.get_weights(module_ids=policies)
-    metrics = ray.get(server.validate.remote(weights, model_config))
+    metrics = call_through_restarts(lambda: ray.get(server.validate.remote(weights, model_config)))
     for name, value in metrics.items():
         algorithm.metrics.log_value((EVALUATION_RESULTS, name), value, reduce="item")
-    env_steps = ray.get(server.spec.remote()).num_images * steps_per_image
+    env_steps = call_through_restarts(lambda: ray.get(server.spec.remote())).num_images * steps_per_image
     return metrics, env_steps, env_steps * len(policies)
 
 

@@ -7,8 +7,9 @@ images as fast as inference prunes them.
 1. Training: ``train.py`` with its defaults (one env runner, the ViT servers, PPO's 4,096 agent steps per
    iteration), ``--iterations`` iterations with no warm start and no validation inside them (the stop's
    runs after the last one is timed). Images/s is over the iterations after the first (which includes
-   start-up), from Tune's ``progress.csv``: an image takes ``len(prune_points)`` env steps, each of which
-   carries ``images_per_env`` images. The run has the whole machine (Ray's processes share its cores).
+   start-up), from Tune's ``progress.csv``: an image takes an env step per pruning point and acting
+   agent (``envs.pruning_env.env_steps_per_episode``), each of which carries ``images_per_env`` images.
+   The run has the whole machine (Ray's processes share its cores).
 2. Inference: the policy that run wrote, as ``PrunedViT`` in exact mode, over ``--images`` validation
    images in batches of ``--batch-size`` (median of ``--repeats`` passes after a warm-up), in this process
    with torch's default threads, once training has ended.
@@ -32,6 +33,7 @@ import torch
 import train
 from cli import OneLineParser, versions_line
 from envs.problem import PruningProblem
+from envs.pruning_env import env_steps_per_episode
 from envs.vit.data import load_split
 from envs.vit.timing import images_per_second
 from policies.checkpoints import latest_checkpoint, read_checkpoint_info
@@ -47,7 +49,7 @@ def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tupl
         raise SystemExit("error: need --iterations of 2 or more: the first iteration includes start-up")
     env_steps = sum(float(row["env_runners/num_env_steps_sampled"]) for row in rows)
     seconds = sum(float(row["time_this_iter_s"]) for row in rows)
-    return env_steps * problem.images_per_env / len(problem.prune_points) / seconds, len(rows)
+    return env_steps * problem.images_per_env / env_steps_per_episode(problem) / seconds, len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

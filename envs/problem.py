@@ -103,11 +103,15 @@ class PruningProblem:
                                       "(ToMe) or dropped", choices=REDUCTIONS)
     agents: str = setting("both", "which agents act: both, or one alone (ablation)", choices=AGENT_MODES)
     images_per_env: int = setting(8, "images one env instance carries (one server call moves them all)")
+    rollouts_per_image: int = setting(1, "rollouts of each image in an env, side by side (divides images_per_env); "
+                                         "with reward_baseline 'rollouts' each is compared with the others")
     agree_weight: float = setting(1.0, "reward for keeping the unpruned model's answer")
     prob_weight: float = setting(1.0, "reward per unit of probability of the unpruned model's answer")
-    reward_baseline: str = setting("distinct", "heuristic whose fidelity reward on the same image is subtracted from "
-                                               "the final reward, a per-image baseline independent of the actions; "
-                                               "'none' subtracts nothing", choices=("none", *HEURISTICS))
+    logprob_weight: float = setting(0.0, "reward per unit of log-probability of the unpruned model's answer")
+    reward_baseline: str = setting("distinct", "subtracted from the final reward, a per-image baseline independent of "
+                                               "the actions: a heuristic's fidelity on the same image, 'rollouts' the "
+                                               "mean fidelity of the image's other rollouts (leave-one-out), or "
+                                               "'none'", choices=("none", "rollouts", *HEURISTICS))
     hidden: int = setting(64, "width of the policy networks")
     warm_start: str = setting("distinct", "the heuristic the similarity agent first imitates (policies/warm_start.py)"
                                           ": 'nms' attention NMS, 'distinct' distinctive NMS, 'similarity' greedy "
@@ -128,8 +132,19 @@ class PruningProblem:
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)
-        for name in ("agree_weight", "prob_weight"):
+        for name in ("agree_weight", "prob_weight", "logprob_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.rollouts_per_image >= 1 and self.images_per_env % self.rollouts_per_image == 0,
+               f"rollouts_per_image must be >= 1 and divide images_per_env = {self.images_per_env}, "
+               f"got {self.rollouts_per_image}")
+        _check(self.reward_baseline != "rollouts" or self.rollouts_per_image >= 2,
+               "reward_baseline 'rollouts' needs rollouts_per_image >= 2")
+
+    @property
+    def baseline_heuristic(self) -> str:
+        """The heuristic whose outcome the ViT server reports with each image's (the reward baseline), or
+        ``"none"`` when the baseline is not a heuristic."""
+        return "none" if self.reward_baseline == "rollouts" else self.reward_baseline
 
     @property
     def backbone_path(self) -> Path:

@@ -121,19 +121,22 @@ class PruningEngine:
 
     @torch.no_grad()
     def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = ()) -> list[dict[str, np.ndarray]]:
-        """Start one episode per key on image ``indices[i]``; returns the first observations. ``upcoming``:
-        images asked for next, read ahead when the split streams from its files."""
-        inputs = self._inputs(indices)
+        """Start one episode per key on image ``indices[i]``; returns the first observations. An image named
+        more than once (rollouts of one image) runs its first stage once. ``upcoming``: images asked for next,
+        read ahead when the split streams from its files."""
+        images, row_of = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        inputs = self._inputs(images.tolist())
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
-        self._ensure_probs(indices, inputs)
+        self._ensure_probs(images.tolist(), inputs)
         state = initial_state(self.staged, inputs)
         self.forwards += 1
-        for b, (key, image) in enumerate(zip(keys, indices, strict=True)):
+        for key, image, row in zip(keys, images[row_of], row_of, strict=True):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), state.rows([b]))
+            self.episodes[key] = _Episode(int(image), state.rows([int(row)]))
         self._evict()
-        return self._observations(state)
+        observations = self._observations(state)
+        return [observations[row] for row in row_of]
 
     @torch.no_grad()
     def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:

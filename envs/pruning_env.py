@@ -4,20 +4,23 @@ One env instance carries ``images_per_env`` images at once, so each call to the 
 batch. Each image has an agent pair: ``attention`` and ``similarity`` when there is one image, else
 ``attention_<i>`` and ``similarity_<i>``; the policy of an agent is the part of its ID before ``_``
 (:func:`policy_for_agent`). The agents take turns at every pruning point (``policies.decisions``): a step
-in which the similarity agents mark redundant tokens, then one in which the attention agents choose the
-tokens they keep among the rest, each a set of exactly the size its observation's ``count`` says; the
-second step applies the AND rule and runs the next stage. The episode ends after the last stage, so every
-image meets the budget exactly.
+in which the attention agents choose tokens to keep, then one in which the similarity agents remove
+redundant tokens among the others, each a set of exactly the size its observation's ``count`` says; the
+second step runs the next stage on the survivors. The episode ends after the last stage, so every image
+meets the budget exactly.
 
 What defines the problem (agents, reward weights, target ratio) comes from ``env_config["problem"]``, a
 :class:`~envs.problem.PruningProblem` as JSON; ``agents="attention"`` or ``"similarity"`` runs one agent
 alone, one step per pruning point.
 
 Reward, shared by the two agents of an image at the last step (docs/DESIGN.md, "Reward"): the fidelity
-``agree_weight * [pruned argmax == unpruned argmax] + prob_weight * p_pruned(unpruned argmax)``: label-free,
-so no label (and no test image) is needed to train; minus the same fidelity of the ``reward_baseline``
-heuristic on the same image, a per-image baseline that does not depend on the agents' actions (the
-gradient stays unbiased) and leaves a return above 0 exactly where the agents beat the heuristic.
+``agree_weight * [pruned argmax == unpruned argmax] + prob_weight * p + logprob_weight * log p`` with ``p`` the
+pruned model's probability of the unpruned argmax: label-free, so no label (and no test image) is needed to
+train; minus a per-image baseline that does not depend on the agents' actions (the gradient stays unbiased):
+the same fidelity of the ``reward_baseline`` heuristic on the same image, which leaves a return above 0
+exactly where the agents beat the heuristic, or with ``"rollouts"`` the mean fidelity of the image's other
+``rollouts_per_image - 1`` rollouts in the same env (leave-one-out, as in RLOO), which leaves a return above 0
+exactly where a rollout beats the agents' own average on that image.
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost
-from envs.vit_server import DEFAULT_NAME, NAMESPACE
-from policies.decisions import TURNS, survives, turn_counts
+from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
+from policies.decisions import TURNS, choosable, survives, turn_counts
 from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "server_name": DEFAULT_NAME,  # the ViT server to find by name, or a list of names: runner i uses name i % n
                                   # ("server" instead: an in-process engine)
     "seed": 0,
-    "server_timeout_s": 120.0,
+    "server_timeout_s": RESTART_TIMEOUT_S,
 }
 
 
@@ -50,14 +53,31 @@ def trained_policies(agents: str) -> tuple[str, ...]:
     return POLICIES if agents == "both" else (agents,)
 
 
+def env_steps_per_episode(problem: PruningProblem) -> int:
+    """The env steps one episode (one image per agent pair) takes: a turn per acting agent per pruning point."""
+    return len(problem.prune_points) * len(trained_policies(problem.agents))
+
+
 def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
     return agent_id.split("_")[0]
 
 
+MIN_PROB = 1e-6
+"""Floor of the probability whose log the reward takes, so that a lost answer costs a finite amount."""
+
+
 def fidelity(problem: PruningProblem, agree: bool, prob_unpruned_class: float) -> float:
     """The final reward for how well a pruned forward keeps the unpruned model's answer."""
-    return problem.agree_weight * float(agree) + problem.prob_weight * prob_unpruned_class
+    return (problem.agree_weight * float(agree) + problem.prob_weight * prob_unpruned_class
+            + problem.logprob_weight * float(np.log(max(prob_unpruned_class, MIN_PROB))))
+
+
+def leave_one_out_means(values: np.ndarray, group: int) -> np.ndarray:
+    """For each of ``values [n]`` (consecutive groups of ``group`` rollouts of one image), the mean of the other
+    values of its group."""
+    grouped = values.reshape(-1, group)
+    return ((grouped.sum(1, keepdims=True) - grouped) / (group - 1)).reshape(-1)
 
 
 _episodes_lost = 0  # in this process; RLlib recreates the env after each, and the new one must not replay
@@ -88,9 +108,9 @@ class TokenPruningEnv(MultiAgentEnv):
                              else names)
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
-        if self.spec_.baseline != self.problem.reward_baseline:
+        if self.spec_.baseline != self.problem.baseline_heuristic:
             raise ValueError(f"the ViT server computes the reward baseline {self.spec_.baseline!r}, the problem "
-                             f"asks for {self.problem.reward_baseline!r}")
+                             f"asks for {self.problem.baseline_heuristic!r}")
         self.num_images = self.problem.images_per_env
         policies = trained_policies(self.problem.agents)
         suffixes = [""] if self.num_images == 1 else [f"_{i}" for i in range(self.num_images)]
@@ -108,7 +128,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self._keys: list[str] = []
         self._point: list[dict[str, np.ndarray]] = []  # per image: both agents' features and the live mask
         self._turns: list[str] = []  # the policies still to choose at the current pruning point, in order
-        self._left: list[np.ndarray] = []  # per image: the tokens the turns so far have left alive
+        self._chosen: list[dict[str, np.ndarray]] = []  # per image: the sets chosen so far at this point, by policy
         self._instance = f"{id(self):x}-{time.monotonic_ns():x}"
 
     # -- server access -------------------------------------------------------------------------------
@@ -128,15 +148,11 @@ class TokenPruningEnv(MultiAgentEnv):
         """Call the server; if its actor died, wait (up to ``server_timeout_s``) for Ray's restart and retry."""
         if not isinstance(self._server, ray.actor.ActorHandle):
             return getattr(self._server, method)(*args)  # an in-process engine (tests, debugging)
-        deadline = time.monotonic() + float(self.config["server_timeout_s"])
-        while True:
-            try:
-                return ray.get(getattr(self._server, method).remote(*args))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ViT server unreachable for {self.config['server_timeout_s']} s") from error
-                time.sleep(0.5)
-                self._server = self._lookup_server()
+
+        def look_up_again() -> None:
+            self._server = self._lookup_server()
+        return call_through_restarts(lambda: ray.get(getattr(self._server, method).remote(*args)),
+                                     float(self.config["server_timeout_s"]), look_up_again)
 
     # -- episode -------------------------------------------------------------------------------------
 
@@ -147,13 +163,15 @@ class TokenPruningEnv(MultiAgentEnv):
 
     def _turn_observations(self, policy: str) -> dict:
         """The observations of the agents of ``policy`` for their turn at the current pruning point: their
-        features, the tokens they choose from (those left by the turns before) and how many to choose
-        (:func:`~policies.decisions.turn_counts`)."""
+        features, the tokens they choose from (for the similarity agents, those the attention agents did not
+        keep) and how many to choose (:func:`~policies.decisions.turn_counts`)."""
         out = {}
         for i, point in enumerate(self._point):
-            counts = dict(zip(TURNS, turn_counts(int(point["live"].sum()), self.problem.target_ratio,
-                                                 self.problem.agents), strict=True))
-            out[self._agent(i, policy)] = {"tokens": point[policy], "live": self._left[i].astype(np.float32),
+            live = point["live"] > 0.5
+            counts = dict(zip(TURNS, turn_counts(int(live.sum()), self.problem.target_ratio, self.problem.agents),
+                              strict=True))
+            options = live if policy == "attention" else choosable(live, self._chosen[i].get("attention"))
+            out[self._agent(i, policy)] = {"tokens": point[policy], "live": options.astype(np.float32),
                                            "count": np.array([counts[policy]], np.float32)}
         return out
 
@@ -161,12 +179,14 @@ class TokenPruningEnv(MultiAgentEnv):
         """Begin the turns at a pruning point with the server's observations ``points`` (one per image); returns
         the observations of whoever chooses first."""
         self._point = points
-        self._left = [point["live"] > 0.5 for point in points]
+        self._chosen = [{} for _ in points]
         self._turns = [policy for policy in TURNS if policy in trained_policies(self.problem.agents)]
         return self._turn_observations(self._turns[0])
 
     def _draw_images(self) -> list[int]:
-        return self._rng.integers(0, self.spec_.num_images, self.num_images).tolist()
+        """The next episode's images: ``images_per_env / rollouts_per_image`` draws, each repeated for its rollouts."""
+        rollouts = self.problem.rollouts_per_image
+        return np.repeat(self._rng.integers(0, self.spec_.num_images, self.num_images // rollouts), rollouts).tolist()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
@@ -185,13 +205,14 @@ class TokenPruningEnv(MultiAgentEnv):
 
     def step(self, action_dict: dict):
         policy = self._turns.pop(0)
-        for i, left in enumerate(self._left):
-            chosen = action_dict[self._agent(i, policy)]
-            self._left[i] = left & (survives(chosen, None) if policy == "attention" else survives(None, chosen))
+        for i, chosen in enumerate(self._chosen):
+            chosen[policy] = action_dict[self._agent(i, policy)]
         if self._turns:
             return self._turn_observations(self._turns[0]), {}, {"__all__": False}, {"__all__": False}, {}
+        survivors = [survives(point["live"] > 0.5, chosen.get("attention"), chosen.get("similarity"))
+                     for point, chosen in zip(self._point, self._chosen, strict=True)]
         try:
-            results = self._call("step", self._keys, self._left)
+            results = self._call("step", self._keys, survivors)
         except ray.exceptions.RayTaskError as error:
             if not isinstance(error.as_instanceof_cause(), EpisodeLost):
                 raise
@@ -202,11 +223,16 @@ class TokenPruningEnv(MultiAgentEnv):
             return self._start_point([result["obs"] for result in results]), {}, {"__all__": False}, \
                 {"__all__": False}, {}
         problem = self.problem
+        reached = np.array([fidelity(problem, result["agree"], result["prob_unpruned_class"]) for result in results])
+        if problem.reward_baseline == "rollouts":
+            baselines = leave_one_out_means(reached, problem.rollouts_per_image)
+        elif problem.reward_baseline != "none":
+            baselines = np.array([fidelity(problem, result["baseline_agree"], result["baseline_prob_unpruned_class"])
+                                  for result in results])
+        else:
+            baselines = np.zeros_like(reached)
         rewards, infos = {}, {}
-        for i, result in enumerate(results):
-            reward = fidelity(problem, result["agree"], result["prob_unpruned_class"])
-            if problem.reward_baseline != "none":
-                reward -= fidelity(problem, result["baseline_agree"], result["baseline_prob_unpruned_class"])
+        for i, (result, reward) in enumerate(zip(results, reached - baselines, strict=True)):
             info = {k: result[k] for k in ("kept", "agree", "correct", "prob_unpruned_class", "kept_per_stage",
                                           "gflops_backbone", "gflops_features")}
             info.update(keep_ratio=result["kept"] / self.spec_.num_patches, image=self._images[i])

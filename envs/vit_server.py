@@ -10,17 +10,18 @@ per image at any batch size, so waiting only idles the server (benchmarks/README
 (the default) therefore waits 2 ms on a GPU and not at all on a CPU.
 
 If the actor dies, Ray restarts it (``max_restarts``) from the same creation arguments; episodes that were
-in flight are gone and the env starts new ones (see ``TokenPruningEnv``).
+in flight are gone and the env starts new ones (see ``TokenPruningEnv``). Callers wait for the restart with
+:func:`call_through_restarts`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import ray
@@ -36,6 +37,8 @@ from policies.rl_module import policy_module_spec
 
 NAMESPACE = "marl_token_pruning"
 DEFAULT_NAME = "vit_server"
+RESTART_TIMEOUT_S = 120.0
+"""How long a caller waits for a dead ViT server to be restarted before it gives up."""
 _PINNED: dict[str, list[ray.ObjectRef]] = {}  # creation arguments must outlive the actor for restarts
 
 
@@ -77,7 +80,7 @@ class ViTServer:
         problem = settings.problem
         staged = staged_from_weights(state, config, problem.prune_points)
         self.engine = PruningEngine(staged, config, images, labels, problem.target_ratio, problem.reduction, device,
-                                    baseline=problem.reward_baseline)
+                                    baseline=problem.baseline_heuristic)
         wait_ms = settings.max_wait_ms
         self._max_wait_s = (2.0 if device == "cuda" else 0.0) / 1000 if wait_ms is None else wait_ms / 1000
         self._queue: list[_Request] = []
@@ -177,6 +180,24 @@ class ViTServer:
                 outcomes[i] = results[start:start + len(batch[i].keys)]
                 start += len(batch[i].keys)
         return outcomes
+
+
+Result = TypeVar("Result")
+
+
+def call_through_restarts(call: Callable[[], Result], timeout_s: float = RESTART_TIMEOUT_S,
+                          before_retry: Callable[[], None] = lambda: None) -> Result:
+    """``call()`` (a blocking call to a ViT server), retried every 0.5 s while the server is dead or restarting,
+    for up to ``timeout_s``; ``before_retry`` runs before each retry (e.g. to look the server up again)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ViT server unreachable for {timeout_s} s") from error
+            time.sleep(0.5)
+            before_retry()
 
 
 def staged_from_weights(state: dict, config: dict, prune_points: tuple[int, ...]) -> StagedViT:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.vit.features import cosine_similarity, mean_similarity, suppression
-from envs.vit.pruned_forward import Selector
+from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.token_ops import topk_keep_mask
 
 HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms", "distinct")
@@ -93,6 +93,22 @@ def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> t
     similarity = cosine_similarity(x_patch)
     suppressed = suppression(similarity, live, -mean_similarity(similarity, live), top=-1.0)
     return topk_keep_mask(-suppressed, live, k)
+
+
+def redundancy(name: str, state: TokenState) -> torch.Tensor:
+    """``[B, N]``: how early the similarity heuristic ``name`` (``similarity``, ``nms`` or ``distinct``) removes
+    each live token, as a score (the highest go first); the same order as its keep set, continued to every
+    token, so that it also ranks a subset of the live tokens (the warm start's similarity agent removes from
+    those the attention agent did not keep, ``policies.warm_start``)."""
+    similarity = cosine_similarity(state.patches)
+    if name == "similarity":
+        one_left = torch.ones(len(state.live), dtype=torch.long, device=state.live.device)
+        return -greedy_removal_order(similarity, state.live, one_left)
+    if name == "nms":
+        return suppression(similarity, state.live, state.cls_attention, top=-1.0)
+    if name == "distinct":
+        return suppression(similarity, state.live, -mean_similarity(similarity, state.live), top=-1.0)
+    raise ValueError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
 
 
 def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:

@@ -2,12 +2,12 @@
 
 PPO pays one shared reward per image for sets of dozens of tokens, so per-token preferences emerge slowly
 (docs/DESIGN.md). Imitation gives the agents a strong start, on train-split images only: at each pruning
-point the similarity agent imitates the chosen heuristic for its share of the removals, and the attention
-agent imitates greedy attention on the tokens left (it keeps those the class token attends to most;
-``policies.decisions`` splits the removals). ``nms`` (attention NMS) and ``distinct``
-(distinctive NMS) are what the similarity agent's one-shot ``suppression`` and ``distinct_suppression``
-features encode, so they are imitated almost exactly; ``similarity`` (greedy similarity, sequential) is
-approximated. PPO then trains both agents from there.
+point the attention agent imitates greedy attention for its share of the kept tokens (those the class token
+attends to most; ``policies.decisions`` splits the turns), and the similarity agent imitates the chosen
+heuristic's removals among the other tokens (in the heuristic's removal order, ``policies.heuristics.redundancy``).
+``nms`` (attention NMS) and ``distinct`` (distinctive NMS) are what the similarity agent's one-shot
+``suppression`` and ``distinct_suppression`` features encode, so they are imitated almost exactly;
+``similarity`` (greedy similarity, sequential) is approximated. PPO then trains both agents from there.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from envs.vit.features import observe
 from envs.vit.pruned_forward import TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import highest, pad_tokens
+from envs.vit.token_ops import highest, pad_tokens, topk_keep_mask
 from policies.decisions import turn_counts
-from policies.heuristics import greedy_attention_keep, heuristic_selector
+from policies.heuristics import greedy_attention_keep, redundancy
 from policies.rl_module import policy_module_spec
 
 IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 chosen / 0.05 not, so scores stay near +-3
@@ -44,20 +44,20 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float,
     """The agents' observations along the heuristics' pruned forwards of ``images`` (normalised
     ``[M, C, H, W]``), and the heuristics' choices."""
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    similarity_select = heuristic_selector(heuristic)
 
     def record(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        similarity_removes, _ = turn_counts(int(state.live[0].sum()), target_ratio, agents)
-        left = state.live
-        if agents != "attention":
-            left = similarity_select(state, int(state.live[0].sum()) - similarity_removes)
-            rows.setdefault("similarity", []).append((observation.similarity, state.live, state.live & ~left))
-        if agents == "similarity":
-            return left
-        keep = greedy_attention_keep(state.cls_attention, left, k)
-        rows.setdefault("attention", []).append((observation.attention, left, keep))
-        return keep
+        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents)
+        kept = torch.zeros_like(state.live)
+        if agents != "similarity":
+            kept = greedy_attention_keep(state.cls_attention, state.live, attention_keeps)
+            rows.setdefault("attention", []).append((observation.attention, state.live, kept))
+        if agents == "attention":
+            return kept
+        left = state.live & ~kept
+        removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
+        rows.setdefault("similarity", []).append((observation.similarity, left, removed))
+        return state.live & ~removed
 
     for start in range(0, len(images), batch_size):
         exact_forward(staged, images[start:start + batch_size], record, target_ratio, reduction)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tests.tiny_policies import PRUNE_POINTS, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HOME"] = tempfile.mkdtemp(prefix="marl-pruning-home-")  # Ray writes under ~ otherwise
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -14,7 +14,7 @@ from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
-from policies.decisions import survives
+from policies.decisions import choosable, survives
 from policies.heuristics import heuristic_selector
 
 KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
@@ -64,27 +64,29 @@ def test_agent_ids_spaces_and_turns(engine):
     assert env.possible_agents == ["attention_0", "similarity_0", "attention_1", "similarity_1"]
     assert {policy_for_agent(a) for a in env.possible_agents} == {"attention", "similarity"}
     obs, _ = env.reset(seed=0)
-    assert set(obs) == {"similarity_0", "similarity_1"}  # the similarity agents choose first
-    assert obs["similarity_1"]["tokens"].shape == (64, engine.spec().num_features["similarity"])
-    assert obs["similarity_1"]["live"].sum() == 64 and obs["similarity_1"]["count"][0] == 24  # 24 of 32 removals
-    redundant = {aid: first_live(aid, o) for aid, o in obs.items()}
-    obs, rewards, terminateds, _, _ = env.step(redundant)
-    assert set(obs) == {"attention_0", "attention_1"} and rewards == {} and not terminateds["__all__"]
-    assert obs["attention_0"]["tokens"].shape == (64, engine.spec().num_features["attention"])
-    assert (obs["attention_0"]["live"] == 1 - redundant["similarity_0"]).all()  # it chooses among the rest
-    assert obs["attention_0"]["count"][0] == 32
+    assert set(obs) == {"attention_0", "attention_1"}  # the attention agents choose first
+    assert obs["attention_1"]["tokens"].shape == (64, engine.spec().num_features["attention"])
+    assert obs["attention_1"]["live"].sum() == 64 and obs["attention_1"]["count"][0] == 8  # 8 of the 32 kept
+    kept = {aid: first_live(aid, o) for aid, o in obs.items()}
+    obs, rewards, terminateds, _, _ = env.step(kept)
+    assert set(obs) == {"similarity_0", "similarity_1"} and rewards == {} and not terminateds["__all__"]
+    assert obs["similarity_0"]["tokens"].shape == (64, engine.spec().num_features["similarity"])
+    assert (obs["similarity_0"]["live"] == 1 - kept["attention_0"]).all()  # it removes among the others
+    assert obs["similarity_0"]["count"][0] == 32
     single = make_env(engine, 1, agents="similarity")
     assert single.possible_agents == ["similarity"]
 
 
-def test_combination_rule_is_and_of_keep_and_not_redundant():
-    keep = np.array([1, 1, 0, 0])
-    redundant = np.array([0, 1, 0, 1])
-    assert survives(keep, redundant).tolist() == [True, False, False, False]
-    assert survives(keep, None).tolist() == [True, True, False, False]
-    assert survives(None, redundant).tolist() == [True, False, True, False]
+def test_survivors_are_the_tokens_not_removed_or_the_attention_agents_alone():
+    live = np.array([True, True, True, True, False])
+    kept, removed = np.array([1, 0, 0, 0, 0]), np.array([0, 0, 1, 1, 0])
+    assert choosable(live, kept).tolist() == [False, True, True, True, False]
+    assert choosable(live, None).tolist() == live.tolist()
+    assert survives(live, kept, removed).tolist() == [True, True, False, False, False]
+    assert survives(live, None, removed).tolist() == [True, True, False, False, False]
+    assert survives(live, np.array([1, 1, 0, 0, 0]), None).tolist() == [True, True, False, False, False]
     with pytest.raises(ValueError):
-        survives(None, None)
+        survives(live, None, None)
 
 
 def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
@@ -111,6 +113,31 @@ def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
         make_env(engine, 1, reward_baseline="none")
 
 
+def test_rollouts_of_one_image_are_each_others_baseline(engine):
+    """With ``rollouts_per_image`` K, an env's images come in runs of K rollouts of one image, each starting
+    from the same observation; with the ``rollouts`` baseline a rollout's reward is its fidelity (agreement,
+    probability and log-probability terms) minus the mean of the other rollouts' of that image."""
+    plain = PruningEngine(engine.staged, engine.config, engine.images, engine.labels, 0.5, "merge")
+    env = make_env(plain, 6, rollouts_per_image=3, reward_baseline="rollouts", logprob_weight=0.5)
+    first, _ = env.reset(seed=3)
+    assert env._images[0:3] == [env._images[0]] * 3 and env._images[3:6] == [env._images[3]] * 3
+    assert all((first[f"attention_{i}"]["tokens"] == first["attention_0"]["tokens"]).all() for i in (1, 2))
+
+    def sampled(aid, obs):  # a random exact-count set: the rollouts of an image differ
+        chosen = np.zeros(len(obs["live"]), dtype=np.int8)
+        chosen[rng.choice(np.flatnonzero(obs["live"]), int(obs["count"][0]), replace=False)] = 1
+        return chosen
+
+    rng = np.random.default_rng(0)
+    trace, infos = rollout(env, 3, sampled)
+    reached = np.array([float(infos[f"attention_{i}"]["agree"]) + infos[f"attention_{i}"]["prob_unpruned_class"]
+                        + 0.5 * np.log(infos[f"attention_{i}"]["prob_unpruned_class"]) for i in range(6)])
+    group_means = reached.reshape(2, 3).mean(1).repeat(3)
+    expected = reached - (3 * group_means - reached) / 2
+    assert [trace[-1][1][f"similarity_{i}"] for i in range(6)] == pytest.approx(expected.tolist())
+    assert len(set(reached.round(6))) > 2  # the rollouts reached different outcomes
+
+
 def test_each_agent_alone_makes_every_removal(engine):
     for agents in ("attention", "similarity"):
         trace, infos = rollout(make_env(engine, 1, agents=agents), 0, first_live)
@@ -135,12 +162,12 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
     engine.release(env._keys)  # what a server restart does to in-flight episodes
     with pytest.raises(EpisodeLost):
         engine.step(env._keys, [np.ones(64)] * 4)
-    obs, *_ = env.step({aid: first_live(aid, o) for aid, o in obs.items()})  # the similarity turn
+    obs, *_ = env.step({aid: first_live(aid, o) for aid, o in obs.items()})  # the attention turn
     with pytest.raises(StepFailedRecreateEnvError):  # RLlib discards the episode and recreates the env
         env.step({aid: first_live(aid, o) for aid, o in obs.items()})
     recreated = make_env(engine, 4)
     obs, _ = recreated.reset(seed=0)  # RLlib re-seeds a recreated env with the runner's seed
-    assert obs["similarity_0"]["live"].sum() == 64
+    assert obs["attention_0"]["live"].sum() == 64
     assert recreated._images != env._images
 
 

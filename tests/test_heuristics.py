@@ -19,6 +19,7 @@ from policies.heuristics import (
     greedy_similarity_keep,
     heuristic_selector,
     random_keep,
+    redundancy,
 )
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
@@ -143,6 +144,20 @@ def test_exact_forward_counts(staged, name, ratio):
         logits, kept = exact_forward(staged, torch.randn(2, 3, 32, 32), heuristic_selector(name), ratio, "merge")
     assert kept.tolist() == [heuristic_schedule(64, 3, ratio)] * 2
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["similarity", "nms", "distinct"])
+def test_redundancy_orders_the_removals_of_each_similarity_heuristic(staged, name):
+    """Removing the most redundant tokens leaves the heuristic's keep set, at every budget (nested sets)."""
+    recorded = []
+    with torch.no_grad():
+        exact_forward(staged, torch.randn(3, 3, 32, 32), lambda state, k: recorded.append(state) or
+                      heuristic_selector(name)(state, k), 0.5, "merge")
+    state = recorded[1]
+    for k in (1, 5, 16, 31):
+        assert torch.equal(topk_keep_mask(-redundancy(name, state), state.live, k), heuristic_selector(name)(state, k))
+    with pytest.raises(ValueError, match="not a similarity heuristic"):
+        redundancy("attention", state)
 
 
 def test_exact_forward_keeps_prefix_and_tracks_positions(staged):

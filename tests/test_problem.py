@@ -73,8 +73,11 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"hidden": 0}, "hidden must be >= 1"),
     ({"train_limit": 0}, "train_limit must be >= 1"),
     ({"prob_weight": -1.0}, "prob_weight must be >= 0"),
-    ({"reward_baseline": "greedy"}, "reward_baseline must be one of none, random, attention"),
+    ({"reward_baseline": "greedy"}, "reward_baseline must be one of none, rollouts, random, attention"),
     ({"prune_points": ()}, "prune_points must be one or more integers"),
+    ({"rollouts_per_image": 3}, "rollouts_per_image must be >= 1 and divide images_per_env = 8, got 3"),
+    ({"reward_baseline": "rollouts"}, "reward_baseline 'rollouts' needs rollouts_per_image >= 2"),
+    ({"logprob_weight": -0.5}, "logprob_weight must be >= 0"),
 ])
 def test_each_field_is_validated(change, message):
     with pytest.raises(ProblemError, match=message):

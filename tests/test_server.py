@@ -9,7 +9,7 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 
 from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv
-from envs.vit_server import NAMESPACE, ServerSettings, start_vit_server
+from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_server
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,20 @@ def test_env_finds_server_by_name_and_survives_a_restart(server):
 def test_unknown_server_name_fails_clearly(ray_local):
     with pytest.raises(RuntimeError, match="no ViT server named"):
         TokenPruningEnv({"server_name": "nobody_home", "server_timeout_s": 1})
+
+
+def test_calls_wait_through_a_restart_then_give_up_clearly():
+    """What envs and validation do while Ray restarts a dead server: retry, looking it up again, until a deadline."""
+    failures = [ray.exceptions.RayActorError(), ray.exceptions.ActorUnavailableError("restarting", None)]
+    lookups = []
+
+    def call():
+        if failures:
+            raise failures.pop(0)
+        return "served"
+    assert call_through_restarts(call, 10.0, lambda: lookups.append(1)) == "served" and len(lookups) == 2
+
+    def dead():
+        raise ray.exceptions.RayActorError()
+    with pytest.raises(RuntimeError, match="ViT server unreachable for 0.2 s"):
+        call_through_restarts(dead, 0.2)

@@ -139,3 +139,20 @@ def test_placement(servers, gpus, driver_gpu, expected):
     assert placement == expected
     reserved = placement.server_gpus * (placement.servers + 1) + placement.learner_gpus * placement.learner_actor
     assert reserved <= max(gpus, 0) + 1e-9  # never more than the cluster has: nothing waits forever
+
+
+def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
+    """benchmarks/train_throughput.py: with both agents an image takes two env steps per pruning point (turns),
+    one with one agent; the first iteration (start-up) is left out."""
+    from benchmarks.train_throughput import training_images_per_second
+    from envs.problem import PruningProblem
+
+    with (tmp_path / "progress.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["env_runners/num_env_steps_sampled", "time_this_iter_s"])
+        writer.writeheader()
+        writer.writerows([{"env_runners/num_env_steps_sampled": steps, "time_this_iter_s": seconds}
+                          for steps, seconds in ((600, 100.0), (60, 2.0), (60, 2.0))])
+    both = PruningProblem(images_per_env=8, prune_points=(3, 6, 9))
+    assert training_images_per_second(tmp_path, both) == (pytest.approx(120 * 8 / 6 / 4), 2)
+    alone = PruningProblem(images_per_env=8, prune_points=(3, 6, 9), agents="similarity")
+    assert training_images_per_second(tmp_path, alone) == (pytest.approx(120 * 8 / 3 / 4), 2)

@@ -23,22 +23,22 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     def per_row(fraction):
         return [n * fraction for batch in (4, 2) for n in live_per_point for _ in range(batch)]
 
-    features, live, redundant = demonstration["similarity"]
-    assert features.shape == (18, 64, len(SIMILARITY_FEATURES))  # two batches (4 and 2 images), three points each
-    # the similarity agent chooses from every live token and makes three quarters of the removals
-    assert live.sum(1).tolist() == per_row(1) and redundant.sum(1).tolist() == per_row(3 / 8)
-    assert (redundant * (1 - live)).sum() == 0
+    attention_features, live, kept = demonstration["attention"]
+    assert attention_features.shape[:2] == (18, 64)  # two batches (4 and 2 images), three points each
+    # the attention agent chooses from every live token and keeps a quarter of the budget's count
+    assert live.sum(1).tolist() == per_row(1) and kept.sum(1).tolist() == per_row(1 / 8)
+    assert (kept * (1 - live)).sum() == 0
+    features, left, redundant = demonstration["similarity"]
+    assert features.shape == (18, 64, len(SIMILARITY_FEATURES))
+    # the similarity agent removes the budget's count among the tokens the attention agent did not keep
+    assert torch.equal(left, live - kept) and redundant.sum(1).tolist() == per_row(1 / 2)
+    assert (redundant * (1 - left)).sum() == 0
     suppressed = features[..., SIMILARITY_FEATURES.index("suppression")]
-    for row in range(len(live)):  # attention NMS removes the most suppressed tokens: the feature encodes it
-        removed, stays = suppressed[row][redundant[row].bool()], suppressed[row][(live - redundant)[row].bool()]
+    for row in range(len(left)):  # attention NMS removes the most suppressed tokens: the feature encodes it
+        removed, stays = suppressed[row][redundant[row].bool()], suppressed[row][(left - redundant)[row].bool()]
         assert removed.min() >= stays.max()
-    attention_features, left, kept = demonstration["attention"]
-    assert attention_features.shape[:2] == (18, 64)
-    # the attention agent chooses among the tokens left and keeps the budget's count
-    assert torch.equal(left, live - redundant) and kept.sum(1).tolist() == per_row(1 / 2)
-    assert (kept * (1 - left)).sum() == 0
 
     module = policy_module_spec("similarity", 64, {"hidden": 16}).build()
-    before = clone_module(module, features, live, redundant, steps=0)
-    after = clone_module(module, features, live, redundant, steps=150, batch_size=8, lr=1e-2)
+    before = clone_module(module, features, left, redundant, steps=0)
+    after = clone_module(module, features, left, redundant, steps=150, batch_size=8, lr=1e-2)
     assert before < 0.7 < 0.9 <= after
