@@ -12,8 +12,8 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   ``Distinctive NMS`` (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the
   checkpoints.
 - ``ToMe`` (``envs.vit.tome``): merging in every block, at greedy similarity's GFLOPs.
-- ``MARL exact``: both agents, each keeping its most likely set in turn under the AND rule
-  (``policies.decisions.policy_selector``).
+- ``MARL exact``: both agents, each choosing its most likely set in turn: the attention agent the tokens it
+  keeps, the similarity agent those it removes among the others (``policies.decisions.policy_selector``).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget. A
   checkpoint trained with one agent gives only its row.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.

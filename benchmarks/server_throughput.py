@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "cached unpruned forward per image is not timed).")
     print(f"Episodes keep tokens_to_keep(n, {args.target_ratio}) tokens per pruning point: {schedule}; "
           f"'÷ pruned ceiling' divides by backbone images/s x {full / pruned:.2f} (the GFLOPs ratio).")
-    print("Env rows step random actions: under the AND rule about a quarter of the live tokens survive each "
-          "pruning point, so their episodes are cheaper than the server rows'.")
+    print("Env rows step random sets of any size: about half of the live tokens survive each pruning point (those "
+          "the similarity agent's random set does not remove), close to the server rows' budget.")
     print()
     print(table)
     print()
