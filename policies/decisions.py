@@ -2,8 +2,8 @@
 
 The agents take turns at every pruning point (docs/DESIGN.md, "The two agents"). Of ``n`` live tokens the
 budget keeps ``k = tokens_to_keep(n, target_ratio)``. The attention agent first *keeps* a set of exactly
-``m = max(1, round(PROTECTED_SHARE * k))`` live tokens, out of the similarity agent's reach; the similarity agent then
-*removes* a set of exactly ``n - k`` of the other live tokens as redundant. A token survives iff the
+``m = max(1, round(PROTECTED_SHARE * k))`` live tokens, out of the similarity agent's reach; the similarity
+agent then *removes* a set of exactly ``n - k`` of the other live tokens as redundant. A token survives iff the
 similarity agent does not remove it, so exactly ``k`` survive, the ``m`` the attention agent kept among them.
 Both agents observe features computed over all ``n`` live tokens at the pruning point, and the kept tokens
 stay alive, so the similarity agent's features (redundancy among the live tokens) still describe the set it

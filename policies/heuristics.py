@@ -76,13 +76,19 @@ def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) ->
     return topk_keep_mask(order, live, k)  # exactly the k survivors (order inf); also validates k
 
 
+def nms_redundancy(similarity: torch.Tensor, live: torch.Tensor, rank_by: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: how redundant the two NMS heuristics find each live token: its similarity to a live token
+    ranked above it by ``rank_by`` (``envs.vit.features.suppression``; -1 for the top one). They keep the
+    lowest."""
+    return suppression(similarity, live, rank_by, top=-1.0)
+
+
 def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
                        k: int) -> torch.Tensor:
     """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
     suppression in one shot, so of each group of near-duplicates the most attended one stays (the
     ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
-    suppressed = suppression(cosine_similarity(x_patch), live, cls_attention, top=-1.0)
-    return topk_keep_mask(-suppressed, live, k)
+    return topk_keep_mask(-nms_redundancy(cosine_similarity(x_patch), live, cls_attention), live, k)
 
 
 def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,8 +97,7 @@ def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> t
     sequential removal, but in one shot (the ``distinct_suppression`` feature of ``envs.vit.features``).
     ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
     similarity = cosine_similarity(x_patch)
-    suppressed = suppression(similarity, live, -mean_similarity(similarity, live), top=-1.0)
-    return topk_keep_mask(-suppressed, live, k)
+    return topk_keep_mask(-nms_redundancy(similarity, live, -mean_similarity(similarity, live)), live, k)
 
 
 def redundancy(name: str, state: TokenState) -> torch.Tensor:
@@ -105,9 +110,9 @@ def redundancy(name: str, state: TokenState) -> torch.Tensor:
         one_left = torch.ones(len(state.live), dtype=torch.long, device=state.live.device)
         return -greedy_removal_order(similarity, state.live, one_left)
     if name == "nms":
-        return suppression(similarity, state.live, state.cls_attention, top=-1.0)
+        return nms_redundancy(similarity, state.live, state.cls_attention)
     if name == "distinct":
-        return suppression(similarity, state.live, -mean_similarity(similarity, state.live), top=-1.0)
+        return nms_redundancy(similarity, state.live, -mean_similarity(similarity, state.live))
     raise ValueError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
 
 

@@ -114,7 +114,6 @@ Selector = Callable[[TokenState, int], torch.Tensor]
 """``(state, k)`` -> ``keep [B, W]`` bool with exactly ``k`` live tokens per image (exact budget)."""
 
 
-
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
                   reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point.
