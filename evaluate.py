@@ -41,7 +41,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from cli import OneLineParser, UsageError, add_data_access_arguments, data_access, positive_int, versions_line
-from envs.problem import ProblemError, check_target_ratio
+from envs.problem import ProblemError, PruningProblem, check_target_ratio
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
@@ -54,6 +54,7 @@ from policies.checkpoints import (
     check_policies,
     load_policies_by_budget,
 )
+from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.pruned_vit import PrunedViT, policy_backbone
 
 REPO = Path(__file__).resolve().parent
@@ -75,34 +76,36 @@ class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
     ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
-    choose the tokens).
+    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``).
     """
 
     name: str
     selector: str
     budget: float | None = None
     modules: Modules = field(default_factory=dict)
+    protected_share: float = DEFAULT_PROTECTED_SHARE
 
     def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
               seed: int = 0) -> PrunedViT:
         """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
         selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
-        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed)
+        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed,
+                         protected_share=self.protected_share)
 
 
-def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, str]]) -> list[Method]:
+def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, PruningProblem]]) -> list[Method]:
     """Rows in table order: the baseline, then per budget the heuristics and the MARL rows there.
 
-    ``policies`` maps a budget to ``(modules, agents)`` of the checkpoint evaluated at it.
+    ``policies`` maps a budget to the modules and the problem of the checkpoint evaluated at it.
     """
     methods = [Method(BASELINE, "baseline")]
     for budget in sorted(set(budgets) | set(policies)):
         methods += [Method(name, selector, budget) for selector, name in HEURISTIC_ROWS.items()]
         if budget not in policies:
             continue
-        modules, agents = policies[budget]
-        if agents == "both":
-            methods.append(Method(MARL_EXACT, "policy", budget, modules))
+        modules, problem = policies[budget]
+        if problem.agents == "both":
+            methods.append(Method(MARL_EXACT, "policy", budget, modules, problem.protected_share))
         methods += [Method(MARL_ONLY[name], "policy", budget, {name: modules[name]}) for name in modules]
     return methods
 
@@ -273,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     split = load_split(dataset, args.split, args.data_dir, input_size=backbone_config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit,
                        **data_access(args))
-    methods = plan_methods(budgets, {b: (m, info.problem.agents) for b, (m, info, _) in policies.items()})
+    methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()})
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats)

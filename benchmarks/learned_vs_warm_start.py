@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     warm = {policy: RLModule.from_checkpoint(str(args.trial / "warm_start" / policy)).eval() for policy in modules}
     split = load_split(problem.dataset, "val", problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
-    rows = {"before PPO (warm start)": policy_selector(warm, staged, problem.target_ratio),
+    share = problem.protected_share
+    rows = {"before PPO (warm start)": policy_selector(warm, staged, problem.target_ratio, share),
             f"after PPO ({checkpoint.name}, iteration {info.iteration})":
-                policy_selector(modules, staged, problem.target_ratio),
+                policy_selector(modules, staged, problem.target_ratio, share),
             "greedy similarity": heuristic_selector("similarity"),
             f"imitated heuristic ({problem.warm_start})": heuristic_selector(problem.warm_start)}
     last_point = len(staged.prune_points) - 1

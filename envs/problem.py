@@ -22,9 +22,12 @@ from typing import Any
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, REPO_ROOT, stored_backbone_path
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
 from envs.vit.token_merge import REDUCTIONS
+from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.heuristics import HEURISTICS
 
 POLICIES: tuple[str, ...] = ("attention", "similarity")
+PROTECTED_SHARE_BEFORE_SETTING = 0.25
+"""The share the attention agent protected in checkpoints written before ``protected_share`` was a setting."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
 
@@ -102,6 +105,9 @@ class PruningProblem:
     reduction: str = setting("merge", "what removed tokens become: merged into the most similar kept one "
                                       "(ToMe) or dropped", choices=REDUCTIONS)
     agents: str = setting("both", "which agents act: both, or one alone (ablation)", choices=AGENT_MODES)
+    protected_share: float = setting(DEFAULT_PROTECTED_SHARE, "with both agents, the fraction of each pruning "
+                                     "point's kept tokens (at least one) that the attention agent keeps out of "
+                                     "the similarity agent's reach")
     images_per_env: int = setting(8, "images one env instance carries (one server call moves them all)")
     rollouts_per_image: int = setting(1, "rollouts of each image in an env, side by side (divides images_per_env); "
                                          "with reward_baseline 'rollouts' each is compared with the others")
@@ -132,6 +138,7 @@ class PruningProblem:
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)
+        _check(0 < self.protected_share <= 1, f"protected_share must be in (0, 1], got {self.protected_share}")
         for name in ("agree_weight", "prob_weight", "logprob_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.rollouts_per_image >= 1 and self.images_per_env % self.rollouts_per_image == 0,
@@ -170,6 +177,27 @@ class PruningProblem:
             _check(not unknown, f"unknown PPO settings: {', '.join(unknown)}")
             values["ppo"] = PPOSettings(**values["ppo"])
         return cls(**values)
+
+    @classmethod
+    def from_checkpoint_json(cls, config: Mapping[str, Any]) -> PruningProblem:
+        """The problem of a checkpoint's ``pruning_config.json`` (or its export's ``policy.json``), of any layout.
+
+        A checkpoint records the agents' turns through ``protected_share``. Those written before it was a setting
+        protected a quarter (:data:`PROTECTED_SHARE_BEFORE_SETTING`) if they know ``rollouts_per_image`` (added
+        with these turns); older ones were trained under turns in which the attention agent removed tokens, so
+        their pair is refused rather than evaluated under turns it never learned (one agent alone is unaffected).
+        """
+        if "problem" not in config:
+            problem, turns_known = cls.from_legacy_json(config), False
+        else:
+            data = dict(config["problem"])
+            if "protected_share" not in data and "rollouts_per_image" in data:
+                data["protected_share"] = PROTECTED_SHARE_BEFORE_SETTING
+            problem, turns_known = cls.from_json(data), "protected_share" in data
+        _check(turns_known or problem.agents != "both",
+               "its agents were trained under former turns (the attention agent removed tokens; before "
+               "2026-11-23), so today's turns would evaluate a pair it never learned: retrain it with train.py")
+        return problem
 
     @classmethod
     def from_legacy_json(cls, config: Mapping[str, Any]) -> PruningProblem:

@@ -27,6 +27,7 @@ from envs.vit.pruned_forward import (
     classify,
     concat_states,
     exact_forward,
+    exact_forward_from,
     initial_state,
     prune_step,
 )
@@ -97,23 +98,26 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_probs(self, indices: list[int], inputs: torch.Tensor) -> None:
+    def _ensure_probs(self, indices: list[int], inputs: torch.Tensor, state: TokenState) -> None:
         """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
         heuristic's at the exact budget, each computed once per image; ``inputs``: the normalised images
-        ``[len(indices), C, H, W]``."""
-        self._fill_once(self._full_probs, indices, inputs, self.staged)
+        ``[len(indices), C, H, W]``, ``state``: their :func:`initial_state` (the baseline starts from it)."""
+        self._fill_once(self._full_probs, indices, self._unpruned_logits(inputs))
         if self._baseline is not None:
-            self._fill_once(self._baseline_probs, indices, inputs, lambda x: exact_forward(
-                self.staged, x, self._baseline, self.target_ratio, self.reduction)[0])
+            self._fill_once(self._baseline_probs, indices, lambda rows: exact_forward_from(
+                self.staged, state.rows(rows), self._baseline, self.target_ratio, self.reduction)[0])
+
+    def _unpruned_logits(self, inputs: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
+        """The unpruned model's logits of the given rows of ``inputs``."""
+        return lambda rows: self.staged(inputs[rows])
 
     @staticmethod
-    def _fill_once(probs: torch.Tensor, indices: list[int], inputs: torch.Tensor,
-                   logits_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _fill_once(probs: torch.Tensor, indices: list[int], logits_of: Callable[[list[int]], torch.Tensor]) -> None:
         """Fill the rows ``indices`` of the cache ``probs`` (NaN until computed) that are still empty with the
-        softmax of ``logits_of`` on their ``inputs``."""
+        softmax of ``logits_of`` on the positions in ``indices`` of those images."""
         todo = [row for row, index in enumerate(indices) if torch.isnan(probs[index, 0])]
         if todo:
-            probs[[indices[row] for row in todo]] = logits_of(inputs[todo]).float().softmax(-1).cpu()
+            probs[[indices[row] for row in todo]] = logits_of(todo).float().softmax(-1).cpu()
 
     def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
@@ -128,8 +132,8 @@ class PruningEngine:
         inputs = self._inputs(images.tolist())
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
-        self._ensure_probs(images.tolist(), inputs)
         state = initial_state(self.staged, inputs)
+        self._ensure_probs(images.tolist(), inputs, state)
         self.forwards += 1
         for key, image, row in zip(keys, images[row_of], row_of, strict=True):
             self.episodes.pop(key, None)
@@ -201,15 +205,15 @@ class PruningEngine:
         return out
 
     @torch.no_grad()
-    def validate(self, modules: dict, batch_size: int = 256) -> dict[str, float]:
+    def validate(self, modules: dict, protected_share: float, batch_size: int = 256) -> dict[str, float]:
         """How the agents' deterministic policy, which evaluation reports as ``MARL exact``, does on every image
         the engine holds: accuracy and agreement with the unpruned model, in percent."""
-        select = policy_selector(modules, self.staged, self.target_ratio)
+        select = policy_selector(modules, self.staged, self.target_ratio, protected_share)
         predictions = []
         for start in range(0, len(self.labels), batch_size):  # each image read once
             batch = list(range(start, min(start + batch_size, len(self.labels))))
             inputs = self._inputs(batch)
-            self._fill_once(self._full_probs, batch, inputs, self.staged)
+            self._fill_once(self._full_probs, batch, self._unpruned_logits(inputs))
             logits, _ = exact_forward(self.staged, inputs, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)

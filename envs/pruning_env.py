@@ -168,8 +168,9 @@ class TokenPruningEnv(MultiAgentEnv):
         out = {}
         for i, point in enumerate(self._point):
             live = point["live"] > 0.5
-            counts = dict(zip(TURNS, turn_counts(int(live.sum()), self.problem.target_ratio, self.problem.agents),
-                              strict=True))
+            problem = self.problem
+            counts = dict(zip(TURNS, turn_counts(int(live.sum()), problem.target_ratio, problem.agents,
+                                                 problem.protected_share), strict=True))
             options = live if policy == "attention" else choosable(live, self._chosen[i].get("attention"))
             out[self._agent(i, policy)] = {"tokens": point[policy], "live": options.astype(np.float32),
                                            "count": np.array([counts[policy]], np.float32)}

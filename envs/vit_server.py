@@ -111,7 +111,8 @@ class ViTServer:
             modules[policy] = policy_module_spec(policy, self.engine.staged.num_patches, model_config).build()
             modules[policy].set_state(state)
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: self.engine.validate({p: m.eval() for p, m in modules.items()}))
+            self._executor, lambda: self.engine.validate({p: m.eval() for p, m in modules.items()},
+                                                        self.settings.problem.protected_share))
 
     async def stats(self) -> dict:
         return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),

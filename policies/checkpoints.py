@@ -108,8 +108,7 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
     if not isinstance(config, dict):
         raise PolicyCheckpointError(f"{path} does not hold a JSON object")
     try:
-        problem = (PruningProblem.from_json(config["problem"]) if "problem" in config
-                   else PruningProblem.from_legacy_json(config))
+        problem = PruningProblem.from_checkpoint_json(config)
     except (ProblemError, TypeError) as error:
         raise PolicyCheckpointError(f"{path}: {error}") from None
     return CheckpointInfo(problem, config.get("iteration"), config.get("val_score"))

@@ -2,8 +2,9 @@
 
 The agents take turns at every pruning point (docs/DESIGN.md, "The two agents"). Of ``n`` live tokens the
 budget keeps ``k = tokens_to_keep(n, target_ratio)``. The attention agent first *keeps* a set of exactly
-``m = max(1, round(PROTECTED_SHARE * k))`` live tokens, out of the similarity agent's reach; the similarity
-agent then *removes* a set of exactly ``n - k`` of the other live tokens as redundant. A token survives iff the
+``m = max(1, round(protected_share * k))`` live tokens (the problem's ``protected_share``), out of the
+similarity agent's reach; the similarity agent then *removes* a set of exactly ``n - k`` of the other live
+tokens as redundant. A token survives iff the
 similarity agent does not remove it, so exactly ``k`` survive, the ``m`` the attention agent kept among them.
 Both agents observe features computed over all ``n`` live tokens at the pruning point, and the kept tokens
 stay alive, so the similarity agent's features (redundancy among the live tokens) still describe the set it
@@ -29,17 +30,19 @@ from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, tokens_to_keep
 
-PROTECTED_SHARE = 0.25
-"""The fraction of each pruning point's kept tokens that the attention agent chooses when both agents act."""
+DEFAULT_PROTECTED_SHARE = 0.1
+"""The default fraction of each pruning point's kept tokens that the attention agent chooses when both agents
+act (docs/DESIGN.md, "The two agents", says why)."""
 TURNS: tuple[str, ...] = ("attention", "similarity")
 """The order in which the agents choose at a pruning point (the order of :func:`turn_counts`' counts)."""
 
 
-def turn_counts(num_live: int, target_ratio: float, agents: str) -> tuple[int, int]:
+def turn_counts(num_live: int, target_ratio: float, agents: str, protected_share: float) -> tuple[int, int]:
     """How many of ``num_live`` tokens the attention agent keeps, and how many of the others the similarity
-    agent then removes, for ``agents`` (``both``, ``attention`` or ``similarity``) to meet the budget."""
+    agent then removes, for ``agents`` (``both``, ``attention`` or ``similarity``) to meet the budget, the
+    attention agent keeping ``protected_share`` of the kept tokens (at least one) when both act."""
     keep = tokens_to_keep(num_live, target_ratio)
-    kept_by_attention = {"both": max(1, round(PROTECTED_SHARE * keep)), "attention": keep, "similarity": 0}[agents]
+    kept_by_attention = {"both": max(1, round(protected_share * keep)), "attention": keep, "similarity": 0}[agents]
     return kept_by_attention, 0 if agents == "attention" else num_live - keep
 
 
@@ -58,14 +61,16 @@ def survives(live: np.ndarray, kept: np.ndarray | None, removed: np.ndarray | No
     return np.asarray(kept).astype(bool)
 
 
-def policy_selector(modules: Mapping[str, RLModule], staged: StagedViT, target_ratio: float) -> Selector:
+def policy_selector(modules: Mapping[str, RLModule], staged: StagedViT, target_ratio: float,
+                    protected_share: float) -> Selector:
     """Exact budget: the attention agent keeps its highest-scored tokens, then the similarity agent removes
     its highest-scored of the others (:func:`turn_counts`), each seeing what it sees in training."""
     agents = "both" if len(modules) == 2 else next(iter(modules))
 
     def select(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents)
+        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
+                                                          protected_share)
         kept = torch.zeros_like(state.live)
         if "attention" in modules:
             scores = modules["attention"].token_scores(observation.attention, state.live.float())

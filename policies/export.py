@@ -90,7 +90,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPoli
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     try:
         config = json.loads(config_path.read_text())
-        info = CheckpointInfo(PruningProblem.from_json(config["problem"]), config.get("iteration"),
+        info = CheckpointInfo(PruningProblem.from_checkpoint_json(config), config.get("iteration"),
                               config.get("val_score"))
         specs = config["modules"]
         weights = load_file(str(weights_path))

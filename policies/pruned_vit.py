@@ -29,7 +29,7 @@ from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, check_policies, load_policies
-from policies.decisions import policy_selector
+from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
 from policies.rl_module import TokenPolicyModule
 
@@ -64,11 +64,14 @@ class PrunedViT(nn.Module):
             by every selection but ``None``, which takes none.
         reduction: what removed tokens become: ``merge`` (into the most similar kept token) or ``drop``.
         seed: seed of the ``random`` heuristic, so that a new model repeats its choices.
+        protected_share: with both policy modules, the share of each pruning point's kept tokens the attention
+            agent chooses (``policies.decisions``; a checkpoint's own comes with :meth:`from_checkpoint`).
     """
 
     def __init__(self, staged: StagedViT, backbone_config: Mapping[str, Any],
                  selection: str | Mapping[str, TokenPolicyModule] | None = None, budget: float | None = None,
-                 reduction: str = "merge", *, seed: int = 0) -> None:
+                 reduction: str = "merge", *, seed: int = 0,
+                 protected_share: float = DEFAULT_PROTECTED_SHARE) -> None:
         super().__init__()
         is_policy = isinstance(selection, Mapping)
         if is_policy and not (selection and set(selection) <= set(POLICIES)):
@@ -86,6 +89,7 @@ class PrunedViT(nn.Module):
         self.budget = None if selection is None else check_target_ratio(budget, "budget")
         self.reduction = reduction
         self.seed = seed
+        self.protected_share = protected_share
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
         self.tome_merges = self._tome_merges() if selection == "tome" else None
         self.eval()  # dropout and stochastic depth off: this is an inference model
@@ -109,7 +113,7 @@ class PrunedViT(nn.Module):
         staged, config, _ = policy_backbone(problem, path, backbone)
         check_policies(modules, staged.num_patches, path)
         return cls(staged, config, modules, problem.target_ratio if budget is None else budget,
-                   reduction or problem.reduction)
+                   reduction or problem.reduction, protected_share=problem.protected_share)
 
     @classmethod
     def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
@@ -147,7 +151,7 @@ class PrunedViT(nn.Module):
         if self.selection == "tome":
             return tome_forward(staged, images, self.tome_merges), torch.tensor(self.schedule()).expand(len(images), -1)
         if self.selection == "policy":
-            select = policy_selector(self.policies, staged, self.budget)
+            select = policy_selector(self.policies, staged, self.budget, self.protected_share)
         else:
             select = heuristic_selector(self.selection, self._random_generator(images.device))
         return exact_forward(staged, images, select, self.budget, self.reduction)

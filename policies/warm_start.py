@@ -40,14 +40,15 @@ attention agent's kept tokens, the similarity agent's redundant ones), zero-padd
 
 @torch.no_grad()
 def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str, heuristic: str,
-                   agents: str = "both", batch_size: int = 256) -> Demonstration:
+                   agents: str, protected_share: float, batch_size: int = 256) -> Demonstration:
     """The agents' observations along the heuristics' pruned forwards of ``images`` (normalised
     ``[M, C, H, W]``), and the heuristics' choices."""
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def record(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents)
+        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
+                                                          protected_share)
         kept = torch.zeros_like(state.live)
         if agents != "similarity":
             kept = greedy_attention_keep(state.cls_attention, state.live, attention_keeps)
@@ -67,13 +68,13 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float,
 
 
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
-                       heuristic: str, agents: str, model_config: dict, directory: Path,
+                       heuristic: str, agents: str, protected_share: float, model_config: dict, directory: Path,
                        seed: int = 0) -> dict[str, tuple[Path, float]]:
     """Fit each acting agent's module to its heuristic on ``images`` (normalised) and save it in ``directory``.
 
     Returns, per policy, its path (``RLModule.save_to_path``) and the agreement :func:`clone_module` reports.
     """
-    demonstration = imitation_data(staged, images, target_ratio, reduction, heuristic, agents)
+    demonstration = imitation_data(staged, images, target_ratio, reduction, heuristic, agents, protected_share)
     out = {}
     for policy, (features, live, chosen) in demonstration.items():
         torch.manual_seed(seed)

@@ -60,7 +60,8 @@ def test_rllib_env_check_passes(engine):
 
 
 def test_agent_ids_spaces_and_turns(engine):
-    env = make_env(engine, 2)
+    assert make_env(engine, 1).reset(seed=0)[0]["attention"]["count"][0] == 3  # the default share: 0.1 of 32
+    env = make_env(engine, 2, protected_share=0.25)
     assert env.possible_agents == ["attention_0", "similarity_0", "attention_1", "similarity_1"]
     assert {policy_for_agent(a) for a in env.possible_agents} == {"attention", "similarity"}
     obs, _ = env.reset(seed=0)

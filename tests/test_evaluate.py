@@ -21,7 +21,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
-from envs.problem import POLICIES
+from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.vit.backbone_checkpoint import load_backbone, normalize
@@ -143,7 +143,8 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
     """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
     --reduction overrides; every pruned row follows the one setting, and dropping costs no merge GFLOPs."""
     _, merged = results
-    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=tiny_staged[0], legacy=True)
+    legacy = write_checkpoint(tmp_path / "legacy", tiny_backbone, calibrate_on=tiny_staged[0], legacy=True,
+                              agents="similarity")  # a legacy pair is refused: it learned former turns
     tables = {}
     for name, path, extra in (("legacy", legacy, ()), ("forced", tiny_policy, ("--reduction", "drop"))):
         assert evaluate.main(cli(path, data_dir, tmp_path / name, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
@@ -161,7 +162,7 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
 
 def test_timings(tiny_policy, tiny_staged, split):
     modules, _ = load_policies(tiny_policy)
-    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, "both")})
+    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, PruningProblem())})
     small = type(split)(split.images[:16], split.labels[:16], split.class_names)
     table = evaluate.evaluate_methods(tiny_staged[0], tiny_staged[1], small, methods, "merge", speed_repeats=1,
                                       progress=False)
@@ -242,7 +243,7 @@ def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
     modules, info = load_policies(path)
     assert list(modules) == ["similarity"]
-    methods = evaluate.plan_methods([0.5], {0.5: (modules, info.problem.agents)})
+    methods = evaluate.plan_methods([0.5], {0.5: (modules, info.problem)})
     assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
 
 
@@ -349,14 +350,15 @@ def test_tome_row_costs_what_greedy_similarity_costs(results, tiny_staged):
 
 def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny_staged, split):
     """train.py selects checkpoints by PruningEngine.validate: it must be evaluate.py's MARL rows."""
-    modules, _ = load_policies(tiny_policy)
+    modules, info = load_policies(tiny_policy)
     model, config = tiny_staged
     engine = PruningEngine(model, config, split.images, split.labels, TARGET_RATIO, "merge")
-    scores = engine.validate(modules)
+    scores = engine.validate(modules, info.problem.protected_share)
     images = normalize(split.images, config)
     with torch.no_grad():
         reference = model.vit(images).argmax(1)
-        method = evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)
+        method = evaluate.plan_methods([], {TARGET_RATIO: (modules, info.problem)})[-3]
+        assert method.name == "MARL exact"
         logits, _ = method.model(model, config, "merge").forward_with_kept(images)
     assert scores["exact_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
     assert scores["exact_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())

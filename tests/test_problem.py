@@ -54,6 +54,21 @@ def test_the_former_reference_policy_reads_in_its_older_layout():
     assert problem.ppo == PPOSettings(**{**config["ppo"], "train_batch_size_per_learner": 256 * 8 * 2})
 
 
+def test_checkpoints_record_the_turns_and_a_pair_of_former_turns_is_refused():
+    """protected_share is read back; checkpoints of the first protecting turns (they know rollouts_per_image)
+    protected a quarter; a pair from before those turns is refused, one agent alone is not."""
+    current = PruningProblem(protected_share=0.3).to_json()
+    assert PruningProblem.from_checkpoint_json({"problem": current}).protected_share == 0.3
+    first_protecting = {k: v for k, v in current.items() if k != "protected_share"}
+    assert PruningProblem.from_checkpoint_json({"problem": first_protecting}).protected_share == 0.25
+    former = {k: v for k, v in first_protecting.items() if k != "rollouts_per_image"}
+    for config in ({"problem": former}, LEGACY_CONFIG):
+        with pytest.raises(ProblemError, match="former turns"):
+            PruningProblem.from_checkpoint_json(config)
+    alone = PruningProblem.from_checkpoint_json({"problem": {**former, "agents": "similarity"}})
+    assert alone.agents == "similarity"
+
+
 def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_started_uniform():
     problem = PruningProblem.from_legacy_json({"server": {"backbone": "b", "prune_points": [3, 6, 9],
                                                           "target_ratio": 0.4}})
@@ -78,6 +93,7 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"rollouts_per_image": 3}, "rollouts_per_image must be >= 1 and divide images_per_env = 8, got 3"),
     ({"reward_baseline": "rollouts"}, "reward_baseline 'rollouts' needs rollouts_per_image >= 2"),
     ({"logprob_weight": -0.5}, "logprob_weight must be >= 0"),
+    ({"protected_share": 0.0}, r"protected_share must be in \(0, 1\], got 0.0"),
 ])
 def test_each_field_is_validated(change, message):
     with pytest.raises(ProblemError, match=message):

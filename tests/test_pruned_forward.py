@@ -16,6 +16,7 @@ from envs.vit.pruned_forward import (
     concat_states,
     effective_keep,
     exact_forward,
+    exact_forward_from,
     initial_state,
     prune_step,
 )
@@ -161,3 +162,16 @@ def test_exact_budget_is_tokens_to_keep(staged, images):
     for _ in range(3):
         expected.append(tokens_to_keep(expected[-1], 0.3))
     assert kept.tolist() == [expected] * 2
+
+
+def test_exact_forward_from_a_cached_first_stage_is_exact_forward(staged, images):
+    inputs = normalized(images)
+    with torch.no_grad():
+        state = initial_state(staged, inputs)
+        logits, kept = exact_forward(staged, inputs[[1, 4]], top_half_by_attention, 0.5, "merge")
+        logits_from, kept_from = exact_forward_from(staged, state.rows([1, 4]), top_half_by_attention, 0.5, "merge")
+        pruned = prune_step(staged, state, top_half_by_attention(state), "merge")
+    torch.testing.assert_close(logits_from, logits)
+    assert kept_from.tolist() == kept.tolist()
+    with pytest.raises(ValueError, match="first pruning point"):
+        exact_forward_from(staged, pruned, top_half_by_attention, 0.5, "merge")

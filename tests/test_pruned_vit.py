@@ -26,7 +26,7 @@ from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflop
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
-from policies.decisions import policy_selector
+from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.export import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -96,7 +96,8 @@ def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, e
     modules, _ = load_rllib_policies(tiny_policy)
     vit, config = tiny_staged
     with torch.inference_mode():
-        expected = exact_forward(vit, images, policy_selector(modules, vit, TARGET_RATIO), TARGET_RATIO, "merge")
+        select = policy_selector(modules, vit, TARGET_RATIO, DEFAULT_PROTECTED_SHARE)
+        expected = exact_forward(vit, images, select, TARGET_RATIO, "merge")
     for path in (tiny_policy, exported):
         model = PrunedViT.from_checkpoint(path)
         assert (model.selection, model.budget, model.reduction) == ("policy", 0.5, "merge")

@@ -17,7 +17,8 @@ TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads
 def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     torch.manual_seed(0)
     staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
-    demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), 0.5, "merge", "nms", batch_size=4)
+    demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), 0.5, "merge", "nms", "both", 0.25,
+                                   batch_size=4)
     live_per_point = [64, 32, 16]
 
     def per_row(fraction):

@@ -7,7 +7,8 @@ engine (``envs.pruning_engine``, episodes arriving at any stage), evaluation and
 - :func:`prune_step`: apply a keep decision at the pruning point a state waits at (the removed tokens are
   merged or dropped, ``envs.vit.token_merge``), then run the next stage.
 - :func:`exact_forward`: every image keeps ``tokens_to_keep(n_live, target_ratio)`` patch tokens at each
-  pruning point (a ``Selector`` returns a top-k mask), so batches stay rectangular.
+  pruning point (a ``Selector`` returns a top-k mask), so batches stay rectangular;
+  :func:`exact_forward_from` does the same from a state whose first stage has already run.
 """
 
 from __future__ import annotations
@@ -121,7 +122,15 @@ def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, tar
     Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
     alike; the first stage has all patches).
     """
-    state = initial_state(staged, images)
+    return exact_forward_from(staged, initial_state(staged, images), select, target_ratio, reduction)
+
+
+def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
+                       reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`exact_forward` from a state at the first pruning point (:func:`initial_state`), so that callers
+    that already ran the first stage (the training engine, search over selectors) do not run it again."""
+    if state.stage != 0 or state.padded:
+        raise ValueError("exact_forward_from starts from an unpruned state at the first pruning point")
     kept = [staged.num_patches]
     for _ in staged.prune_points:
         k = tokens_to_keep(kept[-1], target_ratio)
@@ -131,4 +140,4 @@ def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, tar
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
         state = prune_step(staged, state, keep, reduction)
         kept.append(k)
-    return classify(staged, state, reduction), torch.tensor(kept).expand(len(images), -1)
+    return classify(staged, state, reduction), torch.tensor(kept).expand(len(state.live), -1)

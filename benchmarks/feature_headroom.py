@@ -1,0 +1,150 @@
+"""How much can the agents learn from what they observe? A search over linear scorings of their features.
+
+    python -m benchmarks.feature_headroom --data-dir ../shared/data      # about 12 minutes on a 2-core CPU
+
+The agents score each token from the features of ``envs.vit.features``. Whether PPO can beat the heuristic it
+is warm-started from depends first on whether any scoring of those features does. This searches, with the
+cross-entropy method, the similarity agent's removal score as a linear function of every feature either agent
+sees (the similarity features plus the attention agent's ``attention``, ``log_attention`` and
+``attention_rank``), the attention agent keeping the most attended tokens as in the warm start (the turns of
+``policies.decisions``), starting at Distinctive NMS (weight 1 on ``distinct_suppression``, 0 elsewhere). It
+maximises the training reward's label-free fidelity (``envs.pruning_env.fidelity`` with the checkpoint's
+weights) on ``--train-images`` train images, then scores the search's best and final mean on
+``--val-images`` validation images (never the test split) against the warm start's heuristic pair: accuracy,
+agreement with the unpruned model, fidelity, and the paired accuracy difference with a bootstrap 95%
+interval. A gain on train that vanishes on validation means the search fitted the train images' noise: the
+features hold no scoring better than the heuristic, and new observations, not more PPO, are what would help.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+
+from envs.pruning_env import fidelity
+from envs.vit.backbone_checkpoint import normalize
+from envs.vit.data import load_split
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
+from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from, initial_state
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import topk_keep_mask
+from evaluate import DEFAULT_CHECKPOINT
+from policies.checkpoints import read_checkpoint_info
+from policies.decisions import turn_counts
+from policies.heuristics import greedy_attention_keep, heuristic_selector
+from policies.pruned_vit import policy_backbone
+
+ATTENTION_ONLY = ("attention", "log_attention", "attention_rank")
+FEATURES = (*SIMILARITY_FEATURES, *ATTENTION_ONLY)
+"""The searched score's inputs: every feature either agent observes, once."""
+
+
+def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, protected_share: float) -> Selector:
+    """The agents' turns with the attention agent keeping the most attended tokens and the similarity agent
+    removing the highest ``weights . FEATURES`` among the others."""
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    attention_only = [ATTENTION_FEATURES.index(name) for name in ATTENTION_ONLY]
+
+    def select(state: TokenState, k: int) -> torch.Tensor:
+        observation = observe(staged, state, target_ratio)
+        features = torch.cat([observation.similarity, observation.attention[..., attention_only]], dim=-1)
+        protected, removed = turn_counts(int(state.live[0].sum()), target_ratio, "both", protected_share)
+        kept = greedy_attention_keep(state.cls_attention, state.live, protected)
+        return state.live & ~topk_keep_mask(features @ w, state.live & ~kept, removed)
+    return select
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="its backbone, problem and reward weights (default: %(default)s)")
+    parser.add_argument("--train-images", type=int, default=2048)
+    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--generations", type=int, default=10)
+    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--elite", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    problem = read_checkpoint_info(args.checkpoint).problem
+    staged, config, _ = policy_backbone(problem, args.checkpoint)
+
+    def first_stage(split: str, limit: int) -> tuple[list[TokenState], torch.Tensor, torch.Tensor]:
+        """The images' states at the first pruning point (run once, shared by every scoring), the unpruned
+        predictions and the labels."""
+        data = load_split(problem.dataset, split, args.data_dir,
+                          input_size=config["input_size"], val_size=problem.val_size, seed=problem.split_seed,
+                          limit=limit)
+        states, unpruned = [], []
+        for start in range(0, len(data.labels), 256):
+            inputs = normalize(data.images[start:start + 256], config)
+            states.append(initial_state(staged, inputs))
+            unpruned.append(staged.vit(inputs).argmax(1))
+        return states, torch.cat(unpruned), data.labels
+
+    def predict(states: list[TokenState], select: Selector) -> torch.Tensor:
+        return torch.cat([exact_forward_from(staged, state, select, problem.target_ratio, problem.reduction)[0]
+                          for state in states]).softmax(-1)
+
+    def pair(weights: np.ndarray) -> Selector:
+        return linear_pair(staged, weights, problem.target_ratio, problem.protected_share)
+
+    def mean_fidelity(probs: torch.Tensor, unpruned: torch.Tensor) -> float:
+        agree = (probs.argmax(1) == unpruned).tolist()
+        prob = probs.gather(1, unpruned[:, None])[:, 0].tolist()
+        return float(np.mean([fidelity(problem, a, p) for a, p in zip(agree, prob, strict=True)]))
+
+    with torch.no_grad():
+        train_states, train_unpruned, _ = first_stage("train", args.train_images)
+        start = np.zeros(len(FEATURES))
+        start[FEATURES.index("distinct_suppression")] = 1.0
+        mean, std = start, np.full(len(FEATURES), 0.3)
+        rng = np.random.default_rng(args.seed)
+        best = (mean_fidelity(predict(train_states, pair(start)),
+                                  train_unpruned), start)
+        print(f"[search] {len(train_unpruned)} train images; warm-start pair fidelity {best[0]:.4f}", flush=True)
+        for generation in range(args.generations):
+            population = [mean] + [mean + std * rng.standard_normal(len(FEATURES)) for _ in range(args.population - 1)]
+            scores = [mean_fidelity(predict(train_states, pair(w)),
+                                    train_unpruned) for w in population]
+            order = np.argsort(scores)[::-1]
+            if scores[order[0]] > best[0]:
+                best = (scores[order[0]], population[order[0]])
+            elite = np.array([population[i] for i in order[:args.elite]])
+            mean, std = elite.mean(0), elite.std(0) + 0.02
+            print(f"[search] generation {generation}: best {scores[order[0]]:.4f}, mean's {scores[0]:.4f}",
+                  flush=True)
+        print("[search] best weights: " + ", ".join(f"{name} {w:+.2f}" for name, w in zip(FEATURES, best[1],
+                                                                                          strict=True)))
+
+        val_states, val_unpruned, labels = first_stage("val", args.val_images)
+        rows = {"warm-start pair (attention protects, Distinctive NMS)": pair(start),
+                "search best (on train)": pair(best[1]),
+                "search final mean": pair(mean),
+                "Distinctive NMS alone": heuristic_selector("distinct"),
+                "greedy similarity": heuristic_selector("similarity")}
+        probs = {name: predict(val_states, select) for name, select in rows.items()}
+    correct = {name: (p.argmax(1) == labels).numpy().astype(float) for name, p in probs.items()}
+    reference = next(iter(rows))
+    print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}")
+    print(f"{'selection':<56} {'acc %':>6} {'agree %':>8} {'fidelity':>9} {'vs pair':>8} {'95% CI':>16}")
+    for name in rows:
+        result = scipy.stats.bootstrap((correct[name], correct[reference]),
+                                       lambda a, b, axis: a.mean(axis) - b.mean(axis), paired=True,
+                                       vectorized=True, n_resamples=2000, method="percentile",
+                                       rng=np.random.default_rng(0))
+        low, high = result.confidence_interval
+        agree = 100 * (probs[name].argmax(1) == val_unpruned).double().mean().item()
+        difference = 100 * (correct[name].mean() - correct[reference].mean())
+        print(f"{name:<56} {100 * correct[name].mean():6.2f} {agree:8.2f} "
+              f"{mean_fidelity(probs[name], val_unpruned):9.4f} {difference:+8.2f} "
+              f"[{100 * low:+6.2f}, {100 * high:+6.2f}]")
+
+
+if __name__ == "__main__":
+    main()
