@@ -165,10 +165,9 @@ class TokenPruningEnv(MultiAgentEnv):
         """The observations of the agents of ``policy`` for their turn at the current pruning point: their
         features, the tokens they choose from (for the similarity agents, those the attention agents did not
         keep) and how many to choose (:func:`~policies.decisions.turn_counts`)."""
-        out = {}
+        out, problem = {}, self.problem
         for i, point in enumerate(self._point):
             live = point["live"] > 0.5
-            problem = self.problem
             counts = dict(zip(TURNS, turn_counts(int(live.sum()), problem.target_ratio, problem.agents,
                                                  problem.protected_share), strict=True))
             options = live if policy == "attention" else choosable(live, self._chosen[i].get("attention"))
