@@ -2,10 +2,12 @@
 
 This is the conditional Poisson distribution over the size-``c`` subsets of the live tokens:
 ``P(S) = exp(sum_{i in S} s_i) / Z``, where ``Z = e_c(exp(s))`` is the ``c``-th elementary symmetric polynomial
-of the tokens' weights, computed in log space by an ``O(N * c)`` dynamic program. Its most likely set is the
-``c`` highest scores, which is exactly what evaluation keeps: the agents are trained on the distribution
-whose mode ships (docs/DESIGN.md, "The two agents and how their decisions combine"). PPO sees one action
-per sample: the 0/1 mask ``[N]``.
+of the tokens' weights: the coefficient of ``t^c`` in ``prod_i (1 + exp(s_i) t)``. :func:`polynomial_tree`
+multiplies those factors pairwise in log space, ``log2 N`` batched levels instead of ``N`` sequential steps
+(PPO differentiates ``log Z`` twice per minibatch, for the log-probability and the entropy); the same tree
+draws a set top-down (:meth:`ExactCount.sample`). Its most likely set is the ``c`` highest scores, which is
+exactly what evaluation keeps: the agents are trained on the distribution whose mode ships (docs/DESIGN.md,
+"The two agents and how their decisions combine"). PPO sees one action per sample: the 0/1 mask ``[N]``.
 
 The module passes the count with the scores: the distribution's inputs are ``[..., N + 1]``, the ``N`` token
 scores (dead tokens very negative) followed by ``c``.
@@ -16,30 +18,49 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
 
 from envs.vit.token_ops import highest
 
 DEAD_SCORE = -1e4
-"""The score of a dead token: ``exp`` of it is 0 in the dynamic program, so no set ever holds one."""
+"""The score of a dead token: ``exp`` of it is 0 in float32, so no set ever holds one."""
 IMPOSSIBLE = -1e30
-"""``log e_j`` where no subset of that size exists: a finite stand-in for ``-inf``."""
+"""The log-coefficient of a subset size that does not exist: a finite stand-in for ``-inf``, whose gradients
+would be NaN."""
 
 
-def log_symmetric_table(scores: torch.Tensor, max_count: int) -> torch.Tensor:
-    """``T [B, N + 1, max_count + 1]`` with ``T[b, i, j] = log e_j(exp(scores[b, :i]))``: the log of the sum of
-    ``exp(sum of scores)`` over the size-``j`` subsets of the first ``i`` tokens (:data:`IMPOSSIBLE` where there
-    are none: a finite stand-in for ``-inf``, whose ``logaddexp`` has no gradient). ``scores``: ``[B, N]``, float64."""
+def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log sum exp`` along ``dim`` with a detached shift: exact, and finite first and second derivatives
+    where every entry is :data:`IMPOSSIBLE` (torch's ``logsumexp`` and ``logaddexp`` give NaN there)."""
+    top = x.detach().amax(dim, keepdim=True)
+    return (top + torch.log(torch.exp(x - top).sum(dim, keepdim=True))).squeeze(dim)
+
+
+def _log_product(left: torch.Tensor, right: torch.Tensor, max_count: int) -> torch.Tensor:
+    """The log-coefficients of the products of polynomials given by log-coefficients ``left``, ``right``
+    ``[B, P, d]`` (degrees ``0 .. d - 1``), up to degree ``max_count``: ``[B, P, min(2d - 1, max_count + 1)]``.
+    Coefficient ``j`` sums ``left[a] + right[b]`` over ``a + b = j``: each row ``a`` of the ``[d, d]`` table
+    of sums is shifted right by ``a`` (padding to width ``2d`` and re-reading the rows at width ``2d - 1``),
+    which lines up the ``a + b = j`` entries in column ``j``."""
+    d = left.shape[-1]
+    sums = F.pad(left[..., :, None] + right[..., None, :], (0, d), value=IMPOSSIBLE)  # [B, P, d, 2d]
+    shifted = sums.flatten(-2)[..., :d * (2 * d - 1)].unflatten(-1, (d, 2 * d - 1))
+    return _log_sum_exp(shifted, -2)[..., :max_count + 1]
+
+
+def polynomial_tree(scores: torch.Tensor, max_count: int) -> list[torch.Tensor]:
+    """The pairwise products of ``prod_i (1 + exp(scores_i) t)`` as log-coefficients up to degree ``max_count``,
+    one tensor per level: level 0 holds the factors ``[B, W, 2]`` (``W``: ``N`` rounded up to a power of two,
+    padded with dead tokens), level ``l`` the products of ``2^l`` consecutive factors, the last ``[B, 1, C]``
+    whose entry ``j`` is ``log e_j(exp(scores))``. ``scores``: ``[B, N]``."""
     batch, num_tokens = scores.shape
-    row = torch.full((batch, max_count + 1), IMPOSSIBLE, dtype=scores.dtype, device=scores.device)
-    row = torch.cat([torch.zeros_like(row[:, :1]), row[:, 1:]], dim=1)  # e_0 = 1
-    rows = [row]
-    for i in range(num_tokens):
-        with_token = torch.cat([torch.full_like(row[:, :1], IMPOSSIBLE), row[:, :-1] + scores[:, i:i + 1]], dim=1)
-        top = torch.maximum(row, with_token)  # logaddexp by hand: torch's has NaN second derivatives here
-        row = top + torch.log(torch.exp(row - top) + torch.exp(with_token - top))
-        rows.append(row)
-    return torch.stack(rows, dim=1)
+    width = 1 << max(num_tokens - 1, 0).bit_length()
+    padded = torch.cat([scores, scores.new_full((batch, width - num_tokens), DEAD_SCORE)], dim=1)
+    levels = [torch.stack([torch.zeros_like(padded), padded], dim=-1)[..., :max_count + 1]]
+    while levels[-1].shape[1] > 1:
+        levels.append(_log_product(levels[-1][:, 0::2], levels[-1][:, 1::2], max_count))
+    return levels
 
 
 class ExactCount(TorchDistribution):
@@ -61,9 +82,9 @@ class ExactCount(TorchDistribution):
 
     def _log_normaliser(self, scores: torch.Tensor) -> torch.Tensor:
         """``log Z = log e_count(exp(scores))``, ``[...]``, for ``scores [..., N]``."""
-        flat, count = scores.reshape(-1, scores.shape[-1]).double(), self.count.reshape(-1)
-        table = log_symmetric_table(flat, int(count.max()))
-        return table[:, -1].gather(1, count[:, None]).squeeze(1).reshape(self.count.shape).to(scores.dtype)
+        flat, count = scores.reshape(-1, scores.shape[-1]), self.count.reshape(-1)
+        root = polynomial_tree(flat, int(count.max()))[-1][:, 0]
+        return root.gather(1, count[:, None]).squeeze(1).reshape(self.count.shape)
 
     def logp(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the sets ``value [..., N]`` (0/1 as float, int or bool)."""
@@ -91,21 +112,24 @@ class ExactCount(TorchDistribution):
 
     @torch.no_grad()
     def sample(self, *, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """One set per row, ``[..., N]`` float 0/1, drawn token by token from the last: token ``i`` joins with
-        probability ``exp(s_i) e_{r-1}(first i-1) / e_r(first i)`` while ``r`` places are left."""
+        """One set per row, ``[..., N]`` float 0/1, drawn down :func:`polynomial_tree`: a node that must hold
+        ``r`` members gives ``j`` of them to its left half with probability ``e_j(left) e_{r-j}(right) / e_r``,
+        down to the single tokens, which are in the set when they are given one."""
         if sample_shape:
             raise ValueError("ExactCount draws one set per row")
-        scores, count = self.scores.reshape(-1, self.scores.shape[-1]).double(), self.count.reshape(-1)
-        table = log_symmetric_table(scores, int(count.max()))
-        left = count.clone()
-        chosen = torch.zeros_like(scores, dtype=torch.bool)
-        for i in range(scores.shape[1], 0, -1):
-            places = left.clamp(min=1)[:, None]
-            log_joins = (scores[:, i - 1] + table[:, i - 1].gather(1, places - 1).squeeze(1)
-                         - table[:, i].gather(1, places).squeeze(1))
-            joins = (left > 0) & (torch.rand_like(log_joins) < log_joins.exp())
-            chosen[:, i - 1] = joins
-            left -= joins.long()
+        scores, count = self.scores.reshape(-1, self.scores.shape[-1]), self.count.reshape(-1)
+        levels = polynomial_tree(scores, int(count.max()))
+        members = count[:, None]  # [B, nodes]: how many members each node of the current level holds
+        for children in reversed(levels[:-1]):
+            left, right = children[:, 0::2], children[:, 1::2]  # [B, nodes, d]
+            given = torch.arange(left.shape[-1], device=left.device)  # members the left half may take
+            rest = members[..., None] - given  # those its right half then holds
+            fits = (rest >= 0) & (rest < right.shape[-1])
+            log_weights = left + right.gather(-1, rest.clamp(0, right.shape[-1] - 1))
+            gumbel = -torch.log(-torch.log(torch.rand_like(log_weights)))  # argmax of log-weights + Gumbel noise:
+            to_left = (log_weights + gumbel).masked_fill(~fits, -torch.inf).argmax(-1)  # a draw by weight
+            members = torch.stack([to_left, members - to_left], dim=-1).flatten(1)
+        chosen = members[:, :scores.shape[1]] > 0
         return chosen.reshape(self.scores.shape).to(self.scores.dtype)
 
     def rsample(self, *, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
