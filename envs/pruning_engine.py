@@ -26,7 +26,6 @@ from envs.vit.pruned_forward import (
     TokenState,
     classify,
     concat_states,
-    exact_forward,
     exact_forward_from,
     initial_state,
     prune_step,
@@ -98,18 +97,19 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_probs(self, indices: list[int], inputs: torch.Tensor, state: TokenState) -> None:
+    def _ensure_probs(self, indices: list[int], state: TokenState) -> None:
         """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
-        heuristic's at the exact budget, each computed once per image; ``inputs``: the normalised images
-        ``[len(indices), C, H, W]``, ``state``: their :func:`initial_state` (the baseline starts from it)."""
-        self._fill_once(self._full_probs, indices, self._unpruned_logits(inputs))
+        heuristic's at the exact budget, each computed once per image, both from the images'
+        :func:`initial_state` ``state``."""
+        self._fill_once(self._full_probs, indices, self._unpruned_logits(state))
         if self._baseline is not None:
             self._fill_once(self._baseline_probs, indices, lambda rows: exact_forward_from(
                 self.staged, state.rows(rows), self._baseline, self.target_ratio, self.reduction)[0])
 
-    def _unpruned_logits(self, inputs: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
-        """The unpruned model's logits of the given rows of ``inputs``."""
-        return lambda rows: self.staged(inputs[rows])
+    def _unpruned_logits(self, state: TokenState) -> Callable[[list[int]], torch.Tensor]:
+        """The unpruned model's logits of the given rows of ``state`` (an :func:`initial_state`), which has run
+        the first stage already."""
+        return lambda rows: self.staged.forward_from(state.tokens[rows], 1)
 
     @staticmethod
     def _fill_once(probs: torch.Tensor, indices: list[int], logits_of: Callable[[list[int]], torch.Tensor]) -> None:
@@ -133,7 +133,7 @@ class PruningEngine:
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
         state = initial_state(self.staged, inputs)
-        self._ensure_probs(images.tolist(), inputs, state)
+        self._ensure_probs(images.tolist(), state)
         self.forwards += 1
         for key, image, row in zip(keys, images[row_of], row_of, strict=True):
             self.episodes.pop(key, None)
@@ -212,9 +212,9 @@ class PruningEngine:
         predictions = []
         for start in range(0, len(self.labels), batch_size):  # each image read once
             batch = list(range(start, min(start + batch_size, len(self.labels))))
-            inputs = self._inputs(batch)
-            self._fill_once(self._full_probs, batch, self._unpruned_logits(inputs))
-            logits, _ = exact_forward(self.staged, inputs, select, self.target_ratio, self.reduction)
+            state = initial_state(self.staged, self._inputs(batch))
+            self._fill_once(self._full_probs, batch, self._unpruned_logits(state))
+            logits, _ = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)
         return {"exact_accuracy": 100 * (predictions == self.labels).double().mean().item(),

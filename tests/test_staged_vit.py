@@ -43,6 +43,8 @@ def test_keep_all_forward_matches_timm(variant, images):
     staged = StagedViT(vit, prune_points=(1, 3))
     with torch.no_grad():
         assert (staged(images) - vit(images)).abs().max() <= 1e-5
+        after_first, _ = staged.forward_stage(staged.embed(images), 0)  # the unpruned answer from stage 1 on
+        assert (staged.forward_from(after_first, 1) - vit(images)).abs().max() <= 1e-5
 
 
 def test_attributes():

@@ -185,7 +185,11 @@ class StagedViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Keep-all forward through every stage: the same logits as the wrapped ViT."""
-        x = self.embed(images)
-        for stage in range(self.num_stages):
-            x, _ = self.forward_stage(x, stage)
+        return self.forward_from(self.embed(images), 0)
+
+    def forward_from(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Keep-all logits ``[B, num_classes]`` of tokens ``x [B, P + N, D]`` that have run the stages before
+        ``stage`` (all patch tokens live): the unpruned model's answer without running those stages again."""
+        for later in range(stage, self.num_stages):
+            x, _ = self.forward_stage(x, later)
         return self.classify(x)
