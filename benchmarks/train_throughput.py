@@ -5,11 +5,11 @@ what the same machine does with the same ViT when it only infers: a ratio of 1 w
 images as fast as inference prunes them.
 
 1. Training: ``train.py`` with its defaults (one env runner, the ViT servers, PPO's 4,096 agent steps per
-   iteration), ``--iterations`` iterations with no warm start and no validation inside them (the stop's
-   runs after the last one is timed). Images/s is over the iterations after the first (which includes
-   start-up), from Tune's ``progress.csv``: an image takes an env step per pruning point and acting
-   agent (``envs.pruning_env.env_steps_per_episode``), each of which carries ``images_per_env`` images.
-   The run has the whole machine (Ray's processes share its cores).
+   iteration) or the settings given after ``--``, ``--iterations`` iterations with no warm start and no
+   validation inside them (the stop's runs after the last one is timed). Images/s is over the iterations
+   after the first (which includes start-up), from Tune's ``progress.csv``: an image takes an env step per
+   pruning point and acting agent (``envs.pruning_env.env_steps_per_episode``), each of which carries
+   ``images_per_env`` images. The run has the whole machine (Ray's processes share its cores).
 2. Inference: the policy that run wrote, as ``PrunedViT`` in exact mode, over ``--images`` validation
    images in batches of ``--batch-size`` (median of ``--repeats`` passes after a warm-up), in this process
    with torch's default threads, once training has ended.
@@ -17,6 +17,7 @@ images as fast as inference prunes them.
 Run from the repository root (Ray writes under ``$HOME``); it takes a few minutes on a 2-core CPU::
 
     HOME=$(mktemp -d) python -m benchmarks.train_throughput --data-dir ../shared/data
+    HOME=$(mktemp -d) python -m benchmarks.train_throughput --data-dir ../shared/data -- --num-workers 2
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1024, help="validation images for the inference pass")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAGS",
+                        help="train.py settings to time instead of its defaults, after '--' (e.g. -- --num-workers 2)")
     args = parser.parse_args(argv)
 
     output = Path(tempfile.mkdtemp(prefix="train_throughput_")) / "run"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    code = train.main([*data, "--iterations", str(args.iterations), "--warm-start", "none",  # validated once, at
-                       "--checkpoint-every", str(args.iterations + 1), "--output-dir", str(output)])  # the stop
+    code = train.main([*data, *args.train_flags, "--iterations", str(args.iterations), "--warm-start", "none",
+                       "--checkpoint-every", str(args.iterations + 1),  # validated once, at the stop
+                       "--output-dir", str(output)])
     if code != 0:
         return code
     checkpoint = latest_checkpoint(output)
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
           f"{versions_line()}")
-    print(f"training (train.py defaults, {timed} iterations timed): {train_rate:8.1f} images/s")
+    settings = " ".join(args.train_flags) or "train.py defaults"
+    print(f"training ({settings}, {timed} iterations timed): {train_rate:8.1f} images/s")
     print(f"pruned inference (MARL exact, batch {args.batch_size}, {len(images)} val images): "
           f"{infer_rate:8.1f} images/s")
     print(f"ratio training / inference: {train_rate / infer_rate:.3f}")
