@@ -76,7 +76,7 @@ SCORE = "val_score"  # the reported metric checkpoints are ranked by: see valida
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--num-workers", type=non_negative_int, default=1,
+    run.add_argument("--num-workers", type=non_negative_int, default=2,
                      help="env runners per trial (0 = sample in the trial's own process, for debugging)")
     run.add_argument("--envs-per-worker", type=positive_int, default=1)
     run.add_argument("--iterations", type=positive_int, default=1000,

@@ -12,7 +12,7 @@ images as fast as inference prunes them.
    ``images_per_env`` images. The run has the whole machine (Ray's processes share its cores).
 2. Inference: the policy that run wrote, as ``PrunedViT`` in exact mode, over ``--images`` validation
    images in batches of ``--batch-size`` (median of ``--repeats`` passes after a warm-up), in this process
-   with torch's default threads, once training has ended.
+   with torch's default threads, once training has ended and Ray's processes have exited.
 
 Run from the repository root (Ray writes under ``$HOME``); it takes a few minutes on a 2-core CPU::
 
@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +55,21 @@ def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tupl
     return env_steps * problem.images_per_env / env_steps_per_episode(problem) / seconds, len(rows)
 
 
+RAY_PROCESSES = "^ray::|/raylet|/gcs_server"
+"""``pgrep -f`` pattern of Ray's worker, raylet and GCS processes."""
+
+
+def wait_for_ray_to_exit(timeout_s: float = 60.0) -> bool:
+    """Wait until no Ray process runs on this machine (they exit some seconds after ``ray.shutdown``, and
+    inference timed among them reads up to a third low); False if some still run after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["pgrep", "-f", RAY_PROCESSES], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (default: as train.py)")
@@ -71,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--output-dir", str(output)])
     if code != 0:
         return code
+    if not wait_for_ray_to_exit():
+        print("note: Ray processes still run on this machine; the inference figure shares the CPU with them")
     checkpoint = latest_checkpoint(output)
     problem = read_checkpoint_info(checkpoint).problem
     train_rate, timed = training_images_per_second(checkpoint.parent, problem)

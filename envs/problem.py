@@ -108,7 +108,7 @@ class PruningProblem:
     protected_share: float = setting(DEFAULT_PROTECTED_SHARE, "with both agents, the fraction of each pruning "
                                      "point's kept tokens (at least one) that the attention agent keeps out of "
                                      "the similarity agent's reach")
-    images_per_env: int = setting(8, "images one env instance carries (one server call moves them all)")
+    images_per_env: int = setting(16, "images one env instance carries (one server call moves them all)")
     rollouts_per_image: int = setting(1, "rollouts of each image in an env, side by side (divides images_per_env); "
                                          "with reward_baseline 'rollouts' each is compared with the others")
     agree_weight: float = setting(1.0, "reward for keeping the unpruned model's answer")

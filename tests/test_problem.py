@@ -90,7 +90,7 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"prob_weight": -1.0}, "prob_weight must be >= 0"),
     ({"reward_baseline": "greedy"}, "reward_baseline must be one of none, rollouts, random, attention"),
     ({"prune_points": ()}, "prune_points must be one or more integers"),
-    ({"rollouts_per_image": 3}, "rollouts_per_image must be >= 1 and divide images_per_env = 8, got 3"),
+    ({"rollouts_per_image": 3}, "rollouts_per_image must be >= 1 and divide images_per_env = 16, got 3"),
     ({"reward_baseline": "rollouts"}, "reward_baseline 'rollouts' needs rollouts_per_image >= 2"),
     ({"logprob_weight": -0.5}, "logprob_weight must be >= 0"),
     ({"protected_share": 0.0}, r"protected_share must be in \(0, 1\], got 0.0"),
