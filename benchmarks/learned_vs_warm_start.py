@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     modules, info = load_policies(checkpoint)
     problem = info.problem
     staged, config, _ = policy_backbone(problem, checkpoint)
-    warm = {policy: RLModule.from_checkpoint(str(args.trial / "warm_start" / policy)).eval() for policy in modules}
+    warm_start = args.trial.resolve() / "warm_start"  # RLlib reads a relative path as a URI
+    warm = {policy: RLModule.from_checkpoint(str(warm_start / policy)).eval() for policy in modules}
     split = load_split(problem.dataset, "val", problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
     share = problem.protected_share

@@ -132,7 +132,7 @@ def _load_module(path: Path, name: str) -> RLModule:
     """One RLModule, in eval mode; any failure to restore it (truncated, corrupt) is a user error."""
     try:
         with _quiet_ray_deprecations():
-            module = RLModule.from_checkpoint(str(path))
+            module = RLModule.from_checkpoint(str(path.resolve()))  # RLlib takes a relative path for a URI
     except Exception as error:  # unpickling a damaged file can raise nearly anything
         message = " ".join(str(error).split()) or "no details"
         raise PolicyCheckpointError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "
