@@ -4,7 +4,7 @@ PPO learns from the images that pass through pruning episodes, so its sample thr
 what the same machine does with the same ViT when it only infers: a ratio of 1 would mean training sees
 images as fast as inference prunes them.
 
-1. Training: ``train.py`` with its defaults (one env runner, the ViT servers, PPO's 4,096 agent steps per
+1. Training: ``train.py`` with its defaults (two env runners, the ViT servers, PPO's 4,096 agent steps per
    iteration) or the settings given after ``--``, ``--iterations`` iterations with no warm start and no
    validation inside them (the stop's runs after the last one is timed). Images/s is over the iterations
    after the first (which includes start-up), from Tune's ``progress.csv``: an image takes an env step per

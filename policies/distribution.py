@@ -31,8 +31,8 @@ would be NaN."""
 
 
 def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``log sum exp`` along ``dim`` with a detached shift: exact, and finite first and second derivatives
-    where every entry is :data:`IMPOSSIBLE` (torch's ``logsumexp`` and ``logaddexp`` give NaN there)."""
+    """``log sum exp`` along ``dim`` with a detached shift, written out: its first and second derivatives stay
+    finite where every entry is :data:`IMPOSSIBLE` (torch's ``logaddexp`` has NaN second derivatives there)."""
     top = x.detach().amax(dim, keepdim=True)
     return (top + torch.log(torch.exp(x - top).sum(dim, keepdim=True))).squeeze(dim)
 
