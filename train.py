@@ -9,12 +9,17 @@
 Each trial is one PPO run on one pruning problem, with its own ViT servers; a number setting given several
 comma-separated values (``--target-ratio 0.3,0.5``) makes one trial per combination, run in parallel when
 the cluster has room. Sampling uses the ``train`` split; every ``--checkpoint-every`` iterations and at the
-end the policies are scored in the modes evaluate.py reports (exact budget and per-image counts) on a fixed
-subset of the ``val`` split, and a checkpoint is written; Tune keeps the best ``--keep-checkpoints`` by the
+end the policies are scored in the mode evaluate.py reports as ``MARL exact`` on a fixed subset of the
+``val`` split, and a checkpoint is written; Tune keeps the best ``--keep-checkpoints`` by the
 exact-budget accuracy (and the latest), retries a failed trial from its latest checkpoint, and logs every
 result (``progress.csv``, ``result.json``, TensorBoard) in the trial's directory under ``--output-dir``.
 It ends naming each trial's best checkpoint and the command that evaluates it. The test split is never read
 here. ``python train.py --help`` lists every setting of the pruning problem (``envs/problem.py``) with its doc.
+
+What to expect from the default run on a 2-core CPU: about 60 PPO iterations in its 18 minutes, and an
+exact-budget validation accuracy of about 83% on its 1,000 validation images at every checkpoint, level
+with the heuristics (greedy similarity 82.7%, Distinctive NMS 82.9%): PPO has not yet learned to beat them
+(README, "Results").
 """
 
 from __future__ import annotations
