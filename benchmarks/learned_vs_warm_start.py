@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
-from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
-from policies.checkpoints import load_policies, read_checkpoint_info, trial_checkpoints
+from policies.checkpoints import load_module, load_policies, read_checkpoint_info, trial_checkpoints
 from policies.decisions import policy_selector
 from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
@@ -52,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     modules, info = load_policies(checkpoint)
     problem = info.problem
     staged, config, _ = policy_backbone(problem, checkpoint)
-    warm_start = args.trial.resolve() / "warm_start"  # RLlib reads a relative path as a URI
-    warm = {policy: RLModule.from_checkpoint(str(warm_start / policy)).eval() for policy in modules}
+    warm_start = args.trial.resolve() / "warm_start"
+    warm = {policy: load_module(warm_start / policy, policy) for policy in modules}
     split = load_split(problem.dataset, "val", problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
     share = problem.protected_share

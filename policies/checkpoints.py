@@ -128,11 +128,12 @@ def _readable_info(checkpoint: Path) -> CheckpointInfo | None:
         return None
 
 
-def _load_module(path: Path, name: str) -> RLModule:
-    """One RLModule, in eval mode; any failure to restore it (truncated, corrupt) is a user error."""
+def load_module(path: Path, name: str) -> RLModule:
+    """The ``name`` policy's RLModule saved in the directory ``path``, in eval mode; any failure to restore it
+    (truncated, corrupt) is a user error. ``path`` must be absolute: RLlib reads a relative one as a URI."""
     try:
         with _quiet_ray_deprecations():
-            module = RLModule.from_checkpoint(str(path.resolve()))  # RLlib takes a relative path for a URI
+            module = RLModule.from_checkpoint(str(path))
     except Exception as error:  # unpickling a damaged file can raise nearly anything
         message = " ".join(str(error).split()) or "no details"
         raise PolicyCheckpointError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "
@@ -176,7 +177,7 @@ def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], Ch
         if not directory.is_dir():
             raise PolicyCheckpointError(f"checkpoint {path} has no {name} policy (expected {MODULES_DIR / name}; "
                                         f"agents is {agents!r})")
-        modules[name] = _load_module(directory, name)
+        modules[name] = load_module(directory, name)
     return modules, info
 
 
