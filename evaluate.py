@@ -152,12 +152,18 @@ def versus_best_heuristic(method: Method, methods: Sequence[Method], outputs: Ma
     correct = {m: (outputs[m][0] == labels).numpy().astype(float) for m in methods
                if m is method or (m.budget == method.budget and m.selector in HEURISTIC_ROWS)}
     best = max((m for m in correct if m is not method), key=lambda m: correct[m].mean())
-    result = scipy.stats.bootstrap((correct[method], correct[best]), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+    difference, low, high = paired_difference(correct[method], correct[best])
+    return {"delta_best_heuristic": difference, "delta_ci_low": low, "delta_ci_high": high}
+
+
+def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """The accuracy of ``correct [n]`` (0/1 per image) minus that of ``reference [n]`` on the same images, and
+    the paired bootstrap 95% interval of the difference (the images resampled for both), in points."""
+    result = scipy.stats.bootstrap((correct, reference), lambda a, b, axis: a.mean(axis) - b.mean(axis),
                                    paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
                                    method="percentile", rng=np.random.default_rng(0))
     low, high = result.confidence_interval
-    return {"delta_best_heuristic": 100 * (correct[method].mean() - correct[best].mean()),
-            "delta_ci_low": 100 * low, "delta_ci_high": 100 * high}
+    return 100 * (correct.mean() - reference.mean()), 100 * low, 100 * high
 
 
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,

@@ -245,7 +245,8 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
     env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed}
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
-        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={"hidden": problem.hidden})
+        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
+            "hidden": problem.hidden, "entropy_gradient": problem.ppo.entropy_coeff > 0})
         for policy in policies}
     return (
         with_resources(PPOConfig(), resources)

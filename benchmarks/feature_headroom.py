@@ -22,7 +22,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 import torch
 
 from envs.pruning_env import fidelity
@@ -32,7 +31,7 @@ from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from, initial_state
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
-from evaluate import DEFAULT_CHECKPOINT
+from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
 from policies.decisions import turn_counts
 from policies.heuristics import greedy_attention_keep, heuristic_selector
@@ -134,16 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}")
     print(f"{'selection':<56} {'acc %':>6} {'agree %':>8} {'fidelity':>9} {'vs pair':>8} {'95% CI':>16}")
     for name in rows:
-        result = scipy.stats.bootstrap((correct[name], correct[reference]),
-                                       lambda a, b, axis: a.mean(axis) - b.mean(axis), paired=True,
-                                       vectorized=True, n_resamples=2000, method="percentile",
-                                       rng=np.random.default_rng(0))
-        low, high = result.confidence_interval
+        difference, low, high = paired_difference(correct[name], correct[reference])
         agree = 100 * (probs[name].argmax(1) == val_unpruned).double().mean().item()
-        difference = 100 * (correct[name].mean() - correct[reference].mean())
         print(f"{name:<56} {100 * correct[name].mean():6.2f} {agree:8.2f} "
               f"{mean_fidelity(probs[name], val_unpruned):9.4f} {difference:+8.2f} "
-              f"[{100 * low:+6.2f}, {100 * high:+6.2f}]")
+              f"[{low:+6.2f}, {high:+6.2f}]")
 
 
 if __name__ == "__main__":

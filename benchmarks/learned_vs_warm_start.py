@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import scipy.stats
 import torch
 
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
+from evaluate import paired_difference
 from policies.checkpoints import load_module, load_policies, read_checkpoint_info, trial_checkpoints
 from policies.decisions import policy_selector
 from policies.heuristics import heuristic_selector
@@ -83,16 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'selection':<46} {'acc %':>6} {'agree %':>8} {'vs greedy':>10} {'95% CI':>16} "
           f"{'sets != greedy':>15} {'!= imitated':>12}")
     for name in rows:
-        result = scipy.stats.bootstrap((correct[name], correct[greedy]), lambda a, b, axis: a.mean(axis) - b.mean(axis),
-                                       paired=True, vectorized=True, n_resamples=2000, method="percentile",
-                                       rng=np.random.default_rng(0))
-        low, high = result.confidence_interval
+        difference, low, high = paired_difference(correct[name], correct[greedy])
         differ = {other: 100 * (kept[name] != kept[other]).any(dim=1).double().mean().item()
                   for other in (greedy, imitated)}
         agree = 100 * (torch.cat(predictions[name]).numpy() == unpruned).mean()
         print(f"{name:<46} {100 * correct[name].mean():6.2f} {agree:8.2f} "
-              f"{100 * (correct[name].mean() - correct[greedy].mean()):+10.2f} "
-              f"[{100 * low:+6.2f}, {100 * high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}%")
+              f"{difference:+10.2f} [{low:+6.2f}, {high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}%")
 
 
 if __name__ == "__main__":

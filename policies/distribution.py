@@ -144,3 +144,16 @@ class ExactCount(TorchDistribution):
     def to_deterministic(self) -> TorchDeterministic:
         """The most likely set: the ``count`` highest scores."""
         return TorchDeterministic(loc=highest(self.scores, self.count.unsqueeze(-1)).to(self.scores.dtype))
+
+
+class ExactCountEntropyStatistic(ExactCount):
+    """:class:`ExactCount` whose entropy is reported but not differentiated.
+
+    RLlib's PPO loss always subtracts ``entropy_coeff * entropy`` and so differentiates the entropy, which is a
+    derivative of the normaliser and makes its backward pass a second derivative, even at ``entropy_coeff`` 0.
+    Without an entropy bonus, training uses this class (``TokenPolicyModule``'s ``entropy_gradient``): the same
+    values, a first-order backward pass only.
+    """
+
+    def entropy(self) -> torch.Tensor:
+        return ExactCount(self.logits.detach()).entropy()

@@ -22,7 +22,7 @@ from ray.rllib.utils.annotations import override
 from torch import nn
 
 from envs.vit.features import AGENT_FEATURES
-from policies.distribution import DEAD_SCORE, ExactCount
+from policies.distribution import DEAD_SCORE, ExactCount, ExactCountEntropyStatistic
 
 DEFAULT_HIDDEN = 64
 _NETWORKS = ("token_net", "logit_net", "value_head")
@@ -37,13 +37,15 @@ def masked_mean(emb: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
     """Exact-count set policy over a Dict(tokens [N, F], live [N], count [1]) observation, plus a value head.
 
-    ``model_config``: ``hidden`` (width, default 64).
+    ``model_config``: ``hidden`` (width, default 64); ``entropy_gradient`` (default True): False when training
+    has no entropy bonus, so that PPO does not differentiate the entropy (:class:`ExactCountEntropyStatistic`).
     """
 
     @override(TorchRLModule)
     def setup(self) -> None:
         cfg = self.model_config or {}
         hidden = int(cfg.get("hidden", DEFAULT_HIDDEN))
+        self._train_distribution = ExactCount if cfg.get("entropy_gradient", True) else ExactCountEntropyStatistic
         num_features = self.observation_space["tokens"].shape[-1]
         self._token_net = nn.Sequential(
             nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
@@ -69,7 +71,7 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
 
     @override(RLModule)
     def get_train_action_dist_cls(self) -> type[ExactCount]:
-        return ExactCount
+        return self._train_distribution
 
     def _embed(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token embeddings ``[..., N, h]`` and the live-token context ``[..., h]``."""

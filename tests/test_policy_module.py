@@ -17,7 +17,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from torch.utils.flop_counter import FlopCounterMode
 
-from policies.distribution import DEAD_SCORE, ExactCount
+from policies.distribution import DEAD_SCORE, ExactCount, ExactCountEntropyStatistic
 from policies.rl_module import TokenPolicyModule, agent_spaces
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
@@ -126,6 +126,16 @@ def test_entropy_and_log_probability_have_finite_gradients():
     dist = ExactCount.from_logits(torch.cat([masked, counts], 1))
     (dist.entropy().sum() + dist.logp(dist.sample()).sum()).backward()
     assert torch.isfinite(scores.grad).all() and scores.grad[~dead].abs().sum() > 0
+
+
+def test_entropy_statistic_has_the_entropy_without_its_gradient():
+    scores = torch.randn(4, N, requires_grad=True)
+    logits = torch.cat([scores, torch.tensor([[c // 2] for c in LIVE_COUNTS], dtype=torch.float32)], 1)
+    statistic = ExactCountEntropyStatistic.from_logits(logits)
+    torch.testing.assert_close(statistic.entropy(), ExactCount.from_logits(logits).entropy().detach())
+    assert not statistic.entropy().requires_grad and statistic.logp(statistic.sample()).requires_grad
+    assert build().get_train_action_dist_cls() is ExactCount
+    assert build(entropy_gradient=False).get_train_action_dist_cls() is ExactCountEntropyStatistic
 
 
 def test_permuting_live_tokens_permutes_logits(module):

@@ -1,0 +1,182 @@
+"""Per-image budgets: how much room they leave, and whether what a policy sees at a pruning point finds it.
+
+    python -m benchmarks.budget_headroom --data-dir ../shared/data      # about 9 minutes on a 2-core CPU
+
+The learning issue's target 2 asks for a mode whose *mean* GFLOPs per image equal the exact budget's and whose
+accuracy is 1.2 points above greedy similarity's. This measures whether a budget chosen per image can get there
+before one is learned. For each decision point (a pruning point), every image runs the pruning points before it
+at the checkpoint's exact budget; from it on, the image takes one of ``--levels`` removal ratios. Greedy
+similarity chooses the tokens throughout, so only how many tokens each image keeps changes. On validation images
+(never the test split) it reports:
+
+- per level: GFLOPs, accuracy and agreement with the unpruned model, and the AUC with which a logistic
+  regression predicts "this level keeps the unpruned answer" from what a policy could observe at the decision
+  point: the logit lens (the classifier head on the tokens there) and the class token. The regression is fitted
+  on ``--train-images`` train images.
+- oracle: each image at the cheapest level that keeps the unpruned answer (the dearest if none does). This is
+  what a perfect budget policy reaches, and at what mean cost; it needs no labels, only the unpruned answer.
+- predicted: images ranked by the regression of a cheap level; the top share takes it, the rest a dear level,
+  in the share that keeps the mean GFLOPs at most the exact budget's. The pair of levels is the one whose
+  allocation keeps the unpruned answer most often on the train images (by cross-validated predictions).
+  Compared with the exact budget on the same images (paired bootstrap 95% interval).
+
+Measured (reference backbone, r = 0.5, 4,000 train and 2,000 validation images, this 2-core CPU): see
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from envs.problem import ProblemError, check_target_ratio
+from envs.vit.backbone_checkpoint import normalize
+from envs.vit.data import load_split
+from envs.vit.flops import ViTSpec, image_gflops
+from envs.vit.pruned_forward import TokenState, classify, initial_state, prune_step
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import tokens_to_keep
+from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from policies.checkpoints import read_checkpoint_info
+from policies.heuristics import heuristic_selector
+from policies.pruned_vit import policy_backbone
+
+SELECT = heuristic_selector("similarity")
+
+
+def schedule(num_patches: int, num_points: int, decision: int, target_ratio: float, level: float) -> list[int]:
+    """Live patch tokens per stage: ``target_ratio`` at the pruning points before ``decision``, ``level`` from it
+    on."""
+    kept = [num_patches]
+    for point in range(num_points):
+        kept.append(tokens_to_keep(kept[-1], target_ratio if point < decision else level))
+    return kept
+
+
+def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
+    """``[B, F]``: the logit lens at the state's pruning point (log-probabilities, their entropy and the two
+    largest probabilities) and the class token (the first token)."""
+    log_probs = classify(staged, state, reduction).float().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1, keepdim=True)
+    return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values, state.tokens[:, 0]], dim=-1)
+
+
+def run_levels(staged: StagedViT, config: dict, split, decision: int, target_ratio: float, levels: list[float],
+               reduction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every image of ``split``: the observation at ``decision`` ``[n, F]``, per level whether the
+    prediction agrees with the unpruned model ``[n, L]`` and with the label ``[n, L]``, and whether the unpruned
+    model's does ``[n]``."""
+    observed, agree, correct, unpruned_correct = [], [], [], []
+    for start in range(0, len(split.labels), 250):
+        state = initial_state(staged, normalize(split.images[start:start + 250], config))
+        unpruned = staged.forward_from(state.tokens, 1).argmax(1)
+        labels = split.labels[start:start + 250]
+        for _ in range(decision):
+            state = prune_step(staged, state, SELECT(state, tokens_to_keep(int(state.live[0].sum()), target_ratio)),
+                               reduction)
+        observed.append(observation(staged, state, reduction))
+        predictions = []
+        for level in levels:
+            pruned = state
+            for _ in range(decision, len(staged.prune_points)):
+                pruned = prune_step(staged, pruned, SELECT(pruned, tokens_to_keep(int(pruned.live[0].sum()), level)),
+                                    reduction)
+            predictions.append(classify(staged, pruned, reduction).argmax(1))
+        predictions = torch.stack(predictions, dim=1)
+        agree.append(predictions == unpruned[:, None])
+        correct.append(predictions == labels[:, None])
+        unpruned_correct.append(unpruned == labels)
+    return tuple(torch.cat(parts).numpy() for parts in (observed, agree, correct, unpruned_correct))
+
+
+def allocation(scores: np.ndarray, cheap: int, dear: int, costs: np.ndarray, budget: float) -> np.ndarray:
+    """Level per image: the highest ``scores`` take level ``cheap``, the others ``dear``, as many as keeps the
+    mean cost at most ``budget``."""
+    share = (costs[dear] - budget) / (costs[dear] - costs[cheap])
+    levels = np.full(len(scores), dear)
+    levels[np.argsort(-scores)[:int(np.ceil(share * len(scores)))]] = cheap
+    return levels
+
+
+def removal_ratios(text: str) -> tuple[float, ...]:
+    """``--levels``: comma-separated fractions in (0, 1)."""
+    try:
+        return tuple(check_target_ratio(float(part), "a level") for part in text.split(","))
+    except (ValueError, ProblemError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="its backbone, target ratio and reduction (default: %(default)s)")
+    parser.add_argument("--levels", type=removal_ratios, default="0.1,0.2,0.35,0.5,0.65,0.8",
+                        help="removal ratios an image may take from the decision point on (default: %(default)s)")
+    parser.add_argument("--train-images", type=int, default=4000)
+    parser.add_argument("--val-images", type=int, default=2000)
+    args = parser.parse_args(argv)
+
+    problem = read_checkpoint_info(args.checkpoint).problem
+    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    levels = sorted({*args.levels, problem.target_ratio})
+    exact = levels.index(problem.target_ratio)
+    spec, points = ViTSpec.from_model(staged.vit), len(staged.prune_points)
+    splits = {split: load_split(problem.dataset, split, args.data_dir, input_size=config["input_size"],
+                                val_size=problem.val_size, seed=problem.split_seed, limit=limit)
+              for split, limit in (("train", args.train_images), ("val", args.val_images))}
+
+    for decision in range(points):
+        schedules = [schedule(staged.num_patches, points, decision, problem.target_ratio, level) for level in levels]
+        costs = np.array([image_gflops(spec, staged.prune_points, kept, problem.reduction, "similarity").total
+                          for kept in schedules])
+        with torch.no_grad():
+            train_x, train_agree, _, _ = run_levels(staged, config, splits["train"], decision, problem.target_ratio,
+                                                 levels, problem.reduction)
+            val_x, val_agree, val_correct, unpruned_correct = run_levels(
+                staged, config, splits["val"], decision, problem.target_ratio, levels, problem.reduction)
+        models = {level: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+                  for level in range(len(levels)) if 0 < train_agree[:, level].mean() < 1}
+        for level, model in models.items():
+            model.fit(train_x, train_agree[:, level])
+        block = staged.prune_points[decision]
+        print(f"[decision at pruning point {decision + 1}, before block {block}] {len(val_correct)} validation "
+              f"images; the exact budget r = {problem.target_ratio}: {costs[exact]:.4f} GFLOPs; the unpruned model: "
+              f"{100 * unpruned_correct.mean():.2f}%")
+        print(f"{'level':>6} {'kept per stage':>16} {'GFLOPs':>7} {'acc %':>6} {'agree %':>8} {'AUC':>6}")
+        for level, kept in enumerate(schedules):
+            auc = (f"{roc_auc_score(val_agree[:, level], models[level].predict_proba(val_x)[:, 1]):6.3f}"
+                   if level in models and 0 < val_agree[:, level].mean() < 1 else f"{'-':>6}")
+            print(f"{levels[level]:6.2f} {','.join(map(str, kept)):>16} {costs[level]:7.4f} "
+                  f"{100 * val_correct[:, level].mean():6.2f} {100 * val_agree[:, level].mean():8.2f} {auc}")
+
+        rows = np.arange(len(val_correct))
+        cheapest = np.where(val_agree.any(1), np.where(val_agree, costs, np.inf).argmin(1), costs.argmax())
+        report = {"oracle (cheapest level that keeps the answer)": cheapest}
+        pairs = [(cheap, dear) for cheap in models for dear in range(len(levels))
+                 if costs[cheap] < costs[exact] < costs[dear]]
+        if pairs:
+            train_scores = {cheap: cross_val_predict(models[cheap], train_x, train_agree[:, cheap], cv=5,
+                                                     method="predict_proba")[:, 1] for cheap, _ in pairs}
+            train_correct = {(cheap, dear): train_agree[np.arange(len(train_x)), allocation(
+                train_scores[cheap], cheap, dear, costs, costs[exact])].mean() for cheap, dear in pairs}
+            cheap, dear = max(pairs, key=train_correct.get)
+            chosen = allocation(models[cheap].predict_proba(val_x)[:, 1], cheap, dear, costs, costs[exact])
+            report[f"predicted (levels {levels[cheap]:g} / {levels[dear]:g}, chosen on train)"] = chosen
+        for name, chosen in report.items():
+            difference, low, high = paired_difference(val_correct[rows, chosen], val_correct[:, exact])
+            print(f"  {name}: mean GFLOPs {costs[chosen].mean():.4f}, acc {100 * val_correct[rows, chosen].mean():.2f}%"
+                  f", agree {100 * val_agree[rows, chosen].mean():.2f}%, vs the exact budget {difference:+.2f} "
+                  f"[{low:+.2f}, {high:+.2f}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
