@@ -34,9 +34,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from cli import positive_int
 from envs.problem import ProblemError, check_target_ratio
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import load_split
@@ -106,6 +107,24 @@ def allocation(scores: np.ndarray, cheap: int, dear: int, costs: np.ndarray, bud
     return levels
 
 
+def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_agree: np.ndarray, val_x: np.ndarray,
+                      costs: np.ndarray, exact: int) -> tuple[int, int, np.ndarray] | None:
+    """The fitted budget policy's levels for the validation images ``val_x``, at most the exact level's mean cost:
+    of the pairs of a cheaper level (one with a fitted regression in ``models``) and a dearer one, the pair whose
+    :func:`allocation` by cross-validated predictions keeps the unpruned answer on most train images. Returns the
+    pair and the levels, or None when no pair brackets the exact level."""
+    pairs = [(cheap, dear) for cheap in models for dear in range(len(costs))
+             if costs[cheap] < costs[exact] < costs[dear]]
+    if not pairs:
+        return None
+    train_scores = {cheap: cross_val_predict(models[cheap], train_x, train_agree[:, cheap], cv=5,
+                                             method="predict_proba")[:, 1] for cheap in {cheap for cheap, _ in pairs}}
+    train_agreement = {(cheap, dear): train_agree[np.arange(len(train_x)), allocation(
+        train_scores[cheap], cheap, dear, costs, costs[exact])].mean() for cheap, dear in pairs}
+    cheap, dear = max(pairs, key=train_agreement.get)
+    return cheap, dear, allocation(models[cheap].predict_proba(val_x)[:, 1], cheap, dear, costs, costs[exact])
+
+
 def removal_ratios(text: str) -> tuple[float, ...]:
     """``--levels``: comma-separated fractions in (0, 1)."""
     try:
@@ -121,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="its backbone, target ratio and reduction (default: %(default)s)")
     parser.add_argument("--levels", type=removal_ratios, default="0.1,0.2,0.35,0.5,0.65,0.8",
                         help="removal ratios an image may take from the decision point on (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=4000)
-    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=4000)
+    parser.add_argument("--val-images", type=positive_int, default=2000)
     args = parser.parse_args(argv)
 
     problem = read_checkpoint_info(args.checkpoint).problem
@@ -161,15 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = np.arange(len(val_correct))
         cheapest = np.where(val_agree.any(1), np.where(val_agree, costs, np.inf).argmin(1), costs.argmax())
         report = {"oracle (cheapest level that keeps the answer)": cheapest}
-        pairs = [(cheap, dear) for cheap in models for dear in range(len(levels))
-                 if costs[cheap] < costs[exact] < costs[dear]]
-        if pairs:
-            train_scores = {cheap: cross_val_predict(models[cheap], train_x, train_agree[:, cheap], cv=5,
-                                                     method="predict_proba")[:, 1] for cheap, _ in pairs}
-            train_correct = {(cheap, dear): train_agree[np.arange(len(train_x)), allocation(
-                train_scores[cheap], cheap, dear, costs, costs[exact])].mean() for cheap, dear in pairs}
-            cheap, dear = max(pairs, key=train_correct.get)
-            chosen = allocation(models[cheap].predict_proba(val_x)[:, 1], cheap, dear, costs, costs[exact])
+        fitted = fitted_allocation(models, train_x, train_agree, val_x, costs, exact)
+        if fitted is not None:
+            cheap, dear, chosen = fitted
             report[f"predicted (levels {levels[cheap]:g} / {levels[dear]:g}, chosen on train)"] = chosen
         for name, chosen in report.items():
             difference, low, high = paired_difference(val_correct[rows, chosen], val_correct[:, exact])
