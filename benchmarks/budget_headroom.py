@@ -70,28 +70,26 @@ def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.T
     return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values, state.tokens[:, 0]], dim=-1)
 
 
-def run_levels(staged: StagedViT, config: dict, split, decision: int, target_ratio: float, levels: list[float],
+def run_levels(staged: StagedViT, config: dict, split, decision: int, schedules: list[list[int]],
                reduction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For every image of ``split``: the observation at ``decision`` ``[n, F]``, per level whether the
-    prediction agrees with the unpruned model ``[n, L]`` and with the label ``[n, L]``, and whether the unpruned
-    model's does ``[n]``."""
+    """For every image of ``split``: the observation at ``decision`` ``[n, F]``, per level (its :func:`schedule`
+    in ``schedules``, which agree up to ``decision``) whether the prediction agrees with the unpruned model
+    ``[n, L]`` and with the label ``[n, L]``, and whether the unpruned model's does ``[n]``."""
+
+    def prune(state: TokenState, kept: list[int], points: range) -> TokenState:
+        for point in points:
+            state = prune_step(staged, state, SELECT(state, kept[point + 1]), reduction)
+        return state
+
     observed, agree, correct, unpruned_correct = [], [], [], []
     for start in range(0, len(split.labels), 250):
         state = initial_state(staged, normalize(split.images[start:start + 250], config))
         unpruned = staged.forward_from(state.tokens, 1).argmax(1)
         labels = split.labels[start:start + 250]
-        for _ in range(decision):
-            state = prune_step(staged, state, SELECT(state, tokens_to_keep(int(state.live[0].sum()), target_ratio)),
-                               reduction)
+        state = prune(state, schedules[0], range(decision))
         observed.append(observation(staged, state, reduction))
-        predictions = []
-        for level in levels:
-            pruned = state
-            for _ in range(decision, len(staged.prune_points)):
-                pruned = prune_step(staged, pruned, SELECT(pruned, tokens_to_keep(int(pruned.live[0].sum()), level)),
-                                    reduction)
-            predictions.append(classify(staged, pruned, reduction).argmax(1))
-        predictions = torch.stack(predictions, dim=1)
+        predictions = torch.stack([classify(staged, prune(state, kept, range(decision, len(staged.prune_points))),
+                                            reduction).argmax(1) for kept in schedules], dim=1)
         agree.append(predictions == unpruned[:, None])
         correct.append(predictions == labels[:, None])
         unpruned_correct.append(unpruned == labels)
@@ -158,10 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         costs = np.array([image_gflops(spec, staged.prune_points, kept, problem.reduction, "similarity").total
                           for kept in schedules])
         with torch.no_grad():
-            train_x, train_agree, _, _ = run_levels(staged, config, splits["train"], decision, problem.target_ratio,
-                                                 levels, problem.reduction)
-            val_x, val_agree, val_correct, unpruned_correct = run_levels(
-                staged, config, splits["val"], decision, problem.target_ratio, levels, problem.reduction)
+            train_x, train_agree, _, _ = run_levels(staged, config, splits["train"], decision, schedules,
+                                                    problem.reduction)
+            val_x, val_agree, val_correct, unpruned_correct = run_levels(staged, config, splits["val"], decision,
+                                                                         schedules, problem.reduction)
         models = {level: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
                   for level in range(len(levels)) if 0 < train_agree[:, level].mean() < 1}
         for level, model in models.items():
