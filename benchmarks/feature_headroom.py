@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.split_states import first_stage_states
 from envs.pruning_env import fidelity
-from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import load_split
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
-from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from, initial_state
+from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
@@ -73,19 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     problem = read_checkpoint_info(args.checkpoint).problem
     staged, config, _ = policy_backbone(problem, args.checkpoint)
 
-    def first_stage(split: str, limit: int) -> tuple[list[TokenState], torch.Tensor, torch.Tensor]:
-        """The images' states at the first pruning point (run once, shared by every scoring), the unpruned
-        predictions and the labels."""
-        data = load_split(problem.dataset, split, args.data_dir,
-                          input_size=config["input_size"], val_size=problem.val_size, seed=problem.split_seed,
-                          limit=limit)
-        states, unpruned = [], []
-        for start in range(0, len(data.labels), 256):
-            inputs = normalize(data.images[start:start + 256], config)
-            states.append(initial_state(staged, inputs))
-            unpruned.append(staged.vit(inputs).argmax(1))
-        return states, torch.cat(unpruned), data.labels
-
     def predict(states: list[TokenState], select: Selector) -> torch.Tensor:
         return torch.cat([exact_forward_from(staged, state, select, problem.target_ratio, problem.reduction)[0]
                           for state in states]).softmax(-1)
@@ -99,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         return float(np.mean([fidelity(problem, a, p) for a, p in zip(agree, prob, strict=True)]))
 
     with torch.no_grad():
-        train_states, train_unpruned, _ = first_stage("train", args.train_images)
+        train_states, train_unpruned, _ = first_stage_states(staged, config, problem, args.data_dir, "train",
+                                                                args.train_images)
+        train_unpruned = train_unpruned.argmax(1)
         start = np.zeros(len(FEATURES))
         start[FEATURES.index("distinct_suppression")] = 1.0
         mean, std = start, np.full(len(FEATURES), 0.3)
@@ -121,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         print("[search] best weights: " + ", ".join(f"{name} {w:+.2f}" for name, w in zip(FEATURES, best[1],
                                                                                           strict=True)))
 
-        val_states, val_unpruned, labels = first_stage("val", args.val_images)
+        val_states, val_unpruned, labels = first_stage_states(staged, config, problem, args.data_dir, "val",
+                                                                  args.val_images)
+        val_unpruned = val_unpruned.argmax(1)
         rows = {"warm-start pair (attention protects, Distinctive NMS)": pair(start),
                 "search best (on train)": pair(best[1]),
                 "search final mean": pair(mean),

@@ -1,0 +1,226 @@
+"""Would the agents choose better tokens if they saw the tokens' content? A policy gradient with content.
+
+    python -m benchmarks.content_headroom --data-dir ../shared/data      # about 10 minutes on a 2-core CPU
+
+The agents score tokens from hand-made features (``envs.vit.features``), and ``feature_headroom`` found no
+scoring of those features that beats the warm start on validation. This asks the same of the tokens'
+embeddings, outside RLlib, with a plain and unbiased policy gradient and no PPO plumbing in the way.
+
+At every pruning point a scorer gives each live token greedy similarity's keep rank (``0`` for the first
+token greedy similarity removes, ``1`` for the last one left) plus a learned correction: a small MLP over the
+token's layer-normed embedding, its product with the class token's, and every feature either agent sees.
+The correction's last layer starts at zero, so the scorer starts as greedy similarity exactly.
+
+Training draws, at every pruning point, the kept set from the agents' distribution (``ExactCount``: exactly
+``k`` tokens, the scores over ``--temperature`` as logits), ``--samples`` episodes per train image. The reward
+is the negative KL divergence from the unpruned model's prediction (label-free, like the agents'); each
+episode's advantage is its reward minus the mean of the other episodes of the same image (RLOO), and the
+update is REINFORCE's. After each epoch it prints the KL of the scorer's most likely sets (the ``k``
+highest scores, what evaluation keeps) on train images, next to greedy similarity's before training.
+
+It then scores those most likely sets in the exact pruned forward (``envs.vit.pruned_forward``) on
+``--val-images`` validation images (never the test split) against greedy similarity and Distinctive NMS:
+accuracy, agreement with the unpruned model, KL, the share of images whose kept tokens differ from greedy
+similarity's at some pruning point, and the paired accuracy difference with a bootstrap 95% interval. A gain
+here is room that observations with content would give the agents; none means content does not help on this
+backbone either, at least not to a policy gradient of this size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.split_states import first_stage_states
+from envs.pruning_env import leave_one_out_means
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, cosine_similarity, observe
+from envs.vit.pruned_forward import (
+    Selector,
+    TokenState,
+    classify,
+    concat_states,
+    exact_forward_from,
+    prune_step,
+)
+from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from policies.checkpoints import read_checkpoint_info
+from policies.distribution import DEAD_SCORE, ExactCount
+from policies.heuristics import greedy_removal_order, heuristic_selector
+from policies.pruned_vit import policy_backbone
+
+
+def greedy_keep_rank(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: each live token's step in greedy similarity's removal order over ``n`` live tokens,
+    ``/ (n - 1)``: 0 for the first removed, 1 for the last left; its top ``k`` are greedy similarity's keep set.
+    ``x_patch [B, N, D]``, ``live [B, N]``; 0 on dead tokens."""
+    one_left = torch.ones(len(live), dtype=torch.long, device=live.device)
+    order = greedy_removal_order(cosine_similarity(x_patch), live, one_left)
+    n_live = live.sum(dim=1, keepdim=True).float()
+    order = torch.where(order.isinf(), n_live - 1, order).clamp_min(0)
+    return order / (n_live - 1).clamp_min(1)
+
+
+class ContentScorer(nn.Module):
+    """Keep scores ``[B, N]``: greedy similarity's keep rank plus an MLP's correction over each token's content
+    and the agents' features; the correction is zero at initialisation."""
+
+    def __init__(self, embed_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        inputs = 2 * embed_dim + len(ATTENTION_FEATURES) + len(SIMILARITY_FEATURES)
+        self.correction = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.correction[-1].weight)
+        nn.init.zeros_(self.correction[-1].bias)
+
+    def forward(self, x_cls: torch.Tensor, x_patch: torch.Tensor, live: torch.Tensor, features: torch.Tensor
+                ) -> torch.Tensor:
+        """``x_cls [B, D]``, ``x_patch [B, N, D]``, ``live [B, N]``, ``features [B, N, F]`` (both agents')."""
+        patch, cls = self.norm(x_patch), self.norm(x_cls).unsqueeze(1)
+        inputs = torch.cat([patch, patch * cls, features], dim=-1)
+        return greedy_keep_rank(x_patch.detach(), live) + self.correction(inputs).squeeze(-1)
+
+
+def keep_scores(staged: StagedViT, scorer: ContentScorer, state: TokenState, target_ratio: float) -> torch.Tensor:
+    """``scorer``'s keep score of each token of ``state``, ``[B, W]``, from what it reads there."""
+    observation = observe(staged, state, target_ratio)
+    features = torch.cat([observation.attention, observation.similarity], dim=-1)
+    return scorer(state.tokens[:, 0], state.patches, state.live, features)
+
+
+def kl_from_unpruned(unpruned: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``[B]``: KL(unpruned || pruned) of each image from the unpruned log-probabilities and the pruned logits
+    ``[B, C]``: the negative of the reward here, and the measure of fidelity on validation."""
+    return (unpruned.exp() * (unpruned - logits.log_softmax(-1))).sum(-1)
+
+
+def sampled_episodes(staged: StagedViT, scorer: ContentScorer, state: TokenState, target_ratio: float,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune the images of ``state`` (at the first pruning point) with sets drawn from the conditional Poisson
+    distribution of the scores over ``temperature`` (``ExactCount``, the agents' distribution) at each point.
+
+    Returns the logits ``[B, C]`` (no gradient) and each image's log-probability of the sets it drew, summed
+    over the pruning points, ``[B]``, differentiable in the scorer's parameters.
+    """
+    log_prob = torch.zeros(len(state.live))
+    for _ in staged.prune_points:
+        k = tokens_to_keep(int(state.live[0].sum()), target_ratio)
+        scores = keep_scores(staged, scorer, state, target_ratio) / temperature
+        count = torch.full((len(scores), 1), float(k))
+        distribution = ExactCount(torch.cat([scores.masked_fill(~state.live, DEAD_SCORE), count], dim=1))
+        keep = distribution.sample()
+        log_prob = log_prob + distribution.logp(keep)
+        with torch.no_grad():
+            state = prune_step(staged, state, keep.bool(), "merge")
+    with torch.no_grad():
+        return classify(staged, state, "merge"), log_prob
+
+
+def scorer_selector(staged: StagedViT, scorer: ContentScorer, target_ratio: float) -> Selector:
+    """The learned scorer's most likely sets (its ``k`` highest scores) as an exact-budget ``Selector``."""
+    return lambda state, k: topk_keep_mask(keep_scores(staged, scorer, state, target_ratio), state.live, k)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="its backbone and problem (default: %(default)s)")
+    parser.add_argument("--train-images", type=int, default=8000)
+    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per update")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.02,
+                        help="of the drawn sets, in keep-rank units (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=4, help="sets drawn per image (default: %(default)s)")
+    parser.add_argument("--monitor-images", type=int, default=1000,
+                        help="train images the most likely sets' KL is printed for after each epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    problem = read_checkpoint_info(args.checkpoint).problem
+    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    if problem.reduction != "merge" or staged.vit.global_pool != "token" or staged.num_prefix_tokens != 1:
+        raise SystemExit("content_headroom needs merging and a ViT whose only prefix token is a class token")
+
+    train_states, train_unpruned, _ = first_stage_states(staged, config, problem, args.data_dir, "train",
+                                                           args.train_images)
+    train = concat_states(train_states)
+    scorer = ContentScorer(staged.embed_dim, args.hidden)
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=args.lr)
+
+    def mode_kl() -> float:
+        """The mean KL of the scorer's most likely sets on the first ``--monitor-images`` train images."""
+        rows = torch.arange(min(args.monitor_images, len(train_unpruned)))
+        with torch.no_grad():
+            logits = torch.cat([exact_forward_from(staged, train.rows(chunk), scorer_selector(staged, scorer,
+                                problem.target_ratio), problem.target_ratio, "merge")[0] for chunk in rows.split(256)])
+        return kl_from_unpruned(train_unpruned[rows], logits).mean().item()
+
+    print(f"[train] {len(train_unpruned)} images x {args.samples} draws; most likely sets' KL(unpruned || pruned) "
+          f"{mode_kl():.4f} (greedy similarity)", flush=True)
+    for epoch in range(args.epochs):
+        started, sampled = time.perf_counter(), []
+        for images in torch.randperm(len(train_unpruned)).split(args.batch_size):
+            rows = images.repeat_interleave(args.samples)
+            logits, log_prob = sampled_episodes(staged, scorer, train.rows(rows), problem.target_ratio,
+                                                args.temperature)
+            reward = -kl_from_unpruned(train_unpruned[rows], logits).numpy()
+            advantage = torch.as_tensor(reward - leave_one_out_means(reward, args.samples), dtype=torch.float32)
+            loss = -(advantage * log_prob).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sampled.append(-reward.mean())
+        print(f"[train] epoch {epoch}: drawn sets' KL {np.mean(sampled):.4f}, most likely sets' {mode_kl():.4f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    val_states, val_unpruned, labels = first_stage_states(staged, config, problem, args.data_dir, "val",
+                                                          args.val_images)
+    rows = {"greedy similarity": heuristic_selector("similarity"),
+            "Distinctive NMS": heuristic_selector("distinct"),
+            "content scorer (trained on train)": scorer_selector(staged, scorer, problem.target_ratio)}
+    kept_sets: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
+
+    def recording(name: str, select: Selector) -> Selector:
+        """``select``, appending the original positions of the tokens it keeps, in order, to ``kept_sets``."""
+        def record(state: TokenState, k: int) -> torch.Tensor:
+            keep = select(state, k)
+            kept_sets[name].append(state.positions.masked_fill(~keep, -1).sort(dim=1).values)
+            return keep
+        return record
+
+    with torch.no_grad():
+        logits = {name: torch.cat([exact_forward_from(staged, state, recording(name, select), problem.target_ratio,
+                                                      problem.reduction)[0] for state in val_states])
+                  for name, select in rows.items()}
+    greedy = next(iter(rows))
+    correct = {name: (value.argmax(1) == labels).numpy().astype(float) for name, value in logits.items()}
+    print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}; unpruned "
+          f"{100 * (val_unpruned.argmax(1) == labels).double().mean():.2f}%")
+    print(f"{'selection':<36} {'acc %':>6} {'agree %':>8} {'KL':>7} {'differs %':>10} {'vs greedy':>10} "
+          f"{'95% CI':>16}")
+    for name, value in logits.items():
+        difference, low, high = paired_difference(correct[name], correct[greedy])
+        kl = kl_from_unpruned(val_unpruned, value).mean().item()
+        agree = 100 * (value.argmax(1) == val_unpruned.argmax(1)).double().mean().item()
+        per_point = [(mine != theirs).any(dim=1) for mine, theirs in zip(kept_sets[name], kept_sets[greedy],
+                                                                          strict=True)]
+        points = len(staged.prune_points)  # kept sets come batch by batch, one per pruning point
+        differs = torch.cat([torch.stack(per_point[b:b + points]).any(dim=0)
+                             for b in range(0, len(per_point), points)])
+        print(f"{name:<36} {100 * correct[name].mean():6.2f} {agree:8.2f} {kl:7.4f} "
+              f"{100 * differs.double().mean():10.2f} {difference:+10.2f} [{low:+6.2f}, {high:+6.2f}]")
+
+
+if __name__ == "__main__":
+    main()
