@@ -8,8 +8,9 @@ embeddings, outside RLlib, with a plain and unbiased policy gradient and no PPO 
 
 At every pruning point a scorer gives each live token greedy similarity's keep rank (``0`` for the first
 token greedy similarity removes, ``1`` for the last one left) plus a learned correction: a small MLP over the
-token's layer-normed embedding, its product with the class token's, and every feature either agent sees.
-The correction's last layer starts at zero, so the scorer starts as greedy similarity exactly.
+token's layer-normed embedding, its product with the class token's, and every feature either agent sees
+(with ``--relational``, after one self-attention layer over the live tokens). The correction's last layer
+starts at zero, so the scorer starts as greedy similarity exactly.
 
 Training draws, at every pruning point, the kept set from the agents' distribution (``ExactCount``: exactly
 ``k`` tokens, the scores over ``--temperature`` as logits), ``--samples`` episodes per train image. The reward
@@ -68,23 +69,27 @@ def greedy_keep_rank(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 class ContentScorer(nn.Module):
-    """Keep scores ``[B, N]``: greedy similarity's keep rank plus an MLP's correction over each token's content
-    and the agents' features; the correction is zero at initialisation."""
+    """Keep scores ``[B, N]``: greedy similarity's keep rank plus a learned correction, zero at initialisation,
+    from each token's content and the agents' features; with ``relational``, one self-attention layer over the
+    live tokens lets each token's correction depend on the others' content too."""
 
-    def __init__(self, embed_dim: int, hidden: int) -> None:
+    def __init__(self, embed_dim: int, hidden: int, relational: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
-        inputs = 2 * embed_dim + len(ATTENTION_FEATURES) + len(SIMILARITY_FEATURES)
-        self.correction = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.correction[-1].weight)
-        nn.init.zeros_(self.correction[-1].bias)
+        self.embed = nn.Linear(2 * embed_dim + len(ATTENTION_FEATURES) + len(SIMILARITY_FEATURES), hidden)
+        self.mix = nn.MultiheadAttention(hidden, num_heads=4, batch_first=True) if relational else None
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x_cls: torch.Tensor, x_patch: torch.Tensor, live: torch.Tensor, features: torch.Tensor
                 ) -> torch.Tensor:
         """``x_cls [B, D]``, ``x_patch [B, N, D]``, ``live [B, N]``, ``features [B, N, F]`` (both agents')."""
         patch, cls = self.norm(x_patch), self.norm(x_cls).unsqueeze(1)
-        inputs = torch.cat([patch, patch * cls, features], dim=-1)
-        return greedy_keep_rank(x_patch.detach(), live) + self.correction(inputs).squeeze(-1)
+        hidden = self.embed(torch.cat([patch, patch * cls, features], dim=-1))
+        if self.mix is not None:
+            hidden = hidden + self.mix(hidden, hidden, hidden, key_padding_mask=~live, need_weights=False)[0]
+        return greedy_keep_rank(x_patch.detach(), live) + self.out(hidden).squeeze(-1)
 
 
 def keep_scores(staged: StagedViT, scorer: ContentScorer, state: TokenState, target_ratio: float) -> torch.Tensor:
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per update")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--relational", action="store_true",
+                        help="one self-attention layer over the tokens before each token's correction")
     parser.add_argument("--temperature", type=float, default=0.02,
                         help="of the drawn sets, in keep-rank units (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=4, help="sets drawn per image (default: %(default)s)")
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     train_states, train_unpruned, _ = first_stage_states(staged, config, problem, args.data_dir, "train",
                                                            args.train_images)
     train = concat_states(train_states)
-    scorer = ContentScorer(staged.embed_dim, args.hidden)
+    scorer = ContentScorer(staged.embed_dim, args.hidden, args.relational)
     optimizer = torch.optim.Adam(scorer.parameters(), lr=args.lr)
 
     def mode_kl() -> float:

@@ -28,8 +28,8 @@ def test_cold_draws_are_the_most_likely_sets_and_warm_ones_carry_the_gradient(ti
     staged, _ = tiny_staged
     state = _state(staged, 1)
     torch.manual_seed(0)
-    scorer = ContentScorer(staged.embed_dim, hidden=16)
-    torch.nn.init.normal_(scorer.correction[-1].weight, std=0.3)
+    scorer = ContentScorer(staged.embed_dim, hidden=16, relational=True)
+    torch.nn.init.normal_(scorer.out[-1].weight, std=0.3)
     with torch.no_grad():
         mode, _ = exact_forward_from(staged, state, scorer_selector(staged, scorer, 0.5), 0.5, "merge")
     cold, _ = sampled_episodes(staged, scorer, state, 0.5, temperature=1e-4)
