@@ -37,12 +37,11 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import ProblemError, check_target_ratio
-from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, image_gflops
-from envs.vit.pruned_forward import TokenState, classify, initial_state, prune_step
+from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
@@ -70,30 +69,28 @@ def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.T
     return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values, state.tokens[:, 0]], dim=-1)
 
 
-def run_levels(staged: StagedViT, config: dict, split, decision: int, schedules: list[list[int]],
-               reduction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For every image of ``split``: the observation at ``decision`` ``[n, F]``, per level (its :func:`schedule`
-    in ``schedules``, which agree up to ``decision``) whether the prediction agrees with the unpruned model
-    ``[n, L]`` and with the label ``[n, L]``, and whether the unpruned model's does ``[n]``."""
+def run_levels(staged: StagedViT, states: list[TokenState], unpruned: torch.Tensor, labels: torch.Tensor,
+               decision: int, schedules: list[list[int]], reduction: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For the images of ``states`` (batches at the first pruning point, ``first_stage_states``; ``unpruned``
+    their log-probabilities, ``labels`` theirs): the observation at ``decision`` ``[n, F]``, per level (its
+    :func:`schedule` in ``schedules``, which agree up to ``decision``) whether the prediction agrees with the
+    unpruned model ``[n, L]`` and with the label ``[n, L]``, and whether the unpruned model's does ``[n]``."""
 
     def prune(state: TokenState, kept: list[int], points: range) -> TokenState:
         for point in points:
             state = prune_step(staged, state, SELECT(state, kept[point + 1]), reduction)
         return state
 
-    observed, agree, correct, unpruned_correct = [], [], [], []
-    for start in range(0, len(split.labels), 250):
-        state = initial_state(staged, normalize(split.images[start:start + 250], config))
-        unpruned = staged.forward_from(state.tokens, 1).argmax(1)
-        labels = split.labels[start:start + 250]
+    observed, predictions = [], []
+    for state in states:
         state = prune(state, schedules[0], range(decision))
         observed.append(observation(staged, state, reduction))
-        predictions = torch.stack([classify(staged, prune(state, kept, range(decision, len(staged.prune_points))),
-                                            reduction).argmax(1) for kept in schedules], dim=1)
-        agree.append(predictions == unpruned[:, None])
-        correct.append(predictions == labels[:, None])
-        unpruned_correct.append(unpruned == labels)
-    return tuple(torch.cat(parts).numpy() for parts in (observed, agree, correct, unpruned_correct))
+        predictions.append(torch.stack([classify(staged, prune(state, kept, range(decision, len(staged.prune_points))),
+                                                 reduction).argmax(1) for kept in schedules], dim=1))
+    predictions, unpruned = torch.cat(predictions), unpruned.argmax(1)
+    return tuple(t.numpy() for t in (torch.cat(observed), predictions == unpruned[:, None],
+                                     predictions == labels[:, None], unpruned == labels))
 
 
 def allocation(scores: np.ndarray, cheap: int, dear: int, costs: np.ndarray, budget: float) -> np.ndarray:
@@ -147,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = sorted({*args.levels, problem.target_ratio})
     exact = levels.index(problem.target_ratio)
     spec, points = ViTSpec.from_model(staged.vit), len(staged.prune_points)
-    splits = {split: load_split(problem.dataset, split, args.data_dir, input_size=config["input_size"],
-                                val_size=problem.val_size, seed=problem.split_seed, limit=limit)
+    splits = {split: first_stage_states(staged, config, problem, args.data_dir, split, limit, batch_size=250)
               for split, limit in (("train", args.train_images), ("val", args.val_images))}
 
     for decision in range(points):
@@ -156,10 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         costs = np.array([image_gflops(spec, staged.prune_points, kept, problem.reduction, "similarity").total
                           for kept in schedules])
         with torch.no_grad():
-            train_x, train_agree, _, _ = run_levels(staged, config, splits["train"], decision, schedules,
-                                                    problem.reduction)
-            val_x, val_agree, val_correct, unpruned_correct = run_levels(staged, config, splits["val"], decision,
-                                                                         schedules, problem.reduction)
+            train_x, train_agree, _, _ = run_levels(staged, *splits["train"], decision, schedules, problem.reduction)
+            val_x, val_agree, val_correct, unpruned_correct = run_levels(staged, *splits["val"], decision, schedules,
+                                                                         problem.reduction)
         models = {level: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
                   for level in range(len(levels)) if 0 < train_agree[:, level].mean() < 1}
         for level, model in models.items():

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, cosine_similarity, observe
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = torch.arange(min(args.monitor_images, len(train_unpruned)))
         with torch.no_grad():
             logits = torch.cat([exact_forward_from(staged, train.rows(chunk), scorer_selector(staged, scorer,
-                                problem.target_ratio), problem.target_ratio, "merge")[0] for chunk in rows.split(256)])
+                                problem.target_ratio), problem.target_ratio, problem.reduction)[0]
+                                for chunk in rows.split(256)])
         return kl_from_unpruned(train_unpruned[rows], logits).mean().item()
 
     print(f"[train] {len(train_unpruned)} images x {args.samples} draws; most likely sets' KL(unpruned || pruned) "
@@ -196,20 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = {"greedy similarity": heuristic_selector("similarity"),
             "Distinctive NMS": heuristic_selector("distinct"),
             "content scorer (trained on train)": scorer_selector(staged, scorer, problem.target_ratio)}
-    kept_sets: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
-
-    def recording(name: str, select: Selector) -> Selector:
-        """``select``, appending the original positions of the tokens it keeps, in order, to ``kept_sets``."""
-        def record(state: TokenState, k: int) -> torch.Tensor:
-            keep = select(state, k)
-            kept_sets[name].append(state.positions.masked_fill(~keep, -1).sort(dim=1).values)
-            return keep
-        return record
-
+    recorders, kept_sets = {}, {}
+    for name, select in rows.items():
+        recorders[name], kept_sets[name] = kept_positions(select)
     with torch.no_grad():
-        logits = {name: torch.cat([exact_forward_from(staged, state, recording(name, select), problem.target_ratio,
+        logits = {name: torch.cat([exact_forward_from(staged, state, select, problem.target_ratio,
                                                       problem.reduction)[0] for state in val_states])
-                  for name, select in rows.items()}
+                  for name, select in recorders.items()}
     greedy = next(iter(rows))
     correct = {name: (value.argmax(1) == labels).numpy().astype(float) for name, value in logits.items()}
     print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}; unpruned "
@@ -220,11 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         difference, low, high = paired_difference(correct[name], correct[greedy])
         kl = kl_from_unpruned(val_unpruned, value).mean().item()
         agree = 100 * (value.argmax(1) == val_unpruned.argmax(1)).double().mean().item()
-        per_point = [(mine != theirs).any(dim=1) for mine, theirs in zip(kept_sets[name], kept_sets[greedy],
-                                                                          strict=True)]
-        points = len(staged.prune_points)  # kept sets come batch by batch, one per pruning point
-        differs = torch.cat([torch.stack(per_point[b:b + points]).any(dim=0)
-                             for b in range(0, len(per_point), points)])
+        differs = torch.stack([(torch.cat(kept_sets[name][point]) != torch.cat(kept_sets[greedy][point])).any(dim=1)
+                               for point in range(len(staged.prune_points))]).any(dim=0)  # at some pruning point
         print(f"{name:<36} {100 * correct[name].mean():6.2f} {agree:8.2f} {kl:7.4f} "
               f"{100 * differs.double().mean():10.2f} {difference:+10.2f} [{low:+6.2f}, {high:+6.2f}]")
 

@@ -11,6 +11,7 @@ the head (their original patch positions) differ from greedy similarity's and fr
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,14 +26,14 @@ from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
 
 
-def surviving_positions(select: Selector, last_point: int) -> tuple[Selector, list[torch.Tensor]]:
-    """``select``, recording the original patch positions each image keeps at the last pruning point."""
-    kept: list[torch.Tensor] = []
+def kept_positions(select: Selector) -> tuple[Selector, dict[int, list[torch.Tensor]]]:
+    """``select``, recording at each pruning point (by its index) the original patch positions each image keeps,
+    sorted, ``-1`` for the tokens it does not: one ``[B, W]`` tensor per call."""
+    kept: dict[int, list[torch.Tensor]] = defaultdict(list)
 
     def recording(state: TokenState, k: int) -> torch.Tensor:
         keep = select(state, k)
-        if state.stage == last_point:
-            kept.append(state.positions.masked_fill(~keep, -1).sort(dim=1).values)
+        kept[state.stage].append(state.positions.masked_fill(~keep, -1).sort(dim=1).values)
         return keep
     return recording, kept
 
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             f"imitated heuristic ({problem.warm_start})": heuristic_selector(problem.warm_start)}
     last_point = len(staged.prune_points) - 1
     predictions: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
-    positions: dict[str, list[torch.Tensor]] = {}
+    positions: dict[str, dict[int, list[torch.Tensor]]] = {}
     recorders = {}
     for name, select in rows.items():
-        recorders[name], positions[name] = surviving_positions(select, last_point)
+        recorders[name], positions[name] = kept_positions(select)
     unpruned = []
     with torch.no_grad():
         for start in range(0, len(split.labels), args.batch_size):
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 predictions[name].append(logits.argmax(1))
     labels, unpruned = split.labels.numpy(), torch.cat(unpruned).numpy()
     correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}
-    kept = {name: torch.cat(p) for name, p in positions.items()}
+    kept = {name: torch.cat(p[last_point]) for name, p in positions.items()}  # the tokens that reach the head
     greedy, imitated = list(rows)[2], list(rows)[3]
     print(f"{checkpoint}: {len(labels)} validation images, r = {problem.target_ratio}")
     print(f"{'selection':<46} {'acc %':>6} {'agree %':>8} {'vs greedy':>10} {'95% CI':>16} "
