@@ -11,7 +11,8 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
 - ``Random``, ``Greedy attention`` (top-k class attention, EViT), ``Greedy similarity``, ``Attention NMS``,
   ``Distinctive NMS`` (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the
   checkpoints.
-- ``ToMe`` (``envs.vit.tome``): merging in every block, at greedy similarity's GFLOPs.
+- ``ToMe`` (``envs.vit.tome``): merging in every block, at the GFLOPs of the dearest other row at its budget
+  (the agents' where a policy is evaluated; ``match_tome_cost``).
 - ``MARL exact``: both agents, each choosing its most likely set in turn: the attention agent the tokens it
   keeps, the similarity agent those it removes among the others (``policies.decisions.policy_selector``).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget. A
@@ -29,7 +30,7 @@ import argparse
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
     ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
-    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``).
+    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``). ``tome_gflops``: the
+    cost ToMe matches (``PrunedViT``'s default when None: greedy similarity's at ``budget``).
     """
 
     name: str
@@ -84,13 +86,14 @@ class Method:
     budget: float | None = None
     modules: Modules = field(default_factory=dict)
     protected_share: float = DEFAULT_PROTECTED_SHARE
+    tome_gflops: float | None = None
 
     def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
               seed: int = 0) -> PrunedViT:
         """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
         selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
         return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed,
-                         protected_share=self.protected_share)
+                         protected_share=self.protected_share, tome_gflops=self.tome_gflops)
 
 
 def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, PruningProblem]]) -> list[Method]:
@@ -108,6 +111,20 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
             methods.append(Method(MARL_EXACT, "policy", budget, modules, problem.protected_share))
         methods += [Method(MARL_ONLY[name], "policy", budget, {name: modules[name]}) for name in modules]
     return methods
+
+
+def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],
+                    reduction: str) -> list[Method]:
+    """``methods`` with each ToMe row set to the cost of the dearest other row at its budget (the agents', whose
+    networks add to their features, where a policy is evaluated), so ToMe is compared at the cost of the rows
+    it is compared with, as closely as whole merges per block allow."""
+
+    def dearest(budget: float) -> float:
+        return max(method.model(staged, backbone_config, reduction).gflops().total for method in methods
+                   if method.budget == budget and method.selector != "tome")
+
+    return [replace(method, tome_gflops=dearest(method.budget)) if method.selector == "tome" else method
+            for method in methods]
 
 
 def predict(models: Mapping[Method, PrunedViT], split: ImageSplit, batch_size: int,
@@ -145,15 +162,18 @@ def cost(model: PrunedViT, kept: torch.Tensor) -> dict[str, float]:
             "keep_ratio": ratios[-1]}
 
 
-def versus_best_heuristic(method: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
-                          labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy of ``method`` minus the best heuristic's at its budget, with a paired bootstrap 95% interval
-    (the same images resampled for both), in points."""
+def versus_heuristics(method: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
+                      labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy of ``method`` minus the best heuristic's at its budget and minus ToMe's, each with a paired
+    bootstrap 95% interval (the same images resampled for both), in points."""
     correct = {m: (outputs[m][0] == labels).numpy().astype(float) for m in methods
                if m is method or (m.budget == method.budget and m.selector in HEURISTIC_ROWS)}
     best = max((m for m in correct if m is not method), key=lambda m: correct[m].mean())
+    tome = next(m for m in correct if m.selector == "tome")
     difference, low, high = paired_difference(correct[method], correct[best])
-    return {"delta_best_heuristic": difference, "delta_ci_low": low, "delta_ci_high": high}
+    to_tome, tome_low, tome_high = paired_difference(correct[method], correct[tome])
+    return {"delta_best_heuristic": difference, "delta_ci_low": low, "delta_ci_high": high,
+            "delta_tome": to_tome, "delta_tome_ci_low": tome_low, "delta_tome_ci_high": tome_high}
 
 
 def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
@@ -174,6 +194,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     ``speed_repeats=None`` skips the timings (their columns stay empty).
     """
     staged = staged.eval()
+    methods = match_tome_cost(methods, staged, backbone_config, reduction)
     baseline = next((method for method in methods if method.selector == "baseline"), Method(BASELINE, "baseline"))
     models = {method: method.model(staged, backbone_config, reduction, seed)
               for method in [baseline, *(method for method in methods if method is not baseline)]}
@@ -185,7 +206,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
              **cost(models[method], outputs[method][1])} for method in methods]
     for row, method in zip(rows, methods, strict=True):
         if method.selector == "policy":
-            row.update(versus_best_heuristic(method, methods, outputs, split.labels))
+            row.update(versus_heuristics(method, methods, outputs, split.labels))
     table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points))))
     table["budget"] = table["budget"].astype(float)
     if speed_repeats is not None:

@@ -37,6 +37,9 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
     "delta_best_heuristic": "learned rows: accuracy minus the best heuristic's at the same budget, points",
     "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
     "delta_ci_high": "upper end of that interval",
+    "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the row's cost or above), points",
+    "delta_tome_ci_low": "lower end of the paired bootstrap 95% interval of delta_tome (same images)",
+    "delta_tome_ci_high": "upper end of that interval",
 }
 
 

@@ -66,12 +66,13 @@ class PrunedViT(nn.Module):
         seed: seed of the ``random`` heuristic, so that a new model repeats its choices.
         protected_share: with both policy modules, the share of each pruning point's kept tokens the attention
             agent chooses (``policies.decisions``; a checkpoint's own comes with :meth:`from_checkpoint`).
+        tome_gflops: the cost ToMe's merges per block match; default: greedy similarity's at ``budget``.
     """
 
     def __init__(self, staged: StagedViT, backbone_config: Mapping[str, Any],
                  selection: str | Mapping[str, TokenPolicyModule] | None = None, budget: float | None = None,
                  reduction: str = "merge", *, seed: int = 0,
-                 protected_share: float = DEFAULT_PROTECTED_SHARE) -> None:
+                 protected_share: float = DEFAULT_PROTECTED_SHARE, tome_gflops: float | None = None) -> None:
         super().__init__()
         is_policy = isinstance(selection, Mapping)
         if is_policy and not (selection and set(selection) <= set(POLICIES)):
@@ -82,6 +83,8 @@ class PrunedViT(nn.Module):
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         if selection is None and budget is not None:
             raise ValueError("the unpruned model takes no budget")
+        if tome_gflops is not None and selection != "tome":
+            raise ValueError("tome_gflops sets ToMe's cost; the other selections' follows from the budget")
         self.staged = staged
         self.backbone_config = dict(backbone_config)
         self.selection = None if selection is None else "policy" if is_policy else selection
@@ -91,7 +94,7 @@ class PrunedViT(nn.Module):
         self.seed = seed
         self.protected_share = protected_share
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
-        self.tome_merges = self._tome_merges() if selection == "tome" else None
+        self.tome_merges = self._tome_merges(tome_gflops) if selection == "tome" else None
         self.eval()  # dropout and stochastic depth off: this is an inference model
 
     @classmethod
@@ -195,12 +198,13 @@ class PrunedViT(nn.Module):
                     for schedule, count in zip(schedules.tolist(), counts.tolist(), strict=True)) / len(kept)
         return ImageGflops(*parts.tolist())
 
-    def _tome_merges(self) -> list[int]:
-        """ToMe's merges per block at the GFLOPs of greedy similarity at this budget, so ToMe is compared at
-        the cost of the other methods."""
+    def _tome_merges(self, target: float | None) -> list[int]:
+        """ToMe's merges per block at the GFLOPs ``target``, by default greedy similarity's at this budget, so
+        ToMe is compared at the cost of the other methods."""
         spec = ViTSpec.from_model(self.staged.vit)
-        schedule = heuristic_schedule(self.staged.num_patches, len(self.staged.prune_points), self.budget)
-        target = image_gflops(spec, self.staged.prune_points, schedule, self.reduction, "similarity").total
+        if target is None:
+            schedule = heuristic_schedule(self.staged.num_patches, len(self.staged.prune_points), self.budget)
+            target = image_gflops(spec, self.staged.prune_points, schedule, self.reduction, "similarity").total
         return tome_schedule(spec, target)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from envs.vit.flops import (
     feature_gflops,
     heuristic_schedule,
     image_gflops,
+    matching_ratio,
     merge_gflops,
     schedule_tokens,
     unpruned_gflops,
@@ -25,6 +26,11 @@ from envs.vit.staged_vit import StagedViT
 from policies.heuristics import heuristic_selector
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+
+
+REFERENCE_SPEC = ViTSpec(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, patch_size=(4, 4), in_chans=3,
+                         num_patches=64, num_prefix_tokens=1, num_classes=10)
+"""The reference backbone's geometry (``test_reference_geometry`` checks it against the timm model)."""
 
 
 def counted_gmacs(fn, batch: int) -> float:
@@ -79,6 +85,7 @@ def test_reference_geometry():
     with torch.device("meta"):  # geometry only: skip the weight init
         vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10)
     spec = ViTSpec.from_model(vit)
+    assert spec == REFERENCE_SPEC
     assert sum(p.numel() for p in vit.parameters()) / 1e6 == pytest.approx(5.36, abs=0.005)
     full = backbone_gflops(spec, [65] * 12)
     assert full == pytest.approx(0.365, rel=0.01)
@@ -124,8 +131,7 @@ def test_image_gflops_adds_its_parts(vit):
 
 
 def test_schedules():
-    spec = ViTSpec(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, patch_size=(4, 4), in_chans=3,
-                   num_patches=64, num_prefix_tokens=1, num_classes=10)
+    spec = REFERENCE_SPEC
     assert heuristic_schedule(64, 3, 0.5) == [64, 32, 16, 8]
     assert heuristic_schedule(64, 3, 0.9) == [64, 6, 1, 1]
     assert schedule_tokens(spec, (3, 6, 9), [64, 32, 16, 8]) == [65] * 3 + [33] * 3 + [17] * 3 + [9] * 3
@@ -133,6 +139,24 @@ def test_schedules():
         schedule_tokens(spec, (3, 6, 9), [64, 32])
     with pytest.raises(ValueError, match="one per block"):
         backbone_gflops(spec, [65] * 11)
+
+
+def test_matching_ratio_is_the_least_removal_within_the_cost():
+    spec = REFERENCE_SPEC
+
+    def cost(points, ratio, scores="similarity", macs=0.0):
+        return image_gflops(spec, points, heuristic_schedule(64, len(points), ratio), "merge", scores, macs).total
+
+    target = cost((3, 6, 9), 0.5)
+    ratio = matching_ratio(spec, (3, 6, 9), target, "merge", "similarity")
+    assert ratio <= 0.5 and heuristic_schedule(64, 3, ratio) == [64, 32, 16, 8]
+    for points in ((2, 5, 8), (1, 3, 5, 7, 9, 11)):
+        ratio = matching_ratio(spec, points, target, "merge", "similarity")
+        assert cost(points, ratio) <= target < cost(points, ratio - 0.001)
+        with_policies = matching_ratio(spec, points, target, "merge", "agents", 25_000)
+        assert with_policies > ratio and cost(points, with_policies, "agents", 25_000) <= target
+    with pytest.raises(ValueError, match="costs at most"):
+        matching_ratio(spec, (3, 6, 9), 0.01, "merge", "similarity")
 
 
 def test_distilled_deit_counts_both_heads():

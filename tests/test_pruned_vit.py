@@ -131,6 +131,8 @@ def test_invalid_combinations_are_refused(tiny_staged):
         PrunedViT(*tiny_staged, None, 0.5)
     with pytest.raises(ValueError, match="unknown selection 'greedy'"):
         PrunedViT(*tiny_staged, "greedy", 0.5)
+    with pytest.raises(ValueError, match="tome_gflops sets ToMe's cost"):
+        PrunedViT(*tiny_staged, "similarity", 0.5, tome_gflops=0.1)
     with pytest.raises(ProblemError, match="budget must be in"):
         PrunedViT(*tiny_staged, "random")
 
@@ -154,6 +156,8 @@ def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_
     assert greedy.gflops() == image_gflops(spec, PRUNE_POINTS, schedule, "merge", "similarity")
     tome = PrunedViT.from_heuristic(tiny_backbone, "tome", TARGET_RATIO, prune_points=PRUNE_POINTS)
     assert tome.gflops() == tome_gflops(spec, tome.tome_merges)
+    at_policy_cost = PrunedViT(*tiny_staged, "tome", TARGET_RATIO, tome_gflops=policy.gflops().total)
+    assert at_policy_cost.tome_merges == tome_schedule(spec, policy.gflops().total) != tome.tome_merges
     assert PrunedViT(*tiny_staged).gflops().total == unpruned_gflops(spec)
 
     kept = torch.tensor([[64, 32, 16, 8], [64, 40, 20, 10], [64, 32, 16, 8]])  # per-image schedules average

@@ -12,7 +12,7 @@ from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import check_policies, load_policies, load_rllib_policies
 from policies.export import load_exported_policies
 
-REFERENCE_POLICY = REFERENCE_BACKBONE.parent / "marl_policy"
+REFERENCE_POLICIES = [REFERENCE_BACKBONE.parent / "marl_policy", REFERENCE_BACKBONE.parent / "marl_policy_six_points"]
 
 
 SAMPLE = 1000  # the full split takes minutes on a CPU; evaluate.py's Baseline row reads all of it
@@ -30,22 +30,20 @@ def test_reference_backbone_agrees_with_its_card_on_a_sample(data_dir):
     assert abs(correct / SAMPLE - card) <= 3 * math.sqrt(card * (1 - card) / SAMPLE)
 
 
-def test_reference_policy_fits_the_reference_backbone():
-    if not REFERENCE_POLICY.exists():
-        pytest.skip("no committed policy yet")
-    modules, info = load_policies(REFERENCE_POLICY)
+@pytest.mark.parametrize("policy", REFERENCE_POLICIES, ids=lambda path: path.name)
+def test_reference_policy_fits_the_reference_backbone(policy):
+    modules, info = load_policies(policy)
     assert info.problem.backbone_path == REFERENCE_BACKBONE and info.problem.reduction == "merge"
     model, _ = load_backbone(REFERENCE_BACKBONE)
-    check_policies(modules, StagedViT(model, info.problem.prune_points).num_patches, REFERENCE_POLICY)
+    check_policies(modules, StagedViT(model, info.problem.prune_points).num_patches, policy)
     assert json.loads((REFERENCE_BACKBONE / "config.json").read_text())["model_name"] == "vit_tiny_patch16_224"
 
 
-def test_reference_policy_export_holds_its_rllib_modules():
+@pytest.mark.parametrize("policy", REFERENCE_POLICIES, ids=lambda path: path.name)
+def test_reference_policy_export_holds_its_rllib_modules(policy):
     """What inference loads is what was trained; after retraining: python -m policies.export reference/marl_policy."""
-    if not REFERENCE_POLICY.exists():
-        pytest.skip("no committed policy yet")
-    exported, info = load_exported_policies(REFERENCE_POLICY)
-    modules, rllib_info = load_rllib_policies(REFERENCE_POLICY)
+    exported, info = load_exported_policies(policy)
+    modules, rllib_info = load_rllib_policies(policy)
     assert info == rllib_info and exported.keys() == modules.keys()
     for name, module in modules.items():
         state = exported[name].state_dict()

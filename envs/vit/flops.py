@@ -166,6 +166,23 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
     return ImageGflops(backbone, feature_gflops(spec, live, scores), sum(live) * policy_macs_per_token / 1e9)
 
 
+def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: float, reduction: str,
+                   scores: str, policy_macs_per_token: float = 0.0) -> float:
+    """The smallest removal ratio (in steps of 0.001) whose exact budget at ``prune_points`` costs at most
+    ``target_gflops`` (:func:`image_gflops`): how to compare schedules with different pruning points at one cost.
+
+    ``matching_ratio(spec, (3, 6, 9), cost_at_0_5, ...)`` is at most 0.5 and keeps the same tokens. Raises
+    ``ValueError`` when even removing all but one token per pruning point costs more.
+    """
+    for step in range(1, 1000):
+        ratio = step / 1000
+        kept = heuristic_schedule(spec.num_patches, len(prune_points), ratio)
+        if image_gflops(spec, prune_points, kept, reduction, scores, policy_macs_per_token).total <= target_gflops:
+            return ratio
+    raise ValueError(f"no removal ratio at pruning points {tuple(prune_points)} costs at most {target_gflops:.4f} "
+                     "GFLOPs")
+
+
 def unpruned_gflops(spec: ViTSpec) -> float:
     """GFLOPs (GMACs) of the unpruned model on one image."""
     return backbone_gflops(spec, [spec.num_prefix_tokens + spec.num_patches] * spec.depth)
