@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from cli import positive_int
 from envs.problem import ProblemError, check_target_ratio
+from envs.results_table import BASELINE
 from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, matching_ratio
 from envs.vit.staged_vit import StagedViT
@@ -81,25 +83,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--selections", nargs="+", default=["similarity", "distinct", "random"],
                         help="heuristics to run at each schedule; greedy similarity always runs (default: %(default)s)",
                         choices=[selection for selection in HEURISTIC_ROWS if selection != "tome"])
-    parser.add_argument("--images", type=int, default=2000, help="validation images (default: %(default)s)")
+    parser.add_argument("--images", type=positive_int, default=2000, help="validation images (default: %(default)s)")
     args = parser.parse_args(argv)
 
     problem = read_checkpoint_info(args.checkpoint).problem
     staged, config, _ = policy_backbone(problem, args.checkpoint)
     spec = ViTSpec.from_model(staged.vit)
     schedules = [staged.prune_points, *(points for points in args.schedules if points != staged.prune_points)]
+    try:
+        stages = {points: StagedViT(staged.vit, points).eval() for points in schedules}
+        methods = schedule_methods(spec, schedules, args.budget, problem.reduction,
+                                   ["similarity", *(s for s in args.selections if s != "similarity")])
+    except ValueError as error:  # pruning points outside the model's blocks, or a cost no ratio reaches
+        parser.error(str(error))
     split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.images)
-    baseline = Method("Baseline (unpruned)", "baseline")
+    baseline = Method(BASELINE, "baseline")
     unpruned = predict({baseline: baseline.model(staged, config, problem.reduction)}, split, 250)[baseline][0]
     print(f"{len(split)} validation images; the unpruned model: "
           f"{quality(unpruned, split.labels, unpruned)['accuracy']:.2f}%; the cost: greedy similarity removing "
           f"{args.budget} at pruning points {staged.prune_points}", flush=True)
 
     rows, correct = [], {}
-    selections = ["similarity", *(selection for selection in args.selections if selection != "similarity")]
-    for points, method in schedule_methods(spec, schedules, args.budget, problem.reduction, selections):
-        model = method.model(StagedViT(staged.vit, points).eval(), config, problem.reduction)
+    for points, method in methods:
+        model = method.model(stages[points], config, problem.reduction)
         predictions, kept = predict({method: model}, split, 250)[method]
         correct[points, method.name] = (predictions == split.labels).numpy().astype(float)
         measured = quality(predictions, split.labels, unpruned)
