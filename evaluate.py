@@ -119,12 +119,10 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     networks add to their features, where a policy is evaluated), so ToMe is compared at the cost of the rows
     it is compared with, as closely as whole merges per block allow."""
 
-    def dearest(budget: float) -> float:
-        return max(method.model(staged, backbone_config, reduction).gflops().total for method in methods
-                   if method.budget == budget and method.selector != "tome")
-
-    return [replace(method, tome_gflops=dearest(method.budget)) if method.selector == "tome" else method
-            for method in methods]
+    costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
+             if method.selector not in ("tome", "baseline")]
+    return [replace(method, tome_gflops=max(gflops for budget, gflops in costs if budget == method.budget))
+            if method.selector == "tome" else method for method in methods]
 
 
 def predict(models: Mapping[Method, PrunedViT], split: ImageSplit, batch_size: int,

@@ -31,7 +31,7 @@ from cli import positive_int
 from envs.problem import ProblemError, check_target_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
-from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, matching_ratio
+from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, Method, cost, paired_difference, predict, quality
 from policies.checkpoints import read_checkpoint_info
@@ -61,8 +61,7 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
     """Per schedule, one row per selection at the ratio matching greedy similarity's cost at ``budget`` on the
     first schedule (the reference, which keeps ``budget`` itself), and ToMe at that cost on the reference."""
     reference = schedules[0]
-    target = image_gflops(spec, reference, heuristic_schedule(spec.num_patches, len(reference), budget), reduction,
-                          "similarity").total
+    target = exact_budget_gflops(spec, reference, budget, reduction, "similarity").total
     rows = []
     for points in schedules:
         ratio = budget if points == reference else matching_ratio(spec, points, target, reduction, "similarity")
@@ -99,15 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.images)
     baseline = Method(BASELINE, "baseline")
-    unpruned = predict({baseline: baseline.model(staged, config, problem.reduction)}, split, 250)[baseline][0]
+    models = {baseline: baseline.model(staged, config, problem.reduction),
+              **{method: method.model(stages[points], config, problem.reduction) for points, method in methods}}
+    outputs = predict(models, split, 250)  # every batch read once for all rows
+    unpruned = outputs[baseline][0]
     print(f"{len(split)} validation images; the unpruned model: "
           f"{quality(unpruned, split.labels, unpruned)['accuracy']:.2f}%; the cost: greedy similarity removing "
-          f"{args.budget} at pruning points {staged.prune_points}", flush=True)
+          f"{args.budget} at pruning points {staged.prune_points}")
 
     rows, correct = [], {}
     for points, method in methods:
-        model = method.model(stages[points], config, problem.reduction)
-        predictions, kept = predict({method: model}, split, 250)[method]
+        model, (predictions, kept) = models[method], outputs[method]
         correct[points, method.name] = (predictions == split.labels).numpy().astype(float)
         measured = quality(predictions, split.labels, unpruned)
         rows.append({"pruning points": ",".join(map(str, points)), "method": method.name,

@@ -23,7 +23,15 @@ from torch import nn
 
 from envs.problem import POLICIES, PruningProblem, check_target_ratio
 from envs.vit.backbone_checkpoint import load_backbone, normalize
-from envs.vit.flops import ImageGflops, ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
+from envs.vit.flops import (
+    ImageGflops,
+    ViTSpec,
+    exact_budget_gflops,
+    heuristic_schedule,
+    image_gflops,
+    tome_gflops,
+    unpruned_gflops,
+)
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import REDUCTIONS
@@ -201,10 +209,9 @@ class PrunedViT(nn.Module):
     def _tome_merges(self, target: float | None) -> list[int]:
         """ToMe's merges per block at the GFLOPs ``target``, by default greedy similarity's at this budget, so
         ToMe is compared at the cost of the other methods."""
-        spec = ViTSpec.from_model(self.staged.vit)
+        spec, points = ViTSpec.from_model(self.staged.vit), self.staged.prune_points
         if target is None:
-            schedule = heuristic_schedule(self.staged.num_patches, len(self.staged.prune_points), self.budget)
-            target = image_gflops(spec, self.staged.prune_points, schedule, self.reduction, "similarity").total
+            target = exact_budget_gflops(spec, points, self.budget, self.reduction, "similarity").total
         return tome_schedule(spec, target)
 
     def extra_repr(self) -> str:

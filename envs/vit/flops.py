@@ -166,6 +166,14 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
     return ImageGflops(backbone, feature_gflops(spec, live, scores), sum(live) * policy_macs_per_token / 1e9)
 
 
+def exact_budget_gflops(spec: ViTSpec, prune_points: Sequence[int], ratio: float, reduction: str, scores: str,
+                        policy_macs_per_token: float = 0.0) -> ImageGflops:
+    """:func:`image_gflops` of an exact budget: ``ratio`` of the live patch tokens removed at each of
+    ``prune_points`` (:func:`heuristic_schedule`)."""
+    kept = heuristic_schedule(spec.num_patches, len(prune_points), ratio)
+    return image_gflops(spec, prune_points, kept, reduction, scores, policy_macs_per_token)
+
+
 def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: float, reduction: str,
                    scores: str, policy_macs_per_token: float = 0.0) -> float:
     """The smallest removal ratio (in steps of 0.001) whose exact budget at ``prune_points`` costs at most
@@ -176,8 +184,8 @@ def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: fl
     """
     for step in range(1, 1000):
         ratio = step / 1000
-        kept = heuristic_schedule(spec.num_patches, len(prune_points), ratio)
-        if image_gflops(spec, prune_points, kept, reduction, scores, policy_macs_per_token).total <= target_gflops:
+        cost = exact_budget_gflops(spec, prune_points, ratio, reduction, scores, policy_macs_per_token)
+        if cost.total <= target_gflops:
             return ratio
     raise ValueError(f"no removal ratio at pruning points {tuple(prune_points)} costs at most {target_gflops:.4f} "
                      "GFLOPs")
