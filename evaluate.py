@@ -41,8 +41,17 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from cli import OneLineParser, UsageError, add_data_access_arguments, data_access, positive_int, versions_line
-from envs.problem import ProblemError, PruningProblem, check_target_ratio
+from cli import (
+    OneLineParser,
+    UsageError,
+    add_data_access_arguments,
+    data_access,
+    positive_int,
+    removal_ratio,
+    removal_ratios,
+    versions_line,
+)
+from envs.problem import ProblemError, PruningProblem
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
@@ -252,19 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ratio(text: str) -> float:
-    try:
-        return round(check_target_ratio(float(text), "a target ratio"), 6)
-    except ValueError as error:  # not a number, or outside (0, 1)
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _budgets(text: str) -> list[float]:
     """``0.3,0.5,0.7`` -> sorted distinct ratios."""
-    budgets = sorted({_ratio(part) for part in text.split(",") if part.strip()})
-    if not budgets:
-        raise argparse.ArgumentTypeError("give at least one target ratio, e.g. 0.3,0.5,0.7")
-    return budgets
+    return sorted(set(removal_ratios(text)))
 
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
@@ -272,9 +271,9 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     out: dict[float, Path] = {}
     for part in filter(None, (part.strip() for part in text.split(","))):
         ratio, sep, path = part.partition("=")
-        if not sep or not path.strip() or _ratio(ratio) in out:
+        if not sep or not path.strip() or removal_ratio(ratio) in out:
             raise argparse.ArgumentTypeError(f"expected distinct RATIO=PATH pairs, got {part!r}")
-        out[_ratio(ratio)] = Path(path.strip())
+        out[removal_ratio(ratio)] = Path(path.strip())
     return out
 
 

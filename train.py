@@ -311,8 +311,8 @@ def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: 
     chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
     images = normalize(inputs.images[chosen[:problem.warm_start_images]], inputs.config)
     fitted = warm_start_modules(staged, images, problem.target_ratio, problem.reduction, problem.warm_start,
-                                problem.agents, problem.protected_share, {"hidden": problem.hidden}, directory,
-                                problem.seed)
+                                problem.agents, problem.protected_share, {"hidden": problem.hidden},
+                                problem.warm_start_steps, directory, problem.seed)
     imitated = {"attention": "greedy attention", "similarity": problem.warm_start}
     matches = ", ".join(f"{policy} agent imitates {imitated[policy]} ({agreement:.1%} of its choices match)"
                         for policy, (_, agreement) in fitted.items())

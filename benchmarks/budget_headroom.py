@@ -38,8 +38,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
-from envs.problem import ProblemError, check_target_ratio
+from cli import positive_int, removal_ratios
 from envs.vit.flops import ViTSpec, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
@@ -118,14 +117,6 @@ def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_ag
         train_scores[cheap], cheap, dear, costs, costs[exact])].mean() for cheap, dear in pairs}
     cheap, dear = max(pairs, key=train_agreement.get)
     return cheap, dear, allocation(models[cheap].predict_proba(val_x)[:, 1], cheap, dear, costs, costs[exact])
-
-
-def removal_ratios(text: str) -> tuple[float, ...]:
-    """``--levels``: comma-separated fractions in (0, 1)."""
-    try:
-        return tuple(check_target_ratio(float(part), "a level") for part in text.split(","))
-    except (ValueError, ProblemError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cli import positive_int
-from envs.problem import ProblemError, check_target_ratio
+from cli import positive_int, removal_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
@@ -46,14 +45,6 @@ def prune_points(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
-
-
-def removal_ratio(text: str) -> float:
-    """``--budget``: a fraction in (0, 1)."""
-    try:
-        return check_target_ratio(float(text), "the budget")
-    except (ValueError, ProblemError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget: float, reduction: str,

@@ -123,6 +123,8 @@ class PruningProblem:
                                           ": 'nms' attention NMS, 'distinct' distinctive NMS, 'similarity' greedy "
                                           "similarity; 'none': both start uniform", choices=WARM_STARTS)
     warm_start_images: int = setting(2048, "train images the warm start imitates the heuristic on")
+    warm_start_steps: int = setting(400, "Adam steps (batches of 128 decisions) with which each agent imitates "
+                                         "its heuristic")
     checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
     seed: int = setting(0, "seed of the policies, the image streams and the warm start")
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
@@ -133,7 +135,8 @@ class PruningProblem:
             _check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}, "
                                                    f"got {getattr(self, name)!r}")
         _check(self.train_limit is None or self.train_limit >= 1, f"train_limit must be >= 1, got {self.train_limit}")
-        for name in ("val_size", "val_limit", "images_per_env", "hidden", "warm_start_images", "checkpoint_every"):
+        for name in ("val_size", "val_limit", "images_per_env", "hidden", "warm_start_images", "warm_start_steps",
+                     "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")

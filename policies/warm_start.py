@@ -27,7 +27,6 @@ from policies.heuristics import greedy_attention_keep, redundancy
 from policies.rl_module import policy_module_spec
 
 IMITATION_CONFIDENCE = 0.95  # cloning targets: 0.95 chosen / 0.05 not, so scores stay near +-3
-IMITATION_STEPS = 400
 IMITATION_BATCH = 128
 IMITATION_LR = 3e-3
 
@@ -68,9 +67,10 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float,
 
 
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
-                       heuristic: str, agents: str, protected_share: float, model_config: dict, directory: Path,
-                       seed: int = 0) -> dict[str, tuple[Path, float]]:
-    """Fit each acting agent's module to its heuristic on ``images`` (normalised) and save it in ``directory``.
+                       heuristic: str, agents: str, protected_share: float, model_config: dict, steps: int,
+                       directory: Path, seed: int = 0) -> dict[str, tuple[Path, float]]:
+    """Fit each acting agent's module to its heuristic on ``images`` (normalised) in ``steps`` Adam steps and save
+    it in ``directory``.
 
     Returns, per policy, its path (``RLModule.save_to_path``) and the agreement :func:`clone_module` reports.
     """
@@ -79,7 +79,7 @@ def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: fl
     for policy, (features, live, chosen) in demonstration.items():
         torch.manual_seed(seed)
         module = policy_module_spec(policy, staged.num_patches, model_config).build()
-        agreement = clone_module(module, features, live, chosen, seed=seed)
+        agreement = clone_module(module, features, live, chosen, steps, seed=seed)
         path = Path(directory) / policy
         module.save_to_path(str(path))
         out[policy] = (path, agreement)
@@ -87,7 +87,7 @@ def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: fl
 
 
 def clone_module(module: RLModule, features: torch.Tensor, live: torch.Tensor, chosen: torch.Tensor,
-                 steps: int = IMITATION_STEPS, batch_size: int = IMITATION_BATCH, lr: float = IMITATION_LR,
+                 steps: int, batch_size: int = IMITATION_BATCH, lr: float = IMITATION_LR,
                  seed: int = 0) -> float:
     """Fit the module's token scores to ``chosen`` (binary cross-entropy on live tokens, Adam): the chosen
     tokens score high, so the module's most likely set of that size is the heuristic's. The targets are

@@ -67,8 +67,8 @@ def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_di
     command = [sys.executable, str(REPO / "train.py"), "--address", address, "--num-workers", "2", "--servers", "2",
                "--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--train-limit", "64",
                "--val-limit", "8", "--prune-points", "1,2,3", "--images-per-env", "4", "--iterations", "1",
-               "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
-               "--output-dir", str(out)]
+               "--warm-start-steps", "20", "--train-batch-size-per-learner", "32", "--minibatch-size", "32",
+               "--num-epochs", "1", "--output-dir", str(out)]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 env runner(s) over 2 ViT server(s)" in done.stdout

@@ -9,6 +9,7 @@ import torch
 
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
+from envs.vit import data
 from envs.vit.data import DataError, StreamedImages, load_split, split_indices
 from envs.vit.staged_vit import StagedViT
 
@@ -35,6 +36,20 @@ def test_train_val_limit_is_a_mixed_subset(data_dir):
     assert len(set(val.labels.tolist())) == 10  # a seeded subset, not the first (class-sorted) images
     again = load_split("cifar10", "val", data_dir, limit=200)
     assert (again.images == val.images).all()
+
+
+def test_one_file_is_indexed_once_per_process(image_folder_224, monkeypatch):
+    """train and val cut one file, which is opened (for a tar: every member header read) once; a streamed
+    split opens a reader of its own, as its reader thread must not share one."""
+    opened = []
+    open_raw_split = data._open_raw_split
+    monkeypatch.setattr(data, "_open_raw_split", lambda *args: opened.append(args) or open_raw_split(*args))
+    data._shared_raw_split.cache_clear()
+    train = load_split("folder", "train", image_folder_224, input_size=224, val_size=6)
+    val = load_split("folder", "val", image_folder_224, input_size=224, val_size=6)
+    assert len(opened) == 1 and (len(train), len(val)) == (18, 6)
+    streamed = load_split("folder", "val", image_folder_224, input_size=224, val_size=6, memory_budget_mb=0.01)
+    assert torch.equal(streamed.images[[0, 5]], val.images[[0, 5]]) and len(opened) == 2
 
 
 def test_folder_dataset_reads_an_imagefolder_tar(data_dir, tmp_path):

@@ -266,7 +266,7 @@ def truncated(path: Path) -> Path:
     ("other_backbone", "was it trained on another backbone"),
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
-    ("bad_budget", "argument --budgets: a target ratio must be in (0, 1), got 1.5"),
+    ("bad_budget", "argument --budgets: a removal ratio must be in (0, 1), got 1.5"),
     ("missing_data", "does not exist"),
     ("existing_results", "pass --overwrite"),
     ("unknown_reduction", "reduction must be one of merge, drop"),

@@ -1,6 +1,7 @@
 """Faults injected for real into running training jobs: dead env runners, a dead ViT server, a dead trial process
 (Tune restarts the trial), then SIGKILL of the whole job (then --resume)."""
 
+import contextlib
 import csv
 import os
 import signal
@@ -22,7 +23,8 @@ def start_training(tmp_path, tiny_backbone, data_dir, *extra) -> subprocess.Pope
     command = [sys.executable, str(REPO / "train.py"), "--backbone", str(tiny_backbone), "--data-dir", str(data_dir),
                "--train-limit", "128", "--val-limit", "16", "--prune-points", "1,2,3", "--images-per-env", "4",
                "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
-               "--warm-start-images", "32", "--num-cpus", "4", "--output-dir", str(tmp_path / "run"), *extra]
+               "--warm-start-images", "32", "--warm-start-steps", "20", "--num-cpus", "4",
+               "--output-dir", str(tmp_path / "run"), *extra]
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
     log = (tmp_path / "train.log").open("w")  # a file, not a pipe: a long console never blocks the job
     return subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -60,10 +62,12 @@ def ray_processes(title: str, session: int) -> set[int]:
 
 
 def kill_ray_processes(title: str, session: int) -> set[int]:
-    """SIGKILL those processes; returns their PIDs."""
+    """SIGKILL those processes; returns their PIDs. One that exits between the listing and its kill is dead
+    already, which is all the kill is for."""
     pids = ray_processes(title, session)
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return pids
 
 

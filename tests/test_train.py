@@ -16,8 +16,8 @@ def run(tmp_path, tiny_backbone, data_dir, *extra):
     return train.main(["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--train-limit", "128",
                        "--val-limit", "16", "--prune-points", "1,2,3", "--images-per-env", "4",
                        "--train-batch-size-per-learner", "32", "--minibatch-size", "32", "--num-epochs", "1",
-                       "--warm-start-images", "32", "--num-cpus", "2", "--output-dir", "run",  # relative, as in
-                       *extra])                                                                 # the quick start
+                       "--warm-start-images", "32", "--warm-start-steps", "20", "--num-cpus", "2",
+                       "--output-dir", "run", *extra])  # a relative output directory, as in the quick start
 
 
 def weights(checkpoint, policy):
@@ -96,7 +96,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
     for flags in (["--target-ratio", "1.5"], ["--num-workers", "-1"], ["--prune-points", "a,b"],
                   ["--resume"], ["--reduction", "prune"], ["--iterations", "many"], ["--target-ratio", "0.3,x"],
-                  ["--resume", "--from-checkpoint", "x"]):
+                  ["--resume", "--from-checkpoint", "x"], ["--warm-start-steps", "0"]):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1

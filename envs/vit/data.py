@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,6 +171,19 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
                         f"{_where_to_put_it(dataset, data_dir)}") from None
 
 
+_SHARED_RAW_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_raw_split(dataset: str, data_dir: Path, split: str, download: bool, cwd: Path):
+    """:func:`_open_raw_split`, opened once per process: indexing a tar reads every member's header (about 5 s
+    for CIFAR-10's train.tar on a 2-core CPU), and ``train`` and ``val`` are two cuts of the same file. ``cwd``
+    is only part of the key (a relative ``data_dir`` names another directory after a chdir). Readers are not
+    safe to share across threads, so :func:`load_split` reads it under ``_SHARED_RAW_LOCK``, and
+    :class:`StreamedImages` opens a reader of its own."""
+    return _open_raw_split(dataset, data_dir, split, download)
+
+
 def _class_names(raw) -> tuple[str, ...]:
     if hasattr(raw, "classes"):  # torchvision
         return tuple(raw.classes)
@@ -236,16 +250,18 @@ def load_split(
     root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if not root.exists() and not (download and dataset != "folder"):
         raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
-    open_raw = functools.partial(_open_raw_split, dataset, root, "test" if split == "test" else "train")
-    raw = open_raw(download)
-    labels = _labels(raw)
-    if split == "test":
-        indices = np.arange(len(labels))
-    else:
-        indices = split_indices(len(labels), split, val_size, seed)
-    if limit is not None and limit < len(indices):
-        indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
-    decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
-    images = (_decode(raw, indices, input_size) if decoded_mb <= (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
-              else StreamedImages(functools.partial(open_raw, False), indices, input_size))
-    return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
+    raw_split = "test" if split == "test" else "train"
+    with _SHARED_RAW_LOCK:
+        raw = _shared_raw_split(dataset, root, raw_split, download, Path.cwd())
+        labels = _labels(raw)
+        if split == "test":
+            indices = np.arange(len(labels))
+        else:
+            indices = split_indices(len(labels), split, val_size, seed)
+        if limit is not None and limit < len(indices):
+            indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
+        decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
+        images = (_decode(raw, indices, input_size) if decoded_mb <= (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
+                  else StreamedImages(functools.partial(_open_raw_split, dataset, root, raw_split, False), indices,
+                                      input_size))
+        return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
