@@ -1,13 +1,16 @@
 """Per-image budgets: how much room they leave, and whether what a policy sees at a pruning point finds it.
 
     python -m benchmarks.budget_headroom --data-dir ../shared/data      # about 9 minutes on a 2-core CPU
+    python -m benchmarks.budget_headroom --data-dir ../shared/data --prune-points 1,3,5,7,9,11 \
+        --levels 0.1,0.2,0.3,0.4,0.5                                   # six points at r = 0.5's cost
 
 The learning issue's target 2 asks for a mode whose *mean* GFLOPs per image equal the exact budget's and whose
 accuracy is 1.2 points above greedy similarity's. This measures whether a budget chosen per image can get there
-before one is learned. For each decision point (a pruning point), every image runs the pruning points before it
-at the checkpoint's exact budget; from it on, the image takes one of ``--levels`` removal ratios. Greedy
-similarity chooses the tokens throughout, so only how many tokens each image keeps changes. On validation images
-(never the test split) it reports:
+before one is learned. The exact budget is the checkpoint's (``--budget`` replaces its ratio); at other
+``--prune-points`` it is the ratio of the same greedy-similarity GFLOPs. For each decision point (a pruning
+point), every image runs the pruning points before it at the exact budget; from it on, the image takes one of
+``--levels`` removal ratios. Greedy similarity chooses the tokens throughout, so only how many tokens each
+image keeps changes. On validation images (never the test split) it reports:
 
 - per level: GFLOPs, accuracy and agreement with the unpruned model, and the AUC with which a logistic
   regression predicts "this level keeps the unpruned answer" from what a policy could observe at the decision
@@ -37,8 +40,10 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
-from cli import positive_int, removal_ratios
+from cli import positive_int, removal_ratio, removal_ratios
+from envs.problem import block_indices
 from envs.vit.flops import ViTSpec, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
@@ -126,20 +131,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="its backbone, target ratio and reduction (default: %(default)s)")
     parser.add_argument("--levels", type=removal_ratios, default="0.1,0.2,0.35,0.5,0.65,0.8",
                         help="removal ratios an image may take from the decision point on (default: %(default)s)")
+    parser.add_argument("--prune-points", type=block_indices, default=None,
+                        help="blocks before which to prune (default: the checkpoint's)")
+    parser.add_argument("--budget", type=removal_ratio, default=None,
+                        help="removal ratio at the checkpoint's pruning points that sets the exact budget's cost; "
+                             "other --prune-points remove the ratio of the same greedy-similarity GFLOPs (default: "
+                             "the checkpoint's target ratio)")
     parser.add_argument("--train-images", type=positive_int, default=4000)
     parser.add_argument("--val-images", type=positive_int, default=2000)
     args = parser.parse_args(argv)
 
     problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
-    levels = sorted({*args.levels, problem.target_ratio})
-    exact = levels.index(problem.target_ratio)
-    spec, points = ViTSpec.from_model(staged.vit), len(staged.prune_points)
+    checkpoint_staged, config, _ = policy_backbone(problem, args.checkpoint)
+    spec, prune_points = ViTSpec.from_model(checkpoint_staged.vit), args.prune_points or problem.prune_points
+    try:
+        staged = StagedViT(checkpoint_staged.vit, prune_points).eval()
+        exact_ratio = matched_ratio(spec, problem.prune_points, prune_points, args.budget or problem.target_ratio,
+                                    problem.reduction)
+    except ValueError as error:  # pruning points outside the model's blocks, or a cost no ratio reaches
+        parser.error(str(error))
+    levels = sorted({*args.levels, exact_ratio})
+    exact = levels.index(exact_ratio)
+    points = len(prune_points)
     splits = {split: first_stage_states(staged, config, problem, args.data_dir, split, limit, batch_size=250)
               for split, limit in (("train", args.train_images), ("val", args.val_images))}
 
     for decision in range(points):
-        schedules = [schedule(staged.num_patches, points, decision, problem.target_ratio, level) for level in levels]
+        schedules = [schedule(staged.num_patches, points, decision, exact_ratio, level) for level in levels]
         costs = np.array([image_gflops(spec, staged.prune_points, kept, problem.reduction, "similarity").total
                           for kept in schedules])
         with torch.no_grad():
@@ -152,13 +170,13 @@ def main(argv: list[str] | None = None) -> None:
             model.fit(train_x, train_agree[:, level])
         block = staged.prune_points[decision]
         print(f"[decision at pruning point {decision + 1}, before block {block}] {len(val_correct)} validation "
-              f"images; the exact budget r = {problem.target_ratio}: {costs[exact]:.4f} GFLOPs; the unpruned model: "
-              f"{100 * unpruned_correct.mean():.2f}%")
+              f"images; the exact budget r = {exact_ratio} at pruning points {prune_points}: {costs[exact]:.4f} "
+              f"GFLOPs; the unpruned model: {100 * unpruned_correct.mean():.2f}%")
         print(f"{'level':>6} {'kept per stage':>16} {'GFLOPs':>7} {'acc %':>6} {'agree %':>8} {'AUC':>6}")
         for level, kept in enumerate(schedules):
             auc = (f"{roc_auc_score(val_agree[:, level], models[level].predict_proba(val_x)[:, 1]):6.3f}"
                    if level in models and 0 < val_agree[:, level].mean() < 1 else f"{'-':>6}")
-            print(f"{levels[level]:6.2f} {','.join(map(str, kept)):>16} {costs[level]:7.4f} "
+            print(f"{levels[level]:6.3f} {','.join(map(str, kept)):>16} {costs[level]:7.4f} "
                   f"{100 * val_correct[:, level].mean():6.2f} {100 * val_agree[:, level].mean():8.2f} {auc}")
 
         rows = np.arange(len(val_correct))

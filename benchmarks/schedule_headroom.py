@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from cli import positive_int, removal_ratio
+from envs.problem import block_indices
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
@@ -39,12 +40,14 @@ from policies.pruned_vit import policy_backbone
 DEFAULT_SCHEDULES = ("2,5,8", "2,4,6,8", "2,4,6,8,10", "1,3,5,7,9,11", "1,2,3,4,5,6,7,8,9,10,11")
 
 
-def prune_points(text: str) -> tuple[int, ...]:
-    """A ``--schedules`` item: comma-separated block indices, e.g. ``1,3,5,7,9,11``."""
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+def matched_ratio(spec: ViTSpec, reference: tuple[int, ...], points: tuple[int, ...], budget: float,
+                  reduction: str) -> float:
+    """The removal ratio at pruning points ``points`` whose greedy-similarity GFLOPs are at most greedy
+    similarity's removing ``budget`` at ``reference``: ``budget`` itself when the points are the reference."""
+    if points == reference:
+        return budget
+    target = exact_budget_gflops(spec, reference, budget, reduction, "similarity").total
+    return matching_ratio(spec, points, target, reduction, "similarity")
 
 
 def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget: float, reduction: str,
@@ -52,10 +55,9 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
     """Per schedule, one row per selection at the ratio matching greedy similarity's cost at ``budget`` on the
     first schedule (the reference, which keeps ``budget`` itself), and ToMe at that cost on the reference."""
     reference = schedules[0]
-    target = exact_budget_gflops(spec, reference, budget, reduction, "similarity").total
     rows = []
     for points in schedules:
-        ratio = budget if points == reference else matching_ratio(spec, points, target, reduction, "similarity")
+        ratio = matched_ratio(spec, reference, points, budget, reduction)
         rows += [(points, Method(HEURISTIC_ROWS[selection], selection, ratio)) for selection in selections]
     return [*rows, (reference, Method(HEURISTIC_ROWS["tome"], "tome", budget))]
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                              "default: %(default)s")
     parser.add_argument("--budget", type=removal_ratio, default=0.7,
                         help="removal ratio at the reference schedule that sets the cost (default: %(default)s)")
-    parser.add_argument("--schedules", type=prune_points, nargs="+", default=list(map(prune_points, DEFAULT_SCHEDULES)),
+    parser.add_argument("--schedules", type=block_indices, nargs="+",
+                        default=list(map(block_indices, DEFAULT_SCHEDULES)),
                         help="pruning points of the other schedules (default: %(default)s)")
     parser.add_argument("--selections", nargs="+", default=["similarity", "distinct", "random"],
                         help="heuristics to run at each schedule; greedy similarity always runs (default: %(default)s)",

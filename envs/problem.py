@@ -243,11 +243,12 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
-def _integers(text: str) -> tuple[int, ...]:
+def block_indices(text: str) -> tuple[int, ...]:
+    """The argparse ``type`` of pruning points: comma-separated block indices, e.g. ``1,3,5,7,9,11``."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
 def _swept(kind: type) -> typing.Callable[[str], tuple]:
@@ -267,7 +268,7 @@ def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
     if annotation is bool:
         return _boolean
     if typing.get_origin(annotation) is tuple:
-        return _integers
+        return block_indices
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     kind = args[0] if args else annotation
     return _swept(kind) if kind in (int, float) else kind

@@ -103,7 +103,7 @@ def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--prune-points", "2,9"], "prune_points"),
     (["--target-ratio", "1.5"], "target_ratio must be in (0, 1), got 1.5"),
-    (["--prune-points", "2,x"], "argument --prune-points: expected comma-separated integers, got '2,x'"),
+    (["--prune-points", "2,x"], "argument --prune-points: expected comma-separated block indices, got '2,x'"),
     (["--reduction", "prune"], "argument --reduction: invalid choice: 'prune'"),
     (["--lr", "0"], "lr must be > 0, got 0.0"),
     (["--data-dir", "EMPTY"], "cifar10 not found"),

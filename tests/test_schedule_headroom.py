@@ -1,10 +1,6 @@
 """benchmarks/schedule_headroom.py's pure parts: the rows it runs, each within the reference's cost."""
 
-import argparse
-
-import pytest
-
-from benchmarks.schedule_headroom import prune_points, schedule_methods
+from benchmarks.schedule_headroom import schedule_methods
 from envs.vit.flops import heuristic_schedule, image_gflops
 from tests.test_flops import REFERENCE_SPEC as SPEC
 
@@ -21,8 +17,3 @@ def test_every_schedule_runs_each_selection_within_greedy_similaritys_cost_at_th
         assert image_gflops(SPEC, points, kept, "merge", "similarity").total <= target
         assert method.budget < 0.7  # more pruning points, each removing less
 
-
-def test_prune_points_parses_block_indices():
-    assert prune_points("1,3,5") == (1, 3, 5)
-    with pytest.raises(argparse.ArgumentTypeError, match="block indices"):
-        prune_points("1;3")
