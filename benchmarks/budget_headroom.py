@@ -65,12 +65,18 @@ def schedule(num_patches: int, num_points: int, decision: int, target_ratio: flo
     return kept
 
 
-def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
-    """``[B, F]``: the logit lens at the state's pruning point (log-probabilities, their entropy and the two
-    largest probabilities) and the class token (the first token)."""
-    log_probs = classify(staged, state, reduction).float().log_softmax(-1)
+def output_features(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, C + 3]``: what the logits ``[B, C]`` of a classifier say of how sure it is: the log-probabilities,
+    their entropy and the two largest probabilities."""
+    log_probs = logits.float().log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1, keepdim=True)
-    return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values, state.tokens[:, 0]], dim=-1)
+    return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values], dim=-1)
+
+
+def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
+    """``[B, F]``: the logit lens at the state's pruning point (the :func:`output_features` of the classifier
+    head there) and the class token (the first token)."""
+    return torch.cat([output_features(classify(staged, state, reduction)), state.tokens[:, 0]], dim=-1)
 
 
 def run_levels(staged: StagedViT, states: list[TokenState], unpruned: torch.Tensor, labels: torch.Tensor,

@@ -16,7 +16,10 @@ greedy similarity removing ``--budget`` there) or on those of ``--schedules``, o
 The pair of passes is chosen on ``--train-images`` train images, by agreement with the unpruned model (no
 labels). The chosen pair, and the best few by that train agreement, are then run on ``--val-images``
 validation images (never the test split) and compared with greedy similarity at the budget on the same images
-(paired bootstrap 95% interval).
+(paired bootstrap 95% interval). The chosen pair also runs with two other rules for which images rerun: one
+learned on the train images from the first forward's output (a logistic regression on its log-probabilities,
+their entropy and its two largest probabilities), and an oracle that knows where a rerun keeps the unpruned
+answer (an upper bound, not a method).
 
 Measured (reference backbone, r = 0.5, 4,000 train and 2,000 validation images, this 2-core CPU): see
 benchmarks/README.md.
@@ -30,7 +33,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from benchmarks.budget_headroom import output_features
 from benchmarks.split_states import first_stage_states
 from cli import positive_int, removal_ratio, removal_ratios
 from envs.problem import PruningProblem, block_indices
@@ -47,28 +54,54 @@ UNPRUNED = "unpruned"
 
 
 class Pass(NamedTuple):
-    """One forward of every image: its predicted class ``[n]``, how sure it is ``[n]`` (the top probability
-    minus the second), and its GFLOPs per image."""
+    """One forward of every image: its log-probabilities ``[n, C]`` and its GFLOPs per image."""
 
-    predictions: torch.Tensor
-    margins: torch.Tensor
+    log_probs: torch.Tensor
     gflops: float
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """``[n]``: the predicted classes."""
+        return self.log_probs.argmax(-1)
+
+    @property
+    def doubt(self) -> torch.Tensor:
+        """``[n]``: how unsure each answer is, the margin rule's score: the second-largest probability minus the
+        largest."""
+        top_two = self.log_probs.exp().topk(2, dim=-1).values
+        return top_two[:, 1] - top_two[:, 0]
 
 
 def as_pass(logits: torch.Tensor, gflops: float) -> Pass:
     """The pass whose logits ``[n, C]`` these are, at ``gflops`` per image."""
-    top_two = logits.float().softmax(-1).topk(2, dim=-1).values
-    return Pass(logits.argmax(-1), top_two[:, 0] - top_two[:, 1], gflops)
+    return Pass(logits.float().log_softmax(-1), gflops)
 
 
-def cascade(first: Pass, second: Pass, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cascade's predictions ``[n]``: ``first``'s, replaced by ``second``'s on the images ``first`` is least
-    sure of, as many as keep the mean GFLOPs (``first`` on every image, ``second`` on those) at most ``budget``;
-    and which images ran ``second`` ``[n]`` (bool)."""
+def cascade(first: Pass, second: Pass, budget: float, doubt: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade's predictions ``[n]``: ``first``'s, replaced by ``second``'s on the images of the highest
+    ``doubt`` ``[n]`` (by default ``first.doubt``, the margin rule), as many as keep the mean GFLOPs (``first`` on
+    every image, ``second`` on those) at most ``budget``; and which images ran ``second`` ``[n]`` (bool)."""
+    doubt = first.doubt if doubt is None else doubt
     share = (budget - first.gflops) / second.gflops
-    rerun = torch.zeros_like(first.margins, dtype=torch.bool)
-    rerun[first.margins.argsort()[:int(np.floor(share * len(first.margins)))]] = True
+    rerun = torch.zeros(len(doubt), dtype=torch.bool)
+    rerun[doubt.argsort(descending=True)[:int(np.floor(share * len(doubt)))]] = True
     return torch.where(rerun, second.predictions, first.predictions), rerun
+
+
+def rerun_gain(first: Pass, second: Pass, unpruned: Pass) -> torch.Tensor:
+    """``[n]``: 1 where the second forward keeps the unpruned answer and the first does not, -1 the reverse, 0
+    where both or neither do."""
+    return (second.predictions == unpruned.predictions).float() - (first.predictions == unpruned.predictions).float()
+
+
+def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass) -> torch.Tensor:
+    """A learned rerun rule: a logistic regression on the first forward's output (``output_features``), fitted on
+    the ``train`` passes (first, second, unpruned) to predict that a rerun gains (:func:`rerun_gain`); its
+    probability on ``first``."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+    model.fit(output_features(train[0].log_probs).numpy(), (rerun_gain(*train) > 0).numpy())
+    return torch.from_numpy(model.predict_proba(output_features(first.log_probs).numpy())[:, 1])
 
 
 def cascade_pairs(passes: dict[str, Pass], budget: float) -> list[tuple[str, str]]:
@@ -139,16 +172,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:>22}: {single.gflops:.4f} GFLOPs, acc "
               f"{100 * (single.predictions == labels).float().mean():.2f}%, agree "
               f"{100 * (single.predictions == val[UNPRUNED].predictions).float().mean():.2f}%")
-    print(f"cascades, best {args.show} of {len(pairs)} by agreement on the train images (the first is the chosen one):")
-    for first, second in sorted(pairs, key=train_agreement.get, reverse=True)[:args.show]:
-        predictions, rerun = cascade(val[first], val[second], budget)
+    ranked = sorted(pairs, key=train_agreement.get, reverse=True)
+
+    def report(name: str, first: str, second: str, doubt: torch.Tensor | None = None) -> None:
+        predictions, rerun = cascade(val[first], val[second], budget, doubt)
         correct = (predictions == labels).numpy().astype(float)
         difference, low, high = paired_difference(correct, exact_correct)
-        print(f"  {first} -> {second} on {100 * rerun.float().mean():.1f}%: train agree "
-              f"{100 * train_agreement[first, second]:.2f}%; val acc {100 * correct.mean():.2f}%, agree "
+        print(f"  {name} on {100 * rerun.float().mean():.1f}%: val acc {100 * correct.mean():.2f}%, agree "
               f"{100 * (predictions == val[UNPRUNED].predictions).float().mean():.2f}%, vs the budget's greedy "
               f"similarity {difference:+.2f} [{low:+.2f}, {high:+.2f}]", flush=True)
 
+    print(f"cascades by the margin rule, best {args.show} of {len(pairs)} by agreement on the train images:")
+    for first, second in ranked[:args.show]:
+        report(f"{first} -> {second} (train agree {100 * train_agreement[first, second]:.2f}%)", first, second)
+    first, second = ranked[0]
+    print(f"the chosen pair, {first} -> {second}, by rerun rule:")
+    report("margin", first, second)
+    report("fitted on train (logistic regression on the first forward's output)", first, second,
+           fitted_doubt((train[first], train[second], train[UNPRUNED]), val[first]))
+    report("oracle (first where the second keeps the unpruned answer and the first does not)", first, second,
+           rerun_gain(val[first], val[second], val[UNPRUNED]))
 
 if __name__ == "__main__":
     main()
