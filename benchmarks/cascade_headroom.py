@@ -104,6 +104,11 @@ def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass) -> torch.Tensor:
     return torch.from_numpy(model.predict_proba(output_features(first.log_probs).numpy())[:, 1])
 
 
+def pass_name(points: tuple[int, ...], ratio: float) -> str:
+    """The name of greedy similarity's pass removing ``ratio`` at pruning points ``points``: ``1,3,5 at 0.35``."""
+    return f"{','.join(map(str, points))} at {ratio:g}"
+
+
 def cascade_pairs(passes: dict[str, Pass], budget: float) -> list[tuple[str, str]]:
     """The (first, second) pairs whose cascade spends the budget: the first pass cheaper than it, the two
     together dearer (so some images run the second)."""
@@ -124,7 +129,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
             logits = torch.cat([exact_forward_from(stages, state, SELECT, ratio, problem.reduction)[0]
                                 for state in states])
             gflops = exact_budget_gflops(spec, points, ratio, problem.reduction, "similarity").total
-            passes[f"{','.join(map(str, points))} at {ratio:g}"] = as_pass(logits, gflops)
+            passes[pass_name(points, ratio)] = as_pass(logits, gflops)
     passes[UNPRUNED] = as_pass(unpruned, unpruned_gflops(spec))
     return passes, labels
 
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     val, labels = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "val", args.val_images)
 
-    reference = f"{','.join(map(str, staged.prune_points))} at {budget_ratio:g}"
+    reference = pass_name(staged.prune_points, budget_ratio)
     pairs = cascade_pairs(train, budget)
     train_agreement = {pair: (cascade(train[pair[0]], train[pair[1]], budget)[0] == train[UNPRUNED].predictions)
                        .float().mean().item() for pair in pairs}
