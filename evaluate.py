@@ -17,6 +17,11 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   keeps, the similarity agent those it removes among the others (``policies.decisions.policy_selector``).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget. A
   checkpoint trained with one agent gives only its row.
+- ``Cascade (greedy similarity)``, with ``--cascade FIRST,SECOND``: a budget per image
+  (``policies.cascade``). Greedy similarity removes FIRST at ``--cascade-points`` on every image, and the
+  least sure images run again removing SECOND, as many as keep the mean GFLOPs at greedy similarity's at the
+  checkpoint's budget. That share is calibrated on the validation split (or ``--calibration-images`` of it),
+  so the row is measured on another split; its GFLOPs are the mean measured there.
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
@@ -51,13 +56,14 @@ from cli import (
     removal_ratios,
     versions_line,
 )
-from envs.problem import ProblemError, PruningProblem
+from envs.problem import ProblemError, PruningProblem, block_indices
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
 from envs.vit.token_merge import REDUCTIONS
+from policies.cascade import CascadeViT
 from policies.checkpoints import (
     Modules,
     PolicyCheckpointError,
@@ -73,6 +79,8 @@ HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similari
                   "nms": "Attention NMS", "distinct": "Distinctive NMS", "tome": "ToMe"}
 MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
+CASCADE = "Cascade (greedy similarity)"
+SIX_POINTS = (1, 3, 5, 7, 9, 11)
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -81,13 +89,25 @@ class EvaluationError(RuntimeError):
     """A bad argument, checkpoint or combination of them; the message is meant for the user as is."""
 
 
+@dataclass(frozen=True)
+class CascadePasses:
+    """A cascade row's two forwards, greedy similarity removing ``ratios[0]`` (every image) then ``ratios[1]``
+    (the least sure) at ``prune_points``, and the doubt above which an image runs twice
+    (``policies.cascade``; set by :func:`calibrate_cascades`)."""
+
+    prune_points: tuple[int, ...]
+    ratios: tuple[float, float]
+    threshold: float = 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
     ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
-    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``). ``tome_gflops``: the
-    cost ToMe matches (``PrunedViT``'s default when None: greedy similarity's at ``budget``).
+    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``) or ``cascade`` (its
+    ``cascade`` passes). ``tome_gflops``: the cost ToMe matches (``PrunedViT``'s default when None: greedy
+    similarity's at ``budget``).
     """
 
     name: str
@@ -96,23 +116,34 @@ class Method:
     modules: Modules = field(default_factory=dict)
     protected_share: float = DEFAULT_PROTECTED_SHARE
     tome_gflops: float | None = None
+    cascade: CascadePasses | None = None
 
     def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
-              seed: int = 0) -> PrunedViT:
+              seed: int = 0) -> PrunedViT | CascadeViT:
         """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
+        if self.cascade is not None:
+            stages = StagedViT(staged.vit, self.cascade.prune_points).eval()
+            first, second = (PrunedViT(stages, backbone_config, "similarity", ratio, reduction)
+                             for ratio in self.cascade.ratios)
+            return CascadeViT(first, second, self.cascade.threshold)
         selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
         return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed,
                          protected_share=self.protected_share, tome_gflops=self.tome_gflops)
 
 
-def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, PruningProblem]]) -> list[Method]:
-    """Rows in table order: the baseline, then per budget the heuristics and the MARL rows there.
+def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, PruningProblem]],
+                 cascade: tuple[float, CascadePasses] | None = None) -> list[Method]:
+    """Rows in table order: the baseline, then per budget the heuristics, the cascade and the MARL rows there.
 
-    ``policies`` maps a budget to the modules and the problem of the checkpoint evaluated at it.
+    ``policies`` maps a budget to the modules and the problem of the checkpoint evaluated at it; ``cascade``
+    is the budget and the passes of a cascade row.
     """
     methods = [Method(BASELINE, "baseline")]
-    for budget in sorted(set(budgets) | set(policies)):
+    cascade_budgets = {cascade[0]} if cascade else set()
+    for budget in sorted(set(budgets) | set(policies) | cascade_budgets):
         methods += [Method(name, selector, budget) for selector, name in HEURISTIC_ROWS.items()]
+        if budget in cascade_budgets:
+            methods.append(Method(CASCADE, "cascade", budget, cascade=cascade[1]))
         if budget not in policies:
             continue
         modules, problem = policies[budget]
@@ -129,12 +160,33 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     it is compared with, as closely as whole merges per block allow."""
 
     costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
-             if method.selector not in ("tome", "baseline")]
+             if method.selector not in ("tome", "baseline", "cascade")]
     return [replace(method, tome_gflops=max(gflops for budget, gflops in costs if budget == method.budget))
             if method.selector == "tome" else method for method in methods]
 
 
-def predict(models: Mapping[Method, PrunedViT], split: ImageSplit, batch_size: int,
+def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],
+                       reduction: str, calibration: ImageSplit | None, batch_size: int) -> list[Method]:
+    """``methods`` with each cascade row's threshold calibrated on the ``calibration`` images (held out from
+    those evaluated) so that its mean GFLOPs per image are greedy similarity's at its budget."""
+    calibrated = []
+    for method in methods:
+        if method.selector == "cascade":
+            if calibration is None:
+                raise EvaluationError("a cascade row needs calibration images")
+            model = method.model(staged, backbone_config, reduction)
+            budget = Method("", "similarity", method.budget).model(staged, backbone_config, reduction).gflops().total
+            batches = (model.normalize(images) for images in calibration.batches(batch_size))
+            try:
+                threshold = model.calibrate(batches, budget)
+            except ValueError as error:  # the first forward alone costs the budget
+                raise EvaluationError(f"cascade {method.cascade.ratios}: {error}") from None
+            method = replace(method, cascade=replace(method.cascade, threshold=threshold))
+        calibrated.append(method)
+    return calibrated
+
+
+def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
             bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
     """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split. Every
     batch of images is read once for all models, so a streamed split is decoded once."""
@@ -160,13 +212,16 @@ def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Te
             "agreement": 100.0 * float((predictions == reference).float().mean())}
 
 
-def cost(model: PrunedViT, kept: torch.Tensor) -> dict[str, float]:
-    """Mean per-image GMACs over each image's own token schedule, and the mean fraction kept per stage."""
+def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
+    """Mean per-image GMACs over each image's own token schedule and, but for a cascade (whose pruning points
+    are its own), the mean fraction kept per stage."""
     parts = model.mean_gflops(kept)
+    gflops = {"gflops": parts.total, "gflops_backbone": parts.backbone, "gflops_features": parts.features,
+              "gflops_policies": parts.policies}
+    if isinstance(model, CascadeViT):
+        return gflops
     ratios = (kept[:, 1:].double() / model.staged.num_patches).mean(dim=0).tolist()
-    return {"gflops": parts.total, "gflops_backbone": parts.backbone, "gflops_features": parts.features,
-            "gflops_policies": parts.policies, **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)},
-            "keep_ratio": ratios[-1]}
+    return {**gflops, **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)}, "keep_ratio": ratios[-1]}
 
 
 def versus_heuristics(method: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
@@ -195,13 +250,16 @@ def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float
 
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
                      methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
-                     speed_repeats: int | None = 5, progress: bool = True) -> pd.DataFrame:
+                     speed_repeats: int | None = 5, progress: bool = True,
+                     calibration: ImageSplit | None = None) -> pd.DataFrame:
     """The results table: one row per method, the columns of ``envs.results_table.COLUMNS``.
 
-    ``speed_repeats=None`` skips the timings (their columns stay empty).
+    ``speed_repeats=None`` skips the timings (their columns stay empty). ``calibration``: the images that
+    cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``.
     """
     staged = staged.eval()
     methods = match_tome_cost(methods, staged, backbone_config, reduction)
+    methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
     baseline = next((method for method in methods if method.selector == "baseline"), Method(BASELINE, "baseline"))
     models = {method: method.model(staged, backbone_config, reduction, seed)
               for method in [baseline, *(method for method in methods if method is not baseline)]}
@@ -212,7 +270,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
              **cost(models[method], outputs[method][1])} for method in methods]
     for row, method in zip(rows, methods, strict=True):
-        if method.selector == "policy":
+        if method.selector in ("policy", "cascade"):
             row.update(versus_heuristics(method, methods, outputs, split.labels))
     table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points))))
     table["budget"] = table["budget"].astype(float)
@@ -251,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what pruned rows do with removed tokens (default: the checkpoint's)")
     parser.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},
                         metavar="RATIO=PATH,...", help="more policy checkpoints, each evaluated at its budget")
+    parser.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",
+                        help="add a cascade row at the checkpoint's budget: greedy similarity removing FIRST, then "
+                             "SECOND on the least sure images (e.g. 0.35,0.1)")
+    parser.add_argument("--cascade-points", type=block_indices, default=SIX_POINTS,
+                        help="the cascade's pruning points (default: 1,3,5,7,9,11)")
+    parser.add_argument("--calibration-images", type=positive_int, default=None,
+                        help="validation images the cascade is calibrated on (default: all of them)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="default: %(default)s")
     parser.add_argument("--speed-repeats", type=positive_int, default=5, help="timed passes (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
@@ -264,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _budgets(text: str) -> list[float]:
     """``0.3,0.5,0.7`` -> sorted distinct ratios."""
     return sorted(set(removal_ratios(text)))
+
+
+def _cascade_ratios(text: str) -> tuple[float, float]:
+    """``0.35,0.1`` -> the removal ratios of a cascade's first and second forwards."""
+    ratios = removal_ratios(text)
+    if len(ratios) != 2:
+        raise argparse.ArgumentTypeError(f"expected two removal ratios, FIRST,SECOND, got {text!r}")
+    return ratios
 
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
@@ -297,19 +370,36 @@ def run(args: argparse.Namespace) -> int:
     for modules, _, path in policies.values():
         check_policies(modules, staged.num_patches, path)
     dataset = args.dataset or problem.dataset
-    split = load_split(dataset, args.split, args.data_dir, input_size=backbone_config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed, limit=args.limit,
-                       **data_access(args))
-    methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()})
+    cascade = None
+    if args.cascade:
+        if args.split == "val":
+            raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
+        try:
+            StagedViT(staged.vit, args.cascade_points)
+        except ValueError as error:
+            raise EvaluationError(f"--cascade-points: {error}") from None
+        cascade = (problem.target_ratio, CascadePasses(args.cascade_points, args.cascade))
+
+    def images(split_name: str, limit: int | None) -> ImageSplit:
+        return load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
+                          val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
+
+    split = images(args.split, args.limit)
+    calibration = images("val", args.calibration_images) if cascade else None
+    methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
-                             seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats)
+                             seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
+                             calibration=calibration)
     settings = {"checkpoints": {f"{b:g}": str(path) for b, (_, _, path) in policies.items()},
                 "iteration": main.iteration, "backbone": str(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
                 "speed_repeats": None if args.no_speed else args.speed_repeats,
+                "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),
+                                                         "ratios": list(args.cascade),
+                                                         "calibration_images": len(calibration)},
                 "torch_threads": torch.get_num_threads(), "versions": versions_line()}
     print(markdown_table(table))
     paths = write_results(table, output_dir, settings)

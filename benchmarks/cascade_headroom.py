@@ -31,7 +31,6 @@ import argparse
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -45,6 +44,7 @@ from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from policies.cascade import doubt, rerun_share
 from policies.checkpoints import read_checkpoint_info
 from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
@@ -66,10 +66,8 @@ class Pass(NamedTuple):
 
     @property
     def doubt(self) -> torch.Tensor:
-        """``[n]``: how unsure each answer is, the margin rule's score: the second-largest probability minus the
-        largest."""
-        top_two = self.log_probs.exp().topk(2, dim=-1).values
-        return top_two[:, 1] - top_two[:, 0]
+        """``[n]``: how unsure each answer is, the margin rule's score (``policies.cascade.doubt``)."""
+        return doubt(self.log_probs)
 
 
 def as_pass(logits: torch.Tensor, gflops: float) -> Pass:
@@ -77,15 +75,15 @@ def as_pass(logits: torch.Tensor, gflops: float) -> Pass:
     return Pass(logits.float().log_softmax(-1), gflops)
 
 
-def cascade(first: Pass, second: Pass, budget: float, doubt: torch.Tensor | None = None
+def cascade(first: Pass, second: Pass, budget: float, scores: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cascade's predictions ``[n]``: ``first``'s, replaced by ``second``'s on the images of the highest
-    ``doubt`` ``[n]`` (by default ``first.doubt``, the margin rule), as many as keep the mean GFLOPs (``first`` on
+    ``scores`` ``[n]`` (by default ``first.doubt``, the margin rule), as many as keep the mean GFLOPs (``first`` on
     every image, ``second`` on those) at most ``budget``; and which images ran ``second`` ``[n]`` (bool)."""
-    doubt = first.doubt if doubt is None else doubt
-    share = (budget - first.gflops) / second.gflops
-    rerun = torch.zeros(len(doubt), dtype=torch.bool)
-    rerun[doubt.argsort(descending=True)[:int(np.floor(share * len(doubt)))]] = True
+    scores = first.doubt if scores is None else scores
+    share = rerun_share(first.gflops, second.gflops, budget)
+    rerun = torch.zeros(len(scores), dtype=torch.bool)
+    rerun[scores.argsort(descending=True)[:int(share * len(scores))]] = True
     return torch.where(rerun, second.predictions, first.predictions), rerun
 
 
@@ -179,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * (single.predictions == val[UNPRUNED].predictions).float().mean():.2f}%")
     ranked = sorted(pairs, key=train_agreement.get, reverse=True)
 
-    def report(name: str, first: str, second: str, doubt: torch.Tensor | None = None) -> None:
-        predictions, rerun = cascade(val[first], val[second], budget, doubt)
+    def report(name: str, first: str, second: str, scores: torch.Tensor | None = None) -> None:
+        predictions, rerun = cascade(val[first], val[second], budget, scores)
         correct = (predictions == labels).numpy().astype(float)
         difference, low, high = paired_difference(correct, exact_correct)
         print(f"  {name} on {100 * rerun.float().mean():.1f}%: val acc {100 * correct.mean():.2f}%, agree "

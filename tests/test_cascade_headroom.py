@@ -1,6 +1,7 @@
 """benchmarks/cascade_headroom.py's pure parts: which images a cascade runs twice, by which rule, and which pairs it
 tries."""
 
+import pytest
 import torch
 
 from benchmarks.cascade_headroom import Pass, as_pass, cascade, cascade_pairs, fitted_doubt, rerun_gain
@@ -19,13 +20,13 @@ def test_a_pass_measures_how_unsure_each_answer_is():
 
 def test_cascade_reruns_the_most_doubtful_images_within_the_mean_budget():
     first, second = constant_pass([0] * 100, gflops=1.0), constant_pass([1] * 100, gflops=4.0)
-    doubt = torch.rand(100, generator=torch.Generator().manual_seed(0))
-    predictions, rerun = cascade(first, second, budget=2.0, doubt=doubt)
+    scores = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    predictions, rerun = cascade(first, second, budget=2.0, scores=scores)
     assert rerun.sum() == 25  # 1 + 25% of 4 = the budget exactly
     assert torch.equal(predictions, rerun.long())
-    assert doubt[rerun].min() > doubt[~rerun].max()
-    predictions, rerun = cascade(first, second, budget=1.0, doubt=doubt)  # no room: the first pass's answers
-    assert not rerun.any() and not predictions.any()
+    assert scores[rerun].min() > scores[~rerun].max()
+    with pytest.raises(ValueError, match="nothing is left for a second"):  # the first pass spends the budget
+        cascade(first, second, budget=1.0, scores=scores)
 
 
 def test_the_default_rule_reruns_the_least_sure_answers():

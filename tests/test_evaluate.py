@@ -29,8 +29,11 @@ from envs.vit.data import load_split
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.vit.pruned_forward import TokenState, initial_state
+from envs.vit.staged_vit import StagedViT
+from policies.cascade import CascadeViT
 from policies.checkpoints import MODULES_DIR, load_policies
 from policies.distribution import ExactCount
+from policies.pruned_vit import PrunedViT
 from tests.tiny_policies import (
     FEATURE_COUNTS,
     HIDDEN,
@@ -271,6 +274,10 @@ def truncated(path: Path) -> Path:
     ("existing_results", "pass --overwrite"),
     ("unknown_reduction", "reduction must be one of merge, drop"),
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
+    ("cascade_of_one_ratio", "argument --cascade: expected two removal ratios, FIRST,SECOND, got '0.6'"),
+    ("cascade_on_validation", "the cascade is calibrated on the validation split: evaluate it on --split test"),
+    ("cascade_points_beyond_depth", "--cascade-points: prune_points must be"),
+    ("cascade_first_forward_too_dear", "cascade (0.1, 0.05): the first forward costs"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
                                                capsys):
@@ -305,6 +312,11 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
     elif case == "extra_checkpoint_other_reduction":
         other = write_checkpoint(tmp_path / "ckpt", tiny_backbone, target_ratio=0.3, reduction="drop")
         extra = ["--checkpoints-per-budget", f"0.3={other}"]
+    elif case.startswith("cascade"):
+        extra = ["--cascade", {"cascade_of_one_ratio": "0.6", "cascade_first_forward_too_dear": "0.1,0.05"}.get(
+                     case, "0.6,0.2"),
+                 "--cascade-points", "1,4" if case == "cascade_points_beyond_depth" else "1,2,3",
+                 "--calibration-images", "32", *(["--split", "val"] if case == "cascade_on_validation" else [])]
     capsys.readouterr()
     assert evaluate.main(cli(path, data, output, "--no-speed", *extra)) == 2
     err = capsys.readouterr().err
@@ -354,6 +366,29 @@ def test_tome_row_costs_what_the_dearest_row_at_its_budget_costs(results, tiny_s
         assert at_budget.loc["ToMe", "gflops_features"] == 0 and at_budget.loc["ToMe", "keep_ratio_s1"] < 1
     at_policy = table[table["budget"] == TARGET_RATIO].set_index("method").drop(index="ToMe")
     assert at_policy["gflops"].idxmax() == "MARL exact"
+
+
+def test_cascade_row_is_the_cascade_calibrated_on_validation_images(tiny_policy, tiny_staged, data_dir, split,
+                                                                   tmp_path):
+    output = tmp_path / "out"
+    assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--no-speed", "--cascade", "0.8,0.3",
+                             "--cascade-points", "1,3", "--calibration-images", "48")) == 0
+    table = pd.read_csv(output / "results.csv").set_index("method")
+    row = table.loc["Cascade (greedy similarity)"]
+    assert row["budget"] == TARGET_RATIO and row[["keep_ratio_s1", "keep_ratio"]].isna().all()
+    assert row["delta_best_heuristic"] == pytest.approx(row["accuracy"] - table.loc[HEURISTIC_ROWS, "accuracy"].max())
+
+    staged, config = tiny_staged
+    stages = StagedViT(staged.vit, (1, 3))
+    cascade = CascadeViT(*(PrunedViT(stages, config, "similarity", ratio) for ratio in (0.8, 0.3)))
+    calibration = load_split("cifar10", "val", data_dir, input_size=32, limit=48)
+    cascade.calibrate([cascade.normalize(calibration.images)], table.loc["Greedy similarity", "gflops"])
+    logits, kept = cascade.forward_with_kept(cascade.normalize(split.images))
+    assert row["accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).float().mean().item())
+    assert row["gflops"] == pytest.approx(cascade.mean_gflops(kept).total)
+    assert 0 < cascade.reran(kept).float().mean() < 1
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    assert settings["cascade"] == {"prune_points": [1, 3], "ratios": [0.8, 0.3], "calibration_images": 48}
 
 
 def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny_staged, split):

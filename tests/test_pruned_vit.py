@@ -238,4 +238,4 @@ def test_readme_python_api_example_runs_as_written(data_dir, monkeypatch, capsys
     monkeypatch.chdir(REPO)
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 3 and printed[2].endswith("[64, 32, 16, 8]")
+    assert len(printed) == 4 and printed[2].endswith("[64, 32, 16, 8]") and printed[3].endswith("of 8 ran twice")
