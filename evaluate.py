@@ -21,7 +21,10 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   (``policies.cascade``). Greedy similarity removes FIRST at ``--cascade-points`` on every image, and the
   least sure images run again removing SECOND, as many as keep the mean GFLOPs at greedy similarity's at the
   checkpoint's budget. That share is calibrated on the validation split (or ``--calibration-images`` of it),
-  so the row is measured on another split; its GFLOPs are the mean measured there.
+  so the row is measured on another split; its GFLOPs are the mean measured there. It counts as a heuristic
+  in the learned rows' ``delta_best_heuristic``.
+- ``MARL cascade``: the same with both agents choosing the tokens of both forwards, when ``--cascade-points``
+  are the checkpoint's pruning points (the agents were trained on those).
 MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
@@ -79,7 +82,7 @@ HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similari
                   "nms": "Attention NMS", "distinct": "Distinctive NMS", "tome": "ToMe"}
 MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
-CASCADE = "Cascade (greedy similarity)"
+CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"}
 SIX_POINTS = (1, 3, 5, 7, 9, 11)
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -91,9 +94,9 @@ class EvaluationError(RuntimeError):
 
 @dataclass(frozen=True)
 class CascadePasses:
-    """A cascade row's two forwards, greedy similarity removing ``ratios[0]`` (every image) then ``ratios[1]``
-    (the least sure) at ``prune_points``, and the doubt above which an image runs twice
-    (``policies.cascade``; set by :func:`calibrate_cascades`)."""
+    """A cascade row's two forwards, removing ``ratios[0]`` (every image) then ``ratios[1]`` (the least sure)
+    at ``prune_points``, and the doubt above which an image runs twice (``policies.cascade``; set by
+    :func:`calibrate_cascades`)."""
 
     prune_points: tuple[int, ...]
     ratios: tuple[float, float]
@@ -104,10 +107,11 @@ class CascadePasses:
 class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
-    ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome`` or ``policy`` (``modules``
+    ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome``, ``policy`` (``modules``
     choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``) or ``cascade`` (its
-    ``cascade`` passes). ``tome_gflops``: the cost ToMe matches (``PrunedViT``'s default when None: greedy
-    similarity's at ``budget``).
+    ``cascade`` passes, the tokens chosen by ``modules`` or, without them, greedy similarity).
+    ``tome_gflops``: the cost ToMe matches (``PrunedViT``'s default when None: greedy similarity's at
+    ``budget``).
     """
 
     name: str
@@ -123,8 +127,8 @@ class Method:
         """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
         if self.cascade is not None:
             stages = StagedViT(staged.vit, self.cascade.prune_points).eval()
-            first, second = (PrunedViT(stages, backbone_config, "similarity", ratio, reduction)
-                             for ratio in self.cascade.ratios)
+            first, second = (PrunedViT(stages, backbone_config, dict(self.modules) or "similarity", ratio, reduction,
+                                       protected_share=self.protected_share) for ratio in self.cascade.ratios)
             return CascadeViT(first, second, self.cascade.threshold)
         selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
         return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed,
@@ -136,19 +140,23 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
     """Rows in table order: the baseline, then per budget the heuristics, the cascade and the MARL rows there.
 
     ``policies`` maps a budget to the modules and the problem of the checkpoint evaluated at it; ``cascade``
-    is the budget and the passes of a cascade row.
+    is the budget and the passes of the cascade rows (greedy similarity's, and the agents' where they were
+    trained on the cascade's pruning points).
     """
     methods = [Method(BASELINE, "baseline")]
-    cascade_budgets = {cascade[0]} if cascade else set()
-    for budget in sorted(set(budgets) | set(policies) | cascade_budgets):
+    cascade_budget, passes = cascade or (None, None)
+    for budget in sorted(set(budgets) | set(policies) | ({cascade_budget} if cascade else set())):
         methods += [Method(name, selector, budget) for selector, name in HEURISTIC_ROWS.items()]
-        if budget in cascade_budgets:
-            methods.append(Method(CASCADE, "cascade", budget, cascade=cascade[1]))
+        if budget == cascade_budget:
+            methods.append(Method(CASCADE["similarity"], "cascade", budget, cascade=passes))
         if budget not in policies:
             continue
         modules, problem = policies[budget]
         if problem.agents == "both":
             methods.append(Method(MARL_EXACT, "policy", budget, modules, problem.protected_share))
+            if budget == cascade_budget and passes.prune_points == problem.prune_points:
+                methods.append(Method(CASCADE["policy"], "cascade", budget, modules, problem.protected_share,
+                                      cascade=passes))
         methods += [Method(MARL_ONLY[name], "policy", budget, {name: modules[name]}) for name in modules]
     return methods
 
@@ -226,16 +234,22 @@ def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
 
 def versus_heuristics(method: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
                       labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy of ``method`` minus the best heuristic's at its budget and minus ToMe's, each with a paired
-    bootstrap 95% interval (the same images resampled for both), in points."""
+    """Accuracy of ``method`` minus the best heuristic's at its budget (greedy similarity's cascade included)
+    and minus ToMe's, each with a paired bootstrap 95% interval (the same images resampled for both), in
+    points."""
     correct = {m: (outputs[m][0] == labels).numpy().astype(float) for m in methods
-               if m is method or (m.budget == method.budget and m.selector in HEURISTIC_ROWS)}
+               if m is method or (m.budget == method.budget and is_heuristic(m))}
     best = max((m for m in correct if m is not method), key=lambda m: correct[m].mean())
     tome = next(m for m in correct if m.selector == "tome")
     difference, low, high = paired_difference(correct[method], correct[best])
     to_tome, tome_low, tome_high = paired_difference(correct[method], correct[tome])
     return {"delta_best_heuristic": difference, "delta_ci_low": low, "delta_ci_high": high,
             "delta_tome": to_tome, "delta_tome_ci_low": tome_low, "delta_tome_ci_high": tome_high}
+
+
+def is_heuristic(method: Method) -> bool:
+    """Whether a row's tokens are chosen by a rule, not by trained agents (the baseline is not pruned)."""
+    return method.selector in HEURISTIC_ROWS or (method.selector == "cascade" and not method.modules)
 
 
 def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:

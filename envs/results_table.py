@@ -34,7 +34,8 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
                        "(features and policies included, input normalisation excluded)",
     "images_per_s_b256": f"images/s, one batch of {SPEED_BATCH}, median of repeats",
     "speedup": "images_per_s_b256 / the Baseline's",
-    "delta_best_heuristic": "learned rows: accuracy minus the best heuristic's at the same budget, points",
+    "delta_best_heuristic": "learned and cascade rows: accuracy minus the best heuristic's at the same budget "
+                            "(ToMe and greedy similarity's cascade included), points",
     "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
     "delta_ci_high": "upper end of that interval",
     "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the row's cost or above), points",

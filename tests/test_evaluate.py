@@ -389,6 +389,32 @@ def test_cascade_row_is_the_cascade_calibrated_on_validation_images(tiny_policy,
     assert 0 < cascade.reran(kept).float().mean() < 1
     settings = json.loads((output / "results.json").read_text())["settings"]
     assert settings["cascade"] == {"prune_points": [1, 3], "ratios": [0.8, 0.3], "calibration_images": 48}
+    assert "MARL cascade" not in table.index  # the agents were trained on other pruning points
+
+
+def test_marl_cascade_row_is_the_agents_in_the_cascade_and_answers_to_greedy_similaritys(tiny_policy, tiny_staged,
+                                                                                          data_dir, split, tmp_path):
+    output = tmp_path / "out"
+    assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--no-speed", "--cascade", "0.8,0.3",
+                             "--cascade-points", ",".join(map(str, PRUNE_POINTS)), "--calibration-images", "48")) == 0
+    table = pd.read_csv(output / "results.csv").set_index("method")
+    assert list(table.index[6:]) == ["ToMe", "Cascade (greedy similarity)", "MARL exact", "MARL cascade",
+                                     "MARL attention only", "MARL similarity only"]
+    heuristics = table.loc[[*HEURISTIC_ROWS, "Cascade (greedy similarity)"], "accuracy"]
+    for learned in ("MARL exact", "MARL cascade"):
+        assert table.loc[learned, "delta_best_heuristic"] == pytest.approx(table.loc[learned, "accuracy"]
+                                                                           - heuristics.max())
+
+    modules, info = load_policies(tiny_policy)
+    cascade = CascadeViT(*(PrunedViT(tiny_staged[0], tiny_staged[1], modules, ratio,
+                                     protected_share=info.problem.protected_share) for ratio in (0.8, 0.3)))
+    calibration = load_split("cifar10", "val", data_dir, input_size=32, limit=48)
+    cascade.calibrate([cascade.normalize(calibration.images)], table.loc["Greedy similarity", "gflops"])
+    logits, kept = cascade.forward_with_kept(cascade.normalize(split.images))
+    assert table.loc["MARL cascade", "accuracy"] == pytest.approx(
+        100 * (logits.argmax(1) == split.labels).float().mean().item())
+    assert table.loc["MARL cascade", "gflops"] == pytest.approx(cascade.mean_gflops(kept).total)
+    assert table.loc["MARL cascade", "gflops_policies"] > 0
 
 
 def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny_staged, split):
