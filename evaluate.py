@@ -63,6 +63,7 @@ from envs.problem import ProblemError, PruningProblem, block_indices
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
+from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
 from envs.vit.token_merge import REDUCTIONS
@@ -183,7 +184,8 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             if calibration is None:
                 raise EvaluationError("a cascade row needs calibration images")
             model = method.model(staged, backbone_config, reduction)
-            budget = Method("", "similarity", method.budget).model(staged, backbone_config, reduction).gflops().total
+            budget = exact_budget_gflops(ViTSpec.from_model(staged.vit), staged.prune_points, method.budget, reduction,
+                                         "similarity").total
             batches = (model.normalize(images) for images in calibration.batches(batch_size))
             try:
                 threshold = model.calibrate(batches, budget)
