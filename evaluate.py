@@ -25,7 +25,8 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   in the learned rows' ``delta_best_heuristic``.
 - ``MARL cascade``: the same with both agents choosing the tokens of both forwards, when ``--cascade-points``
   are the checkpoint's pruning points (the agents were trained on those).
-MARL rows come at the checkpoint's own ``target_ratio``, and at the budgets of ``--checkpoints-per-budget``.
+MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--budgets`` it was trained at
+(``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
 columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json).
@@ -376,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
                                        same_backbone=not args.backbone, same_reduction=not args.reduction)
     _, main, main_path = next(iter(policies.values()))
     problem = main.problem
+    for budget in set(budgets) & {round(ratio, 6) for ratio in problem.train_ratios} - set(policies):
+        policies[budget] = policies[round(problem.target_ratio, 6)]
     output_dir = args.output_dir
     if (output_dir / "results.csv").exists() and not args.overwrite:
         raise EvaluationError(f"{output_dir / 'results.csv'} exists; pass --overwrite to replace it")

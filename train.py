@@ -310,7 +310,7 @@ def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: 
     staged = staged_from_weights(inputs.state, inputs.config, problem.prune_points)
     chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
     images = normalize(inputs.images[chosen[:problem.warm_start_images]], inputs.config)
-    fitted = warm_start_modules(staged, images, problem.target_ratio, problem.reduction, problem.warm_start,
+    fitted = warm_start_modules(staged, images, problem.ratios_trained, problem.reduction, problem.warm_start,
                                 problem.agents, problem.protected_share, {"hidden": problem.hidden},
                                 problem.warm_start_steps, directory, problem.seed)
     imitated = {"attention": "greedy attention", "similarity": problem.warm_start}

@@ -102,6 +102,9 @@ class PruningProblem:
     prune_points: tuple[int, ...] = setting((3, 6, 9), "blocks before which tokens are pruned")
     target_ratio: float = setting(0.5, "fraction of live patch tokens removed at each pruning point "
                                        "(0.5: 64->32->16->8)")
+    train_ratios: tuple[float, ...] = setting((), "removal ratios each training image draws one of, uniformly, so "
+                                                  "that one policy serves them all (it sees 1 - ratio); empty: "
+                                                  "target_ratio alone. Validation stays at target_ratio")
     reduction: str = setting("merge", "what removed tokens become: merged into the most similar kept one "
                                       "(ToMe) or dropped", choices=REDUCTIONS)
     agents: str = setting("both", "which agents act: both, or one alone (ablation)", choices=AGENT_MODES)
@@ -141,6 +144,12 @@ class PruningProblem:
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)
+        for ratio in self.train_ratios:
+            check_target_ratio(ratio, "train_ratios")
+        _check(len(set(self.train_ratios)) == len(self.train_ratios),
+               f"train_ratios must be distinct, got {self.train_ratios!r}")
+        _check(self.warm_start_images >= len(self.ratios_trained),
+               f"warm_start_images must be at least one per training ratio ({len(self.ratios_trained)})")
         _check(0 < self.protected_share <= 1, f"protected_share must be in (0, 1], got {self.protected_share}")
         for name in ("agree_weight", "prob_weight", "logprob_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -149,6 +158,11 @@ class PruningProblem:
                f"got {self.rollouts_per_image}")
         _check(self.reward_baseline != "rollouts" or self.rollouts_per_image >= 2,
                "reward_baseline 'rollouts' needs rollouts_per_image >= 2")
+
+    @property
+    def ratios_trained(self) -> tuple[float, ...]:
+        """The removal ratios the policy is trained at: ``train_ratios``, else ``target_ratio`` alone."""
+        return self.train_ratios or (self.target_ratio,)
 
     @property
     def baseline_heuristic(self) -> str:
@@ -172,8 +186,9 @@ class PruningProblem:
         unknown = sorted(set(data) - known)
         _check(not unknown, f"unknown problem settings: {', '.join(unknown)}")
         values = dict(data)
-        if "prune_points" in values:
-            values["prune_points"] = tuple(values["prune_points"])
+        for name in ("prune_points", "train_ratios"):
+            if name in values:
+                values[name] = tuple(values[name])
         if "ppo" in values:
             ppo_known = {f.name for f in dataclasses.fields(PPOSettings)}
             unknown = sorted(set(values["ppo"]) - ppo_known)
@@ -251,6 +266,14 @@ def block_indices(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
+def removal_ratio_list(text: str) -> tuple[float, ...]:
+    """The argparse ``type`` of a set of removal ratios: comma-separated, e.g. ``0.1,0.2,0.35``."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated removal ratios, got {text!r}") from None
+
+
 def _swept(kind: type) -> typing.Callable[[str], tuple]:
     """The argparse ``type`` of a number setting: one value or several, comma-separated (a sweep)."""
     def parse(text: str) -> tuple:
@@ -263,12 +286,12 @@ def _swept(kind: type) -> typing.Callable[[str], tuple]:
 
 
 def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
-    """The argparse ``type`` of a field annotation: str, bool, ``tuple[int, ...]``, or int / float / ``X | None``,
-    which take a comma-separated sweep of values."""
+    """The argparse ``type`` of a field annotation: str, bool, ``tuple[int, ...]``, ``tuple[float, ...]``, or int /
+    float / ``X | None``, which take a comma-separated sweep of values."""
     if annotation is bool:
         return _boolean
     if typing.get_origin(annotation) is tuple:
-        return block_indices
+        return block_indices if typing.get_args(annotation)[0] is int else removal_ratio_list
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     kind = args[0] if args else annotation
     return _swept(kind) if kind in (int, float) else kind
@@ -304,7 +327,9 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
         backbone = Path(values["problem.backbone"]).expanduser().resolve()
         values["problem.backbone"] = str(backbone.relative_to(REPO_ROOT) if backbone.is_relative_to(REPO_ROOT)
                                          else backbone)
-    swept = {name for name, value in values.items() if isinstance(value, tuple) and name != "problem.prune_points"}
+    lists = {f"problem.{name}" for name, hint in typing.get_type_hints(PruningProblem).items()
+             if typing.get_origin(hint) is tuple}
+    swept = {name for name, value in values.items() if isinstance(value, tuple) and name not in lists}
     grid = itertools.product(*(values[name] if name in swept else (values[name],) for name in values))
     problems = []
     for combination in grid:

@@ -48,9 +48,11 @@ class EngineSpec:
 
 @dataclass
 class _Episode:
-    """One image between calls: its token state (a batch of one, cut to its live tokens) and kept counts."""
+    """One image between calls: its removal ratio, its token state (a batch of one, cut to its live tokens) and
+    kept counts."""
 
     image: int
+    ratio: float
     state: TokenState
     kept: list[int] = field(default_factory=list)
 
@@ -65,6 +67,7 @@ class PruningEngine:
     ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.vit.token_merge``).
     ``baseline``: a heuristic (``policies.heuristics``) whose pruned prediction of each image is reported with
     the agents' (the env's per-image reward baseline), or ``"none"``.
+    ``target_ratio``: the removal ratio of validation and of episodes started without one.
     """
 
     def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor, labels: torch.Tensor,
@@ -81,35 +84,45 @@ class PruningEngine:
         self._full_probs = torch.full((len(labels), backbone_config["num_classes"]), float("nan"))
         self.baseline = baseline
         self._baseline = None if baseline == "none" else heuristic_selector(baseline)
-        self._baseline_probs = torch.full_like(self._full_probs, float("nan"))
+        self._baseline_probs: dict[float, torch.Tensor] = {}  # per removal ratio, NaN rows until computed
         self.forwards = 0  # stage forward passes run, for batching statistics
         self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
     def spec(self) -> EngineSpec:
         return EngineSpec(self.staged.num_patches, len(self.labels), self.baseline)
 
-    def _observations(self, state: TokenState) -> list[dict[str, np.ndarray]]:
-        """Both agents' features and the live mask, zero-padded to ``N`` rows, as one numpy dict per image."""
-        observation = observe(self.staged, state, self.target_ratio)
+    def _observations(self, state: TokenState, ratios: list[float]) -> list[dict[str, np.ndarray]]:
+        """Both agents' features under each image's removal ratio and the live mask, zero-padded to ``N`` rows, as
+        one numpy dict per image."""
+        observation = observe(self.staged, state, torch.tensor(ratios, device=state.live.device))
         self.nonfinite_features += observation.nonfinite
         rows = self.staged.num_patches
         attention, similarity, live = (pad_tokens(t, rows).float().cpu().numpy() for t in
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_probs(self, indices: list[int], state: TokenState) -> None:
+    def _ensure_probs(self, indices: list[int], state: TokenState, ratios: list[set[float]]) -> None:
         """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
-        heuristic's at the exact budget, each computed once per image, both from the images'
-        :func:`initial_state` ``state``."""
+        heuristic's at the exact budget of each removal ratio in ``ratios[i]`` of image ``indices[i]``, each
+        computed once per image (and ratio), from the images' :func:`initial_state` ``state``."""
         self._fill_once(self._full_probs, indices, self._unpruned_logits(state))
-        if self._baseline is not None:
-            self._fill_once(self._baseline_probs, indices, lambda rows: exact_forward_from(
-                self.staged, state.rows(rows), self._baseline, self.target_ratio, self.reduction)[0])
+        if self._baseline is None:
+            return
+        for ratio in sorted(set().union(*ratios)):
+            rows = [row for row, wanted in enumerate(ratios) if ratio in wanted]
+            cache = self._baseline_probs.setdefault(ratio, torch.full_like(self._full_probs, float("nan")))
+            self._fill_once(cache, [indices[row] for row in rows], self._baseline_logits(state.rows(rows), ratio))
 
     def _unpruned_logits(self, state: TokenState) -> Callable[[list[int]], torch.Tensor]:
         """The unpruned model's logits of the given rows of ``state`` (an :func:`initial_state`), which has run
         the first stage already."""
         return lambda rows: self.staged.forward_from(state.tokens[rows], 1)
+
+    def _baseline_logits(self, state: TokenState, ratio: float) -> Callable[[list[int]], torch.Tensor]:
+        """The baseline heuristic's logits at removal ratio ``ratio`` of the given rows of ``state`` (an
+        :func:`initial_state`)."""
+        return lambda rows: exact_forward_from(self.staged, state.rows(rows), self._baseline, ratio,
+                                               self.reduction)[0]
 
     @staticmethod
     def _fill_once(probs: torch.Tensor, indices: list[int], logits_of: Callable[[list[int]], torch.Tensor]) -> None:
@@ -124,23 +137,28 @@ class PruningEngine:
         return normalize(self.images[indices].to(self.device), self.config)
 
     @torch.no_grad()
-    def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = ()) -> list[dict[str, np.ndarray]]:
-        """Start one episode per key on image ``indices[i]``; returns the first observations. An image named
-        more than once (rollouts of one image) runs its first stage once. ``upcoming``: images asked for next,
-        read ahead when the split streams from its files."""
+    def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = (),
+              ratios: list[float] | None = None) -> list[dict[str, np.ndarray]]:
+        """Start one episode per key on image ``indices[i]`` at removal ratio ``ratios[i]`` (default: the
+        engine's ``target_ratio``); returns the first observations. An image named more than once (rollouts of
+        one image) runs its first stage once. ``upcoming``: images asked for next, read ahead when the split
+        streams from its files."""
+        ratios = [self.target_ratio] * len(keys) if ratios is None else [float(r) for r in ratios]
         images, row_of = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         inputs = self._inputs(images.tolist())
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
         state = initial_state(self.staged, inputs)
-        self._ensure_probs(images.tolist(), state)
+        ratios_of_image = [set() for _ in images]
+        for row, ratio in zip(row_of, ratios, strict=True):
+            ratios_of_image[row].add(ratio)
+        self._ensure_probs(images.tolist(), state, ratios_of_image)
         self.forwards += 1
-        for key, image, row in zip(keys, images[row_of], row_of, strict=True):
+        for key, image, row, ratio in zip(keys, images[row_of], row_of, ratios, strict=True):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), state.rows([int(row)]))
+            self.episodes[key] = _Episode(int(image), ratio, state.rows([int(row)]))
         self._evict()
-        observations = self._observations(state)
-        return [observations[row] for row in row_of]
+        return self._observations(state.rows(row_of.tolist()), ratios)
 
     @torch.no_grad()
     def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
@@ -179,7 +197,7 @@ class PruningEngine:
             for key in keys:
                 del self.episodes[key]
             return out
-        observations = self._observations(state)
+        observations = self._observations(state, [episode.ratio for episode in episodes])
         out = {}
         for b, (key, episode, n) in enumerate(zip(keys, episodes, counts, strict=True)):
             episode.state = state.rows([b])
@@ -199,7 +217,7 @@ class PruningEngine:
                 "prob_unpruned_class": float(probs[full_class]),
                 "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
         if self._baseline is not None:
-            baseline = self._baseline_probs[episode.image]
+            baseline = self._baseline_probs[episode.ratio][episode.image]
             out.update(baseline_agree=int(baseline.argmax()) == full_class,
                        baseline_prob_unpruned_class=float(baseline[full_class]))
         return out

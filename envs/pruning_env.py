@@ -11,7 +11,8 @@ meets the budget exactly.
 
 What defines the problem (agents, reward weights, target ratio) comes from ``env_config["problem"]``, a
 :class:`~envs.problem.PruningProblem` as JSON; ``agents="attention"`` or ``"similarity"`` runs one agent
-alone, one step per pruning point.
+alone, one step per pruning point. Each image prunes at its own removal ratio, drawn from the problem's
+``ratios_trained`` (the rollouts of one image share it); the agents see it in their features.
 
 Reward, shared by the two agents of an image at the last step (docs/DESIGN.md, "Reward"): the fidelity
 ``agree_weight * [pruned argmax == unpruned argmax] + prob_weight * p + logprob_weight * log p`` with ``p`` the
@@ -126,6 +127,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self._upcoming: list[int] | None = None
         self._episode = 0
         self._keys: list[str] = []
+        self._ratios: list[float] = []  # per image: its removal ratio in this episode
         self._point: list[dict[str, np.ndarray]] = []  # per image: both agents' features and the live mask
         self._turns: list[str] = []  # the policies still to choose at the current pruning point, in order
         self._chosen: list[dict[str, np.ndarray]] = []  # per image: the sets chosen so far at this point, by policy
@@ -168,7 +170,7 @@ class TokenPruningEnv(MultiAgentEnv):
         out, problem = {}, self.problem
         for i, point in enumerate(self._point):
             live = point["live"] > 0.5
-            counts = dict(zip(TURNS, turn_counts(int(live.sum()), problem.target_ratio, problem.agents,
+            counts = dict(zip(TURNS, turn_counts(int(live.sum()), self._ratios[i], problem.agents,
                                                  problem.protected_share), strict=True))
             options = live if policy == "attention" else choosable(live, self._chosen[i].get("attention"))
             out[self._agent(i, policy)] = {"tokens": point[policy], "live": options.astype(np.float32),
@@ -188,6 +190,14 @@ class TokenPruningEnv(MultiAgentEnv):
         rollouts = self.problem.rollouts_per_image
         return np.repeat(self._rng.integers(0, self.spec_.num_images, self.num_images // rollouts), rollouts).tolist()
 
+    def _draw_ratios(self) -> list[float]:
+        """The removal ratio of each image of the episode, one draw per image shared by its rollouts; no draw
+        when the problem trains at one ratio."""
+        ratios, rollouts = self.problem.ratios_trained, self.problem.rollouts_per_image
+        if len(ratios) == 1:
+            return [ratios[0]] * self.num_images
+        return np.repeat(self._rng.choice(ratios, self.num_images // rollouts), rollouts).tolist()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
             self._rng = np.random.default_rng([seed, *self._stream])
@@ -199,8 +209,9 @@ class TokenPruningEnv(MultiAgentEnv):
         indices = self._upcoming or self._draw_images()  # the k-th episode uses the k-th draw
         self._upcoming = self._draw_images()  # the server reads them ahead when it streams
         self._images = indices
+        self._ratios = self._draw_ratios()
         self.agents = list(self.possible_agents)
-        obs = self._start_point(self._call("reset", self._keys, indices, self._upcoming))
+        obs = self._start_point(self._call("reset", self._keys, indices, self._upcoming, self._ratios))
         return obs, {aid: {} for aid in obs}
 
     def step(self, action_dict: dict):
@@ -235,7 +246,8 @@ class TokenPruningEnv(MultiAgentEnv):
         for i, (result, reward) in enumerate(zip(results, reached - baselines, strict=True)):
             info = {k: result[k] for k in ("kept", "agree", "correct", "prob_unpruned_class", "kept_per_stage",
                                           "gflops_backbone", "gflops_features")}
-            info.update(keep_ratio=result["kept"] / self.spec_.num_patches, image=self._images[i])
+            info.update(keep_ratio=result["kept"] / self.spec_.num_patches, image=self._images[i],
+                        target_ratio=self._ratios[i])
             for aid in self._image_agents[i]:
                 rewards[aid] = float(reward)
                 infos[aid] = info

@@ -67,6 +67,7 @@ class _Request(NamedTuple):
     payload: list  # image indices (reset) or keep masks (step), one per key
     future: asyncio.Future
     upcoming: list[int] = ()  # reset: images the caller will ask for next
+    ratios: list[float] = ()  # reset: each image's removal ratio (empty: the problem's target_ratio)
 
 
 class ViTServer:
@@ -92,10 +93,12 @@ class ViTServer:
     async def spec(self) -> EngineSpec:
         return self.engine.spec()
 
-    async def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = ()) -> list[dict]:
-        """Start episodes on these images; ``upcoming``: the images the caller will ask for next (read ahead
-        when the split streams from its files)."""
-        return await self._submit("reset", keys, list(indices), list(upcoming))
+    async def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = (),
+                    ratios: list[float] = ()) -> list[dict]:
+        """Start episodes on these images, each at its removal ratio of ``ratios`` (empty: the problem's
+        target_ratio); ``upcoming``: the images the caller will ask for next (read ahead when the split streams
+        from its files)."""
+        return await self._submit("reset", keys, list(indices), list(upcoming), list(ratios))
 
     async def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
         return await self._submit("step", keys, keep)
@@ -118,9 +121,10 @@ class ViTServer:
         return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),
                 "nonfinite_features": self.engine.nonfinite_features}
 
-    async def _submit(self, kind: str, keys: list, payload: list, upcoming: list[int] = ()) -> list:
+    async def _submit(self, kind: str, keys: list, payload: list, upcoming: list[int] = (),
+                      ratios: list[float] = ()) -> list:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(kind, keys, payload, future, upcoming))
+        self._queue.append(_Request(kind, keys, payload, future, upcoming, ratios))
         self.counts["requests"] += 1
         self._arrived.set()
         if self._worker is None or self._worker.done():
@@ -169,8 +173,9 @@ class ViTServer:
             keys = [k for i in chosen for k in batch[i].keys]
             payload = [p for i in chosen for p in batch[i].payload]
             upcoming = [u for i in chosen for u in batch[i].upcoming]
+            ratios = [r for i in chosen for r in batch[i].ratios or [self.engine.target_ratio] * len(batch[i].keys)]
             try:
-                results = (self.engine.reset(keys, payload, upcoming) if kind == "reset"
+                results = (self.engine.reset(keys, payload, upcoming, ratios) if kind == "reset"
                            else self.engine.step(keys, payload))
             except Exception as error:  # noqa: BLE001 - reported to each caller, the server stays up
                 for i in chosen:

@@ -12,6 +12,7 @@ heuristic's removals among the other tokens (in the heuristic's removal order, `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.vit.features import observe
-from envs.vit.pruned_forward import TokenState, exact_forward
+from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, pad_tokens, topk_keep_mask
 from policies.decisions import turn_counts
@@ -38,11 +39,27 @@ attention agent's kept tokens, the similarity agent's redundant ones), zero-padd
 
 
 @torch.no_grad()
-def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str, heuristic: str,
+def imitation_data(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str, heuristic: str,
                    agents: str, protected_share: float, batch_size: int = 256) -> Demonstration:
     """The agents' observations along the heuristics' pruned forwards of ``images`` (normalised
-    ``[M, C, H, W]``), and the heuristics' choices."""
+    ``[M, C, H, W]``), and the heuristics' choices. The images are dealt out among the removal ``ratios`` in
+    turn (image ``i`` at ``ratios[i % len(ratios)]``), so the agents imitate the heuristics at every ratio they
+    will be trained at; the rows come ratio by ratio."""
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for i, ratio in enumerate(ratios):
+        record = _recorder(staged, ratio, heuristic, agents, protected_share, rows)
+        dealt = images[i::len(ratios)]
+        for start in range(0, len(dealt), batch_size):
+            exact_forward(staged, dealt[start:start + batch_size], record, ratio, reduction)
+    return {policy: tuple(torch.cat([pad_tokens(row[i].float(), staged.num_patches) for row in policy_rows])
+                          for i in range(3))
+            for policy, policy_rows in rows.items()}
+
+
+def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: str, protected_share: float,
+              rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> Selector:
+    """A selector that makes the heuristics' choices at ``target_ratio`` and appends, per policy, what the agent
+    observes, the tokens it chooses from and the heuristic's set to ``rows``."""
 
     def record(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
@@ -58,23 +75,18 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, target_ratio: float,
         removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
         rows.setdefault("similarity", []).append((observation.similarity, left, removed))
         return state.live & ~removed
-
-    for start in range(0, len(images), batch_size):
-        exact_forward(staged, images[start:start + batch_size], record, target_ratio, reduction)
-    return {policy: tuple(torch.cat([pad_tokens(row[i].float(), staged.num_patches) for row in policy_rows])
-                          for i in range(3))
-            for policy, policy_rows in rows.items()}
+    return record
 
 
-def warm_start_modules(staged: StagedViT, images: torch.Tensor, target_ratio: float, reduction: str,
+def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str,
                        heuristic: str, agents: str, protected_share: float, model_config: dict, steps: int,
                        directory: Path, seed: int = 0) -> dict[str, tuple[Path, float]]:
     """Fit each acting agent's module to its heuristic on ``images`` (normalised) in ``steps`` Adam steps and save
-    it in ``directory``.
+    it in ``directory``, at the removal ``ratios`` the agents will be trained at (:func:`imitation_data`).
 
     Returns, per policy, its path (``RLModule.save_to_path``) and the agreement :func:`clone_module` reports.
     """
-    demonstration = imitation_data(staged, images, target_ratio, reduction, heuristic, agents, protected_share)
+    demonstration = imitation_data(staged, images, ratios, reduction, heuristic, agents, protected_share)
     out = {}
     for policy, (features, live, chosen) in demonstration.items():
         torch.manual_seed(seed)

@@ -12,8 +12,10 @@ from envs.problem import ProblemError
 from envs.pruning_engine import EpisodeLost, PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.vit.backbone_checkpoint import normalize
+from envs.vit.features import AGENT_FEATURES
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import tokens_to_keep
 from policies.decisions import choosable, survives
 from policies.heuristics import heuristic_selector
 
@@ -137,6 +139,35 @@ def test_rollouts_of_one_image_are_each_others_baseline(engine):
     expected = reached - (3 * group_means - reached) / 2
     assert [trace[-1][1][f"similarity_{i}"] for i in range(6)] == pytest.approx(expected.tolist())
     assert len(set(reached.round(6))) > 2  # the rollouts reached different outcomes
+
+
+@torch.no_grad()
+def test_each_image_prunes_at_the_ratio_it_draws(engine):
+    """With ``train_ratios`` each image draws one of them (its rollouts share it): its agents see ``1 - ratio``
+    among their features, choose that ratio's counts, and its reward baseline is the heuristic at that ratio."""
+    env = make_env(engine, 8, rollouts_per_image=2, train_ratios=(0.25, 0.75))
+    first, _ = env.reset(seed=0)
+    ratios = list(env._ratios)
+    assert set(ratios) == {0.25, 0.75} and ratios[0::2] == ratios[1::2]
+    keep_column = AGENT_FEATURES["attention"].index("keep_fraction")
+    for i, ratio in enumerate(ratios):
+        obs = first[f"attention_{i}"]
+        assert (obs["tokens"][obs["live"] > 0, keep_column] == 1 - ratio).all()
+        assert obs["count"][0] == max(1, round(0.1 * tokens_to_keep(64, ratio)))
+    trace, infos = rollout(env, 0, first_live)
+    inputs = normalize(engine.images[env._images], engine.config)
+    full = engine.staged(inputs).argmax(1)
+    for i, ratio in enumerate(ratios):
+        info = infos[f"attention_{i}"]
+        assert info["target_ratio"] == ratio
+        kept = [64]
+        for _ in range(3):
+            kept.append(tokens_to_keep(kept[-1], ratio))
+        assert info["kept_per_stage"] == kept[1:]
+        heuristic, _ = exact_forward(engine.staged, inputs[i:i + 1], heuristic_selector("distinct"), ratio, "merge")
+        baseline = float(heuristic[0].argmax() == full[i]) + float(heuristic[0].softmax(-1)[full[i]])
+        expected = float(info["agree"]) + info["prob_unpruned_class"] - baseline
+        assert trace[-1][1][f"attention_{i}"] == pytest.approx(expected)
 
 
 def test_each_agent_alone_makes_every_removal(engine):

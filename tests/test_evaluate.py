@@ -244,6 +244,25 @@ def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_d
         "0.3": str(other), "0.5": str(tiny_policy)}
 
 
+def test_a_policy_trained_at_several_ratios_gets_marl_rows_at_each_budget_among_them(tiny_policy, data_dir,
+                                                                                      tmp_path):
+    checkpoint = shutil.copytree(tiny_policy, tmp_path / "ckpt")
+    config = json.loads((checkpoint / "pruning_config.json").read_text())
+    config["problem"]["train_ratios"] = [0.3, 0.5]
+    (checkpoint / "pruning_config.json").write_text(json.dumps(config))
+    output = tmp_path / "out"
+    assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.3,0.7", "--no-speed")) == 0
+    table = pd.read_csv(output / "results.csv")
+    for budget, methods in ((0.3, HEURISTIC_ROWS + MARL_ROWS), (0.5, HEURISTIC_ROWS + MARL_ROWS),
+                            (0.7, HEURISTIC_ROWS)):
+        assert list(table.loc[table["budget"] == budget, "method"]) == methods
+    marl, random = rows(table, "MARL exact"), rows(table, "Random")
+    for budget in (0.3, 0.5):  # each row prunes at its own budget
+        assert marl.loc[budget, "gflops_backbone"] == pytest.approx(random.loc[budget, "gflops_backbone"])
+    assert marl.loc[0.3, "keep_ratio"] > marl.loc[0.5, "keep_ratio"]
+    assert set(json.loads((output / "results.json").read_text())["settings"]["checkpoints"]) == {"0.3", "0.5"}
+
+
 def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
     modules, info = load_policies(path)

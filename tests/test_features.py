@@ -53,6 +53,10 @@ def test_norm_grid_progress_and_keep_fraction():
         torch.testing.assert_close(table[0, :, cols["col"]], torch.tensor([0.0, 1 / 3, 1.0]))
         torch.testing.assert_close(table[0, :, cols["progress"]], torch.full((3,), 0.5))
         torch.testing.assert_close(table[0, :, cols["keep_fraction"]], torch.full((3,), 0.3))
+    live = torch.tensor([[True, True, False], [True, True, True]])  # one keep fraction per image
+    att, _ = features(x.expand(2, -1, -1), torch.ones(2, 3), live, positions.expand(2, -1), grid=(3, 4),
+                      keep=torch.tensor([0.3, 0.9]))
+    torch.testing.assert_close(att[..., A["keep_fraction"]], torch.tensor([[0.3, 0.3, 0.0], [0.9, 0.9, 0.9]]))
 
 
 def test_cosine_similarity_excludes_self_and_dead_tokens():

@@ -21,11 +21,12 @@ from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE
 
 
 def test_json_round_trip_is_exact():
-    problem = PruningProblem(prune_points=(2, 5), target_ratio=0.3, reduction="drop", agents="similarity",
-                             train_limit=100, ppo=PPOSettings(lr=3e-4, use_kl_loss=True))
+    problem = PruningProblem(prune_points=(2, 5), target_ratio=0.3, train_ratios=(0.1, 0.35), reduction="drop",
+                             agents="similarity", train_limit=100, ppo=PPOSettings(lr=3e-4, use_kl_loss=True))
     text = json.dumps(problem.to_json())
     assert PruningProblem.from_json(json.loads(text)) == problem
     assert json.loads(text)["prune_points"] == [2, 5] and json.loads(text)["ppo"]["lr"] == 3e-4
+    assert problem.ratios_trained == (0.1, 0.35) and PruningProblem(target_ratio=0.3).ratios_trained == (0.3,)
 
 
 LEGACY_CONFIG = {  # pruning_config.json of the reference policy committed before PruningProblem existed
@@ -94,6 +95,9 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"reward_baseline": "rollouts"}, "reward_baseline 'rollouts' needs rollouts_per_image >= 2"),
     ({"logprob_weight": -0.5}, "logprob_weight must be >= 0"),
     ({"protected_share": 0.0}, r"protected_share must be in \(0, 1\], got 0.0"),
+    ({"train_ratios": (0.1, 1.0)}, r"train_ratios must be in \(0, 1\), got 1.0"),
+    ({"train_ratios": (0.3, 0.3)}, r"train_ratios must be distinct, got \(0.3, 0.3\)"),
+    ({"train_ratios": (0.1, 0.3), "warm_start_images": 1}, r"at least one per training ratio \(2\)"),
 ])
 def test_each_field_is_validated(change, message):
     with pytest.raises(ProblemError, match=message):
@@ -146,11 +150,14 @@ def test_number_settings_given_several_values_sweep_their_combinations():
     parser = argparse.ArgumentParser()
     add_problem_arguments(parser, "pruning problem")
     problems = problems_from_args(parser.parse_args(["--target-ratio", "0.3,0.5", "--lr", "1e-4,3e-4",
-                                                     "--prune-points", "2,4", "--hidden", "32"]))
+                                                     "--prune-points", "2,4", "--hidden", "32",
+                                                     "--train-ratios", "0.1,0.35"]))
     assert [(p.target_ratio, p.ppo.lr) for p in problems] == [(0.3, 1e-4), (0.3, 3e-4), (0.5, 1e-4), (0.5, 3e-4)]
-    assert {(p.prune_points, p.hidden) for p in problems} == {((2, 4), 32)}  # a list of integers is one value
+    # a list of pruning points or of training ratios is one value, not a sweep
+    assert {(p.prune_points, p.hidden, p.train_ratios) for p in problems} == {((2, 4), 32, (0.1, 0.35))}
     assert [sweep_label(p, problems) for p in problems] == ["target_ratio=0.3,lr=0.0001", "target_ratio=0.3,lr=0.0003",
                                                             "target_ratio=0.5,lr=0.0001", "target_ratio=0.5,lr=0.0003"]
     assert sweep_label(problems[0], problems[:1]) == "target_ratio=0.3"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--target-ratio", "0.3,half"])
+    for bad in (["--target-ratio", "0.3,half"], ["--train-ratios", "0.1,some"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

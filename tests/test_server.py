@@ -9,6 +9,7 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 
 from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv
+from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_server
 
 
@@ -30,10 +31,14 @@ def server(ray_local, tiny_backbone, data_dir):
 
 def test_concurrent_callers_share_one_forward(server):
     before = ray.get(server.stats.remote())
-    calls = [server.reset.remote([f"caller{c}-{i}" for i in range(2)], [c, c + 10]) for c in range(4)]
+    calls = [server.reset.remote([f"caller{c}-{i}" for i in range(2)], [c, c + 10], [], [0.25, 0.75] if c == 0 else [])
+             for c in range(4)]
     results = ray.get(calls)
     stats = ray.get(server.stats.remote())
     assert [len(r) for r in results] == [2, 2, 2, 2]
+    keep_column = AGENT_FEATURES["attention"].index("keep_fraction")
+    keep_fractions = [[obs["attention"][0, keep_column] for obs in result] for result in results]
+    assert keep_fractions == [[0.75, 0.25]] + [[0.5, 0.5]] * 3  # each caller's ratios, else the problem's
     assert stats["requests"] - before["requests"] == 4
     assert stats["forwards"] - before["forwards"] == 1  # four callers, one stage-0 forward
     keep = [np.ones(64, dtype=bool)] * 2

@@ -43,7 +43,8 @@ def iterations(trial_dir) -> list[int]:
 def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_backbone, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.3,0.5", "--iterations", "2",
-               "--checkpoint-every", "1", "--num-workers", "0", "--num-cpus", "4", "--warm-start", "nms") == 0
+               "--checkpoint-every", "1", "--num-workers", "0", "--num-cpus", "4", "--warm-start", "nms",
+               "--train-ratios", "0.2,0.5") == 0
     out = capsys.readouterr().out
     assert "2 trial(s)" in out
     for ratio in ("0.3", "0.5"):
@@ -56,6 +57,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         assert [read_checkpoint_info(c).iteration for c in mine] == [1, 2]  # --checkpoint-every 1
         info = read_checkpoint_info(mine[-1])
         assert info.problem.target_ratio == float(ratio) and info.problem.prune_points == (1, 2, 3)
+        assert info.problem.train_ratios == (0.2, 0.5)
         assert info.problem.ppo.minibatch_size == 32 and 0 <= info.val_score <= 100  # exact-budget accuracy, %
         best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
         shown = f"run/{name}/{best.name}"

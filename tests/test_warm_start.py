@@ -17,7 +17,7 @@ TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads
 def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     torch.manual_seed(0)
     staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
-    demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), 0.5, "merge", "nms", "both", 0.25,
+    demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), (0.5,), "merge", "nms", "both", 0.25,
                                    batch_size=4)
     live_per_point = [64, 32, 16]
 
@@ -43,3 +43,16 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     before = clone_module(module, features, left, redundant, steps=0)
     after = clone_module(module, features, left, redundant, steps=150, batch_size=8, lr=1e-2)
     assert before < 0.7 < 0.9 <= after
+
+
+def test_imitation_at_several_ratios_deals_the_images_out_among_them():
+    """Each image is imitated at one ratio, in turn: the rows of each ratio carry its keep fraction and counts."""
+    torch.manual_seed(0)
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    features, live, removed = imitation_data(staged, torch.randn(5, 3, 32, 32), (0.25, 0.75), "merge", "distinct",
+                                             "similarity", 0.1)["similarity"]
+    # images 0, 2, 4 at 0.25, then 1 and 3 at 0.75; a row per image and point, point by point
+    keep_fraction = features[:, 0, SIMILARITY_FEATURES.index("keep_fraction")]
+    assert keep_fraction.tolist() == [0.75] * 9 + [0.25] * 6
+    assert live.sum(1).tolist() == [64] * 3 + [48] * 3 + [36] * 3 + [64] * 2 + [16] * 2 + [4] * 2
+    assert removed.sum(1).tolist() == [16] * 3 + [12] * 3 + [9] * 3 + [48] * 2 + [12] * 2 + [3] * 2

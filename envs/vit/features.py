@@ -88,7 +88,7 @@ def suppression(similarity: torch.Tensor, live: torch.Tensor, priority: torch.Te
 
 def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
                    positions: torch.Tensor, grid_size: tuple[int, int], stage: int, num_points: int,
-                   keep_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   keep_fraction: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every patch token for the attention agent and the similarity agent.
 
     Args:
@@ -99,7 +99,8 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
         grid_size: ``(rows, cols)`` of the patch grid.
         stage: index of the pruning point (= of the stage that produced ``x_patch``), ``0 .. num_points - 1``.
         num_points: number of pruning points.
-        keep_fraction: ``1 - target_ratio``.
+        keep_fraction: ``1 - target_ratio``, one for all images or ``[B]``, one per image (a policy trained over
+            several budgets learns what each one asks through it).
 
     Returns:
         ``attention [B, N, len(ATTENTION_FEATURES)]`` and ``similarity [B, N, len(SIMILARITY_FEATURES)]``,
@@ -131,7 +132,7 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
     col = (positions % cols).float() / max(cols - 1, 1)
     progress = torch.full_like(mask, stage / max(num_points - 1, 1))
-    keep = torch.full_like(mask, keep_fraction)
+    keep = torch.as_tensor(keep_fraction, dtype=mask.dtype, device=mask.device).reshape(-1, 1).expand_as(mask)
 
     shared = [norm, row, col, progress, keep]
     attention_features = torch.stack(
@@ -154,8 +155,9 @@ class Observation(NamedTuple):
         return self.attention if policy == "attention" else self.similarity
 
 
-def observe(staged: StagedViT, state: TokenState, target_ratio: float) -> Observation:
-    """Both agents' features for the tokens of ``state`` at the pruning point it waits at.
+def observe(staged: StagedViT, state: TokenState, target_ratio: float | torch.Tensor) -> Observation:
+    """Both agents' features for the tokens of ``state`` at the pruning point it waits at, under the removal
+    ratio ``target_ratio`` (one for all images, or ``[B]``, one per image).
 
     Non-finite values (a degenerate backbone or input) are replaced by 0 and counted here, so nothing
     downstream needs to guard against them.
