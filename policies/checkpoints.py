@@ -211,9 +211,10 @@ def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_ba
         if same_backbone and other.backbone_path != problem.backbone_path:
             raise PolicyCheckpointError(f"checkpoint {path} was trained on backbone {other.backbone_path}, the main "
                                         f"one on {problem.backbone_path} (pass --backbone to force one)")
-        if round(other.target_ratio, 6) != budget:
-            print(f"note: checkpoint {path} was trained at target_ratio {other.target_ratio:g}; evaluating it at "
-                  f"{budget:g}", file=sys.stderr)
+        if budget not in {round(ratio, 6) for ratio in other.ratios_trained}:
+            trained = ", ".join(f"{ratio:g}" for ratio in other.ratios_trained)
+            print(f"note: checkpoint {path} was trained at removal ratio {trained}; evaluating it at {budget:g}",
+                  file=sys.stderr)
         policies[budget] = (extra_modules, extra, Path(path))
     return policies
 
