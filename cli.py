@@ -7,8 +7,6 @@ import argparse
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from envs.problem import check_target_ratio
-
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
@@ -66,23 +64,6 @@ def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
 def data_access(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``envs.vit.data.load_split`` that :func:`add_data_access_arguments` set."""
     return {"download": args.download, "memory_budget_mb": args.memory_budget_mb}
-
-
-def removal_ratio(text: str) -> float:
-    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), rounded to 6 decimals so that one
-    budget written two ways (``0.5``, ``0.500``) is one key."""
-    try:
-        return round(check_target_ratio(float(text), "a removal ratio"), 6)
-    except ValueError as error:  # not a number, or outside (0, 1)
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def removal_ratios(text: str) -> tuple[float, ...]:
-    """An argparse ``type``: one or more comma-separated :func:`removal_ratio` values, in the order given."""
-    ratios = tuple(removal_ratio(part) for part in text.split(",") if part.strip())
-    if not ratios:
-        raise argparse.ArgumentTypeError("give at least one removal ratio, e.g. 0.3,0.5,0.7")
-    return ratios
 
 
 def positive_int(text: str) -> int:

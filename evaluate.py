@@ -56,11 +56,9 @@ from cli import (
     add_data_access_arguments,
     data_access,
     positive_int,
-    removal_ratio,
-    removal_ratios,
     versions_line,
 )
-from envs.problem import ProblemError, PruningProblem, block_indices
+from envs.problem import ProblemError, PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split

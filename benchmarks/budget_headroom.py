@@ -42,8 +42,8 @@ from sklearn.preprocessing import StandardScaler
 
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
-from cli import positive_int, removal_ratio, removal_ratios
-from envs.problem import block_indices
+from cli import positive_int
+from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT

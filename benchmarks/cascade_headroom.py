@@ -38,8 +38,8 @@ from sklearn.preprocessing import StandardScaler
 
 from benchmarks.budget_headroom import output_features
 from benchmarks.split_states import first_stage_states
-from cli import positive_int, removal_ratio, removal_ratios
-from envs.problem import PruningProblem, block_indices
+from cli import positive_int
+from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward_from
 from envs.vit.staged_vit import StagedViT

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cli import positive_int, removal_ratio
-from envs.problem import block_indices
+from cli import positive_int
+from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio

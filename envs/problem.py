@@ -266,12 +266,21 @@ def block_indices(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
-def removal_ratio_list(text: str) -> tuple[float, ...]:
-    """The argparse ``type`` of a set of removal ratios: comma-separated, e.g. ``0.1,0.2,0.35``."""
+def removal_ratio(text: str) -> float:
+    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), rounded to 6 decimals so that one
+    budget written two ways (``0.5``, ``0.500``) is one key."""
     try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated removal ratios, got {text!r}") from None
+        return round(check_target_ratio(float(text), "a removal ratio"), 6)
+    except ValueError as error:  # not a number, or outside (0, 1)
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def removal_ratios(text: str) -> tuple[float, ...]:
+    """An argparse ``type``: one or more comma-separated :func:`removal_ratio` values, in the order given."""
+    ratios = tuple(removal_ratio(part) for part in text.split(",") if part.strip())
+    if not ratios:
+        raise argparse.ArgumentTypeError("give at least one removal ratio, e.g. 0.3,0.5,0.7")
+    return ratios
 
 
 def _swept(kind: type) -> typing.Callable[[str], tuple]:
@@ -291,7 +300,7 @@ def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
     if annotation is bool:
         return _boolean
     if typing.get_origin(annotation) is tuple:
-        return block_indices if typing.get_args(annotation)[0] is int else removal_ratio_list
+        return block_indices if typing.get_args(annotation)[0] is int else removal_ratios
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     kind = args[0] if args else annotation
     return _swept(kind) if kind in (int, float) else kind
