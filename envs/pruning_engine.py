@@ -101,15 +101,15 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_probs(self, indices: list[int], state: TokenState, ratios: list[set[float]]) -> None:
+    def _ensure_probs(self, indices: list[int], state: TokenState, ratios: list[float]) -> None:
         """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
-        heuristic's at the exact budget of each removal ratio in ``ratios[i]`` of image ``indices[i]``, each
-        computed once per image (and ratio), from the images' :func:`initial_state` ``state``."""
+        heuristic's at the exact budget of removal ratio ``ratios[i]``, of the images ``indices[i]`` whose
+        :func:`initial_state` is row ``i`` of ``state``; each computed once per image (and ratio)."""
         self._fill_once(self._full_probs, indices, self._unpruned_logits(state))
         if self._baseline is None:
             return
-        for ratio in sorted(set().union(*ratios)):
-            rows = [row for row, wanted in enumerate(ratios) if ratio in wanted]
+        for ratio in set(ratios):
+            rows = [row for row, wanted in enumerate(ratios) if wanted == ratio]
             cache = self._baseline_probs.setdefault(ratio, torch.full_like(self._full_probs, float("nan")))
             self._fill_once(cache, [indices[row] for row in rows], self._baseline_logits(state.rows(rows), ratio))
 
@@ -127,8 +127,9 @@ class PruningEngine:
     @staticmethod
     def _fill_once(probs: torch.Tensor, indices: list[int], logits_of: Callable[[list[int]], torch.Tensor]) -> None:
         """Fill the rows ``indices`` of the cache ``probs`` (NaN until computed) that are still empty with the
-        softmax of ``logits_of`` on the positions in ``indices`` of those images."""
-        todo = [row for row, index in enumerate(indices) if torch.isnan(probs[index, 0])]
+        softmax of ``logits_of`` on the positions in ``indices`` of those images (one position per image named
+        more than once)."""
+        todo = list({index: row for row, index in enumerate(indices) if torch.isnan(probs[index, 0])}.values())
         if todo:
             probs[[indices[row] for row in todo]] = logits_of(todo).float().softmax(-1).cpu()
 
@@ -148,17 +149,14 @@ class PruningEngine:
         inputs = self._inputs(images.tolist())
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
-        state = initial_state(self.staged, inputs)
-        ratios_of_image = [set() for _ in images]
-        for row, ratio in zip(row_of, ratios, strict=True):
-            ratios_of_image[row].add(ratio)
-        self._ensure_probs(images.tolist(), state, ratios_of_image)
+        state = initial_state(self.staged, inputs).rows(row_of.tolist())  # one row per episode
+        self._ensure_probs(list(indices), state, ratios)
         self.forwards += 1
-        for key, image, row, ratio in zip(keys, images[row_of], row_of, ratios, strict=True):
+        for b, (key, image, ratio) in enumerate(zip(keys, indices, ratios, strict=True)):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), ratio, state.rows([int(row)]))
+            self.episodes[key] = _Episode(int(image), ratio, state.rows([b]))
         self._evict()
-        return self._observations(state.rows(row_of.tolist()), ratios)
+        return self._observations(state, ratios)
 
     @torch.no_grad()
     def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
