@@ -7,9 +7,11 @@ images as fast as inference prunes them.
 1. Training: ``train.py`` with its defaults (two env runners, the ViT servers, PPO's 4,096 agent steps per
    iteration) or the settings given after ``--``, ``--iterations`` iterations with no warm start and no
    validation inside them (the stop's runs after the last one is timed). Images/s is over the iterations
-   after the first (which includes start-up), from Tune's ``progress.csv``: an image takes an env step per
-   pruning point and acting agent (``envs.pruning_env.env_steps_per_episode``), each of which carries
-   ``images_per_env`` images. The run has the whole machine (Ray's processes share its cores).
+   after the first (which includes start-up), from Tune's ``progress.csv``: an episode (one image's pass)
+   takes an env step per pruning point and acting agent (``envs.pruning_env.env_steps_per_episode``), each
+   of which carries ``images_per_env`` episodes. With ``--rollouts-per-image K`` an image runs K episodes
+   side by side; the ratio counts episodes, and the distinct images/s (a K-th of them) are printed beside
+   it. The run has the whole machine (Ray's processes share its cores).
 2. Inference: the policy that run wrote, as ``PrunedViT`` in exact mode, over ``--images`` validation
    images in batches of ``--batch-size`` (median of ``--repeats`` passes after a warm-up), in this process
    with torch's default threads, once training has ended and Ray's processes have exited.
@@ -44,8 +46,9 @@ from policies.pruned_vit import PrunedViT
 
 
 def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tuple[float, int]:
-    """Images sampled per second of iteration time (RLlib's ``time_this_iter_s``: sampling, learning and
-    weight sync), over the iterations after the first; returns the rate and the iterations it covers."""
+    """Episodes (image passes) sampled per second of iteration time (RLlib's ``time_this_iter_s``: sampling,
+    learning and weight sync), over the iterations after the first; returns the rate and the iterations it
+    covers."""
     with (trial_dir / "progress.csv").open() as f:
         rows = list(csv.DictReader(f))[1:]
     if not rows:
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
           f"{versions_line()}")
     settings = " ".join(args.train_flags) or "train.py defaults"
-    print(f"training ({settings}, {timed} iterations timed): {train_rate:8.1f} images/s")
+    rollouts = problem.rollouts_per_image
+    distinct = f" ({train_rate / rollouts:.1f} distinct images/s, {rollouts} rollouts each)" if rollouts > 1 else ""
+    print(f"training ({settings}, {timed} iterations timed): {train_rate:8.1f} images/s{distinct}")
     print(f"pruned inference (MARL exact, batch {args.batch_size}, {len(images)} val images): "
           f"{infer_rate:8.1f} images/s")
     print(f"ratio training / inference: {train_rate / infer_rate:.3f}")

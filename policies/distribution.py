@@ -75,6 +75,7 @@ class ExactCount(TorchDistribution):
         self.logits = logits
         self.scores = logits[..., :-1]
         self.count = logits[..., -1].detach().round().long()
+        self._log_z: torch.Tensor | None = None  # log Z of ``scores``, with its graph where they have one
         super().__init__()
 
     def _get_torch_distribution(self) -> None:
@@ -86,19 +87,32 @@ class ExactCount(TorchDistribution):
         root = polynomial_tree(flat, int(count.max()))[-1][:, 0]
         return root.gather(1, count[:, None]).squeeze(1).reshape(self.count.shape)
 
+    def _scores_log_normaliser(self) -> torch.Tensor:
+        """``log Z`` of this distribution's ``scores``, computed once: PPO's loss asks for the log-probability and
+        then the entropy of the same distribution, and both need it. Differentiable when the scores are."""
+        if self._log_z is None or (self.scores.requires_grad and not self._log_z.requires_grad):
+            with torch.enable_grad():
+                self._log_z = self._log_normaliser(self.scores)
+        return self._log_z
+
     def logp(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the sets ``value [..., N]`` (0/1 as float, int or bool)."""
-        return (self.scores * value.to(self.scores.dtype)).sum(-1) - self._log_normaliser(self.scores)
+        return (self.scores * value.to(self.scores.dtype)).sum(-1) - self._scores_log_normaliser()
 
-    def _log_normaliser_and_inclusion(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_normaliser_and_inclusion(self, differentiable: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``log Z`` and each token's probability of being in the set, ``d log Z / d s_i`` (they sum to the
-        count), both differentiable in the scores when the scores are."""
-        differentiable = self.scores.requires_grad
-        with torch.enable_grad():
-            scores = self.scores if differentiable else self.scores.detach().requires_grad_(True)
-            log_z = self._log_normaliser(scores)
-            (inclusion,) = torch.autograd.grad(log_z.sum(), scores, create_graph=differentiable)
-        return (log_z, inclusion) if differentiable else (log_z.detach(), inclusion)
+        count); both differentiable in the scores when ``differentiable`` and the scores are."""
+        if self.scores.requires_grad:  # the normaliser's graph is kept for the loss that also uses it
+            log_z = self._scores_log_normaliser()
+            (inclusion,) = torch.autograd.grad(log_z.sum(), self.scores, create_graph=differentiable,
+                                               retain_graph=True)
+        else:
+            with torch.enable_grad():
+                scores = self.scores.detach().requires_grad_(True)
+                log_z = self._log_normaliser(scores)
+                (inclusion,) = torch.autograd.grad(log_z.sum(), scores)
+            differentiable = False
+        return (log_z, inclusion) if differentiable else (log_z.detach(), inclusion.detach())
 
     def entropy(self) -> torch.Tensor:
         """``log Z - sum_i pi_i s_i`` with the inclusion probabilities ``pi`` (0 on dead tokens)."""
@@ -108,7 +122,7 @@ class ExactCount(TorchDistribution):
     def kl(self, other: ExactCount) -> torch.Tensor:
         """``KL(self || other) = sum_i pi_i (s_i - s'_i) - log Z + log Z'``, for the same count on both sides."""
         log_z, inclusion = self._log_normaliser_and_inclusion()
-        return (inclusion * (self.scores - other.scores)).sum(-1) - log_z + other._log_normaliser(other.scores)
+        return (inclusion * (self.scores - other.scores)).sum(-1) - log_z + other._scores_log_normaliser()
 
     @torch.no_grad()
     def sample(self, *, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -152,8 +166,9 @@ class ExactCountEntropyStatistic(ExactCount):
     RLlib's PPO loss always subtracts ``entropy_coeff * entropy`` and so differentiates the entropy, which is a
     derivative of the normaliser and makes its backward pass a second derivative, even at ``entropy_coeff`` 0.
     Without an entropy bonus, training uses this class (``TokenPolicyModule``'s ``entropy_gradient``): the same
-    values, a first-order backward pass only.
+    values, a first-order backward pass only, and the normaliser that the loss's log-probability computed.
     """
 
     def entropy(self) -> torch.Tensor:
-        return ExactCount(self.logits.detach()).entropy()
+        log_z, inclusion = self._log_normaliser_and_inclusion(differentiable=False)
+        return log_z - (inclusion * self.scores.detach()).sum(-1)

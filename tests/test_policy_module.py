@@ -138,6 +138,25 @@ def test_entropy_statistic_has_the_entropy_without_its_gradient():
     assert build(entropy_gradient=False).get_train_action_dist_cls() is ExactCountEntropyStatistic
 
 
+def test_entropy_statistic_reuses_the_normaliser_of_the_log_probability(monkeypatch):
+    """PPO's loss takes the log-probability, then the entropy, then differentiates the loss: the statistic reads
+    the log-probability's normaliser (one tree per minibatch) and leaves its gradient as it was."""
+    scores = torch.randn(4, N, requires_grad=True)
+    logits = torch.cat([scores, torch.tensor([[c // 2] for c in LIVE_COUNTS], dtype=torch.float32)], 1)
+    chosen = ExactCount.from_logits(logits.detach()).sample()
+    (expected,) = torch.autograd.grad(ExactCount.from_logits(logits).logp(chosen).sum(), scores)
+    trees = []
+    original = ExactCount._log_normaliser
+    monkeypatch.setattr(ExactCount, "_log_normaliser", lambda self, s: trees.append(1) or original(self, s))
+    statistic = ExactCountEntropyStatistic.from_logits(logits)
+    logp = statistic.logp(chosen)
+    entropy = statistic.entropy()
+    logp.sum().backward()
+    assert len(trees) == 1
+    torch.testing.assert_close(scores.grad, expected)
+    torch.testing.assert_close(entropy, ExactCount.from_logits(logits.detach()).entropy())
+
+
 def test_permuting_live_tokens_permutes_logits(module):
     obs = make_obs([11])
     perm = torch.cat([torch.randperm(11, generator=torch.Generator().manual_seed(2)), torch.arange(11, N)])
