@@ -16,8 +16,8 @@ result (``progress.csv``, ``result.json``, TensorBoard) in the trial's directory
 It ends naming each trial's best checkpoint and the command that evaluates it. The test split is never read
 here. ``python train.py --help`` lists every setting of the pruning problem (``envs/problem.py``) with its doc.
 
-What to expect from the default run on a 2-core CPU: about 60 PPO iterations in its 18 minutes, and an
-exact-budget validation accuracy of about 83% on its 1,000 validation images at every checkpoint, level
+What to expect from the default run on a 2-core CPU: about 120 PPO iterations in its 18 minutes, and an
+exact-budget validation accuracy of 82-83% on its 1,000 validation images at every checkpoint, level
 with the heuristics (greedy similarity 82.7%, Distinctive NMS 82.9%): PPO has not yet learned to beat them
 (README, "Results").
 """
@@ -433,15 +433,17 @@ def train_until(algo, problem: PruningProblem, stop: StopRule) -> None:
 
 # -- the run: trials under Tune -------------------------------------------------------------------------------
 
-def progress_line(result: dict[str, Any], images_per_env: int) -> str:
-    """One compact line per iteration; returns are per image (an env episode carries several images);
-    ``remaining``: time until --iterations or --time-budget ends the trial, whichever comes first."""
+def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
+    """One compact line per iteration; returns are per image (an env episode carries several images), shown
+    against a heuristic baseline only (above 0 where the agents beat it; against the image's other rollouts
+    they average 0 by construction); ``remaining``: time until --iterations or --time-budget ends the trial,
+    whichever comes first."""
     runners = result.get("env_runners", {})
-    returns = runners.get("module_episode_returns_mean", {})
+    returns = {} if problem.reward_baseline == "rollouts" else runners.get("module_episode_returns_mean", {})
     progress = result["progress"]
-    ret = " ".join(f"R/img[{m[:3]}]={v / images_per_env:+.3f}" for m, v in sorted(returns.items()))
     parts = [f"iter {result['training_iteration']:4d}",
-             f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}", ret,
+             f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}",
+             *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
              f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
              f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
              f"kept {runners.get('keep_ratio', float('nan')):.3f}",
@@ -469,7 +471,7 @@ class ProgressLines(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         problem = PruningProblem.from_json(trial.config["trial"]["problem"])
         name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
-        print(name + progress_line(result, problem.images_per_env), flush=True)
+        print(name + progress_line(result, problem), flush=True)
 
 
 def storage_location(output_dir: str) -> tuple[str, str]:

@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           flush=True)
 
     problem = PruningProblem(backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir,
-                             prune_points=prune_points, target_ratio=args.target_ratio)
+                             prune_points=prune_points, target_ratio=args.target_ratio,
+                             rollouts_per_image=1, reward_baseline="distinct")  # distinct images, as measured
     engine = PruningEngine(StagedViT(model, prune_points), config, split.images, split.labels,
                            problem.target_ratio, problem.reduction)
     engine_sizes = sorted({args.images_per_call, args.batch})

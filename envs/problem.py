@@ -111,13 +111,14 @@ class PruningProblem:
     protected_share: float = setting(DEFAULT_PROTECTED_SHARE, "with both agents, the fraction of each pruning "
                                      "point's kept tokens (at least one) that the attention agent keeps out of "
                                      "the similarity agent's reach")
-    images_per_env: int = setting(16, "images one env instance carries (one server call moves them all)")
-    rollouts_per_image: int = setting(1, "rollouts of each image in an env, side by side (divides images_per_env); "
+    images_per_env: int = setting(64, "episodes one env instance carries, rollouts_per_image of each image (one "
+                                      "server call moves them all)")
+    rollouts_per_image: int = setting(4, "rollouts of each image in an env, side by side (divides images_per_env); "
                                          "with reward_baseline 'rollouts' each is compared with the others")
     agree_weight: float = setting(1.0, "reward for keeping the unpruned model's answer")
     prob_weight: float = setting(1.0, "reward per unit of probability of the unpruned model's answer")
     logprob_weight: float = setting(0.0, "reward per unit of log-probability of the unpruned model's answer")
-    reward_baseline: str = setting("distinct", "subtracted from the final reward, a per-image baseline independent of "
+    reward_baseline: str = setting("rollouts", "subtracted from the final reward, a per-image baseline independent of "
                                                "the actions: a heuristic's fidelity on the same image, 'rollouts' the "
                                                "mean fidelity of the image's other rollouts (leave-one-out), or "
                                                "'none'", choices=("none", "rollouts", *HEURISTICS))

@@ -33,9 +33,10 @@ def engine():
 
 
 def make_env(engine, images_per_env: int = 1, **problem) -> TokenPruningEnv:
-    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults (the reward
-    baseline: the engine's)."""
-    problem = {"images_per_env": images_per_env, "reward_baseline": engine.baseline, **problem}
+    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults (one rollout per
+    image; the reward baseline: the engine's)."""
+    problem = {"images_per_env": images_per_env, "rollouts_per_image": 1, "reward_baseline": engine.baseline,
+               **problem}
     return TokenPruningEnv({"server": engine, "problem": problem})
 
 
@@ -205,8 +206,9 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
 
 def test_image_streams_of_runners_and_sub_envs_are_independent(engine):
     def images(worker: int, vector: int, recreated_worker: bool = False) -> list[int]:
-        config = EnvContext({"server": engine, "problem": {"images_per_env": 8}}, worker_index=worker,
-                            vector_index=vector, recreated_worker=recreated_worker)
+        problem = {"images_per_env": 8, "rollouts_per_image": 1, "reward_baseline": engine.baseline}
+        config = EnvContext({"server": engine, "problem": problem}, worker_index=worker, vector_index=vector,
+                            recreated_worker=recreated_worker)
         env = TokenPruningEnv(config)
         env.reset(seed=100 + worker)  # RLlib's seed: the base seed plus the runner's index
         return env._images
@@ -240,5 +242,7 @@ def test_bad_settings_fail_clearly(engine):
 def test_runners_spread_over_servers_by_index(engine):
     names = ["server_0", "server_1", "server_2"]
     for worker in range(5):
-        env = TokenPruningEnv(EnvContext({"server": engine, "server_name": names}, worker_index=worker))
+        problem = {"rollouts_per_image": 1, "reward_baseline": engine.baseline}
+        env = TokenPruningEnv(EnvContext({"server": engine, "server_name": names, "problem": problem},
+                                         worker_index=worker))
         assert env._server_name == names[worker % 3]

@@ -56,7 +56,7 @@ def first_live(obs: dict) -> np.ndarray:
 
 
 def test_env_finds_server_by_name_and_survives_a_restart(server):
-    env = TokenPruningEnv({"server_name": "test_server", "problem": {"images_per_env": 2}})
+    env = TokenPruningEnv({"server_name": "test_server", "problem": {"images_per_env": 4}})  # 4 rollouts of 1 image
     obs, _ = env.reset(seed=0)
     obs, *_ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the similarity turn: no server call
     obs, _, _, truncateds, _ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the attention turn

@@ -158,3 +158,18 @@ def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
     assert training_images_per_second(tmp_path, both) == (pytest.approx(120 * 8 / 6 / 4), 2)
     alone = PruningProblem(images_per_env=8, prune_points=(3, 6, 9), agents="similarity")
     assert training_images_per_second(tmp_path, alone) == (pytest.approx(120 * 8 / 3 / 4), 2)
+
+
+def test_progress_line_shows_returns_only_against_a_heuristic():
+    """Returns per image mean something against a heuristic's fidelity (above 0 where the agents beat it);
+    against an image's other rollouts they average 0 by construction, so the line leaves them out."""
+    from envs.problem import PruningProblem
+
+    result = {"training_iteration": 3, "num_env_steps_sampled_lifetime": 120,
+              "env_runners": {"module_episode_returns_mean": {"attention": 1.6, "similarity": 1.6}, "agree": 0.9,
+                              "correct": 0.8, "keep_ratio": 0.125, "gflops": 0.17},
+              "progress": {"elapsed_s": 65, "remaining_s": 125, "validated": False, "out_of_time": False}}
+    heuristic = PruningProblem(rollouts_per_image=1, reward_baseline="distinct", images_per_env=16)
+    line = train.progress_line(result, heuristic)
+    assert "R/img[att]=+0.100" in line and "R/img[sim]=+0.100" in line and "1m05s elapsed" in line
+    assert "R/img" not in train.progress_line(result, PruningProblem(reward_baseline="rollouts"))
