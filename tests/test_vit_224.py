@@ -60,7 +60,8 @@ def test_224px_vit_with_registers_trains_and_evaluates(image_folder_224, tmp_pat
     """The whole chain, with Ray: the agents are trained by train.py on a ViT with four register tokens."""
     trained = train_backbone("registers", image_folder_224, tmp_path)
     assert train.main(["--backbone", str(trained), *data_flags(image_folder_224),
-                       "--prune-points", "1,2", "--val-limit", "6", "--images-per-env", "2", "--warm-start", "none",
+                       "--prune-points", "1,2", "--val-limit", "6", "--images-per-env", "2",
+                       "--rollouts-per-image", "2", "--warm-start", "none",
                        "--iterations", "1", "--checkpoint-every", "1", "--num-workers", "0",
                        "--train-batch-size-per-learner", "16", "--minibatch-size", "16", "--num-epochs", "1",
                        "--num-cpus", "2", "--memory-budget-mb", STREAM, "--output-dir", str(tmp_path / "run")]) == 0
