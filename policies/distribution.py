@@ -90,8 +90,8 @@ class ExactCount(TorchDistribution):
     def _scores_log_normaliser(self) -> torch.Tensor:
         """``log Z`` of this distribution's ``scores``, computed once: PPO's loss asks for the log-probability and
         then the entropy of the same distribution, and both need it. Differentiable when the scores are."""
-        if self._log_z is None or (self.scores.requires_grad and not self._log_z.requires_grad):
-            with torch.enable_grad():
+        if self._log_z is None:
+            with torch.enable_grad():  # the graph exists exactly when the scores require grad
                 self._log_z = self._log_normaliser(self.scores)
         return self._log_z
 
@@ -106,18 +106,21 @@ class ExactCount(TorchDistribution):
             log_z = self._scores_log_normaliser()
             (inclusion,) = torch.autograd.grad(log_z.sum(), self.scores, create_graph=differentiable,
                                                retain_graph=True)
-        else:
-            with torch.enable_grad():
-                scores = self.scores.detach().requires_grad_(True)
-                log_z = self._log_normaliser(scores)
-                (inclusion,) = torch.autograd.grad(log_z.sum(), scores)
-            differentiable = False
-        return (log_z, inclusion) if differentiable else (log_z.detach(), inclusion.detach())
+            return (log_z, inclusion) if differentiable else (log_z.detach(), inclusion)
+        with torch.enable_grad():
+            scores = self.scores.detach().requires_grad_(True)
+            log_z = self._log_normaliser(scores)
+            (inclusion,) = torch.autograd.grad(log_z.sum(), scores)
+        return log_z.detach(), inclusion
+
+    def _entropy(self, differentiable: bool) -> torch.Tensor:
+        """``log Z - sum_i pi_i s_i`` with the inclusion probabilities ``pi`` (0 on dead tokens), differentiable
+        in the scores when ``differentiable`` and the scores are."""
+        log_z, inclusion = self._log_normaliser_and_inclusion(differentiable)
+        return log_z - (inclusion * (self.scores if differentiable else self.scores.detach())).sum(-1)
 
     def entropy(self) -> torch.Tensor:
-        """``log Z - sum_i pi_i s_i`` with the inclusion probabilities ``pi`` (0 on dead tokens)."""
-        log_z, inclusion = self._log_normaliser_and_inclusion()
-        return log_z - (inclusion * self.scores).sum(-1)
+        return self._entropy(differentiable=True)
 
     def kl(self, other: ExactCount) -> torch.Tensor:
         """``KL(self || other) = sum_i pi_i (s_i - s'_i) - log Z + log Z'``, for the same count on both sides."""
@@ -170,5 +173,4 @@ class ExactCountEntropyStatistic(ExactCount):
     """
 
     def entropy(self) -> torch.Tensor:
-        log_z, inclusion = self._log_normaliser_and_inclusion(differentiable=False)
-        return log_z - (inclusion * self.scores.detach()).sum(-1)
+        return self._entropy(differentiable=False)
