@@ -434,9 +434,9 @@ def train_until(algo, problem: PruningProblem, stop: StopRule) -> None:
 # -- the run: trials under Tune -------------------------------------------------------------------------------
 
 def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
-    """One compact line per iteration; returns are per image (an env episode carries several images), shown
-    against a heuristic baseline only (above 0 where the agents beat it; against the image's other rollouts
-    they average 0 by construction); ``remaining``: time until --iterations or --time-budget ends the trial,
+    """One compact line per iteration; returns are per image (an env episode carries several images), left out
+    with the ``rollouts`` baseline, against which they average 0 by construction (against a heuristic they are
+    above 0 where the agents beat it); ``remaining``: time until --iterations or --time-budget ends the trial,
     whichever comes first."""
     runners = result.get("env_runners", {})
     returns = {} if problem.reward_baseline == "rollouts" else runners.get("module_episode_returns_mean", {})

@@ -160,7 +160,7 @@ def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
     assert training_images_per_second(tmp_path, alone) == (pytest.approx(120 * 8 / 3 / 4), 2)
 
 
-def test_progress_line_shows_returns_only_against_a_heuristic():
+def test_progress_line_leaves_out_returns_against_the_other_rollouts():
     """Returns per image mean something against a heuristic's fidelity (above 0 where the agents beat it);
     against an image's other rollouts they average 0 by construction, so the line leaves them out."""
     from envs.problem import PruningProblem
