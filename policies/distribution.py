@@ -30,11 +30,17 @@ IMPOSSIBLE = -1e30
 would be NaN."""
 
 
+UNDERFLOW = -80.0
+"""The shifted log-terms of :func:`_log_sum_exp` are raised to this before ``exp``: a term this far below the
+largest (whose ``exp`` is 1) is beyond float32's precision of the sum anyway, and torch's CPU ``exp`` is several
+times slower on arguments whose result underflows (``-88`` and below), which most padded terms are."""
+
+
 def _log_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``log sum exp`` along ``dim`` with a detached shift, written out: its first and second derivatives stay
     finite where every entry is :data:`IMPOSSIBLE` (torch's ``logaddexp`` has NaN second derivatives there)."""
     top = x.detach().amax(dim, keepdim=True)
-    return (top + torch.log(torch.exp(x - top).sum(dim, keepdim=True))).squeeze(dim)
+    return (top + torch.log(torch.exp((x - top).clamp(min=UNDERFLOW)).sum(dim, keepdim=True))).squeeze(dim)
 
 
 def _log_product(left: torch.Tensor, right: torch.Tensor, max_count: int) -> torch.Tensor:
@@ -51,16 +57,30 @@ def _log_product(left: torch.Tensor, right: torch.Tensor, max_count: int) -> tor
 
 def polynomial_tree(scores: torch.Tensor, max_count: int) -> list[torch.Tensor]:
     """The pairwise products of ``prod_i (1 + exp(scores_i) t)`` as log-coefficients up to degree ``max_count``,
-    one tensor per level: level 0 holds the factors ``[B, W, 2]`` (``W``: ``N`` rounded up to a power of two,
-    padded with dead tokens), level ``l`` the products of ``2^l`` consecutive factors, the last ``[B, 1, C]``
-    whose entry ``j`` is ``log e_j(exp(scores))``. ``scores``: ``[B, N]``."""
+    one tensor per level: level 0 holds the factors ``[B, W, 2]`` (``W``: ``N`` rounded up to a power of two, at
+    least 2, padded with dead tokens), level ``l`` the products of ``2^l`` consecutive factors, the last the
+    two halves ``[B, 2, C]``. The root's coefficients are not formed: a row needs one of them only, its count's
+    (:func:`split_log_weights`), and forming them all would be the tree's largest step. ``scores``: ``[B, N]``."""
     batch, num_tokens = scores.shape
-    width = 1 << max(num_tokens - 1, 0).bit_length()
+    width = max(2, 1 << max(num_tokens - 1, 0).bit_length())
     padded = torch.cat([scores, scores.new_full((batch, width - num_tokens), DEAD_SCORE)], dim=1)
     levels = [torch.stack([torch.zeros_like(padded), padded], dim=-1)[..., :max_count + 1]]
-    while levels[-1].shape[1] > 1:
+    while levels[-1].shape[1] > 2:
         levels.append(_log_product(levels[-1][:, 0::2], levels[-1][:, 1::2], max_count))
     return levels
+
+
+def split_log_weights(children: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """The log-weights ``[B, P, d]`` of the ways ``P`` nodes can share their ``members [B, P]`` between their
+    halves, whose log-coefficients ``children [B, 2P, d]`` alternate left, right: entry ``j`` is ``log
+    e_j(left) + log e_{r-j}(right)``, the left half holding ``j`` of the ``r`` members, and :data:`IMPOSSIBLE`
+    where a half has no coefficient of that degree. Their log-sum-exp over ``j`` is the node's ``log e_r``."""
+    left, right = children[:, 0::2], children[:, 1::2]
+    given = torch.arange(left.shape[-1], device=left.device)  # members the left half may take
+    rest = members[..., None] - given  # those its right half then holds
+    fits = (rest >= 0) & (rest < right.shape[-1])
+    log_weights = left + right.gather(-1, rest.clamp(0, right.shape[-1] - 1))
+    return log_weights.masked_fill(~fits, IMPOSSIBLE)
 
 
 class ExactCount(TorchDistribution):
@@ -84,8 +104,8 @@ class ExactCount(TorchDistribution):
     def _log_normaliser(self, scores: torch.Tensor) -> torch.Tensor:
         """``log Z = log e_count(exp(scores))``, ``[...]``, for ``scores [..., N]``."""
         flat, count = scores.reshape(-1, scores.shape[-1]), self.count.reshape(-1)
-        root = polynomial_tree(flat, int(count.max()))[-1][:, 0]
-        return root.gather(1, count[:, None]).squeeze(1).reshape(self.count.shape)
+        halves = polynomial_tree(flat, int(count.max()))[-1]
+        return _log_sum_exp(split_log_weights(halves, count[:, None]), -1)[:, 0].reshape(self.count.shape)
 
     def _scores_log_normaliser(self) -> torch.Tensor:
         """``log Z`` of this distribution's ``scores``, computed once: PPO's loss asks for the log-probability and
@@ -135,16 +155,11 @@ class ExactCount(TorchDistribution):
         if sample_shape:
             raise ValueError("ExactCount draws one set per row")
         scores, count = self.scores.reshape(-1, self.scores.shape[-1]), self.count.reshape(-1)
-        levels = polynomial_tree(scores, int(count.max()))
         members = count[:, None]  # [B, nodes]: how many members each node of the current level holds
-        for children in reversed(levels[:-1]):
-            left, right = children[:, 0::2], children[:, 1::2]  # [B, nodes, d]
-            given = torch.arange(left.shape[-1], device=left.device)  # members the left half may take
-            rest = members[..., None] - given  # those its right half then holds
-            fits = (rest >= 0) & (rest < right.shape[-1])
-            log_weights = left + right.gather(-1, rest.clamp(0, right.shape[-1] - 1))
+        for children in reversed(polynomial_tree(scores, int(count.max()))):
+            log_weights = split_log_weights(children, members)
             gumbel = -torch.log(-torch.log(torch.rand_like(log_weights)))  # argmax of log-weights + Gumbel noise:
-            to_left = (log_weights + gumbel).masked_fill(~fits, -torch.inf).argmax(-1)  # a draw by weight
+            to_left = (log_weights + gumbel).argmax(-1)  # a draw by weight (an impossible share never wins)
             members = torch.stack([to_left, members - to_left], dim=-1).flatten(1)
         chosen = members[:, :scores.shape[1]] > 0
         return chosen.reshape(self.scores.shape).to(self.scores.dtype)
