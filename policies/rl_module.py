@@ -9,7 +9,7 @@ observations come from ``envs.vit.features.observe``, which has already replaced
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -28,10 +28,16 @@ DEFAULT_HIDDEN = 64
 _NETWORKS = ("token_net", "logit_net", "value_head")
 
 
-def masked_mean(emb: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """Mean of ``emb [..., N, h]`` over rows with ``live [..., N]`` = 1 (a zero vector if none are live)."""
-    total = (emb * live.unsqueeze(-1)).sum(-2)
-    return total / live.sum(-1, keepdim=True).clamp(min=1.0)
+class LiveEmbeddings(NamedTuple):
+    """The token network's output on the live tokens only: on the CPU it is most of the module's cost, and
+    after the first pruning point most tokens are dead."""
+
+    emb: torch.Tensor
+    """``[L, h]``: the embeddings of the ``L`` live tokens, row by row."""
+    index: tuple[torch.Tensor, torch.Tensor]
+    """``([L], [L])``: the flat row (leading dimensions flattened) and the column of each."""
+    context: torch.Tensor
+    """``[..., h]``: the mean live embedding of each row (a zero vector if none is live)."""
 
 
 class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
@@ -73,45 +79,54 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
     def get_train_action_dist_cls(self) -> type[ExactCount]:
         return self._train_distribution
 
-    def _embed(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token embeddings ``[..., N, h]`` and the live-token context ``[..., h]``."""
-        emb = self._token_net(obs["tokens"])
-        return emb, masked_mean(emb, obs["live"])
+    def _embed(self, obs: dict[str, torch.Tensor]) -> LiveEmbeddings:
+        """The live tokens' embeddings and each row's live-token context."""
+        live = obs["live"] > 0.5
+        flat_live = live.reshape(-1, live.shape[-1])
+        rows, columns = flat_live.nonzero(as_tuple=True)
+        emb = self._token_net(obs["tokens"].reshape(*flat_live.shape, -1)[rows, columns])
+        total = emb.new_zeros(flat_live.shape[0], emb.shape[-1]).index_add(0, rows, emb)
+        context = total / flat_live.sum(-1, keepdim=True).clamp(min=1)
+        return LiveEmbeddings(emb, (rows, columns), context.reshape(*live.shape[:-1], -1))
 
-    def _scores(self, obs: dict[str, torch.Tensor], emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        joint = torch.cat([emb, context.unsqueeze(-2).expand_as(emb)], dim=-1)
-        scores = self._logit_net(joint).squeeze(-1)
-        return torch.where(obs["live"] > 0.5, scores, torch.full_like(scores, DEAD_SCORE))
+    def _scores(self, obs: dict[str, torch.Tensor], embedded: LiveEmbeddings) -> torch.Tensor:
+        """``[..., N]``: the logit net's score of each live token beside its row's context; dead tokens get
+        :data:`DEAD_SCORE`."""
+        rows, columns = embedded.index
+        context = embedded.context.reshape(-1, embedded.context.shape[-1])
+        live_scores = self._logit_net(torch.cat([embedded.emb, context[rows]], dim=-1)).squeeze(-1)
+        live = obs["live"]
+        scores = live_scores.new_full((context.shape[0], live.shape[-1]), DEAD_SCORE)
+        return scores.index_put((rows, columns), live_scores).reshape(live.shape)
 
     def token_scores(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """The scores ``[..., N]`` of tokens with features ``tokens [..., N, F]`` and live mask ``live [..., N]``
         (the deterministic policy keeps the ``count`` highest)."""
         obs = {"tokens": tokens, "live": live}
-        return self._scores(obs, *self._embed(obs))
+        return self._scores(obs, self._embed(obs))
 
-    def _action_dist_inputs(self, obs: dict[str, torch.Tensor], emb: torch.Tensor,
-                            context: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._scores(obs, emb, context), obs["count"]], dim=-1)
+    def _action_dist_inputs(self, obs: dict[str, torch.Tensor], embedded: LiveEmbeddings) -> torch.Tensor:
+        return torch.cat([self._scores(obs, embedded), obs["count"]], dim=-1)
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         obs = batch[Columns.OBS]
-        emb, context = self._embed(obs)
-        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, emb, context)}
+        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, self._embed(obs))}
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         """Also returns the context as EMBEDDINGS so PPO's value loss does not re-run the token MLP."""
         obs = batch[Columns.OBS]
-        emb, context = self._embed(obs)
-        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, emb, context), Columns.EMBEDDINGS: context}
+        embedded = self._embed(obs)
+        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, embedded),
+                Columns.EMBEDDINGS: embedded.context}
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """The value of the live-token context. The value head reads the token embeddings but does not train
         them (docs/DESIGN.md, "Warm start")."""
         if embeddings is None:
-            embeddings = self._embed(batch[Columns.OBS])[1]
+            embeddings = self._embed(batch[Columns.OBS]).context
         return self._value_head(embeddings.detach()).squeeze(-1)
 
 

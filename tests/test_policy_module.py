@@ -170,12 +170,14 @@ def test_permuting_live_tokens_permutes_logits(module):
 
 @pytest.mark.parametrize("num_tokens,num_features,hidden", [(16, 7, 64), (196, 9, 32), (49, 8, 128)])
 def test_macs_per_token_matches_flop_counter(num_tokens, num_features, hidden):
+    """The policy GFLOPs count live tokens only, and so does the module's compute: dead rows cost nothing."""
     policy = build(num_tokens, num_features, hidden=hidden)
-    batch = {Columns.OBS: make_obs([num_tokens], num_tokens, num_features)}
+    live_counts = [num_tokens, num_tokens // 2, num_tokens // 4]
+    batch = {Columns.OBS: make_obs(live_counts, num_tokens, num_features)}
     with FlopCounterMode(display=False) as counter:
         policy.forward_inference(batch)
     measured = counter.get_total_flops() / 2
-    assert num_tokens * policy.macs_per_token() == pytest.approx(measured, rel=0.02)
+    assert sum(live_counts) * policy.macs_per_token() == pytest.approx(measured, rel=0.02)
 
 
 def test_states_naming_the_networks_without_underscore_load(module):
