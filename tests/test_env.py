@@ -168,7 +168,10 @@ def test_each_image_prunes_at_the_ratio_it_draws(engine):
         heuristic, _ = exact_forward(engine.staged, inputs[i:i + 1], heuristic_selector("distinct"), ratio, "merge")
         baseline = float(heuristic[0].argmax() == full[i]) + float(heuristic[0].softmax(-1)[full[i]])
         expected = float(info["agree"]) + info["prob_unpruned_class"] - baseline
-        assert trace[-1][1][f"attention_{i}"] == pytest.approx(expected)
+        # the engine's baseline comes from a forward of the env's eight images, this one from one image's: float32
+        # probabilities of two batch compositions, equal to rounding (a relative tolerance fails on a difference
+        # near 0 on some CPUs)
+        assert trace[-1][1][f"attention_{i}"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_each_agent_alone_makes_every_removal(engine):
