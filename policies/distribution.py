@@ -28,8 +28,6 @@ DEAD_SCORE = -1e4
 IMPOSSIBLE = -1e30
 """The log-coefficient of a subset size that does not exist: a finite stand-in for ``-inf``, whose gradients
 would be NaN."""
-
-
 UNDERFLOW = -80.0
 """The shifted log-terms of :func:`_log_sum_exp` are raised to this before ``exp``: a term this far below the
 largest (whose ``exp`` is 1) is beyond float32's precision of the sum anyway, and torch's CPU ``exp`` is several
