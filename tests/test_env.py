@@ -32,12 +32,16 @@ def engine():
                          baseline="distinct")
 
 
+def one_rollout_problem(engine, **problem) -> dict:
+    """PruningProblem fields for an env on the in-process engine: one rollout per image against the engine's
+    reward baseline, then ``problem``."""
+    return {"rollouts_per_image": 1, "reward_baseline": engine.baseline, **problem}
+
+
 def make_env(engine, images_per_env: int = 1, **problem) -> TokenPruningEnv:
-    """An env on the in-process engine; ``problem``: PruningProblem fields beyond the defaults (one rollout per
-    image; the reward baseline: the engine's)."""
-    problem = {"images_per_env": images_per_env, "rollouts_per_image": 1, "reward_baseline": engine.baseline,
-               **problem}
-    return TokenPruningEnv({"server": engine, "problem": problem})
+    """An env on the in-process engine; ``problem``: PruningProblem fields beyond :func:`one_rollout_problem`."""
+    return TokenPruningEnv({"server": engine, "problem": one_rollout_problem(engine, images_per_env=images_per_env,
+                                                                             **problem)})
 
 
 def rollout(env, seed, policy):
@@ -209,9 +213,8 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
 
 def test_image_streams_of_runners_and_sub_envs_are_independent(engine):
     def images(worker: int, vector: int, recreated_worker: bool = False) -> list[int]:
-        problem = {"images_per_env": 8, "rollouts_per_image": 1, "reward_baseline": engine.baseline}
-        config = EnvContext({"server": engine, "problem": problem}, worker_index=worker, vector_index=vector,
-                            recreated_worker=recreated_worker)
+        config = EnvContext({"server": engine, "problem": one_rollout_problem(engine, images_per_env=8)},
+                            worker_index=worker, vector_index=vector, recreated_worker=recreated_worker)
         env = TokenPruningEnv(config)
         env.reset(seed=100 + worker)  # RLlib's seed: the base seed plus the runner's index
         return env._images
@@ -245,7 +248,6 @@ def test_bad_settings_fail_clearly(engine):
 def test_runners_spread_over_servers_by_index(engine):
     names = ["server_0", "server_1", "server_2"]
     for worker in range(5):
-        problem = {"rollouts_per_image": 1, "reward_baseline": engine.baseline}
-        env = TokenPruningEnv(EnvContext({"server": engine, "server_name": names, "problem": problem},
-                                         worker_index=worker))
+        env = TokenPruningEnv(EnvContext({"server": engine, "server_name": names,
+                                          "problem": one_rollout_problem(engine)}, worker_index=worker))
         assert env._server_name == names[worker % 3]
