@@ -25,6 +25,7 @@ learned to beat them (README, "Results").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -335,14 +336,16 @@ def validation_score(result: dict[str, Any]) -> float | None:
     return result.get(EVALUATION_RESULTS, {}).get("exact_accuracy")
 
 
-def run_trial(config: dict, *, stop: StopRule, access: dict, inputs: dict[str, ServerInputs] | None = None) -> None:
+def run_trial(config: dict, *, stop: StopRule, access: dict, storage: tuple[str, str],
+              inputs: dict[str, ServerInputs] | None = None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
     It goes on from the trial's newest checkpoint when Tune restarts or resumes it
     (:func:`resumable_checkpoints`), else starts from the trial's ``from_checkpoint`` or the warm start; it
     reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
     checkpoint. ``config["trial"]``: the trial's problem, resources and starting checkpoint (build_tuner);
-    ``inputs``: the servers' weights and images as the driver read them (loaded here if None)."""
+    ``storage``: the run's ``(storage_path, name)`` (:func:`storage_location`); ``inputs``: the servers'
+    weights and images as the driver read them (loaded here if None)."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = PruningProblem.from_json(trial["problem"])
@@ -355,33 +358,34 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, inputs: dict[str, S
     servers = [*start_vit_servers(settings[TRAIN_SERVER], names[TRAIN_SERVER], inputs[TRAIN_SERVER], train_bundles),
                *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle])]
     try:
-        trial_dir = Path(tune.get_context().get_trial_dir())
-        own = resumable_checkpoints(trial_dir, tune.get_checkpoint())
-        start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
-        initial_states = {}
-        if not own and not start and problem.warm_start != "none":
-            initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER], trial_dir / "warm_start", trial["name"])
-        algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states).build_algo()
-        try:
-            restore_newest(algo, own or start)
-            train_until(algo, problem, stop)
-        finally:
-            algo.stop()
+        with contextlib.ExitStack() as downloads:  # a checkpoint from cloud storage stays on disk until the end
+            own = resumable_checkpoints(stored_trial_dir(storage, trial["name"]), tune.get_checkpoint(), downloads)
+            start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
+            initial_states = {}
+            if not own and not start and problem.warm_start != "none":
+                clones = Path(tune.get_context().get_trial_dir(), "warm_start")  # staged there, Tune stores it
+                initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER], clones, trial["name"])
+            algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states).build_algo()
+            try:
+                restore_newest(algo, own or start)
+                train_until(algo, problem, stop)
+            finally:
+                algo.stop()
     finally:
         for server in servers:
             ray.kill(server, no_restart=True)
 
 
-def resumable_checkpoints(trial_dir: Path, recorded: tune.Checkpoint | None) -> list[Path]:
-    """What a restarted or resumed trial may go on from, newest first: its checkpoints on this disk (local
-    storage), then the one Tune recorded last when it is elsewhere (cloud storage). The disk comes first
-    because Tune saves its record of a run only every 10 s or more: after a SIGKILL the record can name a
-    checkpoint older than the newest, even one its rotation has deleted since."""
-    found = list(reversed(trial_checkpoints(trial_dir)))
-    if recorded is not None and not Path(recorded.path).is_relative_to(trial_dir):
-        with recorded.as_directory() as directory:  # downloaded, kept for the trial's lifetime
-            found.append(Path(shutil.copytree(directory, tempfile.mkdtemp(prefix="marl_restore_"),
-                                              dirs_exist_ok=True)))
+def resumable_checkpoints(trial_dir: Path | None, recorded: tune.Checkpoint | None,
+                          downloads: contextlib.ExitStack) -> list[Path]:
+    """What a restarted or resumed trial may go on from, newest first: its checkpoints in ``trial_dir`` (where
+    Tune stores them, on a local disk or a shared one; None for cloud storage), then the one Tune recorded last
+    when it is elsewhere, downloaded for as long as ``downloads`` stays open. The disk comes first because Tune
+    saves its record of a run only every 10 s or more: after a SIGKILL the record can name a checkpoint older
+    than the newest, even one its rotation has deleted since."""
+    found = list(reversed(trial_checkpoints(trial_dir))) if trial_dir is not None else []
+    if recorded is not None and (trial_dir is None or not Path(recorded.path).is_relative_to(trial_dir)):
+        found.append(Path(downloads.enter_context(recorded.as_directory())))
     return found
 
 
@@ -483,6 +487,13 @@ def storage_location(output_dir: str) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def stored_trial_dir(storage: tuple[str, str], trial_name: str) -> Path | None:
+    """Where Tune stores a trial's checkpoints, when that is a path on this machine (None for a cloud URI).
+    Not the trial's own directory in Tune's context, which is a staging one that Tune copies to storage."""
+    storage_path, name = storage
+    return None if "://" in storage_path else Path(storage_path, name, trial_name)
+
+
 def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProblem],
                 resources: TrialResources) -> tune.Tuner:
     """A new run of one trial per problem, or with --resume the run in --output-dir restored: every trial,
@@ -563,7 +574,8 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
             args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
     print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
     trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
-                                     access=data_access(args), inputs=inputs)
+                                     access=data_access(args), storage=storage_location(args.output_dir),
+                                     inputs=inputs)
     return build_tuner(args, trainable, problems, resources).fit()
 
 
