@@ -72,6 +72,7 @@ from policies.checkpoints import (
     trial_checkpoints,
 )
 from policies.rl_module import TokenPolicyModule
+from policies.sample_ahead import SampleAheadPPO
 from policies.warm_start import warm_start_modules
 
 REPO = Path(__file__).resolve().parent
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=non_negative_int, default=2,
                      help="env runners per trial (0 = sample in the trial's own process, for debugging)")
     run.add_argument("--envs-per-worker", type=positive_int, default=1)
+    run.add_argument("--sample-ahead", action=argparse.BooleanOptionalAction, default=True,
+                     help="the env runners sample the next batch while the learner updates on this one, with the "
+                          "policy of one update earlier (PPO's ratio is to the policy that sampled); "
+                          "--no-sample-ahead: RLlib's PPO, which alternates the two")
     run.add_argument("--iterations", type=positive_int, default=1000,
                      help="stop a trial after this many iterations in total (raise it on --resume to go on)")
     run.add_argument("--time-budget", type=float, default=18.0, metavar="MINUTES",
@@ -159,14 +164,17 @@ class TrialResources:
     num_workers: int
     envs_per_worker: int
     placement: Placement
+    sample_ahead: bool  # SampleAheadPPO instead of RLlib's PPO
 
     def to_json(self) -> dict:
         return {"num_workers": self.num_workers, "envs_per_worker": self.envs_per_worker,
-                "placement": asdict(self.placement)}
+                "placement": asdict(self.placement), "sample_ahead": self.sample_ahead}
 
     @classmethod
     def from_json(cls, data: dict) -> TrialResources:
-        return cls(data["num_workers"], data["envs_per_worker"], Placement(**data["placement"]))
+        """A run recorded before ``sample_ahead`` existed alternated sampling and updates, and goes on so."""
+        return cls(data["num_workers"], data["envs_per_worker"], Placement(**data["placement"]),
+                   data.get("sample_ahead", False))
 
 
 def trial_resources(resources: TrialResources) -> tune.PlacementGroupFactory:
@@ -250,7 +258,7 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
             "hidden": problem.hidden, "entropy_gradient": problem.ppo.entropy_coeff > 0})
         for policy in policies}
     return (
-        with_resources(PPOConfig(), resources)
+        with_resources(PPOConfig(SampleAheadPPO if resources.sample_ahead else PPO), resources)
         .environment(TokenPruningEnv, env_config=env_config, disable_env_checking=True)
         .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent, count_steps_by="agent_steps")
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
@@ -538,7 +546,7 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     problems = ([read_checkpoint_info(Path(args.from_checkpoint)).problem] if args.from_checkpoint
                 else problems_from_args(args))
     placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
-    return problems, TrialResources(args.num_workers, args.envs_per_worker, placement)
+    return problems, TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead)
 
 
 DATA_SETTINGS = ("backbone", "dataset", "data_dir", "train_limit", "val_size", "split_seed", "val_limit",

@@ -87,12 +87,20 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
 
     # a new run from a checkpoint, with an env runner: its problem, weights and iteration count go on
     start = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == "target_ratio=0.3"][-1]
-    assert train.main(["--output-dir", "run2", "--from-checkpoint", str(start), "--iterations", "4",
+    assert train.main(["--output-dir", "run2", "--from-checkpoint", str(start), "--iterations", "6",
                        "--num-workers", "1", "--num-cpus", "2"]) == 0
     assert "best checkpoint: run2/target_ratio=0.3/" in capsys.readouterr().out
     continued = list_checkpoints(tmp_path / "run2")
-    assert [read_checkpoint_info(c).iteration for c in continued] == [4]
+    assert [read_checkpoint_info(c).iteration for c in continued] == [4, 5, 6]
     assert read_checkpoint_info(continued[0]).problem == read_checkpoint_info(start).problem
+    # the env runner draws each batch while the learner updates on the one before (--sample-ahead, the
+    # default), so after the run's first iteration the policy that drew a batch is two updates old when the
+    # learner has made its update on it (RLlib's PPO: one)
+    with (tmp_path / "run2" / "target_ratio=0.3" / "progress.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    behind = [float(row["learners/similarity/weights_seq_no"]) - float(row["env_runners/weights_seq_no"])
+              for row in rows]
+    assert behind[1:] == [2, 2]
 
 
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
@@ -141,6 +149,20 @@ def test_placement(servers, gpus, driver_gpu, expected):
     assert placement == expected
     reserved = placement.server_gpus * (placement.servers + 1) + placement.learner_gpus * placement.learner_actor
     assert reserved <= max(gpus, 0) + 1e-9  # never more than the cluster has: nothing waits forever
+
+
+def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_it():
+    from envs.problem import PruningProblem
+    from policies.sample_ahead import SampleAheadPPO
+
+    assert train.build_parser().parse_args([]).sample_ahead
+    assert not train.build_parser().parse_args(["--no-sample-ahead"]).sample_ahead
+    recorded = train.TrialResources(2, 1, train.plan_placement(None, 1, 0, False), True).to_json()
+    config = train.build_config(PruningProblem(), train.TrialResources.from_json(recorded), ["train"], "val")
+    assert config.algo_class is SampleAheadPPO
+    del recorded["sample_ahead"]  # a run recorded before the setting existed
+    assert train.build_config(PruningProblem(), train.TrialResources.from_json(recorded), ["train"],
+                              "val").algo_class is train.PPO
 
 
 def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
