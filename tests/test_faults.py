@@ -1,4 +1,4 @@
-"""Faults injected for real into a running training job: dead env runners, dead ViT servers, a dead trial process
+"""Faults injected for real into a running training job: a dead env runner, dead ViT servers, a dead trial process
 (Tune restarts the trial), then SIGKILL of the whole job (then --resume)."""
 
 import contextlib
@@ -73,12 +73,12 @@ def kill_ray_processes(title: str, session: int) -> set[int]:
 
 def test_runners_servers_and_trial_killed_then_whole_job_sigkilled_and_resumed(tmp_path, tiny_backbone, data_dir,
                                                                               capsys):
-    """One job loses its env runners, then its ViT servers, and goes on; then its trial process (Tune's
-    FailureConfig: the trial, its servers and env runners die at any moment, a checkpoint being written
-    included), and Tune starts the trial again from its latest recorded checkpoint; then SIGKILL of the whole
-    job, and ``--resume`` loses at most one checkpoint interval. One job for all of it: each start of Ray's
-    processes costs more on a small CPU than the faults themselves."""
-    job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "2", "--time-budget", "3",
+    """One job loses its env runner, then its ViT servers, and goes on; then its trial process (Tune's
+    FailureConfig: the trial, its servers and env runner die at any moment, a checkpoint being written
+    included), and Tune starts the trial again from its newest checkpoint; then SIGKILL of the whole job, and
+    ``--resume`` loses at most one checkpoint interval. One job and one env runner for all of it: every Ray
+    process imports torch, timm and RLlib (about 10 s of CPU here), which costs more than the faults."""
+    job = start_training(tmp_path, tiny_backbone, data_dir, "--num-workers", "1", "--time-budget", "3",
                          "--checkpoint-every", "2")
     trial_dir = tmp_path / "run" / "target_ratio=0.5"
     wait_for(lambda: len(iterations(tmp_path)) >= 1, job, tmp_path)
