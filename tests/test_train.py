@@ -2,6 +2,7 @@
 run started from a checkpoint with another worker count."""
 
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,6 +164,50 @@ def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_i
     del recorded["sample_ahead"]  # a run recorded before the setting existed
     assert train.build_config(PruningProblem(), train.TrialResources.from_json(recorded), ["train"],
                               "val").algo_class is train.PPO
+
+
+class StubEnvRunnerGroup:
+    """The two calls of RLlib's EnvRunnerGroup that SampleAheadPPO makes for its requests ahead, recorded."""
+
+    def __init__(self, agent_steps_per_runner: list[int]):
+        self.agent_steps_per_runner = agent_steps_per_runner
+        self.calls: list[str] = []
+
+    def foreach_env_runner_async(self, func, tag):
+        self.calls.append("request")
+        return len(self.agent_steps_per_runner)
+
+    def fetch_ready_async_reqs(self, tags, timeout_seconds):
+        self.calls.append("fetch")
+        return [(runner, ([f"episode of runner {runner}"], {"num_agent_steps_sampled": {"similarity_0": steps}}))
+                for runner, steps in enumerate(self.agent_steps_per_runner, 1)]
+
+
+@pytest.mark.parametrize(("in_flight", "agent_steps", "topped_up"), [
+    (True, [64, 64], 0),  # the requests made during the last update hold a whole batch
+    (True, [64], 64),  # one env runner failed: the rest is sampled now, synchronously
+    (False, [64, 64], 0),  # the first iteration: requested, then awaited
+])
+def test_sample_ahead_collects_the_requests_in_flight_and_tops_up_a_short_batch(in_flight, agent_steps, topped_up,
+                                                                               monkeypatch):
+    import policies.sample_ahead as sample_ahead
+
+    synchronous = []
+
+    def sample_now(*, max_agent_steps, **kwargs):
+        synchronous.append(max_agent_steps)
+        return ["episode sampled now"], [{"num_agent_steps_sampled": {"similarity_0": max_agent_steps}}]
+
+    monkeypatch.setattr(sample_ahead, "synchronous_parallel_sample", sample_now)
+    algo = sample_ahead.SampleAheadPPO.__new__(sample_ahead.SampleAheadPPO)  # no Ray: only its sampling runs
+    algo.config = SimpleNamespace(sample_timeout_s=60.0, total_train_batch_size=128)
+    algo.env_runner_group = StubEnvRunnerGroup(agent_steps)
+    algo._sampling_ahead = in_flight
+    episodes, metrics = algo._collect_train_batch()
+    assert algo.env_runner_group.calls == (["fetch"] if in_flight else ["request", "fetch"])
+    assert synchronous == ([topped_up] if topped_up else [])
+    assert len(episodes) == len(agent_steps) + bool(topped_up) == len(metrics)
+    assert not algo._sampling_ahead  # the next request is made after this batch is collected
 
 
 def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
