@@ -344,7 +344,7 @@ def validation_score(result: dict[str, Any]) -> float | None:
     return result.get(EVALUATION_RESULTS, {}).get("exact_accuracy")
 
 
-def run_trial(config: dict, *, stop: StopRule, access: dict, storage: tuple[str, str],
+def run_trial(config: dict, *, stop: StopRule, access: dict, run_dir: Path | None,
               inputs: dict[str, ServerInputs] | None = None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
@@ -352,8 +352,9 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, storage: tuple[str,
     (:func:`resumable_checkpoints`), else starts from the trial's ``from_checkpoint`` or the warm start; it
     reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
     checkpoint. ``config["trial"]``: the trial's problem, resources and starting checkpoint (build_tuner);
-    ``storage``: the run's ``(storage_path, name)`` (:func:`storage_location`); ``inputs``: the servers'
-    weights and images as the driver read them (loaded here if None)."""
+    ``run_dir``: :func:`local_run_dir`, where Tune stores the trial's checkpoints on disk, not the staging
+    directory of the trial's context; ``inputs``: the servers' weights and images as the driver read them
+    (loaded here if None)."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = PruningProblem.from_json(trial["problem"])
@@ -367,7 +368,8 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, storage: tuple[str,
                *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle])]
     try:
         with contextlib.ExitStack() as downloads:  # a checkpoint from cloud storage stays on disk until the end
-            own = resumable_checkpoints(stored_trial_dir(storage, trial["name"]), tune.get_checkpoint(), downloads)
+            stored = run_dir / trial["name"] if run_dir is not None else None
+            own = resumable_checkpoints(stored, tune.get_checkpoint(), downloads)
             start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
             initial_states = {}
             if not own and not start and problem.warm_start != "none":
@@ -495,11 +497,11 @@ def storage_location(output_dir: str) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
-def stored_trial_dir(storage: tuple[str, str], trial_name: str) -> Path | None:
-    """Where Tune stores a trial's checkpoints, when that is a path on this machine (None for a cloud URI).
-    Not the trial's own directory in Tune's context, which is a staging one that Tune copies to storage."""
-    storage_path, name = storage
-    return None if "://" in storage_path else Path(storage_path, name, trial_name)
+def local_run_dir(output_dir: str) -> Path | None:
+    """The run's directory when ``--output-dir`` is a path on this machine (or a disk its nodes share), where
+    Tune stores each trial's files in ``<run>/<trial name>``; None for a cloud URI."""
+    storage_path, name = storage_location(output_dir)
+    return None if "://" in storage_path else Path(storage_path, name)
 
 
 def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProblem],
@@ -539,7 +541,7 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
         trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
         return ([PruningProblem.from_json(t["problem"]) for t in trials],
                 TrialResources.from_json(trials[0]["resources"]))
-    local = Path(storage_path, name) if "://" not in storage_path else None
+    local = local_run_dir(args.output_dir)
     if local is not None and local.exists() and any(local.iterdir()) and not args.overwrite:
         raise ValueError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
                          f"to replace it")
@@ -572,8 +574,9 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
     """Run (or resume) the trials; uses the Ray instance already initialised in this process, if any."""
     problems, resources = planned_trials(args)
     inputs = read_server_inputs(args, problems, resources)
-    if args.overwrite and not args.resume and "://" not in args.output_dir:
-        shutil.rmtree(args.output_dir, ignore_errors=True)
+    run_dir = local_run_dir(args.output_dir)
+    if args.overwrite and not args.resume and run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     quiet_ray_loggers()
     if not ray.is_initialized():
         start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
@@ -582,7 +585,7 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
             args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
     print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
     trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
-                                     access=data_access(args), storage=storage_location(args.output_dir),
+                                     access=data_access(args), run_dir=run_dir,
                                      inputs=inputs)
     return build_tuner(args, trainable, problems, resources).fit()
 
@@ -600,8 +603,10 @@ def closing_lines(results: tune.ResultGrid) -> tuple[list[str], list[str]]:
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
-        best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else None
-        best = best or result.checkpoint
+        # after a SIGKILL and --resume, Tune's record can still name a checkpoint the killed run's rotation deleted
+        scored = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints
+                  if metrics.get(SCORE) is not None and Path(checkpoint.path).exists()]
+        best = max(scored, key=lambda entry: entry[1][SCORE])[0] if scored else result.checkpoint
         if best is None:
             lines.append(f"{name}no checkpoint")
             continue
