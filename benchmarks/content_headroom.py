@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from torch import nn
 
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
+from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, cosine_similarity, observe
 from envs.vit.pruned_forward import (
@@ -86,18 +88,31 @@ class ContentScorer(nn.Module):
     def forward(self, x_cls: torch.Tensor, x_patch: torch.Tensor, live: torch.Tensor, features: torch.Tensor
                 ) -> torch.Tensor:
         """``x_cls [B, D]``, ``x_patch [B, N, D]``, ``live [B, N]``, ``features [B, N, F]`` (both agents')."""
+        return greedy_keep_rank(x_patch.detach(), live) + self.correction(x_cls, x_patch, live, features)
+
+    def correction(self, x_cls: torch.Tensor, x_patch: torch.Tensor, live: torch.Tensor, features: torch.Tensor
+                   ) -> torch.Tensor:
+        """``[B, N]``: the learned part of the scores alone (greedy similarity's keep rank is a sequential
+        computation that callers with fixed states compute once)."""
         patch, cls = self.norm(x_patch), self.norm(x_cls).unsqueeze(1)
         hidden = self.embed(torch.cat([patch, patch * cls, features], dim=-1))
         if self.mix is not None:
             hidden = hidden + self.mix(hidden, hidden, hidden, key_padding_mask=~live, need_weights=False)[0]
-        return greedy_keep_rank(x_patch.detach(), live) + self.out(hidden).squeeze(-1)
+        return self.out(hidden).squeeze(-1)
+
+
+def scorer_inputs(staged: StagedViT, state: TokenState, target_ratio: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a :class:`ContentScorer` reads at the pruning point ``state`` waits at: the class token ``[B, D]``,
+    the patch tokens ``[B, W, D]``, ``live [B, W]`` and both agents' features ``[B, W, F]``."""
+    observation = observe(staged, state, target_ratio)
+    features = torch.cat([observation.attention, observation.similarity], dim=-1)
+    return state.tokens[:, 0], state.patches, state.live, features
 
 
 def keep_scores(staged: StagedViT, scorer: ContentScorer, state: TokenState, target_ratio: float) -> torch.Tensor:
     """``scorer``'s keep score of each token of ``state``, ``[B, W]``, from what it reads there."""
-    observation = observe(staged, state, target_ratio)
-    features = torch.cat([observation.attention, observation.similarity], dim=-1)
-    return scorer(state.tokens[:, 0], state.patches, state.live, features)
+    return scorer(*scorer_inputs(staged, state, target_ratio))
 
 
 def kl_from_unpruned(unpruned: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -133,6 +148,49 @@ def scorer_selector(staged: StagedViT, scorer: ContentScorer, target_ratio: floa
     return lambda state, k: topk_keep_mask(keep_scores(staged, scorer, state, target_ratio), state.live, k)
 
 
+def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:
+    """The problem of the policy ``checkpoint`` and its backbone staged at its pruning points (and its config),
+    refused with a one-line exit unless it merges and its only prefix token is a class token, which
+    :class:`ContentScorer` reads."""
+    problem = read_checkpoint_info(checkpoint).problem
+    staged, config, _ = policy_backbone(problem, checkpoint)
+    if problem.reduction != "merge" or staged.vit.global_pool != "token" or staged.num_prefix_tokens != 1:
+        raise SystemExit(f"{benchmark} needs merging and a ViT whose only prefix token is a class token")
+    return problem, staged, config
+
+
+def print_validation(staged: StagedViT, config: dict[str, Any], problem: PruningProblem, data_dir: str | Path,
+                     limit: int, name: str, select: Selector) -> None:
+    """Print the validation table: on the first ``limit`` validation images (never the test split), ``select``'s
+    exact-budget accuracy, agreement with the unpruned model and KL next to greedy similarity's and Distinctive
+    NMS's; the share of images whose kept tokens differ from greedy similarity's at some pruning point; and the
+    paired accuracy difference to greedy similarity with its bootstrap 95% interval."""
+    val_states, val_unpruned, labels = first_stage_states(staged, config, problem, data_dir, "val", limit)
+    rows = {"greedy similarity": heuristic_selector("similarity"), "Distinctive NMS": heuristic_selector("distinct"),
+            name: select}
+    recorders, kept_sets = {}, {}
+    for row, row_select in rows.items():
+        recorders[row], kept_sets[row] = kept_positions(row_select)
+    with torch.no_grad():
+        logits = {row: torch.cat([exact_forward_from(staged, state, row_select, problem.target_ratio,
+                                                     problem.reduction)[0] for state in val_states])
+                  for row, row_select in recorders.items()}
+    greedy = next(iter(rows))
+    correct = {row: (value.argmax(1) == labels).numpy().astype(float) for row, value in logits.items()}
+    print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}; unpruned "
+          f"{100 * (val_unpruned.argmax(1) == labels).double().mean():.2f}%")
+    print(f"{'selection':<36} {'acc %':>6} {'agree %':>8} {'KL':>7} {'differs %':>10} {'vs greedy':>10} "
+          f"{'95% CI':>16}")
+    for row, value in logits.items():
+        difference, low, high = paired_difference(correct[row], correct[greedy])
+        kl = kl_from_unpruned(val_unpruned, value).mean().item()
+        agree = 100 * (value.argmax(1) == val_unpruned.argmax(1)).double().mean().item()
+        differs = torch.stack([(torch.cat(kept_sets[row][point]) != torch.cat(kept_sets[greedy][point])).any(dim=1)
+                               for point in range(len(staged.prune_points))]).any(dim=0)  # at some pruning point
+        print(f"{row:<36} {100 * correct[row].mean():6.2f} {agree:8.2f} {kl:7.4f} "
+              f"{100 * differs.double().mean():10.2f} {difference:+10.2f} [{low:+6.2f}, {high:+6.2f}]")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
@@ -155,10 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
-    if problem.reduction != "merge" or staged.vit.global_pool != "token" or staged.num_prefix_tokens != 1:
-        raise SystemExit("content_headroom needs merging and a ViT whose only prefix token is a class token")
+    problem, staged, config = scorer_problem(args.checkpoint, "content_headroom")
 
     train_states, train_unpruned, _ = first_stage_states(staged, config, problem, args.data_dir, "train",
                                                            args.train_images)
@@ -193,33 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[train] epoch {epoch}: drawn sets' KL {np.mean(sampled):.4f}, most likely sets' {mode_kl():.4f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-    val_states, val_unpruned, labels = first_stage_states(staged, config, problem, args.data_dir, "val",
-                                                          args.val_images)
-    rows = {"greedy similarity": heuristic_selector("similarity"),
-            "Distinctive NMS": heuristic_selector("distinct"),
-            "content scorer (trained on train)": scorer_selector(staged, scorer, problem.target_ratio)}
-    recorders, kept_sets = {}, {}
-    for name, select in rows.items():
-        recorders[name], kept_sets[name] = kept_positions(select)
-    with torch.no_grad():
-        logits = {name: torch.cat([exact_forward_from(staged, state, select, problem.target_ratio,
-                                                      problem.reduction)[0] for state in val_states])
-                  for name, select in recorders.items()}
-    greedy = next(iter(rows))
-    correct = {name: (value.argmax(1) == labels).numpy().astype(float) for name, value in logits.items()}
-    print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}; unpruned "
-          f"{100 * (val_unpruned.argmax(1) == labels).double().mean():.2f}%")
-    print(f"{'selection':<36} {'acc %':>6} {'agree %':>8} {'KL':>7} {'differs %':>10} {'vs greedy':>10} "
-          f"{'95% CI':>16}")
-    for name, value in logits.items():
-        difference, low, high = paired_difference(correct[name], correct[greedy])
-        kl = kl_from_unpruned(val_unpruned, value).mean().item()
-        agree = 100 * (value.argmax(1) == val_unpruned.argmax(1)).double().mean().item()
-        differs = torch.stack([(torch.cat(kept_sets[name][point]) != torch.cat(kept_sets[greedy][point])).any(dim=1)
-                               for point in range(len(staged.prune_points))]).any(dim=0)  # at some pruning point
-        print(f"{name:<36} {100 * correct[name].mean():6.2f} {agree:8.2f} {kl:7.4f} "
-              f"{100 * differs.double().mean():10.2f} {difference:+10.2f} [{low:+6.2f}, {high:+6.2f}]")
-
+    print_validation(staged, config, problem, args.data_dir, args.val_images,
+                     "content scorer (trained on train)", scorer_selector(staged, scorer, problem.target_ratio))
 
 if __name__ == "__main__":
     main()

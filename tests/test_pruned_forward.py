@@ -164,14 +164,18 @@ def test_exact_budget_is_tokens_to_keep(staged, images):
     assert kept.tolist() == [expected] * 2
 
 
-def test_exact_forward_from_a_cached_first_stage_is_exact_forward(staged, images):
+def test_exact_forward_from_a_cached_stage_is_exact_forward(staged, images):
     inputs = normalized(images)
     with torch.no_grad():
         state = initial_state(staged, inputs)
         logits, kept = exact_forward(staged, inputs[[1, 4]], top_half_by_attention, 0.5, "merge")
         logits_from, kept_from = exact_forward_from(staged, state.rows([1, 4]), top_half_by_attention, 0.5, "merge")
-        pruned = prune_step(staged, state, top_half_by_attention(state), "merge")
+        pruned = prune_step(staged, state.rows([1, 4]), top_half_by_attention(state.rows([1, 4]), 32), "merge")
+        logits_later, kept_later = exact_forward_from(staged, pruned, top_half_by_attention, 0.5, "merge")
+        uneven = prune_step(staged, state, above_mean_attention(state), "merge")
     torch.testing.assert_close(logits_from, logits)
     assert kept_from.tolist() == kept.tolist()
-    with pytest.raises(ValueError, match="first pruning point"):
-        exact_forward_from(staged, pruned, top_half_by_attention, 0.5, "merge")
+    torch.testing.assert_close(logits_later, logits)  # from the second pruning point, after the same first choice
+    assert kept_later.tolist() == kept[:, 1:].tolist()
+    with pytest.raises(ValueError, match="same tokens' count"):
+        exact_forward_from(staged, uneven, top_half_by_attention, 0.5, "merge")

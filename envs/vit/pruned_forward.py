@@ -8,7 +8,7 @@ engine (``envs.pruning_engine``, episodes arriving at any stage), evaluation and
   merged or dropped, ``envs.vit.token_merge``), then run the next stage.
 - :func:`exact_forward`: every image keeps ``tokens_to_keep(n_live, target_ratio)`` patch tokens at each
   pruning point (a ``Selector`` returns a top-k mask), so batches stay rectangular;
-  :func:`exact_forward_from` does the same from a state whose first stage has already run.
+  :func:`exact_forward_from` does the same from a state at any pruning point.
 """
 
 from __future__ import annotations
@@ -127,12 +127,17 @@ def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, tar
 
 def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
                        reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`exact_forward` from a state at the first pruning point (:func:`initial_state`), so that callers
-    that already ran the first stage (the training engine, search over selectors) do not run it again."""
-    if state.stage != 0 or state.padded:
-        raise ValueError("exact_forward_from starts from an unpruned state at the first pruning point")
-    kept = [staged.num_patches]
-    for _ in staged.prune_points:
+    """:func:`exact_forward` from a state at any pruning point whose images all keep the same tokens' count
+    (:func:`initial_state`, or a state an exact budget pruned), so that callers that already ran the stages
+    before it (the training engine, search over selectors) do not run them again.
+
+    Returns the logits and ``kept [B, num_stages - state.stage]``, the patch tokens alive in each stage from
+    ``state``'s on.
+    """
+    if state.padded:
+        raise ValueError("exact_forward_from starts from a state whose images keep the same tokens' count")
+    kept = [state.live.shape[1]]
+    for _ in staged.prune_points[state.stage:]:
         k = tokens_to_keep(kept[-1], target_ratio)
         keep = select(state, k)
         if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
