@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -590,11 +591,19 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
     return build_tuner(args, trainable, problems, resources).fit()
 
 
-def closing_lines(results: tune.ResultGrid) -> tuple[list[str], list[str]]:
+def stored(checkpoint: tune.Checkpoint) -> bool:
+    """Whether ``checkpoint`` is still in its storage, local or cloud: after a SIGKILL and --resume, Tune's
+    record of a run can name one the killed run's rotation deleted."""
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound
+
+
+def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str], list[str]]:
     """For each trial, its best checkpoint (by validation score, else its latest) and the command that
-    evaluates it; and one line per trial that failed."""
+    evaluates it; and one line per trial that failed. Read from what Tune recorded with each checkpoint, so that
+    checkpoints in cloud storage (``output_dir`` a URI) are named, not downloaded."""
     lines, errors = [], []
     several = len(results) > 1
+    run_dir = local_run_dir(output_dir)
     for result in results:
         name = f"[{result.config['trial']['name']}] " if several else ""
         if result.error is not None:
@@ -603,19 +612,26 @@ def closing_lines(results: tune.ResultGrid) -> tuple[list[str], list[str]]:
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
-        # after a SIGKILL and --resume, Tune's record can still name a checkpoint the killed run's rotation deleted
-        scored = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints
-                  if metrics.get(SCORE) is not None and Path(checkpoint.path).exists()]
-        best = max(scored, key=lambda entry: entry[1][SCORE])[0] if scored else result.checkpoint
-        if best is None:
+        latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
+        scored = [(checkpoint, metrics) for checkpoint, metrics in [*result.best_checkpoints, *latest]
+                  if metrics.get(SCORE) is not None and stored(checkpoint)]
+        if not scored:
             lines.append(f"{name}no checkpoint")
             continue
-        path = Path(best.path)
+        checkpoint, metrics = max(scored, key=lambda entry: entry[1][SCORE])  # the first of equals, as Tune's
+        trial_and_checkpoint = Path(Path(result.path).name, Path(checkpoint.path).name)
+        data_dir = PruningProblem.from_json(result.config["trial"]["problem"]).data_dir
+        best = (f"(best on validation: iteration {metrics['training_iteration']}, exact-budget accuracy "
+                f"{metrics[SCORE]:.2f}%)")
+        if run_dir is None:
+            lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
+                         f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
+                         f"--data-dir {data_dir}")
+            continue
+        path = run_dir / trial_and_checkpoint
         shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
-        info = read_checkpoint_info(path)
-        lines.append(f"{name}best checkpoint: {shown} (best on validation: iteration {info.iteration}, "
-                     f"exact-budget accuracy {info.val_score:.2f}%)\n"
-                     f"{name}evaluate it: python evaluate.py --checkpoint {shown} --data-dir {info.problem.data_dir}")
+        lines.append(f"{name}best checkpoint: {shown} {best}\n"
+                     f"{name}evaluate it: python evaluate.py --checkpoint {shown} --data-dir {data_dir}")
     return lines, errors
 
 
@@ -630,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
-    lines, errors = closing_lines(results)
+    lines, errors = closing_lines(results, args.output_dir)
     print("\n".join(lines))
     for line in errors:
         print("error: " + line, file=sys.stderr)

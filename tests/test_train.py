@@ -2,10 +2,13 @@
 run started from a checkpoint with another worker count."""
 
 import csv
+from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs
 import pytest
 import torch
+from ray import tune
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
@@ -240,3 +243,38 @@ def test_progress_line_leaves_out_returns_against_the_other_rollouts():
     line = train.progress_line(result, heuristic)
     assert "R/img[att]=+0.100" in line and "R/img[sim]=+0.100" in line and "1m05s elapsed" in line
     assert "R/img" not in train.progress_line(result, PruningProblem(reward_baseline="rollouts"))
+
+
+@pytest.mark.parametrize("cloud", [False, True])
+def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypatch, cloud):
+    """From what Tune recorded with each checkpoint, on a local disk or in cloud storage (a filesystem whose
+    paths mean nothing on this machine, as a bucket's): the best score among the checkpoints still stored (the
+    best one recorded was deleted since), its iteration, and how to evaluate it; nothing is downloaded."""
+    storage = tmp_path / "bucket"
+    trial = Path("runs", "marl", "target_ratio=0.5")
+    for index in (0, 1):
+        (storage / trial / f"checkpoint_00000{index}").mkdir(parents=True)
+    if cloud:
+        filesystem, root, output_dir = pyarrow.fs.SubTreeFileSystem(str(storage), pyarrow.fs.LocalFileSystem()), \
+            Path(), "s3://bucket/runs/marl"
+    else:
+        filesystem, root, output_dir = pyarrow.fs.LocalFileSystem(), storage, str(storage / "runs" / "marl")
+    recorded = [(2, 80.0), (4, 82.5), (6, 90.0)]  # checkpoint_000002 (the best) is gone
+    checkpoints = [(tune.Checkpoint(str(root / trial / f"checkpoint_00000{index}"), filesystem),
+                    {train.SCORE: score, "training_iteration": iteration})
+                   for index, (iteration, score) in enumerate(recorded)]
+    result = SimpleNamespace(error=None, config={"trial": {"name": "target_ratio=0.5", "problem": {"data_dir": "d"}}},
+                             best_checkpoints=checkpoints, checkpoint=checkpoints[0][0], metrics=checkpoints[0][1],
+                             path=str(root / trial))
+    monkeypatch.chdir(tmp_path)
+    lines, errors = train.closing_lines([result], output_dir)
+    shown = f"{output_dir}/target_ratio=0.5/checkpoint_000001" if cloud else \
+        "bucket/runs/marl/target_ratio=0.5/checkpoint_000001"
+    evaluate = "evaluate a local copy of it: python evaluate.py --checkpoint <copy>" if cloud else \
+        f"evaluate it: python evaluate.py --checkpoint {shown}"
+    assert errors == []
+    assert lines == [f"best checkpoint: {shown} (best on validation: iteration 4, exact-budget accuracy 82.50%)\n"
+                     f"{evaluate} --data-dir d"]
+    for index in (0, 1):
+        (storage / trial / f"checkpoint_00000{index}").rmdir()
+    assert train.closing_lines([result], output_dir) == (["no checkpoint"], [])
