@@ -598,7 +598,7 @@ def stored(checkpoint: tune.Checkpoint) -> bool:
 
 
 def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str], list[str]]:
-    """For each trial, its best checkpoint (by validation score, else its latest) and the command that
+    """For each trial, its best checkpoint by validation score among those still stored, and the command that
     evaluates it; and one line per trial that failed. Read from what Tune recorded with each checkpoint, so that
     checkpoints in cloud storage (``output_dir`` a URI) are named, not downloaded."""
     lines, errors = [], []
@@ -612,6 +612,7 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
+        # a trial's last report carries its latest checkpoint (the stop writes one), which Tune keeps whatever its score
         latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
         scored = [(checkpoint, metrics) for checkpoint, metrics in [*result.best_checkpoints, *latest]
                   if metrics.get(SCORE) is not None and stored(checkpoint)]

@@ -251,5 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     print_validation(staged, config, problem, args.data_dir, args.val_images,
                      "content scorer (trained on train)", scorer_selector(staged, scorer, problem.target_ratio))
 
+
 if __name__ == "__main__":
     main()
