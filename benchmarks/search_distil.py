@@ -52,14 +52,17 @@ from policies.heuristics import heuristic_selector
 GREEDY = heuristic_selector("similarity")
 
 
-def recording_states(select: Selector) -> tuple[Selector, list[TokenState]]:
-    """``select``, recording the state it chooses from at each pruning point, in order."""
-    states: list[TokenState] = []
+def recording_greedy_path() -> tuple[Selector, list[tuple[TokenState, torch.Tensor]]]:
+    """Greedy similarity as a ``Selector`` (the top ``k`` of its keep rank), recording each state it chooses from
+    and that rank ``[B, W]``, in order: the search reads both, and the rank is a sequential computation made
+    once."""
+    path: list[tuple[TokenState, torch.Tensor]] = []
 
-    def recording(state: TokenState, k: int) -> torch.Tensor:
-        states.append(state)
-        return select(state, k)
-    return recording, states
+    def select(state: TokenState, k: int) -> torch.Tensor:
+        rank = greedy_keep_rank(state.patches, state.live)
+        path.append((state, rank))
+        return topk_keep_mask(rank, state.live, k)
+    return select, path
 
 
 def swap_candidates(rank: torch.Tensor, live: torch.Tensor, k: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +129,11 @@ def search(staged: StagedViT, chunks: list[TokenState], unpruned: torch.Tensor, 
     for chunk in chunks:
         target = unpruned[start:start + len(chunk.live)]
         start += len(chunk.live)
-        record, states = recording_states(GREEDY)
+        record, path = recording_greedy_path()
         logits, _ = exact_forward_from(staged, chunk, record, target_ratio, reduction)
         greedy_kl.append(kl_from_unpruned(target, logits))
         greedy_agree.append(logits.argmax(1) == target.argmax(1))
-        for point, state in enumerate(states):
-            rank = greedy_keep_rank(state.patches, state.live)
+        for point, (state, rank) in enumerate(path):
             k = tokens_to_keep(state.live.shape[1], target_ratio)
             swaps = swap_candidates(rank, state.live, k, window)
             found[point].append(PointSearch(state, rank, swaps, *swap_kl(staged, state, rank, k, swaps, target,

@@ -4,7 +4,7 @@ forward it stands for, and its loss ranks a target swap's tokens the target's wa
 import torch
 
 from benchmarks.content_headroom import greedy_keep_rank, kl_from_unpruned
-from benchmarks.search_distil import GREEDY, pair_loss, swap_candidates, swap_kl
+from benchmarks.search_distil import GREEDY, pair_loss, recording_greedy_path, swap_candidates, swap_kl
 from envs.vit.pruned_forward import exact_forward_from, initial_state, prune_step
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
 
@@ -15,6 +15,18 @@ def test_the_candidates_are_the_kept_and_removed_tokens_nearest_the_cut():
     out_rows, in_rows = swap_candidates(rank, live, k=3, window=2)
     assert out_rows.tolist() == [[0, 4]]  # kept: 2, 4, 0; the lowest kept first
     assert in_rows.tolist() == [[3, 1]]  # removed: 3, 1 (row 5 is dead); the highest first
+
+
+def test_the_recorded_path_is_greedy_similarity(tiny_staged):
+    staged, _ = tiny_staged
+    state = initial_state(staged, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    record, path = recording_greedy_path()
+    with torch.no_grad():
+        recorded, _ = exact_forward_from(staged, state, record, 0.5, "merge")
+        greedy, _ = exact_forward_from(staged, state, GREEDY, 0.5, "merge")
+    torch.testing.assert_close(recorded, greedy)
+    assert [state.stage for state, _ in path] == list(range(len(staged.prune_points)))
+    assert all(rank.shape == state.live.shape for state, rank in path)
 
 
 def test_each_swap_is_scored_by_its_own_exact_pruned_forward(tiny_staged):
