@@ -18,12 +18,10 @@ leaves the recorded checkpoints as they were.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,18 +78,6 @@ def module_path(checkpoint: str | os.PathLike, policy: str) -> Path:
     return Path(checkpoint) / MODULES_DIR / policy
 
 
-@contextlib.contextmanager
-def _quiet_ray_deprecations() -> Iterator[None]:
-    """RLlib logs a deprecation warning for every module it restores; it says nothing to our users."""
-    logger = logging.getLogger("ray._common.deprecation")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
     """``pruning_config.json`` of a policy checkpoint: its problem (older layouts too), iteration and score."""
     checkpoint = Path(checkpoint)
@@ -132,8 +118,7 @@ def load_module(path: Path, name: str) -> RLModule:
     """The ``name`` policy's RLModule saved in the directory ``path``, in eval mode; any failure to restore it
     (truncated, corrupt) is a user error. ``path`` must be absolute: RLlib reads a relative one as a URI."""
     try:
-        with _quiet_ray_deprecations():
-            module = RLModule.from_checkpoint(str(path))
+        module = RLModule.from_checkpoint(str(path))
     except Exception as error:  # unpickling a damaged file can raise nearly anything
         message = " ".join(str(error).split()) or "no details"
         raise PolicyCheckpointError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "

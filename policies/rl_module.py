@@ -9,6 +9,9 @@ observations come from ``envs.vit.features.observe``, which has already replaced
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -40,12 +43,29 @@ class LiveEmbeddings(NamedTuple):
     """``[..., h]``: the mean live embedding of each row (a zero vector if none is live)."""
 
 
+@contextlib.contextmanager
+def _quiet_ray_deprecations() -> Iterator[None]:
+    """Silence RLlib's deprecation log for the duration: ``RLModule.__init__`` warns about RLlib's own legacy
+    ``RLModuleConfig`` on every module it builds or restores, which says nothing to our users."""
+    logger = logging.getLogger("ray._common.deprecation")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
     """Exact-count set policy over a Dict(tokens [N, F], live [N], count [1]) observation, plus a value head.
 
     ``model_config``: ``hidden`` (width, default 64); ``entropy_gradient`` (default True): False when training
     has no entropy bonus, so that PPO does not differentiate the entropy (:class:`ExactCountEntropyStatistic`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with _quiet_ray_deprecations():
+            super().__init__(*args, **kwargs)
 
     @override(TorchRLModule)
     def setup(self) -> None:
@@ -131,7 +151,8 @@ class TokenPolicyModule(TorchRLModule, ValueFunctionAPI):
 
 
 def _accept_unprefixed_names(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-    """Load states that name the networks without the leading underscore (``reference/marl_policy``)."""
+    """Load states that name the networks without the leading underscore: checkpoints written before the
+    networks were made private."""
     for key in list(state_dict):
         name = key[len(prefix):]
         if key.startswith(prefix) and name.split(".")[0] in _NETWORKS:

@@ -6,6 +6,7 @@ env (train, save, reload one module from the checkpoint).
 from __future__ import annotations
 
 import itertools
+import logging
 
 import gymnasium as gym
 import numpy as np
@@ -180,8 +181,15 @@ def test_macs_per_token_matches_flop_counter(num_tokens, num_features, hidden):
     assert sum(live_counts) * policy.macs_per_token() == pytest.approx(measured, rel=0.02)
 
 
+def test_building_a_module_logs_no_rllib_deprecation(caplog):
+    """evaluate.py and PrunedViT build modules for users: RLlib's note about its own legacy config is not theirs."""
+    with caplog.at_level(logging.WARNING):
+        build()
+    assert not [record for record in caplog.records if "deprecat" in record.getMessage().lower()]
+
+
 def test_states_naming_the_networks_without_underscore_load(module):
-    """reference/marl_policy names them token_net, logit_net, value_head."""
+    """Checkpoints written before the networks were made private name them token_net, logit_net, value_head."""
     public = {key.removeprefix("_"): value for key, value in module.get_state().items()}
     assert "token_net.0.weight" in public
     fresh = build()
