@@ -16,10 +16,11 @@ greedy similarity removing ``--budget`` there) or on those of ``--schedules``, o
 The pair of passes is chosen on ``--train-images`` train images, by agreement with the unpruned model (no
 labels). The chosen pair, and the best few by that train agreement, are then run on ``--val-images``
 validation images (never the test split) and compared with greedy similarity at the budget on the same images
-(paired bootstrap 95% interval). The chosen pair also runs with two other rules for which images rerun: one
-learned on the train images from the first forward's output (a logistic regression on its log-probabilities,
-their entropy and its two largest probabilities), and an oracle that knows where a rerun keeps the unpruned
-answer (an upper bound, not a method).
+(paired bootstrap 95% interval). The chosen pair also runs with three other rules for which images rerun: two
+learned on the train images, a logistic regression on the first forward's output (its log-probabilities,
+their entropy and its two largest probabilities) and one that also sees the same of the logit lens at each
+of its pruning points (the classifier head on the tokens there: how the answer formed through the forward);
+and an oracle that knows where a rerun keeps the unpruned answer (an upper bound, not a method).
 
 Measured (reference backbone, r = 0.5, 4,000 train and 2,000 validation images, this 2-core CPU): see
 benchmarks/README.md.
@@ -41,7 +42,7 @@ from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
-from envs.vit.pruned_forward import exact_forward_from
+from envs.vit.pruned_forward import Selector, TokenState, classify, exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, SIX_POINTS, paired_difference
 from policies.cascade import doubt, rerun_share
@@ -54,10 +55,13 @@ UNPRUNED = "unpruned"
 
 
 class Pass(NamedTuple):
-    """One forward of every image: its log-probabilities ``[n, C]`` and its GFLOPs per image."""
+    """One forward of every image: its log-probabilities ``[n, C]``, its GFLOPs per image and, for a pruned
+    forward, its trajectory ``[n, S, C + 3]``: the ``output_features`` of the logit lens at each of its ``S``
+    pruning points."""
 
     log_probs: torch.Tensor
     gflops: float
+    trajectory: torch.Tensor | None = None
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -70,9 +74,9 @@ class Pass(NamedTuple):
         return doubt(self.log_probs)
 
 
-def as_pass(logits: torch.Tensor, gflops: float) -> Pass:
-    """The pass whose logits ``[n, C]`` these are, at ``gflops`` per image."""
-    return Pass(logits.float().log_softmax(-1), gflops)
+def as_pass(logits: torch.Tensor, gflops: float, trajectory: torch.Tensor | None = None) -> Pass:
+    """The pass whose logits ``[n, C]`` (and ``trajectory``, :class:`Pass`) these are, at ``gflops`` per image."""
+    return Pass(logits.float().log_softmax(-1), gflops, trajectory)
 
 
 def cascade(first: Pass, second: Pass, budget: float, scores: torch.Tensor | None = None
@@ -93,13 +97,30 @@ def rerun_gain(first: Pass, second: Pass, unpruned: Pass) -> torch.Tensor:
     return (second.predictions == unpruned.predictions).float() - (first.predictions == unpruned.predictions).float()
 
 
-def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass) -> torch.Tensor:
-    """A learned rerun rule: a logistic regression on the first forward's output (``output_features``), fitted on
-    the ``train`` passes (first, second, unpruned) to predict that a rerun gains (:func:`rerun_gain`); its
-    probability on ``first``."""
+def rule_inputs(first: Pass, with_trajectory: bool) -> torch.Tensor:
+    """``[n, F]``: what a learned rerun rule sees of the first forward: its output's ``output_features``, and with
+    ``with_trajectory`` its trajectory's as well."""
+    inputs = output_features(first.log_probs)
+    return torch.cat([inputs, first.trajectory.flatten(1)], dim=1) if with_trajectory else inputs
+
+
+def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass, with_trajectory: bool = False) -> torch.Tensor:
+    """A learned rerun rule: a logistic regression on :func:`rule_inputs`, fitted on the ``train`` passes (first,
+    second, unpruned) to predict that a rerun gains (:func:`rerun_gain`); its probability on ``first``."""
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
-    model.fit(output_features(train[0].log_probs).numpy(), (rerun_gain(*train) > 0).numpy())
-    return torch.from_numpy(model.predict_proba(output_features(first.log_probs).numpy())[:, 1])
+    model.fit(rule_inputs(train[0], with_trajectory).numpy(), (rerun_gain(*train) > 0).numpy())
+    return torch.from_numpy(model.predict_proba(rule_inputs(first, with_trajectory).numpy())[:, 1])
+
+
+def lens_recording(staged: StagedViT, reduction: str, lens: list[torch.Tensor]) -> Selector:
+    """Greedy similarity's selector, appending to ``lens`` at each pruning point the ``output_features`` ``[B, C + 3]``
+    of the logit lens there (the classifier head on the state's tokens)."""
+
+    def select(state: TokenState, k: int) -> torch.Tensor:
+        lens.append(output_features(classify(staged, state, reduction)))
+        return SELECT(state, k)
+
+    return select
 
 
 def pass_name(points: tuple[int, ...], ratio: float) -> str:
@@ -124,10 +145,14 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
         stages = StagedViT(staged.vit, points).eval()
         states, unpruned, labels = first_stage_states(stages, config, problem, data_dir, split, limit, batch_size=250)
         for ratio in ratios:
-            logits = torch.cat([exact_forward_from(stages, state, SELECT, ratio, problem.reduction)[0]
-                                for state in states])
+            logits, trajectories = [], []
+            for state in states:
+                lens: list[torch.Tensor] = []
+                logits.append(exact_forward_from(stages, state, lens_recording(stages, problem.reduction, lens), ratio,
+                                                 problem.reduction)[0])
+                trajectories.append(torch.stack(lens, dim=1))
             gflops = exact_budget_gflops(spec, points, ratio, problem.reduction, "similarity").total
-            passes[pass_name(points, ratio)] = as_pass(logits, gflops)
+            passes[pass_name(points, ratio)] = as_pass(torch.cat(logits), gflops, torch.cat(trajectories))
     passes[UNPRUNED] = as_pass(unpruned, unpruned_gflops(spec))
     return passes, labels
 
@@ -191,10 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     first, second = ranked[0]
     print(f"the chosen pair, {first} -> {second}, by rerun rule:")
     report("margin", first, second)
+    train_pair = (train[first], train[second], train[UNPRUNED])
     report("fitted on train (logistic regression on the first forward's output)", first, second,
-           fitted_doubt((train[first], train[second], train[UNPRUNED]), val[first]))
+           fitted_doubt(train_pair, val[first]))
+    report("fitted on train, seeing the logit lens at every pruning point too", first, second,
+           fitted_doubt(train_pair, val[first], with_trajectory=True))
     report("oracle (first where the second keeps the unpruned answer and the first does not)", first, second,
            rerun_gain(val[first], val[second], val[UNPRUNED]))
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ tries."""
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from benchmarks.cascade_headroom import Pass, as_pass, cascade, cascade_pairs, fitted_doubt, rerun_gain
 
@@ -47,6 +48,19 @@ def test_rerun_gain_and_the_fitted_rule_learn_where_a_rerun_keeps_the_unpruned_a
     first, second, unpruned = as_pass(logits, 1.0), constant_pass([0] * 200, 1.0), constant_pass([0] * 200, 2.0)
     doubt = fitted_doubt((first, second, unpruned), first)
     assert doubt[unsure].min() > doubt[~unsure].max()
+
+
+def test_the_trajectory_rule_learns_what_only_the_logit_lens_shows():
+    # the first forward answers class 1 alike on every image, the second class 0; the unpruned model answers 0
+    # (a rerun gains) exactly where the logit lens at the second pruning point leaned another way
+    generator = torch.Generator().manual_seed(0)
+    gains = torch.rand(300, generator=generator) < 0.3
+    lens = torch.randn(300, 2, 6, generator=generator)
+    lens[:, 1, 0] += 3 * gains
+    first = as_pass(torch.tensor([0.0, 3.0, 0.0]) + 0.01 * torch.randn(300, 3, generator=generator), 1.0, lens)
+    train = (first, constant_pass([0] * 300, 1.0), constant_pass(torch.where(gains, 0, 1).tolist(), 2.0))
+    assert roc_auc_score(gains, fitted_doubt(train, first, with_trajectory=True)) > 0.95
+    assert roc_auc_score(gains, fitted_doubt(train, first)) < 0.7
 
 
 def test_cascade_pairs_spend_the_budget():
