@@ -40,6 +40,7 @@ from torch import nn
 
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
+from cli import positive_int
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, cosine_similarity, observe
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=8000)
-    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=8000)
+    parser.add_argument("--val-images", type=positive_int, default=2000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="images per update")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.split_states import first_stage_states
+from cli import positive_int
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, problem and reward weights (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=2048)
-    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=2048)
+    parser.add_argument("--val-images", type=positive_int, default=2000)
     parser.add_argument("--generations", type=int, default=10)
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--elite", type=int, default=4)

@@ -43,6 +43,7 @@ from benchmarks.content_headroom import (
     scorer_selector,
 )
 from benchmarks.split_states import first_stage_states
+from cli import positive_int
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
@@ -213,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=4000)
-    parser.add_argument("--val-images", type=int, default=2000)
-    parser.add_argument("--window", type=int, default=3,
+    parser.add_argument("--train-images", type=positive_int, default=4000)
+    parser.add_argument("--val-images", type=positive_int, default=2000)
+    parser.add_argument("--window", type=positive_int, default=3,
                         help="tokens on each side of the cut whose swaps are searched (default: %(default)s)")
     parser.add_argument("--min-gain", type=float, default=0.002,
                         help="KL a swap must save to be a target (default: %(default)s)")
