@@ -73,10 +73,15 @@ def output_features(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([log_probs, entropy, log_probs.exp().topk(2, dim=-1).values], dim=-1)
 
 
+def logit_lens(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
+    """``[B, C + 3]``: the logit lens at the state's pruning point, the :func:`output_features` of the classifier
+    head on the tokens there."""
+    return output_features(classify(staged, state, reduction))
+
+
 def observation(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
-    """``[B, F]``: the logit lens at the state's pruning point (the :func:`output_features` of the classifier
-    head there) and the class token (the first token)."""
-    return torch.cat([output_features(classify(staged, state, reduction)), state.tokens[:, 0]], dim=-1)
+    """``[B, F]``: the :func:`logit_lens` at the state's pruning point and the class token (the first token)."""
+    return torch.cat([logit_lens(staged, state, reduction), state.tokens[:, 0]], dim=-1)
 
 
 def run_levels(staged: StagedViT, states: list[TokenState], unpruned: torch.Tensor, labels: torch.Tensor,

@@ -37,12 +37,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks.budget_headroom import output_features
+from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
-from envs.vit.pruned_forward import Selector, TokenState, classify, exact_forward_from
+from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, SIX_POINTS, paired_difference
 from policies.cascade import doubt, rerun_share
@@ -56,8 +56,7 @@ UNPRUNED = "unpruned"
 
 class Pass(NamedTuple):
     """One forward of every image: its log-probabilities ``[n, C]``, its GFLOPs per image and, for a pruned
-    forward, its trajectory ``[n, S, C + 3]``: the ``output_features`` of the logit lens at each of its ``S``
-    pruning points."""
+    forward, its trajectory ``[n, S, C + 3]``: the ``logit_lens`` at each of its ``S`` pruning points."""
 
     log_probs: torch.Tensor
     gflops: float
@@ -113,11 +112,11 @@ def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass, with_trajectory: b
 
 
 def lens_recording(staged: StagedViT, reduction: str, lens: list[torch.Tensor]) -> Selector:
-    """Greedy similarity's selector, appending to ``lens`` at each pruning point the ``output_features`` ``[B, C + 3]``
-    of the logit lens there (the classifier head on the state's tokens)."""
+    """Greedy similarity's selector, appending to ``lens`` at each pruning point the ``logit_lens`` there,
+    ``[B, C + 3]``."""
 
     def select(state: TokenState, k: int) -> torch.Tensor:
-        lens.append(output_features(classify(staged, state, reduction)))
+        lens.append(logit_lens(staged, state, reduction))
         return SELECT(state, k)
 
     return select
