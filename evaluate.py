@@ -365,6 +365,15 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     return out
 
 
+def recorded_path(path: Path) -> str:
+    """``path`` as the results files record it: relative to the repository when inside it, so that results
+    committed with the repository name no machine's directories; else as given."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
     budgets = args.budgets
@@ -408,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                              calibration=calibration)
-    settings = {"checkpoints": {f"{b:g}": str(path) for b, (_, _, path) in policies.items()},
-                "iteration": main.iteration, "backbone": str(backbone_path), "dataset": dataset,
+    settings = {"checkpoints": {f"{b:g}": recorded_path(path) for b, (_, _, path) in policies.items()},
+                "iteration": main.iteration, "backbone": recorded_path(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,

@@ -450,3 +450,8 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
         logits, _ = method.model(model, config, "merge").forward_with_kept(images)
     assert scores["exact_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
     assert scores["exact_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())
+
+
+def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
+    assert evaluate.recorded_path(evaluate.DEFAULT_CHECKPOINT) == "reference/marl_policy"
+    assert evaluate.recorded_path(tmp_path / "policy") == str(tmp_path / "policy")
