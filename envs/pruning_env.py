@@ -119,7 +119,8 @@ class TokenPruningEnv(MultiAgentEnv):
         self.possible_agents = [aid for pair in self._image_agents for aid in pair]
         self.agents = list(self.possible_agents)
         # One space object per policy, shared by its agents: RLlib pickles the agents' spaces into every
-        # checkpoint, and pickle stores a shared object once (128 agents' copies took 0.9 MB per connector).
+        # checkpoint, and pickle stores a shared object once (a copy per agent of a default env's 128 would
+        # take 0.9 MB in each connector's file).
         spaces = {policy: agent_spaces(self.spec_.num_patches, self.spec_.num_features[policy])
                   for policy in policies}
         self.observation_spaces = {aid: spaces[policy_for_agent(aid)][0] for aid in self.possible_agents}

@@ -88,7 +88,6 @@ def test_agent_ids_spaces_and_turns(engine):
     assert single.possible_agents == ["similarity"]
 
 
-
 def test_spaces_pickle_once_per_policy_however_many_images(engine):
     """RLlib pickles the agents' spaces into every checkpoint: their size must not grow with the images."""
     def pickled(env):
@@ -96,6 +95,7 @@ def test_spaces_pickle_once_per_policy_however_many_images(engine):
 
     few, many = make_env(engine, 2), make_env(engine, 32)
     assert pickled(many) - pickled(few) < 100 * (len(many.possible_agents) - len(few.possible_agents))
+
 
 def test_survivors_are_the_tokens_not_removed_or_the_attention_agents_alone():
     live = np.array([True, True, True, True, False])
