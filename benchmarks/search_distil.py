@@ -5,7 +5,7 @@
 ``content_headroom`` trained a scorer by a policy gradient: it sharpened the sets it drew and left its most
 likely set (what ships) where greedy similarity put it. This gives the same scorer a direct signal for that
 set instead. On each train image, greedy similarity's path is searched: at every pruning point, each of the
-``--window``² single swaps at the cut (one of the ``window`` lowest-ranked kept tokens out, one of the
+(up to) ``--window``² single swaps at the cut (one of the ``window`` lowest-ranked kept tokens out, one of the
 ``window`` highest-ranked removed tokens in; greedy similarity after it) runs in the exact pruned forward,
 scored by the KL divergence from the unpruned model's prediction (label-free). Where the best swap lowers
 the KL by more than ``--min-gain``, that swap is the target: the scorer (``content_headroom.ContentScorer``:
@@ -68,7 +68,8 @@ def recording_greedy_path() -> tuple[Selector, list[tuple[TokenState, torch.Tens
 
 def swap_candidates(rank: torch.Tensor, live: torch.Tensor, k: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``window`` lowest-ranked of the ``k`` kept tokens and the ``window`` highest-ranked removed ones of each
-    image, by ``rank [B, W]`` (higher keeps): their row indices, ``[B, window]`` each, nearest the cut first."""
+    image, by ``rank [B, W]`` (higher keeps): their row indices, ``[B, out]`` and ``[B, in]``, nearest the cut
+    first. Each side has ``window`` rows, or as many as there are when fewer tokens are kept or removed."""
     order = rank.masked_fill(~live, float("-inf")).argsort(dim=1, descending=True)
     return order[:, :k].flip(1)[:, :window], order[:, k:k + window]
 
@@ -77,33 +78,33 @@ def swap_candidates(rank: torch.Tensor, live: torch.Tensor, k: int, window: int)
 def swap_kl(staged: StagedViT, state: TokenState, rank: torch.Tensor, k: int, swaps: tuple[torch.Tensor, torch.Tensor],
             unpruned: torch.Tensor, target_ratio: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Each single swap's KL from the unpruned prediction and whether it keeps the unpruned answer,
-    ``[B, window, window]`` each (swapped-out token, swapped-in token): at the pruning point ``state`` waits at,
+    ``[B, out, in]`` each (swapped-out token, swapped-in token): at the pruning point ``state`` waits at,
     the top ``k`` by ``rank`` with the swap applied, then greedy similarity to the head."""
     out_rows, in_rows = swaps
-    batch, window = out_rows.shape
+    (batch, outs), ins = out_rows.shape, in_rows.shape[1]
     keep = topk_keep_mask(rank, state.live, k)
     images = torch.arange(batch)
     masks = []
-    for a in range(window):
-        for b in range(window):
+    for a in range(outs):
+        for b in range(ins):
             mask = keep.clone()
             mask[images, out_rows[:, a]] = False
             mask[images, in_rows[:, b]] = True
             masks.append(mask)
-    repeated = state.rows(images.repeat(window * window))
+    repeated = state.rows(images.repeat(outs * ins))
     logits, _ = exact_forward_from(staged, prune_step(staged, repeated, torch.cat(masks), reduction), GREEDY,
                                    target_ratio, reduction)
-    target = unpruned.repeat(window * window, 1)
-    kl = kl_from_unpruned(target, logits).view(window, window, batch).permute(2, 0, 1)
-    agree = (logits.argmax(1) == target.argmax(1)).view(window, window, batch).permute(2, 0, 1)
+    target = unpruned.repeat(outs * ins, 1)
+    kl = kl_from_unpruned(target, logits).view(outs, ins, batch).permute(2, 0, 1)
+    agree = (logits.argmax(1) == target.argmax(1)).view(outs, ins, batch).permute(2, 0, 1)
     return kl, agree
 
 
 def pair_loss(scores: torch.Tensor, swaps: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor,
               temperature: float, positive_weight: float) -> torch.Tensor:
-    """Logistic loss of ranking the swapped-in token above the swapped-out one where ``targets [B, window,
-    window]`` is 1 (the search's best swap) and below it elsewhere, from ``scores [B, W]``; the targets' terms
-    weigh ``positive_weight`` (there is at most one per image, against ``window``² - 1 others)."""
+    """Logistic loss of ranking the swapped-in token above the swapped-out one where ``targets [B, out, in]``
+    is 1 (the search's best swap) and below it elsewhere, from ``scores [B, W]``; the targets' terms weigh
+    ``positive_weight`` (there is at most one per image, against ``out * in - 1`` others)."""
     out_rows, in_rows = swaps
     margin = (scores.gather(1, in_rows).unsqueeze(1) - scores.gather(1, out_rows).unsqueeze(2)) / temperature
     return F.binary_cross_entropy_with_logits(margin, targets, pos_weight=torch.tensor(positive_weight))
@@ -114,9 +115,9 @@ class PointSearch(NamedTuple):
 
     state: TokenState  # the images' states there (every image keeps the same count: no dead rows)
     rank: torch.Tensor  # [n, W] greedy similarity's keep rank (its top k are greedy similarity's keep set)
-    swaps: tuple[torch.Tensor, torch.Tensor]  # [n, window] each: the rows swapped out, and in
-    kl: torch.Tensor  # [n, window, window] each swap's KL from the unpruned prediction
-    agree: torch.Tensor  # [n, window, window] whether each swap keeps the unpruned answer
+    swaps: tuple[torch.Tensor, torch.Tensor]  # [n, out] and [n, in]: the rows swapped out, and in
+    kl: torch.Tensor  # [n, out, in] each swap's KL from the unpruned prediction
+    agree: torch.Tensor  # [n, out, in] whether each swap keeps the unpruned answer
 
 
 @torch.no_grad()
@@ -147,7 +148,7 @@ def search(staged: StagedViT, chunks: list[TokenState], unpruned: torch.Tensor, 
 
 
 def swap_targets(found: PointSearch, greedy_kl: torch.Tensor, min_gain: float) -> torch.Tensor:
-    """``[n, window, window]``: 1 at each image's best swap at this pruning point where it lowers greedy
+    """``[n, out, in]``: 1 at each image's best swap at this pruning point where it lowers greedy
     similarity's KL by more than ``min_gain``, else 0."""
     best_kl, best = found.kl.flatten(1).min(dim=1)
     target = F.one_hot(best, found.kl[0].numel()).float().view_as(found.kl)
@@ -182,8 +183,8 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
             scores = path_scores(point, images)
         k = tokens_to_keep(scores.shape[1], target_ratio)
         keep = topk_keep_mask(scores, search.state.live, k)
-        window = target.shape[1]
-        out_row, in_row = search.swaps[0][images, best // window], search.swaps[1][images, best % window]
+        ins = target.shape[2]
+        out_row, in_row = search.swaps[0][images, best // ins], search.swaps[1][images, best % ins]
         made = keep[images, in_row] & ~keep[images, out_row]
         changed = (keep != topk_keep_mask(search.rank, search.state.live, k)).any(dim=1)
         has_target = target.flatten(1).any(dim=1)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     chunks, unpruned, _ = first_stage_states(staged, config, problem, args.data_dir, "train", args.train_images,
                                              batch_size=args.batch_size)
     found, greedy_kl, greedy_agree = search(staged, chunks, unpruned, ratio, problem.reduction, args.window)
-    print(f"[search] {len(greedy_kl)} train images, {len(found)} pruning points x {args.window ** 2} swaps "
+    print(f"[search] {len(greedy_kl)} train images, {len(found)} pruning points x up to {args.window ** 2} swaps "
           f"({time.perf_counter() - started:.0f} s); greedy similarity: KL {greedy_kl.mean():.4f}, "
           f"agreement {100 * greedy_agree.double().mean():.2f}%", flush=True)
     targets = []

@@ -4,7 +4,16 @@ forward it stands for, and its loss ranks a target swap's tokens the target's wa
 import torch
 
 from benchmarks.content_headroom import greedy_keep_rank, kl_from_unpruned
-from benchmarks.search_distil import GREEDY, pair_loss, recording_greedy_path, swap_candidates, swap_kl
+from benchmarks.search_distil import (
+    GREEDY,
+    distil,
+    pair_loss,
+    recording_greedy_path,
+    search,
+    swap_candidates,
+    swap_kl,
+    swap_targets,
+)
 from envs.vit.pruned_forward import exact_forward_from, initial_state, prune_step
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
 
@@ -61,3 +70,17 @@ def test_the_loss_ranks_a_target_swap_in_and_every_other_pair_out():
     gradient = scores.grad[0]
     assert gradient[3] < 0 < gradient[0]  # descent raises row 3 and lowers row 0
     assert gradient[2] > 0 > gradient[1]  # row 2 stays out and row 1 stays in
+
+
+def test_a_cut_with_fewer_tokens_than_the_window_on_one_side_is_searched_and_distilled(tiny_staged):
+    """At r = 0.7 the last pruning point keeps 2 of 6 tokens: 2 candidates out, 3 in."""
+    staged, _ = tiny_staged
+    with torch.no_grad():
+        state = initial_state(staged, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        unpruned = staged.forward_from(state.tokens, 1).log_softmax(-1)
+    found, greedy_kl, _ = search(staged, [state], unpruned, 0.7, "merge", window=3)
+    assert [point.kl.shape for point in found] == [(4, 3, 3), (4, 3, 3), (4, 2, 3)]
+    targets = [swap_targets(point, greedy_kl, min_gain=-1.0) for point in found]  # every image has a target
+    assert all(target.flatten(1).sum(dim=1).eq(1).all() for target in targets)
+    distil(staged, found, targets, 0.7, epochs=1, batch_size=2, lr=1e-3, hidden=8, temperature=0.02,
+           positive_weight=8.0)
