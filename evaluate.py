@@ -60,7 +60,7 @@ from cli import (
 )
 from envs.problem import ProblemError, PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
-from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize, repository_relative
 from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
@@ -365,15 +365,6 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     return out
 
 
-def recorded_path(path: Path) -> str:
-    """``path`` as the results files record it: relative to the repository when inside it, so that results
-    committed with the repository name no machine's directories; else as given."""
-    try:
-        return Path(path).resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
     budgets = args.budgets
@@ -417,8 +408,8 @@ def run(args: argparse.Namespace) -> int:
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                              calibration=calibration)
-    settings = {"checkpoints": {f"{b:g}": recorded_path(path) for b, (_, _, path) in policies.items()},
-                "iteration": main.iteration, "backbone": recorded_path(backbone_path), "dataset": dataset,
+    settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
+                "iteration": main.iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,

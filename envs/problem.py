@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, REPO_ROOT, stored_backbone_path
+from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, repository_relative, stored_backbone_path
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
 from envs.vit.token_merge import REDUCTIONS
 from policies.decisions import DEFAULT_PROTECTED_SHARE
@@ -90,7 +90,7 @@ class PPOSettings:
 class PruningProblem:
     """What the agents learn and how they are trained; see docs/DESIGN.md for each part."""
 
-    backbone: str = setting(str(REFERENCE_BACKBONE.relative_to(REPO_ROOT)),
+    backbone: str = setting(repository_relative(REFERENCE_BACKBONE),
                             "backbone checkpoint directory (backbone.py writes one)")
     dataset: str = setting("cifar10", "data set", choices=DATASETS)
     data_dir: str = setting(default_data_dir, "directory holding the data set ($MARL_PRUNING_DATA_DIR, else ./data)",
@@ -334,9 +334,7 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
     values = {name: value for name, value in vars(args).items() if name.startswith(("problem.", "ppo."))}
     default_backbone = _field(PruningProblem, "backbone").default
     if values["problem.backbone"] != default_backbone:
-        backbone = Path(values["problem.backbone"]).expanduser().resolve()
-        values["problem.backbone"] = str(backbone.relative_to(REPO_ROOT) if backbone.is_relative_to(REPO_ROOT)
-                                         else backbone)
+        values["problem.backbone"] = repository_relative(values["problem.backbone"])
     lists = {f"problem.{name}" for name, hint in typing.get_type_hints(PruningProblem).items()
              if typing.get_origin(hint) is tuple}
     swept = {name for name, value in values.items() if isinstance(value, tuple) and name not in lists}

@@ -24,7 +24,7 @@ import evaluate
 from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
-from envs.vit.backbone_checkpoint import load_backbone, normalize
+from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
 from envs.vit.data import load_split
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
@@ -453,5 +453,5 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
 
 
 def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
-    assert evaluate.recorded_path(evaluate.DEFAULT_CHECKPOINT) == "reference/marl_policy"
-    assert evaluate.recorded_path(tmp_path / "policy") == str(tmp_path / "policy")
+    assert repository_relative(evaluate.DEFAULT_CHECKPOINT) == "reference/marl_policy"
+    assert repository_relative(tmp_path / "policy") == str(tmp_path / "policy")

@@ -85,6 +85,14 @@ def stored_backbone_path(stored: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def repository_relative(path: str | os.PathLike) -> str:
+    """``path`` (relative to the working directory) as checkpoints and results files record it: relative to the
+    repository when it lies inside it, so that what is committed names no machine's directories; else
+    absolute. :func:`stored_backbone_path` reads it back."""
+    resolved = Path(path).expanduser().resolve()
+    return (resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved).as_posix()
+
+
 def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
                   device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the timm model of a checkpoint directory in float32, in eval mode, with its config."""
