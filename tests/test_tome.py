@@ -3,6 +3,8 @@ schedule that matches a target cost."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -59,3 +61,45 @@ def test_schedule_comes_close_to_the_target(staged):
         merges = tome_schedule(spec, fraction * full)
         assert tome_gflops(spec, merges).total == pytest.approx(fraction * full, rel=0.05)
         assert merges == sorted(merges, reverse=True)
+
+
+def reference_tome_logits(vit, images: torch.Tensor, merges: list[int]) -> torch.Tensor:
+    """facebookresearch/ToMe's merge.py and timm patch, line by line, for a ViT with a class token: the whole
+    sequence alternates into sets A and B, the class token (first in A) never matches, A's unmerged tokens
+    are sorted back into order."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    size = torch.ones_like(x[..., :1])
+    for block, r in zip(vit.blocks, merges, strict=True):
+        attn, tokens = block.attn, block.norm1(x)
+        q, k, v = attn.qkv(tokens).reshape(*tokens.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = ((q @ k.transpose(-2, -1)) * attn.scale + size.log()[:, None, None, :, 0]).softmax(-1)
+        x = x + attn.proj((weights @ v).transpose(1, 2).flatten(2))
+        if r > 0:
+            metric = k.mean(1) / k.mean(1).norm(dim=-1, keepdim=True)
+            scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+            scores[:, 0, :] = -math.inf
+            node_max, node_idx = scores.max(dim=-1)
+            edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+            unmerged_idx, src_idx = edge_idx[:, r:].sort(dim=1).values, edge_idx[:, :r]
+            dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+
+            def merge(t: torch.Tensor) -> torch.Tensor:
+                src, dst = t[:, ::2], t[:, 1::2]
+                unmerged = src.gather(1, unmerged_idx.expand(-1, -1, t.shape[-1]))
+                src = src.gather(1, src_idx.expand(-1, -1, t.shape[-1]))
+                return torch.cat([unmerged, dst.scatter_reduce(1, dst_idx.expand(-1, -1, t.shape[-1]), src, "sum")], 1)
+
+            x, size = merge(x * size), merge(size)
+            x = x / size
+        x = x + block.mlp(block.norm2(x))
+    return vit.forward_head(vit.norm(x))
+
+
+def test_merges_as_tomes_own_code_with_a_class_token(staged):
+    images = torch.randn(4, 3, 32, 32)
+    spec = ViTSpec.from_model(staged.vit)
+    merges = tome_schedule(spec, 0.5 * tome_gflops(spec, [0] * 4).total)
+    assert min(merges) > 0 and any(r % 2 for r in merges)  # odd token counts after some blocks
+    with torch.no_grad():
+        torch.testing.assert_close(tome_forward(staged, images, merges),
+                                   reference_tome_logits(staged.vit, images, merges), atol=1e-5, rtol=1e-5)

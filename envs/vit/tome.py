@@ -3,8 +3,11 @@
 The most used training-free token reducer, evaluated beside the heuristics and the agents at equal GFLOPs.
 As in ToMe's timm patch, each block runs attention with proportional attention (``log(size)`` on the keys),
 then merges ``r`` tokens by bipartite soft matching on the keys averaged over heads (size-weighted means),
-then runs the MLP. Prefix tokens (class, distillation, register) are never merged: matching runs over the
-patch tokens only (ToMe protects the class token by excluding it from matching, which is the same).
+then runs the MLP. Prefix tokens (class, distillation, register) are never merged. ToMe alternates the whole
+sequence into its two sets, the class token included but never matched, and keeps set A's unmerged tokens in
+order so that the class token stays first; matching here runs over the patch tokens, with the alternation
+starting where ToMe's would, so a model with a class token merges exactly as ToMe's timm patch does. Every
+prefix token stays in front, where the model's head reads it.
 :func:`tome_schedule` picks the merges per block whose GFLOPs (``envs.vit.flops.tome_gflops``) come closest
 to a target, so ToMe is compared at the cost of the other methods.
 """
@@ -21,27 +24,33 @@ from envs.vit.staged_vit import StagedViT, attention
 Merge = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Merge:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> Merge:
     """ToMe's matching: alternate tokens into sets A and B, join each A token to its most similar B token,
     and merge the ``r`` most similar pairs.
 
     Args:
-        metric: ``[B, N, C]`` the tokens' keys averaged over heads.
-        r: tokens to remove (at most ``N // 2``).
+        metric: ``[B, N, C]`` the patch tokens' keys averaged over heads.
+        r: tokens to remove (at most the size of set A).
+        num_prefix: prefix tokens before the patch tokens. ToMe alternates the whole sequence, so with an odd
+            count set A starts at the second patch token; with any, set A's unmerged tokens keep their order
+            (ToMe sorts them to keep the class token first), without, they come most similar last, as in ToMe.
 
     Returns:
         ``merge(x [B, N, C'], mode) -> [B, N - r, C']``, reducing merged tokens with ``mode`` ("sum", "mean").
     """
+    set_a, set_b = slice(num_prefix % 2, None, 2), slice(1 - num_prefix % 2, None, 2)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        a, b = metric[..., set_a, :], metric[..., set_b, :]
         node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
         unmerged_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+        if num_prefix:
+            unmerged_idx = unmerged_idx.sort(dim=-2).values
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        src, dst = x[..., set_a, :], x[..., set_b, :]
         n, t1, c = src.shape
         unmerged = src.gather(dim=-2, index=unmerged_idx.expand(n, t1 - r, c))
         src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
@@ -67,7 +76,7 @@ def tome_forward(staged: StagedViT, images: torch.Tensor, merges: Sequence[int])
         attn_out, _, k = attention(block.attn, block.norm1(x), size.log()[:, None, None, :, 0], False)
         x = x + block.drop_path1(block.ls1(attn_out))
         if r > 0:
-            merge = bipartite_soft_matching(k.mean(dim=1)[:, prefix:], r)
+            merge = bipartite_soft_matching(k.mean(dim=1)[:, prefix:], r, prefix)
             patches, patch_size = merge_wavg(merge, x[:, prefix:], size[:, prefix:])
             x, size = torch.cat([x[:, :prefix], patches], 1), torch.cat([size[:, :prefix], patch_size], 1)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
