@@ -78,6 +78,15 @@ def test_sets_have_exactly_the_count_and_never_a_dead_token(module):
         assert set(mode[row].nonzero().squeeze(1).tolist()) == set(scores[row].topk(count).indices.tolist())
 
 
+def test_a_uniform_draw_of_exactly_zero_still_gives_a_set_of_the_count(module, monkeypatch):
+    # torch.rand returns 0.0 about once in 2^24 draws: its Gumbel noise must not outweigh an impossible share
+    obs = make_obs(LIVE_COUNTS)
+    dist = ExactCount.from_logits(module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS])
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
+    sample = dist.sample()
+    assert sample.sum(-1).tolist() == obs["count"].squeeze(1).tolist() and not sample[obs["live"] == 0].any()
+
+
 def enumerate_sets(scores: torch.Tensor, count: int) -> tuple[list[tuple[int, ...]], torch.Tensor]:
     """Every set of ``count`` live tokens and its probability, by brute force."""
     live = [i for i in range(len(scores)) if scores[i] > DEAD_SCORE]
