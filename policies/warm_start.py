@@ -71,6 +71,8 @@ def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: st
             rows.setdefault("attention", []).append((observation.attention, state.live, kept))
         if agents == "attention":
             return kept
+        if similarity_removes == 0:  # the budget keeps every live token here: no choice to imitate
+            return state.live
         left = state.live & ~kept
         removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
         rows.setdefault("similarity", []).append((observation.similarity, left, removed))

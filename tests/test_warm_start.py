@@ -45,6 +45,16 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     assert before < 0.7 < 0.9 <= after
 
 
+def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row():
+    torch.manual_seed(0)
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    demonstration = imitation_data(staged, torch.randn(3, 3, 32, 32), (0.9,), "merge", "distinct", "both", 0.1)
+    _, live, _ = demonstration["attention"]
+    assert live.sum(1).tolist() == [64] * 3 + [6] * 3 + [1] * 3  # the last point keeps its one token
+    _, left, removed = demonstration["similarity"]
+    assert len(left) == 6 and removed.sum(1).tolist() == [58] * 3 + [5] * 3
+
+
 def test_imitation_at_several_ratios_deals_the_images_out_among_them():
     """Each image is imitated at one ratio, in turn: the rows of each ratio carry its keep fraction and counts."""
     torch.manual_seed(0)
