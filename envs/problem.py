@@ -66,8 +66,10 @@ class PPOSettings:
     clip_param: float = setting(0.2, "PPO's clip of the probability ratio")
     entropy_coeff: float = setting(0.0, "entropy bonus (a set's entropy grows with its size)")
     num_epochs: int = setting(4, "SGD passes over each iteration's batch")
-    minibatch_size: int = setting(128, "agent steps (one agent's decision at one pruning point) per SGD minibatch")
-    train_batch_size_per_learner: int = setting(4096, "agent steps sampled per iteration")
+    minibatch_size: int = setting(128, "agent steps per SGD minibatch")
+    train_batch_size_per_learner: int = setting(4096, "agent steps sampled per iteration, as RLlib counts them: every "
+                                                 "observation an agent receives, 2P + 1 per rollout for its 2P "
+                                                 "decisions at P pruning points")
     vf_loss_coeff: float = setting(0.5, "weight of the value loss")
     use_kl_loss: bool = setting(False, "add PPO's adaptive KL penalty")
     grad_clip: float = setting(1.0, "global gradient-norm clip")
