@@ -63,6 +63,15 @@ def test_schedule_comes_close_to_the_target(staged):
         assert merges == sorted(merges, reverse=True)
 
 
+def reference_merge(tokens: torch.Tensor, unmerged_idx: torch.Tensor, src_idx: torch.Tensor,
+                    dst_idx: torch.Tensor) -> torch.Tensor:
+    """ToMe's ``merge(x, mode="sum")``: set A's unmerged tokens, then set B's with A's merged ones added."""
+    src, dst = tokens[:, ::2], tokens[:, 1::2]
+    unmerged = src.gather(1, unmerged_idx.expand(-1, -1, tokens.shape[-1]))
+    src = src.gather(1, src_idx.expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([unmerged, dst.scatter_reduce(1, dst_idx.expand(-1, -1, tokens.shape[-1]), src, "sum")], 1)
+
+
 def reference_tome_logits(vit, images: torch.Tensor, merges: list[int]) -> torch.Tensor:
     """facebookresearch/ToMe's merge.py and timm patch, line by line, for a ViT with a class token: the whole
     sequence alternates into sets A and B, the class token (first in A) never matches, A's unmerged tokens
@@ -81,15 +90,8 @@ def reference_tome_logits(vit, images: torch.Tensor, merges: list[int]) -> torch
             node_max, node_idx = scores.max(dim=-1)
             edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
             unmerged_idx, src_idx = edge_idx[:, r:].sort(dim=1).values, edge_idx[:, :r]
-            dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
-
-            def merge(t: torch.Tensor) -> torch.Tensor:
-                src, dst = t[:, ::2], t[:, 1::2]
-                unmerged = src.gather(1, unmerged_idx.expand(-1, -1, t.shape[-1]))
-                src = src.gather(1, src_idx.expand(-1, -1, t.shape[-1]))
-                return torch.cat([unmerged, dst.scatter_reduce(1, dst_idx.expand(-1, -1, t.shape[-1]), src, "sum")], 1)
-
-            x, size = merge(x * size), merge(size)
+            indices = unmerged_idx, src_idx, node_idx[..., None].gather(dim=1, index=src_idx)
+            x, size = reference_merge(x * size, *indices), reference_merge(size, *indices)
             x = x / size
         x = x + block.mlp(block.norm2(x))
     return vit.forward_head(vit.norm(x))
