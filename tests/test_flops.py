@@ -118,6 +118,14 @@ def test_similarity_scores_cost_the_cosine_matrix(vit):
     assert feature_gflops(spec, [64], "attention") == 64 * 48 / 1e9 and feature_gflops(spec, [64], "none") == 0
 
 
+def test_attention_score_without_a_class_token_counts_every_query():
+    vit = timm.create_model("vit_tiny_patch16_224", **TINY, class_token=False, global_pool="avg").eval()
+    staged, spec, images = StagedViT(vit, (1, 2, 3)), ViTSpec.from_model(vit), torch.randn(2, 3, 32, 32)
+    counted = counted_gmacs(lambda: exact_forward(staged, images, heuristic_selector("attention"), 0.5, "drop"), 2)
+    analytic = image_gflops(spec, staged.prune_points, heuristic_schedule(64, 3, 0.5), "drop", "attention").total
+    assert analytic == pytest.approx(counted, rel=0.002)
+
+
 def test_image_gflops_adds_its_parts(vit):
     spec = ViTSpec.from_model(vit)
     kept = [64, 32, 16, 8]

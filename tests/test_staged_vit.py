@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import SwiGLUPacked
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
@@ -115,6 +116,8 @@ def test_bad_prune_points(points):
 def test_rejects_nonstandard_models():
     with pytest.raises(ValueError, match="standard timm Block"):
         StagedViT(VisionTransformer(**TINY, block_fn=ResPostBlock))
+    with pytest.raises(ValueError, match="Block/Attention/GluMlp"):  # a gated MLP: its MACs are not a Mlp's
+        StagedViT(VisionTransformer(**TINY, mlp_layer=SwiGLUPacked))
     with pytest.raises(ValueError, match="plain timm VisionTransformer"):
         StagedViT(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="global_pool"):

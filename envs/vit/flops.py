@@ -33,6 +33,7 @@ class ViTSpec:
     num_prefix_tokens: int
     num_classes: int
     num_heads_out: int = 1  # classifier heads: 2 for DeiT's class and distillation heads
+    has_class_token: bool = True  # without one, the attention score needs every query (feature_gflops)
 
     @classmethod
     def from_model(cls, vit: VisionTransformer) -> ViTSpec:
@@ -49,6 +50,7 @@ class ViTSpec:
             num_prefix_tokens=vit.num_prefix_tokens,
             num_classes=vit.num_classes,
             num_heads_out=2 if hasattr(vit, "head_dist") else 1,
+            has_class_token=vit.has_class_token,
         )
 
 
@@ -101,14 +103,19 @@ TOKEN_SCORES: tuple[str, ...] = ("none", "attention", "similarity", "agents")
 def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float], scores: str = "agents") -> float:
     """GFLOPs (GMACs) of the token scores a selector computes at each pruning point, per image.
 
-    With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads), token norms
-    ``N*D``, the cosine-similarity matrix ``N^2*D``. ``scores``: ``none`` (random) computes nothing;
-    ``attention`` (greedy attention) the row; ``similarity`` (greedy similarity) norms and matrix (its
-    iterative removal compares, like softmax it is not counted); ``agents`` all three (``envs.vit.features``).
+    With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads; without a class
+    token, the attention every token receives, ``(P + N)^2*D`` with ``P`` prefix tokens), token norms ``N*D``,
+    the cosine-similarity matrix ``N^2*D``. ``scores``: ``none`` (random) computes nothing; ``attention``
+    (greedy attention) the attention score; ``similarity`` (greedy similarity) norms and matrix (its iterative
+    removal compares, like softmax it is not counted); ``agents`` all three (``envs.vit.features``).
     """
-    d = spec.embed_dim
-    cost = {"none": lambda n: 0, "attention": lambda n: n * d, "similarity": lambda n: n * d + n * n * d,
-            "agents": lambda n: 2 * n * d + n * n * d}[scores]
+    d, prefix = spec.embed_dim, spec.num_prefix_tokens
+
+    def attention(n: float) -> float:
+        return n * d if spec.has_class_token else (prefix + n) ** 2 * d
+
+    cost = {"none": lambda n: 0, "attention": attention, "similarity": lambda n: n * d + n * n * d,
+            "agents": lambda n: attention(n) + n * d + n * n * d}[scores]
     return sum(cost(n) for n in live_tokens_per_point) / 1e9
 
 

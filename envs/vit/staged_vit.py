@@ -15,7 +15,7 @@ from numbers import Integral
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, Mlp
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -88,10 +88,12 @@ class StagedViT(nn.Module):
         if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
             raise ValueError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
                              f"{type(vit).__name__}")
-        for i, blk in enumerate(vit.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None):
-                raise ValueError(f"StagedViT supports only standard timm Block/Attention; block {i} is "
-                                 f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}")
+        for i, blk in enumerate(vit.blocks):  # envs.vit.flops counts these modules' MACs
+            if (type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None)
+                    or type(blk.mlp) is not Mlp):
+                raise ValueError(f"StagedViT supports only standard timm Block/Attention/Mlp; block {i} is "
+                                 f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}/"
+                                 f"{type(getattr(blk, 'mlp', None)).__name__}")
         if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
             raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
         depth = len(vit.blocks)
