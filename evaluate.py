@@ -59,9 +59,17 @@ from cli import (
     versions_line,
 )
 from envs.problem import ProblemError, PruningProblem, block_indices, removal_ratio, removal_ratios
-from envs.results_table import BASELINE, SPEED_BATCH, SPEED_SINGLE_IMAGES, column_docs, markdown_table, write_results
+from envs.results_table import (
+    BASELINE,
+    RESULT_FILES,
+    SPEED_BATCH,
+    SPEED_SINGLE_IMAGES,
+    column_docs,
+    markdown_table,
+    write_results,
+)
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize, repository_relative
-from envs.vit.data import SPLITS, DataError, ImageSplit, default_data_dir, load_split
+from envs.vit.data import SPLITS, DataError, ImageSplit, check_fits_backbone, default_data_dir, load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
@@ -217,8 +225,9 @@ def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Te
     """Accuracy, macro F1 and agreement with the unpruned predictions, in percent."""
     y_true, y_pred = labels.numpy(), predictions.numpy()
     return {"accuracy": 100.0 * float((y_pred == y_true).mean()),
-            "f1_macro": 100.0 * float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "agreement": 100.0 * float((predictions == reference).float().mean())}
+            "f1_macro": 100.0 * float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro",
+                                               zero_division=0)),
+            "agreement": 100.0 * float((predictions == reference).double().mean())}
 
 
 def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
@@ -378,8 +387,11 @@ def run(args: argparse.Namespace) -> int:
     for budget in set(budgets) & {round(ratio, 6) for ratio in problem.train_ratios} - set(policies):
         policies[budget] = policies[round(problem.target_ratio, 6)]
     output_dir = args.output_dir
-    if (output_dir / "results.csv").exists() and not args.overwrite:
-        raise EvaluationError(f"{output_dir / 'results.csv'} exists; pass --overwrite to replace it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EvaluationError(f"--output-dir {output_dir} is a file, not a directory")
+    written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
+    if written and not args.overwrite:
+        raise EvaluationError(f"{written[0]} exists; pass --overwrite to replace it")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -395,13 +407,17 @@ def run(args: argparse.Namespace) -> int:
             StagedViT(staged.vit, args.cascade_points)
         except ValueError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
-        cascade = (problem.target_ratio, CascadePasses(args.cascade_points, args.cascade))
+        cascade = (round(problem.target_ratio, 6), CascadePasses(args.cascade_points, args.cascade))
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
-        return load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
-                          val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
+        split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
+                           val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
+        check_fits_backbone(split, split_name, dataset, problem.val_size, problem.split_seed, backbone_config)
+        return split
 
     split = images(args.split, args.limit)
+    if len(split) < 2:
+        raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
     calibration = images("val", args.calibration_images) if cascade else None
     methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
     reduction = args.reduction or problem.reduction

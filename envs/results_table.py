@@ -38,7 +38,8 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
                             "(ToMe and greedy similarity's cascade included), points",
     "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
     "delta_ci_high": "upper end of that interval",
-    "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the row's cost or above), points",
+    "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the cost nearest the dearest "
+                  "row's), points",
     "delta_tome_ci_low": "lower end of the paired bootstrap 95% interval of delta_tome (same images)",
     "delta_tome_ci_high": "upper end of that interval",
 }
@@ -89,19 +90,27 @@ def plot_accuracy_vs_gflops(table: pd.DataFrame, path: Path) -> None:
     figure.savefig(path, dpi=150)
 
 
+RESULT_FILES = ("results.csv", "results.json", "results.md", "accuracy_vs_gflops.png")
+"""What :func:`write_results` writes in its directory (the plot with more than one budget only)."""
+
+
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any]) -> list[Path]:
-    """results.csv, results.json, results.md and, with more than one budget, accuracy_vs_gflops.png."""
+    """results.csv, results.json, results.md and, with more than one budget, accuracy_vs_gflops.png (an older
+    plot is removed otherwise: it would not show these results)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     docs = column_docs(len(settings["prune_points"]))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
-    paths = [output_dir / name for name in ("results.csv", "results.json", "results.md")]
+    paths = [output_dir / name for name in RESULT_FILES[:3]]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps({"settings": settings, "columns": docs, "rows": records}, indent=2) + "\n")
     legend = "\n".join(f"- `{column}`: {doc}" for column, doc in docs.items())
     setting_lines = "\n".join(f"- {key}: `{value}`" for key, value in settings.items())
     paths[2].write_text(f"# Token pruning results\n\n{markdown_table(table)}\n\n## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
+    plot = output_dir / RESULT_FILES[3]
     if table["budget"].nunique() > 1:
-        paths.append(output_dir / "accuracy_vs_gflops.png")
-        plot_accuracy_vs_gflops(table, paths[-1])
+        plot_accuracy_vs_gflops(table, plot)
+        paths.append(plot)
+    else:
+        plot.unlink(missing_ok=True)
     return paths

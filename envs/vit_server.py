@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from envs.problem import PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
-from envs.vit.data import load_split
+from envs.vit.data import check_fits_backbone, load_split
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
 
@@ -231,6 +231,7 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     split = load_split(problem.dataset, settings.split, problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=settings.limit,
                        download=settings.download, memory_budget_mb=settings.memory_budget_mb)
+    check_fits_backbone(split, settings.split, problem.dataset, problem.val_size, problem.split_seed, config)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 

@@ -10,7 +10,7 @@ import torch
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
 from envs.vit import data
-from envs.vit.data import DataError, StreamedImages, load_split, split_indices
+from envs.vit.data import DataError, ImageSplit, StreamedImages, check_fits_backbone, load_split, split_indices
 from envs.vit.staged_vit import StagedViT
 
 
@@ -109,3 +109,18 @@ def test_streamed_and_decoded_engines_give_identical_observations(data_dir):
         for agent in streamed:
             for key in ("tokens", "live"):
                 np.testing.assert_array_equal(streamed[agent][key], decoded[agent][key])
+
+
+def test_a_split_must_fit_what_the_backbone_was_trained_on():
+    split = ImageSplit(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), ("cat", "dog"))
+    config = {"num_classes": 2, "class_names": ["cat", "dog"], "dataset": "pets", "split_seed": 0,
+              "split_sizes": {"train": 900, "val": 100}}
+    for val_size, seed, dataset in ((100, 0, "pets"), (50, 0, "pets"), (500, 3, "other")):  # held out, or elsewhere
+        check_fits_backbone(split, "val", dataset, val_size, seed, config)
+    check_fits_backbone(split, "train", "pets", 500, 3, config)  # the agents may train on the backbone's images
+    for val_size, seed in ((101, 0), (100, 1)):
+        with pytest.raises(DataError, match="would hold images the backbone trained on"):
+            check_fits_backbone(split, "val", "pets", val_size, seed, config)
+    for other in ({"class_names": ["dog", "cat"]}, {"class_names": None, "num_classes": 3}):
+        with pytest.raises(DataError, match="are not the backbone's"):
+            check_fits_backbone(split, "test", "pets", 100, 0, {**config, **other})

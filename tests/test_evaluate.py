@@ -24,6 +24,7 @@ import evaluate
 from envs.problem import POLICIES, PruningProblem
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
+from envs.results_table import write_results
 from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
 from envs.vit.data import load_split
 from envs.vit.features import observe
@@ -291,6 +292,12 @@ def truncated(path: Path) -> Path:
     ("bad_budget", "argument --budgets: a removal ratio must be in (0, 1), got 1.5"),
     ("missing_data", "does not exist"),
     ("existing_results", "pass --overwrite"),
+    ("existing_json_only", "results.json exists; pass --overwrite"),
+    ("output_dir_is_a_file", "is a file, not a directory"),
+    ("one_image", "1 image to evaluate: the paired intervals need at least 2"),
+    ("other_classes", "the data set's 10 classes (airplane, automobile, bird, cat, ...) are not the backbone's 10"),
+    ("validation_the_backbone_trained_on", "would hold images the backbone trained on: it held out 2000 images "
+                                           "drawn with seed 1 (use --split-seed 1 and --val-size 2000 or less)"),
     ("unknown_reduction", "reduction must be one of merge, drop"),
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
     ("cascade_of_one_ratio", "argument --cascade: expected two removal ratios, FIRST,SECOND, got '0.6'"),
@@ -323,9 +330,20 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         extra = ["--budgets", "0.5,1.5"]
     elif case == "missing_data":  # the download is the offline test's (test_train.py)
         data, extra = tmp_path / "no_data", ["--no-download"]
-    elif case == "existing_results":
+    elif case in ("existing_results", "existing_json_only"):
         output.mkdir()
-        (output / "results.csv").write_text("keep me\n")
+        (output / ("results.csv" if case == "existing_results" else "results.json")).write_text("keep me\n")
+    elif case == "output_dir_is_a_file":
+        output.write_text("keep me\n")
+    elif case == "one_image":
+        extra = ["--limit", "1"]
+    elif case in ("other_classes", "validation_the_backbone_trained_on"):
+        backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
+        config = json.loads((backbone / "config.json").read_text())
+        config.update({"class_names": [f"class {i}" for i in range(10)]} if case == "other_classes" else
+                      {"split_seed": 1, "split_sizes": {"train": 48000, "val": 2000}})
+        (backbone / "config.json").write_text(json.dumps(config))
+        extra = ["--backbone", str(backbone), *(["--split", "val"] if case != "other_classes" else [])]
     elif case == "unknown_reduction":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, reduction="prune")
     elif case == "extra_checkpoint_other_reduction":
@@ -340,8 +358,10 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
     assert evaluate.main(cli(path, data, output, "--no-speed", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    if case == "existing_results":
-        assert (output / "results.csv").read_text() == "keep me\n" and len(list(output.iterdir())) == 1
+    if case in ("existing_results", "existing_json_only"):
+        assert [path.read_text() for path in output.iterdir()] == ["keep me\n"]
+    elif case == "output_dir_is_a_file":
+        assert output.read_text() == "keep me\n"
     else:
         assert not output.exists()
 
@@ -455,3 +475,12 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
 def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
     assert repository_relative(evaluate.DEFAULT_CHECKPOINT) == "reference/marl_policy"
     assert repository_relative(tmp_path / "policy") == str(tmp_path / "policy")
+
+
+def test_results_of_one_budget_remove_an_older_plot(tmp_path):
+    settings = {"prune_points": [1, 2, 3]}
+    rows = {"method": ["Random", "Random"], "budget": [0.3, 0.5], "gflops": [0.2, 0.1], "accuracy": [80.0, 70.0]}
+    assert tmp_path / "accuracy_vs_gflops.png" in write_results(pd.DataFrame(rows), tmp_path, settings)
+    written = write_results(pd.DataFrame(rows).iloc[1:], tmp_path, settings)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written) == [
+        "results.csv", "results.json", "results.md"]

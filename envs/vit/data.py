@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +207,26 @@ def split_indices(num_train: int, split: str, val_size: int, seed: int) -> np.nd
     order = np.random.default_rng(seed).permutation(num_train)
     chosen = order[:val_size] if split == "val" else order[val_size:]
     return np.sort(chosen)
+
+
+def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
+                        backbone_config: Mapping[str, Any]) -> None:
+    """Raise a DataError where the backbone of ``backbone_config`` cannot score ``split`` honestly: classes other
+    than those it was trained on (its answers would be compared with other labels), or, for ``val``, images it
+    trained on. A backbone checkpoint records the validation split held out beside it (``backbone.py``); a
+    validation split of its data set must be that one or a part of it (the same seed, at most its size)."""
+    classes = tuple(backbone_config.get("class_names") or ())
+    if classes and classes != split.class_names or len(split.class_names) != backbone_config["num_classes"]:
+        raise DataError(f"the data set's {len(split.class_names)} classes ({', '.join(split.class_names[:4])}, ...) "
+                        f"are not the backbone's {backbone_config['num_classes']} "
+                        f"({', '.join(classes[:4]) or 'unnamed'}, ...)")
+    if split_name != "val" or backbone_config.get("dataset") != dataset or "split_seed" not in backbone_config:
+        return
+    held_out, held_out_seed = backbone_config["split_sizes"]["val"], backbone_config["split_seed"]
+    if seed != held_out_seed or val_size > held_out:
+        raise DataError(f"a validation split of {val_size} images drawn with seed {seed} would hold images the "
+                        f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed} (use "
+                        f"--split-seed {held_out_seed} and --val-size {held_out} or less)")
 
 
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
