@@ -156,9 +156,9 @@ class ExactCount(TorchDistribution):
         members = count[:, None]  # [B, nodes]: how many members each node of the current level holds
         for children in reversed(polynomial_tree(scores, int(count.max()))):
             log_weights = split_log_weights(children, members)
-            uniform = torch.rand_like(log_weights).clamp(min=torch.finfo(log_weights.dtype).tiny)  # finite noise
-            gumbel = -torch.log(-torch.log(uniform))  # argmax of log-weights + Gumbel noise: a draw by weight
-            to_left = (log_weights + gumbel).argmax(-1)  # (an impossible share never wins)
+            uniform = torch.rand_like(log_weights).clamp(min=torch.finfo(log_weights.dtype).tiny)  # 0: -inf noise
+            gumbel = -torch.log(-torch.log(uniform))  # argmax of log-weights + Gumbel noise: a draw by weight, in
+            to_left = (log_weights + gumbel).argmax(-1)  # which an impossible share never wins
             members = torch.stack([to_left, members - to_left], dim=-1).flatten(1)
         chosen = members[:, :scores.shape[1]] > 0
         return chosen.reshape(self.scores.shape).to(self.scores.dtype)

@@ -216,7 +216,7 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     trained on. A backbone checkpoint records the validation split held out beside it (``backbone.py``); a
     validation split of its data set must be that one or a part of it (the same seed, at most its size)."""
     classes = tuple(backbone_config.get("class_names") or ())
-    if classes and classes != split.class_names or len(split.class_names) != backbone_config["num_classes"]:
+    if (classes and classes != split.class_names) or len(split.class_names) != backbone_config["num_classes"]:
         raise DataError(f"the data set's {len(split.class_names)} classes ({', '.join(split.class_names[:4])}, ...) "
                         f"are not the backbone's {backbone_config['num_classes']} "
                         f"({', '.join(classes[:4]) or 'unnamed'}, ...)")

@@ -33,7 +33,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -
         r: tokens to remove (at most the size of set A).
         num_prefix: prefix tokens before the patch tokens. ToMe alternates the whole sequence, so with an odd
             count set A starts at the second patch token; with any, set A's unmerged tokens keep their order
-            (ToMe sorts them to keep the class token first), without, they come most similar last, as in ToMe.
+            (ToMe sorts them to keep the class token first), without, the most similar come first, as in ToMe.
 
     Returns:
         ``merge(x [B, N, C'], mode) -> [B, N - r, C']``, reducing merged tokens with ``mode`` ("sum", "mean").
