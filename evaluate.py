@@ -58,7 +58,7 @@ from cli import (
     positive_int,
     versions_line,
 )
-from envs.problem import ProblemError, PruningProblem, block_indices, removal_ratio, removal_ratios
+from envs.problem import ProblemError, PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
 from envs.results_table import (
     BASELINE,
     RESULT_FILES,
@@ -384,8 +384,8 @@ def run(args: argparse.Namespace) -> int:
                                        same_backbone=not args.backbone, same_reduction=not args.reduction)
     _, main, main_path = next(iter(policies.values()))
     problem = main.problem
-    for budget in set(budgets) & {round(ratio, 6) for ratio in problem.train_ratios} - set(policies):
-        policies[budget] = policies[round(problem.target_ratio, 6)]
+    for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
+        policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise EvaluationError(f"--output-dir {output_dir} is a file, not a directory")
@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
             StagedViT(staged.vit, args.cascade_points)
         except ValueError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
-        cascade = (round(problem.target_ratio, 6), CascadePasses(args.cascade_points, args.cascade))
+        cascade = (budget_key(problem.target_ratio), CascadePasses(args.cascade_points, args.cascade))
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
         split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],

@@ -269,11 +269,16 @@ def block_indices(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
+def budget_key(ratio: float) -> float:
+    """A removal ratio as results and policies are keyed by it: rounded to 6 decimals, so that one budget
+    written or computed two ways (``0.5``, ``0.500``, ``1 / 3``) is one key."""
+    return round(ratio, 6)
+
+
 def removal_ratio(text: str) -> float:
-    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), rounded to 6 decimals so that one
-    budget written two ways (``0.5``, ``0.500``) is one key."""
+    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), as a :func:`budget_key`."""
     try:
-        return round(check_target_ratio(float(text), "a removal ratio"), 6)
+        return budget_key(check_target_ratio(float(text), "a removal ratio"))
     except ValueError as error:  # not a number, or outside (0, 1)
         raise argparse.ArgumentTypeError(str(error)) from None
 

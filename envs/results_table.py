@@ -90,7 +90,9 @@ def plot_accuracy_vs_gflops(table: pd.DataFrame, path: Path) -> None:
     figure.savefig(path, dpi=150)
 
 
-RESULT_FILES = ("results.csv", "results.json", "results.md", "accuracy_vs_gflops.png")
+TABLE_FILES = ("results.csv", "results.json", "results.md")
+PLOT_FILE = "accuracy_vs_gflops.png"
+RESULT_FILES = (*TABLE_FILES, PLOT_FILE)
 """What :func:`write_results` writes in its directory (the plot with more than one budget only)."""
 
 
@@ -100,14 +102,14 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     output_dir.mkdir(parents=True, exist_ok=True)
     docs = column_docs(len(settings["prune_points"]))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
-    paths = [output_dir / name for name in RESULT_FILES[:3]]
+    paths = [output_dir / name for name in TABLE_FILES]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps({"settings": settings, "columns": docs, "rows": records}, indent=2) + "\n")
     legend = "\n".join(f"- `{column}`: {doc}" for column, doc in docs.items())
     setting_lines = "\n".join(f"- {key}: `{value}`" for key, value in settings.items())
     paths[2].write_text(f"# Token pruning results\n\n{markdown_table(table)}\n\n## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
-    plot = output_dir / RESULT_FILES[3]
+    plot = output_dir / PLOT_FILE
     if table["budget"].nunique() > 1:
         plot_accuracy_vs_gflops(table, plot)
         paths.append(plot)

@@ -28,7 +28,7 @@ from pathlib import Path
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 from cli import versions_line
-from envs.problem import ProblemError, PruningProblem
+from envs.problem import ProblemError, PruningProblem, budget_key
 from envs.pruning_env import trained_policies
 from envs.vit.features import AGENT_FEATURES
 
@@ -180,7 +180,7 @@ def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_ba
     reduction.
     """
     modules, info = load_policies(main)
-    policies = {round(info.problem.target_ratio, 6): (modules, info, Path(main))}
+    policies = {budget_key(info.problem.target_ratio): (modules, info, Path(main))}
     problem = info.problem
     for budget, path in extras.items():
         if budget in policies:
@@ -196,7 +196,7 @@ def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_ba
         if same_backbone and other.backbone_path != problem.backbone_path:
             raise PolicyCheckpointError(f"checkpoint {path} was trained on backbone {other.backbone_path}, the main "
                                         f"one on {problem.backbone_path} (pass --backbone to force one)")
-        if budget not in {round(ratio, 6) for ratio in other.ratios_trained}:
+        if budget not in {budget_key(ratio) for ratio in other.ratios_trained}:
             trained = ", ".join(f"{ratio:g}" for ratio in other.ratios_trained)
             print(f"note: checkpoint {path} was trained at removal ratio {trained}; evaluating it at {budget:g}",
                   file=sys.stderr)
