@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,10 +32,20 @@ from tqdm import tqdm
 
 from cli import OneLineParser, add_data_access_arguments, data_access
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
-from envs.vit.data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, DataError, default_data_dir, load_split
+from envs.vit.data import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_VAL_SIZE,
+    DataError,
+    ImageSplit,
+    StreamedImages,
+    default_data_dir,
+    held_out_fingerprint,
+    load_split,
+)
 
 STATE_FILE = "train_state.pt"
 EXPORT_DIR = "backbone"
+STREAM_WORKERS = min(8, os.cpu_count() or 1)  # processes decoding a streamed training split ahead
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -167,14 +178,30 @@ def optimize_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, crit
 
 
 @torch.no_grad()
-def accuracy(model, images, labels, config, device, batch_size=512, amp=True) -> float:
+def accuracy(model, split: ImageSplit, config, device, batch_size=512, amp=True) -> float:
     model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), config)
+    correct, start = 0, 0
+    for images in split.batches(batch_size):
+        x = normalize(images.to(device), config)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            correct += (model(x).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
-    return correct / len(labels)
+            correct += (model(x).argmax(-1).cpu() == split.labels[start:start + len(images)]).sum().item()
+        start += len(images)
+    return correct / len(split)
+
+
+def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, batch_size: int,
+                  steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An epoch's ``steps`` batches in ``order``: ``(indices [B], uint8 images [B, 3, S, S])``. Decoded images
+    are indexed where they lie (the device); a streamed split is decoded ahead in DataLoader workers."""
+    batches = order[:steps * batch_size].split(batch_size)
+    if isinstance(images, torch.Tensor):
+        for batch in batches:
+            yield batch, images[batch]
+        return
+    loader = torch.utils.data.DataLoader(images, batch_sampler=[batch.tolist() for batch in batches],
+                                         num_workers=STREAM_WORKERS,
+                                         generator=torch.Generator())  # leaves the global RNG to the training
+    yield from zip(batches, loader, strict=True)
 
 
 @torch.no_grad()
@@ -299,7 +326,9 @@ def train(args: argparse.Namespace) -> dict:
               "class_names": list(train_split.class_names), "input_size": input_size,
               "mean": list(mean), "std": list(std), "dataset": args.dataset,
               "split_sizes": {"train": len(train_split), "val": len(val_split)},
-              "split_seed": args.split_seed}
+              "split_seed": args.split_seed,
+              "val_fingerprint": held_out_fingerprint(args.dataset, args.data_dir, input_size, len(val_split),
+                                                      args.split_seed, args.download)}
 
     model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
@@ -323,26 +352,28 @@ def train(args: argparse.Namespace) -> dict:
         print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
     out.mkdir(parents=True, exist_ok=True)
 
-    images = train_split.images.to(device)
+    streamed = isinstance(train_split.images, StreamedImages)
+    images = train_split.images if streamed else train_split.images.to(device)
     labels = train_split.labels.to(device)
     process_start = time.time()
     began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        order = torch.randperm(len(labels), generator=generator)
+        bar = tqdm(epoch_batches(images, order if streamed else order.to(device), args.batch_size, steps_per_epoch),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=not sys.stderr.isatty())
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for step in bar:
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x, y = augment_batch(images[batch], labels[batch], generator, randaugment, mixup, config)
+        for step, (batch, batch_images) in enumerate(bar):
+            x, y = augment_batch(batch_images.to(device), labels[batch.to(device)], generator, randaugment, mixup,
+                                 config)
             loss = optimize_step(model, x, y, criterion, optimizer, amp)
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             loss_sum += loss
             if not bar.disable and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         mean_loss = loss_sum.item() / steps_per_epoch
-        val_acc = accuracy(model, val_split.images, val_split.labels, config, device, amp=amp)
+        val_acc = accuracy(model, val_split, config, device, amp=amp)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "val_accuracy": val_acc,
                         "seconds": time.time() - began})
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
@@ -358,7 +389,11 @@ def train(args: argparse.Namespace) -> dict:
 
     test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
                             limit=args.limit, **data_access(args))
-    test_acc = accuracy(model, test_split.images, test_split.labels, config, device, amp=False)
+    if test_split.class_names != train_split.class_names:  # labels are class indices: they would name others
+        raise DataError(f"the test split's classes ({', '.join(test_split.class_names)}) are not the training "
+                        f"split's ({', '.join(train_split.class_names)}); the trained model is kept: fix the "
+                        f"test split and run again with --resume")
+    test_acc = accuracy(model, test_split, config, device, amp=False)
     test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
     if snapshot is not None:  # a later --resume --epochs must know the test split has been read
         save_state(state_path, {**snapshot, "test_readings": test_readings})

@@ -56,9 +56,9 @@ def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download cifar10/cifar100 (by default they are fetched into --data-dir, "
                              "with a progress bar, when absent)")
-    parser.add_argument("--memory-budget-mb", type=float, default=None, metavar="MB",
+    parser.add_argument("--memory-budget-mb", type=non_negative_float, default=None, metavar="MB",
                         help="a split that would take more than this decoded is streamed from its files instead "
-                             "of decoded into memory (default: 4096)")
+                             "of decoded into memory (default: 4096; 0 always streams)")
 
 
 def data_access(args: argparse.Namespace) -> dict:
@@ -74,6 +74,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An argparse ``type``: an integer >= 0."""
     return _int_at_least(text, 0)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _int_at_least(text: str, minimum: int) -> int:

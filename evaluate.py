@@ -412,7 +412,8 @@ def run(args: argparse.Namespace) -> int:
     def images(split_name: str, limit: int | None) -> ImageSplit:
         split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
                            val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
-        check_fits_backbone(split, split_name, dataset, problem.val_size, problem.split_seed, backbone_config)
+        check_fits_backbone(split, split_name, dataset, problem.val_size, problem.split_seed, backbone_config,
+                            args.data_dir, args.download)
         return split
 
     split = images(args.split, args.limit)

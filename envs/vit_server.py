@@ -231,7 +231,8 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     split = load_split(problem.dataset, settings.split, problem.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=settings.limit,
                        download=settings.download, memory_budget_mb=settings.memory_budget_mb)
-    check_fits_backbone(split, settings.split, problem.dataset, problem.val_size, problem.split_seed, config)
+    check_fits_backbone(split, settings.split, problem.dataset, problem.val_size, problem.split_seed, config,
+                        problem.data_dir, settings.download)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 

@@ -80,3 +80,40 @@ def test_step_benchmark_times_every_part(tmp_path):
     assert set(rows) == {"crop + flip", "RandAugment", "normalize + mixup/cutmix", "forward + backward + AdamW",
                          "sum of the parts", "training loop (no sync inside)"}
     assert all(ms > 0 for ms in rows.values())
+
+
+def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
+    """A split over the memory budget is read from its files during training, in the same batches of the same
+    pixels as a decoded one. A test split that lacks a class (its labels would name other classes) is one error
+    line, and the trained model waits for --resume."""
+    import shutil
+
+    from envs.vit import data
+    from envs.vit.data import load_split
+
+    decoded, streamed = (load_split("folder", "train", image_folder_224, input_size=224, val_size=6,
+                                    memory_budget_mb=budget).images for budget in (None, 0))
+    order = torch.randperm(18)
+    pairs = zip(backbone.epoch_batches(decoded, order, 4, 4), backbone.epoch_batches(streamed, order, 4, 4),
+                strict=True)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in pairs)
+
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder_224, folder)
+
+    def run(name, *extra):
+        return backbone.main(["--dataset", "folder", "--data-dir", str(folder), "--output-dir", str(tmp_path / name),
+                              "--val-size", "6", "--batch-size", "6", "--epochs", "1", "--warmup-epochs", "0",
+                              "--model-kwargs", "img_size=224", "patch_size=56", "depth=1", "embed_dim=16",
+                              "num_heads=2", *extra])
+
+    assert run("streamed", "--memory-budget-mb", "0") == 0
+    capsys.readouterr()
+    shutil.move(folder / "test" / "ant", tmp_path / "ant")
+    data._shared_raw_split.cache_clear()  # this process read the folder before the class went
+    assert run("short") == 2
+    err = capsys.readouterr().err
+    assert "test split's classes (bee, cat) are not the training split's" in err and err.count("\n") == 1
+    shutil.move(tmp_path / "ant", folder / "test" / "ant")
+    data._shared_raw_split.cache_clear()
+    assert backbone.main(["--output-dir", str(tmp_path / "short"), "--resume"]) == 0

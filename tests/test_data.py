@@ -15,12 +15,60 @@ from envs.vit.staged_vit import StagedViT
 
 
 def test_val_split_is_seeded_and_disjoint_from_train():
-    train = split_indices(1000, "train", 100, seed=0)
-    val = split_indices(1000, "val", 100, seed=0)
+    labels = np.repeat(np.arange(10), 100)
+    train = split_indices(labels, "train", 100, seed=0)
+    val = split_indices(labels, "val", 100, seed=0)
     assert len(train) == 900 and len(val) == 100
     assert not set(train) & set(val)
-    assert np.array_equal(val, split_indices(1000, "val", 100, seed=0))
-    assert not np.array_equal(val, split_indices(1000, "val", 100, seed=1))
+    assert np.array_equal(val, split_indices(labels, "val", 100, seed=0))
+    assert not np.array_equal(val, split_indices(labels, "val", 100, seed=1))
+
+
+def test_a_copy_that_interleaves_the_classes_splits_the_same_images():
+    """An ImageFolder copy lists each class together, torchvision's CIFAR files mix the classes: where each class
+    keeps its order, both copies hold out the same images."""
+    by_class = np.repeat(np.arange(3), 10)  # image ids 0..29, class by class
+    mixed = np.arange(30).reshape(3, 10).T.reshape(-1)  # ids in the order 0, 10, 20, 1, 11, 21, ...
+    for split in ("train", "val"):
+        assert (set(mixed[split_indices(by_class[mixed], split, 7, seed=2)])
+                == set(split_indices(by_class, split, 7, seed=2)))
+
+
+def _colour_folder(root, extra: int = 0, suffix: str = "png"):
+    """3 classes of 8 (+ ``extra`` in the last) solid-colour 32-px images, each its own colour, and a test split."""
+    from PIL import Image
+
+    for split, count in (("train", 8), ("test", 2)):
+        for label, name in enumerate(("ant", "bee", "cat")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count + (extra if split == "train" and name == "cat" else 0)):
+                colour = (40 + 20 * i, 30 + 70 * label, (25 * i + 90 * label) % 256)
+                Image.new("RGB", (32, 32), colour).save(root / split / name / f"{i}.{suffix}")
+    return root
+
+
+def test_the_validation_split_must_come_from_the_backbones_copy_of_the_data(tmp_path):
+    """A copy whose seeded validation split would name other images (here, one image more) is refused; the same
+    images re-encoded are not."""
+    original = _colour_folder(tmp_path / "original")
+    split = load_split("folder", "val", original, val_size=6, seed=0)
+    config = {"num_classes": 3, "class_names": ["ant", "bee", "cat"], "dataset": "folder", "split_seed": 0,
+              "split_sizes": {"train": 18, "val": 6}, "input_size": 32,
+              "val_fingerprint": data.held_out_fingerprint("folder", original, 32, 6, 0)}
+    check_fits_backbone(split, "val", "folder", 6, 0, config, original)
+    check_fits_backbone(split, "val", "folder", 6, 0, config, _colour_folder(tmp_path / "jpeg", suffix="jpg"))
+    grown = _colour_folder(tmp_path / "grown", extra=1)
+    with pytest.raises(DataError, match="holds other images, or orders them otherwise"):
+        check_fits_backbone(load_split("folder", "val", grown, val_size=6, seed=0), "val", "folder", 6, 0, config,
+                            grown)
+
+
+def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path):
+    original = _colour_folder(tmp_path / "original")
+    assert isinstance(load_split("folder", "val", original, val_size=6, memory_budget_mb=0).images, StreamedImages)
+    unreadable = _colour_folder(tmp_path / "bitmaps", suffix="bmp")
+    with pytest.raises(DataError, match="cannot read"):
+        load_split("folder", "train", unreadable, val_size=6)
 
 
 def test_test_split_sizes_and_labels(data_dir):

@@ -45,6 +45,8 @@ DEFAULT_VAL_SIZE = 5000
 DEFAULT_SPLIT_SEED = 0
 DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
 DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR's train split: 138 MB)
+FINGERPRINT_IMAGES = 64  # validation images whose colours identify the split a backbone held out
+FINGERPRINT_TOLERANCE = 3.0  # mean difference of those colours, of 255, above which the images are others
 
 
 class DataError(RuntimeError):
@@ -144,6 +146,15 @@ def _split_source(dataset: str, data_dir: Path, split: str) -> Path | None:
     return None
 
 
+def _data_root(dataset: str, data_dir: str | os.PathLike | None, download: bool) -> Path:
+    """The data directory: ``data_dir``, else :func:`default_data_dir`; a DataError if it is missing and nothing
+    will be downloaded into it."""
+    root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+    if not root.exists() and not (download and dataset != "folder"):
+        raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
+    return root
+
+
 def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     """The layout a data set is looked for in and how to point the commands at it, for error messages."""
     base = data_dir if dataset == "folder" else data_dir / dataset
@@ -159,7 +170,10 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
         raise DataError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
     source = _split_source(dataset, data_dir, split)
     if source is not None:
-        return create_dataset("", root=str(source))
+        try:
+            return create_dataset("", root=str(source))
+        except (RuntimeError, OSError) as error:  # timm: "Found 0 images in subfolders of ...", unreadable files
+            raise DataError(f"cannot read {source}: {error}") from None
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     try:
@@ -200,21 +214,43 @@ def _labels(raw) -> np.ndarray:
     return np.asarray(targets, dtype=np.int64)
 
 
-def split_indices(num_train: int, split: str, val_size: int, seed: int) -> np.ndarray:
-    """Indices into the raw training split for ``train`` or ``val``: a seeded permutation, cut once."""
+def split_indices(labels: np.ndarray, split: str, val_size: int, seed: int) -> np.ndarray:
+    """Indices into the raw training split (``labels [N]`` in its file order) for ``train`` or ``val``: a seeded
+    permutation, cut once, of the images in class order (a stable sort by label). Counting in class order makes
+    the split independent of how a copy interleaves its classes: an ImageFolder copy lists each class's images
+    together, torchvision's CIFAR files mix them, and both give the same split where each class keeps its order
+    (:func:`check_fits_backbone` tells when a copy does not)."""
+    num_train = len(labels)
     if not 0 < val_size < num_train:
         raise DataError(f"validation size {val_size} must be between 1 and {num_train - 1}")
-    order = np.random.default_rng(seed).permutation(num_train)
+    order = np.argsort(labels, kind="stable")[np.random.default_rng(seed).permutation(num_train)]
     chosen = order[:val_size] if split == "val" else order[val_size:]
     return np.sort(chosen)
 
 
+def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input_size: int, val_size: int, seed: int,
+                         download: bool = False) -> list[list[float]]:
+    """The mean of each colour channel, 0-255, of the first :data:`FINGERPRINT_IMAGES` images of a data set's
+    validation split, ``[FINGERPRINT_IMAGES, 3]``. ``backbone.py`` records it beside the split's seed and size,
+    and :func:`check_fits_backbone` compares it: a copy of the data set with other files or in another order
+    would draw other images under the same seed, images the backbone may have trained on. Channel means name
+    the images yet survive re-encoding (a JPEG copy of CIFAR against the original pixels)."""
+    root = _data_root(dataset, data_dir, download)
+    with _SHARED_RAW_LOCK:
+        raw = _shared_raw_split(dataset, root, "train", download, Path.cwd())
+        indices = split_indices(_labels(raw), "val", val_size, seed)[:FINGERPRINT_IMAGES]
+        images = _decode(raw, indices, input_size)
+    return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
+
+
 def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
-                        backbone_config: Mapping[str, Any]) -> None:
+                        backbone_config: Mapping[str, Any], data_dir: str | os.PathLike | None = None,
+                        download: bool = False) -> None:
     """Raise a DataError where the backbone of ``backbone_config`` cannot score ``split`` honestly: classes other
     than those it was trained on (its answers would be compared with other labels), or, for ``val``, images it
     trained on. A backbone checkpoint records the validation split held out beside it (``backbone.py``); a
-    validation split of its data set must be that one or a part of it (the same seed, at most its size)."""
+    validation split of its data set must be that one or a part of it (the same seed, at most its size), drawn
+    from a copy of the data set (at ``data_dir``) that gives the same images (:func:`held_out_fingerprint`)."""
     classes = tuple(backbone_config.get("class_names") or ())
     if (classes and classes != split.class_names) or len(split.class_names) != backbone_config["num_classes"]:
         raise DataError(f"the data set's {len(split.class_names)} classes ({', '.join(split.class_names[:4])}, ...) "
@@ -227,6 +263,16 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         raise DataError(f"a validation split of {val_size} images drawn with seed {seed} would hold images the "
                         f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed} (use "
                         f"--split-seed {held_out_seed} and --val-size {held_out} or less)")
+    recorded = backbone_config.get("val_fingerprint")
+    if recorded is None:  # a backbone written before backbone.py recorded it
+        return
+    found = held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out, held_out_seed, download)
+    difference = float(np.abs(np.asarray(found) - np.asarray(recorded)).mean())
+    if difference > FINGERPRINT_TOLERANCE:
+        raise DataError(f"this copy of {dataset} holds other images, or orders them otherwise, than the copy the "
+                        f"backbone was trained on (its validation images differ in colour by {difference:.1f} of 255 "
+                        f"on average), so its validation split would hold images the backbone trained on: point "
+                        f"--data-dir at that copy, or train a backbone on this one with backbone.py")
 
 
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
@@ -267,9 +313,7 @@ def load_split(
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-    if not root.exists() and not (download and dataset != "folder"):
-        raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
+    root = _data_root(dataset, data_dir, download)
     raw_split = "test" if split == "test" else "train"
     with _SHARED_RAW_LOCK:
         raw = _shared_raw_split(dataset, root, raw_split, download, Path.cwd())
@@ -277,11 +321,12 @@ def load_split(
         if split == "test":
             indices = np.arange(len(labels))
         else:
-            indices = split_indices(len(labels), split, val_size, seed)
+            indices = split_indices(labels, split, val_size, seed)
         if limit is not None and limit < len(indices):
             indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
         decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
-        images = (_decode(raw, indices, input_size) if decoded_mb <= (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
+        budget_mb = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+        images = (_decode(raw, indices, input_size) if decoded_mb <= budget_mb
                   else StreamedImages(functools.partial(_open_raw_split, dataset, root, raw_split, False), indices,
                                       input_size))
         return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
