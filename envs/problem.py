@@ -28,6 +28,9 @@ from policies.heuristics import HEURISTICS
 POLICIES: tuple[str, ...] = ("attention", "similarity")
 PROTECTED_SHARE_BEFORE_SETTING = 0.25
 """The share the attention agent protected in checkpoints written before ``protected_share`` was a setting."""
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline": "none"}
+"""How checkpoints written before these settings existed were trained (one rollout of each image, no baseline),
+where today's defaults differ."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
 
@@ -214,7 +217,8 @@ class PruningProblem:
             data = dict(config["problem"])
             if "protected_share" not in data and "rollouts_per_image" in data:
                 data["protected_share"] = PROTECTED_SHARE_BEFORE_SETTING
-            problem, turns_known = cls.from_json(data), "protected_share" in data
+            problem = cls.from_json({**SETTINGS_BEFORE_THEY_EXISTED, **data})
+            turns_known = "protected_share" in data
         _check(turns_known or problem.agents != "both",
                "its agents were trained under former turns (the attention agent removed tokens; before "
                "2026-11-23), so today's turns would evaluate a pair it never learned: retrain it with train.py")
@@ -241,7 +245,7 @@ class PruningProblem:
             agent_steps_per_env_step = env.get("images_per_env", 8) * (2 if env.get("agents", "both") == "both" else 1)
             values["ppo"] = {**values["ppo"], "train_batch_size_per_learner":
                              values["ppo"]["train_batch_size_per_learner"] * agent_steps_per_env_step}
-        return cls.from_json({k: v for k, v in values.items() if v is not None})
+        return cls.from_json({**SETTINGS_BEFORE_THEY_EXISTED, **{k: v for k, v in values.items() if v is not None}})
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

@@ -128,11 +128,14 @@ class PrunedViT(nn.Module):
 
     @classmethod
     def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
-                       prune_points: Sequence[int] = (3, 6, 9), reduction: str = "merge") -> PrunedViT:
+                       prune_points: Sequence[int] = (3, 6, 9), reduction: str = "merge",
+                       tome_gflops: float | None = None) -> PrunedViT:
         """A backbone checkpoint directory (backbone.py's) pruned by a heuristic at ``budget``, or by ToMe
-        merging in every block at the GFLOPs greedy similarity has at ``budget`` (:data:`SELECTIONS`)."""
+        merging in every block (:data:`SELECTIONS`) at ``tome_gflops``, by default the GFLOPs greedy similarity
+        has at ``budget``. evaluate.py's ToMe row takes the cost of the dearest row at its budget: a policy's
+        ``gflops().total`` where one is evaluated."""
         vit, config = load_backbone(backbone)
-        return cls(StagedViT(vit, prune_points), config, name, budget, reduction)
+        return cls(StagedViT(vit, prune_points), config, name, budget, reduction, tome_gflops=tome_gflops)
 
     @property
     def device(self) -> torch.device:

@@ -62,12 +62,26 @@ def test_checkpoints_record_the_turns_and_a_pair_of_former_turns_is_refused():
     assert PruningProblem.from_checkpoint_json({"problem": current}).protected_share == 0.3
     first_protecting = {k: v for k, v in current.items() if k != "protected_share"}
     assert PruningProblem.from_checkpoint_json({"problem": first_protecting}).protected_share == 0.25
-    former = {k: v for k, v in first_protecting.items() if k != "rollouts_per_image"}
+    former = {**{k: v for k, v in first_protecting.items() if k != "rollouts_per_image"}, "reward_baseline": "distinct"}
     for config in ({"problem": former}, LEGACY_CONFIG):
         with pytest.raises(ProblemError, match="former turns"):
             PruningProblem.from_checkpoint_json(config)
     alone = PruningProblem.from_checkpoint_json({"problem": {**former, "agents": "similarity"}})
     assert alone.agents == "similarity"
+
+
+def test_checkpoints_from_before_rollouts_and_baselines_read_as_they_were_trained():
+    """One rollout of each image and no baseline, not today's defaults (4 rollouts against each other, which
+    would refuse an images_per_env that 4 does not divide)."""
+    former = {k: v for k, v in PruningProblem(images_per_env=6, agents="similarity", rollouts_per_image=1,
+                                                reward_baseline="none").to_json().items()
+              if k not in ("rollouts_per_image", "reward_baseline", "protected_share")}
+    legacy = {**LEGACY_CONFIG, "env": {**LEGACY_CONFIG["env"], "agents": "similarity", "images_per_env": 2}}
+    for problem in (PruningProblem.from_checkpoint_json({"problem": former}),
+                    PruningProblem.from_checkpoint_json(legacy)):
+        assert (problem.rollouts_per_image, problem.reward_baseline) == (1, "none")
+    with_baseline = {**former, "reward_baseline": "distinct"}  # recorded from the start of baselines
+    assert PruningProblem.from_checkpoint_json({"problem": with_baseline}).reward_baseline == "distinct"
 
 
 def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_started_uniform():
