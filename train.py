@@ -16,8 +16,8 @@ result (``progress.csv``, ``result.json``, TensorBoard) in the trial's directory
 It ends naming each trial's best checkpoint and the command that evaluates it. The test split is never read
 here. ``python train.py --help`` lists every setting of the pruning problem (``envs/problem.py``) with its doc.
 
-What to expect from the default run on a 2-core CPU: 90-120 PPO iterations in its 18 minutes (the machines
-here differ by a third), and an exact-budget validation accuracy of 82-84% on its 1,000 validation images at
+What to expect from the default run on a 2-core CPU: 90-180 PPO iterations in its 18 minutes (the machines
+here differ by up to 2x), and an exact-budget validation accuracy of 82-84% on its 1,000 validation images at
 every checkpoint, level with the heuristics (greedy similarity 82.7%, Distinctive NMS 82.9%): PPO has not yet
 learned to beat them (README, "Results").
 """
@@ -48,7 +48,14 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 
-from cli import OneLineParser, add_data_access_arguments, data_access, non_negative_int, positive_int
+from cli import (
+    OneLineParser,
+    add_data_access_arguments,
+    data_access,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
@@ -64,9 +71,12 @@ from envs.vit_server import (
     start_vit_servers,
 )
 from policies.checkpoints import (
+    PREFIX,
+    UNRECORDED,
     CheckpointInfo,
     PolicyCheckpointError,
     check_policies,
+    check_restorable,
     load_policies,
     read_checkpoint_info,
     stage_checkpoint,
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "--no-sample-ahead: RLlib's PPO, which alternates the two")
     run.add_argument("--iterations", type=positive_int, default=1000,
                      help="stop a trial after this many iterations in total (raise it on --resume to go on)")
-    run.add_argument("--time-budget", type=float, default=18.0, metavar="MINUTES",
+    run.add_argument("--time-budget", type=non_negative_float, default=18.0, metavar="MINUTES",
                      help="stop a trial (with a checkpoint) after the iteration that passes this much training "
                           "time since it (re)started; 0 = no limit (default 18, so the default run fits in ~20 min)")
     run.add_argument("--output-dir", default="runs/marl",
@@ -120,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch threads of each ViT server, and the CPUs it reserves")
     add_data_access_arguments(run)
     add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume)")
+    p.set_defaults(**{"problem.data_dir": None})  # given or not: with_data_dir overrides a run's only if given
     return p
 
 
@@ -345,7 +356,7 @@ def validation_score(result: dict[str, Any]) -> float | None:
     return result.get(EVALUATION_RESULTS, {}).get("exact_accuracy")
 
 
-def run_trial(config: dict, *, stop: StopRule, access: dict, run_dir: Path | None,
+def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_dir: Path | None,
               inputs: dict[str, ServerInputs] | None = None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
@@ -354,11 +365,12 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, run_dir: Path | Non
     reports every iteration and, every ``checkpoint_every`` iterations and at the stop, a validated
     checkpoint. ``config["trial"]``: the trial's problem, resources and starting checkpoint (build_tuner);
     ``run_dir``: :func:`local_run_dir`, where Tune stores the trial's checkpoints on disk, not the staging
-    directory of the trial's context; ``inputs``: the servers' weights and images as the driver read them
-    (loaded here if None)."""
+    directory of the trial's context; ``data_dir``: the data directory as the driver resolved it (a trial runs
+    in a directory of its own); ``inputs``: the servers' weights and images as the driver read them (loaded
+    here if None)."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
-    problem = PruningProblem.from_json(trial["problem"])
+    problem = replace(PruningProblem.from_json(trial["problem"]), data_dir=data_dir)
     resources = TrialResources.from_json(trial["resources"])
     settings = server_settings(problem, resources.placement, access)
     inputs = inputs or {name: load_server_inputs(s) for name, s in settings.items()}
@@ -370,7 +382,8 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, run_dir: Path | Non
     try:
         with contextlib.ExitStack() as downloads:  # a checkpoint from cloud storage stays on disk until the end
             stored = run_dir / trial["name"] if run_dir is not None else None
-            own = resumable_checkpoints(stored, tune.get_checkpoint(), downloads)
+            recorded = tune.get_checkpoint()
+            own = resumable_checkpoints(stored, recorded, downloads)
             start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
             initial_states = {}
             if not own and not start and problem.warm_start != "none":
@@ -379,6 +392,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, run_dir: Path | Non
             algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states).build_algo()
             try:
                 restore_newest(algo, own or start)
+                set_aside_unrecorded(stored, recorded)
                 train_until(algo, problem, stop)
             finally:
                 algo.stop()
@@ -400,6 +414,22 @@ def resumable_checkpoints(trial_dir: Path | None, recorded: tune.Checkpoint | No
     return found
 
 
+def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | None) -> None:
+    """Rename the trial's checkpoint directories that Tune has no record of (stored after it last saved its record,
+    before a SIGKILL) out of Tune's numbering, which goes on from its record and would write later iterations
+    into them. They stay what a later resume may go on from (:func:`trial_checkpoints`); one set aside before
+    under the same name holds an older iteration and is replaced."""
+    if trial_dir is None:
+        return
+    recorded_here = recorded is not None and Path(recorded.path).parent == trial_dir
+    last_recorded = int(Path(recorded.path).name.removeprefix(PREFIX)) if recorded_here else -1
+    for checkpoint in trial_dir.glob(f"{PREFIX}*"):
+        if int(checkpoint.name.removeprefix(PREFIX)) > last_recorded:
+            aside = checkpoint.with_name(UNRECORDED + checkpoint.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            checkpoint.rename(aside)
+
+
 def restore_newest(algo, checkpoints: list[Path]) -> None:
     """The whole algorithm state (weights, optimiser, iteration count) from the first of ``checkpoints``
     that restores (a checkpoint cut short by a crash while it was stored does not), on every runner."""
@@ -407,7 +437,8 @@ def restore_newest(algo, checkpoints: list[Path]) -> None:
         try:
             algo.restore_from_path(str(checkpoint.resolve()))
         except Exception as error:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
-            print(f"cannot restore {checkpoint} ({type(error).__name__}: {error}); trying an older one", flush=True)
+            fallback = "; trying an older one" if checkpoint != checkpoints[-1] else ""
+            print(f"cannot restore {checkpoint} ({type(error).__name__}: {error}){fallback}", flush=True)
             continue
         # restore pushes weights to remote runners without waiting; make sure they have them
         algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True,
@@ -534,22 +565,53 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     """The problems and resources of the trials: from the flags (or ``--from-checkpoint``'s problem) for a new
     run, from the run's own record on --resume. The placement is this machine's guess until Ray is up."""
     storage_path, name = storage_location(args.output_dir)
+    local = local_run_dir(args.output_dir)
+    blocking = next((path for path in (local, *local.parents) if path.exists() and not path.is_dir()),
+                    None) if local is not None else None
+    if blocking is not None:
+        raise ValueError(f"--output-dir {args.output_dir}: {blocking} is a file, not a directory")
     if args.resume:
         if args.from_checkpoint:
             raise ValueError("--resume continues a run; --from-checkpoint starts a new one: pass one of them")
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
         trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
-        return ([PruningProblem.from_json(t["problem"]) for t in trials],
+        return (with_data_dir([PruningProblem.from_json(t["problem"]) for t in trials], args),
                 TrialResources.from_json(trials[0]["resources"]))
-    local = local_run_dir(args.output_dir)
-    if local is not None and local.exists() and any(local.iterdir()) and not args.overwrite:
-        raise ValueError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
-                         f"to replace it")
-    problems = ([read_checkpoint_info(Path(args.from_checkpoint)).problem] if args.from_checkpoint
-                else problems_from_args(args))
+    if local is not None and local.exists() and any(local.iterdir()):
+        if not tune.Tuner.can_restore(str(local)):
+            raise ValueError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir")
+        if not args.overwrite:
+            raise ValueError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
+                             f"to replace it")
+    if args.from_checkpoint:
+        info = read_checkpoint_info(Path(args.from_checkpoint))
+        if info.iteration is not None and args.iterations <= info.iteration:
+            raise ValueError(f"--from-checkpoint is at iteration {info.iteration} and --iterations counts them in "
+                             f"total: pass more than {info.iteration}")
+        check_restorable(args.from_checkpoint)
+        problems = [info.problem]
+    else:
+        problems = problems_from_args(args)
+        labels = [sweep_label(problem, problems) for problem in problems]
+        if len(set(problems)) < len(problems):
+            raise ValueError("the sweep gives a setting the same value twice: give each value once")
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
+                             f"equal to 6 significant digits): give values that differ more")
     placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
-    return problems, TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead)
+    return (with_data_dir(problems, args),
+            TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
+
+
+def with_data_dir(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
+    """The problems reading their data from an absolute path (trials run in directories of their own): the
+    ``--data-dir`` given on the command line, else the one they name, relative to the working directory. A
+    run or checkpoint moved to another machine is pointed at its data so; the data directory is no part of
+    what the agents learn."""
+    given = getattr(args, "problem.data_dir")
+    return [replace(problem, data_dir=str(Path(given or problem.data_dir).expanduser().resolve()))
+            for problem in problems]
 
 
 DATA_SETTINGS = ("backbone", "dataset", "data_dir", "train_limit", "val_size", "split_seed", "val_limit",
@@ -586,7 +648,7 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
             args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
     print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
     trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
-                                     access=data_access(args), run_dir=run_dir,
+                                     access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
                                      inputs=inputs)
     return build_tuner(args, trainable, problems, resources).fit()
 

@@ -342,7 +342,8 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
     values of the number settings given several (``--target-ratio 0.3,0.5 --lr 1e-4,3e-4``: four), in the
     order given. A ``--backbone`` path is relative to the working directory and is stored relative to the
     repository when it lies inside it."""
-    values = {name: value for name, value in vars(args).items() if name.startswith(("problem.", "ppo."))}
+    values = {name: value for name, value in vars(args).items()
+              if name.startswith(("problem.", "ppo.")) and value is not None}  # None: the field's default
     default_backbone = _field(PruningProblem, "backbone").default
     if values["problem.backbone"] != default_backbone:
         values["problem.backbone"] = repository_relative(values["problem.backbone"])

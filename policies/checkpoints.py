@@ -5,6 +5,8 @@ Layout of a run's output directory (``train.py --output-dir``, Tune's experiment
     <output-dir>/<trial>/                     one trial (e.g. ``target_ratio=0.5``): Tune's progress.csv,
                                               result.json and TensorBoard events
     <output-dir>/<trial>/checkpoint_000003/   one RLlib checkpoint (``Algorithm.save_to_path``) and
+                                              (``unrecorded_checkpoint_000004/``: one that Tune had not
+                                              recorded when the run was killed, set aside on --resume)
         pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score",
                                               "versions"}
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from envs.vit.features import AGENT_FEATURES
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
+UNRECORDED = "unrecorded_"  # before PREFIX: a checkpoint Tune has no record of, renamed out of its numbering
 Modules = Mapping[str, RLModule]
 
 
@@ -62,9 +66,31 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
-    """A trial's complete checkpoints (those with their ``pruning_config.json``), oldest first."""
-    found = [p.parent for p in Path(trial_dir).glob(f"{PREFIX}*/{PRUNING_CONFIG}")]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    """A trial's complete checkpoints (those with their ``pruning_config.json``), Tune's and those set aside as
+    :data:`UNRECORDED`, oldest first by the iteration they hold (a resumed trial can write a later iteration
+    into a lower-numbered directory)."""
+    found = [p.parent for pattern in (PREFIX, UNRECORDED + PREFIX)
+             for p in Path(trial_dir).glob(f"{pattern}*/{PRUNING_CONFIG}")]
+    return sorted(found, key=_iteration_order)
+
+
+def _iteration_order(checkpoint: Path) -> tuple[int, int]:
+    """``(iteration, directory number)``; an unreadable ``pruning_config.json`` counts as iteration -1."""
+    info = _readable_info(checkpoint)
+    iteration = info.iteration if info is not None and info.iteration is not None else -1
+    return iteration, int(checkpoint.name.rpartition("_")[2])
+
+
+def check_restorable(checkpoint: str | os.PathLike) -> None:
+    """Raise a PolicyCheckpointError unless every pickled part of an RLlib checkpoint reads (a file cut short by
+    a crash or a copy does not), so that a run fails before it starts, not in its trial."""
+    for path in sorted(Path(checkpoint).rglob("*.pkl")):
+        try:
+            with path.open("rb") as file:
+                pickle.load(file)
+        except Exception as error:  # noqa: BLE001 - a damaged pickle fails in many ways
+            raise PolicyCheckpointError(f"{checkpoint} cannot be restored: {path.relative_to(checkpoint)} does not "
+                                        f"read ({type(error).__name__}: {error})") from None
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

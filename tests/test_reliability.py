@@ -1,6 +1,7 @@
 """Faults that must cost nothing: a crash while saving, non-finite features, bad paths given to --resume."""
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ from policies.checkpoints import (
     module_path,
     read_checkpoint_info,
     stage_checkpoint,
+    trial_checkpoints,
 )
 from policies.export import load_exported_policies
-from tests.tiny_policies import build_module
+from tests.tiny_policies import build_module, write_checkpoint
 
 PROBLEM = PruningProblem(backbone="b")
 
@@ -60,20 +62,47 @@ def test_starting_from_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
     corrupt.mkdir()
     (corrupt / "rllib_checkpoint.json").write_text("{}")
     (corrupt / "pruning_config.json").write_text('{"server": {"backb')
-    for path, message in ((tmp_path / "missing", "does not exist"), (not_a_checkpoint, "not a policy checkpoint"),
-                          (corrupt, "not readable JSON")):
-        assert train.main(["--output-dir", str(tmp_path / "run"), "--from-checkpoint", str(path)]) == 2
+    truncated = write_checkpoint(tmp_path / "truncated", tmp_path / "backbone")  # at iteration 3
+    (truncated / "algorithm_state.pkl").write_bytes(pickle.dumps({"weights": list(range(100))})[:100])
+    for path, message, extra in (
+            (tmp_path / "missing", "does not exist", ()), (not_a_checkpoint, "not a policy checkpoint", ()),
+            (corrupt, "not readable JSON", ()),
+            (truncated, "algorithm_state.pkl does not read (UnpicklingError", ()),
+            (truncated, "--from-checkpoint is at iteration 3 and --iterations counts them in total: pass more than 3",
+             ("--iterations", "3"))):
+        assert train.main(["--output-dir", str(tmp_path / "run"), "--from-checkpoint", str(path), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 
-def test_output_dir_holding_a_run_is_refused(tmp_path, capsys):
+def test_output_dir_holding_a_run_is_refused_and_one_holding_anything_else_is_never_replaced(tmp_path, capsys):
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tuner.pkl").write_bytes(b"")  # what makes a directory a Tune run (Tuner.can_restore)
     (tmp_path / "run" / "progress.csv").write_text("training_iteration\n1\n")
     assert train.main(["--output-dir", str(tmp_path / "run")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "run" / "progress.csv").read_text() == "training_iteration\n1\n"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    assert train.main(["--output-dir", str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert "is not empty and holds no run" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+    for output in ("mine/precious.txt", "mine/precious.txt/run"):
+        assert train.main(["--output-dir", str(tmp_path / output)]) == 2
+        err = capsys.readouterr().err
+        assert "precious.txt is a file, not a directory" in err and err.count("\n") == 1
+
+
+def test_a_sweep_that_repeats_a_trial_and_a_negative_time_budget_are_refused(tmp_path, capsys):
+    for flags, message in ((["--target-ratio", "0.5,0.5"], "the sweep gives a setting the same value twice"),
+                           (["--lr", "1e-4,0.0001"], "the sweep gives a setting the same value twice"),
+                           (["--lr", "1e-4,1.0000001e-4"], "two trials of the sweep would share the name lr=0.0001"),
+                           (["--time-budget", "-3"], "must be a finite number >= 0"),
+                           (["--time-budget", "nan"], "must be a finite number >= 0")):
+        assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
@@ -123,3 +152,23 @@ def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backb
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_tune_has_no_record_of_are_set_aside_and_the_highest_iteration_resumes(tmp_path):
+    """After a SIGKILL, the disk can hold checkpoints newer than Tune's record; Tune numbers its next ones from its
+    record, so they are renamed out of its way, and resuming takes the highest iteration, not the highest
+    directory number."""
+    from types import SimpleNamespace
+
+    trial = tmp_path / "target_ratio=0.5"
+    for index, iteration in ((0, 1), (1, 2), (2, 5), (3, 4)):  # 2 held iteration 3 until a resume wrote 5 there
+        stage_checkpoint(FakeAlgo(), trial / f"checkpoint_{index:06d}", CheckpointInfo(PROBLEM, iteration))
+    assert [read_checkpoint_info(c).iteration for c in trial_checkpoints(trial)] == [1, 2, 4, 5]
+    train.set_aside_unrecorded(trial, SimpleNamespace(path=str(trial / "checkpoint_000001")))
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000000", "checkpoint_000001",
+                                                       "unrecorded_checkpoint_000002", "unrecorded_checkpoint_000003"]
+    assert trial_checkpoints(trial)[-1] == trial / "unrecorded_checkpoint_000002"
+    stage_checkpoint(FakeAlgo(), trial / "checkpoint_000002", CheckpointInfo(PROBLEM, 7))  # killed once more
+    train.set_aside_unrecorded(trial, None)  # Tune recorded nothing: all of them are set aside
+    assert not list(trial.glob("checkpoint_*"))
+    assert [read_checkpoint_info(c).iteration for c in trial_checkpoints(trial)] == [1, 2, 4, 7]
