@@ -162,7 +162,7 @@ def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, St
 
 def print_validation(staged: StagedViT, config: dict[str, Any], problem: PruningProblem, data_dir: str | Path,
                      limit: int, name: str, select: Selector) -> None:
-    """Print the validation table: on the first ``limit`` validation images (never the test split), ``select``'s
+    """Print the validation table: on ``limit`` validation images (a seeded subset, never the test split), ``select``'s
     exact-budget accuracy, agreement with the unpruned model and KL next to greedy similarity's and Distinctive
     NMS's; the share of images whose kept tokens differ from greedy similarity's at some pruning point; and the
     paired accuracy difference to greedy similarity with its bootstrap 95% interval."""

@@ -2,10 +2,12 @@
 
     HOME=$(mktemp -d) python -m benchmarks.learned_vs_warm_start runs/marl/target_ratio=0.5 --data-dir ../shared/data
 
-For the warm-start modules (``<trial>/warm_start``) and the trial's best checkpoint, on the first ``--limit``
-validation images (never the test split): exact-budget accuracy and agreement with the unpruned model, the
-paired difference to greedy similarity with a bootstrap 95% interval, and how often the tokens that reach
-the head (their original patch positions) differ from greedy similarity's and from the imitated heuristic's.
+For the warm-start modules (``<trial>/warm_start``) and the trial's best checkpoint, on ``--limit`` validation
+images (a seeded subset, never the test split): exact-budget accuracy and agreement with the unpruned model,
+the paired difference to greedy similarity with a bootstrap 95% interval, and how often the tokens that reach
+the head (their original patch positions) differ from greedy similarity's, from the pair of heuristics the
+warm start imitated (greedy attention's protected share, then the warm-start heuristic among the rest) and
+from that heuristic alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from policies.checkpoints import load_module, load_policies, read_checkpoint_inf
 from policies.decisions import policy_selector
 from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
+from policies.warm_start import imitated_selector
 
 
 def kept_positions(select: Selector) -> tuple[Selector, dict[int, list[torch.Tensor]]]:
@@ -53,14 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     staged, config, _ = policy_backbone(problem, checkpoint)
     warm_start = args.trial.resolve() / "warm_start"
     warm = {policy: load_module(warm_start / policy, policy) for policy in modules}
-    split = load_split(problem.dataset, "val", problem.data_dir, input_size=config["input_size"],
+    split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
     share = problem.protected_share
     rows = {"before PPO (warm start)": policy_selector(warm, staged, problem.target_ratio, share),
             f"after PPO ({checkpoint.name}, iteration {info.iteration})":
                 policy_selector(modules, staged, problem.target_ratio, share),
             "greedy similarity": heuristic_selector("similarity"),
-            f"imitated heuristic ({problem.warm_start})": heuristic_selector(problem.warm_start)}
+            "imitated (the heuristics taking the turns)":
+                imitated_selector(staged, problem.target_ratio, problem.warm_start, problem.agents, share),
+            f"{problem.warm_start} alone": heuristic_selector(problem.warm_start)}
     last_point = len(staged.prune_points) - 1
     predictions: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
     positions: dict[str, dict[int, list[torch.Tensor]]] = {}
@@ -78,17 +83,18 @@ def main(argv: list[str] | None = None) -> None:
     labels, unpruned = split.labels.numpy(), torch.cat(unpruned).numpy()
     correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}
     kept = {name: torch.cat(p[last_point]) for name, p in positions.items()}  # the tokens that reach the head
-    greedy, imitated = list(rows)[2], list(rows)[3]
+    greedy, imitated, alone = list(rows)[2:]
     print(f"{checkpoint}: {len(labels)} validation images, r = {problem.target_ratio}")
     print(f"{'selection':<46} {'acc %':>6} {'agree %':>8} {'vs greedy':>10} {'95% CI':>16} "
-          f"{'sets != greedy':>15} {'!= imitated':>12}")
+          f"{'sets != greedy':>15} {'!= imitated':>12} {'!= ' + problem.warm_start:>14}")
     for name in rows:
         difference, low, high = paired_difference(correct[name], correct[greedy])
         differ = {other: 100 * (kept[name] != kept[other]).any(dim=1).double().mean().item()
-                  for other in (greedy, imitated)}
+                  for other in (greedy, imitated, alone)}
         agree = 100 * (torch.cat(predictions[name]).numpy() == unpruned).mean()
         print(f"{name:<46} {100 * correct[name].mean():6.2f} {agree:8.2f} "
-              f"{difference:+10.2f} [{low:+6.2f}, {high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}%")
+              f"{difference:+10.2f} [{low:+6.2f}, {high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}% "
+              f"{differ[alone]:13.1f}%")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = " ".join(args.train_flags) or "train.py defaults"
     rollouts = problem.rollouts_per_image
     distinct = f" ({train_rate / rollouts:.1f} distinct images/s, {rollouts} rollouts each)" if rollouts > 1 else ""
-    print(f"training ({settings}, {timed} iterations timed): {train_rate:8.1f} images/s{distinct}")
+    print(f"training ({settings}, {timed} iterations timed): {train_rate:8.1f} episodes/s{distinct}")
     print(f"pruned inference (MARL exact, batch {args.batch_size}, {len(images)} val images): "
           f"{infer_rate:8.1f} images/s")
     print(f"ratio training / inference: {train_rate / infer_rate:.3f}")

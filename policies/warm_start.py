@@ -80,6 +80,13 @@ def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: st
     return record
 
 
+def imitated_selector(staged: StagedViT, target_ratio: float, heuristic: str, agents: str,
+                      protected_share: float) -> Selector:
+    """The choices the warm start imitates at ``target_ratio``: the heuristics taking the agents' turns (greedy
+    attention keeps its share, ``heuristic`` removes among the rest)."""
+    return _recorder(staged, target_ratio, heuristic, agents, protected_share, {})
+
+
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str,
                        heuristic: str, agents: str, protected_share: float, model_config: dict, steps: int,
                        directory: Path, seed: int = 0) -> dict[str, tuple[Path, float]]:

@@ -7,9 +7,10 @@ import timm
 import torch
 
 from envs.vit.features import SIMILARITY_FEATURES
+from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
-from policies.warm_start import clone_module, imitation_data
+from policies.warm_start import clone_module, imitated_selector, imitation_data
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 
@@ -66,3 +67,24 @@ def test_imitation_at_several_ratios_deals_the_images_out_among_them():
     assert keep_fraction.tolist() == [0.75] * 9 + [0.25] * 6
     assert live.sum(1).tolist() == [64] * 3 + [48] * 3 + [36] * 3 + [64] * 2 + [16] * 2 + [4] * 2
     assert removed.sum(1).tolist() == [16] * 3 + [12] * 3 + [9] * 3 + [48] * 2 + [12] * 2 + [3] * 2
+
+
+def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to():
+    """What learned_vs_warm_start compares with: the same turns, at every pruning point, as imitation_data."""
+    torch.manual_seed(0)
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    images = torch.randn(4, 3, 32, 32)
+    demonstration = imitation_data(staged, images, (0.5,), "merge", "nms", "both", 0.25, batch_size=4)
+    _, live, kept = demonstration["attention"]
+    _, _, removed = demonstration["similarity"]
+    chosen = []
+
+    def recording(state, k):
+        keep = imitated_selector(staged, 0.5, "nms", "both", 0.25)(state, k)
+        chosen.append(keep)
+        return keep
+
+    exact_forward(staged, images, recording, 0.5, "merge")
+    rows = torch.cat([torch.nn.functional.pad(keep, (0, 64 - keep.shape[1])) for keep in chosen]).float()
+    assert torch.equal(rows, live - removed)  # both point by point, the batch's images in each
+    assert ((rows - kept) < 0).sum() == 0  # the attention agent's tokens are kept
