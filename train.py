@@ -81,6 +81,7 @@ from policies.checkpoints import (
     read_checkpoint_info,
     stage_checkpoint,
     trial_checkpoints,
+    unrecorded_checkpoints,
 )
 from policies.rl_module import TokenPolicyModule
 from policies.sample_ahead import SampleAheadPPO
@@ -674,9 +675,14 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
-        # a trial's last report carries its latest checkpoint (the stop writes one), which Tune keeps whatever its score
+        # a trial's last report carries its latest checkpoint (the stop writes one), which Tune keeps whatever its
+        # score; checkpoints set aside on a resume (Tune has no record of them) are ranked beside Tune's
         latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
-        scored = [(checkpoint, metrics) for checkpoint, metrics in [*result.best_checkpoints, *latest]
+        set_aside = ([(tune.Checkpoint.from_directory(str(path)), {SCORE: info.val_score,
+                                                                   "training_iteration": info.iteration})
+                      for path, info in unrecorded_checkpoints(run_dir / Path(result.path).name)]
+                     if run_dir is not None else [])
+        scored = [(checkpoint, metrics) for checkpoint, metrics in [*result.best_checkpoints, *latest, *set_aside]
                   if metrics.get(SCORE) is not None and stored(checkpoint)]
         if not scored:
             lines.append(f"{name}no checkpoint")

@@ -74,6 +74,13 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=_iteration_order)
 
 
+def unrecorded_checkpoints(trial_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]]:
+    """The trial's readable checkpoints set aside as :data:`UNRECORDED`, oldest first, with what they hold: Tune
+    does not rank them among the trial's checkpoints, so train.py's closing lines do."""
+    return [(path, info) for path in trial_checkpoints(trial_dir)
+            if path.name.startswith(UNRECORDED) and (info := _readable_info(path)) is not None]
+
+
 def _iteration_order(checkpoint: Path) -> tuple[int, int]:
     """``(iteration, directory number)``; an unreadable ``pruning_config.json`` counts as iteration -1."""
     info = _readable_info(checkpoint)

@@ -2,7 +2,9 @@
 run started from a checkpoint with another worker count."""
 
 import csv
+import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,8 @@ from ray import tune
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
-from policies.checkpoints import list_checkpoints, module_path, read_checkpoint_info
+from envs.problem import PruningProblem
+from policies.checkpoints import PRUNING_CONFIG, CheckpointInfo, list_checkpoints, module_path, read_checkpoint_info
 from policies.export import load_exported_policies
 
 
@@ -162,7 +165,6 @@ def test_placement(servers, gpus, driver_gpu, expected):
 
 
 def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_it():
-    from envs.problem import PruningProblem
     from policies.sample_ahead import SampleAheadPPO
 
     assert train.build_parser().parse_args([]).sample_ahead
@@ -223,7 +225,6 @@ def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
     """benchmarks/train_throughput.py: with both agents an image takes two env steps per pruning point (turns),
     one with one agent; the first iteration (start-up) is left out."""
     from benchmarks.train_throughput import training_images_per_second
-    from envs.problem import PruningProblem
 
     with (tmp_path / "progress.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["env_runners/num_env_steps_sampled", "time_this_iter_s"])
@@ -239,7 +240,6 @@ def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
 def test_progress_line_leaves_out_returns_against_the_other_rollouts():
     """Returns per image mean something against a heuristic's fidelity (above 0 where the agents beat it);
     against an image's other rollouts they average 0 by construction, so the line leaves them out."""
-    from envs.problem import PruningProblem
 
     result = {"training_iteration": 3, "num_env_steps_sampled_lifetime": 120,
               "env_runners": {"module_episode_returns_mean": {"attention": 1.6, "similarity": 1.6}, "agree": 0.9,
@@ -281,6 +281,13 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
     assert errors == []
     assert lines == [f"best checkpoint: {shown} (best on validation: iteration 4, exact-budget accuracy 82.50%)\n"
                      f"{evaluate} --data-dir d"]
+    if not cloud:  # a checkpoint set aside on a resume, which Tune does not rank, is ranked beside Tune's
+        aside = storage / trial / "unrecorded_checkpoint_000002"
+        aside.mkdir()
+        (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 7, 95.0).to_json()))
+        best = train.closing_lines([result], output_dir)[0][0]
+        assert "unrecorded_checkpoint_000002 (best on validation: iteration 7, exact-budget accuracy 95.00%)" in best
+        shutil.rmtree(aside)
     for index in (0, 1):
         (storage / trial / f"checkpoint_00000{index}").rmdir()
     assert train.closing_lines([result], output_dir) == (["no checkpoint"], [])
