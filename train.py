@@ -425,7 +425,8 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
     recorded_here = recorded is not None and Path(recorded.path).parent == trial_dir
     last_recorded = int(Path(recorded.path).name.removeprefix(PREFIX)) if recorded_here else -1
     for checkpoint in trial_dir.glob(f"{PREFIX}*"):
-        if int(checkpoint.name.removeprefix(PREFIX)) > last_recorded:
+        number = checkpoint.name.removeprefix(PREFIX)
+        if number.isdigit() and int(number) > last_recorded:
             aside = checkpoint.with_name(UNRECORDED + checkpoint.name)
             shutil.rmtree(aside, ignore_errors=True)
             checkpoint.rename(aside)
