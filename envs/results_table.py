@@ -28,14 +28,17 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
     "gflops_backbone": "GMACs of the ViT on each image's own token schedule (merging included), mean over images",
     "gflops_features": "GMACs of the token scores the method needs (class-attention row, norms, cosine matrix)",
     "gflops_policies": "GMACs of the policy networks on the live tokens",
-    "keep_ratio_s{i}": "mean fraction of the patch tokens alive in stage {i} (after pruning point {i})",
-    "keep_ratio": "mean fraction of the patch tokens alive in the last stage",
+    "keep_ratio_s{i}": "mean fraction of the patch tokens alive in stage {i} (after pruning point {i}); ToMe, "
+                       "which merges in every block: entering stage {i}",
+    "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it)",
     "images_per_s_b1": f"images/s, one at a time ({SPEED_SINGLE_IMAGES} images), median of repeats "
                        "(features and policies included, input normalisation excluded)",
     "images_per_s_b256": f"images/s, one batch of {SPEED_BATCH}, median of repeats",
     "speedup": "images_per_s_b256 / the Baseline's",
-    "delta_best_heuristic": "learned and cascade rows: accuracy minus the best heuristic's at the same budget "
-                            "(ToMe and greedy similarity's cascade included), points",
+    "best_heuristic": "learned and cascade rows: the heuristic row at the same budget (ToMe and greedy "
+                      "similarity's cascade included) most accurate on validation images "
+                      "(settings.best_heuristic_chosen_on), not on the test images compared",
+    "delta_best_heuristic": "learned and cascade rows: accuracy minus best_heuristic's, points",
     "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
     "delta_ci_high": "upper end of that interval",
     "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the cost nearest the dearest "
