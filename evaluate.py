@@ -243,9 +243,10 @@ def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
 
 
 def best_heuristics(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
-                    selection: ImageSplit, batch_size: int, seed: int) -> dict[float, Method]:
-    """Per budget, the heuristic row (greedy similarity's cascade included) most accurate on the ``selection``
-    images, the first of equals in table order: what learned rows are compared with. Chosen on images other than
+                    selection: ImageSplit, batch_size: int, seed: int) -> dict[float, list[Method]]:
+    """Per budget, the heuristic rows (greedy similarity's cascade included), most accurate on the ``selection``
+    images first, equals in table order: the first is what learned rows are compared with (the next, for the
+    heuristic cascade row when it is the first). Chosen on images other than
     those the comparison is made on, the reference is not the one whose noise happened to favour it there
     (the best of several rows on the same images reads above its true accuracy). Its models are built afresh,
     so that the Random row draws here as it draws in the table."""
@@ -253,11 +254,10 @@ def best_heuristics(methods: Sequence[Method], staged: StagedViT, backbone_confi
                   if is_heuristic(method)}
     outputs = predict(heuristics, selection, batch_size)
     accuracy = {method: (outputs[method][0] == selection.labels).double().mean().item() for method in heuristics}
-    best: dict[float, Method] = {}
-    for method in heuristics:
-        if method.budget not in best or accuracy[method] > accuracy[best[method.budget]]:
-            best[method.budget] = method
-    return best
+    ranking: dict[float, list[Method]] = {}
+    for method in sorted(heuristics, key=lambda m: -accuracy[m]):  # stable: equals stay in table order
+        ranking.setdefault(method.budget, []).append(method)
+    return ranking
 
 
 def versus_heuristics(method: Method, best: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
@@ -312,11 +312,12 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
              **cost(models[method], outputs[method][1])} for method in methods]
     compared = [method for method in methods if method.selector in ("policy", "cascade")]
-    best = (best_heuristics(methods, staged, backbone_config, reduction, selection or split, batch_size, seed)
-            if compared else {})
+    ranking = (best_heuristics(methods, staged, backbone_config, reduction, selection or split, batch_size, seed)
+               if compared else {})
     for row, method in zip(rows, methods, strict=True):
         if method in compared:
-            row.update(versus_heuristics(method, best[method.budget], methods, outputs, split.labels))
+            best = next(m for m in ranking[method.budget] if m is not method)
+            row.update(versus_heuristics(method, best, methods, outputs, split.labels))
     table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points))))
     table["budget"] = table["budget"].astype(float)
     if speed_repeats is not None:
