@@ -73,7 +73,8 @@ def test_224px_vit_kinds_evaluate(variant, image_folder_224, tmp_path):
     """The other kinds through backbone.py and evaluate.py, with a policy checkpoint in train.py's layout
     (the pruning engine that train.py's env runs is evaluate.py's; Ray is the registers test's)."""
     trained = train_backbone(variant, image_folder_224, tmp_path)
-    checkpoint = write_checkpoint(tmp_path / "policy", trained, num_patches=196, prune_points=(1, 2))
+    checkpoint = write_checkpoint(tmp_path / "policy", trained, num_patches=196, prune_points=(1, 2), dataset="folder",
+                                  val_size=6)  # the split the backbone held out, where the best heuristic is chosen
     rows = evaluate_rows(checkpoint, image_folder_224, tmp_path / "results")
     check_rows(rows)
     if variant == "deit_distilled":

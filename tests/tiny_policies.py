@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,9 +42,9 @@ def calibrate(module, name: str, staged: StagedViT) -> None:
 def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_PATCHES, agents: str = "both",
                      prune_points=PRUNE_POINTS, target_ratio: float = TARGET_RATIO,
                      calibrate_on: StagedViT | None = None, reduction: str = "merge",
-                     legacy: bool = False) -> Path:
+                     legacy: bool = False, **problem: Any) -> Path:
     """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
-    layout of reference/marl_policy, with no reduction named)."""
+    layout of reference/marl_policy, with no reduction named); ``problem``: more settings of the problem."""
     for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
@@ -55,8 +56,9 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
                              "prune_points": list(prune_points), "target_ratio": target_ratio},
                   "env": {"agents": agents}, "model_config": {"hidden": HIDDEN}, "iteration": 3}
     else:
-        problem = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
-                                    hidden=HIDDEN).to_json(), "target_ratio": target_ratio, "reduction": reduction}
-        config = {"problem": problem, "iteration": 3}
+        settings = {**PruningProblem(backbone=str(backbone), prune_points=tuple(prune_points), agents=agents,
+                                     hidden=HIDDEN, **problem).to_json(), "target_ratio": target_ratio,
+                    "reduction": reduction}
+        config = {"problem": settings, "iteration": 3}
     (directory / PRUNING_CONFIG).write_text(json.dumps(config))
     return directory
