@@ -446,7 +446,10 @@ def run(args: argparse.Namespace) -> int:
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
     calibration = images("val", args.calibration_images) if cascade else None
-    selection = images("val", args.selection_images) if args.split == "test" else None
+    try:
+        selection = images("val", args.selection_images) if args.split == "test" else None
+    except DataError as error:
+        raise EvaluationError(f"the best heuristic of each budget is chosen on validation images: {error}") from None
     methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,

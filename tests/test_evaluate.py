@@ -304,6 +304,8 @@ def truncated(path: Path) -> Path:
     ("cascade_on_validation", "the cascade is calibrated on the validation split: evaluate it on --split test"),
     ("cascade_points_beyond_depth", "--cascade-points: prune_points must be"),
     ("cascade_first_forward_too_dear", "cascade (0.1, 0.05): the first forward costs"),
+    ("no_validation_to_choose_on", "the best heuristic of each budget is chosen on validation images: validation "
+                                   "size 60000 must be between 1 and 49999"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
                                                capsys):
@@ -346,6 +348,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         extra = ["--backbone", str(backbone), *(["--split", "val"] if case != "other_classes" else [])]
     elif case == "unknown_reduction":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, reduction="prune")
+    elif case == "no_validation_to_choose_on":
+        path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, val_size=60000)
     elif case == "extra_checkpoint_other_reduction":
         other = write_checkpoint(tmp_path / "ckpt", tiny_backbone, target_ratio=0.3, reduction="drop")
         extra = ["--checkpoints-per-budget", f"0.3={other}"]
