@@ -29,7 +29,8 @@ MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--b
 (``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
-columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json).
+columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json). Learned rows
+are compared with the heuristic most accurate at their budget on ``--selection-images`` validation images.
 Numbers other than timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
 """
 
@@ -246,10 +247,10 @@ def best_heuristics(methods: Sequence[Method], staged: StagedViT, backbone_confi
                     selection: ImageSplit, batch_size: int, seed: int) -> dict[float, list[Method]]:
     """Per budget, the heuristic rows (greedy similarity's cascade included), most accurate on the ``selection``
     images first, equals in table order: the first is what learned rows are compared with (the next, for the
-    heuristic cascade row when it is the first). Chosen on images other than
-    those the comparison is made on, the reference is not the one whose noise happened to favour it there
-    (the best of several rows on the same images reads above its true accuracy). Its models are built afresh,
-    so that the Random row draws here as it draws in the table."""
+    heuristic cascade row when it is the first). Chosen on images other than those the comparison is made on,
+    the reference is not the one whose noise happened to favour it there (the best of several rows on the same
+    images reads above its true accuracy). Its models are built afresh, so that the Random row draws here as it
+    draws in the table."""
     heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
                   if is_heuristic(method)}
     outputs = predict(heuristics, selection, batch_size)
