@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 policy_selector(modules, staged, problem.target_ratio, share),
             "greedy similarity": heuristic_selector("similarity"),
             "imitated (the heuristics taking the turns)":
-                imitated_selector(staged, problem.target_ratio, problem.warm_start, problem.agents, share),
+                imitated_selector(problem.target_ratio, problem.warm_start, problem.agents, share),
             f"{problem.warm_start} alone": heuristic_selector(problem.warm_start)}
     last_point = len(staged.prune_points) - 1
     predictions: dict[str, list[torch.Tensor]] = {name: [] for name in rows}

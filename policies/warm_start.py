@@ -56,35 +56,45 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, ratios: Sequence[flo
             for policy, policy_rows in rows.items()}
 
 
+def _heuristic_turns(state: TokenState, target_ratio: float, heuristic: str, agents: str, protected_share: float
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The heuristics taking the agents' turns at one pruning point: the tokens kept ``[B, W]``; the attention
+    agent's set (None where it has no turn); the similarity agent's tokens to choose from and its removed set
+    (None where it has no turn or the budget keeps every live token, so there is no choice to imitate)."""
+    attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
+                                                      protected_share)
+    kept = attention = None
+    if agents != "similarity":
+        kept = attention = greedy_attention_keep(state.cls_attention, state.live, attention_keeps)
+    if agents == "attention":
+        return kept, attention, None
+    if similarity_removes == 0:
+        return state.live, attention, None
+    left = state.live if kept is None else state.live & ~kept
+    removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
+    return state.live & ~removed, attention, (left, removed)
+
+
 def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: str, protected_share: float,
               rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> Selector:
     """A selector that makes the heuristics' choices at ``target_ratio`` and appends, per policy, what the agent
     observes, the tokens it chooses from and the heuristic's set to ``rows``."""
 
     def record(state: TokenState, k: int) -> torch.Tensor:
+        keep, attention, similarity = _heuristic_turns(state, target_ratio, heuristic, agents, protected_share)
         observation = observe(staged, state, target_ratio)
-        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
-                                                          protected_share)
-        kept = torch.zeros_like(state.live)
-        if agents != "similarity":
-            kept = greedy_attention_keep(state.cls_attention, state.live, attention_keeps)
-            rows.setdefault("attention", []).append((observation.attention, state.live, kept))
-        if agents == "attention":
-            return kept
-        if similarity_removes == 0:  # the budget keeps every live token here: no choice to imitate
-            return state.live
-        left = state.live & ~kept
-        removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
-        rows.setdefault("similarity", []).append((observation.similarity, left, removed))
-        return state.live & ~removed
+        if attention is not None:
+            rows.setdefault("attention", []).append((observation.attention, state.live, attention))
+        if similarity is not None:
+            rows.setdefault("similarity", []).append((observation.similarity, *similarity))
+        return keep
     return record
 
 
-def imitated_selector(staged: StagedViT, target_ratio: float, heuristic: str, agents: str,
-                      protected_share: float) -> Selector:
+def imitated_selector(target_ratio: float, heuristic: str, agents: str, protected_share: float) -> Selector:
     """The choices the warm start imitates at ``target_ratio``: the heuristics taking the agents' turns (greedy
-    attention keeps its share, ``heuristic`` removes among the rest)."""
-    return _recorder(staged, target_ratio, heuristic, agents, protected_share, {})
+    attention keeps its share, ``heuristic`` removes among the rest), without the agents' features."""
+    return lambda state, k: _heuristic_turns(state, target_ratio, heuristic, agents, protected_share)[0]
 
 
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str,

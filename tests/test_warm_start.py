@@ -80,7 +80,7 @@ def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to():
     chosen = []
 
     def recording(state, k):
-        keep = imitated_selector(staged, 0.5, "nms", "both", 0.25)(state, k)
+        keep = imitated_selector(0.5, "nms", "both", 0.25)(state, k)
         chosen.append(keep)
         return keep
 
