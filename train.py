@@ -77,6 +77,7 @@ from policies.checkpoints import (
     PolicyCheckpointError,
     check_policies,
     check_restorable,
+    checkpoint_number,
     load_policies,
     read_checkpoint_info,
     stage_checkpoint,
@@ -423,10 +424,10 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
     if trial_dir is None:
         return
     recorded_here = recorded is not None and Path(recorded.path).parent == trial_dir
-    last_recorded = int(Path(recorded.path).name.removeprefix(PREFIX)) if recorded_here else -1
+    last_recorded = checkpoint_number(Path(recorded.path)) if recorded_here else -1
     for checkpoint in trial_dir.glob(f"{PREFIX}*"):
-        number = checkpoint.name.removeprefix(PREFIX)
-        if number.isdigit() and int(number) > last_recorded:
+        number = checkpoint_number(checkpoint)
+        if number is not None and number > last_recorded:
             aside = checkpoint.with_name(UNRECORDED + checkpoint.name)
             shutil.rmtree(aside, ignore_errors=True)
             checkpoint.rename(aside)

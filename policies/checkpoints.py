@@ -70,8 +70,16 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     :data:`UNRECORDED`, oldest first by the iteration they hold (a resumed trial can write a later iteration
     into a lower-numbered directory)."""
     found = [p.parent for pattern in (PREFIX, UNRECORDED + PREFIX)
-             for p in Path(trial_dir).glob(f"{pattern}*/{PRUNING_CONFIG}")]
+             for p in Path(trial_dir).glob(f"{pattern}*/{PRUNING_CONFIG}") if checkpoint_number(p.parent) is not None]
     return sorted(found, key=_iteration_order)
+
+
+def checkpoint_number(checkpoint: Path) -> int | None:
+    """The number Tune gave a checkpoint directory (``checkpoint_000003``, set aside or not: 3), None for a name
+    that is not one of Tune's numbered ones."""
+    name = checkpoint.name.removeprefix(UNRECORDED)
+    number = name.removeprefix(PREFIX)
+    return int(number) if name.startswith(PREFIX) and number.isdigit() else None
 
 
 def unrecorded_checkpoints(trial_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]]:
@@ -85,7 +93,7 @@ def _iteration_order(checkpoint: Path) -> tuple[int, int]:
     """``(iteration, directory number)``; an unreadable ``pruning_config.json`` counts as iteration -1."""
     info = _readable_info(checkpoint)
     iteration = info.iteration if info is not None and info.iteration is not None else -1
-    return iteration, int(checkpoint.name.rpartition("_")[2])
+    return iteration, checkpoint_number(checkpoint)
 
 
 def check_restorable(checkpoint: str | os.PathLike) -> None:
