@@ -243,18 +243,14 @@ def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
     return {**gflops, **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)}, "keep_ratio": ratios[-1]}
 
 
-def best_heuristics(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
-                    selection: ImageSplit, batch_size: int, seed: int) -> dict[float, list[Method]]:
-    """Per budget, the heuristic rows (greedy similarity's cascade included), most accurate on the ``selection``
-    images first, equals in table order: the first is what learned rows are compared with (the next, for the
-    heuristic cascade row when it is the first). Chosen on images other than those the comparison is made on,
-    the reference is not the one whose noise happened to favour it there (the best of several rows on the same
-    images reads above its true accuracy). Its models are built afresh, so that the Random row draws here as it
-    draws in the table."""
-    heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
-                  if is_heuristic(method)}
-    outputs = predict(heuristics, selection, batch_size)
-    accuracy = {method: (outputs[method][0] == selection.labels).double().mean().item() for method in heuristics}
+def best_heuristics(outputs: Mapping[Method, tuple], labels: torch.Tensor) -> dict[float, list[Method]]:
+    """Per budget, the heuristic rows of ``outputs`` (:func:`predict`'s; greedy similarity's cascade included),
+    most accurate on ``labels`` first, equals in table order: the first is what learned rows are compared with
+    (the next, for the heuristic cascade row when it is the first). Chosen on images other than those the
+    comparison is made on, the reference is not the one whose noise happened to favour it there (the best of
+    several rows on the same images reads above its true accuracy)."""
+    heuristics = [method for method in outputs if is_heuristic(method)]
+    accuracy = {method: (outputs[method][0] == labels).double().mean().item() for method in heuristics}
     ranking: dict[float, list[Method]] = {}
     for method in sorted(heuristics, key=lambda m: -accuracy[m]):  # stable: equals stay in table order
         ranking.setdefault(method.budget, []).append(method)
@@ -313,8 +309,14 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
              **cost(models[method], outputs[method][1])} for method in methods]
     compared = [method for method in methods if method.selector in ("policy", "cascade")]
-    ranking = (best_heuristics(methods, staged, backbone_config, reduction, selection or split, batch_size, seed)
-               if compared else {})
+    ranking = {}
+    if compared:
+        if selection is None:
+            ranking = best_heuristics(outputs, split.labels)
+        else:  # models built afresh, so that the Random row draws there as it draws in the table
+            heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
+                          if is_heuristic(method)}
+            ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
     for row, method in zip(rows, methods, strict=True):
         if method in compared:
             best = next(m for m in ranking[method.budget] if m is not method)

@@ -424,7 +424,8 @@ def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_staged, split
     attention = PrunedViT(staged, config, "attention", TARGET_RATIO)
     answers = attention(attention.normalize(split.images)).argmax(1)
     selection = ImageSplit(split.images, answers, split.class_names)
-    ranking = evaluate.best_heuristics(methods, staged, config, "merge", selection, batch_size=24, seed=0)
+    models = {method: method.model(staged, config, "merge", 0) for method in methods}
+    ranking = evaluate.best_heuristics(evaluate.predict(models, selection, 24), selection.labels)
     assert ranking[TARGET_RATIO][0].name == "Greedy attention"
 
 
