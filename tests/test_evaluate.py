@@ -417,16 +417,24 @@ def test_the_best_heuristic_is_the_most_accurate_on_the_validation_images_not_th
     assert set(chosen) == {heuristics["accuracy"].idxmax()}
 
 
-def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_staged, split):
-    """Labels that greedy attention answers perfectly make it the choice on them, whatever the test images say."""
+def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_staged, split):
+    """Selection labels that greedy attention answers perfectly and test labels that greedy similarity answers
+    perfectly: the learned rows are compared with greedy attention, the choice on the selection images."""
     staged, config = tiny_staged
-    methods = evaluate.plan_methods([TARGET_RATIO], {})
-    attention = PrunedViT(staged, config, "attention", TARGET_RATIO)
-    answers = attention(attention.normalize(split.images)).argmax(1)
-    selection = ImageSplit(split.images, answers, split.class_names)
+    modules, info = load_policies(tiny_policy)
+    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, info.problem)})
+
+    def answered_by(selector: str) -> ImageSplit:
+        model = PrunedViT(staged, config, selector, TARGET_RATIO)
+        return ImageSplit(split.images, model(model.normalize(split.images)).argmax(1), split.class_names)
+
+    selection, evaluated = answered_by("attention"), answered_by("similarity")
     models = {method: method.model(staged, config, "merge", 0) for method in methods}
-    ranking = evaluate.best_heuristics(evaluate.predict(models, selection, 24), selection.labels)
-    assert ranking[TARGET_RATIO][0].name == "Greedy attention"
+    on_test = evaluate.best_heuristics(evaluate.predict(models, evaluated, 24), evaluated.labels)
+    assert on_test[TARGET_RATIO][0].name == "Greedy similarity"  # what a choice on the test images would be
+    table = evaluate.evaluate_methods(staged, config, evaluated, methods, "merge", batch_size=24, speed_repeats=None,
+                                      progress=False, selection=selection)
+    assert set(table[table["method"].isin(MARL_ROWS)]["best_heuristic"]) == {"Greedy attention"}
 
 
 def test_tome_row_costs_what_the_dearest_row_at_its_budget_costs(results, tiny_staged):
