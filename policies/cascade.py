@@ -83,8 +83,8 @@ class CascadeViT(nn.Module):
         logits, first_kept = self.first.forward_with_kept(images)
         rerun = doubt(logits) > self.threshold
         second_kept = first_kept.new_zeros(len(images), self.second.staged.num_stages)
-        if rerun.any():
-            logits[rerun], second_kept[rerun] = self.second.forward_with_kept(images[rerun])
+        if rerun.any():  # kept counts live on the CPU, the logits where the images are
+            logits[rerun], second_kept[rerun.to(second_kept.device)] = self.second.forward_with_kept(images[rerun])
         return logits, torch.cat([first_kept, second_kept], dim=1)
 
     def reran(self, kept: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,8 @@ class CascadeViT(nn.Module):
     @torch.inference_mode()
     def calibrate(self, batches: Iterable[torch.Tensor], budget_gflops: float) -> float:
         """Set and return the threshold at which the mean GFLOPs per image over the normalised image ``batches``
-        are at most ``budget_gflops``: as many of the least sure images as the budget pays for run twice.
+        are at most ``budget_gflops``: as many of the least sure images as the budget pays for run twice. Images
+        of equal doubt all run twice or none does, so where they straddle the budget's count, none does.
 
         The images should be held out from those the cascade is then measured on: the threshold is fitted to
         them.

@@ -168,7 +168,8 @@ class PrunedViT(nn.Module):
             select = policy_selector(self.policies, staged, self.budget, self.protected_share)
         else:
             select = heuristic_selector(self.selection, self._random_generator(images.device))
-        return exact_forward(staged, images, select, self.budget, self.reduction)
+        return exact_forward(staged, images, select, self.budget, self.reduction,
+                             scores=self._scores() in ("attention", "agents"))
 
     def _random_generator(self, device: torch.device) -> torch.Generator:
         """The random heuristic's generator, seeded when first used on ``device``; later batches continue it."""
@@ -198,9 +199,13 @@ class PrunedViT(nn.Module):
         if self.selection == "tome":
             return tome_gflops(spec, self.tome_merges)
         kept = self.schedule() if kept_per_stage is None else list(kept_per_stage)
-        scores = "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
         macs = sum(module.macs_per_token() for module in self.policies.values())
-        return image_gflops(spec, self.staged.prune_points, kept, self.reduction, scores, macs)
+        return image_gflops(spec, self.staged.prune_points, kept, self.reduction, self._scores(), macs)
+
+    def _scores(self) -> str:
+        """What the selection computes to rank tokens (``envs.vit.flops.TOKEN_SCORES``): what is counted is
+        what :meth:`forward_with_kept` computes."""
+        return "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
 
     def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
         """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``."""

@@ -23,7 +23,8 @@ from envs.vit.flops import (
 )
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
-from policies.heuristics import heuristic_selector
+from policies.heuristics import HEURISTICS, heuristic_selector
+from policies.pruned_vit import PrunedViT
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 
@@ -118,12 +119,14 @@ def test_similarity_scores_cost_the_cosine_matrix(vit):
     assert feature_gflops(spec, [64], "attention") == 64 * 48 / 1e9 and feature_gflops(spec, [64], "none") == 0
 
 
-def test_attention_score_without_a_class_token_counts_every_query():
+@pytest.mark.parametrize("name", HEURISTICS)
+def test_attention_score_without_a_class_token_counts_every_query_where_it_is_computed(name):
+    """Without a class token the attention score is a full attention map: the selections that read it pay
+    for it, and the others neither compute nor count it."""
     vit = timm.create_model("vit_tiny_patch16_224", **TINY, class_token=False, global_pool="avg").eval()
-    staged, spec, images = StagedViT(vit, (1, 2, 3)), ViTSpec.from_model(vit), torch.randn(2, 3, 32, 32)
-    counted = counted_gmacs(lambda: exact_forward(staged, images, heuristic_selector("attention"), 0.5, "drop"), 2)
-    analytic = image_gflops(spec, staged.prune_points, heuristic_schedule(64, 3, 0.5), "drop", "attention").total
-    assert analytic == pytest.approx(counted, rel=0.002)
+    model = PrunedViT(StagedViT(vit, (1, 2, 3)), {"mean": [0.5] * 3, "std": [0.5] * 3}, name, 0.5, "drop")
+    counted = counted_gmacs(lambda: model(torch.randn(2, 3, 32, 32)), 2)
+    assert model.gflops().total == pytest.approx(counted, rel=0.002)
 
 
 def test_image_gflops_adds_its_parts(vit):

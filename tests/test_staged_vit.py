@@ -124,6 +124,15 @@ def test_rejects_nonstandard_models():
         StagedViT(tiny_vit(global_pool="map"), prune_points=(1,))
 
 
+def test_images_must_give_the_patches_the_model_prunes():
+    """A dynamic_img_size model runs at its own size; at another, the budgets and GFLOPs would be counted for
+    the wrong number of patches."""
+    staged = StagedViT(tiny_vit(dynamic_img_size=True), prune_points=(2,))
+    assert staged.embed(torch.randn(1, 3, 32, 32)).shape == (1, 65, 48)
+    with pytest.raises(ValueError, match=r"images of \(48, 48\) pixels give 144 patches; this model prunes the 64"):
+        staged.embed(torch.randn(1, 3, 48, 48))
+
+
 def test_bad_stage_index(images):
     staged = StagedViT(tiny_vit(), prune_points=(2,))
     with pytest.raises(ValueError, match="stage must be in"):

@@ -34,7 +34,8 @@ class TokenState(NamedTuple):
     live: torch.Tensor  # [B, W] bool
     size: torch.Tensor  # [B, W] float, original patches each token stands for (1 unless merged)
     positions: torch.Tensor  # [B, W] long, each token's index in the original patch grid
-    cls_attention: torch.Tensor  # [B, W] class-token attention in the last block of `stage`, 0 on dead rows
+    cls_attention: torch.Tensor | None  # [B, W] class-token attention in the last block of `stage`, 0 on dead
+    # rows; None after the last stage and where the selector reads none (`scores=False`)
     stage: int  # the stage just run; the pruning point the state waits at has the same index
 
     @property
@@ -52,8 +53,9 @@ class TokenState(NamedTuple):
         live = self.live[index]
         width = int(live.sum(dim=1).max())
         prefix = self.tokens.shape[1] - self.live.shape[1]
+        cls_attention = None if self.cls_attention is None else self.cls_attention[index, :width]
         return TokenState(self.tokens[index, :prefix + width], live[:, :width], self.size[index, :width],
-                          self.positions[index, :width], self.cls_attention[index, :width], self.stage)
+                          self.positions[index, :width], cls_attention, self.stage)
 
 
 def concat_states(states: Sequence[TokenState]) -> TokenState:
@@ -67,9 +69,10 @@ def concat_states(states: Sequence[TokenState]) -> TokenState:
     return TokenState(*(torch.cat(column) for column in columns), states[0].stage)
 
 
-def initial_state(staged: StagedViT, images: torch.Tensor) -> TokenState:
-    """Embed normalised ``images [B, C, H, W]`` and run stage 0: the state at the first pruning point."""
-    tokens, cls_attention = staged.forward_stage(staged.embed(images), 0)
+def initial_state(staged: StagedViT, images: torch.Tensor, scores: bool = True) -> TokenState:
+    """Embed normalised ``images [B, C, H, W]`` and run stage 0: the state at the first pruning point, with
+    the class-token attention when ``scores``."""
+    tokens, cls_attention = staged.forward_stage(staged.embed(images), 0, score=scores)
     batch, num_patches, device = len(images), staged.num_patches, tokens.device
     return TokenState(tokens, torch.ones(batch, num_patches, dtype=torch.bool, device=device),
                       torch.ones(batch, num_patches, device=device),
@@ -77,19 +80,21 @@ def initial_state(staged: StagedViT, images: torch.Tensor) -> TokenState:
 
 
 def effective_keep(state: TokenState, keep: torch.Tensor) -> torch.Tensor:
-    """``keep [B, W]`` restricted to live tokens; an image that keeps none keeps its most class-attended one,
-    so every image still reaches the head."""
+    """``keep [B, W]`` restricted to live tokens; an image that keeps none keeps its most class-attended one
+    (its first live one without scores), so every image still reaches the head."""
     keep = keep.bool() & state.live
     empty = ~keep.any(dim=1)
     if empty.any():
-        best = state.cls_attention.masked_fill(~state.live, float("-inf")).argmax(dim=1)
+        score = state.live.float() if state.cls_attention is None else state.cls_attention
+        best = score.masked_fill(~state.live, float("-inf")).argmax(dim=1)
         keep = keep | (torch.nn.functional.one_hot(best, keep.shape[1]).bool() & empty.unsqueeze(1))
     return keep
 
 
-def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reduction: str) -> TokenState:
+def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reduction: str,
+               scores: bool = True) -> TokenState:
     """Apply ``keep [B, W]`` (bool, any count per image) at the pruning point ``state`` waits at, then run
-    the next stage.
+    the next stage (with the class-token attention when ``scores`` and a pruning point follows it).
 
     The tokens not kept are merged into the kept ones or dropped (``reduction``, ``envs.vit.token_merge``);
     the survivors are packed first (:func:`envs.vit.token_ops.pack_keep_mask`) and attention is masked only
@@ -101,7 +106,8 @@ def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reducti
     stage = state.stage + 1
     padded = not bool(live.all())
     tokens, cls_attention = staged.forward_stage(tokens, stage, live if padded else None,
-                                                 size if reduction == "merge" else None)
+                                                 size if reduction == "merge" else None,
+                                                 score=scores and stage < len(staged.prune_points))
     return TokenState(tokens, live, size, state.positions.gather(1, index), cls_attention, stage)
 
 
@@ -116,17 +122,19 @@ Selector = Callable[[TokenState, int], torch.Tensor]
 
 
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
-                  reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point.
+                  reduction: str, scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point;
+    ``scores=False`` for a selector that reads no class-token attention spares computing it.
 
     Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
     alike; the first stage has all patches).
     """
-    return exact_forward_from(staged, initial_state(staged, images), select, target_ratio, reduction)
+    return exact_forward_from(staged, initial_state(staged, images, scores), select, target_ratio, reduction,
+                              scores)
 
 
 def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
-                       reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       reduction: str, scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`exact_forward` from a state at any pruning point whose images all keep the same tokens' count
     (:func:`initial_state`, or a state an exact budget pruned), so that callers that already ran the stages
     before it (the training engine, search over selectors) do not run them again.
@@ -143,6 +151,6 @@ def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, t
         if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
-        state = prune_step(staged, state, keep, reduction)
+        state = prune_step(staged, state, keep, reduction, scores)
         kept.append(k)
     return classify(staged, state, reduction), torch.tensor(kept).expand(len(state.live), -1)

@@ -116,9 +116,18 @@ class StagedViT(nn.Module):
         self._pool_include_prefix = getattr(vit, "pool_include_prefix", False)  # absent in older timm
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``images [B, C, H, W]`` -> tokens ``[B, P + N, D]``, as timm's forward_features does."""
+        """``images [B, C, H, W]`` -> tokens ``[B, P + N, D]``, as timm's forward_features does.
+
+        The images must give the ``N`` patches the model was built for: budgets, token schedules and GFLOPs
+        are counted at that size (a ``dynamic_img_size`` model runs at it too, and nowhere else here).
+        """
         vit = self.vit
-        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        if tokens.shape[1] != self.num_prefix_tokens + self.num_patches:
+            raise ValueError(f"images of {tuple(images.shape[-2:])} pixels give "
+                             f"{tokens.shape[1] - self.num_prefix_tokens} patches; this model prunes the "
+                             f"{self.num_patches} of its input size {tuple(vit.patch_embed.img_size)}")
+        return tokens
 
     def _with_prefix(self, live: torch.Tensor) -> torch.Tensor:
         """``live [B, N]`` -> ``[B, P + N]`` bool, prefix tokens always live."""
@@ -137,7 +146,8 @@ class StagedViT(nn.Module):
         return bias[:, None, None, :]
 
     def forward_stage(self, x: torch.Tensor, stage: int, live: torch.Tensor | None = None,
-                      size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      size: torch.Tensor | None = None, score: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the blocks of ``stage``.
 
         Args:
@@ -146,19 +156,23 @@ class StagedViT(nn.Module):
             live: ``[B, N]`` bool, False on padded patch tokens (masked out as keys), or None if all live.
             size: ``[B, N]`` original patches each patch token stands for (merged tokens,
                 ``envs.vit.token_merge``): keys get attention in proportion to it. None: all 1.
+            score: whether to compute ``cls_attention``; without a class token it costs a full attention
+                map, which ``envs.vit.flops`` counts only for the selectors that read it.
 
         Returns:
             ``x [B, P + N, D]`` and ``cls_attention [B, N]``: the class token's attention to each patch
             token in the stage's last block, mean over heads, 0 on padded tokens (without a class token:
-            the mean attention each patch token receives).
+            the mean attention each patch token receives); None when not ``score``.
         """
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {stage}")
         key_bias = self.key_bias(x, live, size)
         for i in self.stage_blocks[stage]:
             x, q, k = _block(self.vit.blocks[i], x, key_bias, self.training)
-        score = cls_attention_row if self.vit.has_class_token else mean_attention_received
-        return x, score(q, k, key_bias, self.num_prefix_tokens)
+        if not score:
+            return x, None
+        attention_score = cls_attention_row if self.vit.has_class_token else mean_attention_received
+        return x, attention_score(q, k, key_bias, self.num_prefix_tokens)
 
     def classify(self, x: torch.Tensor, live: torch.Tensor | None = None,
                  size: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,5 +207,5 @@ class StagedViT(nn.Module):
         """Keep-all logits ``[B, num_classes]`` of tokens ``x [B, P + N, D]`` that have run the stages before
         ``stage`` (all patch tokens live): the unpruned model's answer without running those stages again."""
         for later in range(stage, self.num_stages):
-            x, _ = self.forward_stage(x, later)
+            x, _ = self.forward_stage(x, later, score=False)
         return self.classify(x)
