@@ -84,13 +84,23 @@ def leave_one_out_means(values: np.ndarray, group: int) -> np.ndarray:
 _episodes_lost = 0  # in this process; RLlib recreates the env after each, and the new one must not replay
 
 
+def restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted: an env runner replaced after a crash (RLlib's
+    new API stack restarts the same actor, so its ``EnvContext.recreated_worker`` stays False)."""
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
+
+
 def image_stream_key(config: dict | None) -> tuple[int, ...]:
     """What makes each env's image stream its own, mixed with the seed into a ``SeedSequence``: the env
     runner's index, the sub-env's index, the episodes this process lost before (RLlib recreates the env
-    and re-seeds it with the same seed) and, in a runner Ray restarted, its process id (so that it does not
-    replay its predecessor's images). Plain sums such as ``seed + runner + sub-env`` collide."""
+    and re-seeds it with the same seed) and, in a runner Ray restarted (:func:`restarted_actor`), its process
+    id, so that it does not replay its predecessor's images. RLlib seeds sub-env ``i`` of runner ``r`` with
+    ``seed + r + i``: the runner's index keeps runner 1's second sub-env and runner 2's first apart."""
     worker, vector = getattr(config, "worker_index", 0), getattr(config, "vector_index", 0)
-    restarted = (os.getpid(),) if getattr(config, "recreated_worker", False) else ()
+    restarted = (os.getpid(),) if restarted_actor() else ()
     return (worker, vector, _episodes_lost, *restarted)
 
 

@@ -11,6 +11,7 @@ from ray.rllib.env.env_context import EnvContext
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
+from envs import pruning_env
 from envs.problem import ProblemError
 from envs.pruning_engine import EpisodeLost, PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
@@ -223,17 +224,22 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
     assert recreated._images != env._images
 
 
-def test_image_streams_of_runners_and_sub_envs_are_independent(engine):
-    def images(worker: int, vector: int, recreated_worker: bool = False) -> list[int]:
+def test_image_streams_of_runners_and_sub_envs_are_independent(engine, monkeypatch):
+    def images(worker: int, sub_env: int) -> list[int]:
+        """Sub-env ``sub_env`` of env runner ``worker`` as RLlib's MultiAgentEnvRunner makes and seeds it: one
+        EnvContext (vector_index 0) for all its sub-envs, seed ``base + worker + sub_env``."""
         config = EnvContext({"server": engine, "problem": one_rollout_problem(engine, images_per_env=8)},
-                            worker_index=worker, vector_index=vector, recreated_worker=recreated_worker)
+                            worker_index=worker)
         env = TokenPruningEnv(config)
-        env.reset(seed=100 + worker)  # RLlib's seed: the base seed plus the runner's index
+        env.reset(seed=100 + worker + sub_env)
         return env._images
 
     assert images(1, 1) == images(1, 1)  # reproducible
-    assert images(1, 1) != images(2, 0)  # seed + runner + sub-env would collide here
-    assert images(1, 0) != images(1, 0, recreated_worker=True)  # a restarted runner does not replay
+    assert images(1, 0) != images(1, 1)  # sub-envs of one runner
+    assert images(1, 1) != images(2, 0)  # the same seed: the runner's index keeps them apart
+    first = images(1, 0)
+    monkeypatch.setattr(pruning_env, "restarted_actor", lambda: True)
+    assert images(1, 0) != first  # a runner Ray restarted does not replay its predecessor's images
 
 
 def test_engine_state_is_bounded_and_freed(engine):

@@ -1,14 +1,16 @@
 """The shared ViT server as a real named Ray actor: batching, env access by name, restart after a crash."""
 
+import os
 import time
 
 import numpy as np
 import pytest
 import ray
+from ray.rllib.env.env_context import EnvContext
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 
 from envs.problem import PruningProblem
-from envs.pruning_env import TokenPruningEnv
+from envs.pruning_env import TokenPruningEnv, image_stream_key, restarted_actor
 from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_server
 
@@ -74,6 +76,29 @@ def test_env_finds_server_by_name_and_survives_a_restart(server):
         if terminateds["__all__"]:
             break
     assert steps == 6 and infos["attention_0"]["kept_per_stage"] == [32, 16, 8]
+
+
+@ray.remote(max_restarts=1)
+class StreamKey:
+    """An actor that says the image-stream key an env would get in it, as an env runner does."""
+
+    def key(self) -> tuple[int, ...]:
+        return image_stream_key(EnvContext({}, worker_index=1))
+
+    def crash(self) -> None:
+        os._exit(1)
+
+
+def test_an_actor_ray_restarted_gets_an_image_stream_of_its_own(ray_local):
+    """RLlib's new stack replaces a crashed env runner by Ray's restart of the same actor, with the same
+    EnvContext and seed: only the restart itself tells the env not to replay its predecessor's images."""
+    actor = StreamKey.remote()
+    assert ray.get(actor.key.remote()) == (1, 0, 0)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.crash.remote())
+    restarted = call_through_restarts(lambda: ray.get(actor.key.remote()), timeout_s=60)
+    assert restarted[:3] == (1, 0, 0) and len(restarted) == 4  # the new process's id joins the key
+    assert not restarted_actor()  # the driver is no restarted actor
 
 
 def test_unknown_server_name_fails_clearly(ray_local):
