@@ -262,9 +262,14 @@ def test_ppo_trains_both_modules_and_checkpoint_reloads(tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = config.build_algo()
     try:
+        initial = algo.learner_group.get_weights(module_ids=["attention", "similarity"])
         for _ in range(2):
             result = algo.train()
         assert {"attention", "similarity"} <= set(result["learners"])
+        trained_weights = algo.learner_group.get_weights(module_ids=["attention", "similarity"])
+        for policy in ("attention", "similarity"):  # both modules were updated
+            assert any(not np.array_equal(initial[policy][name], value)
+                       for name, value in trained_weights[policy].items())
         assert np.isfinite(result["learners"]["attention"]["total_loss"])
 
         checkpoint = algo.save_to_path(tmp_path / "ckpt")

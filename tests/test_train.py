@@ -116,13 +116,64 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
 
 
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
-    for flags in (["--target-ratio", "1.5"], ["--num-workers", "-1"], ["--prune-points", "a,b"],
-                  ["--resume"], ["--reduction", "prune"], ["--iterations", "many"], ["--target-ratio", "0.3,x"],
-                  ["--resume", "--from-checkpoint", "x"], ["--warm-start-steps", "0"]):
+    for flags, message in ((["--target-ratio", "1.5"], "target_ratio must be in (0, 1), got 1.5"),
+                           (["--num-workers", "-1"], "--num-workers: must be at least 0, got -1"),
+                           (["--prune-points", "a,b"], "expected comma-separated block indices, got 'a,b'"),
+                           (["--resume"], "nothing to resume: no run in"),
+                           (["--reduction", "prune"], "--reduction: invalid choice: 'prune'"),
+                           (["--iterations", "many"], "--iterations: expected an integer, got 'many'"),
+                           (["--target-ratio", "0.3,x"], "comma-separated numbers, got '0.3,x'"),
+                           (["--resume", "--from-checkpoint", "x"], "pass one of them"),
+                           (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0")):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (flags, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_sub_environment_or_env_runner_is_replaced():
+    """What test_faults' killed servers rely on: an episode a restarted server lost is dropped with its sub-env
+    (StepFailedRecreateEnvError), and a runner that dies is restarted; neither fails the trial."""
+    config = train.build_config(PruningProblem(), train.TrialResources(2, 1, train.plan_placement(None, 1, 0, False),
+                                                                      True), ["train"], "val")
+    assert config.restart_failed_sub_environments and config.restart_failed_env_runners
+    assert config.max_num_env_runner_restarts >= 100
+
+
+class RestoringAlgorithm:
+    """The calls restore_newest makes of an RLlib algorithm; restoring ``damaged`` checkpoints raises."""
+
+    def __init__(self, damaged: set[str]):
+        self.damaged, self.restored, self.iteration = damaged, [], 0
+        self.env_runner_group = SimpleNamespace(sync_weights=lambda **_: None)
+        self.learner_group = None
+
+    def restore_from_path(self, path: str) -> None:
+        if Path(path).name in self.damaged:
+            raise OSError("truncated file")
+        self.restored.append(Path(path).name)
+        self.iteration = int(Path(path).name[-6:])
+
+
+def test_resume_falls_back_to_an_older_checkpoint_when_the_newest_does_not_restore(tmp_path, capsys):
+    newest_first = [tmp_path / "checkpoint_000003", tmp_path / "checkpoint_000002", tmp_path / "checkpoint_000001"]
+    algo = RestoringAlgorithm({"checkpoint_000003"})
+    train.restore_newest(algo, newest_first)
+    assert algo.restored == ["checkpoint_000002"]
+    out = capsys.readouterr().out
+    assert "cannot restore" in out and "checkpoint_000003 (OSError: truncated file); trying an older one" in out
+    assert f"resumed from {newest_first[1]} at iteration 2" in out
+    with pytest.raises(train.PolicyCheckpointError, match="none of .* restores"):
+        train.restore_newest(RestoringAlgorithm({c.name for c in newest_first}), newest_first)
+
+
+def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, monkeypatch, capsys):
+    failed = SimpleNamespace(error=RuntimeError("server gone\n  twice"), path=str(tmp_path / "target_ratio=0.5"),
+                             config={"trial": {"name": "target_ratio=0.5"}})
+    monkeypatch.setattr(train, "train", lambda args: [failed])
+    assert train.main(["--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: trial failed: RuntimeError: server gone twice (traceback: {failed.path}/error.txt)\n"
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
