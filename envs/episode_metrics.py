@@ -20,9 +20,6 @@ class PruningMetrics(RLlibCallback):
 
     def on_episode_end(self, *, episode, metrics_logger, **kwargs) -> None:
         infos = episode.get_infos(-1)
-        if any(info.get("server_restart") for info in infos.values()):
-            metrics_logger.log_value("server_restarts", 1, reduce="sum")
-            return
         for agent_id, info in infos.items():
             # both agents of an image carry the same info: count each image once
             if "agree" not in info or (policy_for_agent(agent_id) == "similarity"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,9 +55,34 @@ def check_target_ratio(value: float, name: str = "target_ratio") -> float:
     return float(value)
 
 
+def check_protected_share(value: float) -> float:
+    """``value`` if it is a share of each pruning point's kept tokens the attention agent may protect, in
+    (0, 1]; else a :class:`ProblemError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise ProblemError(f"protected_share must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ProblemError(message)
+
+
+def _check_types(settings: PPOSettings | PruningProblem) -> None:
+    """Each field of ``settings`` of its annotated kind: ``float`` a finite number (an infinite reward weight
+    makes the leave-one-out baseline NaN), ``int`` an integer, not a bool; tuples made tuples (a list, as JSON
+    or the Python API may give, would leave the problem unhashable and unequal to its JSON round trip)."""
+    for spec in dataclasses.fields(settings):
+        value, kind = getattr(settings, spec.name), spec.type
+        if kind == "float":
+            _check(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+                   f"{spec.name} must be a finite number, got {value!r}")
+        elif kind in ("int", "int | None"):
+            _check((value is None and kind == "int | None") or (isinstance(value, int) and not isinstance(value, bool)),
+                   f"{spec.name} must be an integer, got {value!r}")
+        elif kind.startswith("tuple"):
+            _check(isinstance(value, tuple | list), f"{spec.name} must be a sequence, got {value!r}")
+            object.__setattr__(settings, spec.name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,7 @@ class PPOSettings:
     grad_clip: float = setting(1.0, "global gradient-norm clip")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
         _check(0 <= self.lambda_ <= 1, f"lambda must be in [0, 1], got {self.lambda_}")
@@ -139,6 +166,7 @@ class PruningProblem:
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("dataset", "reduction", "agents", "warm_start", "reward_baseline"):
             choices = _field(type(self), name).metadata["choices"]
             _check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}, "
@@ -147,6 +175,8 @@ class PruningProblem:
         for name in ("val_size", "val_limit", "images_per_env", "hidden", "warm_start_images", "warm_start_steps",
                      "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "split_seed"):  # numpy's generators take no negative seed
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)
@@ -156,7 +186,7 @@ class PruningProblem:
                f"train_ratios must be distinct, got {self.train_ratios!r}")
         _check(self.warm_start_images >= len(self.ratios_trained),
                f"warm_start_images must be at least one per training ratio ({len(self.ratios_trained)})")
-        _check(0 < self.protected_share <= 1, f"protected_share must be in (0, 1], got {self.protected_share}")
+        check_protected_share(self.protected_share)
         for name in ("agree_weight", "prob_weight", "logprob_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.rollouts_per_image >= 1 and self.images_per_env % self.rollouts_per_image == 0,

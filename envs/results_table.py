@@ -27,22 +27,25 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
     "gflops": "GMACs per image: gflops_backbone + gflops_features + gflops_policies",
     "gflops_backbone": "GMACs of the ViT on each image's own token schedule (merging included), mean over images",
     "gflops_features": "GMACs of the token scores the method needs (class-attention row, norms, cosine matrix)",
-    "gflops_policies": "GMACs of the policy networks on the live tokens",
+    "gflops_policies": "GMACs of the policy networks, each charged for every live token (the similarity network "
+                       "scores only those the attention agent did not keep: an upper bound)",
     "keep_ratio_s{i}": "mean fraction of the patch tokens alive in stage {i} (after pruning point {i}); ToMe, "
                        "which merges in every block: entering stage {i}",
-    "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it)",
+    "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it); the keep "
+                  "ratios are blank for cascade rows, whose images run one forward or two",
     "images_per_s_b1": f"images/s, one at a time ({SPEED_SINGLE_IMAGES} images), median of repeats "
                        "(features and policies included, input normalisation excluded)",
     "images_per_s_b256": f"images/s, one batch of {SPEED_BATCH}, median of repeats",
     "speedup": "images_per_s_b256 / the Baseline's",
     "best_heuristic": "learned and cascade rows: the heuristic row at the same budget (ToMe and greedy "
                       "similarity's cascade included) most accurate on validation images "
-                      "(settings.best_heuristic_chosen_on), not on the test images compared",
+                      "(settings.best_heuristic_chosen_on; with --split val, the evaluated ones), never on the "
+                      "test images compared",
     "delta_best_heuristic": "learned and cascade rows: accuracy minus best_heuristic's, points",
     "delta_ci_low": "lower end of the paired bootstrap 95% interval of delta_best_heuristic (same images)",
     "delta_ci_high": "upper end of that interval",
-    "delta_tome": "learned rows: accuracy minus ToMe's at the same budget (ToMe at the cost nearest the dearest "
-                  "row's), points",
+    "delta_tome": "learned and cascade rows: accuracy minus ToMe's at the same budget (ToMe at the cost nearest "
+                  "the dearest row's), points",
     "delta_tome_ci_low": "lower end of the paired bootstrap 95% interval of delta_tome (same images)",
     "delta_tome_ci_high": "upper end of that interval",
 }

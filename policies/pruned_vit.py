@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from envs.problem import POLICIES, PruningProblem, check_target_ratio
+from envs.problem import POLICIES, PruningProblem, check_protected_share, check_target_ratio
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.flops import (
     ImageGflops,
@@ -100,7 +100,7 @@ class PrunedViT(nn.Module):
         self.budget = None if selection is None else check_target_ratio(budget, "budget")
         self.reduction = reduction
         self.seed = seed
-        self.protected_share = protected_share
+        self.protected_share = check_protected_share(protected_share)
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
         self.tome_merges = self._tome_merges(tome_gflops) if selection == "tome" else None
         self.eval()  # dropout and stochastic depth off: this is an inference model

@@ -112,6 +112,14 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"train_ratios": (0.1, 1.0)}, r"train_ratios must be in \(0, 1\), got 1.0"),
     ({"train_ratios": (0.3, 0.3)}, r"train_ratios must be distinct, got \(0.3, 0.3\)"),
     ({"train_ratios": (0.1, 0.3), "warm_start_images": 1}, r"at least one per training ratio \(2\)"),
+    ({"agree_weight": float("inf")}, "agree_weight must be a finite number, got inf"),
+    ({"protected_share": float("nan")}, "protected_share must be a finite number, got nan"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"split_seed": -3}, "split_seed must be >= 0, got -3"),
+    ({"val_size": 2.5}, "val_size must be an integer, got 2.5"),
+    ({"hidden": True}, "hidden must be an integer, got True"),
+    ({"train_limit": 10.0}, "train_limit must be an integer, got 10.0"),
+    ({"prune_points": "369"}, "prune_points must be a sequence, got '369'"),
 ])
 def test_each_field_is_validated(change, message):
     with pytest.raises(ProblemError, match=message):
@@ -122,10 +130,20 @@ def test_each_field_is_validated(change, message):
     ({"lr": 0.0}, "lr must be > 0"), ({"gamma": 1.5}, r"gamma must be in \(0, 1\]"),
     ({"minibatch_size": 8192}, r"minibatch_size must be in \[1, train_batch_size_per_learner = 4096\]"),
     ({"num_epochs": 0}, "num_epochs must be >= 1"), ({"grad_clip": 0.0}, "grad_clip must be > 0"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"minibatch_size": 2.5}, "minibatch_size must be an integer"),
 ])
 def test_ppo_settings_are_validated(change, message):
     with pytest.raises(ProblemError, match=message):
         PPOSettings(**change)
+
+
+def test_lists_become_tuples_so_that_a_problem_hashes_and_survives_its_json_round_trip():
+    """The Python API and JSON give lists; train.py keeps problems in sets."""
+    problem = PruningProblem(prune_points=[2, 5], train_ratios=[0.3, 0.5])
+    assert problem.prune_points == (2, 5) and problem.train_ratios == (0.3, 0.5)
+    assert PruningProblem.from_json(json.loads(json.dumps(problem.to_json()))) == problem
+    assert len({problem, PruningProblem(prune_points=(2, 5), train_ratios=(0.3, 0.5))}) == 1
 
 
 def test_unknown_settings_are_named():

@@ -135,6 +135,8 @@ def test_invalid_combinations_are_refused(tiny_staged):
         PrunedViT(*tiny_staged, "similarity", 0.5, tome_gflops=0.1)
     with pytest.raises(ProblemError, match="budget must be in"):
         PrunedViT(*tiny_staged, "random")
+    with pytest.raises(ProblemError, match=r"protected_share must be in \(0, 1\], got 2.0"):
+        PrunedViT(*tiny_staged, "random", 0.5, protected_share=2.0)
 
 
 def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
