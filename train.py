@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import functools
 import logging
 import os
@@ -47,6 +48,8 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
+from ray.tune.logger import CSVLoggerCallback
+from ray.tune.result import EXPR_PROGRESS_FILE
 
 from cli import (
     OneLineParser,
@@ -260,12 +263,15 @@ def train_server_names(prefix: str, count: int) -> list[str]:
 
 
 def build_config(problem: PruningProblem, resources: TrialResources, train_servers: list[str], val_server: str,
-                 initial_states: dict[str, Path] | None = None) -> PPOConfig:
+                 initial_states: dict[str, Path] | None = None, resumed_at: int = 0) -> PPOConfig:
     """The whole PPO setup as data: env, the two policies, resources, PPO and validation settings.
 
-    ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start).
+    ``initial_states``: module directories (``RLModule.save_to_path``) the policies start from (warm start);
+    ``resumed_at``: the iteration of the checkpoint the run goes on from (its envs draw other images than the
+    run before it did).
     """
-    env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed}
+    env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed,
+                  "resumed_at": resumed_at}
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
@@ -391,7 +397,8 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             if not own and not start and problem.warm_start != "none":
                 clones = Path(tune.get_context().get_trial_dir(), "warm_start")  # staged there, Tune stores it
                 initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER], clones, trial["name"])
-            algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states).build_algo()
+            algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states,
+                                resumed_iteration(own or start)).build_algo()
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(stored, recorded)
@@ -433,6 +440,15 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
             checkpoint.rename(aside)
 
 
+def resumed_iteration(checkpoints: list[Path]) -> int:
+    """The iteration a run goes on from: that of the newest of ``checkpoints`` that records one (0 for a new
+    run). Its envs then draw other images than the run that wrote the checkpoint drew from its start."""
+    for checkpoint in checkpoints:
+        with contextlib.suppress(PolicyCheckpointError):  # a damaged one is passed over, as restore_newest does
+            return read_checkpoint_info(checkpoint).iteration or 0
+    return 0
+
+
 def restore_newest(algo, checkpoints: list[Path]) -> None:
     """The whole algorithm state (weights, optimiser, iteration count) from the first of ``checkpoints``
     that restores (a checkpoint cut short by a crash while it was stored does not), on every runner."""
@@ -469,8 +485,8 @@ def train_until(algo, problem: PruningProblem, stop: StopRule) -> None:
             remaining = max(0.0, min(remaining, 60 * stop.time_budget_min - elapsed))
         result["progress"] = {"elapsed_s": elapsed, "remaining_s": 0.0 if final else remaining,
                               "validated": validated or final, "out_of_time": out_of_time}
+        result[SCORE] = validation_score(result) if validated or final else None  # a column from the first row on
         if validated or final:
-            result[SCORE] = validation_score(result)
             with tempfile.TemporaryDirectory(prefix="marl_checkpoint_") as staging:
                 stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE]))
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(staging))
@@ -523,6 +539,22 @@ class ProgressLines(tune.Callback):
         print(name + progress_line(result, problem), flush=True)
 
 
+class ProgressCsv(CSVLoggerCallback):
+    """Tune's ``progress.csv``, whose columns are the first row's: a resumed trial's rows go on under the header the
+    file has (Tune's own logger takes the columns of the resumed run's first row and writes no header for them,
+    so the rows no longer fit it; pandas cannot read the file)."""
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if trial not in self._trial_files:
+            self._setup_trial(trial)
+        if self._trial_csv[trial] is None and self._trial_continue[trial]:
+            with Path(trial.local_path, EXPR_PROGRESS_FILE).open() as existing:
+                header = next(csv.reader(existing), None)
+            if header:
+                self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
+        super().log_trial_result(iteration, trial, result)
+
+
 def storage_location(output_dir: str) -> tuple[str, str]:
     """``--output-dir`` as Tune's ``(storage_path, name)``: a cloud URI as it is, a local path made absolute."""
     if "://" in output_dir:
@@ -557,7 +589,7 @@ def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProbl
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.config["trial"]["name"]),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, verbose=0, callbacks=[ProgressLines()],
+            name=name, storage_path=storage_path, verbose=0, callbacks=[ProgressLines(), ProgressCsv()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=args.keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)),

@@ -45,6 +45,7 @@ DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "server_name": DEFAULT_NAME,  # the ViT server to find by name, or a list of names: runner i uses name i % n
                                   # ("server" instead: an in-process engine)
     "seed": 0,
+    "resumed_at": 0,  # the iteration a resumed run goes on from: its image streams go on with new images
     "server_timeout_s": RESTART_TIMEOUT_S,
 }
 
@@ -96,12 +97,15 @@ def restarted_actor() -> bool:
 def image_stream_key(config: dict | None) -> tuple[int, ...]:
     """What makes each env's image stream its own, mixed with the seed into a ``SeedSequence``: the env
     runner's index, the sub-env's index, the episodes this process lost before (RLlib recreates the env
-    and re-seeds it with the same seed) and, in a runner Ray restarted (:func:`restarted_actor`), its process
-    id, so that it does not replay its predecessor's images. RLlib seeds sub-env ``i`` of runner ``r`` with
-    ``seed + r + i``: the runner's index keeps runner 1's second sub-env and runner 2's first apart."""
+    and re-seeds it with the same seed), in a resumed run the iteration it goes on from (``resumed_at``), and
+    in a runner Ray restarted (:func:`restarted_actor`) its process id: neither replays the images its
+    predecessor trained on. RLlib seeds sub-env ``i`` of runner ``r`` with ``seed + r + i``: the runner's index
+    keeps runner 1's second sub-env and runner 2's first apart."""
     worker, vector = getattr(config, "worker_index", 0), getattr(config, "vector_index", 0)
+    resumed_at = (config or {}).get("resumed_at", 0)
+    resumed = (resumed_at,) if resumed_at else ()
     restarted = (os.getpid(),) if restarted_actor() else ()
-    return (worker, vector, _episodes_lost, *restarted)
+    return (worker, vector, _episodes_lost, *resumed, *restarted)
 
 
 class TokenPruningEnv(MultiAgentEnv):

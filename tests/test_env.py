@@ -238,6 +238,11 @@ def test_image_streams_of_runners_and_sub_envs_are_independent(engine, monkeypat
     assert images(1, 0) != images(1, 1)  # sub-envs of one runner
     assert images(1, 1) != images(2, 0)  # the same seed: the runner's index keeps them apart
     first = images(1, 0)
+    resumed = EnvContext({"server": engine, "problem": one_rollout_problem(engine, images_per_env=8),
+                          "resumed_at": 30}, worker_index=1)
+    env = TokenPruningEnv(resumed)
+    env.reset(seed=101)
+    assert env._images != first  # a resumed run does not replay the images its first run trained on
     monkeypatch.setattr(pruning_env, "restarted_actor", lambda: True)
     assert images(1, 0) != first  # a runner Ray restarted does not replay its predecessor's images
 

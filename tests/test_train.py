@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pyarrow.fs
 import pytest
 import torch
@@ -165,6 +166,45 @@ def test_resume_falls_back_to_an_older_checkpoint_when_the_newest_does_not_resto
     assert f"resumed from {newest_first[1]} at iteration 2" in out
     with pytest.raises(train.PolicyCheckpointError, match="none of .* restores"):
         train.restore_newest(RestoringAlgorithm({c.name for c in newest_first}), newest_first)
+
+
+def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp_path):
+    for iteration in (30, 20):
+        (tmp_path / f"checkpoint_0000{iteration}").mkdir()
+        (tmp_path / f"checkpoint_0000{iteration}" / PRUNING_CONFIG).write_text(
+            json.dumps(CheckpointInfo(PruningProblem(), iteration, 80.0).to_json()))
+    (tmp_path / "damaged").mkdir()  # no pruning_config.json: passed over, as restore_newest passes over it
+    assert train.resumed_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
+    assert train.resumed_iteration([]) == 0
+    config = train.build_config(PruningProblem(), train.TrialResources(1, 1, train.plan_placement(None, 1, 0, False),
+                                                                      True), ["train"], "val", resumed_at=30)
+    assert config.env_config["resumed_at"] == 30
+
+
+class LoggedTrial:
+    """What Tune's CSV logger asks of a trial: where its files are, and no checkpoint to fetch them from."""
+
+    def __init__(self, path: Path):
+        self.local_path, self.checkpoint = str(path), None
+
+    def init_local_path(self) -> None:
+        Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+
+def test_progress_csv_keeps_one_header_across_a_resume_and_has_the_validation_column_from_the_start(tmp_path):
+    trial = LoggedTrial(tmp_path)
+    first = train.ProgressCsv()
+    first.log_trial_result(1, trial, {"training_iteration": 1, train.SCORE: None})  # not validated
+    first.log_trial_result(2, trial, {"training_iteration": 2, train.SCORE: 81.5,
+                                      "evaluation": {"exact_accuracy": 81.5}})
+    first.log_trial_end(trial)
+    resumed = train.ProgressCsv()  # train.py --resume: a new logger appends to the file
+    resumed.log_trial_result(3, trial, {"training_iteration": 3, train.SCORE: 82.0, "timers": {"restore": 1.0}})
+    resumed.log_trial_end(trial)
+    progress = pd.read_csv(tmp_path / "progress.csv")
+    assert list(progress.columns) == ["training_iteration", train.SCORE]
+    assert progress["training_iteration"].tolist() == [1, 2, 3]
+    assert progress[train.SCORE].tolist()[1:] == [81.5, 82.0] and pd.isna(progress[train.SCORE][0])
 
 
 def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, monkeypatch, capsys):
