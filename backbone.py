@@ -30,7 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from cli import OneLineParser, add_data_access_arguments, data_access
+from cli import (
+    OneLineParser,
+    add_data_access_arguments,
+    data_access,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
 from envs.vit.data import (
     DEFAULT_SPLIT_SEED,
@@ -38,10 +45,13 @@ from envs.vit.data import (
     DataError,
     ImageSplit,
     StreamedImages,
+    class_difference,
     default_data_dir,
     held_out_fingerprint,
     load_split,
+    split_class_names,
 )
+from envs.vit.staged_vit import check_prunable
 
 STATE_FILE = "train_state.pt"
 EXPORT_DIR = "backbone"
@@ -72,25 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
     add_data_access_arguments(p)
-    p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE)
-    p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE)
+    p.add_argument("--split-seed", type=non_negative_int, default=DEFAULT_SPLIT_SEED)
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="use a seeded subset of N images of each split (smoke tests)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="schedule length (default 185); on --resume, a new length shortens or extends the schedule")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate for batch 512 (scaled linearly)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--randaug", type=int, default=2, help="RandAugment ops per image (0 = off)")
-    p.add_argument("--randaug-magnitude", type=int, default=9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=10)
+    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="in [0, 1)")
+    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (0 = off)")
+    p.add_argument("--randaug-magnitude", type=non_negative_int, default=9)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
                    help="stop (resumably) after the first epoch that ends past this many seconds")
     p.add_argument("--output-dir", default="runs/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
@@ -103,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device: auto, cpu, cuda, cuda:1, ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no GPU is visible")
     return device
@@ -287,6 +300,9 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp = not args.no_amp
     out = Path(args.output_dir)
+    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output-dir {out}: {blocking} is a file, not a directory")
     state_path = out / STATE_FILE
     if state_path.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -295,6 +311,10 @@ def train(args: argparse.Namespace) -> dict:
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
     if state is not None:
         saved = state["args"]
+        for flag, given in (("model", args.model), ("model_kwargs", args.model_kwargs)):
+            if given != build_parser().get_default(flag) and given != saved[flag]:
+                raise ValueError(f"--resume continues the model it recorded ({saved['model']} "
+                                 f"{' '.join(saved['model_kwargs'])}): --{flag.replace('_', '-')} cannot change it")
         epochs = args.epochs if args.epochs is not None else saved["epochs"]
         schedule = saved.get("schedule_changes", [])
         if epochs != saved["epochs"]:
@@ -310,8 +330,15 @@ def train(args: argparse.Namespace) -> dict:
 
     kwargs = parse_kwargs(args.model_kwargs)
     probe = create_vit(args.model, 1, kwargs)
+    try:
+        check_prunable(probe)  # refused now, not after training: train.py and evaluate.py could not prune it
+    except ValueError as error:
+        raise ValueError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
     input_size = probe.default_cfg.get("input_size", (3, 224, 224))[-1]
     input_size = kwargs.get("img_size", input_size)
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise ValueError(f"img_size={input_size!r}: the data pipeline feeds square images, so img_size is one "
+                         f"number of pixels")
     mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
     if not args.pretrained and args.dataset.startswith("cifar"):
         mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics
@@ -320,6 +347,10 @@ def train(args: argparse.Namespace) -> dict:
     split_kw = dict(data_dir=args.data_dir, input_size=input_size, val_size=args.val_size,
                     seed=args.split_seed, limit=args.limit, **data_access(args))
     train_split = load_split(args.dataset, "train", **split_kw)
+    test_classes = split_class_names(args.dataset, "test", args.data_dir, args.download)
+    if test_classes != train_split.class_names:  # labels are class indices: they would name other classes
+        raise DataError(f"the test split's classes are not the training split's "
+                        f"({class_difference(test_classes, train_split.class_names)}): fix the test split first")
     val_split = load_split(args.dataset, "val", **split_kw)
     num_classes = len(train_split.class_names)
     config = {"model_name": args.model, "model_kwargs": kwargs, "num_classes": num_classes,
@@ -389,10 +420,6 @@ def train(args: argparse.Namespace) -> dict:
 
     test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
                             limit=args.limit, **data_access(args))
-    if test_split.class_names != train_split.class_names:  # labels are class indices: they would name others
-        raise DataError(f"the test split's classes ({', '.join(test_split.class_names)}) are not the training "
-                        f"split's ({', '.join(train_split.class_names)}); the trained model is kept: fix the "
-                        f"test split and run again with --resume")
     test_acc = accuracy(model, test_split, config, device, amp=False)
     test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
     if snapshot is not None:  # a later --resume --epochs must know the test split has been read
@@ -421,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not math.isfinite(args.lr) or args.lr <= 0:
             raise ValueError("--lr must be a positive number")
+        if args.label_smoothing >= 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
         args.model_kwargs = args.model_kwargs or []
         parse_kwargs(args.model_kwargs)
         train(args)

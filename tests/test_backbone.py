@@ -70,6 +70,42 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, capsys):
     assert err.startswith("error: argument --epochs") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--mixup", "-1"], "argument --mixup: must be a finite number >= 0, got -1"),
+    (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
+    (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+    (["--model-kwargs", "img_size=32", "bogus_kw=1"], "timm cannot build vit_tiny_patch16_224 with"),
+    (["--model-kwargs", "embed_dim=30", "num_heads=4"], "timm cannot build vit_tiny_patch16_224 with"),
+    (["--model-kwargs", "img_size=(32, 48)", "patch_size=4"], "the data pipeline feeds square images"),
+    (["--model-kwargs", "img_size=32", "patch_size=4", "global_pool=map"],
+     "StagedViT supports global_pool 'token' or 'avg', got 'map'"),
+    (["--model", "resnet18", "--model-kwargs"], "StagedViT needs a plain timm VisionTransformer"),
+    (["--output-dir", "a_file"], "a_file is a file, not a directory"),
+])
+def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(flags, message, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Refused before any data is read or epoch run: a model train.py could not prune would otherwise be
+    trained to the end first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    assert backbone.main(["--data-dir", str(tmp_path / "no_data"), "--output-dir", "out", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
+    run = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64", "--val-size", "100",
+           "--epochs", "1", "--batch-size", "32", "--model-kwargs", "img_size=32", "patch_size=8", "depth=1",
+           "embed_dim=16", "num_heads=2"]
+    assert backbone.main([*run, "--time-limit", "0"]) == 0
+    capsys.readouterr()
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--model-kwargs", "img_size=16"]) == 2
+    assert "--model-kwargs cannot change it" in capsys.readouterr().err
+
+
 def test_step_benchmark_times_every_part(tmp_path):
     import benchmarks.backbone_step as step_benchmark
 
@@ -85,7 +121,7 @@ def test_step_benchmark_times_every_part(tmp_path):
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
     """A split over the memory budget is read from its files during training, in the same batches of the same
     pixels as a decoded one. A test split that lacks a class (its labels would name other classes) is one error
-    line, and the trained model waits for --resume."""
+    line before anything trains."""
     import shutil
 
     from envs.vit import data
@@ -113,7 +149,8 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     data._shared_raw_split.cache_clear()  # this process read the folder before the class went
     assert run("short") == 2
     err = capsys.readouterr().err
-    assert "test split's classes (bee, cat) are not the training split's" in err and err.count("\n") == 1
+    assert "test split's classes are not the training split's (missing 'ant')" in err and err.count("\n") == 1
+    assert not (tmp_path / "short" / backbone.STATE_FILE).exists()
     shutil.move(tmp_path / "ant", folder / "test" / "ant")
     data._shared_raw_split.cache_clear()
-    assert backbone.main(["--output-dir", str(tmp_path / "short"), "--resume"]) == 0
+    assert run("short") == 0

@@ -1,6 +1,7 @@
 """The data module: split sizes and labels on the shared CIFAR-10 copy, and clear errors."""
 
 import pickle
+import unicodedata
 
 import numpy as np
 import pytest
@@ -10,7 +11,15 @@ import torch
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
 from envs.vit import data
-from envs.vit.data import DataError, ImageSplit, StreamedImages, check_fits_backbone, load_split, split_indices
+from envs.vit.data import (
+    DataError,
+    ImageSplit,
+    StreamedImages,
+    check_fits_backbone,
+    class_difference,
+    load_split,
+    split_indices,
+)
 from envs.vit.staged_vit import StagedViT
 
 
@@ -169,6 +178,17 @@ def test_a_split_must_fit_what_the_backbone_was_trained_on():
     for val_size, seed in ((101, 0), (100, 1)):
         with pytest.raises(DataError, match="would hold images the backbone trained on"):
             check_fits_backbone(split, "val", "pets", val_size, seed, config)
-    for other in ({"class_names": ["dog", "cat"]}, {"class_names": None, "num_classes": 3}):
-        with pytest.raises(DataError, match="are not the backbone's"):
+    for other, why in (({"class_names": ["dog", "cat"]}, "the same classes in another order"),
+                       ({"class_names": None, "num_classes": 3}, "unnamed in the backbone"),
+                       ({"class_names": ["cat", "frog"]}, "missing 'frog'; not expected 'dog'")):
+        with pytest.raises(DataError, match=f"are not the backbone's .*{why}"):
             check_fits_backbone(split, "test", "pets", 100, 0, {**config, **other})
+
+
+def test_class_names_that_differ_only_in_their_unicode_form_are_shown_so():
+    composed, decomposed = unicodedata.normalize("NFC", "dög"), unicodedata.normalize("NFD", "dög")
+    assert class_difference([decomposed, "cat"], [composed, "cat"]) == (
+        "missing 'd\\xf6g'; not expected 'do\\u0308g'; some are the same names in another Unicode form (macOS "
+        "writes file names decomposed, NFD)")
+    many = [f"c{i}" for i in range(8)]
+    assert class_difference([], many) == "missing 'c0', 'c1', 'c2', 'c3', 'c4' and 3 more"

@@ -295,7 +295,8 @@ def truncated(path: Path) -> Path:
     ("existing_json_only", "results.json exists; pass --overwrite"),
     ("output_dir_is_a_file", "is a file, not a directory"),
     ("one_image", "1 image to evaluate: the paired intervals need at least 2"),
-    ("other_classes", "the data set's 10 classes (airplane, automobile, bird, cat, ...) are not the backbone's 10"),
+    ("other_classes", "the data set's 10 classes are not the backbone's 10 (missing 'class 0', 'class 1', 'class 2', "
+                      "'class 3', 'class 4' and 5 more; not expected 'airplane', "),
     ("validation_the_backbone_trained_on", "would hold images the backbone trained on: it held out 2000 images "
                                            "drawn with seed 1 (use --split-seed 1 and --val-size 2000 or less)"),
     ("unknown_reduction", "reduction must be one of merge, drop"),

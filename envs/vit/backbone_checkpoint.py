@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,6 +38,9 @@ def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any], 
         if pretrained:
             raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
         raise
+    except (TypeError, ValueError, AssertionError) as error:  # what timm's constructors raise on bad kwargs
+        raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: "
+                              f"{error or type(error).__name__}") from None
 
 
 def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike,
@@ -100,7 +104,7 @@ def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
     model = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
     try:
         state = load_file(str(Path(directory) / WEIGHTS_FILE))
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         raise CheckpointError(f"cannot read weights in {directory}: {error}") from None
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -214,6 +215,31 @@ def _labels(raw) -> np.ndarray:
     return np.asarray(targets, dtype=np.int64)
 
 
+def split_class_names(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
+                      download: bool = False) -> tuple[str, ...]:
+    """The class names of a split in label order, without decoding its images (``backbone.py`` checks the test
+    split's before it trains)."""
+    raw_split = "test" if split == "test" else "train"
+    with _SHARED_RAW_LOCK:
+        return _class_names(_shared_raw_split(dataset, _data_root(dataset, data_dir, download), raw_split, download,
+                                              Path.cwd()))
+
+
+def class_difference(found: Sequence[str], expected: Sequence[str]) -> str:
+    """What tells two lists of class names apart, for an error message: the names missing and those not
+    expected (``ascii``, so that names that differ only in their Unicode form show it), or their order."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    if not missing and not unexpected:
+        return "the same classes in another order"
+    parts = [f"{label} {', '.join(map(ascii, names[:5]))}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+             for label, names in (("missing", missing), ("not expected", unexpected)) if names]
+    if ({unicodedata.normalize("NFC", name) for name in missing}
+            & {unicodedata.normalize("NFC", name) for name in unexpected}):
+        parts.append("some are the same names in another Unicode form (macOS writes file names decomposed, NFD)")
+    return "; ".join(parts)
+
+
 def split_indices(labels: np.ndarray, split: str, val_size: int, seed: int) -> np.ndarray:
     """Indices into the raw training split (``labels [N]`` in its file order) for ``train`` or ``val``: a seeded
     permutation, cut once, of the images in class order (a stable sort by label). Counting in class order makes
@@ -253,9 +279,9 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     from a copy of the data set (at ``data_dir``) that gives the same images (:func:`held_out_fingerprint`)."""
     classes = tuple(backbone_config.get("class_names") or ())
     if (classes and classes != split.class_names) or len(split.class_names) != backbone_config["num_classes"]:
-        raise DataError(f"the data set's {len(split.class_names)} classes ({', '.join(split.class_names[:4])}, ...) "
-                        f"are not the backbone's {backbone_config['num_classes']} "
-                        f"({', '.join(classes[:4]) or 'unnamed'}, ...)")
+        difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
+        raise DataError(f"the data set's {len(split.class_names)} classes are not the backbone's "
+                        f"{backbone_config['num_classes']} ({difference})")
     if split_name != "val" or backbone_config.get("dataset") != dataset or "split_seed" not in backbone_config:
         return
     held_out, held_out_seed = backbone_config["split_sizes"]["val"], backbone_config["split_seed"]

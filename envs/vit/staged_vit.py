@@ -77,6 +77,23 @@ def _block(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
     return x, q, k
 
 
+def check_prunable(vit: nn.Module) -> None:
+    """A ValueError unless ``vit`` is a timm ViT that :class:`StagedViT` can split and prune: a plain
+    ``VisionTransformer`` (or DeiT's distilled one) of standard blocks, whose MACs ``envs.vit.flops`` counts,
+    pooled by its class token or an average. ``backbone.py`` asks before it trains one."""
+    if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
+        raise ValueError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
+                         f"{type(vit).__name__}")
+    for i, blk in enumerate(vit.blocks):
+        if (type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None)
+                or type(blk.mlp) is not Mlp):
+            raise ValueError(f"StagedViT supports only standard timm Block/Attention/Mlp; block {i} is "
+                             f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}/"
+                             f"{type(getattr(blk, 'mlp', None)).__name__}")
+    if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
+        raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
+
+
 class StagedViT(nn.Module):
     """A timm ``VisionTransformer`` split into stages at pruning points (see docs/DESIGN.md).
 
@@ -85,17 +102,7 @@ class StagedViT(nn.Module):
 
     def __init__(self, vit: VisionTransformer, prune_points: Sequence[int] = (3, 6, 9)) -> None:
         super().__init__()
-        if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
-            raise ValueError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
-                             f"{type(vit).__name__}")
-        for i, blk in enumerate(vit.blocks):  # envs.vit.flops counts these modules' MACs
-            if (type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None)
-                    or type(blk.mlp) is not Mlp):
-                raise ValueError(f"StagedViT supports only standard timm Block/Attention/Mlp; block {i} is "
-                                 f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}/"
-                                 f"{type(getattr(blk, 'mlp', None)).__name__}")
-        if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
-            raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
+        check_prunable(vit)
         depth = len(vit.blocks)
         points = tuple(prune_points)
         valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
