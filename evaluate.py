@@ -424,7 +424,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
+    try:
+        staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
+    except PolicyCheckpointError as error:
+        if args.checkpoint != DEFAULT_CHECKPOINT:
+            raise
+        raise EvaluationError(f"{error} (the default --checkpoint is the reference policy, trained on the reference "
+                              f"backbone: train one on yours with train.py --backbone and pass --checkpoint)") from None
     for modules, _, path in policies.values():
         check_policies(modules, staged.num_patches, path)
     dataset = args.dataset or problem.dataset
@@ -445,7 +451,14 @@ def run(args: argparse.Namespace) -> int:
                             args.data_dir, args.download)
         return split
 
-    split = images(args.split, args.limit)
+    try:
+        split = images(args.split, args.limit)
+    except DataError as error:
+        recorded = Path(problem.data_dir).expanduser()
+        if Path(args.data_dir).expanduser().exists() or not recorded.exists():
+            raise
+        raise DataError(f"{error} (the checkpoint was trained on the data in {recorded}: pass --data-dir "
+                        f"{recorded})") from None
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
     calibration = images("val", args.calibration_images) if cascade else None

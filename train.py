@@ -62,7 +62,7 @@ from cli import (
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
-from envs.vit.backbone_checkpoint import CheckpointError, normalize
+from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
 from envs.vit.data import DataError
 from envs.vit_server import (
     NAMESPACE,
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch threads of each ViT server, and the CPUs it reserves")
     add_data_access_arguments(run)
     add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume)")
-    p.set_defaults(**{"problem.data_dir": None})  # given or not: with_data_dir overrides a run's only if given
+    # given or not: with_data_dir overrides a run's data directory only if given; with_backbone_split takes the
+    # backbone's held-out split unless given
+    p.set_defaults(**{"problem.data_dir": None, "problem.val_size": None, "problem.split_seed": None})
     return p
 
 
@@ -627,7 +629,7 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
         check_restorable(args.from_checkpoint)
         problems = [info.problem]
     else:
-        problems = problems_from_args(args)
+        problems = with_backbone_split(problems_from_args(args), args)
         labels = [sweep_label(problem, problems) for problem in problems]
         if len(set(problems)) < len(problems):
             raise ValueError("the sweep gives a setting the same value twice: give each value once")
@@ -637,6 +639,21 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
     return (with_data_dir(problems, args),
             TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
+
+
+def with_backbone_split(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
+    """New problems hold out the validation split their backbone held out (its size and seed, where it records
+    them and was trained on the problem's data set), the one split ``check_fits_backbone`` accepts in full, so a
+    backbone trained with ``backbone.py --val-size 200`` needs no flag here; ``--val-size`` and ``--split-seed``
+    given on the command line win."""
+    given = {name: getattr(args, f"problem.{name}") for name in ("val_size", "split_seed")}
+    chosen = []
+    for problem in problems:
+        config = read_backbone_config(problem.backbone_path)
+        recorded = config.get("dataset") == problem.dataset and "split_seed" in config
+        held_out = {"val_size": config["split_sizes"]["val"], "split_seed": config["split_seed"]} if recorded else {}
+        chosen.append(replace(problem, **{name: value for name, value in held_out.items() if given[name] is None}))
+    return chosen
 
 
 def with_data_dir(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:

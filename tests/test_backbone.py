@@ -1,6 +1,8 @@
 """backbone.py: a tiny model trains a few steps, exports, and reloads with the same logits."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +59,12 @@ def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
     assert torch.equal(reloaded(x), expected(x))
 
 
-def test_bad_checkpoints_and_models_fail_clearly(tmp_path, capsys):
+def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys):
+    truncated = Path(shutil.copytree(tiny_backbone, tmp_path / "truncated"))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot read weights in"):
+        load_backbone(truncated)
     with pytest.raises(CheckpointError, match="not a backbone checkpoint"):
         load_backbone(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
@@ -122,8 +129,6 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     """A split over the memory budget is read from its files during training, in the same batches of the same
     pixels as a decoded one. A test split that lacks a class (its labels would name other classes) is one error
     line before anything trains."""
-    import shutil
-
     from envs.vit import data
     from envs.vit.data import load_split
 

@@ -371,6 +371,18 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         assert not output.exists()
 
 
+def test_errors_say_which_checkpoint_or_data_directory_would_do(tiny_backbone, data_dir, tmp_path, capsys):
+    """The default policy on one's own backbone, and a checkpoint whose recorded data directory exists while the
+    one given does not: the line says what to pass."""
+    assert evaluate.main(["--backbone", str(tiny_backbone), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "train one on yours with train.py --backbone and pass --checkpoint" in capsys.readouterr().err
+    checkpoint = write_checkpoint(tmp_path / "ckpt", tiny_backbone, data_dir=str(data_dir))
+    assert evaluate.main(cli(checkpoint, tmp_path / "no_data", tmp_path / "out", "--no-download")) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint was trained on the data in {data_dir}: pass --data-dir {data_dir}" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_command_line_exit_code(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(tmp_path / "nope"),
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)

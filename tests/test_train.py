@@ -207,6 +207,20 @@ def test_progress_csv_keeps_one_header_across_a_resume_and_has_the_validation_co
     assert progress[train.SCORE].tolist()[1:] == [81.5, 82.0] and pd.isna(progress[train.SCORE][0])
 
 
+def test_a_new_run_holds_out_the_validation_split_its_backbone_held_out(tmp_path, tiny_backbone):
+    backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
+    config = json.loads((backbone / "config.json").read_text())
+    config.update(split_seed=3, split_sizes={"train": 100, "val": 20})
+    (backbone / "config.json").write_text(json.dumps(config))
+    run = ["--backbone", str(backbone), "--output-dir", str(tmp_path / "run")]
+    problem = train.planned_trials(train.build_parser().parse_args(run))[0][0]
+    assert (problem.val_size, problem.split_seed) == (20, 3)
+    problem = train.planned_trials(train.build_parser().parse_args([*run, "--val-size", "10"]))[0][0]
+    assert (problem.val_size, problem.split_seed) == (10, 3)  # given flags win
+    problem = train.planned_trials(train.build_parser().parse_args([*run, "--dataset", "cifar100"]))[0][0]
+    assert (problem.val_size, problem.split_seed) == (5000, 0)  # another data set: the defaults
+
+
 def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, monkeypatch, capsys):
     failed = SimpleNamespace(error=RuntimeError("server gone\n  twice"), path=str(tmp_path / "target_ratio=0.5"),
                              config={"trial": {"name": "target_ratio=0.5"}})
