@@ -29,8 +29,9 @@ MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--b
 (``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
-columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json). Learned rows
-are compared with the heuristic most accurate at their budget on ``--selection-images`` validation images.
+columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json). Learned and
+cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images`` validation
+images (with ``--split val``, on the evaluated images).
 Numbers other than timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
 """
 
@@ -426,13 +427,13 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     try:
         staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
+        for modules, _, path in policies.values():
+            check_policies(modules, staged.num_patches, path)
     except PolicyCheckpointError as error:
         if args.checkpoint != DEFAULT_CHECKPOINT:
             raise
         raise EvaluationError(f"{error} (the default --checkpoint is the reference policy, trained on the reference "
                               f"backbone: train one on yours with train.py --backbone and pass --checkpoint)") from None
-    for modules, _, path in policies.values():
-        check_policies(modules, staged.num_patches, path)
     dataset = args.dataset or problem.dataset
     cascade = None
     if args.cascade:

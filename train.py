@@ -48,6 +48,7 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
+from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 
@@ -443,10 +444,12 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
 
 
 def resumed_iteration(checkpoints: list[Path]) -> int:
-    """The iteration a run goes on from: that of the newest of ``checkpoints`` that records one (0 for a new
-    run). Its envs then draw other images than the run that wrote the checkpoint drew from its start."""
+    """The iteration of the newest of ``checkpoints`` (a trial's own, or ``--from-checkpoint``'s) whose record
+    reads (0 without checkpoints): the key of the image streams of a run that goes on from it, so that they
+    draw other images than the run that wrote it drew from its start. It is the iteration restored unless that
+    checkpoint then fails to restore and :func:`restore_newest` falls back to an older one."""
     for checkpoint in checkpoints:
-        with contextlib.suppress(PolicyCheckpointError):  # a damaged one is passed over, as restore_newest does
+        with contextlib.suppress(PolicyCheckpointError):  # an unreadable record is passed over
             return read_checkpoint_info(checkpoint).iteration or 0
     return 0
 
@@ -546,7 +549,7 @@ class ProgressCsv(CSVLoggerCallback):
     file has (Tune's own logger takes the columns of the resumed run's first row and writes no header for them,
     so the rows no longer fit it; pandas cannot read the file)."""
 
-    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+    def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         if trial not in self._trial_files:
             self._setup_trial(trial)
         if self._trial_csv[trial] is None and self._trial_continue[trial]:

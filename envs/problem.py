@@ -128,10 +128,10 @@ class PruningProblem:
     data_dir: str = setting(default_data_dir, "directory holding the data set ($MARL_PRUNING_DATA_DIR, else ./data)",
                             factory=True)
     train_limit: int | None = setting(None, "sample from a seeded subset of this many train images")
-    val_size: int = setting(DEFAULT_VAL_SIZE, "validation images held out of the training split (train.py: the "
-                                              "backbone's, where it records them)")
-    split_seed: int = setting(DEFAULT_SPLIT_SEED, "seed of the train/validation split (train.py: the backbone's, where "
-                                                  "it records it)")
+    val_size: int = setting(DEFAULT_VAL_SIZE, "validation images held out of the training split; train.py holds "
+                                              "out the backbone's where it records them, else this default")
+    split_seed: int = setting(DEFAULT_SPLIT_SEED, "seed of the train/validation split; train.py takes the "
+                                                  "backbone's where it records it, else this default")
     val_limit: int = setting(1000, "validation images scored at each checkpoint")
     prune_points: tuple[int, ...] = setting((3, 6, 9), "blocks before which tokens are pruned")
     target_ratio: float = setting(0.5, "fraction of live patch tokens removed at each pruning point "

@@ -85,7 +85,7 @@ def leave_one_out_means(values: np.ndarray, group: int) -> np.ndarray:
 _episodes_lost = 0  # in this process; RLlib recreates the env after each, and the new one must not replay
 
 
-def restarted_actor() -> bool:
+def actor_was_restarted() -> bool:
     """Whether this process is a Ray actor that Ray restarted: an env runner replaced after a crash (RLlib's
     new API stack restarts the same actor, so its ``EnvContext.recreated_worker`` stays False)."""
     if not ray.is_initialized():
@@ -98,13 +98,13 @@ def image_stream_key(config: dict | None) -> tuple[int, ...]:
     """What makes each env's image stream its own, mixed with the seed into a ``SeedSequence``: the env
     runner's index, the sub-env's index, the episodes this process lost before (RLlib recreates the env
     and re-seeds it with the same seed), in a resumed run the iteration it goes on from (``resumed_at``), and
-    in a runner Ray restarted (:func:`restarted_actor`) its process id: neither replays the images its
+    in a runner Ray restarted (:func:`actor_was_restarted`) its process id: neither replays the images its
     predecessor trained on. RLlib seeds sub-env ``i`` of runner ``r`` with ``seed + r + i``: the runner's index
     keeps runner 1's second sub-env and runner 2's first apart."""
     worker, vector = getattr(config, "worker_index", 0), getattr(config, "vector_index", 0)
     resumed_at = (config or {}).get("resumed_at", 0)
     resumed = (resumed_at,) if resumed_at else ()
-    restarted = (os.getpid(),) if restarted_actor() else ()
+    restarted = (os.getpid(),) if actor_was_restarted() else ()
     return (worker, vector, _episodes_lost, *resumed, *restarted)
 
 

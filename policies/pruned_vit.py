@@ -169,7 +169,7 @@ class PrunedViT(nn.Module):
         else:
             select = heuristic_selector(self.selection, self._random_generator(images.device))
         return exact_forward(staged, images, select, self.budget, self.reduction,
-                             scores=self._scores() in ("attention", "agents"))
+                             attention_score=self._scores() in ("attention", "agents"))
 
     def _random_generator(self, device: torch.device) -> torch.Generator:
         """The random heuristic's generator, seeded when first used on ``device``; later batches continue it."""

@@ -243,7 +243,7 @@ def test_image_streams_of_runners_and_sub_envs_are_independent(engine, monkeypat
     env = TokenPruningEnv(resumed)
     env.reset(seed=101)
     assert env._images != first  # a resumed run does not replay the images its first run trained on
-    monkeypatch.setattr(pruning_env, "restarted_actor", lambda: True)
+    monkeypatch.setattr(pruning_env, "actor_was_restarted", lambda: True)
     assert images(1, 0) != first  # a runner Ray restarted does not replay its predecessor's images
 
 

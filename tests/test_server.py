@@ -10,7 +10,7 @@ from ray.rllib.env.env_context import EnvContext
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 
 from envs.problem import PruningProblem
-from envs.pruning_env import TokenPruningEnv, image_stream_key, restarted_actor
+from envs.pruning_env import TokenPruningEnv, actor_was_restarted, image_stream_key
 from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_server
 
@@ -98,7 +98,7 @@ def test_an_actor_ray_restarted_gets_an_image_stream_of_its_own(ray_local):
         ray.get(actor.crash.remote())
     restarted = call_through_restarts(lambda: ray.get(actor.key.remote()), timeout_s=60)
     assert restarted[:3] == (1, 0, 0) and len(restarted) == 4  # the new process's id joins the key
-    assert not restarted_actor()  # the driver is no restarted actor
+    assert not actor_was_restarted()  # the driver is no restarted actor
 
 
 def test_unknown_server_name_fails_clearly(ray_local):

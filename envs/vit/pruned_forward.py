@@ -35,7 +35,7 @@ class TokenState(NamedTuple):
     size: torch.Tensor  # [B, W] float, original patches each token stands for (1 unless merged)
     positions: torch.Tensor  # [B, W] long, each token's index in the original patch grid
     cls_attention: torch.Tensor | None  # [B, W] class-token attention in the last block of `stage`, 0 on dead
-    # rows; None after the last stage and where the selector reads none (`scores=False`)
+    # rows; None after the last stage and where the selector reads none (`attention_score=False`)
     stage: int  # the stage just run; the pruning point the state waits at has the same index
 
     @property
@@ -59,7 +59,8 @@ class TokenState(NamedTuple):
 
 
 def concat_states(states: Sequence[TokenState]) -> TokenState:
-    """One state of all images of ``states`` (at the same stage), padded with dead rows to the widest."""
+    """One state of all images of ``states`` (at the same pruning point, with their ``cls_attention``), padded
+    with dead rows to the widest."""
     if len({state.stage for state in states}) != 1:
         raise ValueError("states to concatenate must wait at the same pruning point")
     width = max(state.live.shape[1] for state in states)
@@ -69,10 +70,10 @@ def concat_states(states: Sequence[TokenState]) -> TokenState:
     return TokenState(*(torch.cat(column) for column in columns), states[0].stage)
 
 
-def initial_state(staged: StagedViT, images: torch.Tensor, scores: bool = True) -> TokenState:
+def initial_state(staged: StagedViT, images: torch.Tensor, attention_score: bool = True) -> TokenState:
     """Embed normalised ``images [B, C, H, W]`` and run stage 0: the state at the first pruning point, with
-    the class-token attention when ``scores``."""
-    tokens, cls_attention = staged.forward_stage(staged.embed(images), 0, score=scores)
+    the class-token attention when ``attention_score``."""
+    tokens, cls_attention = staged.forward_stage(staged.embed(images), 0, attention_score=attention_score)
     batch, num_patches, device = len(images), staged.num_patches, tokens.device
     return TokenState(tokens, torch.ones(batch, num_patches, dtype=torch.bool, device=device),
                       torch.ones(batch, num_patches, device=device),
@@ -92,9 +93,9 @@ def effective_keep(state: TokenState, keep: torch.Tensor) -> torch.Tensor:
 
 
 def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reduction: str,
-               scores: bool = True) -> TokenState:
+               attention_score: bool = True) -> TokenState:
     """Apply ``keep [B, W]`` (bool, any count per image) at the pruning point ``state`` waits at, then run
-    the next stage (with the class-token attention when ``scores`` and a pruning point follows it).
+    the next stage (with the class-token attention when ``attention_score`` and a pruning point follows it).
 
     The tokens not kept are merged into the kept ones or dropped (``reduction``, ``envs.vit.token_merge``);
     the survivors are packed first (:func:`envs.vit.token_ops.pack_keep_mask`) and attention is masked only
@@ -107,7 +108,7 @@ def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reducti
     padded = not bool(live.all())
     tokens, cls_attention = staged.forward_stage(tokens, stage, live if padded else None,
                                                  size if reduction == "merge" else None,
-                                                 score=scores and stage < len(staged.prune_points))
+                                                 attention_score=attention_score and stage < len(staged.prune_points))
     return TokenState(tokens, live, size, state.positions.gather(1, index), cls_attention, stage)
 
 
@@ -122,19 +123,19 @@ Selector = Callable[[TokenState, int], torch.Tensor]
 
 
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
-                  reduction: str, scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  reduction: str, attention_score: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point;
-    ``scores=False`` for a selector that reads no class-token attention spares computing it.
+    ``attention_score=False`` for a selector that reads no class-token attention spares computing it.
 
     Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
     alike; the first stage has all patches).
     """
-    return exact_forward_from(staged, initial_state(staged, images, scores), select, target_ratio, reduction,
-                              scores)
+    return exact_forward_from(staged, initial_state(staged, images, attention_score), select, target_ratio,
+                              reduction, attention_score)
 
 
 def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
-                       reduction: str, scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       reduction: str, attention_score: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`exact_forward` from a state at any pruning point whose images all keep the same tokens' count
     (:func:`initial_state`, or a state an exact budget pruned), so that callers that already ran the stages
     before it (the training engine, search over selectors) do not run them again.
@@ -151,6 +152,6 @@ def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, t
         if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
-        state = prune_step(staged, state, keep, reduction, scores)
+        state = prune_step(staged, state, keep, reduction, attention_score)
         kept.append(k)
     return classify(staged, state, reduction), torch.tensor(kept).expand(len(state.live), -1)

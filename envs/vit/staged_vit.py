@@ -3,8 +3,9 @@
 ``StagedViT`` reuses the wrapped model's modules (no weight copies). Its block forward mirrors timm's
 ``Block``/``Attention`` and adds what pruning needs: an additive key bias that masks padded (dead) patch
 tokens and gives merged tokens attention in proportion to their size (ToMe's proportional attention,
-``envs.vit.token_merge``), and the class token's attention to each patch token from the last block of a stage,
-computed from the class token's query row alone (``q_cls @ K^T``), never the full attention matrix.
+``envs.vit.token_merge``), and, when asked (``attention_score``), the class token's attention to each patch token
+in the last block of a stage: from the class token's query row alone (``q_cls @ K^T``) with a class token, from
+the full attention matrix without one.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class StagedViT(nn.Module):
         return bias[:, None, None, :]
 
     def forward_stage(self, x: torch.Tensor, stage: int, live: torch.Tensor | None = None,
-                      size: torch.Tensor | None = None, score: bool = True
+                      size: torch.Tensor | None = None, attention_score: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the blocks of ``stage``.
 
@@ -163,20 +164,20 @@ class StagedViT(nn.Module):
             live: ``[B, N]`` bool, False on padded patch tokens (masked out as keys), or None if all live.
             size: ``[B, N]`` original patches each patch token stands for (merged tokens,
                 ``envs.vit.token_merge``): keys get attention in proportion to it. None: all 1.
-            score: whether to compute ``cls_attention``; without a class token it costs a full attention
-                map, which ``envs.vit.flops`` counts only for the selectors that read it.
+            attention_score: whether to compute ``cls_attention``; without a class token it costs a full
+                attention map, which ``envs.vit.flops`` counts only for the selectors that read it.
 
         Returns:
             ``x [B, P + N, D]`` and ``cls_attention [B, N]``: the class token's attention to each patch
             token in the stage's last block, mean over heads, 0 on padded tokens (without a class token:
-            the mean attention each patch token receives); None when not ``score``.
+            the mean attention each patch token receives); None when not ``attention_score``.
         """
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {stage}")
         key_bias = self.key_bias(x, live, size)
         for i in self.stage_blocks[stage]:
             x, q, k = _block(self.vit.blocks[i], x, key_bias, self.training)
-        if not score:
+        if not attention_score:
             return x, None
         attention_score = cls_attention_row if self.vit.has_class_token else mean_attention_received
         return x, attention_score(q, k, key_bias, self.num_prefix_tokens)
@@ -214,5 +215,5 @@ class StagedViT(nn.Module):
         """Keep-all logits ``[B, num_classes]`` of tokens ``x [B, P + N, D]`` that have run the stages before
         ``stage`` (all patch tokens live): the unpruned model's answer without running those stages again."""
         for later in range(stage, self.num_stages):
-            x, _ = self.forward_stage(x, later, score=False)
+            x, _ = self.forward_stage(x, later, attention_score=False)
         return self.classify(x)
