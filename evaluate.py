@@ -2,6 +2,7 @@
 
     python evaluate.py --data-dir ../shared/data                   # the committed policy, test split
     python evaluate.py --checkpoint runs/marl/target_ratio=0.5/checkpoint_000005 --split val --limit 2000 --no-speed
+    python evaluate.py --heuristics-only --backbone runs/backbone/backbone --data-dir ../shared/data  # no policy
 
 No Ray cluster: only the policy modules are loaded from the checkpoint (from its export, safetensors and
 JSON, when it has one: ``policies.export``), and each row's pruned ViT (``policies.pruned_vit.PrunedViT``)
@@ -70,8 +71,22 @@ from envs.results_table import (
     markdown_table,
     write_results,
 )
-from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, CheckpointError, normalize, repository_relative
-from envs.vit.data import SPLITS, DataError, ImageSplit, check_fits_backbone, default_data_dir, load_split
+from envs.vit.backbone_checkpoint import (
+    REFERENCE_BACKBONE,
+    CheckpointError,
+    normalize,
+    read_backbone_config,
+    repository_relative,
+)
+from envs.vit.data import (
+    SPLITS,
+    DataError,
+    ImageSplit,
+    check_fits_backbone,
+    default_data_dir,
+    held_out_split,
+    load_split,
+)
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
@@ -348,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="policy checkpoint directory written by train.py (default: reference/marl_policy)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint directory (default: the policy "
                         f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO)})")
+    parser.add_argument("--heuristics-only", action="store_true",
+                        help="no policy: the heuristics, ToMe and --cascade on --backbone, e.g. to see what the agents "
+                             "will have to beat before training them")
+    parser.add_argument("--prune-points", type=block_indices, default=None,
+                        help="with --heuristics-only, the blocks before which tokens are pruned (default: 3,6,9; a "
+                             "checkpoint brings its own)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
     add_data_access_arguments(parser)
@@ -393,6 +414,19 @@ def _cascade_ratios(text: str) -> tuple[float, float]:
     return ratios
 
 
+def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
+    """What a ``--heuristics-only`` run evaluates, in place of a checkpoint's problem: ``--backbone`` (default: the
+    reference) on its data set and the validation split it held out, pruned at ``--prune-points`` with
+    ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets``."""
+    backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
+    config = read_backbone_config(backbone)
+    problem = PruningProblem(backbone=repository_relative(backbone),
+                             dataset=args.dataset or config.get("dataset", "cifar10"),
+                             prune_points=args.prune_points or (3, 6, 9), reduction=args.reduction or "merge",
+                             target_ratio=args.budgets[len(args.budgets) // 2])
+    return replace(problem, **held_out_split(config, problem.dataset))
+
+
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``."""
     out: dict[float, Path] = {}
@@ -407,15 +441,24 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
 def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
     budgets = args.budgets
-    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
-        raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT} (the default; train one with "
-                              "train.py and pass --checkpoint PATH)")
-    policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
-                                       same_backbone=not args.backbone, same_reduction=not args.reduction)
-    _, main, main_path = next(iter(policies.values()))
-    problem = main.problem
-    for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
-        policies[budget] = policies[budget_key(problem.target_ratio)]
+    if args.heuristics_only:
+        if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
+            raise EvaluationError("--heuristics-only evaluates no policy checkpoint: drop --checkpoint and "
+                                  "--checkpoints-per-budget")
+        problem, policies, main_path, iteration = heuristics_problem(args), {}, None, None
+    else:
+        if args.prune_points:
+            raise EvaluationError("--prune-points is for --heuristics-only: a checkpoint prunes where it was "
+                                  "trained to")
+        if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
+            raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT} (the default; train one with "
+                                  "train.py and pass --checkpoint PATH)")
+        policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
+                                           same_backbone=not args.backbone, same_reduction=not args.reduction)
+        _, main, main_path = next(iter(policies.values()))
+        problem, iteration = main.problem, main.iteration
+        for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
+            policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise EvaluationError(f"--output-dir {output_dir} is a file, not a directory")
@@ -426,11 +469,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
+        staged, backbone_config, backbone_path = policy_backbone(problem, main_path or "--heuristics-only",
+                                                                 args.backbone)
         for modules, _, path in policies.values():
             check_policies(modules, staged.num_patches, path)
     except PolicyCheckpointError as error:
-        if args.checkpoint != DEFAULT_CHECKPOINT:
+        if args.checkpoint != DEFAULT_CHECKPOINT or args.heuristics_only:
             raise
         raise EvaluationError(f"{error} (the default --checkpoint is the reference policy, trained on the reference "
                               f"backbone: train one on yours with train.py --backbone and pass --checkpoint)") from None
@@ -463,8 +507,9 @@ def run(args: argparse.Namespace) -> int:
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
     calibration = images("val", args.calibration_images) if cascade else None
+    compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
     try:
-        selection = images("val", args.selection_images) if args.split == "test" else None
+        selection = images("val", args.selection_images) if args.split == "test" and compared else None
     except DataError as error:
         raise EvaluationError(f"the best heuristic of each budget is chosen on validation images: {error}") from None
     methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
@@ -473,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                              calibration=calibration, selection=selection)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
-                "iteration": main.iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
+                "iteration": iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
@@ -481,8 +526,8 @@ def run(args: argparse.Namespace) -> int:
                 "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},
-                "best_heuristic_chosen_on": (f"{len(selection)} validation images" if selection is not None
-                                             else "the evaluated images"),
+                "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
+                                             if selection is not None else "the evaluated images"),
                 "torch_threads": torch.get_num_threads(), "versions": versions_line()}
     print(markdown_table(table))
     paths = write_results(table, output_dir, settings)

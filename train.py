@@ -64,7 +64,7 @@ from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
 from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
-from envs.vit.data import DataError
+from envs.vit.data import DataError, held_out_split
 from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
@@ -652,9 +652,7 @@ def with_backbone_split(problems: list[PruningProblem], args: argparse.Namespace
     given = {name: getattr(args, f"problem.{name}") for name in ("val_size", "split_seed")}
     chosen = []
     for problem in problems:
-        config = read_backbone_config(problem.backbone_path)
-        recorded = config.get("dataset") == problem.dataset and "split_seed" in config
-        held_out = {"val_size": config["split_sizes"]["val"], "split_seed": config["split_seed"]} if recorded else {}
+        held_out = held_out_split(read_backbone_config(problem.backbone_path), problem.dataset)
         chosen.append(replace(problem, **{name: value for name, value in held_out.items() if given[name] is None}))
     return chosen
 

@@ -383,6 +383,30 @@ def test_errors_say_which_checkpoint_or_data_directory_would_do(tiny_backbone, d
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
+def test_heuristics_only_evaluates_a_backbone_without_a_policy(tiny_backbone, data_dir, tmp_path, capsys):
+    """What the agents will have to beat on one's own backbone, before training them: the heuristics, ToMe and a
+    cascade, at the pruning points given, on the validation split the backbone held out."""
+    output = tmp_path / "out"
+    assert evaluate.main(["--heuristics-only", "--backbone", str(tiny_backbone), "--prune-points", "1,2,3",
+                          "--data-dir", str(data_dir), "--limit", str(LIMIT), "--budgets", "0.3,0.5", "--no-speed",
+                          "--cascade", "0.6,0.2", "--cascade-points", "1,2", "--calibration-images", "32",
+                          "--selection-images", "48",
+                          "--batch-size", "24", "--output-dir", str(output)]) == 0
+    table = pd.read_csv(output / "results.csv")
+    assert not table["method"].isin(MARL_ROWS).any()
+    assert set(table[table["budget"] == 0.3]["method"]) == set(HEURISTIC_ROWS)
+    assert set(table[table["budget"] == 0.5]["method"]) == {*HEURISTIC_ROWS, "Cascade (greedy similarity)"}
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    assert settings["checkpoints"] == {} and settings["prune_points"] == [1, 2, 3]
+    assert settings["best_heuristic_chosen_on"] == "48 validation images"  # for the cascade row
+    capsys.readouterr()
+    for flags, message in ((["--heuristics-only", "--checkpoint", str(tmp_path)], "evaluates no policy checkpoint"),
+                           (["--prune-points", "1,2"], "--prune-points is for --heuristics-only")):
+        assert evaluate.main([*flags, "--output-dir", str(tmp_path / "other")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
 def test_command_line_exit_code(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(tmp_path / "nope"),
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)

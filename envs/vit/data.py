@@ -269,6 +269,15 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
+def held_out_split(backbone_config: Mapping[str, Any], dataset: str) -> dict[str, int]:
+    """The validation split a backbone held out of ``dataset`` as ``{"val_size", "split_seed"}``, where its config
+    records it (``backbone.py`` does); else ``{}``. Only that split, or a part of it, is clear of the images it
+    trained on (:func:`check_fits_backbone`)."""
+    if backbone_config.get("dataset") != dataset or "split_seed" not in backbone_config:
+        return {}
+    return {"val_size": backbone_config["split_sizes"]["val"], "split_seed": backbone_config["split_seed"]}
+
+
 def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
                         backbone_config: Mapping[str, Any], data_dir: str | os.PathLike | None = None,
                         download: bool = False) -> None:
@@ -282,9 +291,10 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
         raise DataError(f"the data set's {len(split.class_names)} classes are not the backbone's "
                         f"{backbone_config['num_classes']} ({difference})")
-    if split_name != "val" or backbone_config.get("dataset") != dataset or "split_seed" not in backbone_config:
+    recorded_split = held_out_split(backbone_config, dataset)
+    if split_name != "val" or not recorded_split:
         return
-    held_out, held_out_seed = backbone_config["split_sizes"]["val"], backbone_config["split_seed"]
+    held_out, held_out_seed = recorded_split["val_size"], recorded_split["split_seed"]
     if seed != held_out_seed or val_size > held_out:
         raise DataError(f"a validation split of {val_size} images drawn with seed {seed} would hold images the "
                         f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed} (use "
