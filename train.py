@@ -51,6 +51,7 @@ from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
+from ray.tune.utils import flatten_dict
 
 from cli import (
     OneLineParser,
@@ -545,19 +546,34 @@ class ProgressLines(tune.Callback):
 
 
 class ProgressCsv(CSVLoggerCallback):
-    """Tune's ``progress.csv``, whose columns are the first row's: a resumed trial's rows go on under the header the
-    file has (Tune's own logger takes the columns of the resumed run's first row and writes no header for them,
-    so the rows no longer fit it; pandas cannot read the file)."""
+    """Tune's ``progress.csv`` with a column for every metric any row reports. Tune's own logger takes the first
+    row's columns and drops the others, so validation (not in iteration 1's row) and the episode metrics of an
+    iteration that finished no episode never became columns, and on a resume it wrote the new run's columns under
+    the old header, which pandas cannot read. Here a row that brings new metrics rewrites the file under the
+    union of the columns (rarely: new metrics appear in the first few rows), the earlier rows blank in them."""
 
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         if trial not in self._trial_files:
             self._setup_trial(trial)
-        if self._trial_csv[trial] is None and self._trial_continue[trial]:
-            with Path(trial.local_path, EXPR_PROGRESS_FILE).open() as existing:
-                header = next(csv.reader(existing), None)
-            if header:
-                self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
-        super().log_trial_result(iteration, trial, result)
+        row = flatten_dict({key: value for key, value in result.items() if key != "config"}, delimiter="/")
+        path = Path(trial.local_path, EXPR_PROGRESS_FILE)
+        writer = self._trial_csv[trial]
+        if writer is None or not set(row) <= set(writer.fieldnames):
+            with path.open(newline="") as existing:
+                reader = csv.DictReader(existing)
+                earlier, columns = list(reader), list(reader.fieldnames or [])
+            columns += [key for key in row if key not in columns]
+            self._trial_files[trial].close()
+            staging = path.with_name(f".{path.name}.tmp")
+            with staging.open("w", newline="") as rewritten:
+                copier = csv.DictWriter(rewritten, columns, extrasaction="ignore")
+                copier.writeheader()
+                copier.writerows(earlier)
+            os.replace(staging, path)
+            self._trial_files[trial] = path.open("a", newline="")
+            writer = self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], columns)
+        writer.writerow(row)
+        self._trial_files[trial].flush()
 
 
 def storage_location(output_dir: str) -> tuple[str, str]:
@@ -611,11 +627,17 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     if blocking is not None:
         raise ValueError(f"--output-dir {args.output_dir}: {blocking} is a file, not a directory")
     if args.resume:
-        if args.from_checkpoint:
-            raise ValueError("--resume continues a run; --from-checkpoint starts a new one: pass one of them")
+        if args.from_checkpoint or args.overwrite:
+            other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
+            raise ValueError(f"--resume continues a run; {other}: pass one of them")
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
         trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+        reached = [resumed_iteration(list(reversed(trial_checkpoints(local / trial["name"])))) for trial in trials
+                   ] if local is not None else []
+        if reached and min(reached) >= args.iterations:
+            raise ValueError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
+                             f"them in total: pass more than {max(reached)} to go on")
         return (with_data_dir([PruningProblem.from_json(t["problem"]) for t in trials], args),
                 TrialResources.from_json(trials[0]["resources"]))
     if local is not None and local.exists() and any(local.iterdir()):
@@ -691,8 +713,8 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
     problems, resources = planned_trials(args)
     inputs = read_server_inputs(args, problems, resources)
     run_dir = local_run_dir(args.output_dir)
-    if args.overwrite and not args.resume and run_dir is not None:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if args.overwrite and run_dir is not None:
+        delete_run(run_dir)
     quiet_ray_loggers()
     if not ray.is_initialized():
         start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
@@ -704,6 +726,30 @@ def train(args: argparse.Namespace) -> tune.ResultGrid:
                                      access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
                                      inputs=inputs)
     return build_tuner(args, trainable, problems, resources).fit()
+
+
+RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experiment_state-*.json",
+             "basic-variant-state-*.json")
+"""What Tune writes at the top of a run directory, beside a directory per trial."""
+TRIAL_FILES = ("params.json", "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
+               "error.pkl", f"{PREFIX}*", f"{UNRECORDED}{PREFIX}*", "warm_start")
+"""What a trial's directory holds: Tune's records and loggers, its checkpoints and the warm start's modules."""
+
+
+def delete_run(run_dir: Path) -> None:
+    """``--overwrite``: delete what the run in ``run_dir`` wrote (:data:`RUN_FILES`, and :data:`TRIAL_FILES` in
+    its trials' directories, those holding a ``params.json``), and say what else is kept there."""
+    trials = [path.parent for path in run_dir.glob("*/params.json")]
+    for directory, patterns in ((run_dir, RUN_FILES), *((trial, TRIAL_FILES) for trial in trials)):
+        for path in {match for pattern in patterns for match in directory.glob(pattern)}:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for trial in trials:
+        with contextlib.suppress(OSError):  # kept: it holds files of one's own
+            trial.rmdir()
+    kept = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if not path.is_dir())
+    if kept:
+        print(f"--overwrite deleted the run in {run_dir} and kept what is not the run's: {', '.join(kept[:5])}"
+              + (f" and {len(kept) - 5} more" if len(kept) > 5 else ""), flush=True)
 
 
 def stored(checkpoint: tune.Checkpoint) -> bool:
@@ -720,6 +766,9 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
     several = len(results) > 1
     run_dir = local_run_dir(output_dir)
     for result in results:
+        if result.config is None:  # a trial that never started (the run was stopped before it)
+            lines.append(f"[{Path(result.path or 'trial').name}] " * several + "not started: --resume starts it")
+            continue
         name = f"[{result.config['trial']['name']}] " if several else ""
         if result.error is not None:
             cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's
@@ -756,6 +805,19 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
     return lines, errors
 
 
+def interrupted(results: tune.ResultGrid, iterations: int) -> bool:
+    """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
+    ``--resume`` goes on with it."""
+    for result in results:
+        if result.error is not None:
+            continue
+        metrics = result.metrics or {}
+        if (result.config is None or metrics.get("training_iteration", 0) < iterations
+                and not metrics.get("progress", {}).get("out_of_time")):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     try:
@@ -771,7 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     for line in errors:
         print("error: " + line, file=sys.stderr)
-    return 1 if errors else 0
+    if errors:
+        return 1
+    if interrupted(results, args.iterations):
+        print(f"interrupted: go on with python train.py --output-dir {args.output_dir} --resume", file=sys.stderr)
+        return 130  # as a shell reports a process ended by SIGINT
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ class CascadeViT(nn.Module):
     def __init__(self, first: PrunedViT, second: PrunedViT, threshold: float = 0.0) -> None:
         super().__init__()
         if first.staged.vit is not second.staged.vit:
-            raise ValueError("a cascade's two forwards must prune the same backbone")
+            raise ValueError("a cascade's two forwards must prune one backbone module: build both PrunedViTs on "
+                             "one StagedViT (README, Python API), not on two copies loaded from disk")
         self.first, self.second = first, second
         self.threshold = threshold
         self.eval()
@@ -111,7 +112,10 @@ class CascadeViT(nn.Module):
         The images should be held out from those the cascade is then measured on: the threshold is fitted to
         them.
         """
-        doubts = torch.cat([doubt(self.first(images)) for images in batches]).sort(descending=True).values
+        doubts = [doubt(self.first(images)) for images in batches]
+        if not doubts or not sum(len(batch) for batch in doubts):
+            raise ValueError("calibrate needs held-out images: the batches hold none")
+        doubts = torch.cat(doubts).sort(descending=True).values
         share = rerun_share(self.first.gflops().total, self.second.gflops().total, budget_gflops)
         count = int(share * len(doubts))  # images that may run twice; those of a doubt above the next one's do
         self.threshold = float(doubts[count]) if count < len(doubts) else float("-inf")

@@ -29,6 +29,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from cli import OneLineParser, UsageError
 from envs.problem import ProblemError, PruningProblem
 from envs.pruning_env import trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
@@ -119,9 +120,14 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPoli
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m policies.export CHECKPOINT...``: export each checkpoint in place."""
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m policies.export CHECKPOINT [CHECKPOINT ...]", file=sys.stderr)
+    parser = OneLineParser(prog="python -m policies.export",
+                           description="Write the export (safetensors + JSON, policies/export.py) of each training "
+                                       "checkpoint into its directory, so that loading it opens no pickle.")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="a checkpoint directory of train.py")
+    try:
+        paths = parser.parse_args(argv).checkpoints
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     for checkpoint in paths:
         try:

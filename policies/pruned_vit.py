@@ -148,6 +148,8 @@ class PrunedViT(nn.Module):
         ``images``: ``[B, 3, H, W]`` at the backbone's ``input_size``, uint8 in [0, 255] (as
         ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1].
         """
+        if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
+            raise ValueError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,8 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
         load_backbone(truncated)
     with pytest.raises(CheckpointError, match="not a backbone checkpoint"):
         load_backbone(tmp_path)
+    with pytest.raises(CheckpointError, match="backbone checkpoint .*nowhere does not exist"):
+        load_backbone(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_backbone(tmp_path)

@@ -82,10 +82,12 @@ def test_a_budget_that_the_first_forward_uses_up_is_refused(passes):
     with pytest.raises(ValueError, match="nothing is left for a second"):
         rerun_share(first.gflops().total, second.gflops().total, first.gflops().total)
     assert rerun_share(1.0, 2.0, 10.0) == 1.0
+    with pytest.raises(ValueError, match="calibrate needs held-out images"):
+        CascadeViT(first, second).calibrate([], 10.0)
 
 
 def test_the_two_forwards_prune_one_backbone(passes, tiny_backbone):
     vit, config = load_backbone(tiny_backbone)
     other = PrunedViT(StagedViT(vit, PRUNE_POINTS), config, "similarity", 0.2)
-    with pytest.raises(ValueError, match="the same backbone"):
+    with pytest.raises(ValueError, match="must prune one backbone module: build both PrunedViTs on one StagedViT"):
         CascadeViT(passes[0], other)

@@ -143,6 +143,8 @@ def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
     model = PrunedViT(*tiny_staged)
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model.normalize(pixels), model.normalize(pixels.float() / 255))
+    with pytest.raises(ValueError, match=r"floating-point images must be in \[0, 1\]"):
+        model.normalize(pixels.float())  # 0-255 as floats would be scaled by 255 twice
 
 
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
@@ -217,6 +219,11 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {export_path(path)}\n"
     assert export_main([str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: checkpoint")
+    assert export_main([]) == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: CHECKPOINT\n"
+    unexported = Path(shutil.copytree(tiny_policy, tmp_path / "unexported"))
+    PrunedViT.from_checkpoint(unexported)  # RLlib's pickles: said, as they run the writer's code
+    assert "has no export: reading RLlib's pickled files" in capsys.readouterr().err
     weights = export_path(path) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):

@@ -85,6 +85,10 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2") == 2
     assert "--resume" in capsys.readouterr().err
 
+    # nothing to go on with: every trial has reached --iterations already
+    assert train.main(["--output-dir", "run", "--resume", "--iterations", "2", "--num-cpus", "4"]) == 2
+    assert "pass more than 2 to go on" in capsys.readouterr().err
+
     # --resume goes on with both trials (finished ones too) from their latest checkpoints
     assert train.main(["--output-dir", "run", "--resume", "--iterations", "3", "--num-cpus", "4"]) == 0
     out = capsys.readouterr().out
@@ -191,7 +195,9 @@ class LoggedTrial:
         Path(self.local_path).mkdir(parents=True, exist_ok=True)
 
 
-def test_progress_csv_keeps_one_header_across_a_resume_and_has_the_validation_column_from_the_start(tmp_path):
+def test_progress_csv_has_a_column_for_every_metric_and_one_header_across_a_resume(tmp_path):
+    """Validation is not in iteration 1's row, and a resumed run reports metrics the first did not: each becomes a
+    column when it first appears, the earlier rows blank in it, and pandas reads the file."""
     trial = LoggedTrial(tmp_path)
     first = train.ProgressCsv()
     first.log_trial_result(1, trial, {"training_iteration": 1, train.SCORE: None})  # not validated
@@ -199,26 +205,43 @@ def test_progress_csv_keeps_one_header_across_a_resume_and_has_the_validation_co
                                       "evaluation": {"exact_accuracy": 81.5}})
     first.log_trial_end(trial)
     resumed = train.ProgressCsv()  # train.py --resume: a new logger appends to the file
-    resumed.log_trial_result(3, trial, {"training_iteration": 3, train.SCORE: 82.0, "timers": {"restore": 1.0}})
+    resumed.log_trial_result(3, trial, {"training_iteration": 3, train.SCORE: None, "timers": {"restore": 1.0}})
+    resumed.log_trial_result(4, trial, {"training_iteration": 4, train.SCORE: None})
     resumed.log_trial_end(trial)
     progress = pd.read_csv(tmp_path / "progress.csv")
-    assert list(progress.columns) == ["training_iteration", train.SCORE]
-    assert progress["training_iteration"].tolist() == [1, 2, 3]
-    assert progress[train.SCORE].tolist()[1:] == [81.5, 82.0] and pd.isna(progress[train.SCORE][0])
+    assert list(progress.columns) == ["training_iteration", train.SCORE, "evaluation/exact_accuracy", "timers/restore"]
+    assert progress["training_iteration"].tolist() == [1, 2, 3, 4]
+    assert progress["evaluation/exact_accuracy"].tolist()[1] == 81.5 and progress["timers/restore"].tolist()[2] == 1.0
+    assert progress[train.SCORE].isna().tolist() == [True, False, True, True]
 
 
-def test_a_new_run_holds_out_the_validation_split_its_backbone_held_out(tmp_path, tiny_backbone):
-    backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
-    config = json.loads((backbone / "config.json").read_text())
-    config.update(split_seed=3, split_sizes={"train": 100, "val": 20})
-    (backbone / "config.json").write_text(json.dumps(config))
-    run = ["--backbone", str(backbone), "--output-dir", str(tmp_path / "run")]
-    problem = train.planned_trials(train.build_parser().parse_args(run))[0][0]
-    assert (problem.val_size, problem.split_seed) == (20, 3)
-    problem = train.planned_trials(train.build_parser().parse_args([*run, "--val-size", "10"]))[0][0]
-    assert (problem.val_size, problem.split_seed) == (10, 3)  # given flags win
-    problem = train.planned_trials(train.build_parser().parse_args([*run, "--dataset", "cifar100"]))[0][0]
-    assert (problem.val_size, problem.split_seed) == (5000, 0)  # another data set: the defaults
+def test_overwrite_deletes_the_run_and_keeps_ones_own_files(tmp_path, capsys):
+    trial = tmp_path / "target_ratio=0.5"
+    for path in ("tuner.pkl", "experiment_state-2026.json", "notes.txt", "target_ratio=0.5/params.json",
+                 "target_ratio=0.5/progress.csv", "target_ratio=0.5/checkpoint_000001/pruning_config.json",
+                 "target_ratio=0.5/warm_start/attention/module.pt", "target_ratio=0.5/analysis.ipynb",
+                 "target_ratio=0.3/params.json", "target_ratio=0.3/result.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    train.delete_run(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "notes.txt", "target_ratio=0.5", "target_ratio=0.5/analysis.ipynb"]
+    assert "kept what is not the run's: notes.txt, target_ratio=0.5/analysis.ipynb" in capsys.readouterr().out
+    assert trial.is_dir()
+
+
+def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_path, capsys):
+    assert train.main(["--output-dir", str(tmp_path), "--resume", "--overwrite"]) == 2
+    assert "--overwrite replaces it: pass one of them" in capsys.readouterr().err
+    done = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 5, "progress": {}})
+    out_of_time = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 3,
+                                                                  "progress": {"out_of_time": True}})
+    stopped = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 3, "progress": {}})
+    never_started = SimpleNamespace(error=None, config=None, metrics={}, path=str(tmp_path / "target_ratio=0.3"))
+    assert not train.interrupted([done, out_of_time], 5)
+    assert train.interrupted([done, stopped], 5) and train.interrupted([done, never_started], 5)
+    assert train.closing_lines([never_started, never_started], str(tmp_path)) == (
+        ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 
 
 def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, monkeypatch, capsys):

@@ -71,6 +71,8 @@ def write_weights_and_config(directory: Path, weights_file: str, state: dict[str
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a backbone checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
+    if not Path(directory).exists():
+        raise CheckpointError(f"backbone checkpoint {directory} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE})")
     try:
