@@ -742,7 +742,10 @@ def delete_run(run_dir: Path) -> None:
     trials = [path.parent for path in run_dir.glob("*/params.json")]
     for directory, patterns in ((run_dir, RUN_FILES), *((trial, TRIAL_FILES) for trial in trials)):
         for path in {match for pattern in patterns for match in directory.glob(pattern)}:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     for trial in trials:
         with contextlib.suppress(OSError):  # kept: it holds files of one's own
             trial.rmdir()
