@@ -176,11 +176,7 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], Checkpoi
     from policies.export import has_export, load_exported_policies  # policies.export builds on this module
 
     path = _checkpoint_directory(checkpoint)
-    if has_export(path):
-        return load_exported_policies(path)
-    print(f"note: {path} has no export: reading RLlib's pickled files, which run code of whoever wrote them (open "
-          f"only checkpoints you trust; python -m policies.export writes an export)", file=sys.stderr)
-    return load_rllib_policies(path)
+    return load_exported_policies(path) if has_export(path) else load_rllib_policies(path)
 
 
 def _checkpoint_directory(checkpoint: str | Path) -> Path:

@@ -14,6 +14,7 @@ never a pickle) when it has one.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, check_policies, load_policies
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
+from policies.export import has_export
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
 from policies.rl_module import TokenPolicyModule
 
@@ -119,6 +121,10 @@ class PrunedViT(nn.Module):
             backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
+        if not has_export(Path(path).expanduser()):
+            warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
+                          f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an "
+                          f"export)", stacklevel=2)
         modules, info = load_policies(path)
         problem = info.problem
         staged, config, _ = policy_backbone(problem, path, backbone)
