@@ -33,6 +33,7 @@ from tqdm import tqdm
 from cli import (
     OneLineParser,
     add_data_access_arguments,
+    check_output_dir,
     data_access,
     non_negative_float,
     non_negative_int,
@@ -300,9 +301,7 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp = not args.no_amp
     out = Path(args.output_dir)
-    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--output-dir {out}: {blocking} is a file, not a directory")
+    check_output_dir(out, str(out))
     state_path = out / STATE_FILE
     if state_path.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -311,8 +310,9 @@ def train(args: argparse.Namespace) -> dict:
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
     if state is not None:
         saved = state["args"]
+        defaults = build_parser()
         for flag, given in (("model", args.model), ("model_kwargs", args.model_kwargs)):
-            if given != build_parser().get_default(flag) and given != saved[flag]:
+            if given != defaults.get_default(flag) and given != saved[flag]:
                 raise ValueError(f"--resume continues the model it recorded ({saved['model']} "
                                  f"{' '.join(saved['model_kwargs'])}): --{flag.replace('_', '-')} cannot change it")
         epochs = args.epochs if args.epochs is not None else saved["epochs"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import platform
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
@@ -64,6 +65,14 @@ def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
 def data_access(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``envs.vit.data.load_split`` that :func:`add_data_access_arguments` set."""
     return {"download": args.download, "memory_budget_mb": args.memory_budget_mb}
+
+
+def check_output_dir(path: Path, given: str) -> None:
+    """A ValueError naming the file at ``path`` or above it that keeps ``--output-dir given`` (``path``, resolved
+    or not) from being made there."""
+    blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output-dir {given}: {blocking} is a file, not a directory")
 
 
 def positive_int(text: str) -> int:

@@ -420,10 +420,10 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets``."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
     config = read_backbone_config(backbone)
-    problem = PruningProblem(backbone=repository_relative(backbone),
-                             dataset=args.dataset or config.get("dataset", "cifar10"),
-                             prune_points=args.prune_points or (3, 6, 9), reduction=args.reduction or "merge",
-                             target_ratio=args.budgets[len(args.budgets) // 2])
+    given = {"dataset": args.dataset or config.get("dataset"), "prune_points": args.prune_points,
+             "reduction": args.reduction}  # the others: the problem's defaults
+    problem = PruningProblem(backbone=repository_relative(backbone), target_ratio=args.budgets[len(args.budgets) // 2],
+                             **{name: value for name, value in given.items() if value is not None})
     return replace(problem, **held_out_split(config, problem.dataset))
 
 

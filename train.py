@@ -56,6 +56,7 @@ from ray.tune.utils import flatten_dict
 from cli import (
     OneLineParser,
     add_data_access_arguments,
+    check_output_dir,
     data_access,
     non_negative_float,
     non_negative_int,
@@ -622,10 +623,8 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     run, from the run's own record on --resume. The placement is this machine's guess until Ray is up."""
     storage_path, name = storage_location(args.output_dir)
     local = local_run_dir(args.output_dir)
-    blocking = next((path for path in (local, *local.parents) if path.exists() and not path.is_dir()),
-                    None) if local is not None else None
-    if blocking is not None:
-        raise ValueError(f"--output-dir {args.output_dir}: {blocking} is a file, not a directory")
+    if local is not None:
+        check_output_dir(local, args.output_dir)
     if args.resume:
         if args.from_checkpoint or args.overwrite:
             other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"

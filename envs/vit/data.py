@@ -215,11 +215,16 @@ def _labels(raw) -> np.ndarray:
     return np.asarray(targets, dtype=np.int64)
 
 
+def _file_split(split: str) -> str:
+    """The data set's own split a split is read from: ``val`` is cut from ``train``."""
+    return "test" if split == "test" else "train"
+
+
 def split_class_names(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
                       download: bool = False) -> tuple[str, ...]:
     """The class names of a split in label order, without decoding its images (``backbone.py`` checks the test
     split's before it trains)."""
-    raw_split = "test" if split == "test" else "train"
+    raw_split = _file_split(split)
     with _SHARED_RAW_LOCK:
         return _class_names(_shared_raw_split(dataset, _data_root(dataset, data_dir, download), raw_split, download,
                                               Path.cwd()))
@@ -350,7 +355,7 @@ def load_split(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = _data_root(dataset, data_dir, download)
-    raw_split = "test" if split == "test" else "train"
+    raw_split = _file_split(split)
     with _SHARED_RAW_LOCK:
         raw = _shared_raw_split(dataset, root, raw_split, download, Path.cwd())
         labels = _labels(raw)
