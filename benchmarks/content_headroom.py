@@ -56,9 +56,10 @@ from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
-from policies.distribution import DEAD_SCORE, ExactCount
+from policies.distribution import ExactCount
 from policies.heuristics import greedy_removal_order, heuristic_selector
 from policies.pruned_vit import policy_backbone
+from policies.token_scorer import DEAD_SCORE
 
 
 def greedy_keep_rank(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

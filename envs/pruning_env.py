@@ -36,11 +36,11 @@ import ray
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
-from envs.problem import POLICIES, PruningProblem
+from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
 from policies.decisions import TURNS, choosable, survives, turn_counts
-from policies.rl_module import agent_spaces
+from policies.token_scorer import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "server_name": DEFAULT_NAME,  # the ViT server to find by name, or a list of names: runner i uses name i % n
@@ -49,11 +49,6 @@ DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "resumed_at": 0,  # the iteration a resumed run goes on from: its image streams go on with new images
     "server_timeout_s": RESTART_TIMEOUT_S,
 }
-
-
-def trained_policies(agents: str) -> tuple[str, ...]:
-    """The policies an ``agents`` mode trains: both, or the one it names."""
-    return POLICIES if agents == "both" else (agents,)
 
 
 def env_steps_per_episode(problem: PruningProblem) -> int:

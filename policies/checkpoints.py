@@ -28,18 +28,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.rllib.core.rl_module.rl_module import RLModule
-
 from cli import versions_line
-from envs.problem import ProblemError, PruningProblem, budget_key
-from envs.pruning_env import trained_policies
+from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
 from envs.vit.features import AGENT_FEATURES
+from policies.token_scorer import TokenScoring
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
 UNRECORDED = "unrecorded_"  # before PREFIX: a checkpoint Tune has no record of, renamed out of its numbering
-Modules = Mapping[str, RLModule]
+Modules = Mapping[str, TokenScoring]
 
 
 @dataclass(frozen=True)
@@ -155,9 +153,12 @@ def _readable_info(checkpoint: Path) -> CheckpointInfo | None:
         return None
 
 
-def load_module(path: Path, name: str) -> RLModule:
+def load_module(path: Path, name: str) -> TokenScoring:
     """The ``name`` policy's RLModule saved in the directory ``path``, in eval mode; any failure to restore it
-    (truncated, corrupt) is a user error. ``path`` must be absolute: RLlib reads a relative one as a URI."""
+    (truncated, corrupt) is a user error. ``path`` must be absolute: RLlib reads a relative one as a URI. The
+    one reader of policies that needs Ray (the export does not)."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
     try:
         module = RLModule.from_checkpoint(str(path))
     except Exception as error:  # unpickling a damaged file can raise nearly anything
@@ -167,7 +168,7 @@ def load_module(path: Path, name: str) -> RLModule:
     return module.eval()
 
 
-def load_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], CheckpointInfo]:
+def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
@@ -189,7 +190,7 @@ def _checkpoint_directory(checkpoint: str | Path) -> Path:
     return path
 
 
-def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], CheckpointInfo]:
+def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:
     """The policy modules of a checkpoint read through RLlib (unpickled), and its ``pruning_config.json``.
 
     A run whose ``agents`` names one agent has only that module; a ``both`` run must have both.
@@ -207,7 +208,7 @@ def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, RLModule], Ch
     return modules, info
 
 
-LoadedPolicy = tuple[dict[str, RLModule], CheckpointInfo, Path]
+LoadedPolicy = tuple[dict[str, TokenScoring], CheckpointInfo, Path]
 """A checkpoint's policy modules (by policy name), what its ``pruning_config.json`` says, and its path."""
 
 

@@ -23,12 +23,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from ray.rllib.core.rl_module.rl_module import RLModule
 
 from envs.vit.features import observe
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, tokens_to_keep
+from policies.token_scorer import TokenScoring
 
 DEFAULT_PROTECTED_SHARE = 0.1
 """The default fraction of each pruning point's kept tokens that the attention agent chooses when both agents
@@ -61,7 +61,7 @@ def survives(live: np.ndarray, kept: np.ndarray | None, removed: np.ndarray | No
     return np.asarray(kept).astype(bool)
 
 
-def policy_selector(modules: Mapping[str, RLModule], staged: StagedViT, target_ratio: float,
+def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, target_ratio: float,
                     protected_share: float) -> Selector:
     """Exact budget: the attention agent keeps its highest-scored tokens, then the similarity agent removes
     its highest-scored of the others (:func:`turn_counts`), each seeing what it sees in training."""

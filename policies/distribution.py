@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
 
 from envs.vit.token_ops import highest
+from policies.token_scorer import DEAD_SCORE
 
-DEAD_SCORE = -1e4
-"""The score of a dead token: ``exp`` of it is 0 in float32, so no set ever holds one."""
 IMPOSSIBLE = -1e30
 """The log-coefficient of a subset size that does not exist: a finite stand-in for ``-inf``, whose gradients
 would be NaN."""

@@ -10,9 +10,9 @@ checkpoint therefore carries, beside RLlib's files, an export of its policy modu
                                                and per module what rebuilds it: {"modules": {policy:
                                                {"num_patches", "num_features", "hidden"}}}
 
-:func:`load_exported_policies` rebuilds the ``TokenPolicyModule`` of each policy from these two files only
-(JSON and safetensors, neither of which can run code). Re-export a checkpoint (the committed reference
-policy, an older run) with::
+:func:`load_exported_policies` rebuilds each policy's networks from these two files only (JSON and safetensors,
+neither of which can run code) as ``policies.token_scorer.TokenScorer``: plain torch, so that inference needs no
+Ray. Re-export a checkpoint (the committed reference policy, an older run) with::
 
     python -m policies.export reference/marl_policy
 """
@@ -30,11 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cli import OneLineParser, UsageError
-from envs.problem import ProblemError, PruningProblem
-from envs.pruning_env import trained_policies
+from envs.problem import ProblemError, PruningProblem, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
-from policies.rl_module import DEFAULT_HIDDEN, TokenPolicyModule, policy_module_spec
+from policies.token_scorer import DEFAULT_HIDDEN, TokenScorer, TokenScoring
 
 EXPORT_DIR = "export"
 WEIGHTS_FILE = "policies.safetensors"
@@ -51,7 +50,7 @@ def has_export(checkpoint: str | os.PathLike) -> bool:
     return (export_path(checkpoint) / CONFIG_FILE).is_file()
 
 
-def module_config(module: TokenPolicyModule) -> dict[str, Any]:
+def module_config(module: TokenScoring) -> dict[str, Any]:
     """What rebuilds ``module`` without RLlib's pickles: its observation size and its ``model_config``."""
     num_patches, num_features = module.observation_space["tokens"].shape
     config = module.model_config or {}
@@ -59,7 +58,7 @@ def module_config(module: TokenPolicyModule) -> dict[str, Any]:
             "hidden": int(config.get("hidden", DEFAULT_HIDDEN))}
 
 
-def write_export(modules: Mapping[str, TokenPolicyModule], info: CheckpointInfo,
+def write_export(modules: Mapping[str, TokenScoring], info: CheckpointInfo,
                  checkpoint: str | os.PathLike) -> Path:
     """Write ``modules`` and ``info`` as ``<checkpoint>/export``; each file is replaced atomically."""
     directory = export_path(checkpoint)
@@ -78,7 +77,7 @@ def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
     return write_export(modules, info, checkpoint_dir)
 
 
-def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPolicyModule], CheckpointInfo]:
+def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScorer], CheckpointInfo]:
     """The policy modules (by policy name, in eval mode) and the checkpoint info of an export.
 
     ``path`` is the checkpoint or its ``export`` directory. Reads ``policy.json`` and
@@ -108,8 +107,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenPoli
         prefix = f"{name}."
         state = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
         try:
-            module = policy_module_spec(name, spec["num_patches"], {"hidden": spec["hidden"]},
-                                        num_features=spec["num_features"]).build()
+            module = TokenScorer(spec["num_patches"], spec["num_features"], spec["hidden"])
             module.load_state_dict(state)
         except (KeyError, TypeError, RuntimeError) as error:
             raise PolicyCheckpointError(f"the {name} policy in {directory} cannot be rebuilt: "

@@ -41,7 +41,7 @@ from policies.checkpoints import PolicyCheckpointError, check_policies, load_pol
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.export import has_export
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
-from policies.rl_module import TokenPolicyModule
+from policies.token_scorer import TokenScoring
 
 SELECTIONS: tuple[str, ...] = (*HEURISTICS, "tome")
 """The selections named by a string: the heuristics of ``policies.heuristics`` and ToMe."""
@@ -80,7 +80,7 @@ class PrunedViT(nn.Module):
     """
 
     def __init__(self, staged: StagedViT, backbone_config: Mapping[str, Any],
-                 selection: str | Mapping[str, TokenPolicyModule] | None = None, budget: float | None = None,
+                 selection: str | Mapping[str, TokenScoring] | None = None, budget: float | None = None,
                  reduction: str = "merge", *, seed: int = 0,
                  protected_share: float = DEFAULT_PROTECTED_SHARE, tome_gflops: float | None = None) -> None:
         super().__init__()

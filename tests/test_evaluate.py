@@ -34,6 +34,7 @@ from envs.vit.staged_vit import StagedViT
 from policies.cascade import CascadeViT
 from policies.checkpoints import MODULES_DIR, load_policies
 from policies.distribution import ExactCount
+from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
 from tests.tiny_policies import (
     FEATURE_COUNTS,
@@ -413,6 +414,42 @@ def test_command_line_exit_code(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: checkpoint") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+WITHOUT_RAY = """
+import importlib.abc
+import sys
+
+
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r} (the test hides Ray)")
+
+
+sys.meta_path.insert(0, NoRay())
+import evaluate
+
+code = evaluate.main(sys.argv[1:])
+assert "ray" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_an_exported_policy_evaluates_without_ray_to_the_same_table(results, tiny_policy, data_dir, tmp_path):
+    """Inference needs torch, not Ray (a GPU box or a deployment image without it): evaluate.py runs a
+    checkpoint's export with Ray unimportable, and the policy's plain-torch networks give the numbers the
+    RLlib modules gave."""
+    checkpoint = shutil.copytree(tiny_policy, tmp_path / "policy")
+    export_policies(checkpoint)
+    output = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", WITHOUT_RAY,
+                           *cli(checkpoint, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table, expected = pd.read_csv(output / "results.csv"), results[1]
+    assert set(MARL_ROWS) <= set(table["method"])
+    pd.testing.assert_frame_equal(table.drop(columns=TIMING), expected.drop(columns=TIMING))
 
 
 def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):

@@ -18,8 +18,9 @@ from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from torch.utils.flop_counter import FlopCounterMode
 
-from policies.distribution import DEAD_SCORE, ExactCount, ExactCountEntropyStatistic
-from policies.rl_module import TokenPolicyModule, agent_spaces
+from policies.distribution import ExactCount, ExactCountEntropyStatistic
+from policies.rl_module import TokenPolicyModule
+from policies.token_scorer import DEAD_SCORE, agent_spaces
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
 LIVE_COUNTS = [16, 9, 3, 1]

@@ -58,7 +58,7 @@ def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Te
 def highest(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """``[..., N]`` bool: the ``count`` highest ``scores [..., N]`` of each row, ``count`` an int or one per row
     (``[..., 1]``), 0 allowed. Unlike :func:`topk_keep_mask` it takes no live mask: dead tokens must score
-    lowest (the policies give them ``policies.distribution.DEAD_SCORE``)."""
+    lowest (the policies give them ``policies.token_scorer.DEAD_SCORE``)."""
     rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
     return rank < count
 

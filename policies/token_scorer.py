@@ -1,0 +1,117 @@
+"""The per-token scoring network both agents use, in plain torch: what inference runs, without Ray.
+
+Training wraps these networks in an RLlib module (``policies.rl_module.TokenPolicyModule``, which adds the
+action distribution and PPO's value function); evaluation and deployment load the same weights into
+:class:`TokenScorer` (``policies.export``), so a pruned ViT needs torch, not Ray. Both classes take their
+networks and scoring from :class:`TokenScoring`, so they hold the same parameters under the same names.
+
+The network is shared across tokens and sees the others only through a masked-mean context, so it works for
+any number of live tokens and permuting the live rows permutes its outputs. Its observations come from
+``envs.vit.features.observe``, which has already replaced non-finite values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_HIDDEN = 64
+DEAD_SCORE = -1e4
+"""The score of a dead token: ``exp`` of it is 0 in float32, so no set ever holds one."""
+_NETWORKS = ("token_net", "logit_net", "value_head")
+
+
+class LiveEmbeddings(NamedTuple):
+    """The token network's output on the live tokens only: on the CPU it is most of the module's cost, and
+    after the first pruning point most tokens are dead."""
+
+    emb: torch.Tensor
+    """``[L, h]``: the embeddings of the ``L`` live tokens, row by row."""
+    index: tuple[torch.Tensor, torch.Tensor]
+    """``([L], [L])``: the flat row (leading dimensions flattened) and the column of each."""
+    context: torch.Tensor
+    """``[..., h]``: the mean live embedding of each row (a zero vector if none is live)."""
+
+
+def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
+    """An agent's observation (per-token features, the live mask and how many tokens to choose) and action
+    (one bit per token: the chosen set) spaces."""
+    observation = gym.spaces.Dict({
+        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
+        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32),
+        "count": gym.spaces.Box(0.0, float(num_patches), (1,), np.float32)})
+    return observation, gym.spaces.MultiBinary(num_patches)
+
+
+class TokenScoring:
+    """The networks (a token MLP, a logit MLP over each token beside its row's context, a value head) and the
+    scores they give; mixed into an ``nn.Module``, which :meth:`_build_networks` fills."""
+
+    _token_net: nn.Sequential
+    _logit_net: nn.Sequential
+    _value_head: nn.Sequential
+
+    def _build_networks(self, num_features: int, hidden: int) -> None:
+        self._token_net = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self._logit_net = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self._value_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        with torch.no_grad():  # small last layer: every set starts about equally likely
+            self._logit_net[-1].weight.mul_(0.01)
+        self._register_load_state_dict_pre_hook(_accept_unprefixed_names)
+
+    def macs_per_token(self) -> int:
+        """Multiply-accumulates of one inference forward per live token: the token MLP and the logit MLP (the
+        masked mean and activations are negligible; the value head never runs at inference)."""
+        return sum(layer.in_features * layer.out_features
+                   for net in (self._token_net, self._logit_net) for layer in net if isinstance(layer, nn.Linear))
+
+    def _embed(self, obs: dict[str, torch.Tensor]) -> LiveEmbeddings:
+        """The live tokens' embeddings and each row's live-token context."""
+        live = obs["live"] > 0.5
+        flat_live = live.reshape(-1, live.shape[-1])
+        rows, columns = flat_live.nonzero(as_tuple=True)
+        emb = self._token_net(obs["tokens"].reshape(*flat_live.shape, -1)[rows, columns])
+        total = emb.new_zeros(flat_live.shape[0], emb.shape[-1]).index_add(0, rows, emb)
+        context = total / flat_live.sum(-1, keepdim=True).clamp(min=1)
+        return LiveEmbeddings(emb, (rows, columns), context.reshape(*live.shape[:-1], -1))
+
+    def _scores(self, obs: dict[str, torch.Tensor], embedded: LiveEmbeddings) -> torch.Tensor:
+        """``[..., N]``: the logit net's score of each live token beside its row's context; dead tokens get
+        :data:`DEAD_SCORE`."""
+        rows, columns = embedded.index
+        context = embedded.context.reshape(-1, embedded.context.shape[-1])
+        live_scores = self._logit_net(torch.cat([embedded.emb, context[rows]], dim=-1)).squeeze(-1)
+        live = obs["live"]
+        scores = live_scores.new_full((context.shape[0], live.shape[-1]), DEAD_SCORE)
+        return scores.index_put((rows, columns), live_scores).reshape(live.shape)
+
+    def token_scores(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """The scores ``[..., N]`` of tokens with features ``tokens [..., N, F]`` and live mask ``live [..., N]``
+        (the deterministic policy keeps the ``count`` highest)."""
+        obs = {"tokens": tokens, "live": live}
+        return self._scores(obs, self._embed(obs))
+
+
+class TokenScorer(TokenScoring, nn.Module):
+    """One agent's trained networks for inference, built from what an export records (``policies.export``):
+    no RLlib. ``observation_space`` and ``model_config`` read as the RLlib module's do."""
+
+    def __init__(self, num_patches: int, num_features: int, hidden: int = DEFAULT_HIDDEN) -> None:
+        super().__init__()
+        self.observation_space = agent_spaces(num_patches, num_features)[0]
+        self.model_config: dict[str, Any] = {"hidden": hidden}
+        self._build_networks(num_features, hidden)
+
+
+def _accept_unprefixed_names(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load states that name the networks without the leading underscore: checkpoints written before the
+    networks were made private."""
+    for key in list(state_dict):
+        name = key[len(prefix):]
+        if key.startswith(prefix) and name.split(".")[0] in _NETWORKS:
+            state_dict[f"{prefix}_{name}"] = state_dict.pop(key)
