@@ -4,6 +4,7 @@ run started from a checkpoint with another worker count."""
 import csv
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,15 @@ def run(tmp_path, tiny_backbone, data_dir, *extra):
 
 def weights(checkpoint, policy):
     return RLModule.from_checkpoint(str(module_path(checkpoint, policy))).state_dict()
+
+
+def adam_steps(checkpoint) -> dict[str, float]:
+    """Each policy's Adam step count in an algorithm checkpoint's learner state: it grows across a resume only
+    when the optimizer (and the learner it belongs to) was restored, and starts again from 0 when it was not."""
+    with (Path(checkpoint) / "learner_group" / "learner" / "state.pkl").open("rb") as f:
+        optimizers = pickle.load(f)["optimizer"]
+    return {policy: max(float(p["step"]) for p in optimizers[f"{policy}_default_optimizer"]["state"]["state"].values())
+            for policy in ("attention", "similarity")}
 
 
 def starts_from_the_warm_start(clones, checkpoint) -> None:
@@ -95,8 +105,11 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     for name in ("target_ratio=0.3", "target_ratio=0.5"):
         assert f"[{name}] iter    3" in out and f"[{name}] iter    2" not in out
         assert iterations(tmp_path / "run" / name) == [1, 2, 3]
-        latest = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == name][-1]
-        assert read_checkpoint_info(latest).iteration == 3
+        mine = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == name]
+        assert [read_checkpoint_info(c).iteration for c in mine] == [1, 2, 3]
+        steps = [adam_steps(c) for c in mine]  # the optimizers went on from iteration 2's state
+        for policy in ("attention", "similarity"):
+            assert 0 < steps[0][policy] < steps[1][policy] < steps[2][policy]
 
     # a new run from a checkpoint, with an env runner: its problem, weights and iteration count go on; run from
     # elsewhere, it reads the data from the --data-dir given (relative to where it runs), not the recorded one
@@ -109,6 +122,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     assert f"best checkpoint: {(tmp_path / 'run2').resolve()}/target_ratio=0.3/" in capsys.readouterr().out
     continued = list_checkpoints(tmp_path / "run2")
     assert [read_checkpoint_info(c).iteration for c in continued] == [4, 5, 6]
+    assert all(adam_steps(continued[0])[p] > adam_steps(start)[p] for p in ("attention", "similarity"))
     assert read_checkpoint_info(continued[0]).problem == read_checkpoint_info(start).problem
     # the env runner draws each batch while the learner updates on the one before (--sample-ahead, the
     # default), so after the run's first iteration the policy that drew a batch is two updates old when the
