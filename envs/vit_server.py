@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -28,8 +28,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from envs.problem import PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
+from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
 from envs.vit.data import check_fits_backbone, load_split
 from envs.vit.staged_vit import StagedViT
@@ -40,23 +40,6 @@ DEFAULT_NAME = "vit_server"
 RESTART_TIMEOUT_S = 120.0
 """How long a caller waits for a dead ViT server to be restarted before it gives up."""
 _PINNED: dict[str, list[ray.ObjectRef]] = {}  # creation arguments must outlive the actor for restarts
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything that defines a server: the problem it serves, which images, and its resources."""
-
-    problem: PruningProblem = field(default_factory=PruningProblem)
-    split: str = "train"
-    limit: int | None = None  # serve a seeded subset of this many images of the split
-    max_batch: int = 256
-    max_wait_ms: float | None = None  # None: 2 ms on a GPU, 0 on a CPU (see the module docstring)
-    download: bool = False  # fetch CIFAR-10/100 into the problem's data_dir when absent (on the driver)
-    memory_budget_mb: float | None = None  # above this, images are read from their files (envs/vit/data.py)
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    torch_threads: int = 1
-    max_restarts: int = 5
 
 
 class _Request(NamedTuple):

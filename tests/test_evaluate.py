@@ -44,6 +44,7 @@ from tests.tiny_policies import (
     TARGET_RATIO,
     write_checkpoint,
 )
+from tests.without_ray import HIDE_RAY
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 64
@@ -416,18 +417,7 @@ def test_command_line_exit_code(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-WITHOUT_RAY = """
-import importlib.abc
-import sys
-
-
-class NoRay(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "ray" or name.startswith("ray."):
-            raise ModuleNotFoundError(f"No module named {name!r} (the test hides Ray)")
-
-
-sys.meta_path.insert(0, NoRay())
+WITHOUT_RAY = HIDE_RAY + """
 import evaluate
 
 code = evaluate.main(sys.argv[1:])

@@ -1,0 +1,70 @@
+"""benchmarks/engine_throughput.py: the engine's episodes/s next to the backbone's, on any device, without Ray (a
+GPU box has none), at each batch size and precision asked for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.engine_throughput import loop_episodes
+from tests.tiny_policies import PRUNE_POINTS
+from tests.without_ray import HIDE_RAY
+
+REPO = Path(__file__).resolve().parent.parent
+
+BENCHMARK_WITHOUT_RAY = HIDE_RAY + """
+from benchmarks import engine_throughput
+
+engine_throughput.main(sys.argv[1:])
+assert "ray" not in sys.modules
+"""
+
+
+def test_the_benchmark_runs_without_ray_and_reports_each_size_and_precision(tiny_backbone, tmp_path):
+    """With Ray unimportable and no data set (random images, as on a bare GPU box): two backbone rows, then one
+    engine row per size, at each precision, each compared with the timm forward of its precision; the
+    table printed is the one in the JSON."""
+    output = tmp_path / "engine.json"
+    done = subprocess.run([sys.executable, "-c", BENCHMARK_WITHOUT_RAY, "--backbone", str(tiny_backbone),
+                           "--prune-points", *map(str, PRUNE_POINTS), "--random-images", "--limit", "8",
+                           "--batch", "4", "--engine-images", "2", "8", "--seconds", "0", "--device", "cpu",
+                           "--precision", "fp32", "bf16", "--output", str(output)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(output.read_text())
+    rows = result["rows"]
+    assert [(row["kind"], row["precision"]) for row in rows] == [
+        (kind, precision) for precision in ("fp32", "bf16") for kind in ("backbone", "backbone", "engine", "engine")]
+    assert [row["what"] for row in rows[2:4]] == ["engine in-process, 2 images/call",
+                                                  "engine in-process, 8 images/call"]
+    speedup = result["gflops_unpruned"] / result["gflops_pruned"]
+    for timm_row in (rows[0], rows[4]):
+        assert timm_row["of_backbone"] == 1.0
+    for row in rows:
+        assert row["images_per_s"] > 0
+        assert row["of_ceiling"] == pytest.approx(row["of_backbone"] / speedup)
+    for row in rows[2:4] + rows[6:8]:  # an episode: a reset and a step per pruning point
+        assert row["calls"] == row["episodes"] * (len(PRUNE_POINTS) + 1)
+    assert result["machine"]["device"] == "cpu"
+    assert result["table"] in done.stdout and result["table"].count("\n") == 1 + len(rows)
+
+
+def test_each_call_takes_distinct_images_while_there_are_enough():
+    """The engine runs the first stage once per distinct image, so a call that named one twice would flatter it."""
+    resets = []
+
+    def call(method: str, keys: list[str], payload: list) -> list[dict]:
+        if method == "reset":
+            resets.append(payload)
+            return [{"live": np.ones(4, dtype=np.float32)}] * len(keys)
+        return [{"done": True}] * len(keys)
+
+    loop_episodes(call, 0.0, 8, 8, 0.5, "test", seed=0)
+    loop_episodes(call, 0.0, 12, 8, 0.5, "test", seed=0)  # more than there are: then some repeat
+    assert sorted(resets[0]) == list(range(8))
+    assert len(resets[1]) == 12 and set(resets[1]) <= set(range(8))
