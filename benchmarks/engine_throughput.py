@@ -2,9 +2,8 @@
 
 Training goes as fast as the ViT server's ``PruningEngine`` answers, and on a GPU box the engine is what
 one GPU server feeds the env runners with. This measures the engine alone, in this process, so it runs
-where Ray is missing (it is never imported; gymnasium is, through ``envs.problem`` and the engine's
-``policies`` imports), and puts two kinds of rows side by side, on the same device, images and torch
-thread count:
+where Ray and gymnasium are missing (neither is imported), and puts two kinds of rows side by side, on the
+same device, images and torch thread count:
 
 1. the backbone alone: batched, unpruned forwards (timm and ``StagedViT``), the compute reference;
 2. the engine called directly with ``--engine-images`` images per call: one full episode per image (a

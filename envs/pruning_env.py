@@ -40,7 +40,7 @@ from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
 from policies.decisions import TURNS, choosable, survives, turn_counts
-from policies.token_scorer import agent_spaces
+from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "server_name": DEFAULT_NAME,  # the ViT server to find by name, or a list of names: runner i uses name i % n

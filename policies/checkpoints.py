@@ -248,20 +248,13 @@ def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_ba
 
 def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -> None:
     """Fail clearly when a module was built for another backbone (patch count) or feature set."""
-    n = num_patches
     for name, module in modules.items():
-        space = getattr(module, "observation_space", None)
-        try:
-            shapes = (tuple(space["tokens"].shape), tuple(space["live"].shape))
-        except (KeyError, TypeError):
-            raise PolicyCheckpointError(f"the {name} policy in {checkpoint} does not observe "
-                                  f"{{'tokens', 'live'}} (observation space {space})") from None
-        expected = ((n, len(AGENT_FEATURES[name])), (n,))
-        if shapes != expected:
+        expected = (num_patches, len(AGENT_FEATURES[name]))
+        if tuple(module.token_shape) != expected:
             raise PolicyCheckpointError(
-                f"the {name} policy in {checkpoint} observes tokens {shapes[0]} and live {shapes[1]}, but the "
-                f"backbone has {n} patch tokens and there are {len(AGENT_FEATURES[name])} {name} features, so "
-                f"it expects tokens {expected[0]}: was it trained on another backbone?")
+                f"the {name} policy in {checkpoint} observes tokens {tuple(module.token_shape)}, but the backbone "
+                f"has {num_patches} patch tokens and there are {expected[1]} {name} features, so it expects tokens "
+                f"{expected}: was it trained on another backbone?")
 
 
 def stage_checkpoint(algo, directory: str | os.PathLike, info: CheckpointInfo) -> Path:

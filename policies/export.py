@@ -33,7 +33,7 @@ from cli import OneLineParser, UsageError
 from envs.problem import ProblemError, PruningProblem, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
-from policies.token_scorer import DEFAULT_HIDDEN, TokenScorer, TokenScoring
+from policies.token_scorer import TokenScorer, TokenScoring
 
 EXPORT_DIR = "export"
 WEIGHTS_FILE = "policies.safetensors"
@@ -51,11 +51,9 @@ def has_export(checkpoint: str | os.PathLike) -> bool:
 
 
 def module_config(module: TokenScoring) -> dict[str, Any]:
-    """What rebuilds ``module`` without RLlib's pickles: its observation size and its ``model_config``."""
-    num_patches, num_features = module.observation_space["tokens"].shape
-    config = module.model_config or {}
-    return {"num_patches": int(num_patches), "num_features": int(num_features),
-            "hidden": int(config.get("hidden", DEFAULT_HIDDEN))}
+    """What rebuilds ``module`` without RLlib's pickles: what it observes and its width."""
+    num_patches, num_features = module.token_shape
+    return {"num_patches": int(num_patches), "num_features": int(num_features), "hidden": int(module.hidden)}
 
 
 def write_export(modules: Mapping[str, TokenScoring], info: CheckpointInfo,

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
@@ -22,7 +24,7 @@ from ray.rllib.utils.annotations import override
 
 from envs.vit.features import AGENT_FEATURES
 from policies.distribution import ExactCount, ExactCountEntropyStatistic
-from policies.token_scorer import DEFAULT_HIDDEN, LiveEmbeddings, TokenScoring, agent_spaces
+from policies.token_scorer import DEFAULT_HIDDEN, LiveEmbeddings, TokenScoring
 
 
 @contextlib.contextmanager
@@ -54,7 +56,7 @@ class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
         cfg = self.model_config or {}
         hidden = int(cfg.get("hidden", DEFAULT_HIDDEN))
         self._train_distribution = ExactCount if cfg.get("entropy_gradient", True) else ExactCountEntropyStatistic
-        self._build_networks(self.observation_space["tokens"].shape[-1], hidden)
+        self._build_networks(*self.observation_space["tokens"].shape, hidden)
 
     @override(RLModule)
     def get_inference_action_dist_cls(self) -> type[ExactCount]:
@@ -91,6 +93,16 @@ class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
         if embeddings is None:
             embeddings = self._embed(batch[Columns.OBS]).context
         return self._value_head(embeddings.detach()).squeeze(-1)
+
+
+def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
+    """An agent's observation (per-token features, the live mask and how many tokens to choose) and action
+    (one bit per token: the chosen set) spaces."""
+    observation = gym.spaces.Dict({
+        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
+        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32),
+        "count": gym.spaces.Box(0.0, float(num_patches), (1,), np.float32)})
+    return observation, gym.spaces.MultiBinary(num_patches)
 
 
 def policy_module_spec(policy: str, num_patches: int, model_config: dict[str, Any]) -> RLModuleSpec:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,16 +35,6 @@ class LiveEmbeddings(NamedTuple):
     """``[..., h]``: the mean live embedding of each row (a zero vector if none is live)."""
 
 
-def agent_spaces(num_patches: int, num_features: int) -> tuple[gym.spaces.Dict, gym.spaces.MultiBinary]:
-    """An agent's observation (per-token features, the live mask and how many tokens to choose) and action
-    (one bit per token: the chosen set) spaces."""
-    observation = gym.spaces.Dict({
-        "tokens": gym.spaces.Box(-np.inf, np.inf, (num_patches, num_features), np.float32),
-        "live": gym.spaces.Box(0.0, 1.0, (num_patches,), np.float32),
-        "count": gym.spaces.Box(0.0, float(num_patches), (1,), np.float32)})
-    return observation, gym.spaces.MultiBinary(num_patches)
-
-
 class TokenScoring:
     """The networks (a token MLP, a logit MLP over each token beside its row's context, a value head) and the
     scores they give; mixed into an ``nn.Module``, which :meth:`_build_networks` fills."""
@@ -55,7 +43,14 @@ class TokenScoring:
     _logit_net: nn.Sequential
     _value_head: nn.Sequential
 
-    def _build_networks(self, num_features: int, hidden: int) -> None:
+    token_shape: tuple[int, int]
+    """``(N, F)``: the patch tokens and the features per token it observes (what its backbone and features
+    must give)."""
+    hidden: int
+    """The networks' width."""
+
+    def _build_networks(self, num_patches: int, num_features: int, hidden: int) -> None:
+        self.token_shape, self.hidden = (num_patches, num_features), hidden
         self._token_net = nn.Sequential(
             nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self._logit_net = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -99,13 +94,11 @@ class TokenScoring:
 
 class TokenScorer(TokenScoring, nn.Module):
     """One agent's trained networks for inference, built from what an export records (``policies.export``):
-    no RLlib. ``observation_space`` and ``model_config`` read as the RLlib module's do."""
+    torch alone, no RLlib or gymnasium."""
 
     def __init__(self, num_patches: int, num_features: int, hidden: int = DEFAULT_HIDDEN) -> None:
         super().__init__()
-        self.observation_space = agent_spaces(num_patches, num_features)[0]
-        self.model_config: dict[str, Any] = {"hidden": hidden}
-        self._build_networks(num_features, hidden)
+        self._build_networks(num_patches, num_features, hidden)
 
 
 def _accept_unprefixed_names(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

@@ -13,15 +13,15 @@ import pytest
 
 from benchmarks.engine_throughput import loop_episodes
 from tests.tiny_policies import PRUNE_POINTS
-from tests.without_ray import HIDE_RAY
+from tests.without_ray import HIDE_RL_PACKAGES
 
 REPO = Path(__file__).resolve().parent.parent
 
-BENCHMARK_WITHOUT_RAY = HIDE_RAY + """
+BENCHMARK_WITHOUT_RAY = HIDE_RL_PACKAGES + """
 from benchmarks import engine_throughput
 
 engine_throughput.main(sys.argv[1:])
-assert "ray" not in sys.modules
+assert not {"ray", "gymnasium"} & set(sys.modules)
 """
 
 

@@ -44,7 +44,7 @@ from tests.tiny_policies import (
     TARGET_RATIO,
     write_checkpoint,
 )
-from tests.without_ray import HIDE_RAY
+from tests.without_ray import HIDE_RL_PACKAGES
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 64
@@ -417,23 +417,23 @@ def test_command_line_exit_code(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-WITHOUT_RAY = HIDE_RAY + """
+EVALUATE_WITHOUT_RL_PACKAGES = HIDE_RL_PACKAGES + """
 import evaluate
 
 code = evaluate.main(sys.argv[1:])
-assert "ray" not in sys.modules
+assert not {"ray", "gymnasium"} & set(sys.modules)
 sys.exit(code)
 """
 
 
 def test_an_exported_policy_evaluates_without_ray_to_the_same_table(results, tiny_policy, data_dir, tmp_path):
-    """Inference needs torch, not Ray (a GPU box or a deployment image without it): evaluate.py runs a
-    checkpoint's export with Ray unimportable, and the policy's plain-torch networks give the numbers the
-    RLlib modules gave."""
+    """Inference needs torch, not Ray or gymnasium (a GPU box or a deployment image without them): evaluate.py
+    runs a checkpoint's export with both unimportable, and the policy's plain-torch networks give the numbers
+    the RLlib modules gave."""
     checkpoint = shutil.copytree(tiny_policy, tmp_path / "policy")
     export_policies(checkpoint)
     output = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", WITHOUT_RAY,
+    done = subprocess.run([sys.executable, "-c", EVALUATE_WITHOUT_RL_PACKAGES,
                            *cli(checkpoint, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

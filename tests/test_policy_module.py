@@ -19,8 +19,8 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from torch.utils.flop_counter import FlopCounterMode
 
 from policies.distribution import ExactCount, ExactCountEntropyStatistic
-from policies.rl_module import TokenPolicyModule
-from policies.token_scorer import DEAD_SCORE, agent_spaces
+from policies.rl_module import TokenPolicyModule, agent_spaces
+from policies.token_scorer import DEAD_SCORE
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
 LIVE_COUNTS = [16, 9, 3, 1]

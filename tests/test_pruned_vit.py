@@ -185,12 +185,12 @@ def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
     generator = torch.Generator().manual_seed(0)
     for name, module in original.items():
         copy = loaded[name]
-        assert not copy.training and copy.model_config["hidden"] == module.model_config["hidden"]
+        assert not copy.training and copy.hidden == module.hidden == module.model_config["hidden"]
         state = module.state_dict()
         assert copy.state_dict().keys() == state.keys()
         assert all(torch.equal(copy.state_dict()[key], value) for key, value in state.items())
         assert isinstance(copy, TokenScorer) and copy.macs_per_token() == module.macs_per_token()
-        assert copy.observation_space == module.observation_space
+        assert copy.token_shape == module.token_shape == module.observation_space["tokens"].shape
         tokens = torch.randn(3, NUM_PATCHES, module.observation_space["tokens"].shape[1], generator=generator)
         live = (torch.rand(3, NUM_PATCHES, generator=generator) > 0.3).float()
         batch = {Columns.OBS: {"tokens": tokens, "live": live, "count": live.sum(1, keepdim=True) // 2}}
