@@ -52,6 +52,7 @@ from envs.vit.data import (
     load_split,
     split_class_names,
 )
+from envs.vit.device import describe_device, resolve_device
 from envs.vit.staged_vit import check_prunable
 
 STATE_FILE = "train_state.pt"
@@ -109,23 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")
     p.add_argument("--full-precision", dest="half", action="store_false", help="export float32 weights")
     return p
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device: auto, cpu, cuda, cuda:1, ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no GPU is visible")
-    return device
-
-
-def describe_device(device: torch.device) -> str:
-    """``cpu`` or ``cuda (NVIDIA H100 80GB HBM3)``: the card says which hardware its timings come from."""
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -3,6 +3,7 @@
     python evaluate.py --data-dir ../shared/data                   # the committed policy, test split
     python evaluate.py --checkpoint runs/marl/target_ratio=0.5/checkpoint_000005 --split val --limit 2000 --no-speed
     python evaluate.py --heuristics-only --backbone runs/backbone/backbone --data-dir ../shared/data  # no policy
+    python evaluate.py --data-dir ../shared/data --device cuda --dtype bfloat16 --speed-batch-sizes 1,256,1024
 
 No Ray cluster: only the policy modules are loaded from the checkpoint (from its export, safetensors and
 JSON, when it has one: ``policies.export``), and each row's pruned ViT (``policies.pruned_vit.PrunedViT``)
@@ -33,7 +34,13 @@ otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``e
 columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json). Learned and
 cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images`` validation
 images (with ``--split val``, on the evaluated images).
-Numbers other than timings are deterministic for the same inputs, ``--seed`` and ``--batch-size``.
+Every row runs on ``--device`` (a GPU when one is visible, by default): the backbone, the policy modules, the
+images, the heuristics, merging, ToMe and the cascade; in float32 or, with ``--dtype bfloat16``, every forward
+under ``torch.autocast`` to bfloat16 (the token counts stay exact; ties in the scores may break otherwise).
+Each row is timed at each of ``--speed-batch-sizes`` with the project's one timer, synchronised with the device
+(``envs.vit.timing``); results.json records the device, the dtype and which images were timed.
+Numbers other than timings are deterministic for the same inputs, ``--seed``, ``--batch-size``, ``--device``
+and ``--dtype``.
 """
 
 from __future__ import annotations
@@ -65,10 +72,12 @@ from envs.problem import ProblemError, PruningProblem, block_indices, budget_key
 from envs.results_table import (
     BASELINE,
     RESULT_FILES,
-    SPEED_BATCH,
-    SPEED_SINGLE_IMAGES,
+    SPEED_BATCH_SIZES,
+    SPEED_MIN_IMAGES,
     column_docs,
+    header_line,
     markdown_table,
+    speed_column,
     write_results,
 )
 from envs.vit.backbone_checkpoint import (
@@ -87,6 +96,7 @@ from envs.vit.data import (
     held_out_split,
     load_split,
 )
+from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import images_per_second
@@ -109,6 +119,8 @@ MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
 CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"}
 SIX_POINTS = (1, 3, 5, 7, 9, 11)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""``--dtype``: what every forward runs in (bfloat16 under ``torch.autocast``)."""
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -210,7 +222,7 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             model = method.model(staged, backbone_config, reduction)
             budget = exact_budget_gflops(ViTSpec.from_model(staged.vit), staged.prune_points, method.budget, reduction,
                                          "similarity").total
-            batches = (model.normalize(images) for images in calibration.batches(batch_size))
+            batches = (model.normalize(images.to(model.device)) for images in calibration.batches(batch_size))
             try:
                 threshold = model.calibrate(batches, budget)
             except ValueError as error:  # the first forward alone costs the budget
@@ -222,20 +234,21 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
 
 def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
             bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
-    """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split. Every
-    batch of images is read once for all models, so a streamed split is decoded once."""
+    """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split, on the
+    CPU. Every batch of images is read once for all models, so a streamed split is decoded once, and moved to
+    the models' device once; the predictions stay there until the end (no wait for the device per batch)."""
     predictions: dict[Method, list] = {method: [] for method in models}
     kept: dict[Method, list] = {method: [] for method in models}
-    normalize_images = next(iter(models.values())).normalize  # one backbone, one normalisation
+    first = next(iter(models.values()))  # one backbone: one device, one normalisation
     for images in split.batches(batch_size):
-        inputs = normalize_images(images)
+        inputs = first.normalize(images.to(first.device))
         for method, model in models.items():
             logits, batch_kept = model.forward_with_kept(inputs)
-            predictions[method].append(logits.argmax(dim=1).cpu())
-            kept[method].append(batch_kept.cpu())
+            predictions[method].append(logits.argmax(dim=1))
+            kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
         if bar is not None:
             bar.update()
-    return {method: (torch.cat(predictions[method]), torch.cat(kept[method])) for method in models}
+    return {method: (torch.cat(predictions[method]).cpu(), torch.cat(kept[method])) for method in models}
 
 
 def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -303,58 +316,87 @@ def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float
 
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
                      methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
-                     speed_repeats: int | None = 5, progress: bool = True,
+                     speed_repeats: int | None = 5, speed_batch_sizes: Sequence[int] = SPEED_BATCH_SIZES,
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                      calibration: ImageSplit | None = None, selection: ImageSplit | None = None) -> pd.DataFrame:
     """The results table: one row per method, the columns of ``envs.results_table.COLUMNS``.
 
-    ``speed_repeats=None`` skips the timings (their columns stay empty). ``calibration``: the images that
-    cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``. ``selection``: the
-    images the heuristic that learned rows are compared with is chosen on (:func:`best_heuristics`), held out
-    from ``split``; None: ``split`` itself.
+    Every row runs on ``device``: ``staged`` and the methods' policy modules are moved there (in place), and
+    each batch of images. Its forwards (calibration, accuracy, timing) run in ``dtype``: under
+    ``torch.autocast`` to it unless it is float32. ``speed_repeats=None`` skips the timings (their columns stay
+    empty); otherwise each row is timed at each of ``speed_batch_sizes`` (their columns in ascending order;
+    :func:`speed_images` says on which images), and ``speedup`` is at the largest. ``calibration``: the images
+    that cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``. ``selection``:
+    the images the heuristic that learned rows are compared with is chosen on (:func:`best_heuristics`), held
+    out from ``split``; None: ``split`` itself.
     """
-    staged = staged.eval()
-    methods = match_tome_cost(methods, staged, backbone_config, reduction)
-    methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
-    baseline = next((method for method in methods if method.selector == "baseline"), Method(BASELINE, "baseline"))
-    models = {method: method.model(staged, backbone_config, reduction, seed)
-              for method in [baseline, *(method for method in methods if method is not baseline)]}
-    with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
-              disable=not progress) as bar:
-        outputs = predict(models, split, batch_size, bar)
-    reference = outputs[baseline][0]
-    rows = [{"method": method.name, "budget": method.budget, **quality(outputs[method][0], split.labels, reference),
-             **cost(models[method], outputs[method][1])} for method in methods]
-    compared = [method for method in methods if method.selector in ("policy", "cascade")]
-    ranking = {}
-    if compared:
-        if selection is None:
-            ranking = best_heuristics(outputs, split.labels)
-        else:  # models built afresh, so that the Random row draws there as it draws in the table
-            heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
-                          if is_heuristic(method)}
-            ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
-    for row, method in zip(rows, methods, strict=True):
-        if method in compared:
-            best = next(m for m in ranking[method.budget] if m is not method)
-            row.update(versus_heuristics(method, best, methods, outputs, split.labels))
-    table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points))))
-    table["budget"] = table["budget"].astype(float)
-    if speed_repeats is not None:
-        images = speed_images(split, backbone_config)
-        for row, method in enumerate(tqdm(methods, desc="timing", unit="method", disable=not progress)):
-            run = method.model(staged, backbone_config, reduction, seed).forward_with_kept
-            table.loc[row, "images_per_s_b1"] = images_per_second(run, images[:SPEED_SINGLE_IMAGES], 1, speed_repeats)
-            table.loc[row, "images_per_s_b256"] = images_per_second(run, images, SPEED_BATCH, speed_repeats)
-        table["speedup"] = table["images_per_s_b256"] / table.loc[table["method"] == BASELINE,
-                                                                  "images_per_s_b256"].iloc[0]
+    device, speed_batch_sizes = torch.device(device), sorted(set(speed_batch_sizes))
+    staged = staged.eval().to(device)
+    for method in methods:
+        for module in method.modules.values():
+            module.to(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        methods = match_tome_cost(methods, staged, backbone_config, reduction)
+        methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
+        baseline = next((method for method in methods if method.selector == "baseline"),
+                        Method(BASELINE, "baseline"))
+        models = {method: method.model(staged, backbone_config, reduction, seed)
+                  for method in [baseline, *(method for method in methods if method is not baseline)]}
+        with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
+                  disable=not progress) as bar:
+            outputs = predict(models, split, batch_size, bar)
+        reference = outputs[baseline][0]
+        rows = [{"method": method.name, "budget": method.budget,
+                 **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1])}
+                for method in methods]
+        compared = [method for method in methods if method.selector in ("policy", "cascade")]
+        ranking = {}
+        if compared:
+            if selection is None:
+                ranking = best_heuristics(outputs, split.labels)
+            else:  # models built afresh, so that the Random row draws there as it draws in the table
+                heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
+                              if is_heuristic(method)}
+                ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
+        for row, method in zip(rows, methods, strict=True):
+            if method in compared:
+                best = next(m for m in ranking[method.budget] if m is not method)
+                row.update(versus_heuristics(method, best, methods, outputs, split.labels))
+        table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points), speed_batch_sizes)))
+        table["budget"] = table["budget"].astype(float)
+        if speed_repeats is not None:
+            images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
+            for row, method in enumerate(tqdm(methods, desc="timing", unit="method", disable=not progress)):
+                run = method.model(staged, backbone_config, reduction, seed).forward_with_kept
+                for size in speed_batch_sizes:
+                    table.loc[row, speed_column(size)] = images_per_second(run, images[:timed_images(size)], size,
+                                                                           speed_repeats)
+            largest = speed_column(max(speed_batch_sizes))
+            table["speedup"] = table[largest] / table.loc[table["method"] == BASELINE, largest].iloc[0]
     return table
 
 
-def speed_images(split: ImageSplit, backbone_config: Mapping[str, Any]) -> torch.Tensor:
-    """``SPEED_BATCH`` normalised images of the split, repeated when it has fewer."""
-    count = min(len(split), SPEED_BATCH)
-    images = normalize(split.images[:count], backbone_config)
-    return images.repeat(math.ceil(SPEED_BATCH / count), 1, 1, 1)[:SPEED_BATCH]
+def timed_images(batch_size: int) -> int:
+    """The images of one timed pass at ``batch_size``: whole batches, at least ``SPEED_MIN_IMAGES``."""
+    return batch_size * math.ceil(SPEED_MIN_IMAGES / batch_size)
+
+
+def speed_images(split: ImageSplit, backbone_config: Mapping[str, Any], count: int,
+                 device: torch.device) -> torch.Tensor:
+    """``count`` normalised images on ``device``: the split's first, repeated when it has fewer, so that a batch
+    is timed at the size asked, not at the split's (:func:`speed_note` says so in the results)."""
+    distinct = min(len(split), count)
+    images = normalize(split.images[:distinct].to(device), backbone_config)
+    return images.repeat(math.ceil(count / distinct), 1, 1, 1)[:count]
+
+
+def speed_note(split_images: int, batch_sizes: Sequence[int]) -> str:
+    """Which images :func:`speed_images` times for a split of ``split_images``, for the results' settings: how
+    many distinct ones, and the batch sizes whose passes repeat them."""
+    needed = {size: timed_images(size) for size in batch_sizes}
+    repeated = [str(size) for size, count in needed.items() if count > split_images]
+    note = f"the split's first {min(split_images, max(needed.values()))} images"
+    return note + (f", repeated to fill the passes at batch sizes {', '.join(repeated)}" if repeated else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "per budget, so that it is not chosen on the test images (with --split val: the "
                              "evaluated images; default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="default: %(default)s")
+    parser.add_argument("--device", default="auto",
+                        help=f"where every row runs: {DEVICE_CHOICES} (default: %(default)s, a GPU when one is "
+                             "visible)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="bfloat16 runs every forward under torch.autocast to it (default: %(default)s)")
+    parser.add_argument("--speed-batch-sizes", type=_batch_sizes, default=SPEED_BATCH_SIZES, metavar="N,...",
+                        help="batch sizes timed, one images_per_s_bN column each; speedup is at the largest "
+                             "(default: 1,256)")
     parser.add_argument("--speed-repeats", type=positive_int, default=5, help="timed passes (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: 0)")
@@ -404,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _budgets(text: str) -> list[float]:
     """``0.3,0.5,0.7`` -> sorted distinct ratios."""
     return sorted(set(removal_ratios(text)))
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``1,256,1024`` -> the distinct batch sizes, ascending."""
+    sizes = sorted({positive_int(part.strip()) for part in text.split(",") if part.strip()})
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected batch sizes, comma-separated, got {text!r}")
+    return tuple(sizes)
 
 
 def _cascade_ratios(text: str) -> tuple[float, float]:
@@ -440,6 +498,10 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
     budgets = args.budgets
     if args.heuristics_only:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
@@ -516,20 +578,24 @@ def run(args: argparse.Namespace) -> int:
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
+                             speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
                              calibration=calibration, selection=selection)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
                 "iteration": iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
+                "device": describe_device(device), "dtype": args.dtype,
                 "speed_repeats": None if args.no_speed else args.speed_repeats,
+                "speed_batch_sizes": list(args.speed_batch_sizes),
+                "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
                 "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},
                 "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
                                              if selection is not None else "the evaluated images"),
                 "torch_threads": torch.get_num_threads(), "versions": versions_line()}
-    print(markdown_table(table))
+    print(f"{header_line(settings)}\n\n{markdown_table(table)}")
     paths = write_results(table, output_dir, settings)
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0

@@ -24,6 +24,7 @@ from timm.optim import create_optimizer_v2
 
 import backbone
 from envs.vit.backbone_checkpoint import create_vit, normalize
+from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import median_seconds
 
 EPOCH_IMAGES = 45_000  # the CIFAR-10 train split minus the 5,000 validation images
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    device = backbone.resolve_device(args.device)
+    device = resolve_device(args.device)
     amp = not args.no_amp
     kwargs = backbone.parse_kwargs(args.model_kwargs)
     size = kwargs.get("img_size", 224)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = backbone.describe_device(backbone.resolve_device(args.device))
+    device = describe_device(resolve_device(args.device))
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, "
           f"{'bf16 autocast' if not args.no_amp else 'float32'}, {device}, torch {torch.__version__}")
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")

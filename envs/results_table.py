@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-SPEED_BATCH = 256
-"""Images of the batched timing."""
-SPEED_SINGLE_IMAGES = 8
-"""Images timed one at a time."""
+SPEED_BATCH_SIZES: tuple[int, ...] = (1, 256)
+"""The batch sizes timed by default (evaluate.py's ``--speed-batch-sizes``), one ``images_per_s_b{n}`` column
+each; the committed results have these two."""
+SPEED_MIN_IMAGES = 8
+"""The fewest images a timed pass runs: at batch 1, eight one at a time, so one call's noise is not the
+measurement."""
 BASELINE = "Baseline (unpruned)"
 """The unpruned row: the reference of ``agreement`` and ``speedup``."""
 
-COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio_s{i} repeats per pruning point
+COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio_s{i} repeats per pruning point,
+    # images_per_s_b{n} per batch size timed
     "method": "how tokens are chosen (see evaluate.py's docstring)",
     "budget": "target_ratio: fraction of live patch tokens removed at each pruning point (blank: unpruned)",
     "accuracy": "top-1 accuracy vs the labels, %",
@@ -33,10 +36,11 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
                        "which merges in every block: entering stage {i}",
     "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it); the keep "
                   "ratios are blank for cascade rows, whose images run one forward or two",
-    "images_per_s_b1": f"images/s, one at a time ({SPEED_SINGLE_IMAGES} images), median of repeats "
-                       "(features and policies included, input normalisation excluded)",
-    "images_per_s_b256": f"images/s, one batch of {SPEED_BATCH}, median of repeats",
-    "speedup": "images_per_s_b256 / the Baseline's",
+    "images_per_s_b{n}": "images/s in batches of {n}, median of repeated passes, each of whole batches and at "
+                         f"least {SPEED_MIN_IMAGES} images, on settings.device in settings.dtype, after a warm-up "
+                         "pass (features and policies included, input normalisation excluded; settings.speed_images "
+                         "says which images)",
+    "speedup": "{largest} / the Baseline's: at the largest batch size timed",
     "best_heuristic": "learned and cascade rows: the heuristic row at the same budget (ToMe and greedy "
                       "similarity's cascade included) most accurate on validation images "
                       "(settings.best_heuristic_chosen_on; with --split val, the evaluated ones), never on the "
@@ -51,13 +55,31 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
 }
 
 
-def column_docs(num_points: int) -> dict[str, str]:
-    """:data:`COLUMNS` with one ``keep_ratio_s{i}`` per pruning point."""
+HEADER_SETTINGS = ("dataset", "split", "images", "device", "dtype", "speed_images")
+"""The settings printed and written above the table, so that a table copied alone still names the machine and
+precision it was measured in."""
+
+
+def speed_column(batch_size: int) -> str:
+    """The images/s column of ``batch_size``: ``images_per_s_b256``."""
+    return f"images_per_s_b{batch_size}"
+
+
+def column_docs(num_points: int, batch_sizes: Sequence[int] = SPEED_BATCH_SIZES) -> dict[str, str]:
+    """:data:`COLUMNS` with one ``keep_ratio_s{i}`` per pruning point and one ``images_per_s_b{n}`` per batch
+    size timed."""
     docs = {}
     for column, doc in COLUMNS.items():
-        stages = range(1, num_points + 1) if "{i}" in column else [None]
-        docs.update({column.format(i=i): doc.format(i=i) for i in stages})
+        values = ([{"i": i} for i in range(1, num_points + 1)] if "{i}" in column else
+                  [{"n": n} for n in batch_sizes] if "{n}" in column else [{}])
+        docs.update({column.format(**value): doc.format(largest=speed_column(max(batch_sizes)), **value)
+                     for value in values})
     return docs
+
+
+def header_line(settings: Mapping[str, Any]) -> str:
+    """The :data:`HEADER_SETTINGS` among ``settings``, one line: ``dataset: cifar10; ...; device: cpu; ...``."""
+    return "; ".join(f"{key}: {settings[key]}" for key in HEADER_SETTINGS if settings.get(key) is not None)
 
 
 def _format(column: str, value: Any) -> str:
@@ -106,14 +128,15 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     """results.csv, results.json, results.md and, with more than one budget, accuracy_vs_gflops.png (an older
     plot is removed otherwise: it would not show these results)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    docs = column_docs(len(settings["prune_points"]))
+    docs = column_docs(len(settings["prune_points"]), settings.get("speed_batch_sizes", SPEED_BATCH_SIZES))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
     paths = [output_dir / name for name in TABLE_FILES]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps({"settings": settings, "columns": docs, "rows": records}, indent=2) + "\n")
     legend = "\n".join(f"- `{column}`: {doc}" for column, doc in docs.items())
     setting_lines = "\n".join(f"- {key}: `{value}`" for key, value in settings.items())
-    paths[2].write_text(f"# Token pruning results\n\n{markdown_table(table)}\n\n## Columns\n\n{legend}\n\n"
+    paths[2].write_text(f"# Token pruning results\n\n{header_line(settings)}\n\n{markdown_table(table)}\n\n"
+                        f"## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
     plot = output_dir / PLOT_FILE
     if table["budget"].nunique() > 1:

@@ -65,6 +65,11 @@ class CascadeViT(nn.Module):
         self.eval()
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (:attr:`PrunedViT.device`)."""
+        return self.first.device
+
+    @property
     def backbone_config(self) -> dict[str, Any]:
         """The backbone checkpoint's config, as :class:`PrunedViT` has it."""
         return self.first.backbone_config

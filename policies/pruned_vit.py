@@ -166,18 +166,26 @@ class PrunedViT(nn.Module):
     @torch.inference_mode()
     def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, num_classes]`` and ``kept [B, num_stages]`` long, the patch tokens each image has
-        alive in each stage (the first stage has all of them), of normalised ``images [B, 3, H, W]``."""
+        alive in each stage (the first stage has all of them), of normalised ``images [B, 3, H, W]``.
+
+        The logits are where the images are; ``kept`` is on the CPU wherever they are: the counts are known on
+        the host, and a copy to a GPU would wait for it.
+        """
         staged = self.staged
         if self.selection is None:
-            return staged.vit(images), torch.tensor(self.schedule()).expand(len(images), -1)
+            return staged.vit(images), self._scheduled_kept(len(images))
         if self.selection == "tome":
-            return tome_forward(staged, images, self.tome_merges), torch.tensor(self.schedule()).expand(len(images), -1)
+            return tome_forward(staged, images, self.tome_merges), self._scheduled_kept(len(images))
         if self.selection == "policy":
             select = policy_selector(self.policies, staged, self.budget, self.protected_share)
         else:
             select = heuristic_selector(self.selection, self._random_generator(images.device))
         return exact_forward(staged, images, select, self.budget, self.reduction,
                              attention_score=self._scores() in ("attention", "agents"))
+
+    def _scheduled_kept(self, batch: int) -> torch.Tensor:
+        """``kept [batch, num_stages]`` on the CPU of a selection that keeps :meth:`schedule` on every image."""
+        return torch.tensor(self.schedule(), device="cpu").expand(batch, -1)
 
     def _random_generator(self, device: torch.device) -> torch.Generator:
         """The random heuristic's generator, seeded when first used on ``device``; later batches continue it."""

@@ -7,6 +7,7 @@ one it claims to be.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -21,12 +22,13 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
-from envs.problem import POLICIES, PruningProblem
+from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.results_table import write_results
 from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
 from envs.vit.data import ImageSplit, load_split
+from envs.vit.device import describe_device, resolve_device
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
 from envs.vit.pruned_forward import TokenState, initial_state
@@ -65,8 +67,9 @@ def split(data_dir):
 
 
 def cli(checkpoint: Path, data_dir: Path, output: Path, *extra: str) -> list[str]:
+    """On the CPU wherever the tests run, so that the numbers compared with CPU computations are those."""
     return ["--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--limit", str(LIMIT),
-            "--output-dir", str(output), "--batch-size", "24", "--selection-images", "48", *extra]
+            "--output-dir", str(output), "--batch-size", "24", "--selection-images", "48", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,11 @@ def test_rows_columns_and_files(results):
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
     assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
-    assert re.search(r"\| method +\| +budget \|", (output / "results.md").read_text())
+    assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images")} == {
+        "device": "cpu", "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None}
+    markdown = (output / "results.md").read_text()
+    assert re.search(r"\| method +\| +budget \|", markdown)
+    assert f"dataset: cifar10; split: test; images: {LIMIT}; device: cpu; dtype: float32\n" in markdown
     quality = table[["accuracy", "f1_macro", "agreement"]]
     assert ((quality >= 0) & (quality <= 100)).all().all()
 
@@ -146,6 +153,68 @@ def test_deterministic(results, tiny_policy, data_dir, tmp_path):
     assert (tmp_path / "again" / "results.csv").read_text() == (output / "results.csv").read_text()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+"""Where the device tests run: the CPU, and a GPU where one is visible."""
+
+
+@pytest.fixture
+def forwards(monkeypatch) -> set[tuple[str, bool, torch.dtype]]:
+    """Filled as the test runs: the device type of the images each PrunedViT forward gets, whether autocast is on
+    there and to which dtype."""
+    seen = set()
+    forward_with_kept = PrunedViT.forward_with_kept
+
+    def spy(self, images):
+        kind = images.device.type
+        seen.add((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)))
+        return forward_with_kept(self, images)
+
+    monkeypatch.setattr(PrunedViT, "forward_with_kept", spy)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_rows_run_on_the_device_and_keep_their_token_counts(device, forwards, results, tiny_policy, data_dir,
+                                                                     tmp_path, capsys):
+    """--dtype bfloat16: every forward of every row (calibration, selection, accuracy) gets its images on --device
+    and runs under autocast to bfloat16; each pruned row still keeps the budget's token counts (its keep ratios
+    and GFLOPs are the float32 run's); results.json and the printed header name the device and the dtype."""
+    output = tmp_path / "out"
+    assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--limit", "8", "--selection-images",
+                             "8", "--device", device, "--dtype", "bfloat16", "--no-speed", "--cascade", "0.8,0.3",
+                             "--cascade-points", "1,3", "--calibration-images", "8")) == 0
+    assert forwards == {(device, True, torch.bfloat16)}
+    table = pd.read_csv(output / "results.csv")
+    exact = ["gflops", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3"]
+    for method in HEURISTIC_ROWS + MARL_ROWS:
+        assert rows(table, method).loc[0.5, exact].tolist() == pytest.approx(
+            rows(results[1], method).loc[0.5, exact].tolist())
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    assert settings["device"] == describe_device(resolve_device(device)) and settings["dtype"] == "bfloat16"
+    assert f"images: 8; device: {settings['device']}; dtype: bfloat16\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_staged, split):
+    """One images/s column per batch size asked (the defaults' are the committed results' columns), speedup at the
+    largest; timed on the device, in the dtype asked."""
+    modules, _ = load_policies(tiny_policy)
+    methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO),
+               evaluate.Method("ToMe", "tome", TARGET_RATIO), evaluate.Method("MARL exact", "policy", TARGET_RATIO,
+                                                                               modules)]
+    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
+    staged = copy.deepcopy(tiny_staged[0])  # moved to the device in place
+    table = evaluate.evaluate_methods(staged, tiny_staged[1], small, methods, "merge", speed_repeats=1,
+                                      speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16, progress=False)
+    assert forwards == {(device, True, torch.bfloat16)}
+    timing = ["images_per_s_b4", "images_per_s_b8", "speedup"]
+    first, last = COLUMNS.index(TIMING[0]), COLUMNS.index(TIMING[-1])
+    assert list(table.columns) == [*COLUMNS[:first], *timing, *COLUMNS[last + 1:]]
+    assert (table[timing] > 0).all().all() and table.loc[0, "method"] == "Baseline (unpruned)"
+    largest = table["images_per_s_b8"]
+    assert table["speedup"].tolist() == pytest.approx((largest / largest[0]).tolist())
+
+
 def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_policy, tiny_backbone, data_dir,
                                                                tiny_staged, tmp_path):
     """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
@@ -168,14 +237,15 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
     assert (tables["forced"].loc[pruned, "agreement"] != merged.loc[pruned, "agreement"]).any()
 
 
-def test_timings(tiny_policy, tiny_staged, split):
-    modules, _ = load_policies(tiny_policy)
-    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, PruningProblem())})
-    small = type(split)(split.images[:16], split.labels[:16], split.class_names)
-    table = evaluate.evaluate_methods(tiny_staged[0], tiny_staged[1], small, methods, "merge", speed_repeats=1,
-                                      progress=False)
-    assert (table[TIMING] > 0).all().all()
-    assert table.loc[0, "speedup"] == 1.0
+def test_timed_images_fill_every_batch_and_say_so(split, tiny_staged):
+    """A batch larger than the split is timed at its size, on the split's images repeated, and the results say so."""
+    images = evaluate.speed_images(split, tiny_staged[1], 2 * LIMIT, torch.device("cpu"))
+    assert images.shape == (2 * LIMIT, 3, 32, 32) and torch.equal(images[:LIMIT], images[LIMIT:])
+    torch.testing.assert_close(images[:LIMIT], normalize(split.images, tiny_staged[1]))
+    assert [evaluate.timed_images(size) for size in (1, 3, 8, 256)] == [8, 9, 8, 256]
+    assert evaluate.speed_note(LIMIT, (1, 256, 1024)) == (
+        f"the split's first {LIMIT} images, repeated to fill the passes at batch sizes 256, 1024")
+    assert evaluate.speed_note(5000, (1, 256, 1024)) == "the split's first 1024 images"
 
 
 # -- the pruned forwards behind the MARL rows --------------------------------------------------------------
@@ -309,9 +379,14 @@ def truncated(path: Path) -> Path:
     ("cascade_first_forward_too_dear", "cascade (0.1, 0.05): the first forward costs"),
     ("no_validation_to_choose_on", "the best heuristic of each budget is chosen on validation images: validation "
                                    "size 60000 must be between 1 and 49999"),
+    ("device_not_a_device", "--device 'bogus' is not a torch device: auto, cpu, cuda, cuda:1, ..."),
+    ("device_without_gpu", "--device cuda requested but no GPU is visible"),
+    ("device_of_another_kind", "--device 'meta': this project runs on the CPU or a CUDA GPU"),
+    ("bad_dtype", "argument --dtype: invalid choice: 'float16'"),
+    ("bad_speed_batch_sizes", "argument --speed-batch-sizes: must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
-                                               capsys):
+                                               capsys, monkeypatch):
     path, extra, data, output = tiny_policy, [], data_dir, tmp_path / "out"
     if case == "missing":
         path = tmp_path / "nowhere"
@@ -356,6 +431,14 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
     elif case == "extra_checkpoint_other_reduction":
         other = write_checkpoint(tmp_path / "ckpt", tiny_backbone, target_ratio=0.3, reduction="drop")
         extra = ["--checkpoints-per-budget", f"0.3={other}"]
+    elif case.startswith("device"):
+        extra = ["--device", {"device_not_a_device": "bogus", "device_without_gpu": "cuda",
+                              "device_of_another_kind": "meta"}[case]]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU-less machine, wherever this runs
+    elif case == "bad_dtype":
+        extra = ["--dtype", "float16"]
+    elif case == "bad_speed_batch_sizes":
+        extra = ["--speed-batch-sizes", "1,0"]
     elif case.startswith("cascade"):
         extra = ["--cascade", {"cascade_of_one_ratio": "0.6", "cascade_first_forward_too_dear": "0.1,0.05"}.get(
                      case, "0.6,0.2"),

@@ -25,6 +25,7 @@ from envs.vit.data import DATA_DIR_ENV
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
+from policies.cascade import CascadeViT
 from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.export import (
@@ -37,7 +38,7 @@ from policies.export import (
 )
 from policies.export import main as export_main
 from policies.heuristics import HEURISTICS, heuristic_selector
-from policies.pruned_vit import PrunedViT
+from policies.pruned_vit import SELECTIONS, PrunedViT
 from policies.token_scorer import TokenScorer
 from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
 
@@ -115,6 +116,24 @@ def test_to_device_moves_backbone_and_policies(exported, images):
     assert any(p is q for p in model.parameters() for q in model.policies["attention"].parameters())
     torch.testing.assert_close(model(images), logits, rtol=0, atol=0)
     assert not model.training and torch.is_inference(logits)
+
+
+def test_every_forward_makes_its_tensors_where_the_images_are(exported, tiny_staged, images):
+    """No forward makes a tensor on the default device: on a GPU that would be the CPU, beside images on the GPU.
+    With meta as the default device such a tensor cannot meet the CPU images, so every selection, the agents and
+    a cascade run only if each tensor is made where the images are (or, for the kept counts, on the CPU,
+    deliberately)."""
+    staged, config = tiny_staged
+    modules = dict(PrunedViT.from_checkpoint(exported).policies)
+    models = [PrunedViT(staged, config), *(PrunedViT(staged, config, name, TARGET_RATIO) for name in SELECTIONS),
+              PrunedViT(staged, config, modules, TARGET_RATIO),
+              CascadeViT(PrunedViT(staged, config, "similarity", 0.8), PrunedViT(staged, config, modules, 0.3), -1.0)]
+    torch.set_default_device("meta")
+    try:
+        outputs = [model.forward_with_kept(images) for model in models]
+    finally:
+        torch.set_default_device(None)
+    assert {(logits.device.type, kept.device.type) for logits, kept in outputs} == {("cpu", "cpu")}
 
 
 def test_budget_override_changes_the_kept_counts(exported, images):

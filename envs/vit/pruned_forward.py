@@ -93,19 +93,21 @@ def effective_keep(state: TokenState, keep: torch.Tensor) -> torch.Tensor:
 
 
 def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reduction: str,
-               attention_score: bool = True) -> TokenState:
+               attention_score: bool = True, count: int | None = None) -> TokenState:
     """Apply ``keep [B, W]`` (bool, any count per image) at the pruning point ``state`` waits at, then run
     the next stage (with the class-token attention when ``attention_score`` and a pruning point follows it).
 
     The tokens not kept are merged into the kept ones or dropped (``reduction``, ``envs.vit.token_merge``);
     the survivors are packed first (:func:`envs.vit.token_ops.pack_keep_mask`) and attention is masked only
-    when images keep different counts.
+    when images keep different counts. ``count``: the live tokens every image keeps, where the caller has
+    checked it (an exact budget, at least 1): the step then reads nothing back from the device, which on a
+    GPU would wait for the work queued before it.
     """
     prefix = state.tokens.shape[1] - state.live.shape[1]
-    index, live = pack_keep_mask(effective_keep(state, keep), state.live)
+    index, live = pack_keep_mask(effective_keep(state, keep) if count is None else keep, state.live, count)
     tokens, size = reduce_tokens(state.tokens, state.size, state.live, index, live, prefix, reduction)
     stage = state.stage + 1
-    padded = not bool(live.all())
+    padded = count is None and not bool(live.all())
     tokens, cls_attention = staged.forward_stage(tokens, stage, live if padded else None,
                                                  size if reduction == "merge" else None,
                                                  attention_score=attention_score and stage < len(staged.prune_points))
@@ -141,7 +143,7 @@ def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, t
     before it (the training engine, search over selectors) do not run them again.
 
     Returns the logits and ``kept [B, num_stages - state.stage]``, the patch tokens alive in each stage from
-    ``state``'s on.
+    ``state``'s on, on the CPU (the counts are known on the host; a copy to a GPU would wait for it).
     """
     if state.padded:
         raise ValueError("exact_forward_from starts from a state whose images keep the same tokens' count")
@@ -152,6 +154,6 @@ def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, t
         if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
-        state = prune_step(staged, state, keep, reduction, attention_score)
+        state = prune_step(staged, state, keep, reduction, attention_score, count=k)
         kept.append(k)
-    return classify(staged, state, reduction), torch.tensor(kept).expand(len(state.live), -1)
+    return classify(staged, state, reduction), torch.tensor(kept, device="cpu").expand(len(state.live), -1)

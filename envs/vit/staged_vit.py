@@ -58,13 +58,17 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Te
 
 def attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
                training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` with an additive key bias; also returns ``q``, ``k`` for the scores."""
+    """timm ``Attention.forward`` with an additive key bias; also returns ``q``, ``k`` for the scores.
+
+    The bias is cast to the queries' dtype (bfloat16 under autocast), which the fused GPU attention kernels
+    require of a float mask."""
     B, T, _ = x.shape
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_bias, dropout_p=attn.attn_drop.p if training else 0.0)
+        q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
+        dropout_p=attn.attn_drop.p if training else 0.0)
     out = attn.norm(out.transpose(1, 2).flatten(2))
     return attn.proj_drop(attn.proj(out)), q, k
 

@@ -63,7 +63,8 @@ def highest(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     return rank < count
 
 
-def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor,
+                   count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn per-image keep decisions of different counts into one padded index for :func:`gather_tokens`.
 
     Kept live tokens come first, in their original order; rows are padded to the largest kept count,
@@ -72,13 +73,15 @@ def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor
     Args:
         keep: ``[B, N]`` bool decisions; ignored where ``live`` is False.
         live: ``[B, N]`` bool.
+        count: the kept live tokens of every image, where the caller knows it (an exact budget): ``K_max``
+            is then not read back from the device.
 
     Returns:
         ``index [B, K_max]`` long and ``live_after [B, K_max]`` bool.
     """
     kept = keep & live
     counts = kept.sum(dim=1)
-    k_max = int(counts.max()) if counts.numel() else 0
+    k_max = count if count is not None else int(counts.max()) if counts.numel() else 0
     order = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :k_max]
     live_after = torch.arange(k_max, device=keep.device) < counts.unsqueeze(1)
     return order.masked_fill(~live_after, 0), live_after

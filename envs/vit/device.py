@@ -1,0 +1,42 @@
+"""Where a command runs: the ``--device`` of backbone.py and evaluate.py, and how results name it.
+
+Both commands take the same names (``auto``: the GPU when one is visible, else the CPU) and refuse the same
+bad ones with a message meant for the user as is. Results record :func:`describe_device`, so that a
+timing says which hardware it comes from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:1, ..."
+"""The ``--device`` names, as the commands' help and errors list them."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device name`` means; a ValueError naming the problem for a name that is no torch device,
+    a device other than the CPU or a CUDA GPU (the timers synchronise with those only, ``envs.vit.timing``),
+    or a GPU that is not visible. A GPU comes with its index (``cuda`` is ``cuda:0``), as its tensors report
+    theirs."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device: {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r}: this project runs on the CPU or a CUDA GPU ({DEVICE_CHOICES})")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but no GPU is visible")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: {torch.cuda.device_count()} GPU(s) visible, cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: the card says which hardware its timings come from."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
