@@ -42,12 +42,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from backbone import describe_device, resolve_device
 from envs.problem import PruningProblem
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
+from envs.vit.device import describe_device, resolve_device
 from envs.vit.flops import ViTSpec, backbone_gflops, heuristic_schedule, schedule_tokens
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
