@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from envs.vit.augment import OPS, RandAugment, affine, random_crop_flip
+from envs.vit.augment import OPS, RandAugment, random_crop_flip, source_grid, warp
 
 AUGMENT = RandAugment(num_ops=2, magnitude=9)
 
@@ -63,7 +63,7 @@ def test_ops_do_what_they_say_on_a_hand_made_image():
     moved = small.apply("translate_x", image, one)  # int(150 / 331 * 8 * 0.3) = 1 pixel to the right
     assert moved[0, 0, 2, 4] == 200 and moved.sum() == image.sum()
     assert torch.equal(small.apply("translate_y", image, -one)[0, :, 1, 3], image[0, :, 2, 3])  # one pixel up
-    quarter = affine(image, angle=90 * one, shear=(0 * one, 0 * one), translate=(0 * one, 0 * one))
+    quarter = warp(image, source_grid(8, 8, image.device, angle=90))
     assert torch.equal(quarter, torch.rot90(image, 1, dims=(-2, -1)))  # counter-clockwise
     levels = torch.arange(0, 256, dtype=torch.float32).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     assert torch.equal(RandAugment(1, 30).apply("solarize", levels, one), 255 - levels)  # threshold 0: invert

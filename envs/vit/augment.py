@@ -13,6 +13,9 @@ and rounds, so a result is a valid uint8 image after every op, as with torchvisi
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import equalize
@@ -22,6 +25,8 @@ NUM_BINS = 31  # torchvision's magnitude bins: magnitude m applies m/30 of each 
 # torchvision's RandAugment ops, in its order
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast",
        "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+GEOMETRY = {"rotate": "angle", "shear_x": "shear_x", "shear_y": "shear_y", "translate_x": "right",
+            "translate_y": "down"}  # the geometric ops and the argument of source_grid that each one sets
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -89,30 +94,28 @@ class RandAugment:
         sign = torch.randint(2, (slots,), generator=generator, device=x.device).float() * 2 - 1
         occupant = torch.zeros(slots, dtype=torch.long, device=x.device)
         occupant.scatter_(0, place, torch.arange(len(x), device=x.device))
-        done = [self.apply(name, images, signs)
-                for name, images, signs in zip(OPS, x[occupant].split(group), sign.split(group), strict=True)]
-        return torch.cat(done)[place]
+        groups = zip(OPS, x.index_select(0, occupant).split(group), sign.split(group), strict=True)
+        done = torch.cat([self.apply(name, images, signs) for name, images, signs in groups])
+        return done.index_select(0, place)
 
     def apply(self, name: str, x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
         """Op ``name`` of :data:`OPS` at this magnitude on float pixel values ``[n, 3, H, W]``, in the direction
         ``sign`` (+-1, ``[n]``) per image where the op has one."""
         height, width = x.shape[-2:]
-        geometry = {"rotate": self.degrees, "shear_x": self.shear, "shear_y": self.shear,
-                    "translate_x": int(self.translate * width), "translate_y": int(self.translate * height)}
-        if name in geometry:
-            amount = {key: sign * largest if key == name else torch.zeros_like(sign)
-                      for key, largest in geometry.items()}
-            return affine(x, angle=amount["rotate"], shear=(amount["shear_x"], amount["shear_y"]),
-                          translate=(amount["translate_x"], amount["translate_y"]))
-        factor = (1 + sign * self.enhance).view(-1, 1, 1, 1)
+        if name in GEOMETRY:
+            largest = {"rotate": self.degrees, "shear_x": self.shear, "shear_y": self.shear,
+                       "translate_x": int(self.translate * width), "translate_y": int(self.translate * height)}
+            forward, backward = (_op_grid(name, direction * largest[name], height, width, x.device)
+                                 for direction in (1, -1))
+            return warp(x, torch.where((sign > 0).view(-1, 1, 1, 1), forward, backward))
         if name == "brightness":
-            return blend(x, 0.0, factor)
+            return blend(x, 0.0, 1 + sign * self.enhance)
         if name == "color":
-            return blend(x, grayscale(x), factor)
+            return blend(x, grayscale(x), 1 + sign * self.enhance)
         if name == "contrast":
-            return blend(x, grayscale(x).mean((-3, -2, -1), keepdim=True), factor)
+            return blend(x, grayscale(x).mean((-3, -2, -1), keepdim=True), 1 + sign * self.enhance)
         if name == "sharpness":
-            return blend(x, blurred(x), factor)
+            return blend(x, blurred(x), 1 + sign * self.enhance)
         if name == "posterize":
             return posterize(x, self.bits)
         if name == "solarize":
@@ -126,28 +129,37 @@ class RandAugment:
         raise ValueError(f"unknown RandAugment op {name!r}: one of {', '.join(OPS)}")
 
 
-def affine(x: torch.Tensor, angle: torch.Tensor, shear: tuple[torch.Tensor, torch.Tensor],
-           translate: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per-image rotation by ``angle`` degrees counter-clockwise about the image centre, shear and translation,
-    each ``[B]``, as torchvision's Rotate, ShearX/ShearY and TranslateX/TranslateY do them: nearest pixel, black
-    outside. ``shear[0] = s`` moves the pixels of row y by -s (y + 1/2) columns (about the top-left corner),
-    ``shear[1]`` moves columns alike; ``translate`` moves the image right and down.
-
-    RandAugment makes one of them non-zero; several at once add their displacements of the sampling grid, which
-    is not their composition.
-    """
-    height, width = x.shape[-2:]
-    cols = torch.arange(width, device=x.device, dtype=x.dtype).view(1, 1, -1)
-    rows = torch.arange(height, device=x.device, dtype=x.dtype).view(1, -1, 1)
-    radians = torch.deg2rad(angle).view(-1, 1, 1)
-    cos, sin = radians.cos(), radians.sin()
-    shear_x, shear_y, right, down = (v.view(-1, 1, 1) for v in (*shear, *translate))
+def source_grid(height: int, width: int, device: torch.device | str, angle: float = 0.0, shear_x: float = 0.0,
+                shear_y: float = 0.0, right: float = 0.0, down: float = 0.0) -> torch.Tensor:
+    """Where each pixel of an ``height`` x ``width`` image takes its value from, ``[H, W, 2]`` in
+    ``grid_sample``'s coordinates (``align_corners=False``), for torchvision's Rotate, ShearX/ShearY and
+    TranslateX/TranslateY: rotation by ``angle`` degrees counter-clockwise about the image centre; shear
+    ``shear_x = s`` moves the pixels of row y by -s (y + 1/2) columns (about the top-left corner), ``shear_y``
+    moves columns alike; translation moves the image ``right`` and ``down`` by whole pixels. RandAugment sets
+    one of them; several at once add their displacements, which is not their composition. Built on
+    ``device`` from ``arange``, so nothing is copied from the host."""
+    cols = torch.arange(width, device=device, dtype=torch.float32).view(1, -1)
+    rows = torch.arange(height, device=device, dtype=torch.float32).view(-1, 1)
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    # the source pixel of output pixel (cols, rows): the inverse map; shear is about the corner (-0.5, -0.5)
+    # the inverse map: output pixel (cols, rows) samples input point (src_x, src_y)
     src_x = cx + cos * (cols - cx) - sin * (rows - cy) + shear_x * (rows + 0.5) - right
     src_y = cy + sin * (cols - cx) + cos * (rows - cy) + shear_y * (cols + 0.5) - down
-    grid = torch.stack(((2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1), dim=-1)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return torch.stack(((2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1), dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _op_grid(name: str, amount: float, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """:func:`source_grid` of geometric op ``name`` by ``amount``, built once per image size and device: a
+    step then picks each image's direction with one ``where`` instead of building its grid."""
+    return source_grid(height, width, device, **{GEOMETRY[name]: amount})
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` sampled at ``grid`` (``[B, H, W, 2]``, or ``[H, W, 2]`` for all images) as
+    torchvision's RandAugment samples: nearest pixel, black outside."""
+    return F.grid_sample(x, grid.expand(len(x), *grid.shape[-3:]), mode="nearest", padding_mode="zeros",
+                         align_corners=False)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +177,9 @@ def blurred(x: torch.Tensor) -> torch.Tensor:
 
 
 def blend(x: torch.Tensor, degenerate: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageEnhance: ``degenerate + factor (x - degenerate)``, rounded into [0, 255]."""
-    return (degenerate + factor * (x - degenerate)).clamp(0, 255).round()
+    """PIL's ImageEnhance: ``degenerate + factor (x - degenerate)`` with a factor ``[B]`` per image, rounded
+    into [0, 255]."""
+    return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp(0, 255).round()
 
 
 def posterize(x: torch.Tensor, bits: int) -> torch.Tensor:
