@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +159,7 @@ def make_mixup_and_loss(args: argparse.Namespace, num_classes: int):
     return mixup, SoftTargetCrossEntropy()
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainingStep:
     """What one training step uses, built once before the loop by :func:`build_training_step`.
 
