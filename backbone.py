@@ -2,16 +2,23 @@
 
 Reads the ``train`` split (minus the seeded ``val`` subset), picks nothing on ``test``, and reports
 test accuracy once at the end for the model card. Needs torch + timm + safetensors only (no Ray), so it
-runs on any GPU box. Decoded images live in one uint8 tensor on the device and are augmented there.
+runs on any GPU box. Decoded images live in one uint8 tensor on the device and are augmented there, per
+image (envs/vit/augment.py). A training step neither copies from the host nor reads a value back (a streamed
+split's batches arrive in page-locked memory, whose copy does not wait), so on a GPU the host queues steps
+ahead and the device sets the pace: the augmentation draws from one seeded generator on the device (saved for
+--resume with torch's and numpy's), AdamW is fused, and the loss is read once an epoch.
 
     python backbone.py --data-dir ../shared/data --output-dir runs/backbone
     python backbone.py --output-dir runs/backbone --resume      # continue after --time-limit or a crash
+    python backbone.py --data-dir ../shared/data --output-dir runs/backbone_fast --batch-size 1024 --compile
+                                                # the fast GPU recipe: not yet run on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -20,8 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -39,6 +46,7 @@ from cli import (
     non_negative_int,
     positive_int,
 )
+from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
 from envs.vit.data import (
     DEFAULT_SPLIT_SEED,
@@ -59,6 +67,7 @@ STATE_FILE = "train_state.pt"
 EXPORT_DIR = "backbone"
 STREAM_WORKERS = min(8, os.cpu_count() or 1)  # processes decoding a streamed training split ahead
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEFAULT_EPOCHS = 185
 
 
 def parse_kwargs(pairs: list[str]) -> dict:
@@ -75,6 +84,14 @@ def parse_kwargs(pairs: list[str]) -> dict:
     return kwargs
 
 
+def randaug_magnitude(text: str) -> int:
+    """An argparse ``type``: one of RandAugment's magnitude bins, 0 to 30."""
+    value = non_negative_int(text)
+    if value >= NUM_BINS:
+        raise argparse.ArgumentTypeError(f"must be at most {NUM_BINS - 1} (torchvision's bins), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
@@ -89,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use a seeded subset of N images of each split (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="schedule length (default 185); on --resume, a new length shortens or extends the schedule")
+                   help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
+                        f"the schedule")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate for batch 512 (scaled linearly)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
@@ -98,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (0 = off)")
     p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (0 = off)")
     p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (0 = off)")
-    p.add_argument("--randaug-magnitude", type=non_negative_int, default=9)
+    p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
+                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="train the model through torch.compile: compiling takes about a minute when the run (or a "
+                        "--resume) starts and pays off on long GPU runs; the weights saved are the same")
     p.add_argument("--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
                    help="stop (resumably) after the first epoch that ends past this many seconds")
     p.add_argument("--output-dir", default="runs/backbone")
@@ -112,36 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop after reflect padding, and horizontal flip, on a uint8 batch in place of PIL."""
-    batch, _, height, width = images.shape
-    padded = F.pad(images.float(), (padding,) * 4, mode="reflect")
-    dev = images.device
-    top = torch.randint(0, 2 * padding + 1, (batch, 1, 1), generator=generator).to(dev)
-    left = torch.randint(0, 2 * padding + 1, (batch, 1, 1), generator=generator).to(dev)
-    rows = (top + torch.arange(height, device=dev).view(1, -1, 1)).expand(batch, height, width)
-    cols = (left + torch.arange(width, device=dev).view(1, 1, -1)).expand(batch, height, width)
-    flip = torch.rand(batch, generator=generator).to(dev) < 0.5
-    cols = torch.where(flip.view(-1, 1, 1), padded.shape[-1] - 1 - cols, cols)
-    index = torch.arange(batch, device=dev).view(-1, 1, 1)
-    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2).to(torch.uint8)
-
-
-RANDAUG_CHUNKS = 8
-
-
-def make_randaugment(num_ops: int, magnitude: int):
-    """RandAugment with one op draw per chunk of the batch (8 chunks).
-
-    Drawing per image would cost a handful of kernel launches per image; per chunk keeps the GPU busy while
-    every epoch still sees each op on about every image.
-    """
-    if num_ops <= 0:
-        return None
-    from torchvision.transforms import v2
-
-    augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
-    return lambda images: torch.cat([augment(chunk) for chunk in images.tensor_split(RANDAUG_CHUNKS) if len(chunk)])
 
 
 def make_mixup_and_loss(args: argparse.Namespace, num_classes: int):
@@ -153,51 +145,131 @@ def make_mixup_and_loss(args: argparse.Namespace, num_classes: int):
     return mixup, SoftTargetCrossEntropy()
 
 
-def augment_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, randaugment, mixup,
-                  config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[B, 3, H, W]`` -> normalised, augmented float images and (soft, with mixup) targets."""
-    x = random_crop_flip(images, 4, generator)
-    if randaugment is not None:
-        x = randaugment(x)
-    x = normalize(x, config)
-    return mixup(x, labels) if mixup is not None else (x, labels)
+@dataclasses.dataclass
+class TrainingStep:
+    """What one training step uses, built once before the loop by :func:`build_training_step`.
+
+    A step neither copies a host tensor to the device nor reads a device value back, so on a GPU the host
+    queues steps ahead and the device sets the pace: the augmentation draws from ``generator``, which lives on
+    the training device (``envs.vit.augment``); normalize's mean and std are cached on the device; timm's
+    mixup draws its lambda and box with numpy on the host, which reach the kernels as Python numbers; AdamW is
+    fused, gradient clipping works on the whole list of gradients at once, the scheduler sets Python numbers,
+    and the loss is returned on the device.
+    """
+
+    model: torch.nn.Module  # what runs forward and backward: the model, or torch.compile's wrapper of it
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    criterion: torch.nn.Module
+    mixup: Mixup | None
+    randaugment: RandAugment | None
+    generator: torch.Generator  # on the training device: every random draw of the augmentation
+    config: dict  # the mean and std that normalize reads
+    amp: bool
+
+    def augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``[B, 3, H, W]`` -> normalised, augmented float images and (soft, with mixup) targets."""
+        x = random_crop_flip(images, 4, self.generator)
+        if self.randaugment is not None:
+            x = self.randaugment(x, self.generator)
+        x = normalize(x, self.config)
+        return self.mixup(x, labels) if self.mixup is not None else (x, labels)
+
+    def optimize(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One AdamW step (bf16 autocast, gradients clipped at norm 1); returns the detached loss, unsynced."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.criterion(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, update: int) -> torch.Tensor:
+        """Augment a batch, optimise on it, and set the learning rate that follows ``update`` updates."""
+        loss = self.optimize(*self.augment(images, labels))
+        self.scheduler.step_update(update)
+        return loss
 
 
-def optimize_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, optimizer,
-                  amp: bool) -> torch.Tensor:
-    """One AdamW step (bf16 autocast, gradients clipped at norm 1); returns the detached loss, unsynced."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = criterion(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss.detach()
+def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_classes: int, steps_per_epoch: int,
+                        config: dict, device: torch.device) -> TrainingStep:
+    """The recipe of ``args`` for ``model`` (on ``device``): fused AdamW with the learning rate scaled from batch
+    512, warm-up then cosine per update, mixup/cutmix and its loss, RandAugment, the augmentation generator
+    seeded with ``--seed``; with ``--compile`` the model trains through ``torch.compile``, whose wrapper shares
+    the model's parameters (so ``model.state_dict()`` stays the one to save)."""
+    lr = args.lr * args.batch_size / 512
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
+                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
+                                  t_in_epochs=False)
+    mixup, criterion = make_mixup_and_loss(args, num_classes)
+    return TrainingStep(model=torch.compile(model) if args.compile else model, optimizer=optimizer,
+                        scheduler=scheduler, criterion=criterion, mixup=mixup,
+                        randaugment=RandAugment(args.randaug, args.randaug_magnitude) if args.randaug > 0 else None,
+                        generator=torch.Generator(device).manual_seed(args.seed), config=config, amp=not args.no_amp)
+
+
+def restore_generator(generator: torch.Generator, state: dict, reseed: int) -> None:
+    """Continue the augmentation stream that ``train_state.pt`` saved. A stream saved on another kind of device
+    (or before the augmentation moved to the device: a CPU stream) cannot continue on this one, so the rest of
+    the run draws from a fresh stream seeded with ``reseed`` instead, and says so."""
+    saved_on = state.get("generator_device", "cpu")
+    if saved_on == generator.device.type:
+        generator.set_state(state["generator"])
+        return
+    generator.manual_seed(reseed)
+    print(f"note: the saved augmentation stream was drawn on {saved_on}; on {generator.device.type} the rest of "
+          f"the run draws a new one (seed {reseed}), so it will not repeat an uninterrupted run's augmentation")
+
+
+def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels: torch.Tensor, batch_size: int,
+              steps: int, updates_done: int, progress: str | None = None) -> torch.Tensor:
+    """``steps`` steps over ``images`` in an order drawn from the step's generator; returns the summed loss on
+    the device (reading it waits for the device, so the caller does that once an epoch). With ``progress``, a
+    progress bar of that name shows the loss every 20 steps, which waits for the device each time."""
+    device = labels.device
+    order = torch.randperm(len(labels), generator=step.generator, device=device)
+    bar = tqdm(epoch_batches(images, order, batch_size, steps, pin_memory=device.type == "cuda"), total=steps,
+               desc=progress, leave=False, disable=progress is None)
+    loss_sum = torch.zeros((), device=device)
+    for i, (batch, batch_images) in enumerate(bar):
+        loss = step(batch_images.to(device, non_blocking=True), labels[batch], updates_done + i + 1)
+        loss_sum += loss
+        if not bar.disable and i % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss_sum
 
 
 @torch.no_grad()
 def accuracy(model, split: ImageSplit, config, device, batch_size=512, amp=True) -> float:
+    """Top-1 accuracy on ``split``, counted on the device and read once."""
     model.eval()
-    correct, start = 0, 0
+    labels = split.labels.to(device)
+    correct, start = torch.zeros((), dtype=torch.long, device=device), 0
     for images in split.batches(batch_size):
         x = normalize(images.to(device), config)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            correct += (model(x).argmax(-1).cpu() == split.labels[start:start + len(images)]).sum().item()
+            correct += (model(x).argmax(-1) == labels[start:start + len(images)]).sum()
         start += len(images)
-    return correct / len(split)
+    return correct.item() / len(split)
 
 
-def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, batch_size: int,
-                  steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An epoch's ``steps`` batches in ``order``: ``(indices [B], uint8 images [B, 3, S, S])``. Decoded images
-    are indexed where they lie (the device); a streamed split is decoded ahead in DataLoader workers."""
-    batches = order[:steps * batch_size].split(batch_size)
+def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, batch_size: int, steps: int,
+                  pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An epoch's ``steps`` batches in ``order``: ``(indices [B], uint8 images [B, 3, S, S])``, the indices
+    where ``order`` lies. Decoded images are indexed where they lie (the device); a streamed split is decoded
+    ahead in DataLoader workers, which read the order from the host (one copy an epoch) and, with
+    ``pin_memory``, hand over page-locked batches that copy to a GPU without waiting for it."""
+    order = order[:steps * batch_size]
+    batches = order.split(batch_size)
     if isinstance(images, torch.Tensor):
         for batch in batches:
             yield batch, images[batch]
         return
-    loader = torch.utils.data.DataLoader(images, batch_sampler=[batch.tolist() for batch in batches],
-                                         num_workers=STREAM_WORKERS,
+    indices = [batch.tolist() for batch in order.cpu().split(batch_size)]
+    loader = torch.utils.data.DataLoader(images, batch_sampler=indices, num_workers=STREAM_WORKERS,
+                                         pin_memory=pin_memory,
                                          generator=torch.Generator())  # leaves the global RNG to the training
     yield from zip(batches, loader, strict=True)
 
@@ -250,6 +322,7 @@ def model_card(config: dict) -> str:
     rows = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['val_accuracy']:.2f} | {h['seconds']:.0f} |"
                      for h in config["history"])
     kwargs = ", ".join(f"{k}={v}" for k, v in config["model_kwargs"].items())
+    compiled = " (torch.compile)" if recipe.get("compiled") else ""
     sizes = config["split_sizes"]
     return f"""# {config['model_name']} ({kwargs}) on {config['dataset']}
 
@@ -267,7 +340,7 @@ Recipe: {recipe['epochs']} epochs{changes}, batch {recipe['batch_size']}, AdamW 
 images, scaled linearly), weight decay {recipe['weight_decay']}, {recipe['warmup_epochs']} warm-up epochs then
 cosine per step, label smoothing {recipe['label_smoothing']}, mixup {recipe['mixup']}, cutmix {recipe['cutmix']},
 RandAugment ops {recipe['randaug']}, random crop (pad 4) + flip, {recipe['amp']}, seed {recipe['seed']},
-on {recipe['device']} in {recipe['train_seconds'] / 60:.0f} min. {test_reading_note(config)}
+on {recipe['device']}{compiled} in {recipe['train_seconds'] / 60:.0f} min. {test_reading_note(config)}
 
 | epoch | train loss | val top-1 % | elapsed s |
 |---|---|---|---|
@@ -306,11 +379,11 @@ def train(args: argparse.Namespace) -> dict:
             print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
         args = argparse.Namespace(**{**saved, "resume": True, "time_limit": args.time_limit, "epochs": epochs,
                                      "schedule_changes": schedule, "device": args.device,
-                                     "output_dir": args.output_dir})
+                                     "compile": args.compile, "output_dir": args.output_dir})
     elif args.epochs is None:
-        args.epochs = 185
+        args.epochs = DEFAULT_EPOCHS
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    np.random.seed(args.seed)  # timm's mixup draws from numpy's global generator
 
     kwargs = parse_kwargs(args.model_kwargs)
     probe = create_vit(args.model, 1, kwargs)
@@ -336,6 +409,8 @@ def train(args: argparse.Namespace) -> dict:
         raise DataError(f"the test split's classes are not the training split's "
                         f"({class_difference(test_classes, train_split.class_names)}): fix the test split first")
     val_split = load_split(args.dataset, "val", **split_kw)
+    if not isinstance(val_split.images, StreamedImages):
+        val_split = dataclasses.replace(val_split, images=val_split.images.to(device))  # read every epoch
     num_classes = len(train_split.class_names)
     config = {"model_name": args.model, "model_kwargs": kwargs, "num_classes": num_classes,
               "class_names": list(train_split.class_names), "input_size": input_size,
@@ -347,22 +422,18 @@ def train(args: argparse.Namespace) -> dict:
 
     model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
-    lr = args.lr * args.batch_size / 512
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
-                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
-                                  t_in_epochs=False)
-    mixup, criterion = make_mixup_and_loss(args, num_classes)
-    randaugment = make_randaugment(args.randaug, args.randaug_magnitude)
+    step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
 
     history, start_epoch, test_readings = [], 0, []
     snapshot = state  # what train_state.pt holds now
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         history, start_epoch = state["history"], state["epoch"]
+        model.load_state_dict(state["model"])
+        step.optimizer.load_state_dict(state["optimizer"])
+        restore_generator(step.generator, state, reseed=args.seed + start_epoch)
+        torch.set_rng_state(state["torch_rng"])
+        if "numpy_rng" in state:  # saved since mixup's draws are seeded
+            np.random.set_state(state["numpy_rng"])
         test_readings = state.get("test_readings", [])
         print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
     out.mkdir(parents=True, exist_ok=True)
@@ -374,27 +445,17 @@ def train(args: argparse.Namespace) -> dict:
     began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        bar = tqdm(epoch_batches(images, order if streamed else order.to(device), args.batch_size, steps_per_epoch),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not sys.stderr.isatty())
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for step, (batch, batch_images) in enumerate(bar):
-            x, y = augment_batch(batch_images.to(device), labels[batch.to(device)], generator, randaugment, mixup,
-                                 config)
-            loss = optimize_step(model, x, y, criterion, optimizer, amp)
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            loss_sum += loss
-            if not bar.disable and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss_sum = run_epoch(step, images, labels, args.batch_size, steps_per_epoch, epoch * steps_per_epoch,
+                             progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
         mean_loss = loss_sum.item() / steps_per_epoch
         val_acc = accuracy(model, val_split, config, device, amp=amp)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "val_accuracy": val_acc,
                         "seconds": time.time() - began})
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
-        snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        snapshot = {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
+                    "generator": step.generator.get_state(), "generator_device": device.type,
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                     "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings}
         save_state(state_path, snapshot)
         over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
@@ -413,7 +474,7 @@ def train(args: argparse.Namespace) -> dict:
                                             "randaug_magnitude", "seed", "pretrained", "limit")}
     recipe["schedule_changes"] = getattr(args, "schedule_changes", [])
     recipe.update(optimizer="adamw (timm, no decay on norms/biases/pos-embed)", schedule="warmup + cosine per step",
-                  amp="bf16 autocast" if amp else "float32", device=describe_device(device),
+                  amp="bf16 autocast" if amp else "float32", device=describe_device(device), compiled=args.compile,
                   train_seconds=round(history[-1]["seconds"], 1) if history else 0)
     config.update(split_sizes={**config["split_sizes"], "test": len(test_split)}, recipe=recipe,
                   history=history, test_accuracy=test_acc, test_readings=test_readings,

@@ -1,15 +1,16 @@
 """Where one ``backbone.py`` training step spends its time, part by part, on the device it runs on.
 
 The reference backbone's H100 run took 43 ms per step of 256 images, while the same model evaluates at
-about 31,900 images/s: the loop, not the GPU, sets the pace. This times the step's parts with the same
-functions ``backbone.py`` uses, each followed by a device sync (so each row is that part alone), then the
-plain loop with no sync inside (what training gets). If the loop is slower than its parts' sum, or their
-sum is far above the forward/backward row, host work and host-device syncs dominate.
+about 31,900 images/s: the loop, not the GPU, set the pace. This times the step's parts with the objects
+``backbone.py`` builds (``build_training_step``), each followed by a device sync (so each row is that part
+alone), then ``backbone.run_epoch`` over ``--steps`` steps with no sync inside (what training gets). If the
+loop is slower than its parts' sum, or their sum is far above the forward/backward row, host work and
+host-device syncs dominate; if the loop is close to the forward/backward row, the device sets the pace.
 
 Needs torch + timm only (no data set: random uint8 images), so it runs on a bare GPU box::
 
     python -m benchmarks.backbone_step                          # the reference recipe, on cuda when present
-    python -m benchmarks.backbone_step --batch-size 1024 --randaug 0 --steps 20
+    python -m benchmarks.backbone_step --batch-size 1024 --compile --steps 20   # the fast GPU recipe
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2
 
 import backbone
+from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import median_seconds
@@ -43,34 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
-    amp = not args.no_amp
     kwargs = backbone.parse_kwargs(args.model_kwargs)
     size = kwargs.get("img_size", 224)
     config = {"mean": list(backbone.CIFAR_MEAN), "std": list(backbone.CIFAR_STD)}
     model = create_vit(args.model, args.num_classes, kwargs).to(device).train()
-    optimizer = create_optimizer_v2(model, "adamw", lr=args.lr * args.batch_size / 512,
-                                    weight_decay=args.weight_decay)
-    mixup, criterion = backbone.make_mixup_and_loss(args, args.num_classes)
-    randaugment = backbone.make_randaugment(args.randaug, args.randaug_magnitude)
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    cropped = backbone.random_crop_flip(images, 4, generator)
-    x, y = backbone.augment_batch(images, labels, generator, randaugment, mixup, config)
+    args.epochs = args.epochs or backbone.DEFAULT_EPOCHS
+    step = backbone.build_training_step(args, model, args.num_classes, EPOCH_IMAGES // args.batch_size, config,
+                                        device)
+    images = torch.randint(0, 256, (args.steps * args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, args.num_classes, (len(images),), device=device)
+    batch, batch_labels = images[:args.batch_size], labels[:args.batch_size]
+    cropped = random_crop_flip(batch, 4, step.generator)
+    x, y = step.augment(batch, batch_labels)
 
     def mix():
         normalized = normalize(cropped, config)
-        return mixup(normalized, labels) if mixup is not None else normalized
+        return step.mixup(normalized, batch_labels) if step.mixup is not None else normalized
 
-    def loop():  # what backbone.py runs per step, with no sync inside
-        for _ in range(args.steps):
-            xb, yb = backbone.augment_batch(images, labels, generator, randaugment, mixup, config)
-            backbone.optimize_step(model, xb, yb, criterion, optimizer, amp)
+    def loop():  # what backbone.py runs for an epoch of --steps steps, with no sync inside
+        backbone.run_epoch(step, images, labels, args.batch_size, args.steps, 0)
 
-    parts = {"crop + flip": lambda: backbone.random_crop_flip(images, 4, generator),
-             "RandAugment": (lambda: randaugment(cropped)) if randaugment is not None else None,
+    randaugment = step.randaugment
+    parts = {"crop + flip": lambda: random_crop_flip(batch, 4, step.generator),
+             "RandAugment": (lambda: randaugment(cropped, step.generator)) if randaugment is not None else None,
              "normalize + mixup/cutmix": mix,
-             "forward + backward + AdamW": lambda: backbone.optimize_step(model, x, y, criterion, optimizer, amp)}
+             "forward + backward + AdamW": lambda: step.optimize(x, y)}
     rows = [{"part": name, "ms_per_step": round(1000 * median_seconds(fn, repeats=args.steps, warmup=args.warmup,
                                                                       device=device), 3)}
             for name, fn in parts.items() if fn is not None]
@@ -91,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = describe_device(resolve_device(args.device))
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if not args.no_amp else 'float32'}, {device}, torch {torch.__version__}")
+          f"{'bf16 autocast' if not args.no_amp else 'float32'}{', torch.compile' if args.compile else ''}, "
+          f"{device}, torch {torch.__version__}")
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['part']} | {row['ms_per_step']:.2f} | {row['epoch_s']:.2f} |")

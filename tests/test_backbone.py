@@ -1,14 +1,18 @@
 """backbone.py: a tiny model trains a few steps, exports, and reloads with the same logits."""
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import backbone
-from envs.vit.backbone_checkpoint import CheckpointError, load_backbone, normalize, save_backbone
+from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
 
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 
@@ -19,11 +23,17 @@ def run_backbone(tmp_path, data_dir, *extra):
                           "--model-kwargs", *TINY, *extra])
 
 
-def test_train_export_and_reload_same_logits(tmp_path, data_dir):
-    assert run_backbone(tmp_path, data_dir, "--full-precision") == 0
+def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkeypatch):
+    """With --compile the model trains through torch.compile's wrapper, whose state dict prefixes every key
+    with ``_orig_mod.``; the saved state and the export are the model's own. Dynamo traces the model here, but
+    Inductor does not generate code (45 s on a 2-core CPU): the eager backend runs the traced graph."""
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))
+    assert run_backbone(tmp_path, data_dir, "--full-precision", "--compile") == 0
+    torch._dynamo.reset()
     export = tmp_path / "run" / "backbone"
     config = json.loads((export / "config.json").read_text())
-    assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256}
+    assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256} and config["recipe"]["compiled"]
     assert config["class_names"][0] == "airplane" and 0.0 <= config["test_accuracy"] <= 1.0
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
     trained, _ = load_backbone(export)
@@ -34,19 +44,103 @@ def test_train_export_and_reload_same_logits(tmp_path, data_dir):
 
 
 def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
-    assert run_backbone(tmp_path, data_dir) == 0
-    assert run_backbone(tmp_path, data_dir) == 2
+    """A run stopped after its first epoch and resumed ends where an uninterrupted run ends, weights and random
+    streams alike: the augmentation generator, torch's and numpy's (mixup) are saved and restored."""
+    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0") == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert run_backbone(tmp_path, data_dir, "--epochs", "2") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
+    assert run_backbone(tmp_path / "uninterrupted", data_dir, "--epochs", "2") == 0
+    resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
+                              for path in (tmp_path, tmp_path / "uninterrupted"))
+    assert resumed["epoch"] == uninterrupted["epoch"] == 2
+    assert torch.equal(resumed["generator"], uninterrupted["generator"])
+    assert all(torch.equal(resumed["model"][key], value) for key, value in uninterrupted["model"].items())
     # a resumed run may extend its schedule; the card records the change
-    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 0
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
-    assert [h["epoch"] for h in config["history"]] == [1, 2]
-    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 1, "epochs": 2}]
+    assert [h["epoch"] for h in config["history"]] == [1, 2, 3]
+    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 2, "epochs": 3}]
     # every finished run read the test split; the card says so instead of claiming a single reading
-    assert [r["epoch"] for r in config["test_readings"]] == [1, 1, 2]
+    assert [r["epoch"] for r in config["test_readings"]] == [2, 3]
     card = (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
-    assert "read only when a run finished: after epoch 1" in card and "read once" not in card
+    assert "read only when a run finished: after epoch 2" in card and "read once" not in card
+
+
+def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(capsys):
+    """States saved before the augmentation moved to the device hold a CPU stream (and no device): a CPU run
+    continues it; a run on another kind of device cannot, and says that it draws a new stream."""
+    generator = torch.Generator()
+    saved = torch.Generator().manual_seed(5)
+    backbone.restore_generator(generator, {"generator": saved.get_state()}, reseed=3)
+    assert torch.equal(generator.get_state(), saved.get_state()) and capsys.readouterr().out == ""
+    backbone.restore_generator(generator, {"generator": torch.zeros(16, dtype=torch.uint8),
+                                           "generator_device": "cuda"}, reseed=3)
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert "drawn on cuda; on cpu the rest of the run draws a new one (seed 3)" in capsys.readouterr().out
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the aten ops that, on a GPU, wait for the device or copy host data to it: reading a tensor's
+    value (``item()``, ``int()``, ``bool()``, ``if tensor:``) and making a tensor from Python data
+    (``torch.tensor``)."""
+
+    RECORDED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
+                torch.ops.aten.lift_fresh_copy.default)
+
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.RECORDED:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_round_trips(monkeypatch) -> Iterator[list[str]]:
+    """The calls inside that would make a GPU step wait for the device, or copy from the host, on a CPU.
+
+    On the CPU every tensor is a host tensor, so three nets catch what would cross over on a GPU: the Python
+    methods that read a tensor out or build one from host data, recorded by name; the aten ops of
+    :class:`_HostReads` (``int(tensor)`` and the like reach no Python method); and ``torch.device("meta")``
+    as the default device, so that a tensor made without ``device=`` (a host tensor, on a GPU run) is a meta
+    tensor, and a random draw without ``device=`` from the training device's generator fails outright.
+    """
+    calls: list[str] = []
+
+    def recorded(call, name):
+        def record(*args, **kwargs):
+            calls.append(name)
+            return call(*args, **kwargs)
+        return record
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
+                            (torch.Tensor, "numpy"), (torch, "tensor"), (torch, "as_tensor"), (torch, "from_numpy")):
+            patch.setattr(owner, name, recorded(getattr(owner, name), name))
+        with torch.device("meta"), _HostReads(calls):
+            yield calls
+
+
+def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(monkeypatch):
+    """backbone.run_epoch with the reference recipe (crop/flip, RandAugment, mixup/cutmix, fused AdamW, clipping,
+    the scheduler, the loss summed) on a tiny model. The first epoch builds what is built once (AdamW's state,
+    normalize's mean and std on the device); in the second, nothing may cross between host and device."""
+    args = backbone.build_parser().parse_args(["--model-kwargs", *TINY, "--batch-size", "16", "--device", "cpu"])
+    args.epochs = 2
+    model = create_vit(args.model, 10, backbone.parse_kwargs(args.model_kwargs)).train()
+    step = backbone.build_training_step(args, model, 10, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},
+                                        torch.device("cpu"))
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (48,))
+    np.random.seed(1)  # timm's draws: the second epoch mixes up its first batch and cuts the other two
+    backbone.run_epoch(step, images, labels, 16, 3, 0)
+    with host_round_trips(monkeypatch) as calls:
+        backbone.run_epoch(step, images, labels, 16, 3, 3)
+    assert calls == []
 
 
 def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
@@ -83,6 +177,7 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["--mixup", "-1"], "argument --mixup: must be a finite number >= 0, got -1"),
+    (["--randaug-magnitude", "31"], "argument --randaug-magnitude: must be at most 30 (torchvision's bins), got 31"),
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     (["--model-kwargs", "img_size=32", "bogus_kw=1"], "timm cannot build vit_tiny_patch16_224 with"),
