@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume) starts and pays off on long GPU runs; the weights saved are the same")
     p.add_argument("--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
                    help="stop (resumably) after the first epoch that ends past this many seconds")
+    p.add_argument("--time-budget", type=non_negative_float, default=None, metavar="SECONDS",
+                   help="train as many epochs as fit in this many seconds, the test reading and export included: "
+                        "the schedule's length is set from the second epoch's measured time (the first pays for "
+                        "compiling), replacing --epochs")
     p.add_argument("--output-dir", default="runs/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
@@ -318,6 +322,7 @@ def model_card(config: dict) -> str:
     """A short Markdown card: what the model is, how it was trained, what it measured."""
     recipe = config["recipe"]
     changes = "".join(f"; from epoch {c['at_epoch'] + 1} the cosine schedule was re-set to {c['epochs']} epochs"
+                      f"{' to fit --time-budget' if c.get('by') == '--time-budget' else ''}"
                       for c in recipe.get("schedule_changes", []))
     rows = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['val_accuracy']:.2f} | {h['seconds']:.0f} |"
                      for h in config["history"])
@@ -354,6 +359,14 @@ def save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -> int:
+    """The schedule length that ends within ``seconds_left`` more seconds of epochs of ``epoch_seconds``, after
+    ``epochs_done``, with two epochs' time and a minute kept for the test reading, the export and compiling
+    the model for them (at least the epochs done)."""
+    reserve = 60 + 2 * epoch_seconds
+    return epochs_done + max(0, int((seconds_left - reserve) // epoch_seconds))
+
+
 def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp = not args.no_amp
@@ -377,7 +390,8 @@ def train(args: argparse.Namespace) -> dict:
         if epochs != saved["epochs"]:
             schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
             print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
-        args = argparse.Namespace(**{**saved, "resume": True, "time_limit": args.time_limit, "epochs": epochs,
+        args = argparse.Namespace(**{**saved, "resume": True, "time_limit": args.time_limit,
+                                     "time_budget": args.time_budget, "epochs": epochs,
                                      "schedule_changes": schedule, "device": args.device,
                                      "compile": args.compile, "output_dir": args.output_dir})
     elif args.epochs is None:
@@ -443,7 +457,8 @@ def train(args: argparse.Namespace) -> dict:
     labels = train_split.labels.to(device)
     process_start = time.time()
     began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
-    for epoch in range(start_epoch, args.epochs):
+    epoch = start_epoch
+    while epoch < args.epochs:  # --time-budget may change args.epochs
         model.train()
         loss_sum = run_epoch(step, images, labels, args.batch_size, steps_per_epoch, epoch * steps_per_epoch,
                              progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
@@ -453,6 +468,16 @@ def train(args: argparse.Namespace) -> dict:
                         "seconds": time.time() - began})
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
+        if args.time_budget is not None and epoch == start_epoch + 1:
+            epochs = epochs_within(args.time_budget - (time.time() - process_start),
+                                   history[-1]["seconds"] - history[-2]["seconds"], epoch + 1)
+            if epochs != args.epochs:
+                print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "
+                      f"{history[-1]['seconds'] - history[-2]['seconds']:.1f} s", flush=True)
+                args.schedule_changes = [*getattr(args, "schedule_changes", []),
+                                         {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
+                args.epochs = epochs
+                step.scheduler.t_initial = epochs * steps_per_epoch
         snapshot = {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
                     "generator": step.generator.get_state(), "generator_device": device.type,
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
@@ -462,6 +487,7 @@ def train(args: argparse.Namespace) -> dict:
         if over_time and epoch + 1 < args.epochs:
             print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
             return {"finished": False, "epoch": epoch + 1}
+        epoch += 1
 
     test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
                             limit=args.limit, **data_access(args))

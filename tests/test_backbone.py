@@ -68,6 +68,29 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     assert "read only when a run finished: after epoch 2" in card and "read once" not in card
 
 
+@pytest.mark.parametrize("epochs", ["2", "50"])  # extended, shortened
+def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tmp_path, data_dir, monkeypatch,
+                                                                       capsys):
+    """--time-budget replaces --epochs after the second epoch (the first pays for compiling) with the epochs
+    that fit, a reserve kept for the test reading and the export; the cosine schedule and the card follow."""
+    assert backbone.epochs_within(600, 10, 2) == 2 + (600 - 60 - 20) // 10
+    assert backbone.epochs_within(30, 10, 2) == 2  # no time left: the run ends with the epochs done
+    fitted = []
+
+    def fit(seconds_left, epoch_seconds, epochs_done):
+        fitted.append((seconds_left, epoch_seconds, epochs_done))
+        return 3
+
+    monkeypatch.setattr(backbone, "epochs_within", fit)
+    assert run_backbone(tmp_path, data_dir, "--epochs", epochs, "--time-budget", "1000") == 0
+    assert len(fitted) == 1 and fitted[0][2] == 2 and 0 < fitted[0][1] < fitted[0][0] < 1000
+    assert "--time-budget 1000 s: 3 epochs in all" in capsys.readouterr().out
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert [h["epoch"] for h in config["history"]] == [1, 2, 3] and config["recipe"]["epochs"] == 3
+    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 2, "epochs": 3, "by": "--time-budget"}]
+    assert "re-set to 3 epochs to fit --time-budget" in (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
+
+
 def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(capsys):
     """States saved before the augmentation moved to the device hold a CPU stream (and no device): a CPU run
     continues it; a run on another kind of device cannot, and says that it draws a new stream."""
