@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU work of the project in two commands, for a GPU lent for minutes: first the measurements (the backbone
+# step before and after, the GPU speed table, the engine), then a backbone trained for the time given. Needs
+# torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and CIFAR-10 under .data/cifar10/ as
+# train.tar and test.tar (or .tar.gz, unpacked on first use). Wheels in .whl/ (e.g. the timm version the project
+# is tested with) are installed first, for this run only. From the repository root:
+#
+#   bash benchmarks/gpu_session.sh measure OUT              # about 4 minutes on an H100 (not yet run there)
+#   bash benchmarks/gpu_session.sh backbone OUT SECONDS     # a backbone trained within SECONDS, all included
+#
+# Each writes OUT/<mode>.log and packs what it made into OUT/<mode>.tar.gz (logs, JSON, results tables, the
+# backbone's export: model.safetensors, config.json and MODEL_CARD.md with its test accuracy), so that a machine
+# that can send back only a few files sends everything. The backbone is the reference recipe at 512 images per
+# step, compiled, for as many epochs as fit (backbone.py --time-budget). Expected on an H100: the step under
+# 1.5 s per 45,000-image epoch; the pruned rows faster than the unpruned one at batch 1024.
+# PYTHON (default python3), DEVICE (default cuda) and BACKBONE_FLAGS (more backbone.py flags) override, e.g.
+# for a smoke test on a CPU: DEVICE=cpu BACKBONE_FLAGS="--limit 512 --batch-size 64" ... backbone OUT 120
+set -uo pipefail
+
+mode=${1:?usage: bash benchmarks/gpu_session.sh measure|backbone OUT [SECONDS]}
+out=${2:?usage: bash benchmarks/gpu_session.sh measure|backbone OUT [SECONDS]}
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+data=.data
+work=$(mktemp -d)
+began=$(date +%s)
+failed=0
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+exec > >(tee "$out/$mode.log") 2>&1
+
+section() { echo; echo "== $1 ($(( $(date +%s) - began )) s in)"; }
+step() { "$@" || { echo "FAILED ($?): $*"; failed=1; }; }  # a failed step does not stop the others
+pack() { tar czf "$out/$mode.tar.gz" -C "$work" --exclude=site --exclude=train_state.pt .
+         echo "packed $out/$mode.tar.gz ($(du -h "$out/$mode.tar.gz" | cut -f1))"; }
+trap pack EXIT  # what is done comes back even when a step fails or the time runs out
+
+section "machine"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --target "$work/site" .whl/*.whl
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "$device" != cpu ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
+"$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+for split in train test; do
+    [ -f "$data/cifar10/$split.tar" ] || gunzip -k "$data/cifar10/$split.tar.gz"
+done
+
+case $mode in
+measure)
+    section "backbone step: the reference recipe (batch 256), then batch 512 and 1024 compiled"
+    step "$python" -m benchmarks.backbone_step --device "$device" --json "$work/step_b256.json"
+    for batch in 512 1024; do
+        step "$python" -m benchmarks.backbone_step --device "$device" --batch-size "$batch" --compile --steps 20 \
+            --json "$work/step_b${batch}_compiled.json"
+    done
+    section "speed table: the reference backbone and policy, bf16, batch 1, 256 and 1024"
+    step "$python" evaluate.py --data-dir "$data" --device "$device" --dtype bfloat16 \
+        --speed-batch-sizes 1,256,1024 --output-dir "$work/speed_table" \
+        --checkpoints-per-budget 0.3=reference/marl_policy,0.7=reference/marl_policy
+    section "the pruning engine: episodes/s at 64, 256 and 1024 images per call, float32 and bf16"
+    step "$python" -m benchmarks.engine_throughput --data-dir "$data" --device "$device" --limit 1024 \
+        --engine-images 64 256 1024 --precision fp32 bf16 --seconds 5 --output "$work/engine.json"
+    ;;
+backbone)
+    seconds=${3:?usage: bash benchmarks/gpu_session.sh backbone OUT SECONDS}
+    section "backbone: the reference recipe at batch 512, compiled, within $seconds s"
+    # shellcheck disable=SC2086  # BACKBONE_FLAGS is a list of flags
+    step "$python" backbone.py --data-dir "$data" --output-dir "$work/backbone" --device "$device" \
+        --batch-size 512 --compile --time-budget "$(( seconds - ($(date +%s) - began) ))" ${BACKBONE_FLAGS:-}
+    ;;
+*)
+    echo "unknown mode $mode: measure or backbone"; exit 2 ;;
+esac
+section "done"
+exit $failed
