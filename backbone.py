@@ -368,6 +368,7 @@ def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -
 
 
 def train(args: argparse.Namespace) -> dict:
+    started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
     device = resolve_device(args.device)
     amp = not args.no_amp
     out = Path(args.output_dir)
@@ -469,7 +470,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
         if args.time_budget is not None and epoch == start_epoch + 1:
-            epochs = epochs_within(args.time_budget - (time.time() - process_start),
+            epochs = epochs_within(args.time_budget - (time.time() - started),
                                    history[-1]["seconds"] - history[-2]["seconds"], epoch + 1)
             if epochs != args.epochs:
                 print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
     assert [h["epoch"] for h in config["history"]] == [1, 2, 3] and config["recipe"]["epochs"] == 3
     assert config["recipe"]["schedule_changes"] == [{"at_epoch": 2, "epochs": 3, "by": "--time-budget"}]
     assert "re-set to 3 epochs to fit --time-budget" in (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
+
+
+def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir, monkeypatch):
+    """--time-budget is the whole run's: the seconds spent decoding the splits before the first epoch (about 20
+    s for CIFAR-10) are spent from it too."""
+    fitted, load_split = [], backbone.load_split
+
+    def slow_load_split(*args, **kwargs):
+        time.sleep(1.0)
+        return load_split(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "load_split", slow_load_split)
+    monkeypatch.setattr(backbone, "epochs_within", lambda left, epoch_seconds, done: fitted.append(left) or done)
+    assert run_backbone(tmp_path, data_dir, "--epochs", "3", "--time-budget", "1000") == 0
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    trained = config["history"][1]["seconds"]  # the two epochs before the budget is read
+    assert len(fitted) == 1 and 1000 - fitted[0] >= trained + 2  # and the train and val splits' reading
 
 
 def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(capsys):
