@@ -30,9 +30,12 @@ mkdir -p "$out"
 exec > >(tee "$out/$mode.log") 2>&1
 
 section() { echo; echo "== $1 ($(( $(date +%s) - began )) s in)"; }
-step() { "$@" || { echo "FAILED ($?): $*"; failed=1; }; }  # a failed step does not stop the others
-pack() { tar czf "$out/$mode.tar.gz" -C "$work" --exclude=site --exclude=train_state.pt .
+pack() { tar czf "$out/$mode.tar.gz.tmp" -C "$work" --exclude=site --exclude='train_state.*' . &&
+         mv "$out/$mode.tar.gz.tmp" "$out/$mode.tar.gz" &&
          echo "packed $out/$mode.tar.gz ($(du -h "$out/$mode.tar.gz" | cut -f1))"; }
+# a failed step does not stop the others; what each step made is packed when it ends, so a run killed later
+# (SIGKILL runs no trap) still brings it back
+step() { "$@" || { echo "FAILED ($?): $*"; failed=1; }; pack; }
 trap pack EXIT  # what is done comes back even when a step fails or the time runs out
 
 section "machine"
