@@ -68,9 +68,11 @@ measure)
 backbone)
     seconds=${3:?usage: bash benchmarks/gpu_session.sh backbone OUT SECONDS}
     section "backbone: the reference recipe at batch 512, compiled, within $seconds s"
+    # the training state is not sent back, so it is written once, at the end (--save-every), not every epoch
     # shellcheck disable=SC2086  # BACKBONE_FLAGS is a list of flags
     step "$python" backbone.py --data-dir "$data" --output-dir "$work/backbone" --device "$device" \
-        --batch-size 512 --compile --time-budget "$(( seconds - ($(date +%s) - began) ))" ${BACKBONE_FLAGS:-}
+        --batch-size 512 --compile --save-every 100000 --time-budget "$(( seconds - ($(date +%s) - began) ))" \
+        ${BACKBONE_FLAGS:-}
     ;;
 *)
     echo "unknown mode $mode: measure or backbone"; exit 2 ;;

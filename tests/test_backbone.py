@@ -109,6 +109,17 @@ def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir
     assert len(fitted) == 1 and 1000 - fitted[0] >= trained + 2  # and the train and val splits' reading
 
 
+def test_the_training_state_is_saved_every_few_epochs_and_at_the_end(tmp_path, data_dir, monkeypatch):
+    saved = []
+    save = backbone.save_state
+    monkeypatch.setattr(backbone, "save_state", lambda path, state: (saved.append(state["epoch"]), save(path, state)))
+    assert run_backbone(tmp_path, data_dir, "--epochs", "5", "--save-every", "2") == 0
+    assert saved == [2, 4, 5]  # epoch 5's with the test reading
+    saved.clear()
+    assert run_backbone(tmp_path / "stopped", data_dir, "--epochs", "5", "--save-every", "2", "--time-limit", "0") == 0
+    assert saved == [1]  # a --time-limit stop saves what it would lose
+
+
 def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(capsys):
     """States saved before the augmentation moved to the device hold a CPU stream (and no device): a CPU run
     continues it; a run on another kind of device cannot, and says that it draws a new stream."""
