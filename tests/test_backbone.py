@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,8 +83,21 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
         return 3
 
     monkeypatch.setattr(backbone, "epochs_within", fit)
+    rates = []  # the learning rate each update runs at
+    optimize = backbone.TrainingStep.optimize
+
+    def recorded(self, x, y):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        return optimize(self, x, y)
+
+    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--epochs", epochs, "--time-budget", "1000") == 0
     assert len(fitted) == 1 and fitted[0][2] == 2 and 0 < fitted[0][1] < fitted[0][0] < 1000
+    # 256 images in batches of 64: 4 updates an epoch. The third epoch's updates (t = 9 to 11; update 9 runs at
+    # the rate set before the change) follow the cosine of 3 epochs, 12 updates, that the scheduler now runs
+    peak = 3e-3 * 64 / 512
+    cosine = [peak / 100 + (peak - peak / 100) / 2 * (1 + math.cos(math.pi * t / 12)) for t in (9, 10, 11)]
+    assert len(rates) == 12 and rates[-3:] == pytest.approx(cosine)
     assert "--time-budget 1000 s: 3 epochs in all" in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     assert [h["epoch"] for h in config["history"]] == [1, 2, 3] and config["recipe"]["epochs"] == 3
