@@ -46,13 +46,15 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
 
 def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     """A run stopped after its first epoch and resumed ends where an uninterrupted run ends, weights and random
-    streams alike: the augmentation generator, torch's and numpy's (mixup) are saved and restored."""
-    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0") == 0
+    streams alike: the augmentation generator, torch's (stochastic depth) and numpy's (mixup) are saved and
+    restored."""
+    drop_path = "drop_path_rate=0.1"  # one more model kwarg: stochastic depth draws from torch's generator
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0") == 0
     assert "continue with --resume" in capsys.readouterr().out
-    assert run_backbone(tmp_path, data_dir, "--epochs", "2") == 2
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
-    assert run_backbone(tmp_path / "uninterrupted", data_dir, "--epochs", "2") == 0
+    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2") == 0
     resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
