@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from envs.vit.augment import OPS, RandAugment, random_crop_flip, source_grid, warp
@@ -117,6 +118,28 @@ def test_two_ops_change_every_image_and_crop_flip_keeps_pixels():
     cropped = random_crop_flip(batch, 4, generator)
     assert cropped.shape == batch.shape and cropped.dtype == torch.uint8
     assert set(cropped.unique().tolist()) <= set(batch.unique().tolist())
+
+
+def test_crop_flip_takes_a_random_window_of_each_padded_image_mirrored_half_the_time():
+    """Each image comes out as a 32x32 window of itself reflect-padded by 4 pixels (torchvision's RandomCrop(32,
+    4, padding_mode="reflect")), mirrored left to right or not (RandomHorizontalFlip); each image draws its
+    window's row and column and its flip."""
+    batch = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = F.pad(batch.float(), (4,) * 4, mode="reflect").to(torch.uint8)
+    out = random_crop_flip(batch, 4, torch.Generator().manual_seed(0))
+    windows = [(top, left, mirrored) for top in range(9) for left in range(9) for mirrored in (False, True)]
+
+    def window(source: torch.Tensor, top: int, left: int, mirrored: bool) -> torch.Tensor:
+        crop = source[:, top:top + 32, left:left + 32]
+        return crop.flip(-1) if mirrored else crop
+
+    drawn = [[w for w in windows if torch.equal(image, window(source, *w))]
+             for image, source in zip(out, padded, strict=True)]
+    assert all(len(matches) == 1 for matches in drawn)  # noise: no two windows of an image are alike
+    drawn = [matches[0] for matches in drawn]
+    assert {mirrored for _, _, mirrored in drawn} == {False, True}
+    assert len({top for top, _, _ in drawn}) > 3 and len({left for _, left, _ in drawn}) > 3
+    assert len(set(drawn)) > len({(top, mirrored) for top, _, mirrored in drawn})  # the column is drawn apart
 
 
 def test_a_magnitude_outside_torchvisions_bins_is_refused():
