@@ -122,18 +122,24 @@ def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(caps
 
 class _HostReads(TorchDispatchMode):
     """Records the aten ops that, on a GPU, wait for the device or copy host data to it: reading a tensor's
-    value (``item()``, ``int()``, ``bool()``, ``if tensor:``) and making a tensor from Python data
-    (``torch.tensor``)."""
+    value (``item()``, ``int()``, ``bool()``, ``if tensor:``), making a tensor from Python data
+    (``torch.tensor``), and the ops whose output size is a count of true elements, which the host reads back
+    (``nonzero``, ``masked_select``, indexing with a boolean mask, as torchvision's autocontrast does)."""
 
     RECORDED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
-                torch.ops.aten.lift_fresh_copy.default)
+                torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.masked_select.default)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._index_put_impl_.default)
 
     def __init__(self, calls: list[str]):
         super().__init__()
         self.calls = calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.RECORDED:
+        masks = func in self.INDEXING and any(index is not None and index.dtype in (torch.bool, torch.uint8)
+                                              for index in args[1])
+        if func in self.RECORDED or masks:
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 
