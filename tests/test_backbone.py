@@ -28,10 +28,24 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
     """With --compile the model trains through torch.compile's wrapper, whose state dict prefixes every key
     with ``_orig_mod.``; the saved state and the export are the model's own. Dynamo traces the model here, but
     Inductor does not generate code (45 s on a 2-core CPU): the eager backend runs the traced graph."""
-    compile_eagerly = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))
+    compile_eagerly, compiled = torch.compile, []
+
+    def compile_recorded(model):
+        compiled.append(compile_eagerly(model, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    forwards = []  # the modules each training forward ran through
+    optimize = backbone.TrainingStep.optimize
+
+    def recorded(self, x, y):
+        forwards.append(self.model)
+        return optimize(self, x, y)
+
+    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--full-precision", "--compile") == 0
     torch._dynamo.reset()
+    assert len(compiled) == 1 and forwards and all(module is compiled[0] for module in forwards)
     export = tmp_path / "run" / "backbone"
     config = json.loads((export / "config.json").read_text())
     assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256} and config["recipe"]["compiled"]
