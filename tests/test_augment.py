@@ -1,9 +1,11 @@
 """envs/vit/augment.py: the batched RandAugment does torchvision's ops, one per image, reproducibly."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from envs.vit.augment import OPS, RandAugment, random_crop_flip, source_grid, warp
@@ -77,19 +79,34 @@ def test_ops_do_what_they_say_on_a_hand_made_image():
 
 
 def test_each_image_gets_its_own_op_and_a_seed_repeats_the_draws():
-    """56 copies of one image in a batch: 4 slots per op, so each op shows up on exactly 4 of them. The image is
-    noise in levels 20 to 209, so that every op (and each direction) changes it in its own way."""
-    batch = (images(count=2)[:1] // 4 * 3 + 20).expand(56, 3, 32, 32)
+    """56 different images in a batch: 4 slots per op, so each op shows up on exactly 4 of them; each image comes
+    out as an op of its own pixels (not of another image's), the signed ops are drawn in both directions, and
+    another seed deals the ops otherwise. 44 images leave 12 of the 56 slots empty, and still every op is dealt.
+    The images are noise in levels 20 to 209, so that every op (and each direction) changes each of them in its
+    own way."""
+    batch = torch.randint(0, 256, (56, 3, 32, 32), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0)) // 4 * 3 + 20
     once = RandAugment(num_ops=1, magnitude=9)
-    out = once(batch, torch.Generator().manual_seed(0))
-    assert out.dtype == torch.uint8 and out.shape == batch.shape
-    assert torch.equal(out, once(batch, torch.Generator().manual_seed(0)))
-    assert not torch.equal(out, once(batch, torch.Generator().manual_seed(1)))
-    candidates = {(name, sign): once.apply(name, batch[:1].float(), torch.tensor([sign])).to(torch.uint8)[0]
+    candidates = {(name, sign): once.apply(name, batch.float(), torch.full((len(batch),), sign)).to(torch.uint8)
                   for name in OPS for sign in (1.0, -1.0)}
-    ops = [{name for (name, _), result in candidates.items() if torch.equal(result, image)} for image in out]
-    assert all(len(names) == 1 for names in ops)  # this image tells the ops apart
-    assert sorted(name for names in ops for name in names) == sorted(OPS * 4)
+
+    def drawn(seed: int, count: int = 56) -> list[set[tuple[str, float]]]:
+        """The (op, sign) pairs that give each of the first ``count`` images' result; both signs of an op without
+        a direction."""
+        out = once(batch[:count], torch.Generator().manual_seed(seed))
+        assert out.dtype == torch.uint8 and out.shape == batch[:count].shape
+        assert torch.equal(out, once(batch[:count], torch.Generator().manual_seed(seed)))
+        return [{key for key, result in candidates.items() if torch.equal(result[i], image)}
+                for i, image in enumerate(out)]
+
+    first, second, uneven = drawn(0), drawn(1), drawn(0, 44)
+    assert all(len({name for name, _ in keys}) == 1 for keys in first + second + uneven)  # one op of its own
+    ops = [next(iter(keys))[0] for keys in first]
+    assert sorted(ops) == sorted(OPS * 4)
+    assert {sign for keys in first if len(keys) == 1 for _, sign in keys} == {1.0, -1.0}  # the signed ops
+    assert [next(iter(keys))[0] for keys in second] != ops
+    dealt = Counter(next(iter(keys))[0] for keys in uneven)
+    assert set(dealt) == set(OPS) and max(dealt.values()) <= 4
 
 
 def test_two_ops_change_every_image_and_crop_flip_keeps_pixels():
@@ -101,6 +118,28 @@ def test_two_ops_change_every_image_and_crop_flip_keeps_pixels():
     cropped = random_crop_flip(batch, 4, generator)
     assert cropped.shape == batch.shape and cropped.dtype == torch.uint8
     assert set(cropped.unique().tolist()) <= set(batch.unique().tolist())
+
+
+def test_crop_flip_takes_a_random_window_of_each_padded_image_mirrored_half_the_time():
+    """Each image comes out as a 32x32 window of itself reflect-padded by 4 pixels (torchvision's RandomCrop(32,
+    4, padding_mode="reflect")), mirrored left to right or not (RandomHorizontalFlip); each image draws its
+    window's row and column and its flip."""
+    batch = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = F.pad(batch.float(), (4,) * 4, mode="reflect").to(torch.uint8)
+    out = random_crop_flip(batch, 4, torch.Generator().manual_seed(0))
+    windows = [(top, left, mirrored) for top in range(9) for left in range(9) for mirrored in (False, True)]
+
+    def window(source: torch.Tensor, top: int, left: int, mirrored: bool) -> torch.Tensor:
+        crop = source[:, top:top + 32, left:left + 32]
+        return crop.flip(-1) if mirrored else crop
+
+    drawn = [[w for w in windows if torch.equal(image, window(source, *w))]
+             for image, source in zip(out, padded, strict=True)]
+    assert all(len(matches) == 1 for matches in drawn)  # noise: no two windows of an image are alike
+    drawn = [matches[0] for matches in drawn]
+    assert {mirrored for _, _, mirrored in drawn} == {False, True}
+    assert len({top for top, _, _ in drawn}) > 3 and len({left for _, left, _ in drawn}) > 3
+    assert len(set(drawn)) > len({(top, mirrored) for top, _, mirrored in drawn})  # the column is drawn apart
 
 
 def test_a_magnitude_outside_torchvisions_bins_is_refused():

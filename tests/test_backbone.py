@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,10 +29,24 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
     """With --compile the model trains through torch.compile's wrapper, whose state dict prefixes every key
     with ``_orig_mod.``; the saved state and the export are the model's own. Dynamo traces the model here, but
     Inductor does not generate code (45 s on a 2-core CPU): the eager backend runs the traced graph."""
-    compile_eagerly = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))
+    compile_eagerly, compiled = torch.compile, []
+
+    def compile_recorded(model):
+        compiled.append(compile_eagerly(model, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    forwards = []  # the modules each training forward ran through
+    optimize = backbone.TrainingStep.optimize
+
+    def recorded(self, x, y):
+        forwards.append(self.model)
+        return optimize(self, x, y)
+
+    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--full-precision", "--compile") == 0
     torch._dynamo.reset()
+    assert len(compiled) == 1 and forwards and all(module is compiled[0] for module in forwards)
     export = tmp_path / "run" / "backbone"
     config = json.loads((export / "config.json").read_text())
     assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256} and config["recipe"]["compiled"]
@@ -46,13 +61,15 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
 
 def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     """A run stopped after its first epoch and resumed ends where an uninterrupted run ends, weights and random
-    streams alike: the augmentation generator, torch's and numpy's (mixup) are saved and restored."""
-    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0") == 0
+    streams alike: the augmentation generator, torch's (stochastic depth) and numpy's (mixup) are saved and
+    restored."""
+    drop_path = "drop_path_rate=0.1"  # one more model kwarg: stochastic depth draws from torch's generator
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0") == 0
     assert "continue with --resume" in capsys.readouterr().out
-    assert run_backbone(tmp_path, data_dir, "--epochs", "2") == 2
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
-    assert run_backbone(tmp_path / "uninterrupted", data_dir, "--epochs", "2") == 0
+    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2") == 0
     resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
@@ -83,8 +100,21 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
         return 3
 
     monkeypatch.setattr(backbone, "epochs_within", fit)
+    rates = []  # the learning rate each update runs at
+    optimize = backbone.TrainingStep.optimize
+
+    def recorded(self, x, y):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        return optimize(self, x, y)
+
+    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--epochs", epochs, "--time-budget", "1000") == 0
     assert len(fitted) == 1 and fitted[0][2] == 2 and 0 < fitted[0][1] < fitted[0][0] < 1000
+    # 256 images in batches of 64: 4 updates an epoch. The third epoch's updates (t = 9 to 11; update 9 runs at
+    # the rate set before the change) follow the cosine of 3 epochs, 12 updates, that the scheduler now runs
+    peak = 3e-3 * 64 / 512
+    cosine = [peak / 100 + (peak - peak / 100) / 2 * (1 + math.cos(math.pi * t / 12)) for t in (9, 10, 11)]
+    assert len(rates) == 12 and rates[-3:] == pytest.approx(cosine)
     assert "--time-budget 1000 s: 3 epochs in all" in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     assert [h["epoch"] for h in config["history"]] == [1, 2, 3] and config["recipe"]["epochs"] == 3
@@ -135,18 +165,24 @@ def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(caps
 
 class _HostReads(TorchDispatchMode):
     """Records the aten ops that, on a GPU, wait for the device or copy host data to it: reading a tensor's
-    value (``item()``, ``int()``, ``bool()``, ``if tensor:``) and making a tensor from Python data
-    (``torch.tensor``)."""
+    value (``item()``, ``int()``, ``bool()``, ``if tensor:``), making a tensor from Python data
+    (``torch.tensor``), and the ops whose output size is a count of true elements, which the host reads back
+    (``nonzero``, ``masked_select``, indexing with a boolean mask, as torchvision's autocontrast does)."""
 
     RECORDED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
-                torch.ops.aten.lift_fresh_copy.default)
+                torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.masked_select.default)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._index_put_impl_.default)
 
     def __init__(self, calls: list[str]):
         super().__init__()
         self.calls = calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.RECORDED:
+        masks = func in self.INDEXING and any(index is not None and index.dtype in (torch.bool, torch.uint8)
+                                              for index in args[1])
+        if func in self.RECORDED or masks:
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -24,6 +24,13 @@ def test_auto_is_the_gpu_when_one_is_visible(two_gpus):
     assert describe_device(resolve_device("auto")) == "cuda:0 (Test GPU 0)"
 
 
+def test_cuda_without_an_index_is_the_current_gpu(two_gpus, monkeypatch):
+    """Where tensors made on ``cuda`` go: the current GPU, cuda:1 after ``torch.cuda.set_device(1)``."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
 def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from benchmarks.engine_throughput import loop_episodes
+from benchmarks.engine_throughput import bench_backbone, bench_engine, loop_episodes
 from tests.tiny_policies import PRUNE_POINTS
 from tests.without_ray import HIDE_RL_PACKAGES
 
@@ -68,3 +69,70 @@ def test_each_call_takes_distinct_images_while_there_are_enough():
     loop_episodes(call, 0.0, 12, 8, 0.5, "test", seed=0)  # more than there are: then some repeat
     assert sorted(resets[0]) == list(range(8))
     assert len(resets[1]) == 12 and set(resets[1]) <= set(range(8))
+
+
+def autocast_state() -> tuple[bool, torch.dtype | None]:
+    """Whether autocast is on for the CPU, and to which dtype."""
+    enabled = torch.is_autocast_enabled("cpu")
+    return enabled, torch.get_autocast_dtype("cpu") if enabled else None
+
+
+AUTOCAST = {"fp32": (False, None), "bf16": (True, torch.bfloat16)}
+
+
+class RecordingEngine:
+    """What bench_engine uses of a PruningEngine, with episodes of one step; records the autocast state of every
+    call and counts a forward per reset."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, num_images: int):
+        self.labels = torch.zeros(num_images)
+        self.forwards = 0
+        self.autocast: set[tuple[bool, torch.dtype | None]] = set()
+
+    def reset(self, keys: list[str], indices: list[int]) -> list[dict]:
+        self.autocast.add(autocast_state())
+        self.forwards += 1
+        return [{"live": np.ones(4, dtype=np.float32)}] * len(keys)
+
+    def step(self, keys: list[str], keep: list) -> list[dict]:
+        self.autocast.add(autocast_state())
+        return [{"done": True}] * len(keys)
+
+    def release(self, keys: list[str]) -> None:
+        self.autocast.add(autocast_state())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_engine_rows_are_episodes_per_second_under_the_precision_asked(precision):
+    """An engine row's images/s is its episodes times the images of each over the time they took (an image is
+    an episode), and every engine call runs under the row's precision."""
+    engine = RecordingEngine(16)
+    rows = bench_engine(engine, [2, 8], 0.01, 0.5, precision)
+    assert engine.autocast == {AUTOCAST[precision]}
+    for row, size in zip(rows, (2, 8), strict=True):
+        assert row["precision"] == precision and row["calls"] == 2 * row["episodes"]  # a reset and a step each
+        assert row["images_per_s"] * row["elapsed_s"] == pytest.approx(size * row["episodes"])
+        assert row["forwards_per_request"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backbone_rows_are_images_per_second_under_the_precision_asked(precision):
+    """A backbone row's images/s is the batch over the median call, and both forwards run under its precision."""
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.autocast: set[tuple[bool, torch.dtype | None]] = set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.autocast.add(autocast_state())
+            return x
+
+    timm_forward, staged_forward = Recording(), Recording()
+    rows = bench_backbone(timm_forward, staged_forward, torch.zeros(6, 3, 4, 4), 0.0, precision)
+    assert timm_forward.autocast == staged_forward.autocast == {AUTOCAST[precision]}
+    assert [row["precision"] for row in rows] == [precision] * 2
+    for row in rows:
+        assert row["images_per_s"] * row["median_call_ms"] / 1000 == pytest.approx(6)

@@ -215,6 +215,28 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
     assert table["speedup"].tolist() == pytest.approx((largest / largest[0]).tolist())
 
 
+def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_staged, split):
+    """images_per_s_bN is the timer's figure for forwards of N images (the timer here gives the sizes it saw)."""
+    timer = evaluate.images_per_second
+
+    def sizes_seen(run, images, batch_size, repeats):
+        sizes = set()
+
+        def forward(batch):
+            sizes.add(len(batch))
+            return run(batch)
+
+        timer(forward, images, batch_size, repeats)
+        return float(sizes.pop()) if len(sizes) == 1 else math.nan
+
+    monkeypatch.setattr(evaluate, "images_per_second", sizes_seen)
+    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
+    methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO)]
+    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                                      speed_repeats=1, speed_batch_sizes=(8, 2, 4), progress=False)
+    assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b8"]].values.tolist() == [[2, 4, 8]] * 2
+
+
 def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_policy, tiny_backbone, data_dir,
                                                                tiny_staged, tmp_path):
     """Legacy checkpoints (no reduction recorded) were trained dropping tokens and are evaluated so;
