@@ -451,6 +451,8 @@ def train(args: argparse.Namespace) -> dict:
         step.optimizer.load_state_dict(state["optimizer"])
         restore_generator(step.generator, state, reseed=args.seed + start_epoch)
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and device.type == "cuda":  # stochastic depth draws from it on a GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         if "numpy_rng" in state:  # saved since mixup's draws are seeded
             np.random.set_state(state["numpy_rng"])
         test_readings = state.get("test_readings", [])
@@ -486,6 +488,7 @@ def train(args: argparse.Namespace) -> dict:
         snapshot = {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
                     "generator": step.generator.get_state(), "generator_device": device.type,
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings}
         over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
         stopping = over_time and epoch + 1 < args.epochs

@@ -22,7 +22,6 @@ BENCHMARK_WITHOUT_RAY = HIDE_RL_PACKAGES + """
 from benchmarks import engine_throughput
 
 engine_throughput.main(sys.argv[1:])
-assert not {"ray", "gymnasium"} & set(sys.modules)
 """
 
 
