@@ -154,7 +154,7 @@ class PruningEngine:
         self.forwards += 1
         for b, (key, image, ratio) in enumerate(zip(keys, indices, ratios, strict=True)):
             self.episodes.pop(key, None)
-            self.episodes[key] = _Episode(int(image), ratio, state.rows([b]))
+            self.episodes[key] = _Episode(int(image), ratio, state.rows([b], width=state.live.shape[1]))  # all live
         self._evict()
         return self._observations(state, ratios)
 
@@ -198,7 +198,7 @@ class PruningEngine:
         observations = self._observations(state, [episode.ratio for episode in episodes])
         out = {}
         for b, (key, episode, n) in enumerate(zip(keys, episodes, counts, strict=True)):
-            episode.state = state.rows([b])
+            episode.state = state.rows([b], width=n)  # no read per episode: counts were read once
             out[key] = {"done": False, "obs": observations[b], "kept": n}
         return out
 

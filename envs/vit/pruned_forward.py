@@ -48,10 +48,12 @@ class TokenState(NamedTuple):
         """Whether any row is dead (attention then needs the live mask)."""
         return not bool(self.live.all())
 
-    def rows(self, index: torch.Tensor | Sequence[int]) -> TokenState:
-        """The images at ``index``, cut to the widest of them."""
+    def rows(self, index: torch.Tensor | Sequence[int], width: int | None = None) -> TokenState:
+        """The images at ``index``, cut to the widest of them: ``width`` live tokens, when the caller knows it
+        (finding it reads the live counts back, which waits for a GPU)."""
         live = self.live[index]
-        width = int(live.sum(dim=1).max())
+        if width is None:
+            width = int(live.sum(dim=1).max())
         prefix = self.tokens.shape[1] - self.live.shape[1]
         cls_attention = None if self.cls_attention is None else self.cls_attention[index, :width]
         return TokenState(self.tokens[index, :prefix + width], live[:, :width], self.size[index, :width],
