@@ -95,7 +95,7 @@ class PruningEngine:
         """Both agents' features under each image's removal ratio and the live mask, zero-padded to ``N`` rows, as
         one numpy dict per image."""
         observation = observe(self.staged, state, torch.tensor(ratios, device=state.live.device))
-        self.nonfinite_features += observation.nonfinite
+        self.nonfinite_features += int(observation.nonfinite)
         rows = self.staged.num_patches
         attention, similarity, live = (pad_tokens(t, rows).float().cpu().numpy() for t in
                                        (observation.attention, observation.similarity, state.live))

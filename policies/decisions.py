@@ -69,8 +69,8 @@ def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, targ
 
     def select(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
-                                                          protected_share)
+        attention_keeps, similarity_removes = turn_counts(state.live.shape[1], target_ratio, agents,
+                                                          protected_share)  # every row is live (Selector)
         kept = torch.zeros_like(state.live)
         if "attention" in modules:
             scores = modules["attention"].token_scores(observation.attention, state.live.float())

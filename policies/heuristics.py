@@ -3,7 +3,9 @@ attention NMS (non-maximum suppression of near-duplicates by class attention) an
 by distinctiveness: a one-shot version of greedy similarity).
 
 Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_keep``) and returns
-``keep [B, N]`` bool with exactly ``k`` live tokens per image. :func:`heuristic_selector` adapts them to
+``keep [B, N]`` bool with exactly ``k`` live tokens per image; ``live_count``, where the caller knows it, is
+the live tokens of every image (``envs.vit.token_ops.topk_keep_mask``), so that nothing is read back from the
+device (on a GPU, a wait for it). :func:`heuristic_selector` adapts them to
 ``envs.vit.pruned_forward.Selector``; :data:`HEURISTIC_SCORES` says what each computes
 (``envs.vit.flops.feature_gflops``).
 """
@@ -11,7 +13,6 @@ Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_ke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from envs.vit.features import cosine_similarity, mean_similarity, suppression
 from envs.vit.pruned_forward import Selector, TokenState
@@ -22,18 +23,21 @@ HEURISTIC_SCORES: dict[str, str] = {"random": "none", "attention": "attention", 
                                     "nms": "agents", "distinct": "similarity"}
 
 
-def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                live_count: int | None = None) -> torch.Tensor:
     """``k`` live tokens per image, uniformly at random. ``live [B, N]`` -> ``[B, N]``."""
     scores = torch.rand(live.shape, generator=generator, device=live.device)
-    return topk_keep_mask(scores, live, k)
+    return topk_keep_mask(scores, live, k, live_count)
 
 
-def greedy_attention_keep(cls_attention: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_attention_keep(cls_attention: torch.Tensor, live: torch.Tensor, k: int,
+                          live_count: int | None = None) -> torch.Tensor:
     """The ``k`` live tokens the class token attends to most (EViT). ``[B, N]`` -> ``[B, N]``."""
-    return topk_keep_mask(cls_attention, live, k)
+    return topk_keep_mask(cls_attention, live, k, live_count)
 
 
-def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor,
+                         steps: int | None = None) -> torch.Tensor:
     """The step at which greedy similarity removal takes each live token away, until ``keep`` remain.
 
     Each step removes the remaining live token with the highest max cosine similarity to the other
@@ -45,6 +49,8 @@ def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: tor
         similarity: ``[B, N, N]`` from :func:`cosine_similarity`.
         live: ``[B, N]`` bool.
         keep: ``[B]`` long, tokens left per image when the removal stops.
+        steps: removals of the image that removes most, where the caller knows it (an exact budget);
+            otherwise read back from the device.
 
     Returns:
         ``[B, N]`` float: ``0, 1, ...`` in removal order; ``inf`` for the tokens that remain, ``-1`` on dead
@@ -54,7 +60,9 @@ def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: tor
     self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
     remaining = live.clone()
     order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
-    steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
+    if steps is None:
+        steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
+    token = torch.arange(num_tokens, device=live.device)
     for step in range(steps):
         others = remaining.unsqueeze(1) & ~self_pair  # [B, N, N]
         nearest = similarity.masked_fill(~others, float("-inf")).amax(dim=-1)
@@ -62,18 +70,21 @@ def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: tor
         closest = nearest == nearest.amax(dim=1, keepdim=True)
         total = (similarity * others).sum(dim=-1).masked_fill(~closest, float("-inf"))
         over_budget = remaining.sum(dim=1) > keep
-        removed = F.one_hot(total.argmax(dim=1), num_tokens).bool() & over_budget.unsqueeze(1)
+        # One-hot by comparison: torch's one_hot checks its input's range, reading it back, off CUDA.
+        removed = (token == total.argmax(dim=1, keepdim=True)) & over_budget.unsqueeze(1)
         order = order.masked_fill(removed, float(step))
         remaining &= ~removed
     return order
 
 
-def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
+                           live_count: int | None = None) -> torch.Tensor:
     """Drop the most redundant token first, recomputing after each removal, until ``k`` remain
     (:func:`greedy_removal_order`). ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
     keep = torch.full(live.shape[:1], k, dtype=torch.long, device=live.device)
-    order = greedy_removal_order(cosine_similarity(x_patch), live, keep)
-    return topk_keep_mask(order, live, k)  # exactly the k survivors (order inf); also validates k
+    steps = None if live_count is None else live_count - k
+    order = greedy_removal_order(cosine_similarity(x_patch), live, keep, steps)
+    return topk_keep_mask(order, live, k, live_count)  # exactly the k survivors (order inf); also validates k
 
 
 def nms_redundancy(similarity: torch.Tensor, live: torch.Tensor, rank_by: torch.Tensor) -> torch.Tensor:
@@ -84,20 +95,22 @@ def nms_redundancy(similarity: torch.Tensor, live: torch.Tensor, rank_by: torch.
 
 
 def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
-                       k: int) -> torch.Tensor:
+                       k: int, live_count: int | None = None) -> torch.Tensor:
     """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
     suppression in one shot, so of each group of near-duplicates the most attended one stays (the
     ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
-    return topk_keep_mask(-nms_redundancy(cosine_similarity(x_patch), live, cls_attention), live, k)
+    return topk_keep_mask(-nms_redundancy(cosine_similarity(x_patch), live, cls_attention), live, k, live_count)
 
 
-def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
+                         live_count: int | None = None) -> torch.Tensor:
     """Keep the ``k`` live tokens least similar to a more distinctive token (lower mean cosine similarity to
     the others): of each group of near-duplicates the most distinctive one stays, as in greedy similarity's
     sequential removal, but in one shot (the ``distinct_suppression`` feature of ``envs.vit.features``).
     ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
     similarity = cosine_similarity(x_patch)
-    return topk_keep_mask(-nms_redundancy(similarity, live, -mean_similarity(similarity, live)), live, k)
+    return topk_keep_mask(-nms_redundancy(similarity, live, -mean_similarity(similarity, live)), live, k,
+                          live_count)
 
 
 def redundancy(name: str, state: TokenState) -> torch.Tensor:
@@ -117,15 +130,17 @@ def redundancy(name: str, state: TokenState) -> torch.Tensor:
 
 
 def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:
-    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``exact_forward``."""
+    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``exact_forward``: every row of
+    a selector's state is live, so the live count is its width."""
     if name == "random":
-        return lambda state, k: random_keep(state.live, k, generator)
+        return lambda state, k: random_keep(state.live, k, generator, state.live.shape[1])
     if name == "attention":
-        return lambda state, k: greedy_attention_keep(state.cls_attention, state.live, k)
+        return lambda state, k: greedy_attention_keep(state.cls_attention, state.live, k, state.live.shape[1])
     if name == "similarity":
-        return lambda state, k: greedy_similarity_keep(state.patches, state.live, k)
+        return lambda state, k: greedy_similarity_keep(state.patches, state.live, k, state.live.shape[1])
     if name == "nms":
-        return lambda state, k: attention_nms_keep(state.patches, state.cls_attention, state.live, k)
+        return lambda state, k: attention_nms_keep(state.patches, state.cls_attention, state.live, k,
+                                                   state.live.shape[1])
     if name == "distinct":
-        return lambda state, k: distinctive_nms_keep(state.patches, state.live, k)
+        return lambda state, k: distinctive_nms_keep(state.patches, state.live, k, state.live.shape[1])
     raise ValueError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")

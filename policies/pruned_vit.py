@@ -180,8 +180,9 @@ class PrunedViT(nn.Module):
             select = policy_selector(self.policies, staged, self.budget, self.protected_share)
         else:
             select = heuristic_selector(self.selection, self._random_generator(images.device))
+        # The selectors keep exactly the budget by construction: checking it would wait for the device.
         return exact_forward(staged, images, select, self.budget, self.reduction,
-                             attention_score=self._scores() in ("attention", "agents"))
+                             attention_score=self._scores() in ("attention", "agents"), check_counts=False)
 
     def _scheduled_kept(self, batch: int) -> torch.Tensor:
         """``kept [batch, num_stages]`` on the CPU of a selection that keeps :meth:`schedule` on every image."""

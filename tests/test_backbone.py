@@ -1,20 +1,18 @@
 """backbone.py: a tiny model trains a few steps, exports, and reloads with the same logits."""
 
-import contextlib
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import backbone
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
+from tests.host_reads import host_round_trips
 
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 
@@ -161,56 +159,6 @@ def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(caps
                                            "generator_device": "cuda"}, reseed=3)
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
     assert "drawn on cuda; on cpu the rest of the run draws a new one (seed 3)" in capsys.readouterr().out
-
-
-class _HostReads(TorchDispatchMode):
-    """Records the aten ops that, on a GPU, wait for the device or copy host data to it: reading a tensor's
-    value (``item()``, ``int()``, ``bool()``, ``if tensor:``), making a tensor from Python data
-    (``torch.tensor``), and the ops whose output size is a count of true elements, which the host reads back
-    (``nonzero``, ``masked_select``, indexing with a boolean mask, as torchvision's autocontrast does)."""
-
-    RECORDED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
-                torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.nonzero.default,
-                torch.ops.aten.masked_select.default)
-    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
-                torch.ops.aten._index_put_impl_.default)
-
-    def __init__(self, calls: list[str]):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        masks = func in self.INDEXING and any(index is not None and index.dtype in (torch.bool, torch.uint8)
-                                              for index in args[1])
-        if func in self.RECORDED or masks:
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def host_round_trips(monkeypatch) -> Iterator[list[str]]:
-    """The calls inside that would make a GPU step wait for the device, or copy from the host, on a CPU.
-
-    On the CPU every tensor is a host tensor, so three nets catch what would cross over on a GPU: the Python
-    methods that read a tensor out or build one from host data, recorded by name; the aten ops of
-    :class:`_HostReads` (``int(tensor)`` and the like reach no Python method); and ``torch.device("meta")``
-    as the default device, so that a tensor made without ``device=`` (a host tensor, on a GPU run) is a meta
-    tensor, and a random draw without ``device=`` from the training device's generator fails outright.
-    """
-    calls: list[str] = []
-
-    def recorded(call, name):
-        def record(*args, **kwargs):
-            calls.append(name)
-            return call(*args, **kwargs)
-        return record
-
-    with monkeypatch.context() as patch:
-        for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
-                            (torch.Tensor, "numpy"), (torch, "tensor"), (torch, "as_tensor"), (torch, "from_numpy")):
-            patch.setattr(owner, name, recorded(getattr(owner, name), name))
-        with torch.device("meta"), _HostReads(calls):
-            yield calls
 
 
 def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(monkeypatch):

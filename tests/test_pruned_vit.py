@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from policies.export import main as export_main
 from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import SELECTIONS, PrunedViT
 from policies.token_scorer import TokenScorer
+from tests.host_reads import HostReads
 from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +136,27 @@ def test_every_forward_makes_its_tensors_where_the_images_are(exported, tiny_sta
     finally:
         torch.set_default_device(None)
     assert {(logits.device.type, kept.device.type) for logits, kept in outputs} == {("cpu", "cpu")}
+
+
+def test_a_forward_reads_back_only_what_its_selection_must(exported, tiny_staged, images):
+    """On a GPU a batch-1 forward is bound by its waits for the device, so a pruned forward reads back no more
+    than the unpruned model: the budget's counts are known on the host. Each forward makes its kept counts on
+    the CPU from Python ints (``lift_fresh``); the agents add the ``nonzero`` over live tokens of each policy
+    network (``policies.token_scorer``) at each pruning point, which is all they read back."""
+    staged, config = tiny_staged
+    modules = dict(PrunedViT.from_checkpoint(exported).policies)
+    models = {"none": PrunedViT(staged, config), "agents": PrunedViT(staged, config, modules, TARGET_RATIO),
+              **{name: PrunedViT(staged, config, name, TARGET_RATIO) for name in SELECTIONS}}
+    kept = Counter({"aten.lift_fresh.default": 1})
+    expected = {name: kept for name in models} | {
+        "agents": kept + Counter({"aten.nonzero.default": len(modules) * len(PRUNE_POINTS)})}
+    reads = {}
+    for name, model in models.items():
+        calls = []
+        with torch.no_grad(), HostReads(calls):  # not under inference mode, which the recorder can miss
+            PrunedViT.forward_with_kept.__wrapped__(model, images)
+        reads[name] = Counter(calls)
+    assert reads == expected
 
 
 def test_budget_override_changes_the_kept_counts(exported, images):

@@ -132,7 +132,9 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     row = torch.div(positions, cols, rounding_mode="floor").float() / max(rows - 1, 1)
     col = (positions % cols).float() / max(cols - 1, 1)
     progress = torch.full_like(mask, stage / max(num_points - 1, 1))
-    keep = torch.as_tensor(keep_fraction, dtype=mask.dtype, device=mask.device).reshape(-1, 1).expand_as(mask)
+    # A Python number fills the tensor on the device; as_tensor would copy it there from the host.
+    keep = (torch.full_like(mask, keep_fraction) if isinstance(keep_fraction, float | int) else
+            keep_fraction.to(mask).reshape(-1, 1).expand_as(mask))
 
     shared = [norm, row, col, progress, keep]
     attention_features = torch.stack(
@@ -148,7 +150,8 @@ class Observation(NamedTuple):
     attention: torch.Tensor  # [B, W, len(ATTENTION_FEATURES)] float32, zeros on dead rows
     similarity: torch.Tensor  # [B, W, len(SIMILARITY_FEATURES)] float32, zeros on dead rows
     live: torch.Tensor  # [B, W] bool
-    nonfinite: int  # feature values that were NaN or infinite and were replaced by 0
+    nonfinite: torch.Tensor  # [] long, feature values that were NaN or infinite and were replaced by 0, on the
+    # device (whoever reports it reads it back; the exact-budget forward does not)
 
     def features(self, policy: str) -> torch.Tensor:
         """The features of the ``attention`` or ``similarity`` agent."""
@@ -160,12 +163,11 @@ def observe(staged: StagedViT, state: TokenState, target_ratio: float | torch.Te
     ratio ``target_ratio`` (one for all images, or ``[B]``, one per image).
 
     Non-finite values (a degenerate backbone or input) are replaced by 0 and counted here, so nothing
-    downstream needs to guard against them.
+    downstream needs to guard against them. They are replaced whether or not there are any (finite values
+    stay as they are), so that nothing is read back from the device to decide.
     """
     attention, similarity = token_features(state.patches, state.cls_attention, state.live, state.positions,
                                            staged.grid_size, state.stage, len(staged.prune_points),
                                            1.0 - target_ratio)
-    nonfinite = int((~attention.isfinite()).sum() + (~similarity.isfinite()).sum())
-    if nonfinite:
-        attention, similarity = attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0)
-    return Observation(attention, similarity, state.live, nonfinite)
+    nonfinite = (~attention.isfinite()).sum() + (~similarity.isfinite()).sum()
+    return Observation(attention.nan_to_num(0, 0, 0), similarity.nan_to_num(0, 0, 0), state.live, nonfinite)

@@ -116,46 +116,65 @@ def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reducti
     return TokenState(tokens, live, size, state.positions.gather(1, index), cls_attention, stage)
 
 
-def classify(staged: StagedViT, state: TokenState, reduction: str) -> torch.Tensor:
-    """Logits ``[B, num_classes]`` of a state after the last stage."""
-    return staged.classify(state.tokens, state.live if state.padded else None,
-                           state.size if reduction == "merge" else None)
+def classify(staged: StagedViT, state: TokenState, reduction: str, padded: bool | None = None) -> torch.Tensor:
+    """Logits ``[B, num_classes]`` of a state after the last stage. ``padded``: whether any row is dead, where
+    the caller knows it (an exact budget: none); otherwise it is read back from the device."""
+    padded = state.padded if padded is None else padded
+    return staged.classify(state.tokens, state.live if padded else None, state.size if reduction == "merge" else None)
 
 
 Selector = Callable[[TokenState, int], torch.Tensor]
-"""``(state, k)`` -> ``keep [B, W]`` bool with exactly ``k`` live tokens per image (exact budget)."""
+"""``(state, k)`` -> ``keep [B, W]`` bool with exactly ``k`` live tokens per image (exact budget). Every image of
+``state`` has all its ``W`` rows live (:func:`exact_forward_from` starts from such states only and keeps them so),
+so a selector knows the live counts on the host and need not read them back from the device."""
 
 
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
-                  reduction: str, attention_score: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  reduction: str, attention_score: bool = True,
+                  check_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point;
     ``attention_score=False`` for a selector that reads no class-token attention spares computing it.
+    ``check_counts``: see :func:`exact_forward_from`.
 
     Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
     alike; the first stage has all patches).
     """
-    return exact_forward_from(staged, initial_state(staged, images, attention_score), select, target_ratio,
-                              reduction, attention_score)
+    return _exact_forward(staged, initial_state(staged, images, attention_score), select, target_ratio,
+                          reduction, attention_score, check_counts)
 
 
 def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
-                       reduction: str, attention_score: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       reduction: str, attention_score: bool = True,
+                       check_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`exact_forward` from a state at any pruning point whose images all keep the same tokens' count
     (:func:`initial_state`, or a state an exact budget pruned), so that callers that already ran the stages
     before it (the training engine, search over selectors) do not run them again.
+
+    ``check_counts``: check that ``select`` keeps exactly ``k`` live tokens of every image, which reads its
+    choice back from the device (a GPU waits for it) at every pruning point; off only for selectors that keep
+    ``k`` by construction (``policies.pruned_vit.PrunedViT``'s). The mask's shape is always checked.
 
     Returns the logits and ``kept [B, num_stages - state.stage]``, the patch tokens alive in each stage from
     ``state``'s on, on the CPU (the counts are known on the host; a copy to a GPU would wait for it).
     """
     if state.padded:
         raise ValueError("exact_forward_from starts from a state whose images keep the same tokens' count")
+    return _exact_forward(staged, state, select, target_ratio, reduction, attention_score, check_counts)
+
+
+def _exact_forward(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float, reduction: str,
+                   attention_score: bool, check_counts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`exact_forward_from` from a state the caller knows to be unpadded (:func:`initial_state`'s), which
+    reads nothing back from the device beyond what ``select`` and ``check_counts`` do."""
     kept = [state.live.shape[1]]
     for _ in staged.prune_points[state.stage:]:
         k = tokens_to_keep(kept[-1], target_ratio)
         keep = select(state, k)
-        if keep.shape != state.live.shape or not bool(((keep & state.live).sum(dim=1) == k).all()):
+        if keep.shape != state.live.shape or (check_counts and
+                                              not bool(((keep & state.live).sum(dim=1) == k).all())):
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
         state = prune_step(staged, state, keep, reduction, attention_score, count=k)
         kept.append(k)
-    return classify(staged, state, reduction), torch.tensor(kept, device="cpu").expand(len(state.live), -1)
+    return (classify(staged, state, reduction, padded=False),
+            torch.tensor(kept, device="cpu").expand(len(state.live), -1))

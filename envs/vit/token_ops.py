@@ -35,18 +35,24 @@ def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_prefix: int) ->
     return torch.cat([x[:, :num_prefix], patches], dim=1)
 
 
-def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int, live_count: int | None = None) -> torch.Tensor:
     """The ``k`` highest-scoring live tokens of each image.
 
     Args:
         scores: ``[B, N]`` float; higher means keep.
         live: ``[B, N]`` bool; dead tokens are never chosen.
         k: tokens to keep per image, ``1 <= k <=`` the smallest live count in the batch.
+        live_count: the live tokens of every image, where the caller knows it (an exact budget's states,
+            ``envs.vit.pruned_forward.Selector``): ``k`` is then checked against it without reading the live
+            counts back from the device.
 
     Returns:
         ``keep [B, N]`` bool with exactly ``k`` True per image.
     """
-    min_live = int(live.sum(dim=1).min()) if live.numel() else 0
+    if live_count is not None:
+        min_live = live_count
+    else:
+        min_live = int(live.sum(dim=1).min()) if live.numel() else 0
     if not 1 <= k <= min_live:
         raise ValueError(f"k must be in [1, {min_live}] (smallest live count in the batch), got {k}")
     # Clamp so that a live score of -inf still ranks above the dead tokens' -inf.
