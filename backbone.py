@@ -10,7 +10,7 @@ ahead and the device sets the pace: the augmentation draws from one seeded gener
 
     python backbone.py --data-dir ../shared/data --output-dir runs/backbone
     python backbone.py --output-dir runs/backbone --resume      # continue after --time-limit or a crash
-    python backbone.py --data-dir ../shared/data --output-dir runs/backbone_fast --batch-size 1024 --compile
+    python backbone.py --data-dir ../shared/data --output-dir runs/backbone_fast --batch-size 512 --compile
                                                 # the fast GPU recipe: not yet run on a GPU
 """
 
@@ -476,11 +476,11 @@ def train(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
         if args.time_budget is not None and epoch == start_epoch + 1:
-            epochs = epochs_within(args.time_budget - (time.time() - started),
-                                   history[-1]["seconds"] - history[-2]["seconds"], epoch + 1)
+            epoch_seconds = history[-1]["seconds"] - history[-2]["seconds"]
+            epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1)
             if epochs != args.epochs:
                 print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "
-                      f"{history[-1]['seconds'] - history[-2]['seconds']:.1f} s", flush=True)
+                      f"{epoch_seconds:.1f} s", flush=True)
                 args.schedule_changes = [*getattr(args, "schedule_changes", []),
                                          {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
                 args.epochs = epochs
