@@ -38,7 +38,10 @@ Every row runs on ``--device`` (a GPU when one is visible, by default): the back
 images, the heuristics, merging, ToMe and the cascade; in float32 or, with ``--dtype bfloat16``, every forward
 under ``torch.autocast`` to bfloat16 (the token counts stay exact; ties in the scores may break otherwise).
 Each row is timed at each of ``--speed-batch-sizes`` with the project's one timer, synchronised with the device
-(``envs.vit.timing``); results.json records the device, the dtype and which images were timed.
+(``envs.vit.timing``); results.json records the device, the dtype and which images were timed. With
+``--compile`` the timed forwards are compiled (``torch.compile``, one graph per row; on a GPU
+``mode="reduce-overhead"``, which replays CUDA graphs, the way to batch-1 latency there); the other columns
+come from the eager forwards either way.
 Numbers other than timings are deterministic for the same inputs, ``--seed``, ``--batch-size``, ``--device``
 and ``--dtype``.
 """
@@ -318,14 +321,16 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
                      methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
                      speed_repeats: int | None = 5, speed_batch_sizes: Sequence[int] = SPEED_BATCH_SIZES,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                     calibration: ImageSplit | None = None, selection: ImageSplit | None = None) -> pd.DataFrame:
+                     calibration: ImageSplit | None = None, selection: ImageSplit | None = None,
+                     compile_speed: bool = False) -> pd.DataFrame:
     """The results table: one row per method, the columns of ``envs.results_table.COLUMNS``.
 
     Every row runs on ``device``: ``staged`` and the methods' policy modules are moved there (in place), and
     each batch of images. Its forwards (calibration, accuracy, timing) run in ``dtype``: under
     ``torch.autocast`` to it unless it is float32. ``speed_repeats=None`` skips the timings (their columns stay
     empty); otherwise each row is timed at each of ``speed_batch_sizes`` (their columns in ascending order;
-    :func:`speed_images` says on which images), and ``speedup`` is at the largest. ``calibration``: the images
+    :func:`speed_images` says on which images), and ``speedup`` is at the largest; ``compile_speed`` times
+    compiled forwards (:func:`compiled_model`). ``calibration``: the images
     that cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``. ``selection``:
     the images the heuristic that learned rows are compared with is chosen on (:func:`best_heuristics`), held
     out from ``split``; None: ``split`` itself.
@@ -367,13 +372,24 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
             for row, method in enumerate(tqdm(methods, desc="timing", unit="method", disable=not progress)):
-                run = method.model(staged, backbone_config, reduction, seed).forward_with_kept
+                model = method.model(staged, backbone_config, reduction, seed)
+                run = (compiled_model(model, device) if compile_speed else model).forward_with_kept
                 for size in speed_batch_sizes:
                     table.loc[row, speed_column(size)] = images_per_second(run, images[:timed_images(size)], size,
                                                                            speed_repeats)
             largest = speed_column(max(speed_batch_sizes))
             table["speedup"] = table[largest] / table.loc[table["method"] == BASELINE, largest].iloc[0]
     return table
+
+
+def compiled_model(model: PrunedViT | CascadeViT, device: torch.device) -> PrunedViT | CascadeViT:
+    """``model`` with its forwards compiled by ``torch.compile``, one graph for every batch size (a cascade's
+    second forward runs as many images as are unsure), replayed as CUDA graphs on a GPU
+    (``mode="reduce-overhead"``: one launch per forward and batch size). The compiler's caches are emptied
+    first: they keep a few graphs per function, and every row's model runs the same functions."""
+    torch.compiler.reset()
+    model.compile(dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    return model
 
 
 def timed_images(batch_size: int) -> int:
@@ -444,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 1,256)")
     parser.add_argument("--speed-repeats", type=positive_int, default=5, help="timed passes (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
+    parser.add_argument("--compile", action="store_true",
+                        help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
+                             "takes 30 s to 2 min per row on a 2-core CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=Path("results"), help="default: %(default)s")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing results.csv")
@@ -579,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
                              seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                              speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
-                             calibration=calibration, selection=selection)
+                             calibration=calibration, selection=selection, compile_speed=args.compile)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
                 "iteration": iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
@@ -587,6 +606,7 @@ def run(args: argparse.Namespace) -> int:
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
                 "device": describe_device(device), "dtype": args.dtype,
                 "speed_repeats": None if args.no_speed else args.speed_repeats,
+                "compiled": None if args.no_speed else args.compile,
                 "speed_batch_sizes": list(args.speed_batch_sizes),
                 "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
                 "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# The GPU work of the project in two commands, for a GPU lent for minutes: first the measurements (the backbone
-# step before and after, the GPU speed table, the engine), then a backbone trained for the time given. Needs
-# torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and CIFAR-10 under .data/cifar10/ as
-# train.tar and test.tar (or .tar.gz, unpacked on first use). Wheels in .whl/ (e.g. the timm version the project
-# is tested with) are installed first, for this run only. From the repository root:
+# The GPU work of the project in three commands, for a GPU lent for minutes: first the measurements (the backbone
+# step before and after, the GPU speed table, the engine), a backbone trained for the time given, and batch-1
+# latency compiled. Needs torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and
+# CIFAR-10 under .data/cifar10/ as train.tar and test.tar (or .tar.gz, unpacked on first use). Wheels in .whl/
+# (e.g. the timm version the project is tested with) are installed first, for this run only. From the repository
+# root:
 #
 #   bash benchmarks/gpu_session.sh measure OUT              # about 4 minutes on an H100 (not yet run there)
 #   bash benchmarks/gpu_session.sh backbone OUT SECONDS     # a backbone trained within SECONDS, all included
+#   bash benchmarks/gpu_session.sh latency OUT              # batch 1, eager and as CUDA graphs (not yet run)
 #
 # Each writes OUT/<mode>.log and packs what it made into OUT/<mode>.tar.gz (logs, JSON, results tables, the
 # backbone's export: model.safetensors, config.json and MODEL_CARD.md with its test accuracy), so that a machine
 # that can send back only a few files sends everything. The backbone is the reference recipe at 512 images per
 # step, compiled, for as many epochs as fit (backbone.py --time-budget). Expected on an H100: the step under
-# 1.5 s per 45,000-image epoch; the pruned rows faster than the unpruned one at batch 1024.
+# 1.5 s per 45,000-image epoch; the pruned rows faster than the unpruned one at batch 1024, and, compiled, at
+# batch 1 (latency: benchmarks/batch1_latency.py, each forward replayed as one CUDA graph).
 # PYTHON (default python3), DEVICE (default cuda) and BACKBONE_FLAGS (more backbone.py flags) override, e.g.
 # for a smoke test on a CPU: DEVICE=cpu BACKBONE_FLAGS="--limit 512 --batch-size 64" ... backbone OUT 120
 set -uo pipefail
 
-mode=${1:?usage: bash benchmarks/gpu_session.sh measure|backbone OUT [SECONDS]}
-out=${2:?usage: bash benchmarks/gpu_session.sh measure|backbone OUT [SECONDS]}
+mode=${1:?usage: bash benchmarks/gpu_session.sh measure|backbone|latency OUT [SECONDS]}
+out=${2:?usage: bash benchmarks/gpu_session.sh measure|backbone|latency OUT [SECONDS]}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 data=.data
@@ -74,8 +77,15 @@ backbone)
         --batch-size 512 --compile --save-every 100000 --time-budget "$(( seconds - ($(date +%s) - began) ))" \
         ${BACKBONE_FLAGS:-}
     ;;
+latency)
+    section "batch 1: the unpruned model, the policy and two heuristics, eager then compiled (CUDA graphs)"
+    for dtype in float32 bfloat16; do
+        step "$python" -m benchmarks.batch1_latency --data-dir "$data" --device "$device" --dtype "$dtype" \
+            --output "$work/batch1_$dtype.json"
+    done
+    ;;
 *)
-    echo "unknown mode $mode: measure or backbone"; exit 2 ;;
+    echo "unknown mode $mode: measure, backbone or latency"; exit 2 ;;
 esac
 section "done"
 exit $failed

@@ -55,7 +55,7 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
 }
 
 
-HEADER_SETTINGS = ("dataset", "split", "images", "device", "dtype", "speed_images")
+HEADER_SETTINGS = ("dataset", "split", "images", "device", "dtype", "compiled", "speed_images")
 """The settings printed and written above the table, so that a table copied alone still names the machine and
 precision it was measured in."""
 

@@ -82,11 +82,18 @@ class CascadeViT(nn.Module):
         """Logits ``[B, num_classes]`` of normalised images ``[B, 3, H, W]``."""
         return self.forward_with_kept(images)[0]
 
-    @torch.inference_mode()
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the two forwards (``torch.compile``'s arguments, :meth:`PrunedViT.forward`); which images run
+        the second is chosen eagerly."""
+        self.first.compile(*args, **kwargs)
+        self.second.compile(*args, **kwargs)
+
+    @torch.no_grad()
     def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, num_classes]`` and ``kept [B, S1 + S2]`` long: the patch tokens alive in each stage of
         ``first`` (its ``S1`` stages), then of ``second`` (``S2``), zero where an image did not run it."""
         logits, first_kept = self.first.forward_with_kept(images)
+        logits = logits.clone()  # a compiled forward's output may be a buffer its next call overwrites (CUDA graphs)
         rerun = doubt(logits) > self.threshold
         second_kept = first_kept.new_zeros(len(images), self.second.staged.num_stages)
         if rerun.any():  # kept counts live on the CPU, the logits where the images are

@@ -73,11 +73,11 @@ def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, targ
                                                           protected_share)  # every row is live (Selector)
         kept = torch.zeros_like(state.live)
         if "attention" in modules:
-            scores = modules["attention"].token_scores(observation.attention, state.live.float())
+            scores = modules["attention"].token_scores(observation.attention, state.live.float(), every_row=True)
             kept = highest(scores, attention_keeps) & state.live
         if "similarity" not in modules:
             return kept
         left = state.live & ~kept
-        scores = modules["similarity"].token_scores(observation.similarity, left.float())
+        scores = modules["similarity"].token_scores(observation.similarity, left.float(), every_row=True)
         return state.live & ~highest(scores, similarity_removes)
     return select

@@ -158,31 +158,38 @@ class PrunedViT(nn.Module):
             raise ValueError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
 
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` of normalised images ``[B, 3, H, W]`` (:meth:`normalize`), under
-        ``torch.inference_mode`` (choosing tokens is not differentiable)."""
-        return self.forward_with_kept(images)[0]
+        """Logits ``[B, num_classes]`` of normalised images ``[B, 3, H, W]`` (:meth:`normalize`), without
+        gradients (choosing tokens is not differentiable).
 
-    @torch.inference_mode()
-    def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, num_classes]`` and ``kept [B, num_stages]`` long, the patch tokens each image has
-        alive in each stage (the first stage has all of them), of normalised ``images [B, 3, H, W]``.
-
-        The logits are where the images are; ``kept`` is on the CPU wherever they are: the counts are known on
-        the host, and a copy to a GPU would wait for it.
+        Where the images are, nothing is read back to the host, and an exact budget's shapes follow from the
+        batch size alone: ``torch.compile`` (``model.compile()``) makes each selection but ``random`` one graph
+        (the random heuristic's generator breaks it at each pruning point), and on a GPU its
+        ``mode="reduce-overhead"`` replays it as a CUDA graph. ``no_grad`` rather than ``inference_mode``: a
+        forward that enters ``inference_mode`` fails to compile (torch 2.14) once it has run eagerly.
         """
         staged = self.staged
         if self.selection is None:
-            return staged.vit(images), self._scheduled_kept(len(images))
+            return staged.vit(images)
         if self.selection == "tome":
-            return tome_forward(staged, images, self.tome_merges), self._scheduled_kept(len(images))
+            return tome_forward(staged, images, self.tome_merges)
         if self.selection == "policy":
             select = policy_selector(self.policies, staged, self.budget, self.protected_share)
         else:
-            select = heuristic_selector(self.selection, self._random_generator(images.device))
+            select = heuristic_selector(self.selection, self._random_generator(images.device)
+                                        if self.selection == "random" else None)
         # The selectors keep exactly the budget by construction: checking it would wait for the device.
         return exact_forward(staged, images, select, self.budget, self.reduction,
-                             attention_score=self._scores() in ("attention", "agents"), check_counts=False)
+                             attention_score=self._scores() in ("attention", "agents"), check_counts=False)[0]
+
+    def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s logits (through a compiled forward if the model was compiled) and ``kept [B,
+        num_stages]`` long, the patch tokens each image has alive in each stage (the first stage has all of
+        them): :meth:`schedule`, the same for every image. ``kept`` is on the CPU wherever the images are: the
+        counts are known on the host, and a copy to a GPU would wait for it.
+        """
+        return self(images), self._scheduled_kept(len(images))
 
     def _scheduled_kept(self, batch: int) -> torch.Tensor:
         """``kept [batch, num_stages]`` on the CPU of a selection that keeps :meth:`schedule` on every image."""

@@ -24,7 +24,7 @@ from ray.rllib.utils.annotations import override
 
 from envs.vit.features import AGENT_FEATURES
 from policies.distribution import ExactCount, ExactCountEntropyStatistic
-from policies.token_scorer import DEFAULT_HIDDEN, LiveEmbeddings, TokenScoring
+from policies.token_scorer import DEFAULT_HIDDEN, TokenEmbeddings, TokenScoring
 
 
 @contextlib.contextmanager
@@ -70,7 +70,7 @@ class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
     def get_train_action_dist_cls(self) -> type[ExactCount]:
         return self._train_distribution
 
-    def _action_dist_inputs(self, obs: dict[str, torch.Tensor], embedded: LiveEmbeddings) -> torch.Tensor:
+    def _action_dist_inputs(self, obs: dict[str, torch.Tensor], embedded: TokenEmbeddings) -> torch.Tensor:
         return torch.cat([self._scores(obs, embedded), obs["count"]], dim=-1)
 
     @override(TorchRLModule)

@@ -23,14 +23,15 @@ DEAD_SCORE = -1e4
 _NETWORKS = ("token_net", "logit_net", "value_head")
 
 
-class LiveEmbeddings(NamedTuple):
-    """The token network's output on the live tokens only: on the CPU it is most of the module's cost, and
-    after the first pruning point most tokens are dead."""
+class TokenEmbeddings(NamedTuple):
+    """The token network's output, on the live tokens only or on every row (:meth:`TokenScoring.token_scores`'s
+    ``every_row``)."""
 
     emb: torch.Tensor
-    """``[L, h]``: the embeddings of the ``L`` live tokens, row by row."""
-    index: tuple[torch.Tensor, torch.Tensor]
-    """``([L], [L])``: the flat row (leading dimensions flattened) and the column of each."""
+    """``[L, h]``: the embeddings of the ``L`` live tokens, row by row; or ``[..., N, h]``, of every row."""
+    index: tuple[torch.Tensor, torch.Tensor] | None
+    """``([L], [L])``: the flat row (leading dimensions flattened) and the column of each live token; None when
+    ``emb`` holds every row."""
     context: torch.Tensor
     """``[..., h]``: the mean live embedding of each row (a zero vector if none is live)."""
 
@@ -65,31 +66,43 @@ class TokenScoring:
         return sum(layer.in_features * layer.out_features
                    for net in (self._token_net, self._logit_net) for layer in net if isinstance(layer, nn.Linear))
 
-    def _embed(self, obs: dict[str, torch.Tensor]) -> LiveEmbeddings:
-        """The live tokens' embeddings and each row's live-token context."""
+    def _embed(self, obs: dict[str, torch.Tensor], every_row: bool = False) -> TokenEmbeddings:
+        """The token embeddings and each row's live-token context: of the live tokens only (in training most
+        rows are dead after the first pruning point, and the token network is most of the module's cost on the
+        CPU), or of ``every_row`` (no data-dependent shapes, nothing read back from a GPU)."""
         live = obs["live"] > 0.5
+        if every_row:
+            emb = self._token_net(obs["tokens"])
+            context = (emb * live.unsqueeze(-1)).sum(-2) / live.sum(-1, keepdim=True).clamp(min=1)
+            return TokenEmbeddings(emb, None, context)
         flat_live = live.reshape(-1, live.shape[-1])
         rows, columns = flat_live.nonzero(as_tuple=True)
         emb = self._token_net(obs["tokens"].reshape(*flat_live.shape, -1)[rows, columns])
         total = emb.new_zeros(flat_live.shape[0], emb.shape[-1]).index_add(0, rows, emb)
         context = total / flat_live.sum(-1, keepdim=True).clamp(min=1)
-        return LiveEmbeddings(emb, (rows, columns), context.reshape(*live.shape[:-1], -1))
+        return TokenEmbeddings(emb, (rows, columns), context.reshape(*live.shape[:-1], -1))
 
-    def _scores(self, obs: dict[str, torch.Tensor], embedded: LiveEmbeddings) -> torch.Tensor:
+    def _scores(self, obs: dict[str, torch.Tensor], embedded: TokenEmbeddings) -> torch.Tensor:
         """``[..., N]``: the logit net's score of each live token beside its row's context; dead tokens get
         :data:`DEAD_SCORE`."""
+        live = obs["live"]
+        if embedded.index is None:
+            context = embedded.context.unsqueeze(-2).expand_as(embedded.emb)
+            scores = self._logit_net(torch.cat([embedded.emb, context], dim=-1)).squeeze(-1)
+            return scores.masked_fill(live <= 0.5, DEAD_SCORE)
         rows, columns = embedded.index
         context = embedded.context.reshape(-1, embedded.context.shape[-1])
         live_scores = self._logit_net(torch.cat([embedded.emb, context[rows]], dim=-1)).squeeze(-1)
-        live = obs["live"]
         scores = live_scores.new_full((context.shape[0], live.shape[-1]), DEAD_SCORE)
         return scores.index_put((rows, columns), live_scores).reshape(live.shape)
 
-    def token_scores(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, tokens: torch.Tensor, live: torch.Tensor, every_row: bool = False) -> torch.Tensor:
         """The scores ``[..., N]`` of tokens with features ``tokens [..., N, F]`` and live mask ``live [..., N]``
-        (the deterministic policy keeps the ``count`` highest)."""
+        (the deterministic policy keeps the ``count`` highest). ``every_row`` runs the networks on the dead rows
+        too, which pays where few are dead (an exact budget's states) and reads nothing back from a GPU; the
+        scores are the same."""
         obs = {"tokens": tokens, "live": live}
-        return self._scores(obs, self._embed(obs))
+        return self._scores(obs, self._embed(obs, every_row))
 
 
 class TokenScorer(TokenScoring, nn.Module):

@@ -100,8 +100,9 @@ def test_rows_columns_and_files(results):
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
     assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
-    assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images")} == {
-        "device": "cpu", "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None}
+    assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images",
+                                                    "compiled")} == {
+        "device": "cpu", "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None, "compiled": None}
     markdown = (output / "results.md").read_text()
     assert re.search(r"\| method +\| +budget \|", markdown)
     assert f"dataset: cifar10; split: test; images: {LIMIT}; device: cpu; dtype: float32\n" in markdown
@@ -235,6 +236,32 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
     table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
                                       speed_repeats=1, speed_batch_sizes=(8, 2, 4), progress=False)
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b8"]].values.tolist() == [[2, 4, 8]] * 2
+
+
+def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, split):
+    """--compile times each row's forward through torch.compile, one graph for every batch size (dynamic); the
+    other columns come from the eager forwards all the same."""
+    compile_eagerly, compiled = torch.compile, []
+
+    def compile_recorded(function, **kwargs):
+        compiled.append((function.__self__, kwargs))
+        return compile_eagerly(function, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    modules, _ = load_policies(tiny_policy)
+    methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
+               evaluate.Method("ToMe", "tome", TARGET_RATIO),
+               evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)]
+    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
+    kwargs = dict(speed_repeats=1, speed_batch_sizes=(4, 1), progress=False)
+    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                                      compile_speed=True, **kwargs)
+    assert [(type(model).__name__, model.selection, options) for model, options in compiled] == [
+        ("PrunedViT", selection, {"dynamic": True, "mode": None}) for selection in (None, "tome", "policy")]
+    assert (table[["images_per_s_b1", "images_per_s_b4"]] > 0).all().all()
+    eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge", **kwargs)
+    timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
+    pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
 
 
 def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_policy, tiny_backbone, data_dir,

@@ -1,0 +1,121 @@
+"""Batch-1 speed of the pruned ViT against the unpruned one, eager and compiled, the rows timed in turns; no Ray.
+
+One image at a time, a forward is bound by per-operation overhead (Python and kernel launches), not by the
+arithmetic that pruning saves, and a pruned forward runs more, smaller operations than the unpruned one
+(features, policy networks and merging at each pruning point). Users of token pruning see exactly this: fewer
+GFLOPs, no faster (or slower) at batch 1. ``torch.compile`` removes most of that overhead: each selection's
+forward is one graph (``PrunedViT.forward``), and on a GPU ``mode="reduce-overhead"`` replays it as a CUDA
+graph, one launch per forward.
+
+A machine shared with other work drifts by tens of percent within a minute at batch 1, more than the
+differences measured, so the rows are not timed one after the other (as evaluate.py's columns are): each round
+times every row once, on the same images, and each row's figure is its median over the rounds. Its ratio to
+the unpruned row is taken within each round, then the median and the quartiles over the rounds are printed.
+Rows: the unpruned model, the policy (MARL exact), greedy similarity and Distinctive NMS, at the policy's
+budget.
+
+Run from the repository root::
+
+    python -m benchmarks.batch1_latency --data-dir ../shared/data                # the CPU; about 4 minutes
+    python -m benchmarks.batch1_latency --data-dir ../shared/data --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from envs.vit.data import default_data_dir, load_split
+from envs.vit.device import describe_device, resolve_device
+from envs.vit.timing import images_per_second
+from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, compiled_model
+from policies.pruned_vit import PrunedViT
+
+HEURISTICS = ("similarity", "distinct")
+
+
+def rows(policy: PrunedViT) -> dict[str, PrunedViT]:
+    """New models of the unpruned model, the policy and the heuristics at its budget, all on its backbone
+    module."""
+    staged, config = policy.staged, policy.backbone_config
+    return {"Baseline (unpruned)": PrunedViT(staged, config),
+            "MARL exact": PrunedViT(staged, config, dict(policy.policies), policy.budget, policy.reduction,
+                                    protected_share=policy.protected_share),
+            **{HEURISTIC_ROWS[selection]: PrunedViT(staged, config, selection, policy.budget, policy.reduction)
+               for selection in HEURISTICS}}
+
+
+def timed_in_turns(models: dict[str, PrunedViT], images: torch.Tensor, batch_size: int,
+                   rounds: int) -> dict[str, list[float]]:
+    """Each model's images/s over all of ``images`` in batches of ``batch_size``, once per round, the models in
+    turn within each round (the first round also warms each model up, compiling it where it was compiled)."""
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(images_per_second(model.forward_with_kept, images, batch_size, repeats=1))
+    return rates
+
+
+def summary(rates: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
+    """Per row: the median images/s over rounds, and its ratio to ``reference`` within each round: median and
+    quartiles."""
+    result = {}
+    for name, values in rates.items():
+        ratios = [value / base for value, base in zip(values, rates[reference], strict=True)]
+        low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        result[name] = {"images_per_s": statistics.median(values), "ratio": median, "ratio_q1": low,
+                        "ratio_q3": high}
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the policy (default: the reference)")
+    parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
+    parser.add_argument("--images", type=int, default=32, help="test images per timed pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per mode (default: %(default)s)")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    policy = PrunedViT.from_checkpoint(args.checkpoint).to(device)
+    config = policy.backbone_config
+    split = load_split(config["dataset"], "test", args.data_dir, limit=args.images, input_size=config["input_size"])
+    images = policy.normalize(split.images.to(device))
+    results: dict[str, Any] = {"device": describe_device(device), "dtype": args.dtype,
+                               "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                               "images": len(images), "rounds": args.rounds, "budget": policy.budget}
+    for mode in args.modes:
+        models = rows(policy)  # afresh for each mode: a compiled model stays compiled
+        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, in the first round
+            models = {name: compiled_model(model, device) for name, model in models.items()}
+        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
+            rates = timed_in_turns(models, images, args.batch_size, args.rounds + 1)
+        results[mode] = summary({name: values[1:] for name, values in rates.items()}, "Baseline (unpruned)")
+        print(f"\n{mode}, batch {args.batch_size}, {results['device']}, {args.dtype}, "
+              f"{results['torch_threads']} threads, {args.rounds} rounds:")
+        for name, row in results[mode].items():
+            print(f"  {name:20s} {row['images_per_s']:8.1f} images/s   {row['ratio']:.2f}x the unpruned "
+                  f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

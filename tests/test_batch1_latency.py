@@ -1,0 +1,52 @@
+"""benchmarks/batch1_latency.py: the rows are timed in turns, each ratio to the unpruned row is taken within a
+round, and the compiled mode times compiled models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import batch1_latency
+
+
+def test_ratios_are_taken_within_each_round():
+    """Round by round, not as a ratio of medians (here 2.0): a drift between rounds cancels."""
+    result = batch1_latency.summary({"pruned": [1.0, 4.0, 2.0], "unpruned": [1.0, 8.0, 1.0]}, "unpruned")
+    assert result["pruned"] == {"images_per_s": 2.0, "ratio": 1.0, "ratio_q1": 0.75, "ratio_q3": 1.5}
+    assert result["unpruned"]["ratio"] == result["unpruned"]["ratio_q1"] == 1.0
+
+
+def test_rows_are_timed_in_turns(monkeypatch):
+    timed = []
+    monkeypatch.setattr(batch1_latency, "images_per_second",
+                        lambda run, images, batch_size, repeats: timed.append(run) or float(len(timed)))
+    models = {"a": torch.nn.Identity(), "b": torch.nn.Identity()}
+    for model in models.values():
+        model.forward_with_kept = model.forward
+    rates = batch1_latency.timed_in_turns(models, torch.zeros(2), 1, rounds=3)
+    assert timed == [models["a"].forward, models["b"].forward] * 3
+    assert rates == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
+
+
+def test_each_mode_times_its_rows(monkeypatch, tiny_policy, data_dir, tmp_path):
+    """Both modes time the four rows of the policy's budget; the compiled one through torch.compile (here its
+    eager backend), each model compiled once, for any batch size."""
+    compile_eagerly, compiled = torch.compile, []
+
+    def compile_recorded(function, **kwargs):
+        compiled.append(kwargs)
+        return compile_eagerly(function, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    output = tmp_path / "latency.json"
+    with pytest.warns(UserWarning, match="has no export"):
+        result = batch1_latency.main(["--checkpoint", str(tiny_policy), "--data-dir", str(data_dir), "--images", "2",
+                                      "--rounds", "2", "--device", "cpu", "--output", str(output)])
+    assert compiled == [{"dynamic": True, "mode": None}] * 4
+    assert json.loads(output.read_text()) == result and result["budget"] == 0.5
+    for mode in ("eager", "compiled"):
+        assert list(result[mode]) == ["Baseline (unpruned)", "MARL exact", "Greedy similarity", "Distinctive NMS"]
+        assert result[mode]["Baseline (unpruned)"]["ratio"] == 1.0
+        assert all(row["images_per_s"] > 0 for row in result[mode].values())
