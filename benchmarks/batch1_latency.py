@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (quartiles over rounds), got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

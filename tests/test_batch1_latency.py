@@ -50,3 +50,11 @@ def test_each_mode_times_its_rows(monkeypatch, tiny_policy, data_dir, tmp_path):
         assert list(result[mode]) == ["Baseline (unpruned)", "MARL exact", "Greedy similarity", "Distinctive NMS"]
         assert result[mode]["Baseline (unpruned)"]["ratio"] == 1.0
         assert all(row["images_per_s"] > 0 for row in result[mode].values())
+
+
+def test_one_round_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        batch1_latency.main(["--rounds", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--rounds must be at least 2 (quartiles over rounds), got 1")
