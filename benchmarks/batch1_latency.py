@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
+from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import images_per_second
-from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, compiled_model
+from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, compiled_model
 from policies.pruned_vit import PrunedViT
 
 HEURISTICS = ("similarity", "distinct")
@@ -41,13 +42,12 @@ HEURISTICS = ("similarity", "distinct")
 
 def rows(policy: PrunedViT) -> dict[str, PrunedViT]:
     """New models of the unpruned model, the policy and the heuristics at its budget, all on its backbone
-    module."""
-    staged, config = policy.staged, policy.backbone_config
-    return {"Baseline (unpruned)": PrunedViT(staged, config),
-            "MARL exact": PrunedViT(staged, config, dict(policy.policies), policy.budget, policy.reduction,
-                                    protected_share=policy.protected_share),
-            **{HEURISTIC_ROWS[selection]: PrunedViT(staged, config, selection, policy.budget, policy.reduction)
-               for selection in HEURISTICS}}
+    module, built as evaluate.py builds its rows."""
+    methods = [Method(BASELINE, "baseline"),
+               Method(MARL_EXACT, "policy", policy.budget, dict(policy.policies), policy.protected_share),
+               *(Method(HEURISTIC_ROWS[selection], selection, policy.budget) for selection in HEURISTICS)]
+    return {method.name: method.model(policy.staged, policy.backbone_config, policy.reduction)
+            for method in methods}
 
 
 def timed_in_turns(models: dict[str, PrunedViT], images: torch.Tensor, batch_size: int,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             models = {name: compiled_model(model, device) for name, model in models.items()}
         with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
             rates = timed_in_turns(models, images, args.batch_size, args.rounds + 1)
-        results[mode] = summary({name: values[1:] for name, values in rates.items()}, "Baseline (unpruned)")
+        results[mode] = summary({name: values[1:] for name, values in rates.items()}, BASELINE)
         print(f"\n{mode}, batch {args.batch_size}, {results['device']}, {args.dtype}, "
               f"{results['torch_threads']} threads, {args.rounds} rounds:")
         for name, row in results[mode].items():
