@@ -62,6 +62,7 @@ from envs.vit.data import (
 )
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.staged_vit import check_prunable
+from envs.vit.timing import images_per_second
 
 STATE_FILE = "train_state.pt"
 EXPORT_DIR = "backbone"
@@ -282,22 +283,12 @@ def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, ba
 
 
 @torch.no_grad()
-def images_per_second(model, config, device, batch_size=256, repeats=5) -> float:
-    """Median eval throughput in float32 on random input (warm-up first)."""
+def eval_images_per_second(model: torch.nn.Module, config: dict, device: torch.device, batch_size: int = 256,
+                           repeats: int = 5) -> float:
+    """Median eval throughput in float32 on one batch of random input, after a warm-up pass (the card's figure)."""
     model.eval()
     size = config["input_size"]
-    x = torch.randn(batch_size, 3, size, size, device=device)
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return batch_size / sorted(times)[len(times) // 2]
+    return images_per_second(model, torch.randn(batch_size, 3, size, size, device=device), batch_size, repeats)
 
 
 def count_gflops(model, input_size: int) -> float:
@@ -516,7 +507,7 @@ def train(args: argparse.Namespace) -> dict:
                   history=history, test_accuracy=test_acc, test_readings=test_readings,
                   gflops=round(count_gflops(model, input_size), 4),
                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                  images_per_s_b256=round(images_per_second(model, config, device), 1),
+                  images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
                   throughput_device=describe_device(device))
     export = save_backbone(model, config, out / EXPORT_DIR, half=args.half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))

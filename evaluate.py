@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ from envs.vit.data import (
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import StagedViT
-from envs.vit.timing import images_per_second
+from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds
 from envs.vit.token_merge import REDUCTIONS
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
@@ -328,9 +329,10 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     Every row runs on ``device``: ``staged`` and the methods' policy modules are moved there (in place), and
     each batch of images. Its forwards (calibration, accuracy, timing) run in ``dtype``: under
     ``torch.autocast`` to it unless it is float32. ``speed_repeats=None`` skips the timings (their columns stay
-    empty); otherwise each row is timed at each of ``speed_batch_sizes`` (their columns in ascending order;
-    :func:`speed_images` says on which images), and ``speedup`` is at the largest; ``compile_speed`` times
-    compiled forwards (:func:`compiled_model`). ``calibration``: the images
+    empty); otherwise the rows are timed in turns (:func:`timed_in_turns`) over ``speed_repeats`` rounds at
+    each of ``speed_batch_sizes`` (their columns, the median images/s, in ascending order; :func:`speed_images`
+    says on which images), and ``speedup`` is the median within a round of the ratio to the unpruned model at
+    the largest; ``compile_speed`` times compiled forwards (:func:`compile_models`). ``calibration``: the images
     that cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``. ``selection``:
     the images the heuristic that learned rows are compared with is chosen on (:func:`best_heuristics`), held
     out from ``split``; None: ``split`` itself.
@@ -371,25 +373,49 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         table["budget"] = table["budget"].astype(float)
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
-            for row, method in enumerate(tqdm(methods, desc="timing", unit="method", disable=not progress)):
-                model = method.model(staged, backbone_config, reduction, seed)
-                run = (compiled_model(model, device) if compile_speed else model).forward_with_kept
+            timed = {method: method.model(staged, backbone_config, reduction, seed)
+                     for method in [baseline, *(method for method in methods if method is not baseline)]}
+            if compile_speed:
+                compile_models(timed.values(), device)
+            rates = timed_in_turns(timed, {size: images[:timed_images(size)] for size in speed_batch_sizes},
+                                   speed_repeats, progress)
+            for row, method in enumerate(methods):
                 for size in speed_batch_sizes:
-                    table.loc[row, speed_column(size)] = images_per_second(run, images[:timed_images(size)], size,
-                                                                           speed_repeats)
-            largest = speed_column(max(speed_batch_sizes))
-            table["speedup"] = table[largest] / table.loc[table["method"] == BASELINE, largest].iloc[0]
+                    table.loc[row, speed_column(size)] = statistics.median(rates[size][method])
+            speedups = ratios_within_rounds(rates[max(speed_batch_sizes)], baseline)
+            table["speedup"] = [statistics.median(speedups[method]) for method in methods]
     return table
 
 
-def compiled_model(model: PrunedViT | CascadeViT, device: torch.device) -> PrunedViT | CascadeViT:
-    """``model`` with its forwards compiled by ``torch.compile``, one graph for every batch size (a cascade's
+def compile_models(models: Iterable[PrunedViT | CascadeViT], device: torch.device) -> None:
+    """Compile the forwards of ``models`` with ``torch.compile``, one graph for every batch size (a cascade's
     second forward runs as many images as are unsure), replayed as CUDA graphs on a GPU
     (``mode="reduce-overhead"``: one launch per forward and batch size). The compiler's caches are emptied
-    first: they keep a few graphs per function, and every row's model runs the same functions."""
+    first, so that graphs of models no longer used do not count against :func:`timed_in_turns`' limit."""
     torch.compiler.reset()
-    model.compile(dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
-    return model
+    for model in models:
+        model.compile(dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping[int, torch.Tensor], rounds: int,
+                   progress: bool = False) -> dict[int, dict[Key, list[float]]]:
+    """Per batch size (``images``' keys), each model's images/s in each of ``rounds`` rounds over that size's
+    images, the models timed in turns within each round (``envs.vit.timing.images_per_second_in_turns``: a
+    ratio taken within a round cancels the machine's drift).
+
+    Compiled models run together: every model's compiled forward is one function to the compiler
+    (``Module._call_impl``), whose graphs it tells apart by guards. It keeps 8 graphs per function by default
+    and runs the calls beyond them eagerly: the limit is raised to 8 per model, so that every compiled model is
+    timed compiled. And it would trace a float the forward reads (the budget) as a variable once two models
+    differ in it, making guards that torch 2.14 fails on: floats are specialised, so each model's graph has
+    its own budget, as a model compiled alone does.
+    """
+    runs = {key: model.forward_with_kept for key, model in models.items()}
+    with torch._dynamo.config.patch(recompile_limit=8 * len(models), specialize_float=True), \
+            tqdm(total=len(images) * (rounds + 1) * len(models), desc="timing", unit="pass",
+                 disable=not progress) as bar:
+        return {size: images_per_second_in_turns(runs, size_images, size, rounds, on_pass=bar.update)
+                for size, size_images in images.items()}
 
 
 def timed_images(batch_size: int) -> int:
@@ -458,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speed-batch-sizes", type=_batch_sizes, default=SPEED_BATCH_SIZES, metavar="N,...",
                         help="batch sizes timed, one images_per_s_bN column each; speedup is at the largest "
                              "(default: 1,256)")
-    parser.add_argument("--speed-repeats", type=positive_int, default=5, help="timed passes (default: %(default)s)")
+    parser.add_argument("--speed-repeats", type=positive_int, default=5,
+                        help="timing rounds, each timing every row once, in turns (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
     parser.add_argument("--compile", action="store_true",
                         help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "

@@ -8,9 +8,9 @@ forward is one graph (``PrunedViT.forward``), and on a GPU ``mode="reduce-overhe
 graph, one launch per forward.
 
 A machine shared with other work drifts by tens of percent within a minute at batch 1, more than the
-differences measured, so the rows are not timed one after the other (as evaluate.py's columns are): each round
-times every row once, on the same images, and each row's figure is its median over the rounds. Its ratio to
-the unpruned row is taken within each round, then the median and the quartiles over the rounds are printed.
+differences measured, so the rows are timed in turns, as evaluate.py times its columns: each round times every
+row once, on the same images, and each row's figure is its median over the rounds. Its ratio to the unpruned
+row is taken within each round, then the median and the quartiles over the rounds are printed.
 Rows: the unpruned model, the policy (MARL exact), greedy similarity and Distinctive NMS, at the policy's
 budget.
 
@@ -33,8 +33,8 @@ import torch
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
-from envs.vit.timing import images_per_second
-from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, compiled_model
+from envs.vit.timing import ratios_within_rounds
+from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, compile_models, timed_in_turns
 from policies.pruned_vit import PrunedViT
 
 HEURISTICS = ("similarity", "distinct")
@@ -50,25 +50,13 @@ def rows(policy: PrunedViT) -> dict[str, PrunedViT]:
             for method in methods}
 
 
-def timed_in_turns(models: dict[str, PrunedViT], images: torch.Tensor, batch_size: int,
-                   rounds: int) -> dict[str, list[float]]:
-    """Each model's images/s over all of ``images`` in batches of ``batch_size``, once per round, the models in
-    turn within each round (the first round also warms each model up, compiling it where it was compiled)."""
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            rates[name].append(images_per_second(model.forward_with_kept, images, batch_size, repeats=1))
-    return rates
-
-
 def summary(rates: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
     """Per row: the median images/s over rounds, and its ratio to ``reference`` within each round: median and
     quartiles."""
     result = {}
-    for name, values in rates.items():
-        ratios = [value / base for value, base in zip(values, rates[reference], strict=True)]
+    for name, ratios in ratios_within_rounds(rates, reference).items():
         low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
-        result[name] = {"images_per_s": statistics.median(values), "ratio": median, "ratio_q1": low,
+        result[name] = {"images_per_s": statistics.median(rates[name]), "ratio": median, "ratio_q1": low,
                         "ratio_q3": high}
     return result
 
@@ -105,11 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "images": len(images), "rounds": args.rounds, "budget": policy.budget}
     for mode in args.modes:
         models = rows(policy)  # afresh for each mode: a compiled model stays compiled
-        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, in the first round
-            models = {name: compiled_model(model, device) for name, model in models.items()}
+        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, in the warm-up round
+            compile_models(models.values(), device)
         with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
-            rates = timed_in_turns(models, images, args.batch_size, args.rounds + 1)
-        results[mode] = summary({name: values[1:] for name, values in rates.items()}, BASELINE)
+            rates = timed_in_turns(models, {args.batch_size: images}, args.rounds)[args.batch_size]
+        results[mode] = summary(rates, BASELINE)
         print(f"\n{mode}, batch {args.batch_size}, {results['device']}, {args.dtype}, "
               f"{results['torch_threads']} threads, {args.rounds} rounds:")
         for name, row in results[mode].items():

@@ -36,11 +36,12 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
                        "which merges in every block: entering stage {i}",
     "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it); the keep "
                   "ratios are blank for cascade rows, whose images run one forward or two",
-    "images_per_s_b{n}": "images/s in batches of {n}, median of repeated passes, each of whole batches and at "
-                         f"least {SPEED_MIN_IMAGES} images, on settings.device in settings.dtype, after a warm-up "
-                         "pass (features and policies included, input normalisation excluded; settings.speed_images "
-                         "says which images)",
-    "speedup": "{largest} / the Baseline's: at the largest batch size timed",
+    "images_per_s_b{n}": "images/s in batches of {n}: the median over rounds that each time every row once, in "
+                         f"turns, a pass of whole batches and at least {SPEED_MIN_IMAGES} images, on settings.device "
+                         "in settings.dtype, after a warm-up round (features and policies included, input "
+                         "normalisation excluded; settings.speed_images says which images)",
+    "speedup": "{largest} / the Baseline's in the same round, median over the rounds: at the largest batch size "
+               "timed",
     "best_heuristic": "learned and cascade rows: the heuristic row at the same budget (ToMe and greedy "
                       "similarity's cascade included) most accurate on validation images "
                       "(settings.best_heuristic_chosen_on; with --split val, the evaluated ones), never on the "

@@ -18,18 +18,6 @@ def test_ratios_are_taken_within_each_round():
     assert result["unpruned"]["ratio"] == result["unpruned"]["ratio_q1"] == 1.0
 
 
-def test_rows_are_timed_in_turns(monkeypatch):
-    timed = []
-    monkeypatch.setattr(batch1_latency, "images_per_second",
-                        lambda run, images, batch_size, repeats: timed.append(run) or float(len(timed)))
-    models = {"a": torch.nn.Identity(), "b": torch.nn.Identity()}
-    for model in models.values():
-        model.forward_with_kept = model.forward
-    rates = batch1_latency.timed_in_turns(models, torch.zeros(2), 1, rounds=3)
-    assert timed == [models["a"].forward, models["b"].forward] * 3
-    assert rates == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
-
-
 def test_each_mode_times_its_rows(monkeypatch, tiny_policy, data_dir, tmp_path):
     """Both modes time the four rows of the policy's budget; the compiled one through torch.compile (here its
     eager backend), each model compiled once, for any batch size."""

@@ -218,24 +218,44 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
 
 def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_staged, split):
     """images_per_s_bN is the timer's figure for forwards of N images (the timer here gives the sizes it saw)."""
-    timer = evaluate.images_per_second
+    timer = evaluate.images_per_second_in_turns
 
-    def sizes_seen(run, images, batch_size, repeats):
+    def sizes_seen(runs, images, batch_size, rounds, on_pass):
         sizes = set()
 
-        def forward(batch):
-            sizes.add(len(batch))
-            return run(batch)
+        def recorded(run):
+            return lambda batch: sizes.add(len(batch)) or run(batch)
 
-        timer(forward, images, batch_size, repeats)
-        return float(sizes.pop()) if len(sizes) == 1 else math.nan
+        rates = timer({key: recorded(run) for key, run in runs.items()}, images, batch_size, rounds, on_pass)
+        seen = float(sizes.pop()) if len(sizes) == 1 else math.nan
+        return {key: [seen] * rounds for key in rates}
 
-    monkeypatch.setattr(evaluate, "images_per_second", sizes_seen)
+    monkeypatch.setattr(evaluate, "images_per_second_in_turns", sizes_seen)
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO)]
     table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
                                       speed_repeats=1, speed_batch_sizes=(8, 2, 4), progress=False)
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b8"]].values.tolist() == [[2, 4, 8]] * 2
+
+
+def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, split):
+    """Each timing column is a row's median over the rounds; speedup is the median of its ratios to the unpruned
+    row within each round (here 1.0), not the ratio of the medians (2.0): a drift between rounds cancels."""
+    rounds_asked = []
+
+    def rates(runs, images, batch_size, rounds, on_pass):
+        rounds_asked.append(rounds)
+        baseline, random = runs
+        return {baseline: [1.0, 8.0, 1.0], random: [1.0, 4.0, 2.0]}
+
+    monkeypatch.setattr(evaluate, "images_per_second_in_turns", rates)
+    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
+    methods = [evaluate.Method("Random", "random", TARGET_RATIO), evaluate.Method("Baseline (unpruned)", "baseline")]
+    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                                      speed_repeats=3, speed_batch_sizes=(4,), progress=False)
+    assert rounds_asked == [3]
+    assert table[["method", "images_per_s_b4", "speedup"]].values.tolist() == [["Random", 2.0, 1.0],
+                                                                                ["Baseline (unpruned)", 1.0, 1.0]]
 
 
 def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, split):
@@ -262,6 +282,29 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
     eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge", **kwargs)
     timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
     pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
+
+
+def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, tiny_staged, split):
+    """Compiled rows are timed together, more than the compiler's default of 8 graphs per function, at two
+    budgets: every row's forward is timed through its own graph, none falls back to eager."""
+    compile_eagerly, graphs = torch.compile, []
+
+    def compile_counted(function, **kwargs):
+        def backend(graph, example_inputs):
+            graphs.append(function.__self__)
+            return graph.forward
+
+        return compile_eagerly(function, **{**kwargs, "backend": backend})
+
+    monkeypatch.setattr(torch, "compile", compile_counted)
+    methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
+               *(evaluate.Method(selection, selection, budget) for budget in (0.3, 0.5)
+                 for selection in ("attention", "similarity", "distinct", "tome"))]
+    models = {method: method.model(tiny_staged[0], tiny_staged[1], "merge") for method in methods}
+    evaluate.compile_models(models.values(), torch.device("cpu"))
+    rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1)
+    assert len(models) > 8 and len(graphs) == len(set(graphs)) == len(models)
+    assert set(graphs) == set(models.values()) and list(rates[4]) == methods
 
 
 def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_policy, tiny_backbone, data_dir,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 def synchronize(device: torch.device | str | None) -> None:
@@ -42,11 +45,46 @@ def median_seconds(fn: Callable[[], object], **kwargs) -> float:
     return statistics.median(timed_calls(fn, **kwargs))
 
 
-def images_per_second(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int,
-                      repeats: int) -> float:
-    """Median throughput of ``run`` over all of ``images`` in batches of ``batch_size``, after a warm-up pass."""
+def batches_pass(run: Callable[[torch.Tensor], object], images: torch.Tensor,
+                 batch_size: int) -> Callable[[], None]:
+    """One pass of ``run`` over all of ``images`` in batches of ``batch_size``."""
     def one_pass() -> None:
         for start in range(0, len(images), batch_size):
             run(images[start:start + batch_size])
 
-    return len(images) / median_seconds(one_pass, repeats=repeats, device=images.device)
+    return one_pass
+
+
+def images_per_second(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int,
+                      repeats: int) -> float:
+    """Median throughput of ``run`` over all of ``images`` in batches of ``batch_size``, after a warm-up pass."""
+    return len(images) / median_seconds(batches_pass(run, images, batch_size), repeats=repeats, device=images.device)
+
+
+def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], object]], images: torch.Tensor,
+                               batch_size: int, rounds: int, on_pass: Callable[[], object] | None = None,
+                               ) -> dict[Key, list[float]]:
+    """Each run's images/s over all of ``images`` in batches of ``batch_size``, once per round, the runs in turn
+    within each round, after a warm-up round (which compiles what was compiled); ``on_pass`` is called after
+    each pass (a progress bar's update).
+
+    A machine shared with other work drifts by tens of percent within a minute, more than the rows of a table
+    differ. Timed one after the other, each run would see a different machine; timed in turns, every run sees
+    the drift of each round, and a ratio taken within the round (:func:`ratios_within_rounds`) cancels it.
+    """
+    passes = {key: batches_pass(run, images, batch_size) for key, run in runs.items()}
+    rates: dict[Key, list[float]] = {key: [] for key in runs}
+    for round_index in range(rounds + 1):
+        for key, one_pass in passes.items():
+            (seconds,) = timed_calls(one_pass, repeats=1, warmup=0, device=images.device)
+            if round_index:
+                rates[key].append(len(images) / seconds)
+            if on_pass is not None:
+                on_pass()
+    return rates
+
+
+def ratios_within_rounds(rates: Mapping[Key, Sequence[float]], reference: Key) -> dict[Key, list[float]]:
+    """Each run's rate divided by ``reference``'s in the same round (:func:`images_per_second_in_turns`)."""
+    return {key: [value / base for value, base in zip(values, rates[reference], strict=True)]
+            for key, values in rates.items()}
