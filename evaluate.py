@@ -347,8 +347,8 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
         baseline = next((method for method in methods if method.selector == "baseline"),
                         Method(BASELINE, "baseline"))
-        models = {method: method.model(staged, backbone_config, reduction, seed)
-                  for method in [baseline, *(method for method in methods if method is not baseline)]}
+        baseline_first = [baseline, *(method for method in methods if method is not baseline)]
+        models = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
         with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
                   disable=not progress) as bar:
             outputs = predict(models, split, batch_size, bar)
@@ -373,12 +373,11 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         table["budget"] = table["budget"].astype(float)
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
-            timed = {method: method.model(staged, backbone_config, reduction, seed)
-                     for method in [baseline, *(method for method in methods if method is not baseline)]}
+            timed = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
             if compile_speed:
                 compile_models(timed.values(), device)
             rates = timed_in_turns(timed, {size: images[:timed_images(size)] for size in speed_batch_sizes},
-                                   speed_repeats, progress)
+                                   speed_repeats, compiled=compile_speed, progress=progress)
             for row, method in enumerate(methods):
                 for size in speed_batch_sizes:
                     table.loc[row, speed_column(size)] = statistics.median(rates[size][method])
@@ -397,24 +396,28 @@ def compile_models(models: Iterable[PrunedViT | CascadeViT], device: torch.devic
         model.compile(dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping[int, torch.Tensor], rounds: int,
-                   progress: bool = False) -> dict[int, dict[Key, list[float]]]:
+def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping[int, torch.Tensor], rounds: int, *,
+                   compiled: bool = False, progress: bool = False) -> dict[int, dict[Key, list[float]]]:
     """Per batch size (``images``' keys), each model's images/s in each of ``rounds`` rounds over that size's
     images, the models timed in turns within each round (``envs.vit.timing.images_per_second_in_turns``: a
-    ratio taken within a round cancels the machine's drift).
+    ratio taken within a round cancels the machine's drift), after one warm-up round, or two when the models
+    were ``compiled`` (:func:`compile_models`: the first call compiles, and on a GPU the second records the
+    CUDA graph).
 
     Compiled models run together: every model's compiled forward is one function to the compiler
     (``Module._call_impl``), whose graphs it tells apart by guards. It keeps 8 graphs per function by default
-    and runs the calls beyond them eagerly: the limit is raised to 8 per model, so that every compiled model is
-    timed compiled. And it would trace a float the forward reads (the budget) as a variable once two models
-    differ in it, making guards that torch 2.14 fails on: floats are specialised, so each model's graph has
-    its own budget, as a model compiled alone does.
+    and would run the calls beyond them eagerly: the limit is raised to 8 per model, and reaching it is an error
+    rather than a column timed eagerly under a compiled heading. And it would trace a float the forward reads
+    (the budget) as a variable once two models differ in it, making guards that torch 2.14 fails on: floats are
+    specialised, so each model's graph has its own budget, as a model compiled alone does.
     """
     runs = {key: model.forward_with_kept for key, model in models.items()}
-    with torch._dynamo.config.patch(recompile_limit=8 * len(models), specialize_float=True), \
-            tqdm(total=len(images) * (rounds + 1) * len(models), desc="timing", unit="pass",
+    warmup_rounds = 2 if compiled else 1
+    with torch._dynamo.config.patch(recompile_limit=8 * len(models), fail_on_recompile_limit_hit=True,
+                                    specialize_float=True), \
+            tqdm(total=len(images) * (warmup_rounds + rounds) * len(models), desc="timing", unit="pass",
                  disable=not progress) as bar:
-        return {size: images_per_second_in_turns(runs, size_images, size, rounds, on_pass=bar.update)
+        return {size: images_per_second_in_turns(runs, size_images, size, rounds, warmup_rounds, bar.update)
                 for size, size_images in images.items()}
 
 

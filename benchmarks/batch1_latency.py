@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "images": len(images), "rounds": args.rounds, "budget": policy.budget}
     for mode in args.modes:
         models = rows(policy)  # afresh for each mode: a compiled model stays compiled
-        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, in the warm-up round
+        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, warming up
             compile_models(models.values(), device)
         with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
-            rates = timed_in_turns(models, {args.batch_size: images}, args.rounds)[args.batch_size]
+            rates = timed_in_turns(models, {args.batch_size: images}, args.rounds,
+                                   compiled=mode == "compiled")[args.batch_size]
         results[mode] = summary(rates, BASELINE)
         print(f"\n{mode}, batch {args.batch_size}, {results['device']}, {args.dtype}, "
               f"{results['torch_threads']} threads, {args.rounds} rounds:")

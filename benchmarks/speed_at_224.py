@@ -21,6 +21,7 @@ import argparse
 import pandas as pd
 import torch
 
+from cli import positive_int
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reg-tokens", type=int, default=0, help="register tokens (default: %(default)s)")
     parser.add_argument("--budget", type=float, default=0.5, help="target ratio (default: %(default)s)")
     parser.add_argument("--images", type=int, default=256, help="validation images timed (default: %(default)s)")
-    parser.add_argument("--speed-repeats", type=int, default=3, help="timed passes per row (default: %(default)s)")
+    parser.add_argument("--speed-repeats", type=positive_int, default=3,
+                        help="timing rounds, each timing every row once, in turns (default: %(default)s)")
     args = parser.parse_args(argv)
 
     modules, info = load_policies(args.checkpoint)

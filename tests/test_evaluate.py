@@ -220,42 +220,48 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
     """images_per_s_bN is the timer's figure for forwards of N images (the timer here gives the sizes it saw)."""
     timer = evaluate.images_per_second_in_turns
 
-    def sizes_seen(runs, images, batch_size, rounds, on_pass):
+    def sizes_seen(runs, images, batch_size, rounds, warmup_rounds, on_pass):
         sizes = set()
 
         def recorded(run):
             return lambda batch: sizes.add(len(batch)) or run(batch)
 
-        rates = timer({key: recorded(run) for key, run in runs.items()}, images, batch_size, rounds, on_pass)
-        seen = float(sizes.pop()) if len(sizes) == 1 else math.nan
+        rates = timer({key: recorded(run) for key, run in runs.items()}, images, batch_size, rounds, warmup_rounds,
+                      on_pass)
+        whole = len(images) == evaluate.timed_images(batch_size)  # the size's own pass, not the largest one's
+        seen = float(sizes.pop()) if len(sizes) == 1 and whole else math.nan
         return {key: [seen] * rounds for key in rates}
 
     monkeypatch.setattr(evaluate, "images_per_second_in_turns", sizes_seen)
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO)]
     table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      speed_repeats=1, speed_batch_sizes=(8, 2, 4), progress=False)
-    assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b8"]].values.tolist() == [[2, 4, 8]] * 2
+                                      speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False)
+    assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b16"]].values.tolist() == [[2, 4, 16]] * 2
 
 
 def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, split):
     """Each timing column is a row's median over the rounds; speedup is the median of its ratios to the unpruned
-    row within each round (here 1.0), not the ratio of the medians (2.0): a drift between rounds cancels."""
-    rounds_asked = []
+    row within each round (here 1.0), not the ratio of the medians (2.0): a drift between rounds cancels. The
+    unpruned model is timed as the reference whether or not it is a row of the table."""
+    asked = []
 
-    def rates(runs, images, batch_size, rounds, on_pass):
-        rounds_asked.append(rounds)
+    def rates(runs, images, batch_size, rounds, warmup_rounds, on_pass):
+        asked.append((rounds, warmup_rounds))
         baseline, random = runs
         return {baseline: [1.0, 8.0, 1.0], random: [1.0, 4.0, 2.0]}
 
     monkeypatch.setattr(evaluate, "images_per_second_in_turns", rates)
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
-    methods = [evaluate.Method("Random", "random", TARGET_RATIO), evaluate.Method("Baseline (unpruned)", "baseline")]
-    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      speed_repeats=3, speed_batch_sizes=(4,), progress=False)
-    assert rounds_asked == [3]
-    assert table[["method", "images_per_s_b4", "speedup"]].values.tolist() == [["Random", 2.0, 1.0],
-                                                                                ["Baseline (unpruned)", 1.0, 1.0]]
+    random = evaluate.Method("Random", "random", TARGET_RATIO)
+    timing = ["method", "images_per_s_b4", "speedup"]
+    for methods, expected in (([random, evaluate.Method("Baseline (unpruned)", "baseline")],
+                               [["Random", 2.0, 1.0], ["Baseline (unpruned)", 1.0, 1.0]]),
+                              ([random], [["Random", 2.0, 1.0]])):
+        table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                                          speed_repeats=3, speed_batch_sizes=(4,), progress=False)
+        assert table[timing].values.tolist() == expected
+    assert asked == [(3, 1)] * 2  # one warm-up round: nothing compiled
 
 
 def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, split):
@@ -268,6 +274,9 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
         return compile_eagerly(function, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch, "compile", compile_recorded)
+    timer, warmups = evaluate.images_per_second_in_turns, []
+    monkeypatch.setattr(evaluate, "images_per_second_in_turns",
+                        lambda *args: warmups.append(args[4]) or timer(*args))
     modules, _ = load_policies(tiny_policy)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
                evaluate.Method("ToMe", "tome", TARGET_RATIO),
@@ -282,6 +291,7 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
     eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge", **kwargs)
     timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
     pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
+    assert warmups == [2, 2, 1, 1]  # per batch size: compiled, a round to compile and one to record CUDA graphs
 
 
 def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, tiny_staged, split):

@@ -62,22 +62,24 @@ def images_per_second(run: Callable[[torch.Tensor], object], images: torch.Tenso
 
 
 def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], object]], images: torch.Tensor,
-                               batch_size: int, rounds: int, on_pass: Callable[[], object] | None = None,
-                               ) -> dict[Key, list[float]]:
+                               batch_size: int, rounds: int, warmup_rounds: int = 1,
+                               on_pass: Callable[[], object] | None = None) -> dict[Key, list[float]]:
     """Each run's images/s over all of ``images`` in batches of ``batch_size``, once per round, the runs in turn
-    within each round, after a warm-up round (which compiles what was compiled); ``on_pass`` is called after
-    each pass (a progress bar's update).
+    within each round, after ``warmup_rounds`` untimed rounds (which compile what was compiled; CUDA graphs
+    are recorded on a function's second call); ``on_pass`` is called after each pass (a progress bar's update).
 
     A machine shared with other work drifts by tens of percent within a minute, more than the rows of a table
     differ. Timed one after the other, each run would see a different machine; timed in turns, every run sees
     the drift of each round, and a ratio taken within the round (:func:`ratios_within_rounds`) cancels it.
+    Each round starts one run later than the one before, so that no run always goes first.
     """
-    passes = {key: batches_pass(run, images, batch_size) for key, run in runs.items()}
+    passes = [(key, batches_pass(run, images, batch_size)) for key, run in runs.items()]
     rates: dict[Key, list[float]] = {key: [] for key in runs}
-    for round_index in range(rounds + 1):
-        for key, one_pass in passes.items():
+    for round_index in range(warmup_rounds + rounds):
+        start = round_index % len(passes)
+        for key, one_pass in passes[start:] + passes[:start]:
             (seconds,) = timed_calls(one_pass, repeats=1, warmup=0, device=images.device)
-            if round_index:
+            if round_index >= warmup_rounds:
                 rates[key].append(len(images) / seconds)
             if on_pass is not None:
                 on_pass()
