@@ -37,8 +37,8 @@ images (with ``--split val``, on the evaluated images).
 Every row runs on ``--device`` (a GPU when one is visible, by default): the backbone, the policy modules, the
 images, the heuristics, merging, ToMe and the cascade; in float32 or, with ``--dtype bfloat16``, every forward
 under ``torch.autocast`` to bfloat16 (the token counts stay exact; ties in the scores may break otherwise).
-Each row is timed at each of ``--speed-batch-sizes`` with the project's one timer, synchronised with the device
-(``envs.vit.timing``); results.json records the device, the dtype and which images were timed. With
+The rows are timed in turns at each of ``--speed-batch-sizes`` with the project's one timer, synchronised with
+the device (``envs.vit.timing``); results.json records the device, the dtype and which images were timed. With
 ``--compile`` the timed forwards are compiled (``torch.compile``, one graph per row; on a GPU
 ``mode="reduce-overhead"``, which replays CUDA graphs, the way to batch-1 latency there); the other columns
 come from the eager forwards either way.
@@ -374,10 +374,8 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
             timed = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
-            if compile_speed:
-                compile_models(timed.values(), device)
             rates = timed_in_turns(timed, {size: images[:timed_images(size)] for size in speed_batch_sizes},
-                                   speed_repeats, compiled=compile_speed, progress=progress)
+                                   speed_repeats, compile_on=device if compile_speed else None, progress=progress)
             for row, method in enumerate(methods):
                 for size in speed_batch_sizes:
                     table.loc[row, speed_column(size)] = statistics.median(rates[size][method])
@@ -397,12 +395,12 @@ def compile_models(models: Iterable[PrunedViT | CascadeViT], device: torch.devic
 
 
 def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping[int, torch.Tensor], rounds: int, *,
-                   compiled: bool = False, progress: bool = False) -> dict[int, dict[Key, list[float]]]:
+                   compile_on: torch.device | None = None, progress: bool = False) -> dict[int, dict[Key, list[float]]]:
     """Per batch size (``images``' keys), each model's images/s in each of ``rounds`` rounds over that size's
     images, the models timed in turns within each round (``envs.vit.timing.images_per_second_in_turns``: a
-    ratio taken within a round cancels the machine's drift), after one warm-up round, or two when the models
-    were ``compiled`` (:func:`compile_models`: the first call compiles, and on a GPU the second records the
-    CUDA graph).
+    ratio taken within a round cancels the machine's drift), after one warm-up round. With ``compile_on`` (the
+    models' device) the models are compiled first (:func:`compile_models`) and warmed up for two rounds: the
+    first call compiles, and on a GPU the second records the CUDA graph.
 
     Compiled models run together: every model's compiled forward is one function to the compiler
     (``Module._call_impl``), whose graphs it tells apart by guards. It keeps 8 graphs per function by default
@@ -411,8 +409,10 @@ def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping
     (the budget) as a variable once two models differ in it, making guards that torch 2.14 fails on: floats are
     specialised, so each model's graph has its own budget, as a model compiled alone does.
     """
+    if compile_on is not None:
+        compile_models(models.values(), compile_on)
     runs = {key: model.forward_with_kept for key, model in models.items()}
-    warmup_rounds = 2 if compiled else 1
+    warmup_rounds = 1 if compile_on is None else 2
     with torch._dynamo.config.patch(recompile_limit=8 * len(models), fail_on_recompile_limit_hit=True,
                                     specialize_float=True), \
             tqdm(total=len(images) * (warmup_rounds + rounds) * len(models), desc="timing", unit="pass",

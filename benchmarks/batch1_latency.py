@@ -34,7 +34,7 @@ from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import ratios_within_rounds
-from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, compile_models, timed_in_turns
+from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, timed_in_turns
 from policies.pruned_vit import PrunedViT
 
 HEURISTICS = ("similarity", "distinct")
@@ -93,11 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "images": len(images), "rounds": args.rounds, "budget": policy.budget}
     for mode in args.modes:
         models = rows(policy)  # afresh for each mode: a compiled model stays compiled
-        if mode == "compiled":  # evaluate.py --compile's way; each compiles on its first call, warming up
-            compile_models(models.values(), device)
         with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
-            rates = timed_in_turns(models, {args.batch_size: images}, args.rounds,
-                                   compiled=mode == "compiled")[args.batch_size]
+            rates = timed_in_turns(models, {args.batch_size: images}, args.rounds,  # evaluate.py --compile's way
+                                   compile_on=device if mode == "compiled" else None)[args.batch_size]
         results[mode] = summary(rates, BASELINE)
         print(f"\n{mode}, batch {args.batch_size}, {results['device']}, {args.dtype}, "
               f"{results['torch_threads']} threads, {args.rounds} rounds:")

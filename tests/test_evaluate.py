@@ -311,8 +311,8 @@ def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, ti
                *(evaluate.Method(selection, selection, budget) for budget in (0.3, 0.5)
                  for selection in ("attention", "similarity", "distinct", "tome"))]
     models = {method: method.model(tiny_staged[0], tiny_staged[1], "merge") for method in methods}
-    evaluate.compile_models(models.values(), torch.device("cpu"))
-    rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1)
+    rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1,
+                                    compile_on=torch.device("cpu"))
     assert len(models) > 8 and len(graphs) == len(set(graphs)) == len(models)
     assert set(graphs) == set(models.values()) and list(rates[4]) == methods
 
