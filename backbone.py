@@ -47,7 +47,15 @@ from cli import (
     positive_int,
 )
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
-from envs.vit.backbone_checkpoint import CheckpointError, create_vit, normalize, save_backbone
+from envs.vit.backbone_checkpoint import (
+    CheckpointError,
+    create_vit,
+    load_backbone,
+    normalize,
+    read_backbone_config,
+    repository_relative,
+    save_backbone,
+)
 from envs.vit.data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
@@ -99,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
                    metavar="K=V", help="timm create_model kwargs (default: 32x32 input, 4x4 patches, stochastic depth)")
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
+                        "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
+                        "lengthens its training without its optimiser state")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
     add_data_access_arguments(p)
@@ -322,6 +334,9 @@ def model_card(config: dict) -> str:
                      for h in config["history"])
     kwargs = ", ".join(f"{k}={v}" for k, v in config["model_kwargs"].items())
     compiled = " (torch.compile)" if recipe.get("compiled") else ""
+    start = recipe.get("init_from")
+    started_from = (f"Started from the weights of {start['path']} ({start['epochs']} epochs, "
+                    f"{100 * start['test_accuracy']:.2f}% test), then " if start else "")
     sizes = config["split_sizes"]
     return f"""# {config['model_name']} ({kwargs}) on {config['dataset']}
 
@@ -335,7 +350,7 @@ def model_card(config: dict) -> str:
 | splits | train {sizes['train']}, val {sizes['val']} (seed {config['split_seed']}), test {sizes['test']} |
 | weights | {config['weights_dtype']} safetensors |
 
-Recipe: {recipe['epochs']} epochs{changes}, batch {recipe['batch_size']}, AdamW lr {recipe['lr']} (per 512
+Recipe: {started_from}{recipe['epochs']} epochs{changes}, batch {recipe['batch_size']}, AdamW lr {recipe['lr']} (per 512
 images, scaled linearly), weight decay {recipe['weight_decay']}, {recipe['warmup_epochs']} warm-up epochs then
 cosine per step, label smoothing {recipe['label_smoothing']}, mixup {recipe['mixup']}, cutmix {recipe['cutmix']},
 RandAugment ops {recipe['randaug']}, random crop (pad 4) + flip, {recipe['amp']}, seed {recipe['seed']},
@@ -345,6 +360,24 @@ on {recipe['device']}{compiled} in {recipe['train_seconds'] / 60:.0f} min. {test
 |---|---|---|---|
 {rows}
 """
+
+
+def warm_start(model: torch.nn.Module, directory: str, config: dict) -> dict:
+    """Load the weights of the exported backbone in ``directory`` into ``model`` and return what the model card
+    says of it. Refused unless it is the same model on the same classes, input and validation split: a backbone
+    that trained on other splits has seen this run's validation images."""
+    try:
+        start_config = read_backbone_config(directory)
+        start_model, _ = load_backbone(directory)
+    except CheckpointError as error:
+        raise ValueError(f"--init-from {directory}: {error}") from None
+    for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std", "val_fingerprint"):
+        if start_config.get(key) != config[key]:
+            raise ValueError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
+                             f"{config[key]!r}" + (" (it trained on other splits)" if key == "val_fingerprint" else ""))
+    model.load_state_dict(start_model.state_dict())
+    return {"path": repository_relative(directory), "epochs": start_config.get("recipe", {}).get("epochs"),
+            "test_accuracy": start_config.get("test_accuracy")}
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -431,6 +464,8 @@ def train(args: argparse.Namespace) -> dict:
                                                       args.split_seed, args.download)}
 
     model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
+    if state is None and args.init_from is not None:
+        args.init_summary = warm_start(model, args.init_from, config)
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
     step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
 
@@ -500,6 +535,7 @@ def train(args: argparse.Namespace) -> dict:
                                             "label_smoothing", "mixup", "cutmix", "randaug",
                                             "randaug_magnitude", "seed", "pretrained", "limit")}
     recipe["schedule_changes"] = getattr(args, "schedule_changes", [])
+    recipe["init_from"] = getattr(args, "init_summary", None)
     recipe.update(optimizer="adamw (timm, no decay on norms/biases/pos-embed)", schedule="warmup + cosine per step",
                   amp="bf16 autocast" if amp else "float32", device=describe_device(device), compiled=args.compile,
                   train_seconds=round(history[-1]["seconds"], 1) if history else 0)
@@ -522,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--lr must be a positive number")
         if args.label_smoothing >= 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+        if args.init_from is not None and (args.resume or args.pretrained):
+            raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
+                             f"{'--resume' if args.resume else '--pretrained'}")
         args.model_kwargs = args.model_kwargs or []
         parse_kwargs(args.model_kwargs)
         train(args)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU work of the project in three commands, for a GPU lent for minutes: first the measurements (the backbone
-# step before and after, the GPU speed table, the engine), a backbone trained for the time given, and batch-1
-# latency compiled. Needs torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and
+# The GPU work of the project in four commands, for a GPU lent for minutes: the GPU speed table and the engine, a
+# backbone trained for the time given, batch-1 latency compiled, and the backbone step before and after. Needs torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and
 # CIFAR-10 under .data/cifar10/ as train.tar and test.tar (or .tar.gz, unpacked on first use). Wheels in .whl/
 # (e.g. the timm version the project is tested with) are installed first, for this run only. From the repository
 # root:
 #
-#   bash benchmarks/gpu_session.sh measure OUT              # about 4 minutes on an H100 (not yet run there)
+#   bash benchmarks/gpu_session.sh speed OUT                # evaluate.py's table in bf16 and the engine
 #   bash benchmarks/gpu_session.sh backbone OUT SECONDS     # a backbone trained within SECONDS, all included
-#   bash benchmarks/gpu_session.sh latency OUT              # batch 1, eager and as CUDA graphs (not yet run)
+#   bash benchmarks/gpu_session.sh latency OUT              # batch 1, eager and as CUDA graphs
+#   bash benchmarks/gpu_session.sh step OUT                 # backbone_step at 256, then 512 and 1024 compiled
 #
 # Each writes OUT/<mode>.log and packs what it made into OUT/<mode>.tar.gz (logs, JSON, results tables, the
 # backbone's export: model.safetensors, config.json and MODEL_CARD.md with its test accuracy), so that a machine
@@ -20,8 +20,8 @@
 # for a smoke test on a CPU: DEVICE=cpu BACKBONE_FLAGS="--limit 512 --batch-size 64" ... backbone OUT 120
 set -uo pipefail
 
-mode=${1:?usage: bash benchmarks/gpu_session.sh measure|backbone|latency OUT [SECONDS]}
-out=${2:?usage: bash benchmarks/gpu_session.sh measure|backbone|latency OUT [SECONDS]}
+mode=${1:?usage: bash benchmarks/gpu_session.sh speed|backbone|latency|step OUT [SECONDS]}
+out=${2:?usage: bash benchmarks/gpu_session.sh speed|backbone|latency|step OUT [SECONDS]}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 data=.data
@@ -53,13 +53,15 @@ for split in train test; do
 done
 
 case $mode in
-measure)
+step)
     section "backbone step: the reference recipe (batch 256), then batch 512 and 1024 compiled"
     step "$python" -m benchmarks.backbone_step --device "$device" --json "$work/step_b256.json"
     for batch in 512 1024; do
         step "$python" -m benchmarks.backbone_step --device "$device" --batch-size "$batch" --compile --steps 20 \
             --json "$work/step_b${batch}_compiled.json"
     done
+    ;;
+speed)
     section "speed table: the reference backbone and policy, bf16, batch 1, 256 and 1024"
     step "$python" evaluate.py --data-dir "$data" --device "$device" --dtype bfloat16 \
         --speed-batch-sizes 1,256,1024 --output-dir "$work/speed_table" \
@@ -83,7 +85,7 @@ latency)
         --output "$work/batch1_bfloat16.json"
     ;;
 *)
-    echo "unknown mode $mode: measure, backbone or latency"; exit 2 ;;
+    echo "unknown mode $mode: speed, backbone, latency or step"; exit 2 ;;
 esac
 section "done"
 exit $failed

@@ -292,3 +292,34 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     shutil.move(tmp_path / "ant", folder / "test" / "ant")
     data._shared_raw_split.cache_clear()
     assert run("short") == 0
+
+
+def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir, monkeypatch, capsys):
+    """--init-from loads an export's weights before the first step, and its card says where the run started;
+    a backbone trained on another validation split, or combined with --resume, is refused in one line."""
+    assert run_backbone(tmp_path / "first", data_dir) == 0
+    start = tmp_path / "first" / "run" / "backbone"
+    seen = []  # the weights each epoch starts from
+    run_epoch = backbone.run_epoch
+
+    def recorded(step, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in step.model.state_dict().items()})
+        return run_epoch(step, *args, **kwargs)
+
+    monkeypatch.setattr(backbone, "run_epoch", recorded)
+    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start)) == 0
+    exported, _ = load_backbone(start)
+    assert all(torch.equal(seen[0][k], v) for k, v in exported.state_dict().items())
+    config = json.loads((tmp_path / "second" / "run" / "backbone" / "config.json").read_text())
+    first = json.loads((start / "config.json").read_text())
+    assert config["recipe"]["init_from"] == {"path": str(start), "epochs": 1,
+                                             "test_accuracy": first["test_accuracy"]}
+    card = (tmp_path / "second" / "run" / "backbone" / "MODEL_CARD.md").read_text()
+    assert f"Started from the weights of {start} (1 epochs, {100 * first['test_accuracy']:.2f}% test)" in card
+    capsys.readouterr()
+
+    assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "its val_fingerprint" in err and "(it trained on other splits)" in err and err.count("\n") == 1, err
+    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), "--resume") == 2
+    assert "cannot be combined with --resume" in capsys.readouterr().err
