@@ -52,7 +52,6 @@ from envs.vit.backbone_checkpoint import (
     create_vit,
     load_backbone,
     normalize,
-    read_backbone_config,
     repository_relative,
     save_backbone,
 )
@@ -364,11 +363,11 @@ on {recipe['device']}{compiled} in {recipe['train_seconds'] / 60:.0f} min. {test
 
 def warm_start(model: torch.nn.Module, directory: str, config: dict) -> dict:
     """Load the weights of the exported backbone in ``directory`` into ``model`` and return what the model card
-    says of it. Refused unless it is the same model on the same classes, input and validation split: a backbone
-    that trained on other splits has seen this run's validation images."""
+    says of it. The weights are the export's (float16 unless it was exported with --full-precision). Refused
+    unless it is the same model on the same classes, input and validation split: a backbone that trained on
+    other splits has seen this run's validation images."""
     try:
-        start_config = read_backbone_config(directory)
-        start_model, _ = load_backbone(directory)
+        start_model, start_config = load_backbone(directory)
     except CheckpointError as error:
         raise ValueError(f"--init-from {directory}: {error}") from None
     for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std", "val_fingerprint"):
