@@ -373,8 +373,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         table["budget"] = table["budget"].astype(float)
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
-            timed = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
-            rates = timed_in_turns(timed, {size: images[:timed_images(size)] for size in speed_batch_sizes},
+            rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in speed_batch_sizes},
                                    speed_repeats, compile_on=device if compile_speed else None, progress=progress)
             for row, method in enumerate(methods):
                 for size in speed_batch_sizes:
