@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +163,15 @@ def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, St
 
 
 def print_validation(staged: StagedViT, config: dict[str, Any], problem: PruningProblem, data_dir: str | Path,
-                     limit: int, name: str, select: Selector) -> None:
-    """Print the validation table: on ``limit`` validation images (a seeded subset, never the test split), ``select``'s
-    exact-budget accuracy, agreement with the unpruned model and KL next to greedy similarity's and Distinctive
-    NMS's; the share of images whose kept tokens differ from greedy similarity's at some pruning point; and the
-    paired accuracy difference to greedy similarity with its bootstrap 95% interval."""
+                     limit: int, selections: Mapping[str, Selector]) -> None:
+    """Print the validation table: on ``limit`` validation images (a seeded subset, never the test split), the
+    exact-budget accuracy, agreement with the unpruned model and KL of each of ``selections`` (name: selector)
+    next to greedy similarity's and Distinctive NMS's; the share of images whose kept tokens differ from greedy
+    similarity's at some pruning point; and the paired accuracy difference to greedy similarity with its
+    bootstrap 95% interval."""
     val_states, val_unpruned, labels = first_stage_states(staged, config, problem, data_dir, "val", limit)
     rows = {"greedy similarity": heuristic_selector("similarity"), "Distinctive NMS": heuristic_selector("distinct"),
-            name: select}
+            **selections}
     recorders, kept_sets = {}, {}
     for row, row_select in rows.items():
         recorders[row], kept_sets[row] = kept_positions(row_select)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
     print_validation(staged, config, problem, args.data_dir, args.val_images,
-                     "content scorer (trained on train)", scorer_selector(staged, scorer, problem.target_ratio))
+                     {"content scorer (trained on train)": scorer_selector(staged, scorer, problem.target_ratio)})
 
 
 if __name__ == "__main__":

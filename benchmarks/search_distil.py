@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
           f"agreement {100 * (distilled.argmax(1) == unpruned.argmax(1)).double().mean():.2f}% "
           f"(greedy similarity {greedy_kl.mean():.4f}, {100 * greedy_agree.double().mean():.2f}%)", flush=True)
 
-    print_validation(staged, config, problem, args.data_dir, args.val_images, "distilled scorer (trained on train)",
-                     select)
+    print_validation(staged, config, problem, args.data_dir, args.val_images,
+                     {"distilled scorer (trained on train)": select})
 
 
 if __name__ == "__main__":
