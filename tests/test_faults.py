@@ -37,6 +37,14 @@ def console(tmp_path) -> str:
     return (tmp_path / "train.log").read_text()
 
 
+def printed_by_workers_of_latest_ray_session() -> str:
+    """What the Ray workers of the newest Ray session on this machine printed, from their log files. Ray forwards
+    a worker's prints to the driver's console asynchronously, so a line printed just before the job ends can
+    miss the console (seen once in CI: the resumed trial's "resumed from" line); the worker's own log keeps it."""
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs"
+    return "".join(path.read_text(errors="replace") for path in sorted(logs.glob("worker-*.out")))
+
+
 def iterations(tmp_path) -> list[int]:
     """The iterations the run's one trial logged (Tune's progress.csv), in the order logged."""
     path = tmp_path / "run" / "target_ratio=0.5" / "progress.csv"
@@ -115,7 +123,8 @@ def test_runners_servers_and_trial_killed_then_whole_job_sigkilled_and_resumed(t
     target = max(before[-1], newest) + 1
     assert train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--iterations", str(target),
                        "--num-cpus", "2"]) == 0
-    resumed = re.search(rf"resumed from {trial_dir}/checkpoint_\d+ at iteration (\d+)", capsys.readouterr().out)
+    resumed = re.search(rf"resumed from {trial_dir}/checkpoint_\d+ at iteration (\d+)",
+                        capsys.readouterr().out + printed_by_workers_of_latest_ray_session())
     assert resumed
     # the newest checkpoint on disk, or the one before if the kill cut it short, though Tune's record of the run
     # (saved every 10 s or more) may name an older one, which its rotation may have deleted
