@@ -53,13 +53,10 @@ def answer_gradient(staged: StagedViT, state: TokenState, reduction: str) -> tor
     """``[B, W, D]``: the gradient of the log-probability of the answer that the stages after ``state`` give
     when they run on every token of it (an unpadded state, as an exact budget leaves), with respect to its
     patch tokens. At the first pruning point that answer is the unpruned model's."""
-    size = state.size if reduction == "merge" else None
     with torch.enable_grad():
         tokens = state.tokens.detach().requires_grad_(True)
-        hidden = tokens
-        for stage in range(state.stage + 1, staged.num_stages):
-            hidden, _ = staged.forward_stage(hidden, stage, None, size, attention_score=False)
-        log_probs = staged.classify(hidden, None, size).log_softmax(dim=-1)
+        log_probs = staged.forward_from(tokens, state.stage + 1,
+                                        state.size if reduction == "merge" else None).log_softmax(dim=-1)
         answer = log_probs.detach().argmax(dim=1, keepdim=True)
         (gradient,) = torch.autograd.grad(log_probs.gather(1, answer).sum(), tokens)
     return gradient[:, tokens.shape[1] - state.live.shape[1]:]

@@ -13,10 +13,8 @@ from policies.heuristics import heuristic_selector
 
 def _answer_log_prob(staged, state, tokens, answer):
     """The log-probability of ``answer`` when the stages after ``state`` run on ``tokens`` (its shape)."""
-    hidden = tokens
-    for stage in range(state.stage + 1, staged.num_stages):
-        hidden, _ = staged.forward_stage(hidden, stage, None, state.size, attention_score=False)
-    return staged.classify(hidden, None, state.size).log_softmax(-1).gather(1, answer[:, None]).squeeze(1)
+    logits = staged.forward_from(tokens, state.stage + 1, state.size)
+    return logits.log_softmax(-1).gather(1, answer[:, None]).squeeze(1)
 
 
 def test_the_gradient_is_that_of_the_answer_of_the_rest_of_the_forward(tiny_staged):
@@ -25,18 +23,15 @@ def test_the_gradient_is_that_of_the_answer_of_the_rest_of_the_forward(tiny_stag
     with torch.no_grad():
         first = initial_state(staged, torch.randn(4, 3, 32, 32, dtype=torch.float64))
         unpruned = staged.forward_from(first.tokens, 1).argmax(1)
-        later = prune_step(staged, first, topk_keep_mask(torch.rand(first.live.shape), first.live,
-                                                         tokens_to_keep(first.live.shape[1], 0.5)), "merge",
-                           count=tokens_to_keep(first.live.shape[1], 0.5))
+        k = tokens_to_keep(first.live.shape[1], 0.5)
+        later = prune_step(staged, first, topk_keep_mask(torch.rand(first.live.shape), first.live, k), "merge",
+                           count=k)
     for state, answer in ((first, unpruned), (later, None)):
         gradient = answer_gradient(staged, state, "merge")
         assert gradient.shape == state.patches.shape
         with torch.no_grad():
             if answer is None:  # the answer of the pruned state, every later token kept
-                hidden = state.tokens
-                for stage in range(state.stage + 1, staged.num_stages):
-                    hidden, _ = staged.forward_stage(hidden, stage, None, state.size, attention_score=False)
-                answer = staged.classify(hidden, None, state.size).argmax(1)
+                answer = staged.forward_from(state.tokens, state.stage + 1, state.size).argmax(1)
             # a small step along the gradient raises the answer's log-probability by |g|^2 * step, to first order
             step = 1e-4
             moved = state.tokens.clone()

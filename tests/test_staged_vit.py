@@ -9,8 +9,9 @@ from timm.layers import SwiGLUPacked
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
+from envs.vit.pruned_forward import classify, initial_state, prune_step
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import gather_tokens, pack_keep_mask
+from envs.vit.token_ops import gather_tokens, pack_keep_mask, topk_keep_mask
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 VARIANTS = {
@@ -46,6 +47,24 @@ def test_keep_all_forward_matches_timm(variant, images):
         assert (staged(images) - vit(images)).abs().max() <= 1e-5
         after_first, _ = staged.forward_stage(staged.embed(images), 0)  # the unpruned answer from stage 1 on
         assert (staged.forward_from(after_first, 1) - vit(images)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["class_token", "avg_pool"])
+def test_forward_from_a_merged_state_is_that_state_kept_whole(variant, images):
+    """With the merged tokens' sizes, ``forward_from`` is the pruned forward that keeps every token from a
+    merged state on (``prune_step`` keeping all, then ``classify``): sizes weigh attention and the average pool."""
+    staged = StagedViT(tiny_vit(**VARIANTS[variant]), prune_points=(1, 2, 3))
+    with torch.no_grad():
+        state = initial_state(staged, images)
+        merged = prune_step(staged, state, topk_keep_mask(torch.rand(state.live.shape), state.live, 20), "merge",
+                            count=20)
+        kept_whole = merged
+        while kept_whole.stage < len(staged.prune_points):
+            kept_whole = prune_step(staged, kept_whole, kept_whole.live, "merge", count=kept_whole.live.shape[1])
+        expected = classify(staged, kept_whole, "merge")
+        assert not torch.equal(merged.size, torch.ones_like(merged.size))
+        torch.testing.assert_close(staged.forward_from(merged.tokens, merged.stage + 1, merged.size), expected)
+        assert not torch.allclose(staged.forward_from(merged.tokens, merged.stage + 1), expected)
 
 
 def test_attributes():

@@ -215,9 +215,10 @@ class StagedViT(nn.Module):
         """Keep-all forward through every stage: the same logits as the wrapped ViT."""
         return self.forward_from(self.embed(images), 0)
 
-    def forward_from(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+    def forward_from(self, x: torch.Tensor, stage: int, size: torch.Tensor | None = None) -> torch.Tensor:
         """Keep-all logits ``[B, num_classes]`` of tokens ``x [B, P + N, D]`` that have run the stages before
-        ``stage`` (all patch tokens live): the unpruned model's answer without running those stages again."""
+        ``stage`` (all patch tokens live): the unpruned model's answer without running those stages again, or,
+        with the ``size [B, N]`` of merged tokens, the answer of a pruned state kept whole from ``stage`` on."""
         for later in range(stage, self.num_stages):
-            x, _ = self.forward_stage(x, later, attention_score=False)
-        return self.classify(x)
+            x, _ = self.forward_stage(x, later, size=size, attention_score=False)
+        return self.classify(x, size=size)
