@@ -370,10 +370,17 @@ def warm_start(model: torch.nn.Module, directory: str, config: dict) -> dict:
         start_model, start_config = load_backbone(directory)
     except CheckpointError as error:
         raise ValueError(f"--init-from {directory}: {error}") from None
-    for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std", "val_fingerprint"):
+    for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std"):
         if start_config.get(key) != config[key]:
             raise ValueError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
-                             f"{config[key]!r}" + (" (it trained on other splits)" if key == "val_fingerprint" else ""))
+                             f"{config[key]!r}")
+    if start_config.get("val_fingerprint") != config["val_fingerprint"]:
+        held_out = start_config.get("split_sizes", {}).get("val")
+        why = (f"it recorded a validation split of {held_out} images, this run's has "
+               f"{config['split_sizes']['val']} (--val-size, --limit)" if held_out != config["split_sizes"]["val"] else
+               "it held out other images: another --split-seed or another copy of the data set")
+        raise ValueError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
+                         f"trained on this run's validation images")
     model.load_state_dict(start_model.state_dict())
     return {"path": repository_relative(directory), "epochs": start_config.get("recipe", {}).get("epochs"),
             "test_accuracy": start_config.get("test_accuracy")}

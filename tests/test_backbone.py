@@ -320,6 +320,10 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
 
     assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1") == 2
     err = capsys.readouterr().err
-    assert "its val_fingerprint" in err and "(it trained on other splits)" in err and err.count("\n") == 1, err
+    assert "its val_fingerprint is not this run's (it held out other images: another --split-seed" in err, err
+    assert err.count("\n") == 1, err
+    assert run_backbone(tmp_path / "smaller", data_dir, "--init-from", str(start), "--limit", "128") == 2
+    err = capsys.readouterr().err
+    assert "(it recorded a validation split of 256 images, this run's has 128 (--val-size, --limit))" in err, err
     assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), "--resume") == 2
     assert "cannot be combined with --resume" in capsys.readouterr().err
