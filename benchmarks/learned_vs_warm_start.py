@@ -3,11 +3,12 @@
     HOME=$(mktemp -d) python -m benchmarks.learned_vs_warm_start runs/marl/target_ratio=0.5 --data-dir ../shared/data
 
 For the warm-start modules (``<trial>/warm_start``) and the trial's best checkpoint, on ``--limit`` validation
-images (a seeded subset, never the test split): exact-budget accuracy and agreement with the unpruned model,
-the paired difference to greedy similarity with a bootstrap 95% interval, and how often the tokens that reach
-the head (their original patch positions) differ from greedy similarity's, from the pair of heuristics the
-warm start imitated (greedy attention's protected share, then the warm-start heuristic among the rest) and
-from that heuristic alone.
+images (never the test split) drawn from those the trial did not rank its checkpoints by (the best of many
+checkpoints on the ``val_limit`` images that ranked them reads high on those very images): exact-budget
+accuracy and agreement with the unpruned model, the paired difference to greedy similarity with a bootstrap
+95% interval, and how often the tokens that reach the head (their original patch positions) differ from greedy
+similarity's, from the pair of heuristics the warm start imitated (greedy attention's protected share, then
+the warm-start heuristic among the rest) and from that heuristic alone.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import load_split
+from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from evaluate import paired_difference
 from policies.checkpoints import load_module, load_policies, read_checkpoint_info, trial_checkpoints
@@ -41,11 +43,21 @@ def kept_positions(select: Selector) -> tuple[Selector, dict[int, list[torch.Ten
     return recording, kept
 
 
+def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndarray:
+    """Positions, ascending, of a seeded subset of ``limit`` images of a validation split of ``size``, none of them
+    among the ``ranked`` that train.py scored its checkpoints on (``load_split``'s ``limit`` subset)."""
+    others = np.setdiff1d(np.arange(size), limited_positions(size, ranked, seed))
+    if len(others) == 0:
+        raise SystemExit(f"the trial ranked its checkpoints on all {size} validation images: none is left to score")
+    return others[limited_positions(len(others), limit, seed)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--limit", type=int, default=2000, help="validation images")
+    parser.add_argument("--limit", type=int, default=2000,
+                        help="validation images, of those the trial did not rank checkpoints on")
     parser.add_argument("--batch-size", type=int, default=250)
     args = parser.parse_args(argv)
 
@@ -57,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     warm_start = args.trial.resolve() / "warm_start"
     warm = {policy: load_module(warm_start / policy, policy) for policy in modules}
     split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed, limit=args.limit)
+                       val_size=problem.val_size, seed=problem.split_seed)
+    scored = unranked_positions(len(split), problem.val_limit, args.limit, problem.split_seed)
+    images, labels = split.images[scored], split.labels[scored]
     share = problem.protected_share
     rows = {"before PPO (warm start)": policy_selector(warm, staged, problem.target_ratio, share),
             f"after PPO ({checkpoint.name}, iteration {info.iteration})":
@@ -74,17 +88,18 @@ def main(argv: list[str] | None = None) -> None:
         recorders[name], positions[name] = kept_positions(select)
     unpruned = []
     with torch.no_grad():
-        for start in range(0, len(split.labels), args.batch_size):
-            inputs = normalize(split.images[start:start + args.batch_size], config)
+        for start in range(0, len(labels), args.batch_size):
+            inputs = normalize(images[start:start + args.batch_size], config)
             unpruned.append(staged.vit(inputs).argmax(1))
             for name, select in recorders.items():
                 logits, _ = exact_forward(staged, inputs, select, problem.target_ratio, problem.reduction)
                 predictions[name].append(logits.argmax(1))
-    labels, unpruned = split.labels.numpy(), torch.cat(unpruned).numpy()
+    labels, unpruned = labels.numpy(), torch.cat(unpruned).numpy()
     correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}
     kept = {name: torch.cat(p[last_point]) for name, p in positions.items()}  # the tokens that reach the head
     greedy, imitated, alone = list(rows)[2:]
-    print(f"{checkpoint}: {len(labels)} validation images, r = {problem.target_ratio}")
+    print(f"{checkpoint}: {len(labels)} validation images, none of the {problem.val_limit} that ranked its "
+          f"checkpoints; r = {problem.target_ratio}")
     print(f"{'selection':<46} {'acc %':>6} {'agree %':>8} {'vs greedy':>10} {'95% CI':>16} "
           f"{'sets != greedy':>15} {'!= imitated':>12} {'!= ' + problem.warm_start:>14}")
     for name in rows:

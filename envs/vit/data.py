@@ -259,6 +259,15 @@ def split_indices(labels: np.ndarray, split: str, val_size: int, seed: int) -> n
     return np.sort(chosen)
 
 
+def limited_positions(size: int, limit: int, seed: int) -> np.ndarray:
+    """The positions, ascending, of the seeded subset of ``limit`` images that :func:`load_split` keeps of a split
+    of ``size`` images when given ``limit`` (all of them when ``limit >= size``). A script that needs the images
+    a limited split did *not* hold (those train.py did not rank checkpoints by, say) takes the others."""
+    if limit >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(seed).choice(size, size=limit, replace=False))
+
+
 def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input_size: int, val_size: int, seed: int,
                          download: bool = False) -> list[list[float]]:
     """The mean of each colour channel, 0-255, of the first :data:`FINGERPRINT_IMAGES` images of a data set's
@@ -364,7 +373,7 @@ def load_split(
         else:
             indices = split_indices(labels, split, val_size, seed)
         if limit is not None and limit < len(indices):
-            indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
+            indices = indices[limited_positions(len(indices), limit, seed)]
         decoded_mb = len(indices) * 3 * input_size * input_size / 2**20
         budget_mb = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
         images = (_decode(raw, indices, input_size) if decoded_mb <= budget_mb
