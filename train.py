@@ -792,9 +792,11 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
             continue
         checkpoint, metrics = max(scored, key=lambda entry: entry[1][SCORE])  # the first of equals, as Tune's
         trial_and_checkpoint = Path(Path(result.path).name, Path(checkpoint.path).name)
-        data_dir = PruningProblem.from_json(result.config["trial"]["problem"]).data_dir
+        problem = PruningProblem.from_json(result.config["trial"]["problem"])
+        data_dir = problem.data_dir
         best = (f"(best on validation: iteration {metrics['training_iteration']}, exact-budget accuracy "
-                f"{metrics[SCORE]:.2f}%)")
+                f"{metrics[SCORE]:.2f}% on the {problem.val_limit} images that ranked the checkpoints: "
+                f"expect less on others)")
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
                          f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
