@@ -98,6 +98,7 @@ from envs.vit.data import (
     check_fits_backbone,
     default_data_dir,
     held_out_split,
+    limited_positions,
     load_split,
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
@@ -443,6 +444,17 @@ def speed_note(split_images: int, batch_sizes: Sequence[int]) -> str:
     return note + (f", repeated to fill the passes at batch sizes {', '.join(repeated)}" if repeated else "")
 
 
+def ranked_images_evaluated(checkpoints: Mapping[Path, PruningProblem], val_size: int, seed: int,
+                            limit: int | None) -> dict[str, int]:
+    """For each checkpoint evaluated on validation images (``limit`` of the ``val_size``, load_split's subset), how
+    many of them train.py ranked that run's checkpoints on (its ``val_limit`` subset): the best checkpoint reads
+    high on the very images that chose it."""
+    evaluated = limited_positions(val_size, limit or val_size, seed)
+    return {repository_relative(path): len(np.intersect1d(evaluated,
+                                                          limited_positions(val_size, problem.val_limit, seed)))
+            for path, problem in checkpoints.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
@@ -616,6 +628,13 @@ def run(args: argparse.Namespace) -> int:
                         f"{recorded})") from None
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
+    checkpoints = {path: info.problem for _, info, path in policies.values()}
+    ranked = (ranked_images_evaluated(checkpoints, problem.val_size, problem.split_seed, args.limit)
+              if args.split == "val" else {})
+    for path, count in ranked.items():
+        if count:
+            print(f"note: {count} of the {len(split)} validation images evaluated ranked the checkpoints of {path}'s "
+                  f"run (train.py's --val-limit): its rows read high on them", file=sys.stderr)
     calibration = images("val", args.calibration_images) if cascade else None
     compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
     try:
@@ -641,6 +660,7 @@ def run(args: argparse.Namespace) -> int:
                 "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},
+                "checkpoint_ranking_images_evaluated": ranked or None,
                 "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
                                              if selection is not None else "the evaluated images"),
                 "torch_threads": torch.get_num_threads(), "versions": versions_line()}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -27,7 +28,7 @@ from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.results_table import write_results
 from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
-from envs.vit.data import ImageSplit, load_split
+from envs.vit.data import ImageSplit, limited_positions, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
@@ -650,7 +651,7 @@ def test_learned_rows_compare_with_the_best_heuristic_and_tome_at_their_budget(r
 
 
 def test_the_best_heuristic_is_the_most_accurate_on_the_validation_images_not_the_test_images(
-        results, tiny_policy, data_dir, tmp_path):
+        results, tiny_policy, data_dir, tmp_path, capsys):
     """A test run chooses it on --selection-images validation images (the first of equals in table order): a run
     on those very images (--split val, the same seeded subset) reads it as their most accurate heuristic."""
     output, table = results
@@ -663,6 +664,14 @@ def test_the_best_heuristic_is_the_most_accurate_on_the_validation_images_not_th
     heuristics = val[val["method"].isin(HEURISTIC_ROWS) & (val["budget"] == TARGET_RATIO)].set_index("method")
     chosen = table[table["method"].isin(MARL_ROWS)]["best_heuristic"]
     assert set(chosen) == {heuristics["accuracy"].idxmax()}
+    # the run says how many of those images chose the checkpoint in train.py (the seeded subsets of the val split)
+    problem = load_policies(tiny_policy)[1].problem
+    ranked = len(np.intersect1d(limited_positions(problem.val_size, 48, problem.split_seed),
+                                limited_positions(problem.val_size, problem.val_limit, problem.split_seed)))
+    assert 0 < ranked < 48
+    assert f"note: {ranked} of the 48 validation images evaluated ranked the checkpoints of " in capsys.readouterr().err
+    settings = json.loads((on_val / "results.json").read_text())["settings"]
+    assert list(settings["checkpoint_ranking_images_evaluated"].values()) == [ranked]
 
 
 def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_staged, split):
