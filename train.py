@@ -169,14 +169,14 @@ def plan_placement(servers: int | None, server_threads: int, cluster_gpus: float
     """Without GPUs everything runs on CPUs, the learner in the trial's process. With GPUs there is one server
     per GPU unless ``servers`` says otherwise; the learner takes half a GPU: in the trial's process when the
     machine that starts it has one, else as a learner actor that Ray places on a GPU node (RLlib's device check
-    fails on a GPU-less process asked for GPUs). The servers, the validation one included, share what the
-    learner leaves."""
+    fails on a GPU-less process asked for GPUs). Either way RLlib reserves the learner's half GPU in the trial's
+    placement group, and the servers, the validation one included, share what it leaves."""
     if cluster_gpus < 1:
         return Placement(servers or 1, 0.0, server_threads, False, 0.0)
     count = servers or int(cluster_gpus)
-    reserved_by_learner = 0.0 if driver_has_gpu else 0.5
-    share = min(0.5, (cluster_gpus - reserved_by_learner) / (count + 1))
-    return Placement(count, share, server_threads, not driver_has_gpu, 0.5)
+    learner_gpus = 0.5
+    share = min(0.5, (cluster_gpus - learner_gpus) / (count + 1))
+    return Placement(count, share, server_threads, not driver_has_gpu, learner_gpus)
 
 
 @dataclass(frozen=True)

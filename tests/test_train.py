@@ -295,15 +295,19 @@ def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, m
 @pytest.mark.parametrize(("servers", "gpus", "driver_gpu", "expected"), [
     (None, 0, False, train.Placement(1, 0.0, 2, False, 0.0)),  # CPU only: the learner in the driver
     (3, 0, False, train.Placement(3, 0.0, 2, False, 0.0)),
-    (None, 1, True, train.Placement(1, 0.5, 2, False, 0.5)),  # one GPU shared by learner and two servers
+    (None, 1, True, train.Placement(1, 0.25, 2, False, 0.5)),  # one GPU shared by learner and two servers
+    (None, 4, True, train.Placement(4, 0.5, 2, False, 0.5)),
     (None, 4, False, train.Placement(4, 0.5, 2, True, 0.5)),  # GPU-less head: the learner is an actor
     (4, 1, False, train.Placement(4, 0.1, 2, True, 0.5)),
+    (4, 1, True, train.Placement(4, 0.1, 2, False, 0.5)),
 ])
 def test_placement(servers, gpus, driver_gpu, expected):
     placement = train.plan_placement(servers, 2, gpus, driver_gpu)
     assert placement == expected
-    reserved = placement.server_gpus * (placement.servers + 1) + placement.learner_gpus * placement.learner_actor
-    assert reserved <= max(gpus, 0) + 1e-9  # never more than the cluster has: nothing waits forever
+    # What the trial's placement group asks of Ray, the learner's share included wherever RLlib puts it, is never
+    # more than the cluster has: a trial that asks for more waits forever.
+    bundles = train.trial_resources(train.TrialResources(2, 1, placement, True)).bundles
+    assert sum(bundle.get("GPU", 0) for bundle in bundles) <= gpus + 1e-9
 
 
 def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_it():
