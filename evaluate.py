@@ -68,6 +68,7 @@ from cli import (
     OneLineParser,
     UsageError,
     add_data_access_arguments,
+    check_output_dir,
     data_access,
     positive_int,
     versions_line,
@@ -92,7 +93,6 @@ from envs.vit.backbone_checkpoint import (
     repository_relative,
 )
 from envs.vit.data import (
-    SPLITS,
     DataError,
     ImageSplit,
     check_fits_backbone,
@@ -470,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
     add_data_access_arguments(parser)
-    parser.add_argument("--split", default="test", choices=SPLITS, help="default: %(default)s")
+    parser.add_argument("--split", default="test", choices=("val", "test"),
+                        help="test for final numbers, val (the backbone's held-out subset) for development "
+                             "(default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
                         help="target ratios of the heuristics, comma-separated (default: %(default)s)")
@@ -481,10 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",
                         help="add a cascade row at the checkpoint's budget: greedy similarity removing FIRST, then "
                              "SECOND on the least sure images (e.g. 0.35,0.1)")
-    parser.add_argument("--cascade-points", type=block_indices, default=SIX_POINTS,
-                        help="the cascade's pruning points (default: 1,3,5,7,9,11)")
+    parser.add_argument("--cascade-points", type=block_indices, default=None,
+                        help="with --cascade: its pruning points (default: 1,3,5,7,9,11)")
     parser.add_argument("--calibration-images", type=positive_int, default=None,
-                        help="validation images the cascade is calibrated on (default: all of them)")
+                        help="with --cascade: validation images it is calibrated on (default: all of them)")
     parser.add_argument("--selection-images", type=positive_int, default=2000,
                         help="validation images the heuristic that learned rows are compared with is chosen on, "
                              "per budget, so that it is not chosen on the test images (with --split val: the "
@@ -506,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "takes 30 s to 2 min per row on a 2-core CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=Path("results"), help="default: %(default)s")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing results.csv")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results files (results.csv, .json, .md, the plot) of an earlier run")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     return parser
 
@@ -582,8 +585,10 @@ def run(args: argparse.Namespace) -> int:
         for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
-    if output_dir.exists() and not output_dir.is_dir():
-        raise EvaluationError(f"--output-dir {output_dir} is a file, not a directory")
+    try:
+        check_output_dir(output_dir, str(output_dir))
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
     if written and not args.overwrite:
         raise EvaluationError(f"{written[0]} exists; pass --overwrite to replace it")
@@ -605,11 +610,15 @@ def run(args: argparse.Namespace) -> int:
     if args.cascade:
         if args.split == "val":
             raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
+        cascade_points = args.cascade_points or SIX_POINTS
         try:
-            StagedViT(staged.vit, args.cascade_points)
+            StagedViT(staged.vit, cascade_points)
         except ValueError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
-        cascade = (budget_key(problem.target_ratio), CascadePasses(args.cascade_points, args.cascade))
+        cascade = (budget_key(problem.target_ratio), CascadePasses(cascade_points, args.cascade))
+    elif args.cascade_points or args.calibration_images:
+        given = "--cascade-points" if args.cascade_points else "--calibration-images"
+        raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
         split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
@@ -657,7 +666,7 @@ def run(args: argparse.Namespace) -> int:
                 "compiled": None if args.no_speed else args.compile,
                 "speed_batch_sizes": list(args.speed_batch_sizes),
                 "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
-                "cascade": None if cascade is None else {"prune_points": list(args.cascade_points),
+                "cascade": None if cascade is None else {"prune_points": list(cascade[1].prune_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},
                 "checkpoint_ranking_images_evaluated": ranked or None,

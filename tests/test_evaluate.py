@@ -469,6 +469,7 @@ def truncated(path: Path) -> Path:
     ("existing_results", "pass --overwrite"),
     ("existing_json_only", "results.json exists; pass --overwrite"),
     ("output_dir_is_a_file", "is a file, not a directory"),
+    ("output_dir_below_a_file", "/out is a file, not a directory"),
     ("one_image", "1 image to evaluate: the paired intervals need at least 2"),
     ("other_classes", "the data set's 10 classes are not the backbone's 10 (missing 'class 0', 'class 1', 'class 2', "
                       "'class 3', 'class 4' and 5 more; not expected 'airplane', "),
@@ -479,6 +480,9 @@ def truncated(path: Path) -> Path:
     ("cascade_of_one_ratio", "argument --cascade: expected two removal ratios, FIRST,SECOND, got '0.6'"),
     ("cascade_on_validation", "the cascade is calibrated on the validation split: evaluate it on --split test"),
     ("cascade_points_beyond_depth", "--cascade-points: prune_points must be"),
+    ("cascade_points_without_cascade", "--cascade-points is for --cascade FIRST,SECOND, which was not given"),
+    ("calibration_without_cascade", "--calibration-images is for --cascade FIRST,SECOND, which was not given"),
+    ("train_split", "argument --split: invalid choice: 'train'"),
     ("cascade_first_forward_too_dear", "cascade (0.1, 0.05): the first forward costs"),
     ("no_validation_to_choose_on", "the best heuristic of each budget is chosen on validation images: validation "
                                    "size 60000 must be between 1 and 49999"),
@@ -518,6 +522,9 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         (output / ("results.csv" if case == "existing_results" else "results.json")).write_text("keep me\n")
     elif case == "output_dir_is_a_file":
         output.write_text("keep me\n")
+    elif case == "output_dir_below_a_file":  # caught before the evaluation, not when writing after it
+        output.write_text("keep me\n")
+        output = output / "results"
     elif case == "one_image":
         extra = ["--limit", "1"]
     elif case in ("other_classes", "validation_the_backbone_trained_on"):
@@ -542,6 +549,10 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         extra = ["--dtype", "float16"]
     elif case == "bad_speed_batch_sizes":
         extra = ["--speed-batch-sizes", "1,0"]
+    elif case.endswith("without_cascade"):
+        extra = ["--cascade-points", "1,2"] if case.startswith("cascade") else ["--calibration-images", "32"]
+    elif case == "train_split":  # the backbone trained on it
+        extra = ["--split", "train"]
     elif case.startswith("cascade"):
         extra = ["--cascade", {"cascade_of_one_ratio": "0.6", "cascade_first_forward_too_dear": "0.1,0.05"}.get(
                      case, "0.6,0.2"),
@@ -555,6 +566,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         assert [path.read_text() for path in output.iterdir()] == ["keep me\n"]
     elif case == "output_dir_is_a_file":
         assert output.read_text() == "keep me\n"
+    elif case == "output_dir_below_a_file":
+        assert output.parent.read_text() == "keep me\n"
     else:
         assert not output.exists()
 
