@@ -400,6 +400,40 @@ def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -
     return epochs_done + max(0, int((seconds_left - reserve) // epoch_seconds))
 
 
+# What a resumed run takes from its command line: how long and where it runs, and how it reaches the data (the
+# data directory only when given, so that a run moved to another machine finds its data there). Every other
+# flag is the recipe it recorded.
+RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", "output_dir", "download",
+                "memory_budget_mb")
+
+
+def resumed_args(args: argparse.Namespace, state: dict) -> argparse.Namespace:
+    """The settings of a run resumed from ``state`` (its train_state.pt) by the command line ``args``: the
+    recorded recipe, with :data:`RESUME_FLAGS`, a given ``--data-dir`` and a longer or shorter ``--epochs``
+    from ``args`` (a changed schedule length is recorded). A recipe flag given with another value than the
+    recorded one is refused rather than ignored."""
+    saved = state["args"]
+    defaults = build_parser()
+    for flag, given in vars(args).items():
+        if (flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or flag not in saved
+                or given == defaults.get_default(flag) or given == saved[flag]):
+            continue
+        options = [action for action in defaults._actions if action.dest == flag]  # --half, --full-precision
+        option = next((action.option_strings[0] for action in options if action.nargs == 0
+                       and action.const == given), options[0].option_strings[0])
+        recorded = " ".join(saved[flag]) if isinstance(saved[flag], list) else saved[flag]
+        raise ValueError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
+                         f"it (start a new run with --init-from its export instead)")
+    epochs = args.epochs if args.epochs is not None else saved["epochs"]
+    schedule = saved.get("schedule_changes", [])
+    if epochs != saved["epochs"]:
+        schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
+        print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
+    data_dir = args.data_dir if args.data_dir != defaults.get_default("data_dir") else saved["data_dir"]
+    return argparse.Namespace(**{**saved, **{flag: getattr(args, flag) for flag in RESUME_FLAGS}, "resume": True,
+                                 "epochs": epochs, "schedule_changes": schedule, "data_dir": data_dir})
+
+
 def train(args: argparse.Namespace) -> dict:
     started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
     device = resolve_device(args.device)
@@ -413,22 +447,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"nothing to resume: {state_path} does not exist")
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
     if state is not None:
-        saved = state["args"]
-        defaults = build_parser()
-        for flag, given in (("model", args.model), ("model_kwargs", args.model_kwargs)):
-            if given != defaults.get_default(flag) and given != saved[flag]:
-                raise ValueError(f"--resume continues the model it recorded ({saved['model']} "
-                                 f"{' '.join(saved['model_kwargs'])}): --{flag.replace('_', '-')} cannot change it")
-        epochs = args.epochs if args.epochs is not None else saved["epochs"]
-        schedule = saved.get("schedule_changes", [])
-        if epochs != saved["epochs"]:
-            schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
-            print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
-        args = argparse.Namespace(**{**saved, "resume": True, "time_limit": args.time_limit,
-                                     "time_budget": args.time_budget, "save_every": args.save_every,
-                                     "epochs": epochs,
-                                     "schedule_changes": schedule, "device": args.device,
-                                     "compile": args.compile, "output_dir": args.output_dir})
+        args = resumed_args(args, state)
     elif args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     torch.manual_seed(args.seed)

@@ -242,8 +242,19 @@ def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
            "embed_dim=16", "num_heads=2"]
     assert backbone.main([*run, "--time-limit", "0"]) == 0
     capsys.readouterr()
-    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--model-kwargs", "img_size=16"]) == 2
+    resume = ["--output-dir", str(tmp_path / "run"), "--resume"]
+    assert backbone.main([*resume, "--model-kwargs", "img_size=16"]) == 2
     assert "--model-kwargs cannot change it" in capsys.readouterr().err
+    # the recipe is the recorded one: a flag of it given with another value is refused, not ignored
+    assert backbone.main([*resume, "--lr", "1e-3"]) == 2
+    assert capsys.readouterr().err == ("error: --resume continues the run it recorded (--lr 0.003): --lr cannot "
+                                       "change it (start a new run with --init-from its export instead)\n")
+    assert backbone.main([*resume, "--full-precision"]) == 2
+    assert "--full-precision cannot change it" in capsys.readouterr().err
+    # where the data is comes from the command line when given: a run moved to another machine finds it there
+    assert backbone.main([*resume, "--data-dir", str(tmp_path / "moved"), "--no-download"]) == 2
+    assert str(tmp_path / "moved") in capsys.readouterr().err
+    assert backbone.main([*resume, "--data-dir", str(data_dir), "--lr", "0.003"]) == 0  # the recorded lr, given
 
 
 def test_step_benchmark_times_every_part(tmp_path):
