@@ -63,7 +63,7 @@ from cli import (
     positive_int,
 )
 from envs.episode_metrics import PruningMetrics
-from envs.problem import PruningProblem, add_problem_arguments, problems_from_args, sweep_label
+from envs.problem import PruningProblem, add_problem_arguments, flag_name, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
 from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
 from envs.vit.data import DataError, held_out_split
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue every trial of the run in --output-dir from its latest checkpoint, with its "
                           "problem and resources; --iterations and --time-budget are taken from this command")
     run.add_argument("--from-checkpoint", default=None, metavar="CHECKPOINT",
-                     help="start a new run from a checkpoint: its problem, weights, optimiser state and iteration "
-                          "count (e.g. to go on with more env runners)")
+                     help="start a new run from a checkpoint: its problem and PPO settings, weights, optimiser "
+                          "state and iteration count (e.g. to go on with more env runners)")
     run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
     run.add_argument("--address", default=None, help="join a Ray cluster (e.g. 'auto'); default: start a local one")
     run.add_argument("--num-cpus", type=positive_int, default=None,
@@ -137,11 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-threads", type=positive_int, default=1,
                      help="torch threads of each ViT server, and the CPUs it reserves")
     add_data_access_arguments(run)
-    add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume)")
-    # given or not: with_data_dir overrides a run's data directory only if given; with_backbone_split takes the
-    # backbone's held-out split unless given
-    p.set_defaults(**{"problem.data_dir": None, "problem.val_size": None, "problem.split_seed": None})
+    add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume "
+                             "and from the checkpoint with --from-checkpoint, --data-dir aside)")
+    # Every problem and PPO flag defaults to None, "not given" (problems_from_args takes the field's default):
+    # --resume and --from-checkpoint refuse a given one, with_data_dir overrides a run's data directory only if
+    # given, and with_backbone_split takes the backbone's held-out split unless given.
+    p.set_defaults(**{action.dest: None for action in p._actions if action.dest.startswith(("problem.", "ppo."))})
     return p
+
+
+def given_problem_flags(args: argparse.Namespace) -> list[str]:
+    """The problem and PPO flags given on the command line, but ``--data-dir`` (where the data is, not what the
+    agents learn)."""
+    return [flag_name(dest.split(".", 1)[1]) for dest, value in vars(args).items()
+            if dest.startswith(("problem.", "ppo.")) and dest != "problem.data_dir" and value is not None]
 
 
 # -- where things run --------------------------------------------------------------------------------------
@@ -625,10 +634,14 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     local = local_run_dir(args.output_dir)
     if local is not None:
         check_output_dir(local, args.output_dir)
+    if args.resume and (args.from_checkpoint or args.overwrite):
+        other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
+        raise ValueError(f"--resume continues a run; {other}: pass one of them")
+    if (args.resume or args.from_checkpoint) and given_problem_flags(args):
+        source = "run's problems" if args.resume else "checkpoint's problem"
+        raise ValueError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source} and its "
+                         f"PPO settings: drop {', '.join(given_problem_flags(args))}")
     if args.resume:
-        if args.from_checkpoint or args.overwrite:
-            other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
-            raise ValueError(f"--resume continues a run; {other}: pass one of them")
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
         trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]

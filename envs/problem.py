@@ -292,7 +292,8 @@ def _field(cls: type, name: str) -> dataclasses.Field:
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of the problem or PPO field ``name``: ``--target-ratio``."""
     return "--" + name.rstrip("_").replace("_", "-")
 
 
@@ -363,7 +364,7 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         choices = f.metadata["choices"]
-        group.add_argument(_flag(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=default,
+        group.add_argument(flag_name(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=default,
                            choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
                            help=f"{f.metadata['doc']} (default: {shown})")
 
@@ -382,7 +383,7 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
     values = {name: value for name, value in vars(args).items()
               if name.startswith(("problem.", "ppo.")) and value is not None}  # None: the field's default
     default_backbone = _field(PruningProblem, "backbone").default
-    if values["problem.backbone"] != default_backbone:
+    if values.get("problem.backbone", default_backbone) != default_backbone:
         values["problem.backbone"] = repository_relative(values["problem.backbone"])
     lists = {f"problem.{name}" for name, hint in typing.get_type_hints(PruningProblem).items()
              if typing.get_origin(hint) is tuple}

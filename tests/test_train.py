@@ -143,7 +143,13 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                            (["--iterations", "many"], "--iterations: expected an integer, got 'many'"),
                            (["--target-ratio", "0.3,x"], "comma-separated numbers, got '0.3,x'"),
                            (["--resume", "--from-checkpoint", "x"], "pass one of them"),
-                           (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0")):
+                           (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
+                           (["--resume", "--target-ratio", "0.3", "--lr", "1e-3", "--data-dir", "d"],
+                            "--resume goes on with the run's problems and its PPO settings: drop --target-ratio, "
+                            "--lr"),
+                           (["--from-checkpoint", "x", "--reduction", "drop"],
+                            "--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
+                            "--reduction")):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (flags, err)
