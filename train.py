@@ -64,7 +64,7 @@ from cli import (
 )
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, flag_name, problems_from_args, sweep_label
-from envs.pruning_env import TokenPruningEnv, policy_for_agent, trained_policies
+from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent, trained_policies
 from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
 from envs.vit.data import DataError, held_out_split
 from envs.vit_server import (
@@ -303,7 +303,7 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
         .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
                     custom_evaluation_function=functools.partial(
                         validate_on_server, server_name=val_server, model_config={"hidden": problem.hidden},
-                        steps_per_image=len(problem.prune_points)))
+                        steps_per_image=env_steps_per_episode(problem)))
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
                          delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
         .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
@@ -334,8 +334,8 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, mo
     """RLlib's custom evaluation: the learner's current weights, scored by the ViT server that holds the
     validation images in the deterministic modes that evaluate.py reports (``PruningEngine.validate``); every
     validation image counts, every time. The scores land in the results under ``evaluation``. The step counts
-    returned are what stepping those images through the env would have been: one env step per pruning point
-    and image, one agent step per policy in each."""
+    returned are what stepping those images through the env would have been: an env step per turn
+    (``env_steps_per_episode`` per image), each the one acting agent's step."""
     server = ray.get_actor(server_name, namespace=NAMESPACE)
     policies = list(algorithm.config.policies)
     weights = algorithm.learner_group.get_weights(module_ids=policies)
@@ -343,7 +343,7 @@ def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, mo
     for name, value in metrics.items():
         algorithm.metrics.log_value((EVALUATION_RESULTS, name), value, reduce="item")
     env_steps = call_through_restarts(lambda: ray.get(server.spec.remote())).num_images * steps_per_image
-    return metrics, env_steps, env_steps * len(policies)
+    return metrics, env_steps, env_steps
 
 
 def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: Path, trial: str) -> dict[str, Path]:
@@ -807,8 +807,9 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
         trial_and_checkpoint = Path(Path(result.path).name, Path(checkpoint.path).name)
         problem = PruningProblem.from_json(result.config["trial"]["problem"])
         data_dir = problem.data_dir
+        ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
         best = (f"(best on validation: iteration {metrics['training_iteration']}, exact-budget accuracy "
-                f"{metrics[SCORE]:.2f}% on the {problem.val_limit} images that ranked the checkpoints: "
+                f"{metrics[SCORE]:.2f}% on the {ranking_images} images that ranked the checkpoints: "
                 f"expect less on others)")
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"

@@ -421,7 +421,8 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
     checkpoints = [(tune.Checkpoint(str(root / trial / f"checkpoint_00000{index}"), filesystem),
                     {train.SCORE: score, "training_iteration": iteration})
                    for index, (iteration, score) in enumerate(recorded)]
-    result = SimpleNamespace(error=None, config={"trial": {"name": "target_ratio=0.5", "problem": {"data_dir": "d"}}},
+    problem = {"data_dir": "d", "val_size": 800}  # a backbone that held out fewer images than --val-limit scores
+    result = SimpleNamespace(error=None, config={"trial": {"name": "target_ratio=0.5", "problem": problem}},
                              best_checkpoints=checkpoints, checkpoint=checkpoints[0][0], metrics=checkpoints[0][1],
                              path=str(root / trial))
     monkeypatch.chdir(tmp_path)
@@ -432,7 +433,7 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         f"evaluate it: python evaluate.py --checkpoint {shown}"
     assert errors == []
     assert lines == [f"best checkpoint: {shown} (best on validation: iteration 4, exact-budget accuracy 82.50% "
-                     f"on the 1000 images that ranked the checkpoints: expect less on others)\n"
+                     f"on the 800 images that ranked the checkpoints: expect less on others)\n"
                      f"{evaluate} --data-dir d"]
     if not cloud:  # a checkpoint set aside on a resume, which Tune does not rank, is ranked beside Tune's
         aside = storage / trial / "unrecorded_checkpoint_000002"
