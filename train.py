@@ -528,7 +528,7 @@ def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
              f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
              f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
              f"kept {runners.get('keep_ratio', float('nan')):.3f}",
-             f"GFLOPs {runners.get('gflops', float('nan')):.4f}",
+             f"GFLOPs {runners.get('gflops', float('nan')):.4f} w/o policies",  # evaluate.py's count them
              f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
     if progress["validated"]:  # results carry the last validation along; show it only where it ran
         val = result.get(EVALUATION_RESULTS, {})
