@@ -596,8 +596,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        staged, backbone_config, backbone_path = policy_backbone(problem, main_path or "--heuristics-only",
-                                                                 args.backbone)
+        staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
         for modules, _, path in policies.values():
             check_policies(modules, staged.num_patches, path)
     except PolicyCheckpointError as error:

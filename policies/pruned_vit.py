@@ -47,17 +47,19 @@ SELECTIONS: tuple[str, ...] = (*HEURISTICS, "tome")
 """The selections named by a string: the heuristics of ``policies.heuristics`` and ToMe."""
 
 
-def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike,
+def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | None,
                     backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
     """The backbone a policy checkpoint's problem names (or ``backbone``) split at its pruning points, in eval
     mode, with its config and path; a backbone too shallow for the pruning points is a
-    :class:`~policies.checkpoints.PolicyCheckpointError` naming both."""
+    :class:`~policies.checkpoints.PolicyCheckpointError` naming both (the backbone alone for a problem of no
+    checkpoint, ``checkpoint=None``)."""
     backbone_path = Path(backbone).expanduser() if backbone else problem.backbone_path
     vit, config = load_backbone(backbone_path)
     try:
         return StagedViT(vit, problem.prune_points).eval(), config, backbone_path
     except ValueError as error:
-        raise PolicyCheckpointError(f"checkpoint {checkpoint}, backbone {backbone_path}: {error}") from None
+        where = "" if checkpoint is None else f"checkpoint {checkpoint}, "
+        raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
 
 class PrunedViT(nn.Module):

@@ -602,7 +602,9 @@ def test_heuristics_only_evaluates_a_backbone_without_a_policy(tiny_backbone, da
     assert settings["best_heuristic_chosen_on"] == "48 validation images"  # for the cascade row
     capsys.readouterr()
     for flags, message in ((["--heuristics-only", "--checkpoint", str(tmp_path)], "evaluates no policy checkpoint"),
-                           (["--prune-points", "1,2"], "--prune-points is for --heuristics-only")):
+                           (["--prune-points", "1,2"], "--prune-points is for --heuristics-only"),
+                           (["--heuristics-only", "--backbone", str(tiny_backbone), "--prune-points", "1,9"],
+                            f"error: backbone {tiny_backbone}: prune_points must be")):
         assert evaluate.main([*flags, "--output-dir", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
