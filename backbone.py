@@ -153,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
-def make_mixup_and_loss(args: argparse.Namespace, num_classes: int):
+def make_mixup_and_loss(args: argparse.Namespace, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
     """timm's batch Mixup/CutMix (None when both alphas are 0) and the loss that fits its targets."""
     if args.mixup <= 0 and args.cutmix <= 0:
         return None, LabelSmoothingCrossEntropy(args.label_smoothing)
@@ -261,7 +259,8 @@ def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels:
 
 
 @torch.no_grad()
-def accuracy(model, split: ImageSplit, config, device, batch_size=512, amp=True) -> float:
+def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: torch.device, batch_size: int = 512,
+             amp: bool = True) -> float:
     """Top-1 accuracy on ``split``, counted on the device and read once."""
     model.eval()
     labels = split.labels.to(device)

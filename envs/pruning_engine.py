@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from envs.vit.backbone_checkpoint import normalize
+from envs.vit.data import StreamedImages
 from envs.vit.features import AGENT_FEATURES, observe
 from envs.vit.flops import ViTSpec, image_gflops
 from envs.vit.pruned_forward import (
@@ -70,9 +71,9 @@ class PruningEngine:
     ``target_ratio``: the removal ratio of validation and of episodes started without one.
     """
 
-    def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor, labels: torch.Tensor,
-                 target_ratio: float, reduction: str, device: str | torch.device = "cpu",
-                 max_episodes: int = 65536, baseline: str = "none"):
+    def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor | StreamedImages,
+                 labels: torch.Tensor, target_ratio: float, reduction: str, device: str | torch.device = "cpu",
+                 max_episodes: int = 65536, baseline: str = "none") -> None:
         self.staged = staged.to(device).eval()
         self.config = backbone_config
         self.images, self.labels = images, labels

@@ -215,7 +215,7 @@ class TokenPruningEnv(MultiAgentEnv):
             return [ratios[0]] * self.num_images
         return np.repeat(self._rng.choice(ratios, self.num_images // rollouts), rollouts).tolist()
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         if seed is not None:
             self._rng = np.random.default_rng([seed, *self._stream])
             self._upcoming = None
@@ -231,7 +231,7 @@ class TokenPruningEnv(MultiAgentEnv):
         obs = self._start_point(self._call("reset", self._keys, indices, self._upcoming, self._ratios))
         return obs, {aid: {} for aid in obs}
 
-    def step(self, action_dict: dict):
+    def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:
         policy = self._turns.pop(0)
         for i, chosen in enumerate(self._chosen):
             chosen[policy] = action_dict[self._agent(i, policy)]

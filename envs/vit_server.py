@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
-from envs.vit.data import check_fits_backbone, load_split
+from envs.vit.data import StreamedImages, check_fits_backbone, load_split
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
 
@@ -54,9 +54,9 @@ class _Request(NamedTuple):
 
 
 class ViTServer:
-    """Async actor body; created by :func:`start_vit_server`, which reads data and weights on the driver."""
+    """Async actor body; created by :func:`start_vit_servers`, which reads data and weights on the driver."""
 
-    def __init__(self, state: dict, config: dict, images: torch.Tensor, labels: torch.Tensor,
+    def __init__(self, state: dict, config: dict, images: torch.Tensor | StreamedImages, labels: torch.Tensor,
                  settings: ServerSettings):
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
@@ -202,7 +202,7 @@ class ServerInputs:
 
     state: dict
     config: dict
-    images: torch.Tensor
+    images: torch.Tensor | StreamedImages
     labels: torch.Tensor
 
 
@@ -243,9 +243,3 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str], inputs: Se
         ).remote(refs[0], inputs.config, refs[1], refs[2], settings))
     ray.get([server.spec.remote() for server in servers])
     return servers
-
-
-def start_vit_server(settings: ServerSettings, name: str = DEFAULT_NAME,
-                     inputs: ServerInputs | None = None) -> ray.actor.ActorHandle:
-    """One server: :func:`start_vit_servers` with one name."""
-    return start_vit_servers(settings, [name], inputs)[0]

@@ -12,7 +12,7 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv, actor_was_restarted, image_stream_key
 from envs.vit.features import AGENT_FEATURES
-from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_server
+from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_servers
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def ray_local():
 def server(ray_local, tiny_backbone, data_dir):
     problem = PruningProblem(backbone=str(tiny_backbone), data_dir=str(data_dir), prune_points=(1, 2, 3))
     settings = ServerSettings(problem, split="val", limit=64, max_wait_ms=200, num_cpus=0)
-    handle = start_vit_server(settings, name="test_server")
+    (handle,) = start_vit_servers(settings, ["test_server"])
     yield handle
     ray.kill(handle, no_restart=True)
 

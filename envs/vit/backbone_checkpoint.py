@@ -28,7 +28,8 @@ class CheckpointError(RuntimeError):
     """A backbone checkpoint that is missing or unreadable; the message is meant for the user as is."""
 
 
-def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any], pretrained: bool = False):
+def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
+               pretrained: bool = False) -> torch.nn.Module:
     """A timm model by name; a clear error for unknown names and for unreachable pretrained weights."""
     if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
