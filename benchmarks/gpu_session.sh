@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The GPU work of the project in four commands, for a GPU lent for minutes: the GPU speed table and the engine, a
-# backbone trained for the time given, batch-1 latency compiled, and the backbone step before and after. Needs torch, timm and safetensors (no Ray, no gymnasium), a CUDA GPU, and
-# CIFAR-10 under .data/cifar10/ as train.tar and test.tar (or .tar.gz, unpacked on first use). Wheels in .whl/
-# (e.g. the timm version the project is tested with) are installed first, for this run only. From the repository
-# root:
+# backbone trained for the time given, batch-1 latency compiled, and the backbone step before and after. Needs a
+# CUDA GPU, torch, timm and safetensors (no Ray, no gymnasium); speed and latency run evaluate.py's code, which
+# needs numpy, pandas, scipy, scikit-learn, tqdm, tabulate and matplotlib too (the device image has them all),
+# checked by an import before any step. CIFAR-10 under .data/cifar10/ as train.tar and test.tar (or .tar.gz,
+# unpacked on first use). Wheels in .whl/ (e.g. the timm version the project is tested with) are installed
+# first, for this run only. From the repository root:
 #
 #   bash benchmarks/gpu_session.sh speed OUT                # evaluate.py's table in bf16 and the engine
 #   bash benchmarks/gpu_session.sh backbone OUT SECONDS     # a backbone trained within SECONDS, all included
 #   bash benchmarks/gpu_session.sh latency OUT              # batch 1, eager and as CUDA graphs
 #   bash benchmarks/gpu_session.sh step OUT                 # backbone_step at 256, then 512 and 1024 compiled
 #
-# Each writes OUT/<mode>.log and packs what it made into OUT/<mode>.tar.gz (logs, JSON, results tables, the
-# backbone's export: model.safetensors, config.json and MODEL_CARD.md with its test accuracy), so that a machine
-# that can send back only a few files sends everything. The backbone is the reference recipe at 512 images per
+# Each writes its console to OUT/<mode>.log and packs what its steps made into OUT/<mode>.tar.gz (JSON, results
+# tables, the backbone's export: model.safetensors, config.json and MODEL_CARD.md with its test accuracy), so
+# that a machine that can send back only a few files sends everything. The backbone is the reference recipe at 512 images per
 # step, compiled, for as many epochs as fit (backbone.py --time-budget). Expected on an H100: the step under
 # 1.5 s per 45,000-image epoch; the pruned rows faster than the unpruned one at batch 1024, and, compiled, at
 # batch 1 (latency: benchmarks/batch1_latency.py, each forward replayed as one CUDA graph).
@@ -48,6 +50,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 if [ "$device" != cpu ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
 "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+case $mode in  # a package evaluate.py needs and the machine lacks fails here, in seconds, not after a step
+speed|latency) "$python" -c "import evaluate" || { echo "FAILED: evaluate.py does not import here"; exit 1; } ;;
+esac
 for split in train test; do
     [ -f "$data/cifar10/$split.tar" ] || gunzip -k "$data/cifar10/$split.tar.gz"
 done
@@ -75,9 +80,10 @@ backbone)
     section "backbone: the reference recipe at batch 512, compiled, within $seconds s"
     # the training state is not sent back, so it is written once, at the end (--save-every), not every epoch
     # shellcheck disable=SC2086  # BACKBONE_FLAGS is a list of flags
+    left=$(( seconds - ($(date +%s) - began) ))
+    if [ "$left" -le 0 ]; then echo "FAILED: the set-up took the whole $seconds s"; exit 1; fi
     step "$python" backbone.py --data-dir "$data" --output-dir "$work/backbone" --device "$device" \
-        --batch-size 512 --compile --save-every 100000 --time-budget "$(( seconds - ($(date +%s) - began) ))" \
-        ${BACKBONE_FLAGS:-}
+        --batch-size 512 --compile --save-every 100000 --time-budget "$left" ${BACKBONE_FLAGS:-}
     ;;
 latency)
     section "batch 1, bf16: the unpruned model, the policy and two heuristics, eager then compiled (CUDA graphs)"
