@@ -32,8 +32,9 @@ from envs.vit.data import ImageSplit, limited_positions, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
-from envs.vit.pruned_forward import TokenState, initial_state
+from envs.vit.pruned_forward import TokenState, exact_forward, initial_state
 from envs.vit.staged_vit import StagedViT
+from policies import pruned_vit
 from policies.cascade import CascadeViT
 from policies.checkpoints import MODULES_DIR, load_policies
 from policies.distribution import ExactCount
@@ -177,15 +178,23 @@ def forwards(monkeypatch) -> set[tuple[str, bool, torch.dtype]]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_rows_run_on_the_device_and_keep_their_token_counts(device, forwards, results, tiny_policy, data_dir,
-                                                                     tmp_path, capsys):
+                                                                     tmp_path, capsys, monkeypatch):
     """--dtype bfloat16: every forward of every row (calibration, selection, accuracy) gets its images on --device
-    and runs under autocast to bfloat16; each pruned row still keeps the budget's token counts (its keep ratios
-    and GFLOPs are the float32 run's); results.json and the printed header name the device and the dtype."""
+    and runs under autocast to bfloat16; each pruned row still keeps the budget's token counts (every exact
+    forward checks what its selections kept, and the keep ratios and GFLOPs are the float32 run's); results.json
+    and the printed header name the device and the dtype."""
+    checked = []
+
+    def counted_forward(*args, **kwargs):  # the evaluation skips the check (a device read); here it runs
+        checked.append(1)
+        return exact_forward(*args, **{**kwargs, "check_counts": True})
+
+    monkeypatch.setattr(pruned_vit, "exact_forward", counted_forward)
     output = tmp_path / "out"
     assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--limit", "8", "--selection-images",
                              "8", "--device", device, "--dtype", "bfloat16", "--no-speed", "--cascade", "0.8,0.3",
                              "--cascade-points", "1,3", "--calibration-images", "8")) == 0
-    assert forwards == {(device, True, torch.bfloat16)}
+    assert forwards == {(device, True, torch.bfloat16)} and checked
     table = pd.read_csv(output / "results.csv")
     exact = ["gflops", "keep_ratio_s1", "keep_ratio_s2", "keep_ratio_s3"]
     for method in HEURISTIC_ROWS + MARL_ROWS:

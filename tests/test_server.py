@@ -22,16 +22,32 @@ def ray_local():
     ray.shutdown()
 
 
+def started_server(tiny_backbone, data_dir, **batching):
+    """A server on 64 validation images of the tiny backbone, its handle."""
+    problem = PruningProblem(backbone=str(tiny_backbone), data_dir=str(data_dir), prune_points=(1, 2, 3))
+    (handle,) = start_vit_servers(ServerSettings(problem, split="val", limit=64, num_cpus=0, **batching),
+                                  ["test_server"])
+    return handle
+
+
 @pytest.fixture
 def server(ray_local, tiny_backbone, data_dir):
-    problem = PruningProblem(backbone=str(tiny_backbone), data_dir=str(data_dir), prune_points=(1, 2, 3))
-    settings = ServerSettings(problem, split="val", limit=64, max_wait_ms=200, num_cpus=0)
-    (handle,) = start_vit_servers(settings, ["test_server"])
+    handle = started_server(tiny_backbone, data_dir, max_wait_ms=200)
     yield handle
     ray.kill(handle, no_restart=True)
 
 
-def test_concurrent_callers_share_one_forward(server):
+@pytest.fixture
+def batching_server(ray_local, tiny_backbone, data_dir):
+    """Its drain waits for 8 images (or 20 s), so four callers of 2 images share one forward however late the
+    last of them arrives on a busy machine."""
+    handle = started_server(tiny_backbone, data_dir, max_batch=8, max_wait_ms=20_000)
+    yield handle
+    ray.kill(handle, no_restart=True)
+
+
+def test_concurrent_callers_share_one_forward(batching_server):
+    server = batching_server
     before = ray.get(server.stats.remote())
     calls = [server.reset.remote([f"caller{c}-{i}" for i in range(2)], [c, c + 10], [], [0.25, 0.75] if c == 0 else [])
              for c in range(4)]
