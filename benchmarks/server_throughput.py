@@ -217,9 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--images-per-call", type=int, default=8, help="images per server request")
+    parser.add_argument("--images-per-call", type=int, default=8,
+                        help="images per server request of the callers, and per env of the --runners stand-ins")
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 2, 4], help="concurrent callers")
-    parser.add_argument("--env-images", type=int, nargs="+", default=[1, 8], help="images_per_env values")
+    parser.add_argument("--env-images", type=int, nargs="+", default=[1, 8],
+                        help="images_per_env values of the single env in this process")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                         help="how long the server waits for company before a drain")
