@@ -263,10 +263,14 @@ def test_step_benchmark_times_every_part(tmp_path):
     out = tmp_path / "steps.json"
     assert step_benchmark.main(["--model-kwargs", *TINY, "--batch-size", "16", "--steps", "2", "--warmup", "1",
                                 "--json", str(out)]) == 0
-    rows = {row["part"]: row["ms_per_step"] for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"crop + flip", "RandAugment", "normalize + mixup/cutmix", "forward + backward + AdamW",
-                         "sum of the parts", "training loop (no sync inside)"}
+    table = json.loads(out.read_text())["rows"]
+    rows = {row["part"]: row["ms_per_step"] for row in table}
+    parts = ["crop + flip", "RandAugment", "normalize + mixup/cutmix", "forward + backward + AdamW"]
+    assert list(rows) == [*parts, "sum of the parts", "training loop (no sync inside)"]
     assert all(ms > 0 for ms in rows.values())
+    assert rows["sum of the parts"] == pytest.approx(sum(rows[part] for part in parts), abs=0.01)
+    for row in table:  # seconds for an epoch of 45,000 images at 16 a step
+        assert row["epoch_s"] == pytest.approx(row["ms_per_step"] / 1000 * 45000 / 16, abs=0.01)
 
 
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
