@@ -236,7 +236,9 @@ class TargetPatternEnv(MultiAgentEnv):
         return self._obs(), {}
 
     def step(self, action_dict):
-        rewards = {a: float(TARGET[np.asarray(act).astype(bool)].mean()) for a, act in action_dict.items()}
+        # an empty action (RLlib's env check steps with a random one from the action space) earns nothing
+        rewards = {a: float(TARGET[np.asarray(act).astype(bool)].mean()) if np.any(act) else 0.0
+                   for a, act in action_dict.items()}
         self.n_live -= 2
         done = self.n_live <= ENV_N - 6
         return self._obs(), rewards, {"__all__": done}, {"__all__": False}, {}
