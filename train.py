@@ -637,10 +637,11 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
         raise ValueError(f"--resume continues a run; {other}: pass one of them")
-    if (args.resume or args.from_checkpoint) and given_problem_flags(args):
+    given = given_problem_flags(args)
+    if (args.resume or args.from_checkpoint) and given:
         source = "run's problems" if args.resume else "checkpoint's problem"
         raise ValueError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source} and its "
-                         f"PPO settings: drop {', '.join(given_problem_flags(args))}")
+                         f"PPO settings: drop {', '.join(given)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
