@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -406,20 +406,29 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
-def resumed_args(args: argparse.Namespace, state: dict) -> argparse.Namespace:
-    """The settings of a run resumed from ``state`` (its train_state.pt) by the command line ``args``: the
-    recorded recipe, with :data:`RESUME_FLAGS`, a given ``--data-dir`` and a longer or shorter ``--epochs``
-    from ``args`` (a changed schedule length is recorded). A recipe flag given with another value than the
-    recorded one is refused rather than ignored."""
+def given_flags(argv: list[str] | None) -> frozenset[str]:
+    """The destinations of the flags the command line ``argv`` names (``sys.argv`` when None), whatever their
+    values: argparse sets a default only where the namespace it parses into lacks the attribute, so parsed
+    into a namespace of placeholders, the flags named are those whose placeholder was replaced."""
+    parser = build_parser()
+    placeholder = object()
+    unset = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), placeholder))
+    return frozenset(flag for flag, value in vars(parser.parse_args(argv, unset)).items() if value is not placeholder)
+
+
+def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
+    """The settings of a run resumed from ``state`` (its train_state.pt) by the command line ``args``, whose
+    flags named on it are ``given``: the recorded recipe, with :data:`RESUME_FLAGS`, a given ``--data-dir``
+    and a longer or shorter ``--epochs`` from ``args`` (a changed schedule length is recorded). A recipe
+    flag given with another value than the recorded one is refused rather than ignored."""
     saved = state["args"]
-    defaults = build_parser()
-    for flag, given in vars(args).items():
-        if (flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or flag not in saved
-                or given == defaults.get_default(flag) or given == saved[flag]):
+    for flag in sorted(given):
+        value = getattr(args, flag)
+        if flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or value == saved.get(flag, value):
             continue
-        options = [action for action in defaults._actions if action.dest == flag]  # --half, --full-precision
+        options = [action for action in build_parser()._actions if action.dest == flag]  # --half, --full-precision
         option = next((action.option_strings[0] for action in options if action.nargs == 0
-                       and action.const == given), options[0].option_strings[0])
+                       and action.const == value), options[0].option_strings[0])
         recorded = " ".join(saved[flag]) if isinstance(saved[flag], list) else saved[flag]
         raise ValueError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
                          f"it (start a new run with --init-from its export instead)")
@@ -428,12 +437,14 @@ def resumed_args(args: argparse.Namespace, state: dict) -> argparse.Namespace:
     if epochs != saved["epochs"]:
         schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
         print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
-    data_dir = args.data_dir if args.data_dir != defaults.get_default("data_dir") else saved["data_dir"]
+    data_dir = args.data_dir if "data_dir" in given else saved["data_dir"]
     return argparse.Namespace(**{**saved, **{flag: getattr(args, flag) for flag in RESUME_FLAGS}, "resume": True,
                                  "epochs": epochs, "schedule_changes": schedule, "data_dir": data_dir})
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, given: Collection[str]) -> dict:
+    """Train (or resume, ``args.resume``) the backbone ``args`` describes; ``given`` names the flags the
+    command line set (:func:`given_flags`), which a resumed run checks against its recorded recipe."""
     started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
     device = resolve_device(args.device)
     amp = not args.no_amp
@@ -446,7 +457,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"nothing to resume: {state_path} does not exist")
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
     if state is not None:
-        args = resumed_args(args, state)
+        args = resumed_args(args, state, given)
     elif args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     torch.manual_seed(args.seed)
@@ -587,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'--resume' if args.resume else '--pretrained'}")
         args.model_kwargs = args.model_kwargs or []
         parse_kwargs(args.model_kwargs)
-        train(args)
+        train(args, given_flags(argv))
     except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -238,23 +238,24 @@ def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(fla
 
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
     run = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64", "--val-size", "100",
-           "--epochs", "1", "--batch-size", "32", "--model-kwargs", "img_size=32", "patch_size=8", "depth=1",
-           "embed_dim=16", "num_heads=2"]
+           "--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--model-kwargs", "img_size=32", "patch_size=8",
+           "depth=1", "embed_dim=16", "num_heads=2"]
     assert backbone.main([*run, "--time-limit", "0"]) == 0
     capsys.readouterr()
     resume = ["--output-dir", str(tmp_path / "run"), "--resume"]
     assert backbone.main([*resume, "--model-kwargs", "img_size=16"]) == 2
     assert "--model-kwargs cannot change it" in capsys.readouterr().err
     # the recipe is the recorded one: a flag of it given with another value is refused, not ignored
-    assert backbone.main([*resume, "--lr", "1e-3"]) == 2
-    assert capsys.readouterr().err == ("error: --resume continues the run it recorded (--lr 0.003): --lr cannot "
+    # (--lr 0.003 is the default: a flag given with its default value is still given)
+    assert backbone.main([*resume, "--lr", "0.003"]) == 2
+    assert capsys.readouterr().err == ("error: --resume continues the run it recorded (--lr 0.001): --lr cannot "
                                        "change it (start a new run with --init-from its export instead)\n")
     assert backbone.main([*resume, "--full-precision"]) == 2
     assert "--full-precision cannot change it" in capsys.readouterr().err
     # where the data is comes from the command line when given: a run moved to another machine finds it there
     assert backbone.main([*resume, "--data-dir", str(tmp_path / "moved"), "--no-download"]) == 2
     assert str(tmp_path / "moved") in capsys.readouterr().err
-    assert backbone.main([*resume, "--data-dir", str(data_dir), "--lr", "0.003"]) == 0  # the recorded lr, given
+    assert backbone.main([*resume, "--data-dir", str(data_dir), "--lr", "0.001"]) == 0  # the recorded lr, given
 
 
 def test_step_benchmark_times_every_part(tmp_path):
