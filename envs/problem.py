@@ -36,10 +36,10 @@ AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
 
 
-
 def trained_policies(agents: str) -> tuple[str, ...]:
     """The policies an ``agents`` mode trains: both, or the one it names."""
     return POLICIES if agents == "both" else (agents,)
+
 
 class ProblemError(ValueError):
     """A setting outside its allowed values; the message is meant for the user as is."""
