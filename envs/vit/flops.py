@@ -54,13 +54,22 @@ class ViTSpec:
         )
 
 
-def block_macs(spec: ViTSpec, tokens: float) -> float:
-    """MACs of one transformer block on ``tokens`` tokens (prefix included).
+def block_macs(spec: ViTSpec, tokens: float, mlp_tokens: float | None = None) -> float:
+    """MACs of one transformer block on ``tokens`` tokens (prefix included), its MLP on ``mlp_tokens`` of them
+    (all by default; fewer where tokens merge between attention and MLP, as in ToMe).
 
-    qkv ``3TD^2`` + attention matmuls ``2T^2D`` + projection ``TD^2`` + MLP ``2TD*mlp_hidden``.
+    qkv ``3TD^2`` + attention matmuls ``2T^2D`` + projection ``TD^2`` + MLP ``2T'D*mlp_hidden``.
     """
     d = spec.embed_dim
-    return tokens * (4 * d * d + 2 * d * spec.mlp_hidden) + 2 * tokens * tokens * d
+    mlp_tokens = tokens if mlp_tokens is None else mlp_tokens
+    return tokens * 4 * d * d + 2 * tokens * tokens * d + mlp_tokens * 2 * d * spec.mlp_hidden
+
+
+def embed_and_head_macs(spec: ViTSpec) -> float:
+    """MACs of the patch embedding and the classifier head(s) for one image: what no pruning changes."""
+    ph, pw = spec.patch_size
+    patch_embedding = spec.num_patches * spec.in_chans * ph * pw * spec.embed_dim
+    return patch_embedding + spec.embed_dim * spec.num_classes * spec.num_heads_out
 
 
 def backbone_gflops(spec: ViTSpec, tokens_per_block: Sequence[float]) -> float:
@@ -73,10 +82,7 @@ def backbone_gflops(spec: ViTSpec, tokens_per_block: Sequence[float]) -> float:
     """
     if len(tokens_per_block) != spec.depth:
         raise ValueError(f"need {spec.depth} token counts (one per block), got {len(tokens_per_block)}")
-    ph, pw = spec.patch_size
-    patch_embed = spec.num_patches * spec.in_chans * ph * pw * spec.embed_dim
-    head = spec.embed_dim * spec.num_classes * spec.num_heads_out
-    return (patch_embed + sum(block_macs(spec, t) for t in tokens_per_block) + head) / 1e9
+    return (embed_and_head_macs(spec) + sum(block_macs(spec, t) for t in tokens_per_block)) / 1e9
 
 
 def schedule_tokens(spec: ViTSpec, prune_points: Sequence[int],
@@ -212,13 +218,12 @@ def tome_gflops(spec: ViTSpec, merges: Sequence[int]) -> ImageGflops:
     """
     if len(merges) != spec.depth:
         raise ValueError(f"need {spec.depth} merge counts (one per block), got {len(merges)}")
-    d, head = spec.embed_dim, spec.embed_dim // spec.num_heads
-    ph, pw = spec.patch_size
-    macs = spec.num_patches * spec.in_chans * ph * pw * d + d * spec.num_classes * spec.num_heads_out
+    head = spec.embed_dim // spec.num_heads
+    macs = embed_and_head_macs(spec)
     patches = spec.num_patches
     for r in merges:
         tokens = spec.num_prefix_tokens + patches
-        macs += 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * (tokens - r) * d * spec.mlp_hidden
+        macs += block_macs(spec, tokens, mlp_tokens=tokens - r)
         if r > 0:
             macs += patches * head + ((patches + 1) // 2) * (patches // 2) * head
         patches -= r
