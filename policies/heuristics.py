@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from envs.vit.features import cosine_similarity, mean_similarity, suppression
+from envs.vit.flops import TokenScores
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.token_ops import topk_keep_mask
 
 HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms", "distinct")
-HEURISTIC_SCORES: dict[str, str] = {"random": "none", "attention": "attention", "similarity": "similarity",
+HEURISTIC_SCORES: dict[str, TokenScores] = {"random": "none", "attention": "attention", "similarity": "similarity",
                                     "nms": "agents", "distinct": "similarity"}
 
 

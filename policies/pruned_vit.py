@@ -26,6 +26,7 @@ from envs.problem import POLICIES, PruningProblem, check_protected_share, check_
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.flops import (
     ImageGflops,
+    TokenScores,
     ViTSpec,
     exact_budget_gflops,
     heuristic_schedule,
@@ -228,8 +229,8 @@ class PrunedViT(nn.Module):
         macs = sum(module.macs_per_token() for module in self.policies.values())
         return image_gflops(spec, self.staged.prune_points, kept, self.reduction, self._scores(), macs)
 
-    def _scores(self) -> str:
-        """What the selection computes to rank tokens (``envs.vit.flops.TOKEN_SCORES``): what is counted is
+    def _scores(self) -> TokenScores:
+        """What the selection computes to rank tokens: what is counted is
         what :meth:`forward_with_kept` computes."""
         return "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from timm.models.vision_transformer import VisionTransformer
 
@@ -102,11 +102,11 @@ def schedule_tokens(spec: ViTSpec, prune_points: Sequence[int],
     return tokens
 
 
-TOKEN_SCORES: tuple[str, ...] = ("none", "attention", "similarity", "agents")
+TokenScores = Literal["none", "attention", "similarity", "agents"]
 """What a selector computes at a pruning point to rank tokens (:func:`feature_gflops`)."""
 
 
-def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float], scores: str = "agents") -> float:
+def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float], scores: TokenScores = "agents") -> float:
     """GFLOPs (GMACs) of the token scores a selector computes at each pruning point, per image.
 
     With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads; without a class
@@ -160,7 +160,7 @@ class ImageGflops(NamedTuple):
 
 
 def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Sequence[float], reduction: str,
-                 scores: str, policy_macs_per_token: float = 0.0) -> ImageGflops:
+                 scores: TokenScores, policy_macs_per_token: float = 0.0) -> ImageGflops:
     """The cost of one image pruned at ``prune_points`` to ``kept_per_stage`` live patch tokens per stage.
 
     The one per-image GFLOPs function: the training engine reports it per episode and evaluation per row.
@@ -168,7 +168,7 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
     Args:
         kept_per_stage: ``len(prune_points) + 1`` counts, the first being all patches.
         reduction: ``merge`` adds the cost of merging removed tokens (:func:`merge_gflops`).
-        scores: what the selector computes at each pruning point (:data:`TOKEN_SCORES`).
+        scores: what the selector computes at each pruning point (:data:`TokenScores`).
         policy_macs_per_token: multiply-accumulates of the policy networks per live token and pruning point
             (``TokenPolicyModule.macs_per_token``, summed over the modules used).
     """
@@ -179,7 +179,7 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
     return ImageGflops(backbone, feature_gflops(spec, live, scores), sum(live) * policy_macs_per_token / 1e9)
 
 
-def exact_budget_gflops(spec: ViTSpec, prune_points: Sequence[int], ratio: float, reduction: str, scores: str,
+def exact_budget_gflops(spec: ViTSpec, prune_points: Sequence[int], ratio: float, reduction: str, scores: TokenScores,
                         policy_macs_per_token: float = 0.0) -> ImageGflops:
     """:func:`image_gflops` of an exact budget: ``ratio`` of the live patch tokens removed at each of
     ``prune_points`` (:func:`heuristic_schedule`)."""
@@ -188,7 +188,7 @@ def exact_budget_gflops(spec: ViTSpec, prune_points: Sequence[int], ratio: float
 
 
 def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: float, reduction: str,
-                   scores: str, policy_macs_per_token: float = 0.0) -> float:
+                   scores: TokenScores, policy_macs_per_token: float = 0.0) -> float:
     """The smallest removal ratio (in steps of 0.001) whose exact budget at ``prune_points`` costs at most
     ``target_gflops`` (:func:`image_gflops`): how to compare schedules with different pruning points at one cost.
 
