@@ -53,6 +53,12 @@ class CheckpointInfo:
         return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score,
                 "versions": versions_line()}
 
+    @classmethod
+    def from_json(cls, config: dict) -> CheckpointInfo:
+        """Read back :meth:`to_json` (and the layouts of older checkpoints, ``PruningProblem.from_checkpoint_json``);
+        a :class:`~envs.problem.ProblemError` or ``TypeError`` for a problem that does not read."""
+        return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"))
+
 
 class PolicyCheckpointError(RuntimeError):
     """A path that is not a complete, readable training checkpoint; the message is meant for the user."""
@@ -133,10 +139,9 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
     if not isinstance(config, dict):
         raise PolicyCheckpointError(f"{path} does not hold a JSON object")
     try:
-        problem = PruningProblem.from_checkpoint_json(config)
+        return CheckpointInfo.from_json(config)
     except (ProblemError, TypeError) as error:
         raise PolicyCheckpointError(f"{path}: {error}") from None
-    return CheckpointInfo(problem, config.get("iteration"), config.get("val_score"))
 
 
 def _run_directory_hint(directory: Path) -> str:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cli import OneLineParser, UsageError
-from envs.problem import ProblemError, PruningProblem, trained_policies
+from envs.problem import ProblemError, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
 from policies.token_scorer import TokenScorer, TokenScoring
@@ -88,8 +88,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScor
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     try:
         config = json.loads(config_path.read_text())
-        info = CheckpointInfo(PruningProblem.from_checkpoint_json(config), config.get("iteration"),
-                              config.get("val_score"))
+        info = CheckpointInfo.from_json(config)
         specs = config["modules"]
         weights = load_file(str(weights_path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ProblemError,
