@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from envs.vit.features import cosine_similarity, mean_similarity, suppression
+from envs.vit.features import cosine_similarity, mean_similarity, other_live, suppression
 from envs.vit.flops import TokenScores
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.token_ops import topk_keep_mask
@@ -58,14 +58,13 @@ def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: tor
         tokens.
     """
     num_tokens = live.shape[1]
-    self_pair = torch.eye(num_tokens, dtype=torch.bool, device=live.device)
     remaining = live.clone()
     order = torch.full(live.shape, float("inf"), device=live.device).masked_fill(~live, -1.0)
     if steps is None:
         steps = int((live.sum(dim=1) - keep).max().clamp_min(0)) if live.numel() else 0
     token = torch.arange(num_tokens, device=live.device)
     for step in range(steps):
-        others = remaining.unsqueeze(1) & ~self_pair  # [B, N, N]
+        others = other_live(remaining)  # [B, N, N]
         nearest = similarity.masked_fill(~others, float("-inf")).amax(dim=-1)
         nearest = nearest.masked_fill(~remaining, float("-inf"))  # [B, N]
         closest = nearest == nearest.amax(dim=1, keepdim=True)

@@ -62,6 +62,12 @@ def other_live(live: torch.Tensor) -> torch.Tensor:
     return live.unsqueeze(1) & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
 
 
+def max_similarity_to(similarity: torch.Tensor, among: torch.Tensor, empty: float) -> torch.Tensor:
+    """``[B, N]``: each token's highest ``similarity [B, N, N]`` to the tokens ``among [B, N, N]`` marks for it
+    (``[b, i, j]``: whether ``j`` counts for ``i``); ``empty`` where none does."""
+    return torch.where(among.any(dim=-1), similarity.masked_fill(~among, -1.0).amax(dim=-1), empty)
+
+
 def mean_similarity(similarity: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """``[B, N]``: each token's mean cosine similarity to the other live tokens (0 if there are none)."""
     others = other_live(live)
@@ -83,7 +89,7 @@ def suppression(similarity: torch.Tensor, live: torch.Tensor, priority: torch.Te
         ``[B, N]`` float; ``top`` on dead rows too.
     """
     above = other_live(live) & (priority.unsqueeze(1) > priority.unsqueeze(2))  # [b, i, j]: j ranks above i
-    return torch.where(above.any(dim=-1), similarity.masked_fill(~above, -1.0).amax(dim=-1), top)
+    return max_similarity_to(similarity, above, top)
 
 
 def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
@@ -122,8 +128,7 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
     norm = norm / (norm.sum(dim=1, keepdim=True) / n_live.clamp_min(1)).clamp_min(1e-12)
 
     similarity = cosine_similarity(x)  # [B, N, N]
-    others = other_live(live)
-    max_similarity = torch.where(others.any(dim=-1), similarity.masked_fill(~others, -1.0).amax(dim=-1), 0.0)
+    max_similarity = max_similarity_to(similarity, other_live(live), 0.0)
     mean = mean_similarity(similarity, live)
     suppressed_by_attention = suppression(similarity, live, attention)
     suppressed_by_distinct = suppression(similarity, live, -mean)
