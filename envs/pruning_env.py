@@ -152,16 +152,12 @@ class TokenPruningEnv(MultiAgentEnv):
 
     # -- server access -------------------------------------------------------------------------------
 
-    def _lookup_server(self):
+    def _lookup_server(self) -> ray.actor.ActorHandle:
+        """The server actor by its name, waiting (up to ``server_timeout_s``) until it is registered."""
         name = self._server_name
-        deadline = time.monotonic() + float(self.config["server_timeout_s"])
-        while True:
-            try:
-                return ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no ViT server named {name!r} in namespace {NAMESPACE!r}") from None
-                time.sleep(0.5)
+        return call_through_restarts(lambda: ray.get_actor(name, namespace=NAMESPACE),
+                                     float(self.config["server_timeout_s"]), retry_on=(ValueError,),
+                                     failure=f"no ViT server named {name!r} in namespace {NAMESPACE!r}")
 
     def _call(self, method: str, *args):
         """Call the server; if its actor died, wait (up to ``server_timeout_s``) for Ray's restart and retry."""

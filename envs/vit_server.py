@@ -174,17 +174,25 @@ class ViTServer:
 Result = TypeVar("Result")
 
 
+SERVER_DOWN: tuple[type[Exception], ...] = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+"""What a call to a server that died, or is restarting, raises."""
+
+
 def call_through_restarts(call: Callable[[], Result], timeout_s: float = RESTART_TIMEOUT_S,
-                          before_retry: Callable[[], None] = lambda: None) -> Result:
-    """``call()`` (a blocking call to a ViT server), retried every 0.5 s while the server is dead or restarting,
-    for up to ``timeout_s``; ``before_retry`` runs before each retry (e.g. to look the server up again)."""
+                          before_retry: Callable[[], None] = lambda: None, *,
+                          retry_on: tuple[type[Exception], ...] = SERVER_DOWN,
+                          failure: str = "ViT server unreachable") -> Result:
+    """``call()`` (a blocking call to a ViT server), retried every 0.5 s while it raises ``retry_on`` (the
+    server is dead or restarting; not yet registered, for a lookup), for up to ``timeout_s``; then a
+    ``RuntimeError`` saying ``failure``. ``before_retry`` runs before each retry (e.g. to look the server up
+    again)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return call()
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+        except retry_on as error:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ViT server unreachable for {timeout_s} s") from error
+                raise RuntimeError(f"{failure} (waited {timeout_s} s)") from error
             time.sleep(0.5)
             before_retry()
 
