@@ -56,6 +56,7 @@ from envs.vit.backbone_checkpoint import (
     save_backbone,
 )
 from envs.vit.data import (
+    DATASETS,
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
     DataError,
@@ -67,7 +68,7 @@ from envs.vit.data import (
     load_split,
     split_class_names,
 )
-from envs.vit.device import describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
 
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
                         "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
                         "lengthens its training without its optimiser state")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or folder")
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE)
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
                    help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     p.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
     p.add_argument("--compile", action="store_true",
                    help="train the model through torch.compile: compiling takes about a minute when the run (or a "
@@ -514,7 +515,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and device.type == "cuda":  # stochastic depth draws from it on a GPU
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if "numpy_rng" in state:  # saved since mixup's draws are seeded
+        if "numpy_rng" in state:  # mixup's generator; states of runs before it was seeded lack it
             np.random.set_state(state["numpy_rng"])
         test_readings = state.get("test_readings", [])
         print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")

@@ -9,6 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
+from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
+
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
@@ -60,7 +62,7 @@ def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
                              "with a progress bar, when absent)")
     parser.add_argument("--memory-budget-mb", type=non_negative_float, default=None, metavar="MB",
                         help="a split that would take more than this decoded is streamed from its files instead "
-                             "of decoded into memory (default: 4096; 0 always streams)")
+                             f"of decoded into memory (default: {DEFAULT_MEMORY_BUDGET_MB:g}; 0 always streams)")
 
 
 def data_access(args: argparse.Namespace) -> dict:

@@ -103,7 +103,7 @@ from envs.vit.data import (
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops
-from envs.vit.staged_vit import StagedViT
+from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds
 from envs.vit.token_merge import REDUCTIONS
 from policies.cascade import CascadeViT
@@ -465,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no policy: the heuristics, ToMe and --cascade on --backbone, e.g. to see what the agents "
                              "will have to beat before training them")
     parser.add_argument("--prune-points", type=block_indices, default=None,
-                        help="with --heuristics-only, the blocks before which tokens are pruned (default: 3,6,9; a "
-                             "checkpoint brings its own)")
+                        help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
+                             f"{','.join(map(str, DEFAULT_PRUNE_POINTS))}; a checkpoint brings its own)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
     add_data_access_arguments(parser)

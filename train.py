@@ -332,7 +332,7 @@ def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -
 def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, model_config: dict,
                        steps_per_image: int) -> tuple[dict[str, float], int, int]:
     """RLlib's custom evaluation: the learner's current weights, scored by the ViT server that holds the
-    validation images in the deterministic modes that evaluate.py reports (``PruningEngine.validate``); every
+    validation images in the exact-budget mode that evaluate.py reports (``PruningEngine.validate``); every
     validation image counts, every time. The scores land in the results under ``evaluation``. The step counts
     returned are what stepping those images through the env would have been: an env step per turn
     (``env_steps_per_episode`` per image), each the one acting agent's step."""

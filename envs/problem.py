@@ -22,9 +22,11 @@ from typing import Any
 
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, repository_relative, stored_backbone_path
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
+from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
 from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.heuristics import HEURISTICS
+from policies.token_scorer import DEFAULT_HIDDEN
 
 POLICIES: tuple[str, ...] = ("attention", "similarity")
 PROTECTED_SHARE_BEFORE_SETTING = 0.25
@@ -138,7 +140,7 @@ class PruningProblem:
     split_seed: int = setting(DEFAULT_SPLIT_SEED, "seed of the train/validation split; train.py takes the "
                                                   "backbone's where it records it, else this default")
     val_limit: int = setting(1000, "validation images scored at each checkpoint")
-    prune_points: tuple[int, ...] = setting((3, 6, 9), "blocks before which tokens are pruned")
+    prune_points: tuple[int, ...] = setting(DEFAULT_PRUNE_POINTS, "blocks before which tokens are pruned")
     target_ratio: float = setting(0.5, "fraction of live patch tokens removed at each pruning point "
                                        "(0.5: 64->32->16->8)")
     train_ratios: tuple[float, ...] = setting((), "removal ratios each training image draws one of, uniformly, so "
@@ -161,7 +163,7 @@ class PruningProblem:
                                                "the actions: a heuristic's fidelity on the same image, 'rollouts' the "
                                                "mean fidelity of the image's other rollouts (leave-one-out), or "
                                                "'none'", choices=("none", "rollouts", *HEURISTICS))
-    hidden: int = setting(64, "width of the policy networks")
+    hidden: int = setting(DEFAULT_HIDDEN, "width of the policy networks")
     warm_start: str = setting("distinct", "the heuristic the similarity agent first imitates (policies/warm_start.py)"
                                           ": 'nms' attention NMS, 'distinct' distinctive NMS, 'similarity' greedy "
                                           "similarity; 'none': both start uniform", choices=WARM_STARTS)

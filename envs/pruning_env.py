@@ -109,7 +109,8 @@ def image_stream_key(config: dict | None) -> tuple[int, ...]:
 
 
 class TokenPruningEnv(MultiAgentEnv):
-    """Both agents prune the tokens of ``images_per_env`` images, one pruning point per step."""
+    """Both agents prune the tokens of ``images_per_env`` images; at each pruning point they take turns, one
+    step per turn (one step per pruning point when only one agent acts)."""
 
     def __init__(self, config: dict | None = None):
         super().__init__()

@@ -35,7 +35,7 @@ from envs.vit.flops import (
     unpruned_gflops,
 )
 from envs.vit.pruned_forward import exact_forward
-from envs.vit.staged_vit import StagedViT
+from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import PolicyCheckpointError, check_policies, load_policies
@@ -137,7 +137,7 @@ class PrunedViT(nn.Module):
 
     @classmethod
     def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
-                       prune_points: Sequence[int] = (3, 6, 9), reduction: str = "merge",
+                       prune_points: Sequence[int] = DEFAULT_PRUNE_POINTS, reduction: str = "merge",
                        tome_gflops: float | None = None) -> PrunedViT:
         """A backbone checkpoint directory (backbone.py's) pruned by a heuristic at ``budget``, or by ToMe
         merging in every block (:data:`SELECTIONS`) at ``tome_gflops``, by default the GFLOPs greedy similarity

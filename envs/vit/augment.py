@@ -3,8 +3,8 @@
 A training step on a GPU is only as fast as the GPU when the host never waits for it. Every random number here
 comes from a ``torch.Generator`` on the images' device, every constant is a Python number (a kernel argument)
 and every shape is known to the host, so no call copies a host tensor to the device or reads a device value
-back. torchvision's RandAugment, which backbone.py used before, builds its affine matrices and sharpness kernel
-with ``torch.tensor`` on every call (a host-to-device copy from pageable memory waits for the device's queue),
+back. torchvision's RandAugment builds its affine matrices and sharpness kernel with ``torch.tensor`` on every
+call (a host-to-device copy from pageable memory waits for the device's queue),
 and its autocontrast indexes with a boolean mask (which reads the number of true elements back).
 
 Images are uint8 ``[B, 3, H, W]`` on entry and exit; each op works on float copies of the integer pixel values
@@ -53,8 +53,8 @@ class RandAugment:
     times m/30: shear 0.3, translation 150/331 of the image side (whole pixels, truncated), rotation 30 degrees,
     enhancement factor 1 +- 0.9, posterize to 8 - round(m/7.5) bits, solarize at 255 (1 - m/30) and above.
 
-    What differs from torchvision, which applies one drawn op to all of a batch it is given (backbone.py used to
-    give it eighths of the batch): here each image has its own op. To compute each op once, on only its images,
+    What differs from torchvision, which applies one drawn op to all of a batch it is given: here each image has
+    its own op. To compute each op once, on only its images,
     with sizes the host knows, a round deals the batch at random into 14 equal groups of slots, one group per op
     (:meth:`one_op_each`); an image still gets each op with chance exactly 1/14, but the images of one batch draw
     their ops without replacement from the slots rather than independently. Blends and autocontrast round to the

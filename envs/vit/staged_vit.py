@@ -99,13 +99,17 @@ def check_prunable(vit: nn.Module) -> None:
         raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
 
 
+DEFAULT_PRUNE_POINTS: tuple[int, ...] = (3, 6, 9)
+"""The blocks before which a 12-block ViT prunes unless told otherwise: three points, one every quarter."""
+
+
 class StagedViT(nn.Module):
     """A timm ``VisionTransformer`` split into stages at pruning points (see docs/DESIGN.md).
 
     ``prune_points=(3, 6, 9)`` on 12 blocks gives stages ``[0, 3), [3, 6), [6, 9), [9, 12)``.
     """
 
-    def __init__(self, vit: VisionTransformer, prune_points: Sequence[int] = (3, 6, 9)) -> None:
+    def __init__(self, vit: VisionTransformer, prune_points: Sequence[int] = DEFAULT_PRUNE_POINTS) -> None:
         super().__init__()
         check_prunable(vit)
         depth = len(vit.blocks)

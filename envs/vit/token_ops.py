@@ -14,8 +14,9 @@ import torch
 def tokens_to_keep(num_live: int, target_ratio: float) -> int:
     """Patch tokens kept at a pruning point: ``max(1, round(num_live * (1 - target_ratio)))``.
 
-    The one definition of the budget, shared by the heuristics, the exact-budget mode of the learned
-    policy, the features and the reward. ``round`` is Python's (half to even).
+    The one definition of the budget, shared by the agents' turns (``policies.decisions``), the exact forward
+    that every selection runs (``envs.vit.pruned_forward``) and the GFLOPs count (``envs.vit.flops``).
+    ``round`` is Python's (half to even).
     """
     return max(1, round(num_live * (1.0 - target_ratio)))
 
