@@ -46,6 +46,7 @@ from cli import (
     non_negative_int,
     positive_int,
 )
+from envs.atomic_file import replaced_atomically
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import (
     CheckpointError,
@@ -387,9 +388,10 @@ def warm_start(model: torch.nn.Module, directory: str, config: dict) -> dict:
 
 
 def save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write the resumable training state (``--resume`` reads it) in one step: a crash while saving leaves the
+    previous state whole."""
+    with replaced_atomically(path) as staging:
+        torch.save(state, staging)
 
 
 def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -> int:

@@ -62,6 +62,7 @@ from cli import (
     non_negative_int,
     positive_int,
 )
+from envs.atomic_file import replaced_atomically
 from envs.episode_metrics import PruningMetrics
 from envs.problem import PruningProblem, add_problem_arguments, flag_name, problems_from_args, sweep_label
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent, trained_policies
@@ -574,12 +575,10 @@ class ProgressCsv(CSVLoggerCallback):
                 earlier, columns = list(reader), list(reader.fieldnames or [])
             columns += [key for key in row if key not in columns]
             self._trial_files[trial].close()
-            staging = path.with_name(f".{path.name}.tmp")
-            with staging.open("w", newline="") as rewritten:
+            with replaced_atomically(path) as staging, staging.open("w", newline="") as rewritten:
                 copier = csv.DictWriter(rewritten, columns, extrasaction="ignore")
                 copier.writeheader()
                 copier.writerows(earlier)
-            os.replace(staging, path)
             self._trial_files[trial] = path.open("a", newline="")
             writer = self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], columns)
         writer.writerow(row)

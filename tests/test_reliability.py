@@ -10,6 +10,7 @@ import torch
 
 import train
 from envs import pruning_engine
+from envs.atomic_file import replaced_atomically
 from envs.problem import POLICIES, PruningProblem
 from envs.vit import features
 from policies.checkpoints import (
@@ -53,6 +54,21 @@ def test_crash_while_saving_leaves_no_checkpoint_behind(tmp_path):
     assert list_checkpoints(tmp_path) == [good] and latest_checkpoint(tmp_path) == good
     assert read_checkpoint_info(good) == CheckpointInfo(PROBLEM, 5)
     assert load_exported_policies(good)[1] == CheckpointInfo(PROBLEM, 5)  # every checkpoint carries its export
+
+
+def test_a_file_replaced_atomically_is_whole_before_and_after(tmp_path):
+    """The training state, a backbone's weights and config, and a rewritten progress file are staged beside their
+    path and moved onto it in one step: a write that fails leaves the old file as it was, and no staged copy."""
+    path = tmp_path / "train_state.pt"
+    path.write_text("old")
+    with pytest.raises(OSError), replaced_atomically(path) as staging:
+        staging.write_text("half")
+        raise OSError("disk full")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
+    with replaced_atomically(path) as staging:
+        assert path.read_text() == "old"  # readers see the old file until the new one is complete
+        staging.write_text("new")
+    assert path.read_text() == "new"
 
 
 def test_starting_from_bad_checkpoints_fails_in_one_line(tmp_path, capsys):

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from envs.atomic_file import replaced_atomically
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +63,10 @@ def write_weights_and_config(directory: Path, weights_file: str, state: dict[str
                              config: dict[str, Any]) -> None:
     """Write ``state`` as safetensors, then ``config`` as JSON, into ``directory``; each file is replaced
     atomically, so a reader never sees half of one (also the policy export's format, ``policies.export``)."""
-    tmp = directory / f".{weights_file}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / weights_file)
-    tmp = directory / f".{config_file}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / config_file)
+    with replaced_atomically(directory / weights_file) as staging:
+        save_file(state, str(staging))
+    with replaced_atomically(directory / config_file) as staging:
+        staging.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
