@@ -97,7 +97,7 @@ class PPOSettings:
     """RLlib PPO settings; docs/DESIGN.md ("PPO settings") says why the defaults are what they are."""
 
     lr: float = setting(1e-4, "learning rate (higher rates undid the warm start, docs/DESIGN.md)")
-    gamma: float = setting(0.99, "discount; an episode is one step per pruning point")
+    gamma: float = setting(0.99, "discount; an episode is one step per agent turn")
     lambda_: float = setting(0.95, "GAE lambda")
     clip_param: float = setting(0.2, "PPO's clip of the probability ratio")
     entropy_coeff: float = setting(0.0, "entropy bonus (a set's entropy grows with its size)")
@@ -231,9 +231,6 @@ class PruningProblem:
         unknown = sorted(set(data) - known)
         _check(not unknown, f"unknown problem settings: {', '.join(unknown)}")
         values = dict(data)
-        for name in ("prune_points", "train_ratios"):
-            if name in values:
-                values[name] = tuple(values[name])
         if "ppo" in values:
             ppo_known = {f.name for f in dataclasses.fields(PPOSettings)}
             unknown = sorted(set(values["ppo"]) - ppo_known)
