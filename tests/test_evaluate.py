@@ -377,7 +377,7 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(tiny_policy, tin
                             1)
         for name in POLICIES:
             cut_scores, padded_scores = (
-                modules[name].token_scores(observe(model, s, TARGET_RATIO).features(name), s.live.float())
+                modules[name].token_scores(getattr(observe(model, s, TARGET_RATIO), name), s.live.float())
                 for s in (cut, padded))
             assert padded_scores.shape == (4, NUM_PATCHES)
             torch.testing.assert_close(cut_scores, padded_scores[:, :n])

@@ -35,7 +35,7 @@ def calibrate(module, name: str, staged: StagedViT) -> None:
     with torch.no_grad():
         images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         state = initial_state(staged, images)
-        scores = module.token_scores(observe(staged, state, TARGET_RATIO).features(name), state.live.float())
+        scores = module.token_scores(getattr(observe(staged, state, TARGET_RATIO), name), state.live.float())
         module._logit_net[-1].weight.div_(scores.std())
 
 

@@ -158,10 +158,6 @@ class Observation(NamedTuple):
     nonfinite: torch.Tensor  # [] long, feature values that were NaN or infinite and were replaced by 0, on the
     # device (whoever reports it reads it back; the exact-budget forward does not)
 
-    def features(self, policy: str) -> torch.Tensor:
-        """The features of the ``attention`` or ``similarity`` agent."""
-        return self.attention if policy == "attention" else self.similarity
-
 
 def observe(staged: StagedViT, state: TokenState, target_ratio: float | torch.Tensor) -> Observation:
     """Both agents' features for the tokens of ``state`` at the pruning point it waits at, under the removal
