@@ -599,7 +599,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from is not None and (args.resume or args.pretrained):
             raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
                              f"{'--resume' if args.resume else '--pretrained'}")
-        args.model_kwargs = args.model_kwargs or []
         parse_kwargs(args.model_kwargs)
         train(args, given_flags(argv))
     except (ValueError, DataError, CheckpointError) as error:

@@ -100,9 +100,8 @@ def repository_relative(path: str | os.PathLike) -> str:
     return (resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved).as_posix()
 
 
-def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
-                  device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the timm model of a checkpoint directory in float32, in eval mode, with its config."""
+def load_backbone(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the timm model of a checkpoint directory in float32, on the CPU, in eval mode, with its config."""
     config = read_backbone_config(directory)
     model = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
     try:
@@ -113,7 +112,7 @@ def load_backbone(directory: str | os.PathLike = REFERENCE_BACKBONE,
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as error:
         raise CheckpointError(f"weights in {directory} do not fit {config['model_name']}: {error}") from None
-    return model.to(device).eval(), config
+    return model.eval(), config
 
 
 def normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
