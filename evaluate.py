@@ -208,7 +208,6 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     """``methods`` with each ToMe row set to the cost of the dearest other row at its budget (the agents', whose
     networks add to their features, where a policy is evaluated), so ToMe is compared at the cost of the rows
     it is compared with, as closely as whole merges per block allow."""
-
     costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
              if method.selector not in ("tome", "baseline", "cascade")]
     return [replace(method, tome_gflops=max(gflops for budget, gflops in costs if budget == method.budget))

@@ -169,7 +169,7 @@ def load_module(path: Path, name: str) -> TokenScoring:
     except Exception as error:  # unpickling a damaged file can raise nearly anything
         message = " ".join(str(error).split()) or "no details"
         raise PolicyCheckpointError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "
-                              f"{message}") from None
+                                    f"{message}") from None
     return module.eval()
 
 
