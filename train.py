@@ -64,8 +64,15 @@ from cli import (
 )
 from envs.atomic_file import replaced_atomically
 from envs.episode_metrics import PruningMetrics
-from envs.problem import PruningProblem, add_problem_arguments, flag_name, problems_from_args, sweep_label
-from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent, trained_policies
+from envs.problem import (
+    PruningProblem,
+    add_problem_arguments,
+    flag_name,
+    problems_from_args,
+    sweep_label,
+    trained_policies,
+)
+from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
 from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
 from envs.vit.data import DataError, held_out_split
 from envs.vit_server import (
