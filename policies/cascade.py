@@ -115,7 +115,7 @@ class CascadeViT(nn.Module):
         share = reran.double().mean().item()
         return ImageGflops(*(a + share * b for a, b in zip(first, second, strict=True)))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the forwards it runs may be compiled after (PrunedViT.forward)
     def calibrate(self, batches: Iterable[torch.Tensor], budget_gflops: float) -> float:
         """Set and return the threshold at which the mean GFLOPs per image over the normalised image ``batches``
         are at most ``budget_gflops``: as many of the least sure images as the budget pays for run twice. Images
