@@ -145,10 +145,11 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
 
 
 def _run_directory_hint(directory: Path) -> str:
-    """For a train.py output directory, where its best checkpoint on validation is."""
-    scored = [(info.val_score, path) for path in list_checkpoints(directory)
+    """For a train.py output directory or one of its trials' directories, where its best checkpoint on validation
+    is."""
+    scored = [(info.val_score, path) for path in list_checkpoints(directory) or trial_checkpoints(directory)
               if (info := _readable_info(path)) is not None and info.val_score is not None]
-    return f"; for the best checkpoint of this training run pass --checkpoint {max(scored)[1]}" if scored else ""
+    return f"; the best checkpoint of this training run on validation is {max(scored)[1]}" if scored else ""
 
 
 def _readable_info(checkpoint: Path) -> CheckpointInfo | None:

@@ -468,7 +468,9 @@ def truncated(path: Path) -> Path:
 @pytest.mark.parametrize(("case", "message"), [
     ("missing", "does not exist"),
     ("not_a_checkpoint", "is not a policy checkpoint (no pruning_config.json; train.py writes one in each "
-                         "checkpoint); for the best checkpoint of this training run pass --checkpoint"),
+                         "checkpoint); the best checkpoint of this training run on validation is"),
+    ("trial_not_a_checkpoint", "is not a policy checkpoint (no pruning_config.json; train.py writes one in each "
+                               "checkpoint); the best checkpoint of this training run on validation is"),
     ("truncated", "cannot load the attention policy"),
     ("other_backbone", "was it trained on another backbone"),
     ("prune_points_beyond_depth", "prune_points must be"),
@@ -506,13 +508,14 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
     path, extra, data, output = tiny_policy, [], data_dir, tmp_path / "out"
     if case == "missing":
         path = tmp_path / "nowhere"
-    elif case == "not_a_checkpoint":  # a train.py output directory, not one of its checkpoints
-        path = tmp_path / "run"
+    elif case in ("not_a_checkpoint", "trial_not_a_checkpoint"):  # a train.py output or trial directory
+        run = tmp_path / "run"
         for index, score in ((3, 50.0), (4, 40.0)):
-            checkpoint = Path(shutil.copytree(tiny_policy, path / "target_ratio=0.5" / f"checkpoint_00000{index}"))
+            checkpoint = Path(shutil.copytree(tiny_policy, run / "target_ratio=0.5" / f"checkpoint_00000{index}"))
             config = json.loads((checkpoint / "pruning_config.json").read_text())
             (checkpoint / "pruning_config.json").write_text(json.dumps({**config, "val_score": score}))
-        message += f" {path / 'target_ratio=0.5' / 'checkpoint_000003'}"
+        path = run if case == "not_a_checkpoint" else run / "target_ratio=0.5"
+        message += f" {run / 'target_ratio=0.5' / 'checkpoint_000003'}"
     elif case == "truncated":
         path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
     elif case == "other_backbone":
