@@ -49,6 +49,7 @@ from cli import (
 from envs.atomic_file import replaced_atomically
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import (
+    RUN_EXPORT_DIR,
     CheckpointError,
     create_vit,
     load_backbone,
@@ -74,7 +75,6 @@ from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
 
 STATE_FILE = "train_state.pt"
-EXPORT_DIR = "backbone"
 STREAM_WORKERS = min(8, os.cpu_count() or 1)  # processes decoding a streamed training split ahead
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DEFAULT_EPOCHS = 185
@@ -583,7 +583,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                   images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
                   throughput_device=describe_device(device))
-    export = save_backbone(model, config, out / EXPORT_DIR, half=args.half)
+    export = save_backbone(model, config, out / RUN_EXPORT_DIR, half=args.half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
     print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
     return {"finished": True, "test_accuracy": test_acc, "export": str(export)}

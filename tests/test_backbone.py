@@ -195,8 +195,13 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="cannot read weights in"):
         load_backbone(truncated)
-    with pytest.raises(CheckpointError, match="not a backbone checkpoint"):
+    with pytest.raises(CheckpointError, match="not a backbone checkpoint") as refused:
         load_backbone(tmp_path)
+    assert "wrote its checkpoint" not in str(refused.value)
+    run = tmp_path / "run"  # backbone.py's --output-dir: its checkpoint is one level down
+    shutil.copytree(tiny_backbone, run / "backbone")
+    with pytest.raises(CheckpointError, match=f"backbone.py's run there wrote its checkpoint to {run / 'backbone'}$"):
+        load_backbone(run)
     with pytest.raises(CheckpointError, match="backbone checkpoint .*nowhere does not exist"):
         load_backbone(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text("{not json")

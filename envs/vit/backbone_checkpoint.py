@@ -24,6 +24,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
+RUN_EXPORT_DIR = "backbone"
+"""Where backbone.py writes the checkpoint it trains, inside its ``--output-dir`` (beside its training state)."""
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +77,9 @@ def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not Path(directory).exists():
         raise CheckpointError(f"backbone checkpoint {directory} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE})")
+        export = Path(directory) / RUN_EXPORT_DIR
+        hint = f"; backbone.py's run there wrote its checkpoint to {export}" if (export / CONFIG_FILE).is_file() else ""
+        raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE}){hint}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
