@@ -42,6 +42,7 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     data_access,
+    given_flags,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -409,16 +410,6 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
-def given_flags(argv: list[str] | None) -> frozenset[str]:
-    """The destinations of the flags the command line ``argv`` names (``sys.argv`` when None), whatever their
-    values: argparse sets a default only where the namespace it parses into lacks the attribute, so parsed
-    into a namespace of placeholders, the flags named are those whose placeholder was replaced."""
-    parser = build_parser()
-    placeholder = object()
-    unset = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), placeholder))
-    return frozenset(flag for flag, value in vars(parser.parse_args(argv, unset)).items() if value is not placeholder)
-
-
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
     """The settings of a run resumed from ``state`` (its train_state.pt) by the command line ``args``, whose
     flags named on it are ``given``: the recorded recipe, with :data:`RESUME_FLAGS`, a given ``--data-dir``
@@ -600,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
                              f"{'--resume' if args.resume else '--pretrained'}")
         parse_kwargs(args.model_kwargs)
-        train(args, given_flags(argv))
+        train(args, given_flags(build_parser(), argv))
     except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
@@ -68,6 +69,16 @@ def add_data_access_arguments(parser: argparse.ArgumentParser) -> None:
 def data_access(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``envs.vit.data.load_split`` that :func:`add_data_access_arguments` set."""
     return {"download": args.download, "memory_budget_mb": args.memory_budget_mb}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> frozenset[str]:
+    """The destinations of the flags the command line ``argv`` names (``sys.argv`` when None), whatever their
+    values, a default value included: argparse sets a default only where the namespace it parses into lacks the
+    attribute, so parsed into a namespace of placeholders, the flags named are those whose placeholder was
+    replaced. ``argv`` must already have parsed without an error."""
+    placeholder = object()
+    unset = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), placeholder))
+    return frozenset(flag for flag, value in vars(parser.parse_args(argv, unset)).items() if value is not placeholder)
 
 
 def check_output_dir(path: Path, given: str) -> None:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     data_access,
+    given_flags,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -154,11 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def given_problem_flags(args: argparse.Namespace) -> list[str]:
-    """The problem and PPO flags given on the command line, but ``--data-dir`` (where the data is, not what the
-    agents learn)."""
-    return [flag_name(dest.split(".", 1)[1]) for dest, value in vars(args).items()
-            if dest.startswith(("problem.", "ppo.")) and dest != "problem.data_dir" and value is not None]
+RECORDED_RUN_FLAGS: tuple[str, ...] = ("num_workers", "envs_per_worker", "sample_ahead", "servers", "server_threads",
+                                       "keep_checkpoints", "max_failures")
+"""The run flags a run records and ``--resume`` keeps: the trials' resources and Tune's checkpoint and failure
+settings."""
+
+
+def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:
+    """Of the flags ``given`` on the command line, those that ``--resume`` (``resume``) or ``--from-checkpoint``
+    take from the run or the checkpoint instead: every problem and PPO flag but ``--data-dir`` (where the data is,
+    not what the agents learn), and on ``--resume`` the :data:`RECORDED_RUN_FLAGS`."""
+    kept = [flag_name(dest.split(".", 1)[1]) for dest in given
+            if dest.startswith(("problem.", "ppo.")) and dest != "problem.data_dir"]
+    if resume:
+        kept += [flag_name(dest) for dest in given if dest in RECORDED_RUN_FLAGS]
+    return sorted(kept)
 
 
 # -- where things run --------------------------------------------------------------------------------------
@@ -633,9 +645,10 @@ def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProbl
     )
 
 
-def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], TrialResources]:
+def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[list[PruningProblem], TrialResources]:
     """The problems and resources of the trials: from the flags (or ``--from-checkpoint``'s problem) for a new
-    run, from the run's own record on --resume. The placement is this machine's guess until Ray is up."""
+    run, from the run's own record on --resume; a flag ``given`` that either would ignore is refused. The
+    placement is this machine's guess until Ray is up."""
     storage_path, name = storage_location(args.output_dir)
     local = local_run_dir(args.output_dir)
     if local is not None:
@@ -643,11 +656,12 @@ def planned_trials(args: argparse.Namespace) -> tuple[list[PruningProblem], Tria
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
         raise ValueError(f"--resume continues a run; {other}: pass one of them")
-    given = given_problem_flags(args)
-    if (args.resume or args.from_checkpoint) and given:
-        source = "run's problems" if args.resume else "checkpoint's problem"
-        raise ValueError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source} and its "
-                         f"PPO settings: drop {', '.join(given)}")
+    kept = flags_kept_on(given, args.resume)
+    if (args.resume or args.from_checkpoint) and kept:
+        source = ("run's problems, PPO settings and resources (--from-checkpoint starts a new run that may change "
+                  "them)" if args.resume else "checkpoint's problem and its PPO settings")
+        raise ValueError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source}: drop "
+                         f"{', '.join(kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
@@ -727,9 +741,10 @@ def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
     return inputs if shared else None
 
 
-def train(args: argparse.Namespace) -> tune.ResultGrid:
-    """Run (or resume) the trials; uses the Ray instance already initialised in this process, if any."""
-    problems, resources = planned_trials(args)
+def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
+    """Run (or resume) the trials; uses the Ray instance already initialised in this process, if any. ``given``:
+    the flags the command line named (:func:`cli.given_flags`)."""
+    problems, resources = planned_trials(args, given)
     inputs = read_server_inputs(args, problems, resources)
     run_dir = local_run_dir(args.output_dir)
     if args.overwrite and run_dir is not None:
@@ -846,8 +861,9 @@ def interrupted(results: tune.ResultGrid, iterations: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     try:
-        args = build_parser().parse_args(argv)
-        results = train(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        results = train(args, given_flags(parser, argv))
     except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2

@@ -145,8 +145,12 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                            (["--resume", "--from-checkpoint", "x"], "pass one of them"),
                            (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
                            (["--resume", "--target-ratio", "0.3", "--lr", "1e-3", "--data-dir", "d"],
-                            "--resume goes on with the run's problems and its PPO settings: drop --target-ratio, "
-                            "--lr"),
+                            "--resume goes on with the run's problems, PPO settings and resources "
+                            "(--from-checkpoint starts a new run that may change them): drop --lr, --target-ratio"),
+                           # given with their default values, and run flags a resumed run keeps from its record
+                           (["--resume", "--num-workers", "2", "--keep-checkpoints", "3", "--max-failures", "2",
+                             "--time-budget", "5"],
+                            "drop --keep-checkpoints, --max-failures, --num-workers"),
                            (["--from-checkpoint", "x", "--reduction", "drop"],
                             "--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
                             "--reduction")):
