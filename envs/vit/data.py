@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -177,11 +178,15 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
             raise DataError(f"cannot read {source}: {error}") from None
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
+    # what a download creates: removed again if it fails, so a failed command leaves nothing behind
+    created = next((path for path in (data_dir, data_dir / dataset) if not path.exists()), None)
     try:
         return create_dataset(f"torch/{dataset}", root=str(data_dir / dataset), split=split, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted", download=False
         raise DataError(f"{dataset} not found in {data_dir}: {_where_to_put_it(dataset, data_dir)}") from None
     except OSError as error:  # offline download attempt
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(f"{dataset} not found in {data_dir} and could not be downloaded ({error}): "
                         f"{_where_to_put_it(dataset, data_dir)}") from None
 
