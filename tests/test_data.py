@@ -121,6 +121,9 @@ def test_missing_dataset_offline_gives_clear_error(tmp_path):
         load_split("cifar10", "test", tmp_path, download=False)
     with pytest.raises(DataError, match="does not exist"):
         load_split("cifar10", "test", tmp_path / "nope")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="a_file is a file, not a directory"):
+        load_split("cifar10", "test", tmp_path / "a_file", download=True)
     with pytest.raises(DataError, match="unknown data set"):
         load_split("mnist", "test", tmp_path)
     with pytest.raises(DataError, match="unknown split"):

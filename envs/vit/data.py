@@ -154,6 +154,8 @@ def _data_root(dataset: str, data_dir: str | os.PathLike | None, download: bool)
     root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if not root.exists() and not (download and dataset != "folder"):
         raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data directory {root} is a file, not a directory: {_where_to_put_it(dataset, root)}")
     return root
 
 
