@@ -363,15 +363,21 @@ on {recipe['device']}{compiled} in {recipe['train_seconds'] / 60:.0f} min. {test
 """
 
 
-def warm_start(model: torch.nn.Module, directory: str, config: dict) -> dict:
-    """Load the weights of the exported backbone in ``directory`` into ``model`` and return what the model card
-    says of it. The weights are the export's (float16 unless it was exported with --full-precision). Refused
-    unless it is the same model on the same classes, input and validation split: a backbone that trained on
-    other splits has seen this run's validation images."""
+def read_start(directory: str) -> tuple[torch.nn.Module, dict]:
+    """The exported backbone ``--init-from`` names, read before the data is decoded so that a bad one is refused
+    at once."""
     try:
-        start_model, start_config = load_backbone(directory)
+        return load_backbone(directory)
     except CheckpointError as error:
         raise ValueError(f"--init-from {directory}: {error}") from None
+
+
+def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Module, dict], config: dict) -> dict:
+    """Load the weights of ``start``, the exported backbone in ``directory`` (:func:`read_start`), into ``model``
+    and return what the model card says of it. The weights are the export's (float16 unless it was exported
+    with --full-precision). Refused unless it is the same model on the same classes, input and validation
+    split: a backbone that trained on other splits has seen this run's validation images."""
+    start_model, start_config = start
     for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std"):
         if start_config.get(key) != config[key]:
             raise ValueError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
@@ -472,6 +478,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     if not args.pretrained and args.dataset.startswith("cifar"):
         mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics
     del probe
+    start = read_start(args.init_from) if state is None and args.init_from is not None else None
 
     split_kw = dict(data_dir=args.data_dir, input_size=input_size, val_size=args.val_size,
                     seed=args.split_seed, limit=args.limit, **data_access(args))
@@ -493,8 +500,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                                                       args.split_seed, args.download)}
 
     model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
-    if state is None and args.init_from is not None:
-        args.init_summary = warm_start(model, args.init_from, config)
+    if start is not None:
+        args.init_summary = warm_start(model, args.init_from, start, config)
+        del start
     steps_per_epoch = max(1, len(train_split) // args.batch_size)
     step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
 

@@ -348,3 +348,8 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     assert "(it recorded a validation split of 256 images, this run's has 128 (--val-size, --limit))" in err, err
     assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), "--resume") == 2
     assert "cannot be combined with --resume" in capsys.readouterr().err
+    # an export that does not read is refused before the data is decoded (here there is none to decode)
+    truncated = Path(shutil.copytree(start, tmp_path / "truncated"))
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:100])
+    assert run_backbone(tmp_path / "third", tmp_path / "no_data", "--init-from", str(truncated), "--no-download") == 2
+    assert capsys.readouterr().err.startswith(f"error: --init-from {truncated}: cannot read weights in")
