@@ -33,8 +33,6 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from cli import (
@@ -72,6 +70,7 @@ from envs.vit.data import (
     split_class_names,
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.flops import ViTSpec, unpruned_gflops
 from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
 
@@ -302,17 +301,6 @@ def eval_images_per_second(model: torch.nn.Module, config: dict, device: torch.d
     model.eval()
     size = config["input_size"]
     return images_per_second(model, torch.randn(batch_size, 3, size, size, device=device), batch_size, repeats)
-
-
-def count_gflops(model, input_size: int) -> float:
-    """GFLOPs as multiply-accumulates (DeiT/fvcore convention): FlopCounterMode counts 2 per MAC.
-
-    The math attention backend makes the attention matmuls visible to the counter (fused CPU kernels are not).
-    """
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model.eval()(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
-    return counter.get_total_flops() / 2 / 1e9
 
 
 def test_reading_note(config: dict) -> str:
@@ -578,7 +566,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                   train_seconds=round(history[-1]["seconds"], 1) if history else 0)
     config.update(split_sizes={**config["split_sizes"], "test": len(test_split)}, recipe=recipe,
                   history=history, test_accuracy=test_acc, test_readings=test_readings,
-                  gflops=round(count_gflops(model, input_size), 4),
+                  gflops=round(unpruned_gflops(ViTSpec.from_model(model)), 4),
                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                   images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
                   throughput_device=describe_device(device))
