@@ -578,7 +578,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if not math.isfinite(args.lr) or args.lr <= 0:
             raise ValueError("--lr must be a positive number")
         if args.label_smoothing >= 1:
@@ -587,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
                              f"{'--resume' if args.resume else '--pretrained'}")
         parse_kwargs(args.model_kwargs)
-        train(args, given_flags(build_parser(), argv))
+        train(args, given_flags(parser, argv))
     except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
