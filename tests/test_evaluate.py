@@ -119,6 +119,31 @@ def test_baseline_accuracy_is_the_backbones_own(results, tiny_backbone, split):
     baseline = rows(results[1], "Baseline (unpruned)").iloc[0]
     assert baseline["accuracy"] == pytest.approx(100.0 * (predictions == split.labels).float().mean().item())
     assert baseline["agreement"] == 100.0 and baseline["keep_ratio"] == 1.0
+    assert baseline["f1_macro"] == pytest.approx(macro_f1(predictions, split.labels))
+
+
+def macro_f1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over the classes among ``labels`` of each one's F1, in percent (0 for a class never right)."""
+    scores = []
+    for c in labels.unique():
+        hits = ((predictions == c) & (labels == c)).sum().item()
+        said, true = (predictions == c).sum().item(), (labels == c).sum().item()
+        scores.append(2 * hits / (said + true))
+    return 100 * sum(scores) / len(scores)
+
+
+def test_a_pruned_row_scores_its_own_predictions(results, tiny_backbone, split):
+    """Accuracy, macro F1 and agreement of a pruned row, recomputed from its model's predictions."""
+    unpruned, config = load_backbone(tiny_backbone)
+    model = pruned_vit.PrunedViT.from_heuristic(tiny_backbone, "similarity", 0.5, prune_points=PRUNE_POINTS)
+    images = normalize(split.images, config)
+    with torch.no_grad():
+        predictions, reference = model(images).argmax(dim=1), unpruned(images).argmax(dim=1)
+    row = rows(results[1], "Greedy similarity").loc[0.5]
+    assert not torch.equal(predictions, reference)  # pruning changes some answers: agreement below 100
+    assert row["accuracy"] == pytest.approx(100.0 * (predictions == split.labels).float().mean().item())
+    assert row["f1_macro"] == pytest.approx(macro_f1(predictions, split.labels))
+    assert row["agreement"] == pytest.approx(100.0 * (predictions == reference).float().mean().item())
 
 
 def test_gflops_are_the_analytic_counts(results, tiny_staged):
@@ -659,6 +684,22 @@ def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):
     assert evaluate.main(["--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no policy checkpoint at") and "--checkpoint" in err and err.count("\n") == 1
+
+
+def test_the_interval_of_a_difference_resamples_the_same_images_for_both_rows():
+    """A method that fixes 4 of the reference's 8 errors on 64 images and changes nothing else is surely better:
+    paired, every resample keeps that, so the interval lies above 0 (drawn independently, the two rows' own
+    noise would put it around 0). The interval is the percentile bootstrap over resampled images."""
+    reference = np.ones(64)
+    reference[:8] = 0
+    method = reference.copy()
+    method[:4] = 1
+    delta, low, high = evaluate.paired_difference(method, reference)
+    assert delta == pytest.approx(6.25) and 1.0 < low < delta < high < 15.0
+    draws = np.random.default_rng(1).integers(0, 64, size=(4000, 64))  # the same images for both rows
+    by_hand = 100 * np.percentile(method[draws].mean(axis=1) - reference[draws].mean(axis=1), [2.5, 97.5])
+    assert (low, high) == pytest.approx(tuple(by_hand), abs=1.6)  # one image is 1.56 points
+    assert evaluate.paired_difference(reference, reference) == (0.0, 0.0, 0.0)
 
 
 def test_learned_rows_compare_with_the_best_heuristic_and_tome_at_their_budget(results):
