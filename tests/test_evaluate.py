@@ -430,8 +430,13 @@ def test_marl_exact_is_what_the_training_env_does_with_the_most_likely_sets(tiny
         done = terminateds["__all__"]
     images = [infos[f"attention_{i}"]["image"] for i in range(count)]
     method = evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)
-    logits, kept = method.model(model, config, "merge").forward_with_kept(normalize(split.images[images], config))
+    pruned = method.model(model, config, "merge")
+    logits, kept = pruned.forward_with_kept(normalize(split.images[images], config))
     assert kept[:, 1:].tolist() == [infos[f"attention_{i}"]["kept_per_stage"] for i in range(count)]
+    for i in range(count):  # what training reports as GFLOPs is the evaluated row's count, policies aside
+        cost = pruned.gflops(kept[i].tolist())
+        assert (infos[f"attention_{i}"]["gflops_backbone"], infos[f"attention_{i}"]["gflops_features"]) == \
+            pytest.approx((cost.backbone, cost.features), rel=1e-9)
     probabilities = logits.float().softmax(1)
     with torch.no_grad():
         unpruned = model.vit(normalize(split.images[images], config)).argmax(1)
