@@ -21,6 +21,7 @@ from envs.vit.pruned_forward import (
     prune_step,
 )
 from envs.vit.staged_vit import StagedViT
+from envs.vit.token_merge import REDUCTIONS
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
@@ -155,13 +156,23 @@ def test_observe_replaces_and_counts_non_finite_features(staged, images):
     assert observe(staged, state, 0.5).nonfinite == 0
 
 
-def test_exact_budget_is_tokens_to_keep(staged, images):
-    with torch.no_grad():
-        _, kept = exact_forward(staged, normalized(images[:2]), top_half_by_attention, 0.3, "drop")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_exact_budget_is_tokens_to_keep(staged, images, reduction):
+    """The counts reported are the tokens the blocks of each stage ran on (counted at the blocks' inputs)."""
     expected = [64]
     for _ in range(3):
         expected.append(tokens_to_keep(expected[-1], 0.3))
+    tokens_in = []
+    hooks = [block.norm1.register_forward_pre_hook(lambda module, args: tokens_in.append(args[0].shape[1]))
+             for block in staged.vit.blocks]
+    try:
+        with torch.no_grad():
+            _, kept = exact_forward(staged, normalized(images[:2]), top_half_by_attention, 0.3, reduction)
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert kept.tolist() == [expected] * 2
+    assert tokens_in == [staged.vit.num_prefix_tokens + n for n in expected]  # one block per stage here
 
 
 def test_exact_forward_from_a_cached_stage_is_exact_forward(staged, images):

@@ -182,8 +182,8 @@ def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, export
 
 
 def test_budget_override_changes_the_kept_counts(tiny_policy, exported, tiny_staged, images):
-    """The policy run at another budget than it was trained at is the exact forward at that budget, which keeps
-    (counted, not planned) the override's token counts."""
+    """The policy run at another budget than it was trained at is the exact forward at that budget, whose
+    selector keeps the override's token counts (checked on its masks: check_counts)."""
     trained = PrunedViT.from_checkpoint(exported)
     other = PrunedViT.from_checkpoint(exported, budget=0.3)
     assert trained.schedule() == [64, 32, 16, 8] and other.schedule() == [64, 45, 31, 22] and other.budget == 0.3
