@@ -96,6 +96,7 @@ from envs.vit.data import (
     DataError,
     ImageSplit,
     check_fits_backbone,
+    check_held_out,
     default_data_dir,
     held_out_split,
     limited_positions,
@@ -619,6 +620,7 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
+        check_held_out(split_name, dataset, problem.val_size, problem.split_seed, backbone_config)
         split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
                            val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
         check_fits_backbone(split, split_name, dataset, problem.val_size, problem.split_seed, backbone_config,

@@ -576,6 +576,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
                       {"split_seed": 1, "split_sizes": {"train": 48000, "val": 2000}})
         (backbone / "config.json").write_text(json.dumps(config))
         extra = ["--backbone", str(backbone), *(["--split", "val"] if case != "other_classes" else [])]
+        if case == "validation_the_backbone_trained_on":
+            data = tmp_path / "no_data"  # refused before any data is read
     elif case == "unknown_reduction":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, reduction="prune")
     elif case == "no_validation_to_choose_on":
