@@ -679,11 +679,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, EvaluationError, PolicyCheckpointError, CheckpointError,
+                                            DataError, ProblemError)
+"""What a bad command line, path, checkpoint, backbone or data set raises: reported in one line, not a traceback."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr otherwise."""
     try:
         return run(build_parser().parse_args(argv))
-    except (UsageError, EvaluationError, PolicyCheckpointError, CheckpointError, DataError, ProblemError) as error:
+    except USER_ERRORS as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@ host-device syncs dominate; if the loop is close to the forward/backward row, th
 Needs torch + timm only (no data set: random uint8 images), so it runs on a bare GPU box::
 
     python -m benchmarks.backbone_step                          # the reference recipe, on cuda when present
-    python -m benchmarks.backbone_step --batch-size 1024 --compile --steps 20   # the fast GPU recipe
+    python -m benchmarks.backbone_step --batch-size 512 --compile --steps 20    # the fast GPU recipe
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import backbone
+from benchmarks import run_from_command_line
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
 from envs.vit.device import describe_device, resolve_device
@@ -100,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_from_command_line(main)

@@ -12,7 +12,8 @@ differences measured, so the rows are timed in turns, as evaluate.py times its c
 row once, on the same images, and each row's figure is its median over the rounds. Its ratio to the unpruned
 row is taken within each round, then the median and the quartiles over the rounds are printed.
 Rows: the unpruned model, the policy (MARL exact), greedy similarity and Distinctive NMS, at the policy's
-budget.
+budget. The images are the first few of the test split, as evaluate.py times its rows on test images: only
+time is read from them, never an answer.
 
 Run from the repository root::
 
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import run_from_command_line
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
@@ -108,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

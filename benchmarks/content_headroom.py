@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
@@ -257,4 +258,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -42,13 +42,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from envs.problem import PruningProblem
+from benchmarks import run_from_command_line
+from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.device import describe_device, resolve_device
-from envs.vit.flops import ViTSpec, backbone_gflops, heuristic_schedule, schedule_tokens
+from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.flops import ViTSpec, exact_budget_gflops, heuristic_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
 from envs.vit.token_merge import REDUCTIONS
@@ -187,8 +188,10 @@ def bench_engine(engine: PruningEngine, sizes: list[int], seconds: float, ratio:
 
 
 class PrunedCost(NamedTuple):
-    """The tokens each stage keeps at an exact budget, and the GFLOPs of an unpruned and a pruned forward: a
-    pruned episode can at best run ``gflops_unpruned / gflops_pruned`` times as fast as the backbone."""
+    """The tokens each stage keeps at an exact budget, and the GFLOPs of the blocks of an unpruned and a pruned
+    forward: a pruned episode can at best run ``gflops_unpruned / gflops_pruned`` times as fast as the backbone.
+    The pruned count leaves out the features and the merging, the engine's work beyond the blocks, so that the
+    ceiling is what the blocks alone allow."""
 
     schedule: list[int]
     gflops_unpruned: float
@@ -197,10 +200,9 @@ class PrunedCost(NamedTuple):
     @classmethod
     def of(cls, model: torch.nn.Module, prune_points: tuple[int, ...], target_ratio: float) -> PrunedCost:
         spec = ViTSpec.from_model(model)
-        stages = len(prune_points) + 1
-        full = backbone_gflops(spec, schedule_tokens(spec, prune_points, [spec.num_patches] * stages))
         schedule = heuristic_schedule(spec.num_patches, len(prune_points), target_ratio)
-        return cls(schedule, full, backbone_gflops(spec, schedule_tokens(spec, prune_points, schedule)))
+        blocks_only = exact_budget_gflops(spec, prune_points, target_ratio, "drop", "none").total
+        return cls(schedule, unpruned_gflops(spec), blocks_only)
 
     def ceiling(self, backbone_images_per_s: float) -> float:
         """The images/s of pruned forwards at the backbone's efficiency."""
@@ -299,8 +301,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="backbone batch size")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--torch-threads", type=int, default=ServerSettings().torch_threads)
-    parser.add_argument("--target-ratio", type=float, default=problem.target_ratio)
-    parser.add_argument("--prune-points", type=int, nargs="+", default=list(problem.prune_points))
+    parser.add_argument("--target-ratio", type=removal_ratio, default=problem.target_ratio)
+    parser.add_argument("--prune-points", type=block_indices, default=problem.prune_points,
+                        help="comma-separated blocks, as train.py's")
     parser.add_argument("--reduction", default=problem.reduction, choices=REDUCTIONS)
     parser.add_argument("--output", help="also write the results as JSON here")
 
@@ -309,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--engine-images", type=int, nargs="+",
                         default=sorted({PruningProblem().images_per_env, ServerSettings().max_batch}),
                         help="images per engine call (default: per env request, and the server's max_batch)")
@@ -361,4 +364,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import run_from_command_line
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.pruning_env import fidelity
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -20,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import run_from_command_line
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from evaluate import paired_difference
-from policies.checkpoints import load_module, load_policies, read_checkpoint_info, trial_checkpoints
+from policies.checkpoints import (
+    PolicyCheckpointError,
+    best_on_validation,
+    load_module,
+    load_policies,
+    trial_checkpoints,
+)
 from policies.decisions import policy_selector
 from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
@@ -61,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     args = parser.parse_args(argv)
 
-    checkpoint = max(trial_checkpoints(args.trial),  # the best on validation, the earliest of equals (train.py's)
-                     key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
+    checkpoint = best_on_validation(trial_checkpoints(args.trial))
+    if checkpoint is None:
+        raise PolicyCheckpointError(f"{args.trial} holds no validated checkpoint: pass a trial directory of train.py")
     modules, info = load_policies(checkpoint)
     problem = info.problem
     staged, config, _ = policy_backbone(problem, checkpoint)
@@ -113,4 +121,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import run_from_command_line
 from benchmarks.content_headroom import print_validation
 from cli import positive_int
 from envs.vit.pruned_forward import Selector, TokenState
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import run_from_command_line
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
@@ -118,4 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from benchmarks import run_from_command_line
 from benchmarks.content_headroom import (
     ContentScorer,
     greedy_keep_rank,
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

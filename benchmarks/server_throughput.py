@@ -36,6 +36,7 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks import run_from_command_line
 from benchmarks.engine_throughput import (
     Column,
     PrunedCost,
@@ -297,4 +298,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -21,6 +21,7 @@ import argparse
 import pandas as pd
 import torch
 
+from benchmarks import run_from_command_line
 from cli import positive_int
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -28,7 +28,6 @@ import argparse
 import csv
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ from pathlib import Path
 import torch
 
 import train
-from cli import OneLineParser, versions_line
+from benchmarks import run_from_command_line
+from cli import OneLineParser, positive_int, versions_line
 from envs.problem import PruningProblem
 from envs.pruning_env import env_steps_per_episode
 from envs.vit.data import load_split
@@ -51,8 +51,6 @@ def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tupl
     covers."""
     with (trial_dir / "progress.csv").open() as f:
         rows = list(csv.DictReader(f))[1:]
-    if not rows:
-        raise SystemExit("error: need --iterations of 2 or more: the first iteration includes start-up")
     env_steps = sum(float(row["env_runners/num_env_steps_sampled"]) for row in rows)
     seconds = sum(float(row["time_this_iter_s"]) for row in rows)
     return env_steps * problem.images_per_env / env_steps_per_episode(problem) / seconds, len(rows)
@@ -76,13 +74,16 @@ def wait_for_ray_to_exit(timeout_s: float = 60.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (default: as train.py)")
-    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations to time (the first is dropped)")
-    parser.add_argument("--images", type=int, default=1024, help="validation images for the inference pass")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=positive_int, default=4,
+                        help="PPO iterations to run, at least 2: the first, which includes start-up, is not timed")
+    parser.add_argument("--images", type=positive_int, default=1024, help="validation images for the inference pass")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAGS",
                         help="train.py settings to time instead of its defaults, after '--' (e.g. -- --num-workers 2)")
     args = parser.parse_args(argv)
+    if args.iterations < 2:
+        parser.error("--iterations must be at least 2: the first iteration, which includes start-up, is not timed")
 
     output = Path(tempfile.mkdtemp(prefix="train_throughput_")) / "run"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -116,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_from_command_line(main)

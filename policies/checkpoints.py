@@ -24,7 +24,7 @@ import json
 import os
 import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,12 +144,19 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
         raise PolicyCheckpointError(f"{path}: {error}") from None
 
 
+def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
+    """The checkpoint of ``checkpoints`` with the highest validation score, the earliest iteration of equals (as
+    train.py's closing line names it); None when none was validated."""
+    scored = [(info.val_score, -(info.iteration or 0), path) for path in checkpoints
+              if (info := _readable_info(path)) is not None and info.val_score is not None]
+    return max(scored)[2] if scored else None
+
+
 def _run_directory_hint(directory: Path) -> str:
     """For a train.py output directory or one of its trials' directories, where its best checkpoint on validation
     is."""
-    scored = [(info.val_score, path) for path in list_checkpoints(directory) or trial_checkpoints(directory)
-              if (info := _readable_info(path)) is not None and info.val_score is not None]
-    return f"; the best checkpoint of this training run on validation is {max(scored)[1]}" if scored else ""
+    best = best_on_validation(list_checkpoints(directory) or trial_checkpoints(directory))
+    return f"; the best checkpoint of this training run on validation is {best}" if best is not None else ""
 
 
 def _readable_info(checkpoint: Path) -> CheckpointInfo | None:

@@ -31,7 +31,7 @@ def test_the_benchmark_runs_without_ray_and_reports_each_size_and_precision(tiny
     table printed is the one in the JSON."""
     output = tmp_path / "engine.json"
     done = subprocess.run([sys.executable, "-c", BENCHMARK_WITHOUT_RAY, "--backbone", str(tiny_backbone),
-                           "--prune-points", *map(str, PRUNE_POINTS), "--random-images", "--limit", "8",
+                           "--prune-points", ",".join(map(str, PRUNE_POINTS)), "--random-images", "--limit", "8",
                            "--batch", "4", "--engine-images", "2", "8", "--seconds", "0", "--device", "cpu",
                            "--precision", "fp32", "bf16", "--output", str(output)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
