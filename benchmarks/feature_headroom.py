@@ -31,12 +31,11 @@ from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
-from policies.decisions import turn_counts
-from policies.heuristics import greedy_attention_keep, heuristic_selector
+from policies.heuristics import heuristic_selector
 from policies.pruned_vit import policy_backbone
+from policies.warm_start import heuristic_turns
 
 ATTENTION_ONLY = ("attention", "log_attention", "attention_rank")
 FEATURES = (*SIMILARITY_FEATURES, *ATTENTION_ONLY)
@@ -49,13 +48,11 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
     w = torch.as_tensor(weights, dtype=torch.float32)
     attention_only = [ATTENTION_FEATURES.index(name) for name in ATTENTION_ONLY]
 
-    def select(state: TokenState, k: int) -> torch.Tensor:
+    def removal_scores(state: TokenState) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        features = torch.cat([observation.similarity, observation.attention[..., attention_only]], dim=-1)
-        protected, removed = turn_counts(int(state.live[0].sum()), target_ratio, "both", protected_share)
-        kept = greedy_attention_keep(state.cls_attention, state.live, protected)
-        return state.live & ~topk_keep_mask(features @ w, state.live & ~kept, removed)
-    return select
+        return torch.cat([observation.similarity, observation.attention[..., attention_only]], dim=-1) @ w
+
+    return lambda state, k: heuristic_turns(state, target_ratio, removal_scores, "both", protected_share)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

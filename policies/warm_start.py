@@ -12,7 +12,8 @@ heuristic's removals among the other tokens (in the heuristic's removal order, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,11 +57,14 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, ratios: Sequence[flo
             for policy, policy_rows in rows.items()}
 
 
-def _heuristic_turns(state: TokenState, target_ratio: float, heuristic: str, agents: str, protected_share: float
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The heuristics taking the agents' turns at one pruning point: the tokens kept ``[B, W]``; the attention
-    agent's set (None where it has no turn); the similarity agent's tokens to choose from and its removed set
-    (None where it has no turn or the budget keeps every live token, so there is no choice to imitate)."""
+def heuristic_turns(state: TokenState, target_ratio: float, removal_scores: Callable[[TokenState], torch.Tensor],
+                    agents: str, protected_share: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Heuristics taking the agents' turns at one pruning point: greedy attention keeps the attention agent's
+    share, then the highest ``removal_scores(state) [B, W]`` of the other tokens are removed. Returns the tokens
+    kept ``[B, W]``; the attention agent's set (None where it has no turn); the similarity agent's tokens to
+    choose from and its removed set (None where it has no turn or the budget keeps every live token, so there
+    is no choice to imitate)."""
     attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
                                                       protected_share)
     kept = attention = None
@@ -71,7 +75,7 @@ def _heuristic_turns(state: TokenState, target_ratio: float, heuristic: str, age
     if similarity_removes == 0:
         return state.live, attention, None
     left = state.live if kept is None else state.live & ~kept
-    removed = topk_keep_mask(redundancy(heuristic, state), left, similarity_removes)
+    removed = topk_keep_mask(removal_scores(state), left, similarity_removes)
     return state.live & ~removed, attention, (left, removed)
 
 
@@ -81,7 +85,8 @@ def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: st
     observes, the tokens it chooses from and the heuristic's set to ``rows``."""
 
     def record(state: TokenState, k: int) -> torch.Tensor:
-        keep, attention, similarity = _heuristic_turns(state, target_ratio, heuristic, agents, protected_share)
+        keep, attention, similarity = heuristic_turns(state, target_ratio, partial(redundancy, heuristic), agents,
+                                                      protected_share)
         observation = observe(staged, state, target_ratio)
         if attention is not None:
             rows.setdefault("attention", []).append((observation.attention, state.live, attention))
@@ -94,7 +99,8 @@ def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: st
 def imitated_selector(target_ratio: float, heuristic: str, agents: str, protected_share: float) -> Selector:
     """The choices the warm start imitates at ``target_ratio``: the heuristics taking the agents' turns (greedy
     attention keeps its share, ``heuristic`` removes among the rest), without the agents' features."""
-    return lambda state, k: _heuristic_turns(state, target_ratio, heuristic, agents, protected_share)[0]
+    return lambda state, k: heuristic_turns(state, target_ratio, partial(redundancy, heuristic), agents,
+                                            protected_share)[0]
 
 
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str,
