@@ -45,7 +45,7 @@ from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
-from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, cosine_similarity, observe
+from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import (
     Selector,
     TokenState,
@@ -59,7 +59,7 @@ from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
 from policies.distribution import ExactCount
-from policies.heuristics import greedy_removal_order, heuristic_selector
+from policies.heuristics import complete_removal_order, heuristic_selector
 from policies.pruned_vit import policy_backbone
 from policies.token_scorer import DEAD_SCORE
 
@@ -68,8 +68,7 @@ def greedy_keep_rank(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """``[B, N]``: each live token's step in greedy similarity's removal order over ``n`` live tokens,
     ``/ (n - 1)``: 0 for the first removed, 1 for the last left; its top ``k`` are greedy similarity's keep set.
     ``x_patch [B, N, D]``, ``live [B, N]``; 0 on dead tokens."""
-    one_left = torch.ones(len(live), dtype=torch.long, device=live.device)
-    order = greedy_removal_order(cosine_similarity(x_patch), live, one_left)
+    order = complete_removal_order(x_patch, live)
     n_live = live.sum(dim=1, keepdim=True).float()
     order = torch.where(order.isinf(), n_live - 1, order).clamp_min(0)
     return order / (n_live - 1).clamp_min(1)

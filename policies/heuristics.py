@@ -113,15 +113,21 @@ def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
                           live_count)
 
 
+def complete_removal_order(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: greedy similarity's removal step of each live token of ``x_patch [B, N, D]`` when it removes
+    all but one (:func:`greedy_removal_order`; ``inf`` for the one left, ``-1`` on dead tokens)."""
+    one_left = torch.ones(len(live), dtype=torch.long, device=live.device)
+    return greedy_removal_order(cosine_similarity(x_patch), live, one_left)
+
+
 def redundancy(name: str, state: TokenState) -> torch.Tensor:
     """``[B, N]``: how early the similarity heuristic ``name`` (``similarity``, ``nms`` or ``distinct``) removes
     each live token, as a score (the highest go first); the same order as its keep set, continued to every
     token, so that it also ranks a subset of the live tokens (the warm start's similarity agent removes from
     those the attention agent did not keep, ``policies.warm_start``)."""
-    similarity = cosine_similarity(state.patches)
     if name == "similarity":
-        one_left = torch.ones(len(state.live), dtype=torch.long, device=state.live.device)
-        return -greedy_removal_order(similarity, state.live, one_left)
+        return -complete_removal_order(state.patches, state.live)
+    similarity = cosine_similarity(state.patches)
     if name == "nms":
         return nms_redundancy(similarity, state.live, state.cls_attention)
     if name == "distinct":
