@@ -49,13 +49,11 @@ from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import (
     Selector,
     TokenState,
-    classify,
     concat_states,
     exact_forward_from,
-    prune_step,
 )
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
 from policies.distribution import ExactCount
@@ -132,18 +130,20 @@ def sampled_episodes(staged: StagedViT, scorer: ContentScorer, state: TokenState
     Returns the logits ``[B, C]`` (no gradient) and each image's log-probability of the sets it drew, summed
     over the pruning points, ``[B]``, differentiable in the scorer's parameters.
     """
-    log_prob = torch.zeros(len(state.live))
-    for _ in staged.prune_points:
-        k = tokens_to_keep(int(state.live[0].sum()), target_ratio)
-        scores = keep_scores(staged, scorer, state, target_ratio) / temperature
-        count = torch.full((len(scores), 1), float(k))
-        distribution = ExactCount(torch.cat([scores.masked_fill(~state.live, DEAD_SCORE), count], dim=1))
-        keep = distribution.sample()
-        log_prob = log_prob + distribution.logp(keep)
-        with torch.no_grad():
-            state = prune_step(staged, state, keep.bool(), "merge")
+    log_probs = []
+
+    def draw(state: TokenState, k: int) -> torch.Tensor:
+        with torch.enable_grad():  # the scores and the sets' log-probabilities; the forward runs without
+            scores = keep_scores(staged, scorer, state, target_ratio) / temperature
+            count = torch.full((len(scores), 1), float(k))
+            distribution = ExactCount(torch.cat([scores.masked_fill(~state.live, DEAD_SCORE), count], dim=1))
+            keep = distribution.sample()
+            log_probs.append(distribution.logp(keep))
+        return keep.bool()
+
     with torch.no_grad():
-        return classify(staged, state, "merge"), log_prob
+        logits, _ = exact_forward_from(staged, state, draw, target_ratio, "merge")
+    return logits, torch.stack(log_probs).sum(dim=0)
 
 
 def scorer_selector(staged: StagedViT, scorer: ContentScorer, target_ratio: float) -> Selector:
