@@ -24,16 +24,23 @@ import torch
 
 import backbone
 from benchmarks import run_from_command_line
+from cli import given_flags
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import median_seconds
 
 EPOCH_IMAGES = 45_000  # the CIFAR-10 train split minus the 5,000 validation images
+NOT_A_STEP = frozenset({"pretrained", "init_from", "dataset", "data_dir", "download", "memory_budget_mb", "limit",
+                        "val_size", "split_seed", "time_limit", "time_budget", "save_every", "output_dir", "resume",
+                        "overwrite", "half"})
+"""backbone.py's flags about data, weights, how long it runs and what it writes: a step on random images reads
+none of them, so they are refused rather than ignored."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """backbone.py's own options (model, recipe, device), plus how long to measure."""
+    """backbone.py's options (those of its model, recipe and device apply: :data:`NOT_A_STEP` are refused), plus
+    how long to measure."""
     parser = backbone.build_parser()
     parser.description = __doc__
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
@@ -82,7 +89,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ignored = given_flags(parser, argv) & NOT_A_STEP
+    if ignored:
+        names = ["/".join(action.option_strings[0] for action in parser._actions if action.dest == dest)
+                 for dest in sorted(ignored)]  # --half/--full-precision: one setting
+        parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
+                     "data, weights, duration and outputs)")
     try:
         rows = measure(args)
     except ValueError as error:

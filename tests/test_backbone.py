@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import backbone
+from cli import UsageError
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
 from tests.host_reads import host_round_trips
 
@@ -277,6 +278,8 @@ def test_step_benchmark_times_every_part(tmp_path):
     assert rows["sum of the parts"] == pytest.approx(sum(rows[part] for part in parts), abs=0.01)
     for row in table:  # seconds for an epoch of 45,000 images at 16 a step
         assert row["epoch_s"] == pytest.approx(row["ms_per_step"] / 1000 * 45000 / 16, abs=0.01)
+    with pytest.raises(UsageError, match=r"^--data-dir, --half/--full-precision: a training step on random images"):
+        step_benchmark.main(["--data-dir", "x", "--full-precision"])  # backbone.py's flags it would ignore
 
 
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
