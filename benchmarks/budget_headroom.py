@@ -45,10 +45,9 @@ from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio, removal_ratios
-from envs.vit.flops import ViTSpec, image_gflops
+from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import tokens_to_keep
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.checkpoints import read_checkpoint_info
 from policies.heuristics import heuristic_selector
@@ -60,10 +59,8 @@ SELECT = heuristic_selector("similarity")
 def schedule(num_patches: int, num_points: int, decision: int, target_ratio: float, level: float) -> list[int]:
     """Live patch tokens per stage: ``target_ratio`` at the pruning points before ``decision``, ``level`` from it
     on."""
-    kept = [num_patches]
-    for point in range(num_points):
-        kept.append(tokens_to_keep(kept[-1], target_ratio if point < decision else level))
-    return kept
+    before = heuristic_schedule(num_patches, decision, target_ratio)
+    return before + heuristic_schedule(before[-1], num_points - decision, level)[1:]
 
 
 def output_features(logits: torch.Tensor) -> torch.Tensor:

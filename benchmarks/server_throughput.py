@@ -29,8 +29,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -56,6 +57,9 @@ from envs.vit.backbone_checkpoint import load_backbone
 from envs.vit.data import load_split
 from envs.vit_server import NAMESPACE, start_vit_servers
 
+if TYPE_CHECKING:
+    from envs.pruning_env import TokenPruningEnv  # imports RLlib: at run time only where an env is made
+
 CPU = torch.device("cpu")  # the servers measured here run on the CPU
 
 
@@ -70,17 +74,20 @@ class Caller:
         self.server, self.num_images, self.ratio, self.seed = server, num_images, ratio, seed
         self.runs = 0
 
-    def _call(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self.server, method).remote(*args))
-
     def run(self, start_at: float, seconds: float, images_per_call: int) -> dict[str, Any]:
         """Wait for the common start (wall clock, shared by all callers on this node), then loop."""
         time.sleep(max(0.0, start_at - time.time()))
         self.runs += 1
-        out = loop_episodes(self._call, seconds, images_per_call, self.num_images, self.ratio,
+        out = loop_episodes(blocking_calls(self.server), seconds, images_per_call, self.num_images, self.ratio,
                             f"caller{self.seed}-{self.runs}", self.seed + 1000 * self.runs)
         out["finished_at"] = time.time()
         return out
+
+
+def blocking_calls(server: ray.actor.ActorHandle) -> Callable[..., Any]:
+    """``call(method, *args)``: the server's ``method`` called and waited for, as the engine in process is called
+    (``loop_episodes``, ``warm_cache``)."""
+    return lambda method, *args: ray.get(getattr(server, method).remote(*args))
 
 
 def server_stats_delta(server: ray.actor.ActorHandle, before: dict[str, int]) -> dict[str, int]:
@@ -91,7 +98,7 @@ def server_stats_delta(server: ray.actor.ActorHandle, before: dict[str, int]) ->
 def bench_server(server: ray.actor.ActorHandle, num_images: int, callers: list[int], images_per_call: int,
                  seconds: float, ratio: float) -> list[dict[str, Any]]:
     """N caller actors loop episodes at once from a common start; throughput counts all their images."""
-    warm_cache(lambda method, *args: ray.get(getattr(server, method).remote(*args)), num_images)
+    warm_cache(blocking_calls(server), num_images)
     pool = [Caller.remote(server, num_images, ratio, seed) for seed in range(max(callers))]
     ray.get([c.run.remote(0.0, 0.0, images_per_call) for c in pool])  # start the workers, one episode each
     rows = []
@@ -107,7 +114,7 @@ def bench_server(server: ray.actor.ActorHandle, num_images: int, callers: list[i
     return rows
 
 
-def step_env(env, rng: np.random.Generator, seconds: float) -> dict[str, Any]:
+def step_env(env: TokenPruningEnv, rng: np.random.Generator, seconds: float) -> dict[str, Any]:
     """Step ``env`` with random MultiBinary actions, whole episodes, until ``seconds`` have passed (at least
     one episode); per-call latencies of reset and step."""
     actions = {aid: space.shape for aid, space in env.action_spaces.items()}
@@ -131,7 +138,7 @@ def step_env(env, rng: np.random.Generator, seconds: float) -> dict[str, Any]:
             "elapsed": time.perf_counter() - start}
 
 
-def make_env(server_names: str | list[str], problem: PruningProblem, index: int = 0):
+def make_env(server_names: str | list[str], problem: PruningProblem, index: int = 0) -> TokenPruningEnv:
     """A TokenPruningEnv as env runner ``index`` would have it (it picks server ``index % len(names)``)."""
     from ray.rllib.env.env_context import EnvContext  # imports RLlib: only when needed
 
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"server done: {_rates(ray_rows)} images/s", flush=True)
         ray_rows += bench_env(server, names[0], problem, args.env_images, args.seconds)
         for other in servers[1:]:
-            warm_cache(lambda method, *a, other=other: ray.get(getattr(other, method).remote(*a)), len(split))
+            warm_cache(blocking_calls(other), len(split))
         ray_rows += bench_servers(servers, names, replace(problem, images_per_env=args.images_per_call),
                                   args.runners, args.seconds)
     finally:

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks import run_from_command_line
 from cli import positive_int
+from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="policy checkpoint (default: %(default)s)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model at 224 px")
     parser.add_argument("--reg-tokens", type=int, default=0, help="register tokens (default: %(default)s)")
-    parser.add_argument("--budget", type=float, default=0.5, help="target ratio (default: %(default)s)")
-    parser.add_argument("--images", type=int, default=256, help="validation images timed (default: %(default)s)")
+    parser.add_argument("--budget", type=removal_ratio, default=0.5, help="target ratio (default: %(default)s)")
+    parser.add_argument("--images", type=positive_int, default=256,
+                        help="validation images timed (default: %(default)s)")
     parser.add_argument("--speed-repeats", type=positive_int, default=3,
                         help="timing rounds, each timing every row once, in turns (default: %(default)s)")
     args = parser.parse_args(argv)
