@@ -538,7 +538,8 @@ def _cascade_ratios(text: str) -> tuple[float, float]:
 def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     """What a ``--heuristics-only`` run evaluates, in place of a checkpoint's problem: ``--backbone`` (default: the
     reference) on its data set and the validation split it held out, pruned at ``--prune-points`` with
-    ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets``."""
+    ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets`` (of an even
+    number, the upper of the two middle ones)."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
     config = read_backbone_config(backbone)
     given = {"dataset": args.dataset or config.get("dataset"), "prune_points": args.prune_points,

@@ -30,8 +30,8 @@ COLUMNS: dict[str, str] = {  # the results table's columns, in order; keep_ratio
     "gflops": "GMACs per image: gflops_backbone + gflops_features + gflops_policies",
     "gflops_backbone": "GMACs of the ViT on each image's own token schedule (merging included), mean over images",
     "gflops_features": "GMACs of the token scores the method needs (class-attention row, norms, cosine matrix)",
-    "gflops_policies": "GMACs of the policy networks, each charged for every live token (the similarity network "
-                       "scores only those the attention agent did not keep: an upper bound)",
+    "gflops_policies": "GMACs of the policy networks, each run on every live token (the similarity network on "
+                       "those the attention agent kept too, whose scores it does not use)",
     "keep_ratio_s{i}": "mean fraction of the patch tokens alive in stage {i} (after pruning point {i}); ToMe, "
                        "which merges in every block: entering stage {i}",
     "keep_ratio": "mean fraction of the patch tokens alive in the last stage (ToMe: entering it); the keep "

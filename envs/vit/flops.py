@@ -109,8 +109,9 @@ TokenScores = Literal["none", "attention", "similarity", "agents"]
 def feature_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float], scores: TokenScores = "agents") -> float:
     """GFLOPs (GMACs) of the token scores a selector computes at each pruning point, per image.
 
-    With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads; without a class
-    token, the attention every token receives, ``(P + N)^2*D`` with ``P`` prefix tokens), token norms ``N*D``,
+    With ``N`` live patch tokens: the class-token attention row ``N*D`` (summed over heads; its ``P`` prefix
+    keys, ``P*D``, under 1e-6 GMACs a pruning point here, are not counted; without a class token, the attention
+    every token receives, ``(P + N)^2*D`` with ``P`` prefix tokens), token norms ``N*D``,
     the cosine-similarity matrix ``N^2*D``. ``scores``: ``none`` (random) computes nothing; ``attention``
     (greedy attention) the attention score; ``similarity`` (greedy similarity) norms and matrix (its iterative
     removal compares, like softmax it is not counted); ``agents`` all three (``envs.vit.features``).
