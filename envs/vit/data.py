@@ -300,18 +300,20 @@ def held_out_split(backbone_config: Mapping[str, Any], dataset: str) -> dict[str
 
 
 def check_held_out(split_name: str, dataset: str, val_size: int, seed: int,
-                   backbone_config: Mapping[str, Any]) -> None:
+                   backbone_config: Mapping[str, Any]) -> tuple[int, int] | None:
     """Raise a DataError where a ``val`` split of ``val_size`` images drawn with ``seed`` would hold images the
     backbone trained on: it must be the validation split the backbone recorded or a part of it. Needs no data,
-    so the commands check it before decoding any (:func:`check_fits_backbone` checks it too)."""
+    so the commands check it before decoding any (:func:`check_fits_backbone` checks it too). Returns the
+    recorded split's size and seed, for a ``val`` split of a backbone that records one (else None)."""
     recorded_split = held_out_split(backbone_config, dataset)
     if split_name != "val" or not recorded_split:
-        return
+        return None
     held_out, held_out_seed = recorded_split["val_size"], recorded_split["split_seed"]
     if seed != held_out_seed or val_size > held_out:
         raise DataError(f"a validation split of {val_size} images drawn with seed {seed} would hold images the "
                         f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed} (use "
                         f"--split-seed {held_out_seed} and --val-size {held_out} or less)")
+    return held_out, held_out_seed
 
 
 def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
@@ -327,11 +329,10 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
         raise DataError(f"the data set's {len(split.class_names)} classes are not the backbone's "
                         f"{backbone_config['num_classes']} ({difference})")
-    check_held_out(split_name, dataset, val_size, seed, backbone_config)
-    recorded_split = held_out_split(backbone_config, dataset)
-    if split_name != "val" or not recorded_split:
+    recorded_split = check_held_out(split_name, dataset, val_size, seed, backbone_config)
+    if recorded_split is None:
         return
-    held_out, held_out_seed = recorded_split["val_size"], recorded_split["split_seed"]
+    held_out, held_out_seed = recorded_split
     recorded = backbone_config.get("val_fingerprint")
     if recorded is None:  # a backbone written before backbone.py recorded it
         return
