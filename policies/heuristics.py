@@ -21,7 +21,7 @@ from envs.vit.token_ops import topk_keep_mask
 
 HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms", "distinct")
 HEURISTIC_SCORES: dict[str, TokenScores] = {"random": "none", "attention": "attention", "similarity": "similarity",
-                                    "nms": "agents", "distinct": "similarity"}
+                                            "nms": "agents", "distinct": "similarity"}
 
 
 def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None,

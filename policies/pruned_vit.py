@@ -230,8 +230,8 @@ class PrunedViT(nn.Module):
         return image_gflops(spec, self.staged.prune_points, kept, self.reduction, self._scores(), macs)
 
     def _scores(self) -> TokenScores:
-        """What the selection computes to rank tokens: what is counted is
-        what :meth:`forward_with_kept` computes."""
+        """What the selection computes to rank tokens: what is counted is what :meth:`forward_with_kept`
+        computes."""
         return "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
 
     def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
