@@ -129,6 +129,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """``--dtype``: what every forward runs in (bfloat16 under ``torch.autocast``)."""
 
 BOOTSTRAP_RESAMPLES = 2000
+CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validation images"
 
 
 class EvaluationError(RuntimeError):
@@ -628,6 +629,12 @@ def run(args: argparse.Namespace) -> int:
                             args.data_dir, args.download)
         return split
 
+    compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
+    if args.split == "test" and compared:  # checked before the test images are decoded
+        try:
+            check_held_out("val", dataset, problem.val_size, problem.split_seed, backbone_config)
+        except DataError as error:
+            raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
     try:
         split = images(args.split, args.limit)
     except DataError as error:
@@ -646,11 +653,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {count} of the {len(split)} validation images evaluated ranked the checkpoints of {path}'s "
                   f"run (train.py's --val-limit): its rows read high on them", file=sys.stderr)
     calibration = images("val", args.calibration_images) if cascade else None
-    compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
     try:
         selection = images("val", args.selection_images) if args.split == "test" and compared else None
     except DataError as error:
-        raise EvaluationError(f"the best heuristic of each budget is chosen on validation images: {error}") from None
+        raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
     methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
     reduction = args.reduction or problem.reduction
     table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,

@@ -333,10 +333,12 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
 
 def server_settings(problem: PruningProblem, placement: Placement, access: dict) -> dict[str, ServerSettings]:
     """Servers on the train split for sampling, one on a val subset for checkpoint selection, with the
-    resources the placement gives them (the validation server reserves no CPU: see trial_resources)."""
+    resources the placement gives them (the validation server reserves no CPU: see trial_resources). The
+    validation server comes first, so that a validation split holding the backbone's training images is
+    refused before the train split's minutes of decoding."""
     train = ServerSettings(problem, split="train", limit=problem.train_limit, num_gpus=placement.server_gpus,
                            num_cpus=placement.server_cpus, torch_threads=int(placement.server_cpus), **access)
-    return {TRAIN_SERVER: train, VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0)}
+    return {VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0), TRAIN_SERVER: train}
 
 
 def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -> None:

@@ -515,7 +515,11 @@ def truncated(path: Path) -> Path:
     ("other_classes", "the data set's 10 classes are not the backbone's 10 (missing 'class 0', 'class 1', 'class 2', "
                       "'class 3', 'class 4' and 5 more; not expected 'airplane', "),
     ("validation_the_backbone_trained_on", "would hold images the backbone trained on: it held out 2000 images "
-                                           "drawn with seed 1 (use --split-seed 1 and --val-size 2000 or less)"),
+                                           "drawn with seed 1, and a validation split must be those or a part of "
+                                           "them (seed 1, at most 2000 images)"),
+    ("selection_on_validation_the_backbone_trained_on", "the best heuristic of each budget is chosen on validation "
+                                                        "images: a validation split of 5000 images drawn with seed 0 "
+                                                        "would hold images the backbone trained on"),
     ("unknown_reduction", "reduction must be one of merge, drop"),
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
     ("cascade_of_one_ratio", "argument --cascade: expected two removal ratios, FIRST,SECOND, got '0.6'"),
@@ -569,15 +573,16 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         output = output / "results"
     elif case == "one_image":
         extra = ["--limit", "1"]
-    elif case in ("other_classes", "validation_the_backbone_trained_on"):
+    elif case in ("other_classes", "validation_the_backbone_trained_on",
+                  "selection_on_validation_the_backbone_trained_on"):
         backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
         config = json.loads((backbone / "config.json").read_text())
         config.update({"class_names": [f"class {i}" for i in range(10)]} if case == "other_classes" else
                       {"split_seed": 1, "split_sizes": {"train": 48000, "val": 2000}})
         (backbone / "config.json").write_text(json.dumps(config))
-        extra = ["--backbone", str(backbone), *(["--split", "val"] if case != "other_classes" else [])]
-        if case == "validation_the_backbone_trained_on":
-            data = tmp_path / "no_data"  # refused before any data is read
+        extra = ["--backbone", str(backbone), *(["--split", "val"] if case.startswith("validation") else [])]
+        if case != "other_classes":
+            data = tmp_path / "no_data"  # refused before any data is read, the test split's too
     elif case == "unknown_reduction":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, reduction="prune")
     elif case == "no_validation_to_choose_on":

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,7 @@ def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
     (["--lr", "0"], "lr must be > 0, got 0.0"),
     (["--data-dir", "EMPTY"], "cifar10 not found"),
     (["--backbone", "UNKNOWN_MODEL"], "unknown timm model"),
+    (["--backbone", "HELD_OUT_2000", "--split-seed", "0"], "would hold images the backbone trained on"),  # no data read
 ])
 def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backbone, capsys, flags, message):
     empty = tmp_path / "empty"
@@ -161,7 +163,11 @@ def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backb
     unknown.mkdir()
     config = json.loads((tiny_backbone / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**config, "model_name": "vit_nonexistent"}))
-    flags = [{"EMPTY": str(empty), "UNKNOWN_MODEL": str(unknown)}.get(f, f) for f in flags]
+    held_out = Path(shutil.copytree(tiny_backbone, tmp_path / "held_out"))
+    (held_out / "config.json").write_text(json.dumps({**config, "split_seed": 1,
+                                                      "split_sizes": {"train": 48000, "val": 2000}}))
+    flags = [{"EMPTY": str(empty), "UNKNOWN_MODEL": str(unknown), "HELD_OUT_2000": str(held_out)}.get(f, f)
+             for f in flags]
     args = ["--backbone", str(tiny_backbone), "--data-dir", str(empty), "--prune-points", "1,2,3",
             "--output-dir", str(tmp_path / "run")]
     assert train.main([*args, *flags]) == 2  # later flags win

@@ -311,8 +311,9 @@ def check_held_out(split_name: str, dataset: str, val_size: int, seed: int,
     held_out, held_out_seed = recorded_split["val_size"], recorded_split["split_seed"]
     if seed != held_out_seed or val_size > held_out:
         raise DataError(f"a validation split of {val_size} images drawn with seed {seed} would hold images the "
-                        f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed} (use "
-                        f"--split-seed {held_out_seed} and --val-size {held_out} or less)")
+                        f"backbone trained on: it held out {held_out} images drawn with seed {held_out_seed}, and a "
+                        f"validation split must be those or a part of them (seed {held_out_seed}, at most {held_out} "
+                        f"images)")
     return held_out, held_out_seed
 
 
