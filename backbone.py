@@ -115,24 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
     add_data_access_arguments(p)
-    p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE)
-    p.add_argument("--split-seed", type=non_negative_int, default=DEFAULT_SPLIT_SEED)
+    p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
+                   help=f"training images held out as the validation split (default {DEFAULT_VAL_SIZE}); the "
+                        f"checkpoint records it, and train.py and evaluate.py hold out the same")
+    p.add_argument("--split-seed", type=non_negative_int, default=DEFAULT_SPLIT_SEED,
+                   help=f"seed of the train/validation split (default {DEFAULT_SPLIT_SEED})")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="use a seeded subset of N images of each split (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
                         f"the schedule")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default 256)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate for batch 512 (scaled linearly)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    p.add_argument("--warmup-epochs", type=non_negative_float, default=10)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's (default 0.05)")
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=10,
+                   help="linear warm-up before the cosine schedule (default 10)")
     p.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="in [0, 1)")
     p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (0 = off)")
     p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (0 = off)")
     p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (0 = off)")
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
                    help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the initial weights, augmentation and batch order (default 0)")
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     p.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
     p.add_argument("--compile", action="store_true",
@@ -147,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
                    help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
                         "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many")
-    p.add_argument("--output-dir", default="runs/backbone")
+    p.add_argument("--output-dir", default="runs/backbone",
+                   help="the run's directory (default runs/backbone): training state, log and card, and the "
+                        "checkpoint in OUTPUT_DIR/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
     p.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")

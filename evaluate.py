@@ -476,14 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
-                        help="target ratios of the heuristics, comma-separated (default: %(default)s)")
+                        help="target ratios of the heuristic rows, comma-separated; a checkpoint trained with "
+                             "--train-ratios also gets MARL rows at those it was trained at (default: %(default)s)")
     parser.add_argument("--reduction", default=None, choices=REDUCTIONS,
                         help="what pruned rows do with removed tokens (default: the checkpoint's)")
     parser.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},
                         metavar="RATIO=PATH,...", help="more policy checkpoints, each evaluated at its budget")
     parser.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",
-                        help="add a cascade row at the checkpoint's budget: greedy similarity removing FIRST, then "
-                             "SECOND on the least sure images (e.g. 0.35,0.1)")
+                        help="add a cascade row at the checkpoint's budget (with --heuristics-only, the middle one of "
+                             "--budgets): greedy similarity removing FIRST, then SECOND on the least sure images "
+                             "(e.g. 0.35,0.1)")
     parser.add_argument("--cascade-points", type=block_indices, default=None,
                         help="with --cascade: its pruning points (default: 1,3,5,7,9,11)")
     parser.add_argument("--calibration-images", type=positive_int, default=None,
