@@ -80,6 +80,15 @@ def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path
         load_split("folder", "train", unreadable, val_size=6)
 
 
+@pytest.mark.parametrize("damage", ["empty", "not_an_image"])
+def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_label(tmp_path, damage):
+    root = _colour_folder(tmp_path / "damaged")
+    (root / "test" / "ant" / "1.png").write_bytes(b"" if damage == "empty" else b"garbage")
+    for budget in (None, 0):  # decoded into memory, or streamed
+        with pytest.raises(DataError, match=r"cannot read image .*ant/1\.png"):
+            load_split("folder", "test", root, memory_budget_mb=budget).images[:]
+
+
 def test_test_split_sizes_and_labels(data_dir):
     test = load_split("cifar10", "test", data_dir)
     assert test.images.shape == (10000, 3, 32, 32) and str(test.images.dtype) == "torch.uint8"

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_dataset
+from timm.data import ImageDataset, create_dataset
 
 DATASETS = ("cifar10", "cifar100", "folder")
 SPLITS = ("train", "val", "test")
@@ -346,14 +346,26 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
                         f"--data-dir at that copy, or train a backbone on this one with backbone.py")
 
 
+def _image(raw, index: int) -> Image.Image:
+    """The data set's image ``index``, decoded. An unreadable file is a DataError naming it: timm's
+    ``ImageDataset.__getitem__`` would log it and return the next file's image, which then takes this one's label."""
+    if not isinstance(raw, ImageDataset):  # torchvision: arrays in memory
+        image, _ = raw[index]
+        return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    file, *_ = raw.reader[index]
+    try:
+        image = Image.open(file)
+        image.load()
+    except OSError as error:
+        raise DataError(f"cannot read image {raw.filename(index)}: {error} (remove the file, or replace it)") from None
+    return image
+
+
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
     """Decode images to uint8 ``[N, 3, S, S]``: resize the short side to S, centre-crop (no-op for CIFAR)."""
     out = torch.empty((len(indices), 3, input_size, input_size), dtype=torch.uint8)
     for row, index in enumerate(indices):
-        image, _ = raw[int(index)]
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        image = image.convert("RGB")
+        image = _image(raw, int(index)).convert("RGB")
         if image.size != (input_size, input_size):
             scale = input_size / min(image.size)
             width, height = (max(input_size, round(s * scale)) for s in image.size)
