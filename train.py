@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume "
                              "and from the checkpoint with --from-checkpoint, --data-dir aside)")
     # Every problem and PPO flag defaults to None, "not given", so that problems_from_args takes the field's own
-    # default, with_data_dir overrides a run's data directory only if given, and with_backbone_split takes the
-    # backbone's held-out split unless given. (Which flags --resume and --from-checkpoint refuse comes from
+    # default, with_data_dir overrides a run's data directory only if given, and with_backbone_data takes the
+    # backbone's data set and held-out split unless given. (Which flags --resume and --from-checkpoint refuse comes from
     # cli.given_flags, which also sees a flag given with its default value.)
     p.set_defaults(**{action.dest: None for action in p._actions if action.dest.startswith(("problem.", "ppo."))})
     return p
@@ -694,7 +694,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         check_restorable(args.from_checkpoint)
         problems = [info.problem]
     else:
-        problems = with_backbone_split(problems_from_args(args), args)
+        problems = with_backbone_data(problems_from_args(args), args)
         labels = [sweep_label(problem, problems) for problem in problems]
         if len(set(problems)) < len(problems):
             raise ValueError("the sweep gives a setting the same value twice: give each value once")
@@ -706,15 +706,18 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
             TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
 
 
-def with_backbone_split(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
-    """New problems hold out the validation split their backbone held out (its size and seed, where it records
-    them and was trained on the problem's data set), the one split ``check_fits_backbone`` accepts in full, so a
-    backbone trained with ``backbone.py --val-size 200`` needs no flag here; ``--val-size`` and ``--split-seed``
-    given on the command line win."""
-    given = {name: getattr(args, f"problem.{name}") for name in ("val_size", "split_seed")}
+def with_backbone_data(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
+    """New problems read their backbone's data set (where it records one) and hold out the validation split it
+    held out (its size and seed, where it records them), the one split ``check_fits_backbone`` accepts in full,
+    so a backbone trained with ``backbone.py --dataset folder --val-size 200`` needs neither flag here;
+    ``--dataset``, ``--val-size`` and ``--split-seed`` given on the command line win."""
+    given = {name: getattr(args, f"problem.{name}") for name in ("dataset", "val_size", "split_seed")}
     chosen = []
     for problem in problems:
-        held_out = held_out_split(read_backbone_config(problem.backbone_path), problem.dataset)
+        config = read_backbone_config(problem.backbone_path)
+        if given["dataset"] is None and config.get("dataset"):
+            problem = replace(problem, dataset=config["dataset"])
+        held_out = held_out_split(config, problem.dataset)
         chosen.append(replace(problem, **{name: value for name, value in held_out.items() if given[name] is None}))
     return chosen
 

@@ -131,7 +131,7 @@ class PruningProblem:
 
     backbone: str = setting(repository_relative(REFERENCE_BACKBONE),
                             "backbone checkpoint directory (backbone.py writes one)")
-    dataset: str = setting("cifar10", "data set", choices=DATASETS)
+    dataset: str = setting("cifar10", "data set (train.py: the backbone's, where it records one)", choices=DATASETS)
     data_dir: str = setting(default_data_dir, "directory holding the data set ($MARL_PRUNING_DATA_DIR, else ./data)",
                             factory=True)
     train_limit: int | None = setting(None, "sample from a seeded subset of this many train images")

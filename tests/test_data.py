@@ -72,6 +72,24 @@ def test_the_validation_split_must_come_from_the_backbones_copy_of_the_data(tmp_
                             grown)
 
 
+def test_a_copy_read_under_another_data_set_name_is_held_to_the_backbones_split(tmp_path):
+    """An ImageFolder copy of the backbone's data set read as ``folder`` (the backbone's is named ``cifar10``) is
+    known by its classes: its validation split must still be the backbone's, from the same images."""
+    original = _colour_folder(tmp_path / "original")
+    config = {"num_classes": 3, "class_names": ["ant", "bee", "cat"], "dataset": "cifar10", "split_seed": 0,
+              "split_sizes": {"train": 18, "val": 6}, "input_size": 32,
+              "val_fingerprint": data.held_out_fingerprint("folder", original, 32, 6, 0)}
+    check_fits_backbone(load_split("folder", "val", original, val_size=6, seed=0), "val", "folder", 6, 0, config,
+                        original)
+    with pytest.raises(DataError, match="would hold images the backbone trained on"):
+        check_fits_backbone(load_split("folder", "val", original, val_size=6, seed=1), "val", "folder", 6, 1, config,
+                            original)
+    grown = _colour_folder(tmp_path / "grown", extra=1)
+    with pytest.raises(DataError, match="holds other images, or orders them otherwise"):
+        check_fits_backbone(load_split("folder", "val", grown, val_size=6, seed=0), "val", "folder", 6, 0, config,
+                            grown)
+
+
 def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path):
     original = _colour_folder(tmp_path / "original")
     assert isinstance(load_split("folder", "val", original, val_size=6, memory_budget_mb=0).images, StreamedImages)

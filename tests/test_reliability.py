@@ -155,6 +155,7 @@ def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
     (["--data-dir", "EMPTY"], "cifar10 not found"),
     (["--backbone", "UNKNOWN_MODEL"], "unknown timm model"),
     (["--backbone", "HELD_OUT_2000", "--split-seed", "0"], "would hold images the backbone trained on"),  # no data read
+    (["--backbone", "FOLDER"], "no 'train' split in"),  # the backbone's data set, not cifar10's default
 ])
 def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backbone, capsys, flags, message):
     empty = tmp_path / "empty"
@@ -166,8 +167,10 @@ def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backb
     held_out = Path(shutil.copytree(tiny_backbone, tmp_path / "held_out"))
     (held_out / "config.json").write_text(json.dumps({**config, "split_seed": 1,
                                                       "split_sizes": {"train": 48000, "val": 2000}}))
-    flags = [{"EMPTY": str(empty), "UNKNOWN_MODEL": str(unknown), "HELD_OUT_2000": str(held_out)}.get(f, f)
-             for f in flags]
+    folder = Path(shutil.copytree(tiny_backbone, tmp_path / "folder"))
+    (folder / "config.json").write_text(json.dumps({**config, "dataset": "folder"}))
+    flags = [{"EMPTY": str(empty), "UNKNOWN_MODEL": str(unknown), "HELD_OUT_2000": str(held_out),
+              "FOLDER": str(folder)}.get(f, f) for f in flags]
     args = ["--backbone", str(tiny_backbone), "--data-dir", str(empty), "--prune-points", "1,2,3",
             "--output-dir", str(tmp_path / "run")]
     assert train.main([*args, *flags]) == 2  # later flags win

@@ -290,22 +290,26 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
-def held_out_split(backbone_config: Mapping[str, Any], dataset: str) -> dict[str, int]:
-    """The validation split a backbone held out of ``dataset`` as ``{"val_size", "split_seed"}``, where its config
-    records it (``backbone.py`` does); else ``{}``. Only that split, or a part of it, is clear of the images it
-    trained on (:func:`check_fits_backbone`)."""
-    if backbone_config.get("dataset") != dataset or "split_seed" not in backbone_config:
+def held_out_split(backbone_config: Mapping[str, Any], dataset: str,
+                   class_names: Sequence[str] | None = None) -> dict[str, int]:
+    """The validation split a backbone held out of its data set as ``{"val_size", "split_seed"}``, where its config
+    records it (``backbone.py`` does), for ``dataset`` if it is that data set: by name, or, where the data's
+    ``class_names`` are known, by the classes (an ImageFolder copy of CIFAR-10 read as ``folder``); else ``{}``.
+    Only that split, or a part of it, is clear of the images the backbone trained on (:func:`check_fits_backbone`)."""
+    same_classes = class_names is not None and tuple(backbone_config.get("class_names") or ()) == tuple(class_names)
+    if (backbone_config.get("dataset") != dataset and not same_classes) or "split_seed" not in backbone_config:
         return {}
     return {"val_size": backbone_config["split_sizes"]["val"], "split_seed": backbone_config["split_seed"]}
 
 
-def check_held_out(split_name: str, dataset: str, val_size: int, seed: int,
-                   backbone_config: Mapping[str, Any]) -> tuple[int, int] | None:
+def check_held_out(split_name: str, dataset: str, val_size: int, seed: int, backbone_config: Mapping[str, Any],
+                   class_names: Sequence[str] | None = None) -> tuple[int, int] | None:
     """Raise a DataError where a ``val`` split of ``val_size`` images drawn with ``seed`` would hold images the
     backbone trained on: it must be the validation split the backbone recorded or a part of it. Needs no data,
-    so the commands check it before decoding any (:func:`check_fits_backbone` checks it too). Returns the
-    recorded split's size and seed, for a ``val`` split of a backbone that records one (else None)."""
-    recorded_split = held_out_split(backbone_config, dataset)
+    so the commands check it before decoding any, by the data set's name; :func:`check_fits_backbone` checks it
+    again knowing the classes (:func:`held_out_split`). Returns the recorded split's size and seed, for a ``val``
+    split of a backbone that records one (else None)."""
+    recorded_split = held_out_split(backbone_config, dataset, class_names)
     if split_name != "val" or not recorded_split:
         return None
     held_out, held_out_seed = recorded_split["val_size"], recorded_split["split_seed"]
@@ -330,7 +334,7 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
         raise DataError(f"the data set's {len(split.class_names)} classes are not the backbone's "
                         f"{backbone_config['num_classes']} ({difference})")
-    recorded_split = check_held_out(split_name, dataset, val_size, seed, backbone_config)
+    recorded_split = check_held_out(split_name, dataset, val_size, seed, backbone_config, split.class_names)
     if recorded_split is None:
         return
     held_out, held_out_seed = recorded_split
