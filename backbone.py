@@ -24,8 +24,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,11 +61,13 @@ from envs.vit.data import (
     DATASETS,
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
+    FINGERPRINT_TOLERANCE,
     DataError,
     ImageSplit,
     StreamedImages,
     class_difference,
     default_data_dir,
+    fingerprint_difference,
     held_out_fingerprint,
     load_split,
     split_class_names,
@@ -437,6 +440,23 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
                                  "epochs": epochs, "schedule_changes": schedule, "data_dir": data_dir})
 
 
+RESUMED_DATA = ("class_names", "split_sizes", "val_fingerprint")  # what a resumed run's data must repeat
+
+
+def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any], data_dir: str) -> None:
+    """Refuse to resume on other data than the run trained on (a ``--data-dir`` given on resume is meant for a run
+    moved to another machine): other classes would relabel what it learned, another validation split would hold
+    images it trained on. ``recorded``: the train_state's ``data`` (None in states written before it was kept)."""
+    if recorded is None:
+        return
+    changed = [key for key in RESUMED_DATA if key != "val_fingerprint" and recorded[key] != config[key]]
+    if fingerprint_difference(config["val_fingerprint"], recorded["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
+        changed.append("validation images")
+    if changed:
+        raise DataError(f"--resume: the data in {data_dir} is not what the run trained on (its {', '.join(changed)} "
+                        f"differ): point --data-dir at a copy of that data set, or start a new run")
+
+
 def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     """Train (or resume, ``args.resume``) the backbone ``args`` describes; ``given`` names the flags the
     command line set (:func:`given_flags`), which a resumed run checks against its recorded recipe."""
@@ -494,6 +514,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
               "val_fingerprint": held_out_fingerprint(args.dataset, args.data_dir, input_size, len(val_split),
                                                       args.split_seed, args.download)}
 
+    if state is not None:
+        check_same_data(state.get("data"), config, args.data_dir)
     model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
     if start is not None:
         args.init_summary = warm_start(model, args.init_from, start, config)
@@ -547,7 +569,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                     "generator": step.generator.get_state(), "generator_device": device.type,
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                     **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                    "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings}
+                    "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings,
+                    "data": {key: config[key] for key in RESUMED_DATA}}
         over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
         stopping = over_time and epoch + 1 < args.epochs
         if stopping or (epoch + 1) % args.save_every == 0:  # the last epoch's is saved with the test reading

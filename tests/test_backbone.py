@@ -264,6 +264,31 @@ def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
     assert backbone.main([*resume, "--data-dir", str(data_dir), "--lr", "0.001"]) == 0  # the recorded lr, given
 
 
+def test_a_resume_on_other_data_is_refused(tmp_path, image_folder_224, capsys):
+    """A --data-dir given on resume is for a run moved to another machine: data of other classes or other
+    validation images (which the run may have trained on) is refused before anything trains."""
+    from PIL import Image
+
+    run = ["--dataset", "folder", "--data-dir", str(image_folder_224), "--output-dir", str(tmp_path / "run"),
+           "--val-size", "6", "--epochs", "2", "--batch-size", "8", "--model-kwargs", "img_size=32", "patch_size=8",
+           "depth=2", "embed_dim=16", "num_heads=2"]
+    assert backbone.main([*run, "--time-limit", "0"]) == 0  # stops after its first epoch
+    renamed = Path(shutil.copytree(image_folder_224, tmp_path / "renamed"))
+    for split in ("train", "test"):
+        (renamed / split / "cat").rename(renamed / split / "cow")
+    other = Path(shutil.copytree(image_folder_224, tmp_path / "other"))
+    for path in sorted((other / "train").rglob("*.jpg")):
+        Image.new("RGB", (224, 224), (len(path.stem) * 90 % 256, 200, 30)).save(path)
+    capsys.readouterr()
+    resume = ["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir"]
+    for data, changed in ((renamed, "class_names"), (other, "validation images")):
+        assert backbone.main([*resume, str(data)]) == 2
+        assert capsys.readouterr().err == (f"error: --resume: the data in {data} is not what the run trained on (its "
+                                           f"{changed} differ): point --data-dir at a copy of that data set, or "
+                                           f"start a new run\n")
+    assert backbone.main([*resume, str(image_folder_224)]) == 0
+
+
 def test_step_benchmark_times_every_part(tmp_path):
     import benchmarks.backbone_step as step_benchmark
 

@@ -290,6 +290,12 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
+def fingerprint_difference(found: Sequence[Sequence[float]], recorded: Sequence[Sequence[float]]) -> float:
+    """How far apart two :func:`held_out_fingerprint` s are: the mean difference of their colours, of 255 (the
+    same images read again differ by at most :data:`FINGERPRINT_TOLERANCE`, re-encoded ones included)."""
+    return float(np.abs(np.asarray(found) - np.asarray(recorded)).mean())
+
+
 def held_out_split(backbone_config: Mapping[str, Any], dataset: str,
                    class_names: Sequence[str] | None = None) -> dict[str, int]:
     """The validation split a backbone held out of its data set as ``{"val_size", "split_seed"}``, where its config
@@ -342,7 +348,7 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     if recorded is None:  # a backbone written before backbone.py recorded it
         return
     found = held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out, held_out_seed, download)
-    difference = float(np.abs(np.asarray(found) - np.asarray(recorded)).mean())
+    difference = fingerprint_difference(found, recorded)
     if difference > FINGERPRINT_TOLERANCE:
         raise DataError(f"this copy of {dataset} holds other images, or orders them otherwise, than the copy the "
                         f"backbone was trained on (its validation images differ in colour by {difference:.1f} of 255 "
