@@ -520,7 +520,12 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     if start is not None:
         args.init_summary = warm_start(model, args.init_from, start, config)
         del start
-    steps_per_epoch = max(1, len(train_split) // args.batch_size)
+    batch_size = min(args.batch_size, len(train_split))  # a split smaller than a batch trains in one
+    if args.mixup > 0 or args.cutmix > 0:
+        batch_size -= batch_size % 2  # timm's mixup pairs each image with another of its batch
+    if batch_size == 0:
+        raise DataError(f"{len(train_split)} training image: mixup and cutmix need at least two")
+    steps_per_epoch = len(train_split) // batch_size
     step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
 
     history, start_epoch, test_readings = [], 0, []
@@ -547,7 +552,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     epoch = start_epoch
     while epoch < args.epochs:  # --time-budget may change args.epochs
         model.train()
-        loss_sum = run_epoch(step, images, labels, args.batch_size, steps_per_epoch, epoch * steps_per_epoch,
+        loss_sum = run_epoch(step, images, labels, batch_size, steps_per_epoch, epoch * steps_per_epoch,
                              progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
         mean_loss = loss_sum.item() / steps_per_epoch
         val_acc = accuracy(model, val_split, config, device, amp=amp)
@@ -617,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from is not None and (args.resume or args.pretrained):
             raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
                              f"{'--resume' if args.resume else '--pretrained'}")
+        if args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0):
+            raise ValueError(f"--batch-size {args.batch_size}: timm's mixup and cutmix pair each image with another "
+                             f"of its batch, so the batch must be even (or pass --mixup 0 --cutmix 0)")
         parse_kwargs(args.model_kwargs)
         train(args, given_flags(parser, argv))
     except (ValueError, DataError, CheckpointError) as error:
