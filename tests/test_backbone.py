@@ -228,6 +228,8 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--model-kwargs", "img_size=32", "patch_size=4", "global_pool=map"],
      "StagedViT supports global_pool 'token' or 'avg', got 'map'"),
     (["--model", "resnet18", "--model-kwargs"], "StagedViT needs a plain timm VisionTransformer"),
+    (["--model-kwargs", "img_size=32", "patch_size=4", "depth=1"], "a ViT of 1 block(s) has no pruning point"),
+    (["--model-kwargs", "img_size=8", "patch_size=16"], "its patch grid is 0x0 (0 patch tokens): pruning needs two"),
     (["--output-dir", "a_file"], "a_file is a file, not a directory"),
 ])
 def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(flags, message, tmp_path, monkeypatch,
@@ -245,7 +247,7 @@ def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(fla
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
     run = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64", "--val-size", "100",
            "--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--model-kwargs", "img_size=32", "patch_size=8",
-           "depth=1", "embed_dim=16", "num_heads=2"]
+           "depth=2", "embed_dim=16", "num_heads=2"]
     assert backbone.main([*run, "--time-limit", "0"]) == 0
     capsys.readouterr()
     resume = ["--output-dir", str(tmp_path / "run"), "--resume"]
@@ -339,7 +341,7 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     def run(name, *extra):
         return backbone.main(["--dataset", "folder", "--data-dir", str(folder), "--output-dir", str(tmp_path / name),
                               "--val-size", "6", "--batch-size", "6", "--epochs", "1", "--warmup-epochs", "0",
-                              "--model-kwargs", "img_size=224", "patch_size=56", "depth=1", "embed_dim=16",
+                              "--model-kwargs", "img_size=224", "patch_size=56", "depth=2", "embed_dim=16",
                               "num_heads=2", *extra])
 
     assert run("streamed", "--memory-budget-mb", "0") == 0

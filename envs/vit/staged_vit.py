@@ -97,6 +97,12 @@ def check_prunable(vit: nn.Module) -> None:
                              f"{type(getattr(blk, 'mlp', None)).__name__}")
     if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
         raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
+    if len(vit.blocks) < 2:
+        raise ValueError(f"a ViT of {len(vit.blocks)} block(s) has no pruning point: it needs two blocks or more")
+    grid = "x".join(map(str, vit.patch_embed.grid_size))
+    if vit.patch_embed.num_patches < 2:
+        raise ValueError(f"its patch grid is {grid} ({vit.patch_embed.num_patches} patch tokens): pruning needs two "
+                         f"or more (a larger img_size or a smaller patch_size)")
 
 
 DEFAULT_PRUNE_POINTS: tuple[int, ...] = (3, 6, 9)
