@@ -30,6 +30,7 @@ import csv
 import functools
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -754,9 +755,13 @@ def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
 def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
     """Run (or resume) the trials; uses the Ray instance already initialised in this process, if any. ``given``:
     the flags the command line named (:func:`cli.given_flags`)."""
+    run_dir = local_run_dir(args.output_dir)
+    if (args.overwrite and args.from_checkpoint and run_dir is not None
+            and Path(args.from_checkpoint).expanduser().resolve().is_relative_to(run_dir.resolve())):
+        raise ValueError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
+                         f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)
     inputs = read_server_inputs(args, problems, resources)
-    run_dir = local_run_dir(args.output_dir)
     if args.overwrite and run_dir is not None:
         delete_run(run_dir)
     quiet_ray_loggers()
@@ -846,12 +851,13 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
                          f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
-                         f"--data-dir {data_dir}")
+                         f"--data-dir {shlex.quote(data_dir)}")
             continue
         path = run_dir / trial_and_checkpoint
         shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
         lines.append(f"{name}best checkpoint: {shown} {best}\n"
-                     f"{name}evaluate it: python evaluate.py --checkpoint {shown} --data-dir {data_dir}")
+                     f"{name}evaluate it: python evaluate.py --checkpoint {shlex.quote(shown)} --data-dir "
+                     f"{shlex.quote(data_dir)}")
     return lines, errors
 
 
@@ -868,15 +874,32 @@ def interrupted(results: tune.ResultGrid, iterations: int) -> bool:
     return False
 
 
+def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
+    """The command that goes on with an interrupted run: ``--resume`` with the stop rule this command gave."""
+    stop = [f"--{flag.replace('_', '-')}={getattr(args, flag):g}" for flag in ("iterations", "time_budget")
+            if flag in given]
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *stop])
+
+
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
+    args, given = None, ()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        results = train(args, given_flags(parser, argv))
+        given = given_flags(parser, argv)
+        results = train(args, given)
     except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
+        run_dir = local_run_dir(args.output_dir) if args is not None else None
+        if run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
+            print("interrupted before training began: run the command again (with --overwrite if it says the "
+                  "output directory holds a run)", file=sys.stderr)
+        elif args is not None:
+            print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
+        return 130  # as a shell reports a process ended by SIGINT
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -887,8 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         return 1
     if interrupted(results, args.iterations):
-        print(f"interrupted: go on with python train.py --output-dir {args.output_dir} --resume", file=sys.stderr)
-        return 130  # as a shell reports a process ended by SIGINT
+        print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -268,6 +268,32 @@ def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_p
         ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 
 
+def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before Tune's loop (decoding the data) or a second one during its shutdown: one line, exit 130; the
+    command that goes on keeps the stop rule given and is quoted for the shell."""
+    def interrupt(args, given):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupt)
+    run = tmp_path / "my run"
+    assert train.main(["--output-dir", str(run), "--iterations", "40"]) == 130
+    assert capsys.readouterr().err == ("interrupted before training began: run the command again (with --overwrite "
+                                       "if it says the output directory holds a run)\n")
+    run.mkdir()
+    (run / "experiment_state-2026.json").write_text("{}")  # Tune had started the run
+    assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
+    assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
+                                       f"--iterations=40 --time-budget=7.5\n")
+
+
+def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):
+    checkpoint = tmp_path / "target_ratio=0.5" / "checkpoint_000003"
+    checkpoint.mkdir(parents=True)
+    assert train.main(["--output-dir", str(tmp_path), "--overwrite", "--from-checkpoint", str(checkpoint)]) == 2
+    assert "--overwrite would delete --from-checkpoint" in capsys.readouterr().err
+    assert checkpoint.is_dir()
+
+
 def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, monkeypatch, capsys):
     failed = SimpleNamespace(error=RuntimeError("server gone\n  twice"), path=str(tmp_path / "target_ratio=0.5"),
                              config={"trial": {"name": "target_ratio=0.5"}})
