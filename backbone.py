@@ -463,7 +463,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
     device = resolve_device(args.device)
     amp = not args.no_amp
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).expanduser()
     check_output_dir(out, str(out))
     state_path = out / STATE_FILE
     if state_path.exists() and not (args.resume or args.overwrite):

@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
                              "takes 30 s to 2 min per row on a 2-core CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: 0)")
-    parser.add_argument("--output-dir", type=Path, default=Path("results"), help="default: %(default)s")
+    parser.add_argument("--output-dir", type=lambda text: Path(text).expanduser(), default=Path("results"),
+                        help="default: %(default)s")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results files (results.csv, .json, .md, the plot) of an earlier run")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")

@@ -244,6 +244,19 @@ def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(fla
     assert not (tmp_path / "out").exists()
 
 
+def test_output_dirs_starting_with_a_tilde_are_in_the_home_directory(tmp_path, monkeypatch, capsys):
+    """As train.py's: a quoted ``~/...`` (no shell expanded it) names the home directory, not a ``./~``."""
+    import evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.build_parser().parse_args(["--output-dir", "~/results"]).output_dir == tmp_path / "results"
+    (tmp_path / "a_file").write_text("")
+    assert backbone.main(["--output-dir", "~/a_file", "--data-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
     run = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64", "--val-size", "100",
            "--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--model-kwargs", "img_size=32", "patch_size=8",
