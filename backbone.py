@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -399,6 +400,15 @@ def save_state(path: Path, state: dict) -> None:
         torch.save(state, staging)
 
 
+def read_state(path: Path) -> dict:
+    """The training state ``--resume`` goes on from; a damaged file is one error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load's errors on a damaged file: RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"cannot read {path} ({type(error).__name__}: {error}): the run cannot be resumed; start "
+                         f"it again with --overwrite, or a new run with --init-from its export") from None
+
+
 def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -> int:
     """The schedule length that ends within ``seconds_left`` more seconds of epochs of ``epoch_seconds``, after
     ``epochs_done``, with two epochs' time and a minute kept for the test reading, the export and compiling
@@ -431,6 +441,11 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         raise ValueError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
                          f"it (start a new run with --init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
+    done = state["epoch"]
+    finished = any(reading["epoch"] == done for reading in state.get("test_readings", []))
+    if epochs < done or (epochs == done and finished):
+        raise ValueError(f"--resume: the run has trained {done} epochs{' and read the test split' if finished else ''}"
+                         f": pass --epochs more than {done} to lengthen it")
     schedule = saved.get("schedule_changes", [])
     if epochs != saved["epochs"]:
         schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
@@ -470,7 +485,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if args.resume and not state_path.exists():
         raise ValueError(f"nothing to resume: {state_path} does not exist")
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume else None
+    state = read_state(state_path) if args.resume else None
     if state is not None:
         args = resumed_args(args, state, given)
     elif args.epochs is None:
@@ -612,6 +627,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -630,6 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = Path(args.output_dir).expanduser() if args is not None else None
+        print(f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
+              if out is not None and (out / STATE_FILE).exists() else
+              "interrupted before an epoch was saved: run the command again", file=sys.stderr)
+        return 130  # as a shell reports a process ended by SIGINT
     return 0
 
 

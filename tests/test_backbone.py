@@ -74,6 +74,12 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
     assert torch.equal(resumed["generator"], uninterrupted["generator"])
     assert all(torch.equal(resumed["model"][key], value) for key, value in uninterrupted["model"].items())
+    # a finished run is not trained or read again, nor shortened below what it trained
+    capsys.readouterr()
+    for epochs in ([], ["--epochs", "1"]):
+        assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", *epochs]) == 2
+        assert capsys.readouterr().err == ("error: --resume: the run has trained 2 epochs and read the test split: "
+                                           "pass --epochs more than 2 to lengthen it\n")
     # a resumed run may extend its schedule; the card records the change
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 0
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
@@ -255,6 +261,26 @@ def test_output_dirs_starting_with_a_tilde_are_in_the_home_directory(tmp_path, m
     assert backbone.main(["--output-dir", "~/a_file", "--data-dir", str(tmp_path)]) == 2
     assert f"{tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().err
     assert not (tmp_path / "~").exists()
+
+
+def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupt(args, given):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backbone, "train", interrupt)
+    run = tmp_path / "my run"
+    assert backbone.main(["--output-dir", str(run)]) == 130
+    assert capsys.readouterr().err == "interrupted before an epoch was saved: run the command again\n"
+    run.mkdir()
+    (run / backbone.STATE_FILE).write_bytes(b"")
+    assert backbone.main(["--output-dir", str(run)]) == 130
+    assert capsys.readouterr().err == f"interrupted: go on with python backbone.py --output-dir '{run}' --resume\n"
+    monkeypatch.undo()
+    for damage in (b"", b"garbage\n"):
+        (run / backbone.STATE_FILE).write_bytes(damage)
+        assert backbone.main(["--output-dir", str(run), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {run / backbone.STATE_FILE} (") and err.count("\n") == 1, err
 
 
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
