@@ -100,16 +100,29 @@ def _iteration_order(checkpoint: Path) -> tuple[int, int]:
     return iteration, checkpoint_number(checkpoint)
 
 
+RESTORED_STATES = (Path("algorithm_state.pkl"), Path("learner_group", "state.pkl"),
+                   Path("learner_group", "learner", "state.pkl"))
+"""What restoring an RLlib checkpoint of this project reads, besides each module's ``module_state.pkl``."""
+
+
 def check_restorable(checkpoint: str | os.PathLike) -> None:
-    """Raise a PolicyCheckpointError unless every pickled part of an RLlib checkpoint reads (a file cut short by
-    a crash or a copy does not), so that a run fails before it starts, not in its trial."""
-    for path in sorted(Path(checkpoint).rglob("*.pkl")):
+    """Raise a PolicyCheckpointError unless an RLlib checkpoint holds the states a restore reads
+    (:data:`RESTORED_STATES` and each module's) and every pickled part of it reads (a file cut short by a crash or
+    a copy does not), so that a run fails before it starts, not in its trial."""
+    checkpoint = Path(checkpoint)
+    for path in sorted(checkpoint.rglob("*.pkl")):
         try:
             with path.open("rb") as file:
                 pickle.load(file)
         except Exception as error:  # noqa: BLE001 - a damaged pickle fails in many ways
             raise PolicyCheckpointError(f"{checkpoint} cannot be restored: {path.relative_to(checkpoint)} does not "
                                         f"read ({type(error).__name__}: {error})") from None
+    modules = sorted(path for path in (checkpoint / MODULES_DIR).glob("*") if path.is_dir())
+    required = [*RESTORED_STATES, *(path.relative_to(checkpoint) / "module_state.pkl" for path in modules)]
+    missing = [str(path) for path in required if not (checkpoint / path).is_file()]
+    if missing or not modules:
+        raise PolicyCheckpointError(f"{checkpoint} cannot be restored: it lacks "
+                                    f"{', '.join(missing) or MODULES_DIR.as_posix() + '/<policy>'}")
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -81,9 +81,12 @@ def test_starting_from_bad_checkpoints_fails_in_one_line(tmp_path, capsys):
     (corrupt / "pruning_config.json").write_text('{"server": {"backb')
     truncated = write_checkpoint(tmp_path / "truncated", tmp_path / "backbone")  # at iteration 3
     (truncated / "algorithm_state.pkl").write_bytes(pickle.dumps({"weights": list(range(100))})[:100])
+    incomplete = write_checkpoint(tmp_path / "incomplete", tmp_path / "backbone")  # no learner state
+    (incomplete / "algorithm_state.pkl").write_bytes(pickle.dumps({"weights": list(range(100))}))
     for path, message, extra in (
             (tmp_path / "missing", "does not exist", ()), (not_a_checkpoint, "not a policy checkpoint", ()),
             (corrupt, "not readable JSON", ()),
+            (incomplete, "cannot be restored: it lacks learner_group/state.pkl, learner_group/learner/state.pkl", ()),
             (truncated, "algorithm_state.pkl does not read (UnpicklingError", ()),
             (truncated, "--from-checkpoint is at iteration 3 and --iterations counts them in total: pass more than 3",
              ("--iterations", "3"))):
