@@ -30,6 +30,7 @@ import csv
 import functools
 import logging
 import os
+import pickle
 import shlex
 import shutil
 import sys
@@ -673,7 +674,15 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise ValueError(f"nothing to resume: no run in {args.output_dir}")
-        trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+        try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
+            if local is not None:
+                with (local / "tuner.pkl").open("rb") as file:
+                    pickle.load(file)
+            trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+        except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
+            raise ValueError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
+                             f"not read ({type(error).__name__}: {error}): start a new run from its newest "
+                             f"checkpoint with --from-checkpoint and another --output-dir") from None
         reached = [resumed_iteration(list(reversed(trial_checkpoints(local / trial["name"])))) for trial in trials
                    ] if local is not None else []
         if reached and min(reached) >= args.iterations:

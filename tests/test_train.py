@@ -99,6 +99,15 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     assert train.main(["--output-dir", "run", "--resume", "--iterations", "2", "--num-cpus", "4"]) == 2
     assert "pass more than 2 to go on" in capsys.readouterr().err
 
+    # damaged Tune records are refused in one line before Ray starts
+    for damaged, record in (("cut_tuner", "tuner.pkl"), ("empty_state", "experiment_state-*.json")):
+        copy = Path(shutil.copytree(tmp_path / "run", tmp_path / damaged))
+        for path in copy.glob(record):
+            path.write_bytes(path.read_bytes()[:50] if record == "tuner.pkl" else b"")
+        assert train.main(["--output-dir", damaged, "--resume", "--iterations", "3", "--num-cpus", "4"]) == 2
+        err = capsys.readouterr().err
+        assert f"Tune records in {damaged} (tuner.pkl, experiment_state-*.json) do not read" in err, err
+
     # --resume goes on with both trials (finished ones too) from their latest checkpoints
     assert train.main(["--output-dir", "run", "--resume", "--iterations", "3", "--num-cpus", "4"]) == 0
     out = capsys.readouterr().out
