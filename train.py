@@ -33,6 +33,7 @@ import os
 import pickle
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -285,6 +286,13 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, **quiet)
+    interrupt_on_sigterm()
+
+
+def interrupt_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
+    says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def quiet_ray_loggers() -> None:

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -293,6 +295,17 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
     assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
                                        f"--iterations=40 --time-budget=7.5\n")
+
+
+def test_sigterm_interrupts_as_ctrl_c_does():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        train.interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):
