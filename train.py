@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import functools
 import logging
 import os
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -779,19 +780,41 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
                          f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)
     inputs = read_server_inputs(args, problems, resources)
-    if args.overwrite and run_dir is not None:
-        delete_run(run_dir)
-    quiet_ray_loggers()
-    if not ray.is_initialized():
-        start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
-    if not args.resume:  # the cluster's GPUs decide the placement
-        resources = replace(resources, placement=plan_placement(
-            args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
-    print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
-    trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
-                                     access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
-                                     inputs=inputs)
-    return build_tuner(args, trainable, problems, resources).fit()
+    with run_lock(run_dir):
+        if args.overwrite and run_dir is not None:
+            delete_run(run_dir)
+        quiet_ray_loggers()
+        if not ray.is_initialized():
+            start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
+        if not args.resume:  # the cluster's GPUs decide the placement
+            resources = replace(resources, placement=plan_placement(
+                args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
+        print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
+        trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
+                                         access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
+                                         inputs=inputs)
+        return build_tuner(args, trainable, problems, resources).fit()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on a local run's directory (made here) while this process trains in it, so that a
+    second train.py on the same ``--output-dir`` is refused instead of mixing its checkpoints into the run's.
+    The lock goes with the process, however it ends. A cloud ``--output-dir`` (None) is not locked."""
+    if run_dir is None:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
+                             f"--output-dir") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experiment_state-*.json",

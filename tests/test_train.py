@@ -2,6 +2,7 @@
 run started from a checkpoint with another worker count."""
 
 import csv
+import fcntl
 import json
 import os
 import pickle
@@ -295,6 +296,21 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
     assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
                                        f"--iterations=40 --time-budget=7.5\n")
+
+
+def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, data_dir, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    held = os.open(run, os.O_RDONLY)  # the lock of a train.py running in it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--prune-points", "1,2,3",
+                           "--train-limit", "8", "--val-limit", "4", "--output-dir", str(run)]) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err == (f"error: another train.py is running in {run}: wait for it to end, or pass "
+                                       f"another --output-dir\n")
+    assert not any(run.iterdir())
 
 
 def test_sigterm_interrupts_as_ctrl_c_does():
