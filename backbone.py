@@ -68,6 +68,7 @@ from envs.vit.data import (
     StreamedImages,
     class_difference,
     default_data_dir,
+    errors_of_workers,
     fingerprint_difference,
     held_out_fingerprint,
     load_split,
@@ -302,7 +303,8 @@ def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, ba
     loader = torch.utils.data.DataLoader(images, batch_sampler=indices, num_workers=STREAM_WORKERS,
                                          pin_memory=pin_memory,
                                          generator=torch.Generator())  # leaves the global RNG to the training
-    yield from zip(batches, loader, strict=True)
+    with errors_of_workers():
+        yield from zip(batches, loader, strict=True)
 
 
 @torch.no_grad()

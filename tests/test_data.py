@@ -105,6 +105,8 @@ def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_l
     for budget in (None, 0):  # decoded into memory, or streamed
         with pytest.raises(DataError, match=r"cannot read image .*ant/1\.png"):
             load_split("folder", "test", root, memory_budget_mb=budget).images[:]
+    with pytest.raises(DataError, match=r"^cannot read image .*ant/1\.png[^\n]*$"):  # one line, from a worker
+        list(load_split("folder", "test", root, memory_budget_mb=0).batches(4, workers=1))
 
 
 def test_test_split_sizes_and_labels(data_dir):

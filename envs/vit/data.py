@@ -25,6 +25,7 @@ pixels from the files on demand, and :meth:`ImageSplit.batches` reads ahead with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -128,8 +129,19 @@ class ImageSplit:
         if isinstance(self.images, torch.Tensor):
             yield from self.images.split(batch_size)
             return
-        yield from torch.utils.data.DataLoader(self.images, batch_size=batch_size, num_workers=workers,
-                                               prefetch_factor=2 if workers else None)
+        with errors_of_workers():
+            yield from torch.utils.data.DataLoader(self.images, batch_size=batch_size, num_workers=workers,
+                                                   prefetch_factor=2 if workers else None)
+
+
+@contextlib.contextmanager
+def errors_of_workers() -> Iterator[None]:
+    """A DataError raised in a DataLoader worker (an unreadable image) reaches the caller as a DataError whose
+    message is the worker's traceback; this gives it back its own one-line message."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def default_data_dir() -> str:
