@@ -285,7 +285,7 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
 
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
     run = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64", "--val-size", "100",
-           "--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--model-kwargs", "img_size=32", "patch_size=8",
+           "--epochs", "2", "--batch-size", "32", "--lr", "1e-3", "--model-kwargs", "img_size=32", "patch_size=8",
            "depth=2", "embed_dim=16", "num_heads=2"]
     assert backbone.main([*run, "--time-limit", "0"]) == 0
     capsys.readouterr()

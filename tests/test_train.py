@@ -314,14 +314,18 @@ def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, 
 
 
 def test_sigterm_interrupts_as_ctrl_c_does():
-    previous = signal.getsignal(signal.SIGTERM)
+    """SIGTERM raises SIGINT, which Python's default handler turns into KeyboardInterrupt (and Tune's, during a
+    run, into a stop with checkpoints). Earlier tests may have left another SIGINT handler: the default is set."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         train.interrupt_on_sigterm()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):
