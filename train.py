@@ -779,8 +779,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         raise ValueError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
                          f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)
-    inputs = read_server_inputs(args, problems, resources)
     with run_lock(run_dir):
+        inputs = read_server_inputs(args, problems, resources)
         if args.overwrite and run_dir is not None:
             delete_run(run_dir)
         quiet_ray_loggers()
@@ -798,12 +798,15 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock on a local run's directory (made here) while this process trains in it, so that a
-    second train.py on the same ``--output-dir`` is refused instead of mixing its checkpoints into the run's.
-    The lock goes with the process, however it ends. A cloud ``--output-dir`` (None) is not locked."""
+    """Hold an exclusive lock on a local run's directory while this process reads its inputs and trains in it,
+    so that a second train.py on the same ``--output-dir`` is refused at once instead of mixing its checkpoints
+    into the run's. The lock goes with the process, however it ends. The directories made for it are removed
+    again if the run fails or is interrupted before anything is written in them. A cloud ``--output-dir``
+    (None) is not locked."""
     if run_dir is None:
         yield
         return
+    made = next((path for path in reversed((run_dir, *run_dir.parents)) if not path.exists()), None)
     run_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(run_dir, os.O_RDONLY)
     try:
@@ -813,6 +816,10 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
             raise ValueError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
                              f"--output-dir") from None
         yield
+    except BaseException:  # an error or an interrupt (KeyboardInterrupt)
+        if made is not None and not any(run_dir.iterdir()):
+            shutil.rmtree(made)  # only the empty directories made above
+        raise
     finally:
         os.close(descriptor)
 

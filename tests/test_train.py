@@ -298,19 +298,23 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
                                        f"--iterations=40 --time-budget=7.5\n")
 
 
-def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, data_dir, capsys):
+def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, capsys):
     run = tmp_path / "run"
     run.mkdir()
     held = os.open(run, os.O_RDONLY)  # the lock of a train.py running in it
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--prune-points", "1,2,3",
-                           "--train-limit", "8", "--val-limit", "4", "--output-dir", str(run)]) == 2
+    try:  # refused before it reads any data (there is none here)
+        assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"),
+                           "--no-download", "--prune-points", "1,2,3", "--output-dir", str(run)]) == 2
     finally:
         os.close(held)
     assert capsys.readouterr().err == (f"error: another train.py is running in {run}: wait for it to end, or pass "
                                        f"another --output-dir\n")
     assert not any(run.iterdir())
+    # a run that fails while reading its inputs leaves no directory behind, its parents included
+    assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"), "--no-download",
+                       "--prune-points", "1,2,3", "--output-dir", str(tmp_path / "runs" / "marl")]) == 2
+    assert "no_data does not exist" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def test_sigterm_interrupts_as_ctrl_c_does():
