@@ -68,7 +68,7 @@ from cli import (
     non_negative_int,
     positive_int,
 )
-from envs.atomic_file import replaced_atomically
+from envs.atomic_file import first_missing, replaced_atomically
 from envs.episode_metrics import PruningMetrics
 from envs.problem import (
     PruningProblem,
@@ -806,7 +806,7 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
     if run_dir is None:
         yield
         return
-    made = next((path for path in reversed((run_dir, *run_dir.parents)) if not path.exists()), None)
+    made = first_missing(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(run_dir, os.O_RDONLY)
     try:

@@ -1,4 +1,5 @@
-"""Files replaced in one step: a reader (or a crash) never sees half of one."""
+"""Files replaced in one step, so that a reader (or a crash) never sees half of one; and the directories a
+failed command made, found so that it can remove them again."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
         staging.unlink(missing_ok=True)
         raise
     os.replace(staging, path)
+
+
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The highest of ``path`` and its parents that does not exist yet: the first directory that making ``path``
+    (with its parents) creates, so that removing it undoes the making; None where ``path`` exists."""
+    path = Path(path)
+    return next((directory for directory in reversed((path, *path.parents)) if not directory.exists()), None)

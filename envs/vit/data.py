@@ -42,6 +42,8 @@ import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
 
+from envs.atomic_file import first_missing
+
 DATASETS = ("cifar10", "cifar100", "folder")
 SPLITS = ("train", "val", "test")
 DEFAULT_VAL_SIZE = 5000
@@ -193,7 +195,7 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     # what a download creates: removed again if it fails, so a failed command leaves nothing behind
-    created = next((path for path in (data_dir, data_dir / dataset) if not path.exists()), None)
+    created = first_missing(data_dir / dataset)
     try:
         return create_dataset(f"torch/{dataset}", root=str(data_dir / dataset), split=split, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted", download=False
