@@ -52,7 +52,7 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
         observation = observe(staged, state, target_ratio)
         return torch.cat([observation.similarity, observation.attention[..., attention_only]], dim=-1) @ w
 
-    return lambda state, k: heuristic_turns(state, target_ratio, removal_scores, "both", protected_share)[0]
+    return lambda state, k: heuristic_turns(state, target_ratio, removal_scores, "both", protected_share).survivors
 
 
 def main(argv: list[str] | None = None) -> None:

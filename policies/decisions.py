@@ -13,13 +13,15 @@ similarity agent removes all ``n - k``. :func:`turn_counts` is the split; the ru
 its two forms:
 
 - to sampled sets (:func:`survives`), as the env applies the agents' actions in training;
-- to the agents' scores (:func:`policy_selector`), each agent choosing its most likely set (its highest
-  scores), as every evaluation and inference does.
+- to chosen sets (:func:`take_turns`): the agents' most likely sets (their highest scores,
+  :func:`policy_selector`), as every evaluation and inference does, or the heuristics the warm start imitates
+  (``policies.warm_start``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,23 +63,51 @@ def survives(live: np.ndarray, kept: np.ndarray | None, removed: np.ndarray | No
     return np.asarray(kept).astype(bool)
 
 
+TurnRule = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(tokens [B, W] bool, count)`` -> the ``count`` of ``tokens`` an agent chooses, ``[B, W]`` bool."""
+
+
+class Turns(NamedTuple):
+    """One pruning point's turns, each ``[B, W]`` bool."""
+
+    survivors: torch.Tensor
+    kept: torch.Tensor | None
+    """The attention agent's set; None where it has no turn."""
+    left: torch.Tensor
+    """The tokens the similarity agent chooses from: the live ones the attention agent did not keep."""
+    removed: torch.Tensor | None
+    """The similarity agent's set; None where it has no turn or the budget removes nothing."""
+
+
+def take_turns(live: torch.Tensor, target_ratio: float, protected_share: float, keep_by_attention: TurnRule | None,
+               remove_by_similarity: TurnRule | None) -> Turns:
+    """The agents' turns at one pruning point of an exact budget (every row of ``live [B, W]`` is live,
+    ``envs.vit.pruned_forward.Selector``): ``keep_by_attention`` chooses the tokens the attention agent keeps,
+    then ``remove_by_similarity`` those the similarity agent removes among the others (:func:`turn_counts`);
+    an absent agent's rule is None."""
+    agents = "both" if keep_by_attention and remove_by_similarity else (
+        "attention" if keep_by_attention else "similarity")
+    attention_keeps, similarity_removes = turn_counts(live.shape[1], target_ratio, agents, protected_share)
+    kept = None if keep_by_attention is None else keep_by_attention(live, attention_keeps) & live
+    if remove_by_similarity is None:
+        return Turns(kept, kept, live & ~kept, None)
+    left = live if kept is None else live & ~kept
+    removed = remove_by_similarity(left, similarity_removes) & left if similarity_removes else None
+    return Turns(live if removed is None else live & ~removed, kept, left, removed)
+
+
 def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, target_ratio: float,
                     protected_share: float) -> Selector:
     """Exact budget: the attention agent keeps its highest-scored tokens, then the similarity agent removes
     its highest-scored of the others (:func:`turn_counts`), each seeing what it sees in training."""
-    agents = "both" if len(modules) == 2 else next(iter(modules))
-
     def select(state: TokenState, k: int) -> torch.Tensor:
         observation = observe(staged, state, target_ratio)
-        attention_keeps, similarity_removes = turn_counts(state.live.shape[1], target_ratio, agents,
-                                                          protected_share)  # every row is live (Selector)
-        kept = torch.zeros_like(state.live)
-        if "attention" in modules:
-            scores = modules["attention"].token_scores(observation.attention, state.live.float(), every_row=True)
-            kept = highest(scores, attention_keeps) & state.live
-        if "similarity" not in modules:
-            return kept
-        left = state.live & ~kept
-        scores = modules["similarity"].token_scores(observation.similarity, left.float(), every_row=True)
-        return state.live & ~highest(scores, similarity_removes)
+
+        def most_likely_set(policy: str) -> TurnRule:
+            features = getattr(observation, policy)
+            return lambda tokens, count: highest(modules[policy].token_scores(features, tokens.float(),
+                                                                              every_row=True), count)
+
+        rules = [most_likely_set(policy) if policy in modules else None for policy in TURNS]
+        return take_turns(state.live, target_ratio, protected_share, *rules).survivors
     return select

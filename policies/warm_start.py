@@ -24,7 +24,7 @@ from envs.vit.features import observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, pad_tokens, topk_keep_mask
-from policies.decisions import turn_counts
+from policies.decisions import Turns, take_turns
 from policies.heuristics import greedy_attention_keep, redundancy
 from policies.rl_module import policy_module_spec
 
@@ -58,25 +58,15 @@ def imitation_data(staged: StagedViT, images: torch.Tensor, ratios: Sequence[flo
 
 
 def heuristic_turns(state: TokenState, target_ratio: float, removal_scores: Callable[[TokenState], torch.Tensor],
-                    agents: str, protected_share: float
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Heuristics taking the agents' turns at one pruning point: greedy attention keeps the attention agent's
-    share, then the highest ``removal_scores(state) [B, W]`` of the other tokens are removed. Returns the tokens
-    kept ``[B, W]``; the attention agent's set (None where it has no turn); the similarity agent's tokens to
-    choose from and its removed set (None where it has no turn or the budget keeps every live token, so there
-    is no choice to imitate)."""
-    attention_keeps, similarity_removes = turn_counts(int(state.live[0].sum()), target_ratio, agents,
-                                                      protected_share)
-    kept = attention = None
-    if agents != "similarity":
-        kept = attention = greedy_attention_keep(state.cls_attention, state.live, attention_keeps)
-    if agents == "attention":
-        return kept, attention, None
-    if similarity_removes == 0:
-        return state.live, attention, None
-    left = state.live if kept is None else state.live & ~kept
-    removed = topk_keep_mask(removal_scores(state), left, similarity_removes)
-    return state.live & ~removed, attention, (left, removed)
+                    agents: str, protected_share: float) -> Turns:
+    """Heuristics taking the agents' turns at one pruning point (:func:`policies.decisions.take_turns`):
+    greedy attention keeps the attention agent's share, then the highest ``removal_scores(state) [B, W]`` of the
+    other tokens are removed. ``agents``: which agents have a turn."""
+    keep_by_attention = None if agents == "similarity" else (
+        lambda tokens, count: greedy_attention_keep(state.cls_attention, tokens, count))
+    remove_by_similarity = None if agents == "attention" else (
+        lambda tokens, count: topk_keep_mask(removal_scores(state), tokens, count))
+    return take_turns(state.live, target_ratio, protected_share, keep_by_attention, remove_by_similarity)
 
 
 def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: str, protected_share: float,
@@ -85,14 +75,13 @@ def _recorder(staged: StagedViT, target_ratio: float, heuristic: str, agents: st
     observes, the tokens it chooses from and the heuristic's set to ``rows``."""
 
     def record(state: TokenState, k: int) -> torch.Tensor:
-        keep, attention, similarity = heuristic_turns(state, target_ratio, partial(redundancy, heuristic), agents,
-                                                      protected_share)
+        turns = heuristic_turns(state, target_ratio, partial(redundancy, heuristic), agents, protected_share)
         observation = observe(staged, state, target_ratio)
-        if attention is not None:
-            rows.setdefault("attention", []).append((observation.attention, state.live, attention))
-        if similarity is not None:
-            rows.setdefault("similarity", []).append((observation.similarity, *similarity))
-        return keep
+        if turns.kept is not None:
+            rows.setdefault("attention", []).append((observation.attention, state.live, turns.kept))
+        if turns.removed is not None:
+            rows.setdefault("similarity", []).append((observation.similarity, turns.left, turns.removed))
+        return turns.survivors
     return record
 
 
@@ -100,7 +89,7 @@ def imitated_selector(target_ratio: float, heuristic: str, agents: str, protecte
     """The choices the warm start imitates at ``target_ratio``: the heuristics taking the agents' turns (greedy
     attention keeps its share, ``heuristic`` removes among the rest), without the agents' features."""
     return lambda state, k: heuristic_turns(state, target_ratio, partial(redundancy, heuristic), agents,
-                                            protected_share)[0]
+                                            protected_share).survivors
 
 
 def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence[float], reduction: str,

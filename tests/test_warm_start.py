@@ -9,6 +9,8 @@ import torch
 from envs.vit.features import SIMILARITY_FEATURES
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import highest
+from policies.decisions import take_turns
 from policies.rl_module import policy_module_spec
 from policies.warm_start import clone_module, imitated_selector, imitation_data
 
@@ -88,3 +90,28 @@ def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to():
     rows = torch.cat([torch.nn.functional.pad(keep, (0, 64 - keep.shape[1])) for keep in chosen]).float()
     assert torch.equal(rows, live - removed)  # both point by point, the batch's images in each
     assert ((rows - kept) < 0).sum() == 0  # the attention agent's tokens are kept
+
+
+def test_the_turn_rule_gives_each_agent_its_count_and_keeps_the_attention_agents_tokens():
+    """``take_turns``, the one rule behind both the agents' most likely sets and the heuristics they imitate."""
+    live = torch.ones(2, 12, dtype=torch.bool)
+    attention_scores, similarity_scores = torch.randn(2, 12), torch.randn(2, 12)
+    similarity_scores[:, :3] = 10.0  # the similarity agent would remove these first
+
+    def keep_by_attention(tokens, count):
+        return highest(attention_scores.masked_fill(~tokens, -1e9), count)
+
+    def remove_by_similarity(tokens, count):
+        return highest(similarity_scores.masked_fill(~tokens, -1e9), count)
+
+    both = take_turns(live, 0.5, 0.5, keep_by_attention, remove_by_similarity)  # keeps 6: 3 by attention
+    assert both.kept.sum(1).tolist() == [3, 3] and both.removed.sum(1).tolist() == [6, 6]
+    assert torch.equal(both.left, live & ~both.kept) and not (both.removed & both.kept).any()
+    assert torch.equal(both.survivors, live & ~both.removed) and both.survivors.sum(1).tolist() == [6, 6]
+    assert torch.equal(both.kept & both.survivors, both.kept)
+    alone = take_turns(live, 0.5, 0.5, keep_by_attention, None)
+    assert alone.removed is None and torch.equal(alone.survivors, alone.kept) and alone.kept.sum(1).tolist() == [6, 6]
+    alone = take_turns(live, 0.5, 0.5, None, remove_by_similarity)
+    assert alone.kept is None and alone.survivors[:, :3].sum() == 0 and alone.survivors.sum(1).tolist() == [6, 6]
+    nothing_to_remove = take_turns(live, 0.0, 0.5, keep_by_attention, remove_by_similarity)
+    assert nothing_to_remove.removed is None and nothing_to_remove.survivors.all()
