@@ -46,6 +46,7 @@ from cli import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    run_command,
 )
 from envs.atomic_file import replaced_atomically
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
@@ -630,7 +631,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = None
-    try:
+
+    def run() -> int:
+        nonlocal args
         parser = build_parser()
         args = parser.parse_args(argv)
         if not math.isfinite(args.lr) or args.lr <= 0:
@@ -645,16 +648,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"of its batch, so the batch must be even (or pass --mixup 0 --cutmix 0)")
         parse_kwargs(args.model_kwargs)
         train(args, given_flags(parser, argv))
-    except (ValueError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return 0
+
+    def interrupted_line() -> str:
         out = Path(args.output_dir).expanduser() if args is not None else None
-        print(f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
-              if out is not None and (out / STATE_FILE).exists() else
-              "interrupted before an epoch was saved: run the command again", file=sys.stderr)
-        return 130  # as a shell reports a process ended by SIGINT
-    return 0
+        if out is None or not (out / STATE_FILE).exists():
+            return "interrupted before an epoch was saved: run the command again"
+        return f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
+
+    return run_command(run, interrupted_line)
 
 
 if __name__ == "__main__":

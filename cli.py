@@ -1,22 +1,44 @@
-"""The argument parser of the three commands (backbone.py, train.py, evaluate.py): argument errors become one
-``error: ...`` line, like every other error of the commands."""
+"""What the three commands (backbone.py, train.py, evaluate.py) and the benchmarks share: how they run and
+report errors (:func:`run_command`), their argument parser, whose errors become one ``error: ...`` line like
+every other error of the commands, and their common arguments."""
 
 from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
+from envs.errors import UserError
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
-class UsageError(ValueError):
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, ValueError)
+"""What the commands report in one line: the project's errors (``envs.errors``) and the ``ValueError`` with which
+their own checks and the libraries' refuse an argument."""
+
+
+class UsageError(UserError, ValueError):
     """A bad command line; the commands print it as one ``error: ...`` line and exit with code 2."""
+
+
+def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
+    """Run a command's ``body`` and return its exit code: a user error (:data:`USER_ERRORS`) ends it with one
+    ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says (how to go on) and code 130, as a
+    shell reports a process ended by SIGINT. Other exceptions are bugs and keep their tracebacks."""
+    try:
+        return body()
+    except USER_ERRORS as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted(), file=sys.stderr)
+        return 130
 
 
 def versions_line() -> str:

@@ -66,14 +66,15 @@ from tqdm import tqdm
 
 from cli import (
     OneLineParser,
-    UsageError,
     add_data_access_arguments,
     check_output_dir,
     data_access,
     positive_int,
+    run_command,
     versions_line,
 )
-from envs.problem import ProblemError, PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
+from envs.errors import UserError
+from envs.problem import PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
 from envs.results_table import (
     BASELINE,
     RESULT_FILES,
@@ -87,7 +88,6 @@ from envs.results_table import (
 )
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
-    CheckpointError,
     normalize,
     read_backbone_config,
     repository_relative,
@@ -132,7 +132,7 @@ BOOTSTRAP_RESAMPLES = 2000
 CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validation images"
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """A bad argument, checkpoint or combination of them; the message is meant for the user as is."""
 
 
@@ -689,18 +689,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (UsageError, EvaluationError, PolicyCheckpointError, CheckpointError,
-                                            DataError, ProblemError)
-"""What a bad command line, path, checkpoint, backbone or data set raises: reported in one line, not a traceback."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr otherwise."""
-    try:
-        return run(build_parser().parse_args(argv))
-    except USER_ERRORS as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
+    """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr for bad input, 130 on
+    Ctrl-C (the results are written at the end only, so nothing is)."""
+    return run_command(lambda: run(build_parser().parse_args(argv)),
+                       lambda: "interrupted: nothing was written; run the command again")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from cli import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    run_command,
 )
 from envs.atomic_file import first_missing, replaced_atomically
 from envs.episode_metrics import PruningMetrics
@@ -79,8 +80,8 @@ from envs.problem import (
     trained_policies,
 )
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
-from envs.vit.backbone_checkpoint import CheckpointError, normalize, read_backbone_config
-from envs.vit.data import DataError, held_out_split
+from envs.vit.backbone_checkpoint import normalize, read_backbone_config
+from envs.vit.data import held_out_split
 from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
@@ -928,28 +929,8 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *stop])
 
 
-def main(argv: list[str] | None = None) -> int:
-    owns_ray = not ray.is_initialized()
-    args, given = None, ()
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        given = given_flags(parser, argv)
-        results = train(args, given)
-    except (ValueError, DataError, CheckpointError, PolicyCheckpointError) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
-        run_dir = local_run_dir(args.output_dir) if args is not None else None
-        if run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
-            print("interrupted before training began: run the command again (with --overwrite if it says the "
-                  "output directory holds a run)", file=sys.stderr)
-        elif args is not None:
-            print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
-        return 130  # as a shell reports a process ended by SIGINT
-    finally:
-        if owns_ray and ray.is_initialized():
-            ray.shutdown()
+def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
+    """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted."""
     lines, errors = closing_lines(results, args.output_dir)
     print("\n".join(lines))
     for line in errors:
@@ -960,6 +941,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    owns_ray = not ray.is_initialized()
+    args, given = None, frozenset()
+
+    def run() -> int:
+        nonlocal args, given
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        given = given_flags(parser, argv)
+        try:
+            results = train(args, given)
+        finally:
+            if owns_ray and ray.is_initialized():
+                ray.shutdown()
+        return report(results, args, given)
+
+    def interrupted_line() -> str:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
+        run_dir = local_run_dir(args.output_dir) if args is not None else None
+        if args is None or run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
+            return ("interrupted before training began: run the command again (with --overwrite if it says the "
+                    "output directory holds a run)")
+        return f"interrupted: go on with {go_on_command(args, given)}"
+
+    return run_command(run, interrupted_line)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks import run_from_command_line
+from cli import OneLineParser
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
@@ -64,7 +65,7 @@ def summary(rates: dict[str, list[float]], reference: str) -> dict[str, dict[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the policy (default: the reference)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
     parser.add_argument("--images", type=int, default=32, help="test images per timed pass (default: %(default)s)")

@@ -29,7 +29,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from benchmarks import run_from_command_line
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
@@ -134,7 +133,7 @@ def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_ag
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, target ratio and reduction (default: %(default)s)")

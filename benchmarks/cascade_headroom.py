@@ -28,7 +28,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from benchmarks import run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -158,7 +157,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (default: %(default)s)")

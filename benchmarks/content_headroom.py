@@ -29,7 +29,6 @@ backbone either, at least not to a policy gradient of this size.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import nn
 from benchmarks import run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
@@ -196,7 +195,7 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks import run_from_command_line
+from cli import OneLineParser
 from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
@@ -309,7 +310,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)

@@ -18,7 +18,6 @@ features hold no scoring better than the heuristic, and new observations, not mo
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 
 from benchmarks import run_from_command_line
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -56,7 +55,7 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, problem and reward weights (default: %(default)s)")

@@ -13,7 +13,6 @@ the warm-start heuristic among the rest) and from that heuristic alone.
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks import run_from_command_line
+from cli import OneLineParser
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
@@ -60,7 +60,7 @@ def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--limit", type=int, default=2000,

@@ -25,7 +25,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from benchmarks import run_from_command_line
 from benchmarks.content_headroom import print_validation
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
@@ -74,7 +73,7 @@ def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem: pruning points, ratio, reduction (default: %(default)s)")

@@ -21,14 +21,13 @@ Measured (reference backbone, 2,000 validation images, this 2-core CPU): see ben
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from benchmarks import run_from_command_line
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
@@ -64,7 +63,7 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (the reference schedule); "

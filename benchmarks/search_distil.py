@@ -25,7 +25,6 @@ fits little of it (benchmarks/README.md).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from benchmarks.content_headroom import (
     scorer_selector,
 )
 from benchmarks.split_states import first_stage_states
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
@@ -212,7 +211,7 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")

@@ -51,6 +51,7 @@ from benchmarks.engine_throughput import (
     warm_cache,
     write_json,
 )
+from cli import OneLineParser
 from envs.problem import PruningProblem
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import load_backbone
@@ -222,7 +223,7 @@ def _rates(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ServerSettings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--images-per-call", type=int, default=8,

@@ -16,13 +16,11 @@ untrained.
 
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 import torch
 
 from benchmarks import run_from_command_line
-from cli import positive_int
+from cli import OneLineParser, positive_int
 from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
@@ -34,7 +32,7 @@ SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "im
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="policy checkpoint (default: %(default)s)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from envs.errors import UserError
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, repository_relative, stored_backbone_path
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
@@ -43,7 +44,7 @@ def trained_policies(agents: str) -> tuple[str, ...]:
     return POLICIES if agents == "both" else (agents,)
 
 
-class ProblemError(ValueError):
+class ProblemError(UserError, ValueError):
     """A setting outside its allowed values; the message is meant for the user as is."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import versions_line
+from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScoring
@@ -60,7 +61,7 @@ class CheckpointInfo:
         return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"))
 
 
-class PolicyCheckpointError(RuntimeError):
+class PolicyCheckpointError(UserError, RuntimeError):
     """A path that is not a complete, readable training checkpoint; the message is meant for the user."""
 
 

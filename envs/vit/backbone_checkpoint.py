@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from envs.atomic_file import replaced_atomically
+from envs.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -28,7 +29,7 @@ RUN_EXPORT_DIR = "backbone"
 """Where backbone.py writes the checkpoint it trains, inside its ``--output-dir`` (beside its training state)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A backbone checkpoint that is missing or unreadable; the message is meant for the user as is."""
 
 

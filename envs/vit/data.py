@@ -43,6 +43,7 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset
 
 from envs.atomic_file import first_missing
+from envs.errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "folder")
 SPLITS = ("train", "val", "test")
@@ -54,7 +55,7 @@ FINGERPRINT_IMAGES = 64  # validation images whose colours identify the split a 
 FINGERPRINT_TOLERANCE = 3.0  # mean difference of those colours, of 255, above which the images are others
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data set that cannot be found or read; the message is meant for the user as is."""
 
 
