@@ -89,18 +89,15 @@ from envs.results_table import (
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
     normalize,
-    read_backbone_config,
     repository_relative,
 )
 from envs.vit.data import (
     DataError,
     ImageSplit,
-    check_fits_backbone,
     check_held_out,
     default_data_dir,
-    held_out_split,
     limited_positions,
-    load_split,
+    load_checked_split,
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops
@@ -545,12 +542,11 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets`` (of an even
     number, the upper of the two middle ones)."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
-    config = read_backbone_config(backbone)
-    given = {"dataset": args.dataset or config.get("dataset"), "prune_points": args.prune_points,
+    given = {"dataset": args.dataset, "prune_points": args.prune_points,
              "reduction": args.reduction}  # the others: the problem's defaults
     problem = PruningProblem(backbone=repository_relative(backbone), target_ratio=args.budgets[len(args.budgets) // 2],
                              **{name: value for name, value in given.items() if value is not None})
-    return replace(problem, **held_out_split(config, problem.dataset))
+    return problem.on_backbone_data(["dataset"] if args.dataset else [])
 
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
@@ -625,12 +621,8 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
-        check_held_out(split_name, dataset, problem.val_size, problem.split_seed, backbone_config)
-        split = load_split(dataset, split_name, args.data_dir, input_size=backbone_config["input_size"],
-                           val_size=problem.val_size, seed=problem.split_seed, limit=limit, **data_access(args))
-        check_fits_backbone(split, split_name, dataset, problem.val_size, problem.split_seed, backbone_config,
-                            args.data_dir, args.download)
-        return split
+        return load_checked_split(dataset, split_name, args.data_dir, backbone_config, val_size=problem.val_size,
+                                  seed=problem.split_seed, limit=limit, **data_access(args))
 
     compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
     if args.split == "test" and compared:  # checked before the test images are decoded

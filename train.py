@@ -80,8 +80,7 @@ from envs.problem import (
     trained_policies,
 )
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
-from envs.vit.backbone_checkpoint import normalize, read_backbone_config
-from envs.vit.data import held_out_split
+from envs.vit.backbone_checkpoint import normalize
 from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
@@ -727,19 +726,10 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
 
 
 def with_backbone_data(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
-    """New problems read their backbone's data set (where it records one) and hold out the validation split it
-    held out (its size and seed, where it records them), the one split ``check_fits_backbone`` accepts in full,
-    so a backbone trained with ``backbone.py --dataset folder --val-size 200`` needs neither flag here;
-    ``--dataset``, ``--val-size`` and ``--split-seed`` given on the command line win."""
-    given = {name: getattr(args, f"problem.{name}") for name in ("dataset", "val_size", "split_seed")}
-    chosen = []
-    for problem in problems:
-        config = read_backbone_config(problem.backbone_path)
-        if given["dataset"] is None and config.get("dataset"):
-            problem = replace(problem, dataset=config["dataset"])
-        held_out = held_out_split(config, problem.dataset)
-        chosen.append(replace(problem, **{name: value for name, value in held_out.items() if given[name] is None}))
-    return chosen
+    """New problems on their backbones' data (``PruningProblem.on_backbone_data``); ``--dataset``, ``--val-size``
+    and ``--split-seed`` given on the command line win."""
+    given = [name for name in ("dataset", "val_size", "split_seed") if getattr(args, f"problem.{name}") is not None]
+    return [problem.on_backbone_data(given) for problem in problems]
 
 
 def with_data_dir(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:

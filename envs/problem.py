@@ -15,14 +15,19 @@ import dataclasses
 import itertools
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from envs.errors import UserError
-from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, repository_relative, stored_backbone_path
-from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
+from envs.vit.backbone_checkpoint import (
+    REFERENCE_BACKBONE,
+    read_backbone_config,
+    repository_relative,
+    stored_backbone_path,
+)
+from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir, held_out_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
 from policies.decisions import DEFAULT_PROTECTED_SHARE
@@ -220,6 +225,17 @@ class PruningProblem:
     def backbone_path(self) -> Path:
         """The backbone directory (``backbone`` resolved against the repository)."""
         return stored_backbone_path(self.backbone)
+
+    def on_backbone_data(self, given: Collection[str] = ()) -> PruningProblem:
+        """This problem on its backbone's data: the data set the backbone records, and the validation split it held
+        out (its size and seed, where it records them), the one split ``check_fits_backbone`` accepts in full; the
+        fields named in ``given`` (``dataset``, ``val_size``, ``split_seed``: the user's settings) stay as they
+        are. So a backbone trained with ``backbone.py --dataset folder --val-size 200`` needs neither flag."""
+        config = read_backbone_config(self.backbone_path)
+        problem = self if "dataset" in given or not config.get("dataset") else dataclasses.replace(
+            self, dataset=config["dataset"])
+        held_out = held_out_split(config, problem.dataset)
+        return dataclasses.replace(problem, **{name: value for name, value in held_out.items() if name not in given})
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_json` reads it back."""

@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
-from envs.vit.data import StreamedImages, check_fits_backbone, check_held_out, load_split
+from envs.vit.data import StreamedImages, load_checked_split
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
 
@@ -219,12 +219,9 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     problem = settings.problem
     model, config = load_backbone(problem.backbone_path)
     StagedViT(model, problem.prune_points)  # fail here, clearly, on pruning points the backbone lacks
-    check_held_out(settings.split, problem.dataset, problem.val_size, problem.split_seed, config)
-    split = load_split(problem.dataset, settings.split, problem.data_dir, input_size=config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed, limit=settings.limit,
-                       download=settings.download, memory_budget_mb=settings.memory_budget_mb)
-    check_fits_backbone(split, settings.split, problem.dataset, problem.val_size, problem.split_seed, config,
-                        problem.data_dir, settings.download)
+    split = load_checked_split(problem.dataset, settings.split, problem.data_dir, config, val_size=problem.val_size,
+                               seed=problem.split_seed, limit=settings.limit, download=settings.download,
+                               memory_budget_mb=settings.memory_budget_mb)
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 

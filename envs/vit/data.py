@@ -438,3 +438,15 @@ def load_split(
                   else StreamedImages(functools.partial(_open_raw_split, dataset, root, raw_split, False), indices,
                                       input_size))
         return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
+
+
+def load_checked_split(dataset: str, split: str, data_dir: str | os.PathLike | None, backbone_config: Mapping[str, Any],
+                       *, val_size: int, seed: int, limit: int | None = None, download: bool = False,
+                       memory_budget_mb: float | None = None) -> ImageSplit:
+    """:func:`load_split` at the backbone's input size, of images the backbone of ``backbone_config`` can score
+    honestly: checked before anything is decoded (:func:`check_held_out`) and after (:func:`check_fits_backbone`)."""
+    check_held_out(split, dataset, val_size, seed, backbone_config)
+    images = load_split(dataset, split, data_dir, input_size=backbone_config["input_size"], val_size=val_size,
+                        seed=seed, limit=limit, download=download, memory_budget_mb=memory_budget_mb)
+    check_fits_backbone(images, split, dataset, val_size, seed, backbone_config, data_dir, download)
+    return images
