@@ -103,6 +103,7 @@ from policies.checkpoints import (
     stage_checkpoint,
     trial_checkpoints,
     unrecorded_checkpoints,
+    validation_rank,
 )
 from policies.rl_module import TokenPolicyModule
 from policies.sample_ahead import SampleAheadPPO
@@ -878,7 +879,8 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
         if not scored:
             lines.append(f"{name}no checkpoint")
             continue
-        checkpoint, metrics = max(scored, key=lambda entry: entry[1][SCORE])  # the first of equals, as Tune's
+        checkpoint, metrics = max(scored, key=lambda entry: validation_rank(entry[1][SCORE],
+                                                                           entry[1].get("training_iteration")))
         trial_and_checkpoint = Path(Path(result.path).name, Path(checkpoint.path).name)
         problem = PruningProblem.from_json(result.config["trial"]["problem"])
         data_dir = problem.data_dir

@@ -158,12 +158,18 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
         raise PolicyCheckpointError(f"{path}: {error}") from None
 
 
+def validation_rank(val_score: float, iteration: int | None) -> tuple[float, int]:
+    """How checkpoints rank on validation, here and in train.py's closing lines: the highest score first, the
+    earliest iteration of equals."""
+    return val_score, -(iteration or 0)
+
+
 def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
-    """The checkpoint of ``checkpoints`` with the highest validation score, the earliest iteration of equals (as
-    train.py's closing line names it); None when none was validated."""
-    scored = [(info.val_score, -(info.iteration or 0), path) for path in checkpoints
+    """The checkpoint of ``checkpoints`` that ranks first on validation (:func:`validation_rank`); None when none
+    was validated."""
+    scored = [(validation_rank(info.val_score, info.iteration), path) for path in checkpoints
               if (info := _readable_info(path)) is not None and info.val_score is not None]
-    return max(scored)[2] if scored else None
+    return max(scored, key=lambda entry: entry[0])[1] if scored else None
 
 
 def _run_directory_hint(directory: Path) -> str:

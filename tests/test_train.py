@@ -516,6 +516,10 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 7, 95.0).to_json()))
         best = train.closing_lines([result], output_dir)[0][0]
         assert "unrecorded_checkpoint_000002 (best on validation: iteration 7, exact-budget accuracy 95.00% on" in best
+        # of equal scores the earliest iteration, as policies.checkpoints.best_on_validation ranks them
+        (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 3, 82.5).to_json()))
+        best = train.closing_lines([result], output_dir)[0][0]
+        assert "unrecorded_checkpoint_000002 (best on validation: iteration 3, exact-budget accuracy 82.50% on" in best
         shutil.rmtree(aside)
     for index in (0, 1):
         (storage / trial / f"checkpoint_00000{index}").rmdir()
