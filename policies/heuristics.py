@@ -94,23 +94,34 @@ def nms_redundancy(similarity: torch.Tensor, live: torch.Tensor, rank_by: torch.
     return suppression(similarity, live, rank_by, top=-1.0)
 
 
+def attention_nms_redundancy(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: attention NMS's :func:`nms_redundancy`, each token's similarity to a token the class token
+    attends to more. ``x_patch [B, N, D]``, ``cls_attention`` and ``live [B, N]``."""
+    return nms_redundancy(cosine_similarity(x_patch), live, cls_attention)
+
+
+def distinctive_nms_redundancy(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: Distinctive NMS's :func:`nms_redundancy`, each token's similarity to a more distinctive token
+    (lower mean cosine similarity to the others). ``x_patch [B, N, D]``, ``live [B, N]``."""
+    similarity = cosine_similarity(x_patch)
+    return nms_redundancy(similarity, live, -mean_similarity(similarity, live))
+
+
 def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: torch.Tensor,
                        k: int, live_count: int | None = None) -> torch.Tensor:
     """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
     suppression in one shot, so of each group of near-duplicates the most attended one stays (the
     ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
-    return topk_keep_mask(-nms_redundancy(cosine_similarity(x_patch), live, cls_attention), live, k, live_count)
+    return topk_keep_mask(-attention_nms_redundancy(x_patch, cls_attention, live), live, k, live_count)
 
 
 def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
                          live_count: int | None = None) -> torch.Tensor:
-    """Keep the ``k`` live tokens least similar to a more distinctive token (lower mean cosine similarity to
-    the others): of each group of near-duplicates the most distinctive one stays, as in greedy similarity's
-    sequential removal, but in one shot (the ``distinct_suppression`` feature of ``envs.vit.features``).
-    ``x_patch [B, N, D]``, ``live [B, N]`` -> ``[B, N]``."""
-    similarity = cosine_similarity(x_patch)
-    return topk_keep_mask(-nms_redundancy(similarity, live, -mean_similarity(similarity, live)), live, k,
-                          live_count)
+    """Keep the ``k`` live tokens least similar to a more distinctive token: of each group of near-duplicates
+    the most distinctive one stays, as in greedy similarity's sequential removal, but in one shot (the
+    ``distinct_suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``live [B, N]`` ->
+    ``[B, N]``."""
+    return topk_keep_mask(-distinctive_nms_redundancy(x_patch, live), live, k, live_count)
 
 
 def complete_removal_order(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -127,11 +138,10 @@ def redundancy(name: str, state: TokenState) -> torch.Tensor:
     those the attention agent did not keep, ``policies.warm_start``)."""
     if name == "similarity":
         return -complete_removal_order(state.patches, state.live)
-    similarity = cosine_similarity(state.patches)
     if name == "nms":
-        return nms_redundancy(similarity, state.live, state.cls_attention)
+        return attention_nms_redundancy(state.patches, state.cls_attention, state.live)
     if name == "distinct":
-        return nms_redundancy(similarity, state.live, -mean_similarity(similarity, state.live))
+        return distinctive_nms_redundancy(state.patches, state.live)
     raise ValueError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
 
 
