@@ -6,8 +6,8 @@ observations at the first pruning point; each ``step`` applies a keep mask and r
 observations or, after the last stage, the classification. Many episodes, at any mix of pruning points, go
 through one call: episodes waiting at the same point share one padded step.
 
-The :class:`~envs.vit_server.ViTServer` actor wraps one engine for all env runners; tests and
-``--num-workers 0`` debugging can also use an engine in-process.
+The :class:`~envs.vit_server.ViTServer` actor wraps one engine for all env runners; an env given an engine
+itself (``env_config["server"]``, as the tests do) calls it in-process, without Ray.
 """
 
 from __future__ import annotations
@@ -58,12 +58,18 @@ class _Episode:
     kept: list[int] = field(default_factory=list)
 
 
+MAX_UNFINISHED_EPISODES = 65536
+"""The unfinished episodes an engine keeps; beyond them the oldest are forgotten (their runners are gone)."""
+VALIDATION_BATCH = 256
+
+
 class EpisodeLost(KeyError):
     """An episode the engine does not know (finished, evicted, or lost in a server restart)."""
 
 
 class PruningEngine:
-    """Runs pruning episodes in batches. ``max_episodes`` bounds the state kept for unfinished ones.
+    """Runs pruning episodes in batches, keeping the state of at most :data:`MAX_UNFINISHED_EPISODES` unfinished
+    ones.
 
     ``reduction``: what happens to the tokens the agents remove, ``merge`` or ``drop`` (``envs.vit.token_merge``).
     ``baseline``: a heuristic (``policies.heuristics``) whose pruned prediction of each image is reported with
@@ -73,13 +79,12 @@ class PruningEngine:
 
     def __init__(self, staged: StagedViT, backbone_config: dict, images: torch.Tensor | StreamedImages,
                  labels: torch.Tensor, target_ratio: float, reduction: str, device: str | torch.device = "cpu",
-                 max_episodes: int = 65536, baseline: str = "none") -> None:
+                 baseline: str = "none") -> None:
         self.staged = staged.to(device).eval()
         self.config = backbone_config
         self.images, self.labels = images, labels
         self.target_ratio, self.reduction = target_ratio, reduction
         self.device = torch.device(device)
-        self.max_episodes = max_episodes
         self.episodes: OrderedDict[str, _Episode] = OrderedDict()
         self.vit_spec = ViTSpec.from_model(staged.vit)
         self._full_probs = torch.full((len(labels), backbone_config["num_classes"]), float("nan"))
@@ -222,13 +227,13 @@ class PruningEngine:
         return out
 
     @torch.no_grad()
-    def validate(self, modules: dict, protected_share: float, batch_size: int = 256) -> dict[str, float]:
+    def validate(self, modules: dict, protected_share: float) -> dict[str, float]:
         """How the agents' deterministic policy, which evaluation reports as ``MARL exact``, does on every image
         the engine holds: accuracy and agreement with the unpruned model, in percent."""
         select = policy_selector(modules, self.staged, self.target_ratio, protected_share)
         predictions = []
-        for start in range(0, len(self.labels), batch_size):  # each image read once
-            batch = list(range(start, min(start + batch_size, len(self.labels))))
+        for start in range(0, len(self.labels), VALIDATION_BATCH):  # each image read once
+            batch = list(range(start, min(start + VALIDATION_BATCH, len(self.labels))))
             state = initial_state(self.staged, self._inputs(batch))
             self._fill_once(self._full_probs, batch, self._unpruned_logits(state))
             logits, _ = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
@@ -243,5 +248,5 @@ class PruningEngine:
             self.episodes.pop(key, None)
 
     def _evict(self) -> None:
-        while len(self.episodes) > self.max_episodes:
+        while len(self.episodes) > MAX_UNFINISHED_EPISODES:
             self.episodes.popitem(last=False)

@@ -163,7 +163,7 @@ class TokenPruningEnv(MultiAgentEnv):
     def _call(self, method: str, *args):
         """Call the server; if its actor died, wait (up to ``server_timeout_s``) for Ray's restart and retry."""
         if not isinstance(self._server, ray.actor.ActorHandle):
-            return getattr(self._server, method)(*args)  # an in-process engine (tests, debugging)
+            return getattr(self._server, method)(*args)  # an in-process engine (env_config["server"])
 
         def look_up_again() -> None:
             self._server = self._lookup_server()
