@@ -158,11 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_access_arguments(run)
     add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume "
                              "and from the checkpoint with --from-checkpoint, --data-dir aside)")
-    # Every problem and PPO flag defaults to None, "not given", so that problems_from_args takes the field's own
-    # default, with_data_dir overrides a run's data directory only if given, and with_backbone_data takes the
-    # backbone's data set and held-out split unless given. (Which flags --resume and --from-checkpoint refuse comes from
+    # Every problem and PPO flag defaults to None, "not given" (add_problem_arguments), so that with_data_dir
+    # overrides a run's data directory only if given, and with_backbone_data takes the backbone's data set and
+    # held-out split unless given. (Which flags --resume and --from-checkpoint refuse comes from
     # cli.given_flags, which also sees a flag given with its default value.)
-    p.set_defaults(**{action.dest: None for action in p._actions if action.dest.startswith(("problem.", "ppo."))})
     return p
 
 

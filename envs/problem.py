@@ -380,13 +380,15 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         choices = f.metadata["choices"]
-        group.add_argument(flag_name(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=default,
+        group.add_argument(flag_name(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=None,
                            choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
                            help=f"{f.metadata['doc']} (default: {shown})")
 
 
 def add_problem_arguments(parser: argparse.ArgumentParser, title: str) -> None:
-    """One flag per field of :class:`PruningProblem` and :class:`PPOSettings`, their docs as help."""
+    """One flag per field of :class:`PruningProblem` and :class:`PPOSettings`, their docs as help. Each defaults
+    to None, "not given", so that :func:`problems_from_args` takes the field's own default and callers can tell
+    a setting given from one left to its default."""
     _add_fields(parser.add_argument_group(title), PruningProblem, "problem.")
     _add_fields(parser.add_argument_group("PPO"), PPOSettings, "ppo.")
 
@@ -398,8 +400,7 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
     repository when it lies inside it."""
     values = {name: value for name, value in vars(args).items()
               if name.startswith(("problem.", "ppo.")) and value is not None}  # None: the field's default
-    default_backbone = _field(PruningProblem, "backbone").default
-    if values.get("problem.backbone", default_backbone) != default_backbone:
+    if "problem.backbone" in values:
         values["problem.backbone"] = repository_relative(values["problem.backbone"])
     lists = {f"problem.{name}" for name, hint in typing.get_type_hints(PruningProblem).items()
              if typing.get_origin(hint) is tuple}

@@ -178,6 +178,16 @@ def test_flags_come_from_the_fields_with_their_docs_as_help(tmp_path):
     assert inside.backbone == "reference/vit_tiny_cifar10"  # inside: stored relative to the repository
 
 
+def test_a_backbone_path_is_relative_to_the_working_directory_even_when_it_reads_as_the_default(tmp_path, monkeypatch):
+    """``--backbone reference/vit_tiny_cifar10`` run from another checkout names that checkout's backbone, not
+    this repository's."""
+    parser = argparse.ArgumentParser()
+    add_problem_arguments(parser, "pruning problem")
+    monkeypatch.chdir(tmp_path)
+    (problem,) = problems_from_args(parser.parse_args(["--backbone", "reference/vit_tiny_cifar10"]))
+    assert problem.backbone == str(tmp_path.resolve() / "reference" / "vit_tiny_cifar10")
+
+
 def test_number_settings_given_several_values_sweep_their_combinations():
     parser = argparse.ArgumentParser()
     add_problem_arguments(parser, "pruning problem")
