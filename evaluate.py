@@ -87,7 +87,9 @@ from envs.results_table import (
     write_results,
 )
 from envs.vit.backbone_checkpoint import (
+    NOT_A_CLONE,
     REFERENCE_BACKBONE,
+    installed_without_repository,
     normalize,
     repository_relative,
 )
@@ -577,6 +579,8 @@ def run(args: argparse.Namespace) -> int:
             raise EvaluationError("--prune-points is for --heuristics-only: a checkpoint prunes where it was "
                                   "trained to")
         if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
+            if installed_without_repository():
+                raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT}, the default: {NOT_A_CLONE}")
             raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT} (the default; train one with "
                                   "train.py and pass --checkpoint PATH)")
         policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,

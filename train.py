@@ -80,7 +80,7 @@ from envs.problem import (
     trained_policies,
 )
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
-from envs.vit.backbone_checkpoint import normalize
+from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_repository, normalize
 from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
@@ -281,6 +281,8 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR"),
              "log_to_driver": True}
     if args.address:
+        if installed_without_repository():
+            raise ValueError(f"--address {args.address}: {NOT_A_CLONE}")
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         ray.init(address=args.address, runtime_env=runtime_env, **quiet)

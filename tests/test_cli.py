@@ -39,3 +39,20 @@ def test_a_benchmarks_bad_flag_is_one_line(capsys):
         run_from_command_line(lambda: saliency_headroom.main(["--val-images", "x"]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: argument --val-images: expected an integer, got 'x'\n"
+
+
+
+def test_an_install_without_the_repository_says_so(monkeypatch, tmp_path, capsys):
+    """``pip install .`` puts the code in site-packages without reference/: the errors say why the reference files
+    are missing and that --address cannot ship the code, instead of naming paths the user never gave."""
+    import train
+    from envs.vit import backbone_checkpoint
+
+    monkeypatch.setattr(backbone_checkpoint, "REPO_ROOT", tmp_path)  # site-packages: no pyproject.toml there
+    monkeypatch.setattr(evaluate, "DEFAULT_CHECKPOINT", tmp_path / "reference" / "marl_policy")
+    assert evaluate.main(["--data-dir", str(tmp_path)]) == 2
+    assert "the default: this is an install without the repository" in capsys.readouterr().err
+    with pytest.raises(backbone_checkpoint.CheckpointError, match="install a clone with pip install -e"):
+        backbone_checkpoint.read_backbone_config(tmp_path / "reference" / "vit_tiny_cifar10")
+    with pytest.raises(ValueError, match="--address auto: this is an install without the repository"):
+        train.start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)

@@ -25,6 +25,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
+NOT_A_CLONE = ("this is an install without the repository (pip install . or a wheel), so it has no reference/ "
+               "files and cannot ship the code to a cluster: install a clone with pip install -e .")
+"""What the commands add to an error caused by running from such an install (:func:`installed_without_repository`)."""
 RUN_EXPORT_DIR = "backbone"
 """Where backbone.py writes the checkpoint it trains, inside its ``--output-dir`` (beside its training state)."""
 
@@ -72,11 +75,18 @@ def write_weights_and_config(directory: Path, weights_file: str, state: dict[str
         staging.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def installed_without_repository() -> bool:
+    """Whether the code runs from site-packages rather than a clone of the repository (an editable install)."""
+    return not (REPO_ROOT / "pyproject.toml").is_file()
+
+
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a backbone checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).exists():
-        raise CheckpointError(f"backbone checkpoint {directory} does not exist")
+        in_repository = Path(directory).resolve().is_relative_to(REPO_ROOT)
+        raise CheckpointError(f"backbone checkpoint {directory} does not exist"
+                              + (f" ({NOT_A_CLONE})" if in_repository and installed_without_repository() else ""))
     if not path.is_file():
         export = Path(directory) / RUN_EXPORT_DIR
         hint = f"; backbone.py's run there wrote its checkpoint to {export}" if (export / CONFIG_FILE).is_file() else ""
