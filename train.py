@@ -309,9 +309,9 @@ def quiet_ray_loggers() -> None:
 
 # -- one trial: RLlib's PPO on one problem ------------------------------------------------------------------
 
-def train_server_names(prefix: str, count: int) -> list[str]:
-    """The sampling servers' actor names."""
-    return [f"{TRAIN_SERVER}{prefix}_{index}" for index in range(count)]
+def train_server_names(suffix: str, count: int) -> list[str]:
+    """The sampling servers' actor names: ``TRAIN_SERVER``, the trial's ``suffix`` and an index."""
+    return [f"{TRAIN_SERVER}{suffix}_{index}" for index in range(count)]
 
 
 def build_config(problem: PruningProblem, resources: TrialResources, train_servers: list[str], val_server: str,
@@ -443,9 +443,9 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
                *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle])]
     try:
         with contextlib.ExitStack() as downloads:  # a checkpoint from cloud storage stays on disk until the end
-            stored = run_dir / trial["name"] if run_dir is not None else None
+            trial_dir = run_dir / trial["name"] if run_dir is not None else None
             recorded = tune.get_checkpoint()
-            own = resumable_checkpoints(stored, recorded, downloads)
+            own = resumable_checkpoints(trial_dir, recorded, downloads)
             start = [Path(trial["from_checkpoint"])] if trial["from_checkpoint"] else []
             initial_states = {}
             if not own and not start and problem.warm_start != "none":
@@ -455,7 +455,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
                                 resumed_iteration(own or start)).build_algo()
             try:
                 restore_newest(algo, own or start)
-                set_aside_unrecorded(stored, recorded)
+                set_aside_unrecorded(trial_dir, recorded)
                 train_until(algo, problem, stop)
             finally:
                 algo.stop()
@@ -598,9 +598,10 @@ class ProgressLines(tune.Callback):
 class ProgressCsv(CSVLoggerCallback):
     """Tune's ``progress.csv`` with a column for every metric any row reports. Tune's own logger takes the first
     row's columns and drops the others, so validation (not in iteration 1's row) and the episode metrics of an
-    iteration that finished no episode never became columns, and on a resume it wrote the new run's columns under
-    the old header, which pandas cannot read. Here a row that brings new metrics rewrites the file under the
-    union of the columns (rarely: new metrics appear in the first few rows), the earlier rows blank in them."""
+    iteration that finished no episode would never become columns, and on a resume it writes the new run's
+    columns under the old header, which pandas cannot read. Here a row that brings new metrics rewrites the file
+    under the union of the columns (rarely: new metrics appear in the first few rows), the earlier rows blank in
+    them."""
 
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         if trial not in self._trial_files:
