@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cli import run_command
+from envs.problem import PruningProblem
+from envs.vit.staged_vit import StagedViT
+from policies.checkpoints import read_checkpoint_info
+from policies.pruned_vit import policy_backbone
 
 
 def run_from_command_line(main: Callable[[], object]) -> NoReturn:
@@ -18,3 +23,11 @@ def run_from_command_line(main: Callable[[], object]) -> NoReturn:
         return result if isinstance(result, int) else 0
 
     sys.exit(run_command(run, lambda: "interrupted"))
+
+
+def checkpoint_backbone(checkpoint: str | os.PathLike) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:
+    """A policy checkpoint's problem and the backbone it names, split at its pruning points, with its config: what
+    each benchmark measures on."""
+    problem = read_checkpoint_info(checkpoint).problem
+    staged, config, _ = policy_backbone(problem, checkpoint)
+    return problem, staged, config

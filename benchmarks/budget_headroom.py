@@ -39,7 +39,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
@@ -48,9 +48,7 @@ from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
-from policies.checkpoints import read_checkpoint_info
 from policies.heuristics import heuristic_selector
-from policies.pruned_vit import policy_backbone
 
 SELECT = heuristic_selector("similarity")
 
@@ -149,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-images", type=positive_int, default=2000)
     args = parser.parse_args(argv)
 
-    problem = read_checkpoint_info(args.checkpoint).problem
-    checkpoint_staged, config, _ = policy_backbone(problem, args.checkpoint)
+    problem, checkpoint_staged, config = checkpoint_backbone(args.checkpoint)
     spec, prune_points = ViTSpec.from_model(checkpoint_staged.vit), args.prune_points or problem.prune_points
     try:
         staged = StagedViT(checkpoint_staged.vit, prune_points).eval()

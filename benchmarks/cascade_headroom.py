@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
@@ -46,9 +46,7 @@ from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, SIX_POINTS, paired_difference
 from policies.cascade import doubt, rerun_share
-from policies.checkpoints import read_checkpoint_info
 from policies.heuristics import heuristic_selector
-from policies.pruned_vit import policy_backbone
 
 SELECT = heuristic_selector("similarity")
 UNPRUNED = "unpruned"
@@ -173,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", type=positive_int, default=5, help="pairs to show on validation")
     args = parser.parse_args(argv)
 
-    problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    problem, staged, config = checkpoint_backbone(args.checkpoint)
     budget_ratio = args.budget or problem.target_ratio
     budget = exact_budget_gflops(ViTSpec.from_model(staged.vit), staged.prune_points, budget_ratio,
                                  problem.reduction, "similarity").total

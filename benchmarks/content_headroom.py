@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
@@ -54,10 +54,8 @@ from envs.vit.pruned_forward import (
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
-from policies.checkpoints import read_checkpoint_info
 from policies.distribution import ExactCount
 from policies.heuristics import complete_removal_order, heuristic_selector
-from policies.pruned_vit import policy_backbone
 from policies.token_scorer import DEAD_SCORE
 
 
@@ -154,8 +152,7 @@ def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, St
     """The problem of the policy ``checkpoint`` and its backbone staged at its pruning points (and its config),
     refused with a one-line exit unless it merges and its only prefix token is a class token, which
     :class:`ContentScorer` reads."""
-    problem = read_checkpoint_info(checkpoint).problem
-    staged, config, _ = policy_backbone(problem, checkpoint)
+    problem, staged, config = checkpoint_backbone(checkpoint)
     if problem.reduction != "merge" or staged.vit.global_pool != "token" or staged.num_prefix_tokens != 1:
         raise SystemExit(f"{benchmark} needs merging and a ViT whose only prefix token is a class token")
     return problem, staged, config

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
 from envs.pruning_env import fidelity
@@ -31,9 +31,7 @@ from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
-from policies.checkpoints import read_checkpoint_info
 from policies.heuristics import heuristic_selector
-from policies.pruned_vit import policy_backbone
 from policies.warm_start import heuristic_turns
 
 ATTENTION_ONLY = ("attention", "log_attention", "attention_rank")
@@ -67,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    problem, staged, config = checkpoint_backbone(args.checkpoint)
 
     def predict(states: list[TokenState], select: Selector) -> torch.Tensor:
         return torch.cat([exact_forward_from(staged, state, select, problem.target_ratio, problem.reduction)[0]

@@ -30,15 +30,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.content_headroom import print_validation
 from cli import OneLineParser, positive_int
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
 from evaluate import DEFAULT_CHECKPOINT
-from policies.checkpoints import read_checkpoint_info
-from policies.pruned_vit import policy_backbone
 
 TokenSaliency = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(gradient, tokens)``, both ``[B, W, D]`` -> ``[B, W]``: how much the answer depends on each token."""
@@ -80,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-images", type=positive_int, default=2000)
     args = parser.parse_args(argv)
 
-    problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    problem, staged, config = checkpoint_backbone(args.checkpoint)
     staged.requires_grad_(False)  # gradients with respect to the tokens only
     print_validation(staged, config, problem, args.data_dir, args.val_images,
                      {f"oracle: {name}": saliency_selector(staged, problem.reduction, saliency)

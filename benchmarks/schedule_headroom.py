@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import run_from_command_line
+from benchmarks import checkpoint_backbone, run_from_command_line
 from cli import OneLineParser, positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
@@ -34,8 +34,6 @@ from envs.vit.data import load_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, Method, cost, paired_difference, predict, quality
-from policies.checkpoints import read_checkpoint_info
-from policies.pruned_vit import policy_backbone
 
 DEFAULT_SCHEDULES = ("2,5,8", "2,4,6,8", "2,4,6,8,10", "1,3,5,7,9,11", "1,2,3,4,5,6,7,8,9,10,11")
 
@@ -79,8 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=positive_int, default=2000, help="validation images (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    problem = read_checkpoint_info(args.checkpoint).problem
-    staged, config, _ = policy_backbone(problem, args.checkpoint)
+    problem, staged, config = checkpoint_backbone(args.checkpoint)
     spec = ViTSpec.from_model(staged.vit)
     schedules = [staged.prune_points, *(points for points in args.schedules if points != staged.prune_points)]
     try:
