@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from envs.errors import UserError
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
@@ -58,7 +58,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Raises :class:`UsageError` instead of printing the usage text and exiting, so that argument errors
     read like every other error of the commands; every command answers ``--version``."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_argument("--version", action=_PrintVersions, help="print the versions of the packages used and exit")
 
@@ -69,10 +69,11 @@ class OneLineParser(argparse.ArgumentParser):
 class _PrintVersions(argparse.Action):
     """``--version``: :func:`versions_line` as one line (argparse's own action wraps it to the terminal)."""
 
-    def __init__(self, option_strings, dest, **kwargs):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
         print(versions_line())
         parser.exit()
 

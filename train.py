@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,12 @@ import pyarrow.fs
 import ray
 import torch
 from ray import tune
+from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.env_runner_group import EnvRunnerGroup
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback
@@ -358,7 +360,7 @@ def server_settings(problem: PruningProblem, placement: Placement, access: dict)
     return {VAL_SERVER: replace(train, split="val", limit=problem.val_limit, num_cpus=0), TRAIN_SERVER: train}
 
 
-def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -> None:
+def restore_initial_states(algorithm: Algorithm, *, initial_states: dict[str, Path], **_) -> None:
     """RLlib's ``on_algorithm_init`` hook: load each warm-started module into the learner, the documented
     ``restore_from_path(..., component=...)`` way, then hand the weights to the env runners."""
     for policy, path in initial_states.items():
@@ -369,8 +371,8 @@ def restore_initial_states(algorithm, *, initial_states: dict[str, Path], **_) -
                                                 inference_only=True)
 
 
-def validate_on_server(algorithm, eval_env_runner_group, *, server_name: str, model_config: dict,
-                       steps_per_image: int) -> tuple[dict[str, float], int, int]:
+def validate_on_server(algorithm: Algorithm, eval_env_runner_group: EnvRunnerGroup, *, server_name: str,
+                       model_config: dict, steps_per_image: int) -> tuple[dict[str, float], int, int]:
     """RLlib's custom evaluation: the learner's current weights, scored by the ViT server that holds the
     validation images in the exact-budget mode that evaluate.py reports (``PruningEngine.validate``); every
     validation image counts, every time. The scores land in the results under ``evaluation``. The step counts
@@ -505,7 +507,7 @@ def resumed_iteration(checkpoints: list[Path]) -> int:
     return 0
 
 
-def restore_newest(algo, checkpoints: list[Path]) -> None:
+def restore_newest(algo: Algorithm, checkpoints: list[Path]) -> None:
     """The whole algorithm state (weights, optimiser, iteration count) from the first of ``checkpoints``
     that restores (a checkpoint cut short by a crash while it was stored does not), on every runner."""
     for checkpoint in checkpoints:
@@ -524,7 +526,7 @@ def restore_newest(algo, checkpoints: list[Path]) -> None:
         raise PolicyCheckpointError(f"none of {', '.join(map(str, checkpoints))} restores")
 
 
-def train_until(algo, problem: PruningProblem, stop: StopRule) -> None:
+def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule) -> None:
     """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
     stop (Tune ranks the checkpoints by :data:`SCORE`)."""
     began, first = time.time(), algo.iteration
@@ -589,7 +591,7 @@ class ProgressLines(tune.Callback):
     """The console: one :func:`progress_line` per trial iteration, led by the trial's name when there are
     several (Tune's own reporter is off: ``RunConfig(verbose=0)``)."""
 
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         problem = PruningProblem.from_json(trial.config["trial"]["problem"])
         name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
         print(name + progress_line(result, problem), flush=True)
@@ -641,7 +643,7 @@ def local_run_dir(output_dir: str) -> Path | None:
     return None if "://" in storage_path else Path(storage_path, name)
 
 
-def build_tuner(args: argparse.Namespace, trainable, problems: list[PruningProblem],
+def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], problems: list[PruningProblem],
                 resources: TrialResources) -> tune.Tuner:
     """A new run of one trial per problem, or with --resume the run in --output-dir restored: every trial,
     finished ones too, goes on from its latest checkpoint with the problem and resources it started with."""

@@ -8,6 +8,8 @@ correctness, kept-token ratio after the last pruning point, and GFLOPs (backbone
 from __future__ import annotations
 
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
+from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from envs.pruning_env import policy_for_agent
 
@@ -18,7 +20,7 @@ METRICS = ("agree", "correct", "keep_ratio", "gflops")
 class PruningMetrics(RLlibCallback):
     """Averages the env's final per-image infos over the last ``WINDOW`` images."""
 
-    def on_episode_end(self, *, episode, metrics_logger, **kwargs) -> None:
+    def on_episode_end(self, *, episode: MultiAgentEpisode, metrics_logger: MetricsLogger, **kwargs) -> None:
         infos = episode.get_infos(-1)
         for agent_id, info in infos.items():
             # both agents of an image carry the same info: count each image once

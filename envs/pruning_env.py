@@ -56,7 +56,7 @@ def env_steps_per_episode(problem: PruningProblem) -> int:
     return len(problem.prune_points) * len(trained_policies(problem.agents))
 
 
-def policy_for_agent(agent_id: str, *args, **kwargs) -> str:
+def policy_for_agent(agent_id: str, *args: object, **kwargs: object) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
     return agent_id.split("_")[0]
 

@@ -27,12 +27,16 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli import versions_line
 from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScoring
+
+if TYPE_CHECKING:  # evaluation loads checkpoints without Ray
+    from ray.rllib.algorithms.algorithm import Algorithm
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
@@ -290,7 +294,7 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
                 f"{expected}: was it trained on another backbone?")
 
 
-def stage_checkpoint(algo, directory: str | os.PathLike, info: CheckpointInfo) -> Path:
+def stage_checkpoint(algo: Algorithm, directory: str | os.PathLike, info: CheckpointInfo) -> Path:
     """Save ``algo``, ``pruning_config.json`` and the policy export (``policies.export``) into ``directory``
     (empty or absent): a complete checkpoint, ready to be reported to Tune."""
     from policies.export import export_policies  # policies.export builds on this module

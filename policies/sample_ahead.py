@@ -14,6 +14,7 @@ Without remote env runners (``--num-workers 0``) nothing can sample during the u
 
 from __future__ import annotations
 
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.utils.annotations import override
@@ -42,7 +43,7 @@ class SampleAheadPPO(PPO):
     """PPO whose sampling of the next batch overlaps the learner's update (module docstring)."""
 
     @override(PPO)
-    def setup(self, config) -> None:
+    def setup(self, config: AlgorithmConfig) -> None:
         super().setup(config)
         self._sampling_ahead = False  # whether the env runners have a request for the next batch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,7 +40,7 @@ def timed_calls(fn: Callable[[], object], *, repeats: int = 5, seconds: float = 
     return times
 
 
-def median_seconds(fn: Callable[[], object], **kwargs) -> float:
+def median_seconds(fn: Callable[[], object], **kwargs: Any) -> float:
     """Median of :func:`timed_calls` (same arguments)."""
     return statistics.median(timed_calls(fn, **kwargs))
 
