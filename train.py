@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,9 @@ from policies.checkpoints import (
     checkpoint_number,
     load_policies,
     read_checkpoint_info,
+    readable_checkpoint_info,
     stage_checkpoint,
     trial_checkpoints,
-    unrecorded_checkpoints,
     validation_rank,
 )
 from policies.rl_module import TokenPolicyModule
@@ -292,6 +292,20 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, **quiet)
     interrupt_on_sigterm()
+
+
+def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
+    """A notice where the Ray cluster has fewer resources than one trial ``reserved``: Tune then waits, silently,
+    for nodes to join (an autoscaling cluster adds them), so the user learns why nothing happens; None where
+    one trial fits."""
+    cluster = ray.cluster_resources()
+    if all(cluster.get(kind, 0) >= amount for kind, amount in reserved.items()):
+        return None
+
+    def listed(resources: Mapping[str, float]) -> str:
+        return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in reserved)
+    return (f"waiting for the cluster: one trial reserves {listed(reserved)} and the cluster has {listed(cluster)}; "
+            f"its trials start when nodes join (or pass a smaller --num-workers or --servers)")
 
 
 def interrupt_on_sigterm() -> None:
@@ -786,6 +800,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
             resources = replace(resources, placement=plan_placement(
                 args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
         print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
+        if (shortfall := cluster_shortfall(trial_resources(resources).required_resources)) is not None:
+            print(shortfall, flush=True)
         trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
                                          access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
                                          inputs=inputs)
@@ -853,10 +869,25 @@ def stored(checkpoint: tune.Checkpoint) -> bool:
     return checkpoint.filesystem.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound
 
 
+def scored_checkpoints(result: tune.Result, run_dir: Path | None) -> list[tuple[str, float, int | None]]:
+    """A trial's checkpoints still stored, as ``(name, validation score, iteration)``, those never validated left
+    out. On a local disk, every complete checkpoint there, with what it records: those Tune has no record of
+    too (set aside on a resume, or stored in an iteration that a Ctrl-C kept from being reported). In cloud
+    storage, what Tune recorded with each, so that nothing is downloaded: its ranked checkpoints and the last
+    report's, which Tune keeps whatever its score (the stop writes one)."""
+    if run_dir is not None:
+        trial_dir = run_dir / Path(result.path).name
+        return [(path.name, info.val_score, info.iteration) for path in trial_checkpoints(trial_dir)
+                if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
+    latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
+    return [(Path(checkpoint.path).name, metrics[SCORE], metrics.get("training_iteration"))
+            for checkpoint, metrics in [*result.best_checkpoints, *latest]
+            if metrics.get(SCORE) is not None and stored(checkpoint)]
+
+
 def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str], list[str]]:
-    """For each trial, its best checkpoint by validation score among those still stored, and the command that
-    evaluates it; and one line per trial that failed. Read from what Tune recorded with each checkpoint, so that
-    checkpoints in cloud storage (``output_dir`` a URI) are named, not downloaded."""
+    """For each trial, its best checkpoint by validation score among those still stored
+    (:func:`scored_checkpoints`), and the command that evaluates it; and one line per trial that failed."""
     lines, errors = [], []
     several = len(results) > 1
     run_dir = local_run_dir(output_dir)
@@ -871,27 +902,17 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
-        # a trial's last report carries its latest checkpoint (the stop writes one), which Tune keeps whatever its
-        # score; checkpoints set aside on a resume (Tune has no record of them) are ranked beside Tune's
-        latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
-        set_aside = ([(tune.Checkpoint.from_directory(str(path)), {SCORE: info.val_score,
-                                                                   "training_iteration": info.iteration})
-                      for path, info in unrecorded_checkpoints(run_dir / Path(result.path).name)]
-                     if run_dir is not None else [])
-        scored = [(checkpoint, metrics) for checkpoint, metrics in [*result.best_checkpoints, *latest, *set_aside]
-                  if metrics.get(SCORE) is not None and stored(checkpoint)]
+        scored = scored_checkpoints(result, run_dir)
         if not scored:
             lines.append(f"{name}no checkpoint")
             continue
-        checkpoint, metrics = max(scored, key=lambda entry: validation_rank(entry[1][SCORE],
-                                                                           entry[1].get("training_iteration")))
-        trial_and_checkpoint = Path(Path(result.path).name, Path(checkpoint.path).name)
+        checkpoint, score, iteration = max(scored, key=lambda entry: validation_rank(entry[1], entry[2]))
+        trial_and_checkpoint = Path(Path(result.path).name, checkpoint)
         problem = PruningProblem.from_json(result.config["trial"]["problem"])
         data_dir = problem.data_dir
         ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
-        best = (f"(best on validation: iteration {metrics['training_iteration']}, exact-budget accuracy "
-                f"{metrics[SCORE]:.2f}% on the {ranking_images} images that ranked the checkpoints: "
-                f"expect less on others)")
+        best = (f"(best on validation: iteration {iteration}, exact-budget accuracy {score:.2f}% on the "
+                f"{ranking_images} images that ranked the checkpoints: expect less on others)")
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
                          f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
@@ -905,24 +926,32 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
     return lines, errors
 
 
-def interrupted(results: tune.ResultGrid, iterations: int) -> bool:
+def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> bool:
     """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
-    ``--resume`` goes on with it."""
+    ``--resume`` goes on with it. A trial reached the iteration of its last report or, on a local disk, of its
+    newest checkpoint: a trial resumed at its stop reports nothing, nor does one whose last checkpoint was
+    stored before a Ctrl-C kept the iteration from being reported."""
+    run_dir = local_run_dir(output_dir)
     for result in results:
         if result.error is not None:
             continue
+        if result.config is None:
+            return True
         metrics = result.metrics or {}
-        if (result.config is None or metrics.get("training_iteration", 0) < iterations
-                and not metrics.get("progress", {}).get("out_of_time")):
+        stored_iterations = [iteration or 0 for _, _, iteration in scored_checkpoints(result, run_dir)]
+        reached = max([metrics.get("training_iteration", 0), *stored_iterations])
+        if reached < iterations and not metrics.get("progress", {}).get("out_of_time"):
             return True
     return False
 
 
 def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
-    """The command that goes on with an interrupted run: ``--resume`` with the stop rule this command gave."""
+    """The command that goes on with an interrupted run: ``--resume`` on the cluster and with the stop rule this
+    command gave."""
     stop = [f"--{flag.replace('_', '-')}={getattr(args, flag):g}" for flag in ("iterations", "time_budget")
             if flag in given]
-    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *stop])
+    cluster = ["--address", args.address] if args.address else []
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *cluster, *stop])
 
 
 def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
@@ -933,7 +962,7 @@ def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection
         print("error: " + line, file=sys.stderr)
     if errors:
         return 1
-    if interrupted(results, args.iterations):
+    if interrupted(results, args.iterations, args.output_dir):
         print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
         return 130
     return 0

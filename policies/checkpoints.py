@@ -91,16 +91,9 @@ def checkpoint_number(checkpoint: Path) -> int | None:
     return int(number) if name.startswith(PREFIX) and number.isdigit() else None
 
 
-def unrecorded_checkpoints(trial_dir: str | os.PathLike) -> list[tuple[Path, CheckpointInfo]]:
-    """The trial's readable checkpoints set aside as :data:`UNRECORDED`, oldest first, with what they hold: Tune
-    does not rank them among the trial's checkpoints, so train.py's closing lines do."""
-    return [(path, info) for path in trial_checkpoints(trial_dir)
-            if path.name.startswith(UNRECORDED) and (info := _readable_info(path)) is not None]
-
-
 def _iteration_order(checkpoint: Path) -> tuple[int, int]:
     """``(iteration, directory number)``; an unreadable ``pruning_config.json`` counts as iteration -1."""
-    info = _readable_info(checkpoint)
+    info = readable_checkpoint_info(checkpoint)
     iteration = info.iteration if info is not None and info.iteration is not None else -1
     return iteration, checkpoint_number(checkpoint)
 
@@ -172,7 +165,7 @@ def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
     """The checkpoint of ``checkpoints`` that ranks first on validation (:func:`validation_rank`); None when none
     was validated."""
     scored = [(validation_rank(info.val_score, info.iteration), path) for path in checkpoints
-              if (info := _readable_info(path)) is not None and info.val_score is not None]
+              if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
     return max(scored, key=lambda entry: entry[0])[1] if scored else None
 
 
@@ -183,7 +176,8 @@ def _run_directory_hint(directory: Path) -> str:
     return f"; the best checkpoint of this training run on validation is {best}" if best is not None else ""
 
 
-def _readable_info(checkpoint: Path) -> CheckpointInfo | None:
+def readable_checkpoint_info(checkpoint: Path) -> CheckpointInfo | None:
+    """:func:`read_checkpoint_info`, None for a checkpoint whose record does not read."""
     try:
         return read_checkpoint_info(checkpoint)
     except PolicyCheckpointError:

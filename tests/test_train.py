@@ -269,13 +269,20 @@ def test_overwrite_deletes_the_run_and_keeps_ones_own_files(tmp_path, capsys):
 def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_path, capsys):
     assert train.main(["--output-dir", str(tmp_path), "--resume", "--overwrite"]) == 2
     assert "--overwrite replaces it: pass one of them" in capsys.readouterr().err
-    done = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 5, "progress": {}})
-    out_of_time = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 3,
-                                                                  "progress": {"out_of_time": True}})
-    stopped = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 3, "progress": {}})
+    def result(iteration, trial="target_ratio=0.5", **progress):
+        return SimpleNamespace(error=None, config={}, metrics={"training_iteration": iteration, "progress": progress},
+                               path=str(tmp_path / trial))
+
+    done, out_of_time, stopped = result(5), result(3, out_of_time=True), result(3)
     never_started = SimpleNamespace(error=None, config=None, metrics={}, path=str(tmp_path / "target_ratio=0.3"))
-    assert not train.interrupted([done, out_of_time], 5)
-    assert train.interrupted([done, stopped], 5) and train.interrupted([done, never_started], 5)
+    run = str(tmp_path)
+    assert not train.interrupted([done, out_of_time], 5, run)
+    assert train.interrupted([done, stopped], 5, run) and train.interrupted([done, never_started], 5, run)
+    # its last iteration's checkpoint stored, then Ctrl-C before Tune heard of it (or resumed at its stop): done
+    last = tmp_path / "target_ratio=0.5" / "checkpoint_000004"
+    last.mkdir(parents=True)
+    (last / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 5, 80.0).to_json()))
+    assert not train.interrupted([done, stopped], 5, run)
     assert train.closing_lines([never_started, never_started], str(tmp_path)) == (
         ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 
@@ -493,6 +500,9 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
     else:
         filesystem, root, output_dir = pyarrow.fs.LocalFileSystem(), storage, str(storage / "runs" / "marl")
     recorded = [(2, 80.0), (4, 82.5), (6, 90.0)]  # checkpoint_000002 (the best) is gone
+    for index, (iteration, score) in enumerate(recorded[:2]):
+        info = CheckpointInfo(PruningProblem(), iteration, score).to_json()
+        (storage / trial / f"checkpoint_00000{index}" / PRUNING_CONFIG).write_text(json.dumps(info))
     checkpoints = [(tune.Checkpoint(str(root / trial / f"checkpoint_00000{index}"), filesystem),
                     {train.SCORE: score, "training_iteration": iteration})
                    for index, (iteration, score) in enumerate(recorded)]
@@ -521,6 +531,26 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         best = train.closing_lines([result], output_dir)[0][0]
         assert "unrecorded_checkpoint_000002 (best on validation: iteration 3, exact-budget accuracy 82.50% on" in best
         shutil.rmtree(aside)
+        # a checkpoint stored in an iteration that a Ctrl-C kept Tune from recording is ranked too
+        unreported = storage / trial / "checkpoint_000003"
+        unreported.mkdir()
+        (unreported / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 8, 99.0).to_json()))
+        assert "checkpoint_000003 (best on validation: iteration 8," in train.closing_lines([result], output_dir)[0][0]
+        shutil.rmtree(unreported)
     for index in (0, 1):
-        (storage / trial / f"checkpoint_00000{index}").rmdir()
+        shutil.rmtree(storage / trial / f"checkpoint_00000{index}")
     assert train.closing_lines([result], output_dir) == (["no checkpoint"], [])
+
+
+def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_the_cluster(monkeypatch):
+    """Tune waits silently for resources a cluster lacks; the run says so. The go-on command of a run on a
+    cluster resumes it there, not in a new local Ray instance."""
+    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    assert train.cluster_shortfall({"CPU": 2.0}) is None
+    assert train.cluster_shortfall({"CPU": 4.0, "GPU": 1.0}) == (
+        "waiting for the cluster: one trial reserves 4 CPU, 1 GPU and the cluster has 2 CPU, 0 GPU; its trials "
+        "start when nodes join (or pass a smaller --num-workers or --servers)")
+    args = train.build_parser().parse_args(["--output-dir", "runs/x", "--address", "10.0.0.1:6379",
+                                            "--iterations", "9"])
+    assert train.go_on_command(args, {"iterations", "address"}) == (
+        "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations=9")
