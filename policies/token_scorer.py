@@ -100,8 +100,10 @@ class TokenScoring:
         """The scores ``[..., N]`` of tokens with features ``tokens [..., N, F]`` and live mask ``live [..., N]``
         (the deterministic policy keeps the ``count`` highest). ``every_row`` runs the networks on the dead rows
         too, which pays where few are dead (an exact budget's states) and reads nothing back from a GPU; the
-        scores are the same."""
-        obs = {"tokens": tokens, "live": live}
+        scores are the same. The features are computed in float32 whatever the backbone's precision
+        (``envs.vit.features``); they are cast to the networks' own, so a module cast to bfloat16 scores them."""
+        dtype = self._token_net[0].weight.dtype
+        obs = {"tokens": tokens.to(dtype), "live": live.to(dtype)}
         return self._scores(obs, self._embed(obs, every_row))
 
 

@@ -120,6 +120,17 @@ def test_to_device_moves_backbone_and_policies(exported, images):
     assert not model.training and not logits.requires_grad
 
 
+def test_a_policy_model_cast_to_another_precision_runs_in_it(exported, images):
+    """``model.to(dtype)`` as with a timm model: the features, computed in float32, meet the agents' cast
+    networks; float64 keeps float32's choices and answers on these images."""
+    logits, kept = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+    for dtype in (torch.float64, torch.bfloat16):
+        cast_logits, cast_kept = PrunedViT.from_checkpoint(exported).to(dtype).forward_with_kept(images.to(dtype))
+        assert cast_logits.dtype == dtype and cast_kept.shape == kept.shape
+        if dtype == torch.float64:
+            assert torch.equal(cast_kept, kept) and torch.equal(cast_logits.argmax(1), logits.argmax(1))
+
+
 def test_every_forward_makes_its_tensors_where_the_images_are(exported, tiny_staged, images):
     """No forward makes a tensor on the default device: on a GPU that would be the CPU, beside images on the GPU.
     With meta as the default device such a tensor cannot meet the CPU images, so every selection, the agents and
