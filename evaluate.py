@@ -51,9 +51,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -573,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
             raise EvaluationError("--heuristics-only evaluates no policy checkpoint: drop --checkpoint and "
                                   "--checkpoints-per-budget")
-        problem, policies, main_path, iteration = heuristics_problem(args), {}, None, None
+        problem, policies, main_path = heuristics_problem(args), {}, None
     else:
         if args.prune_points:
             raise EvaluationError("--prune-points is for --heuristics-only: a checkpoint prunes where it was "
@@ -586,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
         policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
                                            same_backbone=not args.backbone, same_reduction=not args.reduction)
         _, main, main_path = next(iter(policies.values()))
-        problem, iteration = main.problem, main.iteration
+        problem = main.problem
         for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
@@ -663,7 +665,9 @@ def run(args: argparse.Namespace) -> int:
                              speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
                              calibration=calibration, selection=selection, compile_speed=args.compile)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
-                "iteration": iteration, "backbone": repository_relative(backbone_path), "dataset": dataset,
+                "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),
+                "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
@@ -683,6 +687,17 @@ def run(args: argparse.Namespace) -> int:
     paths = write_results(table, output_dir, settings)
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def code_commit() -> str | None:
+    """The repository's commit (``git describe --always --dirty``), which the results files record; None outside a
+    clone or without git."""
+    try:
+        described = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                                   text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

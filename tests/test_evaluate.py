@@ -36,7 +36,7 @@ from envs.vit.pruned_forward import TokenState, exact_forward, initial_state
 from envs.vit.staged_vit import StagedViT
 from policies import pruned_vit
 from policies.cascade import CascadeViT
-from policies.checkpoints import MODULES_DIR, load_policies
+from policies.checkpoints import MODULES_DIR, load_policies, read_checkpoint_info
 from policies.distribution import ExactCount
 from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
@@ -99,15 +99,19 @@ def test_rows_columns_and_files(results):
     for name in ("results.csv", "results.json", "results.md", "accuracy_vs_gflops.png"):
         assert (output / name).stat().st_size > 0
     saved = json.loads((output / "results.json").read_text())
+    cpu = describe_device(torch.device("cpu"))
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
     assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
     assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images",
                                                     "compiled")} == {
-        "device": "cpu", "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None, "compiled": None}
+        "device": cpu, "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None, "compiled": None}
+    assert re.fullmatch(r"cpu \(.+, \d+ cores\)", cpu)  # the machine the timings come from
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", saved["settings"]["date"])
+    assert saved["settings"]["commit"] == evaluate.code_commit() is not None  # the tests run in a clone
     markdown = (output / "results.md").read_text()
     assert re.search(r"\| method +\| +budget \|", markdown)
-    assert f"dataset: cifar10; split: test; images: {LIMIT}; device: cpu; dtype: float32\n" in markdown
+    assert f"dataset: cifar10; split: test; images: {LIMIT}; device: {cpu}; dtype: float32\n" in markdown
     quality = table[["accuracy", "f1_macro", "agreement"]]
     assert ((quality >= 0) & (quality <= 100)).all().all()
 
@@ -455,8 +459,10 @@ def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_d
     table = pd.read_csv(output / "results.csv")
     for budget in (0.3, 0.5):
         assert list(table.loc[table["budget"] == budget, "method"]) == HEURISTIC_ROWS + MARL_ROWS
-    assert json.loads((output / "results.json").read_text())["settings"]["checkpoints"] == {
-        "0.3": str(other), "0.5": str(tiny_policy)}
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    assert settings["checkpoints"] == {"0.3": str(other), "0.5": str(tiny_policy)}
+    assert settings["iterations"] == {budget: read_checkpoint_info(path).iteration
+                                      for budget, path in (("0.3", other), ("0.5", tiny_policy))}
 
 
 def test_a_policy_trained_at_several_ratios_gets_marl_rows_at_each_budget_among_them(tiny_policy, data_dir,

@@ -7,6 +7,9 @@ timing says which hardware it comes from.
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:1, ..."
@@ -38,5 +41,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
-    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: the card says which hardware its timings come from."""
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    """``cpu (AMD EPYC, 2 cores)`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: which hardware the timings come from."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({cpu_model()}, {os.cpu_count()} cores)" if device.type == "cpu" else str(device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the operating system reports it (``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
