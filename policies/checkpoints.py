@@ -207,18 +207,21 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """
     from policies.export import has_export, load_exported_policies  # policies.export builds on this module
 
-    path = _checkpoint_directory(checkpoint)
+    path = checkpoint_directory(checkpoint)
     return load_exported_policies(path) if has_export(path) else load_rllib_policies(path)
 
 
-def _checkpoint_directory(checkpoint: str | Path) -> Path:
-    """``checkpoint`` as an absolute path (RLlib loads from URIs: a relative path is not one), if a directory."""
+def checkpoint_directory(checkpoint: str | Path) -> Path:
+    """``checkpoint`` as an absolute path (RLlib loads from URIs: a relative path is not one), if a directory;
+    a checkpoint's ``export`` folder given itself (what is shared to avoid pickles) stands for the checkpoint."""
+    from policies.export import CONFIG_FILE, EXPORT_DIR
+
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} is not a directory")
-    return path
+    return path.parent if path.name == EXPORT_DIR and (path / CONFIG_FILE).is_file() else path
 
 
 def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:
@@ -226,7 +229,7 @@ def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring]
 
     A run whose ``agents`` names one agent has only that module; a ``both`` run must have both.
     """
-    path = _checkpoint_directory(checkpoint)
+    path = checkpoint_directory(checkpoint)
     info = read_checkpoint_info(path)
     agents = info.problem.agents
     modules = {}

@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -300,6 +301,18 @@ def test_loading_an_export_never_unpickles(exported, images, monkeypatch):
     with pytest.raises(PolicyCheckpointError, match="a pickle was opened"):  # the patches bite RLlib's loader
         load_rllib_policies(exported)
     assert_same(PrunedViT.from_checkpoint(exported).forward_with_kept(images), expected)
+
+
+def test_an_export_folder_given_itself_loads_and_a_missing_path_is_only_an_error(exported, images, tmp_path):
+    """What is shared to avoid pickles is the ``export`` folder: given itself it is the checkpoint, with no
+    warning about pickles; a mistyped path is an error, not first a warning about pickles."""
+    shared = Path(shutil.copytree(export_path(exported), tmp_path / "received" / "export"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = PrunedViT.from_checkpoint(shared)
+        assert_same(model.forward_with_kept(images), PrunedViT.from_checkpoint(exported).forward_with_kept(images))
+        with pytest.raises(PolicyCheckpointError, match="does not exist"):
+            PrunedViT.from_checkpoint(tmp_path / "mistyped")
 
 
 def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
