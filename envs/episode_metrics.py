@@ -2,7 +2,7 @@
 
 They appear in the training results under ``env_runners``: agreement with the unpruned model, top-1
 correctness, kept-token ratio after the last pruning point, and GFLOPs (backbone + features) per image.
-(Validation, in the exact-budget mode evaluation reports, is ``train.validate_on_server``.)
+(Validation, in the exact-budget mode evaluation reports, is ``training.trial.validate_on_server``.)
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import evaluate
 from benchmarks import run_from_command_line, saliency_headroom
 from cli import run_command
 from envs.vit.data import DataError
+from training.ray_session import start_ray
 
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
@@ -55,4 +56,4 @@ def test_an_install_without_the_repository_says_so(monkeypatch, tmp_path, capsys
     with pytest.raises(backbone_checkpoint.CheckpointError, match="install a clone with pip install -e"):
         backbone_checkpoint.read_backbone_config(tmp_path / "reference" / "vit_tiny_cifar10")
     with pytest.raises(ValueError, match="--address auto: this is an install without the repository"):
-        train.start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)
+        start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)

@@ -25,6 +25,7 @@ from policies.checkpoints import (
 )
 from policies.export import load_exported_policies
 from tests.tiny_policies import build_module, write_checkpoint
+from training.trial import set_aside_unrecorded
 
 PROBLEM = PruningProblem(backbone="b")
 
@@ -192,11 +193,11 @@ def test_checkpoints_tune_has_no_record_of_are_set_aside_and_the_highest_iterati
     for index, iteration in ((0, 1), (1, 2), (2, 5), (3, 4)):  # 2 held iteration 3 until a resume wrote 5 there
         stage_checkpoint(FakeAlgo(), trial / f"checkpoint_{index:06d}", CheckpointInfo(PROBLEM, iteration))
     assert [read_checkpoint_info(c).iteration for c in trial_checkpoints(trial)] == [1, 2, 4, 5]
-    train.set_aside_unrecorded(trial, SimpleNamespace(path=str(trial / "checkpoint_000001")))
+    set_aside_unrecorded(trial, SimpleNamespace(path=str(trial / "checkpoint_000001")))
     assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000000", "checkpoint_000001",
                                                        "unrecorded_checkpoint_000002", "unrecorded_checkpoint_000003"]
     assert trial_checkpoints(trial)[-1] == trial / "unrecorded_checkpoint_000002"
     stage_checkpoint(FakeAlgo(), trial / "checkpoint_000002", CheckpointInfo(PROBLEM, 7))  # killed once more
-    train.set_aside_unrecorded(trial, None)  # Tune recorded nothing: all of them are set aside
+    set_aside_unrecorded(trial, None)  # Tune recorded nothing: all of them are set aside
     assert not list(trial.glob("checkpoint_*"))
     assert [read_checkpoint_info(c).iteration for c in trial_checkpoints(trial)] == [1, 2, 4, 7]

@@ -17,12 +17,26 @@ import pyarrow.fs
 import pytest
 import torch
 from ray import tune
+from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
 from envs.problem import PruningProblem
-from policies.checkpoints import PRUNING_CONFIG, CheckpointInfo, list_checkpoints, module_path, read_checkpoint_info
+from policies.checkpoints import (
+    PRUNING_CONFIG,
+    CheckpointInfo,
+    PolicyCheckpointError,
+    list_checkpoints,
+    module_path,
+    read_checkpoint_info,
+)
 from policies.export import load_exported_policies
+from training import ray_session
+from training.console import ProgressCsv, closing_lines, go_on_command, interrupted, progress_line
+from training.placement import Placement, TrialResources, plan_placement, trial_resources
+from training.ray_session import cluster_shortfall, interrupt_on_sigterm
+from training.run_directory import delete_run
+from training.trial import SCORE, build_config, restore_newest, resumed_iteration
 
 
 def run(tmp_path, tiny_backbone, data_dir, *extra):
@@ -175,7 +189,7 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
 def test_a_failed_sub_environment_or_env_runner_is_replaced():
     """What test_faults' killed servers rely on: an episode a restarted server lost is dropped with its sub-env
     (StepFailedRecreateEnvError), and a runner that dies is restarted; neither fails the trial."""
-    config = train.build_config(PruningProblem(), train.TrialResources(2, 1, train.plan_placement(None, 1, 0, False),
+    config = build_config(PruningProblem(), TrialResources(2, 1, plan_placement(None, 1, 0, False),
                                                                       True), ["train"], "val")
     assert config.restart_failed_sub_environments and config.restart_failed_env_runners
     assert config.max_num_env_runner_restarts >= 100
@@ -199,13 +213,13 @@ class RestoringAlgorithm:
 def test_resume_falls_back_to_an_older_checkpoint_when_the_newest_does_not_restore(tmp_path, capsys):
     newest_first = [tmp_path / "checkpoint_000003", tmp_path / "checkpoint_000002", tmp_path / "checkpoint_000001"]
     algo = RestoringAlgorithm({"checkpoint_000003"})
-    train.restore_newest(algo, newest_first)
+    restore_newest(algo, newest_first)
     assert algo.restored == ["checkpoint_000002"]
     out = capsys.readouterr().out
     assert "cannot restore" in out and "checkpoint_000003 (OSError: truncated file); trying an older one" in out
     assert f"resumed from {newest_first[1]} at iteration 2" in out
-    with pytest.raises(train.PolicyCheckpointError, match="none of .* restores"):
-        train.restore_newest(RestoringAlgorithm({c.name for c in newest_first}), newest_first)
+    with pytest.raises(PolicyCheckpointError, match="none of .* restores"):
+        restore_newest(RestoringAlgorithm({c.name for c in newest_first}), newest_first)
 
 
 def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp_path):
@@ -214,9 +228,9 @@ def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp
         (tmp_path / f"checkpoint_0000{iteration}" / PRUNING_CONFIG).write_text(
             json.dumps(CheckpointInfo(PruningProblem(), iteration, 80.0).to_json()))
     (tmp_path / "damaged").mkdir()  # no pruning_config.json: passed over, as restore_newest passes over it
-    assert train.resumed_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
-    assert train.resumed_iteration([]) == 0
-    config = train.build_config(PruningProblem(), train.TrialResources(1, 1, train.plan_placement(None, 1, 0, False),
+    assert resumed_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
+    assert resumed_iteration([]) == 0
+    config = build_config(PruningProblem(), TrialResources(1, 1, plan_placement(None, 1, 0, False),
                                                                       True), ["train"], "val", resumed_at=30)
     assert config.env_config["resumed_at"] == 30
 
@@ -235,20 +249,20 @@ def test_progress_csv_has_a_column_for_every_metric_and_one_header_across_a_resu
     """Validation is not in iteration 1's row, and a resumed run reports metrics the first did not: each becomes a
     column when it first appears, the earlier rows blank in it, and pandas reads the file."""
     trial = LoggedTrial(tmp_path)
-    first = train.ProgressCsv()
-    first.log_trial_result(1, trial, {"training_iteration": 1, train.SCORE: None})  # not validated
-    first.log_trial_result(2, trial, {"training_iteration": 2, train.SCORE: 81.5,
+    first = ProgressCsv()
+    first.log_trial_result(1, trial, {"training_iteration": 1, SCORE: None})  # not validated
+    first.log_trial_result(2, trial, {"training_iteration": 2, SCORE: 81.5,
                                       "evaluation": {"exact_accuracy": 81.5}})
     first.log_trial_end(trial)
-    resumed = train.ProgressCsv()  # train.py --resume: a new logger appends to the file
-    resumed.log_trial_result(3, trial, {"training_iteration": 3, train.SCORE: None, "timers": {"restore": 1.0}})
-    resumed.log_trial_result(4, trial, {"training_iteration": 4, train.SCORE: None})
+    resumed = ProgressCsv()  # train.py --resume: a new logger appends to the file
+    resumed.log_trial_result(3, trial, {"training_iteration": 3, SCORE: None, "timers": {"restore": 1.0}})
+    resumed.log_trial_result(4, trial, {"training_iteration": 4, SCORE: None})
     resumed.log_trial_end(trial)
     progress = pd.read_csv(tmp_path / "progress.csv")
-    assert list(progress.columns) == ["training_iteration", train.SCORE, "evaluation/exact_accuracy", "timers/restore"]
+    assert list(progress.columns) == ["training_iteration", SCORE, "evaluation/exact_accuracy", "timers/restore"]
     assert progress["training_iteration"].tolist() == [1, 2, 3, 4]
     assert progress["evaluation/exact_accuracy"].tolist()[1] == 81.5 and progress["timers/restore"].tolist()[2] == 1.0
-    assert progress[train.SCORE].isna().tolist() == [True, False, True, True]
+    assert progress[SCORE].isna().tolist() == [True, False, True, True]
 
 
 def test_overwrite_deletes_the_run_and_keeps_ones_own_files(tmp_path, capsys):
@@ -259,7 +273,7 @@ def test_overwrite_deletes_the_run_and_keeps_ones_own_files(tmp_path, capsys):
                  "target_ratio=0.3/params.json", "target_ratio=0.3/result.json"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
-    train.delete_run(tmp_path)
+    delete_run(tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "notes.txt", "target_ratio=0.5", "target_ratio=0.5/analysis.ipynb"]
     assert "kept what is not the run's: notes.txt, target_ratio=0.5/analysis.ipynb" in capsys.readouterr().out
@@ -276,14 +290,14 @@ def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_p
     done, out_of_time, stopped = result(5), result(3, out_of_time=True), result(3)
     never_started = SimpleNamespace(error=None, config=None, metrics={}, path=str(tmp_path / "target_ratio=0.3"))
     run = str(tmp_path)
-    assert not train.interrupted([done, out_of_time], 5, run)
-    assert train.interrupted([done, stopped], 5, run) and train.interrupted([done, never_started], 5, run)
+    assert not interrupted([done, out_of_time], 5, run)
+    assert interrupted([done, stopped], 5, run) and interrupted([done, never_started], 5, run)
     # its last iteration's checkpoint stored, then Ctrl-C before Tune heard of it (or resumed at its stop): done
     last = tmp_path / "target_ratio=0.5" / "checkpoint_000004"
     last.mkdir(parents=True)
     (last / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 5, 80.0).to_json()))
-    assert not train.interrupted([done, stopped], 5, run)
-    assert train.closing_lines([never_started, never_started], str(tmp_path)) == (
+    assert not interrupted([done, stopped], 5, run)
+    assert closing_lines([never_started, never_started], str(tmp_path)) == (
         ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 
 
@@ -330,7 +344,7 @@ def test_sigterm_interrupts_as_ctrl_c_does():
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        train.interrupt_on_sigterm()
+        interrupt_on_sigterm()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
@@ -354,6 +368,7 @@ def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, mon
     assert train.main(["--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: trial failed: RuntimeError: server gone twice (traceback: {failed.path}/error.txt)\n"
+
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
@@ -381,20 +396,20 @@ def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, m
 
 
 @pytest.mark.parametrize(("servers", "gpus", "driver_gpu", "expected"), [
-    (None, 0, False, train.Placement(1, 0.0, 2, False, 0.0)),  # CPU only: the learner in the driver
-    (3, 0, False, train.Placement(3, 0.0, 2, False, 0.0)),
-    (None, 1, True, train.Placement(1, 0.25, 2, False, 0.5)),  # one GPU shared by learner and two servers
-    (None, 4, True, train.Placement(4, 0.5, 2, False, 0.5)),
-    (None, 4, False, train.Placement(4, 0.5, 2, True, 0.5)),  # GPU-less head: the learner is an actor
-    (4, 1, False, train.Placement(4, 0.1, 2, True, 0.5)),
-    (4, 1, True, train.Placement(4, 0.1, 2, False, 0.5)),
+    (None, 0, False, Placement(1, 0.0, 2, False, 0.0)),  # CPU only: the learner in the driver
+    (3, 0, False, Placement(3, 0.0, 2, False, 0.0)),
+    (None, 1, True, Placement(1, 0.25, 2, False, 0.5)),  # one GPU shared by learner and two servers
+    (None, 4, True, Placement(4, 0.5, 2, False, 0.5)),
+    (None, 4, False, Placement(4, 0.5, 2, True, 0.5)),  # GPU-less head: the learner is an actor
+    (4, 1, False, Placement(4, 0.1, 2, True, 0.5)),
+    (4, 1, True, Placement(4, 0.1, 2, False, 0.5)),
 ])
 def test_placement(servers, gpus, driver_gpu, expected):
-    placement = train.plan_placement(servers, 2, gpus, driver_gpu)
+    placement = plan_placement(servers, 2, gpus, driver_gpu)
     assert placement == expected
     # What the trial's placement group asks of Ray, the learner's share included wherever RLlib puts it, is never
     # more than the cluster has: a trial that asks for more waits forever.
-    bundles = train.trial_resources(train.TrialResources(2, 1, placement, True)).bundles
+    bundles = trial_resources(TrialResources(2, 1, placement, True)).bundles
     assert sum(bundle.get("GPU", 0) for bundle in bundles) <= gpus + 1e-9
 
 
@@ -403,12 +418,12 @@ def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_i
 
     assert train.build_parser().parse_args([]).sample_ahead
     assert not train.build_parser().parse_args(["--no-sample-ahead"]).sample_ahead
-    recorded = train.TrialResources(2, 1, train.plan_placement(None, 1, 0, False), True).to_json()
-    config = train.build_config(PruningProblem(), train.TrialResources.from_json(recorded), ["train"], "val")
+    recorded = TrialResources(2, 1, plan_placement(None, 1, 0, False), True).to_json()
+    config = build_config(PruningProblem(), TrialResources.from_json(recorded), ["train"], "val")
     assert config.algo_class is SampleAheadPPO
     del recorded["sample_ahead"]  # a run recorded before the setting existed
-    assert train.build_config(PruningProblem(), train.TrialResources.from_json(recorded), ["train"],
-                              "val").algo_class is train.PPO
+    assert build_config(PruningProblem(), TrialResources.from_json(recorded), ["train"],
+                              "val").algo_class is PPO
 
 
 class StubEnvRunnerGroup:
@@ -480,9 +495,9 @@ def test_progress_line_leaves_out_returns_against_the_other_rollouts():
                               "correct": 0.8, "keep_ratio": 0.125, "gflops": 0.17},
               "progress": {"elapsed_s": 65, "remaining_s": 125, "validated": False, "out_of_time": False}}
     heuristic = PruningProblem(rollouts_per_image=1, reward_baseline="distinct", images_per_env=16)
-    line = train.progress_line(result, heuristic)
+    line = progress_line(result, heuristic)
     assert "R/img[att]=+0.100" in line and "R/img[sim]=+0.100" in line and "1m05s elapsed" in line
-    assert "R/img" not in train.progress_line(result, PruningProblem(reward_baseline="rollouts"))
+    assert "R/img" not in progress_line(result, PruningProblem(reward_baseline="rollouts"))
 
 
 @pytest.mark.parametrize("cloud", [False, True])
@@ -504,14 +519,14 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         info = CheckpointInfo(PruningProblem(), iteration, score).to_json()
         (storage / trial / f"checkpoint_00000{index}" / PRUNING_CONFIG).write_text(json.dumps(info))
     checkpoints = [(tune.Checkpoint(str(root / trial / f"checkpoint_00000{index}"), filesystem),
-                    {train.SCORE: score, "training_iteration": iteration})
+                    {SCORE: score, "training_iteration": iteration})
                    for index, (iteration, score) in enumerate(recorded)]
     problem = {"data_dir": "d", "val_size": 800}  # a backbone that held out fewer images than --val-limit scores
     result = SimpleNamespace(error=None, config={"trial": {"name": "target_ratio=0.5", "problem": problem}},
                              best_checkpoints=checkpoints, checkpoint=checkpoints[0][0], metrics=checkpoints[0][1],
                              path=str(root / trial))
     monkeypatch.chdir(tmp_path)
-    lines, errors = train.closing_lines([result], output_dir)
+    lines, errors = closing_lines([result], output_dir)
     shown = f"{output_dir}/target_ratio=0.5/checkpoint_000001" if cloud else \
         "bucket/runs/marl/target_ratio=0.5/checkpoint_000001"
     evaluate = "evaluate a local copy of it: python evaluate.py --checkpoint <copy>" if cloud else \
@@ -524,33 +539,33 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         aside = storage / trial / "unrecorded_checkpoint_000002"
         aside.mkdir()
         (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 7, 95.0).to_json()))
-        best = train.closing_lines([result], output_dir)[0][0]
+        best = closing_lines([result], output_dir)[0][0]
         assert "unrecorded_checkpoint_000002 (best on validation: iteration 7, exact-budget accuracy 95.00% on" in best
         # of equal scores the earliest iteration, as policies.checkpoints.best_on_validation ranks them
         (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 3, 82.5).to_json()))
-        best = train.closing_lines([result], output_dir)[0][0]
+        best = closing_lines([result], output_dir)[0][0]
         assert "unrecorded_checkpoint_000002 (best on validation: iteration 3, exact-budget accuracy 82.50% on" in best
         shutil.rmtree(aside)
         # a checkpoint stored in an iteration that a Ctrl-C kept Tune from recording is ranked too
         unreported = storage / trial / "checkpoint_000003"
         unreported.mkdir()
         (unreported / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 8, 99.0).to_json()))
-        assert "checkpoint_000003 (best on validation: iteration 8," in train.closing_lines([result], output_dir)[0][0]
+        assert "checkpoint_000003 (best on validation: iteration 8," in closing_lines([result], output_dir)[0][0]
         shutil.rmtree(unreported)
     for index in (0, 1):
         shutil.rmtree(storage / trial / f"checkpoint_00000{index}")
-    assert train.closing_lines([result], output_dir) == (["no checkpoint"], [])
+    assert closing_lines([result], output_dir) == (["no checkpoint"], [])
 
 
 def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_the_cluster(monkeypatch):
     """Tune waits silently for resources a cluster lacks; the run says so. The go-on command of a run on a
     cluster resumes it there, not in a new local Ray instance."""
-    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
-    assert train.cluster_shortfall({"CPU": 2.0}) is None
-    assert train.cluster_shortfall({"CPU": 4.0, "GPU": 1.0}) == (
+    monkeypatch.setattr(ray_session.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    assert cluster_shortfall({"CPU": 2.0}) is None
+    assert cluster_shortfall({"CPU": 4.0, "GPU": 1.0}) == (
         "waiting for the cluster: one trial reserves 4 CPU, 1 GPU and the cluster has 2 CPU, 0 GPU; its trials "
         "start when nodes join (or pass a smaller --num-workers or --servers)")
     args = train.build_parser().parse_args(["--output-dir", "runs/x", "--address", "10.0.0.1:6379",
                                             "--iterations", "9"])
-    assert train.go_on_command(args, {"iterations", "address"}) == (
+    assert go_on_command(args, {"iterations", "address"}) == (
         "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations=9")

@@ -1,0 +1,169 @@
+"""What a run prints and logs: a line per iteration, ``progress.csv`` with every metric, and the closing lines
+(each trial's best checkpoint, and the command that goes on with an interrupted run)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.rllib.utils.metrics import EVALUATION_RESULTS
+from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback
+from ray.tune.result import EXPR_PROGRESS_FILE
+from ray.tune.utils import flatten_dict
+
+from envs.atomic_file import replaced_atomically
+from envs.problem import (
+    PruningProblem,
+)
+from policies.checkpoints import (
+    validation_rank,
+)
+from training.run_directory import local_run_dir, scored_checkpoints
+
+
+def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
+    """One compact line per iteration; returns are per image (an env episode carries several images), left out
+    with the ``rollouts`` baseline, against which they average 0 by construction (against a heuristic they are
+    above 0 where the agents beat it); ``remaining``: time until --iterations or --time-budget ends the trial,
+    whichever comes first."""
+    runners = result.get("env_runners", {})
+    returns = {} if problem.reward_baseline == "rollouts" else runners.get("module_episode_returns_mean", {})
+    progress = result["progress"]
+    parts = [f"iter {result['training_iteration']:4d}",
+             f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}",
+             *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
+             f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
+             f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
+             f"kept {runners.get('keep_ratio', float('nan')):.3f}",
+             f"GFLOPs {runners.get('gflops', float('nan')):.4f} w/o policies",  # evaluate.py's count them
+             f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
+    if progress["validated"]:  # results carry the last validation along; show it only where it ran
+        val = result.get(EVALUATION_RESULTS, {})
+        parts.append(f"| val exact {val.get('exact_accuracy', float('nan')):.2f}% "
+                     f"(agree {val.get('exact_agreement', float('nan')):.2f}%)")
+    if progress["out_of_time"]:
+        parts.append("| time budget reached")
+    return "  ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m``, ``125`` -> ``2m05s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+class ProgressLines(tune.Callback):
+    """The console: one :func:`progress_line` per trial iteration, led by the trial's name when there are
+    several (Tune's own reporter is off: ``RunConfig(verbose=0)``)."""
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        problem = PruningProblem.from_json(trial.config["trial"]["problem"])
+        name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
+        print(name + progress_line(result, problem), flush=True)
+
+
+class ProgressCsv(CSVLoggerCallback):
+    """Tune's ``progress.csv`` with a column for every metric any row reports. Tune's own logger takes the first
+    row's columns and drops the others, so validation (not in iteration 1's row) and the episode metrics of an
+    iteration that finished no episode would never become columns, and on a resume it writes the new run's
+    columns under the old header, which pandas cannot read. Here a row that brings new metrics rewrites the file
+    under the union of the columns (rarely: new metrics appear in the first few rows), the earlier rows blank in
+    them."""
+
+    def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
+        if trial not in self._trial_files:
+            self._setup_trial(trial)
+        row = flatten_dict({key: value for key, value in result.items() if key != "config"}, delimiter="/")
+        path = Path(trial.local_path, EXPR_PROGRESS_FILE)
+        writer = self._trial_csv[trial]
+        if writer is None or not set(row) <= set(writer.fieldnames):
+            with path.open(newline="") as existing:
+                reader = csv.DictReader(existing)
+                earlier, columns = list(reader), list(reader.fieldnames or [])
+            columns += [key for key in row if key not in columns]
+            self._trial_files[trial].close()
+            with replaced_atomically(path) as staging, staging.open("w", newline="") as rewritten:
+                copier = csv.DictWriter(rewritten, columns, extrasaction="ignore")
+                copier.writeheader()
+                copier.writerows(earlier)
+            self._trial_files[trial] = path.open("a", newline="")
+            writer = self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], columns)
+        writer.writerow(row)
+        self._trial_files[trial].flush()
+
+
+def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str], list[str]]:
+    """For each trial, its best checkpoint by validation score among those still stored
+    (:func:`~training.run_directory.scored_checkpoints`), and the command that evaluates it; and one line per
+    trial that failed."""
+    lines, errors = [], []
+    several = len(results) > 1
+    run_dir = local_run_dir(output_dir)
+    for result in results:
+        if result.config is None:  # a trial that never started (the run was stopped before it)
+            lines.append(f"[{Path(result.path or 'trial').name}] " * several + "not started: --resume starts it")
+            continue
+        name = f"[{result.config['trial']['name']}] " if several else ""
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's
+            message = " ".join(str(cause).split()) or "no details"
+            errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
+                          f"{result.path}/error.txt)")
+            continue
+        scored = scored_checkpoints(result, run_dir)
+        if not scored:
+            lines.append(f"{name}no checkpoint")
+            continue
+        checkpoint, score, iteration = max(scored, key=lambda entry: validation_rank(entry[1], entry[2]))
+        trial_and_checkpoint = Path(Path(result.path).name, checkpoint)
+        problem = PruningProblem.from_json(result.config["trial"]["problem"])
+        data_dir = problem.data_dir
+        ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
+        best = (f"(best on validation: iteration {iteration}, exact-budget accuracy {score:.2f}% on the "
+                f"{ranking_images} images that ranked the checkpoints: expect less on others)")
+        if run_dir is None:
+            lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
+                         f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
+                         f"--data-dir {shlex.quote(data_dir)}")
+            continue
+        path = run_dir / trial_and_checkpoint
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        lines.append(f"{name}best checkpoint: {shown} {best}\n"
+                     f"{name}evaluate it: python evaluate.py --checkpoint {shlex.quote(shown)} --data-dir "
+                     f"{shlex.quote(data_dir)}")
+    return lines, errors
+
+
+def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> bool:
+    """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
+    ``--resume`` goes on with it. A trial reached the iteration of its last report or, on a local disk, of its
+    newest checkpoint: a trial resumed at its stop reports nothing, nor does one whose last checkpoint was
+    stored before a Ctrl-C kept the iteration from being reported."""
+    run_dir = local_run_dir(output_dir)
+    for result in results:
+        if result.error is not None:
+            continue
+        if result.config is None:
+            return True
+        metrics = result.metrics or {}
+        stored_iterations = [iteration or 0 for _, _, iteration in scored_checkpoints(result, run_dir)]
+        reached = max([metrics.get("training_iteration", 0), *stored_iterations])
+        if reached < iterations and not metrics.get("progress", {}).get("out_of_time"):
+            return True
+    return False
+
+
+def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
+    """The command that goes on with an interrupted run: ``--resume`` on the cluster and with the stop rule this
+    command gave."""
+    stop = [f"--{flag.replace('_', '-')}={getattr(args, flag):g}" for flag in ("iterations", "time_budget")
+            if flag in given]
+    cluster = ["--address", args.address] if args.address else []
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *cluster, *stop])

@@ -1,0 +1,71 @@
+"""The Ray instance train.py runs on: a local one with the CPUs a trial reserves, or a cluster with this
+repository shipped to its nodes; Ray's own notices kept to its session logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import ray
+
+from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_repository
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository, which a cluster's nodes receive as their working directory."""
+
+
+def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
+    """A local Ray instance with at least the CPUs one trial reserves, or the cluster at --address with this
+    repo shipped to every node.
+
+    The console shows our progress lines and Ray's errors: worker and actor output reaches the terminal
+    (a crashing env runner or server prints its traceback), while Ray's and RLlib's own warnings, all
+    internal to them at start (token auth notice, RLModuleConfig and new-API-stack deprecations, gputil),
+    are kept to the session logs under /tmp/ray. One line stays: the core worker's note that the ViT
+    server has constructor arguments in the object store, which it does on purpose (see vit_server.py).
+    """
+    quiet = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR"),
+             "log_to_driver": True}
+    if args.address:
+        if installed_without_repository():
+            raise ValueError(f"--address {args.address}: {NOT_A_CLONE}")
+        runtime_env = {"working_dir": str(REPO),
+                       "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
+        ray.init(address=args.address, runtime_env=runtime_env, **quiet)
+    else:
+        ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
+                 include_dashboard=False, **quiet)
+    interrupt_on_sigterm()
+
+
+def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
+    """A notice where the Ray cluster has fewer resources than one trial ``reserved``: Tune then waits, silently,
+    for nodes to join (an autoscaling cluster adds them), so the user learns why nothing happens; None where
+    one trial fits."""
+    cluster = ray.cluster_resources()
+    if all(cluster.get(kind, 0) >= amount for kind, amount in reserved.items()):
+        return None
+
+    def listed(resources: Mapping[str, float]) -> str:
+        return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in reserved)
+    return (f"waiting for the cluster: one trial reserves {listed(reserved)} and the cluster has {listed(cluster)}; "
+            f"its trials start when nodes join (or pass a smaller --num-workers or --servers)")
+
+
+def interrupt_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
+    says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's, RLlib's and Tune's own warnings to the session logs (start_ray says which), in this process;
+    Tune's progress tables off (its legacy reporter, silent at ``verbose=0``: the new one prints tables even
+    then); our progress lines are the console."""
+    for logger in ("ray", "ray.rllib", "ray.tune"):  # RLlib's and Tune's loggers have levels of their own
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"

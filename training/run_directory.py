@@ -1,0 +1,118 @@
+"""A run's directory: where Tune stores it, the lock that keeps a second train.py out, what ``--overwrite``
+deletes, and the checkpoints stored there."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs
+from ray import tune
+
+from envs.atomic_file import first_missing
+from policies.checkpoints import (
+    PREFIX,
+    UNRECORDED,
+    readable_checkpoint_info,
+    trial_checkpoints,
+)
+from training.trial import SCORE
+
+
+def storage_location(output_dir: str) -> tuple[str, str]:
+    """``--output-dir`` as Tune's ``(storage_path, name)``: a cloud URI as it is, a local path made absolute."""
+    if "://" in output_dir:
+        parent, _, name = output_dir.rstrip("/").rpartition("/")
+        return parent, name
+    path = Path(output_dir).expanduser().resolve()
+    return str(path.parent), path.name
+
+
+def local_run_dir(output_dir: str) -> Path | None:
+    """The run's directory when ``--output-dir`` is a path on this machine (or a disk its nodes share), where
+    Tune stores each trial's files in ``<run>/<trial name>``; None for a cloud URI."""
+    storage_path, name = storage_location(output_dir)
+    return None if "://" in storage_path else Path(storage_path, name)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on a local run's directory while this process reads its inputs and trains in it,
+    so that a second train.py on the same ``--output-dir`` is refused at once instead of mixing its checkpoints
+    into the run's. The lock goes with the process, however it ends. The directories made for it are removed
+    again if the run fails or is interrupted before anything is written in them. A cloud ``--output-dir``
+    (None) is not locked."""
+    if run_dir is None:
+        yield
+        return
+    made = first_missing(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
+                             f"--output-dir") from None
+        yield
+    except BaseException:  # an error or an interrupt (KeyboardInterrupt)
+        if made is not None and not any(run_dir.iterdir()):
+            shutil.rmtree(made)  # only the empty directories made above
+        raise
+    finally:
+        os.close(descriptor)
+
+
+RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experiment_state-*.json",
+             "basic-variant-state-*.json")
+"""What Tune writes at the top of a run directory, beside a directory per trial."""
+
+
+TRIAL_FILES = ("params.json", "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
+               "error.pkl", f"{PREFIX}*", f"{UNRECORDED}{PREFIX}*", "warm_start")
+"""What a trial's directory holds: Tune's records and loggers, its checkpoints and the warm start's modules."""
+
+
+def delete_run(run_dir: Path) -> None:
+    """``--overwrite``: delete what the run in ``run_dir`` wrote (:data:`RUN_FILES`, and :data:`TRIAL_FILES` in
+    its trials' directories, those holding a ``params.json``), and say what else is kept there."""
+    trials = [path.parent for path in run_dir.glob("*/params.json")]
+    for directory, patterns in ((run_dir, RUN_FILES), *((trial, TRIAL_FILES) for trial in trials)):
+        for path in {match for pattern in patterns for match in directory.glob(pattern)}:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    for trial in trials:
+        with contextlib.suppress(OSError):  # kept: it holds files of one's own
+            trial.rmdir()
+    kept = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if not path.is_dir())
+    if kept:
+        print(f"--overwrite deleted the run in {run_dir} and kept what is not the run's: {', '.join(kept[:5])}"
+              + (f" and {len(kept) - 5} more" if len(kept) > 5 else ""), flush=True)
+
+
+def stored(checkpoint: tune.Checkpoint) -> bool:
+    """Whether ``checkpoint`` is still in its storage, local or cloud: after a SIGKILL and --resume, Tune's
+    record of a run can name one the killed run's rotation deleted."""
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound
+
+
+def scored_checkpoints(result: tune.Result, run_dir: Path | None) -> list[tuple[str, float, int | None]]:
+    """A trial's checkpoints still stored, as ``(name, validation score, iteration)``, those never validated left
+    out. On a local disk, every complete checkpoint there, with what it records: those Tune has no record of
+    too (set aside on a resume, or stored in an iteration that a Ctrl-C kept from being reported). In cloud
+    storage, what Tune recorded with each, so that nothing is downloaded: its ranked checkpoints and the last
+    report's, which Tune keeps whatever its score (the stop writes one)."""
+    if run_dir is not None:
+        trial_dir = run_dir / Path(result.path).name
+        return [(path.name, info.val_score, info.iteration) for path in trial_checkpoints(trial_dir)
+                if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
+    latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
+    return [(Path(checkpoint.path).name, metrics[SCORE], metrics.get("training_iteration"))
+            for checkpoint, metrics in [*result.best_checkpoints, *latest]
+            if metrics.get(SCORE) is not None and stored(checkpoint)]
