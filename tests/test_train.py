@@ -368,7 +368,13 @@ def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, mon
     assert train.main(["--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: trial failed: RuntimeError: server gone twice (traceback: {failed.path}/error.txt)\n"
-
+    # a trial whose trainable did not load in its worker fails before its config reaches Tune: failed, not
+    # "not started" with exit 0
+    unloaded = SimpleNamespace(error=ModuleNotFoundError("No module named 'training'"), config=None,
+                               path=str(tmp_path / "target_ratio=0.5"))
+    monkeypatch.setattr(train, "train", lambda args, given: [unloaded])
+    assert train.main(["--output-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("error: trial failed: ModuleNotFoundError: No module named 'training'")
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])

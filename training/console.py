@@ -107,11 +107,12 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
     several = len(results) > 1
     run_dir = local_run_dir(output_dir)
     for result in results:
-        if result.config is None:  # a trial that never started (the run was stopped before it)
-            lines.append(f"[{Path(result.path or 'trial').name}] " * several + "not started: --resume starts it")
+        name = (f"[{result.config['trial']['name'] if result.config else Path(result.path or 'trial').name}] "
+                if several else "")
+        if result.config is None and result.error is None:  # a trial that never started (the run was stopped)
+            lines.append(f"{name}not started: --resume starts it")
             continue
-        name = f"[{result.config['trial']['name']}] " if several else ""
-        if result.error is not None:
+        if result.error is not None:  # also before its config reached Tune: its trainable did not load
             cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's
             message = " ".join(str(cause).split()) or "no details"
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
