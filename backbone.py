@@ -38,6 +38,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from cli import (
+    CHECKED_ARGUMENTS,
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             return "interrupted before an epoch was saved: run the command again"
         return f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
 
-    return run_command(run, interrupted_line)
+    return run_command(run, interrupted_line, CHECKED_ARGUMENTS)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,26 @@ from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (UserError, ValueError)
-"""What the commands report in one line: the project's errors (``envs.errors``) and the ``ValueError`` with which
-their own checks and the libraries' refuse an argument."""
+CHECKED_ARGUMENTS: tuple[type[Exception], ...] = (ValueError,)
+"""What train.py and backbone.py report in one line besides the project's errors: the ``ValueError`` with which
+their own checks and the libraries' they call (a timm model's kwargs, pruning points, a device) refuse an
+argument. evaluate.py and the benchmarks turn those into their own errors where they expect them, so that any
+other ``ValueError`` keeps its traceback, as a bug should."""
 
 
 class UsageError(UserError, ValueError):
     """A bad command line; the commands print it as one ``error: ...`` line and exit with code 2."""
 
 
-def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
-    """Run a command's ``body`` and return its exit code: a user error (:data:`USER_ERRORS`) ends it with one
-    ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says (how to go on) and code 130, as a
-    shell reports a process ended by SIGINT. Other exceptions are bugs and keep their tracebacks."""
+def run_command(body: Callable[[], int], interrupted: Callable[[], str],
+                user_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``, or one of
+    ``user_errors``) ends it with one ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says
+    (how to go on) and code 130, as a shell reports a process ended by SIGINT. Other exceptions are bugs and keep
+    their tracebacks."""
     try:
         return body()
-    except USER_ERRORS as error:
+    except (UserError, *user_errors) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ import torch
 from ray import tune
 
 from cli import (
+    CHECKED_ARGUMENTS,
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     "output directory holds a run)")
         return f"interrupted: go on with {go_on_command(args, given)}"
 
-    return run_command(run, interrupted_line)
+    return run_command(run, interrupted_line, CHECKED_ARGUMENTS)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 
 import evaluate
 from benchmarks import run_from_command_line, saliency_headroom
-from cli import run_command
+from cli import CHECKED_ARGUMENTS, run_command
 from envs.vit.data import DataError
 from training.ray_session import start_ray
 
@@ -24,6 +24,14 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_command(bug, lambda: "interrupted")
+
+    def bad_argument() -> int:  # train.py and backbone.py refuse arguments with ValueError; others keep it a bug
+        raise ValueError("prune_points must be strictly increasing")
+
+    assert run_command(bad_argument, lambda: "interrupted", CHECKED_ARGUMENTS) == 2
+    assert capsys.readouterr().err == "error: prune_points must be strictly increasing\n"
+    with pytest.raises(ValueError, match="strictly increasing"):
+        run_command(bad_argument, lambda: "interrupted")
 
 
 def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
