@@ -691,7 +691,9 @@ def run(args: argparse.Namespace) -> int:
 
 def code_commit() -> str | None:
     """The repository's commit (``git describe --always --dirty``), which the results files record; None outside a
-    clone or without git."""
+    clone (an install without the repository, which may sit inside another project's clone) or without git."""
+    if installed_without_repository():
+        return None
     try:
         described = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                                    text=True, timeout=10, check=True)

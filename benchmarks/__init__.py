@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from cli import run_command
 from envs.problem import PruningProblem
 from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import read_checkpoint_info
+from policies.checkpoints import checkpoint_directory, read_checkpoint_info
 from policies.pruned_vit import policy_backbone
 
 
@@ -28,6 +28,7 @@ def run_from_command_line(main: Callable[[], object]) -> NoReturn:
 def checkpoint_backbone(checkpoint: str | os.PathLike) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:
     """A policy checkpoint's problem and the backbone it names, split at its pruning points, with its config: what
     each benchmark measures on."""
+    checkpoint = checkpoint_directory(checkpoint)  # its export folder given itself too
     problem = read_checkpoint_info(checkpoint).problem
     staged, config, _ = policy_backbone(problem, checkpoint)
     return problem, staged, config
