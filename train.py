@@ -69,7 +69,7 @@ from policies.checkpoints import (
 )
 from training.console import ProgressCsv, ProgressLines, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
-from training.ray_session import cluster_shortfall, quiet_ray_loggers, start_ray
+from training.ray_session import check_cluster_answers, cluster_shortfall, quiet_ray_loggers, start_ray
 from training.run_directory import delete_run, local_run_dir, run_lock, storage_location
 from training.trial import SCORE, TRAIN_SERVER, StopRule, resumed_iteration, run_trial, server_settings
 
@@ -274,6 +274,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         raise ValueError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
                          f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)
+    if args.address and not ray.is_initialized():
+        check_cluster_answers(args.address)
     with run_lock(run_dir):
         inputs = read_server_inputs(args, problems, resources)
         if args.overwrite and run_dir is not None:

@@ -34,7 +34,7 @@ from policies.export import load_exported_policies
 from training import ray_session
 from training.console import ProgressCsv, closing_lines, go_on_command, interrupted, progress_line
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
-from training.ray_session import cluster_shortfall, interrupt_on_sigterm
+from training.ray_session import check_cluster_answers, cluster_shortfall, interrupt_on_sigterm
 from training.run_directory import delete_run
 from training.trial import SCORE, build_config, restore_newest, resumed_iteration
 
@@ -575,3 +575,13 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
                                             "--iterations", "9"])
     assert go_on_command(args, {"iterations", "address"}) == (
         "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations=9")
+
+
+def test_an_address_no_cluster_answers_at_is_refused_before_the_data_is_read(monkeypatch):
+    """ray.init retries such an address without end; 'auto' resolves as Ray does ($RAY_ADDRESS here)."""
+    with pytest.raises(ValueError, match=r"--address 127.0.0.1:1: no Ray cluster answers at .*:1"):
+        check_cluster_answers("127.0.0.1:1")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"--address auto: no Ray cluster answers at .*:1"):
+        check_cluster_answers("auto")
+    check_cluster_answers("ray://head:10001")  # Ray Client: left to Ray

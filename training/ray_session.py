@@ -7,15 +7,19 @@ import argparse
 import logging
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
 import ray
+from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
 
 from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_repository
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository, which a cluster's nodes receive as their working directory."""
+CONNECT_TIMEOUT_S = 5.0
+"""How long :func:`check_cluster_answers` waits for a cluster's head node to accept a connection."""
 
 
 def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
@@ -40,6 +44,26 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, **quiet)
     interrupt_on_sigterm()
+
+
+def check_cluster_answers(address: str) -> None:
+    """Refuse, in one line, an ``--address`` at which no Ray cluster answers (a typo, a cluster stopped since, or
+    for ``auto`` one that Ray recorded on this machine and that is gone): ``ray.init`` would retry it without
+    end. Checked before the data is read. Ray Client addresses (``ray://``) are left to Ray."""
+    if address.startswith("ray://"):
+        return
+    try:  # as ray.init resolves it: 'auto' is $RAY_ADDRESS or the cluster last started on this machine
+        resolved = canonicalize_bootstrap_address(address)
+    except (ValueError, ConnectionError) as error:
+        raise ValueError(f"--address {address}: {' '.join(str(error).split())}") from None
+    if resolved is None:  # 'local': ray.init starts one
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ValueError(f"--address {address}: no Ray cluster answers at {resolved} ({error.strerror or error}): "
+                         f"start one (ray start --head) or pass its head node's address") from None
 
 
 def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
