@@ -65,13 +65,12 @@ from policies.checkpoints import (
     check_restorable,
     load_policies,
     read_checkpoint_info,
-    trial_checkpoints,
 )
 from training.console import ProgressCsv, ProgressLines, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, quiet_ray_loggers, start_ray
 from training.run_directory import delete_run, local_run_dir, run_lock, storage_location
-from training.trial import SCORE, TRAIN_SERVER, StopRule, resumed_iteration, run_trial, server_settings
+from training.trial import SCORE, TRAIN_SERVER, StopRule, reached_iteration, run_trial, server_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +195,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
             raise ValueError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
                              f"not read ({type(error).__name__}: {error}): start a new run from its newest "
                              f"checkpoint with --from-checkpoint and another --output-dir") from None
-        reached = [resumed_iteration(list(reversed(trial_checkpoints(local / trial["name"])))) for trial in trials
-                   ] if local is not None else []
+        reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
         if reached and min(reached) >= args.iterations:
             raise ValueError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
                              f"them in total: pass more than {max(reached)} to go on")

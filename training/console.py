@@ -26,6 +26,7 @@ from policies.checkpoints import (
     validation_rank,
 )
 from training.run_directory import local_run_dir, scored_checkpoints
+from training.trial import reached_iteration
 
 
 def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
@@ -145,8 +146,9 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
 def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> bool:
     """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
     ``--resume`` goes on with it. A trial reached the iteration of its last report or, on a local disk, of its
-    newest checkpoint: a trial resumed at its stop reports nothing, nor does one whose last checkpoint was
-    stored before a Ctrl-C kept the iteration from being reported."""
+    newest checkpoint (:func:`~training.trial.reached_iteration`): a trial resumed at its stop reports nothing,
+    nor does one whose last checkpoint was stored before a Ctrl-C kept the iteration from being reported. In
+    cloud storage Tune records a checkpoint only with a report, so the last report's iteration is the latest."""
     run_dir = local_run_dir(output_dir)
     for result in results:
         if result.error is not None:
@@ -154,8 +156,8 @@ def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> b
         if result.config is None:
             return True
         metrics = result.metrics or {}
-        stored_iterations = [iteration or 0 for _, _, iteration in scored_checkpoints(result, run_dir)]
-        reached = max([metrics.get("training_iteration", 0), *stored_iterations])
+        on_disk = reached_iteration(run_dir / Path(result.path).name) if run_dir is not None else 0
+        reached = max(metrics.get("training_iteration", 0), on_disk)
         if reached < iterations and not metrics.get("progress", {}).get("out_of_time"):
             return True
     return False

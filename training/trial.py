@@ -261,6 +261,12 @@ def resumed_iteration(checkpoints: list[Path]) -> int:
     return 0
 
 
+def reached_iteration(trial_dir: Path) -> int:
+    """How far a trial got: the iteration of its newest checkpoint on disk whose record reads (0 without), also
+    where that iteration was stored but never reported (a Ctrl-C, or a resume at its stop)."""
+    return resumed_iteration(list(reversed(trial_checkpoints(trial_dir))))
+
+
 def restore_newest(algo: Algorithm, checkpoints: list[Path]) -> None:
     """The whole algorithm state (weights, optimiser, iteration count) from the first of ``checkpoints``
     that restores (a checkpoint cut short by a crash while it was stored does not), on every runner."""
