@@ -38,7 +38,6 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from cli import (
-    CHECKED_ARGUMENTS,
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
@@ -50,6 +49,7 @@ from cli import (
     run_command,
 )
 from envs.atomic_file import replaced_atomically
+from envs.errors import UsageError
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import (
     RUN_EXPORT_DIR,
@@ -93,7 +93,7 @@ def parse_kwargs(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"model kwarg {pair!r} is not key=value")
+            raise UsageError(f"model kwarg {pair!r} is not key=value")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -372,7 +372,7 @@ def read_start(directory: str) -> tuple[torch.nn.Module, dict]:
     try:
         return load_backbone(directory)
     except CheckpointError as error:
-        raise ValueError(f"--init-from {directory}: {error}") from None
+        raise UsageError(f"--init-from {directory}: {error}") from None
 
 
 def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Module, dict], config: dict) -> dict:
@@ -383,14 +383,14 @@ def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Mod
     start_model, start_config = start
     for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std"):
         if start_config.get(key) != config[key]:
-            raise ValueError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
+            raise UsageError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
                              f"{config[key]!r}")
     if start_config.get("val_fingerprint") != config["val_fingerprint"]:
         held_out = start_config.get("split_sizes", {}).get("val")
         why = (f"it recorded a validation split of {held_out} images, this run's has "
                f"{config['split_sizes']['val']} (--val-size, --limit)" if held_out != config["split_sizes"]["val"] else
                "it held out other images: another --split-seed or another copy of the data set")
-        raise ValueError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
+        raise UsageError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
                          f"trained on this run's validation images")
     model.load_state_dict(start_model.state_dict())
     return {"path": repository_relative(directory), "epochs": start_config.get("recipe", {}).get("epochs"),
@@ -409,7 +409,7 @@ def read_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch.load's errors on a damaged file: RuntimeError, EOFError, UnpicklingError, ...
-        raise ValueError(f"cannot read {path} ({type(error).__name__}: {error}): the run cannot be resumed; start "
+        raise UsageError(f"cannot read {path} ({type(error).__name__}: {error}): the run cannot be resumed; start "
                          f"it again with --overwrite, or a new run with --init-from its export") from None
 
 
@@ -442,13 +442,13 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         option = next((action.option_strings[0] for action in options if action.nargs == 0
                        and action.const == value), options[0].option_strings[0])
         recorded = " ".join(saved[flag]) if isinstance(saved[flag], list) else saved[flag]
-        raise ValueError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
+        raise UsageError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
                          f"it (start a new run with --init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
     done = state["epoch"]
     finished = any(reading["epoch"] == done for reading in state.get("test_readings", []))
     if epochs < done or (epochs == done and finished):
-        raise ValueError(f"--resume: the run has trained {done} epochs{' and read the test split' if finished else ''}"
+        raise UsageError(f"--resume: the run has trained {done} epochs{' and read the test split' if finished else ''}"
                          f": pass --epochs more than {done} to lengthen it")
     schedule = saved.get("schedule_changes", [])
     if epochs != saved["epochs"]:
@@ -486,9 +486,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     check_output_dir(out, str(out))
     state_path = out / STATE_FILE
     if state_path.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if args.resume and not state_path.exists():
-        raise ValueError(f"nothing to resume: {state_path} does not exist")
+        raise UsageError(f"nothing to resume: {state_path} does not exist")
     state = read_state(state_path) if args.resume else None
     if state is not None:
         args = resumed_args(args, state, given)
@@ -501,12 +501,12 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     probe = create_vit(args.model, 1, kwargs)
     try:
         check_prunable(probe)  # refused now, not after training: train.py and evaluate.py could not prune it
-    except ValueError as error:
-        raise ValueError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
+    except UsageError as error:
+        raise UsageError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
     input_size = probe.default_cfg.get("input_size", (3, 224, 224))[-1]
     input_size = kwargs.get("img_size", input_size)
     if isinstance(input_size, bool) or not isinstance(input_size, int):
-        raise ValueError(f"img_size={input_size!r}: the data pipeline feeds square images, so img_size is one "
+        raise UsageError(f"img_size={input_size!r}: the data pipeline feeds square images, so img_size is one "
                          f"number of pixels")
     mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
     if not args.pretrained and args.dataset.startswith("cifar"):
@@ -638,14 +638,14 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not math.isfinite(args.lr) or args.lr <= 0:
-            raise ValueError("--lr must be a positive number")
+            raise UsageError("--lr must be a positive number")
         if args.label_smoothing >= 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
         if args.init_from is not None and (args.resume or args.pretrained):
-            raise ValueError(f"--init-from starts a new run from exported weights: it cannot be combined with "
+            raise UsageError(f"--init-from starts a new run from exported weights: it cannot be combined with "
                              f"{'--resume' if args.resume else '--pretrained'}")
         if args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0):
-            raise ValueError(f"--batch-size {args.batch_size}: timm's mixup and cutmix pair each image with another "
+            raise UsageError(f"--batch-size {args.batch_size}: timm's mixup and cutmix pair each image with another "
                              f"of its batch, so the batch must be even (or pass --mixup 0 --cutmix 0)")
         parse_kwargs(args.model_kwargs)
         train(args, given_flags(parser, argv))
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             return "interrupted before an epoch was saved: run the command again"
         return f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
 
-    return run_command(run, interrupted_line, CHECKED_ARGUMENTS)
+    return run_command(run, interrupted_line)
 
 
 if __name__ == "__main__":

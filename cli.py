@@ -12,32 +12,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
-from envs.errors import UserError
+from envs.errors import UsageError, UserError
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 
-CHECKED_ARGUMENTS: tuple[type[Exception], ...] = (ValueError,)
-"""What train.py and backbone.py report in one line besides the project's errors: the ``ValueError`` with which
-their own checks and the libraries' they call (a timm model's kwargs, pruning points, a device) refuse an
-argument. evaluate.py and the benchmarks turn those into their own errors where they expect them, so that any
-other ``ValueError`` keeps its traceback, as a bug should."""
-
-
-class UsageError(UserError, ValueError):
-    """A bad command line; the commands print it as one ``error: ...`` line and exit with code 2."""
-
-
-def run_command(body: Callable[[], int], interrupted: Callable[[], str],
-                user_errors: tuple[type[Exception], ...] = ()) -> int:
-    """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``, or one of
-    ``user_errors``) ends it with one ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says
-    (how to go on) and code 130, as a shell reports a process ended by SIGINT. Other exceptions are bugs and keep
-    their tracebacks."""
+def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
+    """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
+    one ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says (how to go on) and code 130,
+    as a shell reports a process ended by SIGINT. Other exceptions, a plain ``ValueError`` included, are bugs and
+    keep their tracebacks."""
     try:
         return body()
-    except (UserError, *user_errors) as error:
+    except UserError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -109,11 +97,11 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 
 def check_output_dir(path: Path, given: str) -> None:
-    """A ValueError naming the file at ``path`` or above it that keeps ``--output-dir given`` (``path``, resolved
-    or not) from being made there."""
+    """A :class:`UsageError` naming the file at ``path`` or above it that keeps ``--output-dir given`` (``path``,
+    resolved or not) from being made there."""
     blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
     if blocking is not None:
-        raise ValueError(f"--output-dir {given}: {blocking} is a file, not a directory")
+        raise UsageError(f"--output-dir {given}: {blocking} is a file, not a directory")
 
 
 def positive_int(text: str) -> int:

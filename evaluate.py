@@ -75,7 +75,7 @@ from cli import (
     run_command,
     versions_line,
 )
-from envs.errors import UserError
+from envs.errors import UsageError, UserError
 from envs.problem import PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
 from envs.results_table import (
     BASELINE,
@@ -232,7 +232,7 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             batches = (model.normalize(images.to(model.device)) for images in calibration.batches(batch_size))
             try:
                 threshold = model.calibrate(batches, budget)
-            except ValueError as error:  # the first forward alone costs the budget
+            except UsageError as error:  # the first forward alone costs the budget
                 raise EvaluationError(f"cascade {method.cascade.ratios}: {error}") from None
             method = replace(method, cascade=replace(method.cascade, threshold=threshold))
         calibrated.append(method)
@@ -566,10 +566,7 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        raise EvaluationError(str(error)) from None
+    device = resolve_device(args.device)
     budgets = args.budgets
     if args.heuristics_only:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
@@ -592,10 +589,7 @@ def run(args: argparse.Namespace) -> int:
         for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
-    try:
-        check_output_dir(output_dir, str(output_dir))
-    except ValueError as error:
-        raise EvaluationError(str(error)) from None
+    check_output_dir(output_dir, str(output_dir))
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
     if written and not args.overwrite:
         raise EvaluationError(f"{written[0]} exists; pass --overwrite to replace it")
@@ -619,7 +613,7 @@ def run(args: argparse.Namespace) -> int:
         cascade_points = args.cascade_points or SIX_POINTS
         try:
             StagedViT(staged.vit, cascade_points)
-        except ValueError as error:
+        except UsageError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
         cascade = (budget_key(problem.target_ratio), CascadePasses(cascade_points, args.cascade))
     elif args.cascade_points or args.calibration_images:

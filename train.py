@@ -37,7 +37,6 @@ import torch
 from ray import tune
 
 from cli import (
-    CHECKED_ARGUMENTS,
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
@@ -48,6 +47,7 @@ from cli import (
     positive_int,
     run_command,
 )
+from envs.errors import UsageError
 from envs.problem import (
     PruningProblem,
     add_problem_arguments,
@@ -176,41 +176,41 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         check_output_dir(local, args.output_dir)
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
-        raise ValueError(f"--resume continues a run; {other}: pass one of them")
+        raise UsageError(f"--resume continues a run; {other}: pass one of them")
     kept = flags_kept_on(given, args.resume)
     if (args.resume or args.from_checkpoint) and kept:
         source = ("run's problems, PPO settings and resources (--from-checkpoint starts a new run that may change "
                   "them)" if args.resume else "checkpoint's problem and its PPO settings")
-        raise ValueError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source}: drop "
+        raise UsageError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source}: drop "
                          f"{', '.join(kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
-            raise ValueError(f"nothing to resume: no run in {args.output_dir}")
+            raise UsageError(f"nothing to resume: no run in {args.output_dir}")
         try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
             if local is not None:
                 with (local / "tuner.pkl").open("rb") as file:
                     pickle.load(file)
             trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
         except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
-            raise ValueError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
+            raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
                              f"not read ({type(error).__name__}: {error}): start a new run from its newest "
                              f"checkpoint with --from-checkpoint and another --output-dir") from None
         reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
         if reached and min(reached) >= args.iterations:
-            raise ValueError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
+            raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
                              f"them in total: pass more than {max(reached)} to go on")
         return (with_data_dir([PruningProblem.from_json(t["problem"]) for t in trials], args),
                 TrialResources.from_json(trials[0]["resources"]))
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
-            raise ValueError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir")
+            raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir")
         if not args.overwrite:
-            raise ValueError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
+            raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
                              f"to replace it")
     if args.from_checkpoint:
         info = read_checkpoint_info(Path(args.from_checkpoint))
         if info.iteration is not None and args.iterations <= info.iteration:
-            raise ValueError(f"--from-checkpoint is at iteration {info.iteration} and --iterations counts them in "
+            raise UsageError(f"--from-checkpoint is at iteration {info.iteration} and --iterations counts them in "
                              f"total: pass more than {info.iteration}")
         check_restorable(args.from_checkpoint)
         problems = [info.problem]
@@ -218,9 +218,9 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         problems = with_backbone_data(problems_from_args(args), args)
         labels = [sweep_label(problem, problems) for problem in problems]
         if len(set(problems)) < len(problems):
-            raise ValueError("the sweep gives a setting the same value twice: give each value once")
+            raise UsageError("the sweep gives a setting the same value twice: give each value once")
         if len(set(labels)) < len(labels):
-            raise ValueError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
+            raise UsageError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
                              f"equal to 6 significant digits): give values that differ more")
     placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
     return (with_data_dir(problems, args),
@@ -269,7 +269,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
     run_dir = local_run_dir(args.output_dir)
     if (args.overwrite and args.from_checkpoint and run_dir is not None
             and Path(args.from_checkpoint).expanduser().resolve().is_relative_to(run_dir.resolve())):
-        raise ValueError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
+        raise UsageError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
                          f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)
     if args.address and not ray.is_initialized():
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     "output directory holds a run)")
         return f"interrupted: go on with {go_on_command(args, given)}"
 
-    return run_command(run, interrupted_line, CHECKED_ARGUMENTS)
+    return run_command(run, interrupted_line)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                  for dest in sorted(ignored)]  # --half/--full-precision: one setting
         parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
                      "data, weights, duration and outputs)")
-    try:
-        rows = measure(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = measure(args)
     device = describe_device(resolve_device(args.device))
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, "
           f"{'bf16 autocast' if not args.no_amp else 'float32'}{', torch.compile' if args.compile else ''}, "

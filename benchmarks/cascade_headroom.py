@@ -40,6 +40,7 @@ from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
+from envs.errors import UsageError
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = tuple(sorted({*args.ratios, budget_ratio}))
     try:
         train, _ = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "train", args.train_images)
-    except ValueError as error:  # pruning points outside the model's blocks
+    except UsageError as error:  # pruning points outside the model's blocks
         parser.error(str(error))
     val, labels = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "val", args.val_images)
 

@@ -8,3 +8,10 @@ that every command and benchmark reports them alike, in one ``error: ...`` line 
 
 class UserError(Exception):
     """Input that cannot be used; the message is meant for the user as is."""
+
+
+class UsageError(UserError, ValueError):
+    """A setting the code cannot use: a bad flag, argument or model, or a combination of them that does not go
+    together. It is also a ``ValueError``, which a Python caller passing a bad argument expects. A plain
+    ``ValueError`` is left for what only a bug causes (shapes that disagree inside a forward, say), so that it
+    keeps its traceback."""

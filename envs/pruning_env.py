@@ -36,6 +36,7 @@ import ray
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
+from envs.errors import UsageError
 from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
@@ -116,7 +117,7 @@ class TokenPruningEnv(MultiAgentEnv):
         super().__init__()
         unknown = sorted(set(config or {}) - {*DEFAULT_ENV_CONFIG, "problem", "server"})
         if unknown:
-            raise ValueError(f"unknown env_config keys: {', '.join(unknown)}")
+            raise UsageError(f"unknown env_config keys: {', '.join(unknown)}")
         self.config = {**DEFAULT_ENV_CONFIG, **(config or {})}
         self.problem = PruningProblem.from_json(self.config.get("problem", {}))
         names = self.config["server_name"]
@@ -125,7 +126,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self._server = self.config.get("server") or self._lookup_server()
         self.spec_: EngineSpec = self._call("spec")
         if self.spec_.baseline != self.problem.baseline_heuristic:
-            raise ValueError(f"the ViT server computes the reward baseline {self.spec_.baseline!r}, the problem "
+            raise UsageError(f"the ViT server computes the reward baseline {self.spec_.baseline!r}, the problem "
                              f"asks for {self.problem.baseline_heuristic!r}")
         self.num_images = self.problem.images_per_env
         policies = trained_policies(self.problem.agents)

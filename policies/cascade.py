@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from envs.errors import UsageError
 from envs.vit.flops import ImageGflops
 from policies.pruned_vit import PrunedViT
 
@@ -39,7 +40,7 @@ def rerun_share(first_gflops: float, second_gflops: float, budget_gflops: float)
     """The share of images that may run the second forward when every image runs the first, for the mean
     GFLOPs per image to be ``budget_gflops``; a ValueError when the first alone costs the budget or more."""
     if first_gflops >= budget_gflops:
-        raise ValueError(f"the first forward costs {first_gflops:.4g} GFLOPs, not less than the budget's "
+        raise UsageError(f"the first forward costs {first_gflops:.4g} GFLOPs, not less than the budget's "
                          f"{budget_gflops:.4g}: nothing is left for a second")
     return min(1.0, (budget_gflops - first_gflops) / second_gflops)
 
@@ -58,7 +59,7 @@ class CascadeViT(nn.Module):
     def __init__(self, first: PrunedViT, second: PrunedViT, threshold: float = 0.0) -> None:
         super().__init__()
         if first.staged.vit is not second.staged.vit:
-            raise ValueError("a cascade's two forwards must prune one backbone module: build both PrunedViTs on "
+            raise UsageError("a cascade's two forwards must prune one backbone module: build both PrunedViTs on "
                              "one StagedViT (README, Python API), not on two copies loaded from disk")
         self.first, self.second = first, second
         self.threshold = threshold
@@ -126,7 +127,7 @@ class CascadeViT(nn.Module):
         """
         doubts = [doubt(self.first(images)) for images in batches]
         if not doubts or not sum(len(batch) for batch in doubts):
-            raise ValueError("calibrate needs held-out images: the batches hold none")
+            raise UsageError("calibrate needs held-out images: the batches hold none")
         doubts = torch.cat(doubts).sort(descending=True).values
         share = rerun_share(self.first.gflops().total, self.second.gflops().total, budget_gflops)
         count = int(share * len(doubts))  # images that may run twice; those of a doubt above the next one's do

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from envs.errors import UsageError
 from envs.vit.features import cosine_similarity, mean_similarity, other_live, suppression
 from envs.vit.flops import TokenScores
 from envs.vit.pruned_forward import Selector, TokenState
@@ -142,7 +143,7 @@ def redundancy(name: str, state: TokenState) -> torch.Tensor:
         return attention_nms_redundancy(state.patches, state.cls_attention, state.live)
     if name == "distinct":
         return distinctive_nms_redundancy(state.patches, state.live)
-    raise ValueError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
+    raise UsageError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
 
 
 def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:
@@ -159,4 +160,4 @@ def heuristic_selector(name: str, generator: torch.Generator | None = None) -> S
                                                    state.live.shape[1])
     if name == "distinct":
         return lambda state, k: distinctive_nms_keep(state.patches, state.live, k, state.live.shape[1])
-    raise ValueError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
+    raise UsageError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from envs.errors import UsageError
 from envs.problem import POLICIES, PruningProblem, check_protected_share, check_target_ratio
 from envs.vit.backbone_checkpoint import load_backbone, normalize
 from envs.vit.flops import (
@@ -58,7 +59,7 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
     vit, config = load_backbone(backbone_path)
     try:
         return StagedViT(vit, problem.prune_points).eval(), config, backbone_path
-    except ValueError as error:
+    except UsageError as error:
         where = "" if checkpoint is None else f"checkpoint {checkpoint}, "
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
@@ -89,15 +90,15 @@ class PrunedViT(nn.Module):
         super().__init__()
         is_policy = isinstance(selection, Mapping)
         if is_policy and not (selection and set(selection) <= set(POLICIES)):
-            raise ValueError(f"policy modules must be named from {POLICIES}, got {sorted(selection)}")
+            raise UsageError(f"policy modules must be named from {POLICIES}, got {sorted(selection)}")
         if not is_policy and selection is not None and selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS} or pass policy modules")
+            raise UsageError(f"unknown selection {selection!r}; choose from {SELECTIONS} or pass policy modules")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+            raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         if selection is None and budget is not None:
-            raise ValueError("the unpruned model takes no budget")
+            raise UsageError("the unpruned model takes no budget")
         if tome_gflops is not None and selection != "tome":
-            raise ValueError("tome_gflops sets ToMe's cost; the other selections' follows from the budget")
+            raise UsageError("tome_gflops sets ToMe's cost; the other selections' follows from the budget")
         self.staged = staged
         self.backbone_config = dict(backbone_config)
         self.selection = None if selection is None else "policy" if is_policy else selection
@@ -158,7 +159,7 @@ class PrunedViT(nn.Module):
         ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1].
         """
         if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
-            raise ValueError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
+            raise UsageError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ import pytest
 
 import evaluate
 from benchmarks import run_from_command_line, saliency_headroom
-from cli import CHECKED_ARGUMENTS, run_command
+from cli import run_command
+from envs.errors import UsageError
 from envs.vit.data import DataError
 from training.ray_session import start_ray
 
@@ -25,13 +26,17 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
     with pytest.raises(RuntimeError, match="a bug"):
         run_command(bug, lambda: "interrupted")
 
-    def bad_argument() -> int:  # train.py and backbone.py refuse arguments with ValueError; others keep it a bug
-        raise ValueError("prune_points must be strictly increasing")
+    def bad_argument() -> int:  # the checks of arguments raise UsageError, also a ValueError for Python callers
+        raise UsageError("prune_points must be strictly increasing")
 
-    assert run_command(bad_argument, lambda: "interrupted", CHECKED_ARGUMENTS) == 2
+    assert run_command(bad_argument, lambda: "interrupted") == 2
     assert capsys.readouterr().err == "error: prune_points must be strictly increasing\n"
-    with pytest.raises(ValueError, match="strictly increasing"):
-        run_command(bad_argument, lambda: "interrupted")
+
+    def bug_raising_value_error() -> int:  # only a bug raises a plain ValueError: its traceback stays
+        raise ValueError("operands could not be broadcast together")
+
+    with pytest.raises(ValueError, match="broadcast"):
+        run_command(bug_raising_value_error, lambda: "interrupted")
 
 
 def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
@@ -63,5 +68,6 @@ def test_an_install_without_the_repository_says_so(monkeypatch, tmp_path, capsys
     assert "the default: this is an install without the repository" in capsys.readouterr().err
     with pytest.raises(backbone_checkpoint.CheckpointError, match="install a clone with pip install -e"):
         backbone_checkpoint.read_backbone_config(tmp_path / "reference" / "vit_tiny_cifar10")
-    with pytest.raises(ValueError, match="--address auto: this is an install without the repository"):
+    with pytest.raises(UsageError, match="--address auto: this is an install without the repository"):
         start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)
+

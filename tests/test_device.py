@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from envs.errors import UsageError
 from envs.vit.device import describe_device, resolve_device
 
 
@@ -48,6 +49,6 @@ def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
 def test_bad_devices_are_refused_with_what_would_do(name, gpus, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UsageError) as error:
         resolve_device(name)
     assert str(error.value) == message

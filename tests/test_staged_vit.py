@@ -9,6 +9,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
+from envs.errors import UsageError
 from envs.vit.pruned_forward import classify, initial_state, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import gather_tokens, pack_keep_mask, topk_keep_mask
@@ -128,18 +129,18 @@ def test_padding_does_not_change_live_tokens(variant, images):
 
 @pytest.mark.parametrize("points", [(0,), (4,), (2, 2), (3, 1), (1.5,)])
 def test_bad_prune_points(points):
-    with pytest.raises(ValueError, match=r"strictly increasing integers in \[1, 3\] for a 4-block ViT"):
+    with pytest.raises(UsageError, match=r"strictly increasing integers in \[1, 3\] for a 4-block ViT"):
         StagedViT(tiny_vit(), prune_points=points)
 
 
 def test_rejects_nonstandard_models():
-    with pytest.raises(ValueError, match="standard timm Block"):
+    with pytest.raises(UsageError, match="standard timm Block"):
         StagedViT(VisionTransformer(**TINY, block_fn=ResPostBlock))
-    with pytest.raises(ValueError, match="Block/Attention/GluMlp"):  # a gated MLP: its MACs are not a Mlp's
+    with pytest.raises(UsageError, match="Block/Attention/GluMlp"):  # a gated MLP: its MACs are not a Mlp's
         StagedViT(VisionTransformer(**TINY, mlp_layer=SwiGLUPacked))
-    with pytest.raises(ValueError, match="plain timm VisionTransformer"):
+    with pytest.raises(UsageError, match="plain timm VisionTransformer"):
         StagedViT(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="global_pool"):
+    with pytest.raises(UsageError, match="global_pool"):
         StagedViT(tiny_vit(global_pool="map"), prune_points=(1,))
 
 
@@ -148,11 +149,12 @@ def test_images_must_give_the_patches_the_model_prunes():
     the wrong number of patches."""
     staged = StagedViT(tiny_vit(dynamic_img_size=True), prune_points=(2,))
     assert staged.embed(torch.randn(1, 3, 32, 32)).shape == (1, 65, 48)
-    with pytest.raises(ValueError, match=r"images of \(48, 48\) pixels give 144 patches; this model prunes the 64"):
+    with pytest.raises(UsageError, match=r"images of \(48, 48\) pixels give 144 patches; this model prunes the 64"):
         staged.embed(torch.randn(1, 3, 48, 48))
 
 
-def test_bad_stage_index(images):
+def test_bad_stage_index(images):  # only a bug asks for a stage the model lacks: a plain ValueError
     staged = StagedViT(tiny_vit(), prune_points=(2,))
-    with pytest.raises(ValueError, match="stage must be in"):
+    with pytest.raises(ValueError, match="stage must be in") as error:
         staged.forward_stage(staged.embed(images), 2)
+    assert not isinstance(error.value, UsageError)

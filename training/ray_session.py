@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
 
+from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_repository
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
              "log_to_driver": True}
     if args.address:
         if installed_without_repository():
-            raise ValueError(f"--address {args.address}: {NOT_A_CLONE}")
+            raise UsageError(f"--address {args.address}: {NOT_A_CLONE}")
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         ray.init(address=args.address, runtime_env=runtime_env, **quiet)
@@ -55,14 +56,14 @@ def check_cluster_answers(address: str) -> None:
     try:  # as ray.init resolves it: 'auto' is $RAY_ADDRESS or the cluster last started on this machine
         resolved = canonicalize_bootstrap_address(address)
     except (ValueError, ConnectionError) as error:
-        raise ValueError(f"--address {address}: {' '.join(str(error).split())}") from None
+        raise UsageError(f"--address {address}: {' '.join(str(error).split())}") from None
     if resolved is None:  # 'local': ray.init starts one
         return
     host, _, port = resolved.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
-        raise ValueError(f"--address {address}: no Ray cluster answers at {resolved} ({error.strerror or error}): "
+        raise UsageError(f"--address {address}: no Ray cluster answers at {resolved} ({error.strerror or error}): "
                          f"start one (ray start --head) or pass its head node's address") from None
 
 

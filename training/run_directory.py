@@ -14,6 +14,7 @@ import pyarrow.fs
 from ray import tune
 
 from envs.atomic_file import first_missing
+from envs.errors import UsageError
 from policies.checkpoints import (
     PREFIX,
     UNRECORDED,
@@ -56,7 +57,7 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
+            raise UsageError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
                              f"--output-dir") from None
         yield
     except BaseException:  # an error or an interrupt (KeyboardInterrupt)

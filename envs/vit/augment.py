@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import equalize
 
+from envs.errors import UsageError
+
 NUM_BINS = 31  # torchvision's magnitude bins: magnitude m applies m/30 of each op's largest change
 
 # torchvision's RandAugment ops, in its order
@@ -64,9 +66,9 @@ class RandAugment:
 
     def __init__(self, num_ops: int, magnitude: int):
         if num_ops < 0:
-            raise ValueError(f"RandAugment needs num_ops >= 0, got {num_ops}")
+            raise UsageError(f"RandAugment needs num_ops >= 0, got {num_ops}")
         if not 0 <= magnitude < NUM_BINS:
-            raise ValueError(f"RandAugment magnitude must be in [0, {NUM_BINS - 1}] (torchvision's bins), "
+            raise UsageError(f"RandAugment magnitude must be in [0, {NUM_BINS - 1}] (torchvision's bins), "
                              f"got {magnitude}")
         self.num_ops = num_ops
         fraction = magnitude / (NUM_BINS - 1)

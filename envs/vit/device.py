@@ -12,6 +12,8 @@ import platform
 
 import torch
 
+from envs.errors import UsageError
+
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:1, ..."
 """The ``--device`` names, as the commands' help and errors list them."""
 
@@ -26,16 +28,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device: {DEVICE_CHOICES}") from None
+        raise UsageError(f"--device {name!r} is not a torch device: {DEVICE_CHOICES}") from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise ValueError(f"--device {name!r}: this project runs on the CPU or a CUDA GPU ({DEVICE_CHOICES})")
+        raise UsageError(f"--device {name!r}: this project runs on the CPU or a CUDA GPU ({DEVICE_CHOICES})")
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but no GPU is visible")
+        raise UsageError(f"--device {name} requested but no GPU is visible")
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: {torch.cuda.device_count()} GPU(s) visible, cuda:0 to "
+        raise UsageError(f"--device {name}: {torch.cuda.device_count()} GPU(s) visible, cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device("cuda", index)
 

@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 
 from timm.models.vision_transformer import VisionTransformer
 
+from envs.errors import UsageError
 from envs.vit.token_ops import tokens_to_keep
 
 
@@ -201,7 +202,7 @@ def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: fl
         cost = exact_budget_gflops(spec, prune_points, ratio, reduction, scores, policy_macs_per_token)
         if cost.total <= target_gflops:
             return ratio
-    raise ValueError(f"no removal ratio at pruning points {tuple(prune_points)} costs at most {target_gflops:.4f} "
+    raise UsageError(f"no removal ratio at pruning points {tuple(prune_points)} costs at most {target_gflops:.4f} "
                      "GFLOPs")
 
 

@@ -21,6 +21,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from envs.errors import UsageError
+
 
 def cls_attention_row(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
                       num_prefix: int) -> torch.Tensor:
@@ -87,21 +89,21 @@ def check_prunable(vit: nn.Module) -> None:
     ``VisionTransformer`` (or DeiT's distilled one) of standard blocks, whose MACs ``envs.vit.flops`` counts,
     pooled by its class token or an average. ``backbone.py`` asks before it trains one."""
     if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
-        raise ValueError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
+        raise UsageError(f"StagedViT needs a plain timm VisionTransformer (or DeiT's distilled one), got "
                          f"{type(vit).__name__}")
     for i, blk in enumerate(vit.blocks):
         if (type(blk) is not Block or type(blk.attn) is not Attention or getattr(blk.attn, "gate", None)
                 or type(blk.mlp) is not Mlp):
-            raise ValueError(f"StagedViT supports only standard timm Block/Attention/Mlp; block {i} is "
+            raise UsageError(f"StagedViT supports only standard timm Block/Attention/Mlp; block {i} is "
                              f"{type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}/"
                              f"{type(getattr(blk, 'mlp', None)).__name__}")
     if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
-        raise ValueError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
+        raise UsageError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
     if len(vit.blocks) < 2:
-        raise ValueError(f"a ViT of {len(vit.blocks)} block(s) has no pruning point: it needs two blocks or more")
+        raise UsageError(f"a ViT of {len(vit.blocks)} block(s) has no pruning point: it needs two blocks or more")
     grid = "x".join(map(str, vit.patch_embed.grid_size))
     if vit.patch_embed.num_patches < 2:
-        raise ValueError(f"its patch grid is {grid} ({vit.patch_embed.num_patches} patch tokens): pruning needs two "
+        raise UsageError(f"its patch grid is {grid} ({vit.patch_embed.num_patches} patch tokens): pruning needs two "
                          f"or more (a larger img_size or a smaller patch_size)")
 
 
@@ -122,7 +124,7 @@ class StagedViT(nn.Module):
         points = tuple(prune_points)
         valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
         if not valid or any(a >= b for a, b in pairwise(points)):
-            raise ValueError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
+            raise UsageError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
                              f"for a {depth}-block ViT, got {points}")
         self.vit = vit
         self.num_prefix_tokens: int = vit.num_prefix_tokens
@@ -146,7 +148,7 @@ class StagedViT(nn.Module):
         vit = self.vit
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
         if tokens.shape[1] != self.num_prefix_tokens + self.num_patches:
-            raise ValueError(f"images of {tuple(images.shape[-2:])} pixels give "
+            raise UsageError(f"images of {tuple(images.shape[-2:])} pixels give "
                              f"{tokens.shape[1] - self.num_prefix_tokens} patches; this model prunes the "
                              f"{self.num_patches} of its input size {tuple(vit.patch_embed.img_size)}")
         return tokens
