@@ -69,7 +69,7 @@ from policies.checkpoints import (
 from training.console import ProgressCsv, ProgressLines, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, quiet_ray_loggers, start_ray
-from training.run_directory import delete_run, local_run_dir, run_lock, storage_location
+from training.run_directory import check_storage_uri, delete_run, local_run_dir, run_lock, storage_location
 from training.trial import SCORE, TRAIN_SERVER, StopRule, reached_iteration, run_trial, server_settings
 
 
@@ -174,6 +174,8 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     local = local_run_dir(args.output_dir)
     if local is not None:
         check_output_dir(local, args.output_dir)
+    else:
+        check_storage_uri(args.output_dir)
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
         raise UsageError(f"--resume continues a run; {other}: pass one of them")

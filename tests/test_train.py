@@ -184,6 +184,10 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (flags, err)
     assert not (tmp_path / "run").exists()
+    # a cloud URI that pyarrow, through which Tune stores, cannot open: its ValueError is refused at once
+    assert train.main(["--output-dir", "foo://bucket/run"]) == 2
+    assert capsys.readouterr().err == ("error: --output-dir foo://bucket/run: Unrecognized filesystem type in URI: "
+                                       "foo://bucket/run\n")
 
 
 def test_a_failed_sub_environment_or_env_runner_is_replaced():

@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow
 import pyarrow.fs
 from ray import tune
 
@@ -31,6 +32,16 @@ def storage_location(output_dir: str) -> tuple[str, str]:
         return parent, name
     path = Path(output_dir).expanduser().resolve()
     return str(path.parent), path.name
+
+
+def check_storage_uri(output_dir: str) -> None:
+    """Refuse, before the data is read, a cloud ``--output-dir`` that pyarrow cannot open, as Tune opens it (an
+    unknown scheme, HDFS without Java); for S3 this may ask the bucket's region. The error's first line is kept:
+    HDFS's lists every place it looked for Java."""
+    try:
+        pyarrow.fs.FileSystem.from_uri(output_dir)
+    except (pyarrow.ArrowException, ValueError, OSError) as error:
+        raise UsageError(f"--output-dir {output_dir}: {(str(error) or type(error).__name__).splitlines()[0]}") from None
 
 
 def local_run_dir(output_dir: str) -> Path | None:
