@@ -71,3 +71,15 @@ def test_an_install_without_the_repository_says_so(monkeypatch, tmp_path, capsys
     with pytest.raises(UsageError, match="--address auto: this is an install without the repository"):
         start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)
 
+
+def test_a_ray_client_address_nobody_answers_at_is_one_line(monkeypatch):
+    """``ray://`` addresses are left to ray.init, which gives up after its retries with a ConnectionError."""
+    import train
+    from training import ray_session
+
+    def unanswered(**kwargs):
+        raise ConnectionError("ray client connection timeout")
+
+    monkeypatch.setattr(ray_session.ray, "init", unanswered)
+    with pytest.raises(UsageError, match="^--address ray://head:10001: ray client connection timeout$"):
+        start_ray(train.build_parser().parse_args(["--address", "ray://head:10001"]), reserved_cpus=1)

@@ -40,7 +40,10 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
             raise UsageError(f"--address {args.address}: {NOT_A_CLONE}")
         runtime_env = {"working_dir": str(REPO),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
-        ray.init(address=args.address, runtime_env=runtime_env, **quiet)
+        try:
+            ray.init(address=args.address, runtime_env=runtime_env, **quiet)
+        except ConnectionError as error:  # a Ray Client address (ray://) nobody answers at, after Ray's retries
+            raise UsageError(f"--address {args.address}: {error}") from None
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, **quiet)
