@@ -385,11 +385,15 @@ def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Mod
         if start_config.get(key) != config[key]:
             raise UsageError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
                              f"{config[key]!r}")
-    if start_config.get("val_fingerprint") != config["val_fingerprint"]:
-        held_out = start_config.get("split_sizes", {}).get("val")
-        why = (f"it recorded a validation split of {held_out} images, this run's has "
-               f"{config['split_sizes']['val']} (--val-size, --limit)" if held_out != config["split_sizes"]["val"] else
-               "it held out other images: another --split-seed or another copy of the data set")
+    held_out, recorded = start_config.get("split_sizes", {}).get("val"), start_config.get("val_fingerprint")
+    if held_out != config["split_sizes"]["val"] or recorded is None:
+        why = ("it records none" if recorded is None else f"it recorded a validation split of {held_out} images, "
+               f"this run's has {config['split_sizes']['val']} (--val-size, --limit)")
+    elif fingerprint_difference(recorded, config["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
+        why = "it held out other images: another --split-seed or another copy of the data set"
+    else:  # the same images, read again (a re-encoded copy of the data set differs a little: FINGERPRINT_TOLERANCE)
+        why = None
+    if why is not None:
         raise UsageError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
                          f"trained on this run's validation images")
     model.load_state_dict(start_model.state_dict())

@@ -418,6 +418,11 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
                                              "test_accuracy": first["test_accuracy"]}
     card = (tmp_path / "second" / "run" / "backbone" / "MODEL_CARD.md").read_text()
     assert f"Started from the weights of {start} (1 epochs, {100 * first['test_accuracy']:.2f}% test)" in card
+    # an export from a re-encoded copy of the data set: its colours differ a little, as train.py accepts them
+    recoded = Path(shutil.copytree(start, tmp_path / "recoded"))
+    recoded_config = {**first, "val_fingerprint": [[v + 1.5 for v in image] for image in first["val_fingerprint"]]}
+    (recoded / "config.json").write_text(json.dumps(recoded_config))
+    assert run_backbone(tmp_path / "from_recoded", data_dir, "--init-from", str(recoded)) == 0
     capsys.readouterr()
 
     assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1") == 2
