@@ -13,7 +13,6 @@ itself (``env_config["server"]``, as the tests do) calls it in-process, without 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,10 +86,13 @@ class PruningEngine:
         self.device = torch.device(device)
         self.episodes: OrderedDict[str, _Episode] = OrderedDict()
         self.vit_spec = ViTSpec.from_model(staged.vit)
-        self._full_probs = torch.full((len(labels), backbone_config["num_classes"]), float("nan"))
+        # What the rewards read of the unpruned model and of the baseline, per image, computed on its first visit:
+        # the unpruned class (-1 until then) and, per removal ratio, the baseline's class and its probability of
+        # the unpruned class; not whole probability rows, which take 4 KB an image at 1,000 classes.
+        self._unpruned_class = torch.full((len(labels),), -1, dtype=torch.long)
         self.baseline = baseline
         self._baseline = None if baseline == "none" else heuristic_selector(baseline)
-        self._baseline_probs: dict[float, torch.Tensor] = {}  # per removal ratio, NaN rows until computed
+        self._baseline_answers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # per removal ratio
         self.forwards = 0  # stage forward passes run, for batching statistics
         self.nonfinite_features = 0  # feature values that were NaN/inf and were replaced by 0
 
@@ -107,37 +109,40 @@ class PruningEngine:
                                        (observation.attention, observation.similarity, state.live))
         return [{"attention": attention[b], "similarity": similarity[b], "live": live[b]} for b in range(len(live))]
 
-    def _ensure_probs(self, indices: list[int], state: TokenState, ratios: list[float]) -> None:
-        """The unpruned model's class probabilities (the label-free target) and, with a baseline, the baseline
-        heuristic's at the exact budget of removal ratio ``ratios[i]``, of the images ``indices[i]`` whose
-        :func:`initial_state` is row ``i`` of ``state``; each computed once per image (and ratio)."""
-        self._fill_once(self._full_probs, indices, self._unpruned_logits(state))
+    def _ensure_answers(self, indices: list[int], state: TokenState, ratios: list[float]) -> None:
+        """The unpruned model's class (the label-free target) and, with a baseline, the baseline heuristic's class
+        and probability of that class at the exact budget of removal ratio ``ratios[i]``, of the images
+        ``indices[i]`` whose :func:`initial_state` is row ``i`` of ``state``; each computed once per image (and
+        ratio)."""
+        self._ensure_unpruned(indices, state)
         if self._baseline is None:
             return
         for ratio in set(ratios):
             rows = [row for row, wanted in enumerate(ratios) if wanted == ratio]
-            cache = self._baseline_probs.setdefault(ratio, torch.full_like(self._full_probs, float("nan")))
-            self._fill_once(cache, [indices[row] for row in rows], self._baseline_logits(state.rows(rows), ratio))
+            classes, probs = self._baseline_answers.setdefault(
+                ratio, (torch.full_like(self._unpruned_class, -1), torch.full((len(self.labels),), float("nan"))))
+            todo = self._first_visits(classes, [indices[row] for row in rows])
+            if todo:
+                images = [indices[rows[row]] for row in todo]
+                logits, _ = exact_forward_from(self.staged, state.rows([rows[row] for row in todo]), self._baseline,
+                                               ratio, self.reduction)
+                baseline = logits.float().softmax(-1).cpu()
+                classes[images] = baseline.argmax(-1)
+                probs[images] = baseline.gather(1, self._unpruned_class[images][:, None])[:, 0]
 
-    def _unpruned_logits(self, state: TokenState) -> Callable[[list[int]], torch.Tensor]:
-        """The unpruned model's logits of the given rows of ``state`` (an :func:`initial_state`), which has run
-        the first stage already."""
-        return lambda rows: self.staged.forward_from(state.tokens[rows], 1)
-
-    def _baseline_logits(self, state: TokenState, ratio: float) -> Callable[[list[int]], torch.Tensor]:
-        """The baseline heuristic's logits at removal ratio ``ratio`` of the given rows of ``state`` (an
-        :func:`initial_state`)."""
-        return lambda rows: exact_forward_from(self.staged, state.rows(rows), self._baseline, ratio,
-                                               self.reduction)[0]
+    def _ensure_unpruned(self, indices: list[int], state: TokenState) -> None:
+        """The unpruned model's class of the images ``indices[i]`` whose :func:`initial_state` (which has run the
+        first stage already) is row ``i`` of ``state``, for those not yet visited."""
+        todo = self._first_visits(self._unpruned_class, indices)
+        if todo:
+            logits = self.staged.forward_from(state.tokens[todo], 1)
+            self._unpruned_class[[indices[row] for row in todo]] = logits.float().softmax(-1).argmax(-1).cpu()
 
     @staticmethod
-    def _fill_once(probs: torch.Tensor, indices: list[int], logits_of: Callable[[list[int]], torch.Tensor]) -> None:
-        """Fill the rows ``indices`` of the cache ``probs`` (NaN until computed) that are still empty with the
-        softmax of ``logits_of`` on the positions in ``indices`` of those images (one position per image named
-        more than once)."""
-        todo = list({index: row for row, index in enumerate(indices) if torch.isnan(probs[index, 0])}.values())
-        if todo:
-            probs[[indices[row] for row in todo]] = logits_of(todo).float().softmax(-1).cpu()
+    def _first_visits(classes: torch.Tensor, indices: list[int]) -> list[int]:
+        """The positions in ``indices`` of the images whose class in the cache ``classes`` is not computed yet
+        (-1), one position per image named more than once."""
+        return list({index: row for row, index in enumerate(indices) if classes[index] < 0}.values())
 
     def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
@@ -156,7 +161,7 @@ class PruningEngine:
         if upcoming and hasattr(self.images, "prefetch"):
             self.images.prefetch(upcoming)
         state = initial_state(self.staged, inputs).rows(row_of.tolist())  # one row per episode
-        self._ensure_probs(list(indices), state, ratios)
+        self._ensure_answers(list(indices), state, ratios)
         self.forwards += 1
         for b, (key, image, ratio) in enumerate(zip(keys, indices, ratios, strict=True)):
             self.episodes.pop(key, None)
@@ -210,8 +215,7 @@ class PruningEngine:
 
     def _final(self, episode: _Episode, probs: torch.Tensor) -> dict:
         """What the env needs for the reward and the per-image report."""
-        full = self._full_probs[episode.image]
-        full_class = int(full.argmax())
+        full_class = int(self._unpruned_class[episode.image])
         label = int(self.labels[episode.image])
         gflops = image_gflops(self.vit_spec, self.staged.prune_points, [self.staged.num_patches, *episode.kept],
                               self.reduction, "agents")
@@ -221,9 +225,9 @@ class PruningEngine:
                 "prob_unpruned_class": float(probs[full_class]),
                 "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
         if self._baseline is not None:
-            baseline = self._baseline_probs[episode.ratio][episode.image]
-            out.update(baseline_agree=int(baseline.argmax()) == full_class,
-                       baseline_prob_unpruned_class=float(baseline[full_class]))
+            classes, probs = self._baseline_answers[episode.ratio]
+            out.update(baseline_agree=int(classes[episode.image]) == full_class,
+                       baseline_prob_unpruned_class=float(probs[episode.image]))
         return out
 
     @torch.no_grad()
@@ -235,12 +239,12 @@ class PruningEngine:
         for start in range(0, len(self.labels), VALIDATION_BATCH):  # each image read once
             batch = list(range(start, min(start + VALIDATION_BATCH, len(self.labels))))
             state = initial_state(self.staged, self._inputs(batch))
-            self._fill_once(self._full_probs, batch, self._unpruned_logits(state))
+            self._ensure_unpruned(batch, state)
             logits, _ = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)
         return {"exact_accuracy": 100 * (predictions == self.labels).double().mean().item(),
-                "exact_agreement": 100 * (predictions == self._full_probs.argmax(1)).double().mean().item()}
+                "exact_agreement": 100 * (predictions == self._unpruned_class).double().mean().item()}
 
     def release(self, keys: list[str]) -> None:
         """Forget episodes that will not be stepped again (env reset mid-episode, runner gone)."""

@@ -1,5 +1,7 @@
 """TokenPruningEnv and PruningEngine, with an in-process engine (no Ray cluster needed)."""
 
+import os
+import pathlib
 import pickle
 
 import gymnasium as gym
@@ -255,6 +257,24 @@ def test_engine_state_is_bounded_and_freed(engine):
     env.reset(seed=1)
     env.reset(seed=2)  # abandoning an episode releases it
     assert len(engine.episodes) == before + 2
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_an_engine_keeps_a_few_bytes_per_image_whatever_the_classes(engine):
+    """Per image the engine keeps what the rewards read: the unpruned model's class and the baseline's answer,
+    on first visit. Rows of 1,000 class probabilities would take 4 KB an image, 5 GiB a server on ImageNet."""
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **KWARGS).eval()
+    labels = torch.zeros(50_000, dtype=torch.long)  # 200 MB per probability table at 1,000 classes
+    before = resident_bytes()
+    big = PruningEngine(StagedViT(vit, (1, 2, 3)), {**engine.config, "num_classes": 1000}, engine.images, labels,
+                        0.5, "merge", baseline="distinct")
+    big.reset(["a", "b"], [0, 1], ratios=[0.5, 0.25])  # two ratios: two baseline caches
+    assert resident_bytes() - before < 100e6
 
 
 def test_bad_settings_fail_clearly(engine):
