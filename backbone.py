@@ -302,9 +302,8 @@ def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, ba
             yield batch, images[batch]
         return
     indices = [batch.tolist() for batch in order.cpu().split(batch_size)]
-    loader = torch.utils.data.DataLoader(images, batch_sampler=indices, num_workers=STREAM_WORKERS,
-                                         pin_memory=pin_memory,
-                                         generator=torch.Generator())  # leaves the global RNG to the training
+    loader = images.loader(batch_sampler=indices, num_workers=STREAM_WORKERS, pin_memory=pin_memory,
+                           generator=torch.Generator())  # leaves the global RNG to the training
     with errors_of_workers():
         yield from zip(batches, loader, strict=True)
 

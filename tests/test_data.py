@@ -1,12 +1,16 @@
 """The data module: split sizes and labels on the shared CIFAR-10 copy, and clear errors."""
 
+import functools
+import os
 import pickle
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
@@ -170,6 +174,27 @@ def test_a_split_over_the_memory_budget_streams_the_same_pixels(image_folder_224
     assert torch.equal(streamed.images[4:9], decoded.images[4:9])
     for mine, theirs in zip(streamed.batches(5, workers=2), decoded.batches(5), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def logged_images(log: Path, count: int) -> list[tuple[Image.Image, int]]:
+    """A data set of ``count`` grey images; each opening appends the opening process to ``log``."""
+    with log.open("a") as file:
+        file.write(f"{os.getpid()}\n")
+    return [(Image.new("RGB", (8, 8), (value,) * 3), 0) for value in range(count)]
+
+
+def test_loader_workers_share_the_data_set_opened_once(tmp_path):
+    """Opening a data set reads the index of its files (a tar's every member header): the workers that decode
+    a streamed split ahead, epoch after epoch, take the one its loader opened instead of each opening it."""
+    log = tmp_path / "opened"
+    images = StreamedImages(functools.partial(logged_images, log, 8), np.arange(8), 8)
+    split = ImageSplit(images, torch.zeros(8, dtype=torch.long), ("grey",))
+    for _ in range(2):  # two epochs, two workers each
+        batches = list(split.batches(4, workers=2))
+        assert [batch[:, 0, 0, 0].tolist() for batch in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert log.read_text().split() == [str(os.getpid())]
+    assert torch.equal(images[[5]], batches[1][1:2])  # this process reads through a data set of its own
+    assert log.read_text().split() == [str(os.getpid())] * 2
 
 
 def test_streamed_tar_prefetches_ahead_and_pickles_without_open_files(data_dir):
