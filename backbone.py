@@ -75,6 +75,8 @@ from envs.vit.data import (
     held_out_fingerprint,
     load_split,
     split_class_names,
+    training_split_size,
+    val_drawn_from,
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, unpruned_gflops
@@ -385,9 +387,12 @@ def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Mod
             raise UsageError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
                              f"{config[key]!r}")
     held_out, recorded = start_config.get("split_sizes", {}).get("val"), start_config.get("val_fingerprint")
+    drawn_from = val_drawn_from(start_config)
     if held_out != config["split_sizes"]["val"] or recorded is None:
         why = ("it records none" if recorded is None else f"it recorded a validation split of {held_out} images, "
                f"this run's has {config['split_sizes']['val']} (--val-size, --limit)")
+    elif drawn_from not in (None, config["val_drawn_from"]):
+        why = f"it drew it from {drawn_from} training images, this run from {config['val_drawn_from']}"
     elif fingerprint_difference(recorded, config["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
         why = "it held out other images: another --split-seed or another copy of the data set"
     else:  # the same images, read again (a re-encoded copy of the data set differs a little: FINGERPRINT_TOLERANCE)
@@ -462,7 +467,7 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
                                  "epochs": epochs, "schedule_changes": schedule, "data_dir": data_dir})
 
 
-RESUMED_DATA = ("class_names", "split_sizes", "val_fingerprint")  # what a resumed run's data must repeat
+RESUMED_DATA = ("class_names", "split_sizes", "val_drawn_from", "val_fingerprint")  # a resumed run's data repeats
 
 
 def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any], data_dir: str) -> None:
@@ -471,7 +476,8 @@ def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any
     images it trained on. ``recorded``: the train_state's ``data`` (None in states written before it was kept)."""
     if recorded is None:
         return
-    changed = [key for key in RESUMED_DATA if key != "val_fingerprint" and recorded[key] != config[key]]
+    changed = [key for key in RESUMED_DATA  # val_drawn_from: not in states written before it was recorded
+               if key != "val_fingerprint" and recorded.get(key, config[key]) != config[key]]
     if fingerprint_difference(config["val_fingerprint"], recorded["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
         changed.append("validation images")
     if changed:
@@ -534,7 +540,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
               "split_sizes": {"train": len(train_split), "val": len(val_split)},
               "split_seed": args.split_seed,
               "val_fingerprint": held_out_fingerprint(args.dataset, args.data_dir, input_size, len(val_split),
-                                                      args.split_seed, args.download)}
+                                                      args.split_seed, args.download),
+              "val_drawn_from": training_split_size(args.dataset, args.data_dir, args.download)}
 
     if state is not None:
         check_same_data(state.get("data"), config, args.data_dir)

@@ -424,6 +424,10 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     (recoded / "config.json").write_text(json.dumps(recoded_config))
     assert run_backbone(tmp_path / "from_recoded", data_dir, "--init-from", str(recoded)) == 0
     capsys.readouterr()
+    (recoded / "config.json").write_text(json.dumps({**first, "val_drawn_from": first["val_drawn_from"] - 1}))
+    assert run_backbone(tmp_path / "from_shorter", data_dir, "--init-from", str(recoded)) == 2
+    assert (f"(it drew it from {first['val_drawn_from'] - 1} training images, this run from "
+            f"{first['val_drawn_from']})") in capsys.readouterr().err
 
     assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1") == 2
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
@@ -70,10 +70,18 @@ def test_the_validation_split_must_come_from_the_backbones_copy_of_the_data(tmp_
               "val_fingerprint": data.held_out_fingerprint("folder", original, 32, 6, 0)}
     check_fits_backbone(split, "val", "folder", 6, 0, config, original)
     check_fits_backbone(split, "val", "folder", 6, 0, config, _colour_folder(tmp_path / "jpeg", suffix="jpg"))
-    grown = _colour_folder(tmp_path / "grown", extra=1)
+    for extra in (1, -1):  # one image more or fewer: the config's split sizes, 18 + 6, name the count
+        other = _colour_folder(tmp_path / f"count{extra}", extra=extra)
+        with pytest.raises(DataError, match=f"holds {24 + extra} training images, the copy the backbone was trained "
+                                            "on 24: from another count the same seed draws another validation split"):
+            check_fits_backbone(load_split("folder", "val", other, val_size=6, seed=0), "val", "folder", 6, 0, config,
+                                other)
+    recoloured = _colour_folder(tmp_path / "recoloured")  # as many images, others
+    for image in (recoloured / "train").rglob("*.png"):
+        ImageOps.invert(Image.open(image).convert("RGB")).save(image)
     with pytest.raises(DataError, match="holds other images, or orders them otherwise"):
-        check_fits_backbone(load_split("folder", "val", grown, val_size=6, seed=0), "val", "folder", 6, 0, config,
-                            grown)
+        check_fits_backbone(load_split("folder", "val", recoloured, val_size=6, seed=0), "val", "folder", 6, 0,
+                            config, recoloured)
 
 
 def test_a_copy_read_under_another_data_set_name_is_held_to_the_backbones_split(tmp_path):
@@ -89,7 +97,7 @@ def test_a_copy_read_under_another_data_set_name_is_held_to_the_backbones_split(
         check_fits_backbone(load_split("folder", "val", original, val_size=6, seed=1), "val", "folder", 6, 1, config,
                             original)
     grown = _colour_folder(tmp_path / "grown", extra=1)
-    with pytest.raises(DataError, match="holds other images, or orders them otherwise"):
+    with pytest.raises(DataError, match="holds 25 training images, the copy the backbone was trained on 24"):
         check_fits_backbone(load_split("folder", "val", grown, val_size=6, seed=0), "val", "folder", 6, 0, config,
                             grown)
 

@@ -319,6 +319,27 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
+def training_split_size(dataset: str, data_dir: str | os.PathLike | None, download: bool = False) -> int:
+    """The images in a data set's training split, the validation images among them: the seed that holds out the
+    validation split (:func:`split_indices`) draws other images from another count. ``backbone.py`` records it
+    (``val_drawn_from``) and :func:`check_fits_backbone` compares it."""
+    root = _data_root(dataset, data_dir, download)
+    with _SHARED_RAW_LOCK:
+        return len(_shared_raw_split(dataset, root, "train", download, Path.cwd()))
+
+
+def val_drawn_from(backbone_config: Mapping[str, Any]) -> int | None:
+    """The count of training images a backbone's validation split was drawn from (:func:`training_split_size`):
+    as recorded, or, in a config written before it was, the recorded split sizes added up where the backbone
+    trained on the whole split (no ``--limit``); None where unknown."""
+    if "val_drawn_from" in backbone_config:
+        return backbone_config["val_drawn_from"]
+    sizes = backbone_config.get("split_sizes", {})
+    if backbone_config.get("recipe", {}).get("limit") is None and {"train", "val"} <= set(sizes):
+        return sizes["train"] + sizes["val"]
+    return None
+
+
 def fingerprint_difference(found: Sequence[Sequence[float]], recorded: Sequence[Sequence[float]]) -> float:
     """How far apart two :func:`held_out_fingerprint` s are: the mean difference of their colours, of 255 (the
     same images read again differ by at most :data:`FINGERPRINT_TOLERANCE`, re-encoded ones included)."""
@@ -363,7 +384,8 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     than those it was trained on (its answers would be compared with other labels), or, for ``val``, images it
     trained on. A backbone checkpoint records the validation split held out beside it (``backbone.py``); a
     validation split of its data set must be that one or a part of it (the same seed, at most its size), drawn
-    from a copy of the data set (at ``data_dir``) that gives the same images (:func:`held_out_fingerprint`)."""
+    from a copy of the data set (at ``data_dir``) of as many training images (:func:`training_split_size`) that
+    gives the same images (:func:`held_out_fingerprint`)."""
     classes = tuple(backbone_config.get("class_names") or ())
     if (classes and classes != split.class_names) or len(split.class_names) != backbone_config["num_classes"]:
         difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
@@ -376,6 +398,13 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     recorded = backbone_config.get("val_fingerprint")
     if recorded is None:  # a backbone written before backbone.py recorded it
         return
+    drawn_from = val_drawn_from(backbone_config)
+    found_images = None if drawn_from is None else training_split_size(dataset, data_dir, download)
+    if found_images != drawn_from:
+        raise DataError(f"this copy of {dataset} holds {found_images} training images, the copy the backbone was "
+                        f"trained on {drawn_from}: from another count the same seed draws another validation split, "
+                        f"which would hold images the backbone trained on: point --data-dir at that copy, or train a "
+                        f"backbone on this one with backbone.py")
     found = held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out, held_out_seed, download)
     difference = fingerprint_difference(found, recorded)
     if difference > FINGERPRINT_TOLERANCE:
