@@ -108,6 +108,15 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         starts_from_the_warm_start(trial / "warm_start", mine[-1])
     assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
 
+    # the same settings and seed repeat a trial to the bit (ray_session.HASH_SEED), here alone and for 1 iteration
+    assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.5", "--iterations", "1", "--num-workers", "0",
+               "--warm-start", "nms", "--train-ratios", "0.2,0.5", "--output-dir", "again") == 0
+    capsys.readouterr()
+    first = [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == "target_ratio=0.5"][0]
+    (again,) = list_checkpoints(tmp_path / "again")
+    for policy in ("attention", "similarity"):
+        assert all(torch.equal(value, weights(first, policy)[name]) for name, value in weights(again, policy).items())
+
     # a second start without --resume refuses to touch the run
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2") == 2
     assert "--resume" in capsys.readouterr().err

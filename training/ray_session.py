@@ -19,6 +19,10 @@ from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_reposito
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository, which a cluster's nodes receive as their working directory."""
+HASH_SEED = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+"""The string hash seed of every Ray worker. RLlib orders the agents that stepped in an episode as a ``set`` of
+their IDs iterates, which follows the process's hash seed, random by default; the exact-count sets are drawn
+with one noise row per agent in that order, so only a fixed seed makes a seeded run repeat."""
 CONNECT_TIMEOUT_S = 5.0
 """How long :func:`check_cluster_answers` waits for a cluster's head node to accept a connection."""
 
@@ -38,7 +42,7 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     if args.address:
         if installed_without_repository():
             raise UsageError(f"--address {args.address}: {NOT_A_CLONE}")
-        runtime_env = {"working_dir": str(REPO),
+        runtime_env = {"working_dir": str(REPO), "env_vars": HASH_SEED,
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         try:
             ray.init(address=args.address, runtime_env=runtime_env, **quiet)
@@ -46,7 +50,7 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
             raise UsageError(f"--address {args.address}: {error}") from None
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
-                 include_dashboard=False, **quiet)
+                 include_dashboard=False, runtime_env={"env_vars": HASH_SEED}, **quiet)
     interrupt_on_sigterm()
 
 
