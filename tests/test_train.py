@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -105,6 +106,8 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
             trained = weights(mine[-1], policy)
             assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)
         assert iterations(trial) == [1, 2] and list(trial.glob("events.out.tfevents.*"))  # Tune's loggers
+        columns = pd.read_csv(trial / "progress.csv").columns  # no column per agent slot (attention_0, ...)
+        assert not [c for c in columns if re.search(r"_\d+$", c)] and "env_runners/num_agent_steps_sampled" in columns
         starts_from_the_warm_start(trial / "warm_start", mine[-1])
     assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
 

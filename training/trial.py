@@ -22,7 +22,14 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.env_runner_group import EnvRunnerGroup
-from ray.rllib.utils.metrics import EVALUATION_RESULTS
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    EPISODE_AGENT_RETURN_MEAN,
+    EPISODE_AGENT_STEPS,
+    EVALUATION_RESULTS,
+    NUM_AGENT_STEPS_SAMPLED,
+    NUM_AGENT_STEPS_SAMPLED_LIFETIME,
+)
 
 from envs.episode_metrics import PruningMetrics
 from envs.problem import (
@@ -286,12 +293,25 @@ def restore_newest(algo: Algorithm, checkpoints: list[Path]) -> None:
         raise PolicyCheckpointError(f"none of {', '.join(map(str, checkpoints))} restores")
 
 
+def without_agent_slots(result: dict) -> dict:
+    """``result`` with RLlib's metrics per agent ID summed (steps) or left out (returns): an agent ID names a slot
+    of an env's images (``attention_0`` ... ``similarity_63``), not an agent, so they would fill progress.csv and
+    TensorBoard with 512 columns by default. The per-policy metrics (``module_*``) hold what they tell."""
+    runners = result.get(ENV_RUNNER_RESULTS, {})
+    for key in (EPISODE_AGENT_RETURN_MEAN, EPISODE_AGENT_STEPS):
+        runners.pop(key, None)
+    for key in (NUM_AGENT_STEPS_SAMPLED, NUM_AGENT_STEPS_SAMPLED_LIFETIME):
+        if isinstance(runners.get(key), dict):
+            runners[key] = sum(runners[key].values())
+    return result
+
+
 def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule) -> None:
     """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
     stop (Tune ranks the checkpoints by :data:`SCORE`)."""
     began, first = time.time(), algo.iteration
     while algo.iteration < stop.iterations:
-        result = algo.train()
+        result = without_agent_slots(algo.train())
         validated = algo.iteration % problem.checkpoint_every == 0  # evaluation_interval == checkpoint_every
         elapsed = time.time() - began
         out_of_time = stop.time_budget_min > 0 and elapsed > 60 * stop.time_budget_min
