@@ -41,12 +41,14 @@ from cli import (
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
+    code_commit,
     data_access,
     given_flags,
     non_negative_float,
     non_negative_int,
     positive_int,
     run_command,
+    versions_line,
 )
 from envs.atomic_file import replaced_atomically
 from envs.errors import UsageError
@@ -633,7 +635,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                   gflops=round(unpruned_gflops(ViTSpec.from_model(model)), 4),
                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                   images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
-                  throughput_device=describe_device(device))
+                  throughput_device=describe_device(device), commit=code_commit(), versions=versions_line())
     export = save_backbone(model, config, out / RUN_EXPORT_DIR, half=args.half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
     print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))

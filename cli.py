@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from envs.errors import UsageError, UserError
+from envs.vit.backbone_checkpoint import REPO_ROOT, installed_without_repository
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
 VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
@@ -31,6 +33,20 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     except KeyboardInterrupt:
         print(interrupted(), file=sys.stderr)
         return 130
+
+
+def code_commit() -> str | None:
+    """The repository's commit (``git describe --always --dirty``), which the results files, the backbone's config
+    and the policy checkpoints record; None outside a clone (an install without the repository, which may sit
+    inside another project's clone) or without git."""
+    if installed_without_repository():
+        return None
+    try:
+        described = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                                   capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
 
 
 def versions_line() -> str:

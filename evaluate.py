@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -70,6 +69,7 @@ from cli import (
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
+    code_commit,
     data_access,
     positive_int,
     run_command,
@@ -681,19 +681,6 @@ def run(args: argparse.Namespace) -> int:
     paths = write_results(table, output_dir, settings)
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0
-
-
-def code_commit() -> str | None:
-    """The repository's commit (``git describe --always --dirty``), which the results files record; None outside a
-    clone (an install without the repository, which may sit inside another project's clone) or without git."""
-    if installed_without_repository():
-        return None
-    try:
-        described = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                                   text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

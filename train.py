@@ -40,6 +40,7 @@ from cli import (
     OneLineParser,
     add_data_access_arguments,
     check_output_dir,
+    code_commit,
     data_access,
     given_flags,
     non_negative_float,
@@ -291,7 +292,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
             print(shortfall, flush=True)
         trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
                                          access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
-                                         inputs=inputs)
+                                         inputs=inputs, commit=code_commit())
         return build_tuner(args, trainable, problems, resources).fit()
 
 

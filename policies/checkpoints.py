@@ -52,17 +52,19 @@ class CheckpointInfo:
     problem: PruningProblem
     iteration: int | None = None
     val_score: float | None = None  # the validation score it was selected by, if validated
+    commit: str | None = None  # the code's commit (cli.code_commit) where train.py ran, if known
 
     def to_json(self) -> dict:
         """What ``pruning_config.json`` holds, with the versions of the packages that wrote it."""
         return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score,
-                "versions": versions_line()}
+                "commit": self.commit, "versions": versions_line()}
 
     @classmethod
     def from_json(cls, config: dict) -> CheckpointInfo:
         """Read back :meth:`to_json` (and the layouts of older checkpoints, ``PruningProblem.from_checkpoint_json``);
         a :class:`~envs.problem.ProblemError` or ``TypeError`` for a problem that does not read."""
-        return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"))
+        return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"),
+                   config.get("commit"))
 
 
 class PolicyCheckpointError(UserError, RuntimeError):

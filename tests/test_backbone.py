@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import backbone
-from cli import UsageError
+from cli import code_commit, versions_line
+from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
 from tests.host_reads import host_round_trips
 
@@ -50,6 +51,7 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
     config = json.loads((export / "config.json").read_text())
     assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256} and config["recipe"]["compiled"]
     assert config["class_names"][0] == "airplane" and 0.0 <= config["test_accuracy"] <= 1.0
+    assert config["commit"] == code_commit() and config["versions"] == versions_line()  # what made it
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
     trained, _ = load_backbone(export)
     reference = backbone.create_vit(config["model_name"], 10, config["model_kwargs"])

@@ -22,6 +22,7 @@ from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
+from cli import code_commit
 from envs.problem import PruningProblem
 from policies.checkpoints import (
     PRUNING_CONFIG,
@@ -94,7 +95,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         assert [read_checkpoint_info(c).iteration for c in mine] == [1, 2]  # --checkpoint-every 1
         info = read_checkpoint_info(mine[-1])
         assert info.problem.target_ratio == float(ratio) and info.problem.prune_points == (1, 2, 3)
-        assert info.problem.train_ratios == (0.2, 0.5)
+        assert info.problem.train_ratios == (0.2, 0.5) and info.commit == code_commit()  # None outside a clone
         assert info.problem.ppo.minibatch_size == 32 and 0 <= info.val_score <= 100  # exact-budget accuracy, %
         best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
         shown = f"run/{name}/{best.name}"

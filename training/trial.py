@@ -182,7 +182,7 @@ def validation_score(result: dict[str, Any]) -> float | None:
 
 
 def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_dir: Path | None,
-              inputs: dict[str, ServerInputs] | None = None) -> None:
+              inputs: dict[str, ServerInputs] | None = None, commit: str | None = None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
     It goes on from the trial's newest checkpoint when Tune restarts or resumes it
@@ -192,7 +192,8 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
     ``run_dir``: :func:`~training.run_directory.local_run_dir`, where Tune stores the trial's checkpoints on
     disk, not the staging directory of the trial's context; ``data_dir``: the data directory as the driver
     resolved it (a trial runs in a directory of its own); ``inputs``: the servers' weights and images as the
-    driver read them (loaded here if None)."""
+    driver read them (loaded here if None); ``commit``: the code's commit where the driver runs (a cluster's
+    nodes receive the code without git), recorded in every checkpoint."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = replace(PruningProblem.from_json(trial["problem"]), data_dir=data_dir)
@@ -219,7 +220,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(trial_dir, recorded)
-                train_until(algo, problem, stop)
+                train_until(algo, problem, stop, commit)
             finally:
                 algo.stop()
     finally:
@@ -306,9 +307,9 @@ def without_agent_slots(result: dict) -> dict:
     return result
 
 
-def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule) -> None:
+def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, commit: str | None = None) -> None:
     """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
-    stop (Tune ranks the checkpoints by :data:`SCORE`)."""
+    stop (Tune ranks the checkpoints by :data:`SCORE`; each records ``commit``)."""
     began, first = time.time(), algo.iteration
     while algo.iteration < stop.iterations:
         result = without_agent_slots(algo.train())
@@ -326,7 +327,7 @@ def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule) -> Non
         result[SCORE] = validation_score(result) if validated or final else None  # a column from the first row on
         if validated or final:
             with tempfile.TemporaryDirectory(prefix="marl_checkpoint_") as staging:
-                stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE]))
+                stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE], commit))
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(staging))
         else:
             tune.report(result)
