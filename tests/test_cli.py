@@ -3,6 +3,8 @@ in one line with 130, a bug with its traceback."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import evaluate
@@ -83,3 +85,21 @@ def test_a_ray_client_address_nobody_answers_at_is_one_line(monkeypatch):
     monkeypatch.setattr(ray_session.ray, "init", unanswered)
     with pytest.raises(UsageError, match="^--address ray://head:10001: ray client connection timeout$"):
         start_ray(train.build_parser().parse_args(["--address", "ray://head:10001"]), reserved_cpus=1)
+
+    def conflicting(**kwargs):  # ray job submit --working-dir: the job's runtime_env sets a field of ours
+        raise ValueError("Failed to merge the Job's runtime env because of a conflict.")
+
+    monkeypatch.setattr(ray_session.ray, "init", conflicting)
+    with pytest.raises(UsageError, match="^--address auto: Failed to merge the Job's runtime env"):
+        start_ray(train.build_parser().parse_args(["--address", "auto"]), reserved_cpus=1)
+
+
+def test_a_ray_job_that_sets_the_hash_seed_keeps_its_own(monkeypatch):
+    """ray.init refuses an environment variable that the Ray job it runs in sets too, even with one value."""
+    from training import ray_session
+
+    monkeypatch.delenv(ray_session.RAY_JOB_CONFIG, raising=False)
+    assert ray_session.worker_env_vars() == {"env_vars": ray_session.HASH_SEED}
+    for job_env, ours in (({"PYTHONHASHSEED": "3"}, {}), ({"OMP_NUM_THREADS": "1"}, ray_session.HASH_SEED)):
+        monkeypatch.setenv(ray_session.RAY_JOB_CONFIG, json.dumps({"runtime_env": {"env_vars": job_env}}))
+        assert ray_session.worker_env_vars() == ({"env_vars": ours} if ours else {})

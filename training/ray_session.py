@@ -4,6 +4,7 @@ repository shipped to its nodes; Ray's own notices kept to its session logs."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ HASH_SEED = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
 """The string hash seed of every Ray worker. RLlib orders the agents that stepped in an episode as a ``set`` of
 their IDs iterates, which follows the process's hash seed, random by default; the exact-count sets are drawn
 with one noise row per agent in that order, so only a fixed seed makes a seeded run repeat."""
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Where ``ray job submit`` hands its driver the job's config, runtime_env included."""
 CONNECT_TIMEOUT_S = 5.0
 """How long :func:`check_cluster_answers` waits for a cluster's head node to accept a connection."""
 
@@ -42,16 +45,26 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     if args.address:
         if installed_without_repository():
             raise UsageError(f"--address {args.address}: {NOT_A_CLONE}")
-        runtime_env = {"working_dir": str(REPO), "env_vars": HASH_SEED,
+        runtime_env = {"working_dir": str(REPO), **worker_env_vars(),
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
         try:
             ray.init(address=args.address, runtime_env=runtime_env, **quiet)
         except ConnectionError as error:  # a Ray Client address (ray://) nobody answers at, after Ray's retries
             raise UsageError(f"--address {args.address}: {error}") from None
+        except ValueError as error:  # a Ray job's runtime_env that sets a field of ours (its own working_dir)
+            raise UsageError(f"--address {args.address}: {error}") from None
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
-                 include_dashboard=False, runtime_env={"env_vars": HASH_SEED}, **quiet)
+                 include_dashboard=False, runtime_env=worker_env_vars(), **quiet)
     interrupt_on_sigterm()
+
+
+def worker_env_vars() -> dict[str, dict[str, str]]:
+    """The runtime_env field that gives every Ray worker :data:`HASH_SEED`, unless the Ray job train.py runs in
+    (``ray job submit``) sets the variable for its workers already: ray.init refuses a variable given twice,
+    even with one value."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG, "{}")).get("runtime_env") or {}
+    return {} if set(HASH_SEED) & set(job.get("env_vars") or {}) else {"env_vars": HASH_SEED}
 
 
 def check_cluster_answers(address: str) -> None:
