@@ -191,6 +191,7 @@ def logged_images(log: Path, count: int) -> list[tuple[Image.Image, int]]:
     return [(Image.new("RGB", (8, 8), (value,) * 3), 0) for value in range(count)]
 
 
+@pytest.mark.skipif(torch.multiprocessing.get_start_method() != "fork", reason="workers fork on Linux before 3.14")
 def test_loader_workers_share_the_data_set_opened_once(tmp_path):
     """Opening a data set reads the index of its files (a tar's every member header): the workers that decode
     a streamed split ahead, epoch after epoch, take the one its loader opened instead of each opening it."""

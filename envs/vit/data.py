@@ -85,12 +85,15 @@ class StreamedImages(torch.utils.data.Dataset):
                 "_for_workers": None, "_for_workers_pid": 0}
 
     def loader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
-        """A DataLoader over these images (``kwargs``: its settings). Its worker processes, forked, inherit a
-        data set opened here once, instead of each opening it again at every epoch: opening reads the index of
-        the files, every member header of a tar (about a minute for ImageNet's train split on a 2-core CPU).
-        Nothing reads through that one here, so the files it opens are each worker's own."""
+        """A DataLoader over these images (``kwargs``: its settings). Its worker processes, where they are
+        forked, inherit a data set opened here once, instead of each opening it again at every epoch: opening
+        reads the index of the files, every member header of a tar (about a minute for ImageNet's train split on
+        a 2-core CPU). Nothing reads through that one here, so the files it opens are each worker's own. Workers
+        started otherwise (spawn, forkserver) receive the images pickled, without it, and open their own."""
+        context = kwargs.get("multiprocessing_context") or torch.multiprocessing.get_context()
+        forked = (context if isinstance(context, str) else context.get_start_method()) == "fork"
         opened_here = self._for_workers is not None and self._for_workers_pid == os.getpid()
-        if kwargs.get("num_workers", 0) > 0 and not opened_here:
+        if kwargs.get("num_workers", 0) > 0 and forked and not opened_here:
             self._for_workers, self._for_workers_pid = self.open_raw(), os.getpid()
         return torch.utils.data.DataLoader(self, **kwargs)
 
