@@ -66,16 +66,15 @@ from envs.vit.data import (
     DATASETS,
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
-    FINGERPRINT_TOLERANCE,
     DataError,
     ImageSplit,
     StreamedImages,
     class_difference,
     default_data_dir,
     errors_of_workers,
-    fingerprint_difference,
     held_out_fingerprint,
     load_split,
+    same_images,
     split_class_names,
     training_split_size,
     val_drawn_from,
@@ -395,9 +394,9 @@ def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Mod
                f"this run's has {config['split_sizes']['val']} (--val-size, --limit)")
     elif drawn_from not in (None, config["val_drawn_from"]):
         why = f"it drew it from {drawn_from} training images, this run from {config['val_drawn_from']}"
-    elif fingerprint_difference(recorded, config["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
+    elif not same_images(recorded, config["val_fingerprint"]):
         why = "it held out other images: another --split-seed or another copy of the data set"
-    else:  # the same images, read again (a re-encoded copy of the data set differs a little: FINGERPRINT_TOLERANCE)
+    else:
         why = None
     if why is not None:
         raise UsageError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
@@ -480,7 +479,7 @@ def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any
         return
     changed = [key for key in RESUMED_DATA  # val_drawn_from: not in states written before it was recorded
                if key != "val_fingerprint" and recorded.get(key, config[key]) != config[key]]
-    if fingerprint_difference(config["val_fingerprint"], recorded["val_fingerprint"]) > FINGERPRINT_TOLERANCE:
+    if not same_images(config["val_fingerprint"], recorded["val_fingerprint"]):
         changed.append("validation images")
     if changed:
         raise DataError(f"--resume: the data in {data_dir} is not what the run trained on (its {', '.join(changed)} "
@@ -491,6 +490,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     """Train (or resume, ``args.resume``) the backbone ``args`` describes; ``given`` names the flags the
     command line set (:func:`given_flags`), which a resumed run checks against its recorded recipe."""
     started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
+    commit = code_commit()  # the code this (re)start runs, not what the tree holds when it ends
     device = resolve_device(args.device)
     amp = not args.no_amp
     out = Path(args.output_dir).expanduser()
@@ -635,7 +635,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                   gflops=round(unpruned_gflops(ViTSpec.from_model(model)), 4),
                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                   images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
-                  throughput_device=describe_device(device), commit=code_commit(), versions=versions_line())
+                  throughput_device=describe_device(device), commit=commit, versions=versions_line())
     export = save_backbone(model, config, out / RUN_EXPORT_DIR, half=args.half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
     print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))

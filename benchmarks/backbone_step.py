@@ -23,7 +23,7 @@ import torch
 
 import backbone
 from benchmarks import run_from_command_line
-from cli import given_flags
+from cli import given_flags, non_negative_int, positive_int
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
 from envs.vit.device import describe_device, resolve_device
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     how long to measure."""
     parser = backbone.build_parser()
     parser.description = __doc__
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per row")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
+    parser.add_argument("--num-classes", type=positive_int, default=10)
     parser.add_argument("--json", default=None, help="also write the rows here")
     return parser
 

@@ -225,9 +225,9 @@ class PruningEngine:
                 "prob_unpruned_class": float(probs[full_class]),
                 "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
         if self._baseline is not None:
-            classes, probs = self._baseline_answers[episode.ratio]
+            classes, unpruned_class_probs = self._baseline_answers[episode.ratio]
             out.update(baseline_agree=int(classes[episode.image]) == full_class,
-                       baseline_prob_unpruned_class=float(probs[episode.image]))
+                       baseline_prob_unpruned_class=float(unpruned_class_probs[episode.image]))
         return out
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ def doubt(logits: torch.Tensor) -> torch.Tensor:
 
 def rerun_share(first_gflops: float, second_gflops: float, budget_gflops: float) -> float:
     """The share of images that may run the second forward when every image runs the first, for the mean
-    GFLOPs per image to be ``budget_gflops``; a ValueError when the first alone costs the budget or more."""
+    GFLOPs per image to be ``budget_gflops``; a ``UsageError`` when the first alone costs the budget or more."""
     if first_gflops >= budget_gflops:
         raise UsageError(f"the first forward costs {first_gflops:.4g} GFLOPs, not less than the budget's "
                          f"{budget_gflops:.4g}: nothing is left for a second")

@@ -29,7 +29,8 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from cli import OneLineParser, UsageError
+from cli import OneLineParser
+from envs.errors import UsageError
 from envs.problem import ProblemError, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies

@@ -360,6 +360,8 @@ def test_step_benchmark_times_every_part(tmp_path):
         assert row["epoch_s"] == pytest.approx(row["ms_per_step"] / 1000 * 45000 / 16, abs=0.01)
     with pytest.raises(UsageError, match=r"^--data-dir, --half/--full-precision: a training step on random images"):
         step_benchmark.main(["--data-dir", "x", "--full-precision"])  # backbone.py's flags it would ignore
+    with pytest.raises(UsageError, match="--steps: must be at least 1, got 0"):  # no step to time
+        step_benchmark.main(["--steps", "0"])
 
 
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):

@@ -295,9 +295,10 @@ def restore_newest(algo: Algorithm, checkpoints: list[Path]) -> None:
 
 
 def without_agent_slots(result: dict) -> dict:
-    """``result`` with RLlib's metrics per agent ID summed (steps) or left out (returns): an agent ID names a slot
-    of an env's images (``attention_0`` ... ``similarity_63``), not an agent, so they would fill progress.csv and
-    TensorBoard with 512 columns by default. The per-policy metrics (``module_*``) hold what they tell."""
+    """``result``, changed in place: RLlib's counts of agent steps sampled per agent ID summed, its episode returns
+    and steps per agent ID left out. An agent ID names a slot of an env's images (``attention_0`` ...
+    ``similarity_63``), not an agent, so they would fill progress.csv and TensorBoard with 512 columns by
+    default. The per-policy metrics (``module_*``) hold what they tell."""
     runners = result.get(ENV_RUNNER_RESULTS, {})
     for key in (EPISODE_AGENT_RETURN_MEAN, EPISODE_AGENT_STEPS):
         runners.pop(key, None)

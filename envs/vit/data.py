@@ -322,6 +322,12 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
+def same_images(found: Sequence[Sequence[float]], recorded: Sequence[Sequence[float]]) -> bool:
+    """Whether two :func:`held_out_fingerprint` s name the same images: read again, or re-encoded (within
+    :data:`FINGERPRINT_TOLERANCE`)."""
+    return fingerprint_difference(found, recorded) <= FINGERPRINT_TOLERANCE
+
+
 def training_split_size(dataset: str, data_dir: str | os.PathLike | None, download: bool = False) -> int:
     """The images in a data set's training split, the validation images among them: the seed that holds out the
     validation split (:func:`split_indices`) draws other images from another count. ``backbone.py`` records it

@@ -19,7 +19,7 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:1, ..."
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device ``--device name`` means; a ValueError naming the problem for a name that is no torch device,
+    """The device ``--device name`` means; a ``UsageError`` naming the problem for a name that is no torch device,
     a device other than the CPU or a CUDA GPU (the timers synchronise with those only, ``envs.vit.timing``),
     or a GPU that is not visible. A GPU comes with its index (``cuda`` is ``cuda:0``), as its tensors report
     theirs."""

@@ -195,7 +195,7 @@ def matching_ratio(spec: ViTSpec, prune_points: Sequence[int], target_gflops: fl
     ``target_gflops`` (:func:`image_gflops`): how to compare schedules with different pruning points at one cost.
 
     ``matching_ratio(spec, (3, 6, 9), cost_at_0_5, ...)`` is at most 0.5 and keeps the same tokens. Raises
-    ``ValueError`` when even removing all but one token per pruning point costs more.
+    :class:`~envs.errors.UsageError` when even removing all but one token per pruning point costs more.
     """
     for step in range(1, 1000):
         ratio = step / 1000

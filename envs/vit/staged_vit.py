@@ -85,7 +85,7 @@ def _block(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
 
 
 def check_prunable(vit: nn.Module) -> None:
-    """A ValueError unless ``vit`` is a timm ViT that :class:`StagedViT` can split and prune: a plain
+    """A ``UsageError`` unless ``vit`` is a timm ViT that :class:`StagedViT` can split and prune: a plain
     ``VisionTransformer`` (or DeiT's distilled one) of standard blocks, whose MACs ``envs.vit.flops`` counts,
     pooled by its class token or an average. ``backbone.py`` asks before it trains one."""
     if type(vit) not in (VisionTransformer, VisionTransformerDistilled):  # other subclasses change more
