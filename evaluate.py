@@ -676,11 +676,22 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint_ranking_images_evaluated": ranked or None,
                 "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
                                              if selection is not None else "the evaluated images"),
-                "torch_threads": torch.get_num_threads(), "versions": versions_line()}
+                "torch_threads": torch.get_num_threads(), "versions": versions_line(),
+                "arguments": {name: as_json(value) for name, value in sorted(vars(args).items())}}
     print(f"{header_line(settings)}\n\n{markdown_table(table)}")
     paths = write_results(table, output_dir, settings)
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def as_json(value: Any) -> Any:
+    """An argument's value as results.json records it: numbers, strings, booleans and None as they are, sequences
+    as lists, anything else (a path) as its string."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [as_json(item) for item in value]
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

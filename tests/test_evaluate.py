@@ -109,6 +109,8 @@ def test_rows_columns_and_files(results):
     assert re.fullmatch(r"cpu \(.+, \d+ cores\)", cpu)  # the machine the timings come from
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", saved["settings"]["date"])
     assert saved["settings"]["commit"] == evaluate.code_commit()  # None outside a clone
+    arguments = saved["settings"]["arguments"]  # every flag's value, as parsed: the command that made the table
+    assert arguments["budgets"] == [0.3, 0.5] and arguments["no_speed"] and arguments["output_dir"] == str(output)
     markdown = (output / "results.md").read_text()
     assert re.search(r"\| method +\| +budget \|", markdown)
     assert f"dataset: cifar10; split: test; images: {LIMIT}; device: {cpu}; dtype: float32\n" in markdown
