@@ -43,7 +43,6 @@ from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
-from envs.errors import UsageError
 from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
@@ -150,12 +149,9 @@ def main(argv: list[str] | None = None) -> None:
 
     problem, checkpoint_staged, config = checkpoint_backbone(args.checkpoint)
     spec, prune_points = ViTSpec.from_model(checkpoint_staged.vit), args.prune_points or problem.prune_points
-    try:
-        staged = StagedViT(checkpoint_staged.vit, prune_points).eval()
-        exact_ratio = matched_ratio(spec, problem.prune_points, prune_points, args.budget or problem.target_ratio,
-                                    problem.reduction)
-    except UsageError as error:  # pruning points outside the model's blocks, or a cost no ratio reaches
-        parser.error(str(error))
+    staged = StagedViT(checkpoint_staged.vit, prune_points).eval()
+    exact_ratio = matched_ratio(spec, problem.prune_points, prune_points, args.budget or problem.target_ratio,
+                                problem.reduction)
     levels = sorted({*args.levels, exact_ratio})
     exact = levels.index(exact_ratio)
     points = len(prune_points)

@@ -40,7 +40,6 @@ from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
-from envs.errors import UsageError
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -178,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                                  problem.reduction, "similarity").total
     schedules = [staged.prune_points, *(points for points in args.schedules if points != staged.prune_points)]
     ratios = tuple(sorted({*args.ratios, budget_ratio}))
-    try:
-        train, _ = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "train", args.train_images)
-    except UsageError as error:  # pruning points outside the model's blocks
-        parser.error(str(error))
+    train, _ = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "train", args.train_images)
     val, labels = run_passes(staged, schedules, ratios, config, problem, args.data_dir, "val", args.val_images)
 
     reference = pass_name(staged.prune_points, budget_ratio)

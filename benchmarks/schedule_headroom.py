@@ -28,7 +28,6 @@ import pandas as pd
 
 from benchmarks import checkpoint_backbone, run_from_command_line
 from cli import OneLineParser, positive_int
-from envs.errors import UsageError
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
@@ -81,12 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     problem, staged, config = checkpoint_backbone(args.checkpoint)
     spec = ViTSpec.from_model(staged.vit)
     schedules = [staged.prune_points, *(points for points in args.schedules if points != staged.prune_points)]
-    try:
-        stages = {points: StagedViT(staged.vit, points).eval() for points in schedules}
-        methods = schedule_methods(spec, schedules, args.budget, problem.reduction,
-                                   ["similarity", *(s for s in args.selections if s != "similarity")])
-    except UsageError as error:  # pruning points outside the model's blocks, or a cost no ratio reaches
-        parser.error(str(error))
+    stages = {points: StagedViT(staged.vit, points).eval() for points in schedules}
+    methods = schedule_methods(spec, schedules, args.budget, problem.reduction,
+                               ["similarity", *(s for s in args.selections if s != "similarity")])
     split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
                        val_size=problem.val_size, seed=problem.split_seed, limit=args.images)
     baseline = Method(BASELINE, "baseline")

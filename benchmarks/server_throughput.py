@@ -223,8 +223,7 @@ def _rates(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ServerSettings()
-    parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--images-per-call", type=int, default=8,
                         help="images per server request of the callers, and per env of the --runners stand-ins")
