@@ -10,16 +10,13 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
 
 from envs.errors import UsageError
-from envs.vit.backbone_checkpoint import NOT_A_CLONE, installed_without_repository
+from envs.vit.backbone_checkpoint import NOT_A_CLONE, REPO_ROOT, installed_without_repository
 
-REPO = Path(__file__).resolve().parents[1]
-"""The repository, which a cluster's nodes receive as their working directory."""
 HASH_SEED = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
 """The string hash seed of every Ray worker. RLlib orders the agents that stepped in an episode as a ``set`` of
 their IDs iterates, which follows the process's hash seed, random by default; the exact-count sets are drawn
@@ -45,13 +42,13 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     if args.address:
         if installed_without_repository():
             raise UsageError(f"--address {args.address}: {NOT_A_CLONE}")
-        runtime_env = {"working_dir": str(REPO), **worker_env_vars(),
+        runtime_env = {"working_dir": str(REPO_ROOT), **worker_env_vars(),  # the repository, to every node
                        "excludes": [".git/", "runs/", "results/", "data/", ".venv/", "*.safetensors"]}
+        # ray.init's ConnectionError: a Ray Client address (ray://) nobody answers at, after its retries; its
+        # ValueError: the runtime_env of a Ray job this runs in sets a field of ours (the job's own working_dir)
         try:
             ray.init(address=args.address, runtime_env=runtime_env, **quiet)
-        except ConnectionError as error:  # a Ray Client address (ray://) nobody answers at, after Ray's retries
-            raise UsageError(f"--address {args.address}: {error}") from None
-        except ValueError as error:  # a Ray job's runtime_env that sets a field of ours (its own working_dir)
+        except (ConnectionError, ValueError) as error:
             raise UsageError(f"--address {args.address}: {error}") from None
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
