@@ -233,9 +233,17 @@ def _shared_raw_split(dataset: str, data_dir: Path, split: str, download: bool, 
     """:func:`_open_raw_split`, opened once per process: indexing a tar reads every member's header (about 5 s
     for CIFAR-10's train.tar on a 2-core CPU), and ``train`` and ``val`` are two cuts of the same file. ``cwd``
     is only part of the key (a relative ``data_dir`` names another directory after a chdir). Readers are not
-    safe to share across threads, so :func:`load_split` reads it under ``_SHARED_RAW_LOCK``, and
-    :class:`StreamedImages` opens a reader of its own."""
+    safe to share across threads, so it is read through :func:`_held_raw_split`, and :class:`StreamedImages`
+    opens a reader of its own."""
     return _open_raw_split(dataset, data_dir, split, download)
+
+
+@contextlib.contextmanager
+def _held_raw_split(dataset: str, root: Path, split: str, download: bool) -> Iterator[Any]:
+    """This process's :func:`_shared_raw_split` of the data set at ``root`` (:func:`_data_root`), held under
+    ``_SHARED_RAW_LOCK`` while the caller reads it."""
+    with _SHARED_RAW_LOCK:
+        yield _shared_raw_split(dataset, root, split, download, Path.cwd())
 
 
 def _class_names(raw) -> tuple[str, ...]:
@@ -263,10 +271,8 @@ def split_class_names(dataset: str, split: str, data_dir: str | os.PathLike | No
                       download: bool = False) -> tuple[str, ...]:
     """The class names of a split in label order, without decoding its images (``backbone.py`` checks the test
     split's before it trains)."""
-    raw_split = _file_split(split)
-    with _SHARED_RAW_LOCK:
-        return _class_names(_shared_raw_split(dataset, _data_root(dataset, data_dir, download), raw_split, download,
-                                              Path.cwd()))
+    with _held_raw_split(dataset, _data_root(dataset, data_dir, download), _file_split(split), download) as raw:
+        return _class_names(raw)
 
 
 def class_difference(found: Sequence[str], expected: Sequence[str]) -> str:
@@ -314,9 +320,7 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     and :func:`check_fits_backbone` compares it: a copy of the data set with other files or in another order
     would draw other images under the same seed, images the backbone may have trained on. Channel means name
     the images yet survive re-encoding (a JPEG copy of CIFAR against the original pixels)."""
-    root = _data_root(dataset, data_dir, download)
-    with _SHARED_RAW_LOCK:
-        raw = _shared_raw_split(dataset, root, "train", download, Path.cwd())
+    with _held_raw_split(dataset, _data_root(dataset, data_dir, download), "train", download) as raw:
         indices = split_indices(_labels(raw), "val", val_size, seed)[:FINGERPRINT_IMAGES]
         images = _decode(raw, indices, input_size)
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
@@ -332,9 +336,8 @@ def training_split_size(dataset: str, data_dir: str | os.PathLike | None, downlo
     """The images in a data set's training split, the validation images among them: the seed that holds out the
     validation split (:func:`split_indices`) draws other images from another count. ``backbone.py`` records it
     (``val_drawn_from``) and :func:`check_fits_backbone` compares it."""
-    root = _data_root(dataset, data_dir, download)
-    with _SHARED_RAW_LOCK:
-        return len(_shared_raw_split(dataset, root, "train", download, Path.cwd()))
+    with _held_raw_split(dataset, _data_root(dataset, data_dir, download), "train", download) as raw:
+        return len(raw)
 
 
 def val_drawn_from(backbone_config: Mapping[str, Any]) -> int | None:
@@ -475,8 +478,7 @@ def load_split(
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = _data_root(dataset, data_dir, download)
     raw_split = _file_split(split)
-    with _SHARED_RAW_LOCK:
-        raw = _shared_raw_split(dataset, root, raw_split, download, Path.cwd())
+    with _held_raw_split(dataset, root, raw_split, download) as raw:
         labels = _labels(raw)
         if split == "test":
             indices = np.arange(len(labels))
