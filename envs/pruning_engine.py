@@ -121,11 +121,10 @@ class PruningEngine:
             rows = [row for row, wanted in enumerate(ratios) if wanted == ratio]
             classes, probs = self._baseline_answers.setdefault(
                 ratio, (torch.full_like(self._unpruned_class, -1), torch.full((len(self.labels),), float("nan"))))
-            todo = self._first_visits(classes, [indices[row] for row in rows])
+            todo = [rows[position] for position in self._first_visits(classes, [indices[row] for row in rows])]
             if todo:
-                images = [indices[rows[row]] for row in todo]
-                logits, _ = exact_forward_from(self.staged, state.rows([rows[row] for row in todo]), self._baseline,
-                                               ratio, self.reduction)
+                images = [indices[row] for row in todo]
+                logits, _ = exact_forward_from(self.staged, state.rows(todo), self._baseline, ratio, self.reduction)
                 baseline = logits.float().softmax(-1).cpu()
                 classes[images] = baseline.argmax(-1)
                 probs[images] = baseline.gather(1, self._unpruned_class[images][:, None])[:, 0]
