@@ -523,6 +523,15 @@ def test_progress_line_leaves_out_returns_against_the_other_rollouts():
     assert "R/img" not in progress_line(result, PruningProblem(reward_baseline="rollouts"))
 
 
+def test_progress_line_says_when_no_episode_has_finished():
+    """An iteration whose batch finished no episode (the first, with several env runners of long episodes)
+    reports no episode metrics: the line says so instead of printing nan."""
+    result = {"training_iteration": 1, "num_env_steps_sampled_lifetime": 32, "env_runners": {},
+              "progress": {"elapsed_s": 5, "remaining_s": 125, "validated": False, "out_of_time": False}}
+    line = progress_line(result, PruningProblem())
+    assert "no episode finished yet" in line and "nan" not in line
+
+
 @pytest.mark.parametrize("cloud", [False, True])
 def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypatch, cloud):
     """From what Tune recorded with each checkpoint, on a local disk or in cloud storage (a filesystem whose

@@ -37,13 +37,14 @@ def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
     runners = result.get("env_runners", {})
     returns = {} if problem.reward_baseline == "rollouts" else runners.get("module_episode_returns_mean", {})
     progress = result["progress"]
+    episodes = ([f"agree {100 * runners['agree']:5.1f}%", f"acc {100 * runners['correct']:5.1f}%",
+                 f"kept {runners['keep_ratio']:.3f}",
+                 f"GFLOPs {runners['gflops']:.4f} w/o policies"]  # evaluate.py's count them
+                if "agree" in runners else ["no episode finished yet"])  # a short first iteration's batch
     parts = [f"iter {result['training_iteration']:4d}",
              f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}",
              *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
-             f"agree {100 * runners.get('agree', float('nan')):5.1f}%",
-             f"acc {100 * runners.get('correct', float('nan')):5.1f}%",
-             f"kept {runners.get('keep_ratio', float('nan')):.3f}",
-             f"GFLOPs {runners.get('gflops', float('nan')):.4f} w/o policies",  # evaluate.py's count them
+             *episodes,
              f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
     if progress["validated"]:  # results carry the last validation along; show it only where it ran
         val = result.get(EVALUATION_RESULTS, {})
