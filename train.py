@@ -284,6 +284,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         quiet_ray_loggers()
         if not ray.is_initialized():
             start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
+        if inputs is not None:  # one copy in the object store for every trial, not one per trial
+            inputs = {name: server_inputs.shared() for name, server_inputs in inputs.items()}
         if not args.resume:  # the cluster's GPUs decide the placement
             resources = replace(resources, placement=plan_placement(
                 args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))

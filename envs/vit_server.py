@@ -213,6 +213,25 @@ class ServerInputs:
     images: torch.Tensor | StreamedImages
     labels: torch.Tensor
 
+    def shared(self) -> SharedInputs:
+        """These inputs put in Ray's object store, once for every server and trial given the result."""
+        return SharedInputs(ray.put(self.state), self.config, ray.put(self.images), ray.put(self.labels))
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """:class:`ServerInputs` in Ray's object store (:meth:`ServerInputs.shared`): what travels to the servers of
+    every trial of a sweep, so the weights and the decoded split are held there once, not once per trial."""
+
+    state: ray.ObjectRef
+    config: dict
+    images: ray.ObjectRef
+    labels: ray.ObjectRef
+
+    def get(self) -> ServerInputs:
+        """The inputs read back into this process."""
+        return ServerInputs(ray.get(self.state), self.config, ray.get(self.images), ray.get(self.labels))
+
 
 def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     """Read and check the backbone and the data (no Ray needed): bad settings fail here, before anything starts."""
@@ -225,17 +244,20 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
     return ServerInputs(model.state_dict(), config, split.images, split.labels)
 
 
-def start_vit_servers(settings: ServerSettings, names: Sequence[str], inputs: ServerInputs | None = None,
+def start_vit_servers(settings: ServerSettings, names: Sequence[str],
+                      inputs: ServerInputs | SharedInputs | None = None,
                       bundles: Sequence[int] | None = None) -> list[ray.actor.ActorHandle]:
     """Start one named actor per name on the same inputs and wait until they all serve.
 
-    Weights and images travel through Ray's object store, put there once for all of them, so the nodes the
-    actors land on need neither the checkpoint nor the data set on their disk. ``bundles``: for each server,
-    the bundle of the caller's placement group it takes (a Tune trial's), so that it never takes a bundle
-    that RLlib has set aside for an env runner.
+    Weights and images travel through Ray's object store, put there once for all of them (or already there:
+    :class:`SharedInputs`), so the nodes the actors land on need neither the checkpoint nor the data set on
+    their disk. ``inputs``: read here from ``settings`` if None. ``bundles``: for each server, the bundle of
+    the caller's placement group it takes (a Tune trial's), so that it never takes a bundle that RLlib has set
+    aside for an env runner.
     """
-    inputs = inputs or load_server_inputs(settings)
-    refs = [ray.put(inputs.state), ray.put(inputs.images), ray.put(inputs.labels)]
+    if not isinstance(inputs, SharedInputs):
+        inputs = (inputs or load_server_inputs(settings)).shared()
+    refs = [inputs.state, inputs.images, inputs.labels]
     actor_class = ray.remote(ViTServer)
     servers = []
     group = ray.util.get_current_placement_group() if bundles is not None else None

@@ -12,7 +12,13 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv, actor_was_restarted, image_stream_key
 from envs.vit.features import AGENT_FEATURES
-from envs.vit_server import NAMESPACE, ServerSettings, call_through_restarts, start_vit_servers
+from envs.vit_server import (
+    NAMESPACE,
+    ServerSettings,
+    call_through_restarts,
+    load_server_inputs,
+    start_vit_servers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +77,23 @@ def first_live(obs: dict) -> np.ndarray:
     chosen = np.zeros(len(obs["live"]), dtype=np.int8)
     chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
     return chosen
+
+
+def test_servers_of_every_trial_start_from_one_copy_of_the_data(ray_local, tiny_backbone, data_dir, monkeypatch):
+    """train.py puts the weights and the split in the object store once; each trial's servers start from those
+    references and put nothing more, so a sweep of K trials holds one copy of the data there, not K + 1."""
+    problem = PruningProblem(backbone=str(tiny_backbone), data_dir=str(data_dir), prune_points=(1, 2, 3))
+    settings = ServerSettings(problem, split="val", limit=64, num_cpus=0)
+    shared = load_server_inputs(settings).shared()
+    put, puts = ray.put, []
+    monkeypatch.setattr(ray, "put", lambda value, **kwargs: puts.append(value) or put(value, **kwargs))
+    handles = [*start_vit_servers(settings, ["trial_a"], shared), *start_vit_servers(settings, ["trial_b"], shared)]
+    try:
+        assert puts == []
+        assert [ray.get(handle.spec.remote()).num_images for handle in handles] == [64, 64]
+    finally:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
 
 
 def test_env_finds_server_by_name_and_survives_a_restart(server):

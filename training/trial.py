@@ -42,6 +42,7 @@ from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
     ServerSettings,
+    SharedInputs,
     call_through_restarts,
     load_server_inputs,
     staged_from_weights,
@@ -182,7 +183,7 @@ def validation_score(result: dict[str, Any]) -> float | None:
 
 
 def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_dir: Path | None,
-              inputs: dict[str, ServerInputs] | None = None, commit: str | None = None) -> None:
+              inputs: dict[str, SharedInputs] | None = None, commit: str | None = None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
     It goes on from the trial's newest checkpoint when Tune restarts or resumes it
@@ -192,14 +193,15 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
     ``run_dir``: :func:`~training.run_directory.local_run_dir`, where Tune stores the trial's checkpoints on
     disk, not the staging directory of the trial's context; ``data_dir``: the data directory as the driver
     resolved it (a trial runs in a directory of its own); ``inputs``: the servers' weights and images as the
-    driver read them (loaded here if None); ``commit``: the code's commit where the driver runs (a cluster's
-    nodes receive the code without git), recorded in every checkpoint."""
+    driver read them and put them in the object store, one copy for every trial (loaded here if None);
+    ``commit``: the code's commit where the driver runs (a cluster's nodes receive the code without git),
+    recorded in every checkpoint."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = replace(PruningProblem.from_json(trial["problem"]), data_dir=data_dir)
     resources = TrialResources.from_json(trial["resources"])
     settings = server_settings(problem, resources.placement, access)
-    inputs = inputs or {name: load_server_inputs(s) for name, s in settings.items()}
+    inputs = inputs or {name: load_server_inputs(s).shared() for name, s in settings.items()}
     suffix = f"_{tune.get_context().get_trial_id()}_{uuid.uuid4().hex[:6]}"  # a restarted trial's too
     names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, resources.placement.servers)}
     train_bundles, val_bundle = server_bundles(resources)
@@ -214,7 +216,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             initial_states = {}
             if not own and not start and problem.warm_start != "none":
                 clones = Path(tune.get_context().get_trial_dir(), "warm_start")  # staged there, Tune stores it
-                initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER], clones, trial["name"])
+                initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER].get(), clones, trial["name"])
             algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states,
                                 resumed_iteration(own or start)).build_algo()
             try:
