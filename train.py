@@ -69,7 +69,13 @@ from policies.checkpoints import (
 )
 from training.console import ProgressCsv, ProgressLines, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
-from training.ray_session import check_cluster_answers, cluster_shortfall, quiet_ray_loggers, start_ray
+from training.ray_session import (
+    check_cluster_answers,
+    cluster_shortfall,
+    quiet_ray_loggers,
+    signal_handlers_restored,
+    start_ray,
+)
 from training.run_directory import check_storage_uri, delete_run, local_run_dir, run_lock, storage_location
 from training.trial import SCORE, TRAIN_SERVER, StopRule, reached_iteration, run_trial, server_settings
 
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
         try:
-            results = train(args, given)
+            with signal_handlers_restored():
+                results = train(args, given)
         finally:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()

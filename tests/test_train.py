@@ -23,6 +23,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
 from cli import code_commit
+from envs.errors import UsageError
 from envs.problem import PruningProblem
 from policies.checkpoints import (
     PRUNING_CONFIG,
@@ -365,6 +366,31 @@ def test_sigterm_interrupts_as_ctrl_c_does():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def test_train_main_gives_back_the_signal_handlers_it_found(tmp_path, monkeypatch):
+    """A Python session that calls train.main keeps its own Ctrl-C and SIGTERM: the run's handlers (ours for
+    SIGTERM, Tune's for SIGINT and SIGUSR1, which Tune keeps after a run it did not interrupt) go with the run,
+    whether it ends or fails."""
+    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {number: signal.getsignal(number) for number in numbers}
+
+    def run_taking_the_signals(args, given):
+        interrupt_on_sigterm()
+        for number in (signal.SIGINT, signal.SIGUSR1):
+            signal.signal(number, lambda signum, frame: None)  # as Tune's
+        raise UsageError("the run failed")
+
+    monkeypatch.setattr(train, "train", run_taking_the_signals)
+    mine = {number: (lambda signum, frame: None) for number in numbers}
+    try:
+        for number, handler in mine.items():
+            signal.signal(number, handler)
+        assert train.main(["--output-dir", str(tmp_path / "run")]) == 2
+        assert {number: signal.getsignal(number) for number in numbers} == mine
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

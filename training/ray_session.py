@@ -4,12 +4,14 @@ repository shipped to its nodes; Ray's own notices kept to its session logs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
@@ -96,6 +98,23 @@ def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
         return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in reserved)
     return (f"waiting for the cluster: one trial reserves {listed(reserved)} and the cluster has {listed(cluster)}; "
             f"its trials start when nodes join (or pass a smaller --num-workers or --servers)")
+
+
+@contextlib.contextmanager
+def signal_handlers_restored() -> Iterator[None]:
+    """Restore, on leaving, the handlers of the signals a run takes over: SIGTERM (:func:`interrupt_on_sigterm`),
+    SIGINT and SIGUSR1 (Tune's, which it keeps after a run it did not interrupt). A Python session that called
+    ``train.main`` gets its Ctrl-C back: under Tune's handler a Ctrl-C only logs a warning."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    numbers = [signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
+    saved = {number: signal.getsignal(number) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def interrupt_on_sigterm() -> None:
