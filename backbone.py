@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=non_negative_int, default=DEFAULT_SPLIT_SEED,
                    help=f"seed of the train/validation split (default {DEFAULT_SPLIT_SEED})")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="use a seeded subset of N images of each split (smoke tests)")
+                   help="train and test on a seeded subset of N images of their splits, and validate on the first N "
+                        "held-out images, the split the checkpoint records (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
                         f"the schedule")
@@ -532,7 +533,10 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     if test_classes != train_split.class_names:  # labels are class indices: they would name other classes
         raise DataError(f"the test split's classes are not the training split's "
                         f"({class_difference(test_classes, train_split.class_names)}): fix the test split first")
-    val_split = load_split(args.dataset, "val", **split_kw)
+    # With --limit, validation reads the first --limit images of the held-out order, not a subset drawn from all
+    # of it: that is the split the config records (split_sizes.val), which train.py and evaluate.py hold out.
+    val_split = load_split(args.dataset, "val", **{**split_kw, "val_size": min(args.limit or args.val_size,
+                                                                               args.val_size), "limit": None})
     if not isinstance(val_split.images, StreamedImages):
         val_split = dataclasses.replace(val_split, images=val_split.images.to(device))  # read every epoch
     num_classes = len(train_split.class_names)

@@ -14,6 +14,7 @@ import backbone
 from cli import code_commit, versions_line
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
+from envs.vit.data import load_split
 from tests.host_reads import host_round_trips
 
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
@@ -44,12 +45,18 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
         return optimize(self, x, y)
 
     monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
+    scored, score = [], backbone.accuracy
+    monkeypatch.setattr(backbone, "accuracy", lambda model, split, *args, **kwargs: scored.append(split)
+                        or score(model, split, *args, **kwargs))
     assert run_backbone(tmp_path, data_dir, "--full-precision", "--compile") == 0
     torch._dynamo.reset()
     assert len(compiled) == 1 and forwards and all(module is compiled[0] for module in forwards)
     export = tmp_path / "run" / "backbone"
     config = json.loads((export / "config.json").read_text())
     assert config["split_sizes"] == {"train": 256, "val": 256, "test": 256} and config["recipe"]["compiled"]
+    # the epochs validated on the held-out images the config records, those train.py and evaluate.py hold out
+    recorded_val = load_split("cifar10", "val", data_dir, input_size=32, val_size=256, seed=config["split_seed"])
+    assert torch.equal(scored[0].images, recorded_val.images)
     assert config["class_names"][0] == "airplane" and 0.0 <= config["test_accuracy"] <= 1.0
     assert config["commit"] == code_commit() and config["versions"] == versions_line()  # what made it
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
