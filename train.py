@@ -28,9 +28,10 @@ import argparse
 import os
 import pickle
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -127,25 +128,61 @@ def build_parser() -> argparse.ArgumentParser:
     # Every problem and PPO flag defaults to None, "not given" (add_problem_arguments), so that with_data_dir
     # overrides a run's data directory only if given, and with_backbone_data takes the backbone's data set and
     # held-out split unless given. (Which flags --resume and --from-checkpoint refuse comes from
-    # cli.given_flags, which also sees a flag given with its default value.)
+    # cli.given_flags, which also sees a flag given with its default value: --from-checkpoint refuses every
+    # problem and PPO flag given, --resume those given with another value than the run's.)
     return p
 
 
-RECORDED_RUN_FLAGS: tuple[str, ...] = ("num_workers", "envs_per_worker", "sample_ahead", "servers", "server_threads",
-                                       "keep_checkpoints", "max_failures")
-"""The run flags a run records and ``--resume`` keeps: the trials' resources and Tune's checkpoint and failure
-settings."""
+RECORDED_RUN_FLAGS: dict[str, Callable[[TrialResources, Mapping[str, Any]], Any]] = {
+    "num_workers": lambda resources, tuner: resources.num_workers,
+    "envs_per_worker": lambda resources, tuner: resources.envs_per_worker,
+    "sample_ahead": lambda resources, tuner: resources.sample_ahead,
+    "servers": lambda resources, tuner: resources.placement.servers,
+    "server_threads": lambda resources, tuner: resources.placement.server_cpus,
+    "keep_checkpoints": lambda resources, tuner: tuner["_run_config"].checkpoint_config.num_to_keep,
+    "max_failures": lambda resources, tuner: tuner["_run_config"].failure_config.max_failures,
+}
+"""The run flags a run records and ``--resume`` keeps, with where the record holds each: the trials' resources,
+and Tune's checkpoint and failure settings in its ``tuner.pkl``."""
 
 
 def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:
-    """Of the flags ``given`` on the command line, those that ``--resume`` (``resume``) or ``--from-checkpoint``
-    take from the run or the checkpoint instead: every problem and PPO flag but ``--data-dir`` (where the data is,
-    not what the agents learn), and on ``--resume`` the :data:`RECORDED_RUN_FLAGS`."""
-    kept = [flag_name(dest.split(".", 1)[1]) for dest in given
-            if dest.startswith(("problem.", "ppo.")) and dest != "problem.data_dir"]
-    if resume:
-        kept += [flag_name(dest) for dest in given if dest in RECORDED_RUN_FLAGS]
-    return sorted(kept)
+    """Of the flags ``given`` on the command line (their destinations), those that ``--resume`` (``resume``) or
+    ``--from-checkpoint`` take from the run or the checkpoint instead: every problem and PPO flag but
+    ``--data-dir`` (where the data is, not what the agents learn), and on ``--resume`` the
+    :data:`RECORDED_RUN_FLAGS`."""
+    return sorted(dest for dest in given if (dest.startswith(("problem.", "ppo.")) and dest != "problem.data_dir")
+                  or (resume and dest in RECORDED_RUN_FLAGS))
+
+
+def flags_changed_on_resume(kept: Collection[str], args: argparse.Namespace, problems: list[PruningProblem],
+                            resources: TrialResources, tuner: Mapping[str, Any] | None) -> dict[str, str]:
+    """Of the ``kept`` flags given with ``--resume`` (:func:`flags_kept_on`), those whose value is not the run's
+    own, each with the run's value as a flag would give it: the run's command given again goes on, a change is
+    refused rather than ignored. ``problems`` and ``resources``: the run's record; ``tuner``: Tune's record of it
+    (its ``tuner.pkl``; None where unread, a run in cloud storage, and then its flags count as changed)."""
+    given = problems_from_args(args)
+    changed = {}
+    for dest in kept:
+        if dest in RECORDED_RUN_FLAGS:
+            ours = {getattr(args, dest)}
+            try:
+                theirs = {RECORDED_RUN_FLAGS[dest](resources, tuner)}
+            except (KeyError, AttributeError, TypeError):  # no readable record of it
+                theirs = set()
+        else:
+            ours, theirs = ({problem_setting(problem, dest) for problem in group} for group in (given, problems))
+        if ours != theirs:
+            values = sorted(",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in theirs)
+            changed[dest] = ", ".join(values) if values else "unknown"
+    return changed
+
+
+def problem_setting(problem: PruningProblem, dest: str) -> Any:
+    """The value of a problem's field or PPO setting by its flag's destination: ``problem.target_ratio``,
+    ``ppo.lr``."""
+    section, field = dest.split(".")
+    return getattr(problem if section == "problem" else problem.ppo, field)
 
 
 def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], problems: list[PruningProblem],
@@ -187,29 +224,34 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
         raise UsageError(f"--resume continues a run; {other}: pass one of them")
     kept = flags_kept_on(given, args.resume)
-    if (args.resume or args.from_checkpoint) and kept:
-        source = ("run's problems, PPO settings and resources (--from-checkpoint starts a new run that may change "
-                  "them)" if args.resume else "checkpoint's problem and its PPO settings")
-        raise UsageError(f"{'--resume' if args.resume else '--from-checkpoint'} goes on with the {source}: drop "
-                         f"{', '.join(kept)}")
+    if args.from_checkpoint and kept:
+        raise UsageError(f"--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
+                         f"{', '.join(flag_name(dest.rpartition('.')[2]) for dest in kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise UsageError(f"nothing to resume: no run in {args.output_dir}")
+        tuner = None
         try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
             if local is not None:
                 with (local / "tuner.pkl").open("rb") as file:
-                    pickle.load(file)
+                    tuner = pickle.load(file)
             trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
         except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
             raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
                              f"not read ({type(error).__name__}: {error}): start a new run from its newest "
                              f"checkpoint with --from-checkpoint and another --output-dir") from None
+        problems = [PruningProblem.from_json(t["problem"]) for t in trials]
+        resources = TrialResources.from_json(trials[0]["resources"])
+        if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
+            raise UsageError("--resume goes on with the run's problems, PPO settings and resources (--from-checkpoint "
+                             "starts a new run that may change them): drop or give the run's value: "
+                             + ", ".join(f"{flag_name(dest.rpartition('.')[2])} (the run's: {value})"
+                                         for dest, value in changed.items()))
         reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
         if reached and min(reached) >= args.iterations:
             raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
                              f"them in total: pass more than {max(reached)} to go on")
-        return (with_data_dir([PruningProblem.from_json(t["problem"]) for t in trials], args),
-                TrialResources.from_json(trials[0]["resources"]))
+        return with_data_dir(problems, args), resources
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir")

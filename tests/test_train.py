@@ -139,8 +139,20 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         err = capsys.readouterr().err
         assert f"Tune records in {damaged} (tuner.pkl, experiment_state-*.json) do not read" in err, err
 
-    # --resume goes on with both trials (finished ones too) from their latest checkpoints
-    assert train.main(["--output-dir", "run", "--resume", "--iterations", "3", "--num-cpus", "4"]) == 0
+    # --resume goes on with the run's own settings: a flag given with another value is refused, naming the run's
+    # value (--keep-checkpoints 3 is the run's, given or not)
+    assert run(tmp_path, tiny_backbone, data_dir, "--resume", "--iterations", "3", "--target-ratio", "0.3,0.7",
+               "--lr", "1e-3", "--num-workers", "2", "--keep-checkpoints", "3") == 2
+    assert capsys.readouterr().err == ("error: --resume goes on with the run's problems, PPO settings and resources "
+                                       "(--from-checkpoint starts a new run that may change them): drop or give the "
+                                       "run's value: --num-workers (the run's: 0), --lr (the run's: 0.0001), "
+                                       "--target-ratio (the run's: 0.3, 0.5)\n")
+
+    # --resume goes on with both trials (finished ones too) from their latest checkpoints; the command that
+    # started the run, given again with --resume, is the run's own settings
+    assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.3,0.5", "--checkpoint-every", "1",
+               "--num-workers", "0", "--num-cpus", "4", "--warm-start", "nms", "--train-ratios", "0.2,0.5",
+               "--resume", "--iterations", "3") == 0
     out = capsys.readouterr().out
     for name in ("target_ratio=0.3", "target_ratio=0.5"):
         assert f"[{name}] iter    3" in out and f"[{name}] iter    2" not in out
@@ -184,16 +196,9 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                            (["--target-ratio", "0.3,x"], "comma-separated numbers, got '0.3,x'"),
                            (["--resume", "--from-checkpoint", "x"], "pass one of them"),
                            (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
-                           (["--resume", "--target-ratio", "0.3", "--lr", "1e-3", "--data-dir", "d"],
-                            "--resume goes on with the run's problems, PPO settings and resources "
-                            "(--from-checkpoint starts a new run that may change them): drop --lr, --target-ratio"),
-                           # given with their default values, and run flags a resumed run keeps from its record
-                           (["--resume", "--num-workers", "2", "--keep-checkpoints", "3", "--max-failures", "2",
-                             "--time-budget", "5"],
-                            "drop --keep-checkpoints, --max-failures, --num-workers"),
-                           (["--from-checkpoint", "x", "--reduction", "drop"],
+                           (["--from-checkpoint", "x", "--reduction", "drop", "--lr", "1e-4"],
                             "--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
-                            "--reduction")):
+                            "--lr, --reduction")):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (flags, err)
