@@ -7,6 +7,7 @@ the benchmarks use it.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -63,7 +64,7 @@ def images_per_second(run: Callable[[torch.Tensor], object], images: torch.Tenso
 
 def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], object]], images: torch.Tensor,
                                batch_size: int, rounds: int, warmup_rounds: int = 1,
-                               on_pass: Callable[[], object] | None = None) -> dict[Key, list[float]]:
+                               on_pass: Callable[[], object] | None = None, seed: int = 0) -> dict[Key, list[float]]:
     """Each run's images/s over all of ``images`` in batches of ``batch_size``, once per round, the runs in turn
     within each round, after ``warmup_rounds`` untimed rounds (which compile what was compiled; CUDA graphs
     are recorded on a function's second call); ``on_pass`` is called after each pass (a progress bar's update).
@@ -71,13 +72,16 @@ def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], objec
     A machine shared with other work drifts by tens of percent within a minute, more than the rows of a table
     differ. Timed one after the other, each run would see a different machine; timed in turns, every run sees
     the drift of each round, and a ratio taken within the round (:func:`ratios_within_rounds`) cancels it.
-    Each round starts one run later than the one before, so that no run always goes first.
+    A round of many runs lasts long enough to drift within it, so each round takes the runs in an order of its
+    own, drawn with ``seed``: no run has a fixed place in the rounds, and a drift within them adds noise to a
+    ratio, not a bias (with the runs rotated one place a round, the first of 28, evaluate.py's unpruned model,
+    was timed at the end of every round).
     """
     passes = [(key, batches_pass(run, images, batch_size)) for key, run in runs.items()]
     rates: dict[Key, list[float]] = {key: [] for key in runs}
+    orders = random.Random(seed)
     for round_index in range(warmup_rounds + rounds):
-        start = round_index % len(passes)
-        for key, one_pass in passes[start:] + passes[:start]:
+        for key, one_pass in orders.sample(passes, len(passes)):
             (seconds,) = timed_calls(one_pass, repeats=1, warmup=0, device=images.device)
             if round_index >= warmup_rounds:
                 rates[key].append(len(images) / seconds)
@@ -90,3 +94,9 @@ def ratios_within_rounds(rates: Mapping[Key, Sequence[float]], reference: Key) -
     """Each run's rate divided by ``reference``'s in the same round (:func:`images_per_second_in_turns`)."""
     return {key: [value / base for value, base in zip(values, rates[reference], strict=True)]
             for key, values in rates.items()}
+
+
+def round_spread(rates: Sequence[float]) -> float:
+    """A run's fastest round over its slowest (:func:`images_per_second_in_turns`): 1 on a steady machine; far above
+    it, the machine was busy with other work during some rounds, and a median of them may not describe it."""
+    return max(rates) / min(rates)
