@@ -106,7 +106,7 @@ from envs.vit.data import (
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
-from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds
+from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
 from envs.vit.token_merge import REDUCTIONS
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
@@ -130,6 +130,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """``--dtype``: what every forward runs in (bfloat16 under ``torch.autocast``)."""
 
 BOOTSTRAP_RESAMPLES = 2000
+SPEED_SPREAD_WARNING = 1.5
+"""A row's fastest timing round over its slowest above which evaluate.py warns of a busy machine."""
 CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validation images"
 
 
@@ -383,7 +385,25 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
                     table.loc[row, speed_column(size)] = statistics.median(rates[size][method])
             speedups = ratios_within_rounds(rates[max(speed_batch_sizes)], baseline)
             table["speedup"] = [statistics.median(speedups[method]) for method in methods]
+            warn_of_a_busy_machine(rates, methods, speed_repeats)
+            table.attrs["speed_rounds"] = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
+                                                                for method in methods] for size in speed_batch_sizes}
     return table
+
+
+def warn_of_a_busy_machine(rates: Mapping[int, Mapping[Method, Sequence[float]]], methods: Sequence[Method],
+                           rounds: int) -> None:
+    """One line on stderr where a row's images/s varied more than :data:`SPEED_SPREAD_WARNING` times between the
+    timing rounds (``rates``: per batch size, each method's rate in each round): other work shared the machine,
+    and the speed columns, medians of the rounds, may not describe it."""
+    method, size = max(((method, size) for size in rates for method in methods),
+                       key=lambda row: round_spread(rates[row[1]][row[0]]))
+    spread = round_spread(rates[size][method])
+    if spread > SPEED_SPREAD_WARNING:
+        row = method.name if method.budget is None else f"{method.name} at {method.budget:g}"
+        print(f"warning: {row}'s images/s at batch {size} varied {spread:.1f}x between the {rounds} timing rounds "
+              f"(settings.speed_rounds): the machine was busy with other work, and the speed columns may not "
+              f"describe it: time again on a quiet machine", file=sys.stderr)
 
 
 def compile_models(models: Iterable[PrunedViT | CascadeViT], device: torch.device) -> None:
@@ -670,6 +690,7 @@ def run(args: argparse.Namespace) -> int:
                 "compiled": None if args.no_speed else args.compile,
                 "speed_batch_sizes": list(args.speed_batch_sizes),
                 "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
+                "speed_rounds": table.attrs.get("speed_rounds"),
                 "cascade": None if cascade is None else {"prune_points": list(cascade[1].prune_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},

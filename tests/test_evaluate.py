@@ -104,8 +104,9 @@ def test_rows_columns_and_files(results):
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
     assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
     assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images",
-                                                    "compiled")} == {
-        "device": cpu, "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None, "compiled": None}
+                                                    "compiled", "speed_rounds")} == {
+        "device": cpu, "dtype": "float32", "speed_batch_sizes": [1, 256], "speed_images": None, "compiled": None,
+        "speed_rounds": None}
     assert re.fullmatch(r"cpu \(.+, \d+ cores\)", cpu)  # the machine the timings come from
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", saved["settings"]["date"])
     assert saved["settings"]["commit"] == evaluate.code_commit()  # None outside a clone
@@ -281,10 +282,11 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b16"]].values.tolist() == [[2, 4, 16]] * 2
 
 
-def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, split):
+def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, split, capsys):
     """Each timing column is a row's median over the rounds; speedup is the median of its ratios to the unpruned
     row within each round (here 1.0), not the ratio of the medians (2.0): a drift between rounds cancels. The
-    unpruned model is timed as the reference whether or not it is a row of the table."""
+    unpruned model is timed as the reference whether or not it is a row of the table. Every round's figure is
+    kept (results.json's settings.speed_rounds), and a row whose rounds differ eightfold is warned of."""
     asked = []
 
     def rates(runs, images, batch_size, rounds, warmup_rounds, on_pass):
@@ -302,6 +304,15 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
         table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
                                           speed_repeats=3, speed_batch_sizes=(4,), progress=False)
         assert table[timing].values.tolist() == expected
+        assert table.attrs["speed_rounds"]["images_per_s_b4"][0] == [1.0, 4.0, 2.0]  # Random's rounds, row 0
+        assert capsys.readouterr().err == ("warning: Baseline (unpruned)'s images/s at batch 4 varied 8.0x between "
+                                           "the 3 timing rounds (settings.speed_rounds): the machine was busy with "
+                                           "other work, and the speed columns may not describe it: time again on a "
+                                           "quiet machine\n" if len(methods) == 2 else
+                                           "warning: Random at 0.5's images/s at batch 4 varied 4.0x between the 3 "
+                                           "timing rounds (settings.speed_rounds): the machine was busy with other "
+                                           "work, and the speed columns may not describe it: time again on a quiet "
+                                           "machine\n")
     assert asked == [(3, 1)] * 2  # one warm-up round: nothing compiled
 
 
