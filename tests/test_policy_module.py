@@ -12,15 +12,18 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
+from ray.rllib.evaluation.postprocessing import Postprocessing
 from torch.utils.flop_counter import FlopCounterMode
 
 from policies.distribution import ExactCount, ExactCountEntropyStatistic
 from policies.rl_module import TokenPolicyModule, agent_spaces
 from policies.token_scorer import DEAD_SCORE
+from training.learner import LossMaskedAdvantages, PruningPPOLearner
 
 N, NUM_FEATURES, HIDDEN = 16, 7, 32
 LIVE_COUNTS = [16, 9, 3, 1]
@@ -259,7 +262,8 @@ def test_ppo_trains_both_modules_and_checkpoint_reloads(tmp_path):
                      policy_mapping_fn=lambda aid, *a, **k: aid.split("_")[0])
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .env_runners(num_env_runners=0)
-        .training(train_batch_size_per_learner=60, minibatch_size=30, num_epochs=2, lr=1e-3)
+        .training(learner_class=PruningPPOLearner, train_batch_size_per_learner=60, minibatch_size=30, num_epochs=2,
+                  lr=1e-3)
         .debugging(seed=0)
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -269,6 +273,19 @@ def test_ppo_trains_both_modules_and_checkpoint_reloads(tmp_path):
         for _ in range(2):
             result = algo.train()
         assert {"attention", "similarity"} <= set(result["learners"])
+        # the advantages PPO weighs are standardised over the steps its loss counts: RLlib's artificial step at the
+        # end of each agent episode (a quarter of the rows here) is left out of their mean and spread
+        learner = algo.learner_group._learner
+        pieces = [type(piece) for piece in learner._learner_connector.connectors]
+        assert pieces[pieces.index(GeneralAdvantageEstimation) + 1] is LossMaskedAdvantages
+        episodes = algo.env_runner.sample(num_episodes=4, explore=True)
+        batch = learner._learner_connector(rl_module=learner.module, batch={}, episodes=episodes, shared_data={},
+                                           metrics=learner.metrics)
+        for policy in ("attention", "similarity"):
+            counted = batch[policy][Columns.LOSS_MASK].bool()
+            advantages = batch[policy][Postprocessing.ADVANTAGES][counted]
+            assert len(advantages) == 3 * 4 and (~counted).sum() == 4  # 3 real steps and 1 artificial an episode
+            assert abs(advantages.mean().item()) < 1e-5 and advantages.std(correction=0).item() == pytest.approx(1)
         trained_weights = algo.learner_group.get_weights(module_ids=["attention", "similarity"])
         for policy in ("attention", "similarity"):  # both modules were updated
             assert any(not np.array_equal(initial[policy][name], value)

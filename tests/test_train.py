@@ -36,6 +36,7 @@ from policies.checkpoints import (
 from policies.export import load_exported_policies
 from training import ray_session
 from training.console import ProgressCsv, closing_lines, go_on_command, interrupted, progress_line
+from training.learner import PruningPPOLearner
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, interrupt_on_sigterm
 from training.run_directory import delete_run
@@ -215,6 +216,7 @@ def test_a_failed_sub_environment_or_env_runner_is_replaced():
     config = build_config(PruningProblem(), TrialResources(2, 1, plan_placement(None, 1, 0, False),
                                                                       True), ["train"], "val")
     assert config.restart_failed_sub_environments and config.restart_failed_env_runners
+    assert config.learner_class is PruningPPOLearner  # advantages standardised over the steps the loss counts
     assert config.max_num_env_runner_restarts >= 100
 
 

@@ -61,6 +61,7 @@ from policies.checkpoints import (
 from policies.rl_module import TokenPolicyModule
 from policies.sample_ahead import SampleAheadPPO
 from policies.warm_start import warm_start_modules
+from training.learner import PruningPPOLearner
 from training.placement import (
     Placement,
     TrialResources,
@@ -99,7 +100,7 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
         .multi_agent(policies=set(policies), policy_mapping_fn=policy_for_agent, count_steps_by="agent_steps")
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .env_runners(rollout_fragment_length="auto", sample_timeout_s=600.0)
-        .training(**asdict(problem.ppo))
+        .training(learner_class=PruningPPOLearner, **asdict(problem.ppo))
         .callbacks(PruningMetrics, on_algorithm_init=functools.partial(restore_initial_states,
                                                                         initial_states=initial_states or {}))
         .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
