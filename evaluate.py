@@ -396,9 +396,8 @@ def warn_of_a_busy_machine(rates: Mapping[int, Mapping[Method, Sequence[float]]]
     """One line on stderr where a row's images/s varied more than :data:`SPEED_SPREAD_WARNING` times between the
     timing rounds (``rates``: per batch size, each method's rate in each round): other work shared the machine,
     and the speed columns, medians of the rounds, may not describe it."""
-    method, size = max(((method, size) for size in rates for method in methods),
-                       key=lambda row: round_spread(rates[row[1]][row[0]]))
-    spread = round_spread(rates[size][method])
+    spread, method, size = max(((round_spread(rates[size][method]), method, size) for size in rates
+                                for method in methods), key=lambda row: row[0])
     if spread > SPEED_SPREAD_WARNING:
         row = method.name if method.budget is None else f"{method.name} at {method.budget:g}"
         print(f"warning: {row}'s images/s at batch {size} varied {spread:.1f}x between the {rounds} timing rounds "

@@ -226,7 +226,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     kept = flags_kept_on(given, args.resume)
     if args.from_checkpoint and kept:
         raise UsageError(f"--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
-                         f"{', '.join(flag_name(dest.rpartition('.')[2]) for dest in kept)}")
+                         f"{', '.join(flag_name(dest) for dest in kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
             raise UsageError(f"nothing to resume: no run in {args.output_dir}")
@@ -245,7 +245,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
             raise UsageError("--resume goes on with the run's problems, PPO settings and resources (--from-checkpoint "
                              "starts a new run that may change them): drop or give the run's value: "
-                             + ", ".join(f"{flag_name(dest.rpartition('.')[2])} (the run's: {value})"
+                             + ", ".join(f"{flag_name(dest)} (the run's: {value})"
                                          for dest, value in changed.items()))
         reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
         if reached and min(reached) >= args.iterations:

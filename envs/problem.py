@@ -309,8 +309,9 @@ def _field(cls: type, name: str) -> dataclasses.Field:
 
 
 def flag_name(name: str) -> str:
-    """The command-line flag of the problem or PPO field ``name``: ``--target-ratio``."""
-    return "--" + name.rstrip("_").replace("_", "-")
+    """The command-line flag of the problem or PPO field ``name``, or of its destination in the parsed arguments
+    (``target_ratio``, ``problem.target_ratio``): ``--target-ratio``."""
+    return "--" + name.rpartition(".")[2].rstrip("_").replace("_", "-")
 
 
 def _boolean(text: str) -> bool:
