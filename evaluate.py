@@ -31,7 +31,8 @@ MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--b
 (``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
-columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json). Learned and
+columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json); every
+row's answer on every image goes to predictions.csv.gz (``per_image_predictions``). Learned and
 cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images`` validation
 images (with ``--split val``, on the evaluated images).
 Every row runs on ``--device`` (a GPU when one is visible, by default): the backbone, the policy modules, the
@@ -85,6 +86,7 @@ from envs.results_table import (
     column_docs,
     header_line,
     markdown_table,
+    prediction_column,
     speed_column,
     write_results,
 )
@@ -320,7 +322,7 @@ def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float
                                    paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
                                    method="percentile", rng=np.random.default_rng(0))
     low, high = result.confidence_interval
-    return 100 * (correct.mean() - reference.mean()), 100 * low, 100 * high
+    return float(100 * (correct.mean() - reference.mean())), float(100 * low), float(100 * high)
 
 
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
@@ -376,6 +378,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
                 row.update(versus_heuristics(method, best, methods, outputs, split.labels))
         table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points), speed_batch_sizes)))
         table["budget"] = table["budget"].astype(float)
+        table.attrs["predictions"] = per_image_predictions(methods, outputs, split.labels)
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
             rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in speed_batch_sizes},
@@ -389,6 +392,17 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             table.attrs["speed_rounds"] = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
                                                                 for method in methods] for size in speed_batch_sizes}
     return table
+
+
+def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
+                          labels: torch.Tensor) -> pd.DataFrame:
+    """Each image's label and every row's predicted class, ``[n, 1 + len(methods)]``, the images in the split's
+    order (index ``image``; results.json's settings say which split): what the rows' accuracy, F1, agreement and
+    paired intervals are computed from, so that they can be checked, or other rows compared, without running
+    the models again."""
+    columns = {prediction_column(method.name, math.nan if method.budget is None else method.budget):
+               outputs[method][0].numpy() for method in methods}
+    return pd.DataFrame({"label": labels.numpy(), **columns}).rename_axis("image")
 
 
 def warn_of_a_busy_machine(rates: Mapping[int, Mapping[Method, Sequence[float]]], methods: Sequence[Method],

@@ -120,14 +120,24 @@ def plot_accuracy_vs_gflops(table: pd.DataFrame, path: Path) -> None:
 
 
 TABLE_FILES = ("results.csv", "results.json", "results.md")
+PREDICTIONS_FILE = "predictions.csv.gz"
 PLOT_FILE = "accuracy_vs_gflops.png"
-RESULT_FILES = (*TABLE_FILES, PLOT_FILE)
-"""What :func:`write_results` writes in its directory (the plot with more than one budget only)."""
+RESULT_FILES = (*TABLE_FILES, PREDICTIONS_FILE, PLOT_FILE)
+"""What :func:`write_results` writes in its directory (the predictions with a table that carries them, the plot
+with more than one budget only)."""
+
+
+def prediction_column(method: str, budget: float) -> str:
+    """The column of a table row's predicted classes in :data:`PREDICTIONS_FILE`: ``Greedy similarity @ 0.5``,
+    or the method alone for the unpruned row, which has no budget."""
+    return method if math.isnan(budget) else f"{method} @ {budget:g}"
 
 
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any]) -> list[Path]:
-    """results.csv, results.json, results.md and, with more than one budget, accuracy_vs_gflops.png (an older
-    plot is removed otherwise: it would not show these results)."""
+    """results.csv, results.json, results.md, the per-image predictions (predictions.csv.gz) when the table
+    carries them in ``table.attrs["predictions"]`` (``evaluate.evaluate_methods``'s tables do), and, with more
+    than one budget, accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would
+    not belong to these results."""
     output_dir.mkdir(parents=True, exist_ok=True)
     docs = column_docs(len(settings["prune_points"]), settings.get("speed_batch_sizes", SPEED_BATCH_SIZES))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
@@ -139,6 +149,12 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     paths[2].write_text(f"# Token pruning results\n\n{header_line(settings)}\n\n{markdown_table(table)}\n\n"
                         f"## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
+    predictions = output_dir / PREDICTIONS_FILE
+    if table.attrs.get("predictions") is not None:
+        table.attrs["predictions"].to_csv(predictions)
+        paths.append(predictions)
+    else:
+        predictions.unlink(missing_ok=True)
     plot = output_dir / PLOT_FILE
     if table["budget"].nunique() > 1:
         plot_accuracy_vs_gflops(table, plot)

@@ -119,6 +119,28 @@ def test_rows_columns_and_files(results):
     assert ((quality >= 0) & (quality <= 100)).all().all()
 
 
+def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(results):
+    """predictions.csv.gz holds each image's label and every row's answer: each row's accuracy, F1, agreement and
+    paired interval against its best heuristic follow from it without running a model."""
+    output, table = results
+    assert table["best_heuristic"].notna().any()
+    saved = pd.read_csv(output / "predictions.csv.gz", index_col="image")
+    assert list(saved.index) == list(range(LIMIT))
+    assert list(saved.columns) == ["label", *(evaluate.prediction_column(m, b) for m, b in
+                                              zip(table["method"], table["budget"], strict=True))]
+    for row in table.itertuples():
+        predicted = saved[evaluate.prediction_column(row.method, row.budget)]
+        assert row.accuracy == pytest.approx(100 * (predicted == saved["label"]).mean())
+        assert row.agreement == pytest.approx(100 * (predicted == saved["Baseline (unpruned)"]).mean())
+        assert row.f1_macro == pytest.approx(macro_f1(torch.tensor(predicted.to_numpy()),
+                                                      torch.tensor(saved["label"].to_numpy())))
+        if isinstance(row.best_heuristic, str):
+            best = saved[evaluate.prediction_column(row.best_heuristic, row.budget)]
+            figures = evaluate.paired_difference((predicted == saved["label"]).to_numpy(float),
+                                                 (best == saved["label"]).to_numpy(float))
+            assert figures == pytest.approx((row.delta_best_heuristic, row.delta_ci_low, row.delta_ci_high))
+
+
 def test_baseline_accuracy_is_the_backbones_own(results, tiny_backbone, split):
     model, config = load_backbone(tiny_backbone)
     with torch.no_grad():
