@@ -246,8 +246,9 @@ def load_server_inputs(settings: ServerSettings) -> ServerInputs:
 
 def start_vit_servers(settings: ServerSettings, names: Sequence[str],
                       inputs: ServerInputs | SharedInputs | None = None,
-                      bundles: Sequence[int] | None = None) -> list[ray.actor.ActorHandle]:
-    """Start one named actor per name on the same inputs and wait until they all serve.
+                      bundles: Sequence[int] | None = None, *, wait: bool = True) -> list[ray.actor.ActorHandle]:
+    """Start one named actor per name on the same inputs and, unless ``wait`` is False, wait until they all
+    serve (:func:`wait_until_serving`: a caller with other work to do while they start calls it later).
 
     Weights and images travel through Ray's object store, put there once for all of them (or already there:
     :class:`SharedInputs`), so the nodes the actors land on need neither the checkpoint nor the data set on
@@ -269,5 +270,12 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
             name=name, namespace=NAMESPACE, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
             max_restarts=settings.max_restarts, max_concurrency=1000, scheduling_strategy=strategy,
         ).remote(refs[0], inputs.config, refs[1], refs[2], settings))
-    ray.get([server.spec.remote() for server in servers])
+    if wait:
+        wait_until_serving(servers)
     return servers
+
+
+def wait_until_serving(servers: Sequence[ray.actor.ActorHandle]) -> None:
+    """Return once every server has built its engine; raises the error of one whose start failed. A server's
+    process imports torch and timm first, seconds of CPU, so servers started together start side by side."""
+    ray.get([server.spec.remote() for server in servers])

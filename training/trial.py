@@ -47,6 +47,7 @@ from envs.vit_server import (
     load_server_inputs,
     staged_from_weights,
     start_vit_servers,
+    wait_until_serving,
 )
 from policies.checkpoints import (
     PREFIX,
@@ -206,8 +207,11 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
     suffix = f"_{tune.get_context().get_trial_id()}_{uuid.uuid4().hex[:6]}"  # a restarted trial's too
     names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, resources.placement.servers)}
     train_bundles, val_bundle = server_bundles(resources)
-    servers = [*start_vit_servers(settings[TRAIN_SERVER], names[TRAIN_SERVER], inputs[TRAIN_SERVER], train_bundles),
-               *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle])]
+    # all servers start at once, and the warm start runs while they do
+    servers = [*start_vit_servers(settings[TRAIN_SERVER], names[TRAIN_SERVER], inputs[TRAIN_SERVER], train_bundles,
+                                  wait=False),
+               *start_vit_servers(settings[VAL_SERVER], [names[VAL_SERVER]], inputs[VAL_SERVER], [val_bundle],
+                                  wait=False)]
     try:
         with contextlib.ExitStack() as downloads:  # a checkpoint from cloud storage stays on disk until the end
             trial_dir = run_dir / trial["name"] if run_dir is not None else None
@@ -218,6 +222,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             if not own and not start and problem.warm_start != "none":
                 clones = Path(tune.get_context().get_trial_dir(), "warm_start")  # staged there, Tune stores it
                 initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER].get(), clones, trial["name"])
+            wait_until_serving(servers)
             algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states,
                                 resumed_iteration(own or start)).build_algo()
             try:
