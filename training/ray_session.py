@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 
 import ray
@@ -126,7 +127,10 @@ def interrupt_on_sigterm() -> None:
 def quiet_ray_loggers() -> None:
     """Ray's, RLlib's and Tune's own warnings to the session logs (start_ray says which), in this process;
     Tune's progress tables off (its legacy reporter, silent at ``verbose=0``: the new one prints tables even
-    then); our progress lines are the console."""
+    then); our progress lines are the console. Gymnasium's warning that RLlib registers its multi-agent env
+    again is left out too: every env runner of a process (a trial's local one and its validation one)
+    registers it under the same id."""
     for logger in ("ray", "ray.rllib", "ray.tune"):  # RLlib's and Tune's loggers have levels of their own
         logging.getLogger(logger).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*Overriding environment rllib-multi-agent-env-v0 already in registry")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
