@@ -141,6 +141,19 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
             assert figures == pytest.approx((row.delta_best_heuristic, row.delta_ci_low, row.delta_ci_high))
 
 
+def test_readme_predictions_example_gives_the_committed_tables_interval(monkeypatch, capsys):
+    """The README's example on docs/results/predictions.csv.gz prints the committed table's delta_tome for MARL
+    exact at r = 0.5: the committed predictions are the ones that table was computed from."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Evaluating (`evaluate.py`)\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(REPO)
+    exec(compile(code, "README.md", "exec"), {})
+    row = rows(pd.read_csv(REPO / "docs" / "results" / "results.csv"), "MARL exact").loc[0.5]
+    points, low, high = (row[column] for column in ("delta_tome", "delta_tome_ci_low", "delta_tome_ci_high"))
+    assert capsys.readouterr().out == f"{points:+.2f} [{low:+.2f}, {high:+.2f}]\n"
+
+
 def test_baseline_accuracy_is_the_backbones_own(results, tiny_backbone, split):
     model, config = load_backbone(tiny_backbone)
     with torch.no_grad():
