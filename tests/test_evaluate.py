@@ -382,8 +382,9 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
 
 
 def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, tiny_staged, split):
-    """Compiled rows are timed together, more than the compiler's default of 8 graphs per function, at two
-    budgets: every row's forward is timed through its own graph, none falls back to eager."""
+    """Compiled rows are timed together, more than the compiler keeps graphs per function by default (8; here
+    lowered to 2, as if the table had four times as many rows), at two budgets: every row's forward is timed
+    through its own graph, none falls back to eager."""
     compile_eagerly, graphs = torch.compile, []
 
     def compile_counted(function, **kwargs):
@@ -394,13 +395,14 @@ def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, ti
         return compile_eagerly(function, **{**kwargs, "backend": backend})
 
     monkeypatch.setattr(torch, "compile", compile_counted)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
                *(evaluate.Method(selection, selection, budget) for budget in (0.3, 0.5)
-                 for selection in ("attention", "similarity", "distinct", "tome"))]
+                 for selection in ("similarity", "tome"))]
     models = {method: method.model(tiny_staged[0], tiny_staged[1], "merge") for method in methods}
     rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1,
                                     compile_on=torch.device("cpu"))
-    assert len(models) > 8 and len(graphs) == len(set(graphs)) == len(models)
+    assert len(models) > torch._dynamo.config.recompile_limit and len(graphs) == len(set(graphs)) == len(models)
     assert set(graphs) == set(models.values()) and list(rates[4]) == methods
 
 
