@@ -325,13 +325,26 @@ def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float
     return float(100 * (correct.mean() - reference.mean())), float(100 * low), float(100 * high)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_methods` measured."""
+
+    table: pd.DataFrame
+    """One row per method, the columns of ``envs.results_table.COLUMNS``."""
+    predictions: pd.DataFrame
+    """Each image's label and every row's predicted class (:func:`per_image_predictions`)."""
+    speed_rounds: dict[str, list[list[float]]] | None
+    """Per images/s column, each row's images/s in each timing round (None without timings)."""
+
+
 def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
                      methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
                      speed_repeats: int | None = 5, speed_batch_sizes: Sequence[int] = SPEED_BATCH_SIZES,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                      calibration: ImageSplit | None = None, selection: ImageSplit | None = None,
-                     compile_speed: bool = False) -> pd.DataFrame:
-    """The results table: one row per method, the columns of ``envs.results_table.COLUMNS``.
+                     compile_speed: bool = False) -> Evaluation:
+    """The results table, one row per method with the columns of ``envs.results_table.COLUMNS``, with every
+    row's answer on every image and the images/s of every timing round.
 
     Every row runs on ``device``: ``staged`` and the methods' policy modules are moved there (in place), and
     each batch of images. Its forwards (calibration, accuracy, timing) run in ``dtype``: under
@@ -378,7 +391,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
                 row.update(versus_heuristics(method, best, methods, outputs, split.labels))
         table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points), speed_batch_sizes)))
         table["budget"] = table["budget"].astype(float)
-        table.attrs["predictions"] = per_image_predictions(methods, outputs, split.labels)
+        speed_rounds = None
         if speed_repeats is not None:
             images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
             rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in speed_batch_sizes},
@@ -389,9 +402,9 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             speedups = ratios_within_rounds(rates[max(speed_batch_sizes)], baseline)
             table["speedup"] = [statistics.median(speedups[method]) for method in methods]
             warn_of_a_busy_machine(rates, methods, speed_repeats)
-            table.attrs["speed_rounds"] = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
-                                                                for method in methods] for size in speed_batch_sizes}
-    return table
+            speed_rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
+                                                 for method in methods] for size in speed_batch_sizes}
+    return Evaluation(table, per_image_predictions(methods, outputs, split.labels), speed_rounds)
 
 
 def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
@@ -687,10 +700,10 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
     methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
     reduction = args.reduction or problem.reduction
-    table = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
-                             seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
-                             speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
-                             calibration=calibration, selection=selection, compile_speed=args.compile)
+    evaluation = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
+                                  seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
+                                  speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
+                                  calibration=calibration, selection=selection, compile_speed=args.compile)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
                 "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),
@@ -703,7 +716,7 @@ def run(args: argparse.Namespace) -> int:
                 "compiled": None if args.no_speed else args.compile,
                 "speed_batch_sizes": list(args.speed_batch_sizes),
                 "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
-                "speed_rounds": table.attrs.get("speed_rounds"),
+                "speed_rounds": evaluation.speed_rounds,
                 "cascade": None if cascade is None else {"prune_points": list(cascade[1].prune_points),
                                                          "ratios": list(args.cascade),
                                                          "calibration_images": len(calibration)},
@@ -712,8 +725,8 @@ def run(args: argparse.Namespace) -> int:
                                              if selection is not None else "the evaluated images"),
                 "torch_threads": torch.get_num_threads(), "versions": versions_line(),
                 "arguments": {name: as_json(value) for name, value in sorted(vars(args).items())}}
-    print(f"{header_line(settings)}\n\n{markdown_table(table)}")
-    paths = write_results(table, output_dir, settings)
+    print(f"{header_line(settings)}\n\n{markdown_table(evaluation.table)}")
+    paths = write_results(evaluation.table, output_dir, settings, evaluation.predictions)
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0
 

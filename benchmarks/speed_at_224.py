@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     split = load_split("cifar10", "val", args.data_dir, input_size=224, limit=args.images)
     methods = plan_methods([args.budget], {args.budget: (modules, info.problem)})
     table = evaluate_methods(staged, config, split, methods, info.problem.reduction,
-                             speed_repeats=args.speed_repeats)
+                             speed_repeats=args.speed_repeats).table
     print(f"{args.model} {kwargs}, {staged.num_patches} patches, prune points {staged.prune_points}, "
           f"{torch.get_num_threads()} torch threads, policy {args.checkpoint}")
     with pd.option_context("display.width", 200, "display.max_columns", None):

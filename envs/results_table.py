@@ -133,11 +133,12 @@ def prediction_column(method: str, budget: float) -> str:
     return method if math.isnan(budget) else f"{method} @ {budget:g}"
 
 
-def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any]) -> list[Path]:
-    """results.csv, results.json, results.md, the per-image predictions (predictions.csv.gz) when the table
-    carries them in ``table.attrs["predictions"]`` (``evaluate.evaluate_methods``'s tables do), and, with more
-    than one budget, accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would
-    not belong to these results."""
+def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any],
+                  predictions: pd.DataFrame | None = None) -> list[Path]:
+    """results.csv, results.json, results.md, with ``predictions`` predictions.csv.gz (every image's label and
+    each row's answer, ``evaluate.per_image_predictions``) and, with more than one budget,
+    accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would not belong to these
+    results."""
     output_dir.mkdir(parents=True, exist_ok=True)
     docs = column_docs(len(settings["prune_points"]), settings.get("speed_batch_sizes", SPEED_BATCH_SIZES))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
@@ -149,12 +150,12 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     paths[2].write_text(f"# Token pruning results\n\n{header_line(settings)}\n\n{markdown_table(table)}\n\n"
                         f"## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
-    predictions = output_dir / PREDICTIONS_FILE
-    if table.attrs.get("predictions") is not None:
-        table.attrs["predictions"].to_csv(predictions)
-        paths.append(predictions)
+    predictions_path = output_dir / PREDICTIONS_FILE
+    if predictions is not None:
+        predictions.to_csv(predictions_path)
+        paths.append(predictions_path)
     else:
-        predictions.unlink(missing_ok=True)
+        predictions_path.unlink(missing_ok=True)
     plot = output_dir / PLOT_FILE
     if table["budget"].nunique() > 1:
         plot_accuracy_vs_gflops(table, plot)

@@ -283,7 +283,8 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     staged = copy.deepcopy(tiny_staged[0])  # moved to the device in place
     table = evaluate.evaluate_methods(staged, tiny_staged[1], small, methods, "merge", speed_repeats=1,
-                                      speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16, progress=False)
+                                      speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16,
+                                      progress=False).table
     assert forwards == {(device, True, torch.bfloat16)}
     timing = ["images_per_s_b4", "images_per_s_b8", "speedup"]
     first, last = COLUMNS.index(TIMING[0]), COLUMNS.index(TIMING[-1])
@@ -313,7 +314,7 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO)]
     table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False)
+                                      speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False).table
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b16"]].values.tolist() == [[2, 4, 16]] * 2
 
 
@@ -336,10 +337,10 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
     for methods, expected in (([random, evaluate.Method("Baseline (unpruned)", "baseline")],
                                [["Random", 2.0, 1.0], ["Baseline (unpruned)", 1.0, 1.0]]),
                               ([random], [["Random", 2.0, 1.0]])):
-        table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                          speed_repeats=3, speed_batch_sizes=(4,), progress=False)
-        assert table[timing].values.tolist() == expected
-        assert table.attrs["speed_rounds"]["images_per_s_b4"][0] == [1.0, 4.0, 2.0]  # Random's rounds, row 0
+        evaluation = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods,
+                                               "merge", speed_repeats=3, speed_batch_sizes=(4,), progress=False)
+        assert evaluation.table[timing].values.tolist() == expected
+        assert evaluation.speed_rounds["images_per_s_b4"][0] == [1.0, 4.0, 2.0]  # Random's rounds, row 0
         assert capsys.readouterr().err == ("warning: Baseline (unpruned)'s images/s at batch 4 varied 8.0x between "
                                            "the 3 timing rounds (settings.speed_rounds): the machine was busy with "
                                            "other work, and the speed columns may not describe it: time again on a "
@@ -371,11 +372,12 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     kwargs = dict(speed_repeats=1, speed_batch_sizes=(4, 1), progress=False)
     table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      compile_speed=True, **kwargs)
+                                      compile_speed=True, **kwargs).table
     assert [(type(model).__name__, model.selection, options) for model, options in compiled] == [
         ("PrunedViT", selection, {"dynamic": True, "mode": None}) for selection in (None, "tome", "policy")]
     assert (table[["images_per_s_b1", "images_per_s_b4"]] > 0).all().all()
-    eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge", **kwargs)
+    eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                                      **kwargs).table
     timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
     pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
     assert warmups == [2, 2, 1, 1]  # per batch size: compiled, a round to compile and one to record CUDA graphs
@@ -826,7 +828,7 @@ def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_
     on_test = evaluate.best_heuristics(evaluate.predict(models, evaluated, 24), evaluated.labels)
     assert on_test[TARGET_RATIO][0].name == "Greedy similarity"  # what a choice on the test images would be
     table = evaluate.evaluate_methods(staged, config, evaluated, methods, "merge", batch_size=24, speed_repeats=None,
-                                      progress=False, selection=selection)
+                                      progress=False, selection=selection).table
     assert set(table[table["method"].isin(MARL_ROWS)]["best_heuristic"]) == {"Greedy attention"}
 
 
@@ -915,10 +917,13 @@ def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
     assert repository_relative(tmp_path / "policy") == str(tmp_path / "policy")
 
 
-def test_results_of_one_budget_remove_an_older_plot(tmp_path):
+def test_results_remove_an_older_plot_and_predictions_they_do_not_have(tmp_path):
+    """A plot of several budgets or predictions left by an earlier run would not belong to the new results."""
     settings = {"prune_points": [1, 2, 3]}
     rows = {"method": ["Random", "Random"], "budget": [0.3, 0.5], "gflops": [0.2, 0.1], "accuracy": [80.0, 70.0]}
-    assert tmp_path / "accuracy_vs_gflops.png" in write_results(pd.DataFrame(rows), tmp_path, settings)
+    predictions = pd.DataFrame({"label": [1, 2], "Random @ 0.3": [1, 0], "Random @ 0.5": [2, 2]})
+    assert {tmp_path / "accuracy_vs_gflops.png", tmp_path / "predictions.csv.gz"} <= set(
+        write_results(pd.DataFrame(rows), tmp_path, settings, predictions))
     written = write_results(pd.DataFrame(rows).iloc[1:], tmp_path, settings)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written) == [
         "results.csv", "results.json", "results.md"]
