@@ -404,18 +404,19 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             warn_of_a_busy_machine(rates, methods, speed_repeats)
             speed_rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
                                                  for method in methods] for size in speed_batch_sizes}
-    return Evaluation(table, per_image_predictions(methods, outputs, split.labels), speed_rounds)
+    return Evaluation(table, per_image_predictions(methods, outputs, split), speed_rounds)
 
 
 def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
-                          labels: torch.Tensor) -> pd.DataFrame:
-    """Each image's label and every row's predicted class, ``[n, 1 + len(methods)]``, the images in the split's
-    order (index ``image``; results.json's settings say which split): what the rows' accuracy, F1, agreement and
-    paired intervals are computed from, so that they can be checked, or other rows compared, without running
-    the models again."""
-    columns = {prediction_column(method.name, math.nan if method.budget is None else method.budget):
-               outputs[method][0].numpy() for method in methods}
-    return pd.DataFrame({"label": labels.numpy(), **columns}).rename_axis("image")
+                          split: ImageSplit) -> pd.DataFrame:
+    """Each image's label and every row's predicted class, ``[n, 1 + len(methods)]``, in the split's order,
+    indexed by ``image``, the image's index in its data set's file (``ImageSplit.file_indices``; its position in
+    the split where it has none): what the rows' accuracy, F1, agreement and paired intervals are computed from,
+    so that they can be checked, or rows of runs on other subsets of one split compared on the images they
+    share, without running the models again."""
+    columns = {prediction_column(method.name, method.budget): outputs[method][0].numpy() for method in methods}
+    index = pd.Index(np.arange(len(split)) if split.file_indices is None else split.file_indices, name="image")
+    return pd.DataFrame({"label": split.labels.numpy(), **columns}, index=index)
 
 
 def warn_of_a_busy_machine(rates: Mapping[int, Mapping[Method, Sequence[float]]], methods: Sequence[Method],
@@ -451,17 +452,19 @@ def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping
     first call compiles, and on a GPU the second records the CUDA graph.
 
     Compiled models run together: every model's compiled forward is one function to the compiler
-    (``Module._call_impl``), whose graphs it tells apart by guards. It keeps 8 graphs per function by default
-    and would run the calls beyond them eagerly: the limit is raised to 8 per model, and reaching it is an error
-    rather than a column timed eagerly under a compiled heading. And it would trace a float the forward reads
-    (the budget) as a variable once two models differ in it, making guards that torch 2.14 fails on: floats are
-    specialised, so each model's graph has its own budget, as a model compiled alone does.
+    (``Module._call_impl``), whose graphs it tells apart by guards. It keeps ``recompile_limit`` graphs per
+    function (8 by default) and would run the calls beyond them eagerly: the limit is raised to that many per
+    model, and reaching it is an error rather than a column timed eagerly under a compiled heading. And it would
+    trace a float the forward reads (the budget) as a variable once two models differ in it, making guards that
+    torch 2.14 fails on: floats are specialised, so each model's graph has its own budget, as a model compiled
+    alone does.
     """
     if compile_on is not None:
         compile_models(models.values(), compile_on)
     runs = {key: model.forward_with_kept for key, model in models.items()}
     warmup_rounds = 1 if compile_on is None else 2
-    with torch._dynamo.config.patch(recompile_limit=8 * len(models), fail_on_recompile_limit_hit=True,
+    per_model = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=per_model * len(models), fail_on_recompile_limit_hit=True,
                                     specialize_float=True), \
             tqdm(total=len(images) * (warmup_rounds + rounds) * len(models), desc="timing", unit="pass",
                  disable=not progress) as bar:
@@ -560,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=lambda text: Path(text).expanduser(), default=Path("results"),
                         help="default: %(default)s")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results files (results.csv, .json, .md, the plot) of an earlier run")
+                        help="replace the results files (results.csv, .json, .md, predictions.csv.gz, the plot) of an "
+                             "earlier run")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     return parser
 

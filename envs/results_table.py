@@ -127,10 +127,10 @@ RESULT_FILES = (*TABLE_FILES, PREDICTIONS_FILE, PLOT_FILE)
 with more than one budget only)."""
 
 
-def prediction_column(method: str, budget: float) -> str:
+def prediction_column(method: str, budget: float | None) -> str:
     """The column of a table row's predicted classes in :data:`PREDICTIONS_FILE`: ``Greedy similarity @ 0.5``,
-    or the method alone for the unpruned row, which has no budget."""
-    return method if math.isnan(budget) else f"{method} @ {budget:g}"
+    or the method alone for the unpruned row, which has no budget (None, or NaN as results.csv reads back)."""
+    return method if budget is None or math.isnan(budget) else f"{method} @ {budget:g}"
 
 
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any],
@@ -152,7 +152,7 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
                         f"## Settings\n\n{setting_lines}\n")
     predictions_path = output_dir / PREDICTIONS_FILE
     if predictions is not None:
-        predictions.to_csv(predictions_path)
+        predictions.to_csv(predictions_path, compression={"method": "gzip", "mtime": 0})  # the same bytes again
         paths.append(predictions_path)
     else:
         predictions_path.unlink(missing_ok=True)

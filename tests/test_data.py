@@ -16,11 +16,13 @@ from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
 from envs.vit import data
 from envs.vit.data import (
+    DEFAULT_SPLIT_SEED,
     DataError,
     ImageSplit,
     StreamedImages,
     check_fits_backbone,
     class_difference,
+    limited_positions,
     load_split,
     split_indices,
 )
@@ -134,6 +136,11 @@ def test_train_val_limit_is_a_mixed_subset(data_dir):
     assert len(set(val.labels.tolist())) == 10  # a seeded subset, not the first (class-sorted) images
     again = load_split("cifar10", "val", data_dir, limit=200)
     assert (again.images == val.images).all()
+    # each image is named by its index in the training file, whatever subset of the split holds it
+    whole = load_split("cifar10", "val", data_dir)
+    positions = limited_positions(len(whole), 200, DEFAULT_SPLIT_SEED)
+    assert np.array_equal(val.file_indices, whole.file_indices[positions])
+    assert torch.equal(val.images, whole.images[positions]) and len(set(whole.file_indices)) == len(whole)
 
 
 def test_one_file_is_indexed_once_per_process(image_folder_224, monkeypatch):

@@ -28,7 +28,7 @@ from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
 from envs.results_table import write_results
 from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
-from envs.vit.data import ImageSplit, limited_positions, load_split
+from envs.vit.data import DEFAULT_SPLIT_SEED, ImageSplit, limited_positions, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.features import observe
 from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
@@ -125,7 +125,7 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
     output, table = results
     assert table["best_heuristic"].notna().any()
     saved = pd.read_csv(output / "predictions.csv.gz", index_col="image")
-    assert list(saved.index) == list(range(LIMIT))
+    assert list(saved.index) == list(limited_positions(10_000, LIMIT, DEFAULT_SPLIT_SEED))  # the test set's
     assert list(saved.columns) == ["label", *(evaluate.prediction_column(m, b) for m, b in
                                               zip(table["method"], table["budget"], strict=True))]
     for row in table.itertuples():
@@ -134,6 +134,7 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
         assert row.agreement == pytest.approx(100 * (predicted == saved["Baseline (unpruned)"]).mean())
         assert row.f1_macro == pytest.approx(macro_f1(torch.tensor(predicted.to_numpy()),
                                                       torch.tensor(saved["label"].to_numpy())))
+        assert evaluate.prediction_column(row.method, None if math.isnan(row.budget) else row.budget) in saved
         if isinstance(row.best_heuristic, str):
             best = saved[evaluate.prediction_column(row.best_heuristic, row.budget)]
             figures = evaluate.paired_difference((predicted == saved["label"]).to_numpy(float),
@@ -924,6 +925,9 @@ def test_results_remove_an_older_plot_and_predictions_they_do_not_have(tmp_path)
     predictions = pd.DataFrame({"label": [1, 2], "Random @ 0.3": [1, 0], "Random @ 0.5": [2, 2]})
     assert {tmp_path / "accuracy_vs_gflops.png", tmp_path / "predictions.csv.gz"} <= set(
         write_results(pd.DataFrame(rows), tmp_path, settings, predictions))
+    first = (tmp_path / "predictions.csv.gz").read_bytes()
+    write_results(pd.DataFrame(rows), tmp_path, settings, predictions)
+    assert (tmp_path / "predictions.csv.gz").read_bytes() == first  # no time in its gzip header
     written = write_results(pd.DataFrame(rows).iloc[1:], tmp_path, settings)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written) == [
         "results.csv", "results.json", "results.md"]

@@ -134,11 +134,14 @@ class StreamedImages(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class ImageSplit:
     """A split: images as uint8 ``[N, 3, H, W]`` (a tensor, or :class:`StreamedImages` indexed alike), labels
-    as int64 ``[N]``."""
+    as int64 ``[N]``; ``file_indices`` ``[N]``, each image's index in the data set's file it was read from (the
+    test set's for ``test``, the training set's for ``train`` and ``val``), which names an image whatever
+    ``limit`` or validation size chose it (None for images that were not read by :func:`load_split`)."""
 
     images: torch.Tensor | StreamedImages
     labels: torch.Tensor
     class_names: tuple[str, ...]
+    file_indices: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -491,7 +494,7 @@ def load_split(
         images = (_decode(raw, indices, input_size) if decoded_mb <= budget_mb
                   else StreamedImages(functools.partial(_open_raw_split, dataset, root, raw_split, False), indices,
                                       input_size))
-        return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw))
+        return ImageSplit(images, torch.from_numpy(labels[indices]), _class_names(raw), indices)
 
 
 def load_checked_split(dataset: str, split: str, data_dir: str | os.PathLike | None, backbone_config: Mapping[str, Any],
