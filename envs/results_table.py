@@ -123,8 +123,8 @@ TABLE_FILES = ("results.csv", "results.json", "results.md")
 PREDICTIONS_FILE = "predictions.csv.gz"
 PLOT_FILE = "accuracy_vs_gflops.png"
 RESULT_FILES = (*TABLE_FILES, PREDICTIONS_FILE, PLOT_FILE)
-"""What :func:`write_results` writes in its directory (the predictions with a table that carries them, the plot
-with more than one budget only)."""
+"""What :func:`write_results` writes in its directory (the predictions when it is given them, the plot with more
+than one budget only)."""
 
 
 def prediction_column(method: str, budget: float | None) -> str:

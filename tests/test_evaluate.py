@@ -40,6 +40,7 @@ from policies.checkpoints import MODULES_DIR, load_policies, read_checkpoint_inf
 from policies.distribution import ExactCount
 from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
+from tests.readme_examples import run_readme_example
 from tests.tiny_policies import (
     FEATURE_COUNTS,
     HIDDEN,
@@ -128,13 +129,13 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
     assert list(saved.index) == list(limited_positions(10_000, LIMIT, DEFAULT_SPLIT_SEED))  # the test set's
     assert list(saved.columns) == ["label", *(evaluate.prediction_column(m, b) for m, b in
                                               zip(table["method"], table["budget"], strict=True))]
+    assert evaluate.prediction_column("Baseline (unpruned)", None) in saved  # results.json's budget for it
     for row in table.itertuples():
         predicted = saved[evaluate.prediction_column(row.method, row.budget)]
         assert row.accuracy == pytest.approx(100 * (predicted == saved["label"]).mean())
         assert row.agreement == pytest.approx(100 * (predicted == saved["Baseline (unpruned)"]).mean())
         assert row.f1_macro == pytest.approx(macro_f1(torch.tensor(predicted.to_numpy()),
                                                       torch.tensor(saved["label"].to_numpy())))
-        assert evaluate.prediction_column(row.method, None if math.isnan(row.budget) else row.budget) in saved
         if isinstance(row.best_heuristic, str):
             best = saved[evaluate.prediction_column(row.best_heuristic, row.budget)]
             figures = evaluate.paired_difference((predicted == saved["label"]).to_numpy(float),
@@ -145,11 +146,8 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
 def test_readme_predictions_example_gives_the_committed_tables_interval(monkeypatch, capsys):
     """The README's example on docs/results/predictions.csv.gz prints the committed table's delta_tome for MARL
     exact at r = 0.5: the committed predictions are the ones that table was computed from."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Evaluating (`evaluate.py`)\n", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     monkeypatch.chdir(REPO)
-    exec(compile(code, "README.md", "exec"), {})
+    run_readme_example("Evaluating (`evaluate.py`)")
     row = rows(pd.read_csv(REPO / "docs" / "results" / "results.csv"), "MARL exact").loc[0.5]
     points, low, high = (row[column] for column in ("delta_tome", "delta_tome_ci_low", "delta_tome_ci_high"))
     assert capsys.readouterr().out == f"{points:+.2f} [{low:+.2f}, {high:+.2f}]\n"

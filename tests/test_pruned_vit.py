@@ -10,7 +10,6 @@ from __future__ import annotations
 import _pickle
 import json
 import pickle
-import re
 import shutil
 import warnings
 from collections import Counter
@@ -43,6 +42,7 @@ from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import SELECTIONS, PrunedViT
 from policies.token_scorer import DEAD_SCORE, TokenScorer
 from tests.host_reads import HostReads
+from tests.readme_examples import run_readme_example
 from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -345,10 +345,7 @@ def test_exported_policy_of_another_backbone_fails_the_same_check(tmp_path, tiny
 
 def test_readme_python_api_example_runs_as_written(data_dir, monkeypatch, capsys):
     monkeypatch.setenv(DATA_DIR_ENV, str(data_dir))
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     monkeypatch.chdir(REPO)
-    exec(compile(code, "README.md", "exec"), {})
+    run_readme_example("Python API")
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4 and printed[2].endswith("[64, 32, 16, 8]") and printed[3].endswith("of 8 ran twice")
