@@ -26,7 +26,7 @@ from envs.vit.data import DATA_DIR_ENV
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
-from policies.cascade import CascadeViT
+from policies.cascade import CascadeViT, doubt
 from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.export import (
@@ -173,24 +173,27 @@ def test_a_forward_reads_nothing_back(exported, tiny_staged, images):
 def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, exported, tiny_staged, images):
     """torch.compile makes a forward one graph (which a GPU replays as a CUDA graph, evaluate.py --compile) only
     if nothing in it is read back or shaped by the data: so is every selection's but the random heuristic's,
-    whose generator it does not trace (``fullgraph`` fails on a graph break), at any batch size, with the eager
-    forward's logits. A cascade compiles its two forwards; which images run the second is chosen eagerly."""
+    whose generator it does not trace (``fullgraph`` fails on a graph break), at each batch size, with the eager
+    forward's logits. A cascade compiles its two forwards; which images run the second is chosen eagerly. Shapes
+    are fixed here, faster to trace; evaluate.py's graphs for any batch size (``dynamic``) are
+    test_evaluate's."""
     staged, config = tiny_staged
     modules = dict(PrunedViT.from_checkpoint(exported).policies)
 
     def build() -> PrunedViT | CascadeViT:
-        if selection == "cascade":
-            return CascadeViT(PrunedViT(staged, config, "similarity", 0.8), PrunedViT(staged, config, modules, 0.3),
-                              -0.5)
+        if selection == "cascade":  # the less sure half of the images run the second forward
+            first = PrunedViT(staged, config, "attention", 0.8)
+            return CascadeViT(first, PrunedViT(staged, config, modules, 0.3), doubt(first(images)).median().item())
         return PrunedViT(staged, config, *{"none": (), "agents": (modules, TARGET_RATIO)}.get(
             selection, (selection, TARGET_RATIO)))
 
     torch.compiler.reset()
     compiled, eager = build(), build()
-    # as evaluate.py --compile does (any batch size) for the agents; fixed shapes elsewhere, faster to trace
-    compiled.compile(backend="eager", fullgraph=selection != "random", dynamic=selection == "agents")
+    compiled.compile(backend="eager", fullgraph=selection != "random", dynamic=False)
     for batch in (images, images[:1]):  # the random heuristics' generators draw alike
         assert_same(compiled.forward_with_kept(batch), eager.forward_with_kept(batch))
+    if selection == "cascade":
+        assert compiled.reran(compiled.forward_with_kept(images)[1]).sum() == len(images) // 2
 
 
 def test_budget_override_changes_the_kept_counts(tiny_policy, exported, tiny_staged, images):
