@@ -20,10 +20,12 @@ from tests.host_reads import host_round_trips
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 
 
-def run_backbone(tmp_path, data_dir, *extra):
+def run_backbone(tmp_path, data_dir, *extra, amp: bool = False):
+    """backbone.py's exit code for the tiny model on 256 images, one epoch unless ``extra`` says otherwise; in
+    float32 unless ``amp``: bf16 autocast, the default, makes each run 2.5 times as long on a CPU at this size."""
     return backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "256",
                           "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--no-download",
-                          "--model-kwargs", *TINY, *extra])
+                          "--model-kwargs", *TINY, *([] if amp else ["--no-amp"]), *extra])
 
 
 def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkeypatch):
@@ -70,14 +72,14 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
 def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     """A run stopped after its first epoch and resumed ends where an uninterrupted run ends, weights and random
     streams alike: the augmentation generator, torch's (stochastic depth) and numpy's (mixup) are saved and
-    restored."""
+    restored. In bf16 autocast, as backbone.py trains by default."""
     drop_path = "drop_path_rate=0.1"  # one more model kwarg: stochastic depth draws from torch's generator
-    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0") == 0
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0", amp=True) == 0
     assert "continue with --resume" in capsys.readouterr().out
-    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2") == 2
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", amp=True) == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
-    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2") == 0
+    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2", amp=True) == 0
     resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
