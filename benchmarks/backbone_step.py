@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args)
     device = describe_device(resolve_device(args.device))
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if not args.no_amp else 'float32'}{', torch.compile' if args.compile else ''}, "
+          f"{'bf16 autocast' if backbone.resolve_amp(args.amp, resolve_device(args.device)) else 'float32'}"
+          f"{', torch.compile' if args.compile else ''}, "
           f"{device}, torch {torch.__version__}")
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")
     for row in rows:

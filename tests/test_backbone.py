@@ -20,12 +20,11 @@ from tests.host_reads import host_round_trips
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 
 
-def run_backbone(tmp_path, data_dir, *extra, amp: bool = False):
-    """backbone.py's exit code for the tiny model on 256 images, one epoch unless ``extra`` says otherwise; in
-    float32 unless ``amp``: bf16 autocast, the default, makes each run 2.5 times as long on a CPU at this size."""
+def run_backbone(tmp_path, data_dir, *extra):
+    """backbone.py's exit code for the tiny model on 256 images, one epoch unless ``extra`` says otherwise."""
     return backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "256",
                           "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--no-download",
-                          "--model-kwargs", *TINY, *([] if amp else ["--no-amp"]), *extra])
+                          "--model-kwargs", *TINY, *extra])
 
 
 def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkeypatch):
@@ -72,14 +71,14 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
 def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     """A run stopped after its first epoch and resumed ends where an uninterrupted run ends, weights and random
     streams alike: the augmentation generator, torch's (stochastic depth) and numpy's (mixup) are saved and
-    restored. In bf16 autocast, as backbone.py trains by default."""
+    restored. In bf16 autocast, as backbone.py trains on a GPU by default."""
     drop_path = "drop_path_rate=0.1"  # one more model kwarg: stochastic depth draws from torch's generator
-    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0", amp=True) == 0
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0", "--amp") == 0
     assert "continue with --resume" in capsys.readouterr().out
-    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", amp=True) == 2
+    assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--amp") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
-    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2", amp=True) == 0
+    assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2", "--amp") == 0
     resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
@@ -136,6 +135,30 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
     assert [h["epoch"] for h in config["history"]] == [1, 2, 3] and config["recipe"]["epochs"] == 3
     assert config["recipe"]["schedule_changes"] == [{"at_epoch": 2, "epochs": 3, "by": "--time-budget"}]
     assert "re-set to 3 epochs to fit --time-budget" in (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
+
+
+def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorded(tmp_path, data_dir, capsys):
+    """bf16 autocast by default on a GPU only: emulated on a CPU without native bf16, it made an epoch 20 times as
+    long. A run records what it resolved, and a resumed run goes on so on any device, a run recorded before
+    --amp existed (``no_amp``: autocast unless it was given) included."""
+    assert backbone.resolve_amp(None, torch.device("cuda")) and not backbone.resolve_amp(None, torch.device("cpu"))
+    assert backbone.resolve_amp(True, torch.device("cpu")) and not backbone.resolve_amp(False, torch.device("cuda"))
+
+    def recipe_amp() -> str:
+        return json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())["recipe"]["amp"]
+
+    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0") == 0  # on this test's CPU
+    state_path = tmp_path / "run" / backbone.STATE_FILE
+    state = torch.load(state_path, weights_only=False)
+    assert state["args"]["amp"] is False
+    del state["args"]["amp"]
+    torch.save({**state, "args": {**state["args"], "no_amp": False}}, state_path)  # as written before --amp
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+    assert recipe_amp() == "bf16 autocast"
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3", "--no-amp"]) == 2
+    assert "--resume continues the run it recorded (--amp True): --amp cannot change it" in capsys.readouterr().err
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3", "--amp"]) == 0
+    assert recipe_amp() == "bf16 autocast"
 
 
 def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir, monkeypatch):
