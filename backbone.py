@@ -215,7 +215,8 @@ class TrainingStep:
         return self.mixup(x, labels) if self.mixup is not None else (x, labels)
 
     def optimize(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One AdamW step (bf16 autocast, gradients clipped at norm 1); returns the detached loss, unsynced."""
+        """One AdamW step (in bf16 autocast if ``amp``, gradients clipped at norm 1); returns the detached loss,
+        unsynced."""
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss = self.criterion(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -464,7 +465,10 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         option = next((action.option_strings[0] for action in options if action.nargs == 0
                        and action.const == value), options[0].option_strings[0])
         recorded = " ".join(saved[flag]) if isinstance(saved[flag], list) else saved[flag]
-        raise UsageError(f"--resume continues the run it recorded ({option} {recorded}): {option} cannot change "
+        setting = f"{option} {recorded}"
+        if isinstance(options[0], argparse.BooleanOptionalAction):  # --amp/--no-amp: the recorded one by name
+            option, setting = "/".join(options[0].option_strings), options[0].option_strings[not saved[flag]]
+        raise UsageError(f"--resume continues the run it recorded ({setting}): {option} cannot change "
                          f"it (start a new run with --init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
     done = state["epoch"]

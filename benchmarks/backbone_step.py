@@ -10,6 +10,7 @@ host-device syncs dominate; if the loop is close to the forward/backward row, th
 Needs torch + timm only (no data set: random uint8 images), so it runs on a bare GPU box::
 
     python -m benchmarks.backbone_step                          # the reference recipe, on cuda when present
+                                                                # (a CPU runs float32 unless given --amp)
     python -m benchmarks.backbone_step --batch-size 512 --compile --steps 20    # the fast GPU recipe
 """
 
@@ -97,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
                      "data, weights, duration and outputs)")
     rows = measure(args)
-    device = describe_device(resolve_device(args.device))
-    print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if backbone.resolve_amp(args.amp, resolve_device(args.device)) else 'float32'}"
-          f"{', torch.compile' if args.compile else ''}, "
-          f"{device}, torch {torch.__version__}")
+    device = resolve_device(args.device)
+    precision = "bf16 autocast" if backbone.resolve_amp(args.amp, device) else "float32"
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, {precision}{compiled}, "
+          f"{describe_device(device)}, torch {torch.__version__}")
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['part']} | {row['ms_per_step']:.2f} | {row['epoch_s']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "batch_size": args.batch_size, "rows": rows}))
+        Path(args.json).write_text(json.dumps({"device": describe_device(device), "batch_size": args.batch_size,
+                                               "rows": rows}))
     return 0
 
 

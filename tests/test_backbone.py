@@ -147,7 +147,7 @@ def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorde
     def recipe_amp() -> str:
         return json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())["recipe"]["amp"]
 
-    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0") == 0  # on this test's CPU
+    assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0", "--device", "cpu") == 0
     state_path = tmp_path / "run" / backbone.STATE_FILE
     state = torch.load(state_path, weights_only=False)
     assert state["args"]["amp"] is False
@@ -156,7 +156,7 @@ def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorde
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
     assert recipe_amp() == "bf16 autocast"
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3", "--no-amp"]) == 2
-    assert "--resume continues the run it recorded (--amp True): --amp cannot change it" in capsys.readouterr().err
+    assert "--resume continues the run it recorded (--amp): --amp/--no-amp cannot change it" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3", "--amp"]) == 0
     assert recipe_amp() == "bf16 autocast"
 
@@ -204,9 +204,11 @@ def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(caps
 
 def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(monkeypatch):
     """backbone.run_epoch with the reference recipe (crop/flip, RandAugment, mixup/cutmix, fused AdamW, clipping,
-    the scheduler, the loss summed) on a tiny model. The first epoch builds what is built once (AdamW's state,
-    normalize's mean and std on the device); in the second, nothing may cross between host and device."""
-    args = backbone.build_parser().parse_args(["--model-kwargs", *TINY, "--batch-size", "16", "--device", "cpu"])
+    the scheduler, bf16 autocast, the loss summed) on a tiny model. The first epoch builds what is built once
+    (AdamW's state, normalize's mean and std on the device); in the second, nothing may cross between host and
+    device."""
+    args = backbone.build_parser().parse_args(["--model-kwargs", *TINY, "--batch-size", "16", "--device", "cpu",
+                                               "--amp"])
     args.epochs = 2
     model = create_vit(args.model, 10, backbone.parse_kwargs(args.model_kwargs)).train()
     step = backbone.build_training_step(args, model, 10, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},

@@ -353,8 +353,8 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
 
 def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, split):
     """--compile times each row's forward through torch.compile, one graph for every batch size (dynamic) with
-    no break in it (``fullgraph``: nothing read back or shaped by the data); the other columns come from the
-    eager forwards all the same."""
+    no break in it (``fullgraph``: nothing read back or shaped by the data) and the eager forward's logits; the
+    other columns come from the eager forwards all the same."""
     compile_eagerly, compiled = torch.compile, []
 
     def compile_recorded(function, **kwargs):
@@ -363,8 +363,16 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
 
     monkeypatch.setattr(torch, "compile", compile_recorded)
     timer, warmups = evaluate.images_per_second_in_turns, []
-    monkeypatch.setattr(evaluate, "images_per_second_in_turns",
-                        lambda *args: warmups.append(args[4]) or timer(*args))
+
+    def timed_and_checked(runs, images, batch_size, rounds, warmup_rounds, *rest):
+        warmups.append(warmup_rounds)
+        rates = timer(runs, images, batch_size, rounds, warmup_rounds, *rest)
+        for run in runs.values():  # the graph just timed (calling the module) gives the eager forward's logits
+            model = run.__self__
+            torch.testing.assert_close(model(images[:batch_size]), model.forward(images[:batch_size]), rtol=0, atol=0)
+        return rates
+
+    monkeypatch.setattr(evaluate, "images_per_second_in_turns", timed_and_checked)
     modules, _ = load_policies(tiny_policy)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
                evaluate.Method("ToMe", "tome", TARGET_RATIO),
@@ -385,8 +393,9 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
 
 def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, tiny_staged, split):
     """Compiled rows are timed together, more than the compiler keeps graphs per function by default (8; here
-    lowered to 1, as if the table had eight times as many rows), one selection at two budgets: every row's
-    forward is timed through its own graph, none falls back to eager."""
+    lowered to 1, as if the table had eight times as many rows), greedy similarity at two budgets: every row's
+    forward is timed through its own graph, none falls back to eager (nor fails: the budget is a float in the
+    greedy removal order, which the compiler must specialise)."""
     compile_eagerly, graphs = torch.compile, []
 
     def compile_counted(function, **kwargs):
@@ -398,7 +407,7 @@ def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, ti
 
     monkeypatch.setattr(torch, "compile", compile_counted)
     methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
-               *(evaluate.Method("attention", "attention", budget) for budget in (0.3, 0.5))]
+               *(evaluate.Method("similarity", "similarity", budget) for budget in (0.3, 0.5))]
     models = {method: method.model(tiny_staged[0], tiny_staged[1], "merge") for method in methods}
     with torch._dynamo.config.patch(recompile_limit=1):  # the config's own patch: it is no plain attribute
         rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1,
