@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = "bf16 autocast" if backbone.resolve_amp(args.amp, device) else "float32"
     compiled = ", torch.compile" if args.compile else ""
+    described = describe_device(device)
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, {precision}{compiled}, "
-          f"{describe_device(device)}, torch {torch.__version__}")
+          f"{described}, torch {torch.__version__}")
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['part']} | {row['ms_per_step']:.2f} | {row['epoch_s']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": describe_device(device), "batch_size": args.batch_size,
-                                               "rows": rows}))
+        Path(args.json).write_text(json.dumps({"device": described, "batch_size": args.batch_size, "rows": rows}))
     return 0
 
 
