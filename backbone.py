@@ -449,6 +449,18 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
+def spelled_setting(flag: str, value: Any) -> str:
+    """How a command line says that ``flag`` (an argparse ``dest``) is ``value``: the switch that sets it (``--half``,
+    ``--full-precision``, ``--no-amp``) or the option and its value (``--lr 0.001``)."""
+    actions = [action for action in build_parser()._actions if action.dest == flag]
+    for action in actions:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return action.option_strings[0 if value else 1]
+        if action.nargs == 0 and action.const == value:
+            return action.option_strings[0]
+    return f"{actions[0].option_strings[0]} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
     """The settings of a run resumed from ``state`` (its train_state.pt) by the command line ``args``, whose
     flags named on it are ``given``: the recorded recipe, with :data:`RESUME_FLAGS`, a given ``--data-dir``
@@ -461,15 +473,9 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         value = getattr(args, flag)
         if flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or value == saved.get(flag, value):
             continue
-        options = [action for action in build_parser()._actions if action.dest == flag]  # --half, --full-precision
-        option = next((action.option_strings[0] for action in options if action.nargs == 0
-                       and action.const == value), options[0].option_strings[0])
-        recorded = " ".join(saved[flag]) if isinstance(saved[flag], list) else saved[flag]
-        setting = f"{option} {recorded}"
-        if isinstance(options[0], argparse.BooleanOptionalAction):  # --amp/--no-amp: the recorded one by name
-            option, setting = "/".join(options[0].option_strings), options[0].option_strings[not saved[flag]]
-        raise UsageError(f"--resume continues the run it recorded ({setting}): {option} cannot change "
-                         f"it (start a new run with --init-from its export instead)")
+        given_as, recorded_as = (spelled_setting(flag, setting) for setting in (value, saved[flag]))
+        raise UsageError(f"--resume continues the run it recorded ({recorded_as}): {given_as.split()[0]} cannot "
+                         f"change it (start a new run with --init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
     done = state["epoch"]
     finished = any(reading["epoch"] == done for reading in state.get("test_readings", []))
