@@ -3,6 +3,7 @@
 import functools
 import os
 import pickle
+import tarfile
 import unicodedata
 from pathlib import Path
 
@@ -110,6 +111,16 @@ def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path
     unreadable = _colour_folder(tmp_path / "bitmaps", suffix="bmp")
     with pytest.raises(DataError, match="cannot read"):
         load_split("folder", "train", unreadable, val_size=6)
+    # an ImageFolder tar cut short (a broken copy or download), or empty
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "whole.tar", "w") as archive:
+        archive.add(original / "train", arcname=".")
+    for damage, content in (("cut", (tars / "whole.tar").read_bytes()[:700]), ("empty", b"")):
+        (tars / damage).mkdir()
+        (tars / damage / "train.tar").write_bytes(content)
+        with pytest.raises(DataError, match=f"cannot read {tars / damage / 'train.tar'}: "):
+            load_split("folder", "train", tars / damage, val_size=6)
 
 
 @pytest.mark.parametrize("damage", ["empty", "not_an_image"])

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import shutil
+import tarfile
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -211,8 +212,8 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if source is not None:
         try:
             return create_dataset("", root=str(source))
-        except (RuntimeError, OSError) as error:  # timm: "Found 0 images in subfolders of ...", unreadable files
-            raise DataError(f"cannot read {source}: {error}") from None
+        except (RuntimeError, OSError, tarfile.TarError) as error:  # timm: "Found 0 images in subfolders of ...",
+            raise DataError(f"cannot read {source}: {error}") from None                  # unreadable or cut files
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     # what a download creates: removed again if it fails, so a failed command leaves nothing behind
