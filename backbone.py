@@ -518,8 +518,14 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     out = Path(args.output_dir).expanduser()
     check_output_dir(out, str(out))
     state_path = out / STATE_FILE
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run; --overwrite replaces it: pass one of them")
     if state_path.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if (out / RUN_EXPORT_DIR).exists() and not (args.resume or args.overwrite):  # a finished run's export alone
+        raise UsageError(f"{out} already holds an exported backbone ({out / RUN_EXPORT_DIR}): pass --overwrite to "
+                         f"replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "
+                         f"--output-dir")
     if args.resume and not state_path.exists():
         raise UsageError(f"nothing to resume: {state_path} does not exist")
     state = read_state(state_path) if args.resume else None

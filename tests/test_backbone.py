@@ -299,6 +299,21 @@ def test_output_dirs_starting_with_a_tilde_are_in_the_home_directory(tmp_path, m
     assert not (tmp_path / "~").exists()
 
 
+def test_an_exported_backbone_alone_is_not_replaced_without_overwrite(tmp_path, capsys):
+    """A directory holding only an export (a finished run whose training state was removed, or a backbone copied
+    there) is work as much as a run is; --resume and --overwrite together are refused, as train.py refuses them."""
+    export = tmp_path / "run" / backbone.RUN_EXPORT_DIR
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'run'} already holds an exported backbone ({export}): "
+                                       f"pass --overwrite to replace it, or start from it with --init-from {export} "
+                                       f"in another --output-dir\n")
+    assert (export / "config.json").read_text() == "{}"
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--overwrite"]) == 2
+    assert capsys.readouterr().err == "error: --resume continues a run; --overwrite replaces it: pass one of them\n"
+
+
 def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, capsys):
     def interrupt(args, given):
         raise KeyboardInterrupt
