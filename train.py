@@ -68,7 +68,7 @@ from policies.checkpoints import (
     load_policies,
     read_checkpoint_info,
 )
-from training.console import ProgressCsv, ProgressLines, closing_lines, go_on_command, interrupted
+from training.console import ProgressCsv, ProgressLines, StopOnDataError, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
 from training.ray_session import (
     check_cluster_answers,
@@ -203,7 +203,8 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.config["trial"]["name"]),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, verbose=0, callbacks=[ProgressLines(), ProgressCsv()],
+            name=name, storage_path=storage_path, verbose=0,
+            callbacks=[ProgressLines(), ProgressCsv(), StopOnDataError()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=args.keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)),

@@ -39,6 +39,7 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from envs.errors import UsageError
 from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
+from envs.vit.data import DataError
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
 from policies.decisions import TURNS, choosable, survives, turn_counts
 from policies.rl_module import agent_spaces
@@ -49,6 +50,7 @@ DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "seed": 0,
     "resumed_at": 0,  # the iteration a resumed run goes on from: its image streams go on with new images
     "server_timeout_s": RESTART_TIMEOUT_S,
+    "data_error_wait_s": 60.0,  # how long a reset that met an unreadable image waits before it fails
 }
 
 
@@ -226,7 +228,17 @@ class TokenPruningEnv(MultiAgentEnv):
         self._images = indices
         self._ratios = self._draw_ratios()
         self.agents = list(self.possible_agents)
-        obs = self._start_point(self._call("reset", self._keys, indices, self._upcoming, self._ratios))
+        try:
+            started = self._call("reset", self._keys, indices, self._upcoming, self._ratios)
+        except (DataError, ray.exceptions.RayTaskError) as error:
+            cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+            if not isinstance(cause, DataError):
+                raise
+            # RLlib resets a failed env again at once, without end, and logs each failure: wait for train.py's
+            # driver to stop the run on it (training.console.StopOnDataError) rather than flood the terminal
+            time.sleep(float(self.config["data_error_wait_s"]))
+            raise cause from None
+        obs = self._start_point(started)
         return obs, {aid: {} for aid in obs}
 
     def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:

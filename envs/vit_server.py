@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
-from envs.vit.data import StreamedImages, load_checked_split
+from envs.vit.data import DataError, StreamedImages, load_checked_split
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
 
@@ -72,6 +72,7 @@ class ViTServer:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1)
         self.counts = {"requests": 0, "batches": 0, "images": 0}
+        self.data_error: str | None = None  # the first image it could not read, for first_data_error
 
     async def spec(self) -> EngineSpec:
         return self.engine.spec()
@@ -102,7 +103,7 @@ class ViTServer:
 
     async def stats(self) -> dict:
         return {**self.counts, "forwards": self.engine.forwards, "open_episodes": len(self.engine.episodes),
-                "nonfinite_features": self.engine.nonfinite_features}
+                "nonfinite_features": self.engine.nonfinite_features, "data_error": self.data_error}
 
     async def _submit(self, kind: str, keys: list, payload: list, upcoming: list[int] = (),
                       ratios: list[float] = ()) -> list:
@@ -161,6 +162,8 @@ class ViTServer:
                 results = (self.engine.reset(keys, payload, upcoming, ratios) if kind == "reset"
                            else self.engine.step(keys, payload))
             except Exception as error:  # noqa: BLE001 - reported to each caller, the server stays up
+                if isinstance(error, DataError) and self.data_error is None:
+                    self.data_error = str(error)
                 for i in chosen:
                     outcomes[i] = error
                 continue
@@ -273,6 +276,22 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
     if wait:
         wait_until_serving(servers)
     return servers
+
+
+def first_data_error() -> str | None:
+    """The first unreadable image any ViT server of this Ray instance has met (a streamed split reads its images
+    as episodes draw them), or None. An env cannot stop the run on it: RLlib recreates a failed env and resets it
+    again, without end, so train.py's driver asks the servers (``training.console.StopOnDataError``)."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] != NAMESPACE or not actor["name"].startswith(DEFAULT_NAME):
+            continue
+        try:
+            error = ray.get(ray.get_actor(actor["name"], NAMESPACE).stats.remote(), timeout=5)["data_error"]
+        except (ray.exceptions.RayError, ValueError):  # restarting, gone, or busy past the timeout: ask again later
+            continue
+        if error is not None:
+            return error
+    return None
 
 
 def wait_until_serving(servers: Sequence[ray.actor.ActorHandle]) -> None:

@@ -11,14 +11,17 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 
 from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv, actor_was_restarted, image_stream_key
+from envs.vit.data import DataError
 from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import (
     NAMESPACE,
     ServerSettings,
     call_through_restarts,
+    first_data_error,
     load_server_inputs,
     start_vit_servers,
 )
+from tests.conftest import CIFAR_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,32 @@ def test_calls_wait_through_a_restart_then_give_up_clearly():
         raise ray.exceptions.RayActorError()
     with pytest.raises(RuntimeError, match=r"ViT server unreachable \(waited 0.2 s\)"):
         call_through_restarts(dead, 0.2)
+
+
+def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_forever(ray_local, tiny_backbone,
+                                                                                     tmp_path):
+    """A split streamed from its files meets a damaged image only when an episode draws it. The env fails the
+    reset (after a wait, as RLlib resets it again at once) and the server keeps the error, which train.py's
+    driver reads to end the run with it (``StopOnDataError``)."""
+    from training.console import StopOnDataError
+
+    for split in ("train", "test"):
+        for name in CIFAR_CLASSES:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / name / f"{i}.png").write_bytes(b"not an image")
+    problem = PruningProblem(backbone=str(tiny_backbone), dataset="folder", data_dir=str(tmp_path), val_size=2,
+                             prune_points=(1, 2, 3), images_per_env=4)
+    (handle,) = start_vit_servers(ServerSettings(problem, memory_budget_mb=0, num_cpus=0), ["vit_server_bad_data"])
+    try:
+        assert first_data_error() is None
+        StopOnDataError(every_s=0).on_step_end(iteration=1, trials=[])
+        env = TokenPruningEnv({"server_name": "vit_server_bad_data", "problem": problem.to_json(),
+                               "data_error_wait_s": 0})
+        with pytest.raises(DataError, match=r"^cannot read image "):
+            env.reset(seed=0)
+        assert first_data_error().startswith("cannot read image ")
+        with pytest.raises(DataError, match=r"^cannot read image .*\(remove the file, or replace it\)$"):
+            StopOnDataError(every_s=0).on_step_end(iteration=2, trials=[])
+    finally:
+        ray.kill(handle, no_restart=True)

@@ -7,6 +7,7 @@ import argparse
 import csv
 import os
 import shlex
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from envs.atomic_file import replaced_atomically
 from envs.problem import (
     PruningProblem,
 )
+from envs.vit.data import DataError
+from envs.vit_server import first_data_error
 from policies.checkpoints import (
     validation_rank,
 )
@@ -69,6 +72,24 @@ class ProgressLines(tune.Callback):
         problem = PruningProblem.from_json(trial.config["trial"]["problem"])
         name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
         print(name + progress_line(result, problem), flush=True)
+
+
+class StopOnDataError(tune.Callback):
+    """Ends the run with the first image a ViT server could not read (:func:`envs.vit_server.first_data_error`),
+    asked every ``every_s`` seconds: a split that streams from its files meets a damaged image only when an
+    episode draws it, and RLlib would reset the failed env again and again. The :class:`DataError` leaves
+    ``Tuner.fit`` after Tune has stopped the trials; their checkpoints stay."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s, self._asked = every_s, time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
+        if time.monotonic() - self._asked < self.every_s:
+            return
+        error = first_data_error()
+        self._asked = time.monotonic()
+        if error is not None:
+            raise DataError(error)
 
 
 class ProgressCsv(CSVLoggerCallback):
