@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import shlex
 import time
@@ -43,7 +44,8 @@ def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
     episodes = ([f"agree {100 * runners['agree']:5.1f}%", f"acc {100 * runners['correct']:5.1f}%",
                  f"kept {runners['keep_ratio']:.3f}",
                  f"GFLOPs {runners['gflops']:.4f} w/o policies"]  # evaluate.py's count them
-                if "agree" in runners else ["no episode finished yet"])  # a short first iteration's batch
+                if math.isfinite(runners.get("agree", math.nan))  # nan: none finished in the metrics' window
+                else ["no episode finished yet"])  # a short first iteration's batch
     parts = [f"iter {result['training_iteration']:4d}",
              f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}",
              *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
