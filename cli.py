@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,9 +24,14 @@ VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
 
 def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
-    one ``error: ...`` line and code 2; Ctrl-C with the line ``interrupted()`` says (how to go on) and code 130,
-    as a shell reports a process ended by SIGINT. Other exceptions, a plain ``ValueError`` included, are bugs and
-    keep their tracebacks."""
+    one ``error: ...`` line and code 2; Ctrl-C, or a SIGTERM (``kill``, a job scheduler), with the line
+    ``interrupted()`` says (how to go on) and code 130, as a shell reports a process ended by SIGINT. Other
+    exceptions, a plain ``ValueError`` included, are bugs and keep their tracebacks."""
+    def interrupt(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
     try:
         return body()
     except UserError as error:
@@ -33,6 +40,9 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     except KeyboardInterrupt:
         print(interrupted(), file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def code_commit() -> str | None:

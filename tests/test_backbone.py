@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -318,10 +320,16 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
     def interrupt(args, given):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backbone, "train", interrupt)
-    run = tmp_path / "my run"
-    assert backbone.main(["--output-dir", str(run)]) == 130
-    assert capsys.readouterr().err == "interrupted before an epoch was saved: run the command again\n"
+    def terminate(args, given):  # kill, a job scheduler: as Ctrl-C
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    run, handler = tmp_path / "my run", signal.getsignal(signal.SIGTERM)
+    for stop in (interrupt, terminate):
+        monkeypatch.setattr(backbone, "train", stop)
+        assert backbone.main(["--output-dir", str(run)]) == 130
+        assert capsys.readouterr().err == "interrupted before an epoch was saved: run the command again\n"
+    assert signal.getsignal(signal.SIGTERM) is handler  # given back
     run.mkdir()
     (run / backbone.STATE_FILE).write_bytes(b"")
     assert backbone.main(["--output-dir", str(run)]) == 130
