@@ -111,6 +111,12 @@ def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path
     unreadable = _colour_folder(tmp_path / "bitmaps", suffix="bmp")
     with pytest.raises(DataError, match="cannot read"):
         load_split("folder", "train", unreadable, val_size=6)
+    # images beside the class folders, or with none (timm would make them a class named '')
+    from PIL import Image
+    stray = _colour_folder(tmp_path / "stray")
+    Image.new("RGB", (32, 32)).save(stray / "train" / "stray.png")
+    with pytest.raises(DataError, match=r"train holds images outside class folders: .*train/<class>/<image>\)$"):
+        load_split("folder", "train", stray, val_size=6)
     # an ImageFolder tar cut short (a broken copy or download), or empty
     tars = tmp_path / "tars"
     tars.mkdir()

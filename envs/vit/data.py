@@ -211,9 +211,13 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     source = _split_source(dataset, data_dir, split)
     if source is not None:
         try:
-            return create_dataset("", root=str(source))
+            raw = create_dataset("", root=str(source))
         except (RuntimeError, OSError, tarfile.TarError) as error:  # timm: "Found 0 images in subfolders of ...",
             raise DataError(f"cannot read {source}: {error}") from None                  # unreadable or cut files
+        if "" in _class_names(raw):  # timm labels an image by its folder: one beside the class folders gets ''
+            raise DataError(f"{source} holds images outside class folders: an ImageFolder keeps each class's images "
+                            f"in a folder of its own ({source}/<class>/<image>)")
+        return raw
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     # what a download creates: removed again if it fails, so a failed command leaves nothing behind
