@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -252,6 +253,16 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_backbone(tmp_path)
+    edited = Path(shutil.copytree(tiny_backbone, tmp_path / "edited"))  # a config edited by hand
+    config = json.loads((edited / "config.json").read_text())
+    for change, message in (({"input_size": "abc"}, "input_size must be a positive integer (pixels)"),
+                            ({"mean": [0.5]}, "mean must be 3 numbers, one per colour channel"),
+                            ({"std": [0.2, 0.0, 0.2], "num_classes": True},
+                             "num_classes must be a positive integer; std must be 3 positive numbers"),
+                            ({"class_names": ["ant"]}, "class_names must name each of the num_classes classes")):
+        (edited / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=rf"^{edited / 'config.json'}: {re.escape(message)}"):
+            load_backbone(edited)
     assert backbone.main(["--model", "vit_nonexistent", "--output-dir", str(tmp_path / "x")]) == 2
     capsys.readouterr()
     assert backbone.main(["--epochs", "many", "--output-dir", str(tmp_path / "x")]) == 2

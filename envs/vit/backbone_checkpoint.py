@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,31 @@ def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     missing = {"model_name", "model_kwargs", "num_classes", "input_size", "mean", "std"} - set(config)
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}")
+    wrong = [f"{key} {must}" for key, fits, must in _config_rules(config) if not fits]
+    if wrong:
+        raise CheckpointError(f"{path}: {'; '.join(wrong)}")
     return config
+
+
+def _config_rules(config: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """What each field of a backbone config must be, as (field, whether it is, what it must be): a hand-edited
+    config fails here in one line, not deep inside a forward."""
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def channels(value: Any, low: float) -> bool:  # one number per colour channel, each above ``low``
+        return (isinstance(value, list) and len(value) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) and v > low for v in value))
+    names = config.get("class_names")
+    return [("model_name", isinstance(config["model_name"], str), "must be a timm model's name"),
+            ("model_kwargs", isinstance(config["model_kwargs"], dict), "must be an object of keyword arguments"),
+            ("num_classes", positive_int(config["num_classes"]), "must be a positive integer"),
+            ("input_size", positive_int(config["input_size"]), "must be a positive integer (pixels)"),
+            ("mean", channels(config["mean"], -math.inf), "must be 3 numbers, one per colour channel"),
+            ("std", channels(config["std"], 0), "must be 3 positive numbers, one per colour channel"),
+            ("class_names", names is None or (isinstance(names, list) and len(names) == config["num_classes"]
+                                              and all(isinstance(name, str) for name in names)),
+             "must name each of the num_classes classes")]
 
 
 def stored_backbone_path(stored: str | os.PathLike) -> Path:
