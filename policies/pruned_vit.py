@@ -39,7 +39,13 @@ from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
-from policies.checkpoints import PolicyCheckpointError, check_policies, checkpoint_directory, load_policies
+from policies.checkpoints import (
+    PolicyCheckpointError,
+    check_policies,
+    checkpoint_directory,
+    load_policies,
+    read_checkpoint_info,
+)
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
 from policies.export import has_export
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
@@ -125,7 +131,9 @@ class PrunedViT(nn.Module):
             backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
-        if not has_export(checkpoint_directory(path)):
+        directory = checkpoint_directory(path)
+        read_checkpoint_info(directory)  # what is no checkpoint is refused before the warning about its pickles
+        if not has_export(directory):
             warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                           f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an "
                           f"export)", stacklevel=2)

@@ -111,6 +111,13 @@ def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, e
     assert_same(row.forward_with_kept(images), expected)
 
 
+def test_what_is_no_checkpoint_is_refused_without_the_pickle_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning about RLlib's pickles would fail the test
+        with pytest.raises(PolicyCheckpointError, match="is not a policy checkpoint"):
+            PrunedViT.from_checkpoint(tmp_path)
+
+
 def test_to_device_moves_backbone_and_policies(exported, images):
     model = PrunedViT.from_checkpoint(exported)
     logits = model(images)
