@@ -132,8 +132,8 @@ class PrunedViT(nn.Module):
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
         directory = checkpoint_directory(path)
-        read_checkpoint_info(directory)  # what is no checkpoint is refused before the warning about its pickles
         if not has_export(directory):
+            read_checkpoint_info(directory)  # what is no checkpoint is refused before the warning about its pickles
             warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                           f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an "
                           f"export)", stacklevel=2)
