@@ -50,7 +50,8 @@ DEFAULT_ENV_CONFIG: dict[str, Any] = {
     "seed": 0,
     "resumed_at": 0,  # the iteration a resumed run goes on from: its image streams go on with new images
     "server_timeout_s": RESTART_TIMEOUT_S,
-    "data_error_wait_s": 60.0,  # how long a reset that met an unreadable image waits before it fails
+    "data_error_wait_s": 0.0,  # how long a reset that met an unreadable image waits before it fails (train.py's
+                               # envs: a minute, for its driver to stop the run as RLlib retries the reset)
 }
 
 
@@ -234,8 +235,8 @@ class TokenPruningEnv(MultiAgentEnv):
             cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
             if not isinstance(cause, DataError):
                 raise
-            # RLlib resets a failed env again at once, without end, and logs each failure: wait for train.py's
-            # driver to stop the run on it (training.console.StopOnDataError) rather than flood the terminal
+            # under RLlib, which resets a failed env again at once, without end, and logs each failure: wait for
+            # train.py's driver to stop the run on it (training.console.StopOnDataError), not flood the terminal
             time.sleep(float(self.config["data_error_wait_s"]))
             raise cause from None
         obs = self._start_point(started)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -278,16 +278,25 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
     return servers
 
 
-def first_data_error() -> str | None:
-    """The first unreadable image any ViT server of this Ray instance has met (a streamed split reads its images
-    as episodes draw them), or None. An env cannot stop the run on it: RLlib recreates a failed env and resets it
-    again, without end, so train.py's driver asks the servers (``training.console.StopOnDataError``)."""
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] != NAMESPACE or not actor["name"].startswith(DEFAULT_NAME):
-            continue
+def first_data_error(trial_ids: Collection[str]) -> str | None:
+    """The first unreadable image a ViT server of these Tune trials has met (a streamed split reads its images as
+    episodes draw them), or None; servers that do not answer within half a second (starting, restarting) are
+    asked again next time. An env cannot stop the run on it: RLlib recreates a failed env and resets it again,
+    without end, so train.py's driver asks the servers (``training.console.StopOnDataError``)."""
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+             if actor["namespace"] == NAMESPACE and actor["name"].startswith(DEFAULT_NAME)
+             and any(f"_{trial_id}_" in actor["name"] for trial_id in trial_ids)]  # trial.py names them so
+    asked = []
+    for name in names:
         try:
-            error = ray.get(ray.get_actor(actor["name"], NAMESPACE).stats.remote(), timeout=5)["data_error"]
-        except (ray.exceptions.RayError, ValueError):  # restarting, gone, or busy past the timeout: ask again later
+            asked.append(ray.get_actor(name, NAMESPACE).stats.remote())
+        except ValueError:  # gone since it was listed
+            continue
+    answered, _ = ray.wait(asked, num_returns=len(asked), timeout=0.5)
+    for answer in answered:
+        try:
+            error = ray.get(answer)["data_error"]
+        except ray.exceptions.RayError:  # died meanwhile
             continue
         if error is not None:
             return error

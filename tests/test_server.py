@@ -2,6 +2,7 @@
 
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -178,16 +179,17 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
                 (tmp_path / split / name / f"{i}.png").write_bytes(b"not an image")
     problem = PruningProblem(backbone=str(tiny_backbone), dataset="folder", data_dir=str(tmp_path), val_size=2,
                              prune_points=(1, 2, 3), images_per_env=4)
-    (handle,) = start_vit_servers(ServerSettings(problem, memory_budget_mb=0, num_cpus=0), ["vit_server_bad_data"])
+    name, trial = "vit_server_train_t1_5a9e1c_0", SimpleNamespace(trial_id="t1")  # as training.trial names it
+    (handle,) = start_vit_servers(ServerSettings(problem, memory_budget_mb=0, num_cpus=0), [name])
     try:
-        assert first_data_error() is None
-        StopOnDataError(every_s=0).on_step_end(iteration=1, trials=[])
-        env = TokenPruningEnv({"server_name": "vit_server_bad_data", "problem": problem.to_json(),
-                               "data_error_wait_s": 0})
+        assert first_data_error(["t1"]) is None
+        StopOnDataError(every_s=0).on_step_end(iteration=1, trials=[trial])
+        env = TokenPruningEnv({"server_name": name, "problem": problem.to_json()})
         with pytest.raises(DataError, match=r"^cannot read image "):
             env.reset(seed=0)
-        assert first_data_error().startswith("cannot read image ")
+        assert first_data_error(["t1"]).startswith("cannot read image ")
+        assert first_data_error(["t10", "other"]) is None  # another run's trials on the same Ray cluster
         with pytest.raises(DataError, match=r"^cannot read image .*\(remove the file, or replace it\)$"):
-            StopOnDataError(every_s=0).on_step_end(iteration=2, trials=[])
+            StopOnDataError(every_s=0).on_step_end(iteration=2, trials=[trial])
     finally:
         ray.kill(handle, no_restart=True)

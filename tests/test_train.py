@@ -35,7 +35,14 @@ from policies.checkpoints import (
 )
 from policies.export import load_exported_policies
 from training import ray_session
-from training.console import ProgressCsv, closing_lines, go_on_command, interrupted, progress_line
+from training.console import (
+    ProgressCsv,
+    StopOnDataError,
+    closing_lines,
+    go_on_command,
+    interrupted,
+    progress_line,
+)
 from training.learner import PruningPPOLearner
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, interrupt_on_sigterm
@@ -114,6 +121,9 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         assert not [c for c in columns if re.search(r"_\d+$", c)] and "env_runners/num_agent_steps_sampled" in columns
         starts_from_the_warm_start(trial / "warm_start", mine[-1])
     assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
+    with (tmp_path / "run" / "tuner.pkl").open("rb") as file:  # Tune's record, which a --resume restores
+        callbacks = pickle.load(file)["_run_config"].callbacks
+    assert any(isinstance(callback, StopOnDataError) for callback in callbacks)  # test_server.py tests it
 
     # the same settings and seed repeat a trial to the bit (ray_session.HASH_SEED), here alone and for 1 iteration
     assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.5", "--iterations", "1", "--num-workers", "0",

@@ -83,12 +83,12 @@ class StopOnDataError(tune.Callback):
     ``Tuner.fit`` after Tune has stopped the trials; their checkpoints stay."""
 
     def __init__(self, every_s: float = 2.0):
-        self.every_s, self._asked = every_s, time.monotonic()
+        self.every_s, self._asked = every_s, -math.inf  # -inf: a run resumed in another process asks at once
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         if time.monotonic() - self._asked < self.every_s:
             return
-        error = first_data_error()
+        error = first_data_error([trial.trial_id for trial in trials])
         self._asked = time.monotonic()
         if error is not None:
             raise DataError(error)

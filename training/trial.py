@@ -89,7 +89,8 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
     run before it did).
     """
     env_config = {"problem": problem.to_json(), "server_name": train_servers, "seed": problem.seed,
-                  "resumed_at": resumed_at}
+                  "resumed_at": resumed_at,
+                  "data_error_wait_s": 60.0}  # RLlib resets a failed env at once: StopOnDataError ends the run
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
         policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
