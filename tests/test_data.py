@@ -115,14 +115,26 @@ def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path
     from PIL import Image
     stray = _colour_folder(tmp_path / "stray")
     Image.new("RGB", (32, 32)).save(stray / "train" / "stray.png")
-    with pytest.raises(DataError, match=r"train holds images outside class folders: .*train/<class>/<image>\)$"):
-        load_split("folder", "train", stray, val_size=6)
+    (tmp_path / "flat" / "train" / "images").mkdir(parents=True)  # one folder of images: one class
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "train" / "images" / "0.png")
+    members = tmp_path / "tarred"  # a tar of a folder whose images lie beside the class folders: './0.png'
+    members.mkdir()
+    with tarfile.open(members / "train.tar", "w") as archive:
+        archive.add(stray / "train", arcname=".")
+    for root, classes in ((stray, "'', 'ant', 'bee', 'cat'"), (tmp_path / "flat", "'images'"),
+                          (members, "'.', 'ant', 'bee', 'cat'")):
+        with pytest.raises(DataError, match=rf"holds images outside class folders, or one class only \({classes}\): "
+                                            rf".*<class>/<image>\), two classes at least$"):
+            load_split("folder", "train", root, val_size=1)
     # an ImageFolder tar cut short (a broken copy or download), or empty
     tars = tmp_path / "tars"
     tars.mkdir()
     with tarfile.open(tars / "whole.tar", "w") as archive:
         archive.add(original / "train", arcname=".")
-    for damage, content in (("cut", (tars / "whole.tar").read_bytes()[:700]), ("empty", b"")):
+    with tarfile.open(tars / "no_images.tar", "w") as archive:
+        archive.add(tars / "whole.tar", arcname="readme.txt")
+    for damage, content in (("cut", (tars / "whole.tar").read_bytes()[:700]), ("empty", b""),
+                            ("no_images", (tars / "no_images.tar").read_bytes())):
         (tars / damage).mkdir()
         (tars / damage / "train.tar").write_bytes(content)
         with pytest.raises(DataError, match=f"cannot read {tars / damage / 'train.tar'}: "):

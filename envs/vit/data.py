@@ -212,11 +212,13 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if source is not None:
         try:
             raw = create_dataset("", root=str(source))
-        except (RuntimeError, OSError, tarfile.TarError) as error:  # timm: "Found 0 images in subfolders of ...",
-            raise DataError(f"cannot read {source}: {error}") from None                  # unreadable or cut files
-        if "" in _class_names(raw):  # timm labels an image by its folder: one beside the class folders gets ''
-            raise DataError(f"{source} holds images outside class folders: an ImageFolder keeps each class's images "
-                            f"in a folder of its own ({source}/<class>/<image>)")
+        except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:  # timm: "Found 0 images in
+            raise DataError(f"cannot read {source}: {error}") from None  # subfolders", unreadable or cut files, a tar
+        classes = _class_names(raw)                                        # without images
+        if "" in classes or "." in classes or len(classes) < 2:  # timm labels an image by its folder
+            raise DataError(f"{source} holds images outside class folders, or one class only "
+                            f"({', '.join(map(repr, classes))}): an ImageFolder keeps each class's images in a "
+                            f"folder of its own ({source}/<class>/<image>), two classes at least")
         return raw
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
