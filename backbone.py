@@ -451,14 +451,18 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
 
 def spelled_setting(flag: str, value: Any) -> str:
     """How a command line says that ``flag`` (an argparse ``dest``) is ``value``: the switch that sets it (``--half``,
-    ``--full-precision``, ``--no-amp``) or the option and its value (``--lr 0.001``)."""
+    ``--full-precision``, ``--no-amp``), the option and its value (``--lr 0.001``), or the option left out
+    (``without --pretrained``, ``without --limit``)."""
     actions = [action for action in build_parser()._actions if action.dest == flag]
     for action in actions:
         if isinstance(action, argparse.BooleanOptionalAction):
             return action.option_strings[0 if value else 1]
         if action.nargs == 0 and action.const == value:
             return action.option_strings[0]
-    return f"{actions[0].option_strings[0]} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+    option = actions[0].option_strings[0]
+    if actions[0].nargs == 0 or value is None or value == []:
+        return f"without {option}"
+    return f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
@@ -474,8 +478,9 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         if flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or value == saved.get(flag, value):
             continue
         given_as, recorded_as = (spelled_setting(flag, setting) for setting in (value, saved[flag]))
-        raise UsageError(f"--resume continues the run it recorded ({recorded_as}): {given_as.split()[0]} cannot "
-                         f"change it (start a new run with --init-from its export instead)")
+        raise UsageError(f"--resume continues the run it recorded ({recorded_as}): "
+                         f"{given_as.removeprefix('without ').split()[0]} cannot change it (start a new run with "
+                         f"--init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
     done = state["epoch"]
     finished = any(reading["epoch"] == done for reading in state.get("test_readings", []))

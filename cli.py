@@ -5,12 +5,13 @@ every other error of the commands, and their common arguments."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,19 +31,32 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     def interrupt(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt
 
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
-    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
-    try:
-        return body()
-    except UserError as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(interrupted(), file=sys.stderr)
-        return 130
-    finally:
+    with signal_handlers_restored((signal.SIGTERM,)) as main_thread:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return body()
+        except UserError as error:
+            print("error: " + " ".join(str(error).split()), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(interrupted(), file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def signal_handlers_restored(numbers: Sequence[int]) -> Iterator[bool]:
+    """Give back, on leaving, the handlers the signals ``numbers`` had on entering; yields whether this is the
+    main thread, the only one that may set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    saved = {number: signal.getsignal(number) for number in numbers}
+    try:
+        yield True
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def code_commit() -> str | None:

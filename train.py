@@ -48,6 +48,7 @@ from cli import (
     non_negative_int,
     positive_int,
     run_command,
+    signal_handlers_restored,
 )
 from envs.errors import UsageError
 from envs.problem import (
@@ -71,10 +72,11 @@ from policies.checkpoints import (
 from training.console import ProgressCsv, ProgressLines, StopOnDataError, closing_lines, go_on_command, interrupted
 from training.placement import TrialResources, plan_placement, trial_resources
 from training.ray_session import (
+    RUN_SIGNALS,
     check_cluster_answers,
     cluster_shortfall,
+    interrupt_on_sigterm,
     quiet_ray_loggers,
-    signal_handlers_restored,
     start_ray,
 )
 from training.run_directory import check_storage_uri, delete_run, local_run_dir, run_lock, storage_location
@@ -333,6 +335,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         quiet_ray_loggers()
         if not ray.is_initialized():
             start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
+        interrupt_on_sigterm()  # in a Ray instance started before too: ray.init's handler would abort the driver
         if inputs is not None:  # one copy in the object store for every trial, not one per trial
             inputs = {name: server_inputs.shared() for name, server_inputs in inputs.items()}
         if not args.resume:  # the cluster's GPUs decide the placement
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
         try:
-            with signal_handlers_restored():
+            with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
         finally:
             if owns_ray and ray.is_initialized():

@@ -57,6 +57,7 @@ from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import load_backbone
 from envs.vit.data import load_split
 from envs.vit_server import NAMESPACE, start_vit_servers
+from training.ray_session import interrupt_on_sigterm
 
 if TYPE_CHECKING:
     from envs.pruning_env import TokenPruningEnv  # imports RLlib: at run time only where an env is made
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              rollouts_per_image=1, reward_baseline="distinct")  # distinct images, as measured
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              namespace=NAMESPACE, object_store_memory=256 * 1024**2)
+    interrupt_on_sigterm()  # ray.init's handler would end the benchmark with exit code 1 and no line
     try:
         name = f"bench_vit_server_{os.getpid()}"
         settings = ServerSettings(problem, split=args.split, limit=args.limit, max_batch=args.max_batch,

@@ -335,12 +335,18 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
 
-    run, handler = tmp_path / "my run", signal.getsignal(signal.SIGTERM)
-    for stop in (interrupt, terminate):
-        monkeypatch.setattr(backbone, "train", stop)
-        assert backbone.main(["--output-dir", str(run)]) == 130
-        assert capsys.readouterr().err == "interrupted before an epoch was saved: run the command again\n"
-    assert signal.getsignal(signal.SIGTERM) is handler  # given back
+    def not_taken(signum, frame):  # where backbone.py left SIGTERM to this handler, rather than end pytest
+        raise AssertionError("SIGTERM reached the handler backbone.py found")
+
+    run, handler = tmp_path / "my run", signal.signal(signal.SIGTERM, not_taken)
+    try:
+        for stop in (interrupt, terminate):
+            monkeypatch.setattr(backbone, "train", stop)
+            assert backbone.main(["--output-dir", str(run)]) == 130
+            assert capsys.readouterr().err == "interrupted before an epoch was saved: run the command again\n"
+        assert signal.getsignal(signal.SIGTERM) is not_taken  # given back
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     run.mkdir()
     (run / backbone.STATE_FILE).write_bytes(b"")
     assert backbone.main(["--output-dir", str(run)]) == 130
@@ -369,6 +375,10 @@ def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
                                        "change it (start a new run with --init-from its export instead)\n")
     assert backbone.main([*resume, "--full-precision"]) == 2
     assert "the run it recorded (--half): --full-precision cannot change it" in capsys.readouterr().err
+    assert backbone.main([*resume, "--pretrained"]) == 2
+    assert "the run it recorded (without --pretrained): --pretrained cannot change it" in capsys.readouterr().err
+    assert backbone.main([*resume, "--limit", "32"]) == 2
+    assert "the run it recorded (--limit 64): --limit cannot change it" in capsys.readouterr().err
     # where the data is comes from the command line when given: a run moved to another machine finds it there
     assert backbone.main([*resume, "--data-dir", str(tmp_path / "moved"), "--no-download"]) == 2
     assert str(tmp_path / "moved") in capsys.readouterr().err

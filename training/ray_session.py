@@ -4,7 +4,6 @@ repository shipped to its nodes; Ray's own notices kept to its session logs."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ import signal
 import socket
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
@@ -56,7 +55,6 @@ def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
     else:
         ray.init(address="local", num_cpus=max(args.num_cpus or os.cpu_count() or 1, reserved_cpus),
                  include_dashboard=False, runtime_env=worker_env_vars(), **quiet)
-    interrupt_on_sigterm()
 
 
 def worker_env_vars() -> dict[str, dict[str, str]]:
@@ -101,27 +99,19 @@ def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
             f"its trials start when nodes join (or pass a smaller --num-workers or --servers)")
 
 
-@contextlib.contextmanager
-def signal_handlers_restored() -> Iterator[None]:
-    """Restore, on leaving, the handlers of the signals a run takes over: SIGTERM (:func:`interrupt_on_sigterm`),
-    SIGINT and SIGUSR1 (Tune's, which it keeps after a run it did not interrupt). A Python session that called
-    ``train.main`` gets its Ctrl-C back: under Tune's handler a Ctrl-C only logs a warning."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
-        yield
-        return
-    numbers = [signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
-    saved = {number: signal.getsignal(number) for number in numbers}
-    try:
-        yield
-    finally:
-        for number, handler in saved.items():
-            signal.signal(number, handler)
+RUN_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1")
+                                                                   else ()))
+"""The signals a run takes over, whose handlers train.py gives back (``cli.signal_handlers_restored``): SIGTERM
+(:func:`interrupt_on_sigterm`), SIGINT and SIGUSR1 (Tune's, which it keeps after a run it did not interrupt). A
+Python session that called ``train.main`` gets its Ctrl-C back: under Tune's handler a Ctrl-C only logs a
+warning."""
 
 
 def interrupt_on_sigterm() -> None:
     """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
     says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def quiet_ray_loggers() -> None:
