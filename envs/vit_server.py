@@ -72,7 +72,7 @@ class ViTServer:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1)
         self.counts = {"requests": 0, "batches": 0, "images": 0}
-        self.data_error: str | None = None  # the first image it could not read, for first_data_error
+        self.data_error: str | None = None  # the first image it could not read (ask_for_data_errors)
 
     async def spec(self) -> EngineSpec:
         return self.engine.spec()
@@ -278,25 +278,30 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
     return servers
 
 
-def first_data_error(trial_ids: Collection[str]) -> str | None:
-    """The first unreadable image a ViT server of these Tune trials has met (a streamed split reads its images as
-    episodes draw them), or None; servers that do not answer within half a second (starting, restarting) are
-    asked again next time. An env cannot stop the run on it: RLlib recreates a failed env and resets it again,
-    without end, so train.py's driver asks the servers (``training.console.StopOnDataError``)."""
+def ask_for_data_errors(trial_ids: Collection[str]) -> list[ray.ObjectRef]:
+    """Ask the ViT servers of these Tune trials which image they could not read first (a streamed split reads its
+    images as episodes draw them); :func:`data_error_among` reads the answers as they arrive. An env cannot stop
+    the run on it: RLlib recreates a failed env and resets it again, without end, so train.py's driver asks
+    (``training.console.StopOnDataError``)."""
     names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
              if actor["namespace"] == NAMESPACE and actor["name"].startswith(DEFAULT_NAME)
              and any(f"_{trial_id}_" in actor["name"] for trial_id in trial_ids)]  # trial.py names them so
-    asked = []
+    answers = []
     for name in names:
         try:
-            asked.append(ray.get_actor(name, NAMESPACE).stats.remote())
+            answers.append(ray.get_actor(name, NAMESPACE).stats.remote())
         except ValueError:  # gone since it was listed
             continue
-    answered, _ = ray.wait(asked, num_returns=len(asked), timeout=0.5)
-    for answer in answered:
+    return answers
+
+
+def data_error_among(answers: Sequence[ray.ObjectRef]) -> str | None:
+    """The first unreadable image named in these answers of :func:`ask_for_data_errors` (ready ones: ``ray.wait``
+    first), or None; a server that died before it answered names none."""
+    for answer in answers:
         try:
             error = ray.get(answer)["data_error"]
-        except ray.exceptions.RayError:  # died meanwhile
+        except ray.exceptions.RayError:
             continue
         if error is not None:
             return error

@@ -1,6 +1,7 @@
 """The shared ViT server as a real named Ray actor: batching, env access by name, restart after a crash."""
 
 import os
+import pickle
 import time
 from types import SimpleNamespace
 
@@ -17,8 +18,9 @@ from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import (
     NAMESPACE,
     ServerSettings,
+    ask_for_data_errors,
     call_through_restarts,
-    first_data_error,
+    data_error_among,
     load_server_inputs,
     start_vit_servers,
 )
@@ -181,15 +183,27 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
                              prune_points=(1, 2, 3), images_per_env=4)
     name, trial = "vit_server_train_t1_5a9e1c_0", SimpleNamespace(trial_id="t1")  # as training.trial names it
     (handle,) = start_vit_servers(ServerSettings(problem, memory_budget_mb=0, num_cpus=0), [name])
+
+    def first_data_error(trial_ids):
+        answers = ask_for_data_errors(trial_ids)
+        return data_error_among(ray.wait(answers, num_returns=len(answers))[0] if answers else [])
+
+    def driver_steps(stop, steps):  # Tune's loop, stepping on while the answers are on their way
+        for iteration in range(steps):
+            stop.on_step_end(iteration=iteration, trials=[trial])
+            time.sleep(0.05)
     try:
         assert first_data_error(["t1"]) is None
-        StopOnDataError(every_s=0).on_step_end(iteration=1, trials=[trial])
+        driver_steps(StopOnDataError(every_s=0), 20)
         env = TokenPruningEnv({"server_name": name, "problem": problem.to_json()})
         with pytest.raises(DataError, match=r"^cannot read image "):
             env.reset(seed=0)
         assert first_data_error(["t1"]).startswith("cannot read image ")
         assert first_data_error(["t10", "other"]) is None  # another run's trials on the same Ray cluster
+        stop = StopOnDataError(every_s=0)
+        stop.on_step_end(iteration=0, trials=[trial])  # asked; its answers are pickled with Tune's run record:
+        stop = pickle.loads(pickle.dumps(stop))  # without them, and without its clock, so it asks at once
         with pytest.raises(DataError, match=r"^cannot read image .*\(remove the file, or replace it\)$"):
-            StopOnDataError(every_s=0).on_step_end(iteration=2, trials=[trial])
+            driver_steps(stop, 100)
     finally:
         ray.kill(handle, no_restart=True)

@@ -13,6 +13,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.experiment import Trial
@@ -25,7 +26,7 @@ from envs.problem import (
     PruningProblem,
 )
 from envs.vit.data import DataError
-from envs.vit_server import first_data_error
+from envs.vit_server import ask_for_data_errors, data_error_among
 from policies.checkpoints import (
     validation_rank,
 )
@@ -77,21 +78,32 @@ class ProgressLines(tune.Callback):
 
 
 class StopOnDataError(tune.Callback):
-    """Ends the run with the first image a ViT server could not read (:func:`envs.vit_server.first_data_error`),
-    asked every ``every_s`` seconds: a split that streams from its files meets a damaged image only when an
-    episode draws it, and RLlib would reset the failed env again and again. The :class:`DataError` leaves
-    ``Tuner.fit`` after Tune has stopped the trials; their checkpoints stay."""
+    """Ends the run with the first image a ViT server could not read: a split that streams from its files meets
+    a damaged image only when an episode draws it, and RLlib would reset the failed env again and again. The
+    servers of the run's trials are asked every ``every_s`` seconds (:func:`envs.vit_server.ask_for_data_errors`)
+    and their answers read when they have arrived, so Tune's loop, which the trials wait for after each report,
+    never waits for them. The :class:`DataError` leaves ``Tuner.fit`` after Tune has stopped the trials; their
+    checkpoints stay."""
 
     def __init__(self, every_s: float = 2.0):
-        self.every_s, self._asked = every_s, -math.inf  # -inf: a run resumed in another process asks at once
+        self.every_s = every_s
+        self._asked, self._answers = -math.inf, []
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks into tuner.pkl: no answers, no clock
+        return {"every_s": self.every_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["every_s"])
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
-        if time.monotonic() - self._asked < self.every_s:
-            return
-        error = first_data_error([trial.trial_id for trial in trials])
-        self._asked = time.monotonic()
-        if error is not None:
-            raise DataError(error)
+        if self._answers:
+            arrived, self._answers = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
+            error = data_error_among(arrived)
+            if error is not None:
+                raise DataError(error)
+        if time.monotonic() - self._asked >= self.every_s:  # a server that has not answered yet is asked again
+            self._answers = ask_for_data_errors([trial.trial_id for trial in trials])
+            self._asked = time.monotonic()
 
 
 class ProgressCsv(CSVLoggerCallback):
