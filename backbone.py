@@ -449,20 +449,21 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
-def spelled_setting(flag: str, value: Any) -> str:
-    """How a command line says that ``flag`` (an argparse ``dest``) is ``value``: the switch that sets it (``--half``,
-    ``--full-precision``, ``--no-amp``), the option and its value (``--lr 0.001``), or the option left out
-    (``without --pretrained``, ``without --limit``)."""
+def spelled_setting(flag: str, value: Any) -> tuple[str, str]:
+    """How a command line says that ``flag`` (an argparse ``dest``) is ``value``, as (its option, the setting): the
+    switch that sets it (``--half``, ``--full-precision``, ``--no-amp``), the option and its value (``--lr
+    0.001``), or the option left out (``without --pretrained``, ``without --limit``)."""
     actions = [action for action in build_parser()._actions if action.dest == flag]
     for action in actions:
         if isinstance(action, argparse.BooleanOptionalAction):
-            return action.option_strings[0 if value else 1]
+            option = action.option_strings[0 if value else 1]
+            return option, option
         if action.nargs == 0 and action.const == value:
-            return action.option_strings[0]
+            return action.option_strings[0], action.option_strings[0]
     option = actions[0].option_strings[0]
     if actions[0].nargs == 0 or value is None or value == []:
-        return f"without {option}"
-    return f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        return option, f"without {option}"
+    return option, f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
@@ -477,10 +478,9 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         value = getattr(args, flag)
         if flag in (*RESUME_FLAGS, "data_dir", "epochs", "resume", "overwrite") or value == saved.get(flag, value):
             continue
-        given_as, recorded_as = (spelled_setting(flag, setting) for setting in (value, saved[flag]))
-        raise UsageError(f"--resume continues the run it recorded ({recorded_as}): "
-                         f"{given_as.removeprefix('without ').split()[0]} cannot change it (start a new run with "
-                         f"--init-from its export instead)")
+        (given_option, _), (_, recorded) = spelled_setting(flag, value), spelled_setting(flag, saved[flag])
+        raise UsageError(f"--resume continues the run it recorded ({recorded}): {given_option} cannot change it "
+                         f"(start a new run with --init-from its export instead)")
     epochs = args.epochs if args.epochs is not None else saved["epochs"]
     done = state["epoch"]
     finished = any(reading["epoch"] == done for reading in state.get("test_readings", []))
@@ -525,12 +525,13 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     state_path = out / STATE_FILE
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run; --overwrite replaces it: pass one of them")
-    if state_path.exists() and not (args.resume or args.overwrite):
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if (out / RUN_EXPORT_DIR).exists() and not (args.resume or args.overwrite):  # a finished run's export alone
-        raise UsageError(f"{out} already holds an exported backbone ({out / RUN_EXPORT_DIR}): pass --overwrite to "
-                         f"replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "
-                         f"--output-dir")
+    if not (args.resume or args.overwrite):
+        if state_path.exists():
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if (out / RUN_EXPORT_DIR).exists():  # a finished run's export alone
+            raise UsageError(f"{out} already holds an exported backbone ({out / RUN_EXPORT_DIR}): pass --overwrite "
+                             f"to replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "
+                             f"--output-dir")
     if args.resume and not state_path.exists():
         raise UsageError(f"nothing to resume: {state_path} does not exist")
     state = read_state(state_path) if args.resume else None

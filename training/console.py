@@ -1,5 +1,6 @@
 """What a run prints and logs: a line per iteration, ``progress.csv`` with every metric, and the closing lines
-(each trial's best checkpoint, and the command that goes on with an interrupted run)."""
+(each trial's best checkpoint, and the command that goes on with an interrupted run); and the stop, with one
+error line, of a run that met an unreadable image (:class:`StopOnDataError`)."""
 
 from __future__ import annotations
 

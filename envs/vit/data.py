@@ -210,11 +210,13 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
         raise DataError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
     source = _split_source(dataset, data_dir, split)
     if source is not None:
+        # timm raises RuntimeError ("Found 0 images in subfolders"), OSError (unreadable files), TarError (a cut
+        # tar) or ValueError (a tar without images)
         try:
             raw = create_dataset("", root=str(source))
-        except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:  # timm: "Found 0 images in
-            raise DataError(f"cannot read {source}: {error}") from None  # subfolders", unreadable or cut files, a tar
-        classes = _class_names(raw)                                        # without images
+        except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:
+            raise DataError(f"cannot read {source}: {error}") from None
+        classes = _class_names(raw)
         if "" in classes or "." in classes or len(classes) < 2:  # timm labels an image by its folder
             raise DataError(f"{source} holds images outside class folders, or one class only "
                             f"({', '.join(map(repr, classes))}): an ImageFolder keeps each class's images in a "
