@@ -17,7 +17,7 @@ import train
 from policies.checkpoints import latest_checkpoint, read_checkpoint_info
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def start_training(tmp_path, tiny_backbone, data_dir, *extra) -> subprocess.Popen:
