@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,11 +28,13 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
     one ``error: ...`` line and code 2; Ctrl-C, or a SIGTERM (``kill``, a job scheduler), with the line
     ``interrupted()`` says (how to go on) and code 130, as a shell reports a process ended by SIGINT. Other
-    exceptions, a plain ``ValueError`` included, are bugs and keep their tracebacks."""
+    exceptions, a plain ``ValueError`` included, are bugs and keep their tracebacks. A Python warning is one
+    ``warning: ...`` line (:func:`one_line_warning`)."""
     def interrupt(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt
 
-    with signal_handlers_restored((signal.SIGTERM,)) as main_thread:
+    with signal_handlers_restored((signal.SIGTERM,)) as main_thread, warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
         if main_thread:
             signal.signal(signal.SIGTERM, interrupt)
         try:
@@ -42,6 +45,13 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
         except KeyboardInterrupt:
             print(interrupted(), file=sys.stderr)
             return 130
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the commands: the message as one ``warning: ...`` line on stderr, like their
+    errors, without the file, line and source that Python's format adds for a programmer."""
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ from envs.vit_server import (
 from policies.checkpoints import (
     check_policies,
     check_restorable,
-    load_policies,
+    load_rllib_policies,
     read_checkpoint_info,
 )
 from training.console import ProgressCsv, ProgressLines, StopOnDataError, closing_lines, go_on_command, interrupted
@@ -312,7 +312,8 @@ def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
     if args.from_checkpoint:  # a checkpoint of another backbone or feature set fails here, clearly
         patches = staged_from_weights(inputs[TRAIN_SERVER].state, inputs[TRAIN_SERVER].config,
                                       problems[0].prune_points).num_patches
-        check_policies(load_policies(args.from_checkpoint)[0], patches, args.from_checkpoint)
+        # RLlib's files, as the run restores from them (an export would not spare their pickles)
+        check_policies(load_rllib_policies(args.from_checkpoint)[0], patches, args.from_checkpoint)
     shared = all(getattr(p, f) == getattr(problems[0], f) for p in problems for f in DATA_SETTINGS)
     return inputs if shared else None
 

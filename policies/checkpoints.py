@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,12 +206,19 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
-    one, else RLlib's files (:func:`load_rllib_policies`, checkpoints written before exports existed).
+    one, else RLlib's files (:func:`load_rllib_policies`, checkpoints written before exports existed), with a
+    warning: those pickles run the code of whoever wrote them.
     """
     from policies.export import has_export, load_exported_policies  # policies.export builds on this module
 
     path = checkpoint_directory(checkpoint)
-    return load_exported_policies(path) if has_export(path) else load_rllib_policies(path)
+    if has_export(path):
+        return load_exported_policies(path)
+    read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
+    warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
+                  f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)",
+                  stacklevel=2)
+    return load_rllib_policies(path)
 
 
 def checkpoint_directory(checkpoint: str | Path) -> Path:

@@ -14,7 +14,6 @@ never a pickle) when it has one.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,9 @@ from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import (
     PolicyCheckpointError,
     check_policies,
-    checkpoint_directory,
     load_policies,
-    read_checkpoint_info,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
-from policies.export import has_export
 from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
 from policies.token_scorer import TokenScoring
 
@@ -131,12 +127,6 @@ class PrunedViT(nn.Module):
             backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
-        directory = checkpoint_directory(path)
-        if not has_export(directory):
-            read_checkpoint_info(directory)  # what is no checkpoint is refused before the warning about its pickles
-            warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
-                          f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an "
-                          f"export)", stacklevel=2)
         modules, info = load_policies(path)
         problem = info.problem
         staged, config, _ = policy_backbone(problem, path, backbone)

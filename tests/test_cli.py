@@ -4,6 +4,7 @@ in one line with 130, a bug with its traceback."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -39,6 +40,17 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
 
     with pytest.raises(ValueError, match="broadcast"):
         run_command(bug_raising_value_error, lambda: "interrupted")
+
+
+def test_a_warning_is_one_line_and_python_prints_its_own_again_afterwards(capsys):
+    def warns() -> int:
+        warnings.warn("a checkpoint\n  without export", stacklevel=1)
+        return 0
+
+    showwarning = warnings.showwarning
+    assert run_command(warns, lambda: "interrupted") == 0
+    assert capsys.readouterr().err == "warning: a checkpoint without export\n"  # no file, line or source
+    assert warnings.showwarning is showwarning
 
 
 def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
