@@ -58,6 +58,7 @@ from envs.problem import (
     problems_from_args,
     sweep_label,
 )
+from envs.vit.data import DataError
 from envs.vit_server import (
     ServerInputs,
     load_server_inputs,
@@ -69,7 +70,15 @@ from policies.checkpoints import (
     load_rllib_policies,
     read_checkpoint_info,
 )
-from training.console import ProgressCsv, ProgressLines, StopOnDataError, closing_lines, go_on_command, interrupted
+from training.console import (
+    ProgressCsv,
+    ProgressLines,
+    StopOnDataError,
+    StoppedOnDataError,
+    closing_lines,
+    go_on_command,
+    interrupted,
+)
 from training.placement import TrialResources, plan_placement, trial_resources
 from training.ray_session import (
     RUN_SIGNALS,
@@ -377,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
+        except StoppedOnDataError as error:
+            raise DataError(f"{error}; once it reads, go on with {go_on_command(args, given)}") from None
         finally:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()

@@ -38,6 +38,7 @@ from training import ray_session
 from training.console import (
     ProgressCsv,
     StopOnDataError,
+    StoppedOnDataError,
     closing_lines,
     go_on_command,
     interrupted,
@@ -353,6 +354,18 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
     assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
                                        f"--iterations=40 --time-budget=7.5\n")
+
+
+def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
+    """StopOnDataError ends Tuner.fit with the image (test_server.py); the trials' checkpoints stay."""
+    def stopped(args, given):
+        raise StoppedOnDataError("cannot read image cat/3.png: truncated (replace it with a readable image)")
+
+    monkeypatch.setattr(train, "train", stopped)
+    assert train.main(["--output-dir", str(tmp_path / "run"), "--time-budget", "30"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot read image cat/3.png: truncated (replace it with a readable "
+                                       f"image); once it reads, go on with python train.py --output-dir "
+                                       f"{tmp_path / 'run'} --resume --time-budget=30\n")
 
 
 def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, capsys):

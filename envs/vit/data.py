@@ -449,7 +449,8 @@ def _image(raw, index: int) -> Image.Image:
         image = Image.open(file)
         image.load()
     except OSError as error:
-        raise DataError(f"cannot read image {raw.filename(index)}: {error} (remove the file, or replace it)") from None
+        raise DataError(f"cannot read image {raw.filename(index)}: {error} (replace it with a readable image: "
+                        f"removing it renumbers the images after it, and with them the splits)") from None
     return image
 
 
