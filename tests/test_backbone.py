@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 import backbone
 from cli import code_commit, versions_line
 from envs.errors import UsageError
+from envs.vit import backbone_checkpoint
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
 from envs.vit.data import load_split
 from tests.host_reads import host_round_trips
@@ -525,3 +527,15 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:100])
     assert run_backbone(tmp_path / "third", tmp_path / "no_data", "--init-from", str(truncated), "--no-download") == 2
     assert capsys.readouterr().err.startswith(f"error: --init-from {truncated}: cannot read weights in")
+
+
+def test_pretrained_weights_where_the_hub_does_not_answer_come_from_the_cache_only(monkeypatch, caplog):
+    """Offline, huggingface_hub would retry each weights file for about half a minute, logging every try: the Hub
+    is asked once, and without an answer the weights come from the local cache (empty here: HOME is a temporary
+    directory), so the error comes at once, with no retries logged; Hugging Face's offline setting is left as found."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nobody answers there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as without HF_HUB_OFFLINE set
+    assert not backbone_checkpoint.hub_answers()
+    with pytest.raises(CheckpointError, match="could not load pretrained weights for vit_tiny_patch16_224"):
+        create_vit("vit_tiny_patch16_224", 10, {"img_size": 32, "patch_size": 4}, pretrained=True)
+    assert "Retrying" not in caplog.text and huggingface_hub.constants.HF_HUB_OFFLINE is False

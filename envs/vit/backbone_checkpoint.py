@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import timm
 import torch
 from safetensors import SafetensorError
@@ -29,6 +30,9 @@ REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
 NOT_A_CLONE = ("this is an install without the repository (pip install . or a wheel), so it has no reference/ "
                "files and cannot ship the code to a cluster: install a clone with pip install -e .")
 """What the commands add to an error caused by running from such an install (:func:`installed_without_repository`)."""
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long :func:`create_vit` waits for the Hugging Face Hub to answer before it takes pretrained weights from the
+local cache only."""
 RUN_EXPORT_DIR = "backbone"
 """Where backbone.py writes the checkpoint it trains, inside its ``--output-dir`` (beside its training state)."""
 
@@ -37,11 +41,25 @@ class CheckpointError(UserError, RuntimeError):
     """A backbone checkpoint that is missing or unreadable; the message is meant for the user as is."""
 
 
+def hub_answers(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``, through the proxies the environment names) answers a request
+    within ``timeout_s``, asked with huggingface_hub's own HTTP session."""
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - requests' and httpx's errors alike (the session is either): no answer
+        return False
+    return True
+
+
 def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
                pretrained: bool = False) -> torch.nn.Module:
-    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights."""
+    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights. Where the
+    Hub does not answer, pretrained weights come from the local cache only (Hugging Face's offline mode):
+    huggingface_hub would retry each weights file for about half a minute, logging every try."""
     if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline or (pretrained and not hub_answers())
     try:
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     except (OSError, RuntimeError) as error:
@@ -51,6 +69,8 @@ def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
     except (TypeError, ValueError, AssertionError) as error:  # what timm's constructors raise on bad kwargs
         raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: "
                               f"{error or type(error).__name__}") from None
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike,
