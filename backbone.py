@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
     p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
                    metavar="K=V", help="timm create_model kwargs (default: 32x32 input, 4x4 patches, stochastic depth)")
-    p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (from the Hugging Face Hub, or its local cache)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
                         "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "

@@ -73,8 +73,8 @@ from policies.checkpoints import (
 from training.console import (
     ProgressCsv,
     ProgressLines,
+    RunStoppedOnUnreadableImage,
     StopOnDataError,
-    StoppedOnDataError,
     closing_lines,
     go_on_command,
     interrupted,
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
-        except StoppedOnDataError as error:
+        except RunStoppedOnUnreadableImage as error:
             raise DataError(f"{error}; once it reads, go on with {go_on_command(args, given)}") from None
         finally:
             if owns_ray and ray.is_initialized():

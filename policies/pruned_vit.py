@@ -118,7 +118,7 @@ class PrunedViT(nn.Module):
                         backbone: str | os.PathLike | None = None, reduction: str | None = None) -> PrunedViT:
         """The policies of a training checkpoint on their backbone, at their target ratio.
 
-        Reads the checkpoint's export when it has one (no pickle is opened), else RLlib's files.
+        Reads the checkpoint's export when it has one (no pickle is opened), else RLlib's files, with a warning.
 
         Args:
             path: a checkpoint directory written by train.py (e.g. ``reference/marl_policy``).

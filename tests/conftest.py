@@ -25,6 +25,28 @@ TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "nu
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+SYSTEM_TESTS_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the ``system`` tests (a two-node Ray cluster, faults injected into a running job: minutes each on
+    a 2-core CPU) unless ``-m`` selects by marker or the command line names their file."""
+    if config.option.markexpr:
+        return
+    named = {Path(arg.split("::")[0]).resolve() for arg in config.args}
+    left_out = [item for item in items if item.get_closest_marker("system") and item.path not in named]
+    if left_out:
+        items[:] = [item for item in items if item not in left_out]
+        config.hook.pytest_deselected(items=left_out)
+    config.stash[SYSTEM_TESTS_LEFT_OUT] = len(left_out)
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> str | list[str]:
+    """One line under the collection count that says which tests were left out and how to run them."""
+    left_out = config.stash.get(SYSTEM_TESTS_LEFT_OUT, 0)
+    return f"{left_out} system tests left out (minutes each): python -m pytest -m system" if left_out else []
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared CIFAR-10 copy: ``$MARL_PRUNING_DATA_DIR``, else ``../shared/data`` beside the repo."""

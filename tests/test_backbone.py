@@ -529,12 +529,13 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     assert capsys.readouterr().err.startswith(f"error: --init-from {truncated}: cannot read weights in")
 
 
-def test_pretrained_weights_where_the_hub_does_not_answer_come_from_the_cache_only(monkeypatch, caplog):
+def test_pretrained_weights_where_the_hub_does_not_answer_come_from_the_cache_only(monkeypatch, caplog, tmp_path):
     """Offline, huggingface_hub would retry each weights file for about half a minute, logging every try: the Hub
-    is asked once, and without an answer the weights come from the local cache (empty here: HOME is a temporary
-    directory), so the error comes at once, with no retries logged; Hugging Face's offline setting is left as found."""
+    is asked once, and without an answer the weights come from the local cache (an empty one here), so the error
+    comes at once, with no retries logged; Hugging Face's offline setting is left as found."""
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nobody answers there
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as without HF_HUB_OFFLINE set
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # whatever HF_HOME says
     assert not backbone_checkpoint.hub_answers()
     with pytest.raises(CheckpointError, match="could not load pretrained weights for vit_tiny_patch16_224"):
         create_vit("vit_tiny_patch16_224", 10, {"img_size": 32, "patch_size": 4}, pretrained=True)

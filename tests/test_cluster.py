@@ -60,7 +60,8 @@ def two_node_cluster(tmp_path):
             node.wait(timeout=60)
 
 
-@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.system  # left out unless asked for: tests/conftest.py
 def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_dir, tmp_path):
     address, env = two_node_cluster
     out = tmp_path / "run"

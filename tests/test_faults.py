@@ -17,7 +17,7 @@ import train
 from policies.checkpoints import latest_checkpoint, read_checkpoint_info
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # left out unless asked for: tests/conftest.py
 
 
 def start_training(tmp_path, tiny_backbone, data_dir, *extra) -> subprocess.Popen:

@@ -172,7 +172,7 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
     """A split streamed from its files meets a damaged image only when an episode draws it. The env fails the
     reset (after a wait, as RLlib resets it again at once) and the server keeps the error, which train.py's
     driver reads to end the run with it (``StopOnDataError``)."""
-    from training.console import StopOnDataError, StoppedOnDataError
+    from training.console import RunStoppedOnUnreadableImage, StopOnDataError
 
     for split in ("train", "test"):
         for name in CIFAR_CLASSES:
@@ -203,9 +203,9 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
         stop = StopOnDataError(every_s=0)
         stop.on_step_end(iteration=0, trials=[trial])  # asked; its answers are pickled with Tune's run record:
         stop = pickle.loads(pickle.dumps(stop))  # without them, and without its clock, so it asks at once
-        with pytest.raises(StoppedOnDataError, match=r"^cannot read image .*\(replace it with a readable image: "
-                                                     r"removing it renumbers the images after it, and with them the "
-                                                     r"splits\)$"):
+        unreadable = (r"^cannot read image .*\(replace it with a readable image: removing it renumbers the images "
+                      r"after it, and with them the splits\)$")
+        with pytest.raises(RunStoppedOnUnreadableImage, match=unreadable):
             driver_steps(stop, 100)
     finally:
         ray.kill(handle, no_restart=True)

@@ -37,8 +37,8 @@ from policies.export import load_exported_policies
 from training import ray_session
 from training.console import (
     ProgressCsv,
+    RunStoppedOnUnreadableImage,
     StopOnDataError,
-    StoppedOnDataError,
     closing_lines,
     go_on_command,
     interrupted,
@@ -126,14 +126,19 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         callbacks = pickle.load(file)["_run_config"].callbacks
     assert any(isinstance(callback, StopOnDataError) for callback in callbacks)  # test_server.py tests it
 
-    # the same settings and seed repeat a trial to the bit (ray_session.HASH_SEED): with --train-ratios a trial's
-    # target ratio only ranks its checkpoints, so the two trials, each in processes of its own, train alike
-    for iteration in (0, 1):
-        pair = [[c for c in list_checkpoints(tmp_path / "run") if c.parent.name == f"target_ratio={ratio}"][iteration]
-                for ratio in ("0.3", "0.5")]
+    # a seed and problem train alike to the bit in processes of their own (ray_session.HASH_SEED: they differ
+    # without it): with --train-ratios a trial's target ratio only ranks its checkpoints, so the two trials train
+    # one problem. This checks the trials' side of a repeated run; the driver's, what it makes of the command
+    # line, the two share.
+    checkpoints = {ratio: [c for c in list_checkpoints(tmp_path / "run") if c.parent.name == f"target_ratio={ratio}"]
+                   for ratio in ("0.3", "0.5")}
+    for of_one, of_other in zip(checkpoints["0.3"], checkpoints["0.5"], strict=True):  # iterations 1 and 2
         for policy in ("attention", "similarity"):
-            first, second = (weights(checkpoint, policy) for checkpoint in pair)
-            assert all(torch.equal(value, second[name]) for name, value in first.items())
+            one, other = weights(of_one, policy), weights(of_other, policy)
+            assert one.keys() == other.keys() and all(torch.equal(one[name], other[name]) for name in one)
+    clones = RLModule.from_checkpoint(str(tmp_path / "run" / "target_ratio=0.3" / "warm_start" / "similarity"))
+    trained = weights(checkpoints["0.3"][-1], "similarity")  # PPO moved them, alike
+    assert not all(torch.equal(value, trained[name]) for name, value in clones.state_dict().items())
 
     # a second start without --resume refuses to touch the run
     assert run(tmp_path, tiny_backbone, data_dir, "--iterations", "2") == 2
@@ -359,7 +364,8 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
 def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
     """StopOnDataError ends Tuner.fit with the image (test_server.py); the trials' checkpoints stay."""
     def stopped(args, given):
-        raise StoppedOnDataError("cannot read image cat/3.png: truncated (replace it with a readable image)")
+        raise RunStoppedOnUnreadableImage("cannot read image cat/3.png: truncated (replace it with a readable "
+                                          "image)")
 
     monkeypatch.setattr(train, "train", stopped)
     assert train.main(["--output-dir", str(tmp_path / "run"), "--time-budget", "30"]) == 2

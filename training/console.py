@@ -78,7 +78,7 @@ class ProgressLines(tune.Callback):
         print(name + progress_line(result, problem), flush=True)
 
 
-class StoppedOnDataError(DataError):
+class RunStoppedOnUnreadableImage(DataError):
     """The run stopped on an image a ViT server could not read (:class:`StopOnDataError`): the trials'
     checkpoints stay, and ``--resume`` goes on once the image reads."""
 
@@ -88,7 +88,7 @@ class StopOnDataError(tune.Callback):
     a damaged image only when an episode draws it, and RLlib would reset the failed env again and again. The
     servers of the run's trials are asked every ``every_s`` seconds (:func:`envs.vit_server.ask_for_data_errors`)
     and their answers read when they have arrived, so Tune's loop, which the trials wait for after each report,
-    never waits for them. The :class:`StoppedOnDataError` leaves ``Tuner.fit`` after Tune has stopped the
+    never waits for them. :class:`RunStoppedOnUnreadableImage` leaves ``Tuner.fit`` after Tune has stopped the
     trials; their checkpoints stay."""
 
     def __init__(self, every_s: float = 2.0):
@@ -106,7 +106,7 @@ class StopOnDataError(tune.Callback):
             arrived, self._answers = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
             error = data_error_among(arrived)
             if error is not None:
-                raise StoppedOnDataError(error)
+                raise RunStoppedOnUnreadableImage(error)
         if time.monotonic() - self._asked >= self.every_s:  # a server that has not answered yet is asked again
             self._answers = ask_for_data_errors([trial.trial_id for trial in trials])
             self._asked = time.monotonic()

@@ -7,10 +7,12 @@ kwargs, classes, input size and normalisation, plus how it was made (data, split
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +45,39 @@ class CheckpointError(UserError, RuntimeError):
 
 def hub_answers(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the Hugging Face Hub (``HF_ENDPOINT``, through the proxies the environment names) answers a request
-    within ``timeout_s``, asked with huggingface_hub's own HTTP session."""
+    within about ``timeout_s``, asked with huggingface_hub's own HTTP session."""
+    session, endpoint = huggingface_hub.get_session(), huggingface_hub.constants.ENDPOINT
     try:
-        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - requests' and httpx's errors alike (the session is either): no answer
+        session.head(endpoint, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - the session's HTTP library, hence its errors, varies with huggingface_hub
         return False
     return True
 
 
+@contextlib.contextmanager
+def weights_from_the_cache_unless_the_hub_answers(pretrained: bool) -> Iterator[None]:
+    """Hugging Face's offline mode (the local cache only) while timm loads pretrained weights, where the Hub does
+    not answer: huggingface_hub would retry each weights file for about half a minute, logging every try."""
+    constants = huggingface_hub.constants
+    if not pretrained or constants.HF_HUB_OFFLINE or hub_answers():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
                pretrained: bool = False) -> torch.nn.Module:
-    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights. Where the
-    Hub does not answer, pretrained weights come from the local cache only (Hugging Face's offline mode):
-    huggingface_hub would retry each weights file for about half a minute, logging every try."""
+    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights, which come
+    from the local cache only where the Hub does not answer."""
     if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_OFFLINE = offline or (pretrained and not hub_answers())
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+        with weights_from_the_cache_unless_the_hub_answers(pretrained):
+            return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     except (OSError, RuntimeError) as error:
         if pretrained:
             raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
@@ -69,8 +85,6 @@ def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
     except (TypeError, ValueError, AssertionError) as error:  # what timm's constructors raise on bad kwargs
         raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: "
                               f"{error or type(error).__name__}") from None
-    finally:
-        huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike,
