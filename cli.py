@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +21,9 @@ from envs.errors import UsageError, UserError
 from envs.vit.backbone_checkpoint import REPO_ROOT, installed_without_repository
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
-VERSIONED_PACKAGES = ("marl-token-pruning", "torch", "timm", "ray", "numpy")
+DISTRIBUTION = "marl-token-pruning"
+"""This project's distribution name (pyproject.toml)."""
+VERSIONED_PACKAGES = (DISTRIBUTION, "torch", "timm", "ray", "numpy")
 
 
 def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
@@ -50,8 +52,24 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
 def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                      file: Any = None, line: str | None = None) -> None:
     """``warnings.showwarning`` for the commands: the message as one ``warning: ...`` line on stderr, like their
-    errors, without the file, line and source that Python's format adds for a programmer."""
-    print("warning: " + " ".join(str(message).split()), file=sys.stderr)
+    errors, without the file, line and source that Python's format adds for a programmer. A library's warning
+    names the library and its category (``warning from torch (UserWarning): ...``), so that it is not taken
+    for the project's and can be looked up or filtered."""
+    source = warning_library(filename)
+    prefix = "warning: " if source is None else f"warning from {source} ({category.__name__}): "
+    print(prefix + " ".join(str(message).split()), file=sys.stderr)
+
+
+def warning_library(filename: str) -> str | None:
+    """The top-level module of another distribution that ``filename`` belongs to (``torch`` for
+    ``.../site-packages/torch/nn/functional.py``, ``warnings`` for the standard library's ``warnings.py``);
+    None for this project's files, in a clone or installed."""
+    path = Path(filename).resolve()
+    installed = [i for i, part in enumerate(path.parts) if part in ("site-packages", "dist-packages")]
+    if installed and installed[-1] + 1 < len(path.parts):
+        top_level = Path(path.parts[installed[-1] + 1]).name.split(".")[0]
+        return None if DISTRIBUTION in packages_distributions().get(top_level, []) else top_level
+    return None if path.is_relative_to(REPO_ROOT) else path.stem
 
 
 @contextlib.contextmanager

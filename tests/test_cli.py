@@ -7,10 +7,12 @@ import json
 import warnings
 
 import pytest
+import torch
 
+import cli
 import evaluate
 from benchmarks import run_from_command_line, saliency_headroom
-from cli import run_command
+from cli import run_command, warning_library
 from envs.errors import UsageError
 from envs.vit.data import DataError
 from training.ray_session import start_ray
@@ -51,6 +53,19 @@ def test_a_warning_is_one_line_and_python_prints_its_own_again_afterwards(capsys
     assert run_command(warns, lambda: "interrupted") == 0
     assert capsys.readouterr().err == "warning: a checkpoint without export\n"  # no file, line or source
     assert warnings.showwarning is showwarning
+
+
+def test_a_librarys_warning_names_the_library_and_its_category(capsys, tmp_path):
+    def library_warns() -> int:  # as torch's code would warn
+        warnings.warn_explicit("TypedStorage is deprecated", UserWarning, torch.__file__, 1)
+        return 0
+
+    assert run_command(library_warns, lambda: "interrupted") == 0
+    assert capsys.readouterr().err == "warning from torch (UserWarning): TypedStorage is deprecated\n"
+    assert warning_library(warnings.__file__) == "warnings"  # the standard library's
+    assert warning_library(cli.__file__) is None  # the project's, in a clone
+    installed = tmp_path / "lib" / "python3.12" / "site-packages" / "envs" / "vit" / "pruned_vit.py"
+    assert warning_library(str(installed)) is None  # the project's, installed
 
 
 def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
