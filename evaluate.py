@@ -618,6 +618,11 @@ def run(args: argparse.Namespace) -> int:
     """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
     device = resolve_device(args.device)
     budgets = args.budgets
+    if args.cascade and args.split == "val":
+        raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
+    if not args.cascade and (args.cascade_points or args.calibration_images):
+        given = "--cascade-points" if args.cascade_points else "--calibration-images"
+        raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
     if args.heuristics_only:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
             raise EvaluationError("--heuristics-only evaluates no policy checkpoint: drop --checkpoint and "
@@ -658,17 +663,12 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or problem.dataset
     cascade = None
     if args.cascade:
-        if args.split == "val":
-            raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
         cascade_points = args.cascade_points or SIX_POINTS
         try:
             StagedViT(staged.vit, cascade_points)
         except UsageError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
         cascade = (budget_key(problem.target_ratio), CascadePasses(cascade_points, args.cascade))
-    elif args.cascade_points or args.calibration_images:
-        given = "--cascade-points" if args.cascade_points else "--calibration-images"
-        raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
         return load_checked_split(dataset, split_name, args.data_dir, backbone_config, val_size=problem.val_size,
