@@ -114,16 +114,20 @@ def randaug_magnitude(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default vit_tiny_patch16_224)")
     p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
-                   metavar="K=V", help="timm create_model kwargs (default: 32x32 input, 4x4 patches, stochastic depth)")
+                   metavar="K=V", help="timm create_model kwargs (default: img_size=32 patch_size=4 "
+                                      "drop_path_rate=0.1); given, they replace the defaults: add "
+                                      "drop_path_rate=0.1 to keep stochastic depth")
     p.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (from the Hugging Face Hub, or its local cache)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
                         "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
                         "lengthens its training without its optimiser state")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                   help="cifar10 (the default) and cifar100 as torchvision or the README lays them out; folder: "
+                        "train/ and test/ (or val/) class directories under --data-dir, or .tars of them")
     p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
@@ -138,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
                         f"the schedule")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default 256)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate for batch 512 (scaled linearly)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate for batch 512, scaled linearly (default 3e-3)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's (default 0.05)")
     p.add_argument("--warmup-epochs", type=non_negative_float, default=10,
                    help="linear warm-up before the cosine schedule (default 10)")
-    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="in [0, 1)")
-    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (0 = off)")
+    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="in [0, 1) (default 0.1)")
+    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (default 0.8; 0 = off)")
+    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default 1.0; 0 = off)")
+    p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (default 2; 0 = off)")
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
                    help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
     p.add_argument("--seed", type=non_negative_int, default=0,
@@ -162,13 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=non_negative_float, default=None, metavar="SECONDS",
                    help="train as many epochs as fit in this many seconds, the test reading and export included: "
                         "the schedule's length is set from the second epoch's measured time (the first pays for "
-                        "compiling), replacing --epochs")
+                        "compiling), replacing --epochs; two epochs' time, and a minute more with --compile, is kept "
+                        "for the test reading and export")
     p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
                    help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
                         "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many")
     p.add_argument("--output-dir", default="runs/backbone",
-                   help="the run's directory (default runs/backbone): training state, log and card, and the "
-                        "checkpoint in OUTPUT_DIR/backbone")
+                   help="the run's directory (default runs/backbone): the training state (train_state.pt), and the "
+                        "checkpoint with its model card in OUTPUT_DIR/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
     p.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")
@@ -435,11 +441,15 @@ def read_state(path: Path) -> dict:
                          f"it again with --overwrite, or a new run with --init-from its export") from None
 
 
-def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int) -> int:
+COMPILE_RESERVE_S = 60.0
+"""What ``--time-budget`` keeps for compiling the model for the test reading under ``--compile``."""
+
+
+def epochs_within(seconds_left: float, epoch_seconds: float, epochs_done: int, compiled: bool) -> int:
     """The schedule length that ends within ``seconds_left`` more seconds of epochs of ``epoch_seconds``, after
-    ``epochs_done``, with two epochs' time and a minute kept for the test reading, the export and compiling
-    the model for them (at least the epochs done)."""
-    reserve = 60 + 2 * epoch_seconds
+    ``epochs_done`` (at least the epochs done), with two epochs' time kept for the test reading and the export,
+    and :data:`COMPILE_RESERVE_S` more when the model is ``compiled`` for them."""
+    reserve = 2 * epoch_seconds + (COMPILE_RESERVE_S if compiled else 0.0)
     return epochs_done + max(0, int((seconds_left - reserve) // epoch_seconds))
 
 
@@ -515,6 +525,14 @@ def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any
                         f"differ): point --data-dir at a copy of that data set, or start a new run")
 
 
+def run_one_level_up(out: Path) -> str:
+    """What to add to an error about ``--output-dir out`` when ``out`` is the export of the backbone.py run in the
+    directory above (the export is the directory train.py and evaluate.py take): that run's directory."""
+    if out.name == RUN_EXPORT_DIR and (out.parent / STATE_FILE).exists():
+        return f" ({out} is the export of the run in {out.parent}: pass --output-dir {out.parent})"
+    return ""
+
+
 def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     """Train (or resume, ``args.resume``) the backbone ``args`` describes; ``given`` names the flags the
     command line set (:func:`given_flags`), which a resumed run checks against its recorded recipe."""
@@ -534,7 +552,10 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
                              f"to replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "
                              f"--output-dir")
     if args.resume and not state_path.exists():
-        raise UsageError(f"nothing to resume: {state_path} does not exist")
+        raise UsageError(f"nothing to resume: {state_path} does not exist{run_one_level_up(out)}")
+    if out.is_dir() and any(out.iterdir()) and not (state_path.exists() or (out / RUN_EXPORT_DIR).exists()):
+        raise UsageError(f"{out} is not empty and holds no backbone.py run: choose another --output-dir"
+                         f"{run_one_level_up(out)}")
     state = read_state(state_path) if args.resume else None
     if state is not None:
         args = resumed_args(args, state, given)
@@ -632,7 +653,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
         if args.time_budget is not None and epoch == start_epoch + 1:
             epoch_seconds = history[-1]["seconds"] - history[-2]["seconds"]
-            epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1)
+            epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1,
+                                   args.compile)
             if epochs != args.epochs:
                 print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "
                       f"{epoch_seconds:.1f} s", flush=True)

@@ -58,6 +58,7 @@ from envs.problem import (
     problems_from_args,
     sweep_label,
 )
+from envs.vit.backbone_checkpoint import CONFIG_FILE, RUN_EXPORT_DIR
 from envs.vit.data import DataError
 from envs.vit_server import (
     ServerInputs,
@@ -222,6 +223,18 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
     )
 
 
+def what_it_holds_instead(local: Path | None) -> str:
+    """What to add to an error about an ``--output-dir`` that holds no run (``local``; None in the cloud) when it is
+    one level off: a trial of the run above it, or a backbone.py run with its export."""
+    if local is None:
+        return ""
+    if tune.Tuner.can_restore(str(local.parent)):
+        return f" ({local} is a trial of the run in {local.parent}: pass --output-dir {local.parent})"
+    if (local / RUN_EXPORT_DIR / CONFIG_FILE).is_file():
+        return f" (it holds a backbone.py run: train on its export with --backbone {local / RUN_EXPORT_DIR})"
+    return ""
+
+
 def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[list[PruningProblem], TrialResources]:
     """The problems and resources of the trials: from the flags (or ``--from-checkpoint``'s problem) for a new
     run, from the run's own record on --resume; a flag ``given`` that either would ignore is refused. The
@@ -241,7 +254,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
                          f"{', '.join(flag_name(dest) for dest in kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
-            raise UsageError(f"nothing to resume: no run in {args.output_dir}")
+            raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(local)}")
         tuner = None
         try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
             if local is not None:
@@ -266,7 +279,8 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         return with_data_dir(problems, args), resources
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
-            raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir")
+            raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
+                             f"{what_it_holds_instead(local)}")
         if not args.overwrite:
             raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
                              f"to replace it")

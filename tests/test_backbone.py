@@ -111,12 +111,13 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
                                                                        capsys):
     """--time-budget replaces --epochs after the second epoch (the first pays for compiling) with the epochs
     that fit, a reserve kept for the test reading and the export; the cosine schedule and the card follow."""
-    assert backbone.epochs_within(600, 10, 2) == 2 + (600 - 60 - 20) // 10
-    assert backbone.epochs_within(30, 10, 2) == 2  # no time left: the run ends with the epochs done
+    assert backbone.epochs_within(600, 10, 2, compiled=True) == 2 + (600 - 60 - 20) // 10
+    assert backbone.epochs_within(600, 10, 2, compiled=False) == 2 + (600 - 20) // 10  # no compiling to wait for
+    assert backbone.epochs_within(30, 10, 2, compiled=True) == 2  # no time left: the run ends with the epochs done
     fitted = []
 
-    def fit(seconds_left, epoch_seconds, epochs_done):
-        fitted.append((seconds_left, epoch_seconds, epochs_done))
+    def fit(seconds_left, epoch_seconds, epochs_done, compiled):
+        fitted.append((seconds_left, epoch_seconds, epochs_done, compiled))
         return 3
 
     monkeypatch.setattr(backbone, "epochs_within", fit)
@@ -129,7 +130,7 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
 
     monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--epochs", epochs, "--time-budget", "1000") == 0
-    assert len(fitted) == 1 and fitted[0][2] == 2 and 0 < fitted[0][1] < fitted[0][0] < 1000
+    assert len(fitted) == 1 and fitted[0][2:] == (2, False) and 0 < fitted[0][1] < fitted[0][0] < 1000
     # 256 images in batches of 64: 4 updates an epoch. The third epoch's updates (t = 9 to 11; update 9 runs at
     # the rate set before the change) follow the cosine of 3 epochs, 12 updates, that the scheduler now runs
     peak = 3e-3 * 64 / 512
@@ -176,7 +177,7 @@ def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir
         return load_split(*args, **kwargs)
 
     monkeypatch.setattr(backbone, "load_split", slow_load_split)
-    monkeypatch.setattr(backbone, "epochs_within", lambda left, epoch_seconds, done: fitted.append(left) or done)
+    monkeypatch.setattr(backbone, "epochs_within", lambda left, seconds, done, compiled: fitted.append(left) or done)
     assert run_backbone(tmp_path, data_dir, "--epochs", "3", "--time-budget", "1000") == 0
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     trained = config["history"][1]["seconds"]  # the two epochs before the budget is read
@@ -327,6 +328,32 @@ def test_an_exported_backbone_alone_is_not_replaced_without_overwrite(tmp_path, 
     assert (export / "config.json").read_text() == "{}"
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--overwrite"]) == 2
     assert capsys.readouterr().err == "error: --resume continues a run; --overwrite replaces it: pass one of them\n"
+
+
+def test_a_directory_holding_something_else_is_refused_and_an_export_names_its_run(tmp_path, capsys):
+    """As train.py: an --output-dir with files but no backbone.py run in it (one's own files, a train.py run, a
+    run's export) is never written into, with --overwrite too; an export given for its run is named."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for flags in ([], ["--overwrite"]):
+        assert backbone.main(["--output-dir", str(mine), "--data-dir", str(tmp_path), *flags]) == 2
+        assert capsys.readouterr().err == f"error: {mine} is not empty and holds no backbone.py run: choose another " \
+                                          f"--output-dir\n"
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+    run = tmp_path / "run"
+    export = run / backbone.RUN_EXPORT_DIR
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    (run / backbone.STATE_FILE).write_bytes(b"")
+    named = f"({export} is the export of the run in {run}: pass --output-dir {run})"
+    assert backbone.main(["--output-dir", str(export), "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {export} is not empty and holds no backbone.py run: choose another " \
+                                      f"--output-dir {named}\n"
+    assert backbone.main(["--output-dir", str(export), "--resume"]) == 2
+    state = export / backbone.STATE_FILE
+    assert capsys.readouterr().err == f"error: nothing to resume: {state} does not exist {named}\n"
+    assert sorted(path.name for path in export.iterdir()) == ["config.json"]
 
 
 def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, capsys):

@@ -115,6 +115,29 @@ def test_output_dir_holding_a_run_is_refused_and_one_holding_anything_else_is_ne
         assert "precious.txt is a file, not a directory" in err and err.count("\n") == 1
 
 
+def test_an_output_dir_one_level_off_is_named(tmp_path, capsys):
+    """A trial's directory, or a backbone.py run, given as the run to resume or to start in: the line says which
+    directory would do."""
+    run, trial = tmp_path / "run", tmp_path / "run" / "target_ratio=0.5"
+    trial.mkdir(parents=True)
+    (run / "tuner.pkl").write_bytes(b"")
+    (trial / "progress.csv").write_text("training_iteration\n1\n")
+    backbone_run = tmp_path / "backbone_run"
+    (backbone_run / "backbone").mkdir(parents=True)
+    (backbone_run / "backbone" / "config.json").write_text("{}")
+    for flags, message in (
+            (["--output-dir", str(trial), "--resume"],
+             f"nothing to resume: no run in {trial} ({trial} is a trial of the run in {run}: pass --output-dir {run})"),
+            (["--output-dir", str(trial)], f"{trial} is not empty and holds no run: choose another --output-dir "
+                                           f"({trial} is a trial of the run in {run}: pass --output-dir {run})"),
+            (["--output-dir", str(backbone_run), "--resume"],
+             f"nothing to resume: no run in {backbone_run} (it holds a backbone.py run: train on its export with "
+             f"--backbone {backbone_run / 'backbone'})")):
+        assert train.main(flags) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert (trial / "progress.csv").read_text() == "training_iteration\n1\n"
+
+
 def test_a_sweep_that_repeats_a_trial_and_a_negative_time_budget_are_refused(tmp_path, capsys):
     for flags, message in ((["--target-ratio", "0.5,0.5"], "the sweep gives a setting the same value twice"),
                            (["--lr", "1e-4,0.0001"], "the sweep gives a setting the same value twice"),
