@@ -24,6 +24,7 @@ from envs.vit.data import (
     check_fits_backbone,
     class_difference,
     limited_positions,
+    load_checked_split,
     load_split,
     split_indices,
 )
@@ -205,6 +206,25 @@ def test_missing_dataset_offline_gives_clear_error(tmp_path):
         load_split("mnist", "test", tmp_path)
     with pytest.raises(DataError, match="unknown split"):
         load_split("cifar10", "validation", tmp_path)
+
+
+def test_ones_own_image_folder_is_told_apart_from_a_missing_data_set_and_other_classes(image_folder_224,
+                                                                                          monkeypatch):
+    """The mistakes of a first run on one's own data: the default --dataset (cifar10) on an ImageFolder is not
+    downloaded into it; the reference backbone's 10 classes are refused before the 3 are split or decoded (its
+    5,000 validation images would not fit either); a validation size too large names the flag."""
+    with pytest.raises(DataError, match=r"cifar10 not found in .*, which holds an ImageFolder data set \(.*train\): "
+                                        r"pass --dataset folder"):
+        load_split("cifar10", "train", image_folder_224, download=True)
+    assert not (image_folder_224 / "cifar10").exists()
+    monkeypatch.setattr(data, "_decode", lambda *args: pytest.fail("decoded before the classes were checked"))
+    reference = {"num_classes": 10, "class_names": [f"class {i}" for i in range(10)], "input_size": 224,
+                 "dataset": "cifar10", "split_seed": 0, "split_sizes": {"train": 45000, "val": 5000}}
+    with pytest.raises(DataError, match="the data set's 3 classes are not the backbone's 10"):
+        load_checked_split("folder", "train", image_folder_224, reference, val_size=5000, seed=0)
+    with pytest.raises(DataError, match=r"^validation size 5000 must be between 1 and 23, the data set's 24 training "
+                                        r"images less one \(backbone.py's and train.py's --val-size\)$"):
+        load_split("folder", "train", image_folder_224, input_size=224, val_size=5000)
 
 
 def test_a_split_over_the_memory_budget_streams_the_same_pixels(image_folder_224):

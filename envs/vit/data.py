@@ -224,6 +224,10 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
         return raw
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
+    image_folder = _split_source("folder", data_dir, split)
+    if image_folder is not None:  # one's own data, with the default --dataset (or a backbone's): not a download
+        raise DataError(f"{dataset} not found in {data_dir}, which holds an ImageFolder data set ({image_folder}): "
+                        f"pass --dataset folder (train.py and evaluate.py read their --backbone's data set)")
     # what a download creates: removed again if it fails, so a failed command leaves nothing behind
     created = first_missing(data_dir / dataset)
     try:
@@ -310,7 +314,8 @@ def split_indices(labels: np.ndarray, split: str, val_size: int, seed: int) -> n
     (:func:`check_fits_backbone` tells when a copy does not)."""
     num_train = len(labels)
     if not 0 < val_size < num_train:
-        raise DataError(f"validation size {val_size} must be between 1 and {num_train - 1}")
+        raise DataError(f"validation size {val_size} must be between 1 and {num_train - 1}, the data set's "
+                        f"{num_train} training images less one (backbone.py's and train.py's --val-size)")
     order = np.argsort(labels, kind="stable")[np.random.default_rng(seed).permutation(num_train)]
     chosen = order[:val_size] if split == "val" else order[val_size:]
     return np.sort(chosen)
@@ -401,6 +406,16 @@ def check_held_out(split_name: str, dataset: str, val_size: int, seed: int, back
     return held_out, held_out_seed
 
 
+def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> None:
+    """Raise a DataError naming the difference where a data set's classes ``found`` are not those the backbone of
+    ``backbone_config`` was trained on: its answers would be compared with other labels."""
+    classes = tuple(backbone_config.get("class_names") or ())
+    if (classes and classes != tuple(found)) or len(found) != backbone_config["num_classes"]:
+        difference = class_difference(found, classes) if classes else "unnamed in the backbone"
+        raise DataError(f"the data set's {len(found)} classes are not the backbone's "
+                        f"{backbone_config['num_classes']} ({difference})")
+
+
 def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
                         backbone_config: Mapping[str, Any], data_dir: str | os.PathLike | None = None,
                         download: bool = False) -> None:
@@ -410,11 +425,7 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     validation split of its data set must be that one or a part of it (the same seed, at most its size), drawn
     from a copy of the data set (at ``data_dir``) of as many training images (:func:`training_split_size`) that
     gives the same images (:func:`held_out_fingerprint`)."""
-    classes = tuple(backbone_config.get("class_names") or ())
-    if (classes and classes != split.class_names) or len(split.class_names) != backbone_config["num_classes"]:
-        difference = class_difference(split.class_names, classes) if classes else "unnamed in the backbone"
-        raise DataError(f"the data set's {len(split.class_names)} classes are not the backbone's "
-                        f"{backbone_config['num_classes']} ({difference})")
+    check_classes(split.class_names, backbone_config)
     recorded_split = check_held_out(split_name, dataset, val_size, seed, backbone_config, split.class_names)
     if recorded_split is None:
         return
@@ -480,12 +491,15 @@ def load_split(
     limit: int | None = None,
     download: bool = False,
     memory_budget_mb: float | None = None,
+    backbone_config: Mapping[str, Any] | None = None,
 ) -> ImageSplit:
     """One split of a data set, decoded into memory or, above ``memory_budget_mb``, streamed from its files
     (see the module docstring for the splits).
 
     ``limit`` keeps a seeded random subset of ``limit`` images of the split (for quick looks and tests);
     the split itself never changes with it. ``memory_budget_mb=None``: :data:`DEFAULT_MEMORY_BUDGET_MB`.
+    ``backbone_config``: a data set of other classes than this backbone's is refused (:func:`check_classes`)
+    before it is split or decoded.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -493,6 +507,8 @@ def load_split(
     raw_split = _file_split(split)
     with _held_raw_split(dataset, root, raw_split, download) as raw:
         labels = _labels(raw)
+        if backbone_config is not None:
+            check_classes(_class_names(raw), backbone_config)
         if split == "test":
             indices = np.arange(len(labels))
         else:
@@ -514,6 +530,7 @@ def load_checked_split(dataset: str, split: str, data_dir: str | os.PathLike | N
     honestly: checked before anything is decoded (:func:`check_held_out`) and after (:func:`check_fits_backbone`)."""
     check_held_out(split, dataset, val_size, seed, backbone_config)
     images = load_split(dataset, split, data_dir, input_size=backbone_config["input_size"], val_size=val_size,
-                        seed=seed, limit=limit, download=download, memory_budget_mb=memory_budget_mb)
+                        seed=seed, limit=limit, download=download, memory_budget_mb=memory_budget_mb,
+                        backbone_config=backbone_config)
     check_fits_backbone(images, split, dataset, val_size, seed, backbone_config, data_dir, download)
     return images
