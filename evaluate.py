@@ -53,6 +53,7 @@ import argparse
 import math
 import statistics
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -106,7 +107,7 @@ from envs.vit.data import (
     load_checked_split,
 )
 from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
-from envs.vit.flops import ViTSpec, exact_budget_gflops
+from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
 from envs.vit.token_merge import REDUCTIONS
@@ -217,8 +218,16 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     it is compared with, as closely as whole merges per block allow."""
     costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
              if method.selector not in ("tome", "baseline", "cascade")]
-    return [replace(method, tome_gflops=max(gflops for budget, gflops in costs if budget == method.budget))
-            if method.selector == "tome" else method for method in methods]
+    matched = {budget: max(gflops for at, gflops in costs if at == budget) for budget, _ in costs}
+    spec = ViTSpec.from_model(staged.vit)
+    unpruned = tome_gflops(spec, [0] * spec.depth).total
+    for budget, gflops in sorted(matched.items()):
+        if gflops >= unpruned and any(method.selector == "tome" and method.budget == budget for method in methods):
+            warnings.warn(f"ToMe at {budget:g} is the unpruned model: the rows it is matched to cost {gflops:.4g} "
+                          f"GFLOPs, no less than the unpruned model's {unpruned:.4g} (the agents' networks outweigh "
+                          f"this ViT), so it merges no token", stacklevel=2)
+    return [replace(method, tome_gflops=matched[method.budget]) if method.selector == "tome" else method
+            for method in methods]
 
 
 def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],

@@ -14,7 +14,9 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -871,6 +873,27 @@ def test_tome_row_costs_what_the_dearest_row_at_its_budget_costs(results, tiny_s
         assert at_budget.loc["ToMe", "gflops_features"] == 0 and at_budget.loc["ToMe", "keep_ratio_s1"] < 1
     at_policy = table[table["budget"] == TARGET_RATIO].set_index("method").drop(index="ToMe")
     assert at_policy["gflops"].idxmax() == "MARL exact"
+
+
+def test_tome_matched_to_more_than_the_unpruned_cost_is_said_to_merge_nothing(tiny_staged, monkeypatch):
+    """On a ViT small beside the agents' networks, the row ToMe is matched to costs more than the unpruned model:
+    ToMe then merges nothing, which the command says in a warning rather than show the unpruned model as ToMe."""
+    staged, config = tiny_staged
+    methods = [evaluate.Method("Greedy similarity", "similarity", TARGET_RATIO),
+               evaluate.Method("ToMe", "tome", TARGET_RATIO)]
+    unpruned = evaluate.Method("Baseline", "baseline").model(staged, config, "merge").gflops().total
+    model = evaluate.Method.model
+    for cost, warned in ((unpruned * 0.6, False), (unpruned * 1.01, True)):
+        monkeypatch.setattr(evaluate.Method, "model", lambda self, *args, cost=cost: (
+            model(self, *args) if self.selector == "tome" else SimpleNamespace(
+                gflops=lambda: SimpleNamespace(total=cost))))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tome = evaluate.match_tome_cost(methods, staged, config, "merge")[1]
+        assert [str(w.message).startswith(f"ToMe at {TARGET_RATIO:g} is the unpruned model: the rows it is matched "
+                                          f"to cost ") for w in caught] == ([True] if warned else [])
+        merged = tome.model(staged, config, "merge").gflops().total
+        assert (merged == pytest.approx(unpruned)) == warned and tome.tome_gflops == cost
 
 
 def test_cascade_row_is_the_cascade_calibrated_on_validation_images(tiny_policy, tiny_staged, data_dir, split,
