@@ -43,6 +43,7 @@ from cli import (
     check_output_dir,
     code_commit,
     data_access,
+    duration_in,
     given_flags,
     non_negative_float,
     non_negative_int,
@@ -162,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="train the model through torch.compile: compiling takes about a minute when the run (or a "
                         "--resume) starts and pays off on long GPU runs; the weights saved are the same")
-    p.add_argument("--time-limit", type=non_negative_float, default=None, metavar="SECONDS",
-                   help="stop (resumably) after the first epoch that ends past this many seconds")
-    p.add_argument("--time-budget", type=non_negative_float, default=None, metavar="SECONDS",
-                   help="train as many epochs as fit in this many seconds, the test reading and export included: "
+    p.add_argument("--time-limit", type=duration_in("s"), default=None, metavar="SECONDS",
+                   help="stop (resumably) after the first epoch that ends past this many seconds (or a duration "
+                        "with a unit: 20m, 1.5h)")
+    p.add_argument("--time-budget", type=duration_in("s"), default=None, metavar="SECONDS",
+                   help="train as many epochs as fit in this many seconds (or 20m, 1.5h), the test reading and "
+                        "export included: "
                         "the schedule's length is set from the second epoch's measured time (the first pays for "
                         "compiling), replacing --epochs; two epochs' time, and a minute more with --compile, is kept "
                         "for the test reading and export")

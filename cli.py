@@ -193,6 +193,30 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+"""The units a duration flag takes after its number, in seconds: ``90s``, ``20m``, ``20min``, ``1.5h``."""
+UNIT_NAMES = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours"}
+
+
+def duration_in(unit: str) -> Callable[[str], float]:
+    """An argparse ``type`` for a duration counted in ``unit`` (a key of :data:`DURATION_UNITS`): a bare number is
+    in that unit (train.py counts minutes, backbone.py seconds), a number with a unit is converted to it, so that
+    ``--time-budget 90s`` means the same to both commands."""
+    def duration(text: str) -> float:
+        number = text.strip()
+        suffix = next((name for name in sorted(DURATION_UNITS, key=len, reverse=True) if number.endswith(name)), None)
+        if suffix is not None:
+            number = number[:-len(suffix)].strip()
+        try:
+            value = non_negative_float(number)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected a duration >= 0 in {UNIT_NAMES[unit]} or with a unit "
+                                             f"(90s, 20m, 1.5h), got {text!r}") from None
+        return value if suffix is None else value * DURATION_UNITS[suffix] / DURATION_UNITS[unit]
+
+    return duration
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)

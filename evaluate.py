@@ -99,6 +99,7 @@ from envs.vit.backbone_checkpoint import (
     repository_relative,
 )
 from envs.vit.data import (
+    DATASETS,
     DataError,
     ImageSplit,
     check_held_out,
@@ -528,15 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
                              f"{','.join(map(str, DEFAULT_PRUNE_POINTS))}; a checkpoint brings its own)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
-    parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    parser.add_argument("--dataset", default=None, choices=DATASETS,
+                        help="default: the data set of the checkpoint (or --backbone)")
     add_data_access_arguments(parser)
     parser.add_argument("--split", default="test", choices=("val", "test"),
                         help="test for final numbers, val (the backbone's held-out subset) for development "
                              "(default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
-                        help="target ratios of the heuristic rows, comma-separated; a checkpoint trained with "
-                             "--train-ratios also gets MARL rows at those it was trained at (default: %(default)s)")
+                        help="target ratios of the heuristic rows, comma-separated; the checkpoints' own ratios "
+                             "(--checkpoint's, --checkpoints-per-budget's, and a --train-ratios checkpoint's among "
+                             "these) get MARL rows and the heuristic rows beside them (default: %(default)s)")
     parser.add_argument("--reduction", default=None, choices=REDUCTIONS,
                         help="what pruned rows do with removed tokens (default: the checkpoint's)")
     parser.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},

@@ -43,8 +43,8 @@ from cli import (
     check_output_dir,
     code_commit,
     data_access,
+    duration_in,
     given_flags,
-    non_negative_float,
     non_negative_int,
     positive_int,
     run_command,
@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=positive_int, default=1000,
                      help="stop a trial after this many iterations in total (default 1000; raise it on --resume to go "
                           "on)")
-    run.add_argument("--time-budget", type=non_negative_float, default=18.0, metavar="MINUTES",
+    run.add_argument("--time-budget", type=duration_in("m"), default=18.0, metavar="MINUTES",
                      help="stop a trial (with a checkpoint) after the iteration that passes this much training "
-                          "time since it (re)started; 0 = no limit (default 18, so the default run fits in ~20 min)")
+                          "time since it (re)started, in minutes or with a unit (90s, 1.5h); 0 = no limit "
+                          "(default 18, so the default run fits in ~20 min)")
     run.add_argument("--output-dir", default="runs/marl",
                      help="the run's directory, local or a cloud URI (s3://, gs://): a cluster needs no shared disk "
                           "(default runs/marl)")

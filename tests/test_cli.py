@@ -3,6 +3,7 @@ in one line with 130, a bug with its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 
@@ -12,7 +13,7 @@ import torch
 import cli
 import evaluate
 from benchmarks import run_from_command_line, saliency_headroom
-from cli import run_command, warning_library
+from cli import duration_in, run_command, warning_library
 from envs.errors import UsageError
 from envs.vit.data import DataError
 from training.ray_session import start_ray
@@ -130,3 +131,13 @@ def test_a_ray_job_that_sets_the_hash_seed_keeps_its_own(monkeypatch):
     for job_env, ours in (({"PYTHONHASHSEED": "3"}, {}), ({"OMP_NUM_THREADS": "1"}, ray_session.HASH_SEED)):
         monkeypatch.setenv(ray_session.RAY_JOB_CONFIG, json.dumps({"runtime_env": {"env_vars": job_env}}))
         assert ray_session.worker_env_vars() == ({"env_vars": ours} if ours else {})
+
+
+def test_a_duration_is_in_the_commands_unit_or_says_its_own():
+    """train.py counts --time-budget in minutes, backbone.py in seconds: a unit given means the same to both."""
+    minutes, seconds = duration_in("m"), duration_in("s")
+    assert [minutes(text) for text in ("20", "90s", "20m", "20min", "1.5h", " 0 ")] == [20, 1.5, 20, 20, 90, 0]
+    assert [seconds(text) for text in ("540", "9m", "0.5h", "30 s")] == [540, 540, 1800, 30]
+    for bad in ("-5", "inf", "nan", "90x", "m", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected a duration >= 0 in minutes or with a unit"):
+            minutes(bad)

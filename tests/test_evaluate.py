@@ -572,7 +572,7 @@ def truncated(path: Path) -> Path:
 REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade_on_validation",
                                   "cascade_points_without_cascade", "calibration_without_cascade", "train_split",
                                   "device_not_a_device", "device_without_gpu", "device_of_another_kind", "bad_dtype",
-                                  "bad_speed_batch_sizes"}
+                                  "bad_speed_batch_sizes", "bad_dataset"}
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -615,6 +615,7 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("device_without_gpu", "--device cuda requested but no GPU is visible"),
     ("device_of_another_kind", "--device 'meta': this project runs on the CPU or a CUDA GPU"),
     ("bad_dtype", "argument --dtype: invalid choice: 'float16'"),
+    ("bad_dataset", "argument --dataset: invalid choice: 'mnist' (choose from 'cifar10', 'cifar100', 'folder')"),
     ("bad_speed_batch_sizes", "argument --speed-batch-sizes: must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
@@ -676,6 +677,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU-less machine, wherever this runs
     elif case == "bad_dtype":
         extra = ["--dtype", "float16"]
+    elif case == "bad_dataset":
+        extra = ["--dataset", "mnist"]
     elif case == "bad_speed_batch_sizes":
         extra = ["--speed-batch-sizes", "1,0"]
     elif case.endswith("without_cascade"):

@@ -576,13 +576,14 @@ def test_progress_line_leaves_out_returns_against_the_other_rollouts():
     """Returns per image mean something against a heuristic's fidelity (above 0 where the agents beat it);
     against an image's other rollouts they average 0 by construction, so the line leaves them out."""
 
-    result = {"training_iteration": 3, "num_env_steps_sampled_lifetime": 120,
+    result = {"training_iteration": 3, "num_env_steps_sampled_lifetime": 120.0,  # RLlib sums it as a float
               "env_runners": {"module_episode_returns_mean": {"attention": 1.6, "similarity": 1.6}, "agree": 0.9,
                               "correct": 0.8, "keep_ratio": 0.125, "gflops": 0.17},
               "progress": {"elapsed_s": 65, "remaining_s": 125, "validated": False, "out_of_time": False}}
     heuristic = PruningProblem(rollouts_per_image=1, reward_baseline="distinct", images_per_env=16)
     line = progress_line(result, heuristic)
     assert "R/img[att]=+0.100" in line and "R/img[sim]=+0.100" in line and "1m05s elapsed" in line
+    assert "steps      120 " in line
     assert "R/img" not in progress_line(result, PruningProblem(reward_baseline="rollouts"))
 
 

@@ -49,7 +49,7 @@ def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
                 if math.isfinite(runners.get("agree", math.nan))  # nan: none finished in the metrics' window
                 else ["no episode finished yet"])  # a short first iteration's batch
     parts = [f"iter {result['training_iteration']:4d}",
-             f"steps {result.get('num_env_steps_sampled_lifetime', 0):>8}",
+             f"steps {int(result.get('num_env_steps_sampled_lifetime', 0)):>8}",
              *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
              *episodes,
              f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
