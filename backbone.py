@@ -55,6 +55,7 @@ from envs.atomic_file import replaced_atomically
 from envs.errors import UsageError
 from envs.vit.augment import NUM_BINS, RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import (
+    CONFIG_FILE,
     RUN_EXPORT_DIR,
     CheckpointError,
     create_vit,
@@ -545,18 +546,21 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     out = Path(args.output_dir).expanduser()
     check_output_dir(out, str(out))
     state_path = out / STATE_FILE
+    exported = (out / RUN_EXPORT_DIR / CONFIG_FILE).is_file()
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run; --overwrite replaces it: pass one of them")
     if not (args.resume or args.overwrite):
         if state_path.exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        if (out / RUN_EXPORT_DIR).exists():  # a finished run's export alone
+        if exported:  # a finished run's export alone
             raise UsageError(f"{out} already holds an exported backbone ({out / RUN_EXPORT_DIR}): pass --overwrite "
                              f"to replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "
                              f"--output-dir")
     if args.resume and not state_path.exists():
         raise UsageError(f"nothing to resume: {state_path} does not exist{run_one_level_up(out)}")
-    if out.is_dir() and any(out.iterdir()) and not (state_path.exists() or (out / RUN_EXPORT_DIR).exists()):
+    staged = f".{STATE_FILE}.tmp"  # what a save killed before it finished leaves (envs.atomic_file)
+    if (not (state_path.exists() or exported) and out.is_dir()
+            and any(path.name != staged for path in out.iterdir())):
         raise UsageError(f"{out} is not empty and holds no backbone.py run: choose another --output-dir"
                          f"{run_one_level_up(out)}")
     state = read_state(state_path) if args.resume else None

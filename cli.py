@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import math
 import platform
+import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -61,15 +65,32 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
 
 
 def warning_library(filename: str) -> str | None:
-    """The top-level module of another distribution that ``filename`` belongs to (``torch`` for
-    ``.../site-packages/torch/nn/functional.py``, ``warnings`` for the standard library's ``warnings.py``);
-    None for this project's files, in a clone or installed."""
+    """The top-level module of another distribution, or of the standard library, that ``filename`` belongs to
+    (``torch`` for ``.../site-packages/torch/nn/functional.py``, ``multiprocessing`` for the standard library's
+    ``multiprocessing/resource_tracker.py``, ``importlib`` for ``<frozen importlib._bootstrap>``, ``<string>`` as
+    it is); None for this project's files, in a clone or installed. A warning is filed under the file its
+    ``stacklevel`` points to, so a library's warning about how the project calls it reads as the project's."""
+    if filename.startswith("<frozen "):
+        return filename.removeprefix("<frozen ").split(".")[0].rstrip(">")
+    if filename.startswith("<"):  # code without a file: <string>, <stdin>
+        return filename
     path = Path(filename).resolve()
     installed = [i for i, part in enumerate(path.parts) if part in ("site-packages", "dist-packages")]
     if installed and installed[-1] + 1 < len(path.parts):
         top_level = Path(path.parts[installed[-1] + 1]).name.split(".")[0]
-        return None if DISTRIBUTION in packages_distributions().get(top_level, []) else top_level
+        return None if top_level in project_modules() else top_level
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    if path.is_relative_to(stdlib):
+        return Path(path.relative_to(stdlib).parts[0]).name.split(".")[0]
     return None if path.is_relative_to(REPO_ROOT) else path.stem
+
+
+@functools.cache
+def project_modules() -> frozenset[str]:
+    """The top-level modules this project's distribution installs (``envs``, ``train``, ...), read once: the scan
+    of every installed distribution's metadata takes a third of a second."""
+    return frozenset(name for name, distributions in packages_distributions().items()
+                     if DISTRIBUTION in distributions)
 
 
 @contextlib.contextmanager
@@ -193,26 +214,26 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-"""The units a duration flag takes after its number, in seconds: ``90s``, ``20m``, ``20min``, ``1.5h``."""
-UNIT_NAMES = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours"}
+DURATION_UNITS = {"s": (1.0, "seconds"), "m": (60.0, "minutes"), "min": (60.0, "minutes"), "h": (3600.0, "hours")}
+"""The units a duration flag takes after its number (any case), each as (seconds, name): ``90s``, ``20m``,
+``20 min``, ``1.5h``."""
 
 
 def duration_in(unit: str) -> Callable[[str], float]:
     """An argparse ``type`` for a duration counted in ``unit`` (a key of :data:`DURATION_UNITS`): a bare number is
     in that unit (train.py counts minutes, backbone.py seconds), a number with a unit is converted to it, so that
-    ``--time-budget 90s`` means the same to both commands."""
+    ``--time-budget 90s`` means the same to both commands. Finite and >= 0 once converted."""
     def duration(text: str) -> float:
-        number = text.strip()
-        suffix = next((name for name in sorted(DURATION_UNITS, key=len, reverse=True) if number.endswith(name)), None)
-        if suffix is not None:
-            number = number[:-len(suffix)].strip()
+        given = re.fullmatch(r"\s*(\S*?)\s*(s|m|min|h)?\s*", text, flags=re.IGNORECASE)
+        number, suffix = given.groups() if given else ("", None)
         try:
-            value = non_negative_float(number)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected a duration >= 0 in {UNIT_NAMES[unit]} or with a unit "
-                                             f"(90s, 20m, 1.5h), got {text!r}") from None
-        return value if suffix is None else value * DURATION_UNITS[suffix] / DURATION_UNITS[unit]
+            value = float(number) * (DURATION_UNITS[suffix.lower()][0] / DURATION_UNITS[unit][0] if suffix else 1.0)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected a duration >= 0 in {DURATION_UNITS[unit][1]} or with a unit "
+                                             f"(90s, 20m, 1.5h), got {text!r}")
+        return value
 
     return duration
 

@@ -112,6 +112,7 @@ from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
 from envs.vit.token_merge import REDUCTIONS
+from envs.vit.tome import tome_schedule
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
     Modules,
@@ -221,11 +222,12 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
              if method.selector not in ("tome", "baseline", "cascade")]
     matched = {budget: max(gflops for at, gflops in costs if at == budget) for budget, _ in costs}
     spec = ViTSpec.from_model(staged.vit)
-    unpruned = tome_gflops(spec, [0] * spec.depth).total
     for budget, gflops in sorted(matched.items()):
-        if gflops >= unpruned and any(method.selector == "tome" and method.budget == budget for method in methods):
+        if (any(method.selector == "tome" and method.budget == budget for method in methods)
+                and not any(tome_schedule(spec, gflops))):
+            unpruned = tome_gflops(spec, [0] * spec.depth).total
             warnings.warn(f"ToMe at {budget:g} is the unpruned model: the rows it is matched to cost {gflops:.4g} "
-                          f"GFLOPs, no less than the unpruned model's {unpruned:.4g} (the agents' networks outweigh "
+                          f"GFLOPs, about the unpruned model's {unpruned:.4g} or more (the agents' networks outweigh "
                           f"this ViT), so it merges no token", stacklevel=2)
     return [replace(method, tome_gflops=matched[method.budget]) if method.selector == "tome" else method
             for method in methods]

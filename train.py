@@ -224,15 +224,19 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
     )
 
 
-def what_it_holds_instead(local: Path | None) -> str:
-    """What to add to an error about an ``--output-dir`` that holds no run (``local``; None in the cloud) when it is
-    one level off: a trial of the run above it, or a backbone.py run with its export."""
+def what_it_holds_instead(output_dir: str) -> str:
+    """What to add to an error about an ``--output-dir`` that holds no run when it is one level off: a trial of the
+    run above it (Tune's ``params.json`` in it), or a backbone.py run with its export; the paths as given."""
+    local = local_run_dir(output_dir)
     if local is None:
         return ""
-    if tune.Tuner.can_restore(str(local.parent)):
-        return f" ({local} is a trial of the run in {local.parent}: pass --output-dir {local.parent})"
+    shown = Path(output_dir).expanduser()
+    if shown.name in ("", ".", ".."):  # no parent to show as given
+        shown = local
+    if (local / "params.json").is_file() and tune.Tuner.can_restore(str(local.parent)):
+        return f" ({shown} is a trial of the run in {shown.parent}: pass --output-dir {shown.parent})"
     if (local / RUN_EXPORT_DIR / CONFIG_FILE).is_file():
-        return f" (it holds a backbone.py run: train on its export with --backbone {local / RUN_EXPORT_DIR})"
+        return f" (it holds a backbone.py run: train on its export with --backbone {shown / RUN_EXPORT_DIR})"
     return ""
 
 
@@ -255,7 +259,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
                          f"{', '.join(flag_name(dest) for dest in kept)}")
     if args.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
-            raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(local)}")
+            raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(args.output_dir)}")
         tuner = None
         try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
             if local is not None:
@@ -281,7 +285,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
-                             f"{what_it_holds_instead(local)}")
+                             f"{what_it_holds_instead(args.output_dir)}")
         if not args.overwrite:
             raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
                              f"to replace it")

@@ -337,7 +337,7 @@ def test_a_directory_holding_something_else_is_refused_and_an_export_names_its_r
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     for flags in ([], ["--overwrite"]):
-        assert backbone.main(["--output-dir", str(mine), "--data-dir", str(tmp_path), *flags]) == 2
+        assert backbone.main(["--output-dir", str(mine), "--data-dir", str(tmp_path), "--no-download", *flags]) == 2
         assert capsys.readouterr().err == f"error: {mine} is not empty and holds no backbone.py run: choose another " \
                                           f"--output-dir\n"
     assert [path.name for path in mine.iterdir()] == ["notes.txt"]
@@ -347,13 +347,22 @@ def test_a_directory_holding_something_else_is_refused_and_an_export_names_its_r
     (export / "config.json").write_text("{}")
     (run / backbone.STATE_FILE).write_bytes(b"")
     named = f"({export} is the export of the run in {run}: pass --output-dir {run})"
-    assert backbone.main(["--output-dir", str(export), "--data-dir", str(tmp_path)]) == 2
+    assert backbone.main(["--output-dir", str(export), "--data-dir", str(tmp_path), "--no-download"]) == 2
     assert capsys.readouterr().err == f"error: {export} is not empty and holds no backbone.py run: choose another " \
                                       f"--output-dir {named}\n"
     assert backbone.main(["--output-dir", str(export), "--resume"]) == 2
     state = export / backbone.STATE_FILE
     assert capsys.readouterr().err == f"error: nothing to resume: {state} does not exist {named}\n"
     assert sorted(path.name for path in export.iterdir()) == ["config.json"]
+    other = tmp_path / "other"
+    (other / backbone.RUN_EXPORT_DIR).mkdir(parents=True)  # a backbone/ without a config is no export
+    assert backbone.main(["--output-dir", str(other), "--no-download"]) == 2
+    assert "holds no backbone.py run" in capsys.readouterr().err
+    killed = tmp_path / "killed"  # a first save killed before it finished: only its staged file, a run to start
+    killed.mkdir()
+    (killed / f".{backbone.STATE_FILE}.tmp").write_bytes(b"")
+    assert backbone.main(["--output-dir", str(killed), "--data-dir", str(tmp_path / "no_data"), "--no-download"]) == 2
+    assert "data directory" in capsys.readouterr().err  # past the output directory's checks
 
 
 def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing.resource_tracker
 import warnings
 
 import pytest
@@ -64,6 +65,9 @@ def test_a_librarys_warning_names_the_library_and_its_category(capsys, tmp_path)
     assert run_command(library_warns, lambda: "interrupted") == 0
     assert capsys.readouterr().err == "warning from torch (UserWarning): TypedStorage is deprecated\n"
     assert warning_library(warnings.__file__) == "warnings"  # the standard library's
+    assert warning_library(multiprocessing.resource_tracker.__file__) == "multiprocessing"  # by its top-level module
+    assert warning_library("<frozen importlib._bootstrap>") == "importlib"
+    assert warning_library("<string>") == "<string>"  # code without a file: not the project's either
     assert warning_library(cli.__file__) is None  # the project's, in a clone
     installed = tmp_path / "lib" / "python3.12" / "site-packages" / "envs" / "vit" / "pruned_vit.py"
     assert warning_library(str(installed)) is None  # the project's, installed
@@ -136,8 +140,9 @@ def test_a_ray_job_that_sets_the_hash_seed_keeps_its_own(monkeypatch):
 def test_a_duration_is_in_the_commands_unit_or_says_its_own():
     """train.py counts --time-budget in minutes, backbone.py in seconds: a unit given means the same to both."""
     minutes, seconds = duration_in("m"), duration_in("s")
-    assert [minutes(text) for text in ("20", "90s", "20m", "20min", "1.5h", " 0 ")] == [20, 1.5, 20, 20, 90, 0]
+    assert [minutes(text) for text in ("20", "90s", "20m", "20 min", "1.5H", " 0 ", "1e3")] == [20, 1.5, 20, 20, 90, 0,
+                                                                                                 1000]
     assert [seconds(text) for text in ("540", "9m", "0.5h", "30 s")] == [540, 540, 1800, 30]
-    for bad in ("-5", "inf", "nan", "90x", "m", ""):
+    for bad in ("-5", "inf", "nan", "1e308h", "90x", "0.5hh", "5 x", "m", ""):  # 1e308h: finite, not in minutes
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected a duration >= 0 in minutes or with a unit"):
             minutes(bad)

@@ -209,14 +209,19 @@ def test_missing_dataset_offline_gives_clear_error(tmp_path):
 
 
 def test_ones_own_image_folder_is_told_apart_from_a_missing_data_set_and_other_classes(image_folder_224,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, tmp_path):
     """The mistakes of a first run on one's own data: the default --dataset (cifar10) on an ImageFolder is not
-    downloaded into it; the reference backbone's 10 classes are refused before the 3 are split or decoded (its
-    5,000 validation images would not fit either); a validation size too large names the flag."""
-    with pytest.raises(DataError, match=r"cifar10 not found in .*, which holds an ImageFolder data set \(.*train\): "
-                                        r"pass --dataset folder"):
-        load_split("cifar10", "train", image_folder_224, download=True)
-    assert not (image_folder_224 / "cifar10").exists()
+    downloaded into it (unless the directory has a cifar10/ of its own); the reference backbone's 10 classes are
+    refused before the 3 are split or decoded (its 5,000 validation images would not fit either); a validation
+    size too large names the flag."""
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path}, which holds an ImageFolder data set "
+                                        rf"\({tmp_path / 'train'}\): pass --dataset folder"):
+        load_split("cifar10", "train", tmp_path, download=True)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "train"]  # nothing downloaded into it
+    (tmp_path / "cifar10").mkdir()  # where torchvision's files would be: looked for there, as before
+    with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path}: expected "):
+        load_split("cifar10", "train", tmp_path, download=False)
     monkeypatch.setattr(data, "_decode", lambda *args: pytest.fail("decoded before the classes were checked"))
     reference = {"num_classes": 10, "class_names": [f"class {i}" for i in range(10)], "input_size": 224,
                  "dataset": "cifar10", "split_seed": 0, "split_sizes": {"train": 45000, "val": 5000}}

@@ -115,13 +115,16 @@ def test_output_dir_holding_a_run_is_refused_and_one_holding_anything_else_is_ne
         assert "precious.txt is a file, not a directory" in err and err.count("\n") == 1
 
 
-def test_an_output_dir_one_level_off_is_named(tmp_path, capsys):
+def test_an_output_dir_one_level_off_is_named(tmp_path, capsys, monkeypatch):
     """A trial's directory, or a backbone.py run, given as the run to resume or to start in: the line says which
     directory would do."""
     run, trial = tmp_path / "run", tmp_path / "run" / "target_ratio=0.5"
     trial.mkdir(parents=True)
     (run / "tuner.pkl").write_bytes(b"")
     (trial / "progress.csv").write_text("training_iteration\n1\n")
+    (trial / "params.json").write_text("{}")  # what Tune writes in a trial's directory
+    (run / "not_a_trial").mkdir()
+    (run / "not_a_trial" / "notes.txt").write_text("mine")
     backbone_run = tmp_path / "backbone_run"
     (backbone_run / "backbone").mkdir(parents=True)
     (backbone_run / "backbone" / "config.json").write_text("{}")
@@ -132,18 +135,25 @@ def test_an_output_dir_one_level_off_is_named(tmp_path, capsys):
                                            f"({trial} is a trial of the run in {run}: pass --output-dir {run})"),
             (["--output-dir", str(backbone_run), "--resume"],
              f"nothing to resume: no run in {backbone_run} (it holds a backbone.py run: train on its export with "
-             f"--backbone {backbone_run / 'backbone'})")):
+             f"--backbone {backbone_run / 'backbone'})"),
+            (["--output-dir", str(run / "typo"), "--resume"], f"nothing to resume: no run in {run / 'typo'}"),
+            (["--output-dir", str(run / "not_a_trial")], f"{run / 'not_a_trial'} is not empty and holds no run: "
+                                                          f"choose another --output-dir")):
         assert train.main(flags) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert (trial / "progress.csv").read_text() == "training_iteration\n1\n"
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir: named as given
+    assert train.main(["--output-dir", "run/target_ratio=0.5", "--resume"]) == 2
+    assert capsys.readouterr().err == ("error: nothing to resume: no run in run/target_ratio=0.5 (run/target_ratio=0.5 "
+                                       "is a trial of the run in run: pass --output-dir run)\n")
 
 
 def test_a_sweep_that_repeats_a_trial_and_a_negative_time_budget_are_refused(tmp_path, capsys):
     for flags, message in ((["--target-ratio", "0.5,0.5"], "the sweep gives a setting the same value twice"),
                            (["--lr", "1e-4,0.0001"], "the sweep gives a setting the same value twice"),
                            (["--lr", "1e-4,1.0000001e-4"], "two trials of the sweep would share the name lr=0.0001"),
-                           (["--time-budget", "-3"], "must be a finite number >= 0"),
-                           (["--time-budget", "nan"], "must be a finite number >= 0")):
+                           (["--time-budget", "-3"], "expected a duration >= 0 in minutes or with a unit"),
+                           (["--time-budget", "nan"], "expected a duration >= 0 in minutes or with a unit")):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -225,9 +225,11 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     image_folder = _split_source("folder", data_dir, split)
-    if image_folder is not None:  # one's own data, with the default --dataset (or a backbone's): not a download
+    if image_folder is not None and not (data_dir / dataset).exists():
+        # one's own data under the default --dataset (or a backbone's): not a download into it
         raise DataError(f"{dataset} not found in {data_dir}, which holds an ImageFolder data set ({image_folder}): "
-                        f"pass --dataset folder (train.py and evaluate.py read their --backbone's data set)")
+                        f"pass --dataset folder (train.py and evaluate.py read their --backbone's data set), or "
+                        f"another --data-dir for {dataset}")
     # what a download creates: removed again if it fails, so a failed command leaves nothing behind
     created = first_missing(data_dir / dataset)
     try:
@@ -424,7 +426,8 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
     trained on. A backbone checkpoint records the validation split held out beside it (``backbone.py``); a
     validation split of its data set must be that one or a part of it (the same seed, at most its size), drawn
     from a copy of the data set (at ``data_dir``) of as many training images (:func:`training_split_size`) that
-    gives the same images (:func:`held_out_fingerprint`)."""
+    gives the same images (:func:`held_out_fingerprint`). :func:`load_checked_split` has :func:`load_split`
+    check the classes before decoding, and this checks them again for a split read any other way."""
     check_classes(split.class_names, backbone_config)
     recorded_split = check_held_out(split_name, dataset, val_size, seed, backbone_config, split.class_names)
     if recorded_split is None:
