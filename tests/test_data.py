@@ -222,6 +222,10 @@ def test_ones_own_image_folder_is_told_apart_from_a_missing_data_set_and_other_c
     (tmp_path / "cifar10").mkdir()  # where torchvision's files would be: looked for there, as before
     with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path}: expected "):
         load_split("cifar10", "train", tmp_path, download=False)
+    (tmp_path / "cifar10" / "train.tar").write_bytes(b"")  # the data set's own directory given as --data-dir
+    with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path / 'cifar10'}, which looks like cifar10's "
+                                        rf"own directory: pass the directory above it, --data-dir {tmp_path}$"):
+        load_split("cifar10", "train", tmp_path / "cifar10", download=True)
     monkeypatch.setattr(data, "_decode", lambda *args: pytest.fail("decoded before the classes were checked"))
     reference = {"num_classes": 10, "class_names": [f"class {i}" for i in range(10)], "input_size": 224,
                  "dataset": "cifar10", "split_seed": 0, "split_sizes": {"train": 45000, "val": 5000}}

@@ -225,6 +225,9 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
     image_folder = _split_source("folder", data_dir, split)
+    if image_folder is not None and data_dir.name == dataset:  # the data set's own directory given
+        raise DataError(f"{dataset} not found in {data_dir}, which looks like {dataset}'s own directory: pass the "
+                        f"directory above it, --data-dir {data_dir.parent}")
     if image_folder is not None and not (data_dir / dataset).exists():
         # one's own data under the default --dataset (or a backbone's): not a download into it
         raise DataError(f"{dataset} not found in {data_dir}, which holds an ImageFolder data set ({image_folder}): "
