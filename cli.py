@@ -203,6 +203,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a learning rate, a temperature, a duration to measure over)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse ``type``: a finite number >= 0."""
     try:

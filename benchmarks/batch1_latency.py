@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks import run_from_command_line
-from cli import OneLineParser
+from cli import OneLineParser, positive_int
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
@@ -68,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the policy (default: the reference)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
-    parser.add_argument("--images", type=int, default=32, help="test images per timed pass (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per mode (default: %(default)s)")
+    parser.add_argument("--images", type=positive_int, default=32,
+                        help="test images per timed pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="default: %(default)s")
+    parser.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per mode (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     return parser
 

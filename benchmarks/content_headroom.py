@@ -29,6 +29,7 @@ backbone either, at least not to a policy gradient of this size.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch import nn
 from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, positive_int
+from cli import OneLineParser, non_negative_int, positive_float, positive_int
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
@@ -57,6 +58,15 @@ from evaluate import DEFAULT_CHECKPOINT, paired_difference
 from policies.distribution import ExactCount
 from policies.heuristics import complete_removal_order, heuristic_selector
 from policies.token_scorer import DEAD_SCORE
+
+
+def leave_one_out_draws(text: str) -> int:
+    """An argparse ``type`` for ``--samples``: at least 2, as each draw's baseline is the mean of the others'."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (each draw is compared with the others' mean), "
+                                         f"got {value}")
+    return value
 
 
 def greedy_keep_rank(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -198,18 +208,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="its backbone and problem (default: %(default)s)")
     parser.add_argument("--train-images", type=positive_int, default=8000)
     parser.add_argument("--val-images", type=positive_int, default=2000)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per update")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per update")
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--hidden", type=positive_int, default=64)
     parser.add_argument("--relational", action="store_true",
                         help="one self-attention layer over the tokens before each token's correction")
-    parser.add_argument("--temperature", type=float, default=0.02,
+    parser.add_argument("--temperature", type=positive_float, default=0.02,
                         help="of the drawn sets, in keep-rank units (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=4, help="sets drawn per image (default: %(default)s)")
-    parser.add_argument("--monitor-images", type=int, default=1000,
+    parser.add_argument("--samples", type=leave_one_out_draws, default=4,
+                        help="sets drawn per image (default: %(default)s)")
+    parser.add_argument("--monitor-images", type=positive_int, default=1000,
                         help="train images the most likely sets' KL is printed for after each epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

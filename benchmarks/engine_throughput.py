@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks import run_from_command_line
-from cli import OneLineParser
+from cli import OneLineParser, positive_float, positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
@@ -298,10 +298,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="../shared/data", help="holds cifar10/{train,test}.tar")
     parser.add_argument("--dataset", default=problem.dataset)
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
-    parser.add_argument("--limit", type=int, default=512, help="images served (each one warmed once)")
-    parser.add_argument("--batch", type=int, default=64, help="backbone batch size")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--torch-threads", type=int, default=ServerSettings().torch_threads)
+    parser.add_argument("--limit", type=positive_int, default=512, help="images served (each one warmed once)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="backbone batch size")
+    parser.add_argument("--seconds", type=positive_float, default=10.0, help="per measurement")
+    parser.add_argument("--torch-threads", type=positive_int, default=ServerSettings().torch_threads)
     parser.add_argument("--target-ratio", type=removal_ratio, default=problem.target_ratio)
     parser.add_argument("--prune-points", type=block_indices, default=problem.prune_points,
                         help="comma-separated blocks, as train.py's")
@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
-    parser.add_argument("--engine-images", type=int, nargs="+",
+    parser.add_argument("--engine-images", type=positive_int, nargs="+",
                         default=sorted({PruningProblem().images_per_env, ServerSettings().max_batch}),
                         help="images per engine call (default: per env request, and the server's max_batch)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)

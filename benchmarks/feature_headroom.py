@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import checkpoint_backbone, run_from_command_line
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, positive_int
+from cli import OneLineParser, non_negative_int, positive_int
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="its backbone, problem and reward weights (default: %(default)s)")
     parser.add_argument("--train-images", type=positive_int, default=2048)
     parser.add_argument("--val-images", type=positive_int, default=2000)
-    parser.add_argument("--generations", type=int, default=10)
-    parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--elite", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generations", type=positive_int, default=10)
+    parser.add_argument("--population", type=positive_int, default=16)
+    parser.add_argument("--elite", type=positive_int, default=4)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
+    if args.elite > args.population:
+        parser.error(f"--elite {args.elite}: the best of a --population of {args.population} cannot be more")
 
     problem, staged, config = checkpoint_backbone(args.checkpoint)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks import run_from_command_line
-from cli import OneLineParser
+from cli import OneLineParser, positive_int
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--limit", type=int, default=2000,
+    parser.add_argument("--limit", type=positive_int, default=2000,
                         help="validation images, of those the trial did not rank checkpoints on")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=positive_int, default=250)
     args = parser.parse_args(argv)
 
     checkpoint = best_on_validation(trial_checkpoints(args.trial))

@@ -43,7 +43,7 @@ from benchmarks.content_headroom import (
     scorer_selector,
 )
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, positive_int
+from cli import OneLineParser, non_negative_float, non_negative_int, positive_float, positive_int
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
@@ -219,17 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-images", type=positive_int, default=2000)
     parser.add_argument("--window", type=positive_int, default=3,
                         help="tokens on each side of the cut whose swaps are searched (default: %(default)s)")
-    parser.add_argument("--min-gain", type=float, default=0.002,
+    parser.add_argument("--min-gain", type=non_negative_float, default=0.002,
                         help="KL a swap must save to be a target (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per search chunk and per update")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--positive-weight", type=float, default=8.0,
+    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per search chunk and per update")
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--positive-weight", type=non_negative_float, default=8.0,
                         help="of a target's term in the loss, against 1 for each other pair (default: %(default)s)")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.02,
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=positive_float, default=0.02,
                         help="of the score differences, in keep-rank units (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

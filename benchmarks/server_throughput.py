@@ -51,7 +51,7 @@ from benchmarks.engine_throughput import (
     warm_cache,
     write_json,
 )
-from cli import OneLineParser
+from cli import OneLineParser, non_negative_float, positive_int
 from envs.problem import PruningProblem
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import load_backbone
@@ -226,17 +226,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ServerSettings()
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--images-per-call", type=int, default=8,
+    parser.add_argument("--images-per-call", type=positive_int, default=8,
                         help="images per server request of the callers, and per env of the --runners stand-ins")
-    parser.add_argument("--callers", type=int, nargs="+", default=[1, 2, 4], help="concurrent callers")
-    parser.add_argument("--env-images", type=int, nargs="+", default=[1, 8],
+    parser.add_argument("--callers", type=positive_int, nargs="+", default=[1, 2, 4], help="concurrent callers")
+    parser.add_argument("--env-images", type=positive_int, nargs="+", default=[1, 8],
                         help="images_per_env values of the single env in this process")
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+    parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch)
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=defaults.max_wait_ms,
                         help="how long the server waits for company before a drain")
-    parser.add_argument("--servers", type=int, default=2, help="servers of the last measurement (1 vs this many)")
-    parser.add_argument("--runners", type=int, default=4, help="env runner stand-ins of the last measurement")
-    parser.add_argument("--ray-cpus", type=int, default=4, help="num_cpus of the local Ray instance")
+    parser.add_argument("--servers", type=positive_int, default=2,
+                        help="servers of the last measurement (1 vs this many)")
+    parser.add_argument("--runners", type=positive_int, default=4, help="env runner stand-ins of the last measurement")
+    parser.add_argument("--ray-cpus", type=positive_int, default=4, help="num_cpus of the local Ray instance")
     return parser.parse_args(argv)
 
 

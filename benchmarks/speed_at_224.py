@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from benchmarks import run_from_command_line
-from cli import OneLineParser, positive_int
+from cli import OneLineParser, non_negative_int, positive_int
 from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="policy checkpoint (default: %(default)s)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model at 224 px")
-    parser.add_argument("--reg-tokens", type=int, default=0, help="register tokens (default: %(default)s)")
+    parser.add_argument("--reg-tokens", type=non_negative_int, default=0, help="register tokens (default: %(default)s)")
     parser.add_argument("--budget", type=removal_ratio, default=0.5, help="target ratio (default: %(default)s)")
     parser.add_argument("--images", type=positive_int, default=256,
                         help="validation images timed (default: %(default)s)")

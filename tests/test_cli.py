@@ -4,6 +4,7 @@ in one line with 130, a bug with its traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing.resource_tracker
 import warnings
@@ -13,7 +14,7 @@ import torch
 
 import cli
 import evaluate
-from benchmarks import run_from_command_line, saliency_headroom
+from benchmarks import run_from_command_line
 from cli import duration_in, run_command, warning_library
 from envs.errors import UsageError
 from envs.vit.data import DataError
@@ -82,11 +83,27 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted: nothing was written; run the command again\n"
 
 
-def test_a_benchmarks_bad_flag_is_one_line(capsys):
+@pytest.mark.parametrize(("benchmark", "flags", "message"), [
+    ("saliency_headroom", ["--val-images", "x"], "argument --val-images: expected an integer, got 'x'"),
+    ("content_headroom", ["--samples", "1"], "argument --samples: must be at least 2 (each draw is compared with "
+                                             "the others' mean), got 1"),
+    ("content_headroom", ["--temperature", "0"], "argument --temperature: must be a finite number > 0, got 0"),
+    ("search_distil", ["--temperature", "-1"], "argument --temperature: must be a finite number > 0, got -1"),
+    ("batch1_latency", ["--images", "0"], "argument --images: must be at least 1, got 0"),
+    ("engine_throughput", ["--seconds", "-1"], "argument --seconds: must be a finite number > 0, got -1"),
+    ("feature_headroom", ["--elite", "8", "--population", "4"],
+     "--elite 8: the best of a --population of 4 cannot be more"),
+    ("server_throughput", ["--callers", "1", "0"], "argument --callers: must be at least 1, got 0"),
+    ("speed_at_224", ["--reg-tokens", "-1"], "argument --reg-tokens: must be at least 0, got -1"),
+])
+def test_a_benchmarks_bad_flag_is_one_line(benchmark, flags, message, capsys):
+    """Refused before anything runs: a count of 0 or a temperature of 0 ended in a traceback, or in a table of
+    NaN-trained numbers, after minutes."""
+    module = importlib.import_module(f"benchmarks.{benchmark}")
     with pytest.raises(SystemExit) as exit_:
-        run_from_command_line(lambda: saliency_headroom.main(["--val-images", "x"]))
+        run_from_command_line(lambda: module.main(["--data-dir", "no_data", *flags]))
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == "error: argument --val-images: expected an integer, got 'x'\n"
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 
