@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from cli import run_command
@@ -23,6 +25,13 @@ def run_from_command_line(main: Callable[[], object]) -> NoReturn:
         return result if isinstance(result, int) else 0
 
     sys.exit(run_command(run, lambda: "interrupted"))
+
+
+def write_json(path: str | os.PathLike | None, result: dict[str, Any]) -> None:
+    """``result`` as JSON at ``path`` (its folder made), when a path is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def checkpoint_backbone(checkpoint: str | os.PathLike) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:

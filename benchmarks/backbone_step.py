@@ -17,13 +17,11 @@ Needs torch + timm only (no data set: random uint8 images), so it runs on a bare
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 import backbone
-from benchmarks import run_from_command_line
+from benchmarks import run_from_command_line, write_json
 from cli import given_flags, non_negative_int, positive_int
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
@@ -107,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| part | ms per step | s per {EPOCH_IMAGES}-image epoch |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['part']} | {row['ms_per_step']:.2f} | {row['epoch_s']:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": described, "batch_size": args.batch_size, "rows": rows}))
+    write_json(args.json, {"device": described, "batch_size": args.batch_size, "rows": rows})
     return 0
 
 

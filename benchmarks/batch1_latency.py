@@ -24,14 +24,13 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks import run_from_command_line
+from benchmarks import run_from_command_line, write_json
 from cli import OneLineParser, positive_int
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, row in results[mode].items():
             print(f"  {name:20s} {row['images_per_s']:8.1f} images/s   {row['ratio']:.2f}x the unpruned "
                   f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]")
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+    write_json(args.output, results)
     return results
 
 

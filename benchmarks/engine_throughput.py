@@ -28,7 +28,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,8 +41,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from benchmarks import run_from_command_line
-from cli import OneLineParser, positive_float, positive_int
+from benchmarks import run_from_command_line, write_json
+from cli import OneLineParser, non_negative_float, positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
@@ -283,13 +282,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[Column] = COLUMNS) 
     return "\n".join(lines)
 
 
-def write_json(path: str | None, result: dict[str, Any]) -> None:
-    """``result`` as JSON at ``path`` (its folder made), when a path is given."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
-
-
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options this benchmark and ``server_throughput`` share: backbone, images, problem, timing."""
     problem = PruningProblem()
@@ -300,7 +292,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("--limit", type=positive_int, default=512, help="images served (each one warmed once)")
     parser.add_argument("--batch", type=positive_int, default=64, help="backbone batch size")
-    parser.add_argument("--seconds", type=positive_float, default=10.0, help="per measurement")
+    parser.add_argument("--seconds", type=non_negative_float, default=10.0,
+                        help="per measurement (default: %(default)s; 0: only the few calls each takes at least)")
     parser.add_argument("--torch-threads", type=positive_int, default=ServerSettings().torch_threads)
     parser.add_argument("--target-ratio", type=removal_ratio, default=problem.target_ratio)
     parser.add_argument("--prune-points", type=block_indices, default=problem.prune_points,

@@ -22,8 +22,20 @@
 # for a smoke test on a CPU: DEVICE=cpu BACKBONE_FLAGS="--limit 512 --batch-size 64" ... backbone OUT 120
 set -uo pipefail
 
-mode=${1:?usage: bash benchmarks/gpu_session.sh speed|backbone|latency|step OUT [SECONDS]}
-out=${2:?usage: bash benchmarks/gpu_session.sh speed|backbone|latency|step OUT [SECONDS]}
+usage="usage: bash benchmarks/gpu_session.sh speed|backbone|latency|step OUT [SECONDS] (SECONDS for backbone)"
+mode=${1:?$usage}
+out=${2:?$usage}
+case $mode in  # checked before anything runs or is written: device time is short
+speed|latency|step) ;;
+backbone) [ -n "${3:-}" ] || { echo "$usage" >&2; exit 2; } ;;
+*) echo "unknown mode $mode; $usage" >&2; exit 2 ;;
+esac
+for split in train test; do  # the step times random images; the other modes read CIFAR-10
+    [ "$mode" = step ] || [ -f ".data/cifar10/$split.tar" ] || [ -f ".data/cifar10/$split.tar.gz" ] || {
+        echo "no .data/cifar10/$split.tar(.gz): gzip ../shared/data/cifar10/*.tar into .data/cifar10/ and carry" \
+             "it" >&2
+        exit 2; }
+done
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 data=.data
@@ -54,7 +66,7 @@ case $mode in  # a package evaluate.py needs and the machine lacks fails here, i
 speed|latency) "$python" -c "import evaluate" || { echo "FAILED: evaluate.py does not import here"; exit 1; } ;;
 esac
 for split in train test; do
-    [ -f "$data/cifar10/$split.tar" ] || gunzip -k "$data/cifar10/$split.tar.gz"
+    [ "$mode" = step ] || [ -f "$data/cifar10/$split.tar" ] || gunzip -k "$data/cifar10/$split.tar.gz"
 done
 
 case $mode in
@@ -76,7 +88,7 @@ speed)
         --engine-images 64 256 1024 --precision fp32 bf16 --seconds 5 --output "$work/engine.json"
     ;;
 backbone)
-    seconds=${3:?usage: bash benchmarks/gpu_session.sh backbone OUT SECONDS}
+    seconds=$3
     section "backbone: the reference recipe at batch 512, compiled, within $seconds s"
     # the training state is not sent back, so it is written once, at the end (--save-every), not every epoch
     # shellcheck disable=SC2086  # BACKBONE_FLAGS is a list of flags
@@ -90,8 +102,6 @@ latency)
     step "$python" -m benchmarks.batch1_latency --data-dir "$data" --device "$device" --dtype bfloat16 \
         --output "$work/batch1_bfloat16.json"
     ;;
-*)
-    echo "unknown mode $mode: speed, backbone, latency or step"; exit 2 ;;
 esac
 section "done"
 exit $failed

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks import run_from_command_line
+from benchmarks import run_from_command_line, write_json
 from benchmarks.engine_throughput import (
     Column,
     PrunedCost,
@@ -49,7 +49,6 @@ from benchmarks.engine_throughput import (
     markdown_table,
     measure,
     warm_cache,
-    write_json,
 )
 from cli import OneLineParser, non_negative_float, positive_int
 from envs.problem import PruningProblem

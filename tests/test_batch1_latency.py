@@ -28,7 +28,7 @@ def test_each_mode_times_its_rows(monkeypatch, tiny_policy, data_dir, tmp_path):
         return compile_eagerly(function, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch, "compile", compile_recorded)
-    output = tmp_path / "latency.json"
+    output = tmp_path / "results" / "latency.json"  # its folder made
     with pytest.warns(UserWarning, match="has no export"):
         result = batch1_latency.main(["--checkpoint", str(tiny_policy), "--data-dir", str(data_dir), "--images", "2",
                                       "--rounds", "2", "--device", "cpu", "--output", str(output)])

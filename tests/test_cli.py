@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import multiprocessing.resource_tracker
+import subprocess
 import warnings
 
 import pytest
@@ -90,7 +91,7 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     ("content_headroom", ["--temperature", "0"], "argument --temperature: must be a finite number > 0, got 0"),
     ("search_distil", ["--temperature", "-1"], "argument --temperature: must be a finite number > 0, got -1"),
     ("batch1_latency", ["--images", "0"], "argument --images: must be at least 1, got 0"),
-    ("engine_throughput", ["--seconds", "-1"], "argument --seconds: must be a finite number > 0, got -1"),
+    ("engine_throughput", ["--seconds", "-1"], "argument --seconds: must be a finite number >= 0, got -1"),
     ("feature_headroom", ["--elite", "8", "--population", "4"],
      "--elite 8: the best of a --population of 4 cannot be more"),
     ("server_throughput", ["--callers", "1", "0"], "argument --callers: must be at least 1, got 0"),
@@ -163,3 +164,15 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
     for bad in ("-5", "inf", "nan", "1e308h", "90x", "0.5hh", "5 x", "m", ""):  # 1e308h: finite, not in minutes
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected a duration >= 0 in minutes or with a unit"):
             minutes(bad)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bogus"], "unknown mode bogus; usage: bash benchmarks/gpu_session.sh"),
+    (["backbone"], "usage: bash benchmarks/gpu_session.sh"),  # no SECONDS
+])
+def test_the_gpu_session_script_checks_its_arguments_before_it_starts(args, message, tmp_path):
+    """Device time is short: a wrong mode or a missing argument ends the script at once, writing nothing."""
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", args[0], str(tmp_path / "out"), *args[1:]],
+                          cwd=cli.REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stdout == ""
+    assert not (tmp_path / "out").exists()
