@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=250)
     args = parser.parse_args(argv)
 
+    if not Path(args.trial).is_dir():
+        raise PolicyCheckpointError(f"{args.trial} does not exist: pass a trial directory of train.py "
+                                    f"(<output-dir>/target_ratio=0.5)")
     checkpoint = best_on_validation(trial_checkpoints(args.trial))
     if checkpoint is None:
         raise PolicyCheckpointError(f"{args.trial} holds no validated checkpoint: pass a trial directory of train.py")
