@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 from cli import run_command
+from envs.errors import UsageError
 from envs.problem import PruningProblem
 from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
@@ -25,6 +27,17 @@ def run_from_command_line(main: Callable[[], object]) -> NoReturn:
         return result if isinstance(result, int) else 0
 
     sys.exit(run_command(run, lambda: "interrupted"))
+
+
+@contextlib.contextmanager
+def fitted_on(images: int) -> Iterator[None]:
+    """Around a scikit-learn fit on ``images`` train images: its ValueError on too few of them, or on answers all
+    of one kind (a smoke test's counts), as one error line that names the flag to raise."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(f"cannot fit on {images} train images ({' '.join(str(error).split())}): pass more "
+                         f"--train-images") from None
 
 
 def write_json(path: str | os.PathLike | None, result: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import checkpoint_backbone, run_from_command_line
+from benchmarks import checkpoint_backbone, fitted_on, run_from_command_line
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                          problem.reduction)
         models = {level: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
                   for level in range(len(levels)) if 0 < train_agree[:, level].mean() < 1}
-        for level, model in models.items():
-            model.fit(train_x, train_agree[:, level])
+        with fitted_on(len(train_x)):
+            for level, model in models.items():
+                model.fit(train_x, train_agree[:, level])
         block = staged.prune_points[decision]
         print(f"[decision at pruning point {decision + 1}, before block {block}] {len(val_correct)} validation "
               f"images; the exact budget r = {exact_ratio} at pruning points {prune_points}: {costs[exact]:.4f} "
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = np.arange(len(val_correct))
         cheapest = np.where(val_agree.any(1), np.where(val_agree, costs, np.inf).argmin(1), costs.argmax())
         report = {"oracle (cheapest level that keeps the answer)": cheapest}
-        fitted = fitted_allocation(models, train_x, train_agree, val_x, costs, exact)
+        with fitted_on(len(train_x)):
+            fitted = fitted_allocation(models, train_x, train_agree, val_x, costs, exact)
         if fitted is not None:
             cheap, dear, chosen = fitted
             report[f"predicted (levels {levels[cheap]:g} / {levels[dear]:g}, chosen on train)"] = chosen

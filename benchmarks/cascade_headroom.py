@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import checkpoint_backbone, run_from_command_line
+from benchmarks import checkpoint_backbone, fitted_on, run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import OneLineParser, positive_int
@@ -105,7 +105,9 @@ def fitted_doubt(train: tuple[Pass, Pass, Pass], first: Pass, with_trajectory: b
     """A learned rerun rule: a logistic regression on :func:`rule_inputs`, fitted on the ``train`` passes (first,
     second, unpruned) to predict that a rerun gains (:func:`rerun_gain`); its probability on ``first``."""
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
-    model.fit(rule_inputs(train[0], with_trajectory).numpy(), (rerun_gain(*train) > 0).numpy())
+    inputs = rule_inputs(train[0], with_trajectory).numpy()
+    with fitted_on(len(inputs)):
+        model.fit(inputs, (rerun_gain(*train) > 0).numpy())
     return torch.from_numpy(model.predict_proba(rule_inputs(first, with_trajectory).numpy())[:, 1])
 
 

@@ -12,10 +12,11 @@ import warnings
 
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 
 import cli
 import evaluate
-from benchmarks import run_from_command_line
+from benchmarks import fitted_on, run_from_command_line
 from cli import duration_in, run_command, warning_library
 from envs.errors import UsageError
 from envs.vit.data import DataError
@@ -166,6 +167,14 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
     for bad in ("-5", "inf", "nan", "1e308h", "90x", "0.5hh", "5 x", "m", ""):  # 1e308h: finite, not in minutes
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected a duration >= 0 in minutes or with a unit"):
             minutes(bad)
+
+
+def test_a_fit_on_too_few_images_names_the_flag_to_raise():
+    """The headroom benchmarks fit scikit-learn rules on their train images: at a smoke test's counts its
+    ValueError (one class only, fewer samples than folds) is a user's error naming --train-images."""
+    with pytest.raises(UsageError, match=r"^cannot fit on 2 train images \(This solver needs samples of at least 2 "
+                                         r"classes.*\): pass more --train-images$"), fitted_on(2):
+        LogisticRegression().fit([[0.0], [1.0]], [1, 1])
 
 
 @pytest.mark.parametrize(("args", "message"), [
