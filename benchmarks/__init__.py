@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -10,12 +11,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cli import run_command
+from cli import OneLineParser, run_command
 from envs.errors import UsageError
 from envs.problem import PruningProblem
 from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
 from policies.pruned_vit import policy_backbone
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A benchmark's ``--help``: its docstring as written (how to run it and what to expect), every flag's
+    default."""
+
+
+def benchmark_parser(doc: str | None) -> OneLineParser:
+    """The argument parser of a benchmark whose module docstring is ``doc``."""
+    return OneLineParser(description=doc, formatter_class=HelpFormatter)
 
 
 def run_from_command_line(main: Callable[[], object]) -> NoReturn:

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import run_from_command_line, write_json
-from cli import OneLineParser, positive_int
+from benchmarks import benchmark_parser, run_from_command_line, write_json
+from cli import positive_int
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import describe_device, resolve_device
@@ -64,7 +64,7 @@ def summary(rates: dict[str, list[float]], reference: str) -> dict[str, dict[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the policy (default: the reference)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
     parser.add_argument("--images", type=positive_int, default=32,

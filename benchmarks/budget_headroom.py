@@ -39,10 +39,10 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import checkpoint_backbone, fitted_on, run_from_command_line
+from benchmarks import benchmark_parser, checkpoint_backbone, fitted_on, run_from_command_line
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, positive_int
+from cli import positive_int
 from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
@@ -131,7 +131,7 @@ def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_ag
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, target ratio and reduction (default: %(default)s)")

@@ -36,10 +36,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import checkpoint_backbone, fitted_on, run_from_command_line
+from benchmarks import benchmark_parser, checkpoint_backbone, fitted_on, run_from_command_line
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, positive_int
+from cli import positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -157,7 +157,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (default: %(default)s)")

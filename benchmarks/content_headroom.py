@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import checkpoint_backbone, run_from_command_line
+from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, non_negative_int, positive_float, positive_int
+from cli import non_negative_int, positive_float, positive_int
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
@@ -202,7 +202,7 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")

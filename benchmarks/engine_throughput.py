@@ -41,8 +41,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from benchmarks import run_from_command_line, write_json
-from cli import OneLineParser, non_negative_float, positive_int
+from benchmarks import benchmark_parser, run_from_command_line, write_json
+from cli import non_negative_float, positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
@@ -303,7 +303,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = benchmark_parser(__doc__)
     add_common_arguments(parser)
     parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--engine-images", type=positive_int, nargs="+",

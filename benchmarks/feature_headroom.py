@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import checkpoint_backbone, run_from_command_line
+from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, non_negative_int, positive_int
+from cli import non_negative_int, positive_int
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -53,7 +53,7 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, problem and reward weights (default: %(default)s)")

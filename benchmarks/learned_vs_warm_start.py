@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import run_from_command_line
-from cli import OneLineParser, positive_int
+from benchmarks import benchmark_parser, run_from_command_line
+from cli import positive_int
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
@@ -60,7 +60,7 @@ def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--limit", type=positive_int, default=2000,

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint_backbone, run_from_command_line
+from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.content_headroom import print_validation
-from cli import OneLineParser, positive_int
+from cli import positive_int
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
@@ -71,7 +71,7 @@ def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem: pruning points, ratio, reduction (default: %(default)s)")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import checkpoint_backbone, run_from_command_line
-from cli import OneLineParser, positive_int
+from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
+from cli import positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
 from envs.vit.data import load_split
@@ -61,7 +61,7 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (the reference schedule); "

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from benchmarks import run_from_command_line
+from benchmarks import benchmark_parser, run_from_command_line
 from benchmarks.content_headroom import (
     ContentScorer,
     greedy_keep_rank,
@@ -43,7 +43,7 @@ from benchmarks.content_headroom import (
     scorer_selector,
 )
 from benchmarks.split_states import first_stage_states
-from cli import OneLineParser, non_negative_float, non_negative_int, positive_float, positive_int
+from cli import non_negative_float, non_negative_int, positive_float, positive_int
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
@@ -211,7 +211,7 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks import run_from_command_line, write_json
+from benchmarks import benchmark_parser, run_from_command_line, write_json
 from benchmarks.engine_throughput import (
     Column,
     PrunedCost,
@@ -50,7 +50,7 @@ from benchmarks.engine_throughput import (
     measure,
     warm_cache,
 )
-from cli import OneLineParser, non_negative_float, positive_int
+from cli import non_negative_float, positive_int
 from envs.problem import PruningProblem
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import load_backbone
@@ -223,7 +223,7 @@ def _rates(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ServerSettings()
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = benchmark_parser(__doc__)
     add_common_arguments(parser)
     parser.add_argument("--images-per-call", type=positive_int, default=8,
                         help="images per server request of the callers, and per env of the --runners stand-ins")

@@ -19,8 +19,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from benchmarks import run_from_command_line
-from cli import OneLineParser, non_negative_int, positive_int
+from benchmarks import benchmark_parser, run_from_command_line
+from cli import non_negative_int, positive_int
 from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
@@ -32,7 +32,7 @@ SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "im
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="policy checkpoint (default: %(default)s)")

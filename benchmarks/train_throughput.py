@@ -24,7 +24,6 @@ Run from the repository root (Ray writes under ``$HOME``); it takes a few minute
 
 from __future__ import annotations
 
-import argparse
 import csv
 import platform
 import subprocess
@@ -35,8 +34,8 @@ from pathlib import Path
 import torch
 
 import train
-from benchmarks import run_from_command_line
-from cli import OneLineParser, positive_int, versions_line
+from benchmarks import benchmark_parser, run_from_command_line
+from cli import positive_int, versions_line
 from envs.problem import PruningProblem
 from envs.pruning_env import env_steps_per_episode
 from envs.vit.data import load_split
@@ -72,7 +71,7 @@ def wait_for_ray_to_exit(timeout_s: float = 60.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (default: as train.py)")
     parser.add_argument("--iterations", type=positive_int, default=4,
                         help="PPO iterations to run, at least 2: the first, which includes start-up, is not timed")

@@ -169,6 +169,20 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
             minutes(bad)
 
 
+@pytest.mark.parametrize("benchmark", ["batch1_latency", "budget_headroom", "cascade_headroom", "content_headroom",
+                                       "engine_throughput", "feature_headroom", "learned_vs_warm_start",
+                                       "saliency_headroom", "schedule_headroom", "search_distil", "server_throughput",
+                                       "speed_at_224", "train_throughput"])
+def test_a_benchmarks_help_says_how_to_run_it_and_each_flags_default(benchmark, capsys):
+    """``--help`` prints the docstring whole (it opens with the command and what to expect), every default."""
+    module = importlib.import_module(f"benchmarks.{benchmark}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"python -m benchmarks.{benchmark}" in printed
+    assert "--version" in printed and "(default: " in printed
+
+
 def test_a_fit_on_too_few_images_names_the_flag_to_raise():
     """The headroom benchmarks fit scikit-learn rules on their train images: at a smoke test's counts its
     ValueError (one class only, fewer samples than folds) is a user's error naming --train-images."""
