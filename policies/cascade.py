@@ -117,14 +117,17 @@ class CascadeViT(nn.Module):
         return ImageGflops(*(a + share * b for a, b in zip(first, second, strict=True)))
 
     @torch.no_grad()  # not inference_mode: the forwards it runs may be compiled after (PrunedViT.forward)
-    def calibrate(self, batches: Iterable[torch.Tensor], budget_gflops: float) -> float:
+    def calibrate(self, batches: Iterable[torch.Tensor] | torch.Tensor, budget_gflops: float) -> float:
         """Set and return the threshold at which the mean GFLOPs per image over the normalised image ``batches``
-        are at most ``budget_gflops``: as many of the least sure images as the budget pays for run twice. Images
-        of equal doubt all run twice or none does, so where they straddle the budget's count, none does.
+        (``[B, 3, H, W]`` each, or one such tensor) are at most ``budget_gflops``: as many of the least sure
+        images as the budget pays for run twice. Images of equal doubt all run twice or none does, so where they
+        straddle the budget's count, none does.
 
         The images should be held out from those the cascade is then measured on: the threshold is fitted to
         them.
         """
+        if isinstance(batches, torch.Tensor):
+            batches = [batches]
         doubts = [doubt(self.first(images)) for images in batches]
         if not doubts or not sum(len(batch) for batch in doubts):
             raise UsageError("calibrate needs held-out images: the batches hold none")

@@ -66,6 +66,23 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
 
+def check_image_batch(images: object, input_size: int) -> None:
+    """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, input_size, input_size]``: what a user
+    holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
+    if not isinstance(images, torch.Tensor):
+        raise UsageError(f"images must be a torch tensor [B, 3, H, W], got {type(images).__name__} "
+                         "(torch.from_numpy(array) converts a numpy array)")
+    expected = (3, input_size, input_size)
+    if images.dim() == 4 and tuple(images.shape[1:]) == expected:
+        return
+    shape = tuple(images.shape)
+    hint = ("; channels last? images.permute(0, 3, 1, 2) puts them first" if images.dim() == 4 and shape[-1] == 3
+            else "; one image? images.unsqueeze(0) makes it a batch" if images.dim() == 3
+            else f"; resize them to the backbone's input_size, {input_size}" if images.dim() == 4 and shape[1] == 3
+            else "")
+    raise UsageError(f"images must be [B, 3, {input_size}, {input_size}], got {list(shape)}{hint}")
+
+
 class PrunedViT(nn.Module):
     """A ViT whose patch tokens are pruned at the pruning points of ``staged`` (docs/DESIGN.md).
 
@@ -154,8 +171,10 @@ class PrunedViT(nn.Module):
         """Images as :meth:`forward` expects them, by the backbone's mean and std.
 
         ``images``: ``[B, 3, H, W]`` at the backbone's ``input_size``, uint8 in [0, 255] (as
-        ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1].
+        ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1]; anything else is a
+        ``UsageError`` saying what was passed.
         """
+        check_image_batch(images, self.backbone_config["input_size"])
         if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
             raise UsageError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
@@ -171,6 +190,9 @@ class PrunedViT(nn.Module):
         ``mode="reduce-overhead"`` replays it as a CUDA graph. ``no_grad`` rather than ``inference_mode``: a
         forward that enters ``inference_mode`` fails to compile (torch 2.14) once it has run eagerly.
         """
+        check_image_batch(images, self.backbone_config["input_size"])
+        if not images.is_floating_point():
+            raise UsageError(f"the model takes normalised images, got {images.dtype}: model(model.normalize(images))")
         staged = self.staged
         if self.selection is None:
             return staged.vit(images)

@@ -76,6 +76,7 @@ def test_calibration_spends_the_budget_without_exceeding_it(passes, images):
     assert cascade.reran(kept).sum().item() == 12  # random images: no ties in doubt
     spent = cascade.mean_gflops(kept).total
     assert budget - second.gflops().total / len(images) < spent <= budget
+    assert cascade.calibrate(images, budget) == cascade.calibrate(images.split(16), budget)  # one tensor: one batch
 
 
 def test_images_of_equal_doubt_at_the_cut_all_run_twice_or_none_does(passes, images):

@@ -243,6 +243,25 @@ def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
         model.normalize(pixels.float())  # 0-255 as floats would be scaled by 255 twice
 
 
+@pytest.mark.parametrize(("given", "message"), [
+    (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(torch.from_numpy"),
+    (lambda pixels: pixels.permute(0, 2, 3, 1), r"got \[2, 32, 32, 3\]; channels last\? images.permute"),
+    (lambda pixels: pixels[0], r"got \[3, 32, 32\]; one image\? images.unsqueeze\(0\)"),
+    (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; resize them .* 32"),
+])
+def test_images_of_another_shape_or_type_are_named(tiny_staged, given, message):
+    """What a user may hold instead of ``[B, 3, H, W]`` tensors is named, with the conversion, by normalize and
+    by the model itself, not found by a convolution deep inside it."""
+    model = PrunedViT(*tiny_staged, "similarity", 0.5)
+    pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message):
+        model.normalize(given(pixels))
+    with pytest.raises(ValueError, match=message):
+        model(given(pixels.float()))
+    with pytest.raises(ValueError, match=r"takes normalised images, got torch.uint8: model\(model.normalize"):
+        model(pixels)
+
+
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
 
 
