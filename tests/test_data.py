@@ -17,6 +17,7 @@ from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv
 from envs.vit import data
 from envs.vit.data import (
+    DATA_DIR_ENV,
     DEFAULT_SPLIT_SEED,
     DataError,
     ImageSplit,
@@ -220,7 +221,8 @@ def test_ones_own_image_folder_is_told_apart_from_a_missing_data_set_and_other_c
         load_split("cifar10", "train", tmp_path, download=True)
     assert sorted(tmp_path.iterdir()) == [tmp_path / "train"]  # nothing downloaded into it
     (tmp_path / "cifar10").mkdir()  # where torchvision's files would be: looked for there, as before
-    with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path}: expected "):
+    with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path}: expected .*; pass --data-dir DIR "
+                                        rf"\(data_dir= in Python\) or set {DATA_DIR_ENV}$"):
         load_split("cifar10", "train", tmp_path, download=False)
     (tmp_path / "cifar10" / "train.tar").write_bytes(b"")  # the data set's own directory given as --data-dir
     with pytest.raises(DataError, match=rf"^cifar10 not found in {tmp_path / 'cifar10'}, which looks like cifar10's "

@@ -201,7 +201,7 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     layout = f"{base}/train.tar and {base}/test.tar, or train/ and test/ ImageFolder directories"
     if dataset != "folder":
         layout += ", or torchvision's files"
-    return f"expected {layout}; pass --data-dir DIR or set {DATA_DIR_ENV}"
+    return f"expected {layout}; pass --data-dir DIR (data_dir= in Python) or set {DATA_DIR_ENV}"
 
 
 def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
