@@ -33,7 +33,13 @@ from cli import OneLineParser
 from envs.errors import UsageError
 from envs.problem import ProblemError, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
-from policies.checkpoints import CheckpointInfo, PolicyCheckpointError, load_rllib_policies
+from policies.checkpoints import (
+    MODULES_DIR,
+    CheckpointInfo,
+    PolicyCheckpointError,
+    checkpoint_directory,
+    load_rllib_policies,
+)
 from policies.token_scorer import TokenScorer, TokenScoring
 
 EXPORT_DIR = "export"
@@ -71,7 +77,14 @@ def write_export(modules: Mapping[str, TokenScoring], info: CheckpointInfo,
 
 def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
     """Export the policy of an RLlib training checkpoint (read through RLlib, i.e. unpickled: only for
-    checkpoints you trained yourself) beside it; returns the export directory."""
+    checkpoints you trained yourself) beside it; returns the export directory. A checkpoint that holds its
+    export but not RLlib's modules (as shared, or ``reference/marl_policy`` without its ``learner_group``) is a
+    :class:`PolicyCheckpointError` saying it is exported already: there is nothing to export it from."""
+    path = checkpoint_directory(checkpoint_dir)
+    if has_export(path) and not (path / MODULES_DIR).is_dir():
+        raise PolicyCheckpointError(f"checkpoint {checkpoint_dir} holds its export ({export_path(checkpoint_dir)}) "
+                                    f"but not RLlib's modules ({MODULES_DIR}/) to export from: it is exported "
+                                    "already, and loading it reads the export")
     modules, info = load_rllib_policies(checkpoint_dir)
     return write_export(modules, info, checkpoint_dir)
 

@@ -354,6 +354,12 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: checkpoint")
     assert export_main([]) == 2
     assert capsys.readouterr().err == "error: the following arguments are required: CHECKPOINT\n"
+    export_only = tmp_path / "export_only"
+    shutil.copytree(path, export_only, ignore=shutil.ignore_patterns("learner_group"))
+    assert export_main([str(export_only)]) == 2  # as shared: nothing to export from
+    assert capsys.readouterr().err == (f"error: checkpoint {export_only} holds its export ({export_path(export_only)}) "
+                                       "but not RLlib's modules (learner_group/learner/rl_module/) to export from: it "
+                                       "is exported already, and loading it reads the export\n")
     unexported = Path(shutil.copytree(tiny_policy, tmp_path / "unexported"))
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
         PrunedViT.from_checkpoint(unexported)  # said, as pickles run the code of whoever wrote them
