@@ -233,7 +233,7 @@ def duration_in(unit: str) -> Callable[[str], float]:
     in that unit (train.py counts minutes, backbone.py seconds), a number with a unit is converted to it, so that
     ``--time-budget 90s`` means the same to both commands. Finite and >= 0 once converted."""
     def duration(text: str) -> float:
-        given = re.fullmatch(r"\s*(\S*?)\s*(s|m|min|h)?\s*", text, flags=re.IGNORECASE)
+        given = re.fullmatch(rf"\s*(\S*?)\s*({'|'.join(DURATION_UNITS)})?\s*", text, flags=re.IGNORECASE)
         number, suffix = given.groups() if given else ("", None)
         try:
             value = float(number) * (DURATION_UNITS[suffix.lower()][0] / DURATION_UNITS[unit][0] if suffix else 1.0)

@@ -24,6 +24,7 @@ Run from the repository root (Ray writes under ``$HOME``); it takes a few minute
 
 from __future__ import annotations
 
+import argparse
 import csv
 import platform
 import subprocess
@@ -83,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iterations < 2:
         parser.error("--iterations must be at least 2: the first iteration, which includes start-up, is not timed")
+    with tempfile.TemporaryDirectory(prefix="train_throughput_", ignore_cleanup_errors=True) as scratch:
+        return measure(args, Path(scratch) / "run")
 
-    output = Path(tempfile.mkdtemp(prefix="train_throughput_")) / "run"
+
+def measure(args: argparse.Namespace, output: Path) -> int:
+    """Train into ``output`` as ``args`` say, then print the training and the pruned inference images/s."""
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     code = train.main([*data, *args.train_flags, "--iterations", str(args.iterations), "--warm-start", "none",
                        "--checkpoint-every", str(args.iterations + 1),  # validated once, at the stop
