@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envs.errors import UserError
+from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
     read_backbone_config,
@@ -39,7 +39,7 @@ PROTECTED_SHARE_BEFORE_SETTING = 0.25
 """The share the attention agent protected in checkpoints written before ``protected_share`` was a setting."""
 SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline": "none"}
 """How checkpoints written before these settings existed were trained (one rollout of each image, no baseline),
-where today's defaults differ."""
+where the defaults differ."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
 
@@ -49,8 +49,9 @@ def trained_policies(agents: str) -> tuple[str, ...]:
     return POLICIES if agents == "both" else (agents,)
 
 
-class ProblemError(UserError, ValueError):
-    """A setting outside its allowed values; the message is meant for the user as is."""
+class ProblemError(UsageError):
+    """A setting outside its allowed values; the message is meant for the user as is. A :class:`UsageError`, as
+    every bad argument is, so that a Python caller catches a bad budget as it catches a bad reduction."""
 
 
 def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, factory: bool = False) -> Any:
@@ -83,7 +84,8 @@ def _check(condition: bool, message: str) -> None:
 
 def _check_types(settings: PPOSettings | PruningProblem) -> None:
     """Each field of ``settings`` of its annotated kind: ``float`` a finite number (an infinite reward weight
-    makes the leave-one-out baseline NaN), ``int`` an integer, not a bool; tuples made tuples (a list, as JSON
+    makes the leave-one-out baseline NaN), ``int`` an integer, not a bool; ``bool`` true or false (RLlib reads
+    the string "no" as true); tuples made tuples (a list, as JSON
     or the Python API may give, would leave the problem unhashable and unequal to its JSON round trip)."""
     for spec in dataclasses.fields(settings):
         value, kind = getattr(settings, spec.name), spec.type
@@ -93,6 +95,8 @@ def _check_types(settings: PPOSettings | PruningProblem) -> None:
         elif kind in ("int", "int | None"):
             _check((value is None and kind == "int | None") or (isinstance(value, int) and not isinstance(value, bool)),
                    f"{spec.name} must be an integer, got {value!r}")
+        elif kind == "bool":
+            _check(isinstance(value, bool), f"{spec.name} must be true or false, got {value!r}")
         elif kind.startswith("tuple"):
             _check(isinstance(value, tuple | list), f"{spec.name} must be a sequence, got {value!r}")
             object.__setattr__(settings, spec.name, tuple(value))
@@ -273,16 +277,16 @@ class PruningProblem:
             problem = cls.from_json({**SETTINGS_BEFORE_THEY_EXISTED, **data})
             turns_known = "protected_share" in data
         _check(turns_known or problem.agents != "both",
-               "its agents were trained under former turns (the attention agent removed tokens; before "
-               "2026-11-23), so today's turns would evaluate a pair it never learned: retrain it with train.py")
+               "its agents were trained under turns in which the attention agent removed tokens (before "
+               "2026-11-23), so this code's turns would evaluate a pair it never learned: retrain it with train.py")
         return problem
 
     @classmethod
     def from_legacy_json(cls, config: Mapping[str, Any]) -> PruningProblem:
         """The problem of a checkpoint whose ``pruning_config.json`` spreads it over ``server``, ``env``,
-        ``model_config`` and top-level keys (the layout of ``reference/marl_policy``). Such checkpoints that
-        name no ``reduction`` dropped tokens, none without ``warm_start`` had one, and their iteration's batch
-        was counted in env steps (each carrying ``images_per_env`` images times the agents)."""
+        ``model_config`` and top-level keys (train.py's layout before the problem was one JSON object). Such
+        checkpoints that name no ``reduction`` dropped tokens, none without ``warm_start`` had one, and their
+        iteration's batch was counted in env steps (each carrying ``images_per_env`` images times the agents)."""
         server, env = config.get("server"), config.get("env") or {}
         _check(isinstance(server, Mapping) and {"backbone", "prune_points", "target_ratio"} <= set(server),
                "lacks server.backbone, server.prune_points or server.target_ratio")

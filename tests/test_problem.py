@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from envs.errors import UsageError
 from envs.problem import (
     PPOSettings,
     ProblemError,
@@ -45,7 +46,7 @@ LEGACY_CONFIG = {  # pruning_config.json of the reference policy committed befor
 }
 
 
-def test_the_former_reference_policy_reads_in_its_older_layout():
+def test_a_checkpoint_of_the_older_layout_reads_as_it_was_trained():
     config = LEGACY_CONFIG
     problem = PruningProblem.from_legacy_json(config)
     assert problem.backbone_path == REFERENCE_BACKBONE
@@ -64,7 +65,7 @@ def test_checkpoints_record_the_turns_and_a_pair_of_former_turns_is_refused():
     assert PruningProblem.from_checkpoint_json({"problem": first_protecting}).protected_share == 0.25
     former = {**{k: v for k, v in first_protecting.items() if k != "rollouts_per_image"}, "reward_baseline": "distinct"}
     for config in ({"problem": former}, LEGACY_CONFIG):
-        with pytest.raises(ProblemError, match="former turns"):
+        with pytest.raises(ProblemError, match="trained under turns in which the attention agent removed tokens"):
             PruningProblem.from_checkpoint_json(config)
     alone = PruningProblem.from_checkpoint_json({"problem": {**former, "agents": "similarity"}})
     assert alone.agents == "similarity"
@@ -132,10 +133,17 @@ def test_each_field_is_validated(change, message):
     ({"num_epochs": 0}, "num_epochs must be >= 1"), ({"grad_clip": 0.0}, "grad_clip must be > 0"),
     ({"lr": float("inf")}, "lr must be a finite number"),
     ({"minibatch_size": 2.5}, "minibatch_size must be an integer"),
+    ({"use_kl_loss": "no"}, "use_kl_loss must be true or false, got 'no'"),  # RLlib would read "no" as true
 ])
 def test_ppo_settings_are_validated(change, message):
     with pytest.raises(ProblemError, match=message):
         PPOSettings(**change)
+
+
+def test_a_bad_setting_is_a_usage_error_as_every_bad_argument_is():
+    """A Python caller catching UsageError around PrunedViT(...) catches a bad budget too."""
+    with pytest.raises(UsageError, match=r"target_ratio must be in \(0, 1\)"):
+        check_target_ratio(1.5)
 
 
 def test_lists_become_tuples_so_that_a_problem_hashes_and_survives_its_json_round_trip():

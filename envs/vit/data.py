@@ -447,10 +447,10 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
                         f"which would hold images the backbone trained on: point --data-dir at that copy, or train a "
                         f"backbone on this one with backbone.py")
     found = held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out, held_out_seed, download)
-    difference = fingerprint_difference(found, recorded)
-    if difference > FINGERPRINT_TOLERANCE:
+    if not same_images(found, recorded):
         raise DataError(f"this copy of {dataset} holds other images, or orders them otherwise, than the copy the "
-                        f"backbone was trained on (its validation images differ in colour by {difference:.1f} of 255 "
+                        f"backbone was trained on (its validation images differ in colour by "
+                        f"{fingerprint_difference(found, recorded):.1f} of 255 "
                         f"on average), so its validation split would hold images the backbone trained on: point "
                         f"--data-dir at that copy, or train a backbone on this one with backbone.py")
 
