@@ -11,24 +11,23 @@ from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
-from envs.pruning_env import policy_for_agent
+from envs.pruning_env import image_of_agent
 
 WINDOW = 1000  # images
-METRICS = ("agree", "correct", "keep_ratio", "gflops")
 
 
 class PruningMetrics(RLlibCallback):
     """Averages the env's final per-image infos over the last ``WINDOW`` images."""
 
     def on_episode_end(self, *, episode: MultiAgentEpisode, metrics_logger: MetricsLogger, **kwargs) -> None:
-        infos = episode.get_infos(-1)
-        for agent_id, info in infos.items():
-            # both agents of an image carry the same info: count each image once
-            if "agree" not in info or (policy_for_agent(agent_id) == "similarity"
-                                       and agent_id.replace("similarity", "attention") in infos):
+        counted = set()
+        for agent_id, info in episode.get_infos(-1).items():
+            image = image_of_agent(agent_id)
+            if "agree" not in info or image in counted:  # both agents of an image carry the same info
                 continue
+            counted.add(image)
             values = {"agree": float(info["agree"]), "correct": float(info["correct"]),
                       "keep_ratio": info["keep_ratio"],
                       "gflops": info["gflops_backbone"] + info["gflops_features"]}
-            for key in METRICS:
-                metrics_logger.log_value(key, values[key], reduce="mean", window=WINDOW)
+            for key, value in values.items():
+                metrics_logger.log_value(key, value, reduce="mean", window=WINDOW)

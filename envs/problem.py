@@ -30,11 +30,10 @@ from envs.vit.backbone_checkpoint import (
 from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir, held_out_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
-from policies.decisions import DEFAULT_PROTECTED_SHARE
+from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES
 from policies.heuristics import HEURISTICS
 from policies.token_scorer import DEFAULT_HIDDEN
 
-POLICIES: tuple[str, ...] = ("attention", "similarity")
 PROTECTED_SHARE_BEFORE_SETTING = 0.25
 """The share the attention agent protected in checkpoints written before ``protected_share`` was a setting."""
 SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline": "none"}

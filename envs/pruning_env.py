@@ -41,7 +41,7 @@ from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit.data import DataError
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
-from policies.decisions import TURNS, choosable, survives, turn_counts
+from policies.decisions import POLICIES, choosable, survives, turn_counts
 from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {
@@ -62,7 +62,12 @@ def env_steps_per_episode(problem: PruningProblem) -> int:
 
 def policy_for_agent(agent_id: str, *args: object, **kwargs: object) -> str:
     """``attention_3`` -> ``attention``; the policy mapping function of training."""
-    return agent_id.split("_")[0]
+    return agent_id.partition("_")[0]
+
+
+def image_of_agent(agent_id: str) -> str:
+    """``attention_3`` -> ``3``: which of the env's images an agent decides for (``""`` in an env of one)."""
+    return agent_id.partition("_")[2]
 
 
 MIN_PROB = 1e-6
@@ -188,7 +193,7 @@ class TokenPruningEnv(MultiAgentEnv):
         out, problem = {}, self.problem
         for i, point in enumerate(self._point):
             live = point["live"] > 0.5
-            counts = dict(zip(TURNS, turn_counts(int(live.sum()), self._ratios[i], problem.agents,
+            counts = dict(zip(POLICIES, turn_counts(int(live.sum()), self._ratios[i], problem.agents,
                                                  problem.protected_share), strict=True))
             options = live if policy == "attention" else choosable(live, self._chosen[i].get("attention"))
             out[self._agent(i, policy)] = {"tokens": point[policy], "live": options.astype(np.float32),
@@ -200,7 +205,7 @@ class TokenPruningEnv(MultiAgentEnv):
         the observations of whoever chooses first."""
         self._point = points
         self._chosen = [{} for _ in points]
-        self._turns = [policy for policy in TURNS if policy in trained_policies(self.problem.agents)]
+        self._turns = list(trained_policies(self.problem.agents))
         return self._turn_observations(self._turns[0])
 
     def _draw_images(self) -> list[int]:

@@ -35,8 +35,9 @@ from policies.token_scorer import TokenScoring
 DEFAULT_PROTECTED_SHARE = 0.1
 """The default fraction of each pruning point's kept tokens that the attention agent chooses when both agents
 act (docs/DESIGN.md, "The two agents", says why)."""
-TURNS: tuple[str, ...] = ("attention", "similarity")
-"""The order in which the agents choose at a pruning point (the order of :func:`turn_counts`' counts)."""
+POLICIES: tuple[str, ...] = ("attention", "similarity")
+"""The agents' policy IDs, in the order in which they choose at a pruning point (that of :func:`turn_counts`'
+counts)."""
 
 
 def turn_counts(num_live: int, target_ratio: float, agents: str, protected_share: float) -> tuple[int, int]:
@@ -108,6 +109,6 @@ def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, targ
             return lambda tokens, count: highest(modules[policy].token_scores(features, tokens.float(),
                                                                               every_row=True), count)
 
-        rules = [most_likely_set(policy) if policy in modules else None for policy in TURNS]
+        rules = [most_likely_set(policy) if policy in modules else None for policy in POLICIES]
         return take_turns(state.live, target_ratio, protected_share, *rules).survivors
     return select

@@ -3,6 +3,7 @@
 import os
 import pathlib
 import pickle
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -14,6 +15,7 @@ from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
 from envs import pruning_env
+from envs.episode_metrics import PruningMetrics
 from envs.problem import ProblemError
 from envs.pruning_engine import EpisodeLost, PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
@@ -119,6 +121,21 @@ def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
     assert all(info["kept_per_stage"] == [32, 16, 8] for info in infos.values()), infos
     assert infos["attention_0"]["keep_ratio"] == 8 / 64
     assert set(trace[-1][1]) == {"attention_0", "similarity_0", "attention_1", "similarity_1"}
+
+
+@pytest.mark.parametrize("agents", ["both", "similarity"])
+def test_training_metrics_count_each_image_once(engine, agents):
+    """PruningMetrics logs one value per image and metric from the final infos, whichever agents act."""
+    _, infos = rollout(make_env(engine, 3, agents=agents), 0, first_live)
+    episode = SimpleNamespace(get_infos=lambda index: infos)
+    logged = []
+    logger = SimpleNamespace(log_value=lambda key, value, **kwargs: logged.append((key, value)))
+    PruningMetrics().on_episode_end(episode=episode, metrics_logger=logger)
+    images = [infos[f"{'attention' if agents == 'both' else agents}_{i}"] for i in range(3)]
+    assert sorted(logged) == sorted(
+        (key, value) for info in images for key, value in (
+            ("agree", float(info["agree"])), ("correct", float(info["correct"])),
+            ("keep_ratio", info["keep_ratio"]), ("gflops", info["gflops_backbone"] + info["gflops_features"])))
 
 
 def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
