@@ -80,7 +80,7 @@ class PruningEngine:
                  labels: torch.Tensor, target_ratio: float, reduction: str, device: str | torch.device = "cpu",
                  baseline: str = "none") -> None:
         self.staged = staged.to(device).eval()
-        self.config = backbone_config
+        self.backbone_config = backbone_config
         self.images, self.labels = images, labels
         self.target_ratio, self.reduction = target_ratio, reduction
         self.device = torch.device(device)
@@ -145,7 +145,7 @@ class PruningEngine:
 
     def _inputs(self, indices: list[int]) -> torch.Tensor:
         """Normalised images ``[n, C, H, W]`` on the engine's device (read from the files when streamed)."""
-        return normalize(self.images[indices].to(self.device), self.config)
+        return normalize(self.images[indices].to(self.device), self.backbone_config)
 
     @torch.no_grad()
     def reset(self, keys: list[str], indices: list[int], upcoming: list[int] = (),

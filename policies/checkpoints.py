@@ -8,7 +8,7 @@ Layout of a run's output directory (``train.py --output-dir``, Tune's experiment
                                               (``unrecorded_checkpoint_000004/``: one that Tune had not
                                               recorded when the run was killed, set aside on --resume)
         pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score",
-                                              "versions"}
+                                              "commit", "versions"}
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
         export/                               the policy modules as safetensors + JSON (``policies.export``):
                                               what inference loads, never unpickling

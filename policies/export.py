@@ -29,8 +29,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from cli import OneLineParser
-from envs.errors import UsageError
+from cli import OneLineParser, run_command
 from envs.problem import ProblemError, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import (
@@ -133,18 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            description="Write the export (safetensors + JSON, policies/export.py) of each training "
                                        "checkpoint into its directory, so that loading it opens no pickle.")
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="a checkpoint directory of train.py")
-    try:
-        paths = parser.parse_args(argv).checkpoints
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for checkpoint in paths:
-        try:
+
+    def export_each() -> int:
+        for checkpoint in parser.parse_args(argv).checkpoints:
             print(f"wrote {export_policies(checkpoint)}")
-        except PolicyCheckpointError as error:
-            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
-    return 0
+        return 0
+
+    return run_command(export_each, lambda: "interrupted: the exports printed as written are complete (each file "
+                                            "is replaced whole)")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
     image; the heuristic's is what its own pruned forward of that image gives."""
     trace, infos = rollout(make_env(engine, 2, prob_weight=0.0), 0, first_live)
     images = [infos[f"attention_{i}"]["image"] for i in range(2)]
-    inputs = normalize(engine.images[images], engine.config)
+    inputs = normalize(engine.images[images], engine.backbone_config)
     full = engine.staged(inputs).argmax(1)
     heuristic, _ = exact_forward(engine.staged, inputs, heuristic_selector("distinct"), 0.5, "merge")
     for i in range(2):
@@ -157,7 +157,7 @@ def test_rollouts_of_one_image_are_each_others_baseline(engine):
     """With ``rollouts_per_image`` K, an env's images come in runs of K rollouts of one image, each starting
     from the same observation; with the ``rollouts`` baseline a rollout's reward is its fidelity (agreement,
     probability and log-probability terms) minus the mean of the other rollouts' of that image."""
-    plain = PruningEngine(engine.staged, engine.config, engine.images, engine.labels, 0.5, "merge")
+    plain = PruningEngine(engine.staged, engine.backbone_config, engine.images, engine.labels, 0.5, "merge")
     env = make_env(plain, 6, rollouts_per_image=3, reward_baseline="rollouts", logprob_weight=0.5)
     first, _ = env.reset(seed=3)
     assert env._images[0:3] == [env._images[0]] * 3 and env._images[3:6] == [env._images[3]] * 3
@@ -192,7 +192,7 @@ def test_each_image_prunes_at_the_ratio_it_draws(engine):
         assert (obs["tokens"][obs["live"] > 0, keep_column] == 1 - ratio).all()
         assert obs["count"][0] == max(1, round(0.1 * tokens_to_keep(64, ratio)))
     trace, infos = rollout(env, 0, first_live)
-    inputs = normalize(engine.images[env._images], engine.config)
+    inputs = normalize(engine.images[env._images], engine.backbone_config)
     full = engine.staged(inputs).argmax(1)
     for i, ratio in enumerate(ratios):
         info = infos[f"attention_{i}"]
@@ -288,8 +288,8 @@ def test_an_engine_keeps_a_few_bytes_per_image_whatever_the_classes(engine):
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **KWARGS).eval()
     labels = torch.zeros(50_000, dtype=torch.long)  # 200 MB per probability table at 1,000 classes
     before = resident_bytes()
-    big = PruningEngine(StagedViT(vit, (1, 2, 3)), {**engine.config, "num_classes": 1000}, engine.images, labels,
-                        0.5, "merge", baseline="distinct")
+    big = PruningEngine(StagedViT(vit, (1, 2, 3)), {**engine.backbone_config, "num_classes": 1000}, engine.images,
+                        labels, 0.5, "merge", baseline="distinct")
     big.reset(["a", "b"], [0, 1], ratios=[0.5, 0.25])  # two ratios: two baseline caches
     assert resident_bytes() - before < 100e6
 

@@ -51,7 +51,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_SPLIT_SEED = 0
 DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
-DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR's train split: 138 MB)
+DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR-10's train split: 132 MiB)
 FINGERPRINT_IMAGES = 64  # validation images whose colours identify the split a backbone held out
 FINGERPRINT_TOLERANCE = 3.0  # mean difference of those colours, of 255, above which the images are others
 
