@@ -40,7 +40,7 @@ from envs.errors import UsageError
 from envs.problem import PruningProblem, trained_policies
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit.data import DataError
-from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts
+from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts, remote_cause
 from policies.decisions import POLICIES, choosable, survives, turn_counts
 from policies.rl_module import agent_spaces
 
@@ -237,7 +237,7 @@ class TokenPruningEnv(MultiAgentEnv):
         try:
             started = self._call("reset", self._keys, indices, self._upcoming, self._ratios)
         except (DataError, ray.exceptions.RayTaskError) as error:
-            cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+            cause = remote_cause(error)
             if not isinstance(cause, DataError):
                 raise
             # under RLlib, which resets a failed env again at once, without end, and logs each failure: wait for
@@ -257,11 +257,9 @@ class TokenPruningEnv(MultiAgentEnv):
                      for point, chosen in zip(self._point, self._chosen, strict=True)]
         try:
             results = self._call("step", self._keys, survivors)
-        except ray.exceptions.RayTaskError as error:
-            if not isinstance(error.as_instanceof_cause(), EpisodeLost):
+        except (EpisodeLost, ray.exceptions.RayTaskError) as error:
+            if not isinstance(remote_cause(error), EpisodeLost):
                 raise
-            raise self._episode_lost() from None
-        except EpisodeLost:
             raise self._episode_lost() from None
         if not results[0]["done"]:
             return self._start_point([result["obs"] for result in results]), {}, {"__all__": False}, \

@@ -181,6 +181,13 @@ SERVER_DOWN: tuple[type[Exception], ...] = (ray.exceptions.RayActorError, ray.ex
 """What a call to a server that died, or is restarting, raises."""
 
 
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception a Ray task or actor call raised where it ran: a ``RayTaskError``'s cause, else ``error``."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        return error.cause
+    return error
+
+
 def call_through_restarts(call: Callable[[], Result], timeout_s: float = RESTART_TIMEOUT_S,
                           before_retry: Callable[[], None] = lambda: None, *,
                           retry_on: tuple[type[Exception], ...] = SERVER_DOWN,

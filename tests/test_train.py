@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pyarrow.fs
 import pytest
+import ray.exceptions
 import torch
 from ray import tune
 from ray.rllib.algorithms.ppo import PPO
@@ -455,6 +456,13 @@ def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, mon
     monkeypatch.setattr(train, "train", lambda args, given: [unloaded])
     assert train.main(["--output-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("error: trial failed: ModuleNotFoundError: No module named 'training'")
+    # as Tune reports a trial that raised in its worker: the cause is named, not Ray's wrapper
+    remote = SimpleNamespace(**{**vars(failed), "error": ray.exceptions.RayTaskError(
+        "train_trial", "Traceback ...", RuntimeError("server gone"))})
+    monkeypatch.setattr(train, "train", lambda args, given: [remote])
+    assert train.main(["--output-dir", str(tmp_path)]) == 1
+    expected = f"error: trial failed: RuntimeError: server gone (traceback: {failed.path}/error.txt)\n"
+    assert capsys.readouterr().err == expected
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])

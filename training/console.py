@@ -27,7 +27,7 @@ from envs.problem import (
     PruningProblem,
 )
 from envs.vit.data import DataError
-from envs.vit_server import ask_for_data_errors, data_error_among
+from envs.vit_server import ask_for_data_errors, data_error_among, remote_cause
 from policies.checkpoints import (
     validation_rank,
 )
@@ -156,7 +156,7 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
             lines.append(f"{name}not started: --resume starts it")
             continue
         if result.error is not None:  # also before its config reached Tune: its trainable did not load
-            cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's
+            cause = remote_cause(result.error)
             message = " ".join(str(cause).split()) or "no details"
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
