@@ -20,8 +20,13 @@ from policies.pruned_vit import policy_backbone
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """A benchmark's ``--help``: its docstring as written (how to run it and what to expect), every flag's
-    default."""
+    """A benchmark's ``--help``: its docstring as written (how to run it and what to expect), and each flag's
+    default where its help does not say it already (in words or as ``%(default)s``), it has one and the flag
+    takes a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        told = "default" in (action.help or "") or action.default is None or action.nargs == 0
+        return action.help if told else super()._get_help_string(action)
 
 
 def benchmark_parser(doc: str | None) -> OneLineParser:

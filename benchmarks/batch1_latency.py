@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test images per timed pass (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="default: %(default)s")
     parser.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per mode (default: %(default)s)")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"),
+                        help="eager: the models as they are; compiled: after torch.compile")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="the forwards' precision (bfloat16: under autocast)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     return parser

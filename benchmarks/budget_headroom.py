@@ -1,7 +1,7 @@
 """Per-image budgets: how much room they leave, and whether what a policy sees at a pruning point finds it.
 
     python -m benchmarks.budget_headroom --data-dir ../shared/data      # about 9 minutes on a 2-core CPU
-    python -m benchmarks.budget_headroom --data-dir ../shared/data --prune-points 1,3,5,7,9,11 \
+    python -m benchmarks.budget_headroom --data-dir ../shared/data --prune-points 1,3,5,7,9,11 \\
         --levels 0.1,0.2,0.3,0.4,0.5                                   # six points at r = 0.5's cost
 
 The learning issue's target 2 asks for a mode whose *mean* GFLOPs per image equal the exact budget's and whose
@@ -132,7 +132,7 @@ def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_ag
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, target ratio and reduction (default: %(default)s)")
     parser.add_argument("--levels", type=removal_ratios, default="0.1,0.2,0.35,0.5,0.65,0.8",
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="removal ratio at the checkpoint's pruning points that sets the exact budget's cost; "
                              "other --prune-points remove the ratio of the same greedy-similarity GFLOPs (default: "
                              "the checkpoint's target ratio)")
-    parser.add_argument("--train-images", type=positive_int, default=4000)
-    parser.add_argument("--val-images", type=positive_int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=4000, help="train images the method is fitted on")
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
     args = parser.parse_args(argv)
 
     problem, checkpoint_staged, config = checkpoint_backbone(args.checkpoint)

@@ -158,7 +158,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (default: %(default)s)")
     parser.add_argument("--budget", type=removal_ratio, default=None,
@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="pruning points of the passes besides the checkpoint's (default: 1,3,5,7,9,11)")
     parser.add_argument("--ratios", type=removal_ratios, default="0.1,0.2,0.3,0.35,0.4,0.5,0.6,0.7",
                         help="removal ratios of the passes, at every schedule (default: %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=4000)
-    parser.add_argument("--val-images", type=positive_int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=4000,
+                        help="train images the pair of passes is chosen on")
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
     parser.add_argument("--show", type=positive_int, default=5, help="pairs to show on validation")
     args = parser.parse_args(argv)
 

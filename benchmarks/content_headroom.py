@@ -203,15 +203,16 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=8000)
-    parser.add_argument("--val-images", type=positive_int, default=2000)
-    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--train-images", type=positive_int, default=8000, help="train images the scorer trains on")
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="passes over the train images")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per update")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="the scorer's Adam learning rate")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="width of the scorer's networks")
     parser.add_argument("--relational", action="store_true",
                         help="one self-attention layer over the tokens before each token's correction")
     parser.add_argument("--temperature", type=positive_float, default=0.02,
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="sets drawn per image (default: %(default)s)")
     parser.add_argument("--monitor-images", type=positive_int, default=1000,
                         help="train images the most likely sets' KL is printed for after each epoch")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the scorer and its samples")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -288,17 +288,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=str(REFERENCE_BACKBONE) if REFERENCE_BACKBONE.exists() else None,
                         required=not REFERENCE_BACKBONE.exists(), help="backbone checkpoint directory")
     parser.add_argument("--data-dir", default="../shared/data", help="holds cifar10/{train,test}.tar")
-    parser.add_argument("--dataset", default=problem.dataset)
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--dataset", default=problem.dataset, help="the data set the images come from")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="the split they are read from")
     parser.add_argument("--limit", type=positive_int, default=512, help="images served (each one warmed once)")
     parser.add_argument("--batch", type=positive_int, default=64, help="backbone batch size")
     parser.add_argument("--seconds", type=non_negative_float, default=10.0,
                         help="per measurement (default: %(default)s; 0: only the few calls each takes at least)")
-    parser.add_argument("--torch-threads", type=positive_int, default=ServerSettings().torch_threads)
-    parser.add_argument("--target-ratio", type=removal_ratio, default=problem.target_ratio)
+    parser.add_argument("--torch-threads", type=positive_int, default=ServerSettings().torch_threads,
+                        help="torch threads of the engine, as a ViT server's")
+    parser.add_argument("--target-ratio", type=removal_ratio, default=problem.target_ratio,
+                        help="fraction of live patch tokens removed at each pruning point")
     parser.add_argument("--prune-points", type=block_indices, default=problem.prune_points,
                         help="comma-separated blocks, as train.py's")
-    parser.add_argument("--reduction", default=problem.reduction, choices=REDUCTIONS)
+    parser.add_argument("--reduction", default=problem.reduction, choices=REDUCTIONS,
+                        help="what removed tokens become (merge: into their most similar kept token)")
     parser.add_argument("--output", help="also write the results as JSON here")
 
 
@@ -309,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-images", type=positive_int, nargs="+",
                         default=sorted({PruningProblem().images_per_env, ServerSettings().max_batch}),
                         help="images per engine call (default: per env request, and the server's max_batch)")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                        help="precisions to time (bf16: the forwards under autocast)")
     parser.add_argument("--random-images", action="store_true",
                         help="random uint8 images instead of the data set (a box without it): the engine does "
                              "the same work on any pixels, as its episodes here keep a fixed token count")

@@ -54,15 +54,18 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, problem and reward weights (default: %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=2048)
-    parser.add_argument("--val-images", type=positive_int, default=2000)
-    parser.add_argument("--generations", type=positive_int, default=10)
-    parser.add_argument("--population", type=positive_int, default=16)
-    parser.add_argument("--elite", type=positive_int, default=4)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--train-images", type=positive_int, default=2048,
+                        help="train images the search maximises fidelity on")
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
+    parser.add_argument("--generations", type=positive_int, default=10, help="cross-entropy method generations")
+    parser.add_argument("--population", type=positive_int, default=16, help="scorings drawn per generation")
+    parser.add_argument("--elite", type=positive_int, default=4,
+                        help="best scorings each generation's distribution is refitted to")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the search's draws")
     args = parser.parse_args(argv)
     if args.elite > args.population:
         parser.error(f"--elite {args.elite}: the best of a --population of {args.population} cannot be more")

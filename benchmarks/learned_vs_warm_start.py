@@ -62,10 +62,10 @@ def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndar
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--limit", type=positive_int, default=2000,
                         help="validation images, of those the trial did not rank checkpoints on")
-    parser.add_argument("--batch-size", type=positive_int, default=250)
+    parser.add_argument("--batch-size", type=positive_int, default=250, help="images per forward")
     args = parser.parse_args(argv)
 
     if not Path(args.trial).is_dir():

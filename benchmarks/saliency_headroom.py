@@ -72,10 +72,11 @@ def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem: pruning points, ratio, reduction (default: %(default)s)")
-    parser.add_argument("--val-images", type=positive_int, default=2000)
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
     args = parser.parse_args(argv)
 
     problem, staged, config = checkpoint_backbone(args.checkpoint)

@@ -62,7 +62,7 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone, data split, reduction and pruning points (the reference schedule); "
                              "default: %(default)s")

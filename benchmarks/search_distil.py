@@ -212,24 +212,27 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="its backbone and problem (default: %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=4000)
-    parser.add_argument("--val-images", type=positive_int, default=2000)
+    parser.add_argument("--train-images", type=positive_int, default=4000,
+                        help="train images searched and distilled on")
+    parser.add_argument("--val-images", type=positive_int, default=2000,
+                        help="validation images it is scored on (never the test split)")
     parser.add_argument("--window", type=positive_int, default=3,
                         help="tokens on each side of the cut whose swaps are searched (default: %(default)s)")
     parser.add_argument("--min-gain", type=non_negative_float, default=0.002,
                         help="KL a swap must save to be a target (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument("--epochs", type=positive_int, default=10,
+                        help="passes of the distillation over the searched sets")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per search chunk and per update")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="the scorer's Adam learning rate")
     parser.add_argument("--positive-weight", type=non_negative_float, default=8.0,
                         help="of a target's term in the loss, against 1 for each other pair (default: %(default)s)")
-    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=64, help="width of the scorer's networks")
     parser.add_argument("--temperature", type=positive_float, default=0.02,
                         help="of the score differences, in keep-rank units (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the scorer and its samples")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -33,7 +33,7 @@ SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "im
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="policy checkpoint (default: %(default)s)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model at 224 px")

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=positive_int, default=4,
                         help="PPO iterations to run, at least 2: the first, which includes start-up, is not timed")
     parser.add_argument("--images", type=positive_int, default=1024, help="validation images for the inference pass")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per pruned-inference forward")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed passes over the images (their median is reported)")
     parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAGS",
                         help="train.py settings to time instead of its defaults, after '--' (e.g. -- --num-workers 2)")
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import multiprocessing.resource_tracker
+import re
 import subprocess
 import warnings
 
@@ -173,14 +174,22 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
                                        "engine_throughput", "feature_headroom", "learned_vs_warm_start",
                                        "saliency_headroom", "schedule_headroom", "search_distil", "server_throughput",
                                        "speed_at_224", "train_throughput"])
-def test_a_benchmarks_help_says_how_to_run_it_and_each_flags_default(benchmark, capsys):
-    """``--help`` prints the docstring whole (it opens with the command and what to expect), every default."""
+def test_a_benchmarks_help_says_how_to_run_it_and_each_flags_default(benchmark, capsys, monkeypatch):
+    """``--help`` prints the docstring whole (it opens with the command and what to expect), what each flag is
+    for, and every default once."""
     module = importlib.import_module(f"benchmarks.{benchmark}")
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *args, **kwargs: parsers.append(self) or parse_args(self, *args, **kwargs))
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
+    assert [action.dest for action in parsers[0]._actions if not action.help] == []
     printed = capsys.readouterr().out
     assert exit_.value.code == 0 and f"python -m benchmarks.{benchmark}" in printed
     assert "--version" in printed and "(default: " in printed
+    flowing = " ".join(printed.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in flowing and not re.search(r"\(default: [^()]*\)\s*\(default: ", flowing)
 
 
 def test_a_fit_on_too_few_images_names_the_flag_to_raise():
