@@ -43,6 +43,7 @@ from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_l
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
 from cli import non_negative_int, positive_float, positive_int
+from envs.errors import UsageError
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
@@ -160,11 +161,12 @@ def scorer_selector(staged: StagedViT, scorer: ContentScorer, target_ratio: floa
 
 def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:
     """The problem of the policy ``checkpoint`` and its backbone staged at its pruning points (and its config),
-    refused with a one-line exit unless it merges and its only prefix token is a class token, which
+    a :class:`UsageError` unless it merges and its only prefix token is a class token, which
     :class:`ContentScorer` reads."""
     problem, staged, config = checkpoint_backbone(checkpoint)
     if problem.reduction != "merge" or staged.vit.global_pool != "token" or staged.num_prefix_tokens != 1:
-        raise SystemExit(f"{benchmark} needs merging and a ViT whose only prefix token is a class token")
+        raise UsageError(f"{benchmark} needs a checkpoint that merges, on a ViT whose only prefix token is a class "
+                         f"token; {checkpoint} {'drops' if problem.reduction != 'merge' else 'has another ViT'}")
     return problem, staged, config
 
 

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks import benchmark_parser, run_from_command_line
 from cli import positive_int
+from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions, load_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
@@ -55,7 +56,7 @@ def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndar
     among the ``ranked`` that train.py scored its checkpoints on (``load_split``'s ``limit`` subset)."""
     others = np.setdiff1d(np.arange(size), limited_positions(size, ranked, seed))
     if len(others) == 0:
-        raise SystemExit(f"the trial ranked its checkpoints on all {size} validation images: none is left to score")
+        raise UsageError(f"the trial ranked its checkpoints on all {size} validation images: none is left to score")
     return others[limited_positions(len(others), limit, seed)]
 
 

@@ -1,11 +1,20 @@
 """benchmarks/content_headroom.py: its scorer starts as greedy similarity, and its episodes draw exact-size sets
 whose log-probabilities carry the gradient to every scorer weight."""
 
+import pytest
 import torch
 
-from benchmarks.content_headroom import ContentScorer, greedy_keep_rank, sampled_episodes, scorer_selector
+from benchmarks.content_headroom import (
+    ContentScorer,
+    greedy_keep_rank,
+    sampled_episodes,
+    scorer_problem,
+    scorer_selector,
+)
+from envs.errors import UsageError
 from envs.vit.pruned_forward import exact_forward_from, initial_state
 from policies.heuristics import heuristic_selector
+from tests.tiny_policies import write_checkpoint
 
 
 def _state(staged, seed: int):
@@ -41,3 +50,10 @@ def test_cold_draws_are_the_most_likely_sets_and_warm_ones_carry_the_gradient(ti
     assert not logits.requires_grad and log_prob.shape == (6,) and (log_prob < 0).all()
     log_prob.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scorer.parameters())
+
+
+def test_a_checkpoint_that_drops_tokens_is_refused_in_one_line(tmp_path, tiny_backbone):
+    """The scorer reads merged tokens: a checkpoint that drops them is a usage error (exit code 2), named."""
+    checkpoint = write_checkpoint(tmp_path / "policy", tiny_backbone, reduction="drop")
+    with pytest.raises(UsageError, match=rf"^content_headroom needs a checkpoint that merges, .*; {checkpoint} drops$"):
+        scorer_problem(checkpoint, "content_headroom")

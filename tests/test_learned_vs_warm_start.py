@@ -1,8 +1,10 @@
 """learned_vs_warm_start scores validation images that no checkpoint was ranked on."""
 
 import numpy as np
+import pytest
 
 from benchmarks.learned_vs_warm_start import unranked_positions
+from envs.errors import UsageError
 from envs.vit.data import limited_positions, load_split
 
 
@@ -16,3 +18,5 @@ def test_scored_images_are_none_of_those_train_py_ranked_checkpoints_on(data_dir
     assert len(set(full.labels[scored].tolist())) == 10  # a seeded mix, not the first (class-sorted) images
     assert np.array_equal(unranked_positions(len(full), 1000, 10**6, seed=0), np.setdiff1d(np.arange(5000), ranked))
     assert np.array_equal(limited_positions(5000, 5000, seed=0), np.arange(5000))
+    with pytest.raises(UsageError, match="ranked its checkpoints on all 5000 validation images: none is left"):
+        unranked_positions(5000, 5000, 2000, seed=0)  # one error line from the command, exit code 2

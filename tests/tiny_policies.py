@@ -44,7 +44,8 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
                      calibrate_on: StagedViT | None = None, reduction: str = "merge",
                      legacy: bool = False, **problem: Any) -> Path:
     """The layout train.py writes: the RLlib checkpoint's modules plus pruning_config.json (``legacy``: in the
-    layout of reference/marl_policy, with no reduction named); ``problem``: more settings of the problem."""
+    layout before the problem was one JSON object, with no reduction named); ``problem``: more settings of the
+    problem."""
     for seed, name in enumerate(POLICIES):
         if agents in ("both", name):
             module = build_module(name, num_patches, seed)
