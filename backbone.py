@@ -48,6 +48,7 @@ from cli import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    random_seed,
     run_command,
     versions_line,
 )
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (default 2; 0 = off)")
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
                    help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
+    p.add_argument("--seed", type=random_seed, default=0,
                    help="seed of the initial weights, augmentation and batch order (default 0)")
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

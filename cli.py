@@ -203,6 +203,19 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed every generator the commands seed takes (numpy's global one, which timm's mixup draws from,
+takes no more)."""
+
+
+def random_seed(text: str) -> int:
+    """An argparse ``type``: a seed, an integer in [0, :data:`MAX_SEED`]."""
+    value = _int_at_least(text, 0)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED}, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse ``type``: a finite number > 0 (a learning rate, a temperature, a duration to measure over)."""
     return _finite_float(text, positive=True)

@@ -74,6 +74,7 @@ from cli import (
     code_commit,
     data_access,
     positive_int,
+    random_seed,
     run_command,
     versions_line,
 )
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
                              "takes 30 s to 2 min per row on a 2-core CPU")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: 0)")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the Random baseline (default: 0)")
     parser.add_argument("--output-dir", type=lambda text: Path(text).expanduser(), default=Path("results"),
                         help="default: %(default)s")
     parser.add_argument("--overwrite", action="store_true",

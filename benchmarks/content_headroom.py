@@ -42,7 +42,7 @@ from torch import nn
 from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
-from cli import non_negative_int, positive_float, positive_int
+from cli import positive_float, positive_int, random_seed
 from envs.errors import UsageError
 from envs.problem import PruningProblem
 from envs.pruning_env import leave_one_out_means
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="sets drawn per image (default: %(default)s)")
     parser.add_argument("--monitor-images", type=positive_int, default=1000,
                         help="train images the most likely sets' KL is printed for after each epoch")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", type=random_seed, default=0,
                         help="seed of the scorer and its samples")
     args = parser.parse_args(argv)
 

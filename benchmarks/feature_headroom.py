@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.split_states import first_stage_states
-from cli import non_negative_int, positive_int
+from cli import positive_int, random_seed
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--population", type=positive_int, default=16, help="scorings drawn per generation")
     parser.add_argument("--elite", type=positive_int, default=4,
                         help="best scorings each generation's distribution is refitted to")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the search's draws")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the search's draws")
     args = parser.parse_args(argv)
     if args.elite > args.population:
         parser.error(f"--elite {args.elite}: the best of a --population of {args.population} cannot be more")

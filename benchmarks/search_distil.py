@@ -43,7 +43,7 @@ from benchmarks.content_headroom import (
     scorer_selector,
 )
 from benchmarks.split_states import first_stage_states
-from cli import non_negative_float, non_negative_int, positive_float, positive_int
+from cli import non_negative_float, positive_float, positive_int, random_seed
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=positive_int, default=64, help="width of the scorer's networks")
     parser.add_argument("--temperature", type=positive_float, default=0.02,
                         help="of the score differences, in keep-rank units (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the scorer and its samples")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the scorer and its samples")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

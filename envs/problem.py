@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli import MAX_SEED
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
@@ -193,8 +194,9 @@ class PruningProblem:
         for name in ("val_size", "val_limit", "images_per_env", "hidden", "warm_start_images", "warm_start_steps",
                      "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "split_seed"):  # numpy's generators take no negative seed
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            _check(0 <= value <= MAX_SEED, f"{name} must be in [0, {MAX_SEED}], got {value}")
         _check(len(self.prune_points) >= 1 and all(isinstance(p, int) for p in self.prune_points),
                f"prune_points must be one or more integers, got {self.prune_points!r}")
         check_target_ratio(self.target_ratio)

@@ -98,6 +98,7 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
      "--elite 8: the best of a --population of 4 cannot be more"),
     ("server_throughput", ["--callers", "1", "0"], "argument --callers: must be at least 1, got 0"),
     ("speed_at_224", ["--reg-tokens", "-1"], "argument --reg-tokens: must be at least 0, got -1"),
+    ("feature_headroom", ["--seed", str(2**64)], f"argument --seed: must be at most 4294967295, got {2**64}"),
     ("learned_vs_warm_start", ["/nowhere"], "/nowhere does not exist: pass a trial directory of train.py "
                                             "(<output-dir>/target_ratio=0.5)"),
 ])

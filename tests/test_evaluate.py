@@ -572,7 +572,7 @@ def truncated(path: Path) -> Path:
 REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade_on_validation",
                                   "cascade_points_without_cascade", "calibration_without_cascade", "train_split",
                                   "device_not_a_device", "device_without_gpu", "device_of_another_kind", "bad_dtype",
-                                  "bad_speed_batch_sizes", "bad_dataset"}
+                                  "bad_speed_batch_sizes", "bad_dataset", "bad_seed"}
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -586,6 +586,7 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
     ("bad_budget", "argument --budgets: a removal ratio must be in (0, 1), got 1.5"),
+    ("bad_seed", "argument --seed: must be at least 0, got -1"),
     ("missing_data", "does not exist"),
     ("existing_results", "pass --overwrite"),
     ("existing_json_only", "results.json exists; pass --overwrite"),
@@ -679,6 +680,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         extra = ["--dtype", "float16"]
     elif case == "bad_dataset":
         extra = ["--dataset", "mnist"]
+    elif case == "bad_seed":
+        extra = ["--seed", "-1"]
     elif case == "bad_speed_batch_sizes":
         extra = ["--speed-batch-sizes", "1,0"]
     elif case.endswith("without_cascade"):

@@ -115,8 +115,9 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"train_ratios": (0.1, 0.3), "warm_start_images": 1}, r"at least one per training ratio \(2\)"),
     ({"agree_weight": float("inf")}, "agree_weight must be a finite number, got inf"),
     ({"protected_share": float("nan")}, "protected_share must be a finite number, got nan"),
-    ({"seed": -1}, "seed must be >= 0, got -1"),
-    ({"split_seed": -3}, "split_seed must be >= 0, got -3"),
+    ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+    ({"split_seed": -3}, r"split_seed must be in \[0, 4294967295\], got -3"),
+    ({"seed": 2**32}, r"seed must be in \[0, 4294967295\], got 4294967296"),  # numpy's global seed's limit
     ({"val_size": 2.5}, "val_size must be an integer, got 2.5"),
     ({"hidden": True}, "hidden must be an integer, got True"),
     ({"train_limit": 10.0}, "train_limit must be an integer, got 10.0"),
