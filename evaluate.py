@@ -520,7 +520,7 @@ def ranked_images_evaluated(checkpoints: Mapping[Path, PruningProblem], val_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="policy checkpoint directory written by train.py (default: reference/marl_policy)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint directory (default: the policy "

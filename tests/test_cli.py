@@ -171,6 +171,15 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
             minutes(bad)
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
+def test_a_commands_help_says_how_to_run_it(command, capsys):
+    """``--help`` prints the command's docstring whole: it opens with how to run it."""
+    module = importlib.import_module(command)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0 and module.__doc__.split("\n\n")[1] in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("benchmark", ["batch1_latency", "budget_headroom", "cascade_headroom", "content_headroom",
                                        "engine_throughput", "feature_headroom", "learned_vs_warm_start",
                                        "saliency_headroom", "schedule_headroom", "search_distil", "server_throughput",
