@@ -193,6 +193,12 @@ def check_output_dir(path: Path, given: str) -> None:
         raise UsageError(f"--output-dir {given}: {blocking} is a file, not a directory")
 
 
+def home_expanded(text: str) -> str:
+    """An argparse ``type`` for a path: ``~`` expanded, which the shell does for ``--flag ~/x`` but not for
+    ``--flag=~/x``."""
+    return str(Path(text).expanduser())
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1."""
     return _int_at_least(text, 1)

@@ -45,6 +45,7 @@ from cli import (
     data_access,
     duration_in,
     given_flags,
+    home_expanded,
     non_negative_int,
     positive_int,
     run_command,
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue every trial of the run in --output-dir from its latest checkpoint, with its "
                           "problem and resources; --iterations and --time-budget are taken from this command")
-    run.add_argument("--from-checkpoint", default=None, metavar="CHECKPOINT",
+    run.add_argument("--from-checkpoint", type=home_expanded, default=None, metavar="CHECKPOINT",
                      help="start a new run from a checkpoint: its problem and PPO settings, weights, optimiser "
                           "state and iteration count (e.g. to go on with more env runners)")
     run.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
@@ -351,7 +352,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
     the flags the command line named (:func:`cli.given_flags`)."""
     run_dir = local_run_dir(args.output_dir)
     if (args.overwrite and args.from_checkpoint and run_dir is not None
-            and Path(args.from_checkpoint).expanduser().resolve().is_relative_to(run_dir.resolve())):
+            and Path(args.from_checkpoint).resolve().is_relative_to(run_dir.resolve())):
         raise UsageError(f"--overwrite would delete --from-checkpoint {args.from_checkpoint} with the run it replaces: "
                          f"copy the checkpoint out of {args.output_dir} first, or pass another --output-dir")
     problems, resources = planned_trials(args, given)

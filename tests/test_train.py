@@ -35,6 +35,7 @@ from policies.checkpoints import (
     read_checkpoint_info,
 )
 from policies.export import load_exported_policies
+from tests.tiny_policies import write_checkpoint
 from training import ray_session
 from training.console import (
     ProgressCsv,
@@ -432,6 +433,15 @@ def test_train_main_gives_back_the_signal_handlers_it_found(tmp_path, monkeypatc
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def test_from_checkpoint_after_an_equals_sign_expands_the_home_directory(tmp_path, tiny_backbone, monkeypatch, capsys):
+    """The shell leaves ``~`` in ``--from-checkpoint=~/x`` as it is: train.py reads the checkpoint there."""
+    write_checkpoint(tmp_path / "ck", tiny_backbone)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert train.main(["--output-dir", str(tmp_path / "run"), "--from-checkpoint=~/ck", "--iterations", "2"]) == 2
+    assert capsys.readouterr().err == ("error: --from-checkpoint is at iteration 3 and --iterations counts them in "
+                                       "total: pass more than 3\n")
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):
