@@ -20,7 +20,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import math
 import os
 import shlex
 import sys
@@ -47,6 +46,7 @@ from cli import (
     given_flags,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     random_seed,
     run_command,
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
                         f"the schedule")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default 256)")
-    p.add_argument("--lr", type=float, default=3e-3,
+    p.add_argument("--lr", type=positive_float, default=3e-3,
                    help="peak learning rate for batch 512, scaled linearly (default 3e-3)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's (default 0.05)")
     p.add_argument("--warmup-epochs", type=non_negative_float, default=10,
@@ -579,11 +579,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
         check_prunable(probe)  # refused now, not after training: train.py and evaluate.py could not prune it
     except UsageError as error:
         raise UsageError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
-    input_size = probe.default_cfg.get("input_size", (3, 224, 224))[-1]
-    input_size = kwargs.get("img_size", input_size)
-    if isinstance(input_size, bool) or not isinstance(input_size, int):
-        raise UsageError(f"img_size={input_size!r}: the data pipeline feeds square images, so img_size is one "
-                         f"number of pixels")
+    input_size = square_input_size(probe, kwargs)
     mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
     if not args.pretrained and args.dataset.startswith("cifar"):
         mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics
@@ -711,6 +707,30 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     return {"finished": True, "test_accuracy": test_acc, "export": str(export)}
 
 
+def square_input_size(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """The side in pixels of the images ``model`` (built with ``kwargs``) takes: its ``img_size``, else its timm
+    default; a ``UsageError`` unless one number (the data pipeline feeds square images)."""
+    input_size = kwargs.get("img_size", model.default_cfg.get("input_size", (3, 224, 224))[-1])
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise UsageError(f"img_size={input_size!r}: the data pipeline feeds square images, so img_size is one "
+                         f"number of pixels")
+    return input_size
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the flags' types cannot check alone, before anything is built: a ``UsageError`` for settings that do
+    not go together (backbone.py's and benchmarks/backbone_step.py's)."""
+    if args.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.init_from is not None and (args.resume or args.pretrained):
+        raise UsageError(f"--init-from starts a new run from exported weights: it cannot be combined with "
+                         f"{'--resume' if args.resume else '--pretrained'}")
+    if args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0):
+        raise UsageError(f"--batch-size {args.batch_size}: timm's mixup and cutmix pair each image with another "
+                         f"of its batch, so the batch must be even (or pass --mixup 0 --cutmix 0)")
+    parse_kwargs(args.model_kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
 
@@ -718,17 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal args
         parser = build_parser()
         args = parser.parse_args(argv)
-        if not math.isfinite(args.lr) or args.lr <= 0:
-            raise UsageError("--lr must be a positive number")
-        if args.label_smoothing >= 1:
-            raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-        if args.init_from is not None and (args.resume or args.pretrained):
-            raise UsageError(f"--init-from starts a new run from exported weights: it cannot be combined with "
-                             f"{'--resume' if args.resume else '--pretrained'}")
-        if args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0):
-            raise UsageError(f"--batch-size {args.batch_size}: timm's mixup and cutmix pair each image with another "
-                             f"of its batch, so the batch must be even (or pass --mixup 0 --cutmix 0)")
-        parse_kwargs(args.model_kwargs)
+        check_args(args)
         train(args, given_flags(parser, argv))
         return 0
 

@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     kwargs = backbone.parse_kwargs(args.model_kwargs)
-    size = kwargs.get("img_size", 224)
     config = {"mean": list(backbone.CIFAR_MEAN), "std": list(backbone.CIFAR_STD)}
     model = create_vit(args.model, args.num_classes, kwargs).to(device).train()
+    size = backbone.square_input_size(model, kwargs)
     args.epochs = args.epochs or backbone.DEFAULT_EPOCHS
     step = backbone.build_training_step(args, model, args.num_classes, EPOCH_IMAGES // args.batch_size, config,
                                         device)
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                  for dest in sorted(ignored)]  # --half/--full-precision: one setting
         parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
                      "data, weights, duration and outputs)")
+    backbone.check_args(args)
     rows = measure(args)
     device = resolve_device(args.device)
     precision = "bf16 autocast" if backbone.resolve_amp(args.amp, device) else "float32"

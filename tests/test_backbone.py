@@ -479,6 +479,22 @@ def test_step_benchmark_times_every_part(tmp_path):
         step_benchmark.main(["--data-dir", "x", "--full-precision"])  # backbone.py's flags it would ignore
     with pytest.raises(UsageError, match="--steps: must be at least 1, got 0"):  # no step to time
         step_benchmark.main(["--steps", "0"])
+    # backbone.py's own checks, before a step is built (an odd batch was timm's AssertionError, 1.5 accepted)
+    with pytest.raises(UsageError, match=r"--label-smoothing must be in \[0, 1\), got 1.5"):
+        step_benchmark.main(["--label-smoothing", "1.5"])
+    with pytest.raises(UsageError, match="--batch-size 3: timm's mixup and cutmix pair each image"):
+        step_benchmark.main(["--batch-size", "3"])
+    with pytest.raises(UsageError, match=r"--lr: must be a finite number > 0, got -1"):
+        step_benchmark.main(["--lr", "-1"])
+
+
+def test_the_input_size_is_the_models_own_unless_img_size_is_given():
+    """backbone.py and backbone_step build their images at it (backbone_step took 224 for a 384-px model)."""
+    assert backbone.square_input_size(create_vit("vit_tiny_patch16_384", 10, {}), {}) == 384
+    model = create_vit("vit_tiny_patch16_224", 10, {"img_size": 32, "patch_size": 4})
+    assert backbone.square_input_size(model, {"img_size": 32, "patch_size": 4}) == 32
+    with pytest.raises(UsageError, match="the data pipeline feeds square images"):
+        backbone.square_input_size(model, {"img_size": (32, 48)})
 
 
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
