@@ -23,7 +23,7 @@ from benchmarks import benchmark_parser, run_from_command_line
 from cli import positive_int
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import limited_positions, load_split
+from envs.vit.data import limited_positions, load_checked_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from evaluate import paired_difference
 from policies.checkpoints import (
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     staged, config, _ = policy_backbone(problem, checkpoint)
     warm_start = args.trial.resolve() / "warm_start"
     warm = {policy: load_module(warm_start / policy, policy) for policy in modules}
-    split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed)
+    split = load_checked_split(problem.dataset, "val", args.data_dir, config, val_size=problem.val_size,
+                               seed=problem.split_seed)
     scored = unranked_positions(len(split), problem.val_limit, args.limit, problem.split_seed)
     images, labels = split.images[scored], split.labels[scored]
     share = problem.protected_share

@@ -30,7 +30,7 @@ from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_l
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
-from envs.vit.data import load_split
+from envs.vit.data import load_checked_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, Method, cost, paired_difference, predict, quality
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = {points: StagedViT(staged.vit, points).eval() for points in schedules}
     methods = schedule_methods(spec, schedules, args.budget, problem.reduction,
                                ["similarity", *(s for s in args.selections if s != "similarity")])
-    split = load_split(problem.dataset, "val", args.data_dir, input_size=config["input_size"],
-                       val_size=problem.val_size, seed=problem.split_seed, limit=args.images)
+    split = load_checked_split(problem.dataset, "val", args.data_dir, config, val_size=problem.val_size,
+                               seed=problem.split_seed, limit=args.images)
     baseline = Method(BASELINE, "baseline")
     models = {baseline: baseline.model(staged, config, problem.reduction),
               **{method: method.model(stages[points], config, problem.reduction) for points, method in methods}}
