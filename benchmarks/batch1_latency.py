@@ -34,7 +34,7 @@ from benchmarks import benchmark_parser, run_from_command_line, write_json
 from cli import positive_int
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
-from envs.vit.device import describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
 from envs.vit.timing import ratios_within_rounds
 from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, timed_in_turns
 from policies.pruned_vit import PrunedViT
@@ -68,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the policy (default: the reference)")
     parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
     parser.add_argument("--images", type=positive_int, default=32,
-                        help="test images per timed pass (default: %(default)s)")
+                        help="test images per timed pass, whole batches (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="default: %(default)s")
     parser.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per mode (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"),
                         help="eager: the models as they are; compiled: after torch.compile")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="the forwards' precision (bfloat16: under autocast)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error(f"--rounds must be at least 2 (quartiles over rounds), got {args.rounds}")
+    if args.images % args.batch_size:
+        parser.error(f"--images {args.images}: a timed pass is whole batches of --batch-size {args.batch_size}, so "
+                     f"--images must be a multiple of it")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

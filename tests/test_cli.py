@@ -93,6 +93,8 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     ("content_headroom", ["--temperature", "0"], "argument --temperature: must be a finite number > 0, got 0"),
     ("search_distil", ["--temperature", "-1"], "argument --temperature: must be a finite number > 0, got -1"),
     ("batch1_latency", ["--images", "0"], "argument --images: must be at least 1, got 0"),
+    ("batch1_latency", ["--images", "2", "--batch-size", "64"],  # timed 2-image passes, reported as batch 64
+     "--images 2: a timed pass is whole batches of --batch-size 64, so --images must be a multiple of it"),
     ("engine_throughput", ["--seconds", "-1"], "argument --seconds: must be a finite number >= 0, got -1"),
     ("feature_headroom", ["--elite", "8", "--population", "4"],
      "--elite 8: the best of a --population of 4 cannot be more"),
