@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,7 +47,7 @@ from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, cpu_model, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, heuristic_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
@@ -244,15 +243,7 @@ def measure(model: torch.nn.Module, config: dict, images: torch.Tensor, labels: 
 def machine_info(torch_threads: int, device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on (the GPU's name when on one); the load average says how busy the
     machine was."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "device": describe_device(device), "torch_threads": torch_threads, "torch": torch.__version__,
             "python": platform.python_version(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
+import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -40,12 +41,13 @@ from cli import positive_int, versions_line
 from envs.problem import PruningProblem
 from envs.pruning_env import env_steps_per_episode
 from envs.vit.data import load_split
+from envs.vit.device import cpu_model
 from envs.vit.timing import images_per_second
 from policies.checkpoints import latest_checkpoint, read_checkpoint_info
 from policies.pruned_vit import PrunedViT
 
 
-def training_images_per_second(trial_dir: Path, problem: PruningProblem) -> tuple[float, int]:
+def training_episodes_per_second(trial_dir: Path, problem: PruningProblem) -> tuple[float, int]:
     """Episodes (image passes) sampled per second of iteration time (RLlib's ``time_this_iter_s``: sampling,
     learning and weight sync), over the iterations after the first; returns the rate and the iterations it
     covers."""
@@ -61,10 +63,13 @@ RAY_PROCESSES = "^ray::|/raylet|/gcs_server"
 
 
 def wait_for_ray_to_exit(timeout_s: float = 60.0) -> bool:
-    """Wait until no Ray process runs on this machine (they exit some seconds after ``ray.shutdown``, and
-    inference timed among them reads up to a third low); False if some still run after ``timeout_s``."""
+    """Wait until no Ray process of this user runs on this machine (they exit some seconds after
+    ``ray.shutdown``, and inference timed among them reads up to a third low); False if some still run after
+    ``timeout_s``, or if there is no ``pgrep`` to tell."""
+    if shutil.which("pgrep") is None:
+        return False
     deadline = time.monotonic() + timeout_s
-    while subprocess.run(["pgrep", "-f", RAY_PROCESSES], capture_output=True).returncode == 0:
+    while subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", RAY_PROCESSES], capture_output=True).returncode == 0:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
@@ -98,10 +103,11 @@ def measure(args: argparse.Namespace, output: Path) -> int:
     if code != 0:
         return code
     if not wait_for_ray_to_exit():
-        print("note: Ray processes still run on this machine; the inference figure shares the CPU with them")
+        print("note: Ray's processes may still run on this machine; the inference figure may share the CPU with "
+              "them")
     checkpoint = latest_checkpoint(output)
     problem = read_checkpoint_info(checkpoint).problem
-    train_rate, timed = training_images_per_second(checkpoint.parent, problem)
+    train_rate, timed = training_episodes_per_second(checkpoint.parent, problem)
 
     model = PrunedViT.from_checkpoint(checkpoint)
     split = load_split(problem.dataset, "val", problem.data_dir, input_size=model.backbone_config["input_size"],
@@ -109,7 +115,7 @@ def measure(args: argparse.Namespace, output: Path) -> int:
     images = model.normalize(split.images)
     infer_rate = images_per_second(model, images, args.batch_size, args.repeats)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
+    print(f"\nmachine: {cpu_model()}, torch threads {torch.get_num_threads()}; "
           f"{versions_line()}")
     settings = " ".join(args.train_flags) or "train.py defaults"
     rollouts = problem.rollouts_per_image

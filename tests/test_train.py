@@ -577,7 +577,7 @@ def test_sample_ahead_collects_the_requests_in_flight_and_tops_up_a_short_batch(
 def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
     """benchmarks/train_throughput.py: with both agents an image takes two env steps per pruning point (turns),
     one with one agent; the first iteration (start-up) is left out."""
-    from benchmarks.train_throughput import training_images_per_second
+    from benchmarks.train_throughput import training_episodes_per_second
 
     with (tmp_path / "progress.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["env_runners/num_env_steps_sampled", "time_this_iter_s"])
@@ -585,9 +585,18 @@ def test_throughput_benchmark_counts_an_image_per_episode(tmp_path):
         writer.writerows([{"env_runners/num_env_steps_sampled": steps, "time_this_iter_s": seconds}
                           for steps, seconds in ((600, 100.0), (60, 2.0), (60, 2.0))])
     both = PruningProblem(images_per_env=8, prune_points=(3, 6, 9))
-    assert training_images_per_second(tmp_path, both) == (pytest.approx(120 * 8 / 6 / 4), 2)
+    assert training_episodes_per_second(tmp_path, both) == (pytest.approx(120 * 8 / 6 / 4), 2)
     alone = PruningProblem(images_per_env=8, prune_points=(3, 6, 9), agents="similarity")
-    assert training_images_per_second(tmp_path, alone) == (pytest.approx(120 * 8 / 3 / 4), 2)
+    assert training_episodes_per_second(tmp_path, alone) == (pytest.approx(120 * 8 / 3 / 4), 2)
+
+
+def test_throughput_benchmark_without_pgrep_goes_on_with_a_note(monkeypatch):
+    """A slim container without procps: the wait for Ray's processes says it cannot tell, after the training run
+    (a FileNotFoundError there lost the run's figures)."""
+    import benchmarks.train_throughput as benchmark
+
+    monkeypatch.setattr(benchmark.shutil, "which", lambda name: None)
+    assert benchmark.wait_for_ray_to_exit(timeout_s=0.1) is False
 
 
 def test_progress_line_leaves_out_returns_against_the_other_rollouts():
