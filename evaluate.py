@@ -78,7 +78,7 @@ from cli import (
     run_command,
     versions_line,
 )
-from envs.errors import UsageError, UserError
+from envs.errors import UsageError
 from envs.problem import PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
 from envs.results_table import (
     BASELINE,
@@ -141,8 +141,9 @@ SPEED_SPREAD_WARNING = 1.5
 CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validation images"
 
 
-class EvaluationError(UserError, RuntimeError):
-    """A bad argument, checkpoint or combination of them; the message is meant for the user as is."""
+class EvaluationError(UsageError):
+    """A bad argument, checkpoint or combination of them; the message is meant for the user as is. A
+    :class:`UsageError`, as every bad argument is."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
+from envs.errors import UsageError
 from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
@@ -746,6 +747,8 @@ def test_heuristics_only_evaluates_a_backbone_without_a_policy(tiny_backbone, da
         assert evaluate.main([*flags, "--output-dir", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+    with pytest.raises(UsageError, match="--prune-points is for --heuristics-only"):  # as every bad argument
+        evaluate.run(evaluate.build_parser().parse_args(["--prune-points", "1,2"]))
 
 
 def test_command_line_exit_code(tmp_path):
