@@ -11,7 +11,7 @@ ahead and the device sets the pace: the augmentation draws from one seeded gener
     python backbone.py --data-dir ../shared/data --output-dir runs/backbone
     python backbone.py --output-dir runs/backbone --resume      # continue after --time-limit or a crash
     python backbone.py --data-dir ../shared/data --output-dir runs/backbone_fast --batch-size 512 --compile
-                                                # the fast GPU recipe: not yet run on a GPU
+                                                # on a GPU: larger batches, compiled
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def resolve_amp(amp: bool | None, device: torch.device) -> bool:
 
 def restore_generator(generator: torch.Generator, state: dict, reseed: int) -> None:
     """Continue the augmentation stream that ``train_state.pt`` saved. A stream saved on another kind of device
-    (or before the augmentation moved to the device: a CPU stream) cannot continue on this one, so the rest of
+    (a state that names none drew on the CPU) cannot continue on this one, so the rest of
     the run draws from a fresh stream seeded with ``reseed`` instead, and says so."""
     saved_on = state.get("generator_device", "cpu")
     if saved_on == generator.device.type:
@@ -302,8 +302,8 @@ def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: torch.device, batch_size: int = 512,
-             amp: bool = True) -> float:
+def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: torch.device, amp: bool,
+             batch_size: int = 512) -> float:
     """Top-1 accuracy on ``split``, counted on the device and read once."""
     model.eval()
     labels = split.labels.to(device)
@@ -488,7 +488,7 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
     and a longer or shorter ``--epochs`` from ``args`` (a changed schedule length is recorded). A recipe
     flag given with another value than the recorded one is refused rather than ignored."""
     saved = dict(state["args"])
-    if "amp" not in saved:  # recorded before --amp: autocast unless --no-amp
+    if "amp" not in saved:  # a state that records "no_amp" instead: autocast unless it is set
         saved["amp"] = not saved.pop("no_amp")
     for flag in sorted(given):
         value = getattr(args, flag)
@@ -518,10 +518,10 @@ RESUMED_DATA = ("class_names", "split_sizes", "val_drawn_from", "val_fingerprint
 def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any], data_dir: str) -> None:
     """Refuse to resume on other data than the run trained on (a ``--data-dir`` given on resume is meant for a run
     moved to another machine): other classes would relabel what it learned, another validation split would hold
-    images it trained on. ``recorded``: the train_state's ``data`` (None in states written before it was kept)."""
+    images it trained on. ``recorded``: the train_state's ``data`` (None where a state lacks it: nothing to check)."""
     if recorded is None:
         return
-    changed = [key for key in RESUMED_DATA  # val_drawn_from: not in states written before it was recorded
+    changed = [key for key in RESUMED_DATA  # a recorded state may lack val_drawn_from
                if key != "val_fingerprint" and recorded.get(key, config[key]) != config[key]]
     if not same_images(config["val_fingerprint"], recorded["val_fingerprint"]):
         changed.append("validation images")
@@ -538,7 +538,7 @@ def run_one_level_up(out: Path) -> str:
     return ""
 
 
-def train(args: argparse.Namespace, given: Collection[str]) -> dict:
+def train(args: argparse.Namespace, given: Collection[str]) -> None:
     """Train (or resume, ``args.resume``) the backbone ``args`` describes; ``given`` names the flags the
     command line set (:func:`given_flags`), which a resumed run checks against its recorded recipe."""
     started = time.time()  # --time-budget counts from here: decoding the data and building the model take a while
@@ -633,7 +633,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and device.type == "cuda":  # stochastic depth draws from it on a GPU
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if "numpy_rng" in state:  # mixup's generator; states of runs before it was seeded lack it
+        if "numpy_rng" in state:  # mixup's generator, where the state has it
             np.random.set_state(state["numpy_rng"])
         test_readings = state.get("test_readings", [])
         print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
@@ -678,7 +678,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
             save_state(state_path, snapshot)
         if stopping:
             print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
-            return {"finished": False, "epoch": epoch + 1}
+            return
         epoch += 1
 
     test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
@@ -704,7 +704,6 @@ def train(args: argparse.Namespace, given: Collection[str]) -> dict:
     export = save_backbone(model, config, out / RUN_EXPORT_DIR, half=args.half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
     print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
-    return {"finished": True, "test_accuracy": test_acc, "export": str(export)}
 
 
 def square_input_size(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:

@@ -138,7 +138,7 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def bench_backbone(model: torch.nn.Module, staged: StagedViT, inputs: torch.Tensor, seconds: float,
-                   precision: str = "fp32") -> list[dict[str, Any]]:
+                   precision: str) -> list[dict[str, Any]]:
     """Unpruned batched forwards of ``inputs`` (on the model's device), eval mode, no grad: the compute the
     engine's episodes are compared to."""
     rows = []
@@ -156,7 +156,7 @@ def bench_backbone(model: torch.nn.Module, staged: StagedViT, inputs: torch.Tens
     return rows
 
 
-def engine_caller(engine: PruningEngine, precision: str = "fp32") -> Call:
+def engine_caller(engine: PruningEngine, precision: str) -> Call:
     """``call(method, *args)`` on ``engine`` under ``precision``, ending with a device sync, so a timer around it
     measures the work and not its launch."""
     def call(method: str, *args: Any) -> Any:
@@ -169,7 +169,7 @@ def engine_caller(engine: PruningEngine, precision: str = "fp32") -> Call:
 
 
 def bench_engine(engine: PruningEngine, sizes: list[int], seconds: float, ratio: float,
-                 precision: str = "fp32") -> list[dict[str, Any]]:
+                 precision: str) -> list[dict[str, Any]]:
     """The engine called directly: episode logic without Ray, one caller, so no cross-caller batching."""
     call = engine_caller(engine, precision)
     num_images = len(engine.labels)
