@@ -131,7 +131,9 @@ HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similari
 MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
 CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"}
-SIX_POINTS = (1, 3, 5, 7, 9, 11)
+CASCADE_PRUNE_POINTS = (1, 3, 5, 7, 9, 11)
+"""``--cascade-points`` unless given: six pruning points, where cascade_headroom's best pairs prune
+(benchmarks/README.md)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """``--dtype``: what every forward runs in (bfloat16 under ``torch.autocast``)."""
 
@@ -553,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--budgets): greedy similarity removing FIRST, then SECOND on the least sure images "
                              "(e.g. 0.35,0.1)")
     parser.add_argument("--cascade-points", type=block_indices, default=None,
-                        help="with --cascade: its pruning points (default: 1,3,5,7,9,11)")
+                        help="with --cascade: its pruning points (default: "
+                             f"{','.join(map(str, CASCADE_PRUNE_POINTS))})")
     parser.add_argument("--calibration-images", type=positive_int, default=None,
                         help="with --cascade: validation images it is calibrated on (default: all of them)")
     parser.add_argument("--selection-images", type=positive_int, default=2000,
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bfloat16 runs every forward under torch.autocast to it (default: %(default)s)")
     parser.add_argument("--speed-batch-sizes", type=_batch_sizes, default=SPEED_BATCH_SIZES, metavar="N,...",
                         help="batch sizes timed, one images_per_s_bN column each; speedup is at the largest "
-                             "(default: 1,256)")
+                             f"(default: {','.join(map(str, SPEED_BATCH_SIZES))})")
     parser.add_argument("--speed-repeats", type=positive_int, default=5,
                         help="timing rounds, each timing every row once, in turns (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
@@ -679,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or problem.dataset
     cascade = None
     if args.cascade:
-        cascade_points = args.cascade_points or SIX_POINTS
+        cascade_points = args.cascade_points or CASCADE_PRUNE_POINTS
         try:
             StagedViT(staged.vit, cascade_points)
         except UsageError as error:

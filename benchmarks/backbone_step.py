@@ -25,10 +25,11 @@ from benchmarks import run_from_command_line, write_json
 from cli import given_flags, non_negative_int, positive_int
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
+from envs.vit.data import DEFAULT_VAL_SIZE
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.timing import median_seconds
 
-EPOCH_IMAGES = 45_000  # the CIFAR-10 train split minus the 5,000 validation images
+EPOCH_IMAGES = 50_000 - DEFAULT_VAL_SIZE  # CIFAR-10's train split less backbone.py's validation images
 NOT_A_STEP = frozenset({"pretrained", "init_from", "dataset", "data_dir", "download", "memory_budget_mb", "limit",
                         "val_size", "split_seed", "time_limit", "time_budget", "save_every", "output_dir", "resume",
                         "overwrite", "half"})

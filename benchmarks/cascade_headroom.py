@@ -44,7 +44,7 @@ from envs.problem import PruningProblem, block_indices, removal_ratio, removal_r
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT, SIX_POINTS, paired_difference
+from evaluate import CASCADE_PRUNE_POINTS, DEFAULT_CHECKPOINT, paired_difference
 from policies.cascade import doubt, rerun_share
 from policies.heuristics import heuristic_selector
 
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=removal_ratio, default=None,
                         help="removal ratio at the checkpoint's pruning points that sets the mean GFLOPs "
                              "(default: the checkpoint's target ratio)")
-    parser.add_argument("--schedules", type=block_indices, nargs="+", default=[SIX_POINTS],
-                        help="pruning points of the passes besides the checkpoint's (default: 1,3,5,7,9,11)")
+    parser.add_argument("--schedules", type=block_indices, nargs="+", default=[CASCADE_PRUNE_POINTS],
+                        help="pruning points of the passes besides the checkpoint's (default: "
+                             f"{','.join(map(str, CASCADE_PRUNE_POINTS))})")
     parser.add_argument("--ratios", type=removal_ratios, default="0.1,0.2,0.3,0.35,0.4,0.5,0.6,0.7",
                         help="removal ratios of the passes, at every schedule (default: %(default)s)")
     parser.add_argument("--train-images", type=positive_int, default=4000,
