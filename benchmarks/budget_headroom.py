@@ -44,7 +44,7 @@ from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio, removal_ratios
-from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops
+from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, paired_difference
@@ -56,8 +56,8 @@ SELECT = heuristic_selector("similarity")
 def schedule(num_patches: int, num_points: int, decision: int, target_ratio: float, level: float) -> list[int]:
     """Live patch tokens per stage: ``target_ratio`` at the pruning points before ``decision``, ``level`` from it
     on."""
-    before = heuristic_schedule(num_patches, decision, target_ratio)
-    return before + heuristic_schedule(before[-1], num_points - decision, level)[1:]
+    before = exact_budget_schedule(num_patches, decision, target_ratio)
+    return before + exact_budget_schedule(before[-1], num_points - decision, level)[1:]
 
 
 def output_features(logits: torch.Tensor) -> torch.Tensor:

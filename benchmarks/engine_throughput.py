@@ -48,7 +48,7 @@ from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
 from envs.vit.device import DEVICE_CHOICES, cpu_model, describe_device, resolve_device
-from envs.vit.flops import ViTSpec, exact_budget_gflops, heuristic_schedule, unpruned_gflops
+from envs.vit.flops import ViTSpec, exact_budget_gflops, exact_budget_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
 from envs.vit.token_merge import REDUCTIONS
@@ -199,7 +199,7 @@ class PrunedCost(NamedTuple):
     @classmethod
     def of(cls, model: torch.nn.Module, prune_points: tuple[int, ...], target_ratio: float) -> PrunedCost:
         spec = ViTSpec.from_model(model)
-        schedule = heuristic_schedule(spec.num_patches, len(prune_points), target_ratio)
+        schedule = exact_budget_schedule(spec.num_patches, len(prune_points), target_ratio)
         blocks_only = exact_budget_gflops(spec, prune_points, target_ratio, "drop", "none").total
         return cls(schedule, unpruned_gflops(spec), blocks_only)
 

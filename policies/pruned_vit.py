@@ -29,7 +29,7 @@ from envs.vit.flops import (
     TokenScores,
     ViTSpec,
     exact_budget_gflops,
-    heuristic_schedule,
+    exact_budget_schedule,
     image_gflops,
     tome_gflops,
     unpruned_gflops,
@@ -66,21 +66,21 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
 
-def check_image_batch(images: object, input_size: int) -> None:
-    """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, input_size, input_size]``: what a user
+def check_image_batch(images: object, size: Sequence[int]) -> None:
+    """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, H, W]`` at ``size`` ``(H, W)``: what a user
     holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
     if not isinstance(images, torch.Tensor):
         raise UsageError(f"images must be a torch tensor [B, 3, H, W], got {type(images).__name__} "
                          "(torch.from_numpy(array) converts a numpy array)")
-    expected = (3, input_size, input_size)
+    expected = (3, *size)
     if images.dim() == 4 and tuple(images.shape[1:]) == expected:
         return
     shape = tuple(images.shape)
     hint = ("; channels last? images.permute(0, 3, 1, 2) puts them first" if images.dim() == 4 and shape[-1] == 3
             else "; one image? images.unsqueeze(0) makes it a batch" if images.dim() == 3
-            else f"; resize them to the backbone's input_size, {input_size}" if images.dim() == 4 and shape[1] == 3
-            else "")
-    raise UsageError(f"images must be [B, 3, {input_size}, {input_size}], got {list(shape)}{hint}")
+            else f"; resize them to the backbone's input size, {size[0]}x{size[1]}" if images.dim() == 4
+            and shape[1] == 3 else "")
+    raise UsageError(f"images must be [B, {', '.join(map(str, expected))}], got {list(shape)}{hint}")
 
 
 class PrunedViT(nn.Module):
@@ -174,7 +174,7 @@ class PrunedViT(nn.Module):
         ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1]; anything else is a
         ``UsageError`` saying what was passed.
         """
-        check_image_batch(images, self.backbone_config["input_size"])
+        check_image_batch(images, self.staged.vit.patch_embed.img_size)
         if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
             raise UsageError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
@@ -190,7 +190,7 @@ class PrunedViT(nn.Module):
         ``mode="reduce-overhead"`` replays it as a CUDA graph. ``no_grad`` rather than ``inference_mode``: a
         forward that enters ``inference_mode`` fails to compile (torch 2.14) once it has run eagerly.
         """
-        check_image_batch(images, self.backbone_config["input_size"])
+        check_image_batch(images, self.staged.vit.patch_embed.img_size)
         if not images.is_floating_point():
             raise UsageError(f"the model takes normalised images, got {images.dtype}: model(model.normalize(images))")
         staged = self.staged
@@ -232,7 +232,7 @@ class PrunedViT(nn.Module):
             return [staged.num_patches] * staged.num_stages
         if self.selection == "tome":
             return [staged.num_patches - sum(self.tome_merges[:start]) for start in (0, *staged.prune_points)]
-        return heuristic_schedule(staged.num_patches, len(staged.prune_points), self.budget)
+        return exact_budget_schedule(staged.num_patches, len(staged.prune_points), self.budget)
 
     def gflops(self, kept_per_stage: Sequence[int] | None = None) -> ImageGflops:
         """GFLOPs (GMACs) of one image (``envs.vit.flops``): backbone, token scores and policy networks.

@@ -34,7 +34,14 @@ from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_re
 from envs.vit.data import DEFAULT_SPLIT_SEED, ImageSplit, limited_positions, load_split
 from envs.vit.device import describe_device, resolve_device
 from envs.vit.features import observe
-from envs.vit.flops import ViTSpec, backbone_gflops, feature_gflops, heuristic_schedule, merge_gflops, schedule_tokens
+from envs.vit.flops import (
+    ViTSpec,
+    backbone_gflops,
+    exact_budget_schedule,
+    feature_gflops,
+    merge_gflops,
+    schedule_tokens,
+)
 from envs.vit.pruned_forward import TokenState, exact_forward, initial_state
 from envs.vit.staged_vit import StagedViT
 from policies import pruned_vit
@@ -203,7 +210,7 @@ def test_gflops_are_the_analytic_counts(results, tiny_staged):
     full = backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, [NUM_PATCHES] * 4))
     assert rows(table, "Baseline (unpruned)")["gflops"].iloc[0] == pytest.approx(full)
     for budget in (0.3, 0.5):
-        schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), budget)
+        schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), budget)
         live = schedule[:-1]
         backbone = (backbone_gflops(spec, schedule_tokens(spec, PRUNE_POINTS, schedule))
                     + merge_gflops(spec, live, schedule[1:]))
@@ -217,7 +224,7 @@ def test_gflops_are_the_analytic_counts(results, tiny_staged):
                 [n / NUM_PATCHES for n in schedule[1:]])
     exact = rows(table, "MARL exact").loc[0.5]
     assert exact["gflops_backbone"] == pytest.approx(rows(table, "Random").loc[0.5, "gflops_backbone"])
-    live = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)[:-1]
+    live = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)[:-1]
     h = HIDDEN  # token MLP f -> h -> h, logit MLP 2h -> h -> 1, per live token
     policies = sum(n * (f * h + h * h + 2 * h * h + h) for n in live for f in FEATURE_COUNTS.values()) / 1e9
     assert exact["gflops_policies"] == pytest.approx(policies)
@@ -438,7 +445,7 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
         tables[name] = pd.read_csv(tmp_path / name / "results.csv")
         assert json.loads((tmp_path / name / "results.json").read_text())["settings"]["reduction"] == "drop"
     spec = ViTSpec.from_model(tiny_staged[0].vit)
-    schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)
+    schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)
     merging = merge_gflops(spec, schedule[:-1], schedule[1:])
     for table in tables.values():
         dropped = rows(table, "Random").loc[0.5, "gflops_backbone"]

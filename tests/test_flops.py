@@ -13,8 +13,8 @@ from envs.vit.flops import (
     ViTSpec,
     backbone_gflops,
     block_macs,
+    exact_budget_schedule,
     feature_gflops,
-    heuristic_schedule,
     image_gflops,
     matching_ratio,
     merge_gflops,
@@ -71,7 +71,7 @@ def test_pruned_matches_flop_counter(vit, ratio, reduction):
     counted = counted_gmacs(lambda: kept.extend(
         exact_forward(staged, images, heuristic_selector("attention"), ratio, reduction)[1].tolist()), 2)
     spec = ViTSpec.from_model(vit)
-    assert kept == [heuristic_schedule(64, 3, ratio)] * 2
+    assert kept == [exact_budget_schedule(64, 3, ratio)] * 2
     analytic = image_gflops(spec, staged.prune_points, kept[0], reduction, "none").backbone
     assert analytic == pytest.approx(counted, rel=0.02)
     assert analytic < unpruned_gflops(spec) == backbone_gflops(spec, [65] * spec.depth)
@@ -143,8 +143,8 @@ def test_image_gflops_adds_its_parts(vit):
 
 def test_schedules():
     spec = REFERENCE_SPEC
-    assert heuristic_schedule(64, 3, 0.5) == [64, 32, 16, 8]
-    assert heuristic_schedule(64, 3, 0.9) == [64, 6, 1, 1]
+    assert exact_budget_schedule(64, 3, 0.5) == [64, 32, 16, 8]
+    assert exact_budget_schedule(64, 3, 0.9) == [64, 6, 1, 1]
     assert schedule_tokens(spec, (3, 6, 9), [64, 32, 16, 8]) == [65] * 3 + [33] * 3 + [17] * 3 + [9] * 3
     with pytest.raises(ValueError, match="per-stage counts"):
         schedule_tokens(spec, (3, 6, 9), [64, 32])
@@ -156,11 +156,11 @@ def test_matching_ratio_is_the_least_removal_within_the_cost():
     spec = REFERENCE_SPEC
 
     def cost(points, ratio, scores="similarity", macs=0.0):
-        return image_gflops(spec, points, heuristic_schedule(64, len(points), ratio), "merge", scores, macs).total
+        return image_gflops(spec, points, exact_budget_schedule(64, len(points), ratio), "merge", scores, macs).total
 
     target = cost((3, 6, 9), 0.5)
     ratio = matching_ratio(spec, (3, 6, 9), target, "merge", "similarity")
-    assert ratio <= 0.5 and heuristic_schedule(64, 3, ratio) == [64, 32, 16, 8]
+    assert ratio <= 0.5 and exact_budget_schedule(64, 3, ratio) == [64, 32, 16, 8]
     for points in ((2, 5, 8), (1, 3, 5, 7, 9, 11)):
         ratio = matching_ratio(spec, points, target, "merge", "similarity")
         assert cost(points, ratio) <= target < cost(points, ratio - 0.001)

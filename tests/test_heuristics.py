@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from envs.vit.flops import heuristic_schedule
+from envs.vit.flops import exact_budget_schedule
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import gather_tokens, pack_keep_mask, pad_tokens, tokens_to_keep, topk_keep_mask
@@ -142,7 +142,7 @@ def staged():
 def test_exact_forward_counts(staged, name, ratio):
     with torch.no_grad():
         logits, kept = exact_forward(staged, torch.randn(2, 3, 32, 32), heuristic_selector(name), ratio, "merge")
-    assert kept.tolist() == [heuristic_schedule(64, 3, ratio)] * 2
+    assert kept.tolist() == [exact_budget_schedule(64, 3, ratio)] * 2
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 

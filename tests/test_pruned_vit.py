@@ -23,7 +23,7 @@ from ray.rllib.core.columns import Columns
 import evaluate
 from envs.problem import ProblemError
 from envs.vit.data import DATA_DIR_ENV
-from envs.vit.flops import ViTSpec, heuristic_schedule, image_gflops, tome_gflops, unpruned_gflops
+from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.cascade import CascadeViT, doubt
@@ -78,7 +78,7 @@ def test_from_heuristic_is_the_heuristic_forward(name, tiny_backbone, tiny_stage
     with torch.inference_mode():
         if name == "tome":
             spec = ViTSpec.from_model(vit.vit)
-            schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
+            schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
             merges = tome_schedule(spec, image_gflops(spec, PRUNE_POINTS, schedule, "merge", "similarity").total)
             expected = tome_forward(vit, images, merges)
             assert model.tome_merges == merges
@@ -247,7 +247,7 @@ def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
     (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(torch.from_numpy"),
     (lambda pixels: pixels.permute(0, 2, 3, 1), r"got \[2, 32, 32, 3\]; channels last\? images.permute"),
     (lambda pixels: pixels[0], r"got \[3, 32, 32\]; one image\? images.unsqueeze\(0\)"),
-    (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; resize them .* 32"),
+    (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; resize them .* 32x32"),
 ])
 def test_images_of_another_shape_or_type_are_named(tiny_staged, given, message):
     """What a user may hold instead of ``[B, 3, H, W]`` tensors is named, with the conversion, by normalize and
@@ -267,7 +267,7 @@ def test_images_of_another_shape_or_type_are_named(tiny_staged, given, message):
 
 def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_staged, images):
     spec = ViTSpec.from_model(tiny_staged[0].vit)
-    schedule = heuristic_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
+    schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
     policy = PrunedViT.from_checkpoint(exported)
     macs = sum(module.macs_per_token() for module in policy.policies.values())
     assert policy.gflops() == image_gflops(spec, PRUNE_POINTS, schedule, "merge", "agents", macs)

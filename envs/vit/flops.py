@@ -140,10 +140,11 @@ def merge_gflops(spec: ViTSpec, live_tokens_per_point: Sequence[float],
     return sum(n * d + n * k * d for n, k in zip(live_tokens_per_point, kept_tokens_per_point, strict=True)) / 1e9
 
 
-def heuristic_schedule(num_patches: int, num_prune_points: int, target_ratio: float) -> list[int]:
-    """Patch tokens alive in each of the ``num_prune_points + 1`` stages at an exact budget.
+def exact_budget_schedule(num_patches: int, num_prune_points: int, target_ratio: float) -> list[int]:
+    """Patch tokens alive in each of the ``num_prune_points + 1`` stages at an exact budget, whatever selects them
+    (a heuristic, the agents; ``envs.vit.pruned_forward`` runs this schedule).
 
-    ``heuristic_schedule(64, 3, 0.5) == [64, 32, 16, 8]``.
+    ``exact_budget_schedule(64, 3, 0.5) == [64, 32, 16, 8]``.
     """
     schedule = [num_patches]
     for _ in range(num_prune_points):
@@ -186,8 +187,8 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
 def exact_budget_gflops(spec: ViTSpec, prune_points: Sequence[int], ratio: float, reduction: str, scores: TokenScores,
                         policy_macs_per_token: float = 0.0) -> ImageGflops:
     """:func:`image_gflops` of an exact budget: ``ratio`` of the live patch tokens removed at each of
-    ``prune_points`` (:func:`heuristic_schedule`)."""
-    kept = heuristic_schedule(spec.num_patches, len(prune_points), ratio)
+    ``prune_points`` (:func:`exact_budget_schedule`)."""
+    kept = exact_budget_schedule(spec.num_patches, len(prune_points), ratio)
     return image_gflops(spec, prune_points, kept, reduction, scores, policy_macs_per_token)
 
 

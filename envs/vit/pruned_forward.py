@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import torch
 
+from envs.vit.flops import exact_budget_schedule
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import reduce_tokens
-from envs.vit.token_ops import pack_keep_mask, pad_tokens, tokens_to_keep
+from envs.vit.token_ops import pack_keep_mask, pad_tokens
 
 
 class TokenState(NamedTuple):
@@ -166,15 +167,13 @@ def _exact_forward(staged: StagedViT, state: TokenState, select: Selector, targe
                    attention_score: bool, check_counts: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`exact_forward_from` from a state the caller knows to be unpadded (:func:`initial_state`'s), which
     reads nothing back from the device beyond what ``select`` and ``check_counts`` do."""
-    kept = [state.live.shape[1]]
-    for _ in staged.prune_points[state.stage:]:
-        k = tokens_to_keep(kept[-1], target_ratio)
+    kept = exact_budget_schedule(state.live.shape[1], len(staged.prune_points) - state.stage, target_ratio)
+    for k in kept[1:]:
         keep = select(state, k)
         if keep.shape != state.live.shape or (check_counts and
                                               not bool(((keep & state.live).sum(dim=1) == k).all())):
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
         state = prune_step(staged, state, keep, reduction, attention_score, count=k)
-        kept.append(k)
     return (classify(staged, state, reduction, padded=False),
             torch.tensor(kept, device="cpu").expand(len(state.live), -1))
