@@ -73,7 +73,7 @@ def tome_forward(staged: StagedViT, images: torch.Tensor, merges: Sequence[int])
     x = staged.embed(images)
     size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=x.dtype)
     for block, r in zip(vit.blocks, merges, strict=True):
-        attn_out, _, k = attention(block.attn, block.norm1(x), size.log()[:, None, None, :, 0], False)
+        attn_out, _, k = attention(block.attn, block.norm1(x), staged.key_bias(x, None, size[:, prefix:, 0]), False)
         x = x + block.drop_path1(block.ls1(attn_out))
         if r > 0:
             merge = bipartite_soft_matching(k.mean(dim=1)[:, prefix:], r, prefix)
