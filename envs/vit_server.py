@@ -285,14 +285,21 @@ def start_vit_servers(settings: ServerSettings, names: Sequence[str],
     return servers
 
 
+def trial_server_name(role: str, trial_id: str, tag: str) -> str:
+    """The actor name of one of a Tune trial's ViT servers: its ``role`` (``train_0``, ``val``), the trial's ID
+    and a ``tag`` that a restarted trial draws anew (its servers are new actors); :func:`ask_for_data_errors`
+    finds a trial's servers by it."""
+    return f"{DEFAULT_NAME}_{role}_{trial_id}_{tag}"
+
+
 def ask_for_data_errors(trial_ids: Collection[str]) -> list[ray.ObjectRef]:
     """Ask the ViT servers of these Tune trials which image they could not read first (a streamed split reads its
     images as episodes draw them); :func:`data_error_among` reads the answers as they arrive. An env cannot stop
     the run on it: RLlib recreates a failed env and resets it again, without end, so train.py's driver asks
     (``training.console.StopOnDataError``)."""
     names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-             if actor["namespace"] == NAMESPACE and actor["name"].startswith(DEFAULT_NAME)
-             and any(f"_{trial_id}_" in actor["name"] for trial_id in trial_ids)]  # trial.py names them so
+             if actor["namespace"] == NAMESPACE and actor["name"].startswith(f"{DEFAULT_NAME}_")
+             and any(f"_{trial_id}_" in actor["name"] for trial_id in trial_ids)]  # as trial_server_name names them
     answers = []
     for name in names:
         try:

@@ -23,6 +23,7 @@ from envs.vit_server import (
     data_error_among,
     load_server_inputs,
     start_vit_servers,
+    trial_server_name,
 )
 from tests.conftest import CIFAR_CLASSES
 
@@ -181,7 +182,7 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
                 (tmp_path / split / name / f"{i}.png").write_bytes(b"not an image")
     problem = PruningProblem(backbone=str(tiny_backbone), dataset="folder", data_dir=str(tmp_path), val_size=2,
                              prune_points=(1, 2, 3), images_per_env=4)
-    name, trial = "vit_server_train_t1_5a9e1c_0", SimpleNamespace(trial_id="t1")  # as training.trial names it
+    name, trial = trial_server_name("train_0", "t1", "5a9e1c"), SimpleNamespace(trial_id="t1")  # as a trial's
     (handle,) = start_vit_servers(ServerSettings(problem, memory_budget_mb=0, num_cpus=0), [name])
 
     def first_data_error(trial_ids):

@@ -47,6 +47,7 @@ from envs.vit_server import (
     load_server_inputs,
     staged_from_weights,
     start_vit_servers,
+    trial_server_name,
     wait_until_serving,
 )
 from policies.checkpoints import (
@@ -73,11 +74,6 @@ from training.ray_session import quiet_ray_loggers
 
 TRAIN_SERVER, VAL_SERVER = "vit_server_train", "vit_server_val"
 SCORE = "val_score"  # the reported metric checkpoints are ranked by: see validation_score
-
-
-def train_server_names(suffix: str, count: int) -> list[str]:
-    """The sampling servers' actor names: ``TRAIN_SERVER``, the trial's ``suffix`` and an index."""
-    return [f"{TRAIN_SERVER}{suffix}_{index}" for index in range(count)]
 
 
 def build_config(problem: PruningProblem, resources: TrialResources, train_servers: list[str], val_server: str,
@@ -205,8 +201,10 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
     resources = TrialResources.from_json(trial["resources"])
     settings = server_settings(problem, resources.placement, access)
     inputs = inputs or {name: load_server_inputs(s).shared() for name, s in settings.items()}
-    suffix = f"_{tune.get_context().get_trial_id()}_{uuid.uuid4().hex[:6]}"  # a restarted trial's too
-    names = {VAL_SERVER: VAL_SERVER + suffix, TRAIN_SERVER: train_server_names(suffix, resources.placement.servers)}
+    trial_id, tag = tune.get_context().get_trial_id(), uuid.uuid4().hex[:6]
+    names = {VAL_SERVER: trial_server_name("val", trial_id, tag),
+             TRAIN_SERVER: [trial_server_name(f"train_{index}", trial_id, tag)
+                            for index in range(resources.placement.servers)]}
     train_bundles, val_bundle = server_bundles(resources)
     # all servers start at once, and the warm start runs while they do
     servers = [*start_vit_servers(settings[TRAIN_SERVER], names[TRAIN_SERVER], inputs[TRAIN_SERVER], train_bundles,
