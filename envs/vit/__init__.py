@@ -2,4 +2,8 @@
 them, and count what it costs. The data path, in import order::
 
     data, backbone_checkpoint -> staged_vit -> token_ops, token_merge -> pruned_forward -> features, flops
+
+ToMe's merging in every block (``tome``) is the training-free method evaluate.py compares with; backbone.py's
+augmentation on the device (``augment``), the ``--device`` names (``device``) and the project's one timer
+(``timing``) serve the commands.
 """
