@@ -10,12 +10,13 @@ Layout of a run's output directory (``train.py --output-dir``, Tune's experiment
         pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score",
                                               "commit", "versions"}
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
-        export/                               the policy modules as safetensors + JSON (``policies.export``):
-                                              what inference loads, never unpickling
+        export/                               the policy modules as safetensors + JSON (``policies.export``
+                                              writes it, :func:`load_exported_policies` reads it): what
+                                              inference loads, never unpickling
 
-A checkpoint (export included) is staged complete in a temporary directory (:func:`stage_checkpoint`) and
-only then reported to Tune, which copies it to the run's storage and records it; a crash while saving
-leaves the recorded checkpoints as they were.
+A checkpoint (export included) is staged complete in a temporary directory
+(``policies.export.stage_checkpoint``) and only then reported to Tune, which copies it to the run's storage and
+records it; a crash while saving leaves the recorded checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -28,22 +29,35 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from cli import versions_line
 from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
 from envs.vit.features import AGENT_FEATURES
-from policies.token_scorer import TokenScoring
-
-if TYPE_CHECKING:  # evaluation loads checkpoints without Ray
-    from ray.rllib.algorithms.algorithm import Algorithm
+from policies.token_scorer import TokenScorer, TokenScoring
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
 UNRECORDED = "unrecorded_"  # before PREFIX: a checkpoint Tune has no record of, renamed out of its numbering
 Modules = Mapping[str, TokenScoring]
+
+EXPORT_DIR = "export"  # a checkpoint's policy export (policies.export writes it)
+EXPORT_WEIGHTS = "policies.safetensors"
+EXPORT_CONFIG = "policy.json"
+
+
+def export_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's export lives (it may not exist: checkpoints written before exports did not)."""
+    return Path(checkpoint) / EXPORT_DIR
+
+
+def has_export(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` carries an export to load instead of RLlib's pickles."""
+    return (export_path(checkpoint) / EXPORT_CONFIG).is_file()
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,44 @@ def load_module(path: Path, name: str) -> TokenScoring:
     return module.eval()
 
 
+def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScorer], CheckpointInfo]:
+    """The policy modules (by policy name, in eval mode) and the checkpoint info of an export.
+
+    ``path`` is the checkpoint or its ``export`` directory. Reads ``policy.json`` and
+    ``policies.safetensors`` only; a missing, unreadable or inconsistent file is a
+    :class:`PolicyCheckpointError`.
+    """
+    directory = Path(path).expanduser()
+    if not (directory / EXPORT_CONFIG).is_file():
+        directory = export_path(directory)
+    config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+        info = CheckpointInfo.from_json(config)
+        specs = config["modules"]
+        weights = load_file(str(weights_path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ProblemError,
+            SafetensorError) as error:
+        raise PolicyCheckpointError(f"cannot read the policy export {directory}: {type(error).__name__}: "
+                                    f"{' '.join(str(error).split())}") from None
+    expected = set(trained_policies(info.problem.agents))
+    if set(specs) != expected:
+        raise PolicyCheckpointError(f"the policy export {directory} holds the policies {sorted(specs)}, but agents "
+                                    f"is {info.problem.agents!r}: expected {sorted(expected)}")
+    modules = {}
+    for name, spec in specs.items():
+        prefix = f"{name}."
+        state = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+        try:
+            module = TokenScorer(spec["num_patches"], spec["num_features"], spec["hidden"])
+            module.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise PolicyCheckpointError(f"the {name} policy in {directory} cannot be rebuilt: "
+                                        f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+        modules[name] = module.eval()
+    return modules, info
+
+
 def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
@@ -209,8 +261,6 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     one, else RLlib's files (:func:`load_rllib_policies`, checkpoints written before exports existed), with a
     warning: those pickles run the code of whoever wrote them.
     """
-    from policies.export import has_export, load_exported_policies  # policies.export builds on this module
-
     path = checkpoint_directory(checkpoint)
     if has_export(path):
         return load_exported_policies(path)
@@ -224,14 +274,12 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
 def checkpoint_directory(checkpoint: str | Path) -> Path:
     """``checkpoint`` as an absolute path (RLlib loads from URIs: a relative path is not one), if a directory;
     a checkpoint's ``export`` folder given itself (what is shared to avoid pickles) stands for the checkpoint."""
-    from policies.export import CONFIG_FILE, EXPORT_DIR
-
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} is not a directory")
-    return path.parent if path.name == EXPORT_DIR and (path / CONFIG_FILE).is_file() else path
+    return path.parent if path.name == EXPORT_DIR and (path / EXPORT_CONFIG).is_file() else path
 
 
 def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:
@@ -299,15 +347,3 @@ def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -
                 f"the {name} policy in {checkpoint} observes tokens {tuple(module.token_shape)}, but the backbone "
                 f"has {num_patches} patch tokens and there are {expected[1]} {name} features, so it expects tokens "
                 f"{expected}: was it trained on another backbone?")
-
-
-def stage_checkpoint(algo: Algorithm, directory: str | os.PathLike, info: CheckpointInfo) -> Path:
-    """Save ``algo``, ``pruning_config.json`` and the policy export (``policies.export``) into ``directory``
-    (empty or absent): a complete checkpoint, ready to be reported to Tune."""
-    from policies.export import export_policies  # policies.export builds on this module
-
-    path = Path(directory).resolve()  # RLlib saves to URIs: a relative path is not one
-    algo.save_to_path(str(path))
-    (path / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    export_policies(path)
-    return path

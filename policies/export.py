@@ -2,7 +2,7 @@
 
 RLlib checkpoints are pickles, and unpickling a checkpoint someone sent you runs their code. Every training
 checkpoint therefore carries, beside RLlib's files, an export of its policy modules
-(``policies.checkpoints.stage_checkpoint`` writes it before the checkpoint is reported to Tune)::
+(:func:`stage_checkpoint` writes it before the checkpoint is reported to Tune)::
 
     <checkpoint>/export/policies.safetensors   every module's state dict, keys prefixed by policy id
                                                ("attention._token_net.0.weight", "similarity. ...")
@@ -10,9 +10,9 @@ checkpoint therefore carries, beside RLlib's files, an export of its policy modu
                                                and per module what rebuilds it: {"modules": {policy:
                                                {"num_patches", "num_features", "hidden"}}}
 
-:func:`load_exported_policies` rebuilds each policy's networks from these two files only (JSON and safetensors,
-neither of which can run code) as ``policies.token_scorer.TokenScorer``: plain torch, so that inference needs no
-Ray. Re-export a checkpoint (the committed reference policy, an older run) with::
+``policies.checkpoints.load_exported_policies`` rebuilds each policy's networks from these two files only (JSON and
+safetensors, neither of which can run code) as ``policies.token_scorer.TokenScorer``: plain torch, so that
+inference needs no Ray. Re-export a checkpoint (the committed reference policy, an older run) with::
 
     python -m policies.export reference/marl_policy
 """
@@ -24,37 +24,26 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from cli import OneLineParser, run_command
-from envs.problem import ProblemError, trained_policies
 from envs.vit.backbone_checkpoint import write_weights_and_config
 from policies.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
     MODULES_DIR,
+    PRUNING_CONFIG,
     CheckpointInfo,
     PolicyCheckpointError,
     checkpoint_directory,
+    export_path,
+    has_export,
     load_rllib_policies,
 )
-from policies.token_scorer import TokenScorer, TokenScoring
+from policies.token_scorer import TokenScoring
 
-EXPORT_DIR = "export"
-WEIGHTS_FILE = "policies.safetensors"
-CONFIG_FILE = "policy.json"
-
-
-def export_path(checkpoint: str | os.PathLike) -> Path:
-    """Where a checkpoint's export lives (it may not exist: checkpoints written before exports did not)."""
-    return Path(checkpoint) / EXPORT_DIR
-
-
-def has_export(checkpoint: str | os.PathLike) -> bool:
-    """Whether ``checkpoint`` carries an export to load instead of RLlib's pickles."""
-    return (export_path(checkpoint) / CONFIG_FILE).is_file()
-
+if TYPE_CHECKING:  # the export is read and written without Ray; staging a checkpoint is training's
+    from ray.rllib.algorithms.algorithm import Algorithm
 
 def module_config(module: TokenScoring) -> dict[str, Any]:
     """What rebuilds ``module`` without RLlib's pickles: what it observes and its width."""
@@ -70,7 +59,7 @@ def write_export(modules: Mapping[str, TokenScoring], info: CheckpointInfo,
     weights = {f"{name}.{key}": value.detach().to("cpu").contiguous()
                for name, module in modules.items() for key, value in module.state_dict().items()}
     config = {**info.to_json(), "modules": {name: module_config(module) for name, module in modules.items()}}
-    write_weights_and_config(directory, WEIGHTS_FILE, weights, CONFIG_FILE, config)
+    write_weights_and_config(directory, EXPORT_WEIGHTS, weights, EXPORT_CONFIG, config)
     return directory
 
 
@@ -88,42 +77,14 @@ def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
     return write_export(modules, info, checkpoint_dir)
 
 
-def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScorer], CheckpointInfo]:
-    """The policy modules (by policy name, in eval mode) and the checkpoint info of an export.
-
-    ``path`` is the checkpoint or its ``export`` directory. Reads ``policy.json`` and
-    ``policies.safetensors`` only; a missing, unreadable or inconsistent file is a
-    :class:`~policies.checkpoints.PolicyCheckpointError`.
-    """
-    directory = Path(path).expanduser()
-    if not (directory / CONFIG_FILE).is_file():
-        directory = export_path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    try:
-        config = json.loads(config_path.read_text())
-        info = CheckpointInfo.from_json(config)
-        specs = config["modules"]
-        weights = load_file(str(weights_path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ProblemError,
-            SafetensorError) as error:
-        raise PolicyCheckpointError(f"cannot read the policy export {directory}: {type(error).__name__}: "
-                                    f"{' '.join(str(error).split())}") from None
-    expected = set(trained_policies(info.problem.agents))
-    if set(specs) != expected:
-        raise PolicyCheckpointError(f"the policy export {directory} holds the policies {sorted(specs)}, but agents "
-                                    f"is {info.problem.agents!r}: expected {sorted(expected)}")
-    modules = {}
-    for name, spec in specs.items():
-        prefix = f"{name}."
-        state = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
-        try:
-            module = TokenScorer(spec["num_patches"], spec["num_features"], spec["hidden"])
-            module.load_state_dict(state)
-        except (KeyError, TypeError, RuntimeError) as error:
-            raise PolicyCheckpointError(f"the {name} policy in {directory} cannot be rebuilt: "
-                                        f"{type(error).__name__}: {' '.join(str(error).split())}") from None
-        modules[name] = module.eval()
-    return modules, info
+def stage_checkpoint(algo: Algorithm, directory: str | os.PathLike, info: CheckpointInfo) -> Path:
+    """Save ``algo``, ``pruning_config.json`` and the policy export into ``directory``
+    (empty or absent): a complete checkpoint, ready to be reported to Tune."""
+    path = Path(directory).resolve()  # RLlib saves to URIs: a relative path is not one
+    algo.save_to_path(str(path))
+    (path / PRUNING_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    export_policies(path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

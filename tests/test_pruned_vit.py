@@ -27,16 +27,17 @@ from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gf
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.cascade import CascadeViT, doubt
-from policies.checkpoints import PolicyCheckpointError, load_rllib_policies
-from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
-from policies.export import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
+from policies.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    PolicyCheckpointError,
     export_path,
-    export_policies,
     has_export,
     load_exported_policies,
+    load_rllib_policies,
 )
+from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
+from policies.export import export_policies
 from policies.export import main as export_main
 from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import SELECTIONS, PrunedViT
@@ -294,7 +295,7 @@ def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
     original, info = load_rllib_policies(tiny_policy)
     loaded, loaded_info = load_exported_policies(exported)
     assert loaded_info == info and list(loaded) == list(original)
-    config = json.loads((export_path(exported) / CONFIG_FILE).read_text())
+    config = json.loads((export_path(exported) / EXPORT_CONFIG).read_text())
     assert config["modules"]["attention"]["num_patches"] == NUM_PATCHES
     generator = torch.Generator().manual_seed(0)
     for name, module in original.items():
@@ -363,7 +364,7 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     unexported = Path(shutil.copytree(tiny_policy, tmp_path / "unexported"))
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
         PrunedViT.from_checkpoint(unexported)  # said, as pickles run the code of whoever wrote them
-    weights = export_path(path) / WEIGHTS_FILE
+    weights = export_path(path) / EXPORT_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):
         PrunedViT.from_checkpoint(path)

@@ -9,8 +9,7 @@ import torch
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import check_policies, load_policies, load_rllib_policies
-from policies.export import load_exported_policies
+from policies.checkpoints import check_policies, load_exported_policies, load_policies, load_rllib_policies
 
 REFERENCE_POLICIES = [REFERENCE_BACKBONE.parent / "marl_policy", REFERENCE_BACKBONE.parent / "marl_policy_six_points"]
 

@@ -18,12 +18,12 @@ from policies.checkpoints import (
     CheckpointInfo,
     latest_checkpoint,
     list_checkpoints,
+    load_exported_policies,
     module_path,
     read_checkpoint_info,
-    stage_checkpoint,
     trial_checkpoints,
 )
-from policies.export import load_exported_policies
+from policies.export import stage_checkpoint
 from tests.tiny_policies import build_module, write_checkpoint
 from training.trial import set_aside_unrecorded
 

@@ -31,10 +31,10 @@ from policies.checkpoints import (
     CheckpointInfo,
     PolicyCheckpointError,
     list_checkpoints,
+    load_exported_policies,
     module_path,
     read_checkpoint_info,
 )
-from policies.export import load_exported_policies
 from tests.tiny_policies import write_checkpoint
 from training import ray_session
 from training.console import (

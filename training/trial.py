@@ -57,9 +57,9 @@ from policies.checkpoints import (
     PolicyCheckpointError,
     checkpoint_number,
     read_checkpoint_info,
-    stage_checkpoint,
     trial_checkpoints,
 )
+from policies.export import stage_checkpoint
 from policies.rl_module import TokenPolicyModule
 from policies.sample_ahead import SampleAheadPPO
 from policies.warm_start import warm_start_modules
