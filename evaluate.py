@@ -122,12 +122,12 @@ from policies.checkpoints import (
     load_policies_by_budget,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
+from policies.heuristics import HEURISTIC_RULES
 from policies.pruned_vit import PrunedViT, policy_backbone
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
-HEURISTIC_ROWS = {"random": "Random", "attention": "Greedy attention", "similarity": "Greedy similarity",
-                  "nms": "Attention NMS", "distinct": "Distinctive NMS", "tome": "ToMe"}
+HEURISTIC_ROWS = {**{name: rule.label for name, rule in HEURISTIC_RULES.items()}, "tome": "ToMe"}
 MARL_EXACT = "MARL exact"
 MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
 CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"}

@@ -32,7 +32,7 @@ from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, defaul
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
 from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES
-from policies.heuristics import HEURISTICS
+from policies.heuristics import HEURISTICS, SIMILARITY_HEURISTICS
 from policies.token_scorer import DEFAULT_HIDDEN
 
 PROTECTED_SHARE_BEFORE_SETTING = 0.25
@@ -41,7 +41,7 @@ SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"rollouts_per_image": 1, "reward
 """How checkpoints written before these settings existed were trained (one rollout of each image, no baseline),
 where the defaults differ."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
-WARM_STARTS: tuple[str, ...] = ("none", "nms", "distinct", "similarity")
+WARM_STARTS: tuple[str, ...] = ("none", *SIMILARITY_HEURISTICS)
 
 
 def trained_policies(agents: str) -> tuple[str, ...]:

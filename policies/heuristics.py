@@ -5,12 +5,15 @@ by distinctiveness: a one-shot version of greedy similarity).
 Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_keep``) and returns
 ``keep [B, N]`` bool with exactly ``k`` live tokens per image; ``live_count``, where the caller knows it, is
 the live tokens of every image (``envs.vit.token_ops.topk_keep_mask``), so that nothing is read back from the
-device (on a GPU, a wait for it). :func:`heuristic_selector` adapts them to
-``envs.vit.pruned_forward.Selector``; :data:`HEURISTIC_SCORES` says what each computes
-(``envs.vit.flops.feature_gflops``).
+device (on a GPU, a wait for it). :data:`HEURISTIC_RULES` defines each heuristic once (its keep rule, what it
+computes for ``envs.vit.flops.feature_gflops``, its row name); :func:`heuristic_selector` adapts them to
+``envs.vit.pruned_forward.Selector``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -19,10 +22,6 @@ from envs.vit.features import cosine_similarity, mean_similarity, other_live, su
 from envs.vit.flops import TokenScores
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.token_ops import topk_keep_mask
-
-HEURISTICS: tuple[str, ...] = ("random", "attention", "similarity", "nms", "distinct")
-HEURISTIC_SCORES: dict[str, TokenScores] = {"random": "none", "attention": "attention", "similarity": "similarity",
-                                            "nms": "agents", "distinct": "similarity"}
 
 
 def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None,
@@ -132,32 +131,52 @@ def complete_removal_order(x_patch: torch.Tensor, live: torch.Tensor) -> torch.T
     return greedy_removal_order(cosine_similarity(x_patch), live, one_left)
 
 
+class Heuristic(NamedTuple):
+    """One heuristic: its row in evaluate.py's table, what it computes (``envs.vit.flops.TokenScores``), the
+    ``k`` tokens it keeps of a state (with the random one's generator), and, for the similarity heuristics, how
+    early it removes each live token (:func:`redundancy`)."""
+
+    label: str
+    scores: TokenScores
+    keep: Callable[[TokenState, int, torch.Generator | None], torch.Tensor]
+    redundancy: Callable[[TokenState], torch.Tensor] | None = None
+
+
+HEURISTIC_RULES: dict[str, Heuristic] = {  # every selector's state is live throughout: its width is the count
+    "random": Heuristic("Random", "none", lambda state, k, generator: random_keep(
+        state.live, k, generator, state.live.shape[1])),
+    "attention": Heuristic("Greedy attention", "attention", lambda state, k, _: greedy_attention_keep(
+        state.cls_attention, state.live, k, state.live.shape[1])),
+    "similarity": Heuristic("Greedy similarity", "similarity", lambda state, k, _: greedy_similarity_keep(
+        state.patches, state.live, k, state.live.shape[1]),
+        lambda state: -complete_removal_order(state.patches, state.live)),
+    "nms": Heuristic("Attention NMS", "agents", lambda state, k, _: attention_nms_keep(
+        state.patches, state.cls_attention, state.live, k, state.live.shape[1]),
+        lambda state: attention_nms_redundancy(state.patches, state.cls_attention, state.live)),
+    "distinct": Heuristic("Distinctive NMS", "similarity", lambda state, k, _: distinctive_nms_keep(
+        state.patches, state.live, k, state.live.shape[1]),
+        lambda state: distinctive_nms_redundancy(state.patches, state.live)),
+}
+"""The heuristics by name: the one place each is defined."""
+HEURISTICS: tuple[str, ...] = tuple(HEURISTIC_RULES)
+SIMILARITY_HEURISTICS: tuple[str, ...] = tuple(name for name, rule in HEURISTIC_RULES.items() if rule.redundancy)
+"""The heuristics that rank tokens by redundancy: those the warm start's similarity agent may imitate."""
+
+
 def redundancy(name: str, state: TokenState) -> torch.Tensor:
-    """``[B, N]``: how early the similarity heuristic ``name`` (``similarity``, ``nms`` or ``distinct``) removes
+    """``[B, N]``: how early the similarity heuristic ``name`` (one of :data:`SIMILARITY_HEURISTICS`) removes
     each live token, as a score (the highest go first); the same order as its keep set, continued to every
     token, so that it also ranks a subset of the live tokens (the warm start's similarity agent removes from
     those the attention agent did not keep, ``policies.warm_start``)."""
-    if name == "similarity":
-        return -complete_removal_order(state.patches, state.live)
-    if name == "nms":
-        return attention_nms_redundancy(state.patches, state.cls_attention, state.live)
-    if name == "distinct":
-        return distinctive_nms_redundancy(state.patches, state.live)
-    raise UsageError(f"{name!r} is not a similarity heuristic; choose from similarity, nms, distinct")
+    rule = HEURISTIC_RULES.get(name)
+    if rule is None or rule.redundancy is None:
+        raise UsageError(f"{name!r} is not a similarity heuristic; choose from {', '.join(SIMILARITY_HEURISTICS)}")
+    return rule.redundancy(state)
 
 
 def heuristic_selector(name: str, generator: torch.Generator | None = None) -> Selector:
-    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``exact_forward``: every row of
-    a selector's state is live, so the live count is its width."""
-    if name == "random":
-        return lambda state, k: random_keep(state.live, k, generator, state.live.shape[1])
-    if name == "attention":
-        return lambda state, k: greedy_attention_keep(state.cls_attention, state.live, k, state.live.shape[1])
-    if name == "similarity":
-        return lambda state, k: greedy_similarity_keep(state.patches, state.live, k, state.live.shape[1])
-    if name == "nms":
-        return lambda state, k: attention_nms_keep(state.patches, state.cls_attention, state.live, k,
-                                                   state.live.shape[1])
-    if name == "distinct":
-        return lambda state, k: distinctive_nms_keep(state.patches, state.live, k, state.live.shape[1])
-    raise UsageError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
+    """The heuristic ``name`` (one of :data:`HEURISTICS`) as a ``Selector`` for ``exact_forward``."""
+    rule = HEURISTIC_RULES.get(name)
+    if rule is None:
+        raise UsageError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
+    return lambda state, k: rule.keep(state, k, generator)

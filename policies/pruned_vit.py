@@ -44,7 +44,7 @@ from policies.checkpoints import (
     load_policies,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE, policy_selector
-from policies.heuristics import HEURISTIC_SCORES, HEURISTICS, heuristic_selector
+from policies.heuristics import HEURISTIC_RULES, HEURISTICS, heuristic_selector
 from policies.token_scorer import TokenScoring
 
 SELECTIONS: tuple[str, ...] = (*HEURISTICS, "tome")
@@ -253,7 +253,7 @@ class PrunedViT(nn.Module):
     def _scores(self) -> TokenScores:
         """What the selection computes to rank tokens: what is counted is what :meth:`forward_with_kept`
         computes."""
-        return "agents" if self.selection == "policy" else HEURISTIC_SCORES[self.selection]
+        return "agents" if self.selection == "policy" else HEURISTIC_RULES[self.selection].scores
 
     def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
         """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``."""

@@ -99,7 +99,7 @@ def test_older_layouts_without_reduction_or_warm_start_dropped_tokens_and_starte
     ({"reduction": "prune"}, "reduction must be one of merge, drop, got 'prune'"),
     ({"agents": "all"}, "agents must be one of both, attention, similarity"),
     ({"dataset": "mnist"}, "dataset must be one of cifar10, cifar100, folder"),
-    ({"warm_start": "bc"}, "warm_start must be one of none, nms, distinct, similarity"),
+    ({"warm_start": "bc"}, "warm_start must be one of none, similarity, nms, distinct"),
     ({"images_per_env": 0}, "images_per_env must be >= 1"),
     ({"hidden": 0}, "hidden must be >= 1"),
     ({"train_limit": 0}, "train_limit must be >= 1"),
