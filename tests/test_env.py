@@ -24,7 +24,7 @@ from envs.vit.features import AGENT_FEATURES
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep
-from policies.decisions import choosable, survives
+from policies.decisions import choosable, survives, take_turns
 from policies.heuristics import heuristic_selector
 
 KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
@@ -112,6 +112,26 @@ def test_survivors_are_the_tokens_not_removed_or_the_attention_agents_alone():
     assert survives(live, np.array([1, 1, 0, 0, 0]), None).tolist() == [True, True, False, False, False]
     with pytest.raises(ValueError):
         survives(live, None, None)
+
+
+@pytest.mark.parametrize("agents", ["both", "attention", "similarity"])
+def test_the_envs_turn_rule_is_the_inference_one(agents):
+    """The env applies the turns in numpy (choosable, survives), inference in torch (take_turns): the same sets
+    of the same choices."""
+    generator = torch.Generator().manual_seed(0)
+
+    def random_rule(tokens, count):  # ``count`` of the allowed tokens, at random
+        scores = torch.rand(tokens.shape, generator=generator).masked_fill(~tokens, -1.0)
+        return torch.zeros_like(tokens).scatter(1, scores.topk(count, dim=1).indices, True)
+
+    live = torch.ones(6, 20, dtype=torch.bool)
+    turns = take_turns(live, 0.4, 0.25, random_rule if agents != "similarity" else None,
+                       random_rule if agents != "attention" else None)
+    for i in range(len(live)):
+        kept = None if turns.kept is None else turns.kept[i].numpy().astype(np.int8)  # as the env's actions
+        removed = None if turns.removed is None else turns.removed[i].numpy().astype(np.int8)
+        assert (choosable(live[i].numpy(), kept) == turns.left[i].numpy()).all()
+        assert (survives(live[i].numpy(), kept, removed) == turns.survivors[i].numpy()).all()
 
 
 def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
