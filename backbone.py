@@ -82,7 +82,7 @@ from envs.vit.data import (
     training_split_size,
     val_drawn_from,
 )
-from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, unpruned_gflops
 from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
@@ -229,7 +229,7 @@ class TrainingStep:
     def optimize(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One AdamW step (in bf16 autocast if ``amp``, gradients clipped at norm 1); returns the detached loss,
         unsynced."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast_to(x.device, torch.bfloat16 if self.amp else torch.float32):
             loss = self.criterion(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,7 +310,7 @@ def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: to
     correct, start = torch.zeros((), dtype=torch.long, device=device), 0
     for images in split.batches(batch_size):
         x = normalize(images.to(device), config)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast_to(device, torch.bfloat16 if amp else torch.float32):
             correct += (model(x).argmax(-1) == labels[start:start + len(images)]).sum()
         start += len(images)
     return correct.item() / len(split)

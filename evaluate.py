@@ -108,7 +108,7 @@ from envs.vit.data import (
     limited_positions,
     load_checked_split,
 )
-from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
@@ -134,8 +134,6 @@ CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"
 CASCADE_PRUNE_POINTS = (1, 3, 5, 7, 9, 11)
 """``--cascade-points`` unless given: six pruning points, where cascade_headroom's best pairs prune
 (benchmarks/README.md)."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""``--dtype``: what every forward runs in (bfloat16 under ``torch.autocast``)."""
 
 BOOTSTRAP_RESAMPLES = 2000
 SPEED_SPREAD_WARNING = 1.5
@@ -378,7 +376,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     for method in methods:
         for module in method.modules.values():
             module.to(device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast_to(device, dtype):
         methods = match_tome_cost(methods, staged, backbone_config, reduction)
         methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
         baseline = next((method for method in methods if method.selector == "baseline"),

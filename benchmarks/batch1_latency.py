@@ -34,9 +34,9 @@ from benchmarks import benchmark_parser, run_from_command_line, write_json
 from cli import positive_int
 from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
-from envs.vit.device import DEVICE_CHOICES, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.timing import ratios_within_rounds
-from evaluate import DEFAULT_CHECKPOINT, DTYPES, HEURISTIC_ROWS, MARL_EXACT, Method, timed_in_turns
+from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, MARL_EXACT, Method, timed_in_turns
 from policies.pruned_vit import PrunedViT
 
 HEURISTICS = ("similarity", "distinct")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "images": len(images), "rounds": args.rounds, "budget": policy.budget}
     for mode in args.modes:
         models = rows(policy)  # afresh for each mode: a compiled model stays compiled
-        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
+        with autocast_to(device, DTYPES[args.dtype]):
             rates = timed_in_turns(models, {args.batch_size: images}, args.rounds,  # evaluate.py --compile's way
                                    compile_on=device if mode == "compiled" else None)[args.batch_size]
         results[mode] = summary(rates, BASELINE)

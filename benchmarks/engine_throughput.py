@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,7 +46,7 @@ from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.device import DEVICE_CHOICES, cpu_model, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, autocast_to, cpu_model, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, exact_budget_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
@@ -55,7 +54,8 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.token_ops import tokens_to_keep
 
 Call = Callable[..., Any]  # call(method_name, *args) -> result, on an engine or a server
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``--precision``'s names (the results' ``precision`` column) and the dtype each runs in."""
 
 
 # -- episodes, as any caller of an engine or a server runs them -------------------------------------------
@@ -131,10 +131,10 @@ def episode_row(what: str, kind: str, runs: list[dict[str, Any]], elapsed: float
 # -- the two kinds of rows ------------------------------------------------------------------------------
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16 autocast on ``device`` for ``precision`` ``bf16``, as ``backbone.py`` trains; float32 for ``fp32``.
-    The engine reads its results back as float32 (``.float()``), so its answers keep their types."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The forwards on ``device`` in ``precision`` (:data:`PRECISIONS`), as ``backbone.py`` trains under bf16. The
+    engine reads its results back as float32 (``.float()``), so its answers keep their types."""
+    return autocast_to(device, PRECISIONS[precision])
 
 
 def bench_backbone(model: torch.nn.Module, staged: StagedViT, inputs: torch.Tensor, seconds: float,

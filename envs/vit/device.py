@@ -1,4 +1,5 @@
-"""Where a command runs: the ``--device`` of backbone.py and evaluate.py, and how results name it.
+"""Where a command runs: the ``--device`` of backbone.py and evaluate.py, in which precision, and how results
+name it.
 
 Both commands take the same names (``auto``: the GPU when one is visible, else the CPU) and refuse the same
 bad ones with a message meant for the user as is. Results record :func:`describe_device`, so that a
@@ -16,6 +17,14 @@ from envs.errors import UsageError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:1, ..."
 """The ``--device`` names, as the commands' help and errors list them."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The precisions the forwards run in (evaluate.py's and batch1_latency's ``--dtype``; bfloat16 under autocast)."""
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """The forwards on ``device`` in ``dtype``: ``torch.autocast`` to it, off for float32. One for every command
+    (evaluate.py's ``--dtype``, backbone.py's ``--amp``, the engine benchmark's ``--precision``)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def resolve_device(name: str) -> torch.device:
