@@ -178,8 +178,8 @@ class PruningProblem:
                                           ": 'nms' attention NMS, 'distinct' distinctive NMS, 'similarity' greedy "
                                           "similarity; 'none': both start uniform", choices=WARM_STARTS)
     warm_start_images: int = setting(2048, "train images the warm start imitates the heuristic on")
-    warm_start_steps: int = setting(400, "Adam steps (batches of 128 decisions) with which each agent imitates "
-                                         "its heuristic")
+    warm_start_steps: int = setting(400, "Adam steps (each on a batch of decisions, policies/warm_start.py) with "
+                                         "which each agent imitates its heuristic")
     checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
     seed: int = setting(0, "seed of the policies, the image streams and the warm start")
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
