@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
                    help=f"training images held out as the validation split (default {DEFAULT_VAL_SIZE}); the "
                         f"checkpoint records it, and train.py and evaluate.py hold out the same")
-    p.add_argument("--split-seed", type=non_negative_int, default=DEFAULT_SPLIT_SEED,
+    p.add_argument("--split-seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
                    help=f"seed of the train/validation split (default {DEFAULT_SPLIT_SEED})")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="train and test on a seeded subset of N images of their splits, and validate on the first N "

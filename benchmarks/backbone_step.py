@@ -21,7 +21,7 @@ import argparse
 import torch
 
 import backbone
-from benchmarks import run_from_command_line, write_json
+from benchmarks import HelpFormatter, run_from_command_line, write_json
 from cli import given_flags, non_negative_int, positive_int
 from envs.vit.augment import random_crop_flip
 from envs.vit.backbone_checkpoint import create_vit, normalize
@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     """backbone.py's options (those of its model, recipe and device apply: :data:`NOT_A_STEP` are refused), plus
     how long to measure."""
     parser = backbone.build_parser()
-    parser.description = __doc__
+    parser.description, parser.formatter_class = __doc__, HelpFormatter
     parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
-    parser.add_argument("--num-classes", type=positive_int, default=10)
+    parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model's head")
     parser.add_argument("--json", default=None, help="also write the rows here")
     return parser
 

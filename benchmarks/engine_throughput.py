@@ -46,7 +46,7 @@ from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
-from envs.vit.device import DEVICE_CHOICES, autocast_to, cpu_model, describe_device, resolve_device
+from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, cpu_model, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, exact_budget_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.timing import synchronize, timed_calls
@@ -54,8 +54,8 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.token_ops import tokens_to_keep
 
 Call = Callable[..., Any]  # call(method_name, *args) -> result, on an engine or a server
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""``--precision``'s names (the results' ``precision`` column) and the dtype each runs in."""
+PRECISIONS = {"fp32": DTYPES["float32"], "bf16": DTYPES["bfloat16"]}
+"""``--precision``'s short names (the results' ``precision`` column) for the precisions of ``DTYPES``."""
 
 
 # -- episodes, as any caller of an engine or a server runs them -------------------------------------------

@@ -1,4 +1,5 @@
-"""Training images/s of the default setup next to the batched pruned inference of the same ViT, in one run.
+"""Training episodes/s (image passes) of the default setup next to the batched pruned inference of the same
+ViT, in one run.
 
 PPO learns from the images that pass through pruning episodes, so its sample throughput is measured against
 what the same machine does with the same ViT when it only infers: a ratio of 1 would mean training sees
@@ -6,7 +7,7 @@ images as fast as inference prunes them.
 
 1. Training: ``train.py`` with its defaults (two env runners, the ViT servers, PPO's 4,096 agent steps per
    iteration) or the settings given after ``--``, ``--iterations`` iterations with no warm start and no
-   validation inside them (the stop's runs after the last one is timed). Images/s is over the iterations
+   validation inside them (the stop's runs after the last one is timed). Episodes/s is over the iterations
    after the first (which includes start-up), from Tune's ``progress.csv``: an episode (one image's pass)
    takes an env step per pruning point and acting agent (``envs.pruning_env.env_steps_per_episode``), each
    of which carries ``images_per_env`` episodes. With ``--rollouts-per-image K`` an image runs K episodes

@@ -357,10 +357,14 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     assert capsys.readouterr().err == "error: the following arguments are required: CHECKPOINT\n"
     export_only = tmp_path / "export_only"
     shutil.copytree(path, export_only, ignore=shutil.ignore_patterns("learner_group"))
-    assert export_main([str(export_only)]) == 2  # as shared: nothing to export from
-    assert capsys.readouterr().err == (f"error: checkpoint {export_only} holds its export ({export_path(export_only)}) "
-                                       "but not RLlib's modules (learner_group/learner/rl_module/) to export from: it "
-                                       "is exported already, and loading it reads the export\n")
+    message = (f"error: checkpoint {export_only} holds its export ({export_path(export_only)}) but not RLlib's "
+               "modules (learner_group/learner/rl_module/) to export from: it is exported already, and loading it "
+               "reads the export\n")
+    for given in (export_only, export_path(export_only)):  # as shared: nothing to export from
+        assert export_main([str(given)]) == 2
+        assert capsys.readouterr().err == message
+    assert export_main([str(export_path(path))]) == 0  # a checkpoint's export folder stands for the checkpoint
+    assert capsys.readouterr().out == f"wrote {export_path(path)}\n" and not export_path(export_path(path)).exists()
     unexported = Path(shutil.copytree(tiny_policy, tmp_path / "unexported"))
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
         PrunedViT.from_checkpoint(unexported)  # said, as pickles run the code of whoever wrote them
