@@ -280,6 +280,7 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--randaug-magnitude", "31"], "argument --randaug-magnitude: must be at most 30 (torchvision's bins), got 31"),
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
     (["--seed", str(2**32)], "argument --seed: must be at most 4294967295, got 4294967296"),
+    (["--split-seed", str(2**32)], "argument --split-seed: must be at most 4294967295, got 4294967296"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     (["--model-kwargs", "img_size=32", "bogus_kw=1"], "timm cannot build vit_tiny_patch16_224 with"),
     (["--model-kwargs", "embed_dim=30", "num_heads=4"], "timm cannot build vit_tiny_patch16_224 with"),
