@@ -382,7 +382,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
 
 def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
     """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted."""
-    lines, errors = closing_lines(results, args.output_dir)
+    data_dir = getattr(args, "problem.data_dir")
+    lines, errors = closing_lines(results, args.output_dir,
+                                  data_dir and str(Path(data_dir).expanduser().resolve()))
     print("\n".join(lines))
     for line in errors:
         print("error: " + line, file=sys.stderr)

@@ -662,6 +662,8 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
     assert lines == [f"best checkpoint: {shown} (best on validation: iteration 4, exact-budget accuracy 82.50% "
                      f"on the 800 images that ranked the checkpoints: expect less on others)\n"
                      f"{evaluate} --data-dir d"]
+    # a resumed run given --data-dir elsewhere (its records name the directory it started with) is evaluated there
+    assert closing_lines([result], output_dir, "/mnt/data")[0][0].endswith(f"{evaluate} --data-dir /mnt/data")
     if not cloud:  # a checkpoint set aside on a resume, which Tune does not rank, is ranked beside Tune's
         aside = storage / trial / "unrecorded_checkpoint_000002"
         aside.mkdir()
@@ -691,11 +693,16 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
     assert cluster_shortfall({"CPU": 2.0}) is None
     assert cluster_shortfall({"CPU": 4.0, "GPU": 1.0}) == (
         "waiting for the cluster: one trial reserves 4 CPU, 1 GPU and the cluster has 2 CPU, 0 GPU; its trials "
-        "start when nodes join (or pass a smaller --num-workers or --servers)")
+        "start when nodes join (or stop this run and start it again with --overwrite and a smaller --num-workers or "
+        "--servers: --resume keeps the run's)")
     args = train.build_parser().parse_args(["--output-dir", "runs/x", "--address", "10.0.0.1:6379",
                                             "--iterations", "9"])
     assert go_on_command(args, {"iterations", "address"}) == (
         "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations=9")
+    # a run pointed at its data elsewhere: the run records the directory it started with, so --resume needs it
+    args = train.build_parser().parse_args(["--output-dir", "runs/x", "--resume", "--data-dir", "/mnt/data"])
+    assert go_on_command(args, {"output_dir", "resume", "problem.data_dir"}) == (
+        "python train.py --output-dir runs/x --resume --data-dir /mnt/data")
 
 
 def test_an_address_no_cluster_answers_at_is_refused_before_the_data_is_read(monkeypatch):

@@ -142,10 +142,12 @@ class ProgressCsv(CSVLoggerCallback):
         self._trial_files[trial].flush()
 
 
-def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str], list[str]]:
+def closing_lines(results: tune.ResultGrid, output_dir: str,
+                  data_dir: str | None = None) -> tuple[list[str], list[str]]:
     """For each trial, its best checkpoint by validation score among those still stored
-    (:func:`~training.run_directory.scored_checkpoints`), and the command that evaluates it; and one line per
-    trial that failed."""
+    (:func:`~training.run_directory.scored_checkpoints`), and the command that evaluates it on ``data_dir`` (the
+    ``--data-dir`` this command gave a resumed run; else the one the trial records); and one line per trial that
+    failed."""
     lines, errors = [], []
     several = len(results) > 1
     run_dir = local_run_dir(output_dir)
@@ -168,20 +170,20 @@ def closing_lines(results: tune.ResultGrid, output_dir: str) -> tuple[list[str],
         checkpoint, score, iteration = max(scored, key=lambda entry: validation_rank(entry[1], entry[2]))
         trial_and_checkpoint = Path(Path(result.path).name, checkpoint)
         problem = PruningProblem.from_json(result.config["trial"]["problem"])
-        data_dir = problem.data_dir
+        trial_data_dir = data_dir or problem.data_dir
         ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
         best = (f"(best on validation: iteration {iteration}, exact-budget accuracy {score:.2f}% on the "
                 f"{ranking_images} images that ranked the checkpoints: expect less on others)")
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
                          f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
-                         f"--data-dir {shlex.quote(data_dir)}")
+                         f"--data-dir {shlex.quote(trial_data_dir)}")
             continue
         path = run_dir / trial_and_checkpoint
         shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
         lines.append(f"{name}best checkpoint: {shown} {best}\n"
                      f"{name}evaluate it: python evaluate.py --checkpoint {shlex.quote(shown)} --data-dir "
-                     f"{shlex.quote(data_dir)}")
+                     f"{shlex.quote(trial_data_dir)}")
     return lines, errors
 
 
@@ -206,9 +208,10 @@ def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> b
 
 
 def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
-    """The command that goes on with an interrupted run: ``--resume`` on the cluster and with the stop rule this
-    command gave."""
+    """The command that goes on with an interrupted run: ``--resume`` on the cluster, with the data directory and
+    the stop rule this command gave (the run records the data directory it started with)."""
     stop = [f"--{flag.replace('_', '-')}={getattr(args, flag):g}" for flag in ("iterations", "time_budget")
             if flag in given]
     cluster = ["--address", args.address] if args.address else []
-    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *cluster, *stop])
+    data = ["--data-dir", getattr(args, "problem.data_dir")] if "problem.data_dir" in given else []
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *cluster, *data, *stop])

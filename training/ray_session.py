@@ -96,7 +96,8 @@ def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
     def listed(resources: Mapping[str, float]) -> str:
         return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in reserved)
     return (f"waiting for the cluster: one trial reserves {listed(reserved)} and the cluster has {listed(cluster)}; "
-            f"its trials start when nodes join (or pass a smaller --num-workers or --servers)")
+            f"its trials start when nodes join (or stop this run and start it again with --overwrite and a "
+            f"smaller --num-workers or --servers: --resume keeps the run's)")
 
 
 RUN_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1")
