@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import functools
 import math
+import os
 import platform
 import re
 import signal
@@ -186,11 +187,15 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 
 def check_output_dir(path: Path, given: str) -> None:
-    """A :class:`UsageError` naming the file at ``path`` or above it that keeps ``--output-dir given`` (``path``,
-    resolved or not) from being made there."""
+    """A :class:`UsageError` naming what keeps ``--output-dir given`` (``path``, resolved or not) from being
+    written, before anything is read or started: a file at ``path`` or above it, or a directory this process
+    may not write in (its permissions, a read-only disk)."""
     blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"--output-dir {given}: {blocking} is a file, not a directory")
+    existing = next(part for part in (path, *path.parents) if part.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {given}: {existing} is not writable (its permissions, or a read-only disk)")
 
 
 def home_expanded(text: str) -> str:

@@ -444,6 +444,21 @@ def test_from_checkpoint_after_an_equals_sign_expands_the_home_directory(tmp_pat
                                        "total: pass more than 3\n")
 
 
+def test_an_output_dir_this_process_cannot_write_in_is_one_line_before_anything_starts(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A read-only disk (or a directory of someone else's) was Tune's traceback, on --resume after Ray had started
+    and the data was decoded. Denied as os.access reports it (the tests may run as root, whom permissions do not
+    stop)."""
+    read_only, access = tmp_path / "ro", os.access
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != read_only and access(path, mode))
+    for flags in ([], ["--resume"]):
+        assert train.main(["--output-dir", str(read_only / "run"), *flags]) == 2
+        assert capsys.readouterr().err == (f"error: --output-dir {read_only / 'run'}: {read_only} is not writable "
+                                           "(its permissions, or a read-only disk)\n")
+    assert list(read_only.iterdir()) == []
+
+
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):
     checkpoint = tmp_path / "target_ratio=0.5" / "checkpoint_000003"
     checkpoint.mkdir(parents=True)
