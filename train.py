@@ -90,7 +90,14 @@ from training.ray_session import (
     quiet_ray_loggers,
     start_ray,
 )
-from training.run_directory import check_storage_uri, delete_run, local_run_dir, run_lock, storage_location
+from training.run_directory import (
+    check_not_running,
+    check_storage_uri,
+    delete_run,
+    local_run_dir,
+    run_lock,
+    storage_location,
+)
 from training.trial import SCORE, TRAIN_SERVER, StopRule, reached_iteration, run_trial, server_settings
 
 
@@ -249,6 +256,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     local = local_run_dir(args.output_dir)
     if local is not None:
         check_output_dir(local, args.output_dir)
+        check_not_running(local)
     else:
         check_storage_uri(args.output_dir)
     if args.resume and (args.from_checkpoint or args.overwrite):

@@ -384,10 +384,14 @@ def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, 
     try:  # refused before it reads any data (there is none here)
         assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"),
                            "--no-download", "--prune-points", "1,2,3", "--output-dir", str(run)]) == 2
+        refused = capsys.readouterr().err
+        # --resume while the first has not yet written its run: the same line, not "nothing to resume"
+        assert train.main(["--output-dir", str(run), "--resume"]) == 2
+        assert capsys.readouterr().err == refused
     finally:
         os.close(held)
-    assert capsys.readouterr().err == (f"error: another train.py is running in {run}: wait for it to end, or pass "
-                                       f"another --output-dir\n")
+    assert refused == (f"error: another train.py is running in {run}: wait for it to end, or pass another "
+                       f"--output-dir\n")
     assert not any(run.iterdir())
     # a run that fails while reading its inputs leaves no directory behind, its parents included
     assert train.main(["--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"), "--no-download",

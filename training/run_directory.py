@@ -51,6 +51,27 @@ def local_run_dir(output_dir: str) -> Path | None:
     return None if "://" in storage_path else Path(storage_path, name)
 
 
+def _lock(descriptor: int, run_dir: Path) -> None:
+    """Take the lock of ``run_dir`` (open as ``descriptor``), or a UsageError where another train.py holds it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
+                         f"--output-dir") from None
+
+
+def check_not_running(run_dir: Path) -> None:
+    """A UsageError where another train.py holds the lock of ``run_dir`` (:func:`run_lock`): checked first, so
+    that what it has not written yet (a run to resume, say) is not taken for missing."""
+    if not run_dir.is_dir():
+        return
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        _lock(descriptor, run_dir)
+    finally:
+        os.close(descriptor)  # and with it this check's lock
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path | None) -> Iterator[None]:
     """Hold an exclusive lock on a local run's directory while this process reads its inputs and trains in it,
@@ -65,11 +86,7 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(run_dir, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another train.py is running in {run_dir}: wait for it to end, or pass another "
-                             f"--output-dir") from None
+        _lock(descriptor, run_dir)
         yield
     except BaseException:  # an error or an interrupt (KeyboardInterrupt)
         if made is not None and not any(run_dir.iterdir()):
