@@ -67,6 +67,7 @@ from envs.vit_server import (
     staged_from_weights,
 )
 from policies.checkpoints import (
+    PRUNING_CONFIG,
     check_policies,
     check_restorable,
     load_rllib_policies,
@@ -233,8 +234,9 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
 
 
 def what_it_holds_instead(output_dir: str) -> str:
-    """What to add to an error about an ``--output-dir`` that holds no run when it is one level off: a trial of the
-    run above it (Tune's ``params.json`` in it), or a backbone.py run with its export; the paths as given."""
+    """What to add to an error about an ``--output-dir`` that holds no run when it is a level or two off: a trial of
+    the run above it (Tune's ``params.json`` in it), a checkpoint (of a run), or a backbone.py run with its export;
+    the paths as given."""
     local = local_run_dir(output_dir)
     if local is None:
         return ""
@@ -243,6 +245,11 @@ def what_it_holds_instead(output_dir: str) -> str:
         shown = local
     if (local / "params.json").is_file() and tune.Tuner.can_restore(str(local.parent)):
         return f" ({shown} is a trial of the run in {shown.parent}: pass --output-dir {shown.parent})"
+    if (local / PRUNING_CONFIG).is_file():
+        run = shown.parent.parent
+        in_run = (f"of the run in {run}: pass --output-dir {run} to resume it, or " if
+                  tune.Tuner.can_restore(str(local.parent.parent)) else "")
+        return f" ({shown} is a checkpoint {in_run}start a new run from it with --from-checkpoint {shown})"
     if (local / RUN_EXPORT_DIR / CONFIG_FILE).is_file():
         return f" (it holds a backbone.py run: train on its export with --backbone {shown / RUN_EXPORT_DIR})"
     return ""

@@ -116,13 +116,16 @@ def test_output_dir_holding_a_run_is_refused_and_one_holding_anything_else_is_ne
 
 
 def test_an_output_dir_one_level_off_is_named(tmp_path, capsys, monkeypatch):
-    """A trial's directory, or a backbone.py run, given as the run to resume or to start in: the line says which
-    directory would do."""
+    """A trial's directory, a checkpoint, or a backbone.py run, given as the run to resume or to start in: the line
+    says which directory would do."""
     run, trial = tmp_path / "run", tmp_path / "run" / "target_ratio=0.5"
     trial.mkdir(parents=True)
     (run / "tuner.pkl").write_bytes(b"")
     (trial / "progress.csv").write_text("training_iteration\n1\n")
     (trial / "params.json").write_text("{}")  # what Tune writes in a trial's directory
+    checkpoint = trial / "checkpoint_000003"
+    checkpoint.mkdir()
+    (checkpoint / "pruning_config.json").write_text("{}")
     (run / "not_a_trial").mkdir()
     (run / "not_a_trial" / "notes.txt").write_text("mine")
     backbone_run = tmp_path / "backbone_run"
@@ -136,6 +139,9 @@ def test_an_output_dir_one_level_off_is_named(tmp_path, capsys, monkeypatch):
             (["--output-dir", str(backbone_run), "--resume"],
              f"nothing to resume: no run in {backbone_run} (it holds a backbone.py run: train on its export with "
              f"--backbone {backbone_run / 'backbone'})"),
+            (["--output-dir", str(checkpoint), "--resume"],
+             f"nothing to resume: no run in {checkpoint} ({checkpoint} is a checkpoint of the run in {run}: pass "
+             f"--output-dir {run} to resume it, or start a new run from it with --from-checkpoint {checkpoint})"),
             (["--output-dir", str(run / "typo"), "--resume"], f"nothing to resume: no run in {run / 'typo'}"),
             (["--output-dir", str(run / "not_a_trial")], f"{run / 'not_a_trial'} is not empty and holds no run: "
                                                           f"choose another --output-dir")):
