@@ -60,7 +60,7 @@ from envs.problem import (
     sweep_label,
 )
 from envs.vit.backbone_checkpoint import CONFIG_FILE, RUN_EXPORT_DIR
-from envs.vit.data import DataError
+from envs.vit.data import DATA_DIR_ENV, DataError
 from envs.vit_server import (
     ServerInputs,
     load_server_inputs,
@@ -297,7 +297,12 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         if reached and min(reached) >= args.iterations:
             raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
                              f"them in total: pass more than {max(reached)} to go on")
-        return with_data_dir(problems, args), resources
+        problems = with_data_dir(problems, args)
+        if getattr(args, "problem.data_dir") is None and not Path(problems[0].data_dir).exists():
+            raise DataError(f"--resume: the run's data directory {problems[0].data_dir} does not exist: pass "
+                            f"--data-dir where its data is now (the run reads the directory it recorded, whatever "
+                            f"{DATA_DIR_ENV} says)")
+        return problems, resources
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"

@@ -2,6 +2,7 @@
 run started from a checkpoint with another worker count."""
 
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -149,6 +150,16 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     # nothing to go on with: every trial has reached --iterations already
     assert train.main(["--output-dir", "run", "--resume", "--iterations", "2", "--num-cpus", "4"]) == 2
     assert "pass more than 2 to go on" in capsys.readouterr().err
+
+    # the run's data moved away (another machine, a new mount): --resume says so, and that its own record is read
+    moved, with_data_dir = tmp_path / "moved_data", train.with_data_dir
+    monkeypatch.setattr(train, "with_data_dir", lambda problems, args: [
+        dataclasses.replace(problem, data_dir=str(moved)) for problem in with_data_dir(problems, args)])
+    assert train.main(["--output-dir", "run", "--resume", "--iterations", "3", "--num-cpus", "4"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume: the run's data directory {moved} does not exist: pass "
+                                       f"--data-dir where its data is now (the run reads the directory it recorded, "
+                                       f"whatever MARL_PRUNING_DATA_DIR says)\n")
+    monkeypatch.setattr(train, "with_data_dir", with_data_dir)
 
     # damaged Tune records are refused in one line before Ray starts
     for damaged, record in (("cut_tuner", "tuner.pkl"), ("empty_state", "experiment_state-*.json")):
