@@ -51,7 +51,7 @@ from cli import (
     run_command,
     signal_handlers_restored,
 )
-from envs.errors import UsageError
+from envs.errors import UsageError, UserError
 from envs.problem import (
     PruningProblem,
     add_problem_arguments,
@@ -93,9 +93,11 @@ from training.ray_session import (
 )
 from training.run_directory import (
     check_not_running,
+    check_space_after_failure,
     check_storage_uri,
     delete_run,
     local_run_dir,
+    newest_complete_checkpoints,
     run_lock,
     storage_location,
 )
@@ -283,9 +285,12 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
                     tuner = pickle.load(file)
             trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
         except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
+            complete = newest_complete_checkpoints(local) if local is not None else []
+            start = (f"start a new run from a trial's newest complete checkpoint ({', '.join(map(str, complete))}) "
+                     f"with --from-checkpoint and another --output-dir" if complete else
+                     "no complete checkpoint is left to start a new run from")
             raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
-                             f"not read ({type(error).__name__}: {error}): start a new run from its newest "
-                             f"checkpoint with --from-checkpoint and another --output-dir") from None
+                             f"not read ({type(error).__name__}: {error}): {start}") from None
         problems = [PruningProblem.from_json(t["problem"]) for t in trials]
         resources = TrialResources.from_json(trials[0]["resources"])
         if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
@@ -430,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                 results = train(args, given)
         except RunStoppedOnUnreadableImage as error:
             raise DataError(f"{error}; once it reads, go on with {go_on_command(args, given)}") from None
+        except UserError:
+            raise
+        except Exception as error:  # what failed to write where the disk filled up
+            check_space_after_failure(local_run_dir(args.output_dir), error)
+            raise
         finally:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()

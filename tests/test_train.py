@@ -37,7 +37,7 @@ from policies.checkpoints import (
     read_checkpoint_info,
 )
 from tests.tiny_policies import write_checkpoint
-from training import ray_session
+from training import ray_session, run_directory
 from training.console import (
     ProgressCsv,
     RunStoppedOnUnreadableImage,
@@ -166,9 +166,17 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         copy = Path(shutil.copytree(tmp_path / "run", tmp_path / damaged))
         for path in copy.glob(record):
             path.write_bytes(path.read_bytes()[:50] if record == "tuner.pkl" else b"")
+        cut_short = copy / "target_ratio=0.5" / "checkpoint_000009"  # what a full disk leaves: files of 0 bytes
+        shutil.copytree(copy / "target_ratio=0.5" / "checkpoint_000001", cut_short)
+        for path in cut_short.rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"")
         assert train.main(["--output-dir", damaged, "--resume", "--iterations", "3", "--num-cpus", "4"]) == 2
         err = capsys.readouterr().err
         assert f"Tune records in {damaged} (tuner.pkl, experiment_state-*.json) do not read" in err, err
+        newest = [(copy / name / "checkpoint_000001").resolve() for name in ("target_ratio=0.3", "target_ratio=0.5")]
+        assert err.endswith(f"start a new run from a trial's newest complete checkpoint ({newest[0]}, {newest[1]}) "
+                            "with --from-checkpoint and another --output-dir\n"), err
 
     # --resume goes on with the run's own settings: a flag given with another value is refused, naming the run's
     # value (--keep-checkpoints 3 is the run's, given or not)
@@ -472,6 +480,27 @@ def test_an_output_dir_this_process_cannot_write_in_is_one_line_before_anything_
         assert capsys.readouterr().err == (f"error: --output-dir {read_only / 'run'}: {read_only} is not writable "
                                            "(its permissions, or a read-only disk)\n")
     assert list(read_only.iterdir()) == []
+
+
+def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Tune's own records fail on a full disk in ways that do not say it (a half-written error.pkl read back:
+    EOFError); the run ends in one line that does. On a disk with room the same error is a bug: its traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def cut_short(args, given):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(train, "train", cut_short)
+    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
+    assert train.main(["--output-dir", str(run)]) == 2
+    assert capsys.readouterr().err == (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped "
+                                       "(EOFError: Ran out of input): free space, then go on with --resume (where the "
+                                       "run's records did not survive it, --resume names the checkpoints to start a "
+                                       "new run from)\n")
+    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))
+    with pytest.raises(EOFError):
+        train.main(["--output-dir", str(run)])
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):

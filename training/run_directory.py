@@ -15,10 +15,12 @@ import pyarrow.fs
 from ray import tune
 
 from envs.atomic_file import first_missing
-from envs.errors import UsageError
+from envs.errors import UsageError, UserError
 from policies.checkpoints import (
     PREFIX,
     UNRECORDED,
+    PolicyCheckpointError,
+    check_restorable,
     readable_checkpoint_info,
     trial_checkpoints,
 )
@@ -104,6 +106,46 @@ RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experime
 TRIAL_FILES = ("params.json", "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
                "error.pkl", f"{PREFIX}*", f"{UNRECORDED}{PREFIX}*", "warm_start")
 """What a trial's directory holds: Tune's records and loggers, its checkpoints and the warm start's modules."""
+
+
+FULL_DISK_MIB = 64
+"""Free space below which a run that failed is taken to have failed for it (a checkpoint of the reference
+policy takes about 1 MiB, Tune's records less)."""
+
+
+class RunStorageFull(UserError, OSError):
+    """The disk of a run's directory filled up while it trained; the message says how to go on."""
+
+
+def check_space_after_failure(run_dir: Path | None, error: BaseException) -> None:
+    """Where ``error`` ended a run whose local directory's disk is (nearly) full, a :class:`RunStorageFull` that
+    says so and how to go on, instead of what failed to write (Tune's own records fail in ways that do not say
+    it: a half-written pickle, say)."""
+    if run_dir is None or not run_dir.exists():
+        return
+    free_mib = shutil.disk_usage(run_dir).free / 2**20
+    if free_mib < FULL_DISK_MIB:
+        raise RunStorageFull(f"the disk of {run_dir} is full ({free_mib:.1f} MiB free) and the run stopped "
+                             f"({type(error).__name__}: {' '.join(str(error).split())}): free space, then go on with "
+                             f"--resume (where the run's records did not survive it, --resume names the checkpoints "
+                             f"to start a new run from)") from None
+
+
+def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Each trial's newest checkpoint that reads and would restore (``check_restorable``): where a run's Tune
+    records do not read (a full disk, say, cut them and the checkpoint being copied short), what a new run can
+    start from."""
+    newest = []
+    for trial in sorted(path for path in run_dir.glob("*/") if path.is_dir()):
+        for checkpoint in reversed(trial_checkpoints(trial)):
+            try:
+                check_restorable(checkpoint)
+            except PolicyCheckpointError:
+                continue
+            if readable_checkpoint_info(checkpoint) is not None:
+                newest.append(checkpoint)
+                break
+    return newest
 
 
 def delete_run(run_dir: Path) -> None:
