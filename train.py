@@ -347,9 +347,13 @@ def with_data_dir(problems: list[PruningProblem], args: argparse.Namespace) -> l
     ``--data-dir`` given on the command line, else the one they name, relative to the working directory. A
     run or checkpoint moved to another machine is pointed at its data so; the data directory is no part of
     what the agents learn."""
-    given = getattr(args, "problem.data_dir")
-    return [replace(problem, data_dir=str(Path(given or problem.data_dir).expanduser().resolve()))
+    return [replace(problem, data_dir=absolute_data_dir(getattr(args, "problem.data_dir") or problem.data_dir))
             for problem in problems]
+
+
+def absolute_data_dir(data_dir: str) -> str:
+    """``data_dir`` as the trials read it: absolute, from the working directory (each runs in its own)."""
+    return str(Path(data_dir).expanduser().resolve())
 
 
 DATA_SETTINGS = ("backbone", "dataset", "data_dir", "train_limit", "val_size", "split_seed", "val_limit",
@@ -407,9 +411,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
 
 def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
     """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted."""
-    data_dir = getattr(args, "problem.data_dir")
-    lines, errors = closing_lines(results, args.output_dir,
-                                  data_dir and str(Path(data_dir).expanduser().resolve()))
+    given = getattr(args, "problem.data_dir")
+    lines, errors = closing_lines(results, args.output_dir, given and absolute_data_dir(given))
     print("\n".join(lines))
     for line in errors:
         print("error: " + line, file=sys.stderr)

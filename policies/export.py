@@ -66,9 +66,9 @@ def write_export(modules: Mapping[str, TokenScoring], info: CheckpointInfo,
 def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
     """Export the policy of an RLlib training checkpoint (read through RLlib, i.e. unpickled: only for
     checkpoints you trained yourself) beside it (``checkpoint_dir`` or its ``export`` folder); returns the export
-    directory. A checkpoint that holds its
-    export but not RLlib's modules (as shared, or ``reference/marl_policy`` without its ``learner_group``) is a
-    :class:`PolicyCheckpointError` saying it is exported already: there is nothing to export it from."""
+    directory. A checkpoint that holds its export but not RLlib's modules (as shared, or
+    ``reference/marl_policy`` without its ``learner_group``) is a :class:`PolicyCheckpointError` saying it is
+    exported already: there is nothing to export it from."""
     path = checkpoint_directory(checkpoint_dir)
     if has_export(path) and not (path / MODULES_DIR).is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} holds its export ({export_path(path)}) but not RLlib's "

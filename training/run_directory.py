@@ -138,13 +138,14 @@ def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
     newest = []
     for trial in sorted(path for path in run_dir.glob("*/") if path.is_dir()):
         for checkpoint in reversed(trial_checkpoints(trial)):
+            if readable_checkpoint_info(checkpoint) is None:  # read before the pickles check_restorable opens
+                continue
             try:
                 check_restorable(checkpoint)
             except PolicyCheckpointError:
                 continue
-            if readable_checkpoint_info(checkpoint) is not None:
-                newest.append(checkpoint)
-                break
+            newest.append(checkpoint)
+            break
     return newest
 
 
