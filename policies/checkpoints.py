@@ -264,11 +264,11 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     path = checkpoint_directory(checkpoint)
     if has_export(path):
         return load_exported_policies(path)
-    read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
+    info = read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
     warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                   f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)",
                   stacklevel=2)
-    return load_rllib_policies(path)
+    return rllib_modules(path, info.problem.agents), info
 
 
 def checkpoint_directory(checkpoint: str | Path) -> Path:
@@ -289,15 +289,19 @@ def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring]
     """
     path = checkpoint_directory(checkpoint)
     info = read_checkpoint_info(path)
-    agents = info.problem.agents
+    return rllib_modules(path, info.problem.agents), info
+
+
+def rllib_modules(checkpoint: Path, agents: str) -> dict[str, TokenScoring]:
+    """The RLModules (by policy name) that a checkpoint trained with ``agents`` must hold, unpickled."""
     modules = {}
     for name in trained_policies(agents):
-        directory = module_path(path, name)
+        directory = module_path(checkpoint, name)
         if not directory.is_dir():
-            raise PolicyCheckpointError(f"checkpoint {path} has no {name} policy (expected {MODULES_DIR / name}; "
-                                        f"agents is {agents!r})")
+            raise PolicyCheckpointError(f"checkpoint {checkpoint} has no {name} policy (expected "
+                                        f"{MODULES_DIR / name}; agents is {agents!r})")
         modules[name] = load_module(directory, name)
-    return modules, info
+    return modules
 
 
 LoadedPolicy = tuple[dict[str, TokenScoring], CheckpointInfo, Path]
