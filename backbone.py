@@ -77,13 +77,12 @@ from envs.vit.data import (
     errors_of_workers,
     held_out_fingerprint,
     load_split,
-    same_images,
     split_class_names,
     training_split_size,
-    val_drawn_from,
 )
 from envs.vit.device import DEVICE_CHOICES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, unpruned_gflops
+from envs.vit.held_out import same_images, val_drawn_from
 from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
 

@@ -99,17 +99,10 @@ from envs.vit.backbone_checkpoint import (
     normalize,
     repository_relative,
 )
-from envs.vit.data import (
-    DATASETS,
-    DataError,
-    ImageSplit,
-    check_held_out,
-    default_data_dir,
-    limited_positions,
-    load_checked_split,
-)
+from envs.vit.data import DATASETS, DataError, ImageSplit, default_data_dir, limited_positions
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
+from envs.vit.held_out import check_held_out, load_checked_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
 from envs.vit.token_merge import REDUCTIONS

@@ -23,7 +23,8 @@ from benchmarks import benchmark_parser, run_from_command_line
 from cli import positive_int
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import limited_positions, load_checked_split
+from envs.vit.data import limited_positions
+from envs.vit.held_out import load_checked_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from evaluate import paired_difference
 from policies.checkpoints import (

@@ -30,8 +30,8 @@ from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_l
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.results_table import BASELINE
-from envs.vit.data import load_checked_split
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
+from envs.vit.held_out import load_checked_split
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, Method, cost, paired_difference, predict, quality
 

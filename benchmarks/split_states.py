@@ -9,7 +9,7 @@ import torch
 
 from envs.problem import PruningProblem
 from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import load_checked_split
+from envs.vit.held_out import load_checked_split
 from envs.vit.pruned_forward import TokenState, initial_state
 from envs.vit.staged_vit import StagedViT
 

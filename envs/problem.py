@@ -28,7 +28,8 @@ from envs.vit.backbone_checkpoint import (
     repository_relative,
     stored_backbone_path,
 )
-from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir, held_out_split
+from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, default_data_dir
+from envs.vit.held_out import held_out_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
 from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES

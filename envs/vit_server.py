@@ -31,7 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
-from envs.vit.data import DataError, StreamedImages, load_checked_split
+from envs.vit.data import DataError, StreamedImages
+from envs.vit.held_out import load_checked_split
 from envs.vit.staged_vit import StagedViT
 from policies.rl_module import policy_module_spec
 

@@ -22,13 +22,12 @@ from envs.vit.data import (
     DataError,
     ImageSplit,
     StreamedImages,
-    check_fits_backbone,
     class_difference,
     limited_positions,
-    load_checked_split,
     load_split,
     split_indices,
 )
+from envs.vit.held_out import check_fits_backbone, load_checked_split
 from envs.vit.staged_vit import StagedViT
 
 

@@ -1,7 +1,7 @@
 """The prunable ViT, pure torch (no Ray): read data and backbones, run a timm ViT in stages, prune between
 them, and count what it costs. The data path, in import order::
 
-    data, backbone_checkpoint -> staged_vit -> token_ops, token_merge, flops -> pruned_forward -> features
+    data, held_out, backbone_checkpoint -> staged_vit -> token_ops, token_merge, flops -> pruned_forward -> features
 
 ToMe's merging in every block (``tome``) is the training-free method evaluate.py compares with; backbone.py's
 augmentation on the device (``augment``), the ``--device`` names and precisions (``device``) and the project's
