@@ -36,6 +36,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.tune.error import TuneError
 
 from cli import (
     OneLineParser,
@@ -51,7 +52,7 @@ from cli import (
     run_command,
     signal_handlers_restored,
 )
-from envs.errors import UsageError, UserError
+from envs.errors import UsageError, UserError, user_error_within
 from envs.problem import (
     PruningProblem,
     add_problem_arguments,
@@ -78,6 +79,7 @@ from training.console import (
     ProgressLines,
     RunStoppedOnUnreadableImage,
     StopOnDataError,
+    StopOnFullDisk,
     closing_lines,
     go_on_command,
     interrupted,
@@ -228,7 +230,7 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
         tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.config["trial"]["name"]),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, verbose=0,
-            callbacks=[ProgressLines(), ProgressCsv(), StopOnDataError()],
+            callbacks=[ProgressLines(), ProgressCsv(), StopOnDataError(), StopOnFullDisk()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=args.keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)),
@@ -440,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{error}; once it reads, go on with {go_on_command(args, given)}") from None
         except UserError:
             raise
-        except Exception as error:  # what failed to write where the disk filled up
-            check_space_after_failure(local_run_dir(args.output_dir), error)
+        except Exception as error:
+            if isinstance(error, TuneError) and (cause := user_error_within(error)) is not None:  # in a callback
+                raise cause from None
+            last_line = str(error).strip().splitlines()[-1:]  # a TuneError's message is a whole traceback
+            check_space_after_failure(local_run_dir(args.output_dir), ": ".join([type(error).__name__, *last_line]))
             raise
         finally:
             if owns_ray and ray.is_initialized():

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +43,7 @@ from training.console import (
     ProgressCsv,
     RunStoppedOnUnreadableImage,
     StopOnDataError,
+    StopOnFullDisk,
     closing_lines,
     go_on_command,
     interrupted,
@@ -127,7 +129,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
     with (tmp_path / "run" / "tuner.pkl").open("rb") as file:  # Tune's record, which a --resume restores
         callbacks = pickle.load(file)["_run_config"].callbacks
-    assert any(isinstance(callback, StopOnDataError) for callback in callbacks)  # test_server.py tests it
+    assert {StopOnDataError, StopOnFullDisk} <= {type(callback) for callback in callbacks}  # tested on their own
 
     # a seed and problem train alike to the bit in processes of their own (ray_session.HASH_SEED: they differ
     # without it): with --train-ratios a trial's target ratio only ranks its checkpoints, so the two trials train
@@ -501,6 +503,32 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_go_on(tmp_path, monkeyp
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))
     with pytest.raises(EOFError):
         train.main(["--output-dir", str(run)])
+
+
+def test_a_trial_that_fails_on_a_full_disk_ends_the_run_instead_of_restarting(tmp_path, monkeypatch, capsys):
+    """Tune restarted a trial that failed on a full disk (--max-failures) only to fail again; StopOnFullDisk ends
+    the run at the first failure, and train.py says so in one line, though Tune reports an exception raised in a
+    callback as a TuneError holding its traceback. With room on the disk a failed trial is restarted."""
+    run = tmp_path / "run"
+    run.mkdir()
+    trial = type("Trial", (), {"local_experiment_path": str(run), "__str__": lambda self: "run_trial_00000"})()
+
+    def tune_fit(args, given):
+        try:
+            StopOnFullDisk().on_trial_recover(iteration=7, trials=[trial], trial=trial)
+        except Exception:
+            raise tune.TuneError(traceback.format_exc())  # noqa: B904 (as Tune's controller does)
+        return []
+
+    monkeypatch.setattr(train, "train", tune_fit)
+    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
+    assert train.main(["--output-dir", str(run)]) == 2
+    assert capsys.readouterr().err == (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped "
+                                       "(trial run_trial_00000 failed): free space, then go on with --resume (where "
+                                       "the run's records did not survive it, --resume names the checkpoints to start "
+                                       "a new run from)\n")
+    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))
+    assert StopOnFullDisk().on_trial_error(iteration=7, trials=[trial], trial=trial) is None
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint_it_starts_from(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """What a run prints and logs: a line per iteration, ``progress.csv`` with every metric, and the closing lines
 (each trial's best checkpoint, and the command that goes on with an interrupted run); and the stop, with one
-error line, of a run that met an unreadable image (:class:`StopOnDataError`)."""
+error line, of a run that met an unreadable image (:class:`StopOnDataError`) or filled its disk
+(:class:`StopOnFullDisk`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from envs.vit_server import ask_for_data_errors, data_error_among, remote_cause
 from policies.checkpoints import (
     validation_rank,
 )
-from training.run_directory import local_run_dir, scored_checkpoints
+from training.run_directory import check_space_after_failure, local_run_dir, scored_checkpoints
 from training.trial import reached_iteration
 
 
@@ -110,6 +111,17 @@ class StopOnDataError(tune.Callback):
         if time.monotonic() - self._asked >= self.every_s:  # a server that has not answered yet is asked again
             self._answers = ask_for_data_errors([trial.trial_id for trial in trials])
             self._asked = time.monotonic()
+
+
+class StopOnFullDisk(tune.Callback):
+    """Ends the run when a trial fails with its directory's disk (nearly) full (:func:`check_space_after_failure`):
+    Tune would restart the trial from its latest checkpoint (``--max-failures``) only to fail again, each restart
+    leaving what it could write of Tune's records and a checkpoint behind."""
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        check_space_after_failure(Path(trial.local_experiment_path), f"trial {trial} failed")
+
+    on_trial_error = on_trial_recover
 
 
 class ProgressCsv(CSVLoggerCallback):

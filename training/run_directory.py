@@ -117,18 +117,17 @@ class RunStorageFull(UserError, OSError):
     """The disk of a run's directory filled up while it trained; the message says how to go on."""
 
 
-def check_space_after_failure(run_dir: Path | None, error: BaseException) -> None:
-    """Where ``error`` ended a run whose local directory's disk is (nearly) full, a :class:`RunStorageFull` that
-    says so and how to go on, instead of what failed to write (Tune's own records fail in ways that do not say
-    it: a half-written pickle, say)."""
+def check_space_after_failure(run_dir: Path | None, cause: str) -> None:
+    """Where a failure (``cause``, for the message) ended a run whose local directory's disk is (nearly) full, a
+    :class:`RunStorageFull` that says so and how to go on, instead of what failed to write (Tune's own records fail
+    in ways that do not say it: a half-written pickle, say)."""
     if run_dir is None or not run_dir.exists():
         return
     free_mib = shutil.disk_usage(run_dir).free / 2**20
     if free_mib < FULL_DISK_MIB:
         raise RunStorageFull(f"the disk of {run_dir} is full ({free_mib:.1f} MiB free) and the run stopped "
-                             f"({type(error).__name__}: {' '.join(str(error).split())}): free space, then go on with "
-                             f"--resume (where the run's records did not survive it, --resume names the checkpoints "
-                             f"to start a new run from)") from None
+                             f"({' '.join(cause.split())}): free space, then go on with --resume (where the run's "
+                             f"records did not survive it, --resume names the checkpoints to start a new run from)")
 
 
 def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
