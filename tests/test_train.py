@@ -484,6 +484,13 @@ def test_an_output_dir_this_process_cannot_write_in_is_one_line_before_anything_
     assert list(read_only.iterdir()) == []
 
 
+def full_disk_line(run: Path, cause: str) -> str:
+    """What train.py prints where ``cause`` stopped a run on a disk with 3 MiB free."""
+    return (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped ({cause}): free space, then go on "
+            "with --resume (where the run's records did not survive it, --resume names the checkpoints to start a new "
+            "run from)\n")
+
+
 def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_go_on(tmp_path, monkeypatch, capsys):
     """Tune's own records fail on a full disk in ways that do not say it (a half-written error.pkl read back:
     EOFError); the run ends in one line that does. On a disk with room the same error is a bug: its traceback."""
@@ -496,10 +503,7 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_go_on(tmp_path, monkeyp
     monkeypatch.setattr(train, "train", cut_short)
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
     assert train.main(["--output-dir", str(run)]) == 2
-    assert capsys.readouterr().err == (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped "
-                                       "(EOFError: Ran out of input): free space, then go on with --resume (where the "
-                                       "run's records did not survive it, --resume names the checkpoints to start a "
-                                       "new run from)\n")
+    assert capsys.readouterr().err == full_disk_line(run, "EOFError: Ran out of input")
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))
     with pytest.raises(EOFError):
         train.main(["--output-dir", str(run)])
@@ -523,10 +527,7 @@ def test_a_trial_that_fails_on_a_full_disk_ends_the_run_instead_of_restarting(tm
     monkeypatch.setattr(train, "train", tune_fit)
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
     assert train.main(["--output-dir", str(run)]) == 2
-    assert capsys.readouterr().err == (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped "
-                                       "(trial run_trial_00000 failed): free space, then go on with --resume (where "
-                                       "the run's records did not survive it, --resume names the checkpoints to start "
-                                       "a new run from)\n")
+    assert capsys.readouterr().err == full_disk_line(run, "trial run_trial_00000 failed")
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))
     assert StopOnFullDisk().on_trial_error(iteration=7, trials=[trial], trial=trial) is None
 
