@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from envs.atomic_file import first_missing
+from envs.errors import UserError
 
 SPEED_BATCH_SIZES: tuple[int, ...] = (1, 256)
 """The batch sizes timed by default (evaluate.py's ``--speed-batch-sizes``), one ``images_per_s_b{n}`` column
@@ -133,16 +139,48 @@ def prediction_column(method: str, budget: float | None) -> str:
     return method if budget is None or math.isnan(budget) else f"{method} @ {budget:g}"
 
 
+class ResultsNotWritten(UserError, OSError):
+    """The results could not be written (a full disk, say); the output directory is as it was."""
+
+
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any],
                   predictions: pd.DataFrame | None = None) -> list[Path]:
     """results.csv, results.json, results.md, with ``predictions`` predictions.csv.gz (every image's label and
     each row's answer, ``evaluate.per_image_predictions``) and, with more than one budget,
     accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would not belong to these
-    results."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    results. The files are written into a staging directory inside ``output_dir`` and moved into place at the
+    end, so that a full disk (:class:`ResultsNotWritten`) or an interrupt while writing leaves ``output_dir`` as
+    it was, never holding part of a run's files or an earlier run's beside them."""
+    made = first_missing(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".results-", dir=output_dir))
+    except OSError as error:
+        raise ResultsNotWritten(f"cannot write the results to {output_dir}: {error}") from None
+    try:
+        staged = _write_files(table, staging, settings, predictions)
+        for name in {PREDICTIONS_FILE, PLOT_FILE} - {path.name for path in staged}:
+            (output_dir / name).unlink(missing_ok=True)
+        for path in staged:
+            os.replace(path, output_dir / path.name)
+    except BaseException as error:  # an interrupt too: the directories this made go again
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise ResultsNotWritten(f"cannot write the results to {output_dir} ({error}); nothing was written "
+                                    f"there: the table above is this run's") from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [output_dir / path.name for path in staged]
+
+
+def _write_files(table: pd.DataFrame, directory: Path, settings: Mapping[str, Any],
+                 predictions: pd.DataFrame | None) -> list[Path]:
+    """:func:`write_results`' files, written into ``directory``; their paths."""
     docs = column_docs(len(settings["prune_points"]), settings.get("speed_batch_sizes", SPEED_BATCH_SIZES))
     records = table.astype(object).where(table.notna(), None).to_dict("records")
-    paths = [output_dir / name for name in TABLE_FILES]
+    paths = [directory / name for name in TABLE_FILES]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps({"settings": settings, "columns": docs, "rows": records}, indent=2) + "\n")
     legend = "\n".join(f"- `{column}`: {doc}" for column, doc in docs.items())
@@ -150,16 +188,10 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     paths[2].write_text(f"# Token pruning results\n\n{header_line(settings)}\n\n{markdown_table(table)}\n\n"
                         f"## Columns\n\n{legend}\n\n"
                         f"## Settings\n\n{setting_lines}\n")
-    predictions_path = output_dir / PREDICTIONS_FILE
     if predictions is not None:
-        predictions.to_csv(predictions_path, compression={"method": "gzip", "mtime": 0})  # the same bytes again
-        paths.append(predictions_path)
-    else:
-        predictions_path.unlink(missing_ok=True)
-    plot = output_dir / PLOT_FILE
+        paths.append(directory / PREDICTIONS_FILE)
+        predictions.to_csv(paths[-1], compression={"method": "gzip", "mtime": 0})  # the same bytes again
     if table["budget"].nunique() > 1:
-        plot_accuracy_vs_gflops(table, plot)
-        paths.append(plot)
-    else:
-        plot.unlink(missing_ok=True)
+        paths.append(directory / PLOT_FILE)
+        plot_accuracy_vs_gflops(table, paths[-1])
     return paths

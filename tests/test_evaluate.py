@@ -25,7 +25,8 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
-from envs.errors import UsageError
+from envs import results_table
+from envs.errors import UsageError, UserError
 from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
@@ -996,6 +997,33 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
         logits, _ = method.model(model, config, "merge").forward_with_kept(images)
     assert scores["exact_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
     assert scores["exact_agreement"] == pytest.approx(100 * (logits.argmax(1) == reference).double().mean())
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_results_that_cannot_all_be_written_leave_the_output_directory_as_it_was(tmp_path, monkeypatch, failure):
+    """A full disk or an interrupt while the plot, the last file, is written left the new tables beside an earlier
+    run's plot, or half of a results.json, and a full disk was a traceback; now nothing of the run is written, and
+    a full disk is one line. A directory the writing made goes again."""
+    settings = {"prune_points": [1, 2, 3]}
+    rows = {"method": ["Random", "Random"], "budget": [0.3, 0.5], "gflops": [0.2, 0.1], "accuracy": [80.0, 70.0]}
+    earlier = write_results(pd.DataFrame(rows), tmp_path / "out", settings)
+    before = {path.name: path.read_bytes() for path in earlier}
+
+    def fail(table, path):
+        Path(path).write_bytes(b"half a plot")
+        raise failure
+
+    monkeypatch.setattr(results_table, "plot_accuracy_vs_gflops", fail)
+    later = pd.DataFrame({**rows, "accuracy": [81.0, 71.0]})
+    for output_dir in (tmp_path / "out", tmp_path / "new" / "out"):
+        with pytest.raises(type(failure)) as raised:
+            write_results(later, output_dir, settings)
+        if isinstance(failure, OSError):
+            assert isinstance(raised.value, UserError) and str(raised.value) == (
+                f"cannot write the results to {output_dir} ([Errno 28] No space left on device); nothing was "
+                f"written there: the table above is this run's")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
