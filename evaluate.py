@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import warnings
@@ -614,13 +615,21 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
 
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
-    """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``."""
+    """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``. A comma starts a pair only before ``RATIO=``: the
+    trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``)."""
     out: dict[float, Path] = {}
-    for part in filter(None, (part.strip() for part in text.split(","))):
+    for part in filter(None, (part.strip() for part in re.split(r",(?=\s*[-+.\deE]+=)", text))):
         ratio, sep, path = part.partition("=")
-        if not sep or not path.strip() or removal_ratio(ratio) in out:
-            raise argparse.ArgumentTypeError(f"expected distinct RATIO=PATH pairs, got {part!r}")
-        out[removal_ratio(ratio)] = Path(path.strip())
+        try:
+            if not sep or not path.strip():
+                raise argparse.ArgumentTypeError("no path")
+            budget = removal_ratio(ratio)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"expected RATIO=PATH pairs (such as 0.3=runs/marl/checkpoint), got "
+                                             f"{part!r} ({error})") from None
+        if budget in out:
+            raise argparse.ArgumentTypeError(f"budget {budget:g} is given twice")
+        out[budget] = Path(path.strip())
     return out
 
 

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import numbers
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -64,18 +65,28 @@ def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, f
 
 
 def check_target_ratio(value: float, name: str = "target_ratio") -> float:
-    """``value`` if it is a fraction of tokens to remove, in (0, 1); else a :class:`ProblemError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+    """``value`` (a number of Python's, numpy's or any other ``numbers.Real``) as a float if it is a fraction of
+    tokens to remove, in (0, 1); else a :class:`ProblemError`."""
+    _check_real(value, name)
+    if not 0.0 < value < 1.0:
         raise ProblemError(f"{name} must be in (0, 1), got {value!r}")
     return float(value)
 
 
 def check_protected_share(value: float) -> float:
-    """``value`` if it is a share of each pruning point's kept tokens the attention agent may protect, in
-    (0, 1]; else a :class:`ProblemError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+    """``value`` as a float if it is a share of each pruning point's kept tokens the attention agent may protect,
+    in (0, 1]; else a :class:`ProblemError`."""
+    _check_real(value, "protected_share")
+    if not 0.0 < value <= 1.0:
         raise ProblemError(f"protected_share must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def _check_real(value: Any, name: str) -> None:
+    """A :class:`ProblemError` for what is no real number (a bool, a string, a tensor: ``float(tensor)`` of one
+    value works, but a tensor budget is more likely a mistake than a choice)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ProblemError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -343,9 +354,13 @@ def budget_key(ratio: float) -> float:
 def removal_ratio(text: str) -> float:
     """An argparse ``type``: a fraction of tokens to remove, in (0, 1), as a :func:`budget_key`."""
     try:
-        return budget_key(check_target_ratio(float(text), "a removal ratio"))
+        value = check_target_ratio(float(text), "a removal ratio")
     except ValueError as error:  # not a number, or outside (0, 1)
         raise argparse.ArgumentTypeError(str(error)) from None
+    if not 0.0 < budget_key(value) < 1.0:
+        raise argparse.ArgumentTypeError(f"a removal ratio must be in (0, 1) at the 6 decimals budgets are kept to, "
+                                         f"got {text} ({budget_key(value):g})")
+    return budget_key(value)
 
 
 def removal_ratios(text: str) -> tuple[float, ...]:

@@ -7,6 +7,7 @@ one it claims to be.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -526,6 +527,17 @@ def test_marl_exact_is_what_the_training_env_does_with_the_most_likely_sets(tiny
     assert [i["correct"] for i in info] == (logits.argmax(1) == split.labels[images]).tolist()
     torch.testing.assert_close(torch.tensor([i["prob_unpruned_class"] for i in info]),
                                probabilities[torch.arange(count), unpruned], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_per_budget_take_the_trials_of_a_sweep_over_several_settings():
+    """A sweep's trial directories have commas in their names (``target_ratio=0.3,lr=0.001``): a comma starts a
+    pair only before ``RATIO=``. A bad pair says what a pair is, a budget given twice says so."""
+    trial = "runs/sweep/target_ratio=0.3,lr=0.001/checkpoint_000005"
+    assert evaluate._checkpoints_per_budget(f"0.3={trial}, 0.7=runs/b") == {0.3: Path(trial), 0.7: Path("runs/b")}
+    for text, message in (("abc=runs/a", r"expected RATIO=PATH pairs .+, got 'abc=runs/a' \(could not convert"),
+                          ("0.3=", r"got '0.3=' \(no path\)"), ("0.3=a,0.30=b", r"^budget 0.3 is given twice$")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            evaluate._checkpoints_per_budget(text)
 
 
 def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_dir, tiny_staged, tmp_path):

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from envs.errors import UsageError
 from envs.problem import (
@@ -16,6 +18,7 @@ from envs.problem import (
     add_problem_arguments,
     check_target_ratio,
     problems_from_args,
+    removal_ratio,
     sweep_label,
 )
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE
@@ -166,6 +169,23 @@ def test_check_target_ratio_names_what_it_checks():
     assert check_target_ratio(0.25) == 0.25
     with pytest.raises(ProblemError, match=r"--budgets must be in \(0, 1\), got 1.5"):
         check_target_ratio(1.5, "--budgets")
+
+
+def test_a_budget_may_be_any_real_number_and_what_is_none_is_named_as_such():
+    """numpy's float32 0.5 was refused as outside (0, 1); a tensor or a string is named for what it is."""
+    assert check_target_ratio(np.float32(0.5), "budget") == 0.5 and type(check_target_ratio(np.float32(0.5))) is float
+    for value, kind in ((torch.tensor(0.5), "Tensor"), ("0.5", "str"), (True, "bool")):
+        with pytest.raises(ProblemError, match=rf"^budget must be a number, got .+ \({kind}\)$"):
+            check_target_ratio(value, "budget")
+
+
+@pytest.mark.parametrize(("text", "kept"), [("0.9999999", "1"), ("1e-7", "0")])
+def test_a_removal_ratio_that_rounds_to_0_or_1_is_refused_as_it_is_parsed(text, kept):
+    """Budgets are kept to 6 decimals: these passed the flag's check and failed after the data was read."""
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"at the 6 decimals budgets are kept to, got {text} "
+                                                         rf"\({kept}\)"):
+        removal_ratio(text)
+    assert removal_ratio("0.333333333") == 0.333333
 
 
 def test_flags_come_from_the_fields_with_their_docs_as_help(tmp_path):
