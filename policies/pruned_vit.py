@@ -14,6 +14,7 @@ never a pickle) when it has one.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,17 +168,32 @@ class PrunedViT(nn.Module):
         """Where the weights are (``.to(device)`` moves the backbone and the policies alike)."""
         return next(self.staged.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating-point type (``.to(torch.bfloat16)`` changes it), which :meth:`normalize` returns
+        and :meth:`forward` takes outside ``torch.autocast``."""
+        return next(self.staged.parameters()).dtype
+
+    def train(self, mode: bool = True) -> PrunedViT:
+        """Stays in eval mode, with a warning where training mode is asked for: this is an inference model (its
+        forward takes no gradients), and dropout and stochastic depth would change its answers from call to
+        call."""
+        if mode:
+            warnings.warn("PrunedViT is an inference model: it stays in eval mode (dropout and stochastic depth "
+                          "off)", stacklevel=2)
+        return super().train(False)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images as :meth:`forward` expects them, by the backbone's mean and std.
 
         ``images``: ``[B, 3, H, W]`` at the backbone's ``input_size``, uint8 in [0, 255] (as
         ``envs.vit.data.load_split`` decodes them) or floating point in [0, 1]; anything else is a
-        ``UsageError`` saying what was passed.
+        ``UsageError`` saying what was passed. Returned in the weights' :attr:`dtype`.
         """
         check_image_batch(images, self.staged.vit.patch_embed.img_size)
         if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
             raise UsageError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
-        return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config)
+        return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config).to(self.dtype)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -193,6 +209,9 @@ class PrunedViT(nn.Module):
         check_image_batch(images, self.staged.vit.patch_embed.img_size)
         if not images.is_floating_point():
             raise UsageError(f"the model takes normalised images, got {images.dtype}: model(model.normalize(images))")
+        if images.dtype != self.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise UsageError(f"the images are {images.dtype}, the model's weights {self.dtype}: pass "
+                             f"images.to({self.dtype}) (model.normalize returns them so), or run under torch.autocast")
         staged = self.staged
         if self.selection is None:
             return staged.vit(images)

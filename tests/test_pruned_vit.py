@@ -8,6 +8,7 @@ opening a pickle; the README's example must run as written.
 from __future__ import annotations
 
 import _pickle
+import copy
 import json
 import pickle
 import shutil
@@ -21,6 +22,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
+from envs.errors import UsageError
 from envs.problem import ProblemError
 from envs.vit.data import DATA_DIR_ENV
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
@@ -230,10 +232,34 @@ def test_invalid_combinations_are_refused(tiny_staged):
         PrunedViT(*tiny_staged, "greedy", 0.5)
     with pytest.raises(ValueError, match="tome_gflops sets ToMe's cost"):
         PrunedViT(*tiny_staged, "similarity", 0.5, tome_gflops=0.1)
-    with pytest.raises(ProblemError, match="budget must be in"):
+    with pytest.raises(ProblemError, match=r"^budget must be a number, got None \(NoneType\)$"):
         PrunedViT(*tiny_staged, "random")
     with pytest.raises(ProblemError, match=r"protected_share must be in \(0, 1\], got 2.0"):
         PrunedViT(*tiny_staged, "random", 0.5, protected_share=2.0)
+
+
+def test_an_inference_model_stays_in_eval_mode(tiny_staged):
+    """model.train() (a training loop's habit) turned stochastic depth back on: answers changed from call to
+    call."""
+    model = PrunedViT(*tiny_staged, "similarity", 0.5)
+    with pytest.warns(UserWarning, match="PrunedViT is an inference model: it stays in eval mode"):
+        assert model.train() is model
+    assert not any(module.training for module in model.modules())
+
+
+def test_a_model_in_another_dtype_takes_the_images_normalize_gives_it(tiny_staged):
+    """After model.to(torch.float64) the README's model(model.normalize(images)) was torch's traceback: normalize
+    returns the weights' dtype, and other images are refused in one line outside autocast."""
+    model = PrunedViT(*tiny_staged, "similarity", 0.5)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = model(model.normalize(pixels))
+    staged, config = tiny_staged
+    wide = PrunedViT(copy.deepcopy(staged), config, "similarity", 0.5).to(torch.float64)  # the fixture is shared
+    assert wide.normalize(pixels).dtype == torch.float64
+    torch.testing.assert_close(wide(wide.normalize(pixels)).float(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UsageError, match=r"^the images are torch.float32, the model's weights torch.float64: pass "
+                                         r"images.to\(torch.float64\)"):
+        wide(model.normalize(pixels))
 
 
 def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
