@@ -46,6 +46,7 @@ from cli import (
     given_flags,
     non_negative_float,
     non_negative_int,
+    output_directory,
     positive_float,
     positive_int,
     random_seed,
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
                    help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
                         "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many")
-    p.add_argument("--output-dir", default="runs/backbone",
+    p.add_argument("--output-dir", type=output_directory, default="runs/backbone",
                    help="the run's directory (default runs/backbone): the training state (train_state.pt), and the "
                         "checkpoint with its model card in OUTPUT_DIR/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")

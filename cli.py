@@ -198,6 +198,14 @@ def check_output_dir(path: Path, given: str) -> None:
         raise UsageError(f"--output-dir {given}: {existing} is not writable (its permissions, or a read-only disk)")
 
 
+def output_directory(text: str) -> str:
+    """An argparse ``type`` for ``--output-dir``: not empty (``--output-dir=$OUT`` with ``OUT`` unset would write
+    into the current directory), ``~`` expanded; a cloud URI (``s3://...``) stays as it is."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a directory (an unset shell variable?)")
+    return os.path.expanduser(text)
+
+
 def home_expanded(text: str) -> str:
     """An argparse ``type`` for a path: ``~`` expanded, which the shell does for ``--flag ~/x`` but not for
     ``--flag=~/x``."""

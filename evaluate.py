@@ -74,6 +74,7 @@ from cli import (
     check_output_dir,
     code_commit,
     data_access,
+    output_directory,
     positive_int,
     random_seed,
     run_command,
@@ -94,6 +95,7 @@ from envs.results_table import (
     write_results,
 )
 from envs.vit.backbone_checkpoint import (
+    CONFIG_FILE,
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
     installed_without_repository,
@@ -110,6 +112,7 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_schedule
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
+    PRUNING_CONFIG,
     Modules,
     PolicyCheckpointError,
     check_policies,
@@ -571,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
                              "takes 30 s to 2 min per row on a 2-core CPU")
     parser.add_argument("--seed", type=random_seed, default=0, help="seed of the Random baseline (default: 0)")
-    parser.add_argument("--output-dir", type=lambda text: Path(text).expanduser(), default=Path("results"),
+    parser.add_argument("--output-dir", type=lambda text: Path(output_directory(text)), default=Path("results"),
                         help="default: %(default)s")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results files (results.csv, .json, .md, predictions.csv.gz, the plot) of an "
@@ -607,6 +610,9 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets`` (of an even
     number, the upper of the two middle ones)."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
+    if (backbone / PRUNING_CONFIG).is_file():
+        raise EvaluationError(f"--backbone {backbone} is a policy checkpoint: evaluate it with --checkpoint {backbone} "
+                              f"(without --heuristics-only)")
     given = {"dataset": args.dataset, "prune_points": args.prune_points,
              "reduction": args.reduction}  # the others: the problem's defaults
     problem = PruningProblem(backbone=repository_relative(backbone), target_ratio=args.budgets[len(args.budgets) // 2],
@@ -664,6 +670,9 @@ def run(args: argparse.Namespace) -> int:
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
     check_output_dir(output_dir, str(output_dir))
+    if (output_dir / PRUNING_CONFIG).is_file() or (output_dir / CONFIG_FILE).is_file():
+        raise EvaluationError(f"--output-dir {output_dir} is a checkpoint (a policy's or a backbone's): give the "
+                              f"results a directory of their own")
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
     if written and not args.overwrite:
         raise EvaluationError(f"{written[0]} exists; pass --overwrite to replace it")

@@ -48,6 +48,7 @@ from cli import (
     given_flags,
     home_expanded,
     non_negative_int,
+    output_directory,
     positive_int,
     run_command,
     signal_handlers_restored,
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop a trial (with a checkpoint) after the iteration that passes this much training "
                           "time since it (re)started, in minutes or with a unit (90s, 1.5h); 0 = no limit "
                           "(default 18, so the default run fits in ~20 min)")
-    run.add_argument("--output-dir", default="runs/marl",
+    run.add_argument("--output-dir", type=output_directory, default="runs/marl",
                      help="the run's directory, local or a cloud URI (s3://, gs://): a cluster needs no shared disk "
                           "(default runs/marl)")
     run.add_argument("--keep-checkpoints", type=positive_int, default=3,

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from cli import versions_line
 from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
+from envs.vit.backbone_checkpoint import CONFIG_FILE
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScorer, TokenScoring
 
@@ -188,7 +189,10 @@ def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
 
 def _run_directory_hint(directory: Path) -> str:
     """For a train.py output directory or one of its trials' directories, where its best checkpoint on validation
-    is."""
+    is; for a backbone checkpoint, what takes one."""
+    if (directory / CONFIG_FILE).is_file():
+        return ("; it is a backbone checkpoint, which the heuristics run on (evaluate.py --heuristics-only --backbone "
+                "PATH, PrunedViT.from_heuristic) and train.py --backbone trains agents on")
     best = best_on_validation(list_checkpoints(directory) or trial_checkpoints(directory))
     return f"; the best checkpoint of this training run on validation is {best}" if best is not None else ""
 

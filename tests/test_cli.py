@@ -10,6 +10,7 @@ import multiprocessing.resource_tracker
 import re
 import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
     for bad in ("-5", "inf", "nan", "1e308h", "90x", "0.5hh", "5 x", "m", ""):  # 1e308h: finite, not in minutes
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected a duration >= 0 in minutes or with a unit"):
             minutes(bad)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
+def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(command, capsys):
+    """``--output-dir=$OUT`` with OUT unset wrote into the current directory (evaluate.py: the repository's
+    root)."""
+    assert importlib.import_module(command).main(["--output-dir="]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: argument --output-dir: empty: name a directory (an unset shell variable?)\n")
+    assert cli.output_directory("~/runs") == str(Path.home() / "runs") and cli.output_directory("s3://b/r") == "s3://b/r"
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])

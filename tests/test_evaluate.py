@@ -603,6 +603,9 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("trial_not_a_checkpoint", "is not a policy checkpoint (no pruning_config.json; train.py writes one in each "
                                "checkpoint); the best checkpoint of this training run on validation is"),
     ("truncated", "cannot load the attention policy"),
+    ("backbone_as_checkpoint", "is not a policy checkpoint (no pruning_config.json; train.py writes one in each "
+                               "checkpoint); it is a backbone checkpoint, which the heuristics run on (evaluate.py "
+                               "--heuristics-only --backbone PATH"),
     ("other_backbone", "was it trained on another backbone"),
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
@@ -655,6 +658,8 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         message += f" {run / 'target_ratio=0.5' / 'checkpoint_000003'}"
     elif case == "truncated":
         path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
+    elif case == "backbone_as_checkpoint":
+        path = tiny_backbone
     elif case == "other_backbone":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, num_patches=16)
     elif case == "prune_points_beyond_depth":
@@ -729,6 +734,26 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         assert output.parent.read_text() == "keep me\n"
     else:
         assert not output.exists()
+
+
+def test_a_checkpoint_in_the_place_of_another_or_of_the_output_is_named(tiny_policy, tiny_backbone, tmp_path, capsys):
+    """A policy as --backbone, a checkpoint as --output-dir (the results would land among its files) and an empty
+    --output-dir (an unset variable: the current directory) are refused in one line before anything is read."""
+    for flags, message in (
+            (["--heuristics-only", "--backbone", str(tiny_policy)],
+             f"error: --backbone {tiny_policy} is a policy checkpoint: evaluate it with --checkpoint {tiny_policy} "
+             f"(without --heuristics-only)\n"),
+            (["--checkpoint", str(tiny_policy), "--output-dir", str(tiny_policy)],
+             f"error: --output-dir {tiny_policy} is a checkpoint (a policy's or a backbone's): give the results a "
+             f"directory of their own\n"),
+            (["--heuristics-only", "--backbone", str(tiny_backbone), "--output-dir", str(tiny_backbone)],
+             f"error: --output-dir {tiny_backbone} is a checkpoint (a policy's or a backbone's): give the results "
+             f"a directory of their own\n"),
+            (["--output-dir="], "error: argument --output-dir: empty: name a directory (an unset shell variable?)\n")):
+        before = sorted(path.name for path in Path.cwd().iterdir())
+        assert evaluate.main([*flags, "--data-dir", str(tmp_path / "no_data"), "--no-speed"]) == 2
+        assert without_the_warning_of_no_export(capsys.readouterr().err) == message
+        assert sorted(path.name for path in Path.cwd().iterdir()) == before
 
 
 def test_errors_say_which_checkpoint_or_data_directory_would_do(tiny_backbone, data_dir, tmp_path, capsys):
