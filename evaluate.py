@@ -254,6 +254,23 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
     return calibrated
 
 
+CASCADE_COST_TOLERANCE = 0.05
+"""How far above its budget a cascade row's measured mean GFLOPs may be before a warning says so."""
+
+
+def warn_of_dear_cascades(table: pd.DataFrame) -> None:
+    """A warning for each cascade row that cost more than :data:`CASCADE_COST_TOLERANCE` above greedy
+    similarity's GFLOPs at its budget, which it was calibrated to: more of the evaluated images than of the
+    calibration images ran twice (few of either), and it is compared with rows cheaper than itself."""
+    greedy = table[table["method"] == HEURISTIC_ROWS["similarity"]].set_index("budget")["gflops"]
+    for row in table[table["method"].isin(CASCADE.values())].itertuples():
+        if row.gflops > (1 + CASCADE_COST_TOLERANCE) * greedy[row.budget]:
+            warnings.warn(f"{row.method} at {row.budget:g} cost {row.gflops:.4f} GFLOPs, "
+                          f"{100 * (row.gflops / greedy[row.budget] - 1):.0f}% above the {greedy[row.budget]:.4f} it "
+                          f"was calibrated to: more images ran twice than in calibration (more --calibration-images "
+                          f"or more evaluated images narrow the gap)", stacklevel=2)
+
+
 def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
             bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
     """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split, on the
@@ -736,6 +753,7 @@ def run(args: argparse.Namespace) -> int:
                                   seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                                   speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
                                   calibration=calibration, selection=selection, compile_speed=args.compile)
+    warn_of_dear_cascades(evaluation.table)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
                 "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),

@@ -1063,6 +1063,18 @@ def test_results_that_cannot_all_be_written_leave_the_output_directory_as_it_was
     assert not (tmp_path / "new").exists()
 
 
+def test_a_cascade_dearer_than_its_budget_is_warned_of():
+    """Calibrated on few images and evaluated on few others, a cascade cost 27% more than the rows it is compared
+    with, without a word; within 5% of its budget (the committed run's 1%) it is not warned of."""
+    table = pd.DataFrame({"method": ["Greedy similarity", "Cascade (greedy similarity)", "MARL cascade"],
+                          "budget": [0.5, 0.5, 0.5], "gflops": [0.1733, 0.2209, 0.175]})
+    with pytest.warns(UserWarning) as warned:
+        evaluate.warn_of_dear_cascades(table)
+    assert [str(warning.message) for warning in warned] == [
+        "Cascade (greedy similarity) at 0.5 cost 0.2209 GFLOPs, 27% above the 0.1733 it was calibrated to: more "
+        "images ran twice than in calibration (more --calibration-images or more evaluated images narrow the gap)"]
+
+
 def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
     assert repository_relative(evaluate.DEFAULT_CHECKPOINT) == "reference/marl_policy"
     assert repository_relative(tmp_path / "policy") == str(tmp_path / "policy")
