@@ -26,7 +26,7 @@ from torch import nn
 
 from envs.errors import UsageError
 from envs.vit.flops import ImageGflops
-from policies.pruned_vit import PrunedViT
+from policies.pruned_vit import PrunedViT, check_gflops
 
 
 def doubt(logits: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,7 @@ def doubt(logits: torch.Tensor) -> torch.Tensor:
 def rerun_share(first_gflops: float, second_gflops: float, budget_gflops: float) -> float:
     """The share of images that may run the second forward when every image runs the first, for the mean
     GFLOPs per image to be ``budget_gflops``; a ``UsageError`` when the first alone costs the budget or more."""
+    budget_gflops = check_gflops(budget_gflops, "budget_gflops")
     if first_gflops >= budget_gflops:
         raise UsageError(f"the first forward costs {first_gflops:.4g} GFLOPs, not less than the budget's "
                          f"{budget_gflops:.4g}: nothing is left for a second")

@@ -13,6 +13,8 @@ never a pickle) when it has one.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -84,6 +86,14 @@ def check_image_batch(images: object, size: Sequence[int]) -> None:
     raise UsageError(f"images must be [B, {', '.join(map(str, expected))}], got {list(shape)}{hint}")
 
 
+def check_gflops(value: object, name: str) -> float:
+    """``value`` as a float if it is a cost in GFLOPs, a finite positive number; else a ``UsageError`` (a NaN cost
+    would run ToMe unpruned, or every image of a cascade twice, without a word)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{name} must be a positive number of GFLOPs, got {value!r}")
+    return float(value)
+
+
 class PrunedViT(nn.Module):
     """A ViT whose patch tokens are pruned at the pruning points of ``staged`` (docs/DESIGN.md).
 
@@ -128,7 +138,8 @@ class PrunedViT(nn.Module):
         self.seed = seed
         self.protected_share = check_protected_share(protected_share)
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
-        self.tome_merges = self._tome_merges(tome_gflops) if selection == "tome" else None
+        self.tome_merges = (self._tome_merges(None if tome_gflops is None else check_gflops(tome_gflops, "tome_gflops"))
+                            if selection == "tome" else None)
         self.eval()  # dropout and stochastic depth off: this is an inference model
 
     @classmethod
@@ -275,7 +286,9 @@ class PrunedViT(nn.Module):
         return "agents" if self.selection == "policy" else HEURISTIC_RULES[self.selection].scores
 
     def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
-        """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``."""
+        """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``, B >= 1."""
+        if not len(kept):
+            raise UsageError("mean_gflops needs the token counts of one image or more; kept holds none")
         schedules, counts = torch.unique(kept, dim=0, return_counts=True)
         parts = sum(torch.tensor(self.gflops(schedule), dtype=torch.float64) * count
                     for schedule, count in zip(schedules.tolist(), counts.tolist(), strict=True)) / len(kept)

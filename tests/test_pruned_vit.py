@@ -238,6 +238,20 @@ def test_invalid_combinations_are_refused(tiny_staged):
         PrunedViT(*tiny_staged, "random", 0.5, protected_share=2.0)
 
 
+def test_a_cost_that_is_no_positive_number_is_refused(tiny_staged):
+    """A NaN ToMe cost ran ToMe unpruned, a NaN cascade budget ran every image twice, and the mean cost of no
+    images was a ZeroDivisionError."""
+    for value in (float("nan"), -1.0, 0, "0.1"):
+        with pytest.raises(UsageError, match=rf"^tome_gflops must be a positive number of GFLOPs, got {value!r}$"):
+            PrunedViT(*tiny_staged, "tome", 0.5, tome_gflops=value)
+    cascade = CascadeViT(PrunedViT(*tiny_staged, "similarity", 0.6), PrunedViT(*tiny_staged, "similarity", 0.2))
+    images = cascade.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(UsageError, match=r"^budget_gflops must be a positive number of GFLOPs, got nan$"):
+        cascade.calibrate(images, float("nan"))
+    with pytest.raises(UsageError, match="^mean_gflops needs the token counts of one image or more"):
+        cascade.mean_gflops(torch.zeros(0, 2 * tiny_staged[0].num_stages, dtype=torch.long))
+
+
 def test_an_inference_model_stays_in_eval_mode(tiny_staged):
     """model.train() (a training loop's habit) turned stochastic depth back on: answers changed from call to
     call."""
