@@ -324,3 +324,13 @@ def test_class_names_that_differ_only_in_their_unicode_form_are_shown_so():
         "writes file names decomposed, NFD)")
     many = [f"c{i}" for i in range(8)]
     assert class_difference([], many) == "missing 'c0', 'c1', 'c2', 'c3', 'c4' and 3 more"
+
+
+def test_a_data_set_known_by_name_with_another_count_of_classes_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """--dataset cifar100 with a CIFAR-10 backbone downloaded CIFAR-100 (170 MB) before its classes were
+    compared."""
+    monkeypatch.setattr(data, "_open_raw_split", lambda *args: pytest.fail("read before the class count was checked"))
+    config = {"num_classes": 10, "dataset": "cifar10", "input_size": 32}
+    with pytest.raises(DataError, match=r"^cifar100 has 100 classes, the backbone 10 \(it was trained on cifar10: "
+                                        r"pass --dataset cifar10, or a backbone trained on cifar100\)$"):
+        load_checked_split("cifar100", "test", tmp_path, config, val_size=5000, seed=0, download=True)

@@ -82,6 +82,21 @@ def check_held_out(split_name: str, dataset: str, val_size: int, seed: int, back
     return held_out, held_out_seed
 
 
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
+"""The classes of the data sets known by name, which a backbone of another count cannot score."""
+
+
+def check_class_count(dataset: str, backbone_config: Mapping[str, Any]) -> None:
+    """A DataError where ``dataset``, one known by name, has another count of classes than the backbone of
+    ``backbone_config``: checked before the data is read (or downloaded, 170 MB for CIFAR-100)."""
+    count = CLASS_COUNTS.get(dataset)
+    if count is not None and count != backbone_config["num_classes"]:
+        trained_on = backbone_config.get("dataset")
+        raise DataError(f"{dataset} has {count} classes, the backbone {backbone_config['num_classes']}"
+                        + (f" (it was trained on {trained_on}: pass --dataset {trained_on}, or a backbone trained on "
+                           f"{dataset})" if trained_on else ""))
+
+
 def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_size: int, seed: int,
                         backbone_config: Mapping[str, Any], data_dir: str | os.PathLike | None = None,
                         download: bool = False) -> None:
@@ -120,8 +135,10 @@ def load_checked_split(dataset: str, split: str, data_dir: str | os.PathLike | N
                        *, val_size: int, seed: int, limit: int | None = None, download: bool = False,
                        memory_budget_mb: float | None = None) -> ImageSplit:
     """:func:`load_split` at the backbone's input size, of images the backbone of ``backbone_config`` can score
-    honestly: checked before anything is decoded (:func:`check_held_out`) and after (:func:`check_fits_backbone`)."""
+    honestly: checked before anything is read or downloaded (:func:`check_held_out`, :func:`check_class_count`)
+    and after (:func:`check_fits_backbone`)."""
     check_held_out(split, dataset, val_size, seed, backbone_config)
+    check_class_count(dataset, backbone_config)
     images = load_split(dataset, split, data_dir, input_size=backbone_config["input_size"], val_size=val_size,
                         seed=seed, limit=limit, download=download, memory_budget_mb=memory_budget_mb,
                         backbone_config=backbone_config)
