@@ -53,7 +53,7 @@ from cli import (
     run_command,
     signal_handlers_restored,
 )
-from envs.errors import UsageError, UserError, user_error_within
+from envs.errors import UsageError, UserError
 from envs.problem import (
     PruningProblem,
     add_problem_arguments,
@@ -427,6 +427,14 @@ def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection
     return 0
 
 
+def raised_in_callback(error: Exception) -> Exception:
+    """What ``Tuner.fit`` raised, or, where it is Tune's ``TuneError`` around a user error that one of the run's
+    callbacks raised (``StopOnFullDisk``, say: Tune reports it as a TuneError holding its traceback), that error."""
+    if isinstance(error, TuneError) and isinstance(error.__context__, UserError):
+        return error.__context__
+    return error
+
+
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     args, given = None, frozenset()
@@ -439,13 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
-        except RunStoppedOnUnreadableImage as error:
-            raise DataError(f"{error}; once it reads, go on with {go_on_command(args, given)}") from None
-        except UserError:
-            raise
         except Exception as error:
-            if isinstance(error, TuneError) and (cause := user_error_within(error)) is not None:  # in a callback
-                raise cause from None
+            stopped = raised_in_callback(error)
+            if isinstance(stopped, RunStoppedOnUnreadableImage):
+                raise DataError(f"{stopped}; once it reads, go on with {go_on_command(args, given)}") from None
+            if isinstance(stopped, UserError):
+                raise stopped from None
             last_line = str(error).strip().splitlines()[-1:]  # a TuneError's message is a whole traceback
             check_space_after_failure(local_run_dir(args.output_dir), ": ".join([type(error).__name__, *last_line]))
             raise

@@ -15,15 +15,3 @@ class UsageError(UserError, ValueError):
     together. It is also a ``ValueError``, which a Python caller passing a bad argument expects. A plain
     ``ValueError`` is left for what only a bug causes (shapes that disagree inside a forward, say), so that it
     keeps its traceback."""
-
-
-def user_error_within(error: BaseException) -> UserError | None:
-    """The :class:`UserError` that ``error`` was raised while handling, if any: Ray Tune reports an exception
-    raised in one of its callbacks as a ``TuneError`` holding the traceback, with the original as its context."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

@@ -515,7 +515,8 @@ def test_a_trial_that_fails_on_a_full_disk_ends_the_run_instead_of_restarting(tm
     callback as a TuneError holding its traceback. With room on the disk a failed trial is restarted."""
     run = tmp_path / "run"
     run.mkdir()
-    trial = type("Trial", (), {"local_experiment_path": str(run), "__str__": lambda self: "run_trial_00000"})()
+    trial = type("Trial", (), {"path": str(run / "target_ratio=0.5"), "__str__": lambda self: "run_trial_00000"})()
+    full = {run, run.parent}  # the run's disk; Ray's temporary directories, say, are on another
 
     def tune_fit(args, given):
         try:
@@ -525,7 +526,8 @@ def test_a_trial_that_fails_on_a_full_disk_ends_the_run_instead_of_restarting(tm
         return []
 
     monkeypatch.setattr(train, "train", tune_fit)
-    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
+    monkeypatch.setattr(run_directory.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(free=3 * 2**20 if Path(path) in full else 2**40))
     assert train.main(["--output-dir", str(run)]) == 2
     assert capsys.readouterr().err == full_disk_line(run, "trial run_trial_00000 failed")
     monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**40))

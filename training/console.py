@@ -119,7 +119,7 @@ class StopOnFullDisk(tune.Callback):
     leaving what it could write of Tune's records and a checkpoint behind."""
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        check_space_after_failure(Path(trial.local_experiment_path), f"trial {trial} failed")
+        check_space_after_failure(Path(trial.path).parent, f"trial {trial} failed")  # the run's directory, where local
 
     on_trial_error = on_trial_recover
 
