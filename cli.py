@@ -203,13 +203,13 @@ def output_directory(text: str) -> str:
     into the current directory), ``~`` expanded; a cloud URI (``s3://...``) stays as it is."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty: name a directory (an unset shell variable?)")
-    return os.path.expanduser(text)
+    return home_expanded(text)
 
 
 def home_expanded(text: str) -> str:
     """An argparse ``type`` for a path: ``~`` expanded, which the shell does for ``--flag ~/x`` but not for
-    ``--flag=~/x``."""
-    return str(Path(text).expanduser())
+    ``--flag=~/x``; otherwise the text as given (a cloud URI's ``//`` too)."""
+    return os.path.expanduser(text)
 
 
 def positive_int(text: str) -> int:

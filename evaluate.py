@@ -95,10 +95,10 @@ from envs.results_table import (
     write_results,
 )
 from envs.vit.backbone_checkpoint import (
-    CONFIG_FILE,
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
     installed_without_repository,
+    is_backbone_checkpoint,
     normalize,
     repository_relative,
 )
@@ -112,10 +112,10 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_schedule
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
-    PRUNING_CONFIG,
     Modules,
     PolicyCheckpointError,
     check_policies,
+    is_policy_checkpoint,
     load_policies_by_budget,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
@@ -627,7 +627,7 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets`` (of an even
     number, the upper of the two middle ones)."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
-    if (backbone / PRUNING_CONFIG).is_file():
+    if is_policy_checkpoint(backbone):
         raise EvaluationError(f"--backbone {backbone} is a policy checkpoint: evaluate it with --checkpoint {backbone} "
                               f"(without --heuristics-only)")
     given = {"dataset": args.dataset, "prune_points": args.prune_points,
@@ -641,7 +641,8 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``. A comma starts a pair only before ``RATIO=``: the
     trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``)."""
     out: dict[float, Path] = {}
-    for part in filter(None, (part.strip() for part in re.split(r",(?=\s*[-+.\deE]+=)", text))):
+    pairs = re.split(r",(?=\s*[-+.\deE]*\s*=)", text.strip().rstrip(","))  # a ratio may be mistyped or missing
+    for part in filter(None, (part.strip() for part in pairs)):
         ratio, sep, path = part.partition("=")
         try:
             if not sep or not path.strip():
@@ -687,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
     check_output_dir(output_dir, str(output_dir))
-    if (output_dir / PRUNING_CONFIG).is_file() or (output_dir / CONFIG_FILE).is_file():
+    if is_policy_checkpoint(output_dir) or is_backbone_checkpoint(output_dir):
         raise EvaluationError(f"--output-dir {output_dir} is a checkpoint (a policy's or a backbone's): give the "
                               f"results a directory of their own")
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]

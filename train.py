@@ -61,7 +61,7 @@ from envs.problem import (
     problems_from_args,
     sweep_label,
 )
-from envs.vit.backbone_checkpoint import CONFIG_FILE, RUN_EXPORT_DIR
+from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint
 from envs.vit.data import DATA_DIR_ENV, DataError
 from envs.vit_server import (
     ServerInputs,
@@ -69,9 +69,9 @@ from envs.vit_server import (
     staged_from_weights,
 )
 from policies.checkpoints import (
-    PRUNING_CONFIG,
     check_policies,
     check_restorable,
+    is_policy_checkpoint,
     load_rllib_policies,
     read_checkpoint_info,
 )
@@ -250,12 +250,12 @@ def what_it_holds_instead(output_dir: str) -> str:
         shown = local
     if (local / "params.json").is_file() and tune.Tuner.can_restore(str(local.parent)):
         return f" ({shown} is a trial of the run in {shown.parent}: pass --output-dir {shown.parent})"
-    if (local / PRUNING_CONFIG).is_file():
+    if is_policy_checkpoint(local):
         run = shown.parent.parent
         in_run = (f"of the run in {run}: pass --output-dir {run} to resume it, or " if
                   tune.Tuner.can_restore(str(local.parent.parent)) else "")
         return f" ({shown} is a checkpoint {in_run}start a new run from it with --from-checkpoint {shown})"
-    if (local / RUN_EXPORT_DIR / CONFIG_FILE).is_file():
+    if is_backbone_checkpoint(local / RUN_EXPORT_DIR):
         return f" (it holds a backbone.py run: train on its export with --backbone {shown / RUN_EXPORT_DIR})"
     return ""
 

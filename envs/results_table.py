@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from envs.atomic_file import first_missing
+from envs.atomic_file import first_missing, interrupts_held
 from envs.errors import UserError
 
 SPEED_BATCH_SIZES: tuple[int, ...] = (1, 256)
@@ -140,7 +140,7 @@ def prediction_column(method: str, budget: float | None) -> str:
 
 
 class ResultsNotWritten(UserError, OSError):
-    """The results could not be written (a full disk, say); the output directory is as it was."""
+    """The results could not be written (a full disk, say); the message says what the output directory holds."""
 
 
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any],
@@ -148,30 +148,36 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
     """results.csv, results.json, results.md, with ``predictions`` predictions.csv.gz (every image's label and
     each row's answer, ``evaluate.per_image_predictions``) and, with more than one budget,
     accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would not belong to these
-    results. The files are written into a staging directory inside ``output_dir`` and moved into place at the
-    end, so that a full disk (:class:`ResultsNotWritten`) or an interrupt while writing leaves ``output_dir`` as
-    it was, never holding part of a run's files or an earlier run's beside them."""
-    made = first_missing(output_dir)
+    results. The files are written into a staging directory inside ``output_dir``, then moved into place with
+    interrupts held back (:func:`envs.atomic_file.interrupts_held`), so that a full disk
+    (:class:`ResultsNotWritten`) or an interrupt while writing leaves ``output_dir`` as it was: never part of a
+    run's files, nor an earlier run's beside them, nor a directory that only this made."""
+    made, staging = first_missing(output_dir), None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".results-", dir=output_dir))
-    except OSError as error:
-        raise ResultsNotWritten(f"cannot write the results to {output_dir}: {error}") from None
-    try:
         staged = _write_files(table, staging, settings, predictions)
-        for name in {PREDICTIONS_FILE, PLOT_FILE} - {path.name for path in staged}:
-            (output_dir / name).unlink(missing_ok=True)
-        for path in staged:
-            os.replace(path, output_dir / path.name)
-    except BaseException as error:  # an interrupt too: the directories this made go again
-        if made is not None:
+    except BaseException as error:  # an interrupt too
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made is not None and not any(path.is_file() for path in made.rglob("*")):
             shutil.rmtree(made, ignore_errors=True)
         if isinstance(error, OSError):
             raise ResultsNotWritten(f"cannot write the results to {output_dir} ({error}); nothing was written "
                                     f"there: the table above is this run's") from None
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with interrupts_held():
+        try:
+            for name in {PREDICTIONS_FILE, PLOT_FILE} - {path.name for path in staged}:
+                (output_dir / name).unlink(missing_ok=True)
+            for path in staged:
+                os.replace(path, output_dir / path.name)
+        except OSError as error:  # a move within one directory: next to never
+            raise ResultsNotWritten(f"cannot move the results into {output_dir} ({error}): it may hold some "
+                                    f"of this run's files beside an earlier run's; the table above is this "
+                                    f"run's") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return [output_dir / path.name for path in staged]
 
 

@@ -22,11 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from envs.errors import UsageError
 from envs.vit.flops import ImageGflops
-from policies.pruned_vit import PrunedViT, check_gflops
+from policies.pruned_vit import InferenceModel, PrunedViT, check_gflops
 
 
 def doubt(logits: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ def rerun_share(first_gflops: float, second_gflops: float, budget_gflops: float)
     return min(1.0, (budget_gflops - first_gflops) / second_gflops)
 
 
-class CascadeViT(nn.Module):
+class CascadeViT(InferenceModel):
     """Two pruned ViTs of one backbone: ``first`` on every image, ``second`` on the images whose
     :func:`doubt` under ``first`` is above ``threshold``.
 
@@ -127,13 +126,13 @@ class CascadeViT(nn.Module):
         The images should be held out from those the cascade is then measured on: the threshold is fitted to
         them.
         """
+        share = rerun_share(self.first.gflops().total, self.second.gflops().total, budget_gflops)  # before forwards
         if isinstance(batches, torch.Tensor):
             batches = [batches]
         doubts = [doubt(self.first(images)) for images in batches]
         if not doubts or not sum(len(batch) for batch in doubts):
             raise UsageError("calibrate needs held-out images: the batches hold none")
         doubts = torch.cat(doubts).sort(descending=True).values
-        share = rerun_share(self.first.gflops().total, self.second.gflops().total, budget_gflops)
         count = int(share * len(doubts))  # images that may run twice; those of a doubt above the next one's do
         self.threshold = float(doubts[count]) if count < len(doubts) else float("-inf")
         return self.threshold

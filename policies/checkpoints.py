@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from cli import versions_line
 from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
-from envs.vit.backbone_checkpoint import CONFIG_FILE
+from envs.vit.backbone_checkpoint import is_backbone_checkpoint
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScorer, TokenScoring
 
@@ -152,6 +152,11 @@ def module_path(checkpoint: str | os.PathLike, policy: str) -> Path:
     return Path(checkpoint) / MODULES_DIR / policy
 
 
+def is_policy_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a policy checkpoint, as train.py writes one (its ``pruning_config.json``)."""
+    return (Path(directory) / PRUNING_CONFIG).is_file()
+
+
 def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
     """``pruning_config.json`` of a policy checkpoint: its problem (older layouts too), iteration and score."""
     checkpoint = Path(checkpoint)
@@ -190,7 +195,7 @@ def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
 def _run_directory_hint(directory: Path) -> str:
     """For a train.py output directory or one of its trials' directories, where its best checkpoint on validation
     is; for a backbone checkpoint, what takes one."""
-    if (directory / CONFIG_FILE).is_file():
+    if is_backbone_checkpoint(directory):
         return ("; it is a backbone checkpoint, which the heuristics run on (evaluate.py --heuristics-only --backbone "
                 "PATH, PrunedViT.from_heuristic) and train.py --backbone trains agents on")
     best = best_on_validation(list_checkpoints(directory) or trial_checkpoints(directory))
@@ -262,7 +267,7 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
-    one, else RLlib's files (:func:`load_rllib_policies`, checkpoints written before exports existed), with a
+    one, else RLlib's files (:func:`rllib_modules`, checkpoints written before exports existed), with a
     warning: those pickles run the code of whoever wrote them.
     """
     path = checkpoint_directory(checkpoint)

@@ -94,7 +94,18 @@ def check_gflops(value: object, name: str) -> float:
     return float(value)
 
 
-class PrunedViT(nn.Module):
+class InferenceModel(nn.Module):
+    """A model that stays in eval mode: its forward takes no gradients, and dropout and stochastic depth would
+    change its answers from call to call. ``model.train()`` (a training loop's habit) warns and changes nothing."""
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        if mode:
+            warnings.warn(f"{type(self).__name__} is an inference model: it stays in eval mode (dropout and "
+                          f"stochastic depth off)", stacklevel=2)
+        return super().train(False)
+
+
+class PrunedViT(InferenceModel):
     """A ViT whose patch tokens are pruned at the pruning points of ``staged`` (docs/DESIGN.md).
 
     Args:
@@ -184,15 +195,6 @@ class PrunedViT(nn.Module):
         """The weights' floating-point type (``.to(torch.bfloat16)`` changes it), which :meth:`normalize` returns
         and :meth:`forward` takes outside ``torch.autocast``."""
         return next(self.staged.parameters()).dtype
-
-    def train(self, mode: bool = True) -> PrunedViT:
-        """Stays in eval mode, with a warning where training mode is asked for: this is an inference model (its
-        forward takes no gradients), and dropout and stochastic depth would change its answers from call to
-        call."""
-        if mode:
-            warnings.warn("PrunedViT is an inference model: it stays in eval mode (dropout and stochastic depth "
-                          "off)", stacklevel=2)
-        return super().train(False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images as :meth:`forward` expects them, by the backbone's mean and std.

@@ -115,7 +115,6 @@ def test_a_benchmarks_bad_flag_is_one_line(benchmark, flags, message, capsys):
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
-
 def test_an_install_without_the_repository_says_so(monkeypatch, tmp_path, capsys):
     """``pip install .`` puts the code in site-packages without reference/: the errors say why the reference files
     are missing and that --address cannot ship the code, instead of naming paths the user never gave."""

@@ -256,12 +256,18 @@ def test_an_inference_model_stays_in_eval_mode(tiny_staged):
     """model.train() (a training loop's habit) turned stochastic depth back on: answers changed from call to
     call."""
     model = PrunedViT(*tiny_staged, "similarity", 0.5)
-    with pytest.warns(UserWarning, match="PrunedViT is an inference model: it stays in eval mode"):
+    with pytest.warns(UserWarning, match="^PrunedViT is an inference model: it stays in eval mode"):
         assert model.train() is model
     assert not any(module.training for module in model.modules())
+    cascade = CascadeViT(model, PrunedViT(*tiny_staged, "similarity", 0.2))
+    with pytest.warns(UserWarning) as warned:
+        cascade.train()
+    assert [str(warning.message) for warning in warned] == [
+        "CascadeViT is an inference model: it stays in eval mode (dropout and stochastic depth off)"]
+    assert not any(module.training for module in cascade.modules())
 
 
-def test_a_model_in_another_dtype_takes_the_images_normalize_gives_it(tiny_staged):
+def test_a_model_in_another_dtype_takes_the_images_normalize_gives_it(tiny_staged, tiny_policy):
     """After model.to(torch.float64) the README's model(model.normalize(images)) was torch's traceback: normalize
     returns the weights' dtype, and other images are refused in one line outside autocast."""
     model = PrunedViT(*tiny_staged, "similarity", 0.5)
@@ -269,11 +275,16 @@ def test_a_model_in_another_dtype_takes_the_images_normalize_gives_it(tiny_stage
     expected = model(model.normalize(pixels))
     staged, config = tiny_staged
     wide = PrunedViT(copy.deepcopy(staged), config, "similarity", 0.5).to(torch.float64)  # the fixture is shared
+    modules, _ = load_rllib_policies(tiny_policy)
     assert wide.normalize(pixels).dtype == torch.float64
     torch.testing.assert_close(wide(wide.normalize(pixels)).float(), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(UsageError, match=r"^the images are torch.float32, the model's weights torch.float64: pass "
                                          r"images.to\(torch.float64\)"):
         wide(model.normalize(pixels))
+    for selection in ("policy", "tome"):  # the README's bfloat16, through the agents' networks and ToMe's merging
+        narrow = PrunedViT(copy.deepcopy(staged), config, modules if selection == "policy" else selection, 0.5)
+        narrow = narrow.to(torch.bfloat16)
+        assert narrow(narrow.normalize(pixels)).dtype == torch.bfloat16
 
 
 def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):

@@ -16,11 +16,12 @@ RESULTS_OF_SECTION = {
 
 
 def results_tables(markdown: str) -> list[tuple[str, list[dict[str, str]]]]:
-    """Each results table of a Markdown text (its header begins ``| method``) with the heading it follows, its rows
-    as ``{column: cell}``, the cells as printed."""
-    lines, heading, tables = markdown.splitlines(), "", []
+    """Each results table of a Markdown text (its header begins ``| method``) with the heading it follows (outside
+    code blocks), its rows as ``{column: cell}``, the cells as printed."""
+    lines, heading, tables, in_code = markdown.splitlines(), "", [], False
     for number, line in enumerate(lines):
-        if line.startswith("#"):
+        in_code ^= line.startswith("```")  # a shell comment in a code block is no heading
+        if line.startswith("#") and not in_code:
             heading = line
         if not (line.startswith("| method") and lines[number + 1].startswith("|:")):
             continue

@@ -1,8 +1,11 @@
 """Faults that must cost nothing: a crash while saving, non-finite features, bad paths given to --resume."""
 
 import json
+import os
 import pickle
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 
 import train
 from envs import pruning_engine
-from envs.atomic_file import replaced_atomically
+from envs.atomic_file import interrupts_held, replaced_atomically
 from envs.problem import POLICIES, PruningProblem
 from envs.vit import features
 from policies.checkpoints import (
@@ -240,3 +243,16 @@ def test_checkpoints_tune_has_no_record_of_are_set_aside_and_the_highest_iterati
     set_aside_unrecorded(trial, None)  # Tune recorded nothing: all of them are set aside
     assert not list(trial.glob("checkpoint_*"))
     assert [read_checkpoint_info(c).iteration for c in trial_checkpoints(trial)] == [1, 2, 4, 7]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_files_are_moved_together_comes_after_the_moves(tmp_path, signal_number):
+    """evaluate.py's results are moved into place together: Ctrl-C or SIGTERM amid the moves waits for them."""
+    moved = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal_number)
+            time.sleep(0.1)  # the handler has run by now
+            moved.append("all")
+    assert moved == ["all"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back

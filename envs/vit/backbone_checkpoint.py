@@ -124,7 +124,7 @@ def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
                               + (f" ({NOT_A_CLONE})" if in_repository and installed_without_repository() else ""))
     if not path.is_file():
         export = Path(directory) / RUN_EXPORT_DIR
-        hint = f"; backbone.py's run there wrote its checkpoint to {export}" if (export / CONFIG_FILE).is_file() else ""
+        hint = f"; backbone.py's run there wrote its checkpoint to {export}" if is_backbone_checkpoint(export) else ""
         raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE}){hint}")
     try:
         config = json.loads(path.read_text())
@@ -172,6 +172,11 @@ def repository_relative(path: str | os.PathLike) -> str:
     absolute. :func:`stored_backbone_path` reads it back."""
     resolved = Path(path).expanduser().resolve()
     return (resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved).as_posix()
+
+
+def is_backbone_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a backbone checkpoint (its weights and ``config.json``), as backbone.py writes."""
+    return (Path(directory) / CONFIG_FILE).is_file() and (Path(directory) / WEIGHTS_FILE).is_file()
 
 
 def load_backbone(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -22,8 +22,9 @@ training, the ViT server and evaluation index images instead of re-reading files
 take more than ``memory_budget_mb``: then the split streams (:class:`StreamedImages`), decoding the same
 pixels from the files on demand, and :meth:`ImageSplit.batches` reads ahead with DataLoader workers.
 
-Whether a backbone can be scored on a split (its classes, no image it trained on) is checked by
-:mod:`envs.vit.held_out`, which reads splits through this module.
+Whether a backbone can be scored on a split is checked by :mod:`envs.vit.held_out` (no image it trained on, the
+class count of a data set known by name), which reads splits through this module; :func:`load_split` compares the
+classes themselves (:func:`check_classes`) before it decodes a split.
 """
 
 from __future__ import annotations
@@ -350,22 +351,12 @@ def held_out_fingerprint(dataset: str, data_dir: str | os.PathLike | None, input
     return [[round(value, 2) for value in image] for image in images.float().mean(dim=(2, 3)).tolist()]
 
 
-
-
 def training_split_size(dataset: str, data_dir: str | os.PathLike | None, download: bool = False) -> int:
     """The images in a data set's training split, the validation images among them: the seed that holds out the
     validation split (:func:`split_indices`) draws other images from another count. ``backbone.py`` records it
     (``val_drawn_from``) and :func:`envs.vit.held_out.check_fits_backbone` compares it."""
     with _held_raw_split(dataset, _data_root(dataset, data_dir, download), "train", download) as raw:
         return len(raw)
-
-
-
-
-
-
-
-
 
 
 def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> None:
@@ -376,8 +367,6 @@ def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> N
         difference = class_difference(found, classes) if classes else "unnamed in the backbone"
         raise DataError(f"the data set's {len(found)} classes are not the backbone's "
                         f"{backbone_config['num_classes']} ({difference})")
-
-
 
 
 def _image(raw, index: int) -> Image.Image:
