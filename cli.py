@@ -34,9 +34,9 @@ VERSIONED_PACKAGES = (DISTRIBUTION, "torch", "timm", "ray", "numpy")
 def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
     one ``error: ...`` line and code 2; Ctrl-C, or a SIGTERM (``kill``, a job scheduler), with the line
-    ``interrupted()`` says (how to go on) and code 130, as a shell reports a process ended by SIGINT. Other
-    exceptions, a plain ``ValueError`` included, are bugs and keep their tracebacks. A Python warning is one
-    ``warning: ...`` line (:func:`one_line_warning`)."""
+    ``interrupted()`` says (how to go on), or the ``KeyboardInterrupt``'s own where it carries one, and code
+    130, as a shell reports a process ended by SIGINT. Other exceptions, a plain ``ValueError`` included, are
+    bugs and keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`)."""
     def interrupt(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt
 
@@ -49,8 +49,8 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
         except UserError as error:
             print("error: " + " ".join(str(error).split()), file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(interrupted(), file=sys.stderr)
+        except KeyboardInterrupt as interrupt:  # one raised with a line of its own says what was done
+            print(interrupt.args[0] if interrupt.args else interrupted(), file=sys.stderr)
             return 130
 
 

@@ -36,9 +36,9 @@ def first_missing(path: str | os.PathLike) -> Path | None:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back until the block ends, then raised as ``KeyboardInterrupt``: for the few file
-    moves that must happen all together or not at all. Outside the main thread, where Python runs no signal
-    handler, nothing is held."""
+    """Ctrl-C and SIGTERM held back until the block ends, then delivered to the handlers they had (an ignored one
+    stays ignored): for the few file moves that must happen all together or not at all. Outside the main
+    thread, where Python runs no signal handler, nothing is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -50,5 +50,5 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if received:
-        raise KeyboardInterrupt
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)

@@ -166,18 +166,21 @@ def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, 
             raise ResultsNotWritten(f"cannot write the results to {output_dir} ({error}); nothing was written "
                                     f"there: the table above is this run's") from None
         raise
-    with interrupts_held():
-        try:
-            for name in {PREDICTIONS_FILE, PLOT_FILE} - {path.name for path in staged}:
-                (output_dir / name).unlink(missing_ok=True)
-            for path in staged:
-                os.replace(path, output_dir / path.name)
-        except OSError as error:  # a move within one directory: next to never
-            raise ResultsNotWritten(f"cannot move the results into {output_dir} ({error}): it may hold some "
-                                    f"of this run's files beside an earlier run's; the table above is this "
-                                    f"run's") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with interrupts_held():
+            try:
+                for name in {PREDICTIONS_FILE, PLOT_FILE} - {path.name for path in staged}:
+                    (output_dir / name).unlink(missing_ok=True)
+                for path in staged:
+                    os.replace(path, output_dir / path.name)
+            except OSError as error:  # a move within one directory: next to never
+                raise ResultsNotWritten(f"cannot move the results into {output_dir} ({error}): it may hold some "
+                                        f"of this run's files beside an earlier run's; the table above is this "
+                                        f"run's") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except KeyboardInterrupt:  # held back until every file was in place (cli.run_command prints its line)
+        raise KeyboardInterrupt(f"interrupted once the results were written to {output_dir}") from None
     return [output_dir / path.name for path in staged]
 
 

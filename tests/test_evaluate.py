@@ -11,10 +11,13 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -443,9 +446,10 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
                               agents="similarity")  # a legacy pair is refused: it learned former turns
     tables = {}
     for name, path, extra in (("legacy", legacy, ()), ("forced", tiny_policy, ("--reduction", "drop"))):
-        assert evaluate.main(cli(path, data_dir, tmp_path / name, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
-        tables[name] = pd.read_csv(tmp_path / name / "results.csv")
-        assert json.loads((tmp_path / name / "results.json").read_text())["settings"]["reduction"] == "drop"
+        output = tmp_path / f"{name}_results"
+        assert evaluate.main(cli(path, data_dir, output, "--budgets", "0.3,0.5", "--no-speed", *extra)) == 0
+        tables[name] = pd.read_csv(output / "results.csv")
+        assert json.loads((output / "results.json").read_text())["settings"]["reduction"] == "drop"
     spec = ViTSpec.from_model(tiny_staged[0].vit)
     schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), 0.5)
     merging = merge_gflops(spec, schedule[:-1], schedule[1:])
@@ -1077,6 +1081,29 @@ def test_a_cascade_dearer_than_its_budget_is_warned_of():
     assert [str(warning.message) for warning in warned] == [
         "Cascade (greedy similarity) at 0.5 cost 0.2209 GFLOPs, 27% above the 0.1733 it was calibrated to: more "
         "images ran twice than in calibration (more --calibration-images or more evaluated images narrow the gap)"]
+
+
+def test_an_interrupt_while_the_results_are_moved_into_place_comes_after_and_says_so(tmp_path, monkeypatch):
+    """Ctrl-C amid the moves waits for the last one, then says the results were written (the command's usual
+    line says nothing was)."""
+    settings = {"prune_points": [1, 2, 3]}
+    rows = {"method": ["Random", "Random"], "budget": [0.3, 0.5], "gflops": [0.2, 0.1], "accuracy": [80.0, 70.0]}
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a handler would have run by now
+        replace(source, target)
+
+    monkeypatch.setattr(results_table.os, "replace", interrupted_replace)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (not nohup)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"^interrupted once the results were written to {tmp_path}$"):
+            write_results(pd.DataFrame(rows), tmp_path, settings)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "accuracy_vs_gflops.png", "results.csv", "results.json", "results.md"]
 
 
 def test_results_record_paths_inside_the_repository_relative_to_it(tmp_path):
