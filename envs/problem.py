@@ -357,10 +357,11 @@ def removal_ratio(text: str) -> float:
         value = check_target_ratio(float(text), "a removal ratio")
     except ValueError as error:  # not a number, or outside (0, 1)
         raise argparse.ArgumentTypeError(str(error)) from None
-    if not 0.0 < budget_key(value) < 1.0:
+    key = budget_key(value)
+    if not 0.0 < key < 1.0:
         raise argparse.ArgumentTypeError(f"a removal ratio must be in (0, 1) at the 6 decimals budgets are kept to, "
-                                         f"got {text} ({budget_key(value):g})")
-    return budget_key(value)
+                                         f"got {text} ({key:g})")
+    return key
 
 
 def removal_ratios(text: str) -> tuple[float, ...]:

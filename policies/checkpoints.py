@@ -288,7 +288,7 @@ def checkpoint_directory(checkpoint: str | Path) -> Path:
         raise PolicyCheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} is not a directory")
-    return path.parent if path.name == EXPORT_DIR and (path / EXPORT_CONFIG).is_file() else path
+    return path.parent if path.name == EXPORT_DIR and has_export(path.parent) else path
 
 
 def load_rllib_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], CheckpointInfo]:

@@ -149,8 +149,7 @@ class PrunedViT(InferenceModel):
         self.seed = seed
         self.protected_share = check_protected_share(protected_share)
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
-        self.tome_merges = (self._tome_merges(None if tome_gflops is None else check_gflops(tome_gflops, "tome_gflops"))
-                            if selection == "tome" else None)
+        self.tome_merges = self._tome_merges(tome_gflops) if selection == "tome" else None
         self.eval()  # dropout and stochastic depth off: this is an inference model
 
     @classmethod
@@ -302,7 +301,7 @@ class PrunedViT(InferenceModel):
         spec, points = ViTSpec.from_model(self.staged.vit), self.staged.prune_points
         if target is None:
             target = exact_budget_gflops(spec, points, self.budget, self.reduction, "similarity").total
-        return tome_schedule(spec, target)
+        return tome_schedule(spec, check_gflops(target, "tome_gflops"))
 
     def extra_repr(self) -> str:
         return (f"selection={self.selection or 'none'}, budget={self.budget}, reduction={self.reduction}, "
