@@ -55,7 +55,7 @@ import re
 import statistics
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +74,7 @@ from cli import (
     check_output_dir,
     code_commit,
     data_access,
+    given_flags,
     output_directory,
     positive_int,
     random_seed,
@@ -81,7 +82,7 @@ from cli import (
     versions_line,
 )
 from envs.errors import UsageError
-from envs.problem import PruningProblem, block_indices, budget_key, removal_ratio, removal_ratios
+from envs.problem import PruningProblem, block_indices, budget_key, flag_name, removal_ratio, removal_ratios
 from envs.results_table import (
     BASELINE,
     RESULT_FILES,
@@ -657,24 +658,42 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error."""
-    device = resolve_device(args.device)
-    budgets = args.budgets
+def check_flags(args: argparse.Namespace, given: Collection[str]) -> None:
+    """An :class:`EvaluationError` for flags that contradict each other, or a flag ``given`` on the command line
+    (:func:`cli.given_flags`) that the other flags leave without effect: a flag ignored without a word would
+    leave its user reading results of settings they did not ask for."""
+    def refuse(flags: Iterable[str], reason: str) -> None:
+        named = [flag for flag in flags if flag in given]
+        if named:
+            raise EvaluationError(f"{flag_name(named[0])} {reason}")
+
     if args.cascade and args.split == "val":
         raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
-    if not args.cascade and (args.cascade_points or args.calibration_images):
-        given = "--cascade-points" if args.cascade_points else "--calibration-images"
-        raise EvaluationError(f"{given} is for --cascade FIRST,SECOND, which was not given")
+    if not args.cascade:
+        refuse(("cascade_points", "calibration_images"), "is for --cascade FIRST,SECOND, which was not given")
     if args.heuristics_only:
-        if args.checkpoint != DEFAULT_CHECKPOINT or args.checkpoints_per_budget:
-            raise EvaluationError("--heuristics-only evaluates no policy checkpoint: drop --checkpoint and "
-                                  "--checkpoints-per-budget")
+        refuse(("checkpoint", "checkpoints_per_budget"), "names a policy checkpoint: --heuristics-only evaluates none")
+    else:
+        refuse(("prune_points",), "is for --heuristics-only: a checkpoint prunes where it was trained to")
+    if args.split == "val":
+        refuse(("selection_images",), "is for --split test: with --split val, the heuristic that learned rows are "
+                                      "compared with is chosen on the evaluated images")
+    elif args.heuristics_only and not args.cascade:
+        refuse(("selection_images",), "chooses the heuristic that learned rows and --cascade are compared with: "
+                                      "--heuristics-only without --cascade has none")
+    if args.no_speed:
+        refuse(("speed_repeats", "speed_batch_sizes", "compile"), "is for the timing columns, which --no-speed skips")
+
+
+def run(args: argparse.Namespace, given: Collection[str]) -> int:
+    """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error. ``given``:
+    the flags the command line named (:func:`cli.given_flags`)."""
+    check_flags(args, given)
+    device = resolve_device(args.device)
+    budgets = args.budgets
+    if args.heuristics_only:
         problem, policies, main_path = heuristics_problem(args), {}, None
     else:
-        if args.prune_points:
-            raise EvaluationError("--prune-points is for --heuristics-only: a checkpoint prunes where it was "
-                                  "trained to")
         if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
             if installed_without_repository():
                 raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT}, the default: {NOT_A_CLONE}")
@@ -795,8 +814,11 @@ def as_json(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr for bad input, 130 on
     Ctrl-C (the results are written at the end only, so nothing is)."""
-    return run_command(lambda: run(build_parser().parse_args(argv)),
-                       lambda: "interrupted: nothing was written; run the command again")
+    def body() -> int:
+        parser = build_parser()
+        return run(parser.parse_args(argv), given_flags(parser, argv))
+
+    return run_command(body, lambda: "interrupted: nothing was written; run the command again")
 
 
 if __name__ == "__main__":

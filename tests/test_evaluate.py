@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -85,9 +86,12 @@ def split(data_dir):
 
 
 def cli(checkpoint: Path, data_dir: Path, output: Path, *extra: str) -> list[str]:
-    """On the CPU wherever the tests run, so that the numbers compared with CPU computations are those."""
+    """On the CPU wherever the tests run, so that the numbers compared with CPU computations are those; the best
+    heuristic chosen on 48 validation images where the test split is evaluated."""
+    on_validation = any(pair == ("--split", "val") for pair in itertools.pairwise(extra))
+    selection = [] if on_validation else ["--selection-images", "48"]
     return ["--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--limit", str(LIMIT),
-            "--output-dir", str(output), "--batch-size", "24", "--selection-images", "48", "--device", "cpu", *extra]
+            "--output-dir", str(output), "--batch-size", "24", *selection, "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -600,7 +604,8 @@ def truncated(path: Path) -> Path:
 REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade_on_validation",
                                   "cascade_points_without_cascade", "calibration_without_cascade", "train_split",
                                   "device_not_a_device", "device_without_gpu", "device_of_another_kind", "bad_dtype",
-                                  "bad_speed_batch_sizes", "bad_dataset", "bad_seed"}
+                                  "bad_speed_batch_sizes", "bad_dataset", "bad_seed", "selection_on_validation",
+                                  "speed_repeats_without_speed", "compile_without_speed"}
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -649,6 +654,10 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("bad_dtype", "argument --dtype: invalid choice: 'float16'"),
     ("bad_dataset", "argument --dataset: invalid choice: 'mnist'"),
     ("bad_speed_batch_sizes", "argument --speed-batch-sizes: must be at least 1, got 0"),
+    ("selection_on_validation", "--selection-images is for --split test: with --split val, the heuristic that "
+                                "learned rows are compared with is chosen on the evaluated images"),
+    ("speed_repeats_without_speed", "--speed-repeats is for the timing columns, which --no-speed skips"),
+    ("compile_without_speed", "--compile is for the timing columns, which --no-speed skips"),
 ])
 def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
                                                capsys, monkeypatch):
@@ -719,6 +728,10 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         extra = ["--speed-batch-sizes", "1,0"]
     elif case.endswith("without_cascade"):
         extra = ["--cascade-points", "1,2"] if case.startswith("cascade") else ["--calibration-images", "32"]
+    elif case == "selection_on_validation":  # its default value, given, is refused too
+        extra = ["--split", "val", "--selection-images", "2000"]
+    elif case.endswith("without_speed"):  # every row evaluates with --no-speed
+        extra = ["--speed-repeats", "3"] if case.startswith("speed") else ["--compile"]
     elif case == "train_split":  # the backbone trained on it
         extra = ["--split", "train"]
     elif case.startswith("cascade"):
@@ -792,15 +805,19 @@ def test_heuristics_only_evaluates_a_backbone_without_a_policy(tiny_backbone, da
     assert settings["checkpoints"] == {} and settings["prune_points"] == [1, 2, 3]
     assert settings["best_heuristic_chosen_on"] == "48 validation images"  # for the cascade row
     capsys.readouterr()
-    for flags, message in ((["--heuristics-only", "--checkpoint", str(tmp_path)], "evaluates no policy checkpoint"),
+    for flags, message in ((["--heuristics-only", "--checkpoint", str(tmp_path)],
+                            "--checkpoint names a policy checkpoint: --heuristics-only evaluates none"),
                            (["--prune-points", "1,2"], "--prune-points is for --heuristics-only"),
+                           (["--heuristics-only", "--selection-images", "48"], "--selection-images chooses the "
+                            "heuristic that learned rows and --cascade are compared with: --heuristics-only without "
+                            "--cascade has none"),
                            (["--heuristics-only", "--backbone", str(tiny_backbone), "--prune-points", "1,9"],
                             f"error: backbone {tiny_backbone}: prune_points must be")):
         assert evaluate.main([*flags, "--output-dir", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     with pytest.raises(UsageError, match="--prune-points is for --heuristics-only"):  # as every bad argument
-        evaluate.run(evaluate.build_parser().parse_args(["--prune-points", "1,2"]))
+        evaluate.run(evaluate.build_parser().parse_args(["--prune-points", "1,2"]), {"prune_points"})
 
 
 def test_command_line_exit_code(tmp_path):
