@@ -116,7 +116,7 @@ from policies.checkpoints import (
     Modules,
     PolicyCheckpointError,
     check_policies,
-    is_policy_checkpoint,
+    holds_policies,
     load_policies_by_budget,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
@@ -628,7 +628,7 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     ``--reduction`` (default: merge); its budget (the cascade's) is the middle one of ``--budgets`` (of an even
     number, the upper of the two middle ones)."""
     backbone = Path(args.backbone).expanduser() if args.backbone else REFERENCE_BACKBONE
-    if is_policy_checkpoint(backbone):
+    if holds_policies(backbone):
         raise EvaluationError(f"--backbone {backbone} is a policy checkpoint: evaluate it with --checkpoint {backbone} "
                               f"(without --heuristics-only)")
     given = {"dataset": args.dataset, "prune_points": args.prune_points,
@@ -707,7 +707,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
     check_output_dir(output_dir, str(output_dir))
-    if is_policy_checkpoint(output_dir) or is_backbone_checkpoint(output_dir):
+    if holds_policies(output_dir) or is_backbone_checkpoint(output_dir):
         raise EvaluationError(f"--output-dir {output_dir} is a checkpoint (a policy's or a backbone's): give the "
                               f"results a directory of their own")
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]

@@ -56,9 +56,14 @@ def export_path(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint) / EXPORT_DIR
 
 
+def is_export(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a policy export itself, under any name: an export is shared alone, and renamed."""
+    return (Path(directory) / EXPORT_CONFIG).is_file()
+
+
 def has_export(checkpoint: str | os.PathLike) -> bool:
     """Whether ``checkpoint`` carries an export to load instead of RLlib's pickles."""
-    return (export_path(checkpoint) / EXPORT_CONFIG).is_file()
+    return is_export(export_path(checkpoint))
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,11 @@ def is_policy_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / PRUNING_CONFIG).is_file()
 
 
+def holds_policies(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is what :func:`load_policies` reads: a policy checkpoint or an export."""
+    return is_policy_checkpoint(directory) or is_export(directory)
+
+
 def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
     """``pruning_config.json`` of a policy checkpoint: its problem (older layouts too), iteration and score."""
     checkpoint = Path(checkpoint)
@@ -228,12 +238,12 @@ def load_module(path: Path, name: str) -> TokenScoring:
 def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScorer], CheckpointInfo]:
     """The policy modules (by policy name, in eval mode) and the checkpoint info of an export.
 
-    ``path`` is the checkpoint or its ``export`` directory. Reads ``policy.json`` and
-    ``policies.safetensors`` only; a missing, unreadable or inconsistent file is a
+    ``path`` is the checkpoint or an export (its ``export`` folder, or one shared under another name). Reads
+    ``policy.json`` and ``policies.safetensors`` only; a missing, unreadable or inconsistent file is a
     :class:`PolicyCheckpointError`.
     """
     directory = Path(path).expanduser()
-    if not (directory / EXPORT_CONFIG).is_file():
+    if not is_export(directory):
         directory = export_path(directory)
     config_path, weights_path = directory / EXPORT_CONFIG, directory / EXPORT_WEIGHTS
     try:
@@ -267,11 +277,11 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
-    one, else RLlib's files (:func:`rllib_modules`, checkpoints written before exports existed), with a
+    one or is one, else RLlib's files (:func:`rllib_modules`, checkpoints written before exports existed), with a
     warning: those pickles run the code of whoever wrote them.
     """
     path = checkpoint_directory(checkpoint)
-    if has_export(path):
+    if is_export(path) or has_export(path):
         return load_exported_policies(path)
     info = read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
     warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "

@@ -52,7 +52,7 @@ from envs.vit.pruned_forward import TokenState, exact_forward, initial_state
 from envs.vit.staged_vit import StagedViT
 from policies import pruned_vit
 from policies.cascade import CascadeViT
-from policies.checkpoints import MODULES_DIR, load_policies, read_checkpoint_info
+from policies.checkpoints import MODULES_DIR, export_path, load_policies, read_checkpoint_info
 from policies.distribution import ExactCount
 from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
@@ -757,9 +757,19 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
 
 
 def test_a_checkpoint_in_the_place_of_another_or_of_the_output_is_named(tiny_policy, tiny_backbone, tmp_path, capsys):
-    """A policy as --backbone, a checkpoint as --output-dir (the results would land among its files) and an empty
-    --output-dir (an unset variable: the current directory) are refused in one line before anything is read."""
+    """A policy (a checkpoint, or its export shared under another name) as --backbone, a checkpoint as --output-dir
+    (the results would land among its files) and an empty --output-dir (an unset variable: the current directory)
+    are refused in one line before anything is read."""
+    checkpoint = Path(shutil.copytree(tiny_policy, tmp_path / "checkpoint"))
+    export_policies(checkpoint)
+    shared = export_path(checkpoint).rename(tmp_path / "shared_policy")
     for flags, message in (
+            (["--heuristics-only", "--backbone", str(shared)],
+             f"error: --backbone {shared} is a policy checkpoint: evaluate it with --checkpoint {shared} "
+             f"(without --heuristics-only)\n"),
+            (["--output-dir", str(shared)],
+             f"error: --output-dir {shared} is a checkpoint (a policy's or a backbone's): give the results a "
+             f"directory of their own\n"),
             (["--heuristics-only", "--backbone", str(tiny_policy)],
              f"error: --backbone {tiny_policy} is a policy checkpoint: evaluate it with --checkpoint {tiny_policy} "
              f"(without --heuristics-only)\n"),

@@ -387,12 +387,16 @@ def test_loading_an_export_never_unpickles(exported, images, monkeypatch):
 
 def test_an_export_folder_given_itself_loads_and_a_missing_path_is_only_an_error(exported, images, tmp_path):
     """What is shared to avoid pickles is the ``export`` folder: given itself it is the checkpoint, with no
-    warning about pickles; a mistyped path is an error, not first a warning about pickles."""
-    shared = Path(shutil.copytree(export_path(exported), tmp_path / "received" / "export"))
+    warning about pickles, under its own name or another; a mistyped path is an error, not first a warning about
+    pickles."""
+    expected = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+    for shared in (tmp_path / "received" / "export", tmp_path / "received" / "cifar10_policy"):
+        shutil.copytree(export_path(exported), shared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_same(PrunedViT.from_checkpoint(shared).forward_with_kept(images), expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = PrunedViT.from_checkpoint(shared)
-        assert_same(model.forward_with_kept(images), PrunedViT.from_checkpoint(exported).forward_with_kept(images))
         with pytest.raises(PolicyCheckpointError, match="does not exist"):
             PrunedViT.from_checkpoint(tmp_path / "mistyped")
 
