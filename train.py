@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "reserves)")
     run.add_argument("--servers", type=positive_int, default=None,
                      help="ViT servers per trial, the env runners spread over them by index (default: one per "
-                          "GPU of the cluster, one without GPUs)")
+                          "GPU of the cluster up to one per env runner, one without GPUs)")
     run.add_argument("--server-threads", type=positive_int, default=1,
                      help="torch threads of each ViT server, and the CPUs it reserves (default 1)")
     add_data_access_arguments(run)
@@ -274,6 +274,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
         raise UsageError(f"--resume continues a run; {other}: pass one of them")
+    check_run_flags_take_effect(args, given)
     kept = flags_kept_on(given, args.resume)
     if args.from_checkpoint and kept:
         raise UsageError(f"--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
@@ -333,9 +334,35 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         if len(set(labels)) < len(labels):
             raise UsageError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
                              f"equal to 6 significant digits): give values that differ more")
-    placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available())
+        check_settings_take_effect(problems, given)
+    placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available(),
+                               args.num_workers)
     return (with_data_dir(problems, args),
             TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
+
+
+def check_settings_take_effect(problems: list[PruningProblem], given: Collection[str]) -> None:
+    """A :class:`UsageError` for a problem flag ``given`` that no trial of the sweep reads
+    (``PruningProblem.settings_without_effect``): its trials would be twins of runs without it."""
+    for dest in sorted(given):
+        reasons = [problem.settings_without_effect().get(dest.removeprefix("problem.")) for problem in problems]
+        if dest.startswith("problem.") and all(reasons):
+            raise UsageError(f"{flag_name(dest)} changes nothing here: {reasons[0]}")
+
+
+def check_run_flags_take_effect(args: argparse.Namespace, given: Collection[str]) -> None:
+    """A :class:`UsageError` for a run flag ``given`` that the others leave without effect: the CPUs of a local
+    Ray instance when joining a cluster, a ViT server no env runner calls, sampling ahead without remote env
+    runners to sample."""
+    if "num_cpus" in given and args.address:
+        raise UsageError(f"--num-cpus sizes a local Ray instance: the cluster at --address {args.address} has its own")
+    callers = max(1, args.num_workers)  # env runner i calls server i % servers; without remote ones, the trial's own
+    if "servers" in given and args.servers > callers:
+        raise UsageError(f"--servers {args.servers}: {args.num_workers} env runner(s) call {callers} ViT server(s) at "
+                         f"most; the others would reserve their CPUs or GPUs and serve no one")
+    if "sample_ahead" in given and args.sample_ahead and args.num_workers == 0:
+        raise UsageError("--sample-ahead samples on the env runners while the learner updates: --num-workers 0 has "
+                         "none (it runs RLlib's PPO)")
 
 
 def with_backbone_data(problems: list[PruningProblem], args: argparse.Namespace) -> list[PruningProblem]:
@@ -402,7 +429,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
             inputs = {name: server_inputs.shared() for name, server_inputs in inputs.items()}
         if not args.resume:  # the cluster's GPUs decide the placement
             resources = replace(resources, placement=plan_placement(
-                args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available()))
+                args.servers, args.server_threads, ray.cluster_resources().get("GPU", 0), torch.cuda.is_available(),
+                args.num_workers))
         print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
         if (shortfall := cluster_shortfall(trial_resources(resources).required_resources)) is not None:
             print(shortfall, flush=True)

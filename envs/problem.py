@@ -227,6 +227,21 @@ class PruningProblem:
         _check(self.reward_baseline != "rollouts" or self.rollouts_per_image >= 2,
                "reward_baseline 'rollouts' needs rollouts_per_image >= 2")
 
+    def settings_without_effect(self) -> dict[str, str]:
+        """The settings this problem does not read, each with why: a value given for one of them would make a
+        twin of the problem without it."""
+        unread = {}
+        if self.agents != "both":
+            unread["protected_share"] = ("the attention agent protects tokens from the similarity agent with "
+                                         "--agents both")
+        if self.agents == "attention" and self.warm_start != "none":
+            unread["warm_start"] = ("the attention agent alone imitates greedy attention (of the warm starts, 'none' "
+                                    "alone changes its start)")
+        if self.warm_start == "none":
+            no_fit = "--warm-start none fits no warm start"
+            unread.update(dict.fromkeys(("warm_start_images", "warm_start_steps"), no_fit))
+        return unread
+
     @property
     def ratios_trained(self) -> tuple[float, ...]:
         """The removal ratios the policy is trained at: ``train_ratios``, else ``target_ratio`` alone."""

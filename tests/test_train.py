@@ -239,7 +239,19 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                            (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
                            (["--from-checkpoint", "x", "--reduction", "drop", "--lr", "1e-4"],
                             "--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
-                            "--lr, --reduction")):
+                            "--lr, --reduction"),
+                           # flags that the others leave without effect: a sweep over one would run twin trials
+                           (["--agents", "attention", "--protected-share", "0.3,0.6"],
+                            "--protected-share changes nothing here: the attention agent protects tokens from the "
+                            "similarity agent with --agents both"),
+                           (["--agents", "attention", "--warm-start", "nms"], "--warm-start changes nothing here: the "
+                            "attention agent alone imitates greedy attention"),
+                           (["--warm-start", "none", "--warm-start-steps", "100,800"],
+                            "--warm-start-steps changes nothing here: --warm-start none fits no warm start"),
+                           (["--servers", "3"], "--servers 3: 2 env runner(s) call 2 ViT server(s) at most"),
+                           (["--num-workers", "0", "--sample-ahead"], "--sample-ahead samples on the env runners "
+                            "while the learner updates: --num-workers 0 has none"),
+                           (["--address", "auto", "--num-cpus", "4"], "--num-cpus sizes a local Ray instance")):
         assert train.main(["--output-dir", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (flags, err)
@@ -250,10 +262,22 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                                        "foo://bucket/run\n")
 
 
+def test_a_setting_is_refused_only_where_no_trial_of_the_sweep_reads_it():
+    """--agents both,attention --protected-share 0.3: the share is read by the trial of both agents."""
+    given = {"problem.protected_share", "problem.agents"}
+    train.check_settings_take_effect([PruningProblem(agents="both"), PruningProblem(agents="attention")], given)
+    with pytest.raises(UsageError, match="--protected-share changes nothing here"):
+        train.check_settings_take_effect([PruningProblem(agents="similarity"), PruningProblem(agents="attention")],
+                                         given)
+    assert PruningProblem(agents="attention", warm_start="none").settings_without_effect().keys() == {
+        "protected_share", "warm_start_images", "warm_start_steps"}  # 'none' changes the attention agent's start
+    assert PruningProblem().settings_without_effect() == {}
+
+
 def test_a_failed_sub_environment_or_env_runner_is_replaced():
     """What test_faults' killed servers rely on: an episode a restarted server lost is dropped with its sub-env
     (StepFailedRecreateEnvError), and a runner that dies is restarted; neither fails the trial."""
-    config = build_config(PruningProblem(), TrialResources(2, 1, plan_placement(None, 1, 0, False),
+    config = build_config(PruningProblem(), TrialResources(2, 1, plan_placement(None, 1, 0, False, 2),
                                                                       True), ["train"], "val")
     assert config.restart_failed_sub_environments and config.restart_failed_env_runners
     assert config.learner_class is PruningPPOLearner  # advantages standardised over the steps the loss counts
@@ -295,7 +319,7 @@ def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp
     (tmp_path / "damaged").mkdir()  # no pruning_config.json: passed over, as restore_newest passes over it
     assert resumed_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
     assert resumed_iteration([]) == 0
-    config = build_config(PruningProblem(), TrialResources(1, 1, plan_placement(None, 1, 0, False),
+    config = build_config(PruningProblem(), TrialResources(1, 1, plan_placement(None, 1, 0, False, 2),
                                                                       True), ["train"], "val", resumed_at=30)
     assert config.env_config["resumed_at"] == 30
 
@@ -594,12 +618,13 @@ def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, m
     (3, 0, False, Placement(3, 0.0, 2, False, 0.0)),
     (None, 1, True, Placement(1, 0.25, 2, False, 0.5)),  # one GPU shared by learner and two servers
     (None, 4, True, Placement(4, 0.5, 2, False, 0.5)),
+    (None, 8, True, Placement(4, 0.5, 2, False, 0.5)),  # one per env runner: a server none calls would idle
     (None, 4, False, Placement(4, 0.5, 2, True, 0.5)),  # GPU-less head: the learner is an actor
     (4, 1, False, Placement(4, 0.1, 2, True, 0.5)),
     (4, 1, True, Placement(4, 0.1, 2, False, 0.5)),
 ])
 def test_placement(servers, gpus, driver_gpu, expected):
-    placement = plan_placement(servers, 2, gpus, driver_gpu)
+    placement = plan_placement(servers, 2, gpus, driver_gpu, 4)
     assert placement == expected
     # What the trial's placement group asks of Ray, the learner's share included wherever RLlib puts it, is never
     # more than the cluster has: a trial that asks for more waits forever.
@@ -612,7 +637,7 @@ def test_sample_ahead_is_the_default_and_runs_recorded_before_it_go_on_without_i
 
     assert train.build_parser().parse_args([]).sample_ahead
     assert not train.build_parser().parse_args(["--no-sample-ahead"]).sample_ahead
-    recorded = TrialResources(2, 1, plan_placement(None, 1, 0, False), True).to_json()
+    recorded = TrialResources(2, 1, plan_placement(None, 1, 0, False, 2), True).to_json()
     config = build_config(PruningProblem(), TrialResources.from_json(recorded), ["train"], "val")
     assert config.algo_class is SampleAheadPPO
     del recorded["sample_ahead"]  # a run recorded before the setting existed
