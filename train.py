@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shlex
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
@@ -52,6 +53,7 @@ from cli import (
     positive_int,
     run_command,
     signal_handlers_restored,
+    spelled_options,
 )
 from envs.errors import UsageError, UserError
 from envs.problem import (
@@ -82,7 +84,6 @@ from training.console import (
     StopOnDataError,
     StopOnFullDisk,
     closing_lines,
-    go_on_command,
     interrupted,
 )
 from training.placement import TrialResources, plan_placement, trial_resources
@@ -171,6 +172,19 @@ RECORDED_RUN_FLAGS: dict[str, Callable[[TrialResources, Mapping[str, Any]], Any]
 }
 """The run flags a run records and ``--resume`` keeps, with where the record holds each: the trials' resources,
 and Tune's checkpoint and failure settings in its ``tuner.pkl``."""
+
+
+FLAGS_READ_ON_RESUME = ("address", "num_cpus", "problem.data_dir", "download", "memory_budget_mb", "iterations",
+                        "time_budget")
+"""The flags a resumed run takes from its own command line: where Ray runs, where and how the data is read (the
+run records the data directory it started with, for a run moved to another machine), and when it stops."""
+
+
+def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
+    """The command that goes on with an interrupted run: ``--resume`` with the :data:`FLAGS_READ_ON_RESUME` given
+    to this one (``given``: the flags the command line named)."""
+    options = spelled_options(build_parser(), args, [dest for dest in FLAGS_READ_ON_RESUME if dest in given])
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *options])
 
 
 def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:
@@ -442,8 +456,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
 
 def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
     """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted."""
-    given = getattr(args, "problem.data_dir")
-    lines, errors = closing_lines(results, args.output_dir, given and absolute_data_dir(given))
+    data_dir = getattr(args, "problem.data_dir")
+    lines, errors = closing_lines(results, args.output_dir, data_dir and absolute_data_dir(data_dir))
     print("\n".join(lines))
     for line in errors:
         print("error: " + line, file=sys.stderr)

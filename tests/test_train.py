@@ -25,7 +25,7 @@ from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 import train
-from cli import code_commit
+from cli import code_commit, given_flags
 from envs.errors import UsageError
 from envs.problem import PruningProblem
 from policies.checkpoints import (
@@ -45,7 +45,6 @@ from training.console import (
     StopOnDataError,
     StopOnFullDisk,
     closing_lines,
-    go_on_command,
     interrupted,
     progress_line,
 )
@@ -406,6 +405,20 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
     assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
                                        f"--iterations=40 --time-budget=7.5\n")
+
+
+def test_a_run_interrupted_in_tunes_loop_ends_with_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
+    """Tune's loop takes the first Ctrl-C itself and returns the results: the closing lines, then the command that
+    goes on with the data directory given, exit 130."""
+    run = tmp_path / "run"
+    stopped = SimpleNamespace(error=None, config={}, metrics={"training_iteration": 3, "progress": {}},
+                              path=str(run / "target_ratio=0.5"))
+    monkeypatch.setattr(train, "train", lambda args, given: [stopped])
+    for data in ([], ["--data-dir", str(tmp_path / "data")]):
+        assert train.main(["--output-dir", str(run), "--iterations", "40", *data]) == 130
+        assert capsys.readouterr().err.endswith(f"interrupted: go on with python train.py --output-dir {run} --resume "
+                                                f"{''.join(f'--data-dir={path} ' for path in data[1:])}"
+                                                f"--iterations=40\n")
 
 
 def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
@@ -810,14 +823,18 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
         "waiting for the cluster: one trial reserves 4 CPU, 1 GPU and the cluster has 2 CPU, 0 GPU; its trials "
         "start when nodes join (or stop this run and start it again with --overwrite and a smaller --num-workers or "
         "--servers: --resume keeps the run's)")
-    args = train.build_parser().parse_args(["--output-dir", "runs/x", "--address", "10.0.0.1:6379",
-                                            "--iterations", "9"])
-    assert go_on_command(args, {"iterations", "address"}) == (
-        "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations=9")
-    # a run pointed at its data elsewhere: the run records the directory it started with, so --resume needs it
-    args = train.build_parser().parse_args(["--output-dir", "runs/x", "--resume", "--data-dir", "/mnt/data"])
-    assert go_on_command(args, {"output_dir", "resume", "problem.data_dir"}) == (
-        "python train.py --output-dir runs/x --resume --data-dir /mnt/data")
+    argv = ["--output-dir", "runs/x", "--address", "10.0.0.1:6379", "--iterations", "9"]
+    args = train.build_parser().parse_args(argv)
+    assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
+        "python train.py --output-dir runs/x --resume --address=10.0.0.1:6379 --iterations=9")
+    # what a resumed run reads from its command line alone: how it reaches its data (the run records the data
+    # directory it started with, and one moved elsewhere needs it) and its stop rule, in minutes
+    argv = ["--output-dir", "runs/x", "--data-dir", "/mnt/my data", "--no-download", "--memory-budget-mb", "0",
+            "--num-cpus", "4", "--time-budget", "2h", "--num-workers", "3", "--lr", "1e-4"]
+    args = train.build_parser().parse_args(argv)
+    assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
+        "python train.py --output-dir runs/x --resume --num-cpus=4 '--data-dir=/mnt/my data' --no-download "
+        "--memory-budget-mb=0 --time-budget=120")
 
 
 def test_an_address_no_cluster_answers_at_is_refused_before_the_data_is_read(monkeypatch):

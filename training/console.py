@@ -5,13 +5,11 @@ error line, of a run that met an unreadable image (:class:`StopOnDataError`) or 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 import shlex
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -218,12 +216,3 @@ def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> b
             return True
     return False
 
-
-def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
-    """The command that goes on with an interrupted run: ``--resume`` on the cluster, with the data directory and
-    the stop rule this command gave (the run records the data directory it started with)."""
-    stop = [f"--{flag.replace('_', '-')}={getattr(args, flag):g}" for flag in ("iterations", "time_budget")
-            if flag in given]
-    cluster = ["--address", args.address] if args.address else []
-    data = ["--data-dir", getattr(args, "problem.data_dir")] if "problem.data_dir" in given else []
-    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *cluster, *data, *stop])
