@@ -734,6 +734,11 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
         except UsageError as error:
             raise EvaluationError(f"--cascade-points: {error}") from None
         cascade = (budget_key(problem.target_ratio), CascadePasses(cascade_points, args.cascade))
+        _, info, path = policies.get(cascade[0], (None, None, None))
+        if info is not None and info.problem.agents == "both" and info.problem.prune_points != cascade_points:
+            points = ",".join(map(str, info.problem.prune_points))
+            print(f"note: no {CASCADE['policy']} row: the agents of {path} prune at {points}, the cascade at "
+                  f"{','.join(map(str, cascade_points))} (--cascade-points {points} runs them in it)", file=sys.stderr)
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
         return load_checked_split(dataset, split_name, args.data_dir, backbone_config, val_size=problem.val_size,

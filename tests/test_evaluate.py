@@ -1004,10 +1004,13 @@ def test_tome_matched_to_more_than_the_unpruned_cost_is_said_to_merge_nothing(ti
 
 
 def test_cascade_row_is_the_cascade_calibrated_on_validation_images(tiny_policy, tiny_staged, data_dir, split,
-                                                                   tmp_path):
+                                                                   tmp_path, capsys):
     output = tmp_path / "out"
     assert evaluate.main(cli(tiny_policy, data_dir, output, "--budgets", "0.5", "--no-speed", "--cascade", "0.8,0.3",
                              "--cascade-points", "1,3", "--calibration-images", "48")) == 0
+    points = ",".join(map(str, PRUNE_POINTS))
+    assert (f"note: no MARL cascade row: the agents of {tiny_policy} prune at {points}, the cascade at 1,3 "
+            f"(--cascade-points {points} runs them in it)\n") in capsys.readouterr().err
     table = pd.read_csv(output / "results.csv").set_index("method")
     row = table.loc["Cascade (greedy similarity)"]
     assert row["budget"] == TARGET_RATIO and row[["keep_ratio_s1", "keep_ratio"]].isna().all()
