@@ -784,6 +784,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),
                 "backbone": repository_relative(backbone_path), "dataset": dataset,
                 "split": args.split, "images": len(split), "limit": args.limit,
+                "class_names": list(split.class_names),  # the order of predictions.csv.gz's class numbers
                 "prune_points": list(staged.prune_points), "reduction": reduction,
                 "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
                 "device": describe_device(device), "dtype": args.dtype,

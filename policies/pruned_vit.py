@@ -96,7 +96,18 @@ def check_gflops(value: object, name: str) -> float:
 
 class InferenceModel(nn.Module):
     """A model that stays in eval mode: its forward takes no gradients, and dropout and stochastic depth would
-    change its answers from call to call. ``model.train()`` (a training loop's habit) warns and changes nothing."""
+    change its answers from call to call. ``model.train()`` (a training loop's habit) warns and changes nothing.
+    Subclasses hold their backbone's ``backbone_config``."""
+
+    backbone_config: dict[str, Any]
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class of each logit, in order, as the backbone recorded them (None where it names none): an
+        ImageFolder's classes are numbered in timm's order, a natural sort of the folder names ignoring case
+        (``class2`` before ``class10``), which is not torchvision ``ImageFolder``'s."""
+        names = self.backbone_config.get("class_names")
+        return tuple(names) if names else None
 
     def train(self, mode: bool = True) -> InferenceModel:
         if mode:

@@ -173,6 +173,37 @@ def test_train_val_limit_is_a_mixed_subset(data_dir):
     assert torch.equal(val.images, whole.images[positions]) and len(set(whole.file_indices)) == len(whole)
 
 
+@pytest.mark.parametrize(("stray", "message"), [
+    ("train/cat/2019/0.png", r"train/cat/2019/0.png is in a folder inside a class folder, which would be a class of "
+                             r"its own \('2019'\): keep each class's images in .*/train/<class>/ itself$"),
+    ("train/bee/._0.png", r"train/bee/._0.png is hidden \(a name that starts with '.'\) and would be read as an "
+                          r"image of the data set: delete it$"),
+    ("train/.ipynb_checkpoints/0.png", r"train/.ipynb_checkpoints/0.png is hidden"),
+])
+def test_an_image_a_class_folder_does_not_hold_directly_is_refused(tmp_path, stray, message):
+    """timm labels an image by its innermost folder: ``cat/2019/`` would be a class '2019', shared by every class
+    holding one, and a hidden file or folder would be read as images; the user's layout is refused, not relabelled."""
+    from PIL import Image
+
+    root = _colour_folder(tmp_path / "data")
+    (root / stray).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32)).save(root / stray, format="PNG")
+    with pytest.raises(DataError, match=message):
+        load_split("folder", "train", root, val_size=6)
+
+
+def test_images_of_formats_that_are_not_read_are_named(tmp_path):
+    from PIL import Image
+
+    root = _colour_folder(tmp_path / "data")
+    for name in ("0.webp", "1.bmp"):
+        Image.new("RGB", (32, 32)).save(root / "train" / "ant" / name)
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"/train holds images in formats that are not read, skipped \(\.bmp, "
+                                         r"\.webp\): convert them to PNG or JPEG to use them"):
+        assert len(load_split("folder", "train", root, val_size=6)) == 18
+
+
 def test_one_file_is_indexed_once_per_process(image_folder_224, monkeypatch):
     """train and val cut one file, which is opened (for a tar: every member header read) once; a streamed
     split opens a reader of its own, as its reader thread must not share one."""

@@ -56,6 +56,7 @@ from policies.checkpoints import MODULES_DIR, export_path, load_policies, read_c
 from policies.distribution import ExactCount
 from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
+from tests.conftest import CIFAR_CLASSES
 from tests.readme_examples import run_readme_example
 from tests.tiny_policies import (
     FEATURE_COUNTS,
@@ -128,6 +129,7 @@ def test_rows_columns_and_files(results):
     cpu = describe_device(torch.device("cpu"))
     assert [row["method"] for row in saved["rows"]] == list(table["method"])
     assert set(saved["columns"]) == set(COLUMNS) and saved["settings"]["images"] == LIMIT
+    assert saved["settings"]["class_names"] == list(CIFAR_CLASSES)  # what the predictions' class numbers are
     assert saved["settings"]["versions"].startswith("marl-token-pruning ") and " ray " in saved["settings"]["versions"]
     assert {key: saved["settings"][key] for key in ("device", "dtype", "speed_batch_sizes", "speed_images",
                                                     "compiled", "speed_rounds")} == {

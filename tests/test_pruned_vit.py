@@ -97,6 +97,8 @@ def test_unpruned_model_is_the_timm_model(tiny_staged, images):
     with torch.inference_mode():
         torch.testing.assert_close(logits, tiny_staged[0].vit(images), rtol=0, atol=0)
     assert kept.tolist() == [[NUM_PATCHES] * 4] * len(images)
+    assert model.class_names == tuple(tiny_staged[1]["class_names"])  # what each logit is
+    assert PrunedViT(tiny_staged[0], {**tiny_staged[1], "class_names": None}).class_names is None
 
 
 def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, exported, tiny_staged, images):

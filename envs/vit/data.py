@@ -36,6 +36,7 @@ import shutil
 import tarfile
 import threading
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
+from timm.data.readers.img_extensions import get_img_extensions
 
 from envs.atomic_file import first_missing
 from envs.errors import UserError
@@ -219,6 +221,7 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
             raw = create_dataset("", root=str(source))
         except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:
             raise DataError(f"cannot read {source}: {error}") from None
+        _check_image_paths(raw.reader.filenames(basename=False, absolute=False), source)
         classes = _class_names(raw)
         if "" in classes or "." in classes or len(classes) < 2:  # timm labels an image by its folder
             raise DataError(f"{source} holds images outside class folders, or one class only "
@@ -268,6 +271,30 @@ def _held_raw_split(dataset: str, root: Path, split: str, download: bool) -> Ite
     ``_SHARED_RAW_LOCK`` while the caller reads it."""
     with _SHARED_RAW_LOCK:
         yield _shared_raw_split(dataset, root, split, download, Path.cwd())
+
+
+def _check_image_paths(names: Sequence[str], source: Path) -> None:
+    """A DataError for an image file of ``source`` (its ``names``, relative) that is hidden, or, in a directory, not
+    in a class folder directly: timm labels an image by its innermost folder, so ``cat/2019/`` would be a class
+    ``2019`` of its own, shared by every class that holds such a folder, and hidden files (macOS ``._`` copies,
+    Jupyter's ``.ipynb_checkpoints/``) would be read as images. A warning names the files of image formats that
+    are skipped (timm reads PNG and JPEG only)."""
+    for name in names:
+        parts = Path(name).parts
+        if any(part.startswith(".") for part in parts):
+            raise DataError(f"{source / name} is hidden (a name that starts with '.') and would be read as an image "
+                            f"of the data set: delete it")
+        if source.is_dir() and len(parts) > 2:
+            raise DataError(f"{source / name} is in a folder inside a class folder, which would be a class of its own "
+                            f"({parts[-2]!r}): keep each class's images in {source}/<class>/ itself")
+    if source.is_dir():
+        read = get_img_extensions(as_set=True)
+        skipped = sorted({path.suffix.lower() for path in source.rglob("*") if path.suffix.lower() in
+                          Image.registered_extensions() and path.suffix.lower() not in read
+                          and not path.name.startswith(".")})
+        if skipped:
+            warnings.warn(f"{source} holds images in formats that are not read, skipped ({', '.join(skipped)}): "
+                          f"convert them to PNG or JPEG to use them", stacklevel=2)
 
 
 def _class_names(raw) -> tuple[str, ...]:
