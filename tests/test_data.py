@@ -204,6 +204,17 @@ def test_images_of_formats_that_are_not_read_are_named(tmp_path):
         assert len(load_split("folder", "train", root, val_size=6)) == 18
 
 
+def test_a_16_bit_image_is_scaled_to_8_bits(tmp_path):
+    """PIL's convert('RGB') clips a 16-bit grey PNG to white; its levels are scaled instead."""
+    from PIL import Image
+
+    root = _colour_folder(tmp_path / "data")
+    Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16)).save(root / "test" / "ant" / "2.png")
+    split = load_split("folder", "test", root)
+    (image,) = split.images[(split.labels == 0).nonzero().flatten()[-1:]]
+    assert image.unique().tolist() == [round(30000 / 257)]
+
+
 def test_one_file_is_indexed_once_per_process(image_folder_224, monkeypatch):
     """train and val cut one file, which is opened (for a tar: every member header read) once; a streamed
     split opens a reader of its own, as its reader thread must not share one."""

@@ -412,11 +412,19 @@ def _image(raw, index: int) -> Image.Image:
     return image
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` in 8-bit RGB. PIL's ``convert("RGB")`` clips a 16-bit grey image's levels to 255 (a 16-bit PNG
+    turns white): they are scaled to 8 bits first."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
     """Decode images to uint8 ``[N, 3, S, S]``: resize the short side to S, centre-crop (no-op for CIFAR)."""
     out = torch.empty((len(indices), 3, input_size, input_size), dtype=torch.uint8)
     for row, index in enumerate(indices):
-        image = _image(raw, int(index)).convert("RGB")
+        image = _rgb(_image(raw, int(index)))
         if image.size != (input_size, input_size):
             scale = input_size / min(image.size)
             width, height = (max(input_size, round(s * scale)) for s in image.size)
