@@ -79,7 +79,7 @@ def test_a_librarys_warning_names_the_library_and_its_category(capsys, tmp_path)
 
 
 def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
-    def interrupt(args):
+    def interrupt(args, given):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluate, "run", interrupt)
