@@ -7,8 +7,11 @@ images as fast as inference prunes them.
 
 1. Training: ``train.py`` with its defaults (two env runners, the ViT servers, PPO's 4,096 agent steps per
    iteration) or the settings given after ``--``, ``--iterations`` iterations with no warm start and no
-   validation inside them (the stop's runs after the last one is timed). Episodes/s is over the iterations
-   after the first (which includes start-up), from Tune's ``progress.csv``: an episode (one image's pass)
+   validation inside them (the stop's runs after the last one is timed), in a temporary directory (after
+   ``--``, the flags the benchmark sets itself are refused: ``--iterations``, ``--warm-start``,
+   ``--checkpoint-every``, ``--output-dir``, ``--resume``, ``--from-checkpoint``, ``--overwrite``).
+   Episodes/s is over the iterations after the first (which includes start-up), from Tune's
+   ``progress.csv``: an episode (one image's pass)
    takes an env step per pruning point and acting agent (``envs.pruning_env.env_steps_per_episode``), each
    of which carries ``images_per_env`` episodes. With ``--rollouts-per-image K`` an image runs K episodes
    side by side; the ratio counts episodes, and the distinct images/s (a K-th of them) are printed beside
@@ -38,8 +41,9 @@ import torch
 
 import train
 from benchmarks import benchmark_parser, run_from_command_line
-from cli import positive_int, versions_line
-from envs.problem import PruningProblem
+from cli import given_flags, positive_int, versions_line
+from envs.errors import UsageError
+from envs.problem import PruningProblem, flag_name
 from envs.pruning_env import env_steps_per_episode
 from envs.vit.data import load_split
 from envs.vit.device import cpu_model
@@ -57,6 +61,30 @@ def training_episodes_per_second(trial_dir: Path, problem: PruningProblem) -> tu
     env_steps = sum(float(row["env_runners/num_env_steps_sampled"]) for row in rows)
     seconds = sum(float(row["time_this_iter_s"]) for row in rows)
     return env_steps * problem.images_per_env / env_steps_per_episode(problem) / seconds, len(rows)
+
+
+SET_BY_THE_BENCHMARK = ("iterations", "problem.warm_start", "problem.checkpoint_every", "output_dir", "resume",
+                        "from_checkpoint", "overwrite")
+"""The destinations of train.py's flags that the benchmark sets itself (a new run of ``--iterations``
+iterations, no warm start, validated once at the stop, in a temporary directory removed afterwards), so that a
+user's own after ``--`` would be overridden or would make no sense: refused (:func:`check_train_flags`)."""
+
+
+def check_train_flags(train_flags: list[str], data_dir: str | None) -> None:
+    """A :class:`UsageError`, before anything runs, for ``train_flags`` that train.py would refuse, and for those
+    the benchmark would override unsaid, since its own come after them: a flag of :data:`SET_BY_THE_BENCHMARK`,
+    or a ``--data-dir`` beside the benchmark's own (``data_dir``)."""
+    parser = train.build_parser()
+    parser.parse_args(train_flags)  # a bad train.py flag is its one error line now, not after Ray has started
+    given = given_flags(parser, train_flags)
+    overridden = [dest for dest in SET_BY_THE_BENCHMARK if dest in given]
+    if overridden:
+        raise UsageError(f"{', '.join(map(flag_name, overridden))} after --: the benchmark sets "
+                         f"{'it' if len(overridden) == 1 else 'them'} itself (a new run of its own --iterations, "
+                         f"given before --, with no warm start, validated once at the stop, in a temporary directory "
+                         f"it removes)")
+    if data_dir is not None and "problem.data_dir" in given:
+        raise UsageError("--data-dir is given before and after --: give it once")
 
 
 RAY_PROCESSES = "^ray::|/raylet|/gcs_server"
@@ -91,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iterations < 2:
         parser.error("--iterations must be at least 2: the first iteration, which includes start-up, is not timed")
+    check_train_flags(args.train_flags, args.data_dir)
     with tempfile.TemporaryDirectory(prefix="train_throughput_", ignore_cleanup_errors=True) as scratch:
         return measure(args, Path(scratch) / "run")
 

@@ -104,6 +104,15 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     ("feature_headroom", ["--seed", str(2**64)], f"argument --seed: must be at most 4294967295, got {2**64}"),
     ("learned_vs_warm_start", ["/nowhere"], "/nowhere does not exist: pass a trial directory of train.py "
                                             "(<output-dir>/target_ratio=0.5)"),
+    # train.py's flags after --: checked before Ray starts, and refused where the benchmark sets its own after them
+    ("train_throughput", ["--", "--num-workers", "-1"], "argument --num-workers: must be at least 0, got -1"),
+    ("train_throughput", ["--", "--num-workers", "1", "--output-dir", "mine", "--iterations", "9"],
+     "--iterations, --output-dir after --: the benchmark sets them itself (a new run of its own --iterations, "
+     "given before --, with no warm start, validated once at the stop, in a temporary directory it removes)"),
+    ("train_throughput", ["--", "--from-checkpoint", "runs/marl/trial/checkpoint_000004"],
+     "--from-checkpoint after --: the benchmark sets it itself (a new run of its own --iterations, given before --, "
+     "with no warm start, validated once at the stop, in a temporary directory it removes)"),
+    ("train_throughput", ["--", "--data-dir", "elsewhere"], "--data-dir is given before and after --: give it once"),
 ])
 def test_a_benchmarks_bad_flag_is_one_line(benchmark, flags, message, capsys):
     """Refused before anything runs: a count of 0 or a temperature of 0 ended in a traceback, or in a table of
