@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default 1.0; 0 = off)")
     p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (default 2; 0 = off)")
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
-                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9)")
+                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9; refused "
+                        "with --randaug 0, which builds none)")
     p.add_argument("--seed", type=random_seed, default=0,
                    help="seed of the initial weights, augmentation and batch order (default 0)")
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
@@ -716,9 +717,13 @@ def square_input_size(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
     return input_size
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, given: Collection[str]) -> None:
     """What the flags' types cannot check alone, before anything is built: a ``UsageError`` for settings that do
-    not go together (backbone.py's and benchmarks/backbone_step.py's)."""
+    not go together (backbone.py's and benchmarks/backbone_step.py's), and for a flag named on the command line
+    (``given``, :func:`given_flags`) that the others leave without effect."""
+    if args.randaug == 0 and "randaug_magnitude" in given:
+        raise UsageError("--randaug-magnitude: --randaug 0 builds no RandAugment, so no magnitude is used: drop one "
+                         "of them")
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.init_from is not None and (args.resume or args.pretrained):
@@ -737,8 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal args
         parser = build_parser()
         args = parser.parse_args(argv)
-        check_args(args)
-        train(args, given_flags(parser, argv))
+        given = given_flags(parser, argv)
+        check_args(args, given)
+        train(args, given)
         return 0
 
     def interrupted_line() -> str:

@@ -90,13 +90,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    ignored = given_flags(parser, argv) & NOT_A_STEP
+    given = given_flags(parser, argv)
+    ignored = given & NOT_A_STEP
     if ignored:
         names = ["/".join(action.option_strings[0] for action in parser._actions if action.dest == dest)
                  for dest in sorted(ignored)]  # --half/--full-precision: one setting
         parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
                      "data, weights, duration and outputs)")
-    backbone.check_args(args)
+    backbone.check_args(args, given)
     rows = measure(args)
     device = resolve_device(args.device)
     precision = "bf16 autocast" if backbone.resolve_amp(args.amp, device) else "float32"

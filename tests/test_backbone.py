@@ -279,6 +279,7 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--mixup", "-1"], "argument --mixup: must be a finite number >= 0, got -1"),
     (["--randaug-magnitude", "31"], "argument --randaug-magnitude: must be at most 30 (torchvision's bins), got 31"),
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
+    (["--randaug", "0", "--randaug-magnitude", "9"], "--randaug-magnitude: --randaug 0 builds no RandAugment"),
     (["--seed", str(2**32)], "argument --seed: must be at most 4294967295, got 4294967296"),
     (["--split-seed", str(2**32)], "argument --split-seed: must be at most 4294967295, got 4294967296"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
@@ -485,6 +486,9 @@ def test_step_benchmark_times_every_part(tmp_path):
         step_benchmark.main(["--label-smoothing", "1.5"])
     with pytest.raises(UsageError, match="--batch-size 3: timm's mixup and cutmix pair each image"):
         step_benchmark.main(["--batch-size", "3"])
+    with pytest.raises(UsageError, match="--randaug-magnitude: --randaug 0 builds no RandAugment"):
+        step_benchmark.main(["--model-kwargs", *TINY, "--batch-size", "16", "--steps", "1", "--warmup", "0",
+                             "--randaug", "0", "--randaug-magnitude", "5"])
     with pytest.raises(UsageError, match=r"--lr: must be a finite number > 0, got -1"):
         step_benchmark.main(["--lr", "-1"])
 
