@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train as many epochs as fit in this many seconds (or 20m, 1.5h), the test reading and "
                         "export included: "
                         "the schedule's length is set from the second epoch's measured time (the first pays for "
-                        "compiling), replacing --epochs; two epochs' time, and a minute more with --compile, is kept "
-                        "for the test reading and export")
+                        "compiling; where no second is scheduled, from the first's, then again from the second's), "
+                        "replacing --epochs; two epochs' time, and a minute more with --compile, is kept for the test "
+                        "reading and export")
     p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
                    help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
                         "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many")
@@ -656,8 +657,11 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
                         "seconds": time.time() - began})
         print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
               f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
-        if args.time_budget is not None and epoch == start_epoch + 1:
-            epoch_seconds = history[-1]["seconds"] - history[-2]["seconds"]
+        # --time-budget sets the schedule's length from the second epoch this process runs (the first pays for
+        # compiling), or from the first where no second is scheduled (then again from the second, if it plans one)
+        measured = epoch == start_epoch + 1 or (epoch == start_epoch and epoch + 1 == args.epochs)
+        if args.time_budget is not None and measured:
+            epoch_seconds = history[-1]["seconds"] - (history[-2]["seconds"] if len(history) > 1 else 0.0)
             epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1,
                                    args.compile)
             if epochs != args.epochs:

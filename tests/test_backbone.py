@@ -143,6 +143,34 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
     assert "re-set to 3 epochs to fit --time-budget" in (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
 
 
+def test_a_time_budget_applies_where_one_epoch_is_scheduled(tmp_path, data_dir, monkeypatch, capsys):
+    """With one epoch scheduled (--epochs 1, or a --resume one epoch short of its end) no second epoch comes to
+    measure: the first epoch's time sets the schedule's length (the budget was ignored), and the second's sets it
+    again if the first planned one."""
+    fitted, planned = [], {"epochs": 2}  # the epochs_done of each plan; what each plan returns
+
+    def fit(seconds_left, epoch_seconds, epochs_done, compiled):
+        fitted.append(epochs_done)
+        return max(epochs_done, planned["epochs"])
+
+    monkeypatch.setattr(backbone, "epochs_within", fit)
+    assert run_backbone(tmp_path, data_dir, "--time-budget", "1000") == 0  # --epochs 1
+    assert fitted == [1, 2] and "--time-budget 1000 s: 2 epochs in all, from epoch 1's" in capsys.readouterr().out
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert [h["epoch"] for h in config["history"]] == [1, 2] and config["recipe"]["epochs"] == 2
+    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 1, "epochs": 2, "by": "--time-budget"}]
+    fitted.clear()
+    stopped = tmp_path / "stopped"  # stopped after its first of two epochs: one is left
+    assert run_backbone(stopped, data_dir, "--epochs", "2", "--time-limit", "0") == 0
+    assert fitted == []
+    planned["epochs"] = 3
+    assert backbone.main(["--output-dir", str(stopped / "run"), "--resume", "--time-budget", "1000"]) == 0
+    assert fitted == [2, 3]
+    config = json.loads((stopped / "run" / "backbone" / "config.json").read_text())
+    assert [h["epoch"] for h in config["history"]] == [1, 2, 3]
+    assert config["recipe"]["schedule_changes"] == [{"at_epoch": 2, "epochs": 3, "by": "--time-budget"}]
+
+
 def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorded(tmp_path, data_dir, capsys):
     """bf16 autocast by default on a GPU only: emulated on a CPU without native bf16, it made an epoch 20 times as
     long. A run records what it resolved, and a resumed run goes on so on any device, a run recorded before
