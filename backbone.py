@@ -622,6 +622,10 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
         batch_size -= batch_size % 2  # timm's mixup pairs each image with another of its batch
     if batch_size == 0:
         raise DataError(f"{len(train_split)} training image: mixup and cutmix need at least two")
+    if batch_size != args.batch_size:  # what trains is what the learning rate is scaled for and the recipe records
+        print(f"note: --batch-size {args.batch_size} is more than the {len(train_split)} training images: steps of "
+              f"{batch_size} images, the learning rate scaled for them", file=sys.stderr)
+        args.batch_size = batch_size
     steps_per_epoch = len(train_split) // batch_size
     step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
 

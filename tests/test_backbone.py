@@ -479,16 +479,24 @@ def test_a_resume_on_other_data_is_refused(tmp_path, image_folder_224, capsys):
     assert backbone.main([*resume, str(image_folder_224)]) == 0
 
 
-def test_mixup_gets_even_batches(tmp_path, image_folder_224, capsys):
+def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys):
     """timm's mixup pairs the images of a batch: an odd --batch-size is refused in one line, and a training split
-    smaller than a batch and odd (19 images here) trains in one batch of 18."""
+    smaller than a batch and odd (19 images here) trains in one batch of 18, the batch size that the learning
+    rate is scaled for and the recipe records, with a note that it is not the one asked for."""
     run = ["--dataset", "folder", "--data-dir", str(image_folder_224), "--output-dir", str(tmp_path / "run"),
            "--val-size", "5", "--epochs", "1", "--model-kwargs", "img_size=32", "patch_size=8", "depth=2",
            "embed_dim=16", "num_heads=2"]
     assert backbone.main([*run, "--batch-size", "25"]) == 2
     assert "--batch-size 25: timm's mixup and cutmix pair each image" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    built, build = [], backbone.build_training_step
+    monkeypatch.setattr(backbone, "build_training_step", lambda *args: built.append(build(*args)) or built[-1])
     assert backbone.main(run) == 0
+    assert ("note: --batch-size 256 is more than the 19 training images: steps of 18 images, the learning rate "
+            "scaled for them\n") in capsys.readouterr().err
+    assert built[0].scheduler.base_values == pytest.approx([3e-3 * 18 / 512] * len(built[0].scheduler.base_values))
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert config["recipe"]["batch_size"] == 18
 
 
 def test_step_benchmark_times_every_part(tmp_path):
