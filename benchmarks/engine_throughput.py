@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks import benchmark_parser, run_from_command_line, write_json
-from cli import non_negative_float, positive_int
+from cli import given_flags, non_negative_float, positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
@@ -307,8 +307,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="precisions to time (bf16: the forwards under autocast)")
     parser.add_argument("--random-images", action="store_true",
                         help="random uint8 images instead of the data set (a box without it): the engine does "
-                             "the same work on any pixels, as its episodes here keep a fixed token count")
+                             "the same work on any pixels, as its episodes here keep a fixed token count; "
+                             "--data-dir, --dataset and --split are refused with it")
     args = parser.parse_args(argv)
+    unread = sorted(given_flags(parser, argv) & {"data_dir", "dataset", "split"}) if args.random_images else []
+    if unread:
+        parser.error(f"{', '.join('--' + dest.replace('_', '-') for dest in unread)}: --random-images reads no data "
+                     f"set: drop {'it' if len(unread) == 1 else 'them'}")
     if max(args.engine_images) > args.limit:
         parser.error(f"--limit {args.limit} is below --engine-images {max(args.engine_images)}: each engine call "
                      "takes distinct images")

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import engine_throughput
 from benchmarks.engine_throughput import bench_backbone, bench_engine, loop_episodes
+from envs.errors import UsageError
 from tests.tiny_policies import PRUNE_POINTS
 from tests.without_ray import HIDE_RL_PACKAGES
 
@@ -52,6 +54,17 @@ def test_the_benchmark_runs_without_ray_and_reports_each_size_and_precision(tiny
         assert row["calls"] == row["episodes"] * (len(PRUNE_POINTS) + 1)
     assert result["machine"]["device"].startswith("cpu (")
     assert result["table"] in done.stdout and result["table"].count("\n") == 1 + len(rows)
+
+
+def test_random_images_refuse_the_data_set_flags(tiny_backbone):
+    """--random-images reads no data set: --data-dir, --dataset and --split given with it (the JSON recorded them
+    as if read) are one error line."""
+    with pytest.raises(UsageError, match=r"^--data-dir, --split: --random-images reads no data set: drop them$"):
+        engine_throughput.parse_args(["--backbone", str(tiny_backbone), "--random-images", "--split", "test",
+                                      "--data-dir", "../shared/data"])
+    with pytest.raises(UsageError, match=r"^--dataset: --random-images reads no data set: drop it$"):
+        engine_throughput.parse_args(["--backbone", str(tiny_backbone), "--random-images", "--dataset", "cifar10"])
+    assert engine_throughput.parse_args(["--backbone", str(tiny_backbone), "--split", "test"]).split == "test"
 
 
 def test_each_call_takes_distinct_images_while_there_are_enough():
