@@ -32,9 +32,12 @@ from envs.vit.timing import median_seconds
 EPOCH_IMAGES = 50_000 - DEFAULT_VAL_SIZE  # CIFAR-10's train split less backbone.py's validation images
 NOT_A_STEP = frozenset({"pretrained", "init_from", "dataset", "data_dir", "download", "memory_budget_mb", "limit",
                         "val_size", "split_seed", "time_limit", "time_budget", "save_every", "output_dir", "resume",
-                        "overwrite", "half"})
-"""backbone.py's flags about data, weights, how long it runs and what it writes: a step on random images reads
-none of them, so they are refused rather than ignored."""
+                        "overwrite", "half", "epochs", "lr", "warmup_epochs", "label_smoothing"})
+"""backbone.py's flags about data, weights, how long it runs and what it writes, which a step on random images
+reads none of, and the recipe's numbers that change the values a step computes but not its work: the learning
+rate and its warm-up and cosine schedule (host arithmetic each step, and AdamW's lr is a number), and label
+smoothing (the targets' values; the loss is the same operations for any). They are refused rather than ignored.
+``--weight-decay`` is not among them: at 0 timm's AdamW has one parameter group, not two, and no decay."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     config = {"mean": list(backbone.CIFAR_MEAN), "std": list(backbone.CIFAR_STD)}
     model = create_vit(args.model, args.num_classes, kwargs).to(device).train()
     size = backbone.square_input_size(model, kwargs)
-    args.epochs = args.epochs or backbone.DEFAULT_EPOCHS
+    args.epochs = backbone.DEFAULT_EPOCHS  # the schedule needs a length; a step's time does not (NOT_A_STEP)
     step = backbone.build_training_step(args, model, args.num_classes, EPOCH_IMAGES // args.batch_size, config,
                                         device)
     images = torch.randint(0, 256, (args.steps * args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
@@ -95,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if ignored:
         names = ["/".join(action.option_strings[0] for action in parser._actions if action.dest == dest)
                  for dest in sorted(ignored)]  # --half/--full-precision: one setting
-        parser.error(f"{', '.join(names)}: a training step on random images does not use them (backbone.py's "
-                     "data, weights, duration and outputs)")
+        parser.error(f"{', '.join(names)}: a training step on random images does not use them, or takes as long "
+                     "whatever they are (backbone.py's data, weights, duration and outputs; the learning rate, its "
+                     "schedule and label smoothing)")
     backbone.check_args(args, given)
     rows = measure(args)
     device = resolve_device(args.device)
