@@ -467,21 +467,38 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
-def spelled_setting(flag: str, value: Any) -> tuple[str, str]:
-    """How a command line says that ``flag`` (an argparse ``dest``) is ``value``, as (its option, the setting): the
-    switch that sets it (``--half``, ``--full-precision``, ``--no-amp``), the option and its value (``--lr
-    0.001``), or the option left out (``without --pretrained``, ``without --limit``)."""
+def command_words(flag: str, value: Any) -> tuple[str, list[str]]:
+    """How a command line sets ``flag`` (an argparse ``dest``) to ``value``, as (its option, the words): the switch
+    that sets it (``--half``, ``--full-precision``, ``--no-amp``), the option and its value (``--lr 0.001``), or
+    no words where the option left out does (``--pretrained`` unset, no ``--limit``)."""
     actions = [action for action in build_parser()._actions if action.dest == flag]
     for action in actions:
         if isinstance(action, argparse.BooleanOptionalAction):
             option = action.option_strings[0 if value else 1]
-            return option, option
+            return option, [option]
         if action.nargs == 0 and action.const == value:
-            return action.option_strings[0], action.option_strings[0]
+            return action.option_strings[0], [action.option_strings[0]]
     option = actions[0].option_strings[0]
     if actions[0].nargs == 0 or value is None or value == []:
-        return option, f"without {option}"
-    return option, f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        return option, []
+    return option, [option, *map(str, value if isinstance(value, list) else [value])]
+
+
+def spelled_setting(flag: str, value: Any) -> tuple[str, str]:
+    """How a command line says that ``flag`` (an argparse ``dest``) is ``value``, as (its option, the setting):
+    :func:`command_words` as one string, or the option left out (``without --pretrained``, ``without --limit``)."""
+    option, words = command_words(flag, value)
+    return option, " ".join(words) or f"without {option}"
+
+
+def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
+    """The command that goes on with the run in ``args.output_dir`` after a stop or an interrupt: ``--resume``,
+    with the flags of the command line that are not recorded (those of :data:`RESUME_FLAGS` and ``--data-dir``
+    among ``given``, :func:`given_flags`), as ``args`` has them; a resumed run takes those from its own command
+    line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ..."""
+    carried = [word for flag in (*RESUME_FLAGS, "data_dir") if flag in given and flag != "output_dir"
+               for word in command_words(flag, getattr(args, flag))[1]]
+    return shlex.join(["python", "backbone.py", "--output-dir", args.output_dir, "--resume", *carried])
 
 
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
@@ -686,7 +703,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
         if stopping or (epoch + 1) % args.save_every == 0:  # the last epoch's is saved with the test reading
             save_state(state_path, snapshot)
         if stopping:
-            print(f"time limit reached after epoch {epoch + 1}; continue with --resume")
+            print(f"time limit reached after epoch {epoch + 1}; continue with {go_on_command(args, given)}")
             return
         epoch += 1
 
@@ -744,10 +761,10 @@ def check_args(args: argparse.Namespace, given: Collection[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = None
+    args, given = None, frozenset()
 
     def run() -> int:
-        nonlocal args
+        nonlocal args, given
         parser = build_parser()
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
@@ -756,10 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def interrupted_line() -> str:
-        out = Path(args.output_dir).expanduser() if args is not None else None
-        if out is None or not (out / STATE_FILE).exists():
+        if args is None or not (Path(args.output_dir) / STATE_FILE).exists():
             return "interrupted before an epoch was saved: run the command again"
-        return f"interrupted: go on with {shlex.join(['python', 'backbone.py', '--output-dir', str(out), '--resume'])}"
+        return f"interrupted: go on with {go_on_command(args, given)}"
 
     return run_command(run, interrupted_line)
 

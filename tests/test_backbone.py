@@ -79,7 +79,10 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     restored. In bf16 autocast, as backbone.py trains on a GPU by default."""
     drop_path = "drop_path_rate=0.1"  # one more model kwarg: stochastic depth draws from torch's generator
     assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0", "--amp") == 0
-    assert "continue with --resume" in capsys.readouterr().out
+    # the command that goes on gives again the flags a resumed run takes from its command line, not its record
+    go_on = (f"time limit reached after epoch 1; continue with python backbone.py --output-dir {tmp_path / 'run'} "
+             f"--resume --time-limit 0.0 --no-download --data-dir {data_dir}\n")
+    assert go_on in capsys.readouterr().out
     assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--amp") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
@@ -420,6 +423,13 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
     (run / backbone.STATE_FILE).write_bytes(b"")
     assert backbone.main(["--output-dir", str(run)]) == 130
     assert capsys.readouterr().err == f"interrupted: go on with python backbone.py --output-dir '{run}' --resume\n"
+    # with the flags a resumed run takes from its command line, not its record: without them a --time-budget run
+    # would go on for the default 185 epochs, on the default device, uncompiled
+    assert backbone.main(["--output-dir", str(run), "--time-budget", "20m", "--device", "cpu", "--compile",
+                          "--memory-budget-mb", "0", "--save-every", "2", "--lr", "1e-3", "--epochs", "9"]) == 130
+    assert capsys.readouterr().err == (f"interrupted: go on with python backbone.py --output-dir '{run}' --resume "
+                                       f"--time-budget 1200.0 --save-every 2 --device cpu --compile "
+                                       f"--memory-budget-mb 0.0\n")
     monkeypatch.undo()
     for damage in (b"", b"garbage\n"):
         (run / backbone.STATE_FILE).write_bytes(damage)
