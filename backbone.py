@@ -41,6 +41,7 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     code_commit,
+    command_words,
     data_access,
     duration_in,
     given_flags,
@@ -467,27 +468,11 @@ RESUME_FLAGS = ("time_limit", "time_budget", "save_every", "device", "compile", 
                 "memory_budget_mb")
 
 
-def command_words(flag: str, value: Any) -> tuple[str, list[str]]:
-    """How a command line sets ``flag`` (an argparse ``dest``) to ``value``, as (its option, the words): the switch
-    that sets it (``--half``, ``--full-precision``, ``--no-amp``), the option and its value (``--lr 0.001``), or
-    no words where the option left out does (``--pretrained`` unset, no ``--limit``)."""
-    actions = [action for action in build_parser()._actions if action.dest == flag]
-    for action in actions:
-        if isinstance(action, argparse.BooleanOptionalAction):
-            option = action.option_strings[0 if value else 1]
-            return option, [option]
-        if action.nargs == 0 and action.const == value:
-            return action.option_strings[0], [action.option_strings[0]]
-    option = actions[0].option_strings[0]
-    if actions[0].nargs == 0 or value is None or value == []:
-        return option, []
-    return option, [option, *map(str, value if isinstance(value, list) else [value])]
-
-
 def spelled_setting(flag: str, value: Any) -> tuple[str, str]:
     """How a command line says that ``flag`` (an argparse ``dest``) is ``value``, as (its option, the setting):
-    :func:`command_words` as one string, or the option left out (``without --pretrained``, ``without --limit``)."""
-    option, words = command_words(flag, value)
+    :func:`cli.command_words` as one string, or the option left out (``without --pretrained``, ``without
+    --limit``)."""
+    option, words = command_words(build_parser(), flag, value)
     return option, " ".join(words) or f"without {option}"
 
 
@@ -497,7 +482,7 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     among ``given``, :func:`given_flags`), as ``args`` has them; a resumed run takes those from its own command
     line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ..."""
     carried = [word for flag in (*RESUME_FLAGS, "data_dir") if flag in given and flag != "output_dir"
-               for word in command_words(flag, getattr(args, flag))[1]]
+               for word in command_words(build_parser(), flag, getattr(args, flag))[1]]
     return shlex.join(["python", "backbone.py", "--output-dir", args.output_dir, "--resume", *carried])
 
 

@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -186,22 +186,21 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     return frozenset(flag for flag, value in vars(parser.parse_args(argv, unset)).items() if value is not placeholder)
 
 
-def spelled_options(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Iterable[str]) -> list[str]:
-    """The options that give each of ``dests`` (argparse destinations) its value in ``args``, as a command line
-    spells them: a switch (``--no-download``, ``--no-sample-ahead``) or the option and its value (``--iterations=40``;
-    joined by ``=`` so that a value starting with ``-`` stays one); a switch that is off is left out."""
-    options = []
-    for dest in dests:
-        value = getattr(args, dest)
-        action = next(action for action in parser._actions if action.dest == dest)
+def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tuple[str, list[str]]:
+    """How a command line of ``parser`` sets ``dest`` (an argparse destination) to ``value``, as (its option, the
+    words): the switch that sets it (``--half``, ``--no-download``, ``--no-amp``), the option and its value
+    (``--lr 0.001``), or no words where leaving the option out does (an unset ``--pretrained``, no ``--limit``)."""
+    actions = [action for action in parser._actions if action.dest == dest]
+    for action in actions:
         if isinstance(action, argparse.BooleanOptionalAction):
-            options.append(action.option_strings[0 if value else 1])
-        elif action.nargs == 0:  # store_true, store_false, store_const
-            options += action.option_strings[:1] if value == action.const else []
-        else:
-            options.append(f"{action.option_strings[0]}={value:g}" if isinstance(value, float)
-                           else f"{action.option_strings[0]}={value}")
-    return options
+            option = action.option_strings[0 if value else 1]
+            return option, [option]
+        if action.nargs == 0 and action.const == value:
+            return action.option_strings[0], [action.option_strings[0]]
+    option = actions[0].option_strings[0]
+    if actions[0].nargs == 0 or value is None or value == []:
+        return option, []
+    return option, [option, *map(str, value if isinstance(value, list) else [value])]
 
 
 def check_output_dir(path: Path, given: str) -> None:

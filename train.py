@@ -44,6 +44,7 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     code_commit,
+    command_words,
     data_access,
     duration_in,
     given_flags,
@@ -53,7 +54,6 @@ from cli import (
     positive_int,
     run_command,
     signal_handlers_restored,
-    spelled_options,
 )
 from envs.errors import UsageError, UserError
 from envs.problem import (
@@ -183,8 +183,10 @@ run records the data directory it started with, for a run moved to another machi
 def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     """The command that goes on with an interrupted run: ``--resume`` with the :data:`FLAGS_READ_ON_RESUME` given
     to this one (``given``: the flags the command line named)."""
-    options = spelled_options(build_parser(), args, [dest for dest in FLAGS_READ_ON_RESUME if dest in given])
-    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *options])
+    parser = build_parser()
+    carried = [word for dest in FLAGS_READ_ON_RESUME if dest in given
+               for word in command_words(parser, dest, getattr(args, dest))[1]]
+    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *carried])
 
 
 def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:

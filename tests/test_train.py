@@ -404,7 +404,7 @@ def test_an_interrupt_ends_in_one_line_naming_the_command_that_goes_on(tmp_path,
     (run / "experiment_state-2026.json").write_text("{}")  # Tune had started the run
     assert train.main(["--output-dir", str(run), "--iterations", "40", "--time-budget", "7.5"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python train.py --output-dir '{run}' --resume "
-                                       f"--iterations=40 --time-budget=7.5\n")
+                                       f"--iterations 40 --time-budget 7.5\n")
 
 
 def test_a_run_interrupted_in_tunes_loop_ends_with_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
@@ -417,8 +417,8 @@ def test_a_run_interrupted_in_tunes_loop_ends_with_the_command_that_goes_on(tmp_
     for data in ([], ["--data-dir", str(tmp_path / "data")]):
         assert train.main(["--output-dir", str(run), "--iterations", "40", *data]) == 130
         assert capsys.readouterr().err.endswith(f"interrupted: go on with python train.py --output-dir {run} --resume "
-                                                f"{''.join(f'--data-dir={path} ' for path in data[1:])}"
-                                                f"--iterations=40\n")
+                                                f"{''.join(f'--data-dir {path} ' for path in data[1:])}"
+                                                f"--iterations 40\n")
 
 
 def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
@@ -431,7 +431,7 @@ def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes
     assert train.main(["--output-dir", str(tmp_path / "run"), "--time-budget", "30"]) == 2
     assert capsys.readouterr().err == (f"error: cannot read image cat/3.png: truncated (replace it with a readable "
                                        f"image); once it reads, go on with python train.py --output-dir "
-                                       f"{tmp_path / 'run'} --resume --time-budget=30\n")
+                                       f"{tmp_path / 'run'} --resume --time-budget 30.0\n")
 
 
 def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, capsys):
@@ -826,15 +826,15 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
     argv = ["--output-dir", "runs/x", "--address", "10.0.0.1:6379", "--iterations", "9"]
     args = train.build_parser().parse_args(argv)
     assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
-        "python train.py --output-dir runs/x --resume --address=10.0.0.1:6379 --iterations=9")
+        "python train.py --output-dir runs/x --resume --address 10.0.0.1:6379 --iterations 9")
     # what a resumed run reads from its command line alone: how it reaches its data (the run records the data
     # directory it started with, and one moved elsewhere needs it) and its stop rule, in minutes
     argv = ["--output-dir", "runs/x", "--data-dir", "/mnt/my data", "--no-download", "--memory-budget-mb", "0",
             "--num-cpus", "4", "--time-budget", "2h", "--num-workers", "3", "--lr", "1e-4"]
     args = train.build_parser().parse_args(argv)
     assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
-        "python train.py --output-dir runs/x --resume --num-cpus=4 '--data-dir=/mnt/my data' --no-download "
-        "--memory-budget-mb=0 --time-budget=120")
+        "python train.py --output-dir runs/x --resume --num-cpus 4 --data-dir '/mnt/my data' --no-download "
+        "--memory-budget-mb 0.0 --time-budget 120.0")
 
 
 def test_an_address_no_cluster_answers_at_is_refused_before_the_data_is_read(monkeypatch):
