@@ -68,6 +68,7 @@ from envs.vit.backbone_checkpoint import (
     save_backbone,
 )
 from envs.vit.data import (
+    DATA_DIR_ENV,
     DATASETS,
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
@@ -507,11 +508,14 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
     if epochs < done or (epochs == done and finished):
         raise UsageError(f"--resume: the run has trained {done} epochs{' and read the test split' if finished else ''}"
                          f": pass --epochs more than {done} to lengthen it")
+    data_dir = args.data_dir if "data_dir" in given else saved["data_dir"]
+    if "data_dir" not in given and not Path(data_dir).expanduser().exists():
+        raise DataError(f"--resume: the run's data directory {data_dir} does not exist: pass --data-dir where its data "
+                        f"is now (the run reads the directory it recorded, whatever {DATA_DIR_ENV} says)")
     schedule = saved.get("schedule_changes", [])
     if epochs != saved["epochs"]:
         schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]
         print(f"schedule length changed from {saved['epochs']} to {epochs} epochs at epoch {state['epoch']}")
-    data_dir = args.data_dir if "data_dir" in given else saved["data_dir"]
     return argparse.Namespace(**{**saved, **{flag: getattr(args, flag) for flag in RESUME_FLAGS}, "resume": True,
                                  "epochs": epochs, "schedule_changes": schedule, "data_dir": data_dir})
 
@@ -573,6 +577,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
         args = resumed_args(args, state, given)
     elif args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
+    if state is None or "data_dir" in given:  # recorded absolute: a resumed run may start in another directory
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     args.amp = amp = resolve_amp(args.amp, device)  # recorded resolved: a resumed run keeps it on any device
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # timm's mixup draws from numpy's global generator

@@ -489,6 +489,28 @@ def test_a_resume_on_other_data_is_refused(tmp_path, image_folder_224, capsys):
     assert backbone.main([*resume, str(image_folder_224)]) == 0
 
 
+def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_moved(tmp_path, image_folder_224,
+                                                                                   monkeypatch, capsys):
+    """A relative --data-dir is recorded absolute, so a resume started elsewhere reads it; a data directory that
+    has moved since is named with what to pass (the environment variable does not move a recorded run)."""
+    work = tmp_path / "work"
+    data = Path(shutil.copytree(image_folder_224, work / "data"))
+    monkeypatch.chdir(work)
+    assert backbone.main(["--dataset", "folder", "--data-dir", "data", "--output-dir", str(tmp_path / "run"),
+                          "--val-size", "6", "--epochs", "2", "--batch-size", "8", "--time-limit", "0",
+                          "--model-kwargs", "img_size=32", "patch_size=8", "depth=2", "embed_dim=16",
+                          "num_heads=2"]) == 0  # stops after its first epoch
+    monkeypatch.chdir(tmp_path)
+    data.rename(work / "moved")
+    capsys.readouterr()
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume: the run's data directory {data} does not exist: pass "
+                                       f"--data-dir where its data is now (the run reads the directory it recorded, "
+                                       f"whatever MARL_PRUNING_DATA_DIR says)\n")
+    (work / "moved").rename(data)
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+
+
 def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys):
     """timm's mixup pairs the images of a batch: an odd --batch-size is refused in one line, and a training split
     smaller than a batch and odd (19 images here) trains in one batch of 18, the batch size that the learning
