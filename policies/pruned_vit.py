@@ -61,6 +61,9 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
     :class:`~policies.checkpoints.PolicyCheckpointError` naming both (the backbone alone for a problem of no
     checkpoint, ``checkpoint=None``)."""
     backbone_path = Path(backbone).expanduser() if backbone else problem.backbone_path
+    if not backbone and checkpoint is not None and not backbone_path.exists():
+        raise PolicyCheckpointError(f"backbone checkpoint {backbone_path}, which checkpoint {checkpoint} was trained "
+                                    f"on, does not exist: pass where it is now (--backbone; backbone= in Python)")
     vit, config = load_backbone(backbone_path)
     try:
         return StagedViT(vit, problem.prune_points).eval(), config, backbone_path

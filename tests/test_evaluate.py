@@ -621,6 +621,8 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
                                "checkpoint); it is a backbone checkpoint, which the heuristics run on (evaluate.py "
                                "--heuristics-only --backbone PATH"),
     ("other_backbone", "was it trained on another backbone"),
+    ("backbone_moved", "which checkpoint {path} was trained on, does not exist: pass where it is now (--backbone; "
+                       "backbone= in Python)"),
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
     ("bad_budget", "argument --budgets: a removal ratio must be in (0, 1), got 1.5"),
@@ -678,6 +680,11 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
         path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
     elif case == "backbone_as_checkpoint":
         path = tiny_backbone
+    elif case == "backbone_moved":
+        moved = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
+        path = write_checkpoint(tmp_path / "ckpt", moved)
+        moved.rename(tmp_path / "moved")
+        message = f"error: backbone checkpoint {moved}, " + message.format(path=path)
     elif case == "other_backbone":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, num_patches=16)
     elif case == "prune_points_beyond_depth":
