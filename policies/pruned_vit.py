@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from envs.errors import UsageError
 from envs.problem import POLICIES, PruningProblem, check_protected_share, check_target_ratio
 from envs.vit.backbone_checkpoint import load_backbone, normalize
+from envs.vit.data import fit_image
 from envs.vit.flops import (
     ImageGflops,
     TokenScores,
@@ -72,20 +74,33 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
 
+def _opened(path: str | os.PathLike) -> Image.Image:
+    """The image file ``path``, read, or a ``UsageError`` naming it."""
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            image.load()
+            return image
+    except OSError as error:
+        raise UsageError(f"cannot read image {path}: {error}") from None
+
+
 def check_image_batch(images: object, size: Sequence[int]) -> None:
     """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, H, W]`` at ``size`` ``(H, W)``: what a user
     holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
     if not isinstance(images, torch.Tensor):
         raise UsageError(f"images must be a torch tensor [B, 3, H, W], got {type(images).__name__} "
-                         "(torch.from_numpy(array) converts a numpy array)")
+                         "(model.preprocess([...]) reads PIL images and files; torch.from_numpy(array) converts a "
+                         "numpy array)")
     expected = (3, *size)
     if images.dim() == 4 and tuple(images.shape[1:]) == expected:
         return
     shape = tuple(images.shape)
     hint = ("; channels last? images.permute(0, 3, 1, 2) puts them first" if images.dim() == 4 and shape[-1] == 3
             else "; one image? images.unsqueeze(0) makes it a batch" if images.dim() == 3
-            else f"; resize them to the backbone's input size, {size[0]}x{size[1]}" if images.dim() == 4
-            and shape[1] == 3 else "")
+            else "; grey or with alpha? model.preprocess([...]) makes PIL images RGB" if images.dim() == 4
+            and shape[1] in (1, 2, 4)
+            else f"; model.preprocess([...]) fits PIL images to the backbone's input size, {size[0]}x{size[1]}"
+            if images.dim() == 4 and shape[1] == 3 else "")
     raise UsageError(f"images must be [B, {', '.join(map(str, expected))}], got {list(shape)}{hint}")
 
 
@@ -103,6 +118,16 @@ class InferenceModel(nn.Module):
     Subclasses hold their backbone's ``backbone_config``."""
 
     backbone_config: dict[str, Any]
+
+    def preprocess(self, images: Sequence[Image.Image | str | os.PathLike]) -> torch.Tensor:
+        """One's own images (PIL images or image files, of any size and mode) as the data sets decode theirs for
+        the backbone (``envs.vit.data.fit_image``: RGB, the short side resized to the input size, centre-cropped):
+        uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead would distort them."""
+        if isinstance(images, Image.Image | str | os.PathLike):
+            raise UsageError("preprocess takes a list of images (or files): model.preprocess([image])")
+        size = self.backbone_config["input_size"]
+        return torch.stack([fit_image(image if isinstance(image, Image.Image) else _opened(image), size)
+                            for image in images])
 
     @property
     def class_names(self) -> tuple[str, ...] | None:

@@ -24,7 +24,7 @@ from ray.rllib.core.columns import Columns
 import evaluate
 from envs.errors import UsageError
 from envs.problem import ProblemError
-from envs.vit.data import DATA_DIR_ENV
+from envs.vit.data import DATA_DIR_ENV, load_split
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
@@ -44,6 +44,7 @@ from policies.export import main as export_main
 from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import SELECTIONS, PrunedViT
 from policies.token_scorer import DEAD_SCORE, TokenScorer
+from tests.conftest import CIFAR_CLASSES
 from tests.host_reads import HostReads
 from tests.readme_examples import run_readme_example
 from tests.tiny_policies import NUM_PATCHES, PRUNE_POINTS, TARGET_RATIO, write_checkpoint
@@ -298,10 +299,14 @@ def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
 
 
 @pytest.mark.parametrize(("given", "message"), [
-    (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(torch.from_numpy"),
+    (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(model.preprocess\(\[...\]\) "
+                                    r"reads PIL images and files; torch.from_numpy"),
     (lambda pixels: pixels.permute(0, 2, 3, 1), r"got \[2, 32, 32, 3\]; channels last\? images.permute"),
     (lambda pixels: pixels[0], r"got \[3, 32, 32\]; one image\? images.unsqueeze\(0\)"),
-    (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; resize them .* 32x32"),
+    (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; model.preprocess\(\[...\]\) fits "
+                                           r"PIL images to the backbone's input size, 32x32"),
+    (lambda pixels: pixels[:, :1], r"got \[2, 1, 32, 32\]; grey or with alpha\? model.preprocess\(\[...\]\) makes PIL "
+                                   r"images RGB"),
 ])
 def test_images_of_another_shape_or_type_are_named(tiny_staged, given, message):
     """What a user may hold instead of ``[B, 3, H, W]`` tensors is named, with the conversion, by normalize and
@@ -314,6 +319,24 @@ def test_images_of_another_shape_or_type_are_named(tiny_staged, given, message):
         model(given(pixels.float()))
     with pytest.raises(ValueError, match=r"takes normalised images, got torch.uint8: model\(model.normalize"):
         model(pixels)
+
+
+def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, image_folder_224):
+    """PIL images or files of any size and mode, as a split decodes them for the backbone (RGB, the short side
+    resized, centre-cropped): the images a data set's test split holds, read one by one."""
+    from PIL import Image
+
+    model = PrunedViT(*tiny_staged)
+    files = sorted((image_folder_224 / "test").rglob("*.jpg"))
+    decoded = load_split("folder", "test", image_folder_224, input_size=32).images
+    got = model.preprocess([files[0], Image.open(files[1]), *files[2:]])
+    assert got.dtype == torch.uint8 and got.shape == decoded.shape
+    assert sorted(map(bytes, got.flatten(1).numpy())) == sorted(map(bytes, decoded.flatten(1).numpy()))
+    assert model.preprocess([Image.new("LA", (20, 90))]).shape == (1, 3, 32, 32)  # grey with alpha, tall
+    with pytest.raises(UsageError, match=r"preprocess takes a list of images \(or files\): model.preprocess"):
+        model.preprocess(Image.open(files[0]))
+    with pytest.raises(UsageError, match=r"cannot read image .*nowhere.png: "):
+        model.preprocess([image_folder_224 / "nowhere.png"])
 
 
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
@@ -446,4 +469,5 @@ def test_readme_python_api_example_runs_as_written(data_dir, monkeypatch, capsys
     monkeypatch.chdir(REPO)
     run_readme_example("Python API")
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 4 and printed[2].endswith("[64, 32, 16, 8]") and printed[3].endswith("of 8 ran twice")
+    assert len(printed) == 5 and printed[2] in CIFAR_CLASSES and printed[3].endswith("[64, 32, 16, 8]")
+    assert printed[4].endswith("of 8 ran twice")

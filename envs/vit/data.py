@@ -420,18 +420,25 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_image(image: Image.Image, input_size: int) -> torch.Tensor:
+    """``image`` as every split decodes its images for a backbone of ``input_size``: uint8 RGB ``[3, S, S]``, its
+    short side resized to S (bicubic) and centre-cropped (a no-op for CIFAR), so that its shapes keep their
+    proportions."""
+    image = _rgb(image)
+    if image.size != (input_size, input_size):
+        scale = input_size / min(image.size)
+        width, height = (max(input_size, round(s * scale)) for s in image.size)
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - input_size) // 2, (height - input_size) // 2
+        image = image.crop((left, top, left + input_size, top + input_size))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
-    """Decode images to uint8 ``[N, 3, S, S]``: resize the short side to S, centre-crop (no-op for CIFAR)."""
+    """Decode images to uint8 ``[N, 3, S, S]`` (:func:`fit_image`)."""
     out = torch.empty((len(indices), 3, input_size, input_size), dtype=torch.uint8)
     for row, index in enumerate(indices):
-        image = _rgb(_image(raw, int(index)))
-        if image.size != (input_size, input_size):
-            scale = input_size / min(image.size)
-            width, height = (max(input_size, round(s * scale)) for s in image.size)
-            image = image.resize((width, height), Image.BICUBIC)
-            left, top = (width - input_size) // 2, (height - input_size) // 2
-            image = image.crop((left, top, left + input_size, top + input_size))
-        out[row] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        out[row] = fit_image(_image(raw, int(index)), input_size)
     return out
 
 
