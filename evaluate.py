@@ -718,8 +718,10 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
     torch.manual_seed(args.seed)
     try:
         staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
-        for modules, _, path in policies.values():
+        for modules, info, path in policies.values():
             check_policies(modules, staged.num_patches, path)
+            if not args.backbone:
+                info.warn_if_backbone_changed(path, backbone_path)
     except PolicyCheckpointError as error:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.heuristics_only:
             raise

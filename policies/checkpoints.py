@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from cli import versions_line
 from envs.errors import UserError
 from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
-from envs.vit.backbone_checkpoint import is_backbone_checkpoint
+from envs.vit.backbone_checkpoint import is_backbone_checkpoint, weights_digest
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScorer, TokenScoring
 
@@ -74,18 +74,28 @@ class CheckpointInfo:
     iteration: int | None = None
     val_score: float | None = None  # the validation score it was selected by, if validated
     commit: str | None = None  # the code's commit (cli.code_commit) where train.py ran, if known
+    backbone_digest: str | None = None  # of the weights the agents learned on (weights_digest), if recorded
 
     def to_json(self) -> dict:
         """What ``pruning_config.json`` holds, with the versions of the packages that wrote it."""
         return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score,
-                "commit": self.commit, "versions": versions_line()}
+                "commit": self.commit, "backbone_digest": self.backbone_digest, "versions": versions_line()}
 
     @classmethod
     def from_json(cls, config: dict) -> CheckpointInfo:
         """Read back :meth:`to_json` (and the layouts of older checkpoints, ``PruningProblem.from_checkpoint_json``);
         a :class:`~envs.problem.ProblemError` or ``TypeError`` for a problem that does not read."""
         return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"),
-                   config.get("commit"))
+                   config.get("commit"), config.get("backbone_digest"))
+
+    def warn_if_backbone_changed(self, checkpoint: str | os.PathLike, backbone: str | os.PathLike) -> None:
+        """A warning where the weights in ``backbone`` are not those the agents learned on (a backbone trained
+        further in place, under the path the checkpoint records): their choices were learned for other features."""
+        found = weights_digest(backbone)
+        if self.backbone_digest is not None and found is not None and found != self.backbone_digest:
+            warnings.warn(f"the weights of backbone {backbone} have changed since checkpoint {checkpoint} was trained "
+                          f"on them (trained further in place?): its agents learned on the earlier ones; retrain them "
+                          f"(train.py --from-checkpoint) to prune this backbone as learned", stacklevel=2)
 
 
 class PolicyCheckpointError(UserError, RuntimeError):

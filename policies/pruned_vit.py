@@ -207,7 +207,9 @@ class PrunedViT(InferenceModel):
         """
         modules, info = load_policies(path)
         problem = info.problem
-        staged, config, _ = policy_backbone(problem, path, backbone)
+        staged, config, backbone_path = policy_backbone(problem, path, backbone)
+        if backbone is None:
+            info.warn_if_backbone_changed(path, backbone_path)
         check_policies(modules, staged.num_patches, path)
         return cls(staged, config, modules, problem.target_ratio if budget is None else budget,
                    reduction or problem.reduction, protected_share=problem.protected_share)

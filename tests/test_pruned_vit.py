@@ -24,6 +24,7 @@ from ray.rllib.core.columns import Columns
 import evaluate
 from envs.errors import UsageError
 from envs.problem import ProblemError
+from envs.vit.backbone_checkpoint import weights_digest
 from envs.vit.data import DATA_DIR_ENV, load_split
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
@@ -32,6 +33,7 @@ from policies.cascade import CascadeViT, doubt
 from policies.checkpoints import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
+    PRUNING_CONFIG,
     PolicyCheckpointError,
     export_path,
     has_export,
@@ -452,6 +454,30 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):
         PrunedViT.from_checkpoint(path)
+
+
+def test_a_backbone_trained_further_in_place_is_warned_of(tmp_path, tiny_backbone, images):
+    """A policy checkpoint records a digest of the weights its agents learned on: the same path holding other
+    weights since (backbone.py --resume re-exports in place) is warned of, once the weights are read; a backbone
+    given explicitly is the user's choice."""
+    from safetensors.torch import load_file, save_file
+
+    backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
+    path = write_checkpoint(tmp_path / "policy", backbone)
+    config = json.loads((path / PRUNING_CONFIG).read_text())
+    (path / PRUNING_CONFIG).write_text(json.dumps({**config, "backbone_digest": weights_digest(backbone)}))
+    export_policies(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = PrunedViT.from_checkpoint(path)(images)
+    weights = load_file(backbone / "model.safetensors")
+    save_file({name: tensor * 1.01 for name, tensor in weights.items()}, backbone / "model.safetensors")
+    with pytest.warns(UserWarning, match=rf"the weights of backbone {backbone} have changed since checkpoint {path} "
+                                         rf"was trained on them \(trained further in place\?\)"):
+        PrunedViT.from_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not torch.equal(PrunedViT.from_checkpoint(path, backbone=backbone)(images), before)
 
 
 def test_exported_policy_of_another_backbone_fails_the_same_check(tmp_path, tiny_backbone):

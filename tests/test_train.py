@@ -28,6 +28,7 @@ import train
 from cli import code_commit, given_flags
 from envs.errors import UsageError
 from envs.problem import PruningProblem
+from envs.vit.backbone_checkpoint import weights_digest
 from policies.checkpoints import (
     PRUNING_CONFIG,
     CheckpointInfo,
@@ -111,6 +112,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         info = read_checkpoint_info(mine[-1])
         assert info.problem.target_ratio == float(ratio) and info.problem.prune_points == (1, 2, 3)
         assert info.problem.train_ratios == (0.2, 0.5) and info.commit == code_commit()  # None outside a clone
+        assert info.backbone_digest == weights_digest(info.problem.backbone_path)  # the weights the agents learned on
         assert info.problem.ppo.minibatch_size == 32 and 0 <= info.val_score <= 100  # exact-budget accuracy, %
         best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
         shown = f"run/{name}/{best.name}"

@@ -37,7 +37,7 @@ from envs.problem import (
     trained_policies,
 )
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
-from envs.vit.backbone_checkpoint import normalize
+from envs.vit.backbone_checkpoint import normalize, weights_digest
 from envs.vit_server import (
     NAMESPACE,
     ServerInputs,
@@ -227,7 +227,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(trial_dir, recorded)
-                train_until(algo, problem, stop, commit)
+                train_until(algo, problem, stop, commit, weights_digest(problem.backbone_path))
             finally:
                 algo.stop()
     finally:
@@ -315,9 +315,11 @@ def without_agent_slots(result: dict) -> dict:
     return result
 
 
-def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, commit: str | None = None) -> None:
+def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, commit: str | None = None,
+                backbone_digest: str | None = None) -> None:
     """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
-    stop (Tune ranks the checkpoints by :data:`SCORE`; each records ``commit``)."""
+    stop (Tune ranks the checkpoints by :data:`SCORE`; each records ``commit`` and the ``backbone_digest`` of the
+    weights the agents learn on)."""
     began, first = time.time(), algo.iteration
     while algo.iteration < stop.iterations:
         result = without_agent_slots(algo.train())
@@ -335,7 +337,8 @@ def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, commit
         result[SCORE] = validation_score(result) if validated or final else None  # a column from the first row on
         if validated or final:
             with tempfile.TemporaryDirectory(prefix="marl_checkpoint_") as staging:
-                stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE], commit))
+                stage_checkpoint(algo, staging, CheckpointInfo(problem, algo.iteration, result[SCORE], commit,
+                                                                 backbone_digest))
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(staging))
         else:
             tune.report(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -192,6 +193,20 @@ def load_backbone(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[s
     except RuntimeError as error:
         raise CheckpointError(f"weights in {directory} do not fit {config['model_name']}: {error}") from None
     return model.eval(), config
+
+
+def weights_digest(directory: str | os.PathLike) -> str | None:
+    """A digest of a backbone checkpoint's weights file (SHA-256, 16 hex digits), or None where it does not read:
+    what a policy checkpoint records of the weights its agents learned on, which a backbone trained further in
+    place changes under the same path."""
+    digest = hashlib.sha256()
+    try:
+        with (Path(directory) / WEIGHTS_FILE).open("rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
 
 
 def normalize(images: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
