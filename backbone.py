@@ -610,6 +610,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     if not isinstance(val_split.images, StreamedImages):
         val_split = dataclasses.replace(val_split, images=val_split.images.to(device))  # read every epoch
     num_classes = len(train_split.class_names)
+    shown = ", ".join(train_split.class_names[:10]) + (", ..." if num_classes > 10 else "")
+    print(f"data: {args.dataset} in {args.data_dir}: {num_classes} classes ({shown}); {len(train_split)} training "
+          f"and {len(val_split)} validation images")
     config = {"model_name": args.model, "model_kwargs": kwargs, "num_classes": num_classes,
               "class_names": list(train_split.class_names), "input_size": input_size,
               "mean": list(mean), "std": list(std), "dataset": args.dataset,

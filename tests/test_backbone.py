@@ -82,7 +82,10 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     # the command that goes on gives again the flags a resumed run takes from its command line, not its record
     go_on = (f"time limit reached after epoch 1; continue with python backbone.py --output-dir {tmp_path / 'run'} "
              f"--resume --time-limit 0.0 --no-download --data-dir {data_dir}\n")
-    assert go_on in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert go_on in out
+    assert (f"data: cifar10 in {data_dir}: 10 classes (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, "
+            f"truck); 256 training and 256 validation images\n") in out  # what the user's data turned out to be
     assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--amp") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
