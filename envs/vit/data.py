@@ -407,8 +407,9 @@ def _image(raw, index: int) -> Image.Image:
         image = Image.open(file)
         image.load()
     except OSError as error:
-        raise DataError(f"cannot read image {raw.filename(index)}: {error} (replace it with a readable image: "
-                        f"removing it renumbers the images after it, and with them the splits)") from None
+        path = Path(raw.reader.root) / raw.filename(index)  # in the split's directory or tar
+        raise DataError(f"cannot read image {path}: {error} (replace it with a readable image: removing it renumbers "
+                        f"the images after it, and with them the splits)") from None
     return image
 
 
