@@ -52,6 +52,7 @@ from cli import (
     positive_int,
     random_seed,
     run_command,
+    script_words,
     versions_line,
 )
 from envs.atomic_file import replaced_atomically
@@ -484,7 +485,7 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ..."""
     carried = [word for flag in (*RESUME_FLAGS, "data_dir") if flag in given and flag != "output_dir"
                for word in command_words(build_parser(), flag, getattr(args, flag))[1]]
-    return shlex.join(["python", "backbone.py", "--output-dir", args.output_dir, "--resume", *carried])
+    return shlex.join([*script_words("backbone.py"), "--output-dir", args.output_dir, "--resume", *carried])
 
 
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:

@@ -186,6 +186,15 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     return frozenset(flag for flag, value in vars(parser.parse_args(argv, unset)).items() if value is not placeholder)
 
 
+def script_words(script: str) -> list[str]:
+    """``python SCRIPT`` as a command run in the current directory says it, so that a printed command runs where
+    it was printed: the repository's ``SCRIPT`` relative to it within the repository or above it (``train.py``,
+    ``../train.py``, ``marl/train.py``), else its absolute path."""
+    path, here = REPO_ROOT / script, Path.cwd()
+    related = here.is_relative_to(REPO_ROOT) or REPO_ROOT.is_relative_to(here)
+    return ["python", os.path.relpath(path) if related else str(path)]
+
+
 def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tuple[str, list[str]]:
     """How a command line of ``parser`` sets ``dest`` (an argparse destination) to ``value``, as (its option, the
     words): the switch that sets it (``--half``, ``--no-download``, ``--no-amp``), the option and its value

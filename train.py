@@ -53,6 +53,7 @@ from cli import (
     output_directory,
     positive_int,
     run_command,
+    script_words,
     signal_handlers_restored,
 )
 from envs.errors import UsageError, UserError
@@ -186,7 +187,7 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     parser = build_parser()
     carried = [word for dest in FLAGS_READ_ON_RESUME if dest in given
                for word in command_words(parser, dest, getattr(args, dest))[1]]
-    return shlex.join(["python", "train.py", "--output-dir", args.output_dir, "--resume", *carried])
+    return shlex.join([*script_words("train.py"), "--output-dir", args.output_dir, "--resume", *carried])
 
 
 def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:

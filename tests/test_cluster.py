@@ -73,7 +73,7 @@ def test_one_iteration_across_two_nodes(two_node_cluster, tiny_backbone, data_di
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 env runner(s) over 2 ViT server(s)" in done.stdout
-    assert "iter    1" in done.stdout and "evaluate it: python evaluate.py --checkpoint" in done.stdout
+    assert "iter    1" in done.stdout and f"evaluate it: python {REPO / 'evaluate.py'} --checkpoint" in done.stdout
     assert "WARNING" not in done.stderr and "Deprecat" not in done.stderr, done.stderr  # a quiet console
     assert read_checkpoint_info(latest_checkpoint(out)).iteration == 1
     assert active_nodes(str(Path(sys.executable).parent / "ray"), address, env) >= 2

@@ -28,7 +28,7 @@ import train
 from cli import code_commit, given_flags
 from envs.errors import UsageError
 from envs.problem import PruningProblem
-from envs.vit.backbone_checkpoint import weights_digest
+from envs.vit.backbone_checkpoint import REPO_ROOT, weights_digest
 from policies.checkpoints import (
     PRUNING_CONFIG,
     CheckpointInfo,
@@ -95,6 +95,7 @@ def iterations(trial_dir) -> list[int]:
 @pytest.mark.slow
 def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_backbone, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    evaluate_py = REPO_ROOT / "evaluate.py"  # from a directory outside the repository, its path
     assert run(tmp_path, tiny_backbone, data_dir, "--target-ratio", "0.3,0.5", "--iterations", "2",
                "--checkpoint-every", "1", "--num-workers", "0", "--num-cpus", "4", "--warm-start", "nms",
                "--train-ratios", "0.2,0.5") == 0
@@ -117,7 +118,7 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
         shown = f"run/{name}/{best.name}"
         assert f"[{name}] best checkpoint: {shown} (best on validation: iteration" in out
-        assert f"[{name}] evaluate it: python evaluate.py --checkpoint {shown} --data-dir {data_dir}" in out
+        assert f"[{name}] evaluate it: python {evaluate_py} --checkpoint {shown} --data-dir {data_dir}" in out
         exported, exported_info = load_exported_policies(mine[-1])  # every checkpoint carries its export
         assert exported_info == info
         for policy, module in exported.items():
@@ -786,8 +787,9 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
     lines, errors = closing_lines([result], output_dir)
     shown = f"{output_dir}/target_ratio=0.5/checkpoint_000001" if cloud else \
         "bucket/runs/marl/target_ratio=0.5/checkpoint_000001"
-    evaluate = "evaluate a local copy of it: python evaluate.py --checkpoint <copy>" if cloud else \
-        f"evaluate it: python evaluate.py --checkpoint {shown}"
+    evaluate_py = REPO_ROOT / "evaluate.py"  # from a directory outside the repository, its path
+    evaluate = f"evaluate a local copy of it: python {evaluate_py} --checkpoint <copy>" if cloud else \
+        f"evaluate it: python {evaluate_py} --checkpoint {shown}"
     assert errors == []
     assert lines == [f"best checkpoint: {shown} (best on validation: iteration 4, exact-budget accuracy 82.50% "
                      f"on the 800 images that ranked the checkpoints: expect less on others)\n"
@@ -837,6 +839,9 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
     assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
         "python train.py --output-dir runs/x --resume --num-cpus 4 --data-dir '/mnt/my data' --no-download "
         "--memory-budget-mb 0.0 --time-budget 120.0")
+    # run from another directory, the command names the script from there
+    monkeypatch.chdir(REPO_ROOT / "docs")
+    assert train.go_on_command(args, set()) == "python ../train.py --output-dir runs/x --resume"
 
 
 def test_an_address_no_cluster_answers_at_is_refused_before_the_data_is_read(monkeypatch):

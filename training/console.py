@@ -21,6 +21,7 @@ from ray.tune.logger import CSVLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.utils import flatten_dict
 
+from cli import script_words
 from envs.atomic_file import replaced_atomically
 from envs.problem import (
     PruningProblem,
@@ -161,6 +162,7 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
     lines, errors = [], []
     several = len(results) > 1
     run_dir = local_run_dir(output_dir)
+    evaluate = shlex.join(script_words("evaluate.py"))
     for result in results:
         name = (f"[{result.config['trial']['name'] if result.config else Path(result.path or 'trial').name}] "
                 if several else "")
@@ -186,13 +188,13 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
                 f"{ranking_images} images that ranked the checkpoints: expect less on others)")
         if run_dir is None:
             lines.append(f"{name}best checkpoint: {output_dir.rstrip('/')}/{trial_and_checkpoint} {best}\n"
-                         f"{name}evaluate a local copy of it: python evaluate.py --checkpoint <copy> "
+                         f"{name}evaluate a local copy of it: {evaluate} --checkpoint <copy> "
                          f"--data-dir {shlex.quote(trial_data_dir)}")
             continue
         path = run_dir / trial_and_checkpoint
         shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
         lines.append(f"{name}best checkpoint: {shown} {best}\n"
-                     f"{name}evaluate it: python evaluate.py --checkpoint {shlex.quote(shown)} --data-dir "
+                     f"{name}evaluate it: {evaluate} --checkpoint {shlex.quote(shown)} --data-dir "
                      f"{shlex.quote(trial_data_dir)}")
     return lines, errors
 
