@@ -103,7 +103,7 @@ from envs.vit.backbone_checkpoint import (
     normalize,
     repository_relative,
 )
-from envs.vit.data import DATASETS, DataError, ImageSplit, default_data_dir, limited_positions
+from envs.vit.data import DATASETS, ClassesDiffer, DataError, ImageSplit, default_data_dir, limited_positions
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
 from envs.vit.held_out import check_held_out, load_checked_split
@@ -754,6 +754,10 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
             raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
     try:
         split = images(args.split, args.limit)
+    except ClassesDiffer as error:
+        default = args.heuristics_only and not args.backbone  # the reference backbone, for CIFAR-10
+        raise DataError(f"{error}: the backbone is {backbone_path}"
+                        + (" (the reference; pass yours with --backbone)" if default else "")) from None
     except DataError as error:
         recorded = Path(problem.data_dir).expanduser()
         if Path(args.data_dir).expanduser().exists() or not recorded.exists():

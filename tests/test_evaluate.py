@@ -795,9 +795,14 @@ def test_a_checkpoint_in_the_place_of_another_or_of_the_output_is_named(tiny_pol
         assert sorted(path.name for path in Path.cwd().iterdir()) == before
 
 
-def test_errors_say_which_checkpoint_or_data_directory_would_do(tiny_backbone, data_dir, tmp_path, capsys):
-    """The default policy on one's own backbone, and a checkpoint whose recorded data directory exists while the
-    one given does not: the line says what to pass."""
+def test_errors_say_which_checkpoint_or_data_directory_would_do(tiny_backbone, data_dir, image_folder_224, tmp_path,
+                                                                capsys):
+    """The default policy on one's own backbone, a checkpoint whose recorded data directory exists while the one
+    given does not, and one's own data with the heuristics' default backbone: the line says what to pass."""
+    assert evaluate.main(["--heuristics-only", "--dataset", "folder", "--data-dir", str(image_folder_224),
+                          "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.endswith(f"the backbone is {REPO / 'reference' / 'vit_tiny_cifar10'} (the "
+                                            f"reference; pass yours with --backbone)\n")
     assert evaluate.main(["--backbone", str(tiny_backbone), "--output-dir", str(tmp_path / "out")]) == 2
     assert "train one on yours with train.py --backbone and pass --checkpoint" in capsys.readouterr().err
     checkpoint = write_checkpoint(tmp_path / "ckpt", tiny_backbone, data_dir=str(data_dir))

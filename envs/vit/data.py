@@ -65,6 +65,10 @@ class DataError(UserError, RuntimeError):
     """A data set that cannot be found or read; the message is meant for the user as is."""
 
 
+class ClassesDiffer(DataError):
+    """A data set whose classes are not those of the backbone it is read for (:func:`check_classes`)."""
+
+
 class StreamedImages(torch.utils.data.Dataset):
     """A split's images read from their files on demand. ``images[i]`` is uint8 ``[3, S, S]`` and
     ``images[indices]`` uint8 ``[n, 3, S, S]``, the same pixels as the decoded tensor would hold.
@@ -392,8 +396,8 @@ def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> N
     classes = tuple(backbone_config.get("class_names") or ())
     if (classes and classes != tuple(found)) or len(found) != backbone_config["num_classes"]:
         difference = class_difference(found, classes) if classes else "unnamed in the backbone"
-        raise DataError(f"the data set's {len(found)} classes are not the backbone's "
-                        f"{backbone_config['num_classes']} ({difference})")
+        raise ClassesDiffer(f"the data set's {len(found)} classes are not the backbone's "
+                            f"{backbone_config['num_classes']} ({difference})")
 
 
 def _image(raw, index: int) -> Image.Image:
