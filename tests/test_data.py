@@ -192,6 +192,17 @@ def test_an_image_a_class_folder_does_not_hold_directly_is_refused(tmp_path, str
         load_split("folder", "train", root, val_size=6)
 
 
+def test_a_split_or_class_folders_given_as_the_data_directory_are_named(tmp_path):
+    root = _colour_folder(tmp_path / "data")
+    with pytest.raises(DataError, match=rf"\({root / 'train'} looks like a split itself: pass the directory above it, "
+                                        rf"--data-dir {root}\)$"):
+        load_split("folder", "test", root / "train")
+    flat = (root / "train").rename(tmp_path / "flat")  # class folders with no split above them
+    with pytest.raises(DataError, match=rf"\({flat} holds class folders: move them into {flat}/train/, and a test "
+                                        rf"split's into test/\)$"):
+        load_split("folder", "train", flat)
+
+
 def test_images_of_formats_that_are_not_read_are_named(tmp_path):
     from PIL import Image
 

@@ -213,6 +213,18 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     return f"expected {layout}; pass --data-dir DIR (data_dir= in Python) or set {DATA_DIR_ENV}"
 
 
+def _layout_hint(data_dir: Path) -> str:
+    """What an ImageFolder data directory without splits looks like instead, for the error that says so: a split
+    given itself, or class folders with no split above them."""
+    if data_dir.name.lower() in ("train", "test", "val", "validation"):
+        return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
+    read = get_img_extensions(as_set=True)
+    if any(child.is_dir() and any(path.suffix.lower() in read for path in child.iterdir())
+           for child in data_dir.iterdir()):
+        return f" ({data_dir} holds class folders: move them into {data_dir}/train/, and a test split's into test/)"
+    return ""
+
+
 def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
     """A timm / torchvision dataset over the raw ``train`` or ``test`` split (PIL image, int label)."""
     if dataset not in DATASETS:
@@ -233,7 +245,8 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
                             f"folder of its own ({source}/<class>/<image>), two classes at least")
         return raw
     if dataset == "folder":
-        raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}")
+        raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}"
+                        f"{_layout_hint(data_dir)}")
     image_folder = _split_source("folder", data_dir, split)
     if image_folder is not None and data_dir.name == dataset:  # the data set's own directory given
         raise DataError(f"{dataset} not found in {data_dir}, which looks like {dataset}'s own directory: pass the "
