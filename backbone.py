@@ -21,7 +21,6 @@ import ast
 import dataclasses
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -51,8 +50,8 @@ from cli import (
     positive_float,
     positive_int,
     random_seed,
+    resume_command,
     run_command,
-    script_words,
     versions_line,
 )
 from envs.atomic_file import replaced_atomically
@@ -69,13 +68,13 @@ from envs.vit.backbone_checkpoint import (
     save_backbone,
 )
 from envs.vit.data import (
-    DATA_DIR_ENV,
     DATASETS,
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
     DataError,
     ImageSplit,
     StreamedImages,
+    check_recorded_data_dir,
     class_difference,
     default_data_dir,
     errors_of_workers,
@@ -482,10 +481,13 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     """The command that goes on with the run in ``args.output_dir`` after a stop or an interrupt: ``--resume``,
     with the flags of the command line that are not recorded (those of :data:`RESUME_FLAGS` and ``--data-dir``
     among ``given``, :func:`given_flags`), as ``args`` has them; a resumed run takes those from its own command
-    line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ..."""
-    carried = [word for flag in (*RESUME_FLAGS, "data_dir") if flag in given and flag != "output_dir"
-               for word in command_words(build_parser(), flag, getattr(args, flag))[1]]
-    return shlex.join([*script_words("backbone.py"), "--output-dir", args.output_dir, "--resume", *carried])
+    line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ... The
+    schedule's length goes too where it was given or changed since the run began: the state on disk records it
+    only from its next save."""
+    planned = {"epochs"} if "epochs" in given or getattr(args, "schedule_changes", []) else set()
+    carried = [flag for flag in (*RESUME_FLAGS, "data_dir", "epochs")
+               if (flag in given or flag in planned) and flag != "output_dir"]
+    return resume_command("backbone.py", build_parser(), args, carried)
 
 
 def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) -> argparse.Namespace:
@@ -510,9 +512,8 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
         raise UsageError(f"--resume: the run has trained {done} epochs{' and read the test split' if finished else ''}"
                          f": pass --epochs more than {done} to lengthen it")
     data_dir = args.data_dir if "data_dir" in given else saved["data_dir"]
-    if "data_dir" not in given and not Path(data_dir).expanduser().exists():
-        raise DataError(f"--resume: the run's data directory {data_dir} does not exist: pass --data-dir where its data "
-                        f"is now (the run reads the directory it recorded, whatever {DATA_DIR_ENV} says)")
+    if "data_dir" not in given:
+        check_recorded_data_dir(data_dir)
     schedule = saved.get("schedule_changes", [])
     if epochs != saved["epochs"]:
         schedule = [*schedule, {"at_epoch": state["epoch"], "epochs": epochs}]

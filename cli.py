@@ -11,13 +11,14 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import sysconfig
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -193,6 +194,15 @@ def script_words(script: str) -> list[str]:
     path, here = REPO_ROOT / script, Path.cwd()
     related = here.is_relative_to(REPO_ROOT) or REPO_ROOT.is_relative_to(here)
     return ["python", os.path.relpath(path) if related else str(path)]
+
+
+def resume_command(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   carried: Iterable[str]) -> str:
+    """The command that goes on with the interrupted run of ``script`` in ``args.output_dir``: ``--resume`` with
+    the flags ``carried`` (destinations of ``parser``: those a resumed run reads from its own command line, not
+    from its record) as ``args`` has them."""
+    words = [word for dest in carried for word in command_words(parser, dest, getattr(args, dest))[1]]
+    return shlex.join([*script_words(script), "--output-dir", args.output_dir, "--resume", *words])
 
 
 def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tuple[str, list[str]]:

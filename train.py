@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import shlex
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
@@ -44,7 +43,6 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     code_commit,
-    command_words,
     data_access,
     duration_in,
     given_flags,
@@ -52,8 +50,8 @@ from cli import (
     non_negative_int,
     output_directory,
     positive_int,
+    resume_command,
     run_command,
-    script_words,
     signal_handlers_restored,
 )
 from envs.errors import UsageError, UserError
@@ -65,7 +63,7 @@ from envs.problem import (
     sweep_label,
 )
 from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint
-from envs.vit.data import DATA_DIR_ENV, DataError
+from envs.vit.data import DataError, check_recorded_data_dir
 from envs.vit_server import (
     ServerInputs,
     load_server_inputs,
@@ -184,10 +182,7 @@ run records the data directory it started with, for a run moved to another machi
 def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     """The command that goes on with an interrupted run: ``--resume`` with the :data:`FLAGS_READ_ON_RESUME` given
     to this one (``given``: the flags the command line named)."""
-    parser = build_parser()
-    carried = [word for dest in FLAGS_READ_ON_RESUME if dest in given
-               for word in command_words(parser, dest, getattr(args, dest))[1]]
-    return shlex.join([*script_words("train.py"), "--output-dir", args.output_dir, "--resume", *carried])
+    return resume_command("train.py", build_parser(), args, [dest for dest in FLAGS_READ_ON_RESUME if dest in given])
 
 
 def flags_kept_on(given: Collection[str], resume: bool) -> list[str]:
@@ -324,10 +319,8 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
             raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
                              f"them in total: pass more than {max(reached)} to go on")
         problems = with_data_dir(problems, args)
-        if getattr(args, "problem.data_dir") is None and not Path(problems[0].data_dir).exists():
-            raise DataError(f"--resume: the run's data directory {problems[0].data_dir} does not exist: pass "
-                            f"--data-dir where its data is now (the run reads the directory it recorded, whatever "
-                            f"{DATA_DIR_ENV} says)")
+        if getattr(args, "problem.data_dir") is None:
+            check_recorded_data_dir(problems[0].data_dir)
         return problems, resources
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
@@ -351,20 +344,21 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         if len(set(labels)) < len(labels):
             raise UsageError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
                              f"equal to 6 significant digits): give values that differ more")
-        check_settings_take_effect(problems, given)
+        check_settings_take_effect(problems[0], given)
     placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available(),
                                args.num_workers)
     return (with_data_dir(problems, args),
             TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
 
 
-def check_settings_take_effect(problems: list[PruningProblem], given: Collection[str]) -> None:
-    """A :class:`UsageError` for a problem flag ``given`` that no trial of the sweep reads
-    (``PruningProblem.settings_without_effect``): its trials would be twins of runs without it."""
+def check_settings_take_effect(problem: PruningProblem, given: Collection[str]) -> None:
+    """A :class:`UsageError` for a problem flag ``given`` that ``problem`` does not read
+    (``PruningProblem.settings_without_effect``): its trials would be twins of runs without it. (What decides it,
+    the agents and the warm start, is no number, so one problem of a sweep answers for all.)"""
+    unread = problem.settings_without_effect()
     for dest in sorted(given):
-        reasons = [problem.settings_without_effect().get(dest.removeprefix("problem.")) for problem in problems]
-        if dest.startswith("problem.") and all(reasons):
-            raise UsageError(f"{flag_name(dest)} changes nothing here: {reasons[0]}")
+        if dest.startswith("problem.") and dest.removeprefix("problem.") in unread:
+            raise UsageError(f"{flag_name(dest)} changes nothing here: {unread[dest.removeprefix('problem.')]}")
 
 
 def check_run_flags_take_effect(args: argparse.Namespace, given: Collection[str]) -> None:
@@ -373,6 +367,8 @@ def check_run_flags_take_effect(args: argparse.Namespace, given: Collection[str]
     runners to sample."""
     if "num_cpus" in given and args.address:
         raise UsageError(f"--num-cpus sizes a local Ray instance: the cluster at --address {args.address} has its own")
+    if args.resume:  # the run's own resources: a flag given again is compared with them (flags_changed_on_resume)
+        return
     callers = max(1, args.num_workers)  # env runner i calls server i % servers; without remote ones, the trial's own
     if "servers" in given and args.servers > callers:
         raise UsageError(f"--servers {args.servers}: {args.num_workers} env runner(s) call {callers} ViT server(s) at "

@@ -63,16 +63,16 @@ def training_episodes_per_second(trial_dir: Path, problem: PruningProblem) -> tu
     return env_steps * problem.images_per_env / env_steps_per_episode(problem) / seconds, len(rows)
 
 
-SET_BY_THE_BENCHMARK = ("iterations", "problem.warm_start", "problem.checkpoint_every", "output_dir", "resume",
-                        "from_checkpoint", "overwrite")
+SET_BY_THE_BENCHMARK = ("iterations", "problem.warm_start", "problem.warm_start_images", "problem.warm_start_steps",
+                        "problem.checkpoint_every", "output_dir", "resume", "from_checkpoint", "overwrite")
 """The destinations of train.py's flags that the benchmark sets itself (a new run of ``--iterations``
 iterations, no warm start, validated once at the stop, in a temporary directory removed afterwards), so that a
 user's own after ``--`` would be overridden or would make no sense: refused (:func:`check_train_flags`)."""
 
 
 def check_train_flags(train_flags: list[str], data_dir: str | None) -> None:
-    """A :class:`UsageError`, before anything runs, for ``train_flags`` that train.py would refuse, and for those
-    the benchmark would override unsaid, since its own come after them: a flag of :data:`SET_BY_THE_BENCHMARK`,
+    """A :class:`UsageError`, before anything runs, for ``train_flags`` that do not parse as train.py's, and for
+    those the benchmark would override unsaid, since its own come after them: a flag of :data:`SET_BY_THE_BENCHMARK`,
     or a ``--data-dir`` beside the benchmark's own (``data_dir``)."""
     parser = train.build_parser()
     parser.parse_args(train_flags)  # a bad train.py flag is its one error line now, not after Ray has started

@@ -91,8 +91,10 @@ class CheckpointInfo:
     def warn_if_backbone_changed(self, checkpoint: str | os.PathLike, backbone: str | os.PathLike) -> None:
         """A warning where the weights in ``backbone`` are not those the agents learned on (a backbone trained
         further in place, under the path the checkpoint records): their choices were learned for other features."""
+        if self.backbone_digest is None:  # recorded since 2026-12-07
+            return
         found = weights_digest(backbone)
-        if self.backbone_digest is not None and found is not None and found != self.backbone_digest:
+        if found is not None and found != self.backbone_digest:
             warnings.warn(f"the weights of backbone {backbone} have changed since checkpoint {checkpoint} was trained "
                           f"on them (trained further in place?): its agents learned on the earlier ones; retrain them "
                           f"(train.py --from-checkpoint) to prune this backbone as learned", stacklevel=2)

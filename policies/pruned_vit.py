@@ -125,6 +125,13 @@ class InferenceModel(nn.Module):
         uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead would distort them."""
         if isinstance(images, Image.Image | str | os.PathLike):
             raise UsageError("preprocess takes a list of images (or files): model.preprocess([image])")
+        images = list(images)
+        if not images:
+            raise UsageError("preprocess takes one image or more, got none")
+        for image in images:
+            if not isinstance(image, Image.Image | str | os.PathLike):
+                raise UsageError(f"preprocess reads PIL images or image files, got {type(image).__name__} (a batch "
+                                 f"tensor [B, 3, H, W] at the input size goes to model.normalize)")
         size = self.backbone_config["input_size"]
         return torch.stack([fit_image(image if isinstance(image, Image.Image) else _opened(image), size)
                             for image in images])

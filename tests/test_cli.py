@@ -113,6 +113,9 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
      "--from-checkpoint after --: the benchmark sets it itself (a new run of its own --iterations, given before --, "
      "with no warm start, validated once at the stop, in a temporary directory it removes)"),
     ("train_throughput", ["--", "--data-dir", "elsewhere"], "--data-dir is given before and after --: give it once"),
+    ("train_throughput", ["--", "--warm-start-steps", "100"],
+     "--warm-start-steps after --: the benchmark sets it itself (a new run of its own --iterations, given before --, "
+     "with no warm start, validated once at the stop, in a temporary directory it removes)"),
 ])
 def test_a_benchmarks_bad_flag_is_one_line(benchmark, flags, message, capsys):
     """Refused before anything runs: a count of 0 or a temperature of 0 ended in a traceback, or in a table of

@@ -339,6 +339,10 @@ def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, ima
         model.preprocess(Image.open(files[0]))
     with pytest.raises(UsageError, match=r"cannot read image .*nowhere.png: "):
         model.preprocess([image_folder_224 / "nowhere.png"])
+    with pytest.raises(UsageError, match=r"^preprocess takes one image or more, got none$"):
+        model.preprocess([])
+    with pytest.raises(UsageError, match=r"^preprocess reads PIL images or image files, got Tensor \(a batch tensor "):
+        model.preprocess(decoded)
 
 
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------

@@ -177,6 +177,14 @@ def errors_of_workers() -> Iterator[None]:
         raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
+def check_recorded_data_dir(data_dir: str) -> None:
+    """A DataError where the data directory a run recorded, which its ``--resume`` reads, is gone (moved, or on
+    another machine)."""
+    if not Path(data_dir).expanduser().exists():
+        raise DataError(f"--resume: the run's data directory {data_dir} does not exist: pass --data-dir where its "
+                        f"data is now (the run reads the directory it recorded, whatever {DATA_DIR_ENV} says)")
+
+
 def default_data_dir() -> str:
     """``$MARL_PRUNING_DATA_DIR`` when set, else ``./data``."""
     return os.environ.get(DATA_DIR_ENV, "data")
@@ -290,28 +298,36 @@ def _held_raw_split(dataset: str, root: Path, split: str, download: bool) -> Ite
         yield _shared_raw_split(dataset, root, split, download, Path.cwd())
 
 
+_CHECKED_SOURCES: set[Path] = set()  # split sources whose image paths this process has checked
+
+
 def _check_image_paths(names: Sequence[str], source: Path) -> None:
     """A DataError for an image file of ``source`` (its ``names``, relative) that is hidden, or, in a directory, not
     in a class folder directly: timm labels an image by its innermost folder, so ``cat/2019/`` would be a class
     ``2019`` of its own, shared by every class that holds such a folder, and hidden files (macOS ``._`` copies,
     Jupyter's ``.ipynb_checkpoints/``) would be read as images. A warning names the files of image formats that
-    are skipped (timm reads PNG and JPEG only)."""
+    are skipped (timm reads PNG and JPEG only). Once per source and process: a streamed split opens its files
+    again in each reader."""
+    if source in _CHECKED_SOURCES:
+        return
+    in_directory = source.is_dir()
     for name in names:
-        parts = Path(name).parts
+        parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".")]  # a tar's: '/'
         if any(part.startswith(".") for part in parts):
             raise DataError(f"{source / name} is hidden (a name that starts with '.') and would be read as an image "
                             f"of the data set: delete it")
-        if source.is_dir() and len(parts) > 2:
+        if in_directory and len(parts) > 2:
             raise DataError(f"{source / name} is in a folder inside a class folder, which would be a class of its own "
                             f"({parts[-2]!r}): keep each class's images in {source}/<class>/ itself")
-    if source.is_dir():
-        read = get_img_extensions(as_set=True)
-        skipped = sorted({path.suffix.lower() for path in source.rglob("*") if path.suffix.lower() in
-                          Image.registered_extensions() and path.suffix.lower() not in read
-                          and not path.name.startswith(".")})
+    if in_directory:
+        read, known = get_img_extensions(as_set=True), Image.registered_extensions()
+        skipped = sorted({suffix for folder in os.scandir(source) if folder.is_dir()
+                          for entry in os.scandir(folder.path) if not entry.name.startswith(".")
+                          and (suffix := os.path.splitext(entry.name)[1].lower()) in known and suffix not in read})
         if skipped:
             warnings.warn(f"{source} holds images in formats that are not read, skipped ({', '.join(skipped)}): "
                           f"convert them to PNG or JPEG to use them", stacklevel=2)
+    _CHECKED_SOURCES.add(source)
 
 
 def _class_names(raw) -> tuple[str, ...]:
