@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (resumably) after the first epoch that ends past this many seconds (or a duration "
                         "with a unit: 20m, 1.5h)")
     p.add_argument("--time-budget", type=duration_in("s"), default=None, metavar="SECONDS",
-                   help="train as many epochs as fit in this many seconds (or 20m, 1.5h), the test reading and "
-                        "export included: "
+                   help="train as many epochs as fit in this many seconds (or 20m, 1.5h) from this process's start "
+                        "(a --resume's budget starts anew), the test reading and export included: "
                         "the schedule's length is set from the second epoch's measured time (the first pays for "
                         "compiling; where no second is scheduled, from the first's, then again from the second's), "
                         "replacing --epochs; two epochs' time, and a minute more with --compile, is kept for the test "
