@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -581,6 +582,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
         args.epochs = DEFAULT_EPOCHS
     if state is None or "data_dir" in given:  # recorded absolute: a resumed run may start in another directory
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    if state is None and args.time_budget is None and args.warmup_epochs >= args.epochs:
+        warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than --epochs {args.epochs}: the learning "
+                      f"rate never leaves its warm-up (pass a shorter --warmup-epochs)", stacklevel=2)
     args.amp = amp = resolve_amp(args.amp, device)  # recorded resolved: a resumed run keeps it on any device
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # timm's mixup draws from numpy's global generator

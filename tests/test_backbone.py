@@ -515,6 +515,14 @@ def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_move
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, data_dir, capsys):
+    """The default ten warm-up epochs swallow a short run: its learning rate would never peak nor decay."""
+    assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
+                          "--batch-size", "32", "--epochs", "1", "--no-download", "--model-kwargs", *TINY]) == 0
+    assert ("warning: --warmup-epochs 10 is not fewer than --epochs 1: the learning rate never leaves its warm-up "
+            "(pass a shorter --warmup-epochs)\n") in capsys.readouterr().err
+
+
 def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys):
     """timm's mixup pairs the images of a batch: an odd --batch-size is refused in one line, and a training split
     smaller than a batch and odd (19 images here) trains in one batch of 18, the batch size that the learning
