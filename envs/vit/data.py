@@ -245,12 +245,6 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
             raw = create_dataset("", root=str(source))
         except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:
             raise DataError(f"cannot read {source}: {error}") from None
-        _check_image_paths(raw.reader.filenames(basename=False, absolute=False), source)
-        classes = _class_names(raw)
-        if "" in classes or "." in classes or len(classes) < 2:  # timm labels an image by its folder
-            raise DataError(f"{source} holds images outside class folders, or one class only "
-                            f"({', '.join(map(repr, classes))}): an ImageFolder keeps each class's images in a "
-                            f"folder of its own ({source}/<class>/<image>), two classes at least")
         return raw
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}"
@@ -286,8 +280,12 @@ def _shared_raw_split(dataset: str, data_dir: Path, split: str, download: bool, 
     for CIFAR-10's train.tar on a 2-core CPU), and ``train`` and ``val`` are two cuts of the same file. ``cwd``
     is only part of the key (a relative ``data_dir`` names another directory after a chdir). Readers are not
     safe to share across threads, so it is read through :func:`_held_raw_split`, and :class:`StreamedImages`
-    opens a reader of its own."""
-    return _open_raw_split(dataset, data_dir, split, download)
+    opens a reader of its own. An ImageFolder's layout is checked here (:func:`_check_layout`), where this process
+    indexes it, not again in each reader."""
+    raw = _open_raw_split(dataset, data_dir, split, download)
+    if isinstance(raw, ImageDataset):
+        _check_layout(raw)
+    return raw
 
 
 @contextlib.contextmanager
@@ -298,20 +296,15 @@ def _held_raw_split(dataset: str, root: Path, split: str, download: bool) -> Ite
         yield _shared_raw_split(dataset, root, split, download, Path.cwd())
 
 
-_CHECKED_SOURCES: set[Path] = set()  # split sources whose image paths this process has checked
-
-
-def _check_image_paths(names: Sequence[str], source: Path) -> None:
-    """A DataError for an image file of ``source`` (its ``names``, relative) that is hidden, or, in a directory, not
-    in a class folder directly: timm labels an image by its innermost folder, so ``cat/2019/`` would be a class
-    ``2019`` of its own, shared by every class that holds such a folder, and hidden files (macOS ``._`` copies,
-    Jupyter's ``.ipynb_checkpoints/``) would be read as images. A warning names the files of image formats that
-    are skipped (timm reads PNG and JPEG only). Once per source and process: a streamed split opens its files
-    again in each reader."""
-    if source in _CHECKED_SOURCES:
-        return
+def _check_layout(raw: ImageDataset) -> None:
+    """A DataError for an ImageFolder (a directory or a tar of one) whose images are not each in a class folder,
+    of two classes at least, or of which an image file is hidden: timm labels an image by its innermost folder, so
+    ``cat/2019/`` would be a class ``2019`` of its own, shared by every class that holds such a folder, and hidden
+    files (macOS ``._`` copies, Jupyter's ``.ipynb_checkpoints/``) would be read as images. A warning names the
+    files of image formats that are skipped (timm reads PNG and JPEG only)."""
+    source = Path(raw.reader.root)
     in_directory = source.is_dir()
-    for name in names:
+    for name in raw.reader.filenames(basename=False, absolute=False):
         parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".")]  # a tar's: '/'
         if any(part.startswith(".") for part in parts):
             raise DataError(f"{source / name} is hidden (a name that starts with '.') and would be read as an image "
@@ -327,7 +320,11 @@ def _check_image_paths(names: Sequence[str], source: Path) -> None:
         if skipped:
             warnings.warn(f"{source} holds images in formats that are not read, skipped ({', '.join(skipped)}): "
                           f"convert them to PNG or JPEG to use them", stacklevel=2)
-    _CHECKED_SOURCES.add(source)
+    classes = _class_names(raw)
+    if "" in classes or "." in classes or len(classes) < 2:
+        raise DataError(f"{source} holds images outside class folders, or one class only "
+                        f"({', '.join(map(repr, classes))}): an ImageFolder keeps each class's images in a "
+                        f"folder of its own ({source}/<class>/<image>), two classes at least")
 
 
 def _class_names(raw) -> tuple[str, ...]:
