@@ -485,9 +485,9 @@ def go_on_command(args: argparse.Namespace, given: Collection[str]) -> str:
     line, so without them it would go on without its ``--time-budget``, ``--device``, ``--compile``, ... The
     schedule's length goes too where it was given or changed since the run began: the state on disk records it
     only from its next save."""
-    planned = {"epochs"} if "epochs" in given or getattr(args, "schedule_changes", []) else set()
-    carried = [flag for flag in (*RESUME_FLAGS, "data_dir", "epochs")
-               if (flag in given or flag in planned) and flag != "output_dir"]
+    carried = [flag for flag in (*RESUME_FLAGS, "data_dir") if flag in given and flag != "output_dir"]
+    if "epochs" in given or getattr(args, "schedule_changes", []):
+        carried.append("epochs")
     return resume_command("backbone.py", build_parser(), args, carried)
 
 
