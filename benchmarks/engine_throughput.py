@@ -41,7 +41,7 @@ import torch
 
 from benchmarks import benchmark_parser, run_from_command_line, write_json
 from cli import given_flags, non_negative_float, positive_int
-from envs.problem import PruningProblem, block_indices, removal_ratio
+from envs.problem import PruningProblem, block_indices, flag_name, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
@@ -312,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     unread = sorted(given_flags(parser, argv) & {"data_dir", "dataset", "split"}) if args.random_images else []
     if unread:
-        parser.error(f"{', '.join('--' + dest.replace('_', '-') for dest in unread)}: --random-images reads no data "
+        parser.error(f"{', '.join(map(flag_name, unread))}: --random-images reads no data "
                      f"set: drop {'it' if len(unread) == 1 else 'them'}")
     if max(args.engine_images) > args.limit:
         parser.error(f"--limit {args.limit} is below --engine-images {max(args.engine_images)}: each engine call "
