@@ -716,9 +716,10 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    by_checkpoint = {path: (modules, info) for modules, info, path in policies.values()}  # one may serve budgets
     try:
         staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
-        for modules, info, path in policies.values():
+        for path, (modules, info) in by_checkpoint.items():
             check_policies(modules, staged.num_patches, path)
             if not args.backbone:
                 info.warn_if_backbone_changed(path, backbone_path)
@@ -766,7 +767,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
                         f"{recorded})") from None
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
-    checkpoints = {path: info.problem for _, info, path in policies.values()}
+    checkpoints = {path: info.problem for path, (_, info) in by_checkpoint.items()}
     ranked = (ranked_images_evaluated(checkpoints, problem.val_size, problem.split_seed, args.limit)
               if args.split == "val" else {})
     for path, count in ranked.items():
