@@ -153,6 +153,20 @@ def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_l
         list(load_split("folder", "test", root, memory_budget_mb=0).batches(4, workers=1))
 
 
+def test_every_unreadable_image_of_a_decoded_split_is_named_in_one_error(tmp_path, monkeypatch):
+    """One run names them all, not one per run: the split is decoded to the end first."""
+    root = _colour_folder(tmp_path / "damaged")
+    for name in ("ant/0", "bee/1", "cat/0"):
+        (root / "train" / f"{name}.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"^cannot read 3 images: .*train/ant/0\.png \(.*\); .*train/bee/1\.png "
+                                        r"\(.*\); .*train/cat/0\.png \(.*\) \(replace them with readable images"):
+        load_split("folder", "train", root, val_size=6)
+    monkeypatch.setattr(data, "UNREADABLE_NAMED", 2)
+    with pytest.raises(DataError, match=r"^cannot read 3 images: .*ant/0\.png .*; .*bee/1\.png \([^;]*\); and 1 "
+                                        r"more \(replace"):
+        load_split("folder", "train", root, val_size=6)
+
+
 def test_test_split_sizes_and_labels(data_dir):
     test = load_split("cifar10", "test", data_dir)
     assert test.images.shape == (10000, 3, 32, 32) and str(test.images.dtype) == "torch.uint8"

@@ -69,6 +69,22 @@ class ClassesDiffer(DataError):
     """A data set whose classes are not those of the backbone it is read for (:func:`check_classes`)."""
 
 
+class UnreadableImage(DataError):
+    """An image file that does not decode (:func:`unreadable_image`). It takes its message alone, as every
+    exception a DataLoader worker re-raises in the caller must."""
+
+    path: Path
+    reason: str
+
+
+def unreadable_image(path: Path, reason: str) -> UnreadableImage:
+    """The error for the image at ``path`` (in its split's directory or tar) that PIL cannot decode, for ``reason``."""
+    error = UnreadableImage(f"cannot read image {path}: {reason} (replace it with a readable image: removing it "
+                            f"renumbers the images after it, and with them the splits)")
+    error.path, error.reason = path, reason
+    return error
+
+
 class StreamedImages(torch.utils.data.Dataset):
     """A split's images read from their files on demand. ``images[i]`` is uint8 ``[3, S, S]`` and
     ``images[indices]`` uint8 ``[n, 3, S, S]``, the same pixels as the decoded tensor would hold.
@@ -174,7 +190,8 @@ def errors_of_workers() -> Iterator[None]:
     try:
         yield
     except DataError as error:
-        raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        kind = type(error)
+        raise kind(str(error).strip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]) from None
 
 
 def check_recorded_data_dir(data_dir: str) -> None:
@@ -437,9 +454,7 @@ def _image(raw, index: int) -> Image.Image:
         image = Image.open(file)
         image.load()
     except OSError as error:
-        path = Path(raw.reader.root) / raw.filename(index)  # in the split's directory or tar
-        raise DataError(f"cannot read image {path}: {error} (replace it with a readable image: removing it renumbers "
-                        f"the images after it, and with them the splits)") from None
+        raise unreadable_image(Path(raw.reader.root) / raw.filename(index), str(error)) from None
     return image
 
 
@@ -465,11 +480,27 @@ def fit_image(image: Image.Image, input_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+UNREADABLE_NAMED = 5
+"""How many unreadable images one error names (it counts the rest)."""
+
+
 def _decode(raw, indices: np.ndarray, input_size: int) -> torch.Tensor:
-    """Decode images to uint8 ``[N, 3, S, S]`` (:func:`fit_image`)."""
+    """Decode images to uint8 ``[N, 3, S, S]`` (:func:`fit_image`). Every image is tried before unreadable ones are
+    reported, in one error, so that one run finds them all."""
     out = torch.empty((len(indices), 3, input_size, input_size), dtype=torch.uint8)
+    unreadable: list[UnreadableImage] = []
     for row, index in enumerate(indices):
-        out[row] = fit_image(_image(raw, int(index)), input_size)
+        try:
+            out[row] = fit_image(_image(raw, int(index)), input_size)
+        except UnreadableImage as error:
+            unreadable.append(error)
+    if len(unreadable) == 1:
+        raise unreadable[0]
+    if unreadable:
+        named = "; ".join(f"{error.path} ({error.reason})" for error in unreadable[:UNREADABLE_NAMED])
+        more = f"; and {len(unreadable) - UNREADABLE_NAMED} more" if len(unreadable) > UNREADABLE_NAMED else ""
+        raise DataError(f"cannot read {len(unreadable)} images: {named}{more} (replace them with readable images: "
+                        f"removing them renumbers the images after them, and with them the splits)")
     return out
 
 
