@@ -89,8 +89,7 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
                   "data_error_wait_s": 60.0}  # RLlib resets a failed env at once: StopOnDataError ends the run
     policies = trained_policies(problem.agents)
     module_specs = {  # spaces come from the env, per policy
-        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config={
-            "hidden": problem.hidden, "entropy_gradient": problem.ppo.entropy_coeff > 0})
+        policy: RLModuleSpec(module_class=TokenPolicyModule, model_config=policy_model_config(problem))
         for policy in policies}
     return (
         with_resources(PPOConfig(SampleAheadPPO if resources.sample_ahead else PPO), resources)
@@ -103,12 +102,18 @@ def build_config(problem: PruningProblem, resources: TrialResources, train_serve
                                                                         initial_states=initial_states or {}))
         .evaluation(evaluation_interval=problem.checkpoint_every, evaluation_num_env_runners=0,
                     custom_evaluation_function=functools.partial(
-                        validate_on_server, server_name=val_server, model_config={"hidden": problem.hidden},
+                        validate_on_server, server_name=val_server, model_config=policy_model_config(problem),
                         steps_per_image=env_steps_per_episode(problem)))
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=1000,
                          delay_between_env_runner_restarts_s=5.0, restart_failed_sub_environments=True)
         .debugging(seed=problem.seed, log_level="ERROR")  # RLlib's start-up notices: see start_ray
     )
+
+
+def policy_model_config(problem: PruningProblem) -> dict[str, Any]:
+    """``TokenPolicyModule``'s ``model_config`` for ``problem``'s policies, one for the learner, the warm start and
+    validation, so that each builds the modules whose weights the others hand it."""
+    return {"hidden": problem.hidden, "entropy_gradient": problem.ppo.entropy_coeff > 0}
 
 
 def server_settings(problem: PruningProblem, placement: Placement, access: dict) -> dict[str, ServerSettings]:
@@ -157,7 +162,7 @@ def imitate_heuristic(problem: PruningProblem, inputs: ServerInputs, directory: 
     chosen = torch.randperm(len(inputs.images), generator=torch.Generator().manual_seed(problem.seed))
     images = normalize(inputs.images[chosen[:problem.warm_start_images]], inputs.config)
     fitted = warm_start_modules(staged, images, problem.ratios_trained, problem.reduction, problem.warm_start,
-                                problem.agents, problem.protected_share, {"hidden": problem.hidden},
+                                problem.agents, problem.protected_share, policy_model_config(problem),
                                 problem.warm_start_steps, directory, problem.seed)
     imitated = {"attention": "greedy attention", "similarity": problem.warm_start}
     matches = ", ".join(f"{policy} agent imitates {imitated[policy]} ({agreement:.1%} of its choices match)"
@@ -182,7 +187,7 @@ def validation_score(result: dict[str, Any]) -> float | None:
 
 
 def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_dir: Path | None,
-              inputs: dict[str, SharedInputs] | None = None, commit: str | None = None) -> None:
+              inputs: dict[str, SharedInputs] | None, commit: str | None) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
     It goes on from the trial's newest checkpoint when Tune restarts or resumes it
@@ -227,7 +232,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(trial_dir, recorded)
-                train_until(algo, problem, stop, commit, weights_digest(problem.backbone_path))
+                train_until(algo, problem, stop, commit=commit, backbone_digest=weights_digest(problem.backbone_path))
             finally:
                 algo.stop()
     finally:
@@ -315,8 +320,8 @@ def without_agent_slots(result: dict) -> dict:
     return result
 
 
-def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, commit: str | None = None,
-                backbone_digest: str | None = None) -> None:
+def train_until(algo: Algorithm, problem: PruningProblem, stop: StopRule, *, commit: str | None,
+                backbone_digest: str | None) -> None:
     """The PPO loop: train and report each iteration; validate and checkpoint every K iterations and at the
     stop (Tune ranks the checkpoints by :data:`SCORE`; each records ``commit`` and the ``backbone_digest`` of the
     weights the agents learn on)."""
