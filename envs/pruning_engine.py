@@ -168,6 +168,12 @@ class PruningEngine:
         self._evict()
         return self._observations(state, ratios)
 
+    def lost(self, keys: list[str]) -> EpisodeLost | None:
+        """The error for stepping ``keys`` where this engine holds no episode of some (evicted, or started before
+        a restart), naming the first; None where it holds them all."""
+        missing = [key for key in keys if key not in self.episodes]
+        return EpisodeLost(f"unknown episodes {missing[:3]}") if missing else None
+
     @torch.no_grad()
     def step(self, keys: list[str], keep: list[np.ndarray]) -> list[dict]:
         """Apply one keep mask per episode (over its live tokens, in order) and run the next stage.
@@ -175,9 +181,8 @@ class PruningEngine:
         At least one patch token always survives (``envs.vit.pruned_forward.effective_keep``), so every
         image still gets a prediction.
         """
-        missing = [key for key in keys if key not in self.episodes]
-        if missing:
-            raise EpisodeLost(f"unknown episodes {missing[:3]}")
+        if (lost := self.lost(keys)) is not None:
+            raise lost
         results: dict[str, dict] = {}
         by_point: dict[int, tuple[list[str], list[np.ndarray]]] = {}
         for key, mask in zip(keys, keep, strict=True):

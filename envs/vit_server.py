@@ -28,7 +28,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from envs.pruning_engine import EngineSpec, EpisodeLost, PruningEngine
+from envs.pruning_engine import EngineSpec, PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import create_vit, load_backbone
 from envs.vit.data import DataError, StreamedImages
@@ -149,9 +149,8 @@ class ViTServer:
             chosen = [i for i, request in enumerate(batch) if request.kind == kind]
             if kind == "step":  # a request naming a lost episode fails alone
                 for i in list(chosen):
-                    lost = [k for k in batch[i].keys if k not in self.engine.episodes]
-                    if lost:
-                        outcomes[i] = EpisodeLost(f"unknown episodes {lost[:3]}")
+                    if (lost := self.engine.lost(batch[i].keys)) is not None:
+                        outcomes[i] = lost
                         chosen.remove(i)
             if not chosen:
                 continue
