@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
+from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from envs.pruning_env import image_of_agent
@@ -19,6 +20,7 @@ WINDOW = 1000  # images
 class PruningMetrics(RLlibCallback):
     """Averages the env's final per-image infos over the last ``WINDOW`` images."""
 
+    @override(RLlibCallback)
     def on_episode_end(self, *, episode: MultiAgentEpisode, metrics_logger: MetricsLogger, **kwargs) -> None:
         counted = set()
         for agent_id, info in episode.get_infos(-1).items():

@@ -35,6 +35,7 @@ import numpy as np
 import ray
 from ray.rllib.env.env_errors import StepFailedRecreateEnvError
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
+from ray.rllib.utils.annotations import override
 
 from envs.errors import UsageError
 from envs.problem import PruningProblem, trained_policies
@@ -221,6 +222,7 @@ class TokenPruningEnv(MultiAgentEnv):
             return [ratios[0]] * self.num_images
         return np.repeat(self._rng.choice(ratios, self.num_images // rollouts), rollouts).tolist()
 
+    @override(MultiAgentEnv)
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         if seed is not None:
             self._rng = np.random.default_rng([seed, *self._stream])
@@ -247,6 +249,7 @@ class TokenPruningEnv(MultiAgentEnv):
         obs = self._start_point(started)
         return obs, {aid: {} for aid in obs}
 
+    @override(MultiAgentEnv)
     def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:
         policy = self._turns.pop(0)
         for i, chosen in enumerate(self._chosen):
@@ -287,10 +290,10 @@ class TokenPruningEnv(MultiAgentEnv):
         truncateds = {aid: False for aid in self.agents} | {"__all__": False}
         return self._zero_observations(), rewards, terminateds, truncateds, infos
 
-    def _agent(self, image: int, policy: str) -> str | None:
-        """The agent of ``policy`` on image ``image`` (``attention_3``, or ``attention`` with one image); None
-        when ``policy`` does not act."""
-        return next((aid for aid in self._image_agents[image] if policy_for_agent(aid) == policy), None)
+    def _agent(self, image: int, policy: str) -> str:
+        """The agent of ``policy`` on image ``image`` (``attention_3``, or ``attention`` with one image); only a
+        policy that acts in this problem is asked for."""
+        return next(aid for aid in self._image_agents[image] if policy_for_agent(aid) == policy)
 
     def _episode_lost(self) -> StepFailedRecreateEnvError:
         """The server lost our episodes (a restart): RLlib discards this episode (nothing of it is trained on),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
+from ray.rllib.utils.annotations import override
 
 from envs.vit.token_ops import highest
 from policies.token_scorer import DEAD_SCORE
@@ -95,6 +96,7 @@ class ExactCount(TorchDistribution):
         self._log_z: torch.Tensor | None = None  # log Z of ``scores``, with its graph where they have one
         super().__init__()
 
+    @override(TorchDistribution)
     def _get_torch_distribution(self) -> None:
         return None  # every method is implemented here
 
@@ -112,6 +114,7 @@ class ExactCount(TorchDistribution):
                 self._log_z = self._log_normaliser(self.scores)
         return self._log_z
 
+    @override(TorchDistribution)
     def logp(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the sets ``value [..., N]`` (0/1 as float, int or bool)."""
         return (self.scores * value.to(self.scores.dtype)).sum(-1) - self._scores_log_normaliser()
@@ -136,14 +139,17 @@ class ExactCount(TorchDistribution):
         log_z, inclusion = self._log_normaliser_and_inclusion(differentiable)
         return log_z - (inclusion * (self.scores if differentiable else self.scores.detach())).sum(-1)
 
+    @override(TorchDistribution)
     def entropy(self) -> torch.Tensor:
         return self._entropy(differentiable=True)
 
+    @override(TorchDistribution)
     def kl(self, other: ExactCount) -> torch.Tensor:
         """``KL(self || other) = sum_i pi_i (s_i - s'_i) - log Z + log Z'``, for the same count on both sides."""
         log_z, inclusion = self._log_normaliser_and_inclusion()
         return (inclusion * (self.scores - other.scores)).sum(-1) - log_z + other._scores_log_normaliser()
 
+    @override(TorchDistribution)
     @torch.no_grad()
     def sample(self, *, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """One set per row, ``[..., N]`` float 0/1, drawn down :func:`polynomial_tree`: a node that must hold
@@ -162,15 +168,18 @@ class ExactCount(TorchDistribution):
         chosen = members[:, :scores.shape[1]] > 0
         return chosen.reshape(self.scores.shape).to(self.scores.dtype)
 
+    @override(TorchDistribution)
     def rsample(self, *, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         raise NotImplementedError("sets have no reparameterised sample")
 
+    @override(TorchDistribution)
     @staticmethod
     def required_input_dim(space: gym.Space, **kwargs) -> int:
         """One score per binary entry, and the count."""
         assert isinstance(space, gym.spaces.MultiBinary), space
         return int(np.prod(space.shape)) + 1
 
+    @override(TorchDistribution)
     def to_deterministic(self) -> TorchDeterministic:
         """The most likely set: the ``count`` highest scores."""
         return TorchDeterministic(loc=highest(self.scores, self.count.unsqueeze(-1)).to(self.scores.dtype))
@@ -185,5 +194,6 @@ class ExactCountEntropyStatistic(ExactCount):
     values, a first-order backward pass only, and the normaliser that the loss's log-probability computed.
     """
 
+    @override(ExactCount)
     def entropy(self) -> torch.Tensor:
         return self._entropy(differentiable=False)

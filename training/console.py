@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback
@@ -72,6 +73,7 @@ class ProgressLines(tune.Callback):
     """The console: one :func:`progress_line` per trial iteration, led by the trial's name when there are
     several (Tune's own reporter is off: ``RunConfig(verbose=0)``)."""
 
+    @override(tune.Callback)
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         problem = PruningProblem.from_json(trial.config["trial"]["problem"])
         name = f"[{trial.config['trial']['name']}] " if len(trials) > 1 else ""
@@ -101,6 +103,7 @@ class StopOnDataError(tune.Callback):
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["every_s"])
 
+    @override(tune.Callback)
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         if self._answers:
             arrived, self._answers = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
@@ -117,6 +120,7 @@ class StopOnFullDisk(tune.Callback):
     Tune would restart the trial from its latest checkpoint (``--max-failures``) only to fail again, each restart
     leaving what it could write of Tune's records and a checkpoint behind."""
 
+    @override(tune.Callback)
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         check_space_after_failure(Path(trial.path).parent, f"trial {trial} failed")  # the run's directory, where local
 
@@ -131,6 +135,7 @@ class ProgressCsv(CSVLoggerCallback):
     under the union of the columns (rarely: new metrics appear in the first few rows), the earlier rows blank in
     them."""
 
+    @override(CSVLoggerCallback)
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         if trial not in self._trial_files:
             self._setup_trial(trial)
