@@ -37,10 +37,11 @@ from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES
 from policies.heuristics import HEURISTICS, SIMILARITY_HEURISTICS
 from policies.token_scorer import DEFAULT_HIDDEN
 
-PROTECTED_SHARE_BEFORE_SETTING = 0.25
-"""The share the attention agent protected in checkpoints written before ``protected_share`` was a setting."""
-SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline": "none"}
-"""How checkpoints written before these settings existed were trained (one rollout of each image, no baseline),
+UNRECORDED_PROTECTED_SHARE = 0.25
+"""The share the attention agent protected in a checkpoint that records ``rollouts_per_image`` but no
+``protected_share``."""
+UNRECORDED_SETTINGS: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline": "none"}
+"""How a checkpoint that records none of these settings was trained (one rollout of each image, no baseline),
 where the defaults differ."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", *SIMILARITY_HEURISTICS)
@@ -291,22 +292,22 @@ class PruningProblem:
     def from_checkpoint_json(cls, config: Mapping[str, Any]) -> PruningProblem:
         """The problem of a checkpoint's ``pruning_config.json`` (or its export's ``policy.json``), of any layout.
 
-        A checkpoint records the agents' turns through ``protected_share``. Those written before it was a setting
-        protected a quarter (:data:`PROTECTED_SHARE_BEFORE_SETTING`) if they know ``rollouts_per_image`` (added
-        with these turns); older ones were trained under turns in which the attention agent removed tokens, so
-        their pair is refused rather than evaluated under turns it never learned (one agent alone is unaffected).
+        A checkpoint records the agents' turns through ``protected_share``. One that records no share protected a
+        quarter (:data:`UNRECORDED_PROTECTED_SHARE`) if it records ``rollouts_per_image`` (which came with these
+        turns); one that records neither was trained under turns in which the attention agent removed tokens, so
+        its pair is refused rather than evaluated under turns it never learned (one agent alone is unaffected).
         """
         if "problem" not in config:
             problem, turns_known = cls.from_legacy_json(config), False
         else:
             data = dict(config["problem"])
             if "protected_share" not in data and "rollouts_per_image" in data:
-                data["protected_share"] = PROTECTED_SHARE_BEFORE_SETTING
-            problem = cls.from_json({**SETTINGS_BEFORE_THEY_EXISTED, **data})
+                data["protected_share"] = UNRECORDED_PROTECTED_SHARE
+            problem = cls.from_json({**UNRECORDED_SETTINGS, **data})
             turns_known = "protected_share" in data
         _check(turns_known or problem.agents != "both",
-               "its agents were trained under turns in which the attention agent removed tokens (before "
-               "2026-11-23), so this code's turns would evaluate a pair it never learned: retrain it with train.py")
+               "its agents were trained under turns in which the attention agent removed tokens, so this "
+               "code's turns would evaluate a pair it never learned: retrain it with train.py")
         return problem
 
     @classmethod
@@ -330,7 +331,7 @@ class PruningProblem:
             agent_steps_per_env_step = env.get("images_per_env", 8) * (2 if env.get("agents", "both") == "both" else 1)
             values["ppo"] = {**values["ppo"], "train_batch_size_per_learner":
                              values["ppo"]["train_batch_size_per_learner"] * agent_steps_per_env_step}
-        return cls.from_json({**SETTINGS_BEFORE_THEY_EXISTED, **{k: v for k, v in values.items() if v is not None}})
+        return cls.from_json({**UNRECORDED_SETTINGS, **{k: v for k, v in values.items() if v is not None}})
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

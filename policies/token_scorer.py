@@ -117,8 +117,7 @@ class TokenScorer(TokenScoring, nn.Module):
 
 
 def _accept_unprefixed_names(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-    """Load states that name the networks without the leading underscore: checkpoints written before the
-    networks were made private."""
+    """Load states that name the networks without the leading underscore, as older checkpoints do."""
     for key in list(state_dict):
         name = key[len(prefix):]
         if key.startswith(prefix) and name.split(".")[0] in _NETWORKS:

@@ -60,7 +60,7 @@ class TrialResources:
 
     @classmethod
     def from_json(cls, data: dict) -> TrialResources:
-        """A run recorded before ``sample_ahead`` existed alternated sampling and updates, and goes on so."""
+        """A run that records no ``sample_ahead`` alternated sampling and updates, and goes on so."""
         return cls(data["num_workers"], data["envs_per_worker"], Placement(**data["placement"]),
                    data.get("sample_ahead", False))
 

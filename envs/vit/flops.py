@@ -175,7 +175,7 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
         reduction: ``merge`` adds the cost of merging removed tokens (:func:`merge_gflops`).
         scores: what the selector computes at each pruning point (:data:`TokenScores`).
         policy_macs_per_token: multiply-accumulates of the policy networks per live token and pruning point
-            (``TokenPolicyModule.macs_per_token``, summed over the modules used).
+            (``TokenScoring.macs_per_token``, summed over the modules used).
     """
     live, kept = kept_per_stage[:-1], kept_per_stage[1:]
     backbone = backbone_gflops(spec, schedule_tokens(spec, prune_points, kept_per_stage))

@@ -74,8 +74,7 @@ def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], objec
     the drift of each round, and a ratio taken within the round (:func:`ratios_within_rounds`) cancels it.
     A round of many runs lasts long enough to drift within it, so each round takes the runs in an order of its
     own, drawn with ``seed``: no run has a fixed place in the rounds, and a drift within them adds noise to a
-    ratio, not a bias (with the runs rotated one place a round, the first of 28, evaluate.py's unpruned model,
-    was timed at the end of every round).
+    ratio, not a bias.
     """
     passes = [(key, batches_pass(run, images, batch_size)) for key, run in runs.items()]
     rates: dict[Key, list[float]] = {key: [] for key in runs}
