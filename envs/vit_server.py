@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from envs.pruning_engine import EngineSpec, PruningEngine
 from envs.server_settings import ServerSettings
-from envs.vit.backbone_checkpoint import create_vit, load_backbone
+from envs.vit.backbone_checkpoint import load_backbone, vit_from_state
 from envs.vit.data import DataError, StreamedImages
 from envs.vit.held_out import load_checked_split
 from envs.vit.staged_vit import StagedViT
@@ -209,9 +209,7 @@ def call_through_restarts(call: Callable[[], Result], timeout_s: float = RESTART
 
 def staged_from_weights(state: dict, config: dict, prune_points: tuple[int, ...]) -> StagedViT:
     """The backbone rebuilt from its weights and checkpoint config (as read by ``load_server_inputs``)."""
-    vit = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
-    vit.load_state_dict(state)
-    return StagedViT(vit.eval(), prune_points)
+    return StagedViT(vit_from_state(state, config), prune_points)
 
 
 @dataclass(frozen=True)

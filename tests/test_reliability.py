@@ -207,8 +207,7 @@ def test_engine_counts_the_non_finite_features_it_sanitised(monkeypatch):
 def test_train_rejects_bad_problem_settings_before_starting(tmp_path, tiny_backbone, capsys, flags, message):
     empty = tmp_path / "empty"
     empty.mkdir()
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
+    unknown = Path(shutil.copytree(tiny_backbone, tmp_path / "unknown"))  # weights of a model timm does not know
     config = json.loads((tiny_backbone / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**config, "model_name": "vit_nonexistent"}))
     held_out = Path(shutil.copytree(tiny_backbone, tmp_path / "held_out"))

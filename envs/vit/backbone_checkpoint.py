@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,16 +183,23 @@ def is_backbone_checkpoint(directory: str | os.PathLike) -> bool:
 def load_backbone(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the timm model of a checkpoint directory in float32, on the CPU, in eval mode, with its config."""
     config = read_backbone_config(directory)
-    model = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
     try:
         state = load_file(str(Path(directory) / WEIGHTS_FILE))
     except (OSError, RuntimeError, SafetensorError) as error:
         raise CheckpointError(f"cannot read weights in {directory}: {error}") from None
+    return vit_from_state(state, config, directory), config
+
+
+def vit_from_state(state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                   source: str | os.PathLike = "the state given") -> torch.nn.Module:
+    """The timm model a backbone checkpoint's ``config`` names, holding ``state`` (its weights, floating point ones
+    in float32), in eval mode; a :class:`CheckpointError` naming ``source`` where they do not fit it."""
+    model = create_vit(config["model_name"], config["num_classes"], config["model_kwargs"])
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as error:
-        raise CheckpointError(f"weights in {directory} do not fit {config['model_name']}: {error}") from None
-    return model.eval(), config
+        raise CheckpointError(f"weights in {source} do not fit {config['model_name']}: {error}") from None
+    return model.eval()
 
 
 def weights_digest(directory: str | os.PathLike) -> str | None:
