@@ -42,8 +42,8 @@ from policies.token_scorer import TokenScorer, TokenScoring
 
 PRUNING_CONFIG = "pruning_config.json"
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
-PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
-UNRECORDED = "unrecorded_"  # before PREFIX: a checkpoint Tune has no record of, renamed out of its numbering
+CHECKPOINT_PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
+UNRECORDED_PREFIX = "unrecorded_"  # put before the name of a checkpoint Tune has no record of: out of its numbering
 Modules = Mapping[str, TokenScoring]
 
 EXPORT_DIR = "export"  # a checkpoint's policy export (policies.export writes it)
@@ -111,9 +111,9 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     """A trial's complete checkpoints (those with their ``pruning_config.json``), Tune's and those set aside as
-    :data:`UNRECORDED`, oldest first by the iteration they hold (a resumed trial can write a later iteration
+    :data:`UNRECORDED_PREFIX`, oldest first by the iteration they hold (a resumed trial can write a later iteration
     into a lower-numbered directory)."""
-    found = [p.parent for pattern in (PREFIX, UNRECORDED + PREFIX)
+    found = [p.parent for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
              for p in Path(trial_dir).glob(f"{pattern}*/{PRUNING_CONFIG}") if checkpoint_number(p.parent) is not None]
     return sorted(found, key=_iteration_order)
 
@@ -121,9 +121,9 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
 def checkpoint_number(checkpoint: Path) -> int | None:
     """The number Tune gave a checkpoint directory (``checkpoint_000003``, set aside or not: 3), None for a name
     that is not one of Tune's numbered ones."""
-    name = checkpoint.name.removeprefix(UNRECORDED)
-    number = name.removeprefix(PREFIX)
-    return int(number) if name.startswith(PREFIX) and number.isdigit() else None
+    name = checkpoint.name.removeprefix(UNRECORDED_PREFIX)
+    number = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
 
 
 def _iteration_order(checkpoint: Path) -> tuple[int, int]:

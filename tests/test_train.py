@@ -53,7 +53,7 @@ from training.learner import PruningPPOLearner
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, interrupt_on_sigterm
 from training.run_directory import delete_run
-from training.trial import SCORE, build_config, restore_newest, resumed_iteration
+from training.trial import SCORE, build_config, newest_iteration, restore_newest
 
 
 def run(tmp_path, tiny_backbone, data_dir, *extra):
@@ -321,8 +321,8 @@ def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp
         (tmp_path / f"checkpoint_0000{iteration}" / PRUNING_CONFIG).write_text(
             json.dumps(CheckpointInfo(PruningProblem(), iteration, 80.0).to_json()))
     (tmp_path / "damaged").mkdir()  # no pruning_config.json: passed over, as restore_newest passes over it
-    assert resumed_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
-    assert resumed_iteration([]) == 0
+    assert newest_iteration([tmp_path / "damaged", tmp_path / "checkpoint_000030"]) == 30
+    assert newest_iteration([]) == 0
     config = build_config(PruningProblem(), TrialResources(1, 1, plan_placement(None, 1, 0, False, 2),
                                                                       True), ["train"], "val", resumed_at=30)
     assert config.env_config["resumed_at"] == 30

@@ -17,8 +17,8 @@ from ray import tune
 from envs.atomic_file import first_missing
 from envs.errors import UsageError, UserError
 from policies.checkpoints import (
-    PREFIX,
-    UNRECORDED,
+    CHECKPOINT_PREFIX,
+    UNRECORDED_PREFIX,
     PolicyCheckpointError,
     check_restorable,
     readable_checkpoint_info,
@@ -104,7 +104,7 @@ RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experime
 
 
 TRIAL_FILES = ("params.json", "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
-               "error.pkl", f"{PREFIX}*", f"{UNRECORDED}{PREFIX}*", "warm_start")
+               "error.pkl", f"{CHECKPOINT_PREFIX}*", f"{UNRECORDED_PREFIX}{CHECKPOINT_PREFIX}*", "warm_start")
 """What a trial's directory holds: Tune's records and loggers, its checkpoints and the warm start's modules."""
 
 

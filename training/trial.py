@@ -51,8 +51,8 @@ from envs.vit_server import (
     wait_until_serving,
 )
 from policies.checkpoints import (
-    PREFIX,
-    UNRECORDED,
+    CHECKPOINT_PREFIX,
+    UNRECORDED_PREFIX,
     CheckpointInfo,
     PolicyCheckpointError,
     checkpoint_number,
@@ -228,7 +228,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
                 initial_states = imitate_heuristic(problem, inputs[TRAIN_SERVER].get(), clones, trial["name"])
             wait_until_serving(servers)
             algo = build_config(problem, resources, names[TRAIN_SERVER], names[VAL_SERVER], initial_states,
-                                resumed_iteration(own or start)).build_algo()
+                                newest_iteration(own or start)).build_algo()
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(trial_dir, recorded)
@@ -262,15 +262,15 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
         return
     recorded_here = recorded is not None and Path(recorded.path).parent == trial_dir
     last_recorded = checkpoint_number(Path(recorded.path)) if recorded_here else -1
-    for checkpoint in trial_dir.glob(f"{PREFIX}*"):
+    for checkpoint in trial_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         number = checkpoint_number(checkpoint)
         if number is not None and number > last_recorded:
-            aside = checkpoint.with_name(UNRECORDED + checkpoint.name)
+            aside = checkpoint.with_name(UNRECORDED_PREFIX + checkpoint.name)
             shutil.rmtree(aside, ignore_errors=True)
             checkpoint.rename(aside)
 
 
-def resumed_iteration(checkpoints: list[Path]) -> int:
+def newest_iteration(checkpoints: list[Path]) -> int:
     """The iteration of the newest of ``checkpoints`` (a trial's own, or ``--from-checkpoint``'s) whose record
     reads (0 without checkpoints): the key of the image streams of a run that goes on from it, so that they
     draw other images than the run that wrote it drew from its start. It is the iteration restored unless that
@@ -284,7 +284,7 @@ def resumed_iteration(checkpoints: list[Path]) -> int:
 def reached_iteration(trial_dir: Path) -> int:
     """How far a trial got: the iteration of its newest checkpoint on disk whose record reads (0 without), also
     where that iteration was stored but never reported (a Ctrl-C, or a resume at its stop)."""
-    return resumed_iteration(list(reversed(trial_checkpoints(trial_dir))))
+    return newest_iteration(list(reversed(trial_checkpoints(trial_dir))))
 
 
 def restore_newest(algo: Algorithm, checkpoints: list[Path]) -> None:
