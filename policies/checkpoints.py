@@ -7,8 +7,9 @@ Layout of a run's output directory (``train.py --output-dir``, Tune's experiment
     <output-dir>/<trial>/checkpoint_000003/   one RLlib checkpoint (``Algorithm.save_to_path``) and
                                               (``unrecorded_checkpoint_000004/``: one that Tune had not
                                               recorded when the run was killed, set aside on --resume)
-        pruning_config.json                   {"problem": envs.problem.PruningProblem, "iteration", "val_score",
-                                              "commit", "versions"}
+        pruning_config.json                   what the checkpoint says about itself (``CheckpointInfo.to_json``:
+                                              the problem, iteration, validation score, commit, backbone digest,
+                                              versions)
         learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
         export/                               the policy modules as safetensors + JSON (``policies.export``
                                               writes it, :func:`load_exported_policies` reads it): what
@@ -206,12 +207,19 @@ def validation_rank(val_score: float, iteration: int | None) -> tuple[float, int
     return val_score, -(iteration or 0)
 
 
+def validated_checkpoints(checkpoints: Iterable[Path]) -> list[tuple[Path, CheckpointInfo]]:
+    """Those of ``checkpoints`` whose record reads and holds a validation score, each with its record."""
+    return [(path, info) for path in checkpoints
+            if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
+
+
 def best_on_validation(checkpoints: Iterable[Path]) -> Path | None:
     """The checkpoint of ``checkpoints`` that ranks first on validation (:func:`validation_rank`); None when none
     was validated."""
-    scored = [(validation_rank(info.val_score, info.iteration), path) for path in checkpoints
-              if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
-    return max(scored, key=lambda entry: entry[0])[1] if scored else None
+    validated = validated_checkpoints(checkpoints)
+    if not validated:
+        return None
+    return max(validated, key=lambda entry: validation_rank(entry[1].val_score, entry[1].iteration))[0]
 
 
 def _run_directory_hint(directory: Path) -> str:
@@ -295,11 +303,11 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     path = checkpoint_directory(checkpoint)
     if is_export(path) or has_export(path):
         return load_exported_policies(path)
-    info = read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
+    read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
     warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                   f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)",
                   stacklevel=2)
-    return rllib_modules(path, info.problem.agents), info
+    return load_rllib_policies(path)
 
 
 def checkpoint_directory(checkpoint: str | Path) -> Path:

@@ -6,7 +6,7 @@ checkpoint therefore carries, beside RLlib's files, an export of its policy modu
 
     <checkpoint>/export/policies.safetensors   every module's state dict, keys prefixed by policy id
                                                ("attention._token_net.0.weight", "similarity. ...")
-    <checkpoint>/export/policy.json            {"problem", "iteration", "val_score"} as in pruning_config.json,
+    <checkpoint>/export/policy.json            what pruning_config.json holds (``CheckpointInfo``),
                                                and per module what rebuilds it: {"modules": {policy:
                                                {"num_patches", "num_features", "hidden"}}}
 

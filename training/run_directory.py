@@ -23,6 +23,7 @@ from policies.checkpoints import (
     check_restorable,
     readable_checkpoint_info,
     trial_checkpoints,
+    validated_checkpoints,
 )
 from training.trial import SCORE
 
@@ -181,8 +182,8 @@ def scored_checkpoints(result: tune.Result, run_dir: Path | None) -> list[tuple[
     report's, which Tune keeps whatever its score (the stop writes one)."""
     if run_dir is not None:
         trial_dir = run_dir / Path(result.path).name
-        return [(path.name, info.val_score, info.iteration) for path in trial_checkpoints(trial_dir)
-                if (info := readable_checkpoint_info(path)) is not None and info.val_score is not None]
+        return [(path.name, info.val_score, info.iteration)
+                for path, info in validated_checkpoints(trial_checkpoints(trial_dir))]
     latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
     return [(Path(checkpoint.path).name, metrics[SCORE], metrics.get("training_iteration"))
             for checkpoint, metrics in [*result.best_checkpoints, *latest]
