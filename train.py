@@ -276,7 +276,6 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
     """The problems and resources of the trials: from the flags (or ``--from-checkpoint``'s problem) for a new
     run, from the run's own record on --resume; a flag ``given`` that either would ignore is refused. The
     placement is this machine's guess until Ray is up."""
-    storage_path, name = storage_location(args.output_dir)
     local = local_run_dir(args.output_dir)
     if local is not None:
         check_output_dir(local, args.output_dir)
@@ -292,36 +291,55 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         raise UsageError(f"--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
                          f"{', '.join(flag_name(dest) for dest in kept)}")
     if args.resume:
-        if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
-            raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(args.output_dir)}")
-        tuner = None
-        try:  # Tune's records, read by Tuner.restore once Ray is up: a damaged one is refused now
-            if local is not None:
-                with (local / "tuner.pkl").open("rb") as file:
-                    tuner = pickle.load(file)
-            trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
-        except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
-            complete = newest_complete_checkpoints(local) if local is not None else []
-            start = (f"start a new run from a trial's newest complete checkpoint ({', '.join(map(str, complete))}) "
-                     f"with --from-checkpoint and another --output-dir" if complete else
-                     "no complete checkpoint is left to start a new run from")
-            raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
-                             f"not read ({type(error).__name__}: {error}): {start}") from None
-        problems = [PruningProblem.from_json(t["problem"]) for t in trials]
-        resources = TrialResources.from_json(trials[0]["resources"])
-        if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
-            raise UsageError("--resume goes on with the run's problems, PPO settings and resources (--from-checkpoint "
-                             "starts a new run that may change them): drop or give the run's value: "
-                             + ", ".join(f"{flag_name(dest)} (the run's: {value})"
-                                         for dest, value in changed.items()))
-        reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
-        if reached and min(reached) >= args.iterations:
-            raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
-                             f"them in total: pass more than {max(reached)} to go on")
-        problems = with_data_dir(problems, args)
-        if getattr(args, "problem.data_dir") is None:
-            check_recorded_data_dir(problems[0].data_dir)
-        return problems, resources
+        return resumed_trials(args, kept, local)
+    check_new_run_directory(args, local)
+    problems = new_problems(args, given)
+    placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available(),
+                               args.num_workers)
+    return with_data_dir(problems, args), TrialResources(args.num_workers, args.envs_per_worker, placement,
+                                                          args.sample_ahead)
+
+
+def resumed_trials(args: argparse.Namespace, kept: Collection[str],
+                   local: Path | None) -> tuple[list[PruningProblem], TrialResources]:
+    """The problems and resources a ``--resume`` goes on with, from the run's Tune records (read now: a damaged
+    one is refused before Ray starts); ``kept``: the flags given that must equal the run's (``local``: the run's
+    directory on a local disk, None in cloud storage)."""
+    storage_path, name = storage_location(args.output_dir)
+    if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
+        raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(args.output_dir)}")
+    tuner = None
+    try:  # Tune's records, read by Tuner.restore once Ray is up
+        if local is not None:
+            with (local / "tuner.pkl").open("rb") as file:
+                tuner = pickle.load(file)
+        trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+    except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
+        complete = newest_complete_checkpoints(local) if local is not None else []
+        start = (f"start a new run from a trial's newest complete checkpoint ({', '.join(map(str, complete))}) "
+                 f"with --from-checkpoint and another --output-dir" if complete else
+                 "no complete checkpoint is left to start a new run from")
+        raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
+                         f"not read ({type(error).__name__}: {error}): {start}") from None
+    problems = [PruningProblem.from_json(t["problem"]) for t in trials]
+    resources = TrialResources.from_json(trials[0]["resources"])
+    if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
+        raise UsageError("--resume goes on with the run's problems, PPO settings and resources (--from-checkpoint "
+                         "starts a new run that may change them): drop or give the run's value: "
+                         + ", ".join(f"{flag_name(dest)} (the run's: {value})" for dest, value in changed.items()))
+    reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
+    if reached and min(reached) >= args.iterations:
+        raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "
+                         f"them in total: pass more than {max(reached)} to go on")
+    problems = with_data_dir(problems, args)
+    if getattr(args, "problem.data_dir") is None:
+        check_recorded_data_dir(problems[0].data_dir)
+    return problems, resources
+
+
+def check_new_run_directory(args: argparse.Namespace, local: Path | None) -> None:
+    """A :class:`UsageError` where a new run's local directory holds something: a run, unless ``--overwrite``
+    replaces it, or anything else."""
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
@@ -329,26 +347,26 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         if not args.overwrite:
             raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
                              f"to replace it")
+
+
+def new_problems(args: argparse.Namespace, given: Collection[str]) -> list[PruningProblem]:
+    """A new run's problems: ``--from-checkpoint``'s, or the flags' (one per value of a sweep, each once)."""
     if args.from_checkpoint:
         info = read_checkpoint_info(Path(args.from_checkpoint))
         if info.iteration is not None and args.iterations <= info.iteration:
             raise UsageError(f"--from-checkpoint is at iteration {info.iteration} and --iterations counts them in "
                              f"total: pass more than {info.iteration}")
         check_restorable(args.from_checkpoint)
-        problems = [info.problem]
-    else:
-        problems = with_backbone_data(problems_from_args(args), args)
-        labels = [sweep_label(problem, problems) for problem in problems]
-        if len(set(problems)) < len(problems):
-            raise UsageError("the sweep gives a setting the same value twice: give each value once")
-        if len(set(labels)) < len(labels):
-            raise UsageError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
-                             f"equal to 6 significant digits): give values that differ more")
-        check_settings_take_effect(problems[0], given)
-    placement = plan_placement(args.servers, args.server_threads, torch.cuda.device_count(), torch.cuda.is_available(),
-                               args.num_workers)
-    return (with_data_dir(problems, args),
-            TrialResources(args.num_workers, args.envs_per_worker, placement, args.sample_ahead))
+        return [info.problem]
+    problems = with_backbone_data(problems_from_args(args), args)
+    labels = [sweep_label(problem, problems) for problem in problems]
+    if len(set(problems)) < len(problems):
+        raise UsageError("the sweep gives a setting the same value twice: give each value once")
+    if len(set(labels)) < len(labels):
+        raise UsageError(f"two trials of the sweep would share the name {max(labels, key=labels.count)} (values "
+                         f"equal to 6 significant digits): give values that differ more")
+    check_settings_take_effect(problems[0], given)
+    return problems
 
 
 def check_settings_take_effect(problem: PruningProblem, given: Collection[str]) -> None:
