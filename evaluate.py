@@ -115,13 +115,12 @@ from policies.cascade import CascadeViT
 from policies.checkpoints import (
     Modules,
     PolicyCheckpointError,
-    check_policies,
     holds_policies,
     load_policies_by_budget,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.heuristics import HEURISTIC_RULES
-from policies.pruned_vit import PrunedViT, policy_backbone
+from policies.pruned_vit import PrunedViT, checked_backbone
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
@@ -692,7 +691,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
     device = resolve_device(args.device)
     budgets = args.budgets
     if args.heuristics_only:
-        problem, policies, main_path = heuristics_problem(args), {}, None
+        problem, policies = heuristics_problem(args), {}
     else:
         if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
             if installed_without_repository():
@@ -701,8 +700,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
                                   "train.py and pass --checkpoint PATH)")
         policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
                                            same_backbone=not args.backbone, same_reduction=not args.reduction)
-        _, main, main_path = next(iter(policies.values()))
-        problem = main.problem
+        problem = next(iter(policies.values()))[1].problem
         for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
             policies[budget] = policies[budget_key(problem.target_ratio)]
     output_dir = args.output_dir
@@ -718,11 +716,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
     torch.manual_seed(args.seed)
     by_checkpoint = {path: (modules, info) for modules, info, path in policies.values()}  # one may serve budgets
     try:
-        staged, backbone_config, backbone_path = policy_backbone(problem, main_path, args.backbone)
-        for path, (modules, info) in by_checkpoint.items():
-            check_policies(modules, staged.num_patches, path)
-            if not args.backbone:
-                info.warn_if_backbone_changed(path, backbone_path)
+        staged, backbone_config, backbone_path = checked_backbone(problem, by_checkpoint, args.backbone)
     except PolicyCheckpointError as error:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.heuristics_only:
             raise

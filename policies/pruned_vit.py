@@ -44,6 +44,8 @@ from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import (
+    CheckpointInfo,
+    Modules,
     PolicyCheckpointError,
     check_policies,
     load_policies,
@@ -72,6 +74,21 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
     except UsageError as error:
         where = "" if checkpoint is None else f"checkpoint {checkpoint}, "
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
+
+
+def checked_backbone(problem: PruningProblem, policies: Mapping[str | os.PathLike, tuple[Modules, CheckpointInfo]],
+                     backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
+    """:func:`policy_backbone` for the checkpoints ``policies`` (modules and info by path, the first the one that
+    ``problem`` comes from; none for the heuristics alone), with each checkpoint's modules checked against it
+    (``check_policies``) and, unless ``backbone`` names another, a warning for each checkpoint whose backbone's
+    weights changed since its agents learned on them. ``PrunedViT.from_checkpoint`` and evaluate.py both load
+    policies' backbone through it, so that they refuse and warn alike."""
+    staged, config, backbone_path = policy_backbone(problem, next(iter(policies), None), backbone)
+    for path, (modules, info) in policies.items():
+        check_policies(modules, staged.num_patches, path)
+        if not backbone:
+            info.warn_if_backbone_changed(path, backbone_path)
+    return staged, config, backbone_path
 
 
 def _opened(path: str | os.PathLike) -> Image.Image:
@@ -214,10 +231,7 @@ class PrunedViT(InferenceModel):
         """
         modules, info = load_policies(path)
         problem = info.problem
-        staged, config, backbone_path = policy_backbone(problem, path, backbone)
-        if backbone is None:
-            info.warn_if_backbone_changed(path, backbone_path)
-        check_policies(modules, staged.num_patches, path)
+        staged, config, _ = checked_backbone(problem, {path: (modules, info)}, backbone)
         return cls(staged, config, modules, problem.target_ratio if budget is None else budget,
                    reduction or problem.reduction, protected_share=problem.protected_share)
 
