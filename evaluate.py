@@ -105,7 +105,7 @@ from envs.vit.backbone_checkpoint import (
 )
 from envs.vit.data import DATASETS, ClassesDiffer, DataError, ImageSplit, default_data_dir, limited_positions
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
-from envs.vit.flops import ViTSpec, exact_budget_gflops, tome_gflops
+from envs.vit.flops import ViTSpec, tome_gflops
 from envs.vit.held_out import check_held_out, load_checked_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
@@ -120,7 +120,7 @@ from policies.checkpoints import (
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.heuristics import HEURISTIC_RULES
-from policies.pruned_vit import PrunedViT, checked_backbone
+from policies.pruned_vit import PrunedViT, checked_backbone, greedy_similarity_gflops
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
@@ -146,12 +146,14 @@ class EvaluationError(UsageError):
 @dataclass(frozen=True)
 class CascadePasses:
     """A cascade row's two forwards, removing ``ratios[0]`` (every image) then ``ratios[1]`` (the least sure)
-    at ``prune_points``, and the doubt above which an image runs twice (``policies.cascade``; set by
-    :func:`calibrate_cascades`)."""
+    at ``prune_points``, and the doubt above which an image runs twice (``policies.cascade``), which
+    :func:`calibrate_cascades` sets so that the mean GFLOPs per image are ``target_gflops``: the measured mean is
+    checked against it (:func:`warn_of_dear_cascades`)."""
 
     prune_points: tuple[int, ...]
     ratios: tuple[float, float]
     threshold: float = 0.0
+    target_gflops: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,14 +244,13 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             if calibration is None:
                 raise EvaluationError("a cascade row needs calibration images")
             model = method.model(staged, backbone_config, reduction)
-            budget = exact_budget_gflops(ViTSpec.from_model(staged.vit), staged.prune_points, method.budget, reduction,
-                                         "similarity").total
+            target = greedy_similarity_gflops(staged, method.budget, reduction)
             batches = (model.normalize(images.to(model.device)) for images in calibration.batches(batch_size))
             try:
-                threshold = model.calibrate(batches, budget)
+                threshold = model.calibrate(batches, target)
             except UsageError as error:  # the first forward alone costs the budget
                 raise EvaluationError(f"cascade {method.cascade.ratios}: {error}") from None
-            method = replace(method, cascade=replace(method.cascade, threshold=threshold))
+            method = replace(method, cascade=replace(method.cascade, threshold=threshold, target_gflops=target))
         calibrated.append(method)
     return calibrated
 
@@ -258,17 +259,20 @@ CASCADE_COST_TOLERANCE = 0.05
 """How far above its budget a cascade row's measured mean GFLOPs may be before a warning says so."""
 
 
-def warn_of_dear_cascades(table: pd.DataFrame) -> None:
-    """A warning for each cascade row that cost more than :data:`CASCADE_COST_TOLERANCE` above greedy
-    similarity's GFLOPs at its budget, which it was calibrated to: more of the evaluated images than of the
+def warn_of_dear_cascades(table: pd.DataFrame, methods: Sequence[Method]) -> None:
+    """A warning for each cascade row of ``table`` (one row per method of ``methods``, as
+    :func:`evaluate_methods` returns them) whose measured GFLOPs are more than :data:`CASCADE_COST_TOLERANCE`
+    above those it was calibrated to (``CascadePasses.target_gflops``): more of the evaluated images than of the
     calibration images ran twice (few of either), and it is compared with rows cheaper than itself."""
-    greedy = table[table["method"] == HEURISTIC_ROWS["similarity"]].set_index("budget")["gflops"]
-    for row in table[table["method"].isin(CASCADE.values())].itertuples():
-        if row.gflops > (1 + CASCADE_COST_TOLERANCE) * greedy[row.budget]:
+    for row, method in zip(table.itertuples(), methods, strict=True):
+        if method.cascade is None:
+            continue
+        target = method.cascade.target_gflops
+        if row.gflops > (1 + CASCADE_COST_TOLERANCE) * target:
             warnings.warn(f"{row.method} at {row.budget:g} cost {row.gflops:.4f} GFLOPs, "
-                          f"{100 * (row.gflops / greedy[row.budget] - 1):.0f}% above the {greedy[row.budget]:.4f} it "
-                          f"was calibrated to: more images ran twice than in calibration (more --calibration-images "
-                          f"or more evaluated images narrow the gap)", stacklevel=2)
+                          f"{100 * (row.gflops / target - 1):.0f}% above the {target:.4f} it was calibrated to: "
+                          f"more images ran twice than in calibration (more --calibration-images or more evaluated "
+                          f"images narrow the gap)", stacklevel=2)
 
 
 def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
@@ -357,6 +361,8 @@ def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float
 class Evaluation:
     """What :func:`evaluate_methods` measured."""
 
+    methods: list[Method]
+    """The rows as they were evaluated, in table order: ToMe at the cost it matched, each cascade calibrated."""
     table: pd.DataFrame
     """One row per method, the columns of ``envs.results_table.COLUMNS``."""
     predictions: pd.DataFrame
@@ -432,7 +438,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             warn_of_a_busy_machine(rates, methods, speed_repeats)
             speed_rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
                                                  for method in methods] for size in speed_batch_sizes}
-    return Evaluation(table, per_image_predictions(methods, outputs, split), speed_rounds)
+    return Evaluation(methods, table, per_image_predictions(methods, outputs, split), speed_rounds)
 
 
 def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
@@ -779,7 +785,7 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
                                   seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
                                   speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
                                   calibration=calibration, selection=selection, compile_speed=args.compile)
-    warn_of_dear_cascades(evaluation.table)
+    warn_of_dear_cascades(evaluation.table, evaluation.methods)
     settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
                 "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),

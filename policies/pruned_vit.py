@@ -76,6 +76,14 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 
 
+def greedy_similarity_gflops(staged: StagedViT, budget: float, reduction: str) -> float:
+    """GFLOPs per image of greedy similarity removing ``budget`` at ``staged``'s pruning points: the cost ToMe's
+    merges match by default and a cascade's share of images run twice is calibrated to, so that each is compared
+    with the exact-budget rows at the cost of one of them."""
+    return exact_budget_gflops(ViTSpec.from_model(staged.vit), staged.prune_points, budget, reduction,
+                               "similarity").total
+
+
 def checked_backbone(problem: PruningProblem, policies: Mapping[str | os.PathLike, tuple[Modules, CheckpointInfo]],
                      backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
     """:func:`policy_backbone` for the checkpoints ``policies`` (modules and info by path, the first the one that
@@ -360,10 +368,9 @@ class PrunedViT(InferenceModel):
     def _tome_merges(self, target: float | None) -> list[int]:
         """ToMe's merges per block at the GFLOPs ``target``, by default greedy similarity's at this budget, so
         ToMe is compared at the cost of the other methods."""
-        spec, points = ViTSpec.from_model(self.staged.vit), self.staged.prune_points
         if target is None:
-            target = exact_budget_gflops(spec, points, self.budget, self.reduction, "similarity").total
-        return tome_schedule(spec, check_gflops(target, "tome_gflops"))
+            target = greedy_similarity_gflops(self.staged, self.budget, self.reduction)
+        return tome_schedule(ViTSpec.from_model(self.staged.vit), check_gflops(target, "tome_gflops"))
 
     def extra_repr(self) -> str:
         return (f"selection={self.selection or 'none'}, budget={self.budget}, reduction={self.reduction}, "

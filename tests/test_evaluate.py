@@ -1116,12 +1116,16 @@ def test_results_that_cannot_all_be_written_leave_the_output_directory_as_it_was
 
 
 def test_a_cascade_dearer_than_its_budget_is_warned_of():
-    """Calibrated on few images and evaluated on few others, a cascade cost 27% more than the rows it is compared
-    with, without a word; within 5% of its budget (the committed run's 1%) it is not warned of."""
+    """Calibrated on few images and evaluated on few others, a cascade cost 27% more than the GFLOPs it was
+    calibrated to, without a word; within 5% of them (the committed run's 1%) it is not warned of."""
     table = pd.DataFrame({"method": ["Greedy similarity", "Cascade (greedy similarity)", "MARL cascade"],
                           "budget": [0.5, 0.5, 0.5], "gflops": [0.1733, 0.2209, 0.175]})
+    passes = evaluate.CascadePasses((1, 3), (0.35, 0.1), threshold=0.2, target_gflops=0.1733)
+    methods = [evaluate.Method("Greedy similarity", "similarity", 0.5),
+               evaluate.Method("Cascade (greedy similarity)", "cascade", 0.5, cascade=passes),
+               evaluate.Method("MARL cascade", "cascade", 0.5, cascade=passes)]
     with pytest.warns(UserWarning) as warned:
-        evaluate.warn_of_dear_cascades(table)
+        evaluate.warn_of_dear_cascades(table, methods)
     assert [str(warning.message) for warning in warned] == [
         "Cascade (greedy similarity) at 0.5 cost 0.2209 GFLOPs, 27% above the 0.1733 it was calibrated to: more "
         "images ran twice than in calibration (more --calibration-images or more evaluated images narrow the gap)"]
