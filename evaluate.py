@@ -160,7 +160,7 @@ class CascadePasses:
 class Method:
     """One row of the table: how tokens are chosen and at which budget.
 
-    ``selector``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome``, ``policy`` (``modules``
+    ``selection``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome``, ``policy`` (``modules``
     choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``) or ``cascade`` (its
     ``cascade`` passes, the tokens chosen by ``modules`` or, without them, greedy similarity).
     ``tome_gflops``: the cost ToMe matches (``PrunedViT``'s default when None: greedy similarity's at
@@ -168,7 +168,7 @@ class Method:
     """
 
     name: str
-    selector: str
+    selection: str
     budget: float | None = None
     modules: Modules = field(default_factory=dict)
     protected_share: float = DEFAULT_PROTECTED_SHARE
@@ -183,8 +183,8 @@ class Method:
             first, second = (PrunedViT(stages, backbone_config, dict(self.modules) or "similarity", ratio, reduction,
                                        protected_share=self.protected_share) for ratio in self.cascade.ratios)
             return CascadeViT(first, second, self.cascade.threshold)
-        selection = {"baseline": None, "policy": self.modules}.get(self.selector, self.selector)
-        return PrunedViT(staged, backbone_config, selection, self.budget, reduction, seed=seed,
+        vit_selection = {"baseline": None, "policy": self.modules}.get(self.selection, self.selection)
+        return PrunedViT(staged, backbone_config, vit_selection, self.budget, reduction, seed=seed,
                          protected_share=self.protected_share, tome_gflops=self.tome_gflops)
 
 
@@ -199,7 +199,7 @@ def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Module
     methods = [Method(BASELINE, "baseline")]
     cascade_budget, passes = cascade or (None, None)
     for budget in sorted(set(budgets) | set(policies) | ({cascade_budget} if cascade else set())):
-        methods += [Method(name, selector, budget) for selector, name in HEURISTIC_ROWS.items()]
+        methods += [Method(name, selection, budget) for selection, name in HEURISTIC_ROWS.items()]
         if budget == cascade_budget:
             methods.append(Method(CASCADE["similarity"], "cascade", budget, cascade=passes))
         if budget not in policies:
@@ -220,17 +220,17 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     networks add to their features, where a policy is evaluated), so ToMe is compared at the cost of the rows
     it is compared with, as closely as whole merges per block allow."""
     costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
-             if method.selector not in ("tome", "baseline", "cascade")]
+             if method.selection not in ("tome", "baseline", "cascade")]
     matched = {budget: max(gflops for at, gflops in costs if at == budget) for budget, _ in costs}
     spec = ViTSpec.from_model(staged.vit)
     for budget, gflops in sorted(matched.items()):
-        if (any(method.selector == "tome" and method.budget == budget for method in methods)
+        if (any(method.selection == "tome" and method.budget == budget for method in methods)
                 and not any(tome_schedule(spec, gflops))):
             unpruned = tome_gflops(spec, [0] * spec.depth).total
             warnings.warn(f"ToMe at {budget:g} is the unpruned model: the rows it is matched to cost {gflops:.4g} "
                           f"GFLOPs, about the unpruned model's {unpruned:.4g} or more (the agents' networks outweigh "
                           f"this ViT), so it merges no token", stacklevel=2)
-    return [replace(method, tome_gflops=matched[method.budget]) if method.selector == "tome" else method
+    return [replace(method, tome_gflops=matched[method.budget]) if method.selection == "tome" else method
             for method in methods]
 
 
@@ -240,7 +240,7 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
     those evaluated) so that its mean GFLOPs per image are greedy similarity's at its budget."""
     calibrated = []
     for method in methods:
-        if method.selector == "cascade":
+        if method.selection == "cascade":
             if calibration is None:
                 raise EvaluationError("a cascade row needs calibration images")
             model = method.model(staged, backbone_config, reduction)
@@ -333,7 +333,7 @@ def versus_heuristics(method: Method, best: Method, methods: Sequence[Method], o
                       labels: torch.Tensor) -> dict[str, float | str]:
     """Accuracy of ``method`` minus the ``best`` heuristic's at its budget (:func:`best_heuristics`) and minus
     ToMe's, each with a paired bootstrap 95% interval (the same images resampled for both), in points."""
-    tome = next(m for m in methods if m.selector == "tome" and m.budget == method.budget)
+    tome = next(m for m in methods if m.selection == "tome" and m.budget == method.budget)
     correct = {m: (outputs[m][0] == labels).numpy().astype(float) for m in (method, best, tome)}
     difference, low, high = paired_difference(correct[method], correct[best])
     to_tome, tome_low, tome_high = paired_difference(correct[method], correct[tome])
@@ -344,7 +344,7 @@ def versus_heuristics(method: Method, best: Method, methods: Sequence[Method], o
 
 def is_heuristic(method: Method) -> bool:
     """Whether a row's tokens are chosen by a rule, not by trained agents (the baseline is not pruned)."""
-    return method.selector in HEURISTIC_ROWS or (method.selector == "cascade" and not method.modules)
+    return method.selection in HEURISTIC_ROWS or (method.selection == "cascade" and not method.modules)
 
 
 def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
@@ -399,7 +399,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     with autocast_to(device, dtype):
         methods = match_tome_cost(methods, staged, backbone_config, reduction)
         methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
-        baseline = next((method for method in methods if method.selector == "baseline"),
+        baseline = next((method for method in methods if method.selection == "baseline"),
                         Method(BASELINE, "baseline"))
         baseline_first = [baseline, *(method for method in methods if method is not baseline)]
         models = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
@@ -410,7 +410,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         rows = [{"method": method.name, "budget": method.budget,
                  **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1])}
                 for method in methods]
-        compared = [method for method in methods if method.selector in ("policy", "cascade")]
+        compared = [method for method in methods if method.selection in ("policy", "cascade")]
         ranking = {}
         if compared:
             if selection is None:

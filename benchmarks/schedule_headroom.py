@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         correct[points, method.name] = (predictions == split.labels).numpy().astype(float)
         measured = quality(predictions, split.labels, unpruned)
         rows.append({"pruning points": ",".join(map(str, points)), "method": method.name,
-                     "ratio": "" if method.selector == "tome" else f"{method.budget:.3f}",
+                     "ratio": "" if method.selection == "tome" else f"{method.budget:.3f}",
                      "kept per stage": ",".join(map(str, model.schedule())),
                      "GFLOPs": cost(model, kept)["gflops"], "accuracy": measured["accuracy"],
                      "agreement": measured["agreement"]})

@@ -968,8 +968,8 @@ def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_
     modules, info = load_policies(tiny_policy)
     methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, info.problem)})
 
-    def answered_by(selector: str) -> ImageSplit:
-        model = PrunedViT(staged, config, selector, TARGET_RATIO)
+    def answered_by(selection: str) -> ImageSplit:
+        model = PrunedViT(staged, config, selection, TARGET_RATIO)
         return ImageSplit(split.images, model(model.normalize(split.images)).argmax(1), split.class_names)
 
     selection, evaluated = answered_by("attention"), answered_by("similarity")
@@ -1004,7 +1004,7 @@ def test_tome_matched_to_more_than_the_unpruned_cost_is_said_to_merge_nothing(ti
     warnings_seen = []
     for cost in (unpruned * 0.6, unpruned * 0.999, unpruned * 1.01):  # 0.999: closest to merging nothing
         monkeypatch.setattr(evaluate.Method, "model", lambda self, *args, cost=cost: (
-            model(self, *args) if self.selector == "tome" else SimpleNamespace(
+            model(self, *args) if self.selection == "tome" else SimpleNamespace(
                 gflops=lambda: SimpleNamespace(total=cost))))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

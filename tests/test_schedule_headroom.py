@@ -9,8 +9,8 @@ def test_every_schedule_runs_each_selection_within_greedy_similaritys_cost_at_th
     schedules = [(3, 6, 9), (2, 5, 8), (1, 3, 5, 7, 9, 11)]
     rows = schedule_methods(SPEC, schedules, 0.7, "merge", ["similarity", "random"])
     target = image_gflops(SPEC, (3, 6, 9), exact_budget_schedule(64, 3, 0.7), "merge", "similarity").total
-    assert [(points, method.selector) for points, method in rows] == [
-        (points, selector) for points in schedules for selector in ("similarity", "random")] + [((3, 6, 9), "tome")]
+    assert [(points, method.selection) for points, method in rows] == [
+        (points, selection) for points in schedules for selection in ("similarity", "random")] + [((3, 6, 9), "tome")]
     assert rows[0][1].budget == 0.7 and rows[-1][1].budget == 0.7
     for points, method in rows[2:-1]:
         kept = exact_budget_schedule(64, len(points), method.budget)
