@@ -113,14 +113,16 @@ from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_schedule
 from policies.cascade import CascadeViT
 from policies.checkpoints import (
+    CheckpointInfo,
     Modules,
     PolicyCheckpointError,
     holds_policies,
-    load_policies_by_budget,
+    load_policies,
 )
 from policies.decisions import DEFAULT_PROTECTED_SHARE
 from policies.heuristics import HEURISTIC_RULES
 from policies.pruned_vit import PrunedViT, checked_backbone, greedy_similarity_gflops
+from policies.token_scorer import TokenScoring
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
@@ -641,6 +643,44 @@ def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     problem = PruningProblem(backbone=repository_relative(backbone), target_ratio=args.budgets[len(args.budgets) // 2],
                              **{name: value for name, value in given.items() if value is not None})
     return problem.on_backbone_data(["dataset"] if args.dataset else [])
+
+
+LoadedPolicy = tuple[dict[str, TokenScoring], CheckpointInfo, Path]
+"""A checkpoint's policy modules (by policy name), what its ``pruning_config.json`` says, and its path."""
+
+
+def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_backbone: bool = True,
+                            same_reduction: bool = True) -> dict[float, LoadedPolicy]:
+    """The checkpoint ``main`` at its own target ratio and each of ``extras`` at the budget it is given for,
+    as ``{budget: (modules, info, path)}``, ``main`` first.
+
+    Results are only comparable on one backbone, pruning schedule and reduction: every extra checkpoint must
+    share the main one's pruning points and, where ``same_backbone`` / ``same_reduction``, its backbone and
+    reduction.
+    """
+    modules, info = load_policies(main)
+    policies = {budget_key(info.problem.target_ratio): (modules, info, Path(main))}
+    problem = info.problem
+    for budget, path in extras.items():
+        if budget in policies:
+            raise PolicyCheckpointError(f"budget {budget:g} is the main checkpoint's own target_ratio")
+        extra_modules, extra = load_policies(path)
+        other = extra.problem
+        if other.prune_points != problem.prune_points:
+            raise PolicyCheckpointError(f"checkpoint {path} prunes at {list(other.prune_points)}, the main one at "
+                                        f"{list(problem.prune_points)}")
+        if same_reduction and other.reduction != problem.reduction:
+            raise PolicyCheckpointError(f"checkpoint {path} was trained to {other.reduction} tokens, the main one "
+                                        f"to {problem.reduction} (pass --reduction to force one)")
+        if same_backbone and other.backbone_path != problem.backbone_path:
+            raise PolicyCheckpointError(f"checkpoint {path} was trained on backbone {other.backbone_path}, the main "
+                                        f"one on {problem.backbone_path} (pass --backbone to force one)")
+        if budget not in {budget_key(ratio) for ratio in other.ratios_trained}:
+            trained = ", ".join(f"{ratio:g}" for ratio in other.ratios_trained)
+            print(f"note: checkpoint {path} was trained at removal ratio {trained}; evaluating it at {budget:g}",
+                  file=sys.stderr)
+        policies[budget] = (extra_modules, extra, Path(path))
+    return policies
 
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:

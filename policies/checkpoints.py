@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from safetensors.torch import load_file
 
 from cli import versions_line
 from envs.errors import UserError
-from envs.problem import ProblemError, PruningProblem, budget_key, trained_policies
+from envs.problem import ProblemError, PruningProblem, trained_policies
 from envs.vit.backbone_checkpoint import is_backbone_checkpoint, weights_digest
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScorer, TokenScoring
@@ -341,44 +340,6 @@ def rllib_modules(checkpoint: Path, agents: str) -> dict[str, TokenScoring]:
                                         f"{MODULES_DIR / name}; agents is {agents!r})")
         modules[name] = load_module(directory, name)
     return modules
-
-
-LoadedPolicy = tuple[dict[str, TokenScoring], CheckpointInfo, Path]
-"""A checkpoint's policy modules (by policy name), what its ``pruning_config.json`` says, and its path."""
-
-
-def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_backbone: bool = True,
-                            same_reduction: bool = True) -> dict[float, LoadedPolicy]:
-    """The checkpoint ``main`` at its own target ratio and each of ``extras`` at the budget it is given for,
-    as ``{budget: (modules, info, path)}``, ``main`` first.
-
-    Results are only comparable on one backbone, pruning schedule and reduction: every extra checkpoint must
-    share the main one's pruning points and, where ``same_backbone`` / ``same_reduction``, its backbone and
-    reduction.
-    """
-    modules, info = load_policies(main)
-    policies = {budget_key(info.problem.target_ratio): (modules, info, Path(main))}
-    problem = info.problem
-    for budget, path in extras.items():
-        if budget in policies:
-            raise PolicyCheckpointError(f"budget {budget:g} is the main checkpoint's own target_ratio")
-        extra_modules, extra = load_policies(path)
-        other = extra.problem
-        if other.prune_points != problem.prune_points:
-            raise PolicyCheckpointError(f"checkpoint {path} prunes at {list(other.prune_points)}, the main one at "
-                                        f"{list(problem.prune_points)}")
-        if same_reduction and other.reduction != problem.reduction:
-            raise PolicyCheckpointError(f"checkpoint {path} was trained to {other.reduction} tokens, the main one "
-                                        f"to {problem.reduction} (pass --reduction to force one)")
-        if same_backbone and other.backbone_path != problem.backbone_path:
-            raise PolicyCheckpointError(f"checkpoint {path} was trained on backbone {other.backbone_path}, the main "
-                                        f"one on {problem.backbone_path} (pass --backbone to force one)")
-        if budget not in {budget_key(ratio) for ratio in other.ratios_trained}:
-            trained = ", ".join(f"{ratio:g}" for ratio in other.ratios_trained)
-            print(f"note: checkpoint {path} was trained at removal ratio {trained}; evaluating it at {budget:g}",
-                  file=sys.stderr)
-        policies[budget] = (extra_modules, extra, Path(path))
-    return policies
 
 
 def check_policies(modules: Modules, num_patches: int, checkpoint: Path | str) -> None:
