@@ -55,7 +55,7 @@ import re
 import statistics
 import sys
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -404,43 +404,70 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
         baseline = next((method for method in methods if method.selection == "baseline"),
                         Method(BASELINE, "baseline"))
         baseline_first = [baseline, *(method for method in methods if method is not baseline)]
-        models = {method: method.model(staged, backbone_config, reduction, seed) for method in baseline_first}
+
+        def build(method: Method) -> PrunedViT | CascadeViT:
+            return method.model(staged, backbone_config, reduction, seed)
+
+        models = {method: build(method) for method in baseline_first}
         with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
                   disable=not progress) as bar:
             outputs = predict(models, split, batch_size, bar)
         reference = outputs[baseline][0]
+        comparisons = versus_best_heuristics(methods, outputs, split.labels, build, selection, batch_size)
         rows = [{"method": method.name, "budget": method.budget,
-                 **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1])}
-                for method in methods]
-        compared = [method for method in methods if method.selection in ("policy", "cascade")]
-        ranking = {}
-        if compared:
-            if selection is None:
-                ranking = best_heuristics(outputs, split.labels)
-            else:  # models built afresh, so that the Random row draws there as it draws in the table
-                heuristics = {method: method.model(staged, backbone_config, reduction, seed) for method in methods
-                              if is_heuristic(method)}
-                ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
-        for row, method in zip(rows, methods, strict=True):
-            if method in compared:
-                best = next(m for m in ranking[method.budget] if m is not method)
-                row.update(versus_heuristics(method, best, methods, outputs, split.labels))
+                 **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1]),
+                 **comparisons.get(method, {})} for method in methods]
         table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points), speed_batch_sizes)))
         table["budget"] = table["budget"].astype(float)
         speed_rounds = None
         if speed_repeats is not None:
-            images = speed_images(split, backbone_config, max(map(timed_images, speed_batch_sizes)), device)
-            rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in speed_batch_sizes},
-                                   speed_repeats, compile_on=device if compile_speed else None, progress=progress)
-            for row, method in enumerate(methods):
-                for size in speed_batch_sizes:
-                    table.loc[row, speed_column(size)] = statistics.median(rates[size][method])
-            speedups = ratios_within_rounds(rates[max(speed_batch_sizes)], baseline)
-            table["speedup"] = [statistics.median(speedups[method]) for method in methods]
-            warn_of_a_busy_machine(rates, methods, speed_repeats)
-            speed_rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]]
-                                                 for method in methods] for size in speed_batch_sizes}
+            speeds, speed_rounds = speed_columns(models, methods, baseline, split, backbone_config, speed_batch_sizes,
+                                                 speed_repeats, device, compile_speed, progress)
+            for column, values in speeds.items():
+                table[column] = values
     return Evaluation(methods, table, per_image_predictions(methods, outputs, split), speed_rounds)
+
+
+def versus_best_heuristics(methods: Sequence[Method], outputs: Mapping[Method, tuple], labels: torch.Tensor,
+                           build: Callable[[Method], PrunedViT | CascadeViT], selection: ImageSplit | None,
+                           batch_size: int) -> dict[Method, dict[str, float | str]]:
+    """For each learned and cascade row of ``methods``, its columns against the most accurate other heuristic at
+    its budget and against ToMe (:func:`versus_heuristics`, on the evaluated images' ``outputs`` and ``labels``).
+    The heuristic is chosen (:func:`best_heuristics`) on the ``selection`` images, by heuristic models made afresh
+    by ``build``, so that the Random row draws there as it draws in the table; without them, on the evaluated
+    images."""
+    compared = [method for method in methods if method.selection in ("policy", "cascade")]
+    if not compared:
+        return {}
+    if selection is None:
+        ranking = best_heuristics(outputs, labels)
+    else:
+        heuristics = {method: build(method) for method in methods if is_heuristic(method)}
+        ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
+    return {method: versus_heuristics(method, next(m for m in ranking[method.budget] if m is not method), methods,
+                                      outputs, labels) for method in compared}
+
+
+def speed_columns(models: Mapping[Method, PrunedViT | CascadeViT], methods: Sequence[Method], baseline: Method,
+                  split: ImageSplit, backbone_config: Mapping[str, Any], batch_sizes: Sequence[int], repeats: int,
+                  device: torch.device, compile_speed: bool,
+                  progress: bool) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """The speed columns, each row's value in ``methods``' order: the median images/s at each of ``batch_sizes``
+    (ascending) and ``speedup``, the median within a round of the ratio to ``baseline``'s at the largest; and per
+    images/s column, each row's images/s in each round (``Evaluation.speed_rounds``). The ``models`` are timed in
+    turns (:func:`timed_in_turns`) on :func:`speed_images`, compiled where ``compile_speed``; a row whose rounds
+    differ widely is warned of (:func:`warn_of_a_busy_machine`)."""
+    images = speed_images(split, backbone_config, max(map(timed_images, batch_sizes)), device)
+    rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in batch_sizes}, repeats,
+                           compile_on=device if compile_speed else None, progress=progress)
+    speedups = ratios_within_rounds(rates[max(batch_sizes)], baseline)
+    columns = {**{speed_column(size): [statistics.median(rates[size][method]) for method in methods]
+                  for size in batch_sizes},
+               "speedup": [statistics.median(speedups[method]) for method in methods]}
+    warn_of_a_busy_machine(rates, methods, repeats)
+    rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]] for method in methods]
+              for size in batch_sizes}
+    return columns, rounds
 
 
 def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
@@ -629,6 +656,106 @@ def _cascade_ratios(text: str) -> tuple[float, float]:
     return ratios
 
 
+def _checkpoints_per_budget(text: str) -> dict[float, Path]:
+    """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``. A comma starts a pair only before ``RATIO=``: the
+    trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``)."""
+    out: dict[float, Path] = {}
+    pairs = re.split(r",(?=\s*[-+.\deE]*\s*=)", text.strip().rstrip(","))  # a ratio may be mistyped or missing
+    for part in filter(None, (part.strip() for part in pairs)):
+        ratio, sep, path = part.partition("=")
+        try:
+            if not sep or not path.strip():
+                raise argparse.ArgumentTypeError("no path")
+            budget = removal_ratio(ratio)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"expected RATIO=PATH pairs (such as 0.3=runs/marl/checkpoint), got "
+                                             f"{part!r} ({error})") from None
+        if budget in out:
+            raise argparse.ArgumentTypeError(f"budget {budget:g} is given twice")
+        out[budget] = Path(path.strip())
+    return out
+
+
+def check_flags(args: argparse.Namespace, given: Collection[str]) -> None:
+    """An :class:`EvaluationError` for flags that contradict each other, or a flag ``given`` on the command line
+    (:func:`cli.given_flags`) that the other flags leave without effect: a flag ignored without a word would
+    leave its user reading results of settings they did not ask for."""
+    def refuse(flags: Iterable[str], reason: str) -> None:
+        named = [flag for flag in flags if flag in given]
+        if named:
+            raise EvaluationError(f"{flag_name(named[0])} {reason}")
+
+    if args.cascade and args.split == "val":
+        raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
+    if not args.cascade:
+        refuse(("cascade_points", "calibration_images"), "is for --cascade FIRST,SECOND, which was not given")
+    if args.heuristics_only:
+        refuse(("checkpoint", "checkpoints_per_budget"), "names a policy checkpoint: --heuristics-only evaluates none")
+    else:
+        refuse(("prune_points",), "is for --heuristics-only: a checkpoint prunes where it was trained to")
+    if args.split == "val":
+        refuse(("selection_images",), "is for --split test: with --split val, the heuristic that learned rows are "
+                                      "compared with is chosen on the evaluated images")
+    elif args.heuristics_only and not args.cascade:
+        refuse(("selection_images",), "chooses the heuristic that learned rows and --cascade are compared with: "
+                                      "--heuristics-only without --cascade has none")
+    if args.no_speed:
+        refuse(("speed_repeats", "speed_batch_sizes", "compile"), "is for the timing columns, which --no-speed skips")
+
+
+def run(args: argparse.Namespace, given: Collection[str]) -> int:
+    """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error. ``given``:
+    the flags the command line named (:func:`cli.given_flags`)."""
+    check_flags(args, given)
+    device = resolve_device(args.device)
+    problem, policies = policies_to_evaluate(args)
+    check_results_directory(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    checkpoints = {path: (modules, info) for modules, info, path in policies.values()}  # one may serve budgets
+    staged, backbone_config, backbone_path = backbone_to_evaluate(args, problem, checkpoints)
+    cascade = plan_cascade(args, problem, staged, policies)
+    compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
+    splits = evaluation_splits(args, problem, backbone_config, backbone_path, checkpoints, compared=compared,
+                               calibrated=cascade is not None)
+    methods = plan_methods(args.budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
+    reduction = args.reduction or problem.reduction
+    evaluation = evaluate_methods(staged, backbone_config, splits.evaluated, methods, reduction,
+                                  batch_size=args.batch_size, seed=args.seed,
+                                  speed_repeats=None if args.no_speed else args.speed_repeats,
+                                  speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
+                                  calibration=splits.calibration, selection=splits.selection,
+                                  compile_speed=args.compile)
+    warn_of_dear_cascades(evaluation.table, evaluation.methods)
+    settings = results_settings(args, policies, backbone_path, staged.prune_points, reduction, device, cascade,
+                                splits, evaluation, compared=compared)
+    print(f"{header_line(settings)}\n\n{markdown_table(evaluation.table)}")
+    paths = write_results(evaluation.table, args.output_dir, settings, evaluation.predictions)
+    print("\nwrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def policies_to_evaluate(args: argparse.Namespace) -> tuple[PruningProblem, dict[float, LoadedPolicy]]:
+    """The problem the rows are evaluated on and the checkpoints by the budget each is evaluated at: none with
+    ``--heuristics-only`` (:func:`heuristics_problem`); else ``--checkpoint``'s problem, with it at its own
+    target ratio and at those of ``--budgets`` it was trained at (``train.py --train-ratios``), and
+    ``--checkpoints-per-budget`` at theirs (:func:`load_policies_by_budget`)."""
+    if args.heuristics_only:
+        return heuristics_problem(args), {}
+    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
+        if installed_without_repository():
+            raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT}, the default: {NOT_A_CLONE}")
+        raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT} (the default; train one with "
+                              "train.py and pass --checkpoint PATH)")
+    policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
+                                       same_backbone=not args.backbone, same_reduction=not args.reduction)
+    problem = next(iter(policies.values()))[1].problem
+    for budget in set(args.budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
+        policies[budget] = policies[budget_key(problem.target_ratio)]
+    return problem, policies
+
+
 def heuristics_problem(args: argparse.Namespace) -> PruningProblem:
     """What a ``--heuristics-only`` run evaluates, in place of a checkpoint's problem: ``--backbone`` (default: the
     reference) on its data set and the validation split it held out, pruned at ``--prune-points`` with
@@ -683,72 +810,9 @@ def load_policies_by_budget(main: Path, extras: Mapping[float, Path], *, same_ba
     return policies
 
 
-def _checkpoints_per_budget(text: str) -> dict[float, Path]:
-    """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``. A comma starts a pair only before ``RATIO=``: the
-    trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``)."""
-    out: dict[float, Path] = {}
-    pairs = re.split(r",(?=\s*[-+.\deE]*\s*=)", text.strip().rstrip(","))  # a ratio may be mistyped or missing
-    for part in filter(None, (part.strip() for part in pairs)):
-        ratio, sep, path = part.partition("=")
-        try:
-            if not sep or not path.strip():
-                raise argparse.ArgumentTypeError("no path")
-            budget = removal_ratio(ratio)
-        except argparse.ArgumentTypeError as error:
-            raise argparse.ArgumentTypeError(f"expected RATIO=PATH pairs (such as 0.3=runs/marl/checkpoint), got "
-                                             f"{part!r} ({error})") from None
-        if budget in out:
-            raise argparse.ArgumentTypeError(f"budget {budget:g} is given twice")
-        out[budget] = Path(path.strip())
-    return out
-
-
-def check_flags(args: argparse.Namespace, given: Collection[str]) -> None:
-    """An :class:`EvaluationError` for flags that contradict each other, or a flag ``given`` on the command line
-    (:func:`cli.given_flags`) that the other flags leave without effect: a flag ignored without a word would
-    leave its user reading results of settings they did not ask for."""
-    def refuse(flags: Iterable[str], reason: str) -> None:
-        named = [flag for flag in flags if flag in given]
-        if named:
-            raise EvaluationError(f"{flag_name(named[0])} {reason}")
-
-    if args.cascade and args.split == "val":
-        raise EvaluationError("the cascade is calibrated on the validation split: evaluate it on --split test")
-    if not args.cascade:
-        refuse(("cascade_points", "calibration_images"), "is for --cascade FIRST,SECOND, which was not given")
-    if args.heuristics_only:
-        refuse(("checkpoint", "checkpoints_per_budget"), "names a policy checkpoint: --heuristics-only evaluates none")
-    else:
-        refuse(("prune_points",), "is for --heuristics-only: a checkpoint prunes where it was trained to")
-    if args.split == "val":
-        refuse(("selection_images",), "is for --split test: with --split val, the heuristic that learned rows are "
-                                      "compared with is chosen on the evaluated images")
-    elif args.heuristics_only and not args.cascade:
-        refuse(("selection_images",), "chooses the heuristic that learned rows and --cascade are compared with: "
-                                      "--heuristics-only without --cascade has none")
-    if args.no_speed:
-        refuse(("speed_repeats", "speed_batch_sizes", "compile"), "is for the timing columns, which --no-speed skips")
-
-
-def run(args: argparse.Namespace, given: Collection[str]) -> int:
-    """Check everything that can fail cheaply, then evaluate, print and write; nothing written on error. ``given``:
-    the flags the command line named (:func:`cli.given_flags`)."""
-    check_flags(args, given)
-    device = resolve_device(args.device)
-    budgets = args.budgets
-    if args.heuristics_only:
-        problem, policies = heuristics_problem(args), {}
-    else:
-        if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
-            if installed_without_repository():
-                raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT}, the default: {NOT_A_CLONE}")
-            raise EvaluationError(f"no policy checkpoint at {DEFAULT_CHECKPOINT} (the default; train one with "
-                                  "train.py and pass --checkpoint PATH)")
-        policies = load_policies_by_budget(args.checkpoint, args.checkpoints_per_budget,
-                                           same_backbone=not args.backbone, same_reduction=not args.reduction)
-        problem = next(iter(policies.values()))[1].problem
-        for budget in set(budgets) & {budget_key(ratio) for ratio in problem.train_ratios} - set(policies):
-            policies[budget] = policies[budget_key(problem.target_ratio)]
+def check_results_directory(args: argparse.Namespace) -> None:
+    """An error for an ``--output-dir`` that cannot take the results, before anything is evaluated: one that is a
+    checkpoint, or that holds an earlier run's results without ``--overwrite``."""
     output_dir = args.output_dir
     check_output_dir(output_dir, str(output_dir))
     if holds_policies(output_dir) or is_backbone_checkpoint(output_dir):
@@ -757,37 +821,72 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
     written = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
     if written and not args.overwrite:
         raise EvaluationError(f"{written[0]} exists; pass --overwrite to replace it")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    by_checkpoint = {path: (modules, info) for modules, info, path in policies.values()}  # one may serve budgets
+
+
+def backbone_to_evaluate(args: argparse.Namespace, problem: PruningProblem,
+                         checkpoints: Mapping[Path, tuple[Modules, CheckpointInfo]]
+                         ) -> tuple[StagedViT, dict[str, Any], Path]:
+    """The backbone the rows run on, its config and path (``policies.pruned_vit.checked_backbone``). Where the
+    default ``--checkpoint`` does not fit it, the error says the reference policy needs the reference backbone."""
     try:
-        staged, backbone_config, backbone_path = checked_backbone(problem, by_checkpoint, args.backbone)
+        return checked_backbone(problem, checkpoints, args.backbone)
     except PolicyCheckpointError as error:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.heuristics_only:
             raise
         raise EvaluationError(f"{error} (the default --checkpoint is the reference policy, trained on the reference "
                               f"backbone: train one on yours with train.py --backbone and pass --checkpoint)") from None
+
+
+def plan_cascade(args: argparse.Namespace, problem: PruningProblem, staged: StagedViT,
+                 policies: Mapping[float, LoadedPolicy]) -> tuple[float, CascadePasses] | None:
+    """The budget and the passes of the cascade rows (:func:`plan_methods`), None without ``--cascade``; a note
+    where the checkpoint at that budget has two agents that prune elsewhere, so that its cascade row is missing."""
+    if not args.cascade:
+        return None
+    cascade_points = args.cascade_points or CASCADE_PRUNE_POINTS
+    try:
+        StagedViT(staged.vit, cascade_points)
+    except UsageError as error:
+        raise EvaluationError(f"--cascade-points: {error}") from None
+    budget = budget_key(problem.target_ratio)
+    _, info, path = policies.get(budget, (None, None, None))
+    if info is not None and info.problem.agents == "both" and info.problem.prune_points != cascade_points:
+        points = ",".join(map(str, info.problem.prune_points))
+        print(f"note: no {CASCADE['policy']} row: the agents of {path} prune at {points}, the cascade at "
+              f"{','.join(map(str, cascade_points))} (--cascade-points {points} runs them in it)", file=sys.stderr)
+    return budget, CascadePasses(cascade_points, args.cascade)
+
+
+@dataclass(frozen=True)
+class EvaluationSplits:
+    """The images a run reads (:func:`evaluation_splits`)."""
+
+    dataset: str
+    evaluated: ImageSplit
+    """``--split``, the images the table is measured on."""
+    calibration: ImageSplit | None
+    """Validation images the cascade rows are calibrated on (None without a cascade)."""
+    selection: ImageSplit | None
+    """Validation images the best heuristic of each budget is chosen on (None: the evaluated images, or no row is
+    compared with one)."""
+    ranked: dict[str, int]
+    """Per checkpoint, how many of the evaluated images ranked its run's checkpoints (:func:`ranked_images_evaluated`;
+    none but on ``--split val``)."""
+
+
+def evaluation_splits(args: argparse.Namespace, problem: PruningProblem, backbone_config: Mapping[str, Any],
+                      backbone_path: Path, checkpoints: Mapping[Path, tuple[Modules, CheckpointInfo]], *,
+                      compared: bool, calibrated: bool) -> EvaluationSplits:
+    """The images to evaluate on and, held out from them on ``--split test``, those the best heuristic is chosen on
+    where rows are ``compared`` with it and those a cascade is ``calibrated`` on; a note for each checkpoint whose
+    run was ranked on some of the evaluated validation images. Errors name what to pass instead, and the validation
+    split is checked before the test images are decoded."""
     dataset = args.dataset or problem.dataset
-    cascade = None
-    if args.cascade:
-        cascade_points = args.cascade_points or CASCADE_PRUNE_POINTS
-        try:
-            StagedViT(staged.vit, cascade_points)
-        except UsageError as error:
-            raise EvaluationError(f"--cascade-points: {error}") from None
-        cascade = (budget_key(problem.target_ratio), CascadePasses(cascade_points, args.cascade))
-        _, info, path = policies.get(cascade[0], (None, None, None))
-        if info is not None and info.problem.agents == "both" and info.problem.prune_points != cascade_points:
-            points = ",".join(map(str, info.problem.prune_points))
-            print(f"note: no {CASCADE['policy']} row: the agents of {path} prune at {points}, the cascade at "
-                  f"{','.join(map(str, cascade_points))} (--cascade-points {points} runs them in it)", file=sys.stderr)
 
     def images(split_name: str, limit: int | None) -> ImageSplit:
         return load_checked_split(dataset, split_name, args.data_dir, backbone_config, val_size=problem.val_size,
                                   seed=problem.split_seed, limit=limit, **data_access(args))
 
-    compared = bool(policies or cascade)  # rows compared with the best heuristic at their budget
     if args.split == "test" and compared:  # checked before the test images are decoded
         try:
             check_held_out("val", dataset, problem.val_size, problem.split_seed, backbone_config)
@@ -807,51 +906,50 @@ def run(args: argparse.Namespace, given: Collection[str]) -> int:
                         f"{recorded})") from None
     if len(split) < 2:
         raise EvaluationError(f"{len(split)} image to evaluate: the paired intervals need at least 2")
-    checkpoints = {path: info.problem for path, (_, info) in by_checkpoint.items()}
-    ranked = (ranked_images_evaluated(checkpoints, problem.val_size, problem.split_seed, args.limit)
+    problems = {path: info.problem for path, (_, info) in checkpoints.items()}
+    ranked = (ranked_images_evaluated(problems, problem.val_size, problem.split_seed, args.limit)
               if args.split == "val" else {})
     for path, count in ranked.items():
         if count:
             print(f"note: {count} of the {len(split)} validation images evaluated ranked the checkpoints of {path}'s "
                   f"run (train.py's --val-limit): its rows read high on them", file=sys.stderr)
-    calibration = images("val", args.calibration_images) if cascade else None
+    calibration = images("val", args.calibration_images) if calibrated else None
     try:
         selection = images("val", args.selection_images) if args.split == "test" and compared else None
     except DataError as error:
         raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
-    methods = plan_methods(budgets, {b: (m, info.problem) for b, (m, info, _) in policies.items()}, cascade)
-    reduction = args.reduction or problem.reduction
-    evaluation = evaluate_methods(staged, backbone_config, split, methods, reduction, batch_size=args.batch_size,
-                                  seed=args.seed, speed_repeats=None if args.no_speed else args.speed_repeats,
-                                  speed_batch_sizes=args.speed_batch_sizes, device=device, dtype=DTYPES[args.dtype],
-                                  calibration=calibration, selection=selection, compile_speed=args.compile)
-    warn_of_dear_cascades(evaluation.table, evaluation.methods)
-    settings = {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
-                "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),
-                "backbone": repository_relative(backbone_path), "dataset": dataset,
-                "split": args.split, "images": len(split), "limit": args.limit,
-                "class_names": list(split.class_names),  # the order of predictions.csv.gz's class numbers
-                "prune_points": list(staged.prune_points), "reduction": reduction,
-                "budgets": sorted(set(budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
-                "device": describe_device(device), "dtype": args.dtype,
-                "speed_repeats": None if args.no_speed else args.speed_repeats,
-                "compiled": None if args.no_speed else args.compile,
-                "speed_batch_sizes": list(args.speed_batch_sizes),
-                "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
-                "speed_rounds": evaluation.speed_rounds,
-                "cascade": None if cascade is None else {"prune_points": list(cascade[1].prune_points),
-                                                         "ratios": list(args.cascade),
-                                                         "calibration_images": len(calibration)},
-                "checkpoint_ranking_images_evaluated": ranked or None,
-                "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
-                                             if selection is not None else "the evaluated images"),
-                "torch_threads": torch.get_num_threads(), "versions": versions_line(),
-                "arguments": {name: as_json(value) for name, value in sorted(vars(args).items())}}
-    print(f"{header_line(settings)}\n\n{markdown_table(evaluation.table)}")
-    paths = write_results(evaluation.table, output_dir, settings, evaluation.predictions)
-    print("\nwrote " + ", ".join(str(path) for path in paths))
-    return 0
+    return EvaluationSplits(dataset, split, calibration, selection, ranked)
+
+
+def results_settings(args: argparse.Namespace, policies: Mapping[float, LoadedPolicy], backbone_path: Path,
+                     prune_points: Sequence[int], reduction: str, device: torch.device,
+                     cascade: tuple[float, CascadePasses] | None, splits: EvaluationSplits, evaluation: Evaluation, *,
+                     compared: bool) -> dict[str, Any]:
+    """What results.json records beside the table (and the header line above it says): what was evaluated, on
+    which images, how, and with which code, so that a table can be told from another and reproduced."""
+    split, calibration, selection = splits.evaluated, splits.calibration, splits.selection
+    return {"checkpoints": {f"{b:g}": repository_relative(path) for b, (_, _, path) in policies.items()},
+            "iterations": {f"{b:g}": info.iteration for b, (_, info, _) in policies.items()},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code_commit(),
+            "backbone": repository_relative(backbone_path), "dataset": splits.dataset,
+            "split": args.split, "images": len(split), "limit": args.limit,
+            "class_names": list(split.class_names),  # the order of predictions.csv.gz's class numbers
+            "prune_points": list(prune_points), "reduction": reduction,
+            "budgets": sorted(set(args.budgets) | set(policies)), "seed": args.seed, "batch_size": args.batch_size,
+            "device": describe_device(device), "dtype": args.dtype,
+            "speed_repeats": None if args.no_speed else args.speed_repeats,
+            "compiled": None if args.no_speed else args.compile,
+            "speed_batch_sizes": list(args.speed_batch_sizes),
+            "speed_images": None if args.no_speed else speed_note(len(split), args.speed_batch_sizes),
+            "speed_rounds": evaluation.speed_rounds,
+            "cascade": None if cascade is None else {"prune_points": list(cascade[1].prune_points),
+                                                     "ratios": list(args.cascade),
+                                                     "calibration_images": len(calibration)},
+            "checkpoint_ranking_images_evaluated": splits.ranked or None,
+            "best_heuristic_chosen_on": (None if not compared else f"{len(selection)} validation images"
+                                         if selection is not None else "the evaluated images"),
+            "torch_threads": torch.get_num_threads(), "versions": versions_line(),
+            "arguments": {name: as_json(value) for name, value in sorted(vars(args).items())}}
 
 
 def as_json(value: Any) -> Any:
