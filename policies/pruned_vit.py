@@ -6,8 +6,8 @@
 It composes the project's one pruned computation (``exact_forward`` of ``envs.vit.pruned_forward``) with
 what chooses the tokens: the agents (``policies.decisions``), a heuristic
 (``policies.heuristics``), ToMe (``envs.vit.tome``) or nothing (the unpruned model), and costs it with
-``envs.vit.flops``. evaluate.py builds every row of its table as a PrunedViT, so what a user runs is what
-was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and JSON,
+``envs.vit.flops``. evaluate.py builds every row of its table as a PrunedViT (a cascade row as two of them,
+``policies.cascade``), so what a user runs is what was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and JSON,
 never a pickle) when it has one.
 """
 
