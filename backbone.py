@@ -556,6 +556,78 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     commit = code_commit()  # the code this (re)start runs, not what the tree holds when it ends
     device = resolve_device(args.device)
     out = Path(args.output_dir).expanduser()
+    check_run_directory(args, out)
+    state_path = out / STATE_FILE
+    state = read_state(state_path) if args.resume else None
+    args = run_settings(args, state, given, device)
+    geometry = model_geometry(args)
+    start = read_start(args.init_from) if state is None and args.init_from is not None else None
+    train_split, val_split = training_data(args, geometry.input_size, device)
+    config = data_config(args, geometry, train_split, val_split)
+    if state is not None:
+        check_same_data(state.get("data"), config, args.data_dir)
+    num_classes = config["num_classes"]
+    model = create_vit(args.model, num_classes, geometry.kwargs,
+                       pretrained=args.pretrained and state is None).to(device)
+    if start is not None:
+        args.init_summary = warm_start(model, args.init_from, start, config)
+        del start
+    batch_size = fitted_batch_size(args, len(train_split))
+    args.batch_size = batch_size  # the learning rate is scaled for the batch that trains, and the recipe records it
+    steps_per_epoch = len(train_split) // batch_size
+    step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
+
+    history, start_epoch, test_readings = [], 0, []
+    snapshot = state  # what train_state.pt holds now
+    if state is not None:
+        history, start_epoch, test_readings = state["history"], state["epoch"], state.get("test_readings", [])
+        restore_state(state, model, step, reseed=args.seed + start_epoch, device=device)
+        print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    streamed = isinstance(train_split.images, StreamedImages)
+    images = train_split.images if streamed else train_split.images.to(device)
+    labels = train_split.labels.to(device)
+    process_start = time.time()
+    began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
+    epoch = start_epoch
+    while epoch < args.epochs:  # --time-budget may change args.epochs
+        model.train()
+        loss_sum = run_epoch(step, images, labels, batch_size, steps_per_epoch, epoch * steps_per_epoch,
+                             progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
+        mean_loss = loss_sum.item() / steps_per_epoch
+        val_acc = accuracy(model, val_split, config, device, amp=args.amp)
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "val_accuracy": val_acc,
+                        "seconds": time.time() - began})
+        print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
+              f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
+        if args.time_budget is not None:
+            fit_time_budget(args, step, history, epoch, start_epoch, started, steps_per_epoch)
+        snapshot = training_snapshot(args, model, step, device, history, epoch, test_readings, config)
+        over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
+        stopping = over_time and epoch + 1 < args.epochs
+        if stopping or (epoch + 1) % args.save_every == 0:  # the last epoch's is saved with the test reading
+            save_state(state_path, snapshot)
+        if stopping:
+            print(f"time limit reached after epoch {epoch + 1}; continue with {go_on_command(args, given)}")
+            return
+        epoch += 1
+
+    test_acc, test_size = read_test_accuracy(args, model, config, device)
+    test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
+    if snapshot is not None:  # a later --resume --epochs must know the test split has been read
+        save_state(state_path, {**snapshot, "test_readings": test_readings})
+    config.update(split_sizes={**config["split_sizes"], "test": test_size}, recipe=run_recipe(args, history, device),
+                  history=history, test_accuracy=test_acc, test_readings=test_readings,
+                  **measurements(model, config, device), commit=commit, versions=versions_line())
+    export = export_with_card(model, config, out / RUN_EXPORT_DIR, half=args.half)
+    print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
+
+
+def check_run_directory(args: argparse.Namespace, out: Path) -> None:
+    """Refuse, before anything is read or built, an ``--output-dir`` that does not hold what ``--resume`` or
+    ``--overwrite`` (or neither) expects: a run to continue, one to replace, or nothing of a run. A
+    ``UsageError`` that names the flag to pass."""
     check_output_dir(out, str(out))
     state_path = out / STATE_FILE
     exported = (out / RUN_EXPORT_DIR / CONFIG_FILE).is_file()
@@ -575,7 +647,14 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
             and any(path.name != staged for path in out.iterdir())):
         raise UsageError(f"{out} is not empty and holds no backbone.py run: choose another --output-dir"
                          f"{run_one_level_up(out)}")
-    state = read_state(state_path) if args.resume else None
+
+
+def run_settings(args: argparse.Namespace, state: dict | None, given: Collection[str],
+                 device: torch.device) -> argparse.Namespace:
+    """The settings the run trains with: a resumed run's recorded recipe (:func:`resumed_args`), else the command
+    line's with the default schedule length; the data directory absolute and ``amp`` resolved for ``device``,
+    both as the state records them. Seeds torch's and numpy's generators, and warns of a warm-up that fills the
+    whole schedule."""
     if state is not None:
         args = resumed_args(args, state, given)
     elif args.epochs is None:
@@ -585,28 +664,51 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     if state is None and args.time_budget is None and args.warmup_epochs >= args.epochs:
         warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than --epochs {args.epochs}: the learning "
                       f"rate never leaves its warm-up (pass a shorter --warmup-epochs)", stacklevel=2)
-    args.amp = amp = resolve_amp(args.amp, device)  # recorded resolved: a resumed run keeps it on any device
+    args.amp = resolve_amp(args.amp, device)  # recorded resolved: a resumed run keeps it on any device
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # timm's mixup draws from numpy's global generator
+    return args
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeometry:
+    """What the data pipeline needs of the model before the data is read: its timm kwargs, the side of its square
+    input in pixels, and the mean and std that normalise it."""
+
+    kwargs: dict[str, Any]
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def model_geometry(args: argparse.Namespace) -> ModelGeometry:
+    """The geometry of the model ``args`` names, read from a probe model of one class built before the data is
+    read: a model that train.py and evaluate.py could not prune is refused then, not after training. The mean
+    and std are timm's for the model, or CIFAR's own for a model trained on CIFAR from scratch."""
     kwargs = parse_kwargs(args.model_kwargs)
     probe = create_vit(args.model, 1, kwargs)
     try:
-        check_prunable(probe)  # refused now, not after training: train.py and evaluate.py could not prune it
+        check_prunable(probe)
     except UsageError as error:
         raise UsageError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
     input_size = square_input_size(probe, kwargs)
     mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
     if not args.pretrained and args.dataset.startswith("cifar"):
         mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics
-    del probe
-    start = read_start(args.init_from) if state is None and args.init_from is not None else None
+    return ModelGeometry(kwargs=kwargs, input_size=input_size, mean=mean, std=std)
 
+
+def training_data(args: argparse.Namespace, input_size: int,
+                  device: torch.device) -> tuple[ImageSplit, ImageSplit]:
+    """The training and validation splits ``args`` names, at ``input_size``, the validation images decoded on
+    ``device`` (they are read every epoch), and one line on stdout of what the data turned out to be. A
+    ``DataError`` where the test split has other classes: labels are class indices, so they would name other
+    classes, and the test split is read only after training."""
     split_kw = dict(data_dir=args.data_dir, input_size=input_size, val_size=args.val_size,
                     seed=args.split_seed, limit=args.limit, **data_access(args))
     train_split = load_split(args.dataset, "train", **split_kw)
     test_classes = split_class_names(args.dataset, "test", args.data_dir, args.download)
-    if test_classes != train_split.class_names:  # labels are class indices: they would name other classes
+    if test_classes != train_split.class_names:
         raise DataError(f"the test split's classes are not the training split's "
                         f"({class_difference(test_classes, train_split.class_names)}): fix the test split first")
     # With --limit, validation reads the first --limit images of the held-out order, not a subset drawn from all
@@ -614,122 +716,131 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     val_split = load_split(args.dataset, "val", **{**split_kw, "val_size": min(args.limit or args.val_size,
                                                                                args.val_size), "limit": None})
     if not isinstance(val_split.images, StreamedImages):
-        val_split = dataclasses.replace(val_split, images=val_split.images.to(device))  # read every epoch
+        val_split = dataclasses.replace(val_split, images=val_split.images.to(device))
     num_classes = len(train_split.class_names)
     shown = ", ".join(train_split.class_names[:10]) + (", ..." if num_classes > 10 else "")
     print(f"data: {args.dataset} in {args.data_dir}: {num_classes} classes ({shown}); {len(train_split)} training "
           f"and {len(val_split)} validation images")
-    config = {"model_name": args.model, "model_kwargs": kwargs, "num_classes": num_classes,
-              "class_names": list(train_split.class_names), "input_size": input_size,
-              "mean": list(mean), "std": list(std), "dataset": args.dataset,
-              "split_sizes": {"train": len(train_split), "val": len(val_split)},
-              "split_seed": args.split_seed,
-              "val_fingerprint": held_out_fingerprint(args.dataset, args.data_dir, input_size, len(val_split),
-                                                      args.split_seed, args.download),
-              "val_drawn_from": training_split_size(args.dataset, args.data_dir, args.download)}
+    return train_split, val_split
 
-    if state is not None:
-        check_same_data(state.get("data"), config, args.data_dir)
-    model = create_vit(args.model, num_classes, kwargs, pretrained=args.pretrained and state is None).to(device)
-    if start is not None:
-        args.init_summary = warm_start(model, args.init_from, start, config)
-        del start
-    batch_size = min(args.batch_size, len(train_split))  # a split smaller than a batch trains in one
+
+def data_config(args: argparse.Namespace, geometry: ModelGeometry, train_split: ImageSplit,
+                val_split: ImageSplit) -> dict:
+    """The export's config as far as it is known before training: the model, its input, its classes, and the
+    splits, with what names the held-out one (its seed, the count of training images it was drawn from and the
+    fingerprint of its images) for the commands that score the backbone on it."""
+    return {"model_name": args.model, "model_kwargs": geometry.kwargs, "num_classes": len(train_split.class_names),
+            "class_names": list(train_split.class_names), "input_size": geometry.input_size,
+            "mean": list(geometry.mean), "std": list(geometry.std), "dataset": args.dataset,
+            "split_sizes": {"train": len(train_split), "val": len(val_split)},
+            "split_seed": args.split_seed,
+            "val_fingerprint": held_out_fingerprint(args.dataset, args.data_dir, geometry.input_size, len(val_split),
+                                                    args.split_seed, args.download),
+            "val_drawn_from": training_split_size(args.dataset, args.data_dir, args.download)}
+
+
+def fitted_batch_size(args: argparse.Namespace, train_size: int) -> int:
+    """The images of a step: ``--batch-size``, or all ``train_size`` training images where they are fewer,
+    less one where mixup needs an even count; a note on stderr where it is not the ``--batch-size`` asked for.
+    The caller records it in ``args``: the learning rate is scaled for the batch that trains, and the recipe
+    records it."""
+    batch_size = min(args.batch_size, train_size)  # a split smaller than a batch trains in one
     if args.mixup > 0 or args.cutmix > 0:
         batch_size -= batch_size % 2  # timm's mixup pairs each image with another of its batch
     if batch_size == 0:
-        raise DataError(f"{len(train_split)} training image: mixup and cutmix need at least two")
-    if batch_size != args.batch_size:  # what trains is what the learning rate is scaled for and the recipe records
-        print(f"note: --batch-size {args.batch_size} is more than the {len(train_split)} training images: steps of "
+        raise DataError(f"{train_size} training image: mixup and cutmix need at least two")
+    if batch_size != args.batch_size:
+        print(f"note: --batch-size {args.batch_size} is more than the {train_size} training images: steps of "
               f"{batch_size} images, the learning rate scaled for them", file=sys.stderr)
-        args.batch_size = batch_size
-    steps_per_epoch = len(train_split) // batch_size
-    step = build_training_step(args, model, num_classes, steps_per_epoch, config, device)
+    return batch_size
 
-    history, start_epoch, test_readings = [], 0, []
-    snapshot = state  # what train_state.pt holds now
-    if state is not None:
-        history, start_epoch = state["history"], state["epoch"]
-        model.load_state_dict(state["model"])
-        step.optimizer.load_state_dict(state["optimizer"])
-        restore_generator(step.generator, state, reseed=args.seed + start_epoch)
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and device.type == "cuda":  # stochastic depth draws from it on a GPU
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if "numpy_rng" in state:  # mixup's generator, where the state has it
-            np.random.set_state(state["numpy_rng"])
-        test_readings = state.get("test_readings", [])
-        print(f"resuming {out} at epoch {start_epoch}/{args.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
 
-    streamed = isinstance(train_split.images, StreamedImages)
-    images = train_split.images if streamed else train_split.images.to(device)
-    labels = train_split.labels.to(device)
-    process_start = time.time()
-    began = process_start - (history[-1]["seconds"] if history else 0.0)  # elapsed time spans resumes
-    epoch = start_epoch
-    while epoch < args.epochs:  # --time-budget may change args.epochs
-        model.train()
-        loss_sum = run_epoch(step, images, labels, batch_size, steps_per_epoch, epoch * steps_per_epoch,
-                             progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
-        mean_loss = loss_sum.item() / steps_per_epoch
-        val_acc = accuracy(model, val_split, config, device, amp=amp)
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "val_accuracy": val_acc,
-                        "seconds": time.time() - began})
-        print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f} "
-              f"val {100 * val_acc:.2f}% ({time.time() - began:.0f}s)", flush=True)
-        # --time-budget sets the schedule's length from the second epoch this process runs (the first pays for
-        # compiling), or from the first where no second is scheduled (then again from the second, if it plans one)
-        measured = epoch == start_epoch + 1 or (epoch == start_epoch and epoch + 1 == args.epochs)
-        if args.time_budget is not None and measured:
-            epoch_seconds = history[-1]["seconds"] - (history[-2]["seconds"] if len(history) > 1 else 0.0)
-            epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1,
-                                   args.compile)
-            if epochs != args.epochs:
-                print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "
-                      f"{epoch_seconds:.1f} s", flush=True)
-                args.schedule_changes = [*getattr(args, "schedule_changes", []),
-                                         {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
-                args.epochs = epochs
-                step.scheduler.t_initial = epochs * steps_per_epoch
-        snapshot = {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
-                    "generator": step.generator.get_state(), "generator_device": device.type,
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                    "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings,
-                    "data": {key: config[key] for key in RESUMED_DATA}}
-        over_time = args.time_limit is not None and time.time() - process_start > args.time_limit
-        stopping = over_time and epoch + 1 < args.epochs
-        if stopping or (epoch + 1) % args.save_every == 0:  # the last epoch's is saved with the test reading
-            save_state(state_path, snapshot)
-        if stopping:
-            print(f"time limit reached after epoch {epoch + 1}; continue with {go_on_command(args, given)}")
-            return
-        epoch += 1
+def restore_state(state: dict, model: torch.nn.Module, step: TrainingStep, reseed: int,
+                  device: torch.device) -> None:
+    """Continue where ``state`` (train_state.pt) stopped: the weights, the optimiser and every random stream, so
+    that a resumed run draws what an uninterrupted one would (:func:`restore_generator` says where it cannot)."""
+    model.load_state_dict(state["model"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    restore_generator(step.generator, state, reseed=reseed)
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":  # stochastic depth draws from it on a GPU
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if "numpy_rng" in state:  # mixup's generator, where the state has it
+        np.random.set_state(state["numpy_rng"])
 
-    test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=input_size,
+
+def fit_time_budget(args: argparse.Namespace, step: TrainingStep, history: list[dict], epoch: int, start_epoch: int,
+                    started: float, steps_per_epoch: int) -> None:
+    """Set the schedule's length (``args.epochs`` and the cosine schedule) to the epochs that fit in
+    ``--time-budget`` seconds from ``started`` (:func:`epochs_within`), after ``epoch`` (counted from 0) ends. It is
+    measured on the second epoch this process runs, after ``start_epoch`` (the first pays for compiling), or on
+    the first where no second is scheduled (then again on the second, if the first plans one). A change is
+    printed and recorded in ``args.schedule_changes`` for the card."""
+    measured = epoch == start_epoch + 1 or (epoch == start_epoch and epoch + 1 == args.epochs)
+    if not measured:
+        return
+    epoch_seconds = history[-1]["seconds"] - (history[-2]["seconds"] if len(history) > 1 else 0.0)
+    epochs = epochs_within(args.time_budget - (time.time() - started), epoch_seconds, epoch + 1, args.compile)
+    if epochs != args.epochs:
+        print(f"--time-budget {args.time_budget:g} s: {epochs} epochs in all, from epoch {epoch + 1}'s "
+              f"{epoch_seconds:.1f} s", flush=True)
+        args.schedule_changes = [*getattr(args, "schedule_changes", []),
+                                 {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
+        args.epochs = epochs
+        step.scheduler.t_initial = epochs * steps_per_epoch
+
+
+def training_snapshot(args: argparse.Namespace, model: torch.nn.Module, step: TrainingStep, device: torch.device,
+                      history: list[dict], epoch: int, test_readings: list[dict], config: dict) -> dict:
+    """What train_state.pt holds after ``epoch`` (counted from 0): the weights, the optimiser, every random
+    stream, the history, the settings and the data the run trained on, all that ``--resume`` needs to go on as
+    if it had not stopped."""
+    return {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
+            "generator": step.generator.get_state(), "generator_device": device.type,
+            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "history": history, "epoch": epoch + 1, "args": vars(args), "test_readings": test_readings,
+            "data": {key: config[key] for key in RESUMED_DATA}}
+
+
+def read_test_accuracy(args: argparse.Namespace, model: torch.nn.Module, config: dict,
+                       device: torch.device) -> tuple[float, int]:
+    """The trained model's top-1 accuracy on the test split, in float32, and the count of test images: read once
+    a run has finished, for the model card."""
+    test_split = load_split(args.dataset, "test", data_dir=args.data_dir, input_size=config["input_size"],
                             limit=args.limit, **data_access(args))
-    test_acc = accuracy(model, test_split, config, device, amp=False)
-    test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
-    if snapshot is not None:  # a later --resume --epochs must know the test split has been read
-        save_state(state_path, {**snapshot, "test_readings": test_readings})
+    return accuracy(model, test_split, config, device, amp=False), len(test_split)
+
+
+def run_recipe(args: argparse.Namespace, history: list[dict], device: torch.device) -> dict:
+    """How the backbone was trained, for the config and its model card: the recipe's flags, the schedule's
+    changes, where it started from, and where and how long it trained."""
     recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "label_smoothing", "mixup", "cutmix", "randaug",
                                             "randaug_magnitude", "seed", "pretrained", "limit")}
     recipe["schedule_changes"] = getattr(args, "schedule_changes", [])
     recipe["init_from"] = getattr(args, "init_summary", None)
     recipe.update(optimizer="adamw (timm, no decay on norms/biases/pos-embed)", schedule="warmup + cosine per step",
-                  amp="bf16 autocast" if amp else "float32", device=describe_device(device), compiled=args.compile,
-                  train_seconds=round(history[-1]["seconds"], 1) if history else 0)
-    config.update(split_sizes={**config["split_sizes"], "test": len(test_split)}, recipe=recipe,
-                  history=history, test_accuracy=test_acc, test_readings=test_readings,
-                  gflops=round(unpruned_gflops(ViTSpec.from_model(model)), 4),
-                  params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                  images_per_s_b256=round(eval_images_per_second(model, config, device), 1),
-                  throughput_device=describe_device(device), commit=commit, versions=versions_line())
-    export = save_backbone(model, config, out / RUN_EXPORT_DIR, half=args.half)
+                  amp="bf16 autocast" if args.amp else "float32", device=describe_device(device),
+                  compiled=args.compile, train_seconds=round(history[-1]["seconds"], 1) if history else 0)
+    return recipe
+
+
+def measurements(model: torch.nn.Module, config: dict, device: torch.device) -> dict:
+    """What the model card reports of the trained model besides its accuracy: its GFLOPs, parameters and eval
+    throughput on ``device``."""
+    return {"gflops": round(unpruned_gflops(ViTSpec.from_model(model)), 4),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "images_per_s_b256": round(eval_images_per_second(model, config, device), 1),
+            "throughput_device": describe_device(device)}
+
+
+def export_with_card(model: torch.nn.Module, config: dict, directory: Path, half: bool) -> Path:
+    """Export ``model`` with ``config`` into ``directory`` (:func:`save_backbone`) and write its model card from
+    the config as exported; returns the export's directory."""
+    export = save_backbone(model, config, directory, half=half)
     (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
-    print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
+    return export
 
 
 def square_input_size(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
