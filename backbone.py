@@ -369,9 +369,9 @@ def model_card(config: dict) -> str:
                      for h in config["history"])
     kwargs = ", ".join(f"{k}={v}" for k, v in config["model_kwargs"].items())
     compiled = " (torch.compile)" if recipe.get("compiled") else ""
-    start = recipe.get("init_from")
-    started_from = (f"Started from the weights of {start['path']} ({start['epochs']} epochs, "
-                    f"{100 * start['test_accuracy']:.2f}% test), then " if start else "")
+    init_from = recipe.get("init_from")
+    started_from = (f"Started from the weights of {init_from['path']} ({init_from['epochs']} epochs, "
+                    f"{100 * init_from['test_accuracy']:.2f}% test), then " if init_from else "")
     sizes = config["split_sizes"]
     return f"""# {config['model_name']} ({kwargs}) on {config['dataset']}
 
@@ -397,7 +397,7 @@ on {recipe['device']}{compiled} in {recipe['train_seconds'] / 60:.0f} min. {test
 """
 
 
-def read_start(directory: str) -> tuple[torch.nn.Module, dict]:
+def read_init_from(directory: str) -> tuple[torch.nn.Module, dict]:
     """The exported backbone ``--init-from`` names, read before the data is decoded so that a bad one is refused
     at once."""
     try:
@@ -406,18 +406,19 @@ def read_start(directory: str) -> tuple[torch.nn.Module, dict]:
         raise UsageError(f"--init-from {directory}: {error}") from None
 
 
-def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Module, dict], config: dict) -> dict:
-    """Load the weights of ``start``, the exported backbone in ``directory`` (:func:`read_start`), into ``model``
-    and return what the model card says of it. The weights are the export's (float16 unless it was exported
-    with --full-precision). Refused unless it is the same model on the same classes, input and validation
-    split: a backbone that trained on other splits has seen this run's validation images."""
-    start_model, start_config = start
+def init_from_export(model: torch.nn.Module, directory: str, init_export: tuple[torch.nn.Module, dict],
+                     config: dict) -> dict:
+    """Load the weights of ``init_export``, the exported backbone in ``directory`` (:func:`read_init_from`), into
+    ``model`` and return what the model card says of it. The weights are the export's (float16 unless it was
+    exported with --full-precision). Refused unless it is the same model on the same classes, input and
+    validation split: a backbone that trained on other splits has seen this run's validation images."""
+    export_model, export_config = init_export
     for key in ("model_name", "model_kwargs", "class_names", "input_size", "mean", "std"):
-        if start_config.get(key) != config[key]:
-            raise UsageError(f"--init-from {directory}: its {key} is {start_config.get(key)!r}, this run's is "
+        if export_config.get(key) != config[key]:
+            raise UsageError(f"--init-from {directory}: its {key} is {export_config.get(key)!r}, this run's is "
                              f"{config[key]!r}")
-    held_out, recorded = start_config.get("split_sizes", {}).get("val"), start_config.get("val_fingerprint")
-    drawn_from = val_drawn_from(start_config)
+    held_out, recorded = export_config.get("split_sizes", {}).get("val"), export_config.get("val_fingerprint")
+    drawn_from = val_drawn_from(export_config)
     if held_out != config["split_sizes"]["val"] or recorded is None:
         why = ("it records none" if recorded is None else f"it recorded a validation split of {held_out} images, "
                f"this run's has {config['split_sizes']['val']} (--val-size, --limit)")
@@ -430,9 +431,9 @@ def warm_start(model: torch.nn.Module, directory: str, start: tuple[torch.nn.Mod
     if why is not None:
         raise UsageError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
                          f"trained on this run's validation images")
-    model.load_state_dict(start_model.state_dict())
-    return {"path": repository_relative(directory), "epochs": start_config.get("recipe", {}).get("epochs"),
-            "test_accuracy": start_config.get("test_accuracy")}
+    model.load_state_dict(export_model.state_dict())
+    return {"path": repository_relative(directory), "epochs": export_config.get("recipe", {}).get("epochs"),
+            "test_accuracy": export_config.get("test_accuracy")}
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -561,7 +562,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     state = read_state(state_path) if args.resume else None
     args = run_settings(args, state, given, device)
     geometry = model_geometry(args)
-    start = read_start(args.init_from) if state is None and args.init_from is not None else None
+    init_export = read_init_from(args.init_from) if state is None and args.init_from is not None else None
     train_split, val_split = training_data(args, geometry.input_size, device)
     config = data_config(args, geometry, train_split, val_split)
     if state is not None:
@@ -569,9 +570,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     num_classes = config["num_classes"]
     model = create_vit(args.model, num_classes, geometry.kwargs,
                        pretrained=args.pretrained and state is None).to(device)
-    if start is not None:
-        args.init_summary = warm_start(model, args.init_from, start, config)
-        del start
+    if init_export is not None:
+        args.init_summary = init_from_export(model, args.init_from, init_export, config)
+        del init_export
     batch_size = fitted_batch_size(args, len(train_split))
     args.batch_size = batch_size  # the learning rate is scaled for the batch that trains, and the recipe records it
     steps_per_epoch = len(train_split) // batch_size
