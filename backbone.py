@@ -94,6 +94,7 @@ STATE_FILE = "train_state.pt"
 STREAM_WORKERS = min(8, os.cpu_count() or 1)  # processes decoding a streamed training split ahead
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DEFAULT_EPOCHS = 185
+THROUGHPUT_BATCH = 256  # images per batch of the eval throughput the model card reports
 
 
 def parse_kwargs(pairs: list[str]) -> dict:
@@ -341,12 +342,13 @@ def epoch_batches(images: torch.Tensor | StreamedImages, order: torch.Tensor, ba
 
 
 @torch.no_grad()
-def eval_images_per_second(model: torch.nn.Module, config: dict, device: torch.device, batch_size: int = 256,
-                           repeats: int = 5) -> float:
-    """Median eval throughput in float32 on one batch of random input, after a warm-up pass (the card's figure)."""
+def eval_images_per_second(model: torch.nn.Module, config: dict, device: torch.device, repeats: int = 5) -> float:
+    """Median eval throughput in float32 on one batch of :data:`THROUGHPUT_BATCH` random images, after a warm-up
+    pass (the card's figure)."""
     model.eval()
     size = config["input_size"]
-    return images_per_second(model, torch.randn(batch_size, 3, size, size, device=device), batch_size, repeats)
+    return images_per_second(model, torch.randn(THROUGHPUT_BATCH, 3, size, size, device=device), THROUGHPUT_BATCH,
+                             repeats)
 
 
 def test_reading_note(config: dict) -> str:
@@ -373,6 +375,7 @@ def model_card(config: dict) -> str:
     started_from = (f"Started from the weights of {init_from['path']} ({init_from['epochs']} epochs, "
                     f"{100 * init_from['test_accuracy']:.2f}% test), then " if init_from else "")
     sizes = config["split_sizes"]
+    throughput = config[f"images_per_s_b{THROUGHPUT_BATCH}"]
     return f"""# {config['model_name']} ({kwargs}) on {config['dataset']}
 
 | | |
@@ -380,7 +383,7 @@ def model_card(config: dict) -> str:
 | test top-1 ({sizes['test']} images, float32) | **{100 * config['test_accuracy']:.2f}%** |
 | GFLOPs (multiply-accumulates, attention matmuls included) | {config['gflops']} |
 | parameters | {config['params_m']} M |
-| images/s, batch 256, float32, {config['throughput_device']} | {config['images_per_s_b256']} |
+| images/s, batch {THROUGHPUT_BATCH}, float32, {config['throughput_device']} | {throughput} |
 | input | {config['input_size']}x{config['input_size']}, mean {config['mean']}, std {config['std']} |
 | splits | train {sizes['train']}, val {sizes['val']} (seed {config['split_seed']}), test {sizes['test']} |
 | weights | {config['weights_dtype']} safetensors |
@@ -832,7 +835,7 @@ def measurements(model: torch.nn.Module, config: dict, device: torch.device) -> 
     throughput on ``device``."""
     return {"gflops": round(unpruned_gflops(ViTSpec.from_model(model)), 4),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            "images_per_s_b256": round(eval_images_per_second(model, config, device), 1),
+            f"images_per_s_b{THROUGHPUT_BATCH}": round(eval_images_per_second(model, config, device), 1),
             "throughput_device": describe_device(device)}
 
 
