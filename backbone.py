@@ -3,10 +3,8 @@
 Reads the ``train`` split (minus the seeded ``val`` subset), picks nothing on ``test``, and reports
 test accuracy once at the end for the model card. Needs torch + timm + safetensors only (no Ray), so it
 runs on any GPU box. Decoded images live in one uint8 tensor on the device and are augmented there, per
-image (envs/vit/augment.py). A training step neither copies from the host nor reads a value back (a streamed
-split's batches arrive in page-locked memory, whose copy does not wait), so on a GPU the host queues steps
-ahead and the device sets the pace: the augmentation draws from one seeded generator on the device (saved for
---resume with torch's and numpy's), AdamW is fused, and the loss is read once an epoch.
+image (envs/vit/augment.py). A training step neither copies from the host nor reads a value back, so on a GPU
+the host queues steps ahead and the device sets the pace (TrainingStep in this file says how).
 
     python backbone.py --data-dir ../shared/data --output-dir runs/backbone
     python backbone.py --output-dir runs/backbone --resume      # continue after --time-limit or a crash
@@ -207,11 +205,13 @@ class TrainingStep:
     """What one training step uses, built once before the loop by :func:`build_training_step`.
 
     A step neither copies a host tensor to the device nor reads a device value back, so on a GPU the host
-    queues steps ahead and the device sets the pace: the augmentation draws from ``generator``, which lives on
-    the training device (``envs.vit.augment``); normalize's mean and std are cached on the device; timm's
-    mixup draws its lambda and box with numpy on the host, which reach the kernels as Python numbers; AdamW is
-    fused, gradient clipping works on the whole list of gradients at once, the scheduler sets Python numbers,
-    and the loss is returned on the device.
+    queues steps ahead and the device sets the pace: the images are on the device already, or, for a streamed
+    split, arrive in page-locked memory, whose copy does not wait (:func:`epoch_batches`); the augmentation draws
+    from ``generator``, which lives on the training device (``envs.vit.augment``) and is saved for ``--resume``
+    with torch's and numpy's generators; normalize's mean and std are cached on the device; timm's mixup draws
+    its lambda and box with numpy on the host, which reach the kernels as Python numbers; AdamW is fused,
+    gradient clipping works on the whole list of gradients at once, the scheduler sets Python numbers, and the
+    loss is returned on the device, summed there by :func:`run_epoch` and read once an epoch.
     """
 
     model: torch.nn.Module  # what runs forward and backward: the model, or torch.compile's wrapper of it
