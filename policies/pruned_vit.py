@@ -3,12 +3,12 @@
     model = PrunedViT.from_checkpoint("reference/marl_policy")          # the trained agents, exact budget
     logits = model(model.normalize(images))                             # uint8 [B, 3, H, W] -> [B, classes]
 
-It composes the project's one pruned computation (``exact_forward`` of ``envs.vit.pruned_forward``) with
-what chooses the tokens: the agents (``policies.decisions``), a heuristic
-(``policies.heuristics``), ToMe (``envs.vit.tome``) or nothing (the unpruned model), and costs it with
-``envs.vit.flops``. evaluate.py builds every row of its table as a PrunedViT (a cascade row as two of them,
-``policies.cascade``), so what a user runs is what was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and JSON,
-never a pickle) when it has one.
+It composes the project's one pruned computation (``exact_forward`` of ``envs.vit.pruned_forward``) with what
+chooses the tokens: the agents (``policies.decisions``), a heuristic (``policies.heuristics``), ToMe
+(``envs.vit.tome``) or nothing (the unpruned model), and costs it with ``envs.vit.flops``. evaluate.py builds
+every row of its table as a PrunedViT (a cascade row as two of them, ``policies.cascade``), so what a user runs
+is what was evaluated. A checkpoint's policy is read from its export (``policies.export``: safetensors and
+JSON, never a pickle) when it has one.
 """
 
 from __future__ import annotations
