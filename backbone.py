@@ -84,7 +84,7 @@ from envs.vit.data import (
 )
 from envs.vit.device import DEVICE_CHOICES, autocast_to, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, unpruned_gflops
-from envs.vit.held_out import held_out_differences, val_drawn_from
+from envs.vit.held_out import same_images, val_drawn_from
 from envs.vit.staged_vit import check_prunable
 from envs.vit.timing import images_per_second
 
@@ -420,16 +420,17 @@ def init_from_export(model: torch.nn.Module, directory: str, init_export: tuple[
         if export_config.get(key) != config[key]:
             raise UsageError(f"--init-from {directory}: its {key} is {export_config.get(key)!r}, this run's is "
                              f"{config[key]!r}")
-    recorded_size = export_config.get("split_sizes", {}).get("val")
-    reasons = {"split_sizes.val": f"it recorded a validation split of {recorded_size} images, this run's has "
-                                  f"{config['split_sizes']['val']} (--val-size, --limit)",
-               "val_drawn_from": f"it drew it from {val_drawn_from(export_config)} training images, this run from "
-                                 f"{config['val_drawn_from']}",
-               "val_fingerprint": "it held out other images: another --split-seed or another copy of the data set"}
-    if export_config.get("val_fingerprint") is None:
-        why = "it records none"
-    else:  # the first difference, or None
-        why = reasons.get(next(held_out_differences(export_config, config), None))
+    held_out, recorded = export_config.get("split_sizes", {}).get("val"), export_config.get("val_fingerprint")
+    drawn_from = val_drawn_from(export_config)
+    if held_out != config["split_sizes"]["val"] or recorded is None:
+        why = ("it records none" if recorded is None else f"it recorded a validation split of {held_out} images, "
+               f"this run's has {config['split_sizes']['val']} (--val-size, --limit)")
+    elif drawn_from not in (None, config["val_drawn_from"]):
+        why = f"it drew it from {drawn_from} training images, this run from {config['val_drawn_from']}"
+    elif not same_images(recorded, config["val_fingerprint"]):
+        why = "it held out other images: another --split-seed or another copy of the data set"
+    else:
+        why = None
     if why is not None:
         raise UsageError(f"--init-from {directory}: its val_fingerprint is not this run's ({why}), so it may have "
                          f"trained on this run's validation images")
@@ -527,23 +528,18 @@ def resumed_args(args: argparse.Namespace, state: dict, given: Collection[str]) 
 
 
 RESUMED_DATA = ("class_names", "split_sizes", "val_drawn_from", "val_fingerprint")  # a resumed run's data repeats
-RESUMED_HELD_OUT = {"split_sizes.val": "split_sizes", "val_drawn_from": "val_drawn_from",
-                    "val_fingerprint": "validation images"}  # check_same_data's word for each held_out_differences
 
 
-def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any], data_dir: str,
-                    limit: int | None) -> None:
+def check_same_data(recorded: Mapping[str, Any] | None, config: Mapping[str, Any], data_dir: str) -> None:
     """Refuse to resume on other data than the run trained on (a ``--data-dir`` given on resume is meant for a run
     moved to another machine): other classes would relabel what it learned, another validation split would hold
-    images it trained on. ``recorded``: the train_state's ``data`` (None where a state lacks it: nothing to check);
-    ``limit``: the run's ``--limit``, for a state that lacks ``val_drawn_from``, which is inferred from its split
-    sizes where the run trained on the whole split (:func:`envs.vit.held_out.val_drawn_from`)."""
+    images it trained on. ``recorded``: the train_state's ``data`` (None where a state lacks it: nothing to check)."""
     if recorded is None:
         return
-    changed = [key for key in ("class_names", "split_sizes") if recorded[key] != config[key]]
-    recorded_config = {**recorded, "recipe": {"limit": limit}}
-    changed += [RESUMED_HELD_OUT[difference] for difference in held_out_differences(recorded_config, config)
-                if RESUMED_HELD_OUT[difference] not in changed]
+    changed = [key for key in RESUMED_DATA  # a recorded state may lack val_drawn_from
+               if key != "val_fingerprint" and recorded.get(key, config[key]) != config[key]]
+    if not same_images(config["val_fingerprint"], recorded["val_fingerprint"]):
+        changed.append("validation images")
     if changed:
         raise DataError(f"--resume: the data in {data_dir} is not what the run trained on (its {', '.join(changed)} "
                         f"differ): point --data-dir at a copy of that data set, or start a new run")
@@ -573,7 +569,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     train_split, val_split = training_data(args, geometry.input_size, device)
     config = data_config(args, geometry, train_split, val_split)
     if state is not None:
-        check_same_data(state.get("data"), config, args.data_dir, args.limit)
+        check_same_data(state.get("data"), config, args.data_dir)
     num_classes = config["num_classes"]
     model = create_vit(args.model, num_classes, geometry.kwargs,
                        pretrained=args.pretrained and state is None).to(device)

@@ -19,7 +19,7 @@ from cli import code_commit, versions_line
 from envs.errors import UsageError
 from envs.vit import backbone_checkpoint
 from envs.vit.backbone_checkpoint import CheckpointError, create_vit, load_backbone, normalize, save_backbone
-from envs.vit.data import DataError, load_split
+from envs.vit.data import load_split
 from tests.host_reads import host_round_trips
 
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
@@ -491,20 +491,6 @@ def test_a_resume_on_other_data_is_refused(tmp_path, image_folder_224, capsys):
                                            f"{changed} differ): point --data-dir at a copy of that data set, or "
                                            f"start a new run\n")
     assert backbone.main([*resume, str(image_folder_224)]) == 0
-
-
-def test_a_resume_state_without_val_drawn_from_infers_it_from_its_split_sizes():
-    """A training state written before backbone.py recorded val_drawn_from has it inferred from its split sizes, as
-    --init-from and the commands that score a backbone infer it (envs.vit.held_out.val_drawn_from), where the run
-    trained on the whole split; a --limit run's is unknown, so it is not compared."""
-    recorded = {"class_names": ["a", "b"], "split_sizes": {"train": 95, "val": 5}, "val_fingerprint": [[9.0] * 3]}
-    backbone.check_same_data(recorded, {**recorded, "val_drawn_from": 100}, "data", limit=None)
-    one_fewer = {**recorded, "split_sizes": {"train": 94, "val": 5}, "val_drawn_from": 99}
-    with pytest.raises(DataError, match=r"^--resume: the data in data is not what the run trained on \(its "
-                                        r"split_sizes, val_drawn_from differ\)"):
-        backbone.check_same_data(recorded, one_fewer, "data", limit=None)
-    limited = {**recorded, "split_sizes": {"train": 50, "val": 5}}
-    backbone.check_same_data(limited, {**limited, "val_drawn_from": 100}, "data", limit=50)
 
 
 def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_moved(tmp_path, image_folder_224,

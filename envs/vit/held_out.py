@@ -9,9 +9,8 @@ same images; any split must have the backbone's classes. :func:`load_checked_spl
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,30 +49,6 @@ def fingerprint_difference(found: Sequence[Sequence[float]], recorded: Sequence[
     """How far apart two :func:`held_out_fingerprint` s are: the mean difference of their colours, of 255 (the
     same images read again differ by at most :data:`FINGERPRINT_TOLERANCE`, re-encoded ones included)."""
     return float(np.abs(np.asarray(found) - np.asarray(recorded)).mean())
-
-
-def held_out_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Iterator[str]:
-    """How the validation split that ``current`` describes differs from the one ``recorded`` held out (both shaped
-    as a backbone's config): the name of each field that differs, in this order; none where it is that split.
-
-    - ``split_sizes.val``: its size;
-    - ``val_drawn_from``: the count of training images it was drawn from (:func:`val_drawn_from`), compared
-      only where both are known;
-    - ``val_fingerprint``: its images (:func:`same_images`); a ``recorded`` config without a fingerprint says
-      nothing of them, so it differs.
-
-    Each is compared only when the caller asks for the next, so one that takes the first alone
-    (``next(..., None)``) leaves the rest unread: ``current``'s fingerprint may be a function that reads it,
-    which decodes images that a copy of another count may not hold. Every command that asks whether a split is
-    the one a backbone held out asks here, and words the answer for its own flags."""
-    if recorded.get("split_sizes", {}).get("val") != current["split_sizes"]["val"]:
-        yield "split_sizes.val"
-    drawn_from, current_drawn_from = val_drawn_from(recorded), val_drawn_from(current)
-    if None not in (drawn_from, current_drawn_from) and drawn_from != current_drawn_from:
-        yield "val_drawn_from"
-    recorded_fingerprint, found = recorded.get("val_fingerprint"), current["val_fingerprint"]
-    if recorded_fingerprint is None or not same_images(found() if callable(found) else found, recorded_fingerprint):
-        yield "val_fingerprint"
 
 
 def held_out_split(backbone_config: Mapping[str, Any], dataset: str,
@@ -142,19 +117,16 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         return
     drawn_from = val_drawn_from(backbone_config)
     found_images = None if drawn_from is None else training_split_size(dataset, data_dir, download)
-    found = functools.cache(lambda: held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out,
-                                                         held_out_seed, download))
-    this_copy = {"split_sizes": {"val": held_out}, "val_drawn_from": found_images, "val_fingerprint": found}
-    difference = next(held_out_differences(backbone_config, this_copy), None)
-    if difference == "val_drawn_from":
+    if found_images != drawn_from:
         raise DataError(f"this copy of {dataset} holds {found_images} training images, the copy the backbone was "
                         f"trained on {drawn_from}: from another count the same seed draws another validation split, "
                         f"which would hold images the backbone trained on: point --data-dir at that copy, or train a "
                         f"backbone on this one with backbone.py")
-    if difference == "val_fingerprint":
+    found = held_out_fingerprint(dataset, data_dir, backbone_config["input_size"], held_out, held_out_seed, download)
+    if not same_images(found, recorded):
         raise DataError(f"this copy of {dataset} holds other images, or orders them otherwise, than the copy the "
                         f"backbone was trained on (its validation images differ in colour by "
-                        f"{fingerprint_difference(found(), recorded):.1f} of 255 "
+                        f"{fingerprint_difference(found, recorded):.1f} of 255 "
                         f"on average), so its validation split would hold images the backbone trained on: point "
                         f"--data-dir at that copy, or train a backbone on this one with backbone.py")
 
