@@ -35,8 +35,8 @@ def same_images(found: Sequence[Sequence[float]], recorded: Sequence[Sequence[fl
 
 def val_drawn_from(backbone_config: Mapping[str, Any]) -> int | None:
     """The count of training images a backbone's validation split was drawn from (:func:`training_split_size`):
-    as recorded, or, in a config written before it was, the recorded split sizes added up where the backbone
-    trained on the whole split (no ``--limit``); None where unknown."""
+    as recorded, or, in a config that records none, the recorded split sizes added up where the backbone trained
+    on the whole split (no ``--limit``); None where unknown."""
     if "val_drawn_from" in backbone_config:
         return backbone_config["val_drawn_from"]
     sizes = backbone_config.get("split_sizes", {})
@@ -113,7 +113,7 @@ def check_fits_backbone(split: ImageSplit, split_name: str, dataset: str, val_si
         return
     held_out, held_out_seed = recorded_split
     recorded = backbone_config.get("val_fingerprint")
-    if recorded is None:  # a backbone written before backbone.py recorded it
+    if recorded is None:  # a backbone config that records no fingerprint: nothing to compare
         return
     drawn_from = val_drawn_from(backbone_config)
     found_images = None if drawn_from is None else training_split_size(dataset, data_dir, download)
