@@ -364,8 +364,9 @@ def test_reading_note(config: dict) -> str:
 def model_card(config: dict) -> str:
     """A short Markdown card: what the model is, how it was trained, what it measured."""
     recipe = config["recipe"]
-    changes = "".join(f"; from epoch {c['at_epoch'] + 1} the cosine schedule was re-set to {c['epochs']} epochs"
-                      f"{' to fit --time-budget' if c.get('by') == '--time-budget' else ''}"
+    changes = "".join((f"; from epoch {c['at_epoch'] + 1} the cosine schedule was re-set to {c['epochs']} epochs"
+                       if c["epochs"] > c["at_epoch"] else f"; the run ended after epoch {c['at_epoch']}")
+                      + (" to fit --time-budget" if c.get("by") == "--time-budget" else "")
                       for c in recipe.get("schedule_changes", []))
     rows = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['val_accuracy']:.2f} | {h['seconds']:.0f} |"
                      for h in config["history"])
@@ -792,6 +793,10 @@ def fit_time_budget(args: argparse.Namespace, step: TrainingStep, history: list[
                                  {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
         args.epochs = epochs
         step.scheduler.t_initial = epochs * steps_per_epoch
+        if args.warmup_epochs >= epochs:
+            warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than the {epochs} epochs that fit in "
+                          f"--time-budget {args.time_budget:g} s: the learning rate never leaves its warm-up (pass a "
+                          f"shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)", stacklevel=2)
 
 
 def training_snapshot(args: argparse.Namespace, model: torch.nn.Module, step: TrainingStep, device: torch.device,

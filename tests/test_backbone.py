@@ -515,6 +515,21 @@ def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_move
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
 
 
+def test_a_time_budget_that_ends_the_run_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch, capsys):
+    """A --time-budget too short to leave the warm-up (a number is seconds here, minutes for train.py) says so,
+    with the units; the card says the budget ended the run, not that a schedule was re-set from an epoch that
+    never ran."""
+    monkeypatch.setattr(backbone, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
+    assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
+                          "--batch-size", "32", "--epochs", "5", "--time-budget", "20", "--no-download",
+                          "--model-kwargs", *TINY]) == 0
+    assert ("warning: --warmup-epochs 10 is not fewer than the 2 epochs that fit in --time-budget 20 s: the learning "
+            "rate never leaves its warm-up (pass a shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)\n"
+            ) in capsys.readouterr().err
+    card = (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
+    assert "Recipe: 2 epochs; the run ended after epoch 2 to fit --time-budget," in card
+
+
 def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, data_dir, capsys):
     """The default ten warm-up epochs swallow a short run: its learning rate would never peak nor decay."""
     assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
