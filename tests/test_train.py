@@ -738,12 +738,13 @@ def test_progress_line_leaves_out_returns_against_the_other_rollouts():
 
     result = {"training_iteration": 3, "num_env_steps_sampled_lifetime": 120.0,  # RLlib sums it as a float
               "env_runners": {"module_episode_returns_mean": {"attention": 1.6, "similarity": 1.6}, "agree": 0.9,
-                              "correct": 0.8, "keep_ratio": 0.125, "gflops": 0.17},
+                              "correct": 0.8, "keep_ratio": 0.125, "gflops": 0.17,
+                              "num_episodes_lifetime": 30.0},  # RLlib sums it as a float
               "progress": {"elapsed_s": 65, "remaining_s": 125, "validated": False, "out_of_time": False}}
     heuristic = PruningProblem(rollouts_per_image=1, reward_baseline="distinct", images_per_env=16)
     line = progress_line(result, heuristic)
     assert "R/img[att]=+0.100" in line and "R/img[sim]=+0.100" in line and "1m05s elapsed" in line
-    assert "steps      120 " in line
+    assert "rollouts     480 " in line  # 30 env episodes of 16 images each
     assert "R/img" not in progress_line(result, PruningProblem(reward_baseline="rollouts"))
 
 
@@ -817,7 +818,9 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         shutil.rmtree(unreported)
     for index in (0, 1):
         shutil.rmtree(storage / trial / f"checkpoint_00000{index}")
-    assert closing_lines([result], output_dir) == (["no checkpoint"], [])
+    assert closing_lines([result], output_dir) == ([f"no checkpoint yet (the first comes at iteration "
+                                                    f"{PruningProblem().checkpoint_every}): --resume starts this "
+                                                    f"trial again"], [])
 
 
 def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_the_cluster(monkeypatch):

@@ -37,7 +37,8 @@ from training.trial import reached_iteration
 
 
 def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
-    """One compact line per iteration; returns are per image (an env episode carries several images), left out
+    """One compact line per iteration: the rollouts sampled so far (an env episode carries ``images_per_env``, each
+    image's ``rollouts_per_image`` among them), returns per image (an env episode carries several images), left out
     with the ``rollouts`` baseline, against which they average 0 by construction (against a heuristic they are
     above 0 where the agents beat it); ``remaining``: time until --iterations or --time-budget ends the trial,
     whichever comes first."""
@@ -50,7 +51,7 @@ def progress_line(result: dict[str, Any], problem: PruningProblem) -> str:
                 if math.isfinite(runners.get("agree", math.nan))  # nan: none finished in the metrics' window
                 else ["no episode finished yet"])  # a short first iteration's batch
     parts = [f"iter {result['training_iteration']:4d}",
-             f"steps {int(result.get('num_env_steps_sampled_lifetime', 0)):>8}",
+             f"rollouts {int(runners.get('num_episodes_lifetime', 0)) * problem.images_per_env:>7}",
              *(f"R/img[{m[:3]}]={v / problem.images_per_env:+.3f}" for m, v in sorted(returns.items())),
              *episodes,
              f"{duration(progress['elapsed_s']):>6} elapsed, {duration(progress['remaining_s']):>6} left"]
@@ -180,13 +181,14 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
+        problem = PruningProblem.from_json(result.config["trial"]["problem"])
         scored = scored_checkpoints(result, run_dir)
-        if not scored:
-            lines.append(f"{name}no checkpoint")
+        if not scored:  # stopped before its first validation
+            lines.append(f"{name}no checkpoint yet (the first comes at iteration {problem.checkpoint_every}): "
+                         f"--resume starts this trial again")
             continue
         checkpoint, score, iteration = max(scored, key=lambda entry: validation_rank(entry[1], entry[2]))
         trial_and_checkpoint = Path(Path(result.path).name, checkpoint)
-        problem = PruningProblem.from_json(result.config["trial"]["problem"])
         trial_data_dir = data_dir or problem.data_dir
         ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
         best = (f"(best on validation: iteration {iteration}, exact-budget accuracy {score:.2f}% on the "
