@@ -45,7 +45,7 @@ from envs.problem import PruningProblem, block_indices, flag_name, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
-from envs.vit.data import load_split
+from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, cpu_model, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, exact_budget_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
@@ -278,7 +278,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     problem = PruningProblem()
     parser.add_argument("--backbone", default=str(REFERENCE_BACKBONE) if REFERENCE_BACKBONE.exists() else None,
                         required=not REFERENCE_BACKBONE.exists(), help="backbone checkpoint directory")
-    parser.add_argument("--data-dir", default="../shared/data", help="holds cifar10/{train,test}.tar")
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="holds cifar10/{train,test}.tar (default: $MARL_PRUNING_DATA_DIR, else ./data)")
     parser.add_argument("--dataset", default=problem.dataset, help="the data set the images come from")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="the split they are read from")
     parser.add_argument("--limit", type=positive_int, default=512, help="images served (each one warmed once)")
