@@ -41,10 +41,13 @@ smoothing (the targets' values; the loss is the same operations for any). They a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """backbone.py's options (those of its model, recipe and device apply: :data:`NOT_A_STEP` are refused), plus
-    how long to measure."""
+    """backbone.py's options (those of its model, recipe and device apply: :data:`NOT_A_STEP` are refused and left
+    out of ``--help``), plus how long to measure."""
     parser = backbone.build_parser()
     parser.description, parser.formatter_class = __doc__, HelpFormatter
+    for action in parser._actions:  # refused, so not offered in --help
+        if action.dest in NOT_A_STEP:
+            action.help = argparse.SUPPRESS
     parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
     parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model's head")
