@@ -14,7 +14,7 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   ``Distinctive NMS`` (``policies.heuristics``): exact budget, at every budget of ``--budgets`` and of the
   checkpoints.
 - ``ToMe`` (``envs.vit.tome``): merging in every block, at the GFLOPs of the dearest other row at its budget
-  (the agents' where a policy is evaluated; ``match_tome_cost``).
+  (the agents' where a policy is evaluated; ``evaluation.methods.match_tome_cost``).
 - ``MARL exact``: both agents, each choosing its most likely set in turn: the attention agent the tokens it
   keeps, the similarity agent those it removes among the others (``policies.decisions.policy_selector``).
 - ``MARL attention only`` / ``MARL similarity only``: one module of the pair alone, exact budget. A
@@ -31,10 +31,10 @@ MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--b
 (``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
 Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
 otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
-columns are defined in ``envs.results_table.COLUMNS`` (also written to results.md and results.json); every
-row's answer on every image goes to predictions.csv.gz (``per_image_predictions``). Learned and
-cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images`` validation
-images (with ``--split val``, on the evaluated images).
+columns are defined in ``evaluation.results_table.COLUMNS`` (also written to results.md and results.json); every
+row's answer on every image goes to predictions.csv.gz (``evaluation.predictions.per_image_predictions``).
+Learned and cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images``
+validation images (with ``--split val``, on the evaluated images).
 Every row runs on ``--device`` (a GPU when one is visible, by default): the backbone, the policy modules, the
 images, the heuristics, merging, ToMe and the cascade; in float32 or, with ``--dtype bfloat16``, every forward
 under ``torch.autocast`` to bfloat16 (the token counts stay exact; ties in the scores may break otherwise).
@@ -50,23 +50,16 @@ and ``--dtype``.
 from __future__ import annotations
 
 import argparse
-import math
 import re
-import statistics
 import sys
-import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import scipy.stats
 import torch
-from sklearn.metrics import f1_score
-from tqdm import tqdm
 
 from cli import (
     OneLineParser,
@@ -83,35 +76,23 @@ from cli import (
 )
 from envs.errors import UsageError
 from envs.problem import PruningProblem, block_indices, budget_key, flag_name, removal_ratio, removal_ratios
-from envs.results_table import (
-    BASELINE,
-    RESULT_FILES,
-    SPEED_BATCH_SIZES,
-    SPEED_MIN_IMAGES,
-    column_docs,
-    header_line,
-    markdown_table,
-    prediction_column,
-    speed_column,
-    write_results,
-)
 from envs.vit.backbone_checkpoint import (
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
     installed_without_repository,
     is_backbone_checkpoint,
-    normalize,
     repository_relative,
 )
 from envs.vit.data import DATASETS, ClassesDiffer, DataError, ImageSplit, default_data_dir, limited_positions
-from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
-from envs.vit.flops import ViTSpec, tome_gflops
+from envs.vit.device import DEVICE_CHOICES, DTYPES, describe_device, resolve_device
 from envs.vit.held_out import check_held_out, load_checked_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
-from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
 from envs.vit.token_merge import REDUCTIONS
-from envs.vit.tome import tome_schedule
-from policies.cascade import CascadeViT
+from evaluation import EvaluationError
+from evaluation.measure import Evaluation, evaluate_methods
+from evaluation.methods import CASCADE, CascadePasses, plan_methods, warn_of_dear_cascades
+from evaluation.results_table import RESULT_FILES, SPEED_BATCH_SIZES, header_line, markdown_table, write_results
+from evaluation.speed import speed_note
 from policies.checkpoints import (
     CheckpointInfo,
     Modules,
@@ -119,454 +100,15 @@ from policies.checkpoints import (
     holds_policies,
     load_policies,
 )
-from policies.decisions import DEFAULT_PROTECTED_SHARE
-from policies.heuristics import HEURISTIC_RULES
-from policies.pruned_vit import PrunedViT, checked_backbone, greedy_similarity_gflops
+from policies.pruned_vit import checked_backbone
 from policies.token_scorer import TokenScoring
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
-HEURISTIC_ROWS = {**{name: rule.label for name, rule in HEURISTIC_RULES.items()}, "tome": "ToMe"}
-MARL_EXACT = "MARL exact"
-MARL_ONLY = {"attention": "MARL attention only", "similarity": "MARL similarity only"}
-CASCADE = {"similarity": "Cascade (greedy similarity)", "policy": "MARL cascade"}
 CASCADE_PRUNE_POINTS = (1, 3, 5, 7, 9, 11)
 """``--cascade-points`` unless given: six pruning points, where cascade_headroom's best pairs prune
 (benchmarks/README.md)."""
-
-BOOTSTRAP_RESAMPLES = 2000
-SPEED_SPREAD_WARNING = 1.5
-"""A row's fastest timing round over its slowest above which evaluate.py warns of a busy machine."""
 CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validation images"
-
-
-class EvaluationError(UsageError):
-    """A bad argument, checkpoint or combination of them; the message is meant for the user as is. A
-    :class:`UsageError`, as every bad argument is."""
-
-
-@dataclass(frozen=True)
-class CascadePasses:
-    """A cascade row's two forwards, removing ``ratios[0]`` (every image) then ``ratios[1]`` (the least sure)
-    at ``prune_points``, and the doubt above which an image runs twice (``policies.cascade``), which
-    :func:`calibrate_cascades` sets so that the mean GFLOPs per image are ``target_gflops``: the measured mean is
-    checked against it (:func:`warn_of_dear_cascades`)."""
-
-    prune_points: tuple[int, ...]
-    ratios: tuple[float, float]
-    threshold: float = 0.0
-    target_gflops: float | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Method:
-    """One row of the table: how tokens are chosen and at which budget.
-
-    ``selection``: ``baseline``, a heuristic of ``policies.heuristics``, ``tome``, ``policy`` (``modules``
-    choose the tokens, in turns that protect ``protected_share``, ``policies.decisions``) or ``cascade`` (its
-    ``cascade`` passes, the tokens chosen by ``modules`` or, without them, greedy similarity).
-    ``tome_gflops``: the cost ToMe matches (``PrunedViT``'s default when None: greedy similarity's at
-    ``budget``).
-    """
-
-    name: str
-    selection: str
-    budget: float | None = None
-    modules: Modules = field(default_factory=dict)
-    protected_share: float = DEFAULT_PROTECTED_SHARE
-    tome_gflops: float | None = None
-    cascade: CascadePasses | None = None
-
-    def model(self, staged: StagedViT, backbone_config: Mapping[str, Any], reduction: str,
-              seed: int = 0) -> PrunedViT | CascadeViT:
-        """The pruned ViT of this row; a new one per pass, so Random repeats its choices."""
-        if self.cascade is not None:
-            stages = StagedViT(staged.vit, self.cascade.prune_points).eval()
-            first, second = (PrunedViT(stages, backbone_config, dict(self.modules) or "similarity", ratio, reduction,
-                                       protected_share=self.protected_share) for ratio in self.cascade.ratios)
-            return CascadeViT(first, second, self.cascade.threshold)
-        vit_selection = {"baseline": None, "policy": self.modules}.get(self.selection, self.selection)
-        return PrunedViT(staged, backbone_config, vit_selection, self.budget, reduction, seed=seed,
-                         protected_share=self.protected_share, tome_gflops=self.tome_gflops)
-
-
-def plan_methods(budgets: Sequence[float], policies: Mapping[float, tuple[Modules, PruningProblem]],
-                 cascade: tuple[float, CascadePasses] | None = None) -> list[Method]:
-    """Rows in table order: the baseline, then per budget the heuristics, the cascade and the MARL rows there.
-
-    ``policies`` maps a budget to the modules and the problem of the checkpoint evaluated at it; ``cascade``
-    is the budget and the passes of the cascade rows (greedy similarity's, and the agents' where they were
-    trained on the cascade's pruning points).
-    """
-    methods = [Method(BASELINE, "baseline")]
-    cascade_budget, passes = cascade or (None, None)
-    for budget in sorted(set(budgets) | set(policies) | ({cascade_budget} if cascade else set())):
-        methods += [Method(name, selection, budget) for selection, name in HEURISTIC_ROWS.items()]
-        if budget == cascade_budget:
-            methods.append(Method(CASCADE["similarity"], "cascade", budget, cascade=passes))
-        if budget not in policies:
-            continue
-        modules, problem = policies[budget]
-        if problem.agents == "both":
-            methods.append(Method(MARL_EXACT, "policy", budget, modules, problem.protected_share))
-            if budget == cascade_budget and passes.prune_points == problem.prune_points:
-                methods.append(Method(CASCADE["policy"], "cascade", budget, modules, problem.protected_share,
-                                      cascade=passes))
-        methods += [Method(MARL_ONLY[name], "policy", budget, {name: modules[name]}) for name in modules]
-    return methods
-
-
-def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],
-                    reduction: str) -> list[Method]:
-    """``methods`` with each ToMe row set to the cost of the dearest other row at its budget (the agents', whose
-    networks add to their features, where a policy is evaluated), so ToMe is compared at the cost of the rows
-    it is compared with, as closely as whole merges per block allow."""
-    costs = [(method.budget, method.model(staged, backbone_config, reduction).gflops().total) for method in methods
-             if method.selection not in ("tome", "baseline", "cascade")]
-    matched = {budget: max(gflops for at, gflops in costs if at == budget) for budget, _ in costs}
-    spec = ViTSpec.from_model(staged.vit)
-    for budget, gflops in sorted(matched.items()):
-        if (any(method.selection == "tome" and method.budget == budget for method in methods)
-                and not any(tome_schedule(spec, gflops))):
-            unpruned = tome_gflops(spec, [0] * spec.depth).total
-            warnings.warn(f"ToMe at {budget:g} is the unpruned model: the rows it is matched to cost {gflops:.4g} "
-                          f"GFLOPs, about the unpruned model's {unpruned:.4g} or more (the agents' networks outweigh "
-                          f"this ViT), so it merges no token", stacklevel=2)
-    return [replace(method, tome_gflops=matched[method.budget]) if method.selection == "tome" else method
-            for method in methods]
-
-
-def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],
-                       reduction: str, calibration: ImageSplit | None, batch_size: int) -> list[Method]:
-    """``methods`` with each cascade row's threshold calibrated on the ``calibration`` images (held out from
-    those evaluated) so that its mean GFLOPs per image are greedy similarity's at its budget."""
-    calibrated = []
-    for method in methods:
-        if method.selection == "cascade":
-            if calibration is None:
-                raise EvaluationError("a cascade row needs calibration images")
-            model = method.model(staged, backbone_config, reduction)
-            target = greedy_similarity_gflops(staged, method.budget, reduction)
-            batches = (model.normalize(images.to(model.device)) for images in calibration.batches(batch_size))
-            try:
-                threshold = model.calibrate(batches, target)
-            except UsageError as error:  # the first forward alone costs the budget
-                raise EvaluationError(f"cascade {method.cascade.ratios}: {error}") from None
-            method = replace(method, cascade=replace(method.cascade, threshold=threshold, target_gflops=target))
-        calibrated.append(method)
-    return calibrated
-
-
-CASCADE_COST_TOLERANCE = 0.05
-"""How far above its budget a cascade row's measured mean GFLOPs may be before a warning says so."""
-
-
-def warn_of_dear_cascades(table: pd.DataFrame, methods: Sequence[Method]) -> None:
-    """A warning for each cascade row of ``table`` (one row per method of ``methods``, as
-    :func:`evaluate_methods` returns them) whose measured GFLOPs are more than :data:`CASCADE_COST_TOLERANCE`
-    above those it was calibrated to (``CascadePasses.target_gflops``): more of the evaluated images than of the
-    calibration images ran twice (few of either), and it is compared with rows cheaper than itself."""
-    for row, method in zip(table.itertuples(), methods, strict=True):
-        if method.cascade is None:
-            continue
-        target = method.cascade.target_gflops
-        if row.gflops > (1 + CASCADE_COST_TOLERANCE) * target:
-            warnings.warn(f"{row.method} at {row.budget:g} cost {row.gflops:.4f} GFLOPs, "
-                          f"{100 * (row.gflops / target - 1):.0f}% above the {target:.4f} it was calibrated to: "
-                          f"more images ran twice than in calibration (more --calibration-images or more evaluated "
-                          f"images narrow the gap)", stacklevel=2)
-
-
-def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
-            bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
-    """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split, on the
-    CPU. Every batch of images is read once for all models, so a streamed split is decoded once, and moved to
-    the models' device once; the predictions stay there until the end (no wait for the device per batch)."""
-    predictions: dict[Method, list] = {method: [] for method in models}
-    kept: dict[Method, list] = {method: [] for method in models}
-    first = next(iter(models.values()))  # one backbone: one device, one normalisation
-    for images in split.batches(batch_size):
-        inputs = first.normalize(images.to(first.device))
-        for method, model in models.items():
-            logits, batch_kept = model.forward_with_kept(inputs)
-            predictions[method].append(logits.argmax(dim=1))
-            kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
-        if bar is not None:
-            bar.update()
-    return {method: (torch.cat(predictions[method]).cpu(), torch.cat(kept[method])) for method in models}
-
-
-def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Accuracy, macro F1 and agreement with the unpruned predictions, in percent."""
-    y_true, y_pred = labels.numpy(), predictions.numpy()
-    return {"accuracy": 100.0 * float((y_pred == y_true).mean()),
-            "f1_macro": 100.0 * float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro",
-                                               zero_division=0)),
-            "agreement": 100.0 * float((predictions == reference).double().mean())}
-
-
-def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
-    """Mean per-image GMACs over each image's own token schedule and, but for a cascade (whose pruning points
-    are its own), the mean fraction kept per stage."""
-    parts = model.mean_gflops(kept)
-    gflops = {"gflops": parts.total, "gflops_backbone": parts.backbone, "gflops_features": parts.features,
-              "gflops_policies": parts.policies}
-    if isinstance(model, CascadeViT):
-        return gflops
-    ratios = (kept[:, 1:].double() / model.staged.num_patches).mean(dim=0).tolist()
-    return {**gflops, **{f"keep_ratio_s{i}": r for i, r in enumerate(ratios, start=1)}, "keep_ratio": ratios[-1]}
-
-
-def best_heuristics(outputs: Mapping[Method, tuple], labels: torch.Tensor) -> dict[float, list[Method]]:
-    """Per budget, the heuristic rows of ``outputs`` (:func:`predict`'s; greedy similarity's cascade included),
-    most accurate on ``labels`` first, equals in table order: the first is what learned rows are compared with
-    (the next, for the heuristic cascade row when it is the first). Chosen on images other than those the
-    comparison is made on, the reference is not the one whose noise happened to favour it there (the best of
-    several rows on the same images reads above its true accuracy)."""
-    heuristics = [method for method in outputs if is_heuristic(method)]
-    accuracy = {method: (outputs[method][0] == labels).double().mean().item() for method in heuristics}
-    ranking: dict[float, list[Method]] = {}
-    for method in sorted(heuristics, key=lambda m: -accuracy[m]):  # stable: equals stay in table order
-        ranking.setdefault(method.budget, []).append(method)
-    return ranking
-
-
-def versus_heuristics(method: Method, best: Method, methods: Sequence[Method], outputs: Mapping[Method, tuple],
-                      labels: torch.Tensor) -> dict[str, float | str]:
-    """Accuracy of ``method`` minus the ``best`` heuristic's at its budget (:func:`best_heuristics`) and minus
-    ToMe's, each with a paired bootstrap 95% interval (the same images resampled for both), in points."""
-    tome = next(m for m in methods if m.selection == "tome" and m.budget == method.budget)
-    correct = {m: (outputs[m][0] == labels).numpy().astype(float) for m in (method, best, tome)}
-    difference, low, high = paired_difference(correct[method], correct[best])
-    to_tome, tome_low, tome_high = paired_difference(correct[method], correct[tome])
-    return {"best_heuristic": best.name, "delta_best_heuristic": difference, "delta_ci_low": low,
-            "delta_ci_high": high, "delta_tome": to_tome, "delta_tome_ci_low": tome_low,
-            "delta_tome_ci_high": tome_high}
-
-
-def is_heuristic(method: Method) -> bool:
-    """Whether a row's tokens are chosen by a rule, not by trained agents (the baseline is not pruned)."""
-    return method.selection in HEURISTIC_ROWS or (method.selection == "cascade" and not method.modules)
-
-
-def paired_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
-    """The accuracy of ``correct [n]`` (0/1 per image) minus that of ``reference [n]`` on the same images, and
-    the paired bootstrap 95% interval of the difference (the images resampled for both), in points."""
-    result = scipy.stats.bootstrap((correct, reference), lambda a, b, axis: a.mean(axis) - b.mean(axis),
-                                   paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
-                                   method="percentile", rng=np.random.default_rng(0))
-    low, high = result.confidence_interval
-    return float(100 * (correct.mean() - reference.mean())), float(100 * low), float(100 * high)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What :func:`evaluate_methods` measured."""
-
-    methods: list[Method]
-    """The rows as they were evaluated, in table order: ToMe at the cost it matched, each cascade calibrated."""
-    table: pd.DataFrame
-    """One row per method, the columns of ``envs.results_table.COLUMNS``."""
-    predictions: pd.DataFrame
-    """Each image's label and every row's predicted class (:func:`per_image_predictions`)."""
-    speed_rounds: dict[str, list[list[float]]] | None
-    """Per images/s column, each row's images/s in each timing round (None without timings)."""
-
-
-def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], split: ImageSplit,
-                     methods: Sequence[Method], reduction: str, *, batch_size: int = 256, seed: int = 0,
-                     speed_repeats: int | None = 5, speed_batch_sizes: Sequence[int] = SPEED_BATCH_SIZES,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                     calibration: ImageSplit | None = None, selection: ImageSplit | None = None,
-                     compile_speed: bool = False) -> Evaluation:
-    """The results table, one row per method with the columns of ``envs.results_table.COLUMNS``, with every
-    row's answer on every image and the images/s of every timing round.
-
-    Every row runs on ``device``: ``staged`` and the methods' policy modules are moved there (in place), and
-    each batch of images. Its forwards (calibration, accuracy, timing) run in ``dtype``: under
-    ``torch.autocast`` to it unless it is float32. ``speed_repeats=None`` skips the timings (their columns stay
-    empty); otherwise the rows are timed in turns (:func:`timed_in_turns`) over ``speed_repeats`` rounds at
-    each of ``speed_batch_sizes`` (their columns, the median images/s, in ascending order; :func:`speed_images`
-    says on which images), and ``speedup`` is the median within a round of the ratio to the unpruned model at
-    the largest; ``compile_speed`` times compiled forwards (:func:`compile_models`). ``calibration``: the images
-    that cascade rows are calibrated on (:func:`calibrate_cascades`), held out from ``split``. ``selection``:
-    the images the heuristic that learned rows are compared with is chosen on (:func:`best_heuristics`), held
-    out from ``split``; None: ``split`` itself.
-    """
-    device, speed_batch_sizes = torch.device(device), sorted(set(speed_batch_sizes))
-    staged = staged.eval().to(device)
-    for method in methods:
-        for module in method.modules.values():
-            module.to(device)
-    with autocast_to(device, dtype):
-        methods = match_tome_cost(methods, staged, backbone_config, reduction)
-        methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
-        baseline = next((method for method in methods if method.selection == "baseline"),
-                        Method(BASELINE, "baseline"))
-        baseline_first = [baseline, *(method for method in methods if method is not baseline)]
-
-        def build(method: Method) -> PrunedViT | CascadeViT:
-            return method.model(staged, backbone_config, reduction, seed)
-
-        models = {method: build(method) for method in baseline_first}
-        with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
-                  disable=not progress) as bar:
-            outputs = predict(models, split, batch_size, bar)
-        reference = outputs[baseline][0]
-        comparisons = versus_best_heuristics(methods, outputs, split.labels, build, selection, batch_size)
-        rows = [{"method": method.name, "budget": method.budget,
-                 **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1]),
-                 **comparisons.get(method, {})} for method in methods]
-        table = pd.DataFrame(rows).reindex(columns=list(column_docs(len(staged.prune_points), speed_batch_sizes)))
-        table["budget"] = table["budget"].astype(float)
-        speed_rounds = None
-        if speed_repeats is not None:
-            speeds, speed_rounds = speed_columns(models, methods, baseline, split, backbone_config, speed_batch_sizes,
-                                                 speed_repeats, device, compile_speed, progress)
-            for column, values in speeds.items():
-                table[column] = values
-    return Evaluation(methods, table, per_image_predictions(methods, outputs, split), speed_rounds)
-
-
-def versus_best_heuristics(methods: Sequence[Method], outputs: Mapping[Method, tuple], labels: torch.Tensor,
-                           build: Callable[[Method], PrunedViT | CascadeViT], selection: ImageSplit | None,
-                           batch_size: int) -> dict[Method, dict[str, float | str]]:
-    """For each learned and cascade row of ``methods``, its columns against the most accurate other heuristic at
-    its budget and against ToMe (:func:`versus_heuristics`, on the evaluated images' ``outputs`` and ``labels``).
-    The heuristic is chosen (:func:`best_heuristics`) on the ``selection`` images, by heuristic models made afresh
-    by ``build``, so that the Random row draws there as it draws in the table; without them, on the evaluated
-    images."""
-    compared = [method for method in methods if method.selection in ("policy", "cascade")]
-    if not compared:
-        return {}
-    if selection is None:
-        ranking = best_heuristics(outputs, labels)
-    else:
-        heuristics = {method: build(method) for method in methods if is_heuristic(method)}
-        ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
-    return {method: versus_heuristics(method, next(m for m in ranking[method.budget] if m is not method), methods,
-                                      outputs, labels) for method in compared}
-
-
-def speed_columns(models: Mapping[Method, PrunedViT | CascadeViT], methods: Sequence[Method], baseline: Method,
-                  split: ImageSplit, backbone_config: Mapping[str, Any], batch_sizes: Sequence[int], repeats: int,
-                  device: torch.device, compile_speed: bool,
-                  progress: bool) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
-    """The speed columns, each row's value in ``methods``' order: the median images/s at each of ``batch_sizes``
-    (ascending) and ``speedup``, the median within a round of the ratio to ``baseline``'s at the largest; and per
-    images/s column, each row's images/s in each round (``Evaluation.speed_rounds``). The ``models`` are timed in
-    turns (:func:`timed_in_turns`) on :func:`speed_images`, compiled where ``compile_speed``; a row whose rounds
-    differ widely is warned of (:func:`warn_of_a_busy_machine`)."""
-    images = speed_images(split, backbone_config, max(map(timed_images, batch_sizes)), device)
-    rates = timed_in_turns(models, {size: images[:timed_images(size)] for size in batch_sizes}, repeats,
-                           compile_on=device if compile_speed else None, progress=progress)
-    speedups = ratios_within_rounds(rates[max(batch_sizes)], baseline)
-    columns = {**{speed_column(size): [statistics.median(rates[size][method]) for method in methods]
-                  for size in batch_sizes},
-               "speedup": [statistics.median(speedups[method]) for method in methods]}
-    warn_of_a_busy_machine(rates, methods, repeats)
-    rounds = {speed_column(size): [[round(rate, 1) for rate in rates[size][method]] for method in methods]
-              for size in batch_sizes}
-    return columns, rounds
-
-
-def per_image_predictions(methods: Sequence[Method], outputs: Mapping[Method, tuple],
-                          split: ImageSplit) -> pd.DataFrame:
-    """Each image's label and every row's predicted class, ``[n, 1 + len(methods)]``, in the split's order,
-    indexed by ``image``, the image's index in its data set's file (``ImageSplit.file_indices``; its position in
-    the split where it has none): what the rows' accuracy, F1, agreement and paired intervals are computed from,
-    so that they can be checked, or rows of runs on other subsets of one split compared on the images they
-    share, without running the models again."""
-    columns = {prediction_column(method.name, method.budget): outputs[method][0].numpy() for method in methods}
-    index = pd.Index(np.arange(len(split)) if split.file_indices is None else split.file_indices, name="image")
-    return pd.DataFrame({"label": split.labels.numpy(), **columns}, index=index)
-
-
-def warn_of_a_busy_machine(rates: Mapping[int, Mapping[Method, Sequence[float]]], methods: Sequence[Method],
-                           rounds: int) -> None:
-    """One line on stderr where a row's images/s varied more than :data:`SPEED_SPREAD_WARNING` times between the
-    timing rounds (``rates``: per batch size, each method's rate in each round): other work shared the machine,
-    and the speed columns, medians of the rounds, may not describe it."""
-    spread, method, size = max(((round_spread(rates[size][method]), method, size) for size in rates
-                                for method in methods), key=lambda row: row[0])
-    if spread > SPEED_SPREAD_WARNING:
-        row = method.name if method.budget is None else f"{method.name} at {method.budget:g}"
-        print(f"warning: {row}'s images/s at batch {size} varied {spread:.1f}x between the {rounds} timing rounds "
-              f"(settings.speed_rounds): the machine was busy with other work, and the speed columns may not "
-              f"describe it: time again on a quiet machine", file=sys.stderr)
-
-
-def compile_models(models: Iterable[PrunedViT | CascadeViT], device: torch.device) -> None:
-    """Compile the forwards of ``models`` with ``torch.compile``, one graph for every batch size (a cascade's
-    second forward runs as many images as are unsure), replayed as CUDA graphs on a GPU
-    (``mode="reduce-overhead"``: one launch per forward and batch size). The compiler's caches are emptied
-    first, so that graphs of models no longer used do not count against :func:`timed_in_turns`' limit."""
-    torch.compiler.reset()
-    for model in models:
-        model.compile(dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping[int, torch.Tensor], rounds: int, *,
-                   compile_on: torch.device | None = None, progress: bool = False) -> dict[int, dict[Key, list[float]]]:
-    """Per batch size (``images``' keys), each model's images/s in each of ``rounds`` rounds over that size's
-    images, the models timed in turns within each round (``envs.vit.timing.images_per_second_in_turns``: a
-    ratio taken within a round cancels the machine's drift), after one warm-up round. With ``compile_on`` (the
-    models' device) the models are compiled first (:func:`compile_models`) and warmed up for two rounds: the
-    first call compiles, and on a GPU the second records the CUDA graph.
-
-    Compiled models run together: every model's compiled forward is one function to the compiler
-    (``Module._call_impl``), whose graphs it tells apart by guards. It keeps ``recompile_limit`` graphs per
-    function (8 by default) and would run the calls beyond them eagerly: the limit is raised to that many per
-    model, and reaching it is an error rather than a column timed eagerly under a compiled heading. And it would
-    trace a float the forward reads (the budget) as a variable once two models differ in it, making guards that
-    torch 2.14 fails on: floats are specialised, so each model's graph has its own budget, as a model compiled
-    alone does.
-    """
-    if compile_on is not None:
-        compile_models(models.values(), compile_on)
-    runs = {key: model.forward_with_kept for key, model in models.items()}
-    warmup_rounds = 1 if compile_on is None else 2
-    per_model = torch._dynamo.config.recompile_limit
-    with torch._dynamo.config.patch(recompile_limit=per_model * len(models), fail_on_recompile_limit_hit=True,
-                                    specialize_float=True), \
-            tqdm(total=len(images) * (warmup_rounds + rounds) * len(models), desc="timing", unit="pass",
-                 disable=not progress) as bar:
-        return {size: images_per_second_in_turns(runs, size_images, size, rounds, warmup_rounds, bar.update)
-                for size, size_images in images.items()}
-
-
-def timed_images(batch_size: int) -> int:
-    """The images of one timed pass at ``batch_size``: whole batches, at least ``SPEED_MIN_IMAGES``."""
-    return batch_size * math.ceil(SPEED_MIN_IMAGES / batch_size)
-
-
-def speed_images(split: ImageSplit, backbone_config: Mapping[str, Any], count: int,
-                 device: torch.device) -> torch.Tensor:
-    """``count`` normalised images on ``device``: the split's first, repeated when it has fewer, so that a batch
-    is timed at the size asked, not at the split's (:func:`speed_note` says so in the results)."""
-    distinct = min(len(split), count)
-    images = normalize(split.images[:distinct].to(device), backbone_config)
-    return images.repeat(math.ceil(count / distinct), 1, 1, 1)[:count]
-
-
-def speed_note(split_images: int, batch_sizes: Sequence[int]) -> str:
-    """Which images :func:`speed_images` times for a split of ``split_images``, for the results' settings: how
-    many distinct ones, and the batch sizes whose passes repeat them."""
-    needed = {size: timed_images(size) for size in batch_sizes}
-    repeated = [str(size) for size, count in needed.items() if count > split_images]
-    note = f"the split's first {min(split_images, max(needed.values()))} images"
-    return note + (f", repeated to fill the passes at batch sizes {', '.join(repeated)}" if repeated else "")
-
-
-def ranked_images_evaluated(checkpoints: Mapping[Path, PruningProblem], val_size: int, seed: int,
-                            limit: int | None) -> dict[str, int]:
-    """For each checkpoint evaluated on validation images (``limit`` of the ``val_size``, load_split's subset), how
-    many of them train.py ranked that run's checkpoints on (its ``val_limit`` subset): the best checkpoint reads
-    high on the very images that chose it."""
-    evaluated = limited_positions(val_size, limit or val_size, seed)
-    return {repository_relative(path): len(np.intersect1d(evaluated,
-                                                          limited_positions(val_size, problem.val_limit, seed)))
-            for path, problem in checkpoints.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -919,6 +461,18 @@ def evaluation_splits(args: argparse.Namespace, problem: PruningProblem, backbon
     except DataError as error:
         raise EvaluationError(f"{CHOSEN_ON_VALIDATION}: {error}") from None
     return EvaluationSplits(dataset, split, calibration, selection, ranked)
+
+
+def ranked_images_evaluated(checkpoints: Mapping[Path, PruningProblem], val_size: int, seed: int,
+                            limit: int | None) -> dict[str, int]:
+    """For each checkpoint evaluated on validation images (``limit`` of the ``val_size``, load_split's subset), how
+    many of them train.py ranked that run's checkpoints on (its ``val_limit`` subset): the best checkpoint reads
+    high on the very images that chose it."""
+    evaluated = limited_positions(val_size, limit or val_size, seed)
+    return {repository_relative(path): len(np.intersect1d(evaluated,
+                                                          limited_positions(val_size, problem.val_limit, seed)))
+            for path, problem in checkpoints.items()}
+
 
 
 def results_settings(args: argparse.Namespace, policies: Mapping[float, LoadedPolicy], backbone_path: Path,

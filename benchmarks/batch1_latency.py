@@ -32,11 +32,13 @@ import torch
 
 from benchmarks import benchmark_parser, run_from_command_line, write_json
 from cli import positive_int
-from envs.results_table import BASELINE
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.timing import ratios_within_rounds
-from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, MARL_EXACT, Method, timed_in_turns
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.methods import HEURISTIC_ROWS, MARL_EXACT, Method
+from evaluation.results_table import BASELINE
+from evaluation.speed import timed_in_turns
 from policies.pruned_vit import PrunedViT
 
 HEURISTICS = ("similarity", "distinct")

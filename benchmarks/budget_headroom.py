@@ -47,7 +47,8 @@ from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.compare import paired_difference
 from policies.heuristics import heuristic_selector
 
 SELECT = heuristic_selector("similarity")

@@ -44,7 +44,8 @@ from envs.problem import PruningProblem, block_indices, removal_ratio, removal_r
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
-from evaluate import CASCADE_PRUNE_POINTS, DEFAULT_CHECKPOINT, paired_difference
+from evaluate import CASCADE_PRUNE_POINTS, DEFAULT_CHECKPOINT
+from evaluation.compare import paired_difference
 from policies.cascade import doubt, rerun_share
 from policies.heuristics import heuristic_selector
 

@@ -55,7 +55,8 @@ from envs.vit.pruned_forward import (
 )
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import topk_keep_mask
-from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.compare import paired_difference
 from policies.distribution import ExactCount
 from policies.heuristics import complete_removal_order, heuristic_selector
 from policies.token_scorer import DEAD_SCORE

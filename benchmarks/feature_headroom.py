@@ -30,7 +30,8 @@ from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT, paired_difference
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.compare import paired_difference
 from policies.heuristics import heuristic_selector
 from policies.warm_start import heuristic_turns
 

@@ -26,7 +26,7 @@ from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions
 from envs.vit.held_out import load_checked_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
-from evaluate import paired_difference
+from evaluation.compare import paired_difference
 from policies.checkpoints import (
     PolicyCheckpointError,
     best_on_validation,

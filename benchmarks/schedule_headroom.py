@@ -29,11 +29,14 @@ import pandas as pd
 from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio
-from envs.results_table import BASELINE
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
 from envs.vit.held_out import load_checked_split
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT, HEURISTIC_ROWS, Method, cost, paired_difference, predict, quality
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.compare import paired_difference
+from evaluation.methods import HEURISTIC_ROWS, Method
+from evaluation.predictions import cost, predict, quality
+from evaluation.results_table import BASELINE
 
 DEFAULT_SCHEDULES = ("2,5,8", "2,4,6,8", "2,4,6,8,10", "1,3,5,7,9,11", "1,2,3,4,5,6,7,8,9,10,11")
 

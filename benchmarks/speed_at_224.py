@@ -8,10 +8,10 @@ pruning point grows with them: greedy similarity's sequential removal takes up t
 geometry (``vit_tiny_patch16_224``: 12 blocks, width 192, 196 patches; ``--reg-tokens`` adds register tokens)
 with seeded random weights (speed does not depend on what the weights are, and weights cannot be downloaded
 here), runs the committed policy modules on it (they score each token alone, so they take any number of
-tokens), and times every row of evaluate.py's table with evaluate.py's own ``evaluate_methods`` on CIFAR-10
-validation images resized to 224 px. It prints GFLOPs, images/s at batch 1 and 256 and ``speedup`` (images/s
-at batch 256 over the unpruned model's, measured side by side in this run); no accuracy, since the weights are
-untrained.
+tokens), and times every row of evaluate.py's table with evaluate.py's own
+``evaluation.measure.evaluate_methods`` on CIFAR-10 validation images resized to 224 px. It prints GFLOPs,
+images/s at batch 1 and 256 and ``speedup`` (images/s at batch 256 over the unpruned model's, measured side by
+side in this run); no accuracy, since the weights are untrained.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import create_vit
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT, evaluate_methods, plan_methods
+from evaluate import DEFAULT_CHECKPOINT
+from evaluation.measure import evaluate_methods
+from evaluation.methods import plan_methods
 from policies.checkpoints import load_policies
 
 SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "images_per_s_b256", "speedup"]

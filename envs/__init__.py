@@ -4,6 +4,6 @@
 operations, features, GFLOPs, the pruned step); the modules here turn it into an RLlib problem: what
 defines it (``problem``), batched episodes (``pruning_engine``), the shared Ray actor (``vit_server``; what
 defines one, without Ray: ``server_settings``), the ``MultiAgentEnv`` (``pruning_env``) and its metrics
-(``episode_metrics``). Beside them, what every command shares: the user-error types (``errors``), files
-replaced whole (``atomic_file``) and evaluate.py's results table and its files (``results_table``).
+(``episode_metrics``). Beside them, what every command shares: the user-error types (``errors``) and files
+replaced whole (``atomic_file``).
 """

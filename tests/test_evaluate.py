@@ -30,12 +30,10 @@ import torch
 from ray.rllib.core.columns import Columns
 
 import evaluate
-from envs import results_table
 from envs.errors import UsageError, UserError
 from envs.problem import POLICIES
 from envs.pruning_engine import PruningEngine
 from envs.pruning_env import TokenPruningEnv, policy_for_agent
-from envs.results_table import write_results
 from envs.vit.backbone_checkpoint import load_backbone, normalize, repository_relative
 from envs.vit.data import DEFAULT_SPLIT_SEED, ImageSplit, limited_positions, load_split
 from envs.vit.device import describe_device, resolve_device
@@ -50,6 +48,12 @@ from envs.vit.flops import (
 )
 from envs.vit.pruned_forward import TokenState, exact_forward, initial_state
 from envs.vit.staged_vit import StagedViT
+from evaluation import results_table, speed
+from evaluation.compare import best_heuristics, paired_difference
+from evaluation.measure import evaluate_methods
+from evaluation.methods import CascadePasses, Method, match_tome_cost, plan_methods, warn_of_dear_cascades
+from evaluation.predictions import predict
+from evaluation.results_table import prediction_column, write_results
 from policies import pruned_vit
 from policies.cascade import CascadeViT
 from policies.checkpoints import MODULES_DIR, export_path, load_policies, read_checkpoint_info
@@ -154,19 +158,19 @@ def test_every_figure_of_quality_can_be_recomputed_from_the_saved_predictions(re
     assert table["best_heuristic"].notna().any()
     saved = pd.read_csv(output / "predictions.csv.gz", index_col="image")
     assert list(saved.index) == list(limited_positions(10_000, LIMIT, DEFAULT_SPLIT_SEED))  # the test set's
-    assert list(saved.columns) == ["label", *(evaluate.prediction_column(m, b) for m, b in
+    assert list(saved.columns) == ["label", *(prediction_column(m, b) for m, b in
                                               zip(table["method"], table["budget"], strict=True))]
-    assert evaluate.prediction_column("Baseline (unpruned)", None) in saved  # results.json's budget for it
+    assert prediction_column("Baseline (unpruned)", None) in saved  # results.json's budget for it
     for row in table.itertuples():
-        predicted = saved[evaluate.prediction_column(row.method, row.budget)]
+        predicted = saved[prediction_column(row.method, row.budget)]
         assert row.accuracy == pytest.approx(100 * (predicted == saved["label"]).mean())
         assert row.agreement == pytest.approx(100 * (predicted == saved["Baseline (unpruned)"]).mean())
         assert row.f1_macro == pytest.approx(macro_f1(torch.tensor(predicted.to_numpy()),
                                                       torch.tensor(saved["label"].to_numpy())))
         if isinstance(row.best_heuristic, str):
-            best = saved[evaluate.prediction_column(row.best_heuristic, row.budget)]
-            figures = evaluate.paired_difference((predicted == saved["label"]).to_numpy(float),
-                                                 (best == saved["label"]).to_numpy(float))
+            best = saved[prediction_column(row.best_heuristic, row.budget)]
+            figures = paired_difference((predicted == saved["label"]).to_numpy(float),
+                                        (best == saved["label"]).to_numpy(float))
             assert figures == pytest.approx((row.delta_best_heuristic, row.delta_ci_low, row.delta_ci_high))
 
 
@@ -303,14 +307,13 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
     """One images/s column per batch size asked (the defaults' are the committed results' columns), speedup at the
     largest; timed on the device, in the dtype asked."""
     modules, _ = load_policies(tiny_policy)
-    methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO),
-               evaluate.Method("ToMe", "tome", TARGET_RATIO), evaluate.Method("MARL exact", "policy", TARGET_RATIO,
-                                                                               modules)]
+    methods = [Method("Baseline (unpruned)", "baseline"), Method("Random", "random", TARGET_RATIO),
+               Method("ToMe", "tome", TARGET_RATIO), Method("MARL exact", "policy", TARGET_RATIO, modules)]
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     staged = copy.deepcopy(tiny_staged[0])  # moved to the device in place
-    table = evaluate.evaluate_methods(staged, tiny_staged[1], small, methods, "merge", speed_repeats=1,
-                                      speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16,
-                                      progress=False).table
+    table = evaluate_methods(staged, tiny_staged[1], small, methods, "merge", speed_repeats=1,
+                             speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16,
+                             progress=False).table
     assert forwards == {(device, True, torch.bfloat16)}
     timing = ["images_per_s_b4", "images_per_s_b8", "speedup"]
     first, last = COLUMNS.index(TIMING[0]), COLUMNS.index(TIMING[-1])
@@ -322,7 +325,7 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
 
 def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_staged, split):
     """images_per_s_bN is the timer's figure for forwards of N images (the timer here gives the sizes it saw)."""
-    timer = evaluate.images_per_second_in_turns
+    timer = speed.images_per_second_in_turns
 
     def sizes_seen(runs, images, batch_size, rounds, warmup_rounds, on_pass):
         sizes = set()
@@ -332,15 +335,15 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
 
         rates = timer({key: recorded(run) for key, run in runs.items()}, images, batch_size, rounds, warmup_rounds,
                       on_pass)
-        whole = len(images) == evaluate.timed_images(batch_size)  # the size's own pass, not the largest one's
+        whole = len(images) == speed.timed_images(batch_size)  # the size's own pass, not the largest one's
         seen = float(sizes.pop()) if len(sizes) == 1 and whole else math.nan
         return {key: [seen] * rounds for key in rates}
 
-    monkeypatch.setattr(evaluate, "images_per_second_in_turns", sizes_seen)
+    monkeypatch.setattr(speed, "images_per_second_in_turns", sizes_seen)
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
-    methods = [evaluate.Method("Baseline (unpruned)", "baseline"), evaluate.Method("Random", "random", TARGET_RATIO)]
-    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False).table
+    methods = [Method("Baseline (unpruned)", "baseline"), Method("Random", "random", TARGET_RATIO)]
+    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                             speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False).table
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b16"]].values.tolist() == [[2, 4, 16]] * 2
 
 
@@ -356,15 +359,15 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
         baseline, random = runs
         return {baseline: [1.0, 8.0, 1.0], random: [1.0, 4.0, 2.0]}
 
-    monkeypatch.setattr(evaluate, "images_per_second_in_turns", rates)
+    monkeypatch.setattr(speed, "images_per_second_in_turns", rates)
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
-    random = evaluate.Method("Random", "random", TARGET_RATIO)
+    random = Method("Random", "random", TARGET_RATIO)
     timing = ["method", "images_per_s_b4", "speedup"]
-    for methods, expected in (([random, evaluate.Method("Baseline (unpruned)", "baseline")],
+    for methods, expected in (([random, Method("Baseline (unpruned)", "baseline")],
                                [["Random", 2.0, 1.0], ["Baseline (unpruned)", 1.0, 1.0]]),
                               ([random], [["Random", 2.0, 1.0]])):
-        evaluation = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods,
-                                               "merge", speed_repeats=3, speed_batch_sizes=(4,), progress=False)
+        evaluation = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods,
+                                      "merge", speed_repeats=3, speed_batch_sizes=(4,), progress=False)
         assert evaluation.table[timing].values.tolist() == expected
         assert evaluation.speed_rounds["images_per_s_b4"][0] == [1.0, 4.0, 2.0]  # Random's rounds, row 0
         assert capsys.readouterr().err == ("warning: Baseline (unpruned)'s images/s at batch 4 varied 8.0x between "
@@ -389,7 +392,7 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
         return compile_eagerly(function, **{**kwargs, "backend": "eager", "fullgraph": True})
 
     monkeypatch.setattr(torch, "compile", compile_recorded)
-    timer, warmups = evaluate.images_per_second_in_turns, []
+    timer, warmups = speed.images_per_second_in_turns, []
 
     def timed_and_checked(runs, images, batch_size, rounds, warmup_rounds, *rest):
         warmups.append(warmup_rounds)
@@ -399,20 +402,20 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
             torch.testing.assert_close(model(images[:batch_size]), model.forward(images[:batch_size]), rtol=0, atol=0)
         return rates
 
-    monkeypatch.setattr(evaluate, "images_per_second_in_turns", timed_and_checked)
+    monkeypatch.setattr(speed, "images_per_second_in_turns", timed_and_checked)
     modules, _ = load_policies(tiny_policy)
-    methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
-               evaluate.Method("ToMe", "tome", TARGET_RATIO),
-               evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)]
+    methods = [Method("Baseline (unpruned)", "baseline"),
+               Method("ToMe", "tome", TARGET_RATIO),
+               Method("MARL exact", "policy", TARGET_RATIO, modules)]
     small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     kwargs = dict(speed_repeats=1, speed_batch_sizes=(4, 1), progress=False)
-    table = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      compile_speed=True, **kwargs).table
+    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                             compile_speed=True, **kwargs).table
     assert [(type(model).__name__, model.selection, options) for model, options in compiled] == [
         ("PrunedViT", selection, {"dynamic": True, "mode": None}) for selection in (None, "tome", "policy")]
     assert (table[["images_per_s_b1", "images_per_s_b4"]] > 0).all().all()
-    eager = evaluate.evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
-                                      **kwargs).table
+    eager = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+                             **kwargs).table
     timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
     pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
     assert warmups == [2, 2, 1, 1]  # per batch size: compiled, a round to compile and one to record CUDA graphs
@@ -433,12 +436,12 @@ def test_compiled_rows_at_several_budgets_are_all_timed_compiled(monkeypatch, ti
         return compile_eagerly(function, **{**kwargs, "backend": backend})
 
     monkeypatch.setattr(torch, "compile", compile_counted)
-    methods = [evaluate.Method("Baseline (unpruned)", "baseline"),
-               *(evaluate.Method("similarity", "similarity", budget) for budget in (0.3, 0.5))]
+    methods = [Method("Baseline (unpruned)", "baseline"),
+               *(Method("similarity", "similarity", budget) for budget in (0.3, 0.5))]
     models = {method: method.model(tiny_staged[0], tiny_staged[1], "merge") for method in methods}
     with torch._dynamo.config.patch(recompile_limit=1):  # the config's own patch: it is no plain attribute
-        rates = evaluate.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1,
-                                        compile_on=torch.device("cpu"))
+        rates = speed.timed_in_turns(models, {4: normalize(split.images[:4], tiny_staged[1])}, rounds=1,
+                                     compile_on=torch.device("cpu"))
     assert len(models) > 2 and len(graphs) == len(set(graphs)) == len(models)
     assert set(graphs) == set(models.values()) and list(rates[4]) == methods
 
@@ -468,13 +471,13 @@ def test_reduction_comes_from_the_checkpoint_unless_overridden(results, tiny_pol
 
 def test_timed_images_fill_every_batch_and_say_so(split, tiny_staged):
     """A batch larger than the split is timed at its size, on the split's images repeated, and the results say so."""
-    images = evaluate.speed_images(split, tiny_staged[1], 2 * LIMIT, torch.device("cpu"))
+    images = speed.speed_images(split, tiny_staged[1], 2 * LIMIT, torch.device("cpu"))
     assert images.shape == (2 * LIMIT, 3, 32, 32) and torch.equal(images[:LIMIT], images[LIMIT:])
     torch.testing.assert_close(images[:LIMIT], normalize(split.images, tiny_staged[1]))
-    assert [evaluate.timed_images(size) for size in (1, 3, 8, 256)] == [8, 9, 8, 256]
-    assert evaluate.speed_note(LIMIT, (1, 256, 1024)) == (
+    assert [speed.timed_images(size) for size in (1, 3, 8, 256)] == [8, 9, 8, 256]
+    assert speed.speed_note(LIMIT, (1, 256, 1024)) == (
         f"the split's first {LIMIT} images, repeated to fill the passes at batch sizes 256, 1024")
-    assert evaluate.speed_note(5000, (1, 256, 1024)) == "the split's first 1024 images"
+    assert speed.speed_note(5000, (1, 256, 1024)) == "the split's first 1024 images"
 
 
 # -- the pruned forwards behind the MARL rows --------------------------------------------------------------
@@ -521,7 +524,7 @@ def test_marl_exact_is_what_the_training_env_does_with_the_most_likely_sets(tiny
         obs, _, terminateds, _, infos = env.step(actions)
         done = terminateds["__all__"]
     images = [infos[f"attention_{i}"]["image"] for i in range(count)]
-    method = evaluate.Method("MARL exact", "policy", TARGET_RATIO, modules)
+    method = Method("MARL exact", "policy", TARGET_RATIO, modules)
     pruned = method.model(model, config, "merge")
     logits, kept = pruned.forward_with_kept(normalize(split.images[images], config))
     assert kept[:, 1:].tolist() == [infos[f"attention_{i}"]["kept_per_stage"] for i in range(count)]
@@ -590,7 +593,7 @@ def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
     modules, info = load_policies(path)
     assert list(modules) == ["similarity"]
-    methods = evaluate.plan_methods([0.5], {0.5: (modules, info.problem)})
+    methods = plan_methods([0.5], {0.5: (modules, info.problem)})
     assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
 
 
@@ -891,12 +894,12 @@ def test_the_interval_of_a_difference_resamples_the_same_images_for_both_rows():
     reference[:8] = 0
     method = reference.copy()
     method[:4] = 1
-    delta, low, high = evaluate.paired_difference(method, reference)
+    delta, low, high = paired_difference(method, reference)
     assert delta == pytest.approx(6.25) and 1.0 < low < delta < high < 15.0
     draws = np.random.default_rng(1).integers(0, 64, size=(4000, 64))  # the same images for both rows
     by_hand = 100 * np.percentile(method[draws].mean(axis=1) - reference[draws].mean(axis=1), [2.5, 97.5])
     assert (low, high) == pytest.approx(tuple(by_hand), abs=1.6)  # one image is 1.56 points
-    assert evaluate.paired_difference(reference, reference) == (0.0, 0.0, 0.0)  # paired: no resample differs
+    assert paired_difference(reference, reference) == (0.0, 0.0, 0.0)  # paired: no resample differs
 
 
 def test_the_interval_of_a_difference_on_many_images_is_the_normal_one():
@@ -907,7 +910,7 @@ def test_the_interval_of_a_difference_on_many_images_is_the_normal_one():
     reference[:300] = 0
     method = reference.copy()
     method[:40], method[1000:1020] = 1, 0
-    delta, low, high = evaluate.paired_difference(method, reference)
+    delta, low, high = paired_difference(method, reference)
     differences = 100 * (method - reference)
     half_width = 1.96 * differences.std() / np.sqrt(len(differences))
     assert delta == pytest.approx(1.0) and half_width == pytest.approx(0.758, abs=1e-3)
@@ -966,7 +969,7 @@ def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_
     perfectly: the learned rows are compared with greedy attention, the choice on the selection images."""
     staged, config = tiny_staged
     modules, info = load_policies(tiny_policy)
-    methods = evaluate.plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, info.problem)})
+    methods = plan_methods([TARGET_RATIO], {TARGET_RATIO: (modules, info.problem)})
 
     def answered_by(selection: str) -> ImageSplit:
         model = PrunedViT(staged, config, selection, TARGET_RATIO)
@@ -974,10 +977,10 @@ def test_the_best_heuristic_is_chosen_on_the_selection_images(tiny_policy, tiny_
 
     selection, evaluated = answered_by("attention"), answered_by("similarity")
     models = {method: method.model(staged, config, "merge", 0) for method in methods}
-    on_test = evaluate.best_heuristics(evaluate.predict(models, evaluated, 24), evaluated.labels)
+    on_test = best_heuristics(predict(models, evaluated, 24), evaluated.labels)
     assert on_test[TARGET_RATIO][0].name == "Greedy similarity"  # what a choice on the test images would be
-    table = evaluate.evaluate_methods(staged, config, evaluated, methods, "merge", batch_size=24, speed_repeats=None,
-                                      progress=False, selection=selection).table
+    table = evaluate_methods(staged, config, evaluated, methods, "merge", batch_size=24, speed_repeats=None,
+                             progress=False, selection=selection).table
     assert set(table[table["method"].isin(MARL_ROWS)]["best_heuristic"]) == {"Greedy attention"}
 
 
@@ -997,18 +1000,18 @@ def test_tome_matched_to_more_than_the_unpruned_cost_is_said_to_merge_nothing(ti
     """On a ViT small beside the agents' networks, the row ToMe is matched to costs more than the unpruned model:
     ToMe then merges nothing, which the command says in a warning rather than show the unpruned model as ToMe."""
     staged, config = tiny_staged
-    methods = [evaluate.Method("Greedy similarity", "similarity", TARGET_RATIO),
-               evaluate.Method("ToMe", "tome", TARGET_RATIO)]
-    unpruned = evaluate.Method("Baseline", "baseline").model(staged, config, "merge").gflops().total
-    model = evaluate.Method.model
+    methods = [Method("Greedy similarity", "similarity", TARGET_RATIO),
+               Method("ToMe", "tome", TARGET_RATIO)]
+    unpruned = Method("Baseline", "baseline").model(staged, config, "merge").gflops().total
+    model = Method.model
     warnings_seen = []
     for cost in (unpruned * 0.6, unpruned * 0.999, unpruned * 1.01):  # 0.999: closest to merging nothing
-        monkeypatch.setattr(evaluate.Method, "model", lambda self, *args, cost=cost: (
+        monkeypatch.setattr(Method, "model", lambda self, *args, cost=cost: (
             model(self, *args) if self.selection == "tome" else SimpleNamespace(
                 gflops=lambda: SimpleNamespace(total=cost))))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tome = evaluate.match_tome_cost(methods, staged, config, "merge")[1]
+            tome = match_tome_cost(methods, staged, config, "merge")[1]
         said = [str(w.message).startswith(f"ToMe at {TARGET_RATIO:g} is the unpruned model: the rows it is "
                                           f"matched to cost ") for w in caught]
         merged = tome.model(staged, config, "merge").gflops().total
@@ -1081,7 +1084,7 @@ def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny
     images = normalize(split.images, config)
     with torch.no_grad():
         reference = model.vit(images).argmax(1)
-        method = evaluate.plan_methods([], {TARGET_RATIO: (modules, info.problem)})[-3]
+        method = plan_methods([], {TARGET_RATIO: (modules, info.problem)})[-3]
         assert method.name == "MARL exact"
         logits, _ = method.model(model, config, "merge").forward_with_kept(images)
     assert scores["exact_accuracy"] == pytest.approx(100 * (logits.argmax(1) == split.labels).double().mean())
@@ -1120,12 +1123,12 @@ def test_a_cascade_dearer_than_its_budget_is_warned_of():
     calibrated to, without a word; within 5% of them (the committed run's 1%) it is not warned of."""
     table = pd.DataFrame({"method": ["Greedy similarity", "Cascade (greedy similarity)", "MARL cascade"],
                           "budget": [0.5, 0.5, 0.5], "gflops": [0.1733, 0.2209, 0.175]})
-    passes = evaluate.CascadePasses((1, 3), (0.35, 0.1), threshold=0.2, target_gflops=0.1733)
-    methods = [evaluate.Method("Greedy similarity", "similarity", 0.5),
-               evaluate.Method("Cascade (greedy similarity)", "cascade", 0.5, cascade=passes),
-               evaluate.Method("MARL cascade", "cascade", 0.5, cascade=passes)]
+    passes = CascadePasses((1, 3), (0.35, 0.1), threshold=0.2, target_gflops=0.1733)
+    methods = [Method("Greedy similarity", "similarity", 0.5),
+               Method("Cascade (greedy similarity)", "cascade", 0.5, cascade=passes),
+               Method("MARL cascade", "cascade", 0.5, cascade=passes)]
     with pytest.warns(UserWarning) as warned:
-        evaluate.warn_of_dear_cascades(table, methods)
+        warn_of_dear_cascades(table, methods)
     assert [str(warning.message) for warning in warned] == [
         "Cascade (greedy similarity) at 0.5 cost 0.2209 GFLOPs, 27% above the 0.1733 it was calibrated to: more "
         "images ran twice than in calibration (more --calibration-images or more evaluated images narrow the gap)"]

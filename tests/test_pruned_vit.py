@@ -21,7 +21,6 @@ import ray.cloudpickle
 import torch
 from ray.rllib.core.columns import Columns
 
-import evaluate
 from envs.errors import UsageError
 from envs.problem import ProblemError
 from envs.vit.backbone_checkpoint import weights_digest
@@ -29,6 +28,7 @@ from envs.vit.data import DATA_DIR_ENV, load_split
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.tome import tome_forward, tome_schedule
+from evaluation.methods import Method
 from policies.cascade import CascadeViT, doubt
 from policies.checkpoints import (
     EXPORT_CONFIG,
@@ -115,7 +115,7 @@ def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, e
         model = PrunedViT.from_checkpoint(path)
         assert (model.selection, model.budget, model.reduction) == ("policy", 0.5, "merge")
         assert_same(model.forward_with_kept(images), expected)
-    row = evaluate.Method("MARL", "policy", TARGET_RATIO, modules).model(vit, config, "merge")
+    row = Method("MARL", "policy", TARGET_RATIO, modules).model(vit, config, "merge")
     assert_same(row.forward_with_kept(images), expected)
 
 

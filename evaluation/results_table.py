@@ -146,7 +146,7 @@ class ResultsNotWritten(UserError, OSError):
 def write_results(table: pd.DataFrame, output_dir: Path, settings: Mapping[str, Any],
                   predictions: pd.DataFrame | None = None) -> list[Path]:
     """results.csv, results.json, results.md, with ``predictions`` predictions.csv.gz (every image's label and
-    each row's answer, ``evaluate.per_image_predictions``) and, with more than one budget,
+    each row's answer, ``evaluation.predictions.per_image_predictions``) and, with more than one budget,
     accuracy_vs_gflops.png. An older predictions file or plot is removed otherwise: it would not belong to these
     results. The files are written into a staging directory inside ``output_dir``, then moved into place with
     interrupts held back (:func:`envs.atomic_file.interrupts_held`), so that a full disk
