@@ -4,11 +4,13 @@ interval of the difference in accuracy with it and with ToMe (:func:`paired_diff
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
 import torch
+from tqdm import tqdm
 
 from envs.vit.data import ImageSplit
 from evaluation.methods import HEURISTIC_ROWS, Method
@@ -21,12 +23,12 @@ BOOTSTRAP_RESAMPLES = 2000
 
 def versus_best_heuristics(methods: Sequence[Method], outputs: Mapping[Method, tuple], labels: torch.Tensor,
                            build: Callable[[Method], PrunedViT | CascadeViT], selection: ImageSplit | None,
-                           batch_size: int) -> dict[Method, dict[str, float | str]]:
+                           batch_size: int, progress: bool = False) -> dict[Method, dict[str, float | str]]:
     """For each learned and cascade row of ``methods``, its columns against the most accurate other heuristic at
     its budget and against ToMe (:func:`versus_heuristics`, on the evaluated images' ``outputs`` and ``labels``).
     The heuristic is chosen (:func:`best_heuristics`) on the ``selection`` images, by heuristic models made afresh
     by ``build``, so that the Random row draws there as it draws in the table; without them, on the evaluated
-    images."""
+    images. ``progress``: a progress bar over the selection images."""
     compared = [method for method in methods if method.selection in ("policy", "cascade")]
     if not compared:
         return {}
@@ -34,7 +36,9 @@ def versus_best_heuristics(methods: Sequence[Method], outputs: Mapping[Method, t
         ranking = best_heuristics(outputs, labels)
     else:
         heuristics = {method: build(method) for method in methods if is_heuristic(method)}
-        ranking = best_heuristics(predict(heuristics, selection, batch_size), selection.labels)
+        with tqdm(total=math.ceil(len(selection) / batch_size), unit="batch", disable=not progress,
+                  desc=f"choosing the best heuristic on {len(selection)} held-out images") as bar:
+            ranking = best_heuristics(predict(heuristics, selection, batch_size, bar), selection.labels)
     return {method: versus_heuristics(method, next(m for m in ranking[method.budget] if m is not method), methods,
                                       outputs, labels) for method in compared}
 

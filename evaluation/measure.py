@@ -66,7 +66,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             module.to(device)
     with autocast_to(device, dtype):
         methods = match_tome_cost(methods, staged, backbone_config, reduction)
-        methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size)
+        methods = calibrate_cascades(methods, staged, backbone_config, reduction, calibration, batch_size, progress)
         baseline = next((method for method in methods if method.selection == "baseline"),
                         Method(BASELINE, "baseline"))
         baseline_first = [baseline, *(method for method in methods if method is not baseline)]
@@ -79,7 +79,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
                   disable=not progress) as bar:
             outputs = predict(models, split, batch_size, bar)
         reference = outputs[baseline][0]
-        comparisons = versus_best_heuristics(methods, outputs, split.labels, build, selection, batch_size)
+        comparisons = versus_best_heuristics(methods, outputs, split.labels, build, selection, batch_size, progress)
         rows = [{"method": method.name, "budget": method.budget,
                  **quality(outputs[method][0], split.labels, reference), **cost(models[method], outputs[method][1]),
                  **comparisons.get(method, {})} for method in methods]

@@ -5,12 +5,15 @@ the rows beside it (:func:`match_tome_cost`) and each cascade calibrated on held
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
+import torch
+from tqdm import tqdm
 
 from envs.errors import UsageError
 from envs.problem import PruningProblem
@@ -124,9 +127,11 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
 
 
 def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_config: Mapping[str, Any],
-                       reduction: str, calibration: ImageSplit | None, batch_size: int) -> list[Method]:
+                       reduction: str, calibration: ImageSplit | None, batch_size: int,
+                       progress: bool = False) -> list[Method]:
     """``methods`` with each cascade row's threshold calibrated on the ``calibration`` images (held out from
-    those evaluated) so that its mean GFLOPs per image are greedy similarity's at its budget."""
+    those evaluated) so that its mean GFLOPs per image are greedy similarity's at its budget; ``progress``: a
+    progress bar over them."""
     calibrated = []
     for method in methods:
         if method.selection == "cascade":
@@ -134,7 +139,7 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
                 raise EvaluationError("a cascade row needs calibration images")
             model = method.model(staged, backbone_config, reduction)
             target = greedy_similarity_gflops(staged, method.budget, reduction)
-            batches = (model.normalize(images.to(model.device)) for images in calibration.batches(batch_size))
+            batches = normalized_batches(model, calibration, batch_size, f"calibrating {method.name}", progress)
             try:
                 threshold = model.calibrate(batches, target)
             except UsageError as error:  # the first forward alone costs the budget
@@ -142,6 +147,17 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             method = replace(method, cascade=replace(method.cascade, threshold=threshold, target_gflops=target))
         calibrated.append(method)
     return calibrated
+
+
+def normalized_batches(model: CascadeViT, split: ImageSplit, batch_size: int, task: str,
+                       progress: bool) -> Iterator[torch.Tensor]:
+    """``split``'s images normalised for ``model``, ``batch_size`` at a time, with a progress bar (``task`` on
+    N held-out images) from the first batch asked for, so that nothing is shown where none is read."""
+    with tqdm(total=math.ceil(len(split) / batch_size), unit="batch", disable=not progress,
+              desc=f"{task} on {len(split)} held-out images") as bar:
+        for images in split.batches(batch_size):
+            yield model.normalize(images.to(model.device))
+            bar.update()
 
 
 CASCADE_COST_TOLERANCE = 0.05
