@@ -100,7 +100,9 @@ def _format(column: str, value: Any) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The table as GitHub Markdown, numbers right-aligned."""
+    """The table as GitHub Markdown, numbers right-aligned, without the columns that no row fills (the timings of
+    ``--no-speed``, the comparisons of a table without learned rows): results.csv keeps every column."""
+    table = table.dropna(axis="columns", how="all")
     cells = pd.DataFrame({column: [_format(column, v) for v in table[column]] for column in table.columns})
     return cells.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
                              colalign=["left"] + ["right"] * (len(cells.columns) - 1))

@@ -146,6 +146,7 @@ def test_rows_columns_and_files(results):
     assert arguments["budgets"] == [0.3, 0.5] and arguments["no_speed"] and arguments["output_dir"] == str(output)
     markdown = (output / "results.md").read_text()
     assert re.search(r"\| method +\| +budget \|", markdown)
+    assert "| images_per_s_b1 " not in markdown and "| speedup " not in markdown  # no row was timed
     assert f"dataset: cifar10; split: test; images: {LIMIT}; device: {cpu}; dtype: float32\n" in markdown
     quality = table[["accuracy", "f1_macro", "agreement"]]
     assert ((quality >= 0) & (quality <= 100)).all().all()
