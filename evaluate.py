@@ -79,6 +79,7 @@ from envs.problem import PruningProblem, block_indices, budget_key, flag_name, r
 from envs.vit.backbone_checkpoint import (
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
+    REPO_ROOT,
     installed_without_repository,
     is_backbone_checkpoint,
     repository_relative,
@@ -103,8 +104,7 @@ from policies.checkpoints import (
 from policies.pruned_vit import checked_backbone
 from policies.token_scorer import TokenScoring
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = REPO / "reference" / "marl_policy"
+DEFAULT_CHECKPOINT = REPO_ROOT / "reference" / "marl_policy"
 CASCADE_PRUNE_POINTS = (1, 3, 5, 7, 9, 11)
 """``--cascade-points`` unless given: six pruning points, where cascade_headroom's best pairs prune
 (benchmarks/README.md)."""
@@ -116,21 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="policy checkpoint directory written by train.py (default: reference/marl_policy)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint directory (default: the policy "
-                        f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO)})")
+                        f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO_ROOT)})")
     parser.add_argument("--heuristics-only", action="store_true",
                         help="no policy: the heuristics, ToMe and --cascade on --backbone, e.g. to see what the agents "
                              "will have to beat before training them")
     parser.add_argument("--prune-points", type=block_indices, default=None,
                         help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
                              f"{','.join(map(str, DEFAULT_PRUNE_POINTS))}; a checkpoint brings its own)")
-    parser.add_argument("--data-dir", default=default_data_dir(), help="default: %(default)s")
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
     parser.add_argument("--dataset", default=None, choices=DATASETS,
                         help="default: the data set of the checkpoint (or --backbone)")
     add_data_access_arguments(parser)
     parser.add_argument("--split", default="test", choices=("val", "test"),
                         help="test for final numbers, val (the backbone's held-out subset) for development "
                              "(default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of N images")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate a seeded subset of N images (the heuristic that learned rows are compared "
+                             "with is still chosen on --selection-images, a cascade calibrated on "
+                             "--calibration-images)")
     parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
                         help="target ratios of the heuristic rows, comma-separated; the checkpoints' own ratios "
                              "(--checkpoint's, --checkpoints-per-budget's, and a --train-ratios checkpoint's among "
@@ -149,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-images", type=positive_int, default=None,
                         help="with --cascade: validation images it is calibrated on (default: all of them)")
     parser.add_argument("--selection-images", type=positive_int, default=2000,
-                        help="validation images the heuristic that learned rows are compared with is chosen on, "
-                             "per budget, so that it is not chosen on the test images (with --split val: the "
-                             "evaluated images; default: %(default)s)")
+                        help="with --split test: validation images the heuristic that learned rows are compared "
+                             "with is chosen on, per budget, so that it is not chosen on the test images (--split val "
+                             "chooses it on the evaluated images; default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="default: %(default)s")
     parser.add_argument("--device", default="auto",
                         help=f"where every row runs: {DEVICE_CHOICES} (default: %(default)s, a GPU when one is "
