@@ -289,21 +289,31 @@ def restore_generator(generator: torch.Generator, state: dict, reseed: int) -> N
           f"the run draws a new one (seed {reseed}), so it will not repeat an uninterrupted run's augmentation")
 
 
+PROGRESS_LINE_EVERY_S = 60.0
+"""How often an epoch that is not shown on a terminal prints a line of its progress (a CPU epoch takes minutes)."""
+
+
 def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels: torch.Tensor, batch_size: int,
               steps: int, updates_done: int, progress: str | None = None) -> torch.Tensor:
     """``steps`` steps over ``images`` in an order drawn from the step's generator; returns the summed loss on
-    the device (reading it waits for the device, so the caller does that once an epoch). With ``progress``, a
-    progress bar of that name shows the loss every 20 steps, which waits for the device each time."""
+    the device (reading it waits for the device, so the caller does that once an epoch). With ``progress`` (a
+    name), a progress bar on a terminal shows the loss every 20 steps, and elsewhere (a log) a line gives the
+    steps done and the loss once every :data:`PROGRESS_LINE_EVERY_S`; each waits for the device."""
     device = labels.device
     order = torch.randperm(len(labels), generator=step.generator, device=device)
+    on_terminal = progress is not None and sys.stderr.isatty()
     bar = tqdm(epoch_batches(images, order, batch_size, steps, pin_memory=device.type == "cuda"), total=steps,
-               desc=progress, leave=False, disable=progress is None)
+               desc=progress, leave=False, disable=not on_terminal)
     loss_sum = torch.zeros((), device=device)
+    last_line = time.monotonic()
     for i, (batch, batch_images) in enumerate(bar):
         loss = step(batch_images.to(device, non_blocking=True), labels[batch], updates_done + i + 1)
         loss_sum += loss
-        if not bar.disable and i % 20 == 0:
+        if on_terminal and i % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        elif progress is not None and not on_terminal and time.monotonic() - last_line >= PROGRESS_LINE_EVERY_S:
+            print(f"{progress}: step {i + 1}/{steps}, loss {loss.item():.4f}", flush=True)
+            last_line = time.monotonic()
     return loss_sum
 
 
@@ -599,7 +609,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
     while epoch < args.epochs:  # --time-budget may change args.epochs
         model.train()
         loss_sum = run_epoch(step, images, labels, batch_size, steps_per_epoch, epoch * steps_per_epoch,
-                             progress=f"epoch {epoch + 1}/{args.epochs}" if sys.stderr.isatty() else None)
+                             progress=f"epoch {epoch + 1}/{args.epochs}")
         mean_loss = loss_sum.item() / steps_per_epoch
         val_acc = accuracy(model, val_split, config, device, amp=args.amp)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "val_accuracy": val_acc,
@@ -618,6 +628,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
             return
         epoch += 1
 
+    print("reading the test split once, for the model card", flush=True)
     test_acc, test_size = read_test_accuracy(args, model, config, device)
     test_readings = [*test_readings, {"epoch": args.epochs, "test_accuracy": test_acc}]
     if snapshot is not None:  # a later --resume --epochs must know the test split has been read
@@ -626,7 +637,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> None:
                   history=history, test_accuracy=test_acc, test_readings=test_readings,
                   **measurements(model, config, device), commit=commit, versions=versions_line())
     export = export_with_card(model, config, out / RUN_EXPORT_DIR, half=args.half)
-    print(json.dumps({"test_accuracy": test_acc, "gflops": config["gflops"], "export": str(export)}))
+    print(f"test {100 * test_acc:.2f}% on {test_size} images, {config['gflops']:g} GFLOPs a forward: exported to "
+          f"{export}")
 
 
 def check_run_directory(args: argparse.Namespace, out: Path) -> None:

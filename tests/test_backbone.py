@@ -89,6 +89,10 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--amp") == 2
     assert "--resume" in capsys.readouterr().err
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--data-dir", str(data_dir)]) == 0
+    config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert capsys.readouterr().out.endswith(  # the test reading, as the epochs' lines read validation
+        f"reading the test split once, for the model card\ntest {100 * config['test_accuracy']:.2f}% on 256 images, "
+        f"{config['gflops']:g} GFLOPs a forward: exported to {tmp_path / 'run' / 'backbone'}\n")
     assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2", "--amp") == 0
     resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
@@ -513,6 +517,15 @@ def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_move
                                        f"whatever MARL_PRUNING_DATA_DIR says)\n")
     (work / "moved").rename(data)
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+
+
+def test_an_epoch_written_to_a_log_prints_its_progress(tmp_path, data_dir, monkeypatch, capsys):
+    """Off a terminal (a log, where no progress bar shows) an epoch prints a line of its steps and loss once every
+    PROGRESS_LINE_EVERY_S (60 s: a CPU epoch takes minutes); here every step."""
+    monkeypatch.setattr(backbone, "PROGRESS_LINE_EVERY_S", 0.0)
+    assert run_backbone(tmp_path, data_dir) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1: step (\d)/4, loss \d\.\d{4}$", out, re.MULTILINE) == ["1", "2", "3", "4"]
 
 
 def test_a_time_budget_that_ends_the_run_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch, capsys):
