@@ -818,9 +818,8 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         shutil.rmtree(unreported)
     for index in (0, 1):
         shutil.rmtree(storage / trial / f"checkpoint_00000{index}")
-    assert closing_lines([result], output_dir) == ([f"no checkpoint yet (the first comes at iteration "
-                                                    f"{PruningProblem().checkpoint_every}): --resume starts this "
-                                                    f"trial again"], [])
+    assert closing_lines([result], output_dir) == (["no checkpoint yet (the first comes with the first validation, "
+                                                    "--checkpoint-every): --resume starts this trial again"], [])
 
 
 def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_the_cluster(monkeypatch):

@@ -181,14 +181,14 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue
-        problem = PruningProblem.from_json(result.config["trial"]["problem"])
         scored = scored_checkpoints(result, run_dir)
         if not scored:  # stopped before its first validation
-            lines.append(f"{name}no checkpoint yet (the first comes at iteration {problem.checkpoint_every}): "
+            lines.append(f"{name}no checkpoint yet (the first comes with the first validation, --checkpoint-every): "
                          f"--resume starts this trial again")
             continue
         checkpoint, score, iteration = max(scored, key=lambda entry: validation_rank(entry[1], entry[2]))
         trial_and_checkpoint = Path(Path(result.path).name, checkpoint)
+        problem = PruningProblem.from_json(result.config["trial"]["problem"])
         trial_data_dir = data_dir or problem.data_dir
         ranking_images = min(problem.val_limit, problem.val_size)  # what the validation server holds
         best = (f"(best on validation: iteration {iteration}, exact-budget accuracy {score:.2f}% on the "
