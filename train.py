@@ -62,7 +62,7 @@ from envs.problem import (
     problems_from_args,
     sweep_label,
 )
-from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint
+from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint, weights_digest
 from envs.vit.data import DataError, check_recorded_data_dir
 from envs.vit_server import (
     ServerInputs,
@@ -467,7 +467,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
             print(shortfall, flush=True)
         trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
                                          access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
-                                         inputs=inputs, commit=code_commit())
+                                         inputs=inputs, commit=code_commit(),
+                                         backbone_digest=weights_digest(problems[0].backbone_path))
         return build_tuner(args, trainable, problems, resources).fit()
 
 
