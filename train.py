@@ -85,7 +85,7 @@ from training.console import (
     closing_lines,
     interrupted,
 )
-from training.placement import TrialResources, plan_placement, trial_resources
+from training.placement import TrialResources, plan_placement, server_callers, trial_resources
 from training.ray_session import (
     RUN_SIGNALS,
     check_cluster_answers,
@@ -387,7 +387,7 @@ def check_run_flags_take_effect(args: argparse.Namespace, given: Collection[str]
         raise UsageError(f"--num-cpus sizes a local Ray instance: the cluster at --address {args.address} has its own")
     if args.resume:  # the run's own resources: a flag given again is compared with them (flags_changed_on_resume)
         return
-    callers = max(1, args.num_workers)  # env runner i calls server i % servers; without remote ones, the trial's own
+    callers = server_callers(args.num_workers)
     if "servers" in given and args.servers > callers:
         raise UsageError(f"--servers {args.servers}: {args.num_workers} env runner(s) call {callers} ViT server(s) at "
                          f"most; the others would reserve their CPUs or GPUs and serve no one")

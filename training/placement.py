@@ -28,18 +28,23 @@ class Placement:
                 f"each, one validation server, the learner in {learner}")
 
 
+def server_callers(num_workers: int) -> int:
+    """How many callers a trial's ViT servers have: its ``num_workers`` env runners (env runner i calls server
+    i % servers), or, without remote ones, the trial itself."""
+    return max(1, num_workers)
+
+
 def plan_placement(servers: int | None, server_threads: int, cluster_gpus: float, driver_has_gpu: bool,
                    num_workers: int) -> Placement:
-    """Without GPUs everything runs on CPUs, the learner in the trial's process. With GPUs there is one server
-    per GPU unless ``servers`` says otherwise, but no more than the ``num_workers`` env runners call (at least
-    one: without remote env runners the trial's own samples); the learner takes half a GPU: in the trial's
-    process when the machine that starts it has one, else as a learner actor that Ray places on a GPU node
-    (RLlib's device check fails on a GPU-less process asked for GPUs). Either way RLlib reserves the learner's
-    half GPU in the trial's placement group, and the servers, the validation one included, share what it
-    leaves."""
+    """Without GPUs everything runs on CPUs, the learner in the trial's process. With GPUs there is one server per
+    GPU unless ``servers`` says otherwise, but no more than the env runners call (:func:`server_callers`); the
+    learner takes half a GPU: in the trial's process when the machine that starts it has one, else as a learner
+    actor that Ray places on a GPU node (RLlib's device check fails on a GPU-less process asked for GPUs). Either
+    way RLlib reserves the learner's half GPU in the trial's placement group, and the servers, the validation one
+    included, share what it leaves."""
     if cluster_gpus < 1:
         return Placement(servers or 1, 0.0, server_threads, False, 0.0)
-    count = servers or min(int(cluster_gpus), max(1, num_workers))
+    count = servers or min(int(cluster_gpus), server_callers(num_workers))
     learner_gpus = 0.5
     share = min(0.5, (cluster_gpus - learner_gpus) / (count + 1))
     return Placement(count, share, server_threads, not driver_has_gpu, learner_gpus)
