@@ -52,7 +52,7 @@ EXPORT_CONFIG = "policy.json"
 
 
 def export_path(checkpoint: str | os.PathLike) -> Path:
-    """Where a checkpoint's export lives (it may not exist: checkpoints written before exports did not)."""
+    """Where a checkpoint's export lives (it may not exist: a checkpoint may have none)."""
     return Path(checkpoint) / EXPORT_DIR
 
 
@@ -91,7 +91,7 @@ class CheckpointInfo:
     def warn_if_backbone_changed(self, checkpoint: str | os.PathLike, backbone: str | os.PathLike) -> None:
         """A warning where the weights in ``backbone`` are not those the agents learned on (a backbone trained
         further in place, under the path the checkpoint records): their choices were learned for other features."""
-        if self.backbone_digest is None:  # recorded since 2026-12-07
+        if self.backbone_digest is None:  # a checkpoint that records no digest: nothing to compare
             return
         found = weights_digest(backbone)
         if found is not None and found != self.backbone_digest:
@@ -296,17 +296,17 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
-    one or is one, else RLlib's files (:func:`rllib_modules`, checkpoints written before exports existed), with a
-    warning: those pickles run the code of whoever wrote them.
+    one or is one, else RLlib's files (:func:`rllib_modules`, a checkpoint without an export), with a warning:
+    those pickles run the code of whoever wrote them.
     """
     path = checkpoint_directory(checkpoint)
     if is_export(path) or has_export(path):
         return load_exported_policies(path)
-    read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
+    info = read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
     warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                   f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)",
                   stacklevel=2)
-    return load_rllib_policies(path)
+    return rllib_modules(path, info.problem.agents), info
 
 
 def checkpoint_directory(checkpoint: str | Path) -> Path:
