@@ -478,7 +478,6 @@ def ranked_images_evaluated(checkpoints: Mapping[Path, PruningProblem], val_size
             for path, problem in checkpoints.items()}
 
 
-
 def results_settings(args: argparse.Namespace, policies: Mapping[float, LoadedPolicy], backbone_path: Path,
                      prune_points: Sequence[int], reduction: str, device: torch.device,
                      cascade: tuple[float, CascadePasses] | None, splits: EvaluationSplits, evaluation: Evaluation, *,

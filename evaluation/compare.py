@@ -4,13 +4,11 @@ interval of the difference in accuracy with it and with ToMe (:func:`paired_diff
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
 import torch
-from tqdm import tqdm
 
 from envs.vit.data import ImageSplit
 from evaluation.methods import HEURISTIC_ROWS, Method
@@ -36,9 +34,8 @@ def versus_best_heuristics(methods: Sequence[Method], outputs: Mapping[Method, t
         ranking = best_heuristics(outputs, labels)
     else:
         heuristics = {method: build(method) for method in methods if is_heuristic(method)}
-        with tqdm(total=math.ceil(len(selection) / batch_size), unit="batch", disable=not progress,
-                  desc=f"choosing the best heuristic on {len(selection)} held-out images") as bar:
-            ranking = best_heuristics(predict(heuristics, selection, batch_size, bar), selection.labels)
+        task = f"choosing the best heuristic on {len(selection)} held-out images" if progress else None
+        ranking = best_heuristics(predict(heuristics, selection, batch_size, task), selection.labels)
     return {method: versus_heuristics(method, next(m for m in ranking[method.budget] if m is not method), methods,
                                       outputs, labels) for method in compared}
 

@@ -3,14 +3,12 @@ answer on each image and the timing rounds (:class:`Evaluation`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from envs.vit.data import ImageSplit
 from envs.vit.device import autocast_to
@@ -75,9 +73,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
             return method.model(staged, backbone_config, reduction, seed)
 
         models = {method: build(method) for method in baseline_first}
-        with tqdm(total=math.ceil(len(split) / batch_size), desc=f"evaluating {len(models)} methods", unit="batch",
-                  disable=not progress) as bar:
-            outputs = predict(models, split, batch_size, bar)
+        outputs = predict(models, split, batch_size, f"evaluating {len(models)} methods" if progress else None)
         reference = outputs[baseline][0]
         comparisons = versus_best_heuristics(methods, outputs, split.labels, build, selection, batch_size, progress)
         rows = [{"method": method.name, "budget": method.budget,

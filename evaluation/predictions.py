@@ -4,6 +4,7 @@ every image, written to predictions.csv.gz (:func:`per_image_predictions`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,20 +21,21 @@ from policies.pruned_vit import PrunedViT
 
 
 def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
-            bar: tqdm | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
+            progress: str | None = None) -> dict[Method, tuple[torch.Tensor, torch.Tensor]]:
     """Each model's predicted classes ``[n]`` and kept tokens ``[n, num_stages]`` over the whole split, on the
     CPU. Every batch of images is read once for all models, so a streamed split is decoded once, and moved to
-    the models' device once; the predictions stay there until the end (no wait for the device per batch)."""
+    the models' device once; the predictions stay there until the end (no wait for the device per batch). With
+    ``progress`` (a name), a progress bar of that name over the batches."""
     predictions: dict[Method, list] = {method: [] for method in models}
     kept: dict[Method, list] = {method: [] for method in models}
     first = next(iter(models.values()))  # one backbone: one device, one normalisation
-    for images in split.batches(batch_size):
-        inputs = first.normalize(images.to(first.device))
-        for method, model in models.items():
-            logits, batch_kept = model.forward_with_kept(inputs)
-            predictions[method].append(logits.argmax(dim=1))
-            kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
-        if bar is not None:
+    with tqdm(total=math.ceil(len(split) / batch_size), desc=progress, unit="batch", disable=progress is None) as bar:
+        for images in split.batches(batch_size):
+            inputs = first.normalize(images.to(first.device))
+            for method, model in models.items():
+                logits, batch_kept = model.forward_with_kept(inputs)
+                predictions[method].append(logits.argmax(dim=1))
+                kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
             bar.update()
     return {method: (torch.cat(predictions[method]).cpu(), torch.cat(kept[method])) for method in models}
 
