@@ -3,7 +3,7 @@
 The reference backbone's H100 run took 43 ms per step of 256 images, while the same model evaluates at
 about 31,900 images/s: the loop, not the GPU, set the pace. This times the step's parts with the objects
 ``backbone.py`` builds (``build_training_step``), each followed by a device sync (so each row is that part
-alone), then ``backbone.run_epoch`` over ``--steps`` steps with no sync inside (what training gets). If the
+alone), then ``run_epoch`` over ``--steps`` steps with no sync inside (what training gets). If the
 loop is slower than its parts' sum, or their sum is far above the forward/backward row, host work and
 host-device syncs dominate; if the loop is close to the forward/backward row, the device sets the pace.
 
@@ -21,6 +21,8 @@ import argparse
 import torch
 
 import backbone
+from backbone_training.model_geometry import CIFAR_MEAN, CIFAR_STD, parse_kwargs, square_input_size
+from backbone_training.training_step import build_training_step, resolve_amp, run_epoch
 from benchmarks import HelpFormatter, run_from_command_line, write_json
 from cli import given_flags, non_negative_int, positive_int
 from envs.vit.augment import random_crop_flip
@@ -57,13 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
-    kwargs = backbone.parse_kwargs(args.model_kwargs)
-    config = {"mean": list(backbone.CIFAR_MEAN), "std": list(backbone.CIFAR_STD)}
+    kwargs = parse_kwargs(args.model_kwargs)
+    config = {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
     model = create_vit(args.model, args.num_classes, kwargs).to(device).train()
-    size = backbone.square_input_size(model, kwargs)
+    size = square_input_size(model, kwargs)
     args.epochs = backbone.DEFAULT_EPOCHS  # the schedule needs a length; a step's time does not (NOT_A_STEP)
-    step = backbone.build_training_step(args, model, args.num_classes, EPOCH_IMAGES // args.batch_size, config,
-                                        device)
+    step = build_training_step(args, model, args.num_classes, EPOCH_IMAGES // args.batch_size, config, device)
     images = torch.randint(0, 256, (args.steps * args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, args.num_classes, (len(images),), device=device)
     batch, batch_labels = images[:args.batch_size], labels[:args.batch_size]
@@ -75,7 +76,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         return step.mixup(normalized, batch_labels) if step.mixup is not None else normalized
 
     def loop():  # what backbone.py runs for an epoch of --steps steps, with no sync inside
-        backbone.run_epoch(step, images, labels, args.batch_size, args.steps, 0)
+        run_epoch(step, images, labels, args.batch_size, args.steps, 0)
 
     randaugment = step.randaugment
     parts = {"crop + flip": lambda: random_crop_flip(batch, 4, step.generator),
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone.check_args(args, given)
     rows = measure(args)
     device = resolve_device(args.device)
-    precision = "bf16 autocast" if backbone.resolve_amp(args.amp, device) else "float32"
+    precision = "bf16 autocast" if resolve_amp(args.amp, device) else "float32"
     compiled = ", torch.compile" if args.compile else ""
     described = describe_device(device)
     print(f"{args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, {precision}{compiled}, "

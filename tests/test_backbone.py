@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import backbone
+from backbone_training import model_geometry, splits, time_budget, training_state, training_step
+from backbone_training.training_state import STATE_FILE
 from cli import code_commit, versions_line
 from envs.errors import UsageError
 from envs.vit import backbone_checkpoint
@@ -44,14 +46,14 @@ def test_train_compiled_export_and_reload_same_logits(tmp_path, data_dir, monkey
 
     monkeypatch.setattr(torch, "compile", compile_recorded)
     forwards = []  # the modules each training forward ran through
-    optimize = backbone.TrainingStep.optimize
+    optimize = training_step.TrainingStep.optimize
 
     def recorded(self, x, y):
         forwards.append(self.model)
         return optimize(self, x, y)
 
-    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
-    scored, score = [], backbone.accuracy
+    monkeypatch.setattr(training_step.TrainingStep, "optimize", recorded)
+    scored, score = [], training_step.accuracy
     monkeypatch.setattr(backbone, "accuracy", lambda model, split, *args, **kwargs: scored.append(split)
                         or score(model, split, *args, **kwargs))
     assert run_backbone(tmp_path, data_dir, "--full-precision", "--compile") == 0
@@ -94,7 +96,7 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
         f"reading the test split once, for the model card\ntest {100 * config['test_accuracy']:.2f}% on 256 images, "
         f"{config['gflops']:g} GFLOPs a forward: exported to {tmp_path / 'run' / 'backbone'}\n")
     assert run_backbone(tmp_path / "uninterrupted", data_dir, drop_path, "--epochs", "2", "--amp") == 0
-    resumed, uninterrupted = (torch.load(path / "run" / backbone.STATE_FILE, weights_only=False)
+    resumed, uninterrupted = (torch.load(path / "run" / STATE_FILE, weights_only=False)
                               for path in (tmp_path, tmp_path / "uninterrupted"))
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
     assert torch.equal(resumed["generator"], uninterrupted["generator"])
@@ -121,24 +123,24 @@ def test_a_time_budget_sets_the_schedule_length_from_the_second_epoch(epochs, tm
                                                                        capsys):
     """--time-budget replaces --epochs after the second epoch (the first pays for compiling) with the epochs
     that fit, a reserve kept for the test reading and the export; the cosine schedule and the card follow."""
-    assert backbone.epochs_within(600, 10, 2, compiled=True) == 2 + (600 - 60 - 20) // 10
-    assert backbone.epochs_within(600, 10, 2, compiled=False) == 2 + (600 - 20) // 10  # no compiling to wait for
-    assert backbone.epochs_within(30, 10, 2, compiled=True) == 2  # no time left: the run ends with the epochs done
+    assert time_budget.epochs_within(600, 10, 2, compiled=True) == 2 + (600 - 60 - 20) // 10
+    assert time_budget.epochs_within(600, 10, 2, compiled=False) == 2 + (600 - 20) // 10  # no compiling to wait for
+    assert time_budget.epochs_within(30, 10, 2, compiled=True) == 2  # no time left: the run ends with the epochs done
     fitted = []
 
     def fit(seconds_left, epoch_seconds, epochs_done, compiled):
         fitted.append((seconds_left, epoch_seconds, epochs_done, compiled))
         return 3
 
-    monkeypatch.setattr(backbone, "epochs_within", fit)
+    monkeypatch.setattr(time_budget, "epochs_within", fit)
     rates = []  # the learning rate each update runs at
-    optimize = backbone.TrainingStep.optimize
+    optimize = training_step.TrainingStep.optimize
 
     def recorded(self, x, y):
         rates.append(self.optimizer.param_groups[0]["lr"])
         return optimize(self, x, y)
 
-    monkeypatch.setattr(backbone.TrainingStep, "optimize", recorded)
+    monkeypatch.setattr(training_step.TrainingStep, "optimize", recorded)
     assert run_backbone(tmp_path, data_dir, "--epochs", epochs, "--time-budget", "1000") == 0
     assert len(fitted) == 1 and fitted[0][2:] == (2, False) and 0 < fitted[0][1] < fitted[0][0] < 1000
     # 256 images in batches of 64: 4 updates an epoch. The third epoch's updates (t = 9 to 11; update 9 runs at
@@ -163,7 +165,7 @@ def test_a_time_budget_applies_where_one_epoch_is_scheduled(tmp_path, data_dir, 
         fitted.append(epochs_done)
         return max(epochs_done, planned["epochs"])
 
-    monkeypatch.setattr(backbone, "epochs_within", fit)
+    monkeypatch.setattr(time_budget, "epochs_within", fit)
     assert run_backbone(tmp_path, data_dir, "--time-budget", "1000") == 0  # --epochs 1
     assert fitted == [1, 2] and "--time-budget 1000 s: 2 epochs in all, from epoch 1's" in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
@@ -185,14 +187,15 @@ def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorde
     """bf16 autocast by default on a GPU only: emulated on a CPU without native bf16, it made an epoch 20 times as
     long. A run records what it resolved, and a resumed run goes on so on any device, a run recorded before
     --amp existed (``no_amp``: autocast unless it was given) included."""
-    assert backbone.resolve_amp(None, torch.device("cuda")) and not backbone.resolve_amp(None, torch.device("cpu"))
-    assert backbone.resolve_amp(True, torch.device("cpu")) and not backbone.resolve_amp(False, torch.device("cuda"))
+    resolve_amp = training_step.resolve_amp
+    assert resolve_amp(None, torch.device("cuda")) and not resolve_amp(None, torch.device("cpu"))
+    assert resolve_amp(True, torch.device("cpu")) and not resolve_amp(False, torch.device("cuda"))
 
     def recipe_amp() -> str:
         return json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())["recipe"]["amp"]
 
     assert run_backbone(tmp_path, data_dir, "--epochs", "2", "--time-limit", "0", "--device", "cpu") == 0
-    state_path = tmp_path / "run" / backbone.STATE_FILE
+    state_path = tmp_path / "run" / STATE_FILE
     state = torch.load(state_path, weights_only=False)
     assert state["args"]["amp"] is False
     del state["args"]["amp"]
@@ -208,14 +211,14 @@ def test_bf16_autocast_is_a_gpus_default_and_a_resumed_run_keeps_what_it_recorde
 def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir, monkeypatch):
     """--time-budget is the whole run's: the seconds spent decoding the splits before the first epoch (about 20
     s for CIFAR-10) are spent from it too."""
-    fitted, load_split = [], backbone.load_split
+    fitted, load_split = [], splits.load_split
 
     def slow_load_split(*args, **kwargs):
         time.sleep(1.0)
         return load_split(*args, **kwargs)
 
-    monkeypatch.setattr(backbone, "load_split", slow_load_split)
-    monkeypatch.setattr(backbone, "epochs_within", lambda left, seconds, done, compiled: fitted.append(left) or done)
+    monkeypatch.setattr(splits, "load_split", slow_load_split)
+    monkeypatch.setattr(time_budget, "epochs_within", lambda left, seconds, done, compiled: fitted.append(left) or done)
     assert run_backbone(tmp_path, data_dir, "--epochs", "3", "--time-budget", "1000") == 0
     config = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     trained = config["history"][1]["seconds"]  # the two epochs before the budget is read
@@ -224,7 +227,7 @@ def test_a_time_budget_counts_the_time_spent_reading_the_data(tmp_path, data_dir
 
 def test_the_training_state_is_saved_every_few_epochs_and_at_the_end(tmp_path, data_dir, monkeypatch):
     saved = []
-    save = backbone.save_state
+    save = training_state.save_state
     monkeypatch.setattr(backbone, "save_state", lambda path, state: (saved.append(state["epoch"]), save(path, state)))
     assert run_backbone(tmp_path, data_dir, "--epochs", "5", "--save-every", "2") == 0
     assert saved == [2, 4, 5]  # epoch 5's with the test reading
@@ -238,31 +241,31 @@ def test_a_saved_augmentation_stream_of_another_device_restarts_from_a_seed(caps
     continues it; a run on another kind of device cannot, and says that it draws a new stream."""
     generator = torch.Generator()
     saved = torch.Generator().manual_seed(5)
-    backbone.restore_generator(generator, {"generator": saved.get_state()}, reseed=3)
+    training_state.restore_generator(generator, {"generator": saved.get_state()}, reseed=3)
     assert torch.equal(generator.get_state(), saved.get_state()) and capsys.readouterr().out == ""
-    backbone.restore_generator(generator, {"generator": torch.zeros(16, dtype=torch.uint8),
-                                           "generator_device": "cuda"}, reseed=3)
+    training_state.restore_generator(generator, {"generator": torch.zeros(16, dtype=torch.uint8),
+                                                 "generator_device": "cuda"}, reseed=3)
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
     assert "drawn on cuda; on cpu the rest of the run draws a new one (seed 3)" in capsys.readouterr().out
 
 
 def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(monkeypatch):
-    """backbone.run_epoch with the reference recipe (crop/flip, RandAugment, mixup/cutmix, fused AdamW, clipping,
-    the scheduler, bf16 autocast, the loss summed) on a tiny model. The first epoch builds what is built once
-    (AdamW's state, normalize's mean and std on the device); in the second, nothing may cross between host and
-    device."""
+    """training_step.run_epoch with the reference recipe (crop/flip, RandAugment, mixup/cutmix, fused AdamW,
+    clipping, the scheduler, bf16 autocast, the loss summed) on a tiny model. The first epoch builds what is built
+    once (AdamW's state, normalize's mean and std on the device); in the second, nothing may cross between host
+    and device."""
     args = backbone.build_parser().parse_args(["--model-kwargs", *TINY, "--batch-size", "16", "--device", "cpu",
                                                "--amp"])
     args.epochs = 2
-    model = create_vit(args.model, 10, backbone.parse_kwargs(args.model_kwargs)).train()
-    step = backbone.build_training_step(args, model, 10, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},
-                                        torch.device("cpu"))
+    model = create_vit(args.model, 10, model_geometry.parse_kwargs(args.model_kwargs)).train()
+    step = training_step.build_training_step(args, model, 10, 3, {"mean": [0.5] * 3, "std": [0.25] * 3},
+                                             torch.device("cpu"))
     images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (48,))
     np.random.seed(1)  # timm's draws: the second epoch mixes up its first batch and cuts the other two
-    backbone.run_epoch(step, images, labels, 16, 3, 0)
+    training_step.run_epoch(step, images, labels, 16, 3, 0)
     with host_round_trips(monkeypatch) as calls:
-        backbone.run_epoch(step, images, labels, 16, 3, 3)
+        training_step.run_epoch(step, images, labels, 16, 3, 3)
     assert calls == []
 
 
@@ -386,13 +389,13 @@ def test_a_directory_holding_something_else_is_refused_and_an_export_names_its_r
     export = run / backbone.RUN_EXPORT_DIR
     export.mkdir(parents=True)
     (export / "config.json").write_text("{}")
-    (run / backbone.STATE_FILE).write_bytes(b"")
+    (run / STATE_FILE).write_bytes(b"")
     named = f"({export} is the export of the run in {run}: pass --output-dir {run})"
     assert backbone.main(["--output-dir", str(export), "--data-dir", str(tmp_path), "--no-download"]) == 2
     assert capsys.readouterr().err == f"error: {export} is not empty and holds no backbone.py run: choose another " \
                                       f"--output-dir {named}\n"
     assert backbone.main(["--output-dir", str(export), "--resume"]) == 2
-    state = export / backbone.STATE_FILE
+    state = export / STATE_FILE
     assert capsys.readouterr().err == f"error: nothing to resume: {state} does not exist {named}\n"
     assert sorted(path.name for path in export.iterdir()) == ["config.json"]
     other = tmp_path / "other"
@@ -401,7 +404,7 @@ def test_a_directory_holding_something_else_is_refused_and_an_export_names_its_r
     assert "holds no backbone.py run" in capsys.readouterr().err
     killed = tmp_path / "killed"  # a first save killed before it finished: only its staged file, a run to start
     killed.mkdir()
-    (killed / f".{backbone.STATE_FILE}.tmp").write_bytes(b"")
+    (killed / f".{STATE_FILE}.tmp").write_bytes(b"")
     assert backbone.main(["--output-dir", str(killed), "--data-dir", str(tmp_path / "no_data"), "--no-download"]) == 2
     assert "data directory" in capsys.readouterr().err  # past the output directory's checks
 
@@ -427,7 +430,7 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
     finally:
         signal.signal(signal.SIGTERM, handler)
     run.mkdir()
-    (run / backbone.STATE_FILE).write_bytes(b"")
+    (run / STATE_FILE).write_bytes(b"")
     assert backbone.main(["--output-dir", str(run)]) == 130
     assert capsys.readouterr().err == f"interrupted: go on with python backbone.py --output-dir '{run}' --resume\n"
     # with the flags a resumed run takes from its command line, not its record: without them a --time-budget run
@@ -440,10 +443,10 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
                                        f"--memory-budget-mb 0.0 --epochs 9\n")
     monkeypatch.undo()
     for damage in (b"", b"garbage\n"):
-        (run / backbone.STATE_FILE).write_bytes(damage)
+        (run / STATE_FILE).write_bytes(damage)
         assert backbone.main(["--output-dir", str(run), "--resume"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: cannot read {run / backbone.STATE_FILE} (") and err.count("\n") == 1, err
+        assert err.startswith(f"error: cannot read {run / STATE_FILE} (") and err.count("\n") == 1, err
 
 
 def test_a_resume_keeps_the_model_it_recorded(tmp_path, data_dir, capsys):
@@ -522,7 +525,7 @@ def test_a_resume_finds_its_data_from_another_directory_and_names_data_that_move
 def test_an_epoch_written_to_a_log_prints_its_progress(tmp_path, data_dir, monkeypatch, capsys):
     """Off a terminal (a log, where no progress bar shows) an epoch prints a line of its steps and loss once every
     PROGRESS_LINE_EVERY_S (60 s: a CPU epoch takes minutes); here every step."""
-    monkeypatch.setattr(backbone, "PROGRESS_LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(training_step, "PROGRESS_LINE_EVERY_S", 0.0)
     assert run_backbone(tmp_path, data_dir) == 0
     out = capsys.readouterr().out
     assert re.findall(r"^epoch 1/1: step (\d)/4, loss \d\.\d{4}$", out, re.MULTILINE) == ["1", "2", "3", "4"]
@@ -532,7 +535,7 @@ def test_a_time_budget_that_ends_the_run_within_its_warm_up_is_warned_of(tmp_pat
     """A --time-budget too short to leave the warm-up (a number is seconds here, minutes for train.py) says so,
     with the units; the card says the budget ended the run, not that a schedule was re-set from an epoch that
     never ran."""
-    monkeypatch.setattr(backbone, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
+    monkeypatch.setattr(time_budget, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
     assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
                           "--batch-size", "32", "--epochs", "5", "--time-budget", "20", "--no-download",
                           "--model-kwargs", *TINY]) == 0
@@ -561,7 +564,7 @@ def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys
     assert backbone.main([*run, "--batch-size", "25"]) == 2
     assert "--batch-size 25: timm's mixup and cutmix pair each image" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    built, build = [], backbone.build_training_step
+    built, build = [], training_step.build_training_step
     monkeypatch.setattr(backbone, "build_training_step", lambda *args: built.append(build(*args)) or built[-1])
     assert backbone.main(run) == 0
     assert ("note: --batch-size 256 is more than the 19 training images: steps of 18 images, the learning rate "
@@ -606,11 +609,11 @@ def test_step_benchmark_times_every_part(tmp_path):
 
 def test_the_input_size_is_the_models_own_unless_img_size_is_given():
     """backbone.py and backbone_step build their images at it (backbone_step took 224 for a 384-px model)."""
-    assert backbone.square_input_size(create_vit("vit_tiny_patch16_384", 10, {}), {}) == 384
+    assert model_geometry.square_input_size(create_vit("vit_tiny_patch16_384", 10, {}), {}) == 384
     model = create_vit("vit_tiny_patch16_224", 10, {"img_size": 32, "patch_size": 4})
-    assert backbone.square_input_size(model, {"img_size": 32, "patch_size": 4}) == 32
+    assert model_geometry.square_input_size(model, {"img_size": 32, "patch_size": 4}) == 32
     with pytest.raises(UsageError, match="the data pipeline feeds square images"):
-        backbone.square_input_size(model, {"img_size": (32, 48)})
+        model_geometry.square_input_size(model, {"img_size": (32, 48)})
 
 
 def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tmp_path, image_folder_224, capsys):
@@ -623,7 +626,7 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     decoded, streamed = (load_split("folder", "train", image_folder_224, input_size=224, val_size=6,
                                     memory_budget_mb=budget).images for budget in (None, 0))
     order = torch.randperm(18)
-    pairs = zip(backbone.epoch_batches(decoded, order, 4, 4), backbone.epoch_batches(streamed, order, 4, 4),
+    pairs = zip(training_step.epoch_batches(decoded, order, 4, 4), training_step.epoch_batches(streamed, order, 4, 4),
                 strict=True)
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in pairs)
 
@@ -643,7 +646,7 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
     assert run("short") == 2
     err = capsys.readouterr().err
     assert "test split's classes are not the training split's (missing 'ant')" in err and err.count("\n") == 1
-    assert not (tmp_path / "short" / backbone.STATE_FILE).exists()
+    assert not (tmp_path / "short" / STATE_FILE).exists()
     shutil.move(tmp_path / "ant", folder / "test" / "ant")
     data._shared_raw_split.cache_clear()
     assert run("short") == 0
@@ -655,7 +658,7 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     assert run_backbone(tmp_path / "first", data_dir) == 0
     start = tmp_path / "first" / "run" / "backbone"
     seen = []  # the weights each epoch starts from
-    run_epoch = backbone.run_epoch
+    run_epoch = training_step.run_epoch
 
     def recorded(step, *args, **kwargs):
         seen.append({k: v.clone() for k, v in step.model.state_dict().items()})
