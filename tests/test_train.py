@@ -462,6 +462,35 @@ def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, 
     assert "no_data does not exist" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("ending", "code"), [(KeyboardInterrupt(), 130), (UsageError("the data did not read"), 2)])
+def test_train_py_holds_its_run_lock_while_it_reads_and_trains_and_frees_it_however_it_ends(
+        tmp_path, tiny_backbone, monkeypatch, capsys, ending, code):
+    """The lock the test above takes by hand is train.py's own: taken before the data is read, a second train.py
+    on the same directory is refused while the first is inside, and the directory is free again once the first
+    has ended, interrupted or failed. The directory is there before the run, so that the run leaves it behind."""
+    run = tmp_path / "run"
+    run.mkdir()
+    command = ["--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"), "--no-download",
+               "--prune-points", "1,2,3", "--output-dir", str(run)]
+    reading, second = [], []
+
+    def read_server_inputs(args, problems, resources):  # where train.py reads the data, inside its lock
+        if reading:
+            raise UsageError("a second train.py read the data in a running run")
+        reading.append(args)
+        second.extend([train.main(command), capsys.readouterr().err])
+        raise ending
+
+    monkeypatch.setattr(train, "read_server_inputs", read_server_inputs)
+    assert train.main(command) == code
+    assert second == [2, f"error: another train.py is running in {run}: wait for it to end, or pass another "
+                         f"--output-dir\n"]
+    assert capsys.readouterr().err == ("interrupted before training began: run the command again (with --overwrite "
+                                       "if it says the output directory holds a run)\n" if code == 130 else
+                                       "error: the data did not read\n")
+    run_directory.check_not_running(run)  # released: the lock is free to take
+
+
 def test_sigterm_interrupts_as_ctrl_c_does():
     """SIGTERM raises SIGINT, which Python's default handler turns into KeyboardInterrupt (and Tune's, during a
     run, into a stop with checkpoints). Earlier tests may have left another SIGINT handler: the default is set."""
