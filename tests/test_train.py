@@ -130,8 +130,9 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         starts_from_the_warm_start(trial / "warm_start", mine[-1])
     assert "elapsed" in out and "left" in out and out.count("| val exact ") == 4  # each iteration validated
     with (tmp_path / "run" / "tuner.pkl").open("rb") as file:  # Tune's record, which a --resume restores
-        callbacks = pickle.load(file)["_run_config"].callbacks
-    assert {StopOnDataError, StopOnFullDisk} <= {type(callback) for callback in callbacks}  # tested on their own
+        run_config = pickle.load(file)["_run_config"]
+    assert {StopOnDataError, StopOnFullDisk} <= {type(callback) for callback in run_config.callbacks}  # tested alone
+    assert run_config.failure_config.max_failures == 2  # --max-failures: Tune restarts a trial whose process died
 
     # a seed and problem train alike to the bit in processes of their own (ray_session.HASH_SEED: they differ
     # without it): with --train-ratios a trial's target ratio only ranks its checkpoints, so the two trials train
@@ -185,11 +186,11 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
     # --resume goes on with the run's own settings: a flag given with another value is refused, naming the run's
     # value (--keep-checkpoints 3 is the run's, given or not)
     assert run(tmp_path, tiny_backbone, data_dir, "--resume", "--iterations", "3", "--target-ratio", "0.3,0.7",
-               "--lr", "1e-3", "--num-workers", "2", "--keep-checkpoints", "3") == 2
+               "--lr", "1e-3", "--num-workers", "2", "--keep-checkpoints", "3", "--max-failures", "5") == 2
     assert capsys.readouterr().err == ("error: --resume goes on with the run's problems, PPO settings and resources "
                                        "(--from-checkpoint starts a new run that may change them): drop or give the "
-                                       "run's value: --num-workers (the run's: 0), --lr (the run's: 0.0001), "
-                                       "--target-ratio (the run's: 0.3, 0.5)\n")
+                                       "run's value: --max-failures (the run's: 2), --num-workers (the run's: 0), "
+                                       "--lr (the run's: 0.0001), --target-ratio (the run's: 0.3, 0.5)\n")
 
     # --resume goes on with both trials (finished ones too) from their latest checkpoints; the command that
     # started the run, given again with --resume, is the run's own settings
