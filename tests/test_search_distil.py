@@ -3,7 +3,7 @@ forward it stands for, and its loss ranks a target swap's tokens the target's wa
 
 import torch
 
-from benchmarks.content_headroom import greedy_keep_rank, kl_from_unpruned
+from benchmarks.content_headroom import ContentScorer, greedy_keep_rank, kl_from_unpruned
 from benchmarks.search_distil import (
     GREEDY,
     distil,
@@ -82,5 +82,9 @@ def test_a_cut_with_fewer_tokens_than_the_window_on_one_side_is_searched_and_dis
     assert [point.kl.shape for point in found] == [(4, 3, 3), (4, 3, 3), (4, 2, 3)]
     targets = [swap_targets(point, greedy_kl, min_gain=-1.0) for point in found]  # every image has a target
     assert all(target.flatten(1).sum(dim=1).eq(1).all() for target in targets)
-    distil(staged, found, targets, 0.7, epochs=1, batch_size=2, lr=1e-3, hidden=8, temperature=0.02,
-           positive_weight=8.0)
+    torch.manual_seed(0)
+    scorer = distil(staged, found, targets, 0.7, epochs=1, batch_size=2, lr=1e-3, hidden=8, temperature=0.02,
+                    positive_weight=8.0)
+    torch.manual_seed(0)
+    untrained = ContentScorer(staged.embed_dim, 8).state_dict()  # the scorer distil started from
+    assert [name for name, value in scorer.state_dict().items() if torch.equal(value, untrained[name])] == []
