@@ -17,6 +17,7 @@ from envs.vit.data import DataError
 from envs.vit.features import AGENT_FEATURES
 from envs.vit_server import (
     NAMESPACE,
+    SERVER_DOWN,
     ServerSettings,
     ask_for_data_errors,
     call_through_restarts,
@@ -102,6 +103,21 @@ def test_servers_of_every_trial_start_from_one_copy_of_the_data(ray_local, tiny_
         ray.kill(handle, no_restart=True)
 
 
+def wait_until(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def killed(server) -> bool:
+    """Whether the kill of ``server`` has landed: the actor is dead, restarting, or restarted without episodes."""
+    try:
+        return ray.get(server.stats.remote())["open_episodes"] == 0
+    except SERVER_DOWN:
+        return True
+
+
 def test_env_finds_server_by_name_and_survives_a_restart(server):
     env = TokenPruningEnv({"server_name": "test_server", "problem": {"images_per_env": 4}})  # 4 rollouts of 1 image
     obs, _ = env.reset(seed=0)
@@ -109,7 +125,7 @@ def test_env_finds_server_by_name_and_survives_a_restart(server):
     obs, _, _, truncateds, _ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the attention turn
     assert not truncateds["__all__"]
     ray.kill(server, no_restart=False)  # a crash: Ray restarts the actor, in-flight episodes are gone
-    time.sleep(0.5)
+    wait_until(lambda: killed(server), timeout_s=30)  # the kill lands asynchronously
     obs, *_ = env.step({aid: first_live(o) for aid, o in obs.items()})
     with pytest.raises(StepFailedRecreateEnvError):  # the lost episode is discarded, not trained on
         env.step({aid: first_live(o) for aid, o in obs.items()})
@@ -189,24 +205,26 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
         answers = ask_for_data_errors(trial_ids)
         return data_error_among(ray.wait(answers, num_returns=len(answers))[0] if answers else [])
 
-    def driver_steps(stop, steps):  # Tune's loop, stepping on while the answers are on their way
-        for iteration in range(steps):
+    def driver_steps(stop, seconds):  # Tune's loop, stepping on while the answers are on their way
+        deadline, iteration = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
             stop.on_step_end(iteration=iteration, trials=[trial])
+            iteration += 1
             time.sleep(0.05)
     try:
         assert first_data_error(["t1"]) is None
-        driver_steps(StopOnDataError(every_s=0), 20)
+        driver_steps(StopOnDataError(), 1)  # no error yet: the servers' answer stops nothing
         env = TokenPruningEnv({"server_name": name, "problem": problem.to_json()})
         with pytest.raises(DataError, match=r"^cannot read image "):
             env.reset(seed=0)
         assert first_data_error(["t1"]).startswith("cannot read image ")
         assert first_data_error(["t10", "other"]) is None  # another run's trials on the same Ray cluster
-        stop = StopOnDataError(every_s=0)
+        stop = StopOnDataError()  # as train.py's: an answer has every_s = 2 s to arrive before it is asked again
         stop.on_step_end(iteration=0, trials=[trial])  # asked; its answers are pickled with Tune's run record:
         stop = pickle.loads(pickle.dumps(stop))  # without them, and without its clock, so it asks at once
         unreadable = (r"^cannot read image .*\(replace it with a readable image: removing it renumbers the images "
                       r"after it, and with them the splits\)$")
         with pytest.raises(RunStoppedOnUnreadableImage, match=unreadable):
-            driver_steps(stop, 100)
+            driver_steps(stop, 30)  # until an answer arrives (each may take up to 2 s), for up to 30 s
     finally:
         ray.kill(handle, no_restart=True)
