@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
                         "lengthens its training without its optimiser state")
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="cifar10 (the default) and cifar100 as torchvision or the README lays them out; folder: "
-                        "train/ and test/ (or val/) class directories under --data-dir, or .tars of them")
-    p.add_argument("--data-dir", default=default_data_dir(), help="where the data set lives (see README)")
+                   help="cifar10 (the default) and cifar100 as torchvision or the README (\"Data and splits\") "
+                        "lays them out; folder: train/ and test/ (or val/) class directories under --data-dir, or "
+                        ".tars of them")
+    p.add_argument("--data-dir", default=default_data_dir(),
+                   help="where the data set lives (see README, \"Data and splits\")")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
                    help=f"training images held out as the validation split (default {DEFAULT_VAL_SIZE}); the "
