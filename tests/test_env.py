@@ -26,14 +26,13 @@ from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import tokens_to_keep
 from policies.decisions import choosable, survives, take_turns
 from policies.heuristics import heuristic_selector
-
-KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
+from tests.conftest import TINY_KWARGS
 
 
 @pytest.fixture(scope="module")
 def engine():
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **KWARGS).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval()
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     config = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
     return PruningEngine(StagedViT(vit, (1, 2, 3)), config, images, torch.randint(0, 10, (40,)), 0.5, "merge",
@@ -305,7 +304,7 @@ def resident_bytes() -> int:
 def test_an_engine_keeps_a_few_bytes_per_image_whatever_the_classes(engine):
     """Per image the engine keeps what the rewards read: the unpruned model's class and the baseline's answer,
     on first visit. Rows of 1,000 class probabilities would take 4 KB an image, 5 GiB a server on ImageNet."""
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **KWARGS).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **TINY_KWARGS).eval()
     labels = torch.zeros(50_000, dtype=torch.long)  # 200 MB per probability table at 1,000 classes
     before = resident_bytes()
     big = PruningEngine(StagedViT(vit, (1, 2, 3)), {**engine.backbone_config, "num_classes": 1000}, engine.images,

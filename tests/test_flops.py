@@ -25,9 +25,7 @@ from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
 from policies.heuristics import HEURISTICS, heuristic_selector
 from policies.pruned_vit import PrunedViT
-
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
-
+from tests.conftest import TINY_KWARGS
 
 REFERENCE_SPEC = ViTSpec(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, patch_size=(4, 4), in_chans=3,
                          num_patches=64, num_prefix_tokens=1, num_classes=10)
@@ -46,7 +44,7 @@ def counted_gmacs(fn, batch: int) -> float:
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+    return timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval()
 
 
 def test_spec_from_model(vit):
@@ -123,7 +121,8 @@ def test_similarity_scores_cost_the_cosine_matrix(vit):
 def test_attention_score_without_a_class_token_counts_every_query_where_it_is_computed(name):
     """Without a class token the attention score is a full attention map: the selections that read it pay
     for it, and the others neither compute nor count it."""
-    vit = timm.create_model("vit_tiny_patch16_224", **TINY, class_token=False, global_pool="avg").eval()
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS, class_token=False,
+                            global_pool="avg").eval()
     model = PrunedViT(StagedViT(vit, (1, 2, 3)), {"mean": [0.5] * 3, "std": [0.5] * 3}, name, 0.5, "drop")
     counted = counted_gmacs(lambda: model(torch.randn(2, 3, 32, 32)), 2)
     assert model.gflops().total == pytest.approx(counted, rel=0.002)
@@ -172,7 +171,7 @@ def test_matching_ratio_is_the_least_removal_within_the_cost():
 
 def test_distilled_deit_counts_both_heads():
     torch.manual_seed(0)
-    deit = timm.create_model("deit_tiny_distilled_patch16_224", **TINY).eval()
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY_KWARGS).eval()
     spec = ViTSpec.from_model(deit)
     assert spec.num_prefix_tokens == 2 and spec.num_heads_out == 2
     images = torch.randn(2, 3, 32, 32)

@@ -21,8 +21,7 @@ from policies.heuristics import (
     random_keep,
     redundancy,
 )
-
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+from tests.conftest import TINY_KWARGS
 
 
 @pytest.mark.parametrize(("num_live", "ratio", "expected"), [
@@ -134,7 +133,8 @@ def test_greedy_similarity_drops_duplicates_first():
 @pytest.fixture(scope="module")
 def staged():
     torch.manual_seed(0)
-    return StagedViT(timm.create_model("vit_tiny_patch16_224", reg_tokens=2, **TINY).eval(), (1, 2, 3))
+    vit = timm.create_model("vit_tiny_patch16_224", reg_tokens=2, num_classes=10, **TINY_KWARGS).eval()
+    return StagedViT(vit, (1, 2, 3))
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.7, 0.9])

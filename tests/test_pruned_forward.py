@@ -23,15 +23,16 @@ from envs.vit.pruned_forward import (
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from tests.conftest import TINY_KWARGS
 
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 CONFIG = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
 @pytest.fixture(scope="module")
 def staged() -> StagedViT:
     torch.manual_seed(0)
-    return StagedViT(timm.create_model("vit_tiny_patch16_224", reg_tokens=1, **TINY).eval(), (1, 2, 3))
+    vit = timm.create_model("vit_tiny_patch16_224", reg_tokens=1, num_classes=10, **TINY_KWARGS).eval()
+    return StagedViT(vit, (1, 2, 3))
 
 
 @pytest.fixture(scope="module")

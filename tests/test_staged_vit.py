@@ -13,8 +13,8 @@ from envs.errors import UsageError
 from envs.vit.pruned_forward import classify, initial_state, prune_step
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import gather_tokens, pack_keep_mask, topk_keep_mask
+from tests.conftest import TINY_KWARGS
 
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 VARIANTS = {
     "class_token": {},
     "registers": {"reg_tokens": 4},
@@ -27,7 +27,7 @@ VARIANTS = {
 
 def tiny_vit(**kwargs) -> VisionTransformer:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", **TINY, **kwargs).eval()
+    return timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS, **kwargs).eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def images() -> torch.Tensor:
 def test_keep_all_forward_matches_timm(variant, images):
     if variant == "deit_distilled":  # class + distillation token, two heads averaged
         torch.manual_seed(0)
-        vit = timm.create_model("deit_tiny_distilled_patch16_224", **TINY).eval()
+        vit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY_KWARGS).eval()
         assert type(vit) is VisionTransformerDistilled and StagedViT(vit, (1,)).num_prefix_tokens == 2
     else:
         vit = tiny_vit(**VARIANTS[variant])
@@ -135,9 +135,9 @@ def test_bad_prune_points(points):
 
 def test_rejects_nonstandard_models():
     with pytest.raises(UsageError, match="standard timm Block"):
-        StagedViT(VisionTransformer(**TINY, block_fn=ResPostBlock))
+        StagedViT(VisionTransformer(num_classes=10, **TINY_KWARGS, block_fn=ResPostBlock))
     with pytest.raises(UsageError, match="Block/Attention/GluMlp"):  # a gated MLP: its MACs are not a Mlp's
-        StagedViT(VisionTransformer(**TINY, mlp_layer=SwiGLUPacked))
+        StagedViT(VisionTransformer(num_classes=10, **TINY_KWARGS, mlp_layer=SwiGLUPacked))
     with pytest.raises(UsageError, match="plain timm VisionTransformer"):
         StagedViT(torch.nn.Linear(2, 2))
     with pytest.raises(UsageError, match="global_pool"):

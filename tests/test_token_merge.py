@@ -10,8 +10,7 @@ import torch
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import reduce_tokens
 from envs.vit.token_ops import gather_tokens, pack_keep_mask
-
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+from tests.conftest import TINY_KWARGS
 
 
 def test_merge_is_the_size_weighted_mean_of_each_kept_token_and_its_nearest_removed_ones():
@@ -59,7 +58,7 @@ def test_merge_with_padding_conserves_each_images_patches():
 def test_a_token_of_size_two_acts_like_two_copies(kwargs):
     """Proportional attention: log(size) on the keys makes one token of size s equal to s identical ones."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY, **kwargs).eval(), (1,))
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS, **kwargs).eval(), (1,))
     prefix = staged.num_prefix_tokens
     with torch.no_grad():
         x, _ = staged.forward_stage(staged.embed(torch.randn(1, 3, 32, 32)), 0)

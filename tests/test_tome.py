@@ -14,14 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from envs.vit.flops import ViTSpec, tome_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.tome import bipartite_soft_matching, merge_wavg, tome_forward, tome_schedule
-
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+from tests.conftest import TINY_KWARGS
 
 
 @pytest.fixture(scope="module")
 def staged() -> StagedViT:
     torch.manual_seed(0)
-    return StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    return StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
 
 
 def test_matching_merges_the_most_similar_pairs_and_keeps_sizes():

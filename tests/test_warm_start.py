@@ -13,13 +13,12 @@ from envs.vit.token_ops import highest
 from policies.decisions import take_turns
 from policies.rl_module import policy_module_spec
 from policies.warm_start import clone_module, imitated_selector, imitation_data
-
-TINY = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+from tests.conftest import TINY_KWARGS
 
 
 def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), (0.5,), "merge", "nms", "both", 0.25,
                                    batch_size=4)
     live_per_point = [64, 32, 16]
@@ -50,7 +49,7 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them():
 
 def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row():
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     demonstration = imitation_data(staged, torch.randn(3, 3, 32, 32), (0.9,), "merge", "distinct", "both", 0.1)
     _, live, _ = demonstration["attention"]
     assert live.sum(1).tolist() == [64] * 3 + [6] * 3 + [1] * 3  # the last point keeps its one token
@@ -61,7 +60,7 @@ def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row(
 def test_imitation_at_several_ratios_deals_the_images_out_among_them():
     """Each image is imitated at one ratio, in turn: the rows of each ratio carry its keep fraction and counts."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     features, live, removed = imitation_data(staged, torch.randn(5, 3, 32, 32), (0.25, 0.75), "merge", "distinct",
                                              "similarity", 0.1)["similarity"]
     # images 0, 2, 4 at 0.25, then 1 and 3 at 0.75; a row per image and point, point by point
@@ -74,7 +73,7 @@ def test_imitation_at_several_ratios_deals_the_images_out_among_them():
 def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to():
     """What learned_vs_warm_start compares with: the same turns, at every pruning point, as imitation_data."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", **TINY).eval(), (1, 2, 3))
+    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     images = torch.randn(4, 3, 32, 32)
     demonstration = imitation_data(staged, images, (0.5,), "merge", "nms", "both", 0.25, batch_size=4)
     _, live, kept = demonstration["attention"]
