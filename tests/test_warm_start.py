@@ -3,6 +3,7 @@ cloning fits them (train.py starting PPO from the clones: tests/test_train.py)."
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -16,9 +17,15 @@ from policies.warm_start import clone_module, imitated_selector, imitation_data
 from tests.conftest import TINY_KWARGS
 
 
-def test_imitation_data_follow_the_turns_and_cloning_fits_them():
+@pytest.fixture(scope="module")
+def staged() -> StagedViT:
+    """The tiny ViT, seeded, split at blocks 1, 2 and 3 (no test changes it: imitation and forwards only read it)."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
+    return StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
+
+
+def test_imitation_data_follow_the_turns_and_cloning_fits_them(staged):
+    torch.manual_seed(0)
     demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), (0.5,), "merge", "nms", "both", 0.25,
                                    batch_size=4)
     live_per_point = [64, 32, 16]
@@ -47,9 +54,8 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them():
     assert before < 0.7 < 0.9 <= after
 
 
-def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row():
+def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row(staged):
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     demonstration = imitation_data(staged, torch.randn(3, 3, 32, 32), (0.9,), "merge", "distinct", "both", 0.1)
     _, live, _ = demonstration["attention"]
     assert live.sum(1).tolist() == [64] * 3 + [6] * 3 + [1] * 3  # the last point keeps its one token
@@ -57,10 +63,9 @@ def test_a_pruning_point_that_removes_nothing_gives_the_similarity_agent_no_row(
     assert len(left) == 6 and removed.sum(1).tolist() == [58] * 3 + [5] * 3
 
 
-def test_imitation_at_several_ratios_deals_the_images_out_among_them():
+def test_imitation_at_several_ratios_deals_the_images_out_among_them(staged):
     """Each image is imitated at one ratio, in turn: the rows of each ratio carry its keep fraction and counts."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     features, live, removed = imitation_data(staged, torch.randn(5, 3, 32, 32), (0.25, 0.75), "merge", "distinct",
                                              "similarity", 0.1)["similarity"]
     # images 0, 2, 4 at 0.25, then 1 and 3 at 0.75; a row per image and point, point by point
@@ -70,10 +75,9 @@ def test_imitation_at_several_ratios_deals_the_images_out_among_them():
     assert removed.sum(1).tolist() == [16] * 3 + [12] * 3 + [9] * 3 + [48] * 2 + [12] * 2 + [3] * 2
 
 
-def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to():
+def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to(staged):
     """What learned_vs_warm_start compares with: the same turns, at every pruning point, as imitation_data."""
     torch.manual_seed(0)
-    staged = StagedViT(timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KWARGS).eval(), (1, 2, 3))
     images = torch.randn(4, 3, 32, 32)
     demonstration = imitation_data(staged, images, (0.5,), "merge", "nms", "both", 0.25, batch_size=4)
     _, live, kept = demonstration["attention"]
