@@ -27,6 +27,7 @@ from envs.vit.token_ops import tokens_to_keep
 from policies.decisions import choosable, survives, take_turns
 from policies.heuristics import heuristic_selector
 from tests.conftest import TINY_KWARGS
+from tests.tiny_policies import first_live
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,9 @@ def make_env(engine, images_per_env: int = 1, **problem) -> TokenPruningEnv:
                                                                              **problem)})
 
 
-def rollout(env, seed, policy):
+def rollout(env, seed, policy=lambda aid, obs: first_live(obs)):
+    """An episode of ``env`` reset with ``seed``, each agent choosing ``policy(agent id, observation)`` (by
+    default the first tokens it may choose); each step's agents and rewards, and the last infos."""
     obs, _ = env.reset(seed=seed)
     trace, done = [], False
     while not done:
@@ -59,13 +62,6 @@ def rollout(env, seed, policy):
         trace.append((set(obs), rewards))
         done = terminateds["__all__"]
     return trace, infos
-
-
-def first_live(aid, obs):
-    """Each agent chooses the first ``count`` tokens it may choose from (an exact-count set, as sampled)."""
-    chosen = np.zeros(len(obs["live"]), dtype=np.int8)
-    chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
-    return chosen
 
 
 def test_rllib_env_check_passes(engine):
@@ -82,7 +78,7 @@ def test_agent_ids_spaces_and_turns(engine):
     assert set(obs) == {"attention_0", "attention_1"}  # the attention agents choose first
     assert obs["attention_1"]["tokens"].shape == (64, engine.spec().num_features["attention"])
     assert obs["attention_1"]["live"].sum() == 64 and obs["attention_1"]["count"][0] == 8  # 8 of the 32 kept
-    kept = {aid: first_live(aid, o) for aid, o in obs.items()}
+    kept = {aid: first_live(o) for aid, o in obs.items()}
     obs, rewards, terminateds, _, _ = env.step(kept)
     assert set(obs) == {"similarity_0", "similarity_1"} and rewards == {} and not terminateds["__all__"]
     assert obs["similarity_0"]["tokens"].shape == (64, engine.spec().num_features["similarity"])
@@ -134,7 +130,7 @@ def test_the_envs_turn_rule_is_the_inference_one(agents):
 
 
 def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
-    trace, infos = rollout(make_env(engine, 2), 0, first_live)
+    trace, infos = rollout(make_env(engine, 2), 0)
     assert len(trace) == 6  # two turns per pruning point
     assert all(rewards == {} for _, rewards in trace[:-1])
     assert all(info["kept_per_stage"] == [32, 16, 8] for info in infos.values()), infos
@@ -145,7 +141,7 @@ def test_turns_meet_the_budget_exactly_and_reward_at_the_end(engine):
 @pytest.mark.parametrize("agents", ["both", "similarity"])
 def test_training_metrics_count_each_image_once(engine, agents):
     """PruningMetrics logs one value per image and metric from the final infos, whichever agents act."""
-    _, infos = rollout(make_env(engine, 3, agents=agents), 0, first_live)
+    _, infos = rollout(make_env(engine, 3, agents=agents), 0)
     episode = SimpleNamespace(get_infos=lambda index: infos)
     logged = []
     logger = SimpleNamespace(log_value=lambda key, value, **kwargs: logged.append((key, value)))
@@ -160,7 +156,7 @@ def test_training_metrics_count_each_image_once(engine, agents):
 def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
     """With a reward baseline, the final reward is the agents' fidelity minus the heuristic's on the same
     image; the heuristic's is what its own pruned forward of that image gives."""
-    trace, infos = rollout(make_env(engine, 2, prob_weight=0.0), 0, first_live)
+    trace, infos = rollout(make_env(engine, 2, prob_weight=0.0), 0)
     images = [infos[f"attention_{i}"]["image"] for i in range(2)]
     inputs = normalize(engine.images[images], engine.backbone_config)
     full = engine.staged(inputs).argmax(1)
@@ -210,7 +206,7 @@ def test_each_image_prunes_at_the_ratio_it_draws(engine):
         obs = first[f"attention_{i}"]
         assert (obs["tokens"][obs["live"] > 0, keep_column] == 1 - ratio).all()
         assert obs["count"][0] == max(1, round(0.1 * tokens_to_keep(64, ratio)))
-    trace, infos = rollout(env, 0, first_live)
+    trace, infos = rollout(env, 0)
     inputs = normalize(engine.images[env._images], engine.backbone_config)
     full = engine.staged(inputs).argmax(1)
     for i, ratio in enumerate(ratios):
@@ -231,7 +227,7 @@ def test_each_image_prunes_at_the_ratio_it_draws(engine):
 
 def test_each_agent_alone_makes_every_removal(engine):
     for agents in ("attention", "similarity"):
-        trace, infos = rollout(make_env(engine, 1, agents=agents), 0, first_live)
+        trace, infos = rollout(make_env(engine, 1, agents=agents), 0)
         assert len(trace) == 3 and infos[agents]["kept_per_stage"] == [32, 16, 8]
 
 
@@ -253,9 +249,9 @@ def test_lost_episode_is_discarded_and_a_recreated_env_draws_new_images(engine):
     engine.release(env._keys)  # what a server restart does to in-flight episodes
     with pytest.raises(EpisodeLost):
         engine.step(env._keys, [np.ones(64)] * 4)
-    obs, *_ = env.step({aid: first_live(aid, o) for aid, o in obs.items()})  # the attention turn
+    obs, *_ = env.step({aid: first_live(o) for aid, o in obs.items()})  # the attention turn
     with pytest.raises(StepFailedRecreateEnvError):  # RLlib discards the episode and recreates the env
-        env.step({aid: first_live(aid, o) for aid, o in obs.items()})
+        env.step({aid: first_live(o) for aid, o in obs.items()})
     recreated = make_env(engine, 4)
     obs, _ = recreated.reset(seed=0)  # RLlib re-seeds a recreated env with the runner's seed
     assert obs["attention_0"]["live"].sum() == 64
@@ -288,7 +284,7 @@ def test_image_streams_of_runners_and_sub_envs_are_independent(engine, monkeypat
 def test_engine_state_is_bounded_and_freed(engine):
     env = make_env(engine, 2)
     before = len(engine.episodes)
-    rollout(env, 0, first_live)
+    rollout(env, 0)
     assert len(engine.episodes) == before
     env.reset(seed=1)
     env.reset(seed=2)  # abandoning an episode releases it

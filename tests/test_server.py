@@ -27,6 +27,7 @@ from envs.vit_server import (
     trial_server_name,
 )
 from tests.conftest import CIFAR_CLASSES
+from tests.tiny_policies import first_live
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +79,6 @@ def test_concurrent_callers_share_one_forward(batching_server):
     assert ray.get(server.stats.remote())["forwards"] - stats["forwards"] == 1
     ray.get([server.release.remote([f"caller{c}-{i}" for i in range(2)]) for c in range(4)])
     assert ray.get(server.stats.remote())["open_episodes"] == before["open_episodes"]
-
-
-def first_live(obs: dict) -> np.ndarray:
-    """The first ``count`` tokens the agent may choose from: an exact-size set, as the policies sample."""
-    chosen = np.zeros(len(obs["live"]), dtype=np.int8)
-    chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
-    return chosen
 
 
 def test_servers_of_every_trial_start_from_one_copy_of_the_data(ray_local, tiny_backbone, data_dir, monkeypatch):

@@ -1,5 +1,6 @@
 """Tiny policy checkpoints for the tests: modules of the real policy class on the tiny backbone of conftest,
-calibrated so their decisions vary as a trained policy's do, in the layout train.py writes."""
+calibrated so their decisions vary as a trained policy's do, in the layout train.py writes; and a scripted agent
+for tests that step envs without a policy (:func:`first_live`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from envs.problem import POLICIES, PruningProblem
@@ -63,3 +65,11 @@ def write_checkpoint(directory: Path, backbone: Path, *, num_patches: int = NUM_
         config = {"problem": settings, "iteration": 3}
     (directory / PRUNING_CONFIG).write_text(json.dumps(config))
     return directory
+
+
+def first_live(obs: dict) -> np.ndarray:
+    """An agent's choice that needs no policy: the first ``count`` tokens it may choose from, an exact-size set as
+    the policies sample."""
+    chosen = np.zeros(len(obs["live"]), dtype=np.int8)
+    chosen[np.flatnonzero(obs["live"])[:int(obs["count"][0])]] = 1
+    return chosen
