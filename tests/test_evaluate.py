@@ -90,6 +90,12 @@ def split(data_dir):
     return load_split("cifar10", "test", data_dir, input_size=32, limit=LIMIT)
 
 
+@pytest.fixture(scope="module")
+def small_split(split) -> ImageSplit:
+    """The split's first 8 images: enough to time at small batch sizes."""
+    return ImageSplit(split.images[:8], split.labels[:8], split.class_names)
+
+
 def cli(checkpoint: Path, data_dir: Path, output: Path, *extra: str) -> list[str]:
     """On the CPU wherever the tests run, so that the numbers compared with CPU computations are those; the best
     heuristic chosen on 48 validation images where the test split is evaluated."""
@@ -304,15 +310,14 @@ def test_bfloat16_rows_run_on_the_device_and_keep_their_token_counts(device, for
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_staged, split):
+def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_staged, small_split):
     """One images/s column per batch size asked (the defaults' are the committed results' columns), speedup at the
     largest; timed on the device, in the dtype asked."""
     modules, _ = load_policies(tiny_policy)
     methods = [Method("Baseline (unpruned)", "baseline"), Method("Random", "random", TARGET_RATIO),
                Method("ToMe", "tome", TARGET_RATIO), Method("MARL exact", "policy", TARGET_RATIO, modules)]
-    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     staged = copy.deepcopy(tiny_staged[0])  # moved to the device in place
-    table = evaluate_methods(staged, tiny_staged[1], small, methods, "merge", speed_repeats=1,
+    table = evaluate_methods(staged, tiny_staged[1], small_split, methods, "merge", speed_repeats=1,
                              speed_batch_sizes=(8, 4), device=device, dtype=torch.bfloat16,
                              progress=False).table
     assert forwards == {(device, True, torch.bfloat16)}
@@ -324,7 +329,7 @@ def test_timings_at_each_batch_size_asked(device, forwards, tiny_policy, tiny_st
     assert table["speedup"].tolist() == pytest.approx((largest / largest[0]).tolist())
 
 
-def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_staged, split):
+def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_staged, small_split):
     """images_per_s_bN is the timer's figure for forwards of N images (the timer here gives the sizes it saw)."""
     timer = speed.images_per_second_in_turns
 
@@ -341,14 +346,13 @@ def test_each_timing_column_times_forwards_of_its_batch_size(monkeypatch, tiny_s
         return {key: [seen] * rounds for key in rates}
 
     monkeypatch.setattr(speed, "images_per_second_in_turns", sizes_seen)
-    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     methods = [Method("Baseline (unpruned)", "baseline"), Method("Random", "random", TARGET_RATIO)]
-    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small_split, methods, "merge",
                              speed_repeats=1, speed_batch_sizes=(16, 2, 4), progress=False).table
     assert table[["images_per_s_b2", "images_per_s_b4", "images_per_s_b16"]].values.tolist() == [[2, 4, 16]] * 2
 
 
-def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, split, capsys):
+def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatch, tiny_staged, small_split, capsys):
     """Each timing column is a row's median over the rounds; speedup is the median of its ratios to the unpruned
     row within each round (here 1.0), not the ratio of the medians (2.0): a drift between rounds cancels. The
     unpruned model is timed as the reference whether or not it is a row of the table. Every round's figure is
@@ -361,13 +365,12 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
         return {baseline: [1.0, 8.0, 1.0], random: [1.0, 4.0, 2.0]}
 
     monkeypatch.setattr(speed, "images_per_second_in_turns", rates)
-    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     random = Method("Random", "random", TARGET_RATIO)
     timing = ["method", "images_per_s_b4", "speedup"]
     for methods, expected in (([random, Method("Baseline (unpruned)", "baseline")],
                                [["Random", 2.0, 1.0], ["Baseline (unpruned)", 1.0, 1.0]]),
                               ([random], [["Random", 2.0, 1.0]])):
-        evaluation = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods,
+        evaluation = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small_split, methods,
                                       "merge", speed_repeats=3, speed_batch_sizes=(4,), progress=False)
         assert evaluation.table[timing].values.tolist() == expected
         assert evaluation.speed_rounds["images_per_s_b4"][0] == [1.0, 4.0, 2.0]  # Random's rounds, row 0
@@ -382,7 +385,7 @@ def test_rows_are_timed_in_turns_and_speedup_is_a_ratio_within_rounds(monkeypatc
     assert asked == [(3, 1)] * 2  # one warm-up round: nothing compiled
 
 
-def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, split):
+def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_policy, tiny_staged, small_split):
     """--compile times each row's forward through torch.compile, one graph for every batch size (dynamic) with
     no break in it (``fullgraph``: nothing read back or shaped by the data) and the eager forward's logits; the
     other columns come from the eager forwards all the same."""
@@ -408,14 +411,13 @@ def test_compile_times_each_row_compiled_for_every_batch_size(monkeypatch, tiny_
     methods = [Method("Baseline (unpruned)", "baseline"),
                Method("ToMe", "tome", TARGET_RATIO),
                Method("MARL exact", "policy", TARGET_RATIO, modules)]
-    small = ImageSplit(split.images[:8], split.labels[:8], split.class_names)
     kwargs = dict(speed_repeats=1, speed_batch_sizes=(4, 1), progress=False)
-    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+    table = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small_split, methods, "merge",
                              compile_speed=True, **kwargs).table
     assert [(type(model).__name__, model.selection, options) for model, options in compiled] == [
         ("PrunedViT", selection, {"dynamic": True, "mode": None}) for selection in (None, "tome", "policy")]
     assert (table[["images_per_s_b1", "images_per_s_b4"]] > 0).all().all()
-    eager = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small, methods, "merge",
+    eager = evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small_split, methods, "merge",
                              **kwargs).table
     timing = ["images_per_s_b1", "images_per_s_b4", "speedup"]
     pd.testing.assert_frame_equal(table.drop(columns=timing), eager.drop(columns=timing))
