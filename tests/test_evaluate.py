@@ -253,13 +253,6 @@ def test_gflops_are_the_analytic_counts(results, tiny_staged):
     assert exact["gflops"] == pytest.approx(exact["gflops_backbone"] + feature_gflops(spec, live) + policies)
 
 
-def test_deterministic(results, tiny_policy, data_dir, tmp_path):
-    output, table = results
-    assert evaluate.main(cli(tiny_policy, data_dir, tmp_path / "again", "--budgets", "0.3,0.5",
-                             "--no-speed")) == 0
-    assert (tmp_path / "again" / "results.csv").read_text() == (output / "results.csv").read_text()
-
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 """Where the device tests run: the CPU, and a GPU where one is visible."""
 
@@ -869,7 +862,8 @@ sys.exit(code)
 def test_an_exported_policy_evaluates_without_ray_to_the_same_table(results, tiny_policy, data_dir, tmp_path):
     """Inference needs torch, not Ray or gymnasium (a GPU box or a deployment image without them): evaluate.py
     runs a checkpoint's export with both unimportable, and the policy's plain-torch networks give the numbers
-    the RLlib modules gave."""
+    the RLlib modules gave. The run repeats the ``results`` fixture's, so it also shows that an evaluation is
+    deterministic: the same settings write the same results.csv, to the byte."""
     checkpoint = shutil.copytree(tiny_policy, tmp_path / "policy")
     export_policies(checkpoint)
     output = tmp_path / "out"
@@ -880,6 +874,7 @@ def test_an_exported_policy_evaluates_without_ray_to_the_same_table(results, tin
     table, expected = pd.read_csv(output / "results.csv"), results[1]
     assert set(MARL_ROWS) <= set(table["method"])
     pd.testing.assert_frame_equal(table.drop(columns=TIMING), expected.drop(columns=TIMING))
+    assert (output / "results.csv").read_text() == (results[0] / "results.csv").read_text()
 
 
 def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):
