@@ -27,9 +27,9 @@ from tests.host_reads import host_round_trips
 TINY = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=48", "num_heads=3"]
 
 
-def run_backbone(tmp_path, data_dir, *extra):
-    """backbone.py's exit code for the tiny model on 256 images, one epoch unless ``extra`` says otherwise."""
-    return backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "256",
+def run_backbone(tmp_path, data_dir, *extra, limit: int = 256):
+    """backbone.py's exit code for the tiny model on ``limit`` images, one epoch unless ``extra`` says otherwise."""
+    return backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", str(limit),
                           "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--no-download",
                           "--model-kwargs", *TINY, *extra])
 
@@ -229,10 +229,11 @@ def test_the_training_state_is_saved_every_few_epochs_and_at_the_end(tmp_path, d
     saved = []
     save = training_state.save_state
     monkeypatch.setattr(backbone, "save_state", lambda path, state: (saved.append(state["epoch"]), save(path, state)))
-    assert run_backbone(tmp_path, data_dir, "--epochs", "5", "--save-every", "2") == 0
+    assert run_backbone(tmp_path, data_dir, "--epochs", "5", "--save-every", "2", limit=64) == 0
     assert saved == [2, 4, 5]  # epoch 5's with the test reading
     saved.clear()
-    assert run_backbone(tmp_path / "stopped", data_dir, "--epochs", "5", "--save-every", "2", "--time-limit", "0") == 0
+    assert run_backbone(tmp_path / "stopped", data_dir, "--epochs", "5", "--save-every", "2", "--time-limit", "0",
+                        limit=64) == 0
     assert saved == [1]  # a --time-limit stop saves what it would lose
 
 
@@ -655,7 +656,7 @@ def test_a_streamed_split_trains_and_a_test_split_of_other_classes_is_refused(tm
 def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir, monkeypatch, capsys):
     """--init-from loads an export's weights before the first step, and its card says where the run started;
     a backbone trained on another validation split, or combined with --resume, is refused in one line."""
-    assert run_backbone(tmp_path / "first", data_dir) == 0
+    assert run_backbone(tmp_path / "first", data_dir, limit=64) == 0
     start = tmp_path / "first" / "run" / "backbone"
     seen = []  # the weights each epoch starts from
     run_epoch = training_step.run_epoch
@@ -665,7 +666,7 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
         return run_epoch(step, *args, **kwargs)
 
     monkeypatch.setattr(backbone, "run_epoch", recorded)
-    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start)) == 0
+    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), limit=64) == 0
     exported, _ = load_backbone(start)
     assert all(torch.equal(seen[0][k], v) for k, v in exported.state_dict().items())
     config = json.loads((tmp_path / "second" / "run" / "backbone" / "config.json").read_text())
@@ -678,26 +679,27 @@ def test_init_from_starts_a_new_schedule_at_exported_weights(tmp_path, data_dir,
     recoded = Path(shutil.copytree(start, tmp_path / "recoded"))
     recoded_config = {**first, "val_fingerprint": [[v + 1.5 for v in image] for image in first["val_fingerprint"]]}
     (recoded / "config.json").write_text(json.dumps(recoded_config))
-    assert run_backbone(tmp_path / "from_recoded", data_dir, "--init-from", str(recoded)) == 0
+    assert run_backbone(tmp_path / "from_recoded", data_dir, "--init-from", str(recoded), limit=64) == 0
     capsys.readouterr()
     (recoded / "config.json").write_text(json.dumps({**first, "val_drawn_from": first["val_drawn_from"] - 1}))
-    assert run_backbone(tmp_path / "from_shorter", data_dir, "--init-from", str(recoded)) == 2
+    assert run_backbone(tmp_path / "from_shorter", data_dir, "--init-from", str(recoded), limit=64) == 2
     assert (f"(it drew it from {first['val_drawn_from'] - 1} training images, this run from "
             f"{first['val_drawn_from']})") in capsys.readouterr().err
 
-    assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1") == 2
+    assert run_backbone(tmp_path / "other", data_dir, "--init-from", str(start), "--split-seed", "1", limit=64) == 2
     err = capsys.readouterr().err
     assert "its val_fingerprint is not this run's (it held out other images: another --split-seed" in err, err
     assert err.count("\n") == 1, err
-    assert run_backbone(tmp_path / "smaller", data_dir, "--init-from", str(start), "--limit", "128") == 2
+    assert run_backbone(tmp_path / "smaller", data_dir, "--init-from", str(start), limit=32) == 2
     err = capsys.readouterr().err
-    assert "(it recorded a validation split of 256 images, this run's has 128 (--val-size, --limit))" in err, err
-    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), "--resume") == 2
+    assert "(it recorded a validation split of 64 images, this run's has 32 (--val-size, --limit))" in err, err
+    assert run_backbone(tmp_path / "second", data_dir, "--init-from", str(start), "--resume", limit=64) == 2
     assert "cannot be combined with --resume" in capsys.readouterr().err
     # an export that does not read is refused before the data is decoded (here there is none to decode)
     truncated = Path(shutil.copytree(start, tmp_path / "truncated"))
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:100])
-    assert run_backbone(tmp_path / "third", tmp_path / "no_data", "--init-from", str(truncated), "--no-download") == 2
+    assert run_backbone(tmp_path / "third", tmp_path / "no_data", "--init-from", str(truncated), "--no-download",
+                        limit=64) == 2
     assert capsys.readouterr().err.startswith(f"error: --init-from {truncated}: cannot read weights in")
 
 
