@@ -465,10 +465,10 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         print(resources.placement.describe(resources.num_workers) + f"; {len(problems)} trial(s)", flush=True)
         if (shortfall := cluster_shortfall(trial_resources(resources).required_resources)) is not None:
             print(shortfall, flush=True)
+        digests = {problem.backbone: weights_digest(problem.backbone_path) for problem in problems}
         trainable = tune.with_parameters(run_trial, stop=StopRule(args.iterations, args.time_budget),
                                          access=data_access(args), data_dir=problems[0].data_dir, run_dir=run_dir,
-                                         inputs=inputs, commit=code_commit(),
-                                         backbone_digest=weights_digest(problems[0].backbone_path))
+                                         inputs=inputs, commit=code_commit(), backbone_digests=digests)
         return build_tuner(args, trainable, problems, resources).fit()
 
 

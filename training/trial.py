@@ -187,7 +187,8 @@ def validation_score(result: dict[str, Any]) -> float | None:
 
 
 def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_dir: Path | None,
-              inputs: dict[str, SharedInputs] | None, commit: str | None, backbone_digest: str | None) -> None:
+              inputs: dict[str, SharedInputs] | None, commit: str | None,
+              backbone_digests: dict[str, str | None]) -> None:
     """Tune's trainable: one PPO run on one problem with its own ViT servers.
 
     It goes on from the trial's newest checkpoint when Tune restarts or resumes it
@@ -199,8 +200,9 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
     resolved it (a trial runs in a directory of its own); ``inputs``: the servers' weights and images as the
     driver read them and put them in the object store, one copy for every trial (loaded here if None);
     ``commit``: the code's commit where the driver runs (a cluster's nodes receive the code without git), and
-    ``backbone_digest``: the digest of the backbone's weights the driver read (a trial's node may not hold the
-    file: the servers receive the weights through the object store), both recorded in every checkpoint."""
+    ``backbone_digests``: the digest of each trial's backbone weights as the driver read them, by the problems'
+    ``backbone`` (a trial's node may not hold the file: the servers receive the weights through the object
+    store), both recorded in every checkpoint."""
     quiet_ray_loggers()
     trial = config["trial"]  # this trial's entry of the grid (build_tuner)
     problem = replace(PruningProblem.from_json(trial["problem"]), data_dir=data_dir)
@@ -233,7 +235,7 @@ def run_trial(config: dict, *, stop: StopRule, access: dict, data_dir: str, run_
             try:
                 restore_newest(algo, own or start)
                 set_aside_unrecorded(trial_dir, recorded)
-                train_until(algo, problem, stop, commit=commit, backbone_digest=backbone_digest)
+                train_until(algo, problem, stop, commit=commit, backbone_digest=backbone_digests[problem.backbone])
             finally:
                 algo.stop()
     finally:
