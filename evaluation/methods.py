@@ -5,15 +5,12 @@ the rows beside it (:func:`match_tome_cost`) and each cascade calibrated on held
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-import torch
-from tqdm import tqdm
 
 from envs.errors import UsageError
 from envs.problem import PruningProblem
@@ -22,6 +19,7 @@ from envs.vit.flops import ViTSpec, tome_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.tome import tome_schedule
 from evaluation import EvaluationError
+from evaluation.predictions import normalized_batches
 from evaluation.results_table import BASELINE
 from policies.cascade import CascadeViT
 from policies.checkpoints import Modules
@@ -139,7 +137,8 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
                 raise EvaluationError("a cascade row needs calibration images")
             model = method.model(staged, backbone_config, reduction)
             target = greedy_similarity_gflops(staged, method.budget, reduction)
-            batches = normalized_batches(model, calibration, batch_size, f"calibrating {method.name}", progress)
+            task = f"calibrating {method.name} on {len(calibration)} held-out images" if progress else None
+            batches = normalized_batches(model, calibration, batch_size, task)
             try:
                 threshold = model.calibrate(batches, target)
             except UsageError as error:  # the first forward alone costs the budget
@@ -147,17 +146,6 @@ def calibrate_cascades(methods: Sequence[Method], staged: StagedViT, backbone_co
             method = replace(method, cascade=replace(method.cascade, threshold=threshold, target_gflops=target))
         calibrated.append(method)
     return calibrated
-
-
-def normalized_batches(model: CascadeViT, split: ImageSplit, batch_size: int, task: str,
-                       progress: bool) -> Iterator[torch.Tensor]:
-    """``split``'s images normalised for ``model``, ``batch_size`` at a time, with a progress bar (``task`` on
-    N held-out images) from the first batch asked for, so that nothing is shown where none is read."""
-    with tqdm(total=math.ceil(len(split) / batch_size), unit="batch", disable=not progress,
-              desc=f"{task} on {len(split)} held-out images") as bar:
-        for images in split.batches(batch_size):
-            yield model.normalize(images.to(model.device))
-            bar.update()
 
 
 CASCADE_COST_TOLERANCE = 0.05

@@ -1,11 +1,13 @@
-"""What each row answers on a split, its predicted class and kept tokens per image (:func:`predict`), and the
-columns computed from those answers: quality (:func:`quality`), cost (:func:`cost`) and every row's answer on
-every image, written to predictions.csv.gz (:func:`per_image_predictions`)."""
+"""What each row answers on a split, its predicted class and kept tokens per image (:func:`predict`, over the
+split's :func:`normalized_batches`), and the columns computed from those answers: quality (:func:`quality`), cost
+(:func:`cost`) and every row's answer on every image, written to predictions.csv.gz
+(:func:`per_image_predictions`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -14,10 +16,12 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from envs.vit.data import ImageSplit
-from evaluation.methods import Method
 from evaluation.results_table import prediction_column
 from policies.cascade import CascadeViT
 from policies.pruned_vit import PrunedViT
+
+if TYPE_CHECKING:  # the rows' module calibrates cascades on normalized_batches
+    from evaluation.methods import Method
 
 
 def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, batch_size: int,
@@ -29,15 +33,23 @@ def predict(models: Mapping[Method, PrunedViT | CascadeViT], split: ImageSplit, 
     predictions: dict[Method, list] = {method: [] for method in models}
     kept: dict[Method, list] = {method: [] for method in models}
     first = next(iter(models.values()))  # one backbone: one device, one normalisation
+    for inputs in normalized_batches(first, split, batch_size, progress):
+        for method, model in models.items():
+            logits, batch_kept = model.forward_with_kept(inputs)
+            predictions[method].append(logits.argmax(dim=1))
+            kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
+    return {method: (torch.cat(predictions[method]).cpu(), torch.cat(kept[method])) for method in models}
+
+
+def normalized_batches(model: PrunedViT | CascadeViT, split: ImageSplit, batch_size: int,
+                       progress: str | None = None) -> Iterator[torch.Tensor]:
+    """``split``'s images normalised for ``model``, on its device, ``batch_size`` at a time. With ``progress`` (a
+    name), a progress bar of that name over the batches, shown from the first batch asked for, so that nothing is
+    shown where none is read."""
     with tqdm(total=math.ceil(len(split) / batch_size), desc=progress, unit="batch", disable=progress is None) as bar:
         for images in split.batches(batch_size):
-            inputs = first.normalize(images.to(first.device))
-            for method, model in models.items():
-                logits, batch_kept = model.forward_with_kept(inputs)
-                predictions[method].append(logits.argmax(dim=1))
-                kept[method].append(batch_kept)  # on the CPU already (PrunedViT.forward_with_kept)
+            yield model.normalize(images.to(model.device))
             bar.update()
-    return {method: (torch.cat(predictions[method]).cpu(), torch.cat(kept[method])) for method in models}
 
 
 def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
