@@ -149,7 +149,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
             for state in states:
                 lens: list[torch.Tensor] = []
                 logits.append(exact_forward_from(stages, state, lens_recording(stages, problem.reduction, lens), ratio,
-                                                 problem.reduction)[0])
+                                                 problem.reduction))
                 trajectories.append(torch.stack(lens, dim=1))
             gflops = exact_budget_gflops(spec, points, ratio, problem.reduction, "similarity").total
             passes[pass_name(points, ratio)] = as_pass(torch.cat(logits), gflops, torch.cat(trajectories))

@@ -151,7 +151,7 @@ def sampled_episodes(staged: StagedViT, scorer: ContentScorer, state: TokenState
         return keep.bool()
 
     with torch.no_grad():
-        logits, _ = exact_forward_from(staged, state, draw, target_ratio, "merge")
+        logits = exact_forward_from(staged, state, draw, target_ratio, "merge")
     return logits, torch.stack(log_probs).sum(dim=0)
 
 
@@ -186,7 +186,7 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
         recorders[row], kept_sets[row] = kept_positions(row_select)
     with torch.no_grad():
         logits = {row: torch.cat([exact_forward_from(staged, state, row_select, problem.target_ratio,
-                                                     problem.reduction)[0] for state in val_states])
+                                                     problem.reduction) for state in val_states])
                   for row, row_select in recorders.items()}
     greedy = next(iter(rows))
     correct = {row: (value.argmax(1) == labels).numpy().astype(float) for row, value in logits.items()}
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = torch.arange(min(args.monitor_images, len(train_unpruned)))
         with torch.no_grad():
             logits = torch.cat([exact_forward_from(staged, train.rows(chunk), scorer_selector(staged, scorer,
-                                problem.target_ratio), problem.target_ratio, problem.reduction)[0]
+                                problem.target_ratio), problem.target_ratio, problem.reduction)
                                 for chunk in rows.split(256)])
         return kl_from_unpruned(train_unpruned[rows], logits).mean().item()
 

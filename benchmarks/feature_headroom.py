@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     problem, staged, config = checkpoint_backbone(args.checkpoint)
 
     def predict(states: list[TokenState], select: Selector) -> torch.Tensor:
-        return torch.cat([exact_forward_from(staged, state, select, problem.target_ratio, problem.reduction)[0]
+        return torch.cat([exact_forward_from(staged, state, select, problem.target_ratio, problem.reduction)
                           for state in states]).softmax(-1)
 
     def pair(weights: np.ndarray) -> Selector:

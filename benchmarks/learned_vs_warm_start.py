@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             inputs = normalize(images[start:start + args.batch_size], config)
             unpruned.append(staged.vit(inputs).argmax(1))
             for name, select in recorders.items():
-                logits, _ = exact_forward(staged, inputs, select, problem.target_ratio, problem.reduction)
+                logits = exact_forward(staged, inputs, select, problem.target_ratio, problem.reduction)
                 predictions[name].append(logits.argmax(1))
     labels, unpruned = labels.numpy(), torch.cat(unpruned).numpy()
     correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}

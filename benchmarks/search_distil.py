@@ -92,8 +92,8 @@ def swap_kl(staged: StagedViT, state: TokenState, rank: torch.Tensor, k: int, sw
             mask[images, in_rows[:, b]] = True
             masks.append(mask)
     repeated = state.rows(images.repeat(outs * ins))
-    logits, _ = exact_forward_from(staged, prune_step(staged, repeated, torch.cat(masks), reduction), GREEDY,
-                                   target_ratio, reduction)
+    logits = exact_forward_from(staged, prune_step(staged, repeated, torch.cat(masks), reduction), GREEDY,
+                                target_ratio, reduction)
     target = unpruned.repeat(outs * ins, 1)
     kl = kl_from_unpruned(target, logits).view(outs, ins, batch).permute(2, 0, 1)
     agree = (logits.argmax(1) == target.argmax(1)).view(outs, ins, batch).permute(2, 0, 1)
@@ -132,7 +132,7 @@ def search(staged: StagedViT, chunks: list[TokenState], unpruned: torch.Tensor, 
         target = unpruned[start:start + len(chunk.live)]
         start += len(chunk.live)
         record, path = recording_greedy_path()
-        logits, _ = exact_forward_from(staged, chunk, record, target_ratio, reduction)
+        logits = exact_forward_from(staged, chunk, record, target_ratio, reduction)
         greedy_kl.append(kl_from_unpruned(target, logits))
         greedy_agree.append(logits.argmax(1) == target.argmax(1))
         for point, (state, rank) in enumerate(path):
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                     hidden=args.hidden, temperature=args.temperature, positive_weight=args.positive_weight)
     select = scorer_selector(staged, scorer, ratio)
     with torch.no_grad():
-        distilled = torch.cat([exact_forward_from(staged, state, select, ratio, problem.reduction)[0]
+        distilled = torch.cat([exact_forward_from(staged, state, select, ratio, problem.reduction)
                                for state in chunks])
     print(f"[distil] the scorer's most likely sets on the train images: KL "
           f"{kl_from_unpruned(unpruned, distilled).mean():.4f}, "

@@ -124,7 +124,7 @@ class PruningEngine:
             todo = [rows[position] for position in self._first_visits(classes, [indices[row] for row in rows])]
             if todo:
                 images = [indices[row] for row in todo]
-                logits, _ = exact_forward_from(self.staged, state.rows(todo), self._baseline, ratio, self.reduction)
+                logits = exact_forward_from(self.staged, state.rows(todo), self._baseline, ratio, self.reduction)
                 baseline = logits.float().softmax(-1).cpu()
                 classes[images] = baseline.argmax(-1)
                 probs[images] = baseline.gather(1, self._unpruned_class[images][:, None])[:, 0]
@@ -244,7 +244,7 @@ class PruningEngine:
             batch = list(range(start, min(start + VALIDATION_BATCH, len(self.labels))))
             state = initial_state(self.staged, self._inputs(batch))
             self._ensure_unpruned(batch, state)
-            logits, _ = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
+            logits = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)
         return {"exact_accuracy": 100 * (predictions == self.labels).double().mean().item(),

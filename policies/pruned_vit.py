@@ -306,7 +306,7 @@ class PrunedViT(InferenceModel):
                                         if self.selection == "random" else None)
         # The selectors keep exactly the budget by construction: checking it would wait for the device.
         return exact_forward(staged, images, select, self.budget, self.reduction,
-                             attention_score=self._scores() in ("attention", "agents"), check_counts=False)[0]
+                             attention_score=self._scores() in ("attention", "agents"), check_counts=False)
 
     def forward_with_kept(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s logits (through a compiled forward if the model was compiled) and ``kept [B,

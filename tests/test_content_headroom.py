@@ -25,9 +25,9 @@ def test_an_untrained_scorer_is_greedy_similarity(tiny_staged):
     staged, _ = tiny_staged
     state = _state(staged, 0)
     with torch.no_grad():
-        learned, _ = exact_forward_from(staged, state, scorer_selector(staged, ContentScorer(staged.embed_dim, 16),
-                                                                       0.5), 0.5, "merge")
-        greedy, _ = exact_forward_from(staged, state, heuristic_selector("similarity"), 0.5, "merge")
+        learned = exact_forward_from(staged, state, scorer_selector(staged, ContentScorer(staged.embed_dim, 16), 0.5),
+                                     0.5, "merge")
+        greedy = exact_forward_from(staged, state, heuristic_selector("similarity"), 0.5, "merge")
     torch.testing.assert_close(learned, greedy)
     rank = greedy_keep_rank(state.patches, state.live)
     assert (rank.min(dim=1).values == 0).all() and (rank.max(dim=1).values == 1).all()
@@ -40,7 +40,7 @@ def test_cold_draws_are_the_most_likely_sets_and_warm_ones_carry_the_gradient(ti
     scorer = ContentScorer(staged.embed_dim, hidden=16, relational=True)
     torch.nn.init.normal_(scorer.out[-1].weight, std=0.3)
     with torch.no_grad():
-        mode, _ = exact_forward_from(staged, state, scorer_selector(staged, scorer, 0.5), 0.5, "merge")
+        mode = exact_forward_from(staged, state, scorer_selector(staged, scorer, 0.5), 0.5, "merge")
     cold, _ = sampled_episodes(staged, scorer, state, 0.5, temperature=1e-4)
     torch.testing.assert_close(cold, mode)
 

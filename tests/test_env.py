@@ -160,7 +160,7 @@ def test_reward_baseline_is_the_heuristic_on_the_same_image(engine):
     images = [infos[f"attention_{i}"]["image"] for i in range(2)]
     inputs = normalize(engine.images[images], engine.backbone_config)
     full = engine.staged(inputs).argmax(1)
-    heuristic, _ = exact_forward(engine.staged, inputs, heuristic_selector("distinct"), 0.5, "merge")
+    heuristic = exact_forward(engine.staged, inputs, heuristic_selector("distinct"), 0.5, "merge")
     for i in range(2):
         expected = float(infos[f"attention_{i}"]["agree"]) - float(heuristic[i].argmax() == full[i])
         assert trace[-1][1][f"attention_{i}"] == trace[-1][1][f"similarity_{i}"] == pytest.approx(expected)
@@ -216,7 +216,7 @@ def test_each_image_prunes_at_the_ratio_it_draws(engine):
         for _ in range(3):
             kept.append(tokens_to_keep(kept[-1], ratio))
         assert info["kept_per_stage"] == kept[1:]
-        heuristic, _ = exact_forward(engine.staged, inputs[i:i + 1], heuristic_selector("distinct"), ratio, "merge")
+        heuristic = exact_forward(engine.staged, inputs[i:i + 1], heuristic_selector("distinct"), ratio, "merge")
         baseline = float(heuristic[0].argmax() == full[i]) + float(heuristic[0].softmax(-1)[full[i]])
         expected = float(info["agree"]) + info["prob_unpruned_class"] - baseline
         # the engine's baseline comes from a forward of the env's eight images, this one from one image's: float32

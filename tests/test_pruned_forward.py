@@ -11,6 +11,7 @@ import torch
 
 from envs.pruning_engine import PruningEngine
 from envs.vit.features import observe
+from envs.vit.flops import exact_budget_schedule
 from envs.vit.pruned_forward import (
     TokenState,
     concat_states,
@@ -74,12 +75,13 @@ def engine_episodes(staged: StagedViT, images: torch.Tensor, decide, reduction: 
 def test_engine_and_exact_forward_agree_on_the_same_decisions(staged, images, reduction):
     """The one regression test for the seam between training and evaluation: same decisions, same logits."""
     with torch.no_grad():
-        exact, exact_kept = exact_forward(staged, normalized(images), top_half_by_attention, 0.5, reduction)
+        exact = exact_forward(staged, normalized(images), top_half_by_attention, 0.5, reduction)
         episodes = engine_episodes(staged, images, top_half_by_attention, reduction)
-    assert exact_kept[0].tolist() == [64, 32, 16, 8]
+    schedule = exact_budget_schedule(staged.num_patches, len(staged.prune_points), 0.5)
+    assert schedule == [64, 32, 16, 8]
     probs = exact.float().softmax(-1)
     assert [episode["prediction"] for episode in episodes] == exact.argmax(1).tolist()
-    assert [episode["kept_per_stage"] for episode in episodes] == exact_kept[:, 1:].tolist()
+    assert [episode["kept_per_stage"] for episode in episodes] == [schedule[1:]] * len(images)
     engine_probs = [episode["prob_unpruned_class"] for episode in episodes]
     unpruned = staged(normalized(images)).argmax(1)
     torch.testing.assert_close(torch.tensor(engine_probs), probs[torch.arange(len(images)), unpruned],
@@ -168,26 +170,31 @@ def test_exact_budget_is_tokens_to_keep(staged, images, reduction):
              for block in staged.vit.blocks]
     try:
         with torch.no_grad():
-            _, kept = exact_forward(staged, normalized(images[:2]), top_half_by_attention, 0.3, reduction)
+            exact_forward(staged, normalized(images[:2]), top_half_by_attention, 0.3, reduction)
     finally:
         for hook in hooks:
             hook.remove()
-    assert kept.tolist() == [expected] * 2
+    assert exact_budget_schedule(staged.num_patches, len(staged.prune_points), 0.3) == expected
     assert tokens_in == [staged.vit.num_prefix_tokens + n for n in expected]  # one block per stage here
 
 
 def test_exact_forward_from_a_cached_stage_is_exact_forward(staged, images):
     inputs = normalized(images)
+    asked: list[int] = []
+
+    def counted(state: TokenState, k: int) -> torch.Tensor:
+        asked.append(k)
+        return top_half_by_attention(state, k)
+
     with torch.no_grad():
         state = initial_state(staged, inputs)
-        logits, kept = exact_forward(staged, inputs[[1, 4]], top_half_by_attention, 0.5, "merge")
-        logits_from, kept_from = exact_forward_from(staged, state.rows([1, 4]), top_half_by_attention, 0.5, "merge")
+        logits = exact_forward(staged, inputs[[1, 4]], counted, 0.5, "merge")
+        logits_from = exact_forward_from(staged, state.rows([1, 4]), counted, 0.5, "merge")
         pruned = prune_step(staged, state.rows([1, 4]), top_half_by_attention(state.rows([1, 4]), 32), "merge")
-        logits_later, kept_later = exact_forward_from(staged, pruned, top_half_by_attention, 0.5, "merge")
+        logits_later = exact_forward_from(staged, pruned, counted, 0.5, "merge")
         uneven = prune_step(staged, state, above_mean_attention(state), "merge")
     torch.testing.assert_close(logits_from, logits)
-    assert kept_from.tolist() == kept.tolist()
     torch.testing.assert_close(logits_later, logits)  # from the second pruning point, after the same first choice
-    assert kept_later.tolist() == kept[:, 1:].tolist()
+    assert asked == [32, 16, 8] + [32, 16, 8] + [16, 8]  # the counts kept at each pruning point from there on
     with pytest.raises(ValueError, match="same tokens' count"):
         exact_forward_from(staged, uneven, top_half_by_attention, 0.5, "merge")

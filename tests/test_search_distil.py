@@ -31,8 +31,8 @@ def test_the_recorded_path_is_greedy_similarity(tiny_staged):
     state = initial_state(staged, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
     record, path = recording_greedy_path()
     with torch.no_grad():
-        recorded, _ = exact_forward_from(staged, state, record, 0.5, "merge")
-        greedy, _ = exact_forward_from(staged, state, GREEDY, 0.5, "merge")
+        recorded = exact_forward_from(staged, state, record, 0.5, "merge")
+        greedy = exact_forward_from(staged, state, GREEDY, 0.5, "merge")
     torch.testing.assert_close(recorded, greedy)
     assert [state.stage for state, _ in path] == list(range(len(staged.prune_points)))
     assert all(rank.shape == state.live.shape for state, rank in path)
@@ -54,10 +54,10 @@ def test_each_swap_is_scored_by_its_own_exact_pruned_forward(tiny_staged):
                 keep[torch.arange(3), swaps[0][:, a]] = False
                 keep[torch.arange(3), swaps[1][:, b]] = True
                 assert (keep.sum(dim=1) == k).all()
-                logits, _ = exact_forward_from(staged, prune_step(staged, state, keep, "merge"), GREEDY, 0.5, "merge")
+                logits = exact_forward_from(staged, prune_step(staged, state, keep, "merge"), GREEDY, 0.5, "merge")
                 torch.testing.assert_close(kl[:, a, b], kl_from_unpruned(unpruned, logits))
                 assert agree[:, a, b].tolist() == (logits.argmax(1) == unpruned.argmax(1)).tolist()
-        greedy, _ = exact_forward_from(staged, state, GREEDY, 0.5, "merge")
+        greedy = exact_forward_from(staged, state, GREEDY, 0.5, "merge")
     assert not torch.allclose(kl, kl_from_unpruned(unpruned, greedy)[:, None, None].expand_as(kl))  # sets differ
 
 

@@ -131,40 +131,33 @@ so a selector knows the live counts on the host and need not read them back from
 
 
 def exact_forward(staged: StagedViT, images: torch.Tensor, select: Selector, target_ratio: float,
-                  reduction: str, attention_score: bool = True,
-                  check_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point;
+                  reduction: str, attention_score: bool = True, check_counts: bool = True) -> torch.Tensor:
+    """Logits ``[B, num_classes]`` with ``select`` choosing ``tokens_to_keep`` tokens at every pruning point, so
+    that the patch tokens alive in each stage are ``envs.vit.flops.exact_budget_schedule``'s for every image.
     ``attention_score=False`` for a selector that reads no class-token attention spares computing it.
-    ``check_counts``: see :func:`exact_forward_from`.
 
-    Returns the logits and ``kept [B, num_stages]`` long, the patch tokens alive in each stage (all images
-    alike; the first stage has all patches).
+    ``check_counts``: check that ``select`` keeps exactly ``k`` live tokens of every image, which reads its
+    choice back from the device (a GPU waits for it) at every pruning point; off only for selectors that keep
+    ``k`` by construction (``policies.pruned_vit.PrunedViT``'s). The mask's shape is always checked.
     """
     return _exact_forward(staged, initial_state(staged, images, attention_score), select, target_ratio,
                           reduction, attention_score, check_counts)
 
 
 def exact_forward_from(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float,
-                       reduction: str, attention_score: bool = True,
-                       check_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       reduction: str) -> torch.Tensor:
     """:func:`exact_forward` from a state at any pruning point whose images all keep the same tokens' count
     (:func:`initial_state`, or a state an exact budget pruned), so that callers that already ran the stages
-    before it (the training engine, search over selectors) do not run them again.
-
-    ``check_counts``: check that ``select`` keeps exactly ``k`` live tokens of every image, which reads its
-    choice back from the device (a GPU waits for it) at every pruning point; off only for selectors that keep
-    ``k`` by construction (``policies.pruned_vit.PrunedViT``'s). The mask's shape is always checked.
-
-    Returns the logits and ``kept [B, num_stages - state.stage]``, the patch tokens alive in each stage from
-    ``state``'s on, on the CPU (the counts are known on the host; a copy to a GPU would wait for it).
+    before it (the training engine, search over selectors) do not run them again. The stages it runs compute the
+    class-token attention for ``select``, and every selection's count is checked.
     """
     if state.padded:
         raise ValueError("exact_forward_from starts from a state whose images keep the same tokens' count")
-    return _exact_forward(staged, state, select, target_ratio, reduction, attention_score, check_counts)
+    return _exact_forward(staged, state, select, target_ratio, reduction, attention_score=True, check_counts=True)
 
 
 def _exact_forward(staged: StagedViT, state: TokenState, select: Selector, target_ratio: float, reduction: str,
-                   attention_score: bool, check_counts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   attention_score: bool, check_counts: bool) -> torch.Tensor:
     """:func:`exact_forward_from` from a state the caller knows to be unpadded (:func:`initial_state`'s), which
     reads nothing back from the device beyond what ``select`` and ``check_counts`` do."""
     kept = exact_budget_schedule(state.live.shape[1], len(staged.prune_points) - state.stage, target_ratio)
@@ -175,5 +168,4 @@ def _exact_forward(staged: StagedViT, state: TokenState, select: Selector, targe
             raise ValueError(f"a selector must keep exactly {k} live tokens per image "
                              f"(a [B, W] = {tuple(state.live.shape)} bool mask)")
         state = prune_step(staged, state, keep, reduction, attention_score, count=k)
-    return (classify(staged, state, reduction, padded=False),
-            torch.tensor(kept, device="cpu").expand(len(state.live), -1))
+    return classify(staged, state, reduction, padded=False)
