@@ -54,7 +54,7 @@ from envs.vit.pruned_forward import (
     exact_forward_from,
 )
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import topk_keep_mask
+from envs.vit.token_ops import highest
 from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
 from policies.distribution import ExactCount
@@ -157,7 +157,7 @@ def sampled_episodes(staged: StagedViT, scorer: ContentScorer, state: TokenState
 
 def scorer_selector(staged: StagedViT, scorer: ContentScorer, target_ratio: float) -> Selector:
     """The learned scorer's most likely sets (its ``k`` highest scores) as an exact-budget ``Selector``."""
-    return lambda state, k: topk_keep_mask(keep_scores(staged, scorer, state, target_ratio), state.live, k)
+    return lambda state, k: highest(keep_scores(staged, scorer, state, target_ratio), k, state.live)
 
 
 def scorer_problem(checkpoint: Path, benchmark: str) -> tuple[PruningProblem, StagedViT, dict[str, Any]]:

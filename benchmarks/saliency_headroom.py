@@ -35,7 +35,7 @@ from benchmarks.content_headroom import print_validation
 from cli import positive_int
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import topk_keep_mask
+from envs.vit.token_ops import highest
 from evaluate import DEFAULT_CHECKPOINT
 
 TokenSaliency = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,7 +65,7 @@ def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency
 
     def select(state: TokenState, k: int) -> torch.Tensor:
         score = saliency(answer_gradient(staged, state, reduction), state.patches)
-        return topk_keep_mask(score, state.live, k, state.live.shape[1])
+        return highest(score, k, state.live, state.live.shape[1])
 
     return select
 

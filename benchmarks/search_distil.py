@@ -46,7 +46,7 @@ from benchmarks.split_states import first_stage_states
 from cli import non_negative_float, positive_float, positive_int, random_seed
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import highest, tokens_to_keep
 from evaluate import DEFAULT_CHECKPOINT
 from policies.heuristics import heuristic_selector
 
@@ -62,7 +62,7 @@ def recording_greedy_path() -> tuple[Selector, list[tuple[TokenState, torch.Tens
     def select(state: TokenState, k: int) -> torch.Tensor:
         rank = greedy_keep_rank(state.patches, state.live)
         path.append((state, rank))
-        return topk_keep_mask(rank, state.live, k)
+        return highest(rank, k, state.live)
     return select, path
 
 
@@ -82,7 +82,7 @@ def swap_kl(staged: StagedViT, state: TokenState, rank: torch.Tensor, k: int, sw
     the top ``k`` by ``rank`` with the swap applied, then greedy similarity to the head."""
     out_rows, in_rows = swaps
     (batch, outs), ins = out_rows.shape, in_rows.shape[1]
-    keep = topk_keep_mask(rank, state.live, k)
+    keep = highest(rank, k, state.live)
     images = torch.arange(batch)
     masks = []
     for a in range(outs):
@@ -182,11 +182,11 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
         with torch.no_grad():
             scores = path_scores(point, images)
         k = tokens_to_keep(scores.shape[1], target_ratio)
-        keep = topk_keep_mask(scores, search.state.live, k)
+        keep = highest(scores, k, search.state.live)
         ins = target.shape[2]
         out_row, in_row = search.swaps[0][images, best // ins], search.swaps[1][images, best % ins]
         made = keep[images, in_row] & ~keep[images, out_row]
-        changed = (keep != topk_keep_mask(search.rank, search.state.live, k)).any(dim=1)
+        changed = (keep != highest(search.rank, k, search.state.live)).any(dim=1)
         has_target = target.flatten(1).any(dim=1)
         return made[has_target].double().mean().item(), changed[~has_target].double().mean().item()
 

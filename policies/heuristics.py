@@ -4,7 +4,7 @@ by distinctiveness: a one-shot version of greedy similarity).
 
 Each takes the live mask and the budget ``k`` (``envs.vit.token_ops.tokens_to_keep``) and returns
 ``keep [B, N]`` bool with exactly ``k`` live tokens per image; ``live_count``, where the caller knows it, is
-the live tokens of every image (``envs.vit.token_ops.topk_keep_mask``), so that nothing is read back from the
+the live tokens of every image (``envs.vit.token_ops.highest``), so that nothing is read back from the
 device (on a GPU, a wait for it). :data:`HEURISTIC_RULES` defines each heuristic once (its keep rule, what it
 computes for ``envs.vit.flops.feature_gflops``, its row name); :func:`heuristic_selector` adapts them to
 ``envs.vit.pruned_forward.Selector``.
@@ -21,20 +21,20 @@ from envs.errors import UsageError
 from envs.vit.features import cosine_similarity, mean_similarity, other_live, suppression
 from envs.vit.flops import TokenScores
 from envs.vit.pruned_forward import Selector, TokenState
-from envs.vit.token_ops import topk_keep_mask
+from envs.vit.token_ops import highest
 
 
 def random_keep(live: torch.Tensor, k: int, generator: torch.Generator | None = None,
                 live_count: int | None = None) -> torch.Tensor:
     """``k`` live tokens per image, uniformly at random. ``live [B, N]`` -> ``[B, N]``."""
     scores = torch.rand(live.shape, generator=generator, device=live.device)
-    return topk_keep_mask(scores, live, k, live_count)
+    return highest(scores, k, live, live_count)
 
 
 def greedy_attention_keep(cls_attention: torch.Tensor, live: torch.Tensor, k: int,
                           live_count: int | None = None) -> torch.Tensor:
     """The ``k`` live tokens the class token attends to most (EViT). ``[B, N]`` -> ``[B, N]``."""
-    return topk_keep_mask(cls_attention, live, k, live_count)
+    return highest(cls_attention, k, live, live_count)
 
 
 def greedy_removal_order(similarity: torch.Tensor, live: torch.Tensor, keep: torch.Tensor,
@@ -84,7 +84,7 @@ def greedy_similarity_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
     keep = torch.full(live.shape[:1], k, dtype=torch.long, device=live.device)
     steps = None if live_count is None else live_count - k
     order = greedy_removal_order(cosine_similarity(x_patch), live, keep, steps)
-    return topk_keep_mask(order, live, k, live_count)  # exactly the k survivors (order inf); also validates k
+    return highest(order, k, live, live_count)  # exactly the k survivors (order inf); also validates k
 
 
 def nms_redundancy(similarity: torch.Tensor, live: torch.Tensor, rank_by: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ def attention_nms_keep(x_patch: torch.Tensor, cls_attention: torch.Tensor, live:
     """Keep the ``k`` live tokens least similar to a token the class token attends to more: non-maximum
     suppression in one shot, so of each group of near-duplicates the most attended one stays (the
     ``suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``[B, N]`` -> ``[B, N]``."""
-    return topk_keep_mask(-attention_nms_redundancy(x_patch, cls_attention, live), live, k, live_count)
+    return highest(-attention_nms_redundancy(x_patch, cls_attention, live), k, live, live_count)
 
 
 def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
@@ -121,7 +121,7 @@ def distinctive_nms_keep(x_patch: torch.Tensor, live: torch.Tensor, k: int,
     the most distinctive one stays, as in greedy similarity's sequential removal, but in one shot (the
     ``distinct_suppression`` feature of ``envs.vit.features``). ``x_patch [B, N, D]``, ``live [B, N]`` ->
     ``[B, N]``."""
-    return topk_keep_mask(-distinctive_nms_redundancy(x_patch, live), live, k, live_count)
+    return highest(-distinctive_nms_redundancy(x_patch, live), k, live, live_count)
 
 
 def complete_removal_order(x_patch: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

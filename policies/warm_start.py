@@ -23,7 +23,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from envs.vit.features import observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import highest, pad_tokens, topk_keep_mask
+from envs.vit.token_ops import highest, pad_tokens
 from policies.decisions import Turns, take_turns
 from policies.heuristics import greedy_attention_keep, redundancy
 from policies.rl_module import policy_module_spec
@@ -65,7 +65,7 @@ def heuristic_turns(state: TokenState, target_ratio: float, removal_scores: Call
     keep_by_attention = None if agents == "similarity" else (
         lambda tokens, count: greedy_attention_keep(state.cls_attention, tokens, count))
     remove_by_similarity = None if agents == "attention" else (
-        lambda tokens, count: topk_keep_mask(removal_scores(state), tokens, count))
+        lambda tokens, count: highest(removal_scores(state), count, tokens))
     return take_turns(state.live, target_ratio, protected_share, keep_by_attention, remove_by_similarity)
 
 

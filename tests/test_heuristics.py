@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from envs.vit.flops import exact_budget_schedule
 from envs.vit.pruned_forward import exact_forward
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import gather_tokens, pack_keep_mask, pad_tokens, tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import gather_tokens, highest, pack_keep_mask, pad_tokens, tokens_to_keep
 from policies.heuristics import (
     HEURISTICS,
     attention_nms_keep,
@@ -38,13 +38,13 @@ def test_gather_tokens_keeps_prefix():
     assert out[..., 0].tolist() == [[0, 1, 2, 6], [7, 8, 10, 11]]
 
 
-def test_topk_keep_mask_live_only():
+def test_highest_live_only():
     scores = torch.tensor([[5.0, 1.0, 9.0, 3.0, float("-inf")]])
     live = torch.tensor([[True, True, False, True, True]])
-    assert topk_keep_mask(scores, live, 2).tolist() == [[True, False, False, True, False]]
-    assert topk_keep_mask(scores, live, 4).tolist() == [[True, True, False, True, True]]  # live -inf beats dead
-    with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
-        topk_keep_mask(scores, live, 5)
+    assert highest(scores, 2, live).tolist() == [[True, False, False, True, False]]
+    assert highest(scores, 4, live).tolist() == [[True, True, False, True, True]]  # live -inf beats dead
+    with pytest.raises(ValueError, match=r"count must be in \[1, 4\]"):
+        highest(scores, 5, live)
 
 
 def test_pack_keep_mask():
@@ -162,7 +162,7 @@ def test_redundancy_orders_the_removals_of_each_similarity_heuristic(staged, nam
                       heuristic_selector(name)(state, k), 0.5, "merge")
     state = recorded[1]
     for k in (1, 5, 16, 31):
-        assert torch.equal(topk_keep_mask(-redundancy(name, state), state.live, k), heuristic_selector(name)(state, k))
+        assert torch.equal(highest(-redundancy(name, state), k, state.live), heuristic_selector(name)(state, k))
     with pytest.raises(ValueError, match="not a similarity heuristic"):
         redundancy("attention", state)
 
@@ -194,7 +194,7 @@ def test_selector_errors(staged):
         heuristic_selector("magic")
 
     def one_too_many(state, k):
-        return topk_keep_mask(state.cls_attention, state.live, k + 1)
+        return highest(state.cls_attention, k + 1, state.live)
 
     with pytest.raises(ValueError, match="a selector must keep exactly 32 live tokens"):
         exact_forward(staged, torch.randn(1, 3, 32, 32), one_too_many, 0.5, "merge")

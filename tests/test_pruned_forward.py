@@ -23,7 +23,7 @@ from envs.vit.pruned_forward import (
 )
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_merge import REDUCTIONS
-from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import highest, tokens_to_keep
 from tests.conftest import TINY_KWARGS
 
 CONFIG = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -48,8 +48,8 @@ def normalized(images: torch.Tensor) -> torch.Tensor:
 def top_half_by_attention(state: TokenState, k: int | None = None) -> torch.Tensor:
     """A deterministic decision: the top half of each image's live tokens by class attention."""
     counts = state.live.sum(dim=1).tolist()
-    return torch.stack([topk_keep_mask(state.cls_attention[b:b + 1], state.live[b:b + 1],
-                                       k or max(1, round(n / 2)))[0] for b, n in enumerate(counts)])
+    return torch.stack([highest(state.cls_attention[b:b + 1], k or max(1, round(n / 2)), state.live[b:b + 1])[0]
+                        for b, n in enumerate(counts)])
 
 
 def above_mean_attention(state: TokenState) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.saliency_headroom import SALIENCIES, answer_gradient, saliency_selector
 from envs.vit.pruned_forward import exact_forward_from, initial_state, prune_step
-from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import highest, tokens_to_keep
 from policies.heuristics import heuristic_selector
 
 
@@ -24,7 +24,7 @@ def test_the_gradient_is_that_of_the_answer_of_the_rest_of_the_forward(tiny_stag
         first = initial_state(staged, torch.randn(4, 3, 32, 32, dtype=torch.float64))
         unpruned = staged.forward_from(first.tokens, 1).argmax(1)
         k = tokens_to_keep(first.live.shape[1], 0.5)
-        later = prune_step(staged, first, topk_keep_mask(torch.rand(first.live.shape), first.live, k), "merge",
+        later = prune_step(staged, first, highest(torch.rand(first.live.shape), k, first.live), "merge",
                            count=k)
     for state, answer in ((first, unpruned), (later, None)):
         gradient = answer_gradient(staged, state, "merge")

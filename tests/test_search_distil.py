@@ -15,7 +15,7 @@ from benchmarks.search_distil import (
     swap_targets,
 )
 from envs.vit.pruned_forward import exact_forward_from, initial_state, prune_step
-from envs.vit.token_ops import tokens_to_keep, topk_keep_mask
+from envs.vit.token_ops import highest, tokens_to_keep
 
 
 def test_the_candidates_are_the_kept_and_removed_tokens_nearest_the_cut():
@@ -50,7 +50,7 @@ def test_each_swap_is_scored_by_its_own_exact_pruned_forward(tiny_staged):
         assert kl.shape == agree.shape == (3, 2, 2)
         for a in range(2):
             for b in range(2):
-                keep = topk_keep_mask(rank, state.live, k)
+                keep = highest(rank, k, state.live)
                 keep[torch.arange(3), swaps[0][:, a]] = False
                 keep[torch.arange(3), swaps[1][:, b]] = True
                 assert (keep.sum(dim=1) == k).all()

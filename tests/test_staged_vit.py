@@ -12,7 +12,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from envs.errors import UsageError
 from envs.vit.pruned_forward import classify, initial_state, prune_step
 from envs.vit.staged_vit import StagedViT
-from envs.vit.token_ops import gather_tokens, pack_keep_mask, topk_keep_mask
+from envs.vit.token_ops import gather_tokens, highest, pack_keep_mask
 from tests.conftest import TINY_KWARGS
 
 VARIANTS = {
@@ -57,7 +57,7 @@ def test_forward_from_a_merged_state_is_that_state_kept_whole(variant, images):
     staged = StagedViT(tiny_vit(**VARIANTS[variant]), prune_points=(1, 2, 3))
     with torch.no_grad():
         state = initial_state(staged, images)
-        merged = prune_step(staged, state, topk_keep_mask(torch.rand(state.live.shape), state.live, 20), "merge",
+        merged = prune_step(staged, state, highest(torch.rand(state.live.shape), 20, state.live), "merge",
                             count=20)
         kept_whole = merged
         while kept_whole.stage < len(staged.prune_points):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from envs.vit.pruned_forward import TokenState
 from envs.vit.staged_vit import StagedViT
+from envs.vit.token_ops import descending_rank
 
 ATTENTION_FEATURES: tuple[str, ...] = (
     "attention",  # class-token attention, renormalised over live tokens and scaled so uniform = 1
@@ -120,8 +121,7 @@ def token_features(x_patch: torch.Tensor, cls_attention: torch.Tensor, live: tor
 
     attention = cls_attention.float() * mask
     attention = attention / attention.sum(dim=1, keepdim=True).clamp_min(1e-12) * n_live
-    order = attention.masked_fill(~live, float("-inf")).argsort(dim=1, descending=True)
-    rank = order.argsort(dim=1).float()  # 0 = most attended
+    rank = descending_rank(attention.masked_fill(~live, float("-inf"))).float()  # 0 = most attended
     attention_rank = 1.0 - rank / (n_live - 1).clamp_min(1)
 
     norm = x.norm(dim=-1) * mask

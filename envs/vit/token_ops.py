@@ -36,38 +36,44 @@ def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_prefix: int) ->
     return torch.cat([x[:, :num_prefix], patches], dim=1)
 
 
-def topk_keep_mask(scores: torch.Tensor, live: torch.Tensor, k: int, live_count: int | None = None) -> torch.Tensor:
-    """The ``k`` highest-scoring live tokens of each image.
+def descending_rank(scores: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` long: each score's place in its row of ``scores [..., N]``, 0 for the highest. The one
+    ranking of the code base: :func:`highest` chooses by it, and the ``attention_rank`` feature
+    (``envs.vit.features``) is made of it."""
+    return scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+
+
+def highest(scores: torch.Tensor, count: int | torch.Tensor, live: torch.Tensor | None = None,
+            live_count: int | None = None) -> torch.Tensor:
+    """The ``count`` highest ``scores`` of each row: every top-k choice of tokens (the heuristics, the warm
+    start's targets, the policies' most likely sets), so that "the k highest" means one thing everywhere. It
+    ranks (:func:`descending_rank`) rather than calls ``torch.topk``, which takes one ``k`` for all rows: the
+    policies' counts differ from row to row (``policies.distribution``, ``policies.warm_start.clone_module``).
 
     Args:
-        scores: ``[B, N]`` float; higher means keep.
-        live: ``[B, N]`` bool; dead tokens are never chosen.
-        k: tokens to keep per image, ``1 <= k <=`` the smallest live count in the batch.
+        scores: ``[..., N]`` float; higher means keep.
+        count: tokens to keep per row: an int, or without ``live`` one per row (``[..., 1]``); 0 allowed
+            without ``live``.
+        live: ``[B, N]`` bool; dead tokens are never chosen, and the int ``count`` must be in ``1 ..`` the
+            smallest live count in the batch. Without it, dead tokens must score lowest (the policies give
+            them ``policies.token_scorer.DEAD_SCORE``).
         live_count: the live tokens of every image, where the caller knows it (an exact budget's states,
-            ``envs.vit.pruned_forward.Selector``): ``k`` is then checked against it without reading the live
-            counts back from the device.
+            ``envs.vit.pruned_forward.Selector``): ``count`` is then checked against it without reading the
+            live counts back from the device.
 
     Returns:
-        ``keep [B, N]`` bool with exactly ``k`` True per image.
+        ``keep [..., N]`` bool with ``count`` True per row.
     """
-    if live_count is not None:
-        min_live = live_count
-    else:
-        min_live = int(live.sum(dim=1).min()) if live.numel() else 0
-    if not 1 <= k <= min_live:
-        raise ValueError(f"k must be in [1, {min_live}] (smallest live count in the batch), got {k}")
-    # Clamp so that a live score of -inf still ranks above the dead tokens' -inf.
-    finite = scores.float().clamp_min(torch.finfo(torch.float32).min)
-    index = finite.masked_fill(~live, float("-inf")).topk(k, dim=1).indices
-    return torch.zeros_like(live).scatter(1, index, True)
-
-
-def highest(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
-    """``[..., N]`` bool: the ``count`` highest ``scores [..., N]`` of each row, ``count`` an int or one per row
-    (``[..., 1]``), 0 allowed. Unlike :func:`topk_keep_mask` it takes no live mask: dead tokens must score
-    lowest (the policies give them ``policies.token_scorer.DEAD_SCORE``)."""
-    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-    return rank < count
+    if live is not None:
+        if live_count is not None:
+            min_live = live_count
+        else:
+            min_live = int(live.sum(dim=1).min()) if live.numel() else 0
+        if not 1 <= count <= min_live:
+            raise ValueError(f"count must be in [1, {min_live}] (smallest live count in the batch), got {count}")
+        # Clamp so that a live score of -inf still ranks above the dead tokens' -inf.
+        scores = scores.float().clamp_min(torch.finfo(torch.float32).min).masked_fill(~live, float("-inf"))
+    return descending_rank(scores) < count
 
 
 def pack_keep_mask(keep: torch.Tensor, live: torch.Tensor,
