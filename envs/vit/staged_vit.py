@@ -75,13 +75,25 @@ def attention(attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None,
     return attn.proj_drop(attn.proj(out)), q, k
 
 
+def attention_residual(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
+                       training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half of timm ``Block.forward``: tokens ``x [B, T, D]`` plus the block's attention branch, with
+    the attention's ``q``, ``k`` ``[B, H, T, head_dim]``. ToMe (``envs.vit.tome``) merges tokens between it and
+    :func:`mlp_residual`."""
+    attn_out, q, k = attention(block.attn, block.norm1(x), key_bias, training)
+    return x + block.drop_path1(block.ls1(attn_out)), q, k
+
+
+def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """The second half of timm ``Block.forward``: tokens ``x [B, T, D]`` plus the block's MLP branch."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
 def _block(block: Block, x: torch.Tensor, key_bias: torch.Tensor | None,
            training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm ``Block.forward`` built from its modules; returns the new tokens and the block's ``q``, ``k``."""
-    attn_out, q, k = attention(block.attn, block.norm1(x), key_bias, training)
-    x = x + block.drop_path1(block.ls1(attn_out))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, q, k
+    x, q, k = attention_residual(block, x, key_bias, training)
+    return mlp_residual(block, x), q, k
 
 
 def check_prunable(vit: nn.Module) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from envs.vit.flops import ViTSpec, tome_gflops
-from envs.vit.staged_vit import StagedViT, attention
+from envs.vit.staged_vit import StagedViT, attention_residual, mlp_residual
 
 Merge = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -73,13 +73,12 @@ def tome_forward(staged: StagedViT, images: torch.Tensor, merges: Sequence[int])
     x = staged.embed(images)
     size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=x.dtype)
     for block, r in zip(vit.blocks, merges, strict=True):
-        attn_out, _, k = attention(block.attn, block.norm1(x), staged.key_bias(x, None, size[:, prefix:, 0]), False)
-        x = x + block.drop_path1(block.ls1(attn_out))
+        x, _, k = attention_residual(block, x, staged.key_bias(x, None, size[:, prefix:, 0]), False)
         if r > 0:
             merge = bipartite_soft_matching(k.mean(dim=1)[:, prefix:], r, prefix)
             patches, patch_size = merge_wavg(merge, x[:, prefix:], size[:, prefix:])
             x, size = torch.cat([x[:, :prefix], patches], 1), torch.cat([size[:, :prefix], patch_size], 1)
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = mlp_residual(block, x)
     return staged.classify(x, None, size[:, prefix:, 0])
 
 
