@@ -158,7 +158,7 @@ class TokenPruningEnv(MultiAgentEnv):
         self._ratios: list[float] = []  # per image: its removal ratio in this episode
         self._point: list[dict[str, np.ndarray]] = []  # per image: both agents' features and the live mask
         self._turns: list[str] = []  # the policies still to choose at the current pruning point, in order
-        self._chosen: list[dict[str, np.ndarray]] = []  # per image: the sets chosen so far at this point, by policy
+        self._chosen: list[dict[str, np.ndarray]] = []  # per image: the bool sets chosen at this point, by policy
         self._instance = f"{id(self):x}-{time.monotonic_ns():x}"
 
     # -- server access -------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class TokenPruningEnv(MultiAgentEnv):
     def step(self, action_dict: dict) -> tuple[dict, dict, dict, dict, dict]:
         policy = self._turns.pop(0)
         for i, chosen in enumerate(self._chosen):
-            chosen[policy] = action_dict[self._agent(i, policy)]
+            chosen[policy] = np.asarray(action_dict[self._agent(i, policy)]).astype(bool)  # MultiBinary 0/1
         if self._turns:
             return self._turn_observations(self._turns[0]), {}, {"__all__": False}, {"__all__": False}, {}
         survivors = [survives(point["live"] > 0.5, chosen.get("attention"), chosen.get("similarity"))

@@ -9,11 +9,11 @@ similarity agent does not remove it, so exactly ``k`` survive, the ``m`` the att
 Both agents observe features computed over all ``n`` live tokens at the pruning point, and the kept tokens
 stay alive, so the similarity agent's features (redundancy among the live tokens) still describe the set it
 removes from. With one agent (an ablation) it decides alone: the attention agent keeps all ``k``, the
-similarity agent removes all ``n - k``. :func:`turn_counts` is the split; the rule is applied here only, in
-its two forms:
+similarity agent removes all ``n - k``. :func:`turn_counts` is the split; :func:`choosable` and :func:`survives`
+are the rule, the one place it is written, on bool masks of either kind:
 
-- to sampled sets (:func:`survives`), as the env applies the agents' actions in training;
-- to chosen sets (:func:`take_turns`): the agents' most likely sets (their highest scores,
+- numpy masks of sampled sets, as the env applies the agents' actions in training;
+- tensors of chosen sets (:func:`take_turns`): the agents' most likely sets (their highest scores,
   :func:`policy_selector`), as every evaluation and inference does, or the heuristics the warm start imitates
   (``policies.warm_start``).
 """
@@ -21,7 +21,7 @@ its two forms:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -49,19 +49,25 @@ def turn_counts(num_live: int, target_ratio: float, agents: str, protected_share
     return kept_by_attention, 0 if agents == "attention" else num_live - keep
 
 
-def choosable(live: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
-    """The tokens ``[N]`` bool the similarity agent may remove: the live ones the attention agent did not keep."""
-    return live if kept is None else live & ~np.asarray(kept).astype(bool)
+Mask = TypeVar("Mask", np.ndarray, torch.Tensor)
+"""Bool token masks of one shape, ``[N]`` or ``[B, W]``: numpy where the env applies sampled sets, torch in
+:func:`take_turns`."""
 
 
-def survives(live: np.ndarray, kept: np.ndarray | None, removed: np.ndarray | None) -> np.ndarray:
-    """The survivors ``[N]`` bool of sampled 0/1 sets ``[N]``: the live tokens the similarity agent did not
-    remove; the attention agent's set when it acts alone (an absent agent's set is None)."""
+def choosable(live: Mask, kept: Mask | None) -> Mask:
+    """The tokens the similarity agent may remove: the live ones the attention agent did not keep (all bool
+    masks, ``kept`` None where the attention agent has no turn)."""
+    return live if kept is None else live & ~kept
+
+
+def survives(live: Mask, kept: Mask | None, removed: Mask | None) -> Mask:
+    """The survivors of the agents' sets (bool masks): the live tokens the similarity agent did not remove; the
+    attention agent's set when it acts alone (an absent agent's set is None)."""
     if removed is not None:
-        return live & ~np.asarray(removed).astype(bool)
+        return live & ~removed
     if kept is None:
         raise ValueError("at least one agent must act")
-    return np.asarray(kept).astype(bool)
+    return kept
 
 
 TurnRule = Callable[[torch.Tensor, int], torch.Tensor]
@@ -90,11 +96,13 @@ def take_turns(live: torch.Tensor, target_ratio: float, protected_share: float, 
         "attention" if keep_by_attention else "similarity")
     attention_keeps, similarity_removes = turn_counts(live.shape[1], target_ratio, agents, protected_share)
     kept = None if keep_by_attention is None else keep_by_attention(live, attention_keeps) & live
+    left = choosable(live, kept)
     if remove_by_similarity is None:
-        return Turns(kept, kept, live & ~kept, None)
-    left = live if kept is None else live & ~kept
-    removed = remove_by_similarity(left, similarity_removes) & left if similarity_removes else None
-    return Turns(live if removed is None else live & ~removed, kept, left, removed)
+        return Turns(survives(live, kept, None), kept, left, None)
+    if not similarity_removes:  # the similarity agent's turn removes nothing: every live token survives
+        return Turns(survives(live, kept, torch.zeros_like(left)), kept, left, None)
+    removed = remove_by_similarity(left, similarity_removes) & left
+    return Turns(survives(live, kept, removed), kept, left, removed)
 
 
 def policy_selector(modules: Mapping[str, TokenScoring], staged: StagedViT, target_ratio: float,

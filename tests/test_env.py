@@ -97,22 +97,23 @@ def test_spaces_pickle_once_per_policy_however_many_images(engine):
     assert pickled(many) - pickled(few) < 100 * (len(many.possible_agents) - len(few.possible_agents))
 
 
-def test_survivors_are_the_tokens_not_removed_or_the_attention_agents_alone():
-    live = np.array([True, True, True, True, False])
-    kept, removed = np.array([1, 0, 0, 0, 0]), np.array([0, 0, 1, 1, 0])
+@pytest.mark.parametrize("mask", [np.array, torch.tensor])
+def test_survivors_are_the_tokens_not_removed_or_the_attention_agents_alone(mask):
+    live = mask([True, True, True, True, False])
+    kept, removed = mask([True, False, False, False, False]), mask([False, False, True, True, False])
     assert choosable(live, kept).tolist() == [False, True, True, True, False]
     assert choosable(live, None).tolist() == live.tolist()
     assert survives(live, kept, removed).tolist() == [True, True, False, False, False]
     assert survives(live, None, removed).tolist() == [True, True, False, False, False]
-    assert survives(live, np.array([1, 1, 0, 0, 0]), None).tolist() == [True, True, False, False, False]
+    assert survives(live, mask([True, True, False, False, False]), None).tolist() == [True, True, False, False, False]
     with pytest.raises(ValueError):
         survives(live, None, None)
 
 
 @pytest.mark.parametrize("agents", ["both", "attention", "similarity"])
 def test_the_envs_turn_rule_is_the_inference_one(agents):
-    """The env applies the turns in numpy (choosable, survives), inference in torch (take_turns): the same sets
-    of the same choices."""
+    """The env applies the turns to numpy masks (choosable, survives), inference to tensors (take_turns): the
+    same sets of the same choices."""
     generator = torch.Generator().manual_seed(0)
 
     def random_rule(tokens, count):  # ``count`` of the allowed tokens, at random
@@ -123,8 +124,8 @@ def test_the_envs_turn_rule_is_the_inference_one(agents):
     turns = take_turns(live, 0.4, 0.25, random_rule if agents != "similarity" else None,
                        random_rule if agents != "attention" else None)
     for i in range(len(live)):
-        kept = None if turns.kept is None else turns.kept[i].numpy().astype(np.int8)  # as the env's actions
-        removed = None if turns.removed is None else turns.removed[i].numpy().astype(np.int8)
+        kept = None if turns.kept is None else turns.kept[i].numpy()  # bool, as the env holds the actions
+        removed = None if turns.removed is None else turns.removed[i].numpy()
         assert (choosable(live[i].numpy(), kept) == turns.left[i].numpy()).all()
         assert (survives(live[i].numpy(), kept, removed) == turns.survivors[i].numpy()).all()
 
