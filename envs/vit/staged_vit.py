@@ -207,8 +207,8 @@ class StagedViT(nn.Module):
             x, q, k = _block(self.vit.blocks[i], x, key_bias, self.training)
         if not attention_score:
             return x, None
-        attention_score = cls_attention_row if self.vit.has_class_token else mean_attention_received
-        return x, attention_score(q, k, key_bias, self.num_prefix_tokens)
+        scorer = cls_attention_row if self.vit.has_class_token else mean_attention_received
+        return x, scorer(q, k, key_bias, self.num_prefix_tokens)
 
     def classify(self, x: torch.Tensor, live: torch.Tensor | None = None,
                  size: torch.Tensor | None = None) -> torch.Tensor:
