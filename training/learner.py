@@ -3,10 +3,10 @@
 RLlib appends an artificial step to every agent episode (``AddOneTsToEpisodesAndTruncate``) so that GAE can
 bootstrap, and masks it out of the loss (``Columns.LOSS_MASK``). Its ``GeneralAdvantageEstimation`` then
 standardises the advantages over every row, the artificial ones included (ray-project/ray#57989; Ray 2.60 does
-so). Here an agent episode is 3 real steps and 1 artificial one, whose value,
-the value head on the all-zero terminal observation, the value loss never trains; the real advantages are small
-(a raw standard deviation of about 0.04), so that untrained value sets the mean and the spread: measured on the
-warm start, the attention agent's real advantages had a mean of +0.49 and a standard deviation of 0.56 where
+so). Here an agent episode is one real step per pruning point (3 at the default three) and 1 artificial one, whose
+value, the value head on the all-zero terminal observation, the value loss never trains; the real advantages are
+small (a raw standard deviation of about 0.04), so that untrained value sets the mean and the spread: measured on
+the warm start, the attention agent's real advantages had a mean of +0.49 and a standard deviation of 0.56 where
 both should be 0 and 1, and its policy gradient a cosine of 0.54 with the gradient of properly standardised
 advantages. :class:`LossMaskedAdvantages`, inserted right after GAE, standardises them again over the real rows;
 an affine map of the standardised column, it gives exactly what standardising the raw advantages over those rows

@@ -168,7 +168,9 @@ def image_gflops(spec: ViTSpec, prune_points: Sequence[int], kept_per_stage: Seq
                  scores: TokenScores, policy_macs_per_token: float = 0.0) -> ImageGflops:
     """The cost of one image pruned at ``prune_points`` to ``kept_per_stage`` live patch tokens per stage.
 
-    The one per-image GFLOPs function: the training engine reports it per episode and evaluation per row.
+    The per-image GFLOPs of every pruning schedule: the training engine reports it per episode and evaluation
+    per pruned row. ToMe and the unpruned model, which no schedule describes, have their own
+    (:func:`tome_gflops`, :func:`unpruned_gflops`).
 
     Args:
         kept_per_stage: ``len(prune_points) + 1`` counts, the first being all patches.
