@@ -15,7 +15,7 @@ import pandas as pd
 from envs.errors import UsageError
 from envs.problem import PruningProblem
 from envs.vit.data import ImageSplit
-from envs.vit.flops import ViTSpec, tome_gflops
+from envs.vit.flops import ViTSpec, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
 from envs.vit.tome import tome_schedule
 from evaluation import EvaluationError
@@ -116,7 +116,7 @@ def match_tome_cost(methods: Sequence[Method], staged: StagedViT, backbone_confi
     for budget, gflops in sorted(matched.items()):
         if (any(method.selection == "tome" and method.budget == budget for method in methods)
                 and not any(tome_schedule(spec, gflops))):
-            unpruned = tome_gflops(spec, [0] * spec.depth).total
+            unpruned = unpruned_gflops(spec)
             warnings.warn(f"ToMe at {budget:g} is the unpruned model: the rows it is matched to cost {gflops:.4g} "
                           f"GFLOPs, about the unpruned model's {unpruned:.4g} or more (the agents' networks outweigh "
                           f"this ViT), so it merges no token", stacklevel=2)
