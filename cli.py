@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from envs.errors import UsageError, UserError
 from envs.vit.backbone_checkpoint import REPO_ROOT, installed_without_repository
@@ -289,6 +289,27 @@ def _finite_float(text: str, positive: bool) -> float:
     if not ((value > 0 if positive else value >= 0) and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number {'>' if positive else '>='} 0, got {text}")
     return value
+
+
+Item = TypeVar("Item")
+
+
+def comma_separated(item: Callable[[str], Item], what: str) -> Callable[[str], tuple[Item, ...]]:
+    """An argparse ``type`` for one or more comma-separated values, each read by ``item`` (another argparse
+    ``type``), in the order given; ``what`` names the values in its messages (``block indices``). An empty value
+    (``3,,6``, a comma at either end, an empty string) is refused rather than skipped: it is a typo or a value left
+    out. A value that ``item`` answers with a ``ValueError`` (``int("a")``) is refused with a message naming
+    ``what``; an ``ArgumentTypeError`` of ``item``'s own (a value out of range) keeps its message."""
+    def parse(text: str) -> tuple[Item, ...]:
+        values = [value.strip() for value in text.split(",")]
+        if "" in values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} with none empty, got {text!r}")
+        try:
+            return tuple(map(item, values))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
 
 
 DURATION_UNITS = {"s": (1.0, "seconds"), "m": (60.0, "minutes"), "min": (60.0, "minutes"), "h": (3600.0, "hours")}

@@ -66,6 +66,7 @@ from cli import (
     add_data_access_arguments,
     check_output_dir,
     code_commit,
+    comma_separated,
     data_access,
     given_flags,
     output_directory,
@@ -188,10 +189,7 @@ def _budgets(text: str) -> list[float]:
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
     """``1,256,1024`` -> the distinct batch sizes, ascending."""
-    sizes = sorted({positive_int(part.strip()) for part in text.split(",") if part.strip()})
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"expected batch sizes, comma-separated, got {text!r}")
-    return tuple(sizes)
+    return tuple(sorted(set(comma_separated(positive_int, "batch sizes")(text))))
 
 
 def _cascade_ratios(text: str) -> tuple[float, float]:
@@ -204,10 +202,14 @@ def _cascade_ratios(text: str) -> tuple[float, float]:
 
 def _checkpoints_per_budget(text: str) -> dict[float, Path]:
     """``0.3=PATH,0.7=PATH`` -> ``{0.3: PATH, 0.7: PATH}``. A comma starts a pair only before ``RATIO=``: the
-    trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``)."""
+    trial directories of a sweep over several settings have commas in their names (``target_ratio=0.3,lr=0.001``).
+    An empty pair (``0.3=a,,0.7=b``, a comma at either end) is refused, as :func:`cli.comma_separated` refuses an
+    empty value; the comma before an empty pair ends the path before it (``a,``), so no path may end in a comma."""
     out: dict[float, Path] = {}
-    pairs = re.split(r",(?=\s*[-+.\deE]*\s*=)", text.strip().rstrip(","))  # a ratio may be mistyped or missing
-    for part in filter(None, (part.strip() for part in pairs)):
+    pairs = [part.strip() for part in re.split(r",(?=\s*[-+.\deE]*\s*=)", text)]  # a ratio may be mistyped or missing
+    if "" in pairs or any(part.endswith(",") for part in pairs):
+        raise argparse.ArgumentTypeError(f"expected comma-separated RATIO=PATH pairs with none empty, got {text!r}")
+    for part in pairs:
         ratio, sep, path = part.partition("=")
         try:
             if not sep or not path.strip():

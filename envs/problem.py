@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli import MAX_SEED
+from cli import MAX_SEED, comma_separated
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
@@ -353,12 +353,8 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
-def block_indices(text: str) -> tuple[int, ...]:
-    """The argparse ``type`` of pruning points: comma-separated block indices, e.g. ``1,3,5,7,9,11``."""
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+block_indices = comma_separated(int, "block indices")
+"""The argparse ``type`` of pruning points: comma-separated block indices, e.g. ``1,3,5,7,9,11``."""
 
 
 def budget_key(ratio: float) -> float:
@@ -380,23 +376,8 @@ def removal_ratio(text: str) -> float:
     return key
 
 
-def removal_ratios(text: str) -> tuple[float, ...]:
-    """An argparse ``type``: one or more comma-separated :func:`removal_ratio` values, in the order given."""
-    ratios = tuple(removal_ratio(part) for part in text.split(",") if part.strip())
-    if not ratios:
-        raise argparse.ArgumentTypeError("give at least one removal ratio, e.g. 0.3,0.5,0.7")
-    return ratios
-
-
-def _swept(kind: type) -> typing.Callable[[str], tuple]:
-    """The argparse ``type`` of a number setting: one value or several, comma-separated (a sweep)."""
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(part) for part in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected one or more comma-separated numbers, got {text!r}") from None
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
+removal_ratios = comma_separated(removal_ratio, "removal ratios")
+"""An argparse ``type``: one or more comma-separated :func:`removal_ratio` values, in the order given."""
 
 
 def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
@@ -408,7 +389,7 @@ def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
         return block_indices if typing.get_args(annotation)[0] is int else removal_ratios
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     kind = args[0] if args else annotation
-    return _swept(kind) if kind in (int, float) else kind
+    return comma_separated(kind, "numbers") if kind in (int, float) else kind
 
 
 def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:

@@ -195,6 +195,28 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(comm
     assert cli.output_directory("~/runs") == str(Path.home() / "runs") and cli.output_directory("s3://b/r") == "s3://b/r"
 
 
+@pytest.mark.parametrize("value", ["{0},,{1}", "{0},{1},", ",{0},{1}"])
+@pytest.mark.parametrize(("command", "flag", "values", "first", "second"), [
+    ("train", "--prune-points", "block indices", "3", "6"),
+    ("train", "--train-ratios", "removal ratios", "0.3", "0.5"),
+    ("train", "--target-ratio", "numbers", "0.3", "0.5"),  # the parser of every number setting (a sweep)
+    ("train", "--seed", "numbers", "1", "2"),
+    ("evaluate", "--prune-points", "block indices", "3", "6"),
+    ("evaluate", "--cascade-points", "block indices", "3", "6"),
+    ("evaluate", "--budgets", "removal ratios", "0.3", "0.5"),
+    ("evaluate", "--cascade", "removal ratios", "0.3", "0.1"),
+    ("evaluate", "--speed-batch-sizes", "batch sizes", "1", "256"),
+    ("evaluate", "--checkpoints-per-budget", "RATIO=PATH pairs", "0.3=runs/a", "0.7=runs/b"),
+])
+def test_an_empty_value_of_a_comma_separated_flag_is_refused(command, flag, values, first, second, value, capsys):
+    """A comma too many is a typo or a value left out: every comma-separated flag refuses it in one line rather
+    than run with the values around it."""
+    given = value.format(first, second)
+    assert importlib.import_module(command).main([flag, given]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: argument {flag}: expected comma-separated {values} with none empty, got {given!r}\n"
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
 def test_a_commands_help_says_how_to_run_it(command, capsys):
     """``--help`` prints the command's docstring whole: it opens with how to run it."""

@@ -544,8 +544,8 @@ def test_checkpoints_per_budget_take_the_trials_of_a_sweep_over_several_settings
     pair only before ``RATIO=``. A bad pair says what a pair is, a budget given twice says so."""
     trial = "runs/sweep/target_ratio=0.3,lr=0.001/checkpoint_000005"
     assert evaluate._checkpoints_per_budget(f"0.3={trial}, 0.7=runs/b") == {0.3: Path(trial), 0.7: Path("runs/b")}
-    assert evaluate._checkpoints_per_budget("0.3 = runs/a , 0.7 = runs/b,") == {0.3: Path("runs/a"),
-                                                                               0.7: Path("runs/b")}
+    assert evaluate._checkpoints_per_budget("0.3 = runs/a , 0.7 = runs/b") == {0.3: Path("runs/a"),
+                                                                              0.7: Path("runs/b")}
     for text, message in (("abc=runs/a", r"expected RATIO=PATH pairs .+, got 'abc=runs/a' \(could not convert"),
                           ("0.3=runs/a,=runs/b", r"got '=runs/b' \(could not convert string to float: ''\)"),
                           ("0.3=", r"got '0.3=' \(no path\)"), ("0.3=a,0.30=b", r"^budget 0.3 is given twice$")):
