@@ -513,11 +513,14 @@ def results_settings(args: argparse.Namespace, policies: Mapping[float, LoadedPo
 
 def as_json(value: Any) -> Any:
     """An argument's value as results.json records it: numbers, strings, booleans and None as they are, sequences
-    as lists, anything else (a path) as its string."""
+    as lists, mappings as objects (a budget key as the ``checkpoints`` setting writes it, ``0.3``), anything else (a
+    path) as its string."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | tuple):
         return [as_json(item) for item in value]
+    if isinstance(value, Mapping):
+        return {f"{key:g}" if isinstance(key, float) else str(key): as_json(item) for key, item in value.items()}
     return str(value)
 
 

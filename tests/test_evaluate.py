@@ -563,6 +563,7 @@ def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_d
         assert list(table.loc[table["budget"] == budget, "method"]) == HEURISTIC_ROWS + MARL_ROWS
     settings = json.loads((output / "results.json").read_text())["settings"]
     assert settings["checkpoints"] == {"0.3": str(other), "0.5": str(tiny_policy)}
+    assert settings["arguments"]["checkpoints_per_budget"] == {"0.3": str(other)}  # a JSON object, not a repr
     assert settings["iterations"] == {budget: read_checkpoint_info(path).iteration
                                       for budget, path in (("0.3", other), ("0.5", tiny_policy))}
 
