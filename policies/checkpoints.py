@@ -296,17 +296,17 @@ def load_policies(checkpoint: str | Path) -> tuple[dict[str, TokenScoring], Chec
     """The policy modules a checkpoint trained (by policy name) and what it says about itself.
 
     Reads the checkpoint's export (``policies.export``: safetensors and JSON, never a pickle) when it has
-    one or is one, else RLlib's files (:func:`rllib_modules`, a checkpoint without an export), with a warning:
-    those pickles run the code of whoever wrote them.
+    one or is one, else RLlib's files (:func:`load_rllib_policies`, a checkpoint without an export), with a
+    warning: those pickles run the code of whoever wrote them.
     """
     path = checkpoint_directory(checkpoint)
     if is_export(path) or has_export(path):
         return load_exported_policies(path)
-    info = read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
+    read_checkpoint_info(path)  # what is no checkpoint is refused before the warning about its pickles
     warnings.warn(f"{path} has no export: its policies are read from RLlib's pickled files, which run code of "
                   f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)",
                   stacklevel=2)
-    return rllib_modules(path, info.problem.agents), info
+    return load_rllib_policies(path)
 
 
 def checkpoint_directory(checkpoint: str | Path) -> Path:
