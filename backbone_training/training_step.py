@@ -141,14 +141,17 @@ def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels:
     return loss_sum
 
 
+ACCURACY_BATCH = 512
+"""Images per forward of :func:`accuracy` (a forward without gradients, on the validation or test split)."""
+
+
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: torch.device, amp: bool,
-             batch_size: int = 512) -> float:
+def accuracy(model: torch.nn.Module, split: ImageSplit, config: dict, device: torch.device, amp: bool) -> float:
     """Top-1 accuracy on ``split``, counted on the device and read once."""
     model.eval()
     labels = split.labels.to(device)
     correct, start = torch.zeros((), dtype=torch.long, device=device), 0
-    for images in split.batches(batch_size):
+    for images in split.batches(ACCURACY_BATCH):
         x = normalize(images.to(device), config)
         with autocast_to(device, torch.bfloat16 if amp else torch.float32):
             correct += (model(x).argmax(-1) == labels[start:start + len(images)]).sum()

@@ -113,20 +113,20 @@ def warm_start_modules(staged: StagedViT, images: torch.Tensor, ratios: Sequence
 
 
 def clone_module(module: RLModule, features: torch.Tensor, live: torch.Tensor, chosen: torch.Tensor,
-                 steps: int, batch_size: int = IMITATION_BATCH, lr: float = IMITATION_LR,
-                 seed: int = 0) -> float:
-    """Fit the module's token scores to ``chosen`` (binary cross-entropy on live tokens, Adam): the chosen
-    tokens score high, so the module's most likely set of that size is the heuristic's. The targets are
-    smoothed to ``IMITATION_CONFIDENCE`` so the scores stay moderate and PPO's sampled sets still explore
-    (docs/DESIGN.md, "Warm start").
+                 steps: int, seed: int = 0) -> float:
+    """Fit the module's token scores to ``chosen`` (binary cross-entropy on live tokens, Adam at
+    :data:`IMITATION_LR` on :data:`IMITATION_BATCH` rows drawn with ``seed`` a step): the chosen tokens score high,
+    so the module's most likely set of that size is the heuristic's. The targets are smoothed to
+    ``IMITATION_CONFIDENCE`` so the scores stay moderate and PPO's sampled sets still explore (docs/DESIGN.md,
+    "Warm start").
 
     Returns the fraction of the chosen tokens that the module's most likely sets contain afterwards.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(module.parameters(), lr=IMITATION_LR)
     module.train()
     for _ in range(steps):
-        rows = torch.randint(0, len(features), (batch_size,), generator=generator)
+        rows = torch.randint(0, len(features), (IMITATION_BATCH,), generator=generator)
         scores = module.token_scores(features[rows], live[rows])
         target = chosen[rows] * (2 * IMITATION_CONFIDENCE - 1) + (1 - IMITATION_CONFIDENCE)
         loss = F.binary_cross_entropy_with_logits(scores, target, weight=live[rows], reduction="sum")

@@ -150,7 +150,7 @@ def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_l
         with pytest.raises(DataError, match=rf"cannot read image {root}/test/ant/1\.png"):  # where it is
             load_split("folder", "test", root, memory_budget_mb=budget).images[:]
     with pytest.raises(DataError, match=r"^cannot read image .*ant/1\.png[^\n]*$"):  # one line, from a worker
-        list(load_split("folder", "test", root, memory_budget_mb=0).batches(4, workers=1))
+        list(load_split("folder", "test", root, memory_budget_mb=0).batches(4))
 
 
 def test_every_unreadable_image_of_a_decoded_split_is_named_in_one_error(tmp_path, monkeypatch):
@@ -313,7 +313,7 @@ def test_a_split_over_the_memory_budget_streams_the_same_pixels(image_folder_224
     assert torch.equal(streamed.images[[7, 2, 7]], decoded.images[[7, 2, 7]])
     assert torch.equal(streamed.images[torch.tensor([0, 5])], decoded.images[torch.tensor([0, 5])])
     assert torch.equal(streamed.images[4:9], decoded.images[4:9])
-    for mine, theirs in zip(streamed.batches(5, workers=2), decoded.batches(5), strict=True):
+    for mine, theirs in zip(streamed.batches(5), decoded.batches(5), strict=True):
         assert torch.equal(mine, theirs)
 
 
@@ -331,8 +331,8 @@ def test_loader_workers_share_the_data_set_opened_once(tmp_path):
     log = tmp_path / "opened"
     images = StreamedImages(functools.partial(logged_images, log, 8), np.arange(8), 8)
     split = ImageSplit(images, torch.zeros(8, dtype=torch.long), ("grey",))
-    for _ in range(2):  # two epochs, two workers each
-        batches = list(split.batches(4, workers=2))
+    for _ in range(2):  # two epochs, each decoded by BATCH_WORKERS workers
+        batches = list(split.batches(4))
         assert [batch[:, 0, 0, 0].tolist() for batch in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert log.read_text().split() == [str(os.getpid())]
     assert torch.equal(images[[5]], batches[1][1:2])  # this process reads through a data set of its own

@@ -27,7 +27,7 @@ def staged() -> StagedViT:
 def test_imitation_data_follow_the_turns_and_cloning_fits_them(staged):
     torch.manual_seed(0)
     demonstration = imitation_data(staged, torch.randn(6, 3, 32, 32), (0.5,), "merge", "nms", "both", 0.25,
-                                   batch_size=4)
+                                   batch_size=4)  # two batches: the rows come batch by batch, point by point
     live_per_point = [64, 32, 16]
 
     def per_row(fraction):
@@ -50,7 +50,7 @@ def test_imitation_data_follow_the_turns_and_cloning_fits_them(staged):
 
     module = policy_module_spec("similarity", 64, {"hidden": 16}).build()
     before = clone_module(module, features, left, redundant, steps=0)
-    after = clone_module(module, features, left, redundant, steps=150, batch_size=8, lr=1e-2)
+    after = clone_module(module, features, left, redundant, steps=150)
     assert before < 0.7 < 0.9 <= after
 
 
@@ -79,7 +79,7 @@ def test_the_imitated_selector_makes_the_choices_the_clones_are_fitted_to(staged
     """What learned_vs_warm_start compares with: the same turns, at every pruning point, as imitation_data."""
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
-    demonstration = imitation_data(staged, images, (0.5,), "merge", "nms", "both", 0.25, batch_size=4)
+    demonstration = imitation_data(staged, images, (0.5,), "merge", "nms", "both", 0.25)
     _, live, kept = demonstration["attention"]
     _, _, removed = demonstration["similarity"]
     chosen = []

@@ -44,12 +44,12 @@ class CheckpointError(UserError, RuntimeError):
     """A backbone checkpoint that is missing or unreadable; the message is meant for the user as is."""
 
 
-def hub_answers(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+def hub_answers() -> bool:
     """Whether the Hugging Face Hub (``HF_ENDPOINT``, through the proxies the environment names) answers a request
-    within about ``timeout_s``, asked with huggingface_hub's own HTTP session."""
+    within about :data:`HUB_PROBE_TIMEOUT_S`, asked with huggingface_hub's own HTTP session."""
     session, endpoint = huggingface_hub.get_session(), huggingface_hub.constants.ENDPOINT
     try:
-        session.head(endpoint, timeout=timeout_s)
+        session.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - the session's HTTP library, hence its errors, varies with huggingface_hub
         return False
     return True

@@ -59,6 +59,7 @@ DEFAULT_SPLIT_SEED = 0
 DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
 DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR-10's train split: 132 MiB)
 FINGERPRINT_IMAGES = 64  # validation images whose colours identify the split a backbone held out
+BATCH_WORKERS = 2  # processes decoding a streamed split ahead of the caller of ImageSplit.batches
 
 
 class DataError(UserError, RuntimeError):
@@ -172,15 +173,14 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, workers: int = 2) -> Iterator[torch.Tensor]:
-        """The images in order, ``batch_size`` at a time; a streamed split decodes ahead in ``workers``
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The images in order, ``batch_size`` at a time; a streamed split decodes ahead in :data:`BATCH_WORKERS`
         processes while the caller computes."""
         if isinstance(self.images, torch.Tensor):
             yield from self.images.split(batch_size)
             return
         with errors_of_workers():
-            yield from self.images.loader(batch_size=batch_size, num_workers=workers,
-                                          prefetch_factor=2 if workers else None)
+            yield from self.images.loader(batch_size=batch_size, num_workers=BATCH_WORKERS)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 import torch
 
 Key = TypeVar("Key", bound=Hashable)
+ROUND_ORDER_SEED = 0
+"""The seed of the orders :func:`images_per_second_in_turns` takes the runs in, round by round: the same runs are
+timed in the same orders each time."""
 
 
 def synchronize(device: torch.device | str | None) -> None:
@@ -64,7 +67,7 @@ def images_per_second(run: Callable[[torch.Tensor], object], images: torch.Tenso
 
 def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], object]], images: torch.Tensor,
                                batch_size: int, rounds: int, warmup_rounds: int = 1,
-                               on_pass: Callable[[], object] | None = None, seed: int = 0) -> dict[Key, list[float]]:
+                               on_pass: Callable[[], object] | None = None) -> dict[Key, list[float]]:
     """Each run's images/s over all of ``images`` in batches of ``batch_size``, once per round, the runs in turn
     within each round, after ``warmup_rounds`` untimed rounds (which compile what was compiled; CUDA graphs
     are recorded on a function's second call); ``on_pass`` is called after each pass (a progress bar's update).
@@ -73,12 +76,12 @@ def images_per_second_in_turns(runs: Mapping[Key, Callable[[torch.Tensor], objec
     differ. Timed one after the other, each run would see a different machine; timed in turns, every run sees
     the drift of each round, and a ratio taken within the round (:func:`ratios_within_rounds`) cancels it.
     A round of many runs lasts long enough to drift within it, so each round takes the runs in an order of its
-    own, drawn with ``seed``: no run has a fixed place in the rounds, and a drift within them adds noise to a
-    ratio, not a bias.
+    own, drawn with :data:`ROUND_ORDER_SEED`: no run has a fixed place in the rounds, and a drift within them adds
+    noise to a ratio, not a bias.
     """
     passes = [(key, batches_pass(run, images, batch_size)) for key, run in runs.items()]
     rates: dict[Key, list[float]] = {key: [] for key in runs}
-    orders = random.Random(seed)
+    orders = random.Random(ROUND_ORDER_SEED)
     for round_index in range(warmup_rounds + rounds):
         for key, one_pass in orders.sample(passes, len(passes)):
             (seconds,) = timed_calls(one_pass, repeats=1, warmup=0, device=images.device)
