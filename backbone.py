@@ -66,6 +66,7 @@ from envs.vit.data import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_SIZE,
     StreamedImages,
+    absolute_data_dir,
     check_recorded_data_dir,
     default_data_dir,
 )
@@ -339,7 +340,7 @@ def run_settings(args: argparse.Namespace, state: dict | None, given: Collection
     elif args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     if state is None or "data_dir" in given:  # recorded absolute: a resumed run may start in another directory
-        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+        args.data_dir = absolute_data_dir(args.data_dir)
     if state is None and args.time_budget is None and args.warmup_epochs >= args.epochs:
         warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than --epochs {args.epochs}: the learning "
                       f"rate never leaves its warm-up (pass a shorter --warmup-epochs)", stacklevel=2)

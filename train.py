@@ -63,7 +63,7 @@ from envs.problem import (
     sweep_label,
 )
 from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint, weights_digest
-from envs.vit.data import DataError, check_recorded_data_dir
+from envs.vit.data import DataError, absolute_data_dir, check_recorded_data_dir
 from envs.vit_server import (
     ServerInputs,
     load_server_inputs,
@@ -410,11 +410,6 @@ def with_data_dir(problems: list[PruningProblem], args: argparse.Namespace) -> l
     what the agents learn."""
     return [replace(problem, data_dir=absolute_data_dir(getattr(args, "problem.data_dir") or problem.data_dir))
             for problem in problems]
-
-
-def absolute_data_dir(data_dir: str) -> str:
-    """``data_dir`` as the trials read it: absolute, from the working directory (each runs in its own)."""
-    return str(Path(data_dir).expanduser().resolve())
 
 
 DATA_SETTINGS = ("backbone", "dataset", "data_dir", "train_limit", "val_size", "split_seed", "val_limit",

@@ -194,6 +194,12 @@ def errors_of_workers() -> Iterator[None]:
         raise kind(str(error).strip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]) from None
 
 
+def absolute_data_dir(data_dir: str) -> str:
+    """``data_dir`` as a run records it and reads it: absolute, from the working directory, so that train.py's
+    trials (each runs in a directory of its own) and a run resumed from another directory read the same data."""
+    return str(Path(data_dir).expanduser().resolve())
+
+
 def check_recorded_data_dir(data_dir: str) -> None:
     """A DataError where the data directory a run recorded, which its ``--resume`` reads, is gone (moved, or on
     another machine)."""
