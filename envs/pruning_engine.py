@@ -30,6 +30,7 @@ from envs.vit.pruned_forward import (
     initial_state,
     prune_step,
 )
+from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import pad_tokens
 from policies.decisions import policy_selector
@@ -247,8 +248,8 @@ class PruningEngine:
             logits = exact_forward_from(self.staged, state, select, self.target_ratio, self.reduction)
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions)
-        return {"exact_accuracy": 100 * (predictions == self.labels).double().mean().item(),
-                "exact_agreement": 100 * (predictions == self._unpruned_class).double().mean().item()}
+        return {"exact_accuracy": percent_equal(predictions, self.labels),
+                "exact_agreement": percent_equal(predictions, self._unpruned_class)}
 
     def release(self, keys: list[str]) -> None:
         """Forget episodes that will not be stepped again (env reset mid-episode, runner gone)."""

@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 
 from envs.vit.data import ImageSplit
+from envs.vit.scoring import percent_equal
 from evaluation.methods import HEURISTIC_ROWS, Method
 from evaluation.predictions import predict
 from policies.cascade import CascadeViT
@@ -47,7 +48,7 @@ def best_heuristics(outputs: Mapping[Method, tuple], labels: torch.Tensor) -> di
     comparison is made on, the reference is not the one whose noise happened to favour it there (the best of
     several rows on the same images reads above its true accuracy)."""
     heuristics = [method for method in outputs if is_heuristic(method)]
-    accuracy = {method: (outputs[method][0] == labels).double().mean().item() for method in heuristics}
+    accuracy = {method: percent_equal(outputs[method][0], labels) for method in heuristics}
     ranking: dict[float, list[Method]] = {}
     for method in sorted(heuristics, key=lambda m: -accuracy[m]):  # stable: equals stay in table order
         ranking.setdefault(method.budget, []).append(method)

@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from envs.vit.data import ImageSplit
+from envs.vit.scoring import percent_equal
 from evaluation.results_table import prediction_column
 from policies.cascade import CascadeViT
 from policies.pruned_vit import PrunedViT
@@ -55,10 +56,10 @@ def normalized_batches(model: PrunedViT | CascadeViT, split: ImageSplit, batch_s
 def quality(predictions: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Accuracy, macro F1 and agreement with the unpruned predictions, in percent."""
     y_true, y_pred = labels.numpy(), predictions.numpy()
-    return {"accuracy": 100.0 * float((y_pred == y_true).mean()),
+    return {"accuracy": percent_equal(predictions, labels),
             "f1_macro": 100.0 * float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro",
                                                zero_division=0)),
-            "agreement": 100.0 * float((predictions == reference).double().mean())}
+            "agreement": percent_equal(predictions, reference)}
 
 
 def cost(model: PrunedViT | CascadeViT, kept: torch.Tensor) -> dict[str, float]:
