@@ -213,7 +213,7 @@ def test_an_unreadable_streamed_image_stops_the_run_instead_of_failing_resets_fo
             env.reset(seed=0)
         assert first_data_error(["t1"]).startswith("cannot read image ")
         assert first_data_error(["t10", "other"]) is None  # another run's trials on the same Ray cluster
-        stop = StopOnDataError()  # an answer has DATA_ERROR_ASK_EVERY_S = 2 s to arrive before it is asked again
+        stop = StopOnDataError()  # as train.py's: an answer has every_s = 2 s to arrive before it is asked again
         stop.on_step_end(iteration=0, trials=[trial])  # asked; its answers are pickled with Tune's run record:
         stop = pickle.loads(pickle.dumps(stop))  # without them, and without its clock, so it asks at once
         unreadable = (r"^cannot read image .*\(replace it with a readable image: removing it renumbers the images "

@@ -86,23 +86,23 @@ class RunStoppedOnUnreadableImage(DataError):
     checkpoints stay, and ``--resume`` goes on once the image reads."""
 
 
-DATA_ERROR_ASK_EVERY_S = 2.0
-"""How often :class:`StopOnDataError` asks the ViT servers for an image they could not read, in seconds."""
-
-
 class StopOnDataError(tune.Callback):
     """Ends the run with the first image a ViT server could not read: a split that streams from its files meets
     a damaged image only when an episode draws it, and RLlib would reset the failed env again and again. The
-    servers of the run's trials are asked every :data:`DATA_ERROR_ASK_EVERY_S` seconds
-    (:func:`envs.vit_server.ask_for_data_errors`) and their answers read when they have arrived, so Tune's loop,
-    which the trials wait for after each report, never waits for them. :class:`RunStoppedOnUnreadableImage` leaves
-    ``Tuner.fit`` after Tune has stopped the trials; their checkpoints stay."""
+    servers of the run's trials are asked every ``every_s`` seconds (:func:`envs.vit_server.ask_for_data_errors`)
+    and their answers read when they have arrived, so Tune's loop, which the trials wait for after each report,
+    never waits for them. :class:`RunStoppedOnUnreadableImage` leaves ``Tuner.fit`` after Tune has stopped the
+    trials; their checkpoints stay."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 2.0):
+        self.every_s = every_s
         self._asked, self._answers = -math.inf, []
 
-    def __reduce__(self) -> tuple:  # Tune pickles its callbacks into tuner.pkl: as a new one, no answers, no clock
-        return type(self), ()
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks into tuner.pkl: no answers, no clock (this
+        return {"every_s": self.every_s}  # state is what the runs' tuner.pkl hold, which --resume unpickles)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["every_s"])
 
     @override(tune.Callback)
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
@@ -111,7 +111,7 @@ class StopOnDataError(tune.Callback):
             error = data_error_among(arrived)
             if error is not None:
                 raise RunStoppedOnUnreadableImage(error)
-        if time.monotonic() - self._asked >= DATA_ERROR_ASK_EVERY_S:  # a server yet to answer is asked again
+        if time.monotonic() - self._asked >= self.every_s:  # a server that has not answered yet is asked again
             self._answers = ask_for_data_errors([trial.trial_id for trial in trials])
             self._asked = time.monotonic()
 
