@@ -28,6 +28,7 @@ import argparse
 import os
 import pickle
 import sys
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -467,8 +468,9 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         return build_tuner(args, trainable, problems, resources).fit()
 
 
-def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str]) -> int:
-    """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted."""
+def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str], started: float) -> int:
+    """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted
+    (``started``: when this command began, which :func:`training.console.interrupted` compares reports with)."""
     data_dir = getattr(args, "problem.data_dir")
     lines, errors = closing_lines(results, args.output_dir, data_dir and absolute_data_dir(data_dir))
     print("\n".join(lines))
@@ -476,7 +478,7 @@ def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection
         print("error: " + line, file=sys.stderr)
     if errors:
         return 1
-    if interrupted(results, args.iterations, args.output_dir):
+    if interrupted(results, args.iterations, args.output_dir, started):
         print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
         return 130
     return 0
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
+        started = time.time()
         try:
             with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
@@ -514,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()
-        return report(results, args, given)
+        return report(results, args, given, started)
 
     def interrupted_line() -> str:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
         run_dir = local_run_dir(args.output_dir) if args is not None else None

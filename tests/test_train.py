@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -377,20 +378,22 @@ def test_overwrite_deletes_the_run_and_keeps_ones_own_files(tmp_path, capsys):
 def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_path, capsys):
     assert train.main(["--output-dir", str(tmp_path), "--resume", "--overwrite"]) == 2
     assert "--overwrite replaces it: pass one of them" in capsys.readouterr().err
+    started = time.time()
+
     def result(iteration, trial="target_ratio=0.5", **progress):
-        return SimpleNamespace(error=None, config={}, metrics={"training_iteration": iteration, "progress": progress},
-                               path=str(tmp_path / trial))
+        return SimpleNamespace(error=None, config={}, path=str(tmp_path / trial), metrics={
+            "training_iteration": iteration, "progress": progress, "timestamp": int(started)})
 
     done, out_of_time, stopped = result(5), result(3, out_of_time=True), result(3)
     never_started = SimpleNamespace(error=None, config=None, metrics={}, path=str(tmp_path / "target_ratio=0.3"))
     run = str(tmp_path)
-    assert not interrupted([done, out_of_time], 5, run)
-    assert interrupted([done, stopped], 5, run) and interrupted([done, never_started], 5, run)
+    assert not interrupted([done, out_of_time], 5, run, started)
+    assert interrupted([done, stopped], 5, run, started) and interrupted([done, never_started], 5, run, started)
     # its last iteration's checkpoint stored, then Ctrl-C before Tune heard of it (or resumed at its stop): done
     last = tmp_path / "target_ratio=0.5" / "checkpoint_000004"
     last.mkdir(parents=True)
     (last / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 5, 80.0).to_json()))
-    assert not interrupted([done, stopped], 5, run)
+    assert not interrupted([done, stopped], 5, run, started)
     assert closing_lines([never_started, never_started], str(tmp_path)) == (
         ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 
@@ -425,6 +428,28 @@ def test_a_run_interrupted_in_tunes_loop_ends_with_the_command_that_goes_on(tmp_
         assert capsys.readouterr().err.endswith(f"interrupted: go on with python train.py --output-dir {run} --resume "
                                                 f"{''.join(f'--data-dir {path} ' for path in data[1:])}"
                                                 f"--iterations 40\n")
+
+
+def test_ctrl_c_before_a_resumed_trial_reports_is_no_finish_on_the_time_budget_of_the_command_before(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the first seconds of a --resume of a run that ended on its --time-budget: the trial's last report is
+    still the earlier command's, whose time budget it reached, which this command's does not end (exit 130 and the
+    command that goes on); a time budget reached in this command ends the run (exit 0)."""
+    run = tmp_path / "run"
+    earlier = int(time.time()) - 60  # Tune stamps a report in whole seconds
+
+    def resumed(reported: Callable[[], int]) -> Callable:
+        return lambda args, given: [SimpleNamespace(
+            error=None, config={}, path=str(run / "target_ratio=0.5"),
+            metrics={"training_iteration": 35, "progress": {"out_of_time": True}, "timestamp": reported()})]
+
+    monkeypatch.setattr(train, "train", resumed(lambda: earlier))
+    assert train.main(["--output-dir", str(run), "--resume", "--time-budget", "2"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: go on with python train.py --output-dir {run} --resume "
+                                            f"--time-budget 2.0\n")
+    monkeypatch.setattr(train, "train", resumed(lambda: int(time.time())))
+    assert train.main(["--output-dir", str(run), "--resume", "--time-budget", "2"]) == 0
+    assert "interrupted" not in capsys.readouterr().err
 
 
 def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes_on(tmp_path, monkeypatch, capsys):

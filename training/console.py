@@ -19,7 +19,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import EVALUATION_RESULTS
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback
-from ray.tune.result import EXPR_PROGRESS_FILE
+from ray.tune.result import EXPR_PROGRESS_FILE, TIMESTAMP
 from ray.tune.utils import flatten_dict
 
 from cli import script_words
@@ -206,12 +206,15 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
     return lines, errors
 
 
-def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> bool:
+def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str, started: float) -> bool:
     """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
     ``--resume`` goes on with it. A trial reached the iteration of its last report or, on a local disk, of its
     newest checkpoint (:func:`~training.trial.reached_iteration`): a trial resumed at its stop reports nothing,
     nor does one whose last checkpoint was stored before a Ctrl-C kept the iteration from being reported. In
-    cloud storage Tune records a checkpoint only with a report, so the last report's iteration is the latest."""
+    cloud storage Tune records a checkpoint only with a report, so the last report's iteration is the latest.
+    The time budget counts from each command's start (:class:`~training.trial.StopRule`): a report that reached
+    it ends the trial only when it was made after this command ``started`` (Tune stamps a report with the time
+    in whole seconds), not the one a --resume carries along from the command before until its first report."""
     run_dir = local_run_dir(output_dir)
     for result in results:
         if result.error is not None:
@@ -221,7 +224,8 @@ def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str) -> b
         metrics = result.metrics or {}
         on_disk = reached_iteration(run_dir / Path(result.path).name) if run_dir is not None else 0
         reached = max(metrics.get("training_iteration", 0), on_disk)
-        if reached < iterations and not metrics.get("progress", {}).get("out_of_time"):
+        out_of_time = metrics.get("progress", {}).get("out_of_time") and metrics.get(TIMESTAMP, 0) >= int(started)
+        if reached < iterations and not out_of_time:
             return True
     return False
 
