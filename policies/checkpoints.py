@@ -202,8 +202,10 @@ def read_checkpoint_info(checkpoint: Path) -> CheckpointInfo:
 
 def validation_rank(val_score: float, iteration: int | None) -> tuple[float, int]:
     """How checkpoints rank on validation, here and in train.py's closing lines: the highest score first, the
-    earliest iteration of equals."""
-    return val_score, -(iteration or 0)
+    latest iteration of equals, as Tune's ``CheckpointConfig(num_to_keep=...)`` ranks a trial's checkpoints (of
+    equal scores, the later reported ranks higher), so that the best named is the one Tune keeps longest rather
+    than the first of equals it deletes."""
+    return val_score, iteration or 0
 
 
 def validated_checkpoints(checkpoints: Iterable[Path]) -> list[tuple[Path, CheckpointInfo]]:

@@ -24,6 +24,7 @@ import torch
 from ray import tune
 from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
 
 import train
 from cli import code_commit, given_flags
@@ -34,10 +35,12 @@ from policies.checkpoints import (
     PRUNING_CONFIG,
     CheckpointInfo,
     PolicyCheckpointError,
+    best_on_validation,
     list_checkpoints,
     load_exported_policies,
     module_path,
     read_checkpoint_info,
+    trial_checkpoints,
 )
 from tests.tiny_policies import write_checkpoint
 from training import ray_session, run_directory
@@ -816,6 +819,23 @@ def test_progress_line_says_when_no_episode_has_finished():
     assert "no episode finished yet" in line and "nan" not in line
 
 
+def test_of_equal_scores_the_best_checkpoint_is_the_newest_one_tune_keeps(tmp_path):
+    """Tune's checkpoint manager, as build_tuner configures it, keeps the newest of equal scores (the latest too,
+    whatever its score) and deletes the older ones: the best checkpoint on validation, which the closing lines and
+    evaluate.py name, is the one Tune ranks best, not the earliest of equals, which its rotation deletes first."""
+    manager = _CheckpointManager(tune.CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=SCORE,
+                                                       checkpoint_score_order="max"))
+    for index, score in enumerate([70.0, 80.0, 80.0, 75.0, 80.0, 80.0, 60.0]):
+        checkpoint = tmp_path / f"checkpoint_{index:06d}"
+        checkpoint.mkdir()
+        (checkpoint / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 2 * index + 2,
+                                                                           score).to_json()))
+        manager.register_checkpoint(_TrainingResult(tune.Checkpoint(str(checkpoint)), {SCORE: score}))
+    stored = trial_checkpoints(tmp_path)
+    assert [path.name for path in stored] == [f"checkpoint_00000{index}" for index in (2, 4, 5, 6)]
+    assert best_on_validation(stored) == Path(manager.best_checkpoint_result.checkpoint.path) == stored[2]
+
+
 @pytest.mark.parametrize("cloud", [False, True])
 def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypatch, cloud):
     """From what Tune recorded with each checkpoint, on a local disk or in cloud storage (a filesystem whose
@@ -860,10 +880,10 @@ def test_closing_lines_name_the_best_checkpoint_still_stored(tmp_path, monkeypat
         (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 7, 95.0).to_json()))
         best = closing_lines([result], output_dir)[0][0]
         assert "unrecorded_checkpoint_000002 (best on validation: iteration 7, exact-budget accuracy 95.00% on" in best
-        # of equal scores the earliest iteration, as policies.checkpoints.best_on_validation ranks them
+        # of equal scores the latest iteration, the one Tune keeps (policies.checkpoints.validation_rank)
         (aside / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 3, 82.5).to_json()))
         best = closing_lines([result], output_dir)[0][0]
-        assert "unrecorded_checkpoint_000002 (best on validation: iteration 3, exact-budget accuracy 82.50% on" in best
+        assert "=0.5/checkpoint_000001 (best on validation: iteration 4, exact-budget accuracy 82.50% on" in best
         shutil.rmtree(aside)
         # a checkpoint stored in an iteration that a Ctrl-C kept Tune from recording is ranked too
         unreported = storage / trial / "checkpoint_000003"
