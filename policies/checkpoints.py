@@ -89,15 +89,24 @@ class CheckpointInfo:
                    config.get("commit"), config.get("backbone_digest"))
 
     def warn_if_backbone_changed(self, checkpoint: str | os.PathLike, backbone: str | os.PathLike) -> None:
-        """A warning where the weights in ``backbone`` are not those the agents learned on (a backbone trained
-        further in place, under the path the checkpoint records): their choices were learned for other features."""
+        """A warning where the weights in ``backbone`` are not those the agents learned on: their choices were
+        learned for other features, and a policy that runs on another backbone of the same patch grid (another
+        seed, another width: the agents take features, not embeddings) prunes it as it was never taught to.
+        Under the path the checkpoint records, that is a backbone trained further in place; elsewhere, another
+        backbone given in its stead. The digest decides, not the path: a copy of the same weights is silent."""
         if self.backbone_digest is None:  # a checkpoint that records no digest: nothing to compare
             return
         found = weights_digest(backbone)
-        if found is not None and found != self.backbone_digest:
+        if found is None or found == self.backbone_digest:
+            return
+        if Path(backbone).resolve() == self.problem.backbone_path.resolve():
             warnings.warn(f"the weights of backbone {backbone} have changed since checkpoint {checkpoint} was trained "
                           f"on them (trained further in place?): its agents learned on the earlier ones; retrain them "
                           f"(train.py --from-checkpoint) to prune this backbone as learned", stacklevel=2)
+        else:
+            warnings.warn(f"the weights of backbone {backbone} are not those checkpoint {checkpoint} was trained on "
+                          f"(another backbone, seed or width?): its agents learned on {self.problem.backbone_path}; "
+                          f"train agents on this backbone (train.py --backbone) to prune it as learned", stacklevel=2)
 
 
 class PolicyCheckpointError(UserError, RuntimeError):

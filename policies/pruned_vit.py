@@ -88,14 +88,14 @@ def checked_backbone(problem: PruningProblem, policies: Mapping[str | os.PathLik
                      backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
     """:func:`policy_backbone` for the checkpoints ``policies`` (modules and info by path, the first the one that
     ``problem`` comes from; none for the heuristics alone), with each checkpoint's modules checked against it
-    (``check_policies``) and, unless ``backbone`` names another, a warning for each checkpoint whose backbone's
-    weights changed since its agents learned on them. ``PrunedViT.from_checkpoint`` and evaluate.py both load
-    policies' backbone through it, so that they refuse and warn alike."""
+    (``check_policies``) and a warning for each checkpoint whose agents learned on other weights than these
+    (``CheckpointInfo.warn_if_backbone_changed``), whether ``backbone`` names another or the recorded one was
+    trained further. ``PrunedViT.from_checkpoint`` and evaluate.py both load policies' backbone through it, so
+    that they refuse and warn alike."""
     staged, config, backbone_path = policy_backbone(problem, next(iter(policies), None), backbone)
     for path, (modules, info) in policies.items():
         check_policies(modules, staged.num_patches, path)
-        if not backbone:
-            info.warn_if_backbone_changed(path, backbone_path)
+        info.warn_if_backbone_changed(path, backbone_path)
     return staged, config, backbone_path
 
 
@@ -234,7 +234,8 @@ class PrunedViT(InferenceModel):
             path: a checkpoint directory written by train.py (e.g. ``reference/marl_policy``).
             budget: another target ratio than the one the policies were trained at (their observations
                 include it, so they adapt their scores).
-            backbone: another backbone checkpoint directory with the same patch grid; default: the policy's.
+            backbone: another backbone checkpoint directory with the same patch grid (a warning where its weights
+                are not those the agents learned on); default: the policy's.
             reduction: ``merge`` or ``drop``; default: the policy's.
         """
         modules, info = load_policies(path)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+import timm
 import torch
 from ray.rllib.core.columns import Columns
 
 from envs.errors import UsageError
 from envs.problem import ProblemError
-from envs.vit.backbone_checkpoint import weights_digest
+from envs.vit.backbone_checkpoint import save_backbone, weights_digest
 from envs.vit.data import DATA_DIR_ENV, load_split
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
@@ -468,8 +469,8 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
 
 def test_a_backbone_trained_further_in_place_is_warned_of(tmp_path, tiny_backbone, images):
     """A policy checkpoint records a digest of the weights its agents learned on: the same path holding other
-    weights since (backbone.py --resume re-exports in place) is warned of, once the weights are read; a backbone
-    given explicitly is the user's choice."""
+    weights since (backbone.py --resume re-exports in place) is warned of, once the weights are read, whether the
+    path is the checkpoint's or given as its backbone."""
     from safetensors.torch import load_file, save_file
 
     backbone = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
@@ -482,12 +483,40 @@ def test_a_backbone_trained_further_in_place_is_warned_of(tmp_path, tiny_backbon
         before = PrunedViT.from_checkpoint(path)(images)
     weights = load_file(backbone / "model.safetensors")
     save_file({name: tensor * 1.01 for name, tensor in weights.items()}, backbone / "model.safetensors")
-    with pytest.warns(UserWarning, match=rf"the weights of backbone {backbone} have changed since checkpoint {path} "
-                                         rf"was trained on them \(trained further in place\?\)"):
+    changed = rf"the weights of backbone {backbone} have changed since checkpoint {path} was trained on them " \
+              rf"\(trained further in place\?\)"
+    with pytest.warns(UserWarning, match=changed):
         PrunedViT.from_checkpoint(path)
+    with pytest.warns(UserWarning, match=changed):
+        assert not torch.equal(PrunedViT.from_checkpoint(path, backbone=backbone)(images), before)
+
+
+def test_a_backbone_given_in_place_of_the_learned_one_is_warned_of(tmp_path, tiny_backbone, images):
+    """A backbone given in place of the checkpoint's (evaluate.py --backbone, backbone= in Python) whose weights
+    are not those the agents learned on is warned of, one line: another seed, or another width, which the agents
+    run on all the same (they take features, not embeddings). A copy of the learned weights elsewhere is silent."""
+    path = write_checkpoint(tmp_path / "policy", tiny_backbone)
+    config = json.loads((path / PRUNING_CONFIG).read_text())
+    (path / PRUNING_CONFIG).write_text(json.dumps({**config, "backbone_digest": weights_digest(tiny_backbone)}))
+    export_policies(path)
+    copy_of_it = Path(shutil.copytree(tiny_backbone, tmp_path / "moved" / "backbone"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not torch.equal(PrunedViT.from_checkpoint(path, backbone=backbone)(images), before)
+        expected = PrunedViT.from_checkpoint(path)(images)
+        assert torch.equal(PrunedViT.from_checkpoint(path, backbone=copy_of_it)(images), expected)
+    backbone_config = json.loads((tiny_backbone / "config.json").read_text())
+    for name, kwargs in (("seed", {}), ("wide", {"embed_dim": 64, "num_heads": 4})):
+        torch.manual_seed(1)
+        model_kwargs = {**backbone_config["model_kwargs"], **kwargs}
+        vit = timm.create_model(backbone_config["model_name"], num_classes=10, **model_kwargs)
+        other = save_backbone(vit, {**backbone_config, "model_kwargs": model_kwargs}, tmp_path / name)
+        with pytest.warns(UserWarning) as caught:
+            model = PrunedViT.from_checkpoint(path, backbone=other)
+        assert [str(warning.message) for warning in caught] == [
+            f"the weights of backbone {other} are not those checkpoint {path} was trained on (another backbone, seed "
+            f"or width?): its agents learned on {tiny_backbone}; train agents on this backbone (train.py --backbone) "
+            f"to prune it as learned"]
+        assert model(images).shape == expected.shape
 
 
 def test_exported_policy_of_another_backbone_fails_the_same_check(tmp_path, tiny_backbone):
