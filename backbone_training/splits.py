@@ -38,8 +38,8 @@ def training_data(args: argparse.Namespace, input_size: int,
     train_split = load_split(args.dataset, "train", **split_kw)
     test_classes = split_class_names(args.dataset, "test", args.data_dir, args.download)
     if test_classes != train_split.class_names:
-        raise DataError(f"the test split's classes are not the training split's "
-                        f"({class_difference(test_classes, train_split.class_names)}): fix the test split first")
+        difference = class_difference(test_classes, train_split.class_names, "the test split", "the training split")
+        raise DataError(f"{difference}: the training and test splits must hold the same classes")
     # With --limit, validation reads the first --limit images of the held-out order, not a subset drawn from all
     # of it: that is the split the config records (split_sizes.val), which train.py and evaluate.py hold out.
     val_split = load_split(args.dataset, "val", **{**split_kw, "val_size": min(args.limit or args.val_size,

@@ -25,6 +25,7 @@ from envs.vit.data import (
     class_difference,
     limited_positions,
     load_split,
+    split_class_names,
     split_indices,
 )
 from envs.vit.held_out import check_fits_backbone, load_checked_split
@@ -229,6 +230,26 @@ def test_images_of_formats_that_are_not_read_are_named(tmp_path):
         assert len(load_split("folder", "train", root, val_size=6)) == 18
 
 
+@pytest.mark.parametrize("emptied", [("train",), ("test",), ("train", "test")])
+def test_a_class_folder_without_images_is_named(tmp_path, emptied):
+    """timm numbers the classes that hold images: an empty class folder would drop its class from a split (from
+    the model, where every split lacks it) or blame the other split. It is refused, named, in any split, whatever
+    else it holds (a file that is no image, macOS's .DS_Store); an empty hidden folder is no class."""
+    root = _colour_folder(tmp_path / "data")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    for split in emptied:
+        for image in (root / split / "bee").iterdir():
+            image.unlink()
+    (root / emptied[0] / "bee" / "notes.txt").write_text("not an image")
+    (root / emptied[0] / "bee" / ".DS_Store").write_bytes(b"")
+    message = (rf"^class folder {root / emptied[0] / 'bee'} holds no images \(PNG or JPEG\), so its class would be "
+               rf"left out: put the class's images in it, or remove the class from every split$")
+    with pytest.raises(DataError, match=message):
+        load_split("folder", emptied[0], root, val_size=6)
+    with pytest.raises(DataError, match=message):
+        split_class_names("folder", emptied[0], root)
+
+
 def test_a_16_bit_image_is_scaled_to_8_bits(tmp_path):
     """PIL's convert('RGB') clips a 16-bit grey PNG to white; its levels are scaled instead."""
     from PIL import Image
@@ -379,18 +400,21 @@ def test_a_split_must_fit_what_the_backbone_was_trained_on():
             check_fits_backbone(split, "val", dataset, val_size, seed, config)
     for other, why in (({"class_names": ["dog", "cat"]}, "the same classes in another order"),
                        ({"class_names": None, "num_classes": 3}, "unnamed in the backbone"),
-                       ({"class_names": ["cat", "frog"]}, "missing 'frog'; not expected 'dog'")):
+                       ({"class_names": ["cat", "frog"]},
+                        "the backbone has class 'frog' that the data set lacks; the data set has class 'dog' that the "
+                        "backbone lacks")):
         with pytest.raises(DataError, match=f"are not the backbone's .*{why}"):
             check_fits_backbone(split, "test", "pets", 100, 0, {**config, **other})
 
 
 def test_class_names_that_differ_only_in_their_unicode_form_are_shown_so():
     composed, decomposed = unicodedata.normalize("NFC", "dög"), unicodedata.normalize("NFD", "dög")
-    assert class_difference([decomposed, "cat"], [composed, "cat"]) == (
-        "missing 'd\\xf6g'; not expected 'do\\u0308g'; some are the same names in another Unicode form (macOS "
-        "writes file names decomposed, NFD)")
+    assert class_difference([decomposed, "cat"], [composed, "cat"], "test/", "train/") == (
+        "train/ has class 'd\\xf6g' that test/ lacks; test/ has class 'do\\u0308g' that train/ lacks; some are the "
+        "same names in another Unicode form (macOS writes file names decomposed, NFD)")
     many = [f"c{i}" for i in range(8)]
-    assert class_difference([], many) == "missing 'c0', 'c1', 'c2', 'c3', 'c4' and 3 more"
+    assert class_difference([], many, "test/", "train/") == (
+        "train/ has classes 'c0', 'c1', 'c2', 'c3', 'c4' and 3 more that test/ lacks")
 
 
 def test_a_data_set_known_by_name_with_another_count_of_classes_is_refused_before_it_is_read(tmp_path, monkeypatch):

@@ -634,8 +634,9 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("output_dir_is_a_file", "is a file, not a directory"),
     ("output_dir_below_a_file", "/out is a file, not a directory"),
     ("one_image", "1 image to evaluate: the paired intervals need at least 2"),
-    ("other_classes", "the data set's 10 classes are not the backbone's 10 (missing 'class 0', 'class 1', 'class 2', "
-                      "'class 3', 'class 4' and 5 more; not expected 'airplane', "),
+    ("other_classes", "the data set's 10 classes are not the backbone's 10 (the backbone has classes 'class 0', "
+                      "'class 1', 'class 2', 'class 3', 'class 4' and 5 more that the data set lacks; the data set has "
+                      "classes 'airplane', "),
     ("validation_the_backbone_trained_on", "would hold images the backbone trained on: it held out 2000 images "
                                            "drawn with seed 1, and a validation split must be those or a part of "
                                            "them (seed 1, at most 2000 images)"),

@@ -321,10 +321,13 @@ def _held_raw_split(dataset: str, root: Path, split: str, download: bool) -> Ite
 
 def _check_layout(raw: ImageDataset) -> None:
     """A DataError for an ImageFolder (a directory or a tar of one) whose images are not each in a class folder,
-    of two classes at least, or of which an image file is hidden: timm labels an image by its innermost folder, so
-    ``cat/2019/`` would be a class ``2019`` of its own, shared by every class that holds such a folder, and hidden
-    files (macOS ``._`` copies, Jupyter's ``.ipynb_checkpoints/``) would be read as images. A warning names the
-    files of image formats that are skipped (timm reads PNG and JPEG only)."""
+    of two classes at least, or of which an image file is hidden, or for a class directory without images: timm
+    labels an image by its innermost folder, so ``cat/2019/`` would be a class ``2019`` of its own, shared by every
+    class that holds such a folder; hidden files (macOS ``._`` copies, Jupyter's ``.ipynb_checkpoints/``) would be
+    read as images; and timm numbers the classes that hold images only, so an empty ``ship/`` would leave the class
+    out of this split (of the model, where every split lacks it) instead of saying so. A warning names the files of
+    image formats that are skipped (timm reads PNG and JPEG only). A tar is indexed by timm as a stream of its
+    images, which keeps no directory, so an empty class folder is seen in a directory only."""
     source = Path(raw.reader.root)
     in_directory = source.is_dir()
     for name in raw.reader.filenames(basename=False, absolute=False):
@@ -337,9 +340,15 @@ def _check_layout(raw: ImageDataset) -> None:
                             f"({parts[-2]!r}): keep each class's images in {source}/<class>/ itself")
     if in_directory:
         read, known = get_img_extensions(as_set=True), Image.registered_extensions()
-        skipped = sorted({suffix for folder in os.scandir(source) if folder.is_dir()
-                          for entry in os.scandir(folder.path) if not entry.name.startswith(".")
-                          and (suffix := os.path.splitext(entry.name)[1].lower()) in known and suffix not in read})
+        suffixes = {folder.path: {os.path.splitext(entry.name)[1].lower() for entry in os.scandir(folder.path)
+                                  if not entry.name.startswith(".") and entry.is_file()}
+                    for folder in os.scandir(source) if folder.is_dir() and not folder.name.startswith(".")}
+        empty = sorted(folder for folder, found in suffixes.items() if not found & read)
+        if empty:
+            raise DataError(f"class folder {empty[0]} holds no images (PNG or JPEG), so its class would be left out: "
+                            f"put the class's images in it, or remove the class from every split")
+        skipped = sorted({suffix for found in suffixes.values() for suffix in found if suffix in known
+                          and suffix not in read})
         if skipped:
             warnings.warn(f"{source} holds images in formats that are not read, skipped ({', '.join(skipped)}): "
                           f"convert them to PNG or JPEG to use them", stacklevel=2)
@@ -379,15 +388,18 @@ def split_class_names(dataset: str, split: str, data_dir: str | os.PathLike | No
         return _class_names(raw)
 
 
-def class_difference(found: Sequence[str], expected: Sequence[str]) -> str:
-    """What tells two lists of class names apart, for an error message: the names missing and those not
-    expected (``ascii``, so that names that differ only in their Unicode form show it), or their order."""
+def class_difference(found: Sequence[str], expected: Sequence[str], found_in: str, expected_in: str) -> str:
+    """What tells two lists of class names apart, for an error message: the classes that each of ``found_in`` and
+    ``expected_in`` (what holds ``found`` and ``expected``: ``"the test split"``) has and the other lacks (``ascii``,
+    so that names that differ only in their Unicode form show it), or their order."""
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
     if not missing and not unexpected:
         return "the same classes in another order"
-    parts = [f"{label} {', '.join(map(ascii, names[:5]))}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-             for label, names in (("missing", missing), ("not expected", unexpected)) if names]
+    parts = [f"{holder} has class{'es' if len(names) > 1 else ''} {', '.join(map(ascii, names[:5]))}"
+             + (f" and {len(names) - 5} more" if len(names) > 5 else "") + f" that {other} lacks"
+             for holder, other, names in ((expected_in, found_in, missing), (found_in, expected_in, unexpected))
+             if names]
     if ({unicodedata.normalize("NFC", name) for name in missing}
             & {unicodedata.normalize("NFC", name) for name in unexpected}):
         parts.append("some are the same names in another Unicode form (macOS writes file names decomposed, NFD)")
@@ -444,7 +456,8 @@ def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> N
     ``backbone_config`` was trained on: its answers would be compared with other labels."""
     classes = tuple(backbone_config.get("class_names") or ())
     if (classes and classes != tuple(found)) or len(found) != backbone_config["num_classes"]:
-        difference = class_difference(found, classes) if classes else "unnamed in the backbone"
+        difference = (class_difference(found, classes, "the data set", "the backbone") if classes
+                      else "unnamed in the backbone")
         raise ClassesDiffer(f"the data set's {len(found)} classes are not the backbone's "
                             f"{backbone_config['num_classes']} ({difference})")
 
