@@ -299,7 +299,10 @@ def comma_separated(item: Callable[[str], Item], what: str) -> Callable[[str], t
     ``type``), in the order given; ``what`` names the values in its messages (``block indices``). An empty value
     (``3,,6``, a comma at either end, an empty string) is refused rather than skipped: it is a typo or a value left
     out. A value that ``item`` answers with a ``ValueError`` (``int("a")``) is refused with a message naming
-    ``what``; an ``ArgumentTypeError`` of ``item``'s own (a value out of range) keeps its message."""
+    ``what``; an ``ArgumentTypeError`` of ``item``'s own (a value out of range) keeps its message, followed by the
+    whole text where it holds several values, since the value it names is only a part of what was typed. Two
+    values that read as one with a decimal point (``0,5``: 0 and 5, where 0.5 was meant) get a hint that ','
+    separates values and '.' is the decimal point."""
     def parse(text: str) -> tuple[Item, ...]:
         values = [value.strip() for value in text.split(",")]
         if "" in values:
@@ -308,8 +311,23 @@ def comma_separated(item: Callable[[str], Item], what: str) -> Callable[[str], t
             return tuple(map(item, values))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        except argparse.ArgumentTypeError as error:
+            if len(values) == 1:
+                raise
+            hint = (f": ',' separates {what} and '.' is the decimal point, as in {'.'.join(values)}"
+                    if len(values) == 2 and _reads(item, ".".join(values)) else "")
+            raise argparse.ArgumentTypeError(f"{error} (of {text!r}{hint})") from None
 
     return parse
+
+
+def _reads(item: Callable[[str], Any], text: str) -> bool:
+    """Whether the argparse ``type`` ``item`` takes ``text``."""
+    try:
+        item(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        return False
+    return True
 
 
 DURATION_UNITS = {"s": (1.0, "seconds"), "m": (60.0, "minutes"), "min": (60.0, "minutes"), "h": (3600.0, "hours")}

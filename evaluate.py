@@ -215,7 +215,7 @@ def _checkpoints_per_budget(text: str) -> dict[float, Path]:
             if not sep or not path.strip():
                 raise argparse.ArgumentTypeError("no path")
             budget = removal_ratio(ratio)
-        except argparse.ArgumentTypeError as error:
+        except (argparse.ArgumentTypeError, ValueError) as error:
             raise argparse.ArgumentTypeError(f"expected RATIO=PATH pairs (such as 0.3=runs/marl/checkpoint), got "
                                              f"{part!r} ({error})") from None
         if budget in out:

@@ -57,9 +57,12 @@ class ProblemError(UsageError):
     every bad argument is, so that a Python caller catches a bad budget as it catches a bad reduction."""
 
 
-def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, factory: bool = False) -> Any:
-    """A dataclass field with its one-line doc (the ``--flag`` help) and, for strings, its choices."""
-    metadata = {"doc": doc, "choices": choices}
+def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, factory: bool = False,
+            ratio: bool = False) -> Any:
+    """A dataclass field with its one-line doc (the ``--flag`` help) and, for strings, its choices; ``ratio``: a
+    removal ratio, whose flag reads a sweep of them as :data:`removal_ratio_sweep` (each in (0, 1), the whole
+    value in the message of one that is not), not as any number."""
+    metadata = {"doc": doc, "choices": choices, "ratio": ratio}
     if factory:
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -165,7 +168,7 @@ class PruningProblem:
     val_limit: int = setting(1000, "validation images scored at each checkpoint")
     prune_points: tuple[int, ...] = setting(DEFAULT_PRUNE_POINTS, "blocks before which tokens are pruned")
     target_ratio: float = setting(0.5, "fraction of live patch tokens removed at each pruning point "
-                                       "(0.5: 64->32->16->8)")
+                                       "(0.5: 64->32->16->8)", ratio=True)
     train_ratios: tuple[float, ...] = setting((), "removal ratios each training image draws one of, uniformly, so "
                                                   "that one policy serves them all (it sees 1 - ratio); empty: "
                                                   "target_ratio alone. Validation stays at target_ratio")
@@ -364,10 +367,12 @@ def budget_key(ratio: float) -> float:
 
 
 def removal_ratio(text: str) -> float:
-    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), as a :func:`budget_key`."""
+    """An argparse ``type``: a fraction of tokens to remove, in (0, 1), as a :func:`budget_key`. What is no number
+    is float's ``ValueError``, which :func:`cli.comma_separated` answers naming the flag's values."""
+    value = float(text)
     try:
-        value = check_target_ratio(float(text), "a removal ratio")
-    except ValueError as error:  # not a number, or outside (0, 1)
+        check_target_ratio(value, "a removal ratio")
+    except ProblemError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     key = budget_key(value)
     if not 0.0 < key < 1.0:
@@ -378,6 +383,9 @@ def removal_ratio(text: str) -> float:
 
 removal_ratios = comma_separated(removal_ratio, "removal ratios")
 """An argparse ``type``: one or more comma-separated :func:`removal_ratio` values, in the order given."""
+
+removal_ratio_sweep = comma_separated(removal_ratio, "removal ratios to sweep")
+""":data:`removal_ratios` as a setting's flag takes them (``--target-ratio 0.3,0.5``: a trial each)."""
 
 
 def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
@@ -400,7 +408,8 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         choices = f.metadata["choices"]
-        group.add_argument(flag_name(f.name), dest=prefix + f.name, type=_parser_type(hints[f.name]), default=None,
+        parse = removal_ratio_sweep if f.metadata["ratio"] else _parser_type(hints[f.name])
+        group.add_argument(flag_name(f.name), dest=prefix + f.name, type=parse, default=None,
                            choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
                            help=f"{f.metadata['doc']} (default: {shown})")
 

@@ -199,8 +199,8 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(comm
 @pytest.mark.parametrize(("command", "flag", "values", "first", "second"), [
     ("train", "--prune-points", "block indices", "3", "6"),
     ("train", "--train-ratios", "removal ratios", "0.3", "0.5"),
-    ("train", "--target-ratio", "numbers", "0.3", "0.5"),  # the parser of every number setting (a sweep)
-    ("train", "--seed", "numbers", "1", "2"),
+    ("train", "--target-ratio", "removal ratios to sweep", "0.3", "0.5"),
+    ("train", "--seed", "numbers", "1", "2"),  # the parser of every other number setting (a sweep)
     ("evaluate", "--prune-points", "block indices", "3", "6"),
     ("evaluate", "--cascade-points", "block indices", "3", "6"),
     ("evaluate", "--budgets", "removal ratios", "0.3", "0.5"),
@@ -215,6 +215,24 @@ def test_an_empty_value_of_a_comma_separated_flag_is_refused(command, flag, valu
     assert importlib.import_module(command).main([flag, given]) == 2
     err = capsys.readouterr().err
     assert err == f"error: argument {flag}: expected comma-separated {values} with none empty, got {given!r}\n"
+
+
+@pytest.mark.parametrize(("command", "flag", "given", "message"), [
+    ("train", "--target-ratio", "0,5", "a removal ratio must be in (0, 1), got 0.0 (of '0,5': ',' separates removal "
+                                       "ratios to sweep and '.' is the decimal point, as in 0.5)"),
+    ("train", "--train-ratios", "0.3,5", "a removal ratio must be in (0, 1), got 5.0 (of '0.3,5')"),
+    ("train", "--target-ratio", "1.5", "a removal ratio must be in (0, 1), got 1.5"),
+    ("evaluate", "--budgets", "0,7", "a removal ratio must be in (0, 1), got 0.0 (of '0,7': ',' separates removal "
+                                     "ratios and '.' is the decimal point, as in 0.7)"),
+    ("evaluate", "--budgets", "1,5", "a removal ratio must be in (0, 1), got 1.0 (of '1,5')"),  # 1.5 is none either
+    ("evaluate", "--speed-batch-sizes", "1,0", "must be at least 1, got 0 (of '1,0')"),  # 1.0 is no batch size
+])
+def test_a_value_out_of_range_in_a_comma_separated_flag_shows_the_whole_value(command, flag, given, message,
+                                                                               capsys):
+    """The value a parser refuses is one part of what was typed: the message shows all of it, and where the two
+    parts read as one number with a decimal point (a decimal comma, ``0,5`` for a sweep of 0 and 5), says so."""
+    assert importlib.import_module(command).main([flag, given]) == 2
+    assert capsys.readouterr().err == f"error: argument {flag}: {message}\n"
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])

@@ -235,13 +235,13 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
 
 
 def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
-    for flags, message in ((["--target-ratio", "1.5"], "target_ratio must be in (0, 1), got 1.5"),
+    for flags, message in ((["--target-ratio", "1.5"], "--target-ratio: a removal ratio must be in (0, 1), got 1.5"),
                            (["--num-workers", "-1"], "--num-workers: must be at least 0, got -1"),
                            (["--prune-points", "a,b"], "expected comma-separated block indices, got 'a,b'"),
                            (["--resume"], "nothing to resume: no run in"),
                            (["--reduction", "prune"], "--reduction: invalid choice: 'prune'"),
                            (["--iterations", "many"], "--iterations: expected an integer, got 'many'"),
-                           (["--target-ratio", "0.3,x"], "comma-separated numbers, got '0.3,x'"),
+                           (["--target-ratio", "0.3,x"], "comma-separated removal ratios to sweep, got '0.3,x'"),
                            (["--resume", "--from-checkpoint", "x"], "pass one of them"),
                            (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
                            (["--from-checkpoint", "x", "--reduction", "drop", "--lr", "1e-4"],
