@@ -23,6 +23,8 @@ from importlib.metadata import PackageNotFoundError, packages_distributions, ver
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from tqdm import tqdm
+
 from envs.errors import UsageError, UserError
 from envs.vit.backbone_checkpoint import REPO_ROOT, installed_without_repository
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
@@ -108,6 +110,15 @@ def signal_handlers_restored(numbers: Sequence[int]) -> Iterator[bool]:
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, total: int, name: str | None, unit: str,
+                 leave: bool = True) -> tqdm:
+    """The commands' progress bar named ``name`` on stderr (tqdm, over ``iterable`` or updated by hand), where
+    stderr is a terminal: tqdm's ``disable=None``. Where it is not (a log file, a pipe) and where ``name`` is None,
+    a bar that writes nothing (its ``disable`` is true): redrawn with carriage returns, a bar would fill a log
+    with one line of every redraw."""
+    return tqdm(iterable, total=total, desc=name, unit=unit, leave=leave, disable=None if name is not None else True)
 
 
 def code_commit() -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Iterator
 
@@ -18,8 +17,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
+from cli import progress_bar
 from envs.vit.augment import RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import ImageSplit, StreamedImages, errors_of_workers
@@ -125,9 +124,9 @@ def run_epoch(step: TrainingStep, images: torch.Tensor | StreamedImages, labels:
     steps done and the loss once every :data:`PROGRESS_LINE_EVERY_S`; each waits for the device."""
     device = labels.device
     order = torch.randperm(len(labels), generator=step.generator, device=device)
-    on_terminal = progress is not None and sys.stderr.isatty()
-    bar = tqdm(epoch_batches(images, order, batch_size, steps, pin_memory=device.type == "cuda"), total=steps,
-               desc=progress, leave=False, disable=not on_terminal)
+    bar = progress_bar(epoch_batches(images, order, batch_size, steps, pin_memory=device.type == "cuda"),
+                       total=steps, name=progress, unit="it", leave=False)
+    on_terminal = not bar.disable
     loss_sum = torch.zeros((), device=device)
     last_line = time.monotonic()
     for i, (batch, batch_images) in enumerate(bar):

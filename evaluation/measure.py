@@ -55,7 +55,7 @@ def evaluate_methods(staged: StagedViT, backbone_config: Mapping[str, Any], spli
     (``evaluation.speed.compile_models``). ``calibration``: the images that cascade rows are calibrated on
     (:func:`calibrate_cascades`), held out from ``split``. ``selection``: the images the heuristic that learned rows
     are compared with is chosen on (``evaluation.compare.best_heuristics``), held out from ``split``; None:
-    ``split`` itself.
+    ``split`` itself. ``progress``: progress bars on stderr where it is a terminal (``cli.progress_bar``).
     """
     device, speed_batch_sizes = torch.device(device), sorted(set(speed_batch_sizes))
     staged = staged.eval().to(device)

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import f1_score
-from tqdm import tqdm
 
+from cli import progress_bar
 from envs.vit.data import ImageSplit
 from envs.vit.scoring import percent_equal
 from evaluation.results_table import prediction_column
@@ -47,7 +47,7 @@ def normalized_batches(model: PrunedViT | CascadeViT, split: ImageSplit, batch_s
     """``split``'s images normalised for ``model``, on its device, ``batch_size`` at a time. With ``progress`` (a
     name), a progress bar of that name over the batches, shown from the first batch asked for, so that nothing is
     shown where none is read."""
-    with tqdm(total=math.ceil(len(split) / batch_size), desc=progress, unit="batch", disable=progress is None) as bar:
+    with progress_bar(total=math.ceil(len(split) / batch_size), name=progress, unit="batch") as bar:
         for images in split.batches(batch_size):
             yield model.normalize(images.to(model.device))
             bar.update()

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from cli import progress_bar
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import ImageSplit
 from envs.vit.timing import Key, images_per_second_in_turns, ratios_within_rounds, round_spread
@@ -70,8 +70,8 @@ def timed_in_turns(models: Mapping[Key, PrunedViT | CascadeViT], images: Mapping
     per_model = torch._dynamo.config.recompile_limit
     with torch._dynamo.config.patch(recompile_limit=per_model * len(models), fail_on_recompile_limit_hit=True,
                                     specialize_float=True), \
-            tqdm(total=len(images) * (warmup_rounds + rounds) * len(models), desc="timing", unit="pass",
-                 disable=not progress) as bar:
+            progress_bar(total=len(images) * (warmup_rounds + rounds) * len(models),
+                         name="timing" if progress else None, unit="pass") as bar:
         return {size: images_per_second_in_turns(runs, size_images, size, rounds, warmup_rounds, bar.update)
                 for size, size_images in images.items()}
 

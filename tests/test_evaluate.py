@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import itertools
 import json
 import math
@@ -300,6 +301,32 @@ def test_bfloat16_rows_run_on_the_device_and_keep_their_token_counts(device, for
     settings = json.loads((output / "results.json").read_text())["settings"]
     assert settings["device"] == describe_device(resolve_device(device)) and settings["dtype"] == "bfloat16"
     assert f"images: 8; device: {settings['device']}; dtype: bfloat16\n" in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    """A stderr that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only(tiny_staged, small_split, monkeypatch, capsys):
+    """evaluate.py's bars (of the forwards and of the timings) are drawn where stderr is a terminal; a log file
+    that stderr is redirected to gets none, since each redraw would be a carriage-return line of it."""
+    methods = [Method("Baseline (unpruned)", "baseline"), Method("Random", "random", TARGET_RATIO),
+               Method("Greedy attention", "attention", TARGET_RATIO)]
+
+    def evaluate_with_bars() -> None:
+        evaluate_methods(copy.deepcopy(tiny_staged[0]), tiny_staged[1], small_split, methods, "merge",
+                         speed_repeats=1, speed_batch_sizes=(4,))
+
+    evaluate_with_bars()
+    assert capsys.readouterr().err == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate_with_bars()
+    drawn = terminal.getvalue()
+    assert "evaluating 3 methods: 100%" in drawn and "timing: 100%" in drawn
 
 
 @pytest.mark.parametrize("device", DEVICES)
