@@ -119,7 +119,8 @@ def test_sweep_checkpoints_resume_and_start_from_a_checkpoint(tmp_path, tiny_bac
         assert info.problem.train_ratios == (0.2, 0.5) and info.commit == code_commit()  # None outside a clone
         assert info.backbone_digest == weights_digest(tiny_backbone) is not None  # the weights the agents learned on
         assert info.problem.ppo.minibatch_size == 32 and 0 <= info.val_score <= 100  # exact-budget accuracy, %
-        best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, -read_checkpoint_info(c).iteration))
+        # the latest of equal scores, as Tune keeps it
+        best = max(mine, key=lambda c: (read_checkpoint_info(c).val_score, read_checkpoint_info(c).iteration))
         shown = f"run/{name}/{best.name}"
         assert f"[{name}] best checkpoint: {shown} (best on validation: iteration" in out
         assert f"[{name}] evaluate it: python {evaluate_py} --checkpoint {shown} --data-dir {data_dir}" in out
