@@ -43,6 +43,7 @@ from cli import positive_int
 from envs.problem import PruningProblem, block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
+from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from evaluate import CASCADE_PRUNE_POINTS, DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
@@ -193,12 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     exact_correct = (val[reference].predictions == labels).numpy().astype(float)
     print(f"{len(labels)} validation images; the budget: greedy similarity removing {budget_ratio:g} at pruning "
           f"points {staged.prune_points}, {budget:.4f} GFLOPs, {100 * exact_correct.mean():.2f}%; the unpruned "
-          f"model: {100 * (val[UNPRUNED].predictions == labels).float().mean():.2f}%")
+          f"model: {percent_equal(val[UNPRUNED].predictions, labels):.2f}%")
     print("single passes:")
     for name, single in val.items():
         print(f"  {name:>22}: {single.gflops:.4f} GFLOPs, acc "
-              f"{100 * (single.predictions == labels).float().mean():.2f}%, agree "
-              f"{100 * (single.predictions == val[UNPRUNED].predictions).float().mean():.2f}%")
+              f"{percent_equal(single.predictions, labels):.2f}%, agree "
+              f"{percent_equal(single.predictions, val[UNPRUNED].predictions):.2f}%")
     ranked = sorted(pairs, key=train_agreement.get, reverse=True)
 
     def report(name: str, first: str, second: str, scores: torch.Tensor | None = None) -> None:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         correct = (predictions == labels).numpy().astype(float)
         difference, low, high = paired_difference(correct, exact_correct)
         print(f"  {name} on {100 * rerun.float().mean():.1f}%: val acc {100 * correct.mean():.2f}%, agree "
-              f"{100 * (predictions == val[UNPRUNED].predictions).float().mean():.2f}%, vs the budget's greedy "
+              f"{percent_equal(predictions, val[UNPRUNED].predictions):.2f}%, vs the budget's greedy "
               f"similarity {difference:+.2f} [{low:+.2f}, {high:+.2f}]", flush=True)
 
     print(f"cascades by the margin rule, best {args.show} of {len(pairs)} by agreement on the train images:")

@@ -53,6 +53,7 @@ from envs.vit.pruned_forward import (
     concat_states,
     exact_forward_from,
 )
+from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest
 from evaluate import DEFAULT_CHECKPOINT
@@ -191,13 +192,13 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
     greedy = next(iter(rows))
     correct = {row: (value.argmax(1) == labels).numpy().astype(float) for row, value in logits.items()}
     print(f"[validation] {len(labels)} images, r = {problem.target_ratio}, {problem.reduction}; unpruned "
-          f"{100 * (val_unpruned.argmax(1) == labels).double().mean():.2f}%")
+          f"{percent_equal(val_unpruned.argmax(1), labels):.2f}%")
     print(f"{'selection':<36} {'acc %':>6} {'agree %':>8} {'KL':>7} {'differs %':>10} {'vs greedy':>10} "
           f"{'95% CI':>16}")
     for row, value in logits.items():
         difference, low, high = paired_difference(correct[row], correct[greedy])
         kl = kl_from_unpruned(val_unpruned, value).mean().item()
-        agree = 100 * (value.argmax(1) == val_unpruned.argmax(1)).double().mean().item()
+        agree = percent_equal(value.argmax(1), val_unpruned.argmax(1))
         differs = torch.stack([(torch.cat(kept_sets[row][point]) != torch.cat(kept_sets[greedy][point])).any(dim=1)
                                for point in range(len(staged.prune_points))]).any(dim=0)  # at some pruning point
         print(f"{row:<36} {100 * correct[row].mean():6.2f} {agree:8.2f} {kl:7.4f} "

@@ -29,6 +29,7 @@ from cli import positive_int, random_seed
 from envs.pruning_env import fidelity
 from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
+from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'selection':<56} {'acc %':>6} {'agree %':>8} {'fidelity':>9} {'vs pair':>8} {'95% CI':>16}")
     for name in rows:
         difference, low, high = paired_difference(correct[name], correct[reference])
-        agree = 100 * (probs[name].argmax(1) == val_unpruned).double().mean().item()
+        agree = percent_equal(probs[name].argmax(1), val_unpruned)
         print(f"{name:<56} {100 * correct[name].mean():6.2f} {agree:8.2f} "
               f"{mean_fidelity(probs[name], val_unpruned):9.4f} {difference:+8.2f} "
               f"[{low:+6.2f}, {high:+6.2f}]")

@@ -26,6 +26,7 @@ from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import limited_positions
 from envs.vit.held_out import load_checked_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
+from envs.vit.scoring import percent_equal
 from evaluation.compare import paired_difference
 from policies.checkpoints import (
     PolicyCheckpointError,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, select in recorders.items():
                 logits = exact_forward(staged, inputs, select, problem.target_ratio, problem.reduction)
                 predictions[name].append(logits.argmax(1))
-    labels, unpruned = labels.numpy(), torch.cat(unpruned).numpy()
+    labels, unpruned = labels.numpy(), torch.cat(unpruned)
     correct = {name: (torch.cat(p).numpy() == labels).astype(float) for name, p in predictions.items()}
     kept = {name: torch.cat(p[last_point]) for name, p in positions.items()}  # the tokens that reach the head
     greedy, imitated, alone = list(rows)[2:]
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         difference, low, high = paired_difference(correct[name], correct[greedy])
         differ = {other: 100 * (kept[name] != kept[other]).any(dim=1).double().mean().item()
                   for other in (greedy, imitated, alone)}
-        agree = 100 * (torch.cat(predictions[name]).numpy() == unpruned).mean()
+        agree = percent_equal(torch.cat(predictions[name]), unpruned)
         print(f"{name:<46} {100 * correct[name].mean():6.2f} {agree:8.2f} "
               f"{difference:+10.2f} [{low:+6.2f}, {high:+6.2f}] {differ[greedy]:14.1f}% {differ[imitated]:11.1f}% "
               f"{differ[alone]:13.1f}%")

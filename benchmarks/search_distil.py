@@ -45,6 +45,7 @@ from benchmarks.content_headroom import (
 from benchmarks.split_states import first_stage_states
 from cli import non_negative_float, positive_float, positive_int, random_seed
 from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_forward_from, prune_step
+from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, tokens_to_keep
 from evaluate import DEFAULT_CHECKPOINT
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                                for state in chunks])
     print(f"[distil] the scorer's most likely sets on the train images: KL "
           f"{kl_from_unpruned(unpruned, distilled).mean():.4f}, "
-          f"agreement {100 * (distilled.argmax(1) == unpruned.argmax(1)).double().mean():.2f}% "
+          f"agreement {percent_equal(distilled.argmax(1), unpruned.argmax(1)):.2f}% "
           f"(greedy similarity {greedy_kl.mean():.4f}, {100 * greedy_agree.double().mean():.2f}%)", flush=True)
 
     print_validation(staged, config, problem, args.data_dir, args.val_images,
