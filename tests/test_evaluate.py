@@ -57,7 +57,7 @@ from evaluation.predictions import predict
 from evaluation.results_table import prediction_column, write_results
 from policies import pruned_vit
 from policies.cascade import CascadeViT
-from policies.checkpoints import MODULES_DIR, export_path, load_policies, read_checkpoint_info
+from policies.checkpoints import MODULES_DIR, export_path, load_policies, load_rllib_policies, read_checkpoint_info
 from policies.distribution import ExactCount
 from policies.export import export_policies
 from policies.pruned_vit import PrunedViT
@@ -615,9 +615,12 @@ def test_a_policy_trained_at_several_ratios_gets_marl_rows_at_each_budget_among_
 
 
 def test_single_agent_checkpoint_gives_its_row_only(tmp_path, tiny_backbone):
+    """RLlib's files and the export of a one-agent run hold its module only, and evaluate.py plans its row only."""
     path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, agents="similarity")
+    unpickled, _ = load_rllib_policies(path)
+    export_policies(path)
     modules, info = load_policies(path)
-    assert list(modules) == ["similarity"]
+    assert list(unpickled) == list(modules) == ["similarity"]
     methods = plan_methods([0.5], {0.5: (modules, info.problem)})
     assert [m.name for m in methods] == ["Baseline (unpruned)", *HEURISTIC_ROWS, "MARL similarity only"]
 
