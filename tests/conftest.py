@@ -15,6 +15,7 @@ import torch
 from envs.vit.backbone_checkpoint import load_backbone, save_backbone
 from envs.vit.data import DATA_DIR_ENV
 from envs.vit.staged_vit import StagedViT
+from policies.export import export_policies
 from tests.tiny_policies import PRUNE_POINTS, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,10 +76,22 @@ def tiny_staged(tiny_backbone) -> tuple[StagedViT, dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_policy(tmp_path_factory, tiny_backbone, tiny_staged) -> Path:
+def unexported_policy(tmp_path_factory, tiny_backbone, tiny_staged) -> Path:
     """A checkpoint of both policies on the tiny backbone, calibrated so decisions vary, in RLlib's files only
-    (no export, as checkpoints were written before exports existed). Tests copy it before changing it."""
-    return write_checkpoint(tmp_path_factory.mktemp("policy"), tiny_backbone, calibrate_on=tiny_staged[0])
+    (no export, as checkpoints were written before exports existed): loading it unpickles them, with a warning.
+    For the tests of that path (its warning, its damaged pickles, its equality with the export); the others
+    take :func:`tiny_policy`. Tests copy it before changing it."""
+    return write_checkpoint(tmp_path_factory.mktemp("unexported_policy"), tiny_backbone, calibrate_on=tiny_staged[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, unexported_policy) -> Path:
+    """The same checkpoint with the export ``python -m policies.export`` writes, as train.py writes every
+    checkpoint: what users load, read without a pickle or the warning about them, which would otherwise be
+    every test's noise. Tests copy it before changing it."""
+    path = Path(shutil.copytree(unexported_policy, tmp_path_factory.mktemp("policy") / "policy"))
+    export_policies(path)
+    return path
 
 
 @pytest.fixture(scope="session")

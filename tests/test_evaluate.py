@@ -114,7 +114,8 @@ def results(tiny_policy, data_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame
 
 
 def without_the_warning_of_no_export(err: str) -> str:
-    """A command's stderr without the warning line that a checkpoint without an export gets (the tiny policy's)."""
+    """A command's stderr without the warning line that a checkpoint without an export gets (``unexported_policy``,
+    those ``write_checkpoint`` writes)."""
     return "".join(line for line in err.splitlines(keepends=True)
                    if not (line.startswith("warning: ") and " has no export: " in line))
 
@@ -530,7 +531,7 @@ def test_policy_rows_cut_to_live_tokens_match_the_engine_layout(tiny_policy, tin
 def test_marl_exact_is_what_the_training_env_does_with_the_most_likely_sets(tiny_policy, tiny_staged, split):
     """The env's turns, with each module's most likely set as its action (what RLlib's deterministic policy
     acts), prune every image exactly as the MARL exact row does: the seam between training and evaluation."""
-    modules, _ = load_policies(tiny_policy)
+    modules, _ = load_rllib_policies(tiny_policy)  # the RLlib modules, whose forward_inference training acts with
     model, config = tiny_staged
     count = 16
     engine = PruningEngine(model, config, split.images[:count], split.labels[:count], TARGET_RATIO, "merge")
@@ -595,12 +596,13 @@ def test_checkpoints_per_budget_add_marl_rows(tiny_policy, tiny_backbone, data_d
                                       for budget, path in (("0.3", other), ("0.5", tiny_policy))}
 
 
-def test_a_policy_trained_at_several_ratios_gets_marl_rows_at_each_budget_among_them(tiny_policy, data_dir,
+def test_a_policy_trained_at_several_ratios_gets_marl_rows_at_each_budget_among_them(unexported_policy, data_dir,
                                                                                       tmp_path):
-    checkpoint = shutil.copytree(tiny_policy, tmp_path / "ckpt")
+    checkpoint = shutil.copytree(unexported_policy, tmp_path / "ckpt")
     config = json.loads((checkpoint / "pruning_config.json").read_text())
     config["problem"]["train_ratios"] = [0.3, 0.5]
     (checkpoint / "pruning_config.json").write_text(json.dumps(config))
+    export_policies(checkpoint)  # which records the problem too, as train.py's checkpoint would
     output = tmp_path / "out"
     assert evaluate.main(cli(checkpoint, data_dir, output, "--budgets", "0.3,0.7", "--no-speed")) == 0
     table = pd.read_csv(output / "results.csv")
@@ -695,21 +697,24 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("speed_repeats_without_speed", "--speed-repeats is for the timing columns, which --no-speed skips"),
     ("compile_without_speed", "--compile is for the timing columns, which --no-speed skips"),
 ])
-def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_backbone, data_dir, tmp_path,
+def test_errors_are_one_line_and_write_nothing(case, message, unexported_policy, tiny_backbone, data_dir, tmp_path,
                                                capsys, monkeypatch):
-    path, extra, data, output = tiny_policy, [], data_dir, tmp_path / "out"
+    """On a checkpoint without an export: a damaged pickle and a missing module are errors of RLlib's files, and
+    the warning about its pickles, printed once it is read, shows which errors come before it is read."""
+    path, extra, data, output = unexported_policy, [], data_dir, tmp_path / "out"
     if case == "missing":
         path = tmp_path / "nowhere"
     elif case in ("not_a_checkpoint", "trial_not_a_checkpoint"):  # a train.py output or trial directory
         run = tmp_path / "run"
         for index, score in ((3, 50.0), (4, 40.0)):
-            checkpoint = Path(shutil.copytree(tiny_policy, run / "target_ratio=0.5" / f"checkpoint_00000{index}"))
+            checkpoint = run / "target_ratio=0.5" / f"checkpoint_00000{index}"
+            shutil.copytree(unexported_policy, checkpoint)
             config = json.loads((checkpoint / "pruning_config.json").read_text())
             (checkpoint / "pruning_config.json").write_text(json.dumps({**config, "val_score": score}))
         path = run if case == "not_a_checkpoint" else run / "target_ratio=0.5"
         message += f" {run / 'target_ratio=0.5' / 'checkpoint_000003'}"
     elif case == "truncated":
-        path = truncated(Path(shutil.copytree(tiny_policy, tmp_path / "copy")))
+        path = truncated(Path(shutil.copytree(unexported_policy, tmp_path / "copy")))
     elif case == "backbone_as_checkpoint":
         path = tiny_backbone
     elif case == "backbone_moved":
@@ -722,7 +727,7 @@ def test_errors_are_one_line_and_write_nothing(case, message, tiny_policy, tiny_
     elif case == "prune_points_beyond_depth":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, prune_points=(3, 6, 9))
     elif case == "missing_module":
-        path = Path(shutil.copytree(tiny_policy, tmp_path / "copy"))
+        path = Path(shutil.copytree(unexported_policy, tmp_path / "copy"))
         shutil.rmtree(path / MODULES_DIR / "similarity")
     elif case == "bad_budget":
         extra = ["--budgets", "0.5,1.5"]
@@ -802,7 +807,6 @@ def test_a_checkpoint_in_the_place_of_another_or_of_the_output_is_named(tiny_pol
     (the results would land among its files) and an empty --output-dir (an unset variable: the current directory)
     are refused in one line before anything is read."""
     checkpoint = Path(shutil.copytree(tiny_policy, tmp_path / "checkpoint"))
-    export_policies(checkpoint)
     shared = export_path(checkpoint).rename(tmp_path / "shared_policy")
     for flags, message in (
             (["--heuristics-only", "--backbone", str(shared)],
@@ -823,7 +827,7 @@ def test_a_checkpoint_in_the_place_of_another_or_of_the_output_is_named(tiny_pol
             (["--output-dir="], "error: argument --output-dir: empty: name a directory (an unset shell variable?)\n")):
         before = sorted(path.name for path in Path.cwd().iterdir())
         assert evaluate.main([*flags, "--data-dir", str(tmp_path / "no_data"), "--no-speed"]) == 2
-        assert without_the_warning_of_no_export(capsys.readouterr().err) == message
+        assert capsys.readouterr().err == message
         assert sorted(path.name for path in Path.cwd().iterdir()) == before
 
 
@@ -892,22 +896,28 @@ sys.exit(code)
 """
 
 
-def test_an_exported_policy_evaluates_without_ray_to_the_same_table(results, tiny_policy, data_dir, tmp_path):
+def test_an_exported_policy_evaluates_without_ray_to_the_same_table(unexported_policy, tiny_policy, data_dir,
+                                                                     tmp_path, capsys):
     """Inference needs torch, not Ray or gymnasium (a GPU box or a deployment image without them): evaluate.py
     runs a checkpoint's export with both unimportable, and the policy's plain-torch networks give the numbers
-    the RLlib modules gave. The run repeats the ``results`` fixture's, so it also shows that an evaluation is
-    deterministic: the same settings write the same results.csv, to the byte."""
-    checkpoint = shutil.copytree(tiny_policy, tmp_path / "policy")
-    export_policies(checkpoint)
+    the RLlib modules gave, which the same checkpoint without its export is evaluated with, after one warning
+    line. The two runs have the same settings, so this also shows that an evaluation is deterministic: they write
+    the same results.csv, to the byte."""
+    unpickled = tmp_path / "unpickled"
+    assert evaluate.main(cli(unexported_policy, data_dir, unpickled, "--budgets", "0.3,0.5", "--no-speed")) == 0
+    # said once, in one line, as pickles run the code of whoever wrote them
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {unexported_policy} has no export: its policies are read from RLlib's pickled files, which run "
+        f"code of whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)"]
     output = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", EVALUATE_WITHOUT_RL_PACKAGES,
-                           *cli(checkpoint, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")],
+                           *cli(tiny_policy, data_dir, output, "--budgets", "0.3,0.5", "--no-speed")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    table, expected = pd.read_csv(output / "results.csv"), results[1]
+    table, expected = pd.read_csv(output / "results.csv"), pd.read_csv(unpickled / "results.csv")
     assert set(MARL_ROWS) <= set(table["method"])
     pd.testing.assert_frame_equal(table.drop(columns=TIMING), expected.drop(columns=TIMING))
-    assert (output / "results.csv").read_text() == (results[0] / "results.csv").read_text()
+    assert (output / "results.csv").read_text() == (unpickled / "results.csv").read_text()
 
 
 def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path, capsys):
@@ -968,8 +978,7 @@ def test_learned_rows_compare_with_the_best_heuristic_and_tome_at_their_budget(r
 def test_the_best_heuristic_is_the_most_accurate_on_the_validation_images_not_the_test_images(
         results, tiny_policy, data_dir, tmp_path, capsys):
     """A test run chooses it on --selection-images validation images (the first of equals in table order): a run
-    on those very images (--split val, the same seeded subset) reads it as their most accurate heuristic. A
-    checkpoint without an export is evaluated with a one-line warning."""
+    on those very images (--split val, the same seeded subset) reads it as their most accurate heuristic."""
     output, table = results
     assert json.loads((output / "results.json").read_text())["settings"]["best_heuristic_chosen_on"] == \
         "48 validation images"
@@ -977,10 +986,7 @@ def test_the_best_heuristic_is_the_most_accurate_on_the_validation_images_not_th
     assert evaluate.main([*cli(tiny_policy, data_dir, on_val, "--budgets", "0.3,0.5", "--no-speed", "--split", "val"),
                           "--limit", "48"]) == 0
     err = capsys.readouterr().err
-    # the tiny policy has no export: said once, in one line, as pickles run the code of whoever wrote them
-    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
-        f"warning: {tiny_policy} has no export: its policies are read from RLlib's pickled files, which run code of "
-        f"whoever wrote them (load only checkpoints you trust; python -m policies.export writes an export)"]
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == []  # an export warns of nothing
     val = pd.read_csv(on_val / "results.csv")
     heuristics = val[val["method"].isin(HEURISTIC_ROWS) & (val["budget"] == TARGET_RATIO)].set_index("method")
     chosen = table[table["method"].isin(MARL_ROWS)]["best_heuristic"]
@@ -1108,7 +1114,7 @@ def test_marl_cascade_row_is_the_agents_in_the_cascade_and_answers_to_greedy_sim
 
 def test_training_validation_scores_the_modes_evaluate_reports(tiny_policy, tiny_staged, split):
     """train.py selects checkpoints by PruningEngine.validate: it must be evaluate.py's MARL rows."""
-    modules, info = load_policies(tiny_policy)
+    modules, info = load_rllib_policies(tiny_policy)  # the RLlib modules, which train.py validates
     model, config = tiny_staged
     engine = PruningEngine(model, config, split.images, split.labels, TARGET_RATIO, "merge")
     scores = engine.validate(modules, info.problem.protected_share)

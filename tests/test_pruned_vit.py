@@ -112,15 +112,18 @@ def test_unpruned_model_is_the_timm_model(tiny_staged, images):
     assert PrunedViT(tiny_staged[0], {**tiny_staged[1], "class_names": None}).class_names is None
 
 
-def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(tiny_policy, exported, tiny_staged, images):
-    """The RLlib checkpoint and its export give the same model; evaluate.py's row is that model."""
-    modules, _ = load_rllib_policies(tiny_policy)
+def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(unexported_policy, exported, tiny_staged,
+                                                                   images):
+    """The RLlib checkpoint (read from its pickles, with their warning) and its export give the same model;
+    evaluate.py's row is that model."""
+    modules, _ = load_rllib_policies(unexported_policy)
     vit, config = tiny_staged
     with torch.inference_mode():
         select = policy_selector(modules, vit, TARGET_RATIO, DEFAULT_PROTECTED_SHARE)
         expected = exact_budget_forward(vit, images, select, TARGET_RATIO)
-    for path in (tiny_policy, exported):
-        model = PrunedViT.from_checkpoint(path)
+    with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
+        unpickled = PrunedViT.from_checkpoint(unexported_policy)
+    for model in (unpickled, PrunedViT.from_checkpoint(exported)):
         assert (model.selection, model.budget, model.reduction) == ("policy", 0.5, "merge")
         assert_same(model.forward_with_kept(images), expected)
     row = Method("MARL", "policy", TARGET_RATIO, modules).model(vit, config, "merge")
@@ -439,8 +442,8 @@ def test_an_export_folder_given_itself_loads_and_a_missing_path_is_only_an_error
             PrunedViT.from_checkpoint(tmp_path / "mistyped")
 
 
-def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
-    path = Path(shutil.copytree(tiny_policy, tmp_path / "policy"))
+def test_export_command_and_damaged_exports(unexported_policy, tmp_path, capsys):
+    path = Path(shutil.copytree(unexported_policy, tmp_path / "policy"))
     assert not has_export(path)
     assert export_main([str(path)]) == 0 and has_export(path)
     assert capsys.readouterr().out == f"wrote {export_path(path)}\n"
@@ -458,9 +461,8 @@ def test_export_command_and_damaged_exports(tiny_policy, tmp_path, capsys):
         assert capsys.readouterr().err == message
     assert export_main([str(export_path(path))]) == 0  # a checkpoint's export folder stands for the checkpoint
     assert capsys.readouterr().out == f"wrote {export_path(path)}\n" and not export_path(export_path(path)).exists()
-    unexported = Path(shutil.copytree(tiny_policy, tmp_path / "unexported"))
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
-        PrunedViT.from_checkpoint(unexported)  # said, as pickles run the code of whoever wrote them
+        PrunedViT.from_checkpoint(unexported_policy)  # said, as pickles run the code of whoever wrote them
     weights = export_path(path) / EXPORT_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PolicyCheckpointError, match="cannot read the policy export"):
