@@ -56,14 +56,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_policy, tmp_path_factory) -> Path:
-    """The same checkpoint with its export."""
-    path = Path(shutil.copytree(tiny_policy, tmp_path_factory.mktemp("exported") / "policy"))
-    export_policies(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def images(tiny_staged) -> torch.Tensor:
     """Normalised random images ``[6, 3, 32, 32]``."""
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -112,7 +104,7 @@ def test_unpruned_model_is_the_timm_model(tiny_staged, images):
     assert PrunedViT(tiny_staged[0], {**tiny_staged[1], "class_names": None}).class_names is None
 
 
-def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(unexported_policy, exported, tiny_staged,
+def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(unexported_policy, tiny_policy, tiny_staged,
                                                                    images):
     """The RLlib checkpoint (read from its pickles, with their warning) and its export give the same model;
     evaluate.py's row is that model."""
@@ -123,7 +115,7 @@ def test_from_checkpoint_is_the_policy_forward_and_evaluates_rows(unexported_pol
         expected = exact_budget_forward(vit, images, select, TARGET_RATIO)
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
         unpickled = PrunedViT.from_checkpoint(unexported_policy)
-    for model in (unpickled, PrunedViT.from_checkpoint(exported)):
+    for model in (unpickled, PrunedViT.from_checkpoint(tiny_policy)):
         assert (model.selection, model.budget, model.reduction) == ("policy", 0.5, "merge")
         assert_same(model.forward_with_kept(images), expected)
     row = Method("MARL", "policy", TARGET_RATIO, modules).model(vit, config, "merge")
@@ -137,8 +129,8 @@ def test_what_is_no_checkpoint_is_refused_without_the_pickle_warning(tmp_path):
             PrunedViT.from_checkpoint(tmp_path)
 
 
-def test_to_device_moves_backbone_and_policies(exported, images):
-    model = PrunedViT.from_checkpoint(exported)
+def test_to_device_moves_backbone_and_policies(tiny_policy, images):
+    model = PrunedViT.from_checkpoint(tiny_policy)
     logits = model(images)
     assert model.to("cpu") is model and model.device == torch.device("cpu")
     assert {p.device.type for p in model.parameters()} == {"cpu"}
@@ -147,24 +139,24 @@ def test_to_device_moves_backbone_and_policies(exported, images):
     assert not model.training and not logits.requires_grad
 
 
-def test_a_policy_model_cast_to_another_precision_runs_in_it(exported, images):
+def test_a_policy_model_cast_to_another_precision_runs_in_it(tiny_policy, images):
     """``model.to(dtype)`` as with a timm model: the features, computed in float32, meet the agents' cast
     networks; float64 keeps float32's choices and answers on these images."""
-    logits, kept = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+    logits, kept = PrunedViT.from_checkpoint(tiny_policy).forward_with_kept(images)
     for dtype in (torch.float64, torch.bfloat16):
-        cast_logits, cast_kept = PrunedViT.from_checkpoint(exported).to(dtype).forward_with_kept(images.to(dtype))
+        cast_logits, cast_kept = PrunedViT.from_checkpoint(tiny_policy).to(dtype).forward_with_kept(images.to(dtype))
         assert cast_logits.dtype == dtype and cast_kept.shape == kept.shape
         if dtype == torch.float64:
             assert torch.equal(cast_kept, kept) and torch.equal(cast_logits.argmax(1), logits.argmax(1))
 
 
-def test_every_forward_makes_its_tensors_where_the_images_are(exported, tiny_staged, images):
+def test_every_forward_makes_its_tensors_where_the_images_are(tiny_policy, tiny_staged, images):
     """No forward makes a tensor on the default device: on a GPU that would be the CPU, beside images on the GPU.
     With meta as the default device such a tensor cannot meet the CPU images, so every selection, the agents and
     a cascade run only if each tensor is made where the images are (or, for the kept counts, on the CPU,
     deliberately)."""
     staged, config = tiny_staged
-    modules = dict(PrunedViT.from_checkpoint(exported).policies)
+    modules = dict(PrunedViT.from_checkpoint(tiny_policy).policies)
     models = [PrunedViT(staged, config), *(PrunedViT(staged, config, name, TARGET_RATIO) for name in SELECTIONS),
               PrunedViT(staged, config, modules, TARGET_RATIO),
               CascadeViT(PrunedViT(staged, config, "similarity", 0.8), PrunedViT(staged, config, modules, 0.3), -1.0)]
@@ -176,13 +168,13 @@ def test_every_forward_makes_its_tensors_where_the_images_are(exported, tiny_sta
     assert {(logits.device.type, kept.device.type) for logits, kept in outputs} == {("cpu", "cpu")}
 
 
-def test_a_forward_reads_nothing_back(exported, tiny_staged, images):
+def test_a_forward_reads_nothing_back(tiny_policy, tiny_staged, images):
     """On a GPU a batch-1 forward is bound by its waits for the device, so a pruned forward reads back no more
     than the unpruned model: the budget's counts are known on the host, and the policy networks score every row
     of a state (``every_row``) rather than gather its live ones. A forward makes only CPU tensors from Python ints
     (``lift_fresh``): its kept counts."""
     staged, config = tiny_staged
-    modules = dict(PrunedViT.from_checkpoint(exported).policies)
+    modules = dict(PrunedViT.from_checkpoint(tiny_policy).policies)
     models = {"none": PrunedViT(staged, config), "agents": PrunedViT(staged, config, modules, TARGET_RATIO),
               **{name: PrunedViT(staged, config, name, TARGET_RATIO) for name in SELECTIONS}}
     reads = {}
@@ -195,7 +187,7 @@ def test_a_forward_reads_nothing_back(exported, tiny_staged, images):
 
 
 @pytest.mark.parametrize("selection", ["none", *SELECTIONS, "agents", "cascade"])
-def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, exported, tiny_staged, images):
+def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, tiny_policy, tiny_staged, images):
     """torch.compile makes a forward one graph (which a GPU replays as a CUDA graph, evaluate.py --compile) only
     if nothing in it is read back or shaped by the data: so is every selection's but the random heuristic's,
     whose generator it does not trace (``fullgraph`` fails on a graph break), with the eager forward's logits. A
@@ -204,7 +196,7 @@ def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, export
     any batch size (``dynamic``), batch 1 among them, are test_evaluate's for the unpruned, ToMe and agents'
     rows; a heuristic's graph at batch 1 is checked nowhere (its cost here: about 25 s of the suite)."""
     staged, config = tiny_staged
-    modules = dict(PrunedViT.from_checkpoint(exported).policies)
+    modules = dict(PrunedViT.from_checkpoint(tiny_policy).policies)
 
     def build() -> PrunedViT | CascadeViT:
         if selection == "cascade":  # the less sure half of the images run the second forward
@@ -222,11 +214,11 @@ def test_a_compiled_forward_is_one_graph_with_the_eager_logits(selection, export
         assert compiled.reran(compiled.forward_with_kept(images)[1]).sum() == len(images) // 2
 
 
-def test_budget_override_changes_the_kept_counts(tiny_policy, exported, tiny_staged, images):
+def test_budget_override_changes_the_kept_counts(tiny_policy, tiny_staged, images):
     """The policy run at another budget than it was trained at is the exact forward at that budget, whose
     selector keeps the override's token counts (checked on its masks: check_counts)."""
-    trained = PrunedViT.from_checkpoint(exported)
-    other = PrunedViT.from_checkpoint(exported, budget=0.3)
+    trained = PrunedViT.from_checkpoint(tiny_policy)
+    other = PrunedViT.from_checkpoint(tiny_policy, budget=0.3)
     assert trained.schedule() == [64, 32, 16, 8] and other.schedule() == [64, 45, 31, 22] and other.budget == 0.3
     modules, _ = load_rllib_policies(tiny_policy)
     vit, _ = tiny_staged
@@ -237,7 +229,7 @@ def test_budget_override_changes_the_kept_counts(tiny_policy, exported, tiny_sta
     assert_same(other.forward_with_kept(images), (logits, kept))
     assert not torch.equal(logits, trained(images))
     with pytest.raises(ProblemError, match=r"budget must be in \(0, 1\), got 1.5"):
-        PrunedViT.from_checkpoint(exported, budget=1.5)
+        PrunedViT.from_checkpoint(tiny_policy, budget=1.5)
 
 
 def test_invalid_combinations_are_refused(tiny_staged):
@@ -358,10 +350,10 @@ def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, ima
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
 
 
-def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_staged, images):
+def test_gflops_per_image_are_the_analytic_counts(tiny_policy, tiny_backbone, tiny_staged, images):
     spec = ViTSpec.from_model(tiny_staged[0].vit)
     schedule = exact_budget_schedule(NUM_PATCHES, len(PRUNE_POINTS), TARGET_RATIO)
-    policy = PrunedViT.from_checkpoint(exported)
+    policy = PrunedViT.from_checkpoint(tiny_policy)
     macs = sum(module.macs_per_token() for module in policy.policies.values())
     assert policy.gflops() == image_gflops(spec, PRUNE_POINTS, schedule, "merge", "agents", macs)
     greedy = PrunedViT.from_heuristic(tiny_backbone, "similarity", TARGET_RATIO, prune_points=PRUNE_POINTS)
@@ -383,11 +375,11 @@ def test_gflops_per_image_are_the_analytic_counts(exported, tiny_backbone, tiny_
 # -- the export ------------------------------------------------------------------------------------------------
 
 
-def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
+def test_export_round_trip_gives_identical_modules(tiny_policy):
     original, info = load_rllib_policies(tiny_policy)
-    loaded, loaded_info = load_exported_policies(exported)
+    loaded, loaded_info = load_exported_policies(tiny_policy)
     assert loaded_info == info and list(loaded) == list(original)
-    config = json.loads((export_path(exported) / EXPORT_CONFIG).read_text())
+    config = json.loads((export_path(tiny_policy) / EXPORT_CONFIG).read_text())
     assert config["modules"]["attention"]["num_patches"] == NUM_PATCHES
     generator = torch.Generator().manual_seed(0)
     for name, module in original.items():
@@ -411,8 +403,8 @@ def test_export_round_trip_gives_identical_modules(tiny_policy, exported):
             assert (every_row[live == 0] == DEAD_SCORE).all() and (every_row[live == 1] > DEAD_SCORE).all()
 
 
-def test_loading_an_export_never_unpickles(exported, images, monkeypatch):
-    expected = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+def test_loading_an_export_never_unpickles(tiny_policy, images, monkeypatch):
+    expected = PrunedViT.from_checkpoint(tiny_policy).forward_with_kept(images)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a pickle was opened")
@@ -422,17 +414,17 @@ def test_loading_an_export_never_unpickles(exported, images, monkeypatch):
             monkeypatch.setattr(owner, name, refuse, raising=False)
     monkeypatch.setattr(torch, "load", refuse)
     with pytest.raises(PolicyCheckpointError, match="a pickle was opened"):  # the patches bite RLlib's loader
-        load_rllib_policies(exported)
-    assert_same(PrunedViT.from_checkpoint(exported).forward_with_kept(images), expected)
+        load_rllib_policies(tiny_policy)
+    assert_same(PrunedViT.from_checkpoint(tiny_policy).forward_with_kept(images), expected)
 
 
-def test_an_export_folder_given_itself_loads_and_a_missing_path_is_only_an_error(exported, images, tmp_path):
+def test_an_export_folder_given_itself_loads_and_a_missing_path_is_only_an_error(tiny_policy, images, tmp_path):
     """What is shared to avoid pickles is the ``export`` folder: given itself it is the checkpoint, with no
     warning about pickles, under its own name or another; a mistyped path is an error, not first a warning about
     pickles."""
-    expected = PrunedViT.from_checkpoint(exported).forward_with_kept(images)
+    expected = PrunedViT.from_checkpoint(tiny_policy).forward_with_kept(images)
     for shared in (tmp_path / "received" / "export", tmp_path / "received" / "cifar10_policy"):
-        shutil.copytree(export_path(exported), shared)
+        shutil.copytree(export_path(tiny_policy), shared)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert_same(PrunedViT.from_checkpoint(shared).forward_with_kept(images), expected)
