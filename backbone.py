@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,13 @@ from backbone_training.training_state import (
     save_state,
     training_snapshot,
 )
-from backbone_training.training_step import accuracy, build_training_step, resolve_amp, run_epoch
+from backbone_training.training_step import (
+    accuracy,
+    build_training_step,
+    resolve_amp,
+    run_epoch,
+    warn_if_warmup_fills,
+)
 from cli import (
     OneLineParser,
     add_data_access_arguments,
@@ -334,16 +339,17 @@ def run_settings(args: argparse.Namespace, state: dict | None, given: Collection
     """The settings the run trains with: a resumed run's recorded recipe (:func:`resumed_args`), else the command
     line's with the default schedule length; the data directory absolute and ``amp`` resolved for ``device``,
     both as the state records them. Seeds torch's and numpy's generators, and warns of a warm-up that fills the
-    whole schedule."""
+    whole schedule that ``--epochs`` sets (:func:`warn_if_warmup_fills`)."""
     if state is not None:
         args = resumed_args(args, state, given)
     elif args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     if state is None or "data_dir" in given:  # recorded absolute: a resumed run may start in another directory
         args.data_dir = absolute_data_dir(args.data_dir)
-    if state is None and args.time_budget is None and args.warmup_epochs >= args.epochs:
-        warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than --epochs {args.epochs}: the learning "
-                      f"rate never leaves its warm-up (pass a shorter --warmup-epochs)", stacklevel=2)
+    # where --epochs sets the schedule's length: a new run, or a resumed one given another; a --time-budget sets
+    # it once an epoch is timed (fit_time_budget)
+    if args.time_budget is None and (state is None or args.epochs != state["args"]["epochs"]):
+        warn_if_warmup_fills(args)
     args.amp = resolve_amp(args.amp, device)  # recorded resolved: a resumed run keeps it on any device
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # timm's mixup draws from numpy's global generator

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
-from backbone_training.training_step import TrainingStep
+from backbone_training.training_step import TrainingStep, warn_if_warmup_fills
 
 COMPILE_RESERVE_S = 60.0
 """What ``--time-budget`` keeps for compiling the model for the test reading under ``--compile``."""
@@ -29,7 +28,8 @@ def fit_time_budget(args: argparse.Namespace, step: TrainingStep, history: list[
     ``--time-budget`` seconds from ``started`` (:func:`epochs_within`), after ``epoch`` (counted from 0) ends. It is
     measured on the second epoch this process runs, after ``start_epoch`` (the first pays for compiling), or on
     the first where no second is scheduled (then again on the second, if the first plans one). A change is
-    printed and recorded in ``args.schedule_changes`` for the card."""
+    printed and recorded in ``args.schedule_changes`` for the card; a length that the warm-up fills is warned of,
+    changed or not (:func:`~backbone_training.training_step.warn_if_warmup_fills`)."""
     measured = epoch == start_epoch + 1 or (epoch == start_epoch and epoch + 1 == args.epochs)
     if not measured:
         return
@@ -42,7 +42,4 @@ def fit_time_budget(args: argparse.Namespace, step: TrainingStep, history: list[
                                  {"at_epoch": epoch + 1, "epochs": epochs, "by": "--time-budget"}]
         args.epochs = epochs
         step.scheduler.t_initial = epochs * steps_per_epoch
-        if args.warmup_epochs >= epochs:
-            warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than the {epochs} epochs that fit in "
-                          f"--time-budget {args.time_budget:g} s: the learning rate never leaves its warm-up (pass a "
-                          f"shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)", stacklevel=2)
+    warn_if_warmup_fills(args)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -103,6 +104,23 @@ def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_cl
                         randaugment=RandAugment(args.randaug, args.randaug_magnitude) if args.randaug > 0 else None,
                         generator=torch.Generator(device).manual_seed(args.seed), config=config,
                         amp=resolve_amp(args.amp, device))
+
+
+def warn_if_warmup_fills(args: argparse.Namespace) -> None:
+    """Warn where the schedule's length, ``args.epochs``, is no more than ``--warmup-epochs``: its learning rate
+    would rise for the whole run and never peak nor decay. The length is ``--epochs`` or, with ``--time-budget``,
+    the epochs that fit in it (:func:`~backbone_training.time_budget.fit_time_budget`), and the warning names
+    the one that set it, with what to change."""
+    if args.warmup_epochs < args.epochs:
+        return
+    if args.time_budget is None:
+        schedule, longer = f"--epochs {args.epochs}", ""
+    else:
+        fit = "epoch that fits" if args.epochs == 1 else "epochs that fit"
+        schedule = f"the {args.epochs} {fit} in --time-budget {args.time_budget:g} s"
+        longer = ", or a longer --time-budget: 20m, 1.5h"
+    warnings.warn(f"--warmup-epochs {args.warmup_epochs:g} is not fewer than {schedule}: the learning rate never "
+                  f"leaves its warm-up (pass a shorter --warmup-epochs{longer})", stacklevel=2)
 
 
 def resolve_amp(amp: bool | None, device: torch.device) -> bool:

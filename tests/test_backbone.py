@@ -548,11 +548,28 @@ def test_a_time_budget_that_ends_the_run_within_its_warm_up_is_warned_of(tmp_pat
 
 
 def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, data_dir, capsys):
-    """The default ten warm-up epochs swallow a short run: its learning rate would never peak nor decay."""
+    """The default ten warm-up epochs swallow a short run: its learning rate would never peak nor decay. A
+    --resume that changes the schedule's length to such a one says so too."""
     assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
                           "--batch-size", "32", "--epochs", "1", "--no-download", "--model-kwargs", *TINY]) == 0
     assert ("warning: --warmup-epochs 10 is not fewer than --epochs 1: the learning rate never leaves its warm-up "
             "(pass a shorter --warmup-epochs)\n") in capsys.readouterr().err
+    assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+    assert ("warning: --warmup-epochs 10 is not fewer than --epochs 2: the learning rate never leaves its warm-up "
+            "(pass a shorter --warmup-epochs)\n") in capsys.readouterr().err
+
+
+def test_a_time_budget_that_keeps_a_schedule_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch,
+                                                                             capsys):
+    """The warm-up is checked against the schedule --time-budget measured, also where it fits the epochs already
+    scheduled (--epochs 1 here, measured on its only epoch)."""
+    monkeypatch.setattr(time_budget, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
+    assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
+                          "--batch-size", "32", "--epochs", "1", "--time-budget", "20", "--no-download",
+                          "--model-kwargs", *TINY]) == 0
+    assert ("warning: --warmup-epochs 10 is not fewer than the 1 epoch that fits in --time-budget 20 s: the learning "
+            "rate never leaves its warm-up (pass a shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)\n"
+            ) in capsys.readouterr().err
 
 
 def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys):
