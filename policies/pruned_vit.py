@@ -27,7 +27,7 @@ from torch import nn
 
 from envs.errors import UsageError
 from envs.problem import POLICIES, PruningProblem, check_protected_share, check_target_ratio
-from envs.vit.backbone_checkpoint import load_backbone, normalize
+from envs.vit.backbone_checkpoint import CheckpointError, load_backbone, normalize
 from envs.vit.data import fit_image
 from envs.vit.flops import (
     ImageGflops,
@@ -63,12 +63,17 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
     """The backbone a policy checkpoint's problem names (or ``backbone``) split at its pruning points, in eval
     mode, with its config and path; a backbone too shallow for the pruning points is a
     :class:`~policies.checkpoints.PolicyCheckpointError` naming both (the backbone alone for a problem of no
-    checkpoint, ``checkpoint=None``)."""
+    checkpoint, ``checkpoint=None``). Where the backbone the checkpoint recorded does not load (moved, most
+    often), ``load_backbone``'s error goes on to say whose backbone it is and how to pass another, since the
+    user named neither."""
     backbone_path = Path(backbone).expanduser() if backbone else problem.backbone_path
-    if not backbone and checkpoint is not None and not backbone_path.exists():
-        raise PolicyCheckpointError(f"backbone checkpoint {backbone_path}, which checkpoint {checkpoint} was trained "
-                                    f"on, does not exist: pass where it is now (--backbone; backbone= in Python)")
-    vit, config = load_backbone(backbone_path)
+    try:
+        vit, config = load_backbone(backbone_path)
+    except CheckpointError as error:
+        if backbone or checkpoint is None:
+            raise
+        raise PolicyCheckpointError(f"{error}: checkpoint {checkpoint} was trained on it; pass where it is now "
+                                    f"(--backbone; backbone= in Python)") from None
     try:
         return StagedViT(vit, problem.prune_points).eval(), config, backbone_path
     except UsageError as error:

@@ -654,8 +654,10 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
                                "checkpoint); it is a backbone checkpoint, which the heuristics run on (evaluate.py "
                                "--heuristics-only --backbone PATH"),
     ("other_backbone", "was it trained on another backbone"),
-    ("backbone_moved", "which checkpoint {path} was trained on, does not exist: pass where it is now (--backbone; "
+    ("backbone_moved", " does not exist: checkpoint {path} was trained on it; pass where it is now (--backbone; "
                        "backbone= in Python)"),
+    ("backbone_emptied", " is not a backbone checkpoint (no config.json): checkpoint {path} was trained on it; pass "
+                         "where it is now (--backbone; backbone= in Python)"),
     ("prune_points_beyond_depth", "prune_points must be"),
     ("missing_module", "has no similarity policy"),
     ("bad_budget", "argument --budgets: a removal ratio must be in (0, 1), got 1.5"),
@@ -721,7 +723,12 @@ def test_errors_are_one_line_and_write_nothing(case, message, unexported_policy,
         moved = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
         path = write_checkpoint(tmp_path / "ckpt", moved)
         moved.rename(tmp_path / "moved")
-        message = f"error: backbone checkpoint {moved}, " + message.format(path=path)
+        message = f"error: backbone checkpoint {moved}" + message.format(path=path)
+    elif case == "backbone_emptied":  # the directory the checkpoint recorded is there, its backbone is not
+        emptied = Path(shutil.copytree(tiny_backbone, tmp_path / "backbone"))
+        path = write_checkpoint(tmp_path / "ckpt", emptied)
+        (emptied / "config.json").unlink()
+        message = f"error: {emptied}" + message.format(path=path)
     elif case == "other_backbone":
         path = write_checkpoint(tmp_path / "ckpt", tiny_backbone, num_patches=16)
     elif case == "prune_points_beyond_depth":
