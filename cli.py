@@ -38,8 +38,9 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
     one ``error: ...`` line and code 2; Ctrl-C, or a SIGTERM (``kill``, a job scheduler), with the line
     ``interrupted()`` says (how to go on), or the ``KeyboardInterrupt``'s own where it carries one, and code
-    130, as a shell reports a process ended by SIGINT. Other exceptions, a plain ``ValueError`` included, are
-    bugs and keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`)."""
+    130, as a shell reports a process ended by SIGINT, once the compile jobs queued behind the interrupt are
+    dropped (:func:`cancel_queued_compiles`). Other exceptions, a plain ``ValueError`` included, are bugs and
+    keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`)."""
     def interrupt(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt
 
@@ -53,8 +54,26 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
             print("error: " + " ".join(str(error).split()), file=sys.stderr)
             return 2
         except KeyboardInterrupt as interrupt:  # one raised with a line of its own says what was done
+            cancel_queued_compiles()
             print(interrupt.args[0] if interrupt.args else interrupted(), file=sys.stderr)
             return 130
+
+
+def cancel_queued_compiles() -> None:
+    """Cancel the jobs that torch.compile's inductor queued on its thread pool (a C++ or Triton build each) and
+    has not started, where it compiled in this process (``--compile``): at exit Python runs every queued job of a
+    thread pool before it ends, so a SIGTERM or Ctrl-C during compiling ended the process one or two minutes
+    later. The jobs running finish; inductor's compile worker processes end with its own exit hook. The pool is
+    forgotten, so that a later compile in this process makes a new one. Inductor's pool is not public API: where
+    a torch version has moved it, the exit waits as before."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    if async_compile is None:  # nothing was compiled
+        return
+    with contextlib.suppress(AttributeError):
+        pool = async_compile.AsyncCompile.pool  # made at the first job, then cached
+        if pool.cache_info().currsize:
+            pool().shutdown(wait=False, cancel_futures=True)
+            pool.cache_clear()
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -9,6 +9,7 @@ import json
 import multiprocessing.resource_tracker
 import re
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
@@ -85,6 +86,35 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "run", interrupt)
     assert evaluate.main([]) == 130
     assert capsys.readouterr().err == "interrupted: nothing was written; run the command again\n"
+
+
+def test_an_interrupt_drops_the_compile_jobs_queued(monkeypatch, capsys):
+    """Ctrl-C or SIGTERM during --compile: the builds inductor queued on its thread pool are cancelled, so that
+    Python's exit, which runs every queued job of a thread pool, does not build them first (one or two minutes on
+    a CPU); the jobs running finish, and a later compile gets a new pool."""
+    from torch._inductor import async_compile, config
+
+    monkeypatch.setattr(config, "compile_threads", 2)  # with one, inductor builds in the caller and makes no pool
+    async_compile.AsyncCompile.pool.cache_clear()
+    release, built, jobs = threading.Event(), [], {}
+
+    def compile_and_interrupt() -> int:
+        pool = async_compile.AsyncCompile.pool()
+        jobs["running"] = [pool.submit(release.wait) for _ in range(2)]  # both threads busy
+        jobs["queued"] = [pool.submit(built.append, i) for i in range(5)]
+        raise KeyboardInterrupt
+
+    try:
+        assert run_command(compile_and_interrupt, lambda: "interrupted") == 130
+    finally:
+        release.set()
+    assert capsys.readouterr().err == "interrupted\n"
+    assert all(job.result(timeout=10) for job in jobs["running"])
+    assert all(job.cancelled() for job in jobs["queued"]) and built == []
+    pool = async_compile.AsyncCompile.pool()
+    assert pool.submit(built.append, 0).result(timeout=10) is None and built == [0]
+    pool.shutdown()
+    async_compile.AsyncCompile.pool.cache_clear()
 
 
 @pytest.mark.parametrize(("benchmark", "flags", "message"), [
