@@ -10,7 +10,7 @@ Layout of a run's output directory (``train.py --output-dir``, Tune's experiment
         pruning_config.json                   what the checkpoint says about itself (``CheckpointInfo.to_json``:
                                               the problem, iteration, validation score, commit, backbone digest,
                                               versions)
-        learner_group/learner/rl_module/<policy>/   each trained RLModule, loadable without Ray (pickles)
+        learner_group/learner/rl_module/<policy>/   each trained RLModule, pickled: read with Ray (:func:`load_module`)
         export/                               the policy modules as safetensors + JSON (``policies.export``
                                               writes it, :func:`load_exported_policies` reads it): what
                                               inference loads, never unpickling
