@@ -21,6 +21,13 @@ from tests.tiny_policies import PRUNE_POINTS, write_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HOME"] = tempfile.mkdtemp(prefix="marl-pruning-home-")  # Ray writes under ~ otherwise
 atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
+if "OMP_NUM_THREADS" not in os.environ:
+    # One torch thread per process, here and (through the variable) in Ray's workers and the subprocesses: on the
+    # CI's 2 cores the tests share the CPUs with Ray's processes and other jobs, and torch's two OpenMP threads
+    # spin-wait for each other whenever one is descheduled. tests/test_backbone.py with test_vit_224's evaluations
+    # took 44-47 s quiet and 76 s beside one busy process with two threads; 52-54 s either way with one.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
