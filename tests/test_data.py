@@ -1,6 +1,7 @@
 """The data module: split sizes and labels on the shared CIFAR-10 copy, and clear errors."""
 
 import functools
+import multiprocessing
 import os
 import pickle
 import tarfile
@@ -150,8 +151,10 @@ def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_l
     for budget in (None, 0):  # decoded into memory, or streamed
         with pytest.raises(DataError, match=rf"cannot read image {root}/test/ant/1\.png"):  # where it is
             load_split("folder", "test", root, memory_budget_mb=budget).images[:]
+    children = set(multiprocessing.active_children())
     with pytest.raises(DataError, match=r"^cannot read image .*ant/1\.png[^\n]*$"):  # one line, from a worker
         list(load_split("folder", "test", root, memory_budget_mb=0).batches(4))
+    assert set(multiprocessing.active_children()) <= children  # the workers stopped with the error
 
 
 def test_every_unreadable_image_of_a_decoded_split_is_named_in_one_error(tmp_path, monkeypatch):

@@ -191,6 +191,10 @@ def errors_of_workers() -> Iterator[None]:
         yield
     except DataError as error:
         kind = type(error)
+        # Its traceback holds the DataLoader's iterator, in a reference cycle: dropped, the iterator stops its
+        # workers at once. Left to the garbage collector, which closes the iterator's queues before the iterator
+        # can ask the workers to stop, the iterator would wait 5 s for each worker and then kill it.
+        error.__traceback__ = None
         raise kind(str(error).strip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]) from None
 
 
