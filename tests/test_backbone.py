@@ -532,19 +532,23 @@ def test_an_epoch_written_to_a_log_prints_its_progress(tmp_path, data_dir, monke
     assert re.findall(r"^epoch 1/1: step (\d)/4, loss \d\.\d{4}$", out, re.MULTILINE) == ["1", "2", "3", "4"]
 
 
-def test_a_time_budget_that_ends_the_run_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("epochs, fitted, recipe", [
+    (5, "the 2 epochs that fit", "Recipe: 2 epochs; the run ended after epoch 2 to fit --time-budget,"),
+    (1, "the 1 epoch that fits", "Recipe: 1 epochs, batch")])
+def test_a_time_budget_that_leaves_the_run_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch, capsys,
+                                                                          epochs, fitted, recipe):
     """A --time-budget too short to leave the warm-up (a number is seconds here, minutes for train.py) says so,
-    with the units; the card says the budget ended the run, not that a schedule was re-set from an epoch that
-    never ran."""
+    with the units, whether the budget shortened the schedule (--epochs 5) or fits the epochs already scheduled
+    (--epochs 1, measured on its only epoch); the card records the schedule the run had, not one re-set from an
+    epoch that never ran."""
     monkeypatch.setattr(time_budget, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
     assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
-                          "--batch-size", "32", "--epochs", "5", "--time-budget", "20", "--no-download",
+                          "--batch-size", "32", "--epochs", str(epochs), "--time-budget", "20", "--no-download",
                           "--model-kwargs", *TINY]) == 0
-    assert ("warning: --warmup-epochs 10 is not fewer than the 2 epochs that fit in --time-budget 20 s: the learning "
-            "rate never leaves its warm-up (pass a shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)\n"
+    assert (f"warning: --warmup-epochs 10 is not fewer than {fitted} in --time-budget 20 s: the learning rate "
+            "never leaves its warm-up (pass a shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)\n"
             ) in capsys.readouterr().err
-    card = (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
-    assert "Recipe: 2 epochs; the run ended after epoch 2 to fit --time-budget," in card
+    assert recipe in (tmp_path / "run" / "backbone" / "MODEL_CARD.md").read_text()
 
 
 def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, data_dir, capsys):
@@ -557,19 +561,6 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, data_dir, capsys):
     assert backbone.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
     assert ("warning: --warmup-epochs 10 is not fewer than --epochs 2: the learning rate never leaves its warm-up "
             "(pass a shorter --warmup-epochs)\n") in capsys.readouterr().err
-
-
-def test_a_time_budget_that_keeps_a_schedule_within_its_warm_up_is_warned_of(tmp_path, data_dir, monkeypatch,
-                                                                             capsys):
-    """The warm-up is checked against the schedule --time-budget measured, also where it fits the epochs already
-    scheduled (--epochs 1 here, measured on its only epoch)."""
-    monkeypatch.setattr(time_budget, "epochs_within", lambda left, seconds, done, compiled: done)  # no time left
-    assert backbone.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--limit", "64",
-                          "--batch-size", "32", "--epochs", "1", "--time-budget", "20", "--no-download",
-                          "--model-kwargs", *TINY]) == 0
-    assert ("warning: --warmup-epochs 10 is not fewer than the 1 epoch that fits in --time-budget 20 s: the learning "
-            "rate never leaves its warm-up (pass a shorter --warmup-epochs, or a longer --time-budget: 20m, 1.5h)\n"
-            ) in capsys.readouterr().err
 
 
 def test_mixup_gets_even_batches(tmp_path, image_folder_224, monkeypatch, capsys):
