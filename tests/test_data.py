@@ -221,6 +221,19 @@ def test_a_split_or_class_folders_given_as_the_data_directory_are_named(tmp_path
         load_split("folder", "train", flat)
 
 
+def test_a_split_in_a_compressed_archive_is_named(tmp_path):
+    """timm reads a split from an uncompressed .tar only; a train.tar.gz beside the data is named, not passed over."""
+    root = _colour_folder(tmp_path / "data")
+    with tarfile.open(root / "test.tar.gz", "w:gz") as packed:
+        packed.add(root / "test", arcname=".")
+    (root / "test").rename(tmp_path / "unpacked")
+    with pytest.raises(DataError, match=rf"\({root / 'test.tar.gz'} is compressed, and only an uncompressed \.tar is "
+                                        rf"read: unpack it into {root / 'test'}/ or decompress it into "
+                                        rf"{root / 'test'}\.tar\)$"):
+        load_split("folder", "test", root)
+    load_split("folder", "train", root, val_size=6)  # the training split beside it is read
+
+
 def test_images_of_formats_that_are_not_read_are_named(tmp_path):
     from PIL import Image
 

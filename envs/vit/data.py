@@ -59,6 +59,7 @@ DEFAULT_SPLIT_SEED = 0
 DATA_DIR_ENV = "MARL_PRUNING_DATA_DIR"
 DEFAULT_MEMORY_BUDGET_MB = 4096.0  # decoded splits up to this size stay in memory (CIFAR-10's train split: 132 MiB)
 FINGERPRINT_IMAGES = 64  # validation images whose colours identify the split a backbone held out
+ARCHIVE_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zip", ".7z")  # compressed splits, which are not read
 BATCH_WORKERS = 2  # processes decoding a streamed split ahead of the caller of ImageSplit.batches
 
 
@@ -217,11 +218,15 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, "data")
 
 
+def _split_names(split: str) -> tuple[str, ...]:
+    """The names a ``train`` or ``test`` split's directory or tar may have, in the order they are looked for."""
+    return ("train",) if split == "train" else ("test", "val", "validation")
+
+
 def _split_source(dataset: str, data_dir: Path, split: str) -> Path | None:
     """The ImageFolder directory or tar holding a train/test split, or None if absent."""
     base = data_dir if dataset == "folder" else data_dir / dataset
-    names = ("train",) if split == "train" else ("test", "val", "validation")
-    for name in names:
+    for name in _split_names(split):
         for candidate in (base / f"{name}.tar", base / name):
             if candidate.exists():
                 return candidate
@@ -248,11 +253,18 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     return f"expected {layout}; pass --data-dir DIR (data_dir= in Python) or set {DATA_DIR_ENV}"
 
 
-def _layout_hint(data_dir: Path) -> str:
-    """What an ImageFolder data directory without splits looks like instead, for the error that says so: a split
-    given itself, or class folders with no split above them."""
+def _layout_hint(data_dir: Path, split: str) -> str:
+    """What an ImageFolder data directory without ``split`` looks like instead, for the error that says so: a split
+    given itself, the split in a compressed archive (timm reads a ``.tar`` only: it would take ``train.tar.gz`` for
+    a directory), or class folders with no split above them."""
     if data_dir.name.lower() in ("train", "test", "val", "validation"):
         return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
+    packed = sorted(child.name for child in data_dir.iterdir()
+                    if child.name.partition(".")[0] in _split_names(split) and child.suffix.lower() in ARCHIVE_SUFFIXES)
+    if packed:
+        name = packed[0].partition(".")[0]
+        return (f" ({data_dir / packed[0]} is compressed, and only an uncompressed .tar is read: unpack it into "
+                f"{data_dir / name}/ or decompress it into {data_dir / name}.tar)")
     read = get_img_extensions(as_set=True)
     if any(child.is_dir() and any(path.suffix.lower() in read for path in child.iterdir())
            for child in data_dir.iterdir()):
@@ -275,7 +287,7 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
         return raw
     if dataset == "folder":
         raise DataError(f"no '{split}' split in {data_dir}: {_where_to_put_it(dataset, data_dir)}"
-                        f"{_layout_hint(data_dir)}")
+                        f"{_layout_hint(data_dir, split)}")
     image_folder = _split_source("folder", data_dir, split)
     if image_folder is not None and data_dir.name == dataset:  # the data set's own directory given
         raise DataError(f"{dataset} not found in {data_dir}, which looks like {dataset}'s own directory: pass the "
