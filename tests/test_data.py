@@ -215,6 +215,11 @@ def test_a_split_or_class_folders_given_as_the_data_directory_are_named(tmp_path
     with pytest.raises(DataError, match=rf"\({root / 'train'} looks like a split itself: pass the directory above it, "
                                         rf"--data-dir {root}\)$"):
         load_split("folder", "test", root / "train")
+    with tarfile.open(root / "train.tar", "w") as split:
+        split.add(root / "train", arcname=".")
+    with pytest.raises(DataError, match=rf"is a file, not a directory: .*\({root / 'train.tar'} looks like a split "
+                                        rf"itself: pass the directory above it, --data-dir {root}\)$"):
+        load_split("folder", "test", root / "train.tar")
     flat = (root / "train").rename(tmp_path / "flat")  # class folders with no split above them
     with pytest.raises(DataError, match=rf"\({flat} holds class folders: move them into {flat}/train/, and a test "
                                         rf"split's into test/\)$"):

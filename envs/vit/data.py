@@ -240,7 +240,8 @@ def _data_root(dataset: str, data_dir: str | os.PathLike | None, download: bool)
     if not root.exists() and not (download and dataset != "folder"):
         raise DataError(f"data directory {root} does not exist: {_where_to_put_it(dataset, root)}")
     if root.exists() and not root.is_dir():
-        raise DataError(f"data directory {root} is a file, not a directory: {_where_to_put_it(dataset, root)}")
+        raise DataError(f"data directory {root} is a file, not a directory: {_where_to_put_it(dataset, root)}"
+                        f"{_split_given(root) if dataset == 'folder' else ''}")
     return root
 
 
@@ -253,12 +254,19 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     return f"expected {layout}; pass --data-dir DIR (data_dir= in Python) or set {DATA_DIR_ENV}"
 
 
+def _split_given(data_dir: Path) -> str:
+    """The hint for a data directory that is a split itself (``train/`` or ``train.tar``), else ''."""
+    if data_dir.name.lower().removesuffix(".tar") in ("train", "test", "val", "validation"):
+        return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
+    return ""
+
+
 def _layout_hint(data_dir: Path, split: str) -> str:
     """What an ImageFolder data directory without ``split`` looks like instead, for the error that says so: a split
     given itself, the split in a compressed archive (timm reads a ``.tar`` only: it would take ``train.tar.gz`` for
     a directory), or class folders with no split above them."""
-    if data_dir.name.lower() in ("train", "test", "val", "validation"):
-        return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
+    if _split_given(data_dir):
+        return _split_given(data_dir)
     packed = sorted(child.name for child in data_dir.iterdir()
                     if child.name.partition(".")[0] in _split_names(split) and child.suffix.lower() in ARCHIVE_SUFFIXES)
     if packed:
