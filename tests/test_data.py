@@ -239,6 +239,27 @@ def test_a_split_in_a_compressed_archive_is_named(tmp_path):
     load_split("folder", "train", root, val_size=6)  # the training split beside it is read
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_classes_a_natural_sort_ties_are_numbered_alike_in_every_process(tmp_path, monkeypatch, descending):
+    """timm orders the classes its case-blind natural sort ties ('Cat' and 'cat', 'class01' and 'class1') as a set of
+    strings iterates, which differs with each process's hash seed: a backbone.py run and an evaluate.py run numbered
+    them apart. Either set order here gives the one order, by name."""
+    from timm.data.readers import reader_image_folder, reader_image_in_tar
+
+    for module in (reader_image_folder, reader_image_in_tar):
+        monkeypatch.setattr(module, "set", lambda items: sorted(dict.fromkeys(items), reverse=descending),
+                            raising=False)
+    for split in ("train", "test"):
+        for name in ("class1", "Cat", "class01", "cat"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / name / "0.png")
+    (tmp_path / "tarred").mkdir()
+    with tarfile.open(tmp_path / "tarred" / "train.tar", "w") as tar:
+        tar.add(tmp_path / "data" / "train", arcname=".")
+    for root, split in ((tmp_path / "data", "train"), (tmp_path / "data", "test"), (tmp_path / "tarred", "train")):
+        assert split_class_names("folder", split, root) == ("Cat", "cat", "class01", "class1")
+
+
 def test_images_of_formats_that_are_not_read_are_named(tmp_path):
     from PIL import Image
 

@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
 
 from envs.atomic_file import first_missing
 from envs.errors import UserError
@@ -290,6 +291,12 @@ def _open_raw_split(dataset: str, data_dir: Path, split: str, download: bool):
         # tar) or ValueError (a tar without images)
         try:
             raw = create_dataset("", root=str(source))
+            classes = _class_names(raw)
+            # timm numbers the classes in a natural sort that ignores case, and those it ties ('Cat' and 'cat',
+            # 'class1' and 'class01') in the order of a set of strings, which differs from process to process
+            order = sorted(classes, key=lambda name: (natural_key(name), name))
+            if list(classes) != order:
+                raw = create_dataset("", root=str(source), class_map={name: i for i, name in enumerate(order)})
         except (RuntimeError, OSError, ValueError, tarfile.TarError) as error:
             raise DataError(f"cannot read {source}: {error}") from None
         return raw
