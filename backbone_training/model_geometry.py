@@ -20,6 +20,11 @@ from envs.vit.staged_vit import check_prunable
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
+SET_BY_BACKBONE_PY = {"num_classes": "the data set's classes", "pretrained": "--pretrained"}
+"""timm kwargs that backbone.py passes itself, from what: given again, timm's error would say only that
+``create_model()`` got multiple values for them."""
+
+
 def parse_kwargs(pairs: list[str]) -> dict:
     """``["img_size=32", "patch_size=4"]`` -> ``{"img_size": 32, "patch_size": 4}``."""
     kwargs = {}
@@ -27,6 +32,9 @@ def parse_kwargs(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise UsageError(f"model kwarg {pair!r} is not key=value")
+        if key in SET_BY_BACKBONE_PY:
+            raise UsageError(f"model kwarg {key!r} is set from {SET_BY_BACKBONE_PY[key]}: leave it out of "
+                             f"--model-kwargs")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
