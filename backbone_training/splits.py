@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 
 import torch
 
@@ -47,6 +48,14 @@ def training_data(args: argparse.Namespace, input_size: int,
     if not isinstance(val_split.images, StreamedImages):
         val_split = dataclasses.replace(val_split, images=val_split.images.to(device))
     num_classes = len(train_split.class_names)
+    counts = torch.bincount(train_split.labels, minlength=num_classes).tolist()
+    unseen = [name for name, count in zip(train_split.class_names, counts, strict=True) if count == 0]
+    if unseen and not args.limit:  # the validation split is drawn across classes: it may take a rare one whole
+        its, it = ("their", "them") if len(unseen) > 1 else ("its", "it")
+        warnings.warn(f"no training image of class{'es' if len(unseen) > 1 else ''} "
+                      f"{', '.join(map(repr, unseen[:5]))}{' and more' if len(unseen) > 5 else ''}: all {its} images "
+                      f"are in the validation split, so the backbone will not learn {it} (a smaller --val-size keeps "
+                      f"some)", stacklevel=2)
     shown = ", ".join(train_split.class_names[:10]) + (", ..." if num_classes > 10 else "")
     print(f"data: {args.dataset} in {args.data_dir}: {num_classes} classes ({shown}); {len(train_split)} training "
           f"and {len(val_split)} validation images")

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -268,6 +269,32 @@ def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(
     with host_round_trips(monkeypatch) as calls:
         training_step.run_epoch(step, images, labels, 16, 3, 3)
     assert calls == []
+
+
+def test_a_class_the_validation_split_takes_whole_is_named(tmp_path):
+    """The validation split is drawn across the classes, so a rare class may go to it whole: the backbone would
+    then train without the class, unless told."""
+    from PIL import Image
+
+    for split, counts in (("train", {"ant": 6, "bee": 1, "cat": 6}), ("test", {"ant": 1, "bee": 1, "cat": 1})):
+        for name, count in counts.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (30 * i, 90, 0)).save(tmp_path / split / name / f"{i}.png")
+    labels = np.array([0] * 6 + [1] + [2] * 6)  # the bee is image 6 of the training split
+    val_size = int(np.flatnonzero(np.argsort(labels, kind="stable")[np.random.default_rng(0).permutation(13)] == 6)[0]
+                   ) + 1  # the least that holds it out
+    flags = ["--dataset", "folder", "--data-dir", str(tmp_path), "--model-kwargs", *TINY]
+    args = backbone.build_parser().parse_args([*flags, "--val-size", str(val_size)])
+    message = (r"^no training image of class 'bee': all its images are in the validation split, so the backbone will "
+               r"not learn it \(a smaller --val-size keeps some\)$")
+    with pytest.warns(UserWarning, match=message):
+        splits.training_data(args, 32, torch.device("cpu"))
+    if val_size > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            splits.training_data(backbone.build_parser().parse_args([*flags, "--val-size", str(val_size - 1)]), 32,
+                                 torch.device("cpu"))
 
 
 def test_half_precision_export_round_trips(tmp_path, tiny_backbone):
