@@ -157,6 +157,17 @@ def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_l
     assert set(multiprocessing.active_children()) <= children  # the workers stopped with the error
 
 
+def test_an_image_of_more_pixels_than_pil_opens_is_named(tmp_path, monkeypatch):
+    """PIL refuses an image of over twice ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb) with an error that is
+    no OSError; it is named like any unreadable image, not a traceback."""
+    root = _colour_folder(tmp_path / "data")
+    Image.new("RGB", (64, 64)).save(root / "test" / "ant" / "1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32)  # the 32-px images open, the 64-px one does not
+    with pytest.raises(DataError, match=rf"^cannot read image {root}/test/ant/1\.png: Image size \(4096 pixels\) "
+                                        rf"exceeds limit"):
+        load_split("folder", "test", root)
+
+
 def test_every_unreadable_image_of_a_decoded_split_is_named_in_one_error(tmp_path, monkeypatch):
     """One run names them all, not one per run: the split is decoded to the end first."""
     root = _colour_folder(tmp_path / "damaged")

@@ -495,7 +495,8 @@ def check_classes(found: Sequence[str], backbone_config: Mapping[str, Any]) -> N
 
 def _image(raw, index: int) -> Image.Image:
     """The data set's image ``index``, decoded. An unreadable file is a DataError naming it: timm's
-    ``ImageDataset.__getitem__`` would log it and return the next file's image, which then takes this one's label."""
+    ``ImageDataset.__getitem__`` would log it and return the next file's image, which then takes this one's label.
+    So is an image of more pixels than PIL opens (``Image.MAX_IMAGE_PIXELS`` twice over: a decompression bomb)."""
     if not isinstance(raw, ImageDataset):  # torchvision: arrays in memory
         image, _ = raw[index]
         return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
@@ -503,7 +504,7 @@ def _image(raw, index: int) -> Image.Image:
     try:
         image = Image.open(file)
         image.load()
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise unreadable_image(Path(raw.reader.root) / raw.filename(index), str(error)) from None
     return image
 
