@@ -144,10 +144,14 @@ def test_a_budget_of_zero_streams_and_an_unreadable_folder_is_one_error(tmp_path
             load_split("folder", "train", tars / damage, val_size=6)
 
 
-@pytest.mark.parametrize("damage", ["empty", "not_an_image"])
+@pytest.mark.parametrize("damage", ["empty", "not_an_image", "broken_link"])
 def test_an_unreadable_image_is_an_error_naming_it_not_its_neighbour_under_its_label(tmp_path, damage):
     root = _colour_folder(tmp_path / "damaged")
-    (root / "test" / "ant" / "1.png").write_bytes(b"" if damage == "empty" else b"garbage")
+    (root / "test" / "ant" / "1.png").unlink()
+    if damage == "broken_link":  # a file that cannot be opened at all
+        (root / "test" / "ant" / "1.png").symlink_to(tmp_path / "moved.png")
+    else:
+        (root / "test" / "ant" / "1.png").write_bytes(b"" if damage == "empty" else b"garbage")
     for budget in (None, 0):  # decoded into memory, or streamed
         with pytest.raises(DataError, match=rf"cannot read image {root}/test/ant/1\.png"):  # where it is
             load_split("folder", "test", root, memory_budget_mb=budget).images[:]

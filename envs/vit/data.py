@@ -500,8 +500,8 @@ def _image(raw, index: int) -> Image.Image:
     if not isinstance(raw, ImageDataset):  # torchvision: arrays in memory
         image, _ = raw[index]
         return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    file, *_ = raw.reader[index]
     try:
+        file, *_ = raw.reader[index]  # a directory's reader opens the file: a broken link, say, fails here
         image = Image.open(file)
         image.load()
     except (OSError, Image.DecompressionBombError) as error:
