@@ -363,6 +363,9 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--model", "resnet18", "--model-kwargs"], "StagedViT needs a plain timm VisionTransformer"),
     (["--model-kwargs", "img_size=32", "patch_size=4", "depth=1"], "a ViT of 1 block(s) has no pruning point"),
     (["--model-kwargs", "img_size=8", "patch_size=16"], "its patch grid is 0x0 (0 patch tokens): pruning needs two"),
+    *[(["--model-kwargs", "img_size=30", "patch_size=8", *dynamic],
+       "dynamic_img_pad pads its 30-px images to 4x4 patches of 8 px, not the 3x3 grid it is built for (and prunes)")
+      for dynamic in (["dynamic_img_pad=True"], ["dynamic_img_pad=True", "dynamic_img_size=True"])],
     (["--output-dir", "a_file"], "a_file is a file, not a directory"),
 ])
 def test_what_backbone_py_cannot_train_or_prune_is_one_line_before_it_trains(flags, message, tmp_path, monkeypatch,

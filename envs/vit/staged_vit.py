@@ -113,9 +113,17 @@ def check_prunable(vit: nn.Module) -> None:
         raise UsageError(f"StagedViT supports global_pool 'token' or 'avg', got {vit.global_pool!r}")
     if len(vit.blocks) < 2:
         raise UsageError(f"a ViT of {len(vit.blocks)} block(s) has no pruning point: it needs two blocks or more")
-    grid = "x".join(map(str, vit.patch_embed.grid_size))
-    if vit.patch_embed.num_patches < 2:
-        raise UsageError(f"its patch grid is {grid} ({vit.patch_embed.num_patches} patch tokens): pruning needs two "
+    embed = vit.patch_embed
+    grid = "x".join(map(str, embed.grid_size))
+    padded = [-(-side // patch) for side, patch in zip(embed.img_size, embed.patch_size, strict=True)]
+    if getattr(embed, "dynamic_img_pad", False) and padded != list(embed.grid_size):
+        # timm then runs more patches than its grid: the position embedding fails, or with dynamic_img_size the
+        # model runs other token counts than those pruned and counted
+        raise UsageError(f"dynamic_img_pad pads its {embed.img_size[0]}-px images to {'x'.join(map(str, padded))} "
+                         f"patches of {embed.patch_size[0]} px, not the {grid} grid it is built for (and prunes): "
+                         f"give an img_size that is a multiple of patch_size, or leave dynamic_img_pad out")
+    if embed.num_patches < 2:
+        raise UsageError(f"its patch grid is {grid} ({embed.num_patches} patch tokens): pruning needs two "
                          f"or more (a larger img_size or a smaller patch_size)")
 
 
