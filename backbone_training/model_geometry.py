@@ -64,6 +64,9 @@ def model_geometry(args: argparse.Namespace) -> ModelGeometry:
     except UsageError as error:
         raise UsageError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
     input_size = square_input_size(probe, kwargs)
+    if kwargs.get("in_chans", 3) != 3:
+        raise UsageError(f"in_chans={kwargs['in_chans']!r}: the data pipeline feeds RGB images (a grey image "
+                         f"converted), so the model takes 3 channels")
     mean, std = tuple(probe.default_cfg.get("mean", CIFAR_MEAN)), tuple(probe.default_cfg.get("std", CIFAR_STD))
     if not args.pretrained and args.dataset.startswith("cifar"):
         mean, std = CIFAR_MEAN, CIFAR_STD  # from scratch: the data set's own statistics

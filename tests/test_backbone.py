@@ -355,6 +355,8 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--model-kwargs", "img_size=32", "bogus_kw=1"], "timm cannot build vit_tiny_patch16_224 with"),
     (["--model-kwargs", "embed_dim=30", "num_heads=4"], "timm cannot build vit_tiny_patch16_224 with"),
     (["--model-kwargs", "img_size=(32, 48)", "patch_size=4"], "the data pipeline feeds square images"),
+    (["--model-kwargs", "img_size=32", "in_chans=1"], "in_chans=1: the data pipeline feeds RGB images (a grey image "
+                                                      "converted), so the model takes 3 channels"),
     (["--model-kwargs", "img_size=32", "num_classes=5"], "model kwarg 'num_classes' is set from the data set's "
                                                          "classes: leave it out of --model-kwargs"),
     (["--model-kwargs", "pretrained=True"], "model kwarg 'pretrained' is set from --pretrained: leave it out"),
