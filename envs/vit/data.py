@@ -266,8 +266,9 @@ def _layout_hint(data_dir: Path, split: str) -> str:
     """What an ImageFolder data directory without ``split`` looks like instead, for the error that says so: a split
     given itself, the split in a compressed archive (timm reads a ``.tar`` only: it would take ``train.tar.gz`` for
     a directory), or class folders with no split above them."""
-    if _split_given(data_dir):
-        return _split_given(data_dir)
+    given = _split_given(data_dir)
+    if given:
+        return given
     packed = sorted(child.name for child in data_dir.iterdir()
                     if child.name.partition(".")[0] in _split_names(split) and child.suffix.lower() in ARCHIVE_SUFFIXES)
     if packed:
