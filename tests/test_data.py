@@ -254,6 +254,22 @@ def test_a_split_in_a_compressed_archive_is_named(tmp_path):
     load_split("folder", "train", root, val_size=6)  # the training split beside it is read
 
 
+def test_split_folders_named_in_another_case_are_named(tmp_path):
+    """Split folders are looked for in lower case: on a case-sensitive file system ``Train/`` is not ``train/``. The
+    error names every split folder so named, not only the missing one, to rename them at once; none is read."""
+    root = _colour_folder(tmp_path / "data")
+    (root / "train").rename(root / "Train")
+    (root / "test").rename(root / "VAL")
+    if (root / "train").exists():
+        pytest.skip("a case-insensitive file system finds Train/ as train/")
+    with pytest.raises(DataError, match=rf"^no 'train' split in {root}: .*\(split folders are looked for in lower "
+                                        rf"case: rename Train to train, VAL to val in {root}\)$"):
+        load_split("folder", "train", root, val_size=6)
+    (root / "Train").rename(root / "train")
+    with pytest.raises(DataError, match=r"\(split folders are looked for in lower case: rename VAL to val in "):
+        load_split("folder", "test", root)
+
+
 @pytest.mark.parametrize("descending", [False, True])
 def test_classes_a_natural_sort_ties_are_numbered_alike_in_every_process(tmp_path, monkeypatch, descending):
     """timm orders the classes its case-blind natural sort ties ('Cat' and 'cat', 'class01' and 'class1') as a set of

@@ -257,18 +257,25 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
 
 def _split_given(data_dir: Path) -> str:
     """The hint for a data directory that is a split itself (``train/`` or ``train.tar``), else ''."""
-    if data_dir.name.lower().removesuffix(".tar") in ("train", "test", "val", "validation"):
+    if data_dir.name.lower().removesuffix(".tar") in _split_names("train") + _split_names("test"):
         return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
     return ""
 
 
 def _layout_hint(data_dir: Path, split: str) -> str:
     """What an ImageFolder data directory without ``split`` looks like instead, for the error that says so: a split
-    given itself, the split in a compressed archive (timm reads a ``.tar`` only: it would take ``train.tar.gz`` for
+    given itself, the split's folder named in another case (``Train/``: split folders are looked for in lower case,
+    and a case-sensitive file system does not find ``train/`` so; every split folder so named is listed, to rename
+    them at once), the split in a compressed archive (timm reads a ``.tar`` only: it would take ``train.tar.gz`` for
     a directory), or class folders with no split above them."""
     given = _split_given(data_dir)
     if given:
         return given
+    other_case = sorted(child.name for child in data_dir.iterdir() if child.name != child.name.lower()
+                        and child.name.lower().removesuffix(".tar") in _split_names("train") + _split_names("test"))
+    if any(name.lower().removesuffix(".tar") in _split_names(split) for name in other_case):
+        renames = ", ".join(f"{name} to {name.lower()}" for name in other_case)
+        return f" (split folders are looked for in lower case: rename {renames} in {data_dir})"
     packed = sorted(child.name for child in data_dir.iterdir()
                     if child.name.partition(".")[0] in _split_names(split) and child.suffix.lower() in ARCHIVE_SUFFIXES)
     if packed:
