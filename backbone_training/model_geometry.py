@@ -62,7 +62,7 @@ def model_geometry(args: argparse.Namespace) -> ModelGeometry:
     try:
         check_prunable(probe)
     except UsageError as error:
-        raise UsageError(f"--model {args.model} {' '.join(args.model_kwargs)}: {error}") from None
+        raise UsageError(f"{' '.join(['--model', args.model, *args.model_kwargs])}: {error}") from None
     input_size = square_input_size(probe, kwargs)
     if kwargs.get("in_chans", 3) != 3:
         raise UsageError(f"in_chans={kwargs['in_chans']!r}: the data pipeline feeds RGB images (a grey image "

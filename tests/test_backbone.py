@@ -362,7 +362,8 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--model-kwargs", "pretrained=True"], "model kwarg 'pretrained' is set from --pretrained: leave it out"),
     (["--model-kwargs", "img_size=32", "patch_size=4", "global_pool=map"],
      "StagedViT supports global_pool 'token' or 'avg', got 'map'"),
-    (["--model", "resnet18", "--model-kwargs"], "StagedViT needs a plain timm VisionTransformer"),
+    (["--model", "resnet18", "--model-kwargs"], "error: --model resnet18: StagedViT needs a plain timm "
+                                                "VisionTransformer"),
     (["--model-kwargs", "img_size=32", "patch_size=4", "depth=1"], "a ViT of 1 block(s) has no pruning point"),
     (["--model-kwargs", "img_size=8", "patch_size=16"], "its patch grid is 0x0 (0 patch tokens): pruning needs two"),
     *[(["--model-kwargs", "img_size=30", "patch_size=8", *dynamic],
