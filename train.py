@@ -322,6 +322,9 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
                  "no complete checkpoint is left to start a new run from")
         raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
                          f"not read ({type(error).__name__}: {error}): {start}") from None
+    if not trials:  # stopped before Tune made its trials: its records hold the run's start alone
+        raise UsageError(f"nothing to resume: the run in {args.output_dir} was stopped before its trials started; "
+                         f"run its command again with --overwrite")
     problems = [PruningProblem.from_json(t["problem"]) for t in trials]
     resources = TrialResources.from_json(trials[0]["resources"])
     if changed := flags_changed_on_resume(kept, args, problems, resources, tuner):
@@ -492,6 +495,12 @@ def raised_in_callback(error: Exception) -> Exception:
     return error
 
 
+INTERRUPTED_BEFORE_TRAINING = ("interrupted before training began: run the command again (with --overwrite if it "
+                               "says the output directory holds a run)")
+"""What an interrupt before any trial started says: the run's directory holds at most Tune's record of the run's
+start, which has no trial to resume."""
+
+
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
     args, given = None, frozenset()
@@ -505,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with signal_handlers_restored(RUN_SIGNALS):
                 results = train(args, given)
+            if len(results) == 0:  # a Ctrl-C or SIGTERM that Tune took before it made the trials: no report
+                raise KeyboardInterrupt(INTERRUPTED_BEFORE_TRAINING)
         except Exception as error:
             stopped = raised_in_callback(error)
             if isinstance(stopped, RunStoppedOnUnreadableImage):
@@ -522,8 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted_line() -> str:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
         run_dir = local_run_dir(args.output_dir) if args is not None else None
         if args is None or run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
-            return ("interrupted before training began: run the command again (with --overwrite if it says the "
-                    "output directory holds a run)")
+            return INTERRUPTED_BEFORE_TRAINING
         return f"interrupted: go on with {go_on_command(args, given)}"
 
     return run_command(run, interrupted_line)

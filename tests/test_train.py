@@ -492,6 +492,25 @@ def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, 
     assert "no_data does not exist" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+def test_an_interrupt_tune_took_before_it_made_the_trials_says_so_and_its_run_is_not_resumed(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A Ctrl-C or SIGTERM that Tune's handler takes before Tune has made the trials ends the run with no trial, and
+    the directory holds only Tune's record of the run's start: the command says that it was interrupted before
+    training began and exits 130 (not 0 in silence), and a --resume of that run is refused in one line (not an
+    IndexError)."""
+    monkeypatch.setattr(train, "train", lambda args, given: [])  # Tuner.fit's ResultGrid of no trial
+    run = tmp_path / "run"
+    assert train.main(["--output-dir", str(run)]) == 130
+    assert capsys.readouterr().err == train.INTERRUPTED_BEFORE_TRAINING + "\n"
+    monkeypatch.undo()
+    run.mkdir()  # what Tune wrote before the interrupt
+    (run / "experiment_state-2026.json").write_text(json.dumps({"trial_data": [], "runner_data": "{}", "stats": {}}))
+    (run / "tuner.pkl").write_bytes(pickle.dumps({}))
+    assert train.main(["--output-dir", str(run), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"error: nothing to resume: the run in {run} was stopped before its trials "
+                                       f"started; run its command again with --overwrite\n")
+
+
 @pytest.mark.parametrize(("ending", "code"), [(KeyboardInterrupt(), 130), (UsageError("the data did not read"), 2)])
 def test_train_py_holds_its_run_lock_while_it_reads_and_trains_and_frees_it_however_it_ends(
         tmp_path, tiny_backbone, monkeypatch, capsys, ending, code):
