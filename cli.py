@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -255,13 +256,19 @@ def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tup
 def check_output_dir(path: Path, given: str) -> None:
     """A :class:`UsageError` naming what keeps ``--output-dir given`` (``path``, resolved or not) from being
     written, before anything is read or started: a file at ``path`` or above it, or a directory this process
-    may not write in (its permissions, a read-only disk)."""
+    may not write in (its permissions, a read-only disk). A directory is made in it and removed again, since
+    ``os.access`` does not see every refusal: a file system that holds no directories of one's own (sysfs), NFS's
+    root squash, a security module; the commands' own ``mkdir`` was then a traceback."""
     blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"--output-dir {given}: {blocking} is a file, not a directory")
     existing = next(part for part in (path, *path.parents) if part.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--output-dir {given}: {existing} is not writable (its permissions, or a read-only disk)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        raise UsageError(f"--output-dir {given}: {existing} is not writable ({error.strerror or error})") from None
 
 
 def output_directory(text: str) -> str:

@@ -4,9 +4,11 @@ in one line with 130, a bug with its traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import multiprocessing.resource_tracker
+import os
 import re
 import subprocess
 import threading
@@ -223,6 +225,26 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(comm
     assert capsys.readouterr().err.endswith(
         "error: argument --output-dir: empty: name a directory (an unset shell variable?)\n")
     assert cli.output_directory("~/runs") == str(Path.home() / "runs") and cli.output_directory("s3://b/r") == "s3://b/r"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
+def test_an_output_dir_that_refuses_a_directory_where_os_access_allows_it_is_one_line(command, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """os.access passes a directory in which making one fails all the same (sysfs's EPERM, NFS's root squash): train.py
+    and backbone.py ended in their mkdir's traceback, evaluate.py after the whole evaluation."""
+    refusing, mkdir = tmp_path / "refusing", os.mkdir
+    refusing.mkdir()
+
+    def refused_mkdir(path, *args, **kwargs):
+        if Path(path).parent == refusing:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refused_mkdir)
+    assert importlib.import_module(command).main(["--output-dir", str(refusing / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: --output-dir {refusing / 'out'}: {refusing} is not writable "
+                                       f"(Operation not permitted)\n")
+    assert list(refusing.iterdir()) == []
 
 
 @pytest.mark.parametrize("value", ["{0},,{1}", "{0},{1},", ",{0},{1}"])
