@@ -555,6 +555,21 @@ def test_sigterm_interrupts_as_ctrl_c_does():
             signal.signal(number, handler)
 
 
+def test_sigterm_interrupts_where_sigint_is_ignored():
+    """A train.py that a job script puts in the background (``&``) starts with SIGINT ignored: SIGTERM, which raised
+    a SIGINT, was dropped before Tune's handler and after it (Tune puts the ignoring back), and the run went on."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def test_train_main_gives_back_the_signal_handlers_it_found(tmp_path, monkeypatch):
     """A Python session that calls train.main keeps its own Ctrl-C and SIGTERM: the run's handlers (ours for
     SIGTERM, Tune's for SIGINT and SIGUSR1, which Tune keeps after a run it did not interrupt) go with the run,

@@ -12,6 +12,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
@@ -112,7 +113,19 @@ def interrupt_on_sigterm() -> None:
     """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
     says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver."""
     if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, interrupt_as_sigint)
+
+
+def interrupt_as_sigint(signum: int, frame: Any) -> None:
+    """SIGTERM's handler during a run: a SIGINT to this process, which Tune's handler turns into a stop with
+    checkpoints during its run, and Python's into a KeyboardInterrupt before it; where SIGINT is ignored, a
+    KeyboardInterrupt. A shell without job control (a job script) starts a command put in the background with
+    ``&`` with SIGINT ignored, and Python leaves it so: the SIGINT was dropped, and a SIGTERM between Ray's start and
+    Tune's handler, or a second one after Tune had put the ignoring back, let the run train to its end."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:  # SIG_IGN, or SIG_DFL, or a handler not set from Python (None)
+        raise KeyboardInterrupt
 
 
 def quiet_ray_loggers() -> None:
