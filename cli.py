@@ -41,11 +41,13 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     ``interrupted()`` says (how to go on), or the ``KeyboardInterrupt``'s own where it carries one, and code
     130, as a shell reports a process ended by SIGINT, once the compile jobs queued behind the interrupt are
     dropped (:func:`cancel_queued_compiles`). Other exceptions, a plain ``ValueError`` included, are bugs and
-    keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`)."""
+    keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`). An interrupt
+    that Python drops is delivered again (:func:`dropped_interrupts_delivered_again`)."""
     def interrupt(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt
 
-    with signal_handlers_restored((signal.SIGTERM,)) as main_thread, warnings.catch_warnings():
+    with (signal_handlers_restored((signal.SIGTERM,)) as main_thread, warnings.catch_warnings(),
+          dropped_interrupts_delivered_again()):
         warnings.showwarning = one_line_warning
         if main_thread:
             signal.signal(signal.SIGTERM, interrupt)
@@ -58,6 +60,42 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
             cancel_queued_compiles()
             print(interrupt.args[0] if interrupt.args else interrupted(), file=sys.stderr)
             return 130
+
+
+REDELIVERY_DELAY_S = 0.05
+"""How long after Python dropped an interrupt it is delivered again: time for the main thread to leave the
+callback it was dropped in."""
+
+
+@contextlib.contextmanager
+def dropped_interrupts_delivered_again() -> Iterator[None]:
+    """Deliver again, as a SIGTERM to the main thread, a Ctrl-C or SIGTERM whose ``KeyboardInterrupt`` Python
+    dropped. A signal's handler runs in whatever Python code the main thread runs next; where that is a weakref
+    callback or a ``__del__`` (Tune's set-up runs one of an ABC cache's), the exception is unraisable: Python
+    reports it to ``sys.unraisablehook`` and carries on, and train.py, interrupted between Ray's start and Tune's
+    own handler, trained to its end and exited 0. The signal is SIGTERM, whose handler :func:`run_command` (then
+    train.py) sets, as SIGINT may be ignored; it goes from a timer thread, once the main thread has left the
+    callback (sent from the hook, it would be raised in the hook, which drops it too); dropped again, it is sent
+    again. Other unraisable exceptions go to the hook there was before. Only the main thread sets the hook."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+
+    def deliver_again(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        main_thread = threading.main_thread().ident  # a signal, not _thread.interrupt_main: that waits for a sleep
+        timer = threading.Timer(REDELIVERY_DELAY_S, signal.pthread_kill, (main_thread, signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+
+    sys.unraisablehook = deliver_again
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def cancel_queued_compiles() -> None:

@@ -10,9 +10,13 @@ import json
 import multiprocessing.resource_tracker
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,29 @@ def test_ctrl_c_during_evaluation_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "run", interrupt)
     assert evaluate.main([]) == 130
     assert capsys.readouterr().err == "interrupted: nothing was written; run the command again\n"
+
+
+def test_an_interrupt_python_drops_in_a_weakref_callback_is_delivered_again(capsys):
+    """A Ctrl-C or SIGTERM whose handler runs in a weakref callback raises a KeyboardInterrupt that Python drops: it
+    is delivered again, once the callback is left, and the command ends as interrupted, not as if never stopped."""
+    class Resource:
+        pass
+
+    def body():
+        resource = Resource()
+        reference = weakref.ref(resource, lambda reference: signal.raise_signal(signal.SIGINT))
+        del resource  # its callback runs the handler: the KeyboardInterrupt is raised there, and dropped
+        time.sleep(5)
+        return 0 if reference() is None else 1
+
+    unraisable_hook, interrupt_handler = sys.unraisablehook, signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # earlier tests may have left another one
+    try:
+        assert run_command(body, lambda: "interrupted: go on") == 130
+    finally:
+        signal.signal(signal.SIGINT, interrupt_handler)
+    assert capsys.readouterr().err == "interrupted: go on\n"
+    assert sys.unraisablehook is unraisable_hook
 
 
 def test_an_interrupt_drops_the_compile_jobs_queued(monkeypatch, capsys):
