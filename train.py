@@ -454,7 +454,8 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
         quiet_ray_loggers()
         if not ray.is_initialized():
             start_ray(args, sum(bundle.get("CPU", 0) for bundle in trial_resources(resources).bundles))
-        interrupt_on_sigterm()  # in a Ray instance started before too: ray.init's handler would abort the driver
+        # in a Ray instance started before too: ray.init's handler would abort the driver
+        interrupt_on_sigterm(lambda: go_on_command(args, given))
         if inputs is not None:  # one copy in the object store for every trial, not one per trial
             inputs = {name: server_inputs.shared() for name, server_inputs in inputs.items()}
         if not args.resume:  # the cluster's GPUs decide the placement

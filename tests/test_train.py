@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -568,6 +569,34 @@ def test_sigterm_interrupts_where_sigint_is_ignored():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def test_ray_gone_only_where_the_gcs_refuses_while_connected(monkeypatch):
+    """A group SIGTERM stops Ray's GCS with train.py: gone is a GCS that refuses connections while this process is
+    still connected, not one that answers, nor one that this process's own ray.shutdown stopped (disconnected)."""
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: True)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert not ray_session.ray_gone(address)
+    assert ray_session.ray_gone(address)  # closed: refused
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: False)
+    assert not ray_session.ray_gone(address)
+
+
+def test_a_sigterm_that_stopped_ray_too_ends_with_the_go_on_line(monkeypatch, capsys):
+    """Ray's core worker would end the driver after 60 s with exit code 1 and no line saying how to go on; the
+    watcher ends it at once, with code 130 and the command. It gives up once the run's SIGTERM handler is gone."""
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(ray_session.os, "_exit", exit_)
+    monkeypatch.setattr(ray_session, "ray_gone", lambda address: True)
+    with pytest.raises(SystemExit) as exited:
+        ray_session.exit_once_ray_is_gone("127.0.0.1:1", lambda: "python train.py --resume",
+                                          signal.getsignal(signal.SIGTERM))
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.endswith("go on with python train.py --resume\n")
+    monkeypatch.setattr(ray_session, "ray_gone", lambda address: False)
+    ray_session.exit_once_ray_is_gone("127.0.0.1:1", lambda: "never", object())  # not SIGTERM's handler: returns
 
 
 def test_train_main_gives_back_the_signal_handlers_it_found(tmp_path, monkeypatch):

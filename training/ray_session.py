@@ -9,9 +9,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -109,11 +111,23 @@ Python session that called ``train.main`` gets its Ctrl-C back: under Tune's han
 warning."""
 
 
-def interrupt_on_sigterm() -> None:
+def interrupt_on_sigterm(go_on_command: Callable[[], str] | None = None) -> None:
     """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
-    says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver."""
-    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's
+    says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver. With ``go_on_command``
+    (the command that goes on with the run), a SIGTERM that stopped Ray's own processes too ends the driver at
+    once with a line naming it (:func:`exit_once_ray_is_gone`)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        return
+    if go_on_command is None:
         signal.signal(signal.SIGTERM, interrupt_as_sigint)
+        return
+    gcs_address = ray.get_runtime_context().gcs_address
+
+    def interrupt(signum: int, frame: Any) -> None:
+        threading.Thread(target=exit_once_ray_is_gone, args=(gcs_address, go_on_command, interrupt),
+                         daemon=True).start()
+        interrupt_as_sigint(signum, frame)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def interrupt_as_sigint(signum: int, frame: Any) -> None:
@@ -126,6 +140,41 @@ def interrupt_as_sigint(signum: int, frame: Any) -> None:
         signal.raise_signal(signal.SIGINT)
     else:  # SIG_IGN, or SIG_DFL, or a handler not set from Python (None)
         raise KeyboardInterrupt
+
+
+RAY_GONE_POLL_S = 0.5
+"""How often :func:`exit_once_ray_is_gone` asks whether the GCS still answers."""
+
+
+def exit_once_ray_is_gone(gcs_address: str, go_on_command: Callable[[], str], handler: Any) -> None:
+    """After a SIGTERM, end the process with a line naming ``go_on_command()`` and code 130 once Ray's GCS is gone
+    while this driver is still connected to it. A SIGTERM to the whole process group (systemd's
+    KillMode=control-group) or to every process of a job step (Slurm's scancel) stops Ray's own processes with
+    train.py: Tune's stop then waits on a GCS that is gone, and Ray's core worker ended the process after 60 s with
+    exit code 1 and its "Failed to connect to GCS" line, no Python code run, so the user never learnt how to go on.
+    The trials' processes got the signal too, so nothing more can be saved: their checkpoints on disk are what
+    ``--resume`` goes on from. It watches while ``handler`` is SIGTERM's: train.py gives the handlers back when
+    the run ends, before it shuts Ray down."""
+    while not ray_gone(gcs_address):
+        if signal.getsignal(signal.SIGTERM) is not handler:
+            return
+        time.sleep(RAY_GONE_POLL_S)
+    sys.stdout.flush()
+    print(f"interrupted, Ray's own processes too (no closing lines): go on with {go_on_command()}", file=sys.stderr,
+          flush=True)
+    os._exit(130)
+
+
+def ray_gone(gcs_address: str) -> bool:
+    """Whether the GCS at ``gcs_address`` (``host:port``) refuses connections while this process is still
+    connected to Ray. Asked in this order because ``ray.shutdown`` disconnects before it stops the GCS: a GCS
+    that this process shut down is never taken for one stopped by a signal."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        return False
+    except OSError:
+        return ray.is_initialized()
 
 
 def quiet_ray_loggers() -> None:
