@@ -168,13 +168,16 @@ def exit_once_ray_is_gone(gcs_address: str, go_on_command: Callable[[], str], ha
 def ray_gone(gcs_address: str) -> bool:
     """Whether the GCS at ``gcs_address`` (``host:port``) refuses connections while this process is still
     connected to Ray. Asked in this order because ``ray.shutdown`` disconnects before it stops the GCS: a GCS
-    that this process shut down is never taken for one stopped by a signal."""
+    that this process shut down is never taken for one stopped by a signal. Only a refusal counts (its host up,
+    its port closed): a timeout, a cluster's GCS slow to answer over the network, is not taken for one gone."""
     host, _, port = gcs_address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-        return False
-    except OSError:
+    except ConnectionRefusedError:
         return ray.is_initialized()
+    except OSError:  # no answer in time
+        pass
+    return False
 
 
 def quiet_ray_loggers() -> None:
