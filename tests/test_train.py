@@ -541,27 +541,17 @@ def test_train_py_holds_its_run_lock_while_it_reads_and_trains_and_frees_it_howe
     run_directory.check_not_running(run)  # released: the lock is free to take
 
 
-def test_sigterm_interrupts_as_ctrl_c_does():
+@pytest.mark.parametrize("sigint_handler", [signal.default_int_handler, signal.SIG_IGN],
+                         ids=["sigint-handled", "sigint-ignored"])
+def test_sigterm_interrupts_as_ctrl_c_does(sigint_handler):
     """SIGTERM raises SIGINT, which Python's default handler turns into KeyboardInterrupt (and Tune's, during a
-    run, into a stop with checkpoints). Earlier tests may have left another SIGINT handler: the default is set."""
+    run, into a stop with checkpoints); where SIGINT is ignored, as in a train.py that a job script puts in the
+    background (``&``), it raises KeyboardInterrupt itself: a SIGINT would be dropped, before Tune's handler and
+    after it (Tune puts the ignoring back), and the run would go on. Earlier tests may have left another SIGINT
+    handler: the one of the case is set."""
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        interrupt_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def test_sigterm_interrupts_where_sigint_is_ignored():
-    """A train.py that a job script puts in the background (``&``) starts with SIGINT ignored: SIGTERM, which raised
-    a SIGINT, was dropped before Tune's handler and after it (Tune puts the ignoring back), and the run went on."""
-    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, sigint_handler)
         interrupt_on_sigterm()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
