@@ -134,6 +134,23 @@ def check_image_batch(images: object, size: Sequence[int]) -> None:
     raise UsageError(f"images must be [B, {', '.join(map(str, expected))}], got {list(shape)}{hint}")
 
 
+def check_pixel_range(images: torch.Tensor) -> None:
+    """A ``UsageError`` unless ``images`` are uint8 or floating point in [0, 1]: another integer type's scale is
+    unknown, and images already normalised (in [-1, 1], say), negative or NaN would be normalised again and give
+    wrong answers without a word. Costs one read of the extremes (a device sync), once per batch."""
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise UsageError(f"images must be uint8 in [0, 255] or floating point in [0, 1], got {images.dtype} "
+                         "(images.to(torch.uint8) converts integers in [0, 255])")
+    if not images.numel():
+        return
+    low, high = (float(value) for value in torch.aminmax(images.detach()))
+    if not (-1e-3 <= low and high <= 1.0 + 1e-3):  # NaN fails both
+        raise UsageError(f"floating-point images must be in [0, 1], got values in [{low:.4g}, {high:.4g}] (pass "
+                         "uint8 images in [0, 255]; images already normalised go to the model itself)")
+
+
 def check_gflops(value: object, name: str) -> float:
     """``value`` as a float if it is a cost in GFLOPs, a finite positive number; else a ``UsageError`` (a NaN cost
     would run ToMe unpruned, or every image of a cascade twice, without a word)."""
@@ -279,8 +296,7 @@ class PrunedViT(InferenceModel):
         ``UsageError`` saying what was passed. Returned in the weights' :attr:`dtype`.
         """
         check_image_batch(images, self.staged.vit.patch_embed.img_size)
-        if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1.0 + 1e-3:
-            raise UsageError("floating-point images must be in [0, 1] (or pass uint8 images in [0, 255])")
+        check_pixel_range(images)
         return normalize(images if images.dtype == torch.uint8 else images * 255.0, self.backbone_config).to(self.dtype)
 
     @torch.no_grad()

@@ -303,6 +303,22 @@ def test_normalize_takes_uint8_and_unit_range_images(tiny_staged):
 
 
 @pytest.mark.parametrize(("given", "message"), [
+    (lambda pixels: pixels.float() / 127.5 - 1, r"floating-point images must be in \[0, 1\], got values in \[-1, 1\]"),
+    (lambda pixels: torch.full(pixels.shape, float("nan")), r"in \[0, 1\], got values in \[nan, nan\]"),
+    (lambda pixels: pixels.long(), r"uint8 in \[0, 255\] or floating point in \[0, 1\], got torch.int64"),
+    (lambda pixels: pixels > 127, r"uint8 in \[0, 255\] or floating point in \[0, 1\], got torch.bool"),
+])
+def test_normalize_refuses_images_of_an_unknown_scale(tiny_staged, given, message):
+    """Images already normalised to [-1, 1], NaN, or integers other than uint8 were normalised as if in [0, 1]
+    (only a maximum above 1 was refused): wrong answers without a word. Each is named."""
+    model = PrunedViT(*tiny_staged)
+    pixels = torch.tensor([0, 255], dtype=torch.uint8).repeat(3 * 32 * 16).reshape(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=message):
+        model.normalize(given(pixels))
+    assert model.normalize(pixels[:0].float()).shape == (0, 3, 32, 32)  # an empty batch has no range to check
+
+
+@pytest.mark.parametrize(("given", "message"), [
     (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(model.preprocess\(\[...\]\) "
                                     r"reads PIL images and files; torch.from_numpy"),
     (lambda pixels: pixels.permute(0, 2, 3, 1), r"got \[2, 32, 32, 3\]; channels last\? images.permute"),
