@@ -288,7 +288,15 @@ def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tup
     option = actions[0].option_strings[0]
     if actions[0].nargs == 0 or value is None or value == []:
         return option, []
-    return option, [option, *map(str, value if isinstance(value, list) else [value])]
+    return option, [option, *map(command_value, value if isinstance(value, list) else [value])]
+
+
+def command_value(value: Any) -> str:
+    """``value`` as a user writes it on a command line: a whole float without its ``.0`` (``--time-budget 0``,
+    ``--memory-budget-mb 512``, not the ``0.0`` that ``str`` gives and no one types), any other float as the
+    shortest text that reads back as it (``1.5``, ``0.0001``, ``1e+16``), anything else as ``str`` has it. The
+    command reads the same value back: the float flags' types take integers too."""
+    return repr(value).removesuffix(".0") if isinstance(value, float) else str(value)
 
 
 def check_output_dir(path: Path, given: str) -> None:

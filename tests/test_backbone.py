@@ -84,7 +84,7 @@ def test_refuses_existing_run_and_resumes(tmp_path, data_dir, capsys):
     assert run_backbone(tmp_path, data_dir, drop_path, "--epochs", "2", "--time-limit", "0", "--amp") == 0
     # the command that goes on gives again the flags a resumed run takes from its command line, not its record
     go_on = (f"time limit reached after epoch 1; continue with python backbone.py --output-dir {tmp_path / 'run'} "
-             f"--resume --time-limit 0.0 --no-download --data-dir {data_dir} --epochs 2\n")
+             f"--resume --time-limit 0 --no-download --data-dir {data_dir} --epochs 2\n")
     out = capsys.readouterr().out
     assert go_on in out
     assert (f"data: cifar10 in {data_dir}: 10 classes (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, "
@@ -476,8 +476,8 @@ def test_an_interrupt_or_a_damaged_state_is_one_line(tmp_path, monkeypatch, caps
     assert backbone.main(["--output-dir", str(run), "--time-budget", "20m", "--device", "cpu", "--compile",
                           "--memory-budget-mb", "0", "--save-every", "2", "--lr", "1e-3", "--epochs", "9"]) == 130
     assert capsys.readouterr().err == (f"interrupted: go on with python backbone.py --output-dir '{run}' --resume "
-                                       f"--time-budget 1200.0 --save-every 2 --device cpu --compile "
-                                       f"--memory-budget-mb 0.0 --epochs 9\n")
+                                       f"--time-budget 1200 --save-every 2 --device cpu --compile "
+                                       f"--memory-budget-mb 0 --epochs 9\n")
     monkeypatch.undo()
     for damage in (b"", b"garbage\n"):
         (run / STATE_FILE).write_bytes(damage)

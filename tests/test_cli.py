@@ -244,6 +244,22 @@ def test_a_duration_is_in_the_commands_unit_or_says_its_own():
             minutes(bad)
 
 
+def test_a_printed_command_gives_numbers_as_a_user_writes_them():
+    """The go-on command of train.py and backbone.py printed ``--time-budget 0.0`` for ``--time-budget 0``: each
+    number is as a user writes it, and the flag reads it back as the same value."""
+    import train
+
+    parser = train.build_parser()
+    for value, words in ((0.0, "0"), (18.0, "18"), (1.5, "1.5"), (1e-4, "0.0001"), (1e16, "1e+16")):
+        option, spelled = cli.command_words(parser, "time_budget", value)
+        assert spelled == ["--time-budget", words] and parser.parse_args(spelled).time_budget == value
+    assert cli.command_words(parser, "memory_budget_mb", 512.0)[1] == ["--memory-budget-mb", "512"]
+    assert cli.command_words(parser, "iterations", 7)[1] == ["--iterations", "7"]
+    argv = ["--output-dir", "runs/x", "--time-budget", "0", "--memory-budget-mb", "0"]
+    assert train.go_on_command(parser.parse_args(argv), cli.given_flags(parser, argv)) == (
+        "python train.py --output-dir runs/x --resume --memory-budget-mb 0 --time-budget 0")
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
 def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(command, capsys):
     """``--output-dir=$OUT`` with OUT unset wrote into the current directory (evaluate.py: the repository's

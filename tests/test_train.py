@@ -971,7 +971,7 @@ def test_a_cluster_too_small_for_one_trial_is_named_and_the_go_on_command_keeps_
     args = train.build_parser().parse_args(argv)
     assert train.go_on_command(args, given_flags(train.build_parser(), argv)) == (
         "python train.py --output-dir runs/x --resume --num-cpus 4 --data-dir '/mnt/my data' --no-download "
-        "--memory-budget-mb 0.0 --time-budget 120.0")
+        "--memory-budget-mb 0 --time-budget 120")
     # run from another directory, the command names the script from there
     monkeypatch.chdir(REPO_ROOT / "docs")
     assert train.go_on_command(args, set()) == "python ../train.py --output-dir runs/x --resume"
