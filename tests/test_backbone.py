@@ -354,6 +354,15 @@ def test_bad_checkpoints_and_models_fail_clearly(tmp_path, tiny_backbone, capsys
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     (["--model-kwargs", "img_size=32", "bogus_kw=1"], "timm cannot build vit_tiny_patch16_224 with"),
     (["--model-kwargs", "embed_dim=30", "num_heads=4"], "timm cannot build vit_tiny_patch16_224 with"),
+    # built by timm, but with DropPath keep probabilities below 0 that bernoulli_ refuses at the first training step
+    (["--model-kwargs", "img_size=32", "patch_size=4", "drop_path_rate=1.5"],
+     "error: --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 drop_path_rate=1.5: timm's model "
+     "fails to train with them: bernoulli_ expects p to be in [0, 1], but got p=-"),
+    # timm's constructors fail on them with a RuntimeError, a KeyError and a ZeroDivisionError
+    (["--model-kwargs", "img_size=32", "mlp_ratio=-1"], "--model-kwargs img_size=32 mlp_ratio=-1: timm cannot build "
+                                                        "vit_tiny_patch16_224 with"),
+    (["--model-kwargs", "img_size=32", "act_layer=foo"], "'act_layer': 'foo'}: KeyError 'foo'"),
+    (["--model-kwargs", "img_size=32", "num_heads=0"], "'num_heads': 0}: integer modulo by zero"),
     (["--model-kwargs", "img_size=(32, 48)", "patch_size=4"], "the data pipeline feeds square images"),
     (["--model-kwargs", "img_size=32", "in_chans=1"], "in_chans=1: the data pipeline feeds RGB images (a grey image "
                                                       "converted), so the model takes 3 channels"),

@@ -70,10 +70,17 @@ def weights_from_the_cache_unless_the_hub_answers(pretrained: bool) -> Iterator[
         constants.HF_HUB_OFFLINE = False
 
 
+TIMM_KWARG_ERRORS = (TypeError, ValueError, AssertionError, KeyError, ZeroDivisionError)
+"""What timm's constructors raise on keyword arguments they cannot build with, besides a ``RuntimeError``: an
+unknown kwarg, ``embed_dim`` that ``num_heads`` does not divide, ``act_layer='foo'`` (a ``KeyError`` of timm's
+layer lookup), ``num_heads=0`` or ``patch_size=0`` (a division by zero)."""
+
+
 def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
                pretrained: bool = False) -> torch.nn.Module:
-    """A timm model by name; a clear error for unknown names and for unreachable pretrained weights, which come
-    from the local cache only where the Hub does not answer."""
+    """A timm model by name; a clear error for unknown names, for kwargs timm cannot build with
+    (:data:`TIMM_KWARG_ERRORS`, and a ``RuntimeError`` where no weights are loaded) and for unreachable pretrained
+    weights, which come from the local cache only where the Hub does not answer."""
     if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
     try:
@@ -82,10 +89,20 @@ def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
     except (OSError, RuntimeError) as error:
         if pretrained:
             raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
-        raise
-    except (TypeError, ValueError, AssertionError) as error:  # what timm's constructors raise on bad kwargs
-        raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: "
-                              f"{error or type(error).__name__}") from None
+        if isinstance(error, OSError):
+            raise
+        unbuilt = error  # a tensor of a negative size (mlp_ratio=-1, depth=-1, reg_tokens=-1)
+    except TIMM_KWARG_ERRORS as error:
+        unbuilt = error
+    raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: {timm_error(unbuilt)}") from None
+
+
+def timm_error(error: Exception) -> str:
+    """``error``'s message as the end of a line that says timm could not build or run a model: its class too where
+    the message alone means nothing (a ``KeyError``'s is the key, a bare ``AssertionError`` has none)."""
+    if isinstance(error, KeyError) or not str(error):
+        return f"{type(error).__name__} {error}".strip()
+    return str(error)
 
 
 def save_backbone(model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike,
