@@ -97,6 +97,7 @@ from training.ray_session import (
 )
 from training.run_directory import (
     check_not_running,
+    check_resumable,
     check_space_after_failure,
     check_storage_uri,
     delete_run,
@@ -331,6 +332,8 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
         raise UsageError("--resume goes on with the run's problems, PPO settings and resources (--from-checkpoint "
                          "starts a new run that may change them): drop or give the run's value: "
                          + ", ".join(f"{flag_name(dest)} (the run's: {value})" for dest, value in changed.items()))
+    for trial in trials if local is not None else []:
+        check_resumable(local / trial["name"])
     reached = [reached_iteration(local / trial["name"]) for trial in trials] if local is not None else []
     if reached and min(reached) >= args.iterations:
         raise UsageError(f"every trial of the run is at iteration {min(reached)} or later and --iterations counts "

@@ -127,6 +127,15 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=_iteration_order)
 
 
+def incomplete_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
+    """A trial's checkpoint directories, Tune's and those set aside, that lack their ``pruning_config.json`` (one
+    cut short while it was stored, or the file removed), by name: what :func:`trial_checkpoints` passes over."""
+    found = [path for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
+             for path in Path(trial_dir).glob(f"{pattern}*")
+             if path.is_dir() and checkpoint_number(path) is not None and not (path / PRUNING_CONFIG).exists()]
+    return sorted(found)
+
+
 def checkpoint_number(checkpoint: Path) -> int | None:
     """The number Tune gave a checkpoint directory (``checkpoint_000003``, set aside or not: 3), None for a name
     that is not one of Tune's numbered ones."""

@@ -57,7 +57,7 @@ from training.console import (
 from training.learner import PruningPPOLearner
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
 from training.ray_session import check_cluster_answers, cluster_shortfall, interrupt_on_sigterm
-from training.run_directory import delete_run
+from training.run_directory import check_resumable, delete_run
 from training.trial import SCORE, build_config, newest_iteration, restore_newest
 
 
@@ -333,6 +333,32 @@ def test_a_resumed_run_draws_other_images_from_the_iteration_it_goes_on_from(tmp
     config = build_config(PruningProblem(), TrialResources(1, 1, plan_placement(None, 1, 0, False, 2),
                                                                       True), ["train"], "val", resumed_at=30)
     assert config.env_config["resumed_at"] == 30
+
+
+def test_resume_names_a_checkpoint_without_its_pruning_config_that_it_passes_over(tmp_path):
+    """A newest checkpoint cut short while it was stored (no pruning_config.json) made --resume go back to an older
+    one without a word: it is named in one warning line with the checkpoint the trial goes on from, and a trial
+    with no complete checkpoint left is refused rather than started again from its beginning."""
+    trial = tmp_path / "target_ratio=0.5"
+    for number, iteration in ((1, 2), (2, 4)):
+        (trial / f"checkpoint_00000{number}").mkdir(parents=True)
+        (trial / f"checkpoint_00000{number}" / PRUNING_CONFIG).write_text(
+            json.dumps(CheckpointInfo(PruningProblem(), iteration, 80.0).to_json()))
+    check_resumable(trial)  # every checkpoint complete: not a word
+    (trial / "checkpoint_000003").mkdir()
+    with pytest.warns(UserWarning) as warned:
+        check_resumable(trial)
+    assert [str(warning.message) for warning in warned] == [
+        f"--resume: in {trial}, checkpoint_000003 has no pruning_config.json (cut short while it was stored?) and is "
+        f"passed over: the trial goes on from checkpoint_000002 (iteration 4)"]
+    for number in (1, 2):
+        (trial / f"checkpoint_00000{number}" / PRUNING_CONFIG).unlink()
+    with pytest.raises(UsageError, match=re.escape(
+            f"--resume: no checkpoint of the trial in {trial} is complete: checkpoint_000001, checkpoint_000002, "
+            f"checkpoint_000003 have no pruning_config.json (cut short while they were stored?); delete them to start "
+            f"the trial again from its beginning, or start a new run with --overwrite")):
+        check_resumable(trial)
+    check_resumable(tmp_path / "target_ratio=0.3")  # no checkpoint yet: --resume starts it, as it says
 
 
 class LoggedTrial:

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from envs.atomic_file import first_missing
 from envs.errors import UsageError, UserError
 from policies.checkpoints import (
     CHECKPOINT_PREFIX,
+    PRUNING_CONFIG,
     UNRECORDED_PREFIX,
     PolicyCheckpointError,
     check_restorable,
+    incomplete_checkpoints,
     readable_checkpoint_info,
     trial_checkpoints,
     validated_checkpoints,
@@ -147,6 +150,30 @@ def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
             newest.append(checkpoint)
             break
     return newest
+
+
+def check_resumable(trial_dir: Path) -> None:
+    """Warn, in one line, of the checkpoint directories of a trial that ``--resume`` passes over for want of their
+    ``pruning_config.json`` (:func:`~policies.checkpoints.incomplete_checkpoints`), naming the checkpoint it goes
+    on from instead: a newest checkpoint cut short while it was stored made the trial go back to an older one,
+    its iterations since then lost, with no word but the name in its ``resumed from`` line. A
+    :class:`UsageError` where the trial has checkpoint directories and none complete: it would start again
+    from its beginning."""
+    passed_over = incomplete_checkpoints(trial_dir)
+    if not passed_over:
+        return
+    one = len(passed_over) == 1
+    lacking = (f"{', '.join(path.name for path in passed_over)} {'has' if one else 'have'} no {PRUNING_CONFIG} "
+               f"(cut short while {'it was' if one else 'they were'} stored?)")
+    complete = trial_checkpoints(trial_dir)
+    if not complete:
+        raise UsageError(f"--resume: no checkpoint of the trial in {trial_dir} is complete: {lacking}; delete "
+                         f"{'it' if one else 'them'} to start the trial again from its beginning, or start a new run "
+                         f"with --overwrite")
+    info = readable_checkpoint_info(complete[-1])
+    at = f" (iteration {info.iteration})" if info is not None and info.iteration is not None else ""
+    warnings.warn(f"--resume: in {trial_dir}, {lacking} and {'is' if one else 'are'} passed over: the trial goes on "
+                  f"from {complete[-1].name}{at}", stacklevel=2)
 
 
 def delete_run(run_dir: Path) -> None:
