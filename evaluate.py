@@ -76,7 +76,15 @@ from cli import (
     versions_line,
 )
 from envs.errors import UsageError
-from envs.problem import PruningProblem, block_indices, budget_key, flag_name, removal_ratio, removal_ratios
+from envs.problem import (
+    PruningProblem,
+    block_indices,
+    budget_key,
+    flag_name,
+    removal_ratio,
+    removal_ratios,
+    spelled_points,
+)
 from envs.vit.backbone_checkpoint import (
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
@@ -88,7 +96,7 @@ from envs.vit.backbone_checkpoint import (
 from envs.vit.data import DATASETS, ClassesDiffer, DataError, ImageSplit, default_data_dir, limited_positions
 from envs.vit.device import DEVICE_CHOICES, DTYPES, describe_device, resolve_device
 from envs.vit.held_out import check_held_out, load_checked_split
-from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
+from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, PrunePointsError, StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from evaluation import EvaluationError
 from evaluation.measure import Evaluation, evaluate_methods
@@ -378,6 +386,8 @@ def backbone_to_evaluate(args: argparse.Namespace, problem: PruningProblem,
     default ``--checkpoint`` does not fit it, the error says the reference policy needs the reference backbone."""
     try:
         return checked_backbone(problem, checkpoints, args.backbone)
+    except PrunePointsError as error:  # --heuristics-only: the problem prunes at --prune-points (or its default)
+        raise EvaluationError(f"--prune-points {spelled_points(problem.prune_points)}: {error}") from None
     except PolicyCheckpointError as error:
         if args.checkpoint != DEFAULT_CHECKPOINT or args.heuristics_only:
             raise
@@ -395,7 +405,7 @@ def plan_cascade(args: argparse.Namespace, problem: PruningProblem, staged: Stag
     try:
         StagedViT(staged.vit, cascade_points)
     except UsageError as error:
-        raise EvaluationError(f"--cascade-points: {error}") from None
+        raise EvaluationError(f"--cascade-points {spelled_points(cascade_points)}: {error}") from None
     budget = budget_key(problem.target_ratio)
     _, info, path = policies.get(budget, (None, None, None))
     if info is not None and info.problem.agents == "both" and info.problem.prune_points != cascade_points:

@@ -61,10 +61,12 @@ from envs.problem import (
     add_problem_arguments,
     flag_name,
     problems_from_args,
+    spelled_points,
     sweep_label,
 )
 from envs.vit.backbone_checkpoint import RUN_EXPORT_DIR, is_backbone_checkpoint, weights_digest
 from envs.vit.data import DataError, absolute_data_dir, check_recorded_data_dir
+from envs.vit.staged_vit import PrunePointsError
 from envs.vit_server import (
     ServerInputs,
     load_server_inputs,
@@ -429,7 +431,11 @@ def read_server_inputs(args: argparse.Namespace, problems: list[PruningProblem],
     fails before anything starts, and shipped to the trials through Ray's object store when their problems
     differ in no :data:`DATA_SETTINGS` (a sweep of the budget); else None: each trial reads its own."""
     settings = server_settings(problems[0], resources.placement, data_access(args))
-    inputs = {name: load_server_inputs(s) for name, s in settings.items()}
+    try:
+        inputs = {name: load_server_inputs(s) for name, s in settings.items()}
+    except PrunePointsError as error:  # the flag's, or the run's or the checkpoint's setting of it
+        raise UsageError(f"{flag_name('problem.prune_points')} {spelled_points(problems[0].prune_points)}: "
+                         f"{error}") from None
     if args.from_checkpoint:  # a checkpoint of another backbone or feature set fails here, clearly
         patches = staged_from_weights(inputs[TRAIN_SERVER].state, inputs[TRAIN_SERVER].config,
                                       problems[0].prune_points).num_patches

@@ -356,8 +356,23 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
-block_indices = comma_separated(int, "block indices")
-"""The argparse ``type`` of pruning points: comma-separated block indices, e.g. ``1,3,5,7,9,11``."""
+_block_index_list = comma_separated(int, "block indices")
+
+
+def block_indices(text: str) -> tuple[int, ...]:
+    """The argparse ``type`` of pruning points: comma-separated block indices, e.g. ``1,3,5,7,9,11``, from 1 and
+    strictly increasing, which every backbone needs (``StagedViT``): refused here, the error names the flag and
+    its value; how deep a backbone is, the command checks once it has read it."""
+    points = _block_index_list(text)
+    if points[0] < 1 or any(a >= b for a, b in itertools.pairwise(points)):
+        raise argparse.ArgumentTypeError(f"expected strictly increasing block indices from 1 (tokens are pruned "
+                                          f"before those blocks), got {text!r}")
+    return points
+
+
+def spelled_points(points: typing.Iterable[int]) -> str:
+    """Pruning points as a flag takes them (:func:`block_indices`): ``3,6,9``."""
+    return ",".join(map(str, points))
 
 
 def budget_key(ratio: float) -> float:

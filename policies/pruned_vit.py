@@ -40,7 +40,7 @@ from envs.vit.flops import (
     unpruned_gflops,
 )
 from envs.vit.pruned_forward import exact_forward
-from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, StagedViT
+from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS, PrunePointsError, StagedViT
 from envs.vit.token_merge import REDUCTIONS
 from envs.vit.tome import tome_forward, tome_schedule
 from policies.checkpoints import (
@@ -62,10 +62,10 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
                     backbone: str | os.PathLike | None = None) -> tuple[StagedViT, dict[str, Any], Path]:
     """The backbone a policy checkpoint's problem names (or ``backbone``) split at its pruning points, in eval
     mode, with its config and path; a backbone too shallow for the pruning points is a
-    :class:`~policies.checkpoints.PolicyCheckpointError` naming both (the backbone alone for a problem of no
-    checkpoint, ``checkpoint=None``). Where the backbone the checkpoint recorded does not load (moved, most
-    often), ``load_backbone``'s error goes on to say whose backbone it is and how to pass another, since the
-    user named neither."""
+    :class:`~policies.checkpoints.PolicyCheckpointError` naming both (for a problem of no checkpoint,
+    ``checkpoint=None``, a ``PrunePointsError`` naming the backbone, whose points the caller gave). Where the
+    backbone the checkpoint recorded does not load (moved, most often), ``load_backbone``'s error goes on to say
+    whose backbone it is and how to pass another, since the user named neither."""
     backbone_path = Path(backbone).expanduser() if backbone else problem.backbone_path
     try:
         vit, config = load_backbone(backbone_path)
@@ -77,6 +77,8 @@ def policy_backbone(problem: PruningProblem, checkpoint: str | os.PathLike | Non
     try:
         return StagedViT(vit, problem.prune_points).eval(), config, backbone_path
     except UsageError as error:
+        if checkpoint is None and isinstance(error, PrunePointsError):  # the caller's points: it names their flag
+            raise PrunePointsError(f"backbone {backbone_path}: {error}") from None
         where = "" if checkpoint is None else f"checkpoint {checkpoint}, "
         raise PolicyCheckpointError(f"{where}backbone {backbone_path}: {error}") from None
 

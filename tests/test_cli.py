@@ -330,6 +330,31 @@ def test_a_value_out_of_range_in_a_comma_separated_flag_shows_the_whole_value(co
     assert capsys.readouterr().err == f"error: argument {flag}: {message}\n"
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("given", ["0,2", "3,2", "1,1", "-1"])
+def test_pruning_points_no_backbone_takes_are_refused_naming_the_flag(command, given, capsys):
+    """Pruning points before block 0 or out of order were refused by StagedViT without naming --prune-points or
+    the value given; no backbone takes them, so the parser refuses them."""
+    assert importlib.import_module(command).main(["--prune-points", given, "--output-dir", "unused"]) == 2
+    assert capsys.readouterr().err == (f"error: argument --prune-points: expected strictly increasing block indices "
+                                       f"from 1 (tokens are pruned before those blocks), got {given!r}\n")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_pruning_points_past_the_backbones_blocks_name_the_flag(command, tiny_backbone, tmp_path, capsys):
+    """Points beyond a backbone's last block are known once it is read: the error names --prune-points and its
+    value too, before any data is read, the default's where none was given."""
+    extra = ["--heuristics-only"] if command == "evaluate" else []
+    for given, points in ((["--prune-points", "1,5"], "1,5"), ([], "3,6,9")):
+        assert importlib.import_module(command).main(
+            [*extra, *given, "--backbone", str(tiny_backbone), "--data-dir", str(tmp_path / "no_data"),
+             "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --prune-points {points}: ") and err.count("\n") == 1, err
+        assert "strictly increasing integers in [1, 3] for a 4-block ViT" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
 def test_a_commands_help_says_how_to_run_it(command, capsys):
     """``--help`` prints the command's docstring whole: it opens with how to run it."""

@@ -681,7 +681,7 @@ REFUSED_ON_THE_ARGUMENTS_ALONE = {"bad_budget", "cascade_of_one_ratio", "cascade
     ("extra_checkpoint_other_reduction", "tokens, the main one to merge (pass --reduction to force one)"),
     ("cascade_of_one_ratio", "argument --cascade: expected two removal ratios, FIRST,SECOND, got '0.6'"),
     ("cascade_on_validation", "the cascade is calibrated on the validation split: evaluate it on --split test"),
-    ("cascade_points_beyond_depth", "--cascade-points: prune_points must be"),
+    ("cascade_points_beyond_depth", "--cascade-points 1,4: prune_points must be"),
     ("cascade_points_without_cascade", "--cascade-points is for --cascade FIRST,SECOND, which was not given"),
     ("calibration_without_cascade", "--calibration-images is for --cascade FIRST,SECOND, which was not given"),
     ("train_split", "argument --split: invalid choice: 'train'"),

@@ -131,6 +131,11 @@ DEFAULT_PRUNE_POINTS: tuple[int, ...] = (3, 6, 9)
 """The blocks before which a 12-block ViT prunes unless told otherwise: three points, one every quarter."""
 
 
+class PrunePointsError(UsageError):
+    """Pruning points that a backbone cannot be split at (:class:`StagedViT`): a command that took them from a flag
+    (``--prune-points``, ``--cascade-points``) adds its name and value, which only the command knows."""
+
+
 class StagedViT(nn.Module):
     """A timm ``VisionTransformer`` split into stages at pruning points (see docs/DESIGN.md).
 
@@ -144,7 +149,7 @@ class StagedViT(nn.Module):
         points = tuple(prune_points)
         valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
         if not valid or any(a >= b for a, b in pairwise(points)):
-            raise UsageError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
+            raise PrunePointsError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
                              f"for a {depth}-block ViT, got {points}")
         self.vit = vit
         self.num_prefix_tokens: int = vit.num_prefix_tokens
