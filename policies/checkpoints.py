@@ -27,7 +27,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -75,18 +75,23 @@ class CheckpointInfo:
     val_score: float | None = None  # the validation score it was selected by, if validated
     commit: str | None = None  # the code's commit (cli.code_commit) where train.py ran, if known
     backbone_digest: str | None = None  # of the weights the agents learned on (weights_digest), if recorded
+    # the packages' versions the record was written with (None: this process's); provenance, not the checkpoint
+    versions: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
-        """What ``pruning_config.json`` holds, with the versions of the packages that wrote it."""
+        """What ``pruning_config.json`` holds, with the versions of the packages that wrote it: those the record
+        read carries, so that an export written later, in another environment, says what trained the policy
+        and an export written again is byte-identical; else this process's (a checkpoint being stored)."""
         return {"problem": self.problem.to_json(), "iteration": self.iteration, "val_score": self.val_score,
-                "commit": self.commit, "backbone_digest": self.backbone_digest, "versions": versions_line()}
+                "commit": self.commit, "backbone_digest": self.backbone_digest,
+                "versions": self.versions or versions_line()}
 
     @classmethod
     def from_json(cls, config: dict) -> CheckpointInfo:
         """Read back :meth:`to_json` (and the layouts of older checkpoints, ``PruningProblem.from_checkpoint_json``);
         a :class:`~envs.problem.ProblemError` or ``TypeError`` for a problem that does not read."""
         return cls(PruningProblem.from_checkpoint_json(config), config.get("iteration"), config.get("val_score"),
-                   config.get("commit"), config.get("backbone_digest"))
+                   config.get("commit"), config.get("backbone_digest"), config.get("versions"))
 
     def warn_if_backbone_changed(self, checkpoint: str | os.PathLike, backbone: str | os.PathLike) -> None:
         """A warning where the weights in ``backbone`` are not those the agents learned on: their choices were

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,15 @@ import torch
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
 from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
-from policies.checkpoints import check_policies, load_exported_policies, load_policies, load_rllib_policies
+from policies import checkpoints, export
+from policies.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    check_policies,
+    load_exported_policies,
+    load_policies,
+    load_rllib_policies,
+)
 
 REFERENCE_POLICIES = [REFERENCE_BACKBONE.parent / "marl_policy", REFERENCE_BACKBONE.parent / "marl_policy_six_points"]
 
@@ -49,3 +58,18 @@ def test_reference_policy_export_holds_its_rllib_modules(policy):
         state = exported[name].state_dict()
         assert state.keys() == module.state_dict().keys()
         assert all(torch.equal(state[key], value) for key, value in module.state_dict().items())
+
+
+@pytest.mark.parametrize("policy", REFERENCE_POLICIES, ids=lambda path: path.name)
+def test_exporting_a_reference_policy_again_leaves_its_export_byte_identical(policy, tmp_path, monkeypatch, capsys):
+    """python -m policies.export rewrote the committed policy.json with the fields its pruning_config.json predates
+    (train_ratios, warm_start_steps, commit, backbone_digest), as the loader defaults them, and with the packages'
+    versions of the environment it ran in: the committed export is what the export writes, and the versions are
+    the record's, whatever exports it again."""
+    copy = tmp_path / policy.name
+    shutil.copytree(policy, copy)
+    monkeypatch.setattr(checkpoints, "versions_line", lambda: "torch 0.0.0 (another environment)")
+    assert export.main([str(copy)]) == 0
+    assert capsys.readouterr().out == f"wrote {copy / 'export'}\n"
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        assert (copy / "export" / name).read_bytes() == (policy / "export" / name).read_bytes(), name
