@@ -256,8 +256,8 @@ def test_a_printed_command_gives_numbers_as_a_user_writes_them():
     assert cli.command_words(parser, "memory_budget_mb", 512.0)[1] == ["--memory-budget-mb", "512"]
     assert cli.command_words(parser, "iterations", 7)[1] == ["--iterations", "7"]
     argv = ["--output-dir", "runs/x", "--time-budget", "0", "--memory-budget-mb", "0"]
-    assert train.go_on_command(parser.parse_args(argv), cli.given_flags(parser, argv)) == (
-        "python train.py --output-dir runs/x --resume --memory-budget-mb 0 --time-budget 0")
+    assert train.go_on_command(parser.parse_args(argv), cli.given_flags(parser, argv)).endswith(
+        "train.py --output-dir runs/x --resume --memory-budget-mb 0 --time-budget 0")
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
