@@ -477,7 +477,7 @@ def test_ctrl_c_before_a_resumed_trial_reports_is_no_finish_on_the_time_budget_o
     monkeypatch.setattr(train, "train", resumed(lambda: earlier))
     assert train.main(["--output-dir", str(run), "--resume", "--time-budget", "2"]) == 130
     assert capsys.readouterr().err.endswith(f"interrupted: go on with python train.py --output-dir {run} --resume "
-                                            f"--time-budget 2.0\n")
+                                            f"--time-budget 2\n")
     monkeypatch.setattr(train, "train", resumed(lambda: int(time.time())))
     assert train.main(["--output-dir", str(run), "--resume", "--time-budget", "2"]) == 0
     assert "interrupted" not in capsys.readouterr().err
@@ -493,7 +493,7 @@ def test_a_run_stopped_on_an_unreadable_image_names_it_and_the_command_that_goes
     assert train.main(["--output-dir", str(tmp_path / "run"), "--time-budget", "30"]) == 2
     assert capsys.readouterr().err == (f"error: cannot read image cat/3.png: truncated (replace it with a readable "
                                        f"image); once it reads, go on with python train.py --output-dir "
-                                       f"{tmp_path / 'run'} --resume --time-budget 30.0\n")
+                                       f"{tmp_path / 'run'} --resume --time-budget 30\n")
 
 
 def test_a_second_train_py_in_a_running_run_is_refused(tmp_path, tiny_backbone, capsys):
