@@ -879,7 +879,7 @@ def test_heuristics_only_evaluates_a_backbone_without_a_policy(tiny_backbone, da
                             "heuristic that learned rows and --cascade are compared with: --heuristics-only without "
                             "--cascade has none"),
                            (["--heuristics-only", "--backbone", str(tiny_backbone), "--prune-points", "1,9"],
-                            f"error: backbone {tiny_backbone}: prune_points must be")):
+                            f"error: --prune-points 1,9: backbone {tiny_backbone}: prune_points must be")):
         assert evaluate.main([*flags, "--output-dir", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
