@@ -150,7 +150,7 @@ class StagedViT(nn.Module):
         valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
         if not valid or any(a >= b for a, b in pairwise(points)):
             raise PrunePointsError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
-                             f"for a {depth}-block ViT, got {points}")
+                                   f"for a {depth}-block ViT, got {points}")
         self.vit = vit
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.num_patches: int = vit.patch_embed.num_patches
