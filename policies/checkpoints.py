@@ -127,18 +127,22 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     """A trial's complete checkpoints (those with their ``pruning_config.json``), Tune's and those set aside as
     :data:`UNRECORDED_PREFIX`, oldest first by the iteration they hold (a resumed trial can write a later iteration
     into a lower-numbered directory)."""
-    found = [p.parent for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
-             for p in Path(trial_dir).glob(f"{pattern}*/{PRUNING_CONFIG}") if checkpoint_number(p.parent) is not None]
+    found = [path for path in _checkpoint_directories(trial_dir) if (path / PRUNING_CONFIG).exists()]
     return sorted(found, key=_iteration_order)
 
 
 def incomplete_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     """A trial's checkpoint directories, Tune's and those set aside, that lack their ``pruning_config.json`` (one
     cut short while it was stored, or the file removed), by name: what :func:`trial_checkpoints` passes over."""
-    found = [path for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
-             for path in Path(trial_dir).glob(f"{pattern}*")
-             if path.is_dir() and checkpoint_number(path) is not None and not (path / PRUNING_CONFIG).exists()]
-    return sorted(found)
+    return sorted(path for path in _checkpoint_directories(trial_dir) if not (path / PRUNING_CONFIG).exists())
+
+
+def _checkpoint_directories(trial_dir: str | os.PathLike) -> list[Path]:
+    """A trial's numbered checkpoint directories (:func:`checkpoint_number`), Tune's and those set aside as
+    :data:`UNRECORDED_PREFIX`, complete or not: what :func:`trial_checkpoints` and :func:`incomplete_checkpoints`
+    divide between them."""
+    return [path for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
+            for path in Path(trial_dir).glob(f"{pattern}*") if path.is_dir() and checkpoint_number(path) is not None]
 
 
 def checkpoint_number(checkpoint: Path) -> int | None:
