@@ -6,12 +6,11 @@ fills the config: what a reader of the export is told is written in one place.""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from envs.vit.backbone_checkpoint import save_backbone
+from envs.vit.backbone_checkpoint import read_backbone_config, save_backbone
 from envs.vit.device import describe_device
 from envs.vit.flops import ViTSpec, unpruned_gflops
 from envs.vit.timing import images_per_second
@@ -107,5 +106,5 @@ def export_with_card(model: torch.nn.Module, config: dict, directory: Path, half
     """Export ``model`` with ``config`` into ``directory`` (:func:`save_backbone`) and write its model card from
     the config as exported; returns the export's directory."""
     export = save_backbone(model, config, directory, half=half)
-    (export / "MODEL_CARD.md").write_text(model_card(json.loads((export / "config.json").read_text())))
+    (export / "MODEL_CARD.md").write_text(model_card(read_backbone_config(export)))
     return export
