@@ -409,9 +409,9 @@ def plan_cascade(args: argparse.Namespace, problem: PruningProblem, staged: Stag
     budget = budget_key(problem.target_ratio)
     _, info, path = policies.get(budget, (None, None, None))
     if info is not None and info.problem.agents == "both" and info.problem.prune_points != cascade_points:
-        points = ",".join(map(str, info.problem.prune_points))
+        points = spelled_points(info.problem.prune_points)
         print(f"note: no {CASCADE['policy']} row: the agents of {path} prune at {points}, the cascade at "
-              f"{','.join(map(str, cascade_points))} (--cascade-points {points} runs them in it)", file=sys.stderr)
+              f"{spelled_points(cascade_points)} (--cascade-points {points} runs them in it)", file=sys.stderr)
     return budget, CascadePasses(cascade_points, args.cascade)
 
 
