@@ -24,14 +24,10 @@ from ray.tune.utils import flatten_dict
 
 from cli import script_words
 from envs.atomic_file import replaced_atomically
-from envs.problem import (
-    PruningProblem,
-)
+from envs.problem import PruningProblem
 from envs.vit.data import DataError
 from envs.vit_server import ask_for_data_errors, data_error_among, remote_cause
-from policies.checkpoints import (
-    validation_rank,
-)
+from policies.checkpoints import validation_rank
 from training.run_directory import check_space_after_failure, local_run_dir, scored_checkpoints
 from training.trial import reached_iteration
 
