@@ -72,11 +72,12 @@ def dropped_interrupts_delivered_again() -> Iterator[None]:
     """Deliver again, as a SIGTERM to the main thread, a Ctrl-C or SIGTERM whose ``KeyboardInterrupt`` Python
     dropped. A signal's handler runs in whatever Python code the main thread runs next; where that is a weakref
     callback or a ``__del__`` (Tune's set-up runs one of an ABC cache's), the exception is unraisable: Python
-    reports it to ``sys.unraisablehook`` and carries on, and train.py, interrupted between Ray's start and Tune's
-    own handler, trained to its end and exited 0. The signal is SIGTERM, whose handler :func:`run_command` (then
-    train.py) sets, as SIGINT may be ignored; it goes from a timer thread, once the main thread has left the
-    callback (sent from the hook, it would be raised in the hook, which drops it too); dropped again, it is sent
-    again. Other unraisable exceptions go to the hook there was before. Only the main thread sets the hook."""
+    reports it to ``sys.unraisablehook`` and carries on, so that train.py, interrupted between Ray's start and
+    Tune's own handler, would train to its end and exit 0. The signal is SIGTERM, whose handler
+    :func:`run_command` (then train.py) sets, as SIGINT may be ignored; it goes from a timer thread, once the main
+    thread has left the callback (sent from the hook, it would be raised in the hook, which drops it too); dropped
+    again, it is sent again. Other unraisable exceptions go to the hook there was before. Only the main thread
+    sets the hook."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -101,10 +102,10 @@ def dropped_interrupts_delivered_again() -> Iterator[None]:
 def cancel_queued_compiles() -> None:
     """Cancel the jobs that torch.compile's inductor queued on its thread pool (a C++ or Triton build each) and
     has not started, where it compiled in this process (``--compile``): at exit Python runs every queued job of a
-    thread pool before it ends, so a SIGTERM or Ctrl-C during compiling ended the process one or two minutes
+    thread pool before it ends, so a SIGTERM or Ctrl-C during compiling would end the process one or two minutes
     later. The jobs running finish; inductor's compile worker processes end with its own exit hook. The pool is
     forgotten, so that a later compile in this process makes a new one. Inductor's pool is not public API: where
-    a torch version has moved it, the exit waits as before."""
+    a torch version has moved it, the exit waits for the queued jobs."""
     async_compile = sys.modules.get("torch._inductor.async_compile")
     if async_compile is None:  # nothing was compiled
         return
@@ -304,7 +305,7 @@ def check_output_dir(path: Path, given: str) -> None:
     written, before anything is read or started: a file at ``path`` or above it, or a directory this process
     may not write in (its permissions, a read-only disk). A directory is made in it and removed again, since
     ``os.access`` does not see every refusal: a file system that holds no directories of one's own (sysfs), NFS's
-    root squash, a security module; the commands' own ``mkdir`` was then a traceback."""
+    root squash, a security module; where it does not, the commands' own ``mkdir`` would end in a traceback."""
     blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"--output-dir {given}: {blocking} is a file, not a directory")

@@ -150,8 +150,8 @@ def exit_once_ray_is_gone(gcs_address: str, go_on_command: Callable[[], str], ha
     """After a SIGTERM, end the process with a line naming ``go_on_command()`` and code 130 once Ray's GCS is gone
     while this driver is still connected to it. A SIGTERM to the whole process group (systemd's
     KillMode=control-group) or to every process of a job step (Slurm's scancel) stops Ray's own processes with
-    train.py: Tune's stop then waits on a GCS that is gone, and Ray's core worker ended the process after 60 s with
-    exit code 1 and its "Failed to connect to GCS" line, no Python code run, so the user never learnt how to go on.
+    train.py: Tune's stop then waits on a GCS that is gone, and Ray's core worker would end the process after 60 s
+    with exit code 1 and its "Failed to connect to GCS" line, no Python code run: no word of how to go on.
     The trials' processes got the signal too, so nothing more can be saved: their checkpoints on disk are what
     ``--resume`` goes on from. It watches while ``handler`` is SIGTERM's: train.py gives the handlers back when
     the run ends, before it shuts Ray down."""

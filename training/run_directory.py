@@ -155,8 +155,8 @@ def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
 def check_resumable(trial_dir: Path) -> None:
     """Warn, in one line, of the checkpoint directories of a trial that ``--resume`` passes over for want of their
     ``pruning_config.json`` (:func:`~policies.checkpoints.incomplete_checkpoints`), naming the checkpoint it goes
-    on from instead: a newest checkpoint cut short while it was stored made the trial go back to an older one,
-    its iterations since then lost, with no word but the name in its ``resumed from`` line. A
+    on from instead: a newest checkpoint cut short while it was stored makes the trial go back to an older one,
+    its iterations since then lost, which the ``resumed from`` line would say only by the checkpoint's name. A
     :class:`UsageError` where the trial has checkpoint directories and none complete: it would start again
     from its beginning."""
     passed_over = incomplete_checkpoints(trial_dir)
