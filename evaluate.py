@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "will have to beat before training them")
     parser.add_argument("--prune-points", type=block_indices, default=None,
                         help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
-                             f"{','.join(map(str, DEFAULT_PRUNE_POINTS))}; a checkpoint brings its own)")
+                             f"{spelled_points(DEFAULT_PRUNE_POINTS)}; a checkpoint brings its own)")
     parser.add_argument("--data-dir", default=default_data_dir(),
                         help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
     parser.add_argument("--dataset", default=None, choices=DATASETS,
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(e.g. 0.35,0.1)")
     parser.add_argument("--cascade-points", type=block_indices, default=None,
                         help="with --cascade: its pruning points (default: "
-                             f"{','.join(map(str, CASCADE_PRUNE_POINTS))})")
+                             f"{spelled_points(CASCADE_PRUNE_POINTS)})")
     parser.add_argument("--calibration-images", type=positive_int, default=None,
                         help="with --cascade: validation images it is calibrated on (default: all of them)")
     parser.add_argument("--selection-images", type=positive_int, default=2000,
