@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 from tqdm import tqdm
 
-from envs.errors import UsageError, UserError
+from envs.errors import UsageError, UserError, one_line
 from envs.vit.backbone_checkpoint import REPO_ROOT, installed_without_repository
 from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
@@ -54,7 +54,7 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
         try:
             return body()
         except UserError as error:
-            print("error: " + " ".join(str(error).split()), file=sys.stderr)
+            print("error: " + one_line(error), file=sys.stderr)
             return 2
         except KeyboardInterrupt as interrupt:  # one raised with a line of its own says what was done
             cancel_queued_compiles()
@@ -124,7 +124,7 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
     for the project's and can be looked up or filtered."""
     source = warning_library(filename)
     prefix = "warning: " if source is None else f"warning from {source} ({category.__name__}): "
-    print(prefix + " ".join(str(message).split()), file=sys.stderr)
+    print(prefix + one_line(message), file=sys.stderr)
 
 
 def warning_library(filename: str) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cli import OneLineParser, run_command
-from envs.errors import UsageError
+from envs.errors import UsageError, one_line
 from envs.problem import PruningProblem
 from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
@@ -52,7 +52,7 @@ def fitted_on(images: int) -> Iterator[None]:
     try:
         yield
     except ValueError as error:
-        raise UsageError(f"cannot fit on {images} train images ({' '.join(str(error).split())}): pass more "
+        raise UsageError(f"cannot fit on {images} train images ({one_line(error)}): pass more "
                          f"--train-images") from None
 
 

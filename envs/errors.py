@@ -2,7 +2,7 @@
 
 Each module raises its own kind (``DataError``, ``CheckpointError``, ...), all of them a :class:`UserError`, so
 that every command and benchmark reports them alike, in one ``error: ...`` line with exit code 2
-(``cli.run_command``).
+(``cli.run_command``), the message folded onto that line by :func:`one_line`.
 """
 
 
@@ -15,3 +15,9 @@ class UsageError(UserError, ValueError):
     together. It is also a ``ValueError``, which a Python caller passing a bad argument expects. A plain
     ``ValueError`` is left for what only a bug causes (shapes that disagree inside a forward, say), so that it
     keeps its traceback."""
+
+
+def one_line(message: object) -> str:
+    """``str(message)`` with its line breaks and runs of white space folded into single spaces: an error or a
+    warning, from the project or a library, as the one line that the commands print of it."""
+    return " ".join(str(message).split())

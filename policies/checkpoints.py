@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cli import versions_line
-from envs.errors import UserError
+from envs.errors import UserError, one_line
 from envs.problem import ProblemError, PruningProblem, trained_policies
 from envs.vit.backbone_checkpoint import is_backbone_checkpoint, weights_digest
 from envs.vit.features import AGENT_FEATURES
@@ -277,7 +277,7 @@ def load_module(path: Path, name: str) -> TokenScoring:
     try:
         module = RLModule.from_checkpoint(str(path))
     except Exception as error:  # unpickling a damaged file can raise nearly anything
-        message = " ".join(str(error).split()) or "no details"
+        message = one_line(error) or "no details"
         raise PolicyCheckpointError(f"cannot load the {name} policy from {path}: {type(error).__name__}: "
                                     f"{message}") from None
     return module.eval()
@@ -302,7 +302,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScor
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ProblemError,
             SafetensorError) as error:
         raise PolicyCheckpointError(f"cannot read the policy export {directory}: {type(error).__name__}: "
-                                    f"{' '.join(str(error).split())}") from None
+                                    f"{one_line(error)}") from None
     expected = set(trained_policies(info.problem.agents))
     if set(specs) != expected:
         raise PolicyCheckpointError(f"the policy export {directory} holds the policies {sorted(specs)}, but agents "
@@ -316,7 +316,7 @@ def load_exported_policies(path: str | os.PathLike) -> tuple[dict[str, TokenScor
             module.load_state_dict(state)
         except (KeyError, TypeError, RuntimeError) as error:
             raise PolicyCheckpointError(f"the {name} policy in {directory} cannot be rebuilt: "
-                                        f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+                                        f"{type(error).__name__}: {one_line(error)}") from None
         modules[name] = module.eval()
     return modules, info
 

@@ -24,6 +24,7 @@ from ray.tune.utils import flatten_dict
 
 from cli import script_words
 from envs.atomic_file import replaced_atomically
+from envs.errors import one_line
 from envs.problem import PruningProblem
 from envs.vit.data import DataError
 from envs.vit_server import ask_for_data_errors, data_error_among, remote_cause
@@ -173,7 +174,7 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
             continue
         if result.error is not None:  # also before its config reached Tune: its trainable did not load
             cause = remote_cause(result.error)
-            message = " ".join(str(cause).split()) or "no details"
+            message = one_line(cause) or "no details"
             errors.append(f"{name}trial failed: {type(cause).__name__}: {message[:500]} (traceback: "
                           f"{result.path}/error.txt)")
             continue

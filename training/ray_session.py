@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
 
-from envs.errors import UsageError
+from envs.errors import UsageError, one_line
 from envs.vit.backbone_checkpoint import NOT_A_CLONE, REPO_ROOT, installed_without_repository
 
 HASH_SEED = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
@@ -77,7 +77,7 @@ def check_cluster_answers(address: str) -> None:
     try:  # as ray.init resolves it: 'auto' is $RAY_ADDRESS or the cluster last started on this machine
         resolved = canonicalize_bootstrap_address(address)
     except (ValueError, ConnectionError) as error:
-        raise UsageError(f"--address {address}: {' '.join(str(error).split())}") from None
+        raise UsageError(f"--address {address}: {one_line(error)}") from None
     if resolved is None:  # 'local': ray.init starts one
         return
     host, _, port = resolved.rpartition(":")
