@@ -18,6 +18,8 @@ this module.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,17 +54,26 @@ class CascadeViT(InferenceModel):
     Args:
         first: the forward of every image, cheaper than the budget.
         second: the forward of the unsure images (usually less pruned, so dearer).
-        threshold: the doubt above which an image runs ``second``; 0 (the default) runs none, and
-            :meth:`calibrate` sets it from a budget.
+        threshold: the doubt above which an image runs ``second``; 0 (the default) runs none, ``-inf`` every
+            image, and :meth:`calibrate` sets it from a budget.
     """
 
     def __init__(self, first: PrunedViT, second: PrunedViT, threshold: float = 0.0) -> None:
         super().__init__()
+        for name, model in (("first", first), ("second", second)):
+            if not isinstance(model, PrunedViT):  # a CascadeViT, say: it has no stages to run on a subset of images
+                raise UsageError(f"a cascade's {name} forward must be a PrunedViT, got {type(model).__name__}")
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:  # a doubt computed by the caller
+            threshold = threshold.item()
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+            # NaN, compared with every doubt, would run no image twice without a word
+            raise UsageError(f"threshold must be a doubt in [-1, 0] (0 runs no image twice, -inf every one), got "
+                             f"{threshold!r}")
         if first.staged.vit is not second.staged.vit:
             raise UsageError("a cascade's two forwards must prune one backbone module: build both PrunedViTs on "
                              "one StagedViT (README, Python API), not on two copies loaded from disk")
         self.first, self.second = first, second
-        self.threshold = threshold
+        self.threshold = float(threshold)
         self.eval()
 
     @property

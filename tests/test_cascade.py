@@ -106,3 +106,20 @@ def test_the_two_forwards_prune_one_backbone(passes, tiny_backbone):
     other = PrunedViT(StagedViT(vit, PRUNE_POINTS), config, "similarity", 0.2)
     with pytest.raises(ValueError, match="must prune one backbone module: build both PrunedViTs on one StagedViT"):
         CascadeViT(passes[0], other)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), "0.1", None, True])
+def test_a_threshold_that_is_no_doubt_is_refused(passes, threshold):
+    """NaN would run no image twice without a word; a string failed only when the cascade was printed."""
+    with pytest.raises(ValueError, match=r"threshold must be a doubt in \[-1, 0\]"):
+        CascadeViT(*passes, threshold)
+    assert CascadeViT(*passes, torch.tensor(-0.5)).threshold == -0.5  # a doubt computed with torch
+
+
+def test_forwards_that_are_no_pruned_vits_are_refused(passes):
+    """A cascade as a forward (or anything else) ended in an AttributeError on ``.staged``."""
+    cascade = CascadeViT(*passes)
+    with pytest.raises(ValueError, match="a cascade's first forward must be a PrunedViT, got CascadeViT"):
+        CascadeViT(cascade, passes[1])
+    with pytest.raises(ValueError, match="a cascade's second forward must be a PrunedViT, got str"):
+        CascadeViT(passes[0], "similarity")
