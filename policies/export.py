@@ -38,6 +38,7 @@ from policies.checkpoints import (
     checkpoint_directory,
     export_path,
     has_export,
+    is_export,
     load_rllib_policies,
 )
 from policies.token_scorer import TokenScoring
@@ -68,8 +69,11 @@ def export_policies(checkpoint_dir: str | os.PathLike) -> Path:
     checkpoints you trained yourself) beside it (``checkpoint_dir`` or its ``export`` folder); returns the export
     directory. A checkpoint that holds its export but not RLlib's modules (as shared, or
     ``reference/marl_policy`` without its ``learner_group``) is a :class:`PolicyCheckpointError` saying it is
-    exported already: there is nothing to export it from."""
+    exported already: there is nothing to export it from; so is an export folder shared alone, under any name."""
     path = checkpoint_directory(checkpoint_dir)
+    if is_export(path) and not (path / PRUNING_CONFIG).is_file():  # else "not a policy checkpoint", which it is
+        raise PolicyCheckpointError(f"{path} is a policy export ({EXPORT_CONFIG}), not a checkpoint with RLlib's "
+                                    f"modules to export from: it is exported already, and loading it reads it")
     if has_export(path) and not (path / MODULES_DIR).is_dir():
         raise PolicyCheckpointError(f"checkpoint {path} holds its export ({export_path(path)}) but not RLlib's "
                                     f"modules ({MODULES_DIR}/) to export from: it is exported already, and loading it "

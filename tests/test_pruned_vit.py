@@ -467,6 +467,11 @@ def test_export_command_and_damaged_exports(unexported_policy, tmp_path, capsys)
     for given in (export_only, export_path(export_only)):  # as shared: nothing to export from
         assert export_main([str(given)]) == 2
         assert capsys.readouterr().err == message
+    shared_alone = Path(shutil.copytree(export_path(path), tmp_path / "cifar10_policy"))  # renamed, as shared
+    assert export_main([str(shared_alone)]) == 2
+    assert capsys.readouterr().err == (f"error: {shared_alone} is a policy export (policy.json), not a checkpoint with "
+                                       "RLlib's modules to export from: it is exported already, and loading it reads "
+                                       "it\n")
     assert export_main([str(export_path(path))]) == 0  # a checkpoint's export folder stands for the checkpoint
     assert capsys.readouterr().out == f"wrote {export_path(path)}\n" and not export_path(export_path(path)).exists()
     with pytest.warns(UserWarning, match="has no export: its policies are read from RLlib's pickled files"):
