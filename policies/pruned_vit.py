@@ -116,6 +116,23 @@ def _opened(path: str | os.PathLike) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {error}") from None
 
 
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}
+"""PIL modes whose levels have no known scale: ``convert("RGB")`` clips them to [0, 255], so an image in [0, 1]
+(``Image.fromarray`` of a float array) turns black, one in [0, 65535] white."""
+
+
+def eight_bit(image: Image.Image, name: object) -> Image.Image:
+    """``image`` unless its mode is one of :data:`UNSCALED_MODES`, which is a ``UsageError`` naming it (``name``)
+    and how to make it 8-bit: the model would answer for a black or white image without a word."""
+    if image.mode not in UNSCALED_MODES:
+        return image
+    low, high = image.getextrema()
+    raise UsageError(f"image {name} is {UNSCALED_MODES[image.mode]} (PIL mode {image.mode}, values in "
+                     f"[{low:g}, {high:g}]), whose scale is unknown: make it 8-bit first, e.g. "
+                     "Image.fromarray((np.asarray(image) * 255).round().astype(np.uint8)) for values in [0, 1], "
+                     "image.convert('L') for values in [0, 255]")
+
+
 def check_image_batch(images: object, size: Sequence[int]) -> None:
     """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, H, W]`` at ``size`` ``(H, W)``: what a user
     holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
@@ -171,7 +188,8 @@ class InferenceModel(nn.Module):
     def preprocess(self, images: Sequence[Image.Image | str | os.PathLike]) -> torch.Tensor:
         """One's own images (PIL images or image files, of any size and mode) as the data sets decode theirs for
         the backbone (``envs.vit.data.fit_image``: RGB, the short side resized to the input size, centre-cropped):
-        uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead would distort them."""
+        uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead would distort them.
+        32-bit grey images (PIL modes I and F, :func:`eight_bit`) are refused: their scale is unknown."""
         if isinstance(images, Image.Image | str | os.PathLike):
             raise UsageError("preprocess takes a list of images (or files): model.preprocess([image])")
         images = list(images)
@@ -182,8 +200,9 @@ class InferenceModel(nn.Module):
                 raise UsageError(f"preprocess reads PIL images or image files, got {type(image).__name__} (a batch "
                                  f"tensor [B, 3, H, W] at the input size goes to model.normalize)")
         size = self.backbone_config["input_size"]
-        return torch.stack([fit_image(image if isinstance(image, Image.Image) else _opened(image), size)
-                            for image in images])
+        return torch.stack([fit_image(eight_bit(image, f"{position} of the list") if isinstance(image, Image.Image)
+                                      else eight_bit(_opened(image), image), size)
+                            for position, image in enumerate(images)])
 
     @property
     def class_names(self) -> tuple[str, ...] | None:

@@ -11,6 +11,7 @@ import _pickle
 import copy
 import json
 import pickle
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -361,6 +362,26 @@ def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, ima
         model.preprocess([])
     with pytest.raises(UsageError, match=r"^preprocess reads PIL images or image files, got Tensor \(a batch tensor "):
         model.preprocess(decoded)
+
+
+@pytest.mark.parametrize(("mode", "level", "described"), [("F", 0.5, r"32-bit floating-point \(PIL mode F, values in "
+                                                           r"\[0.5, 0.5\]\)"),
+                                                          ("I", 40000, r"32-bit integer \(PIL mode I, values in "
+                                                                       r"\[40000, 40000\]\)")], ids=["F", "I"])
+def test_preprocess_refuses_grey_images_of_no_known_scale(tiny_staged, tmp_path, mode, level, described):
+    """PIL converts a 32-bit image to RGB by clipping its levels to [0, 255]: one in [0, 1] (Image.fromarray of a
+    float array) was read as black, one of 16-bit levels in a 32-bit TIFF as white, and answered for."""
+    from PIL import Image
+
+    model = PrunedViT(*tiny_staged)
+    image = Image.new(mode, (40, 40), level)
+    image.save(tmp_path / "grey.tif")
+    with pytest.raises(UsageError, match=rf"^image 1 of the list is {described}, whose scale is unknown: make it "
+                                         r"8-bit first, e\.g\. Image\.fromarray"):
+        model.preprocess([Image.new("RGB", (40, 40)), image])
+    with pytest.raises(UsageError, match=rf"^image {re.escape(str(tmp_path / 'grey.tif'))} is {described}"):
+        model.preprocess([tmp_path / "grey.tif"])
+    assert model.preprocess([Image.new("I;16", (40, 40), 65535)]).min() == 255  # 16-bit: scaled, as data sets do
 
 
 # -- GFLOPs: envs.vit.flops, nothing else -----------------------------------------------------------------------
