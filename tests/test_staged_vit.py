@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -127,9 +129,11 @@ def test_padding_does_not_change_live_tokens(variant, images):
             torch.testing.assert_close(padded_logits[i:i + 1], staged.classify(out), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("points", [(0,), (4,), (2, 2), (3, 1), (1.5,)])
+@pytest.mark.parametrize("points", [(0,), (4,), (2, 2), (3, 1), (1.5,), (), 2, "1,2", None])
 def test_bad_prune_points(points):
-    with pytest.raises(UsageError, match=r"strictly increasing integers in \[1, 3\] for a 4-block ViT"):
+    """An integer or None ended in a TypeError, and none pruned nothing at any budget without a word."""
+    with pytest.raises(UsageError, match=r"one or more strictly increasing integers in \[1, 3\] for a 4-block ViT, as "
+                                         rf"a sequence such as \(3,\), got {re.escape(repr(points))}$"):
         StagedViT(tiny_vit(), prune_points=points)
 
 

@@ -10,7 +10,7 @@ the full attention matrix without one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from numbers import Integral
 
@@ -146,11 +146,15 @@ class StagedViT(nn.Module):
         super().__init__()
         check_prunable(vit)
         depth = len(vit.blocks)
-        points = tuple(prune_points)
-        valid = all(isinstance(p, Integral) and 1 <= p <= depth - 1 for p in points)
+        # 3 or "3,6" is refused naming what was given, not a TypeError; none would prune nothing at any budget
+        points = prune_points if isinstance(prune_points, str | bytes) or not isinstance(prune_points, Iterable) \
+            else tuple(prune_points)
+        valid = isinstance(points, tuple) and points and all(isinstance(p, Integral) and 1 <= p <= depth - 1
+                                                             for p in points)
         if not valid or any(a >= b for a, b in pairwise(points)):
-            raise PrunePointsError(f"prune_points must be strictly increasing integers in [1, {depth - 1}] "
-                                   f"for a {depth}-block ViT, got {points}")
+            raise PrunePointsError(f"prune_points must be one or more strictly increasing integers in "
+                                   f"[1, {depth - 1}] for a {depth}-block ViT, as a sequence such as (3,), "
+                                   f"got {points!r}")
         self.vit = vit
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.num_patches: int = vit.patch_embed.num_patches
