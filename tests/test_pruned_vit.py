@@ -25,7 +25,7 @@ from ray.rllib.core.columns import Columns
 
 from envs.errors import UsageError
 from envs.problem import ProblemError
-from envs.vit.backbone_checkpoint import save_backbone, weights_digest
+from envs.vit.backbone_checkpoint import CheckpointError, save_backbone, weights_digest
 from envs.vit.data import DATA_DIR_ENV, load_split
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops, tome_gflops, unpruned_gflops
 from envs.vit.pruned_forward import exact_forward
@@ -93,6 +93,17 @@ def test_from_heuristic_is_the_heuristic_forward(name, tiny_backbone, tiny_stage
         else:
             select = heuristic_selector(name, torch.Generator().manual_seed(0))
             assert_same(model.forward_with_kept(images), exact_budget_forward(vit, images, select, TARGET_RATIO))
+
+
+def test_a_policy_checkpoint_given_as_a_backbone_is_named_one(tiny_policy):
+    """from_heuristic (or --backbone) given a policy checkpoint or its export said only that it held no
+    config.json, as for any directory."""
+    for given in (tiny_policy, export_path(tiny_policy)):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(given))} is not a backbone checkpoint \(no "
+                                                  r"config.json\): it is a policy checkpoint, which names its "
+                                                  r"backbone itself \(evaluate.py --checkpoint PATH, "
+                                                  r"PrunedViT.from_checkpoint\)$"):
+            PrunedViT.from_heuristic(given, "similarity", TARGET_RATIO)
 
 
 def test_unpruned_model_is_the_timm_model(tiny_staged, images):

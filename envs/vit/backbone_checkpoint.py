@@ -133,6 +133,11 @@ def installed_without_repository() -> bool:
     return not (REPO_ROOT / "pyproject.toml").is_file()
 
 
+POLICY_FILES = ("pruning_config.json", "policy.json")
+"""What a policy checkpoint and its export hold (``policies.checkpoints``, which imports this module): a directory
+holding one, given as a backbone, is named a policy checkpoint."""
+
+
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a backbone checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
@@ -143,6 +148,9 @@ def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         export = Path(directory) / RUN_EXPORT_DIR
         hint = f"; backbone.py's run there wrote its checkpoint to {export}" if is_backbone_checkpoint(export) else ""
+        if any((Path(directory) / name).is_file() for name in POLICY_FILES):
+            hint = (": it is a policy checkpoint, which names its backbone itself (evaluate.py --checkpoint PATH, "
+                    "PrunedViT.from_checkpoint)")
         raise CheckpointError(f"{directory} is not a backbone checkpoint (no {CONFIG_FILE}){hint}")
     try:
         config = json.loads(path.read_text())
