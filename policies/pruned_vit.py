@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cli import MAX_SEED
 from envs.errors import UsageError
 from envs.problem import POLICIES, PruningProblem, check_protected_share, check_target_ratio
 from envs.vit.backbone_checkpoint import CheckpointError, load_backbone, normalize
@@ -252,6 +253,9 @@ class PrunedViT(InferenceModel):
             raise UsageError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         if selection is None and budget is not None:
             raise UsageError("the unpruned model takes no budget")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            # else torch's error at the first forward of the random heuristic, and of no other selection
+            raise UsageError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
         if tome_gflops is not None and selection != "tome":
             raise UsageError("tome_gflops sets ToMe's cost; the other selections' follows from the budget")
         self.staged = staged
@@ -260,7 +264,7 @@ class PrunedViT(InferenceModel):
         self.policies = nn.ModuleDict(selection if is_policy else {})
         self.budget = None if selection is None else check_target_ratio(budget, "budget")
         self.reduction = reduction
-        self.seed = seed
+        self.seed = int(seed)
         self.protected_share = check_protected_share(protected_share)
         self._generator: torch.Generator | None = None  # the random heuristic's, made on the images' device
         self.tome_merges = self._tome_merges(tome_gflops) if selection == "tome" else None
@@ -290,13 +294,13 @@ class PrunedViT(InferenceModel):
     @classmethod
     def from_heuristic(cls, backbone: str | os.PathLike, name: str, budget: float, *,
                        prune_points: Sequence[int] = DEFAULT_PRUNE_POINTS, reduction: str = "merge",
-                       tome_gflops: float | None = None) -> PrunedViT:
+                       tome_gflops: float | None = None, seed: int = 0) -> PrunedViT:
         """A backbone checkpoint directory (backbone.py's) pruned by a heuristic at ``budget``, or by ToMe
         merging in every block (:data:`SELECTIONS`) at ``tome_gflops``, by default the GFLOPs greedy similarity
         has at ``budget``. evaluate.py's ToMe row takes the cost of the dearest row at its budget: a policy's
-        ``gflops().total`` where one is evaluated."""
+        ``gflops().total`` where one is evaluated. ``seed``: the ``random`` heuristic's (evaluate.py's --seed)."""
         vit, config = load_backbone(backbone)
-        return cls(StagedViT(vit, prune_points), config, name, budget, reduction, tome_gflops=tome_gflops)
+        return cls(StagedViT(vit, prune_points), config, name, budget, reduction, seed=seed, tome_gflops=tome_gflops)
 
     @property
     def device(self) -> torch.device:

@@ -257,6 +257,20 @@ def test_invalid_combinations_are_refused(tiny_staged):
         PrunedViT(*tiny_staged, "random", 0.5, protected_share=2.0)
 
 
+def test_the_random_heuristic_is_seeded_from_a_backbone_too_and_a_bad_seed_is_refused(tiny_backbone, images):
+    """from_heuristic took no seed, so its random heuristic drew seed 0's tokens whatever the caller wanted; a
+    seed torch cannot take failed at the first forward, in torch's words."""
+    def drawn(seed: int) -> torch.Tensor:
+        return PrunedViT.from_heuristic(tiny_backbone, "random", TARGET_RATIO, prune_points=PRUNE_POINTS,
+                                        seed=seed)(images)
+
+    assert torch.equal(drawn(3), drawn(3)) and not torch.equal(drawn(3), drawn(0))
+    for seed in ("1", 1.5, None, True, -1, 2**32):
+        with pytest.raises(UsageError, match=rf"^seed must be an integer in \[0, 4294967295\], got "
+                                             rf"{re.escape(repr(seed))}$"):
+            PrunedViT.from_heuristic(tiny_backbone, "random", TARGET_RATIO, prune_points=PRUNE_POINTS, seed=seed)
+
+
 def test_a_cost_that_is_no_positive_number_is_refused(tiny_staged):
     """A NaN ToMe cost ran ToMe unpruned, a NaN cascade budget ran every image twice, and the mean cost of no
     images was a ZeroDivisionError."""
