@@ -108,12 +108,13 @@ def checked_backbone(problem: PruningProblem, policies: Mapping[str | os.PathLik
 
 
 def _opened(path: str | os.PathLike) -> Image.Image:
-    """The image file ``path``, read, or a ``UsageError`` naming it."""
+    """The image file ``path``, read, or a ``UsageError`` naming it; so is an image of more pixels than PIL opens
+    (``Image.MAX_IMAGE_PIXELS`` twice over), whose ``DecompressionBombError`` is no ``OSError``."""
     try:
         with Image.open(Path(path).expanduser()) as image:
             image.load()
             return image
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path}: {error}") from None
 
 

@@ -389,6 +389,17 @@ def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, ima
         model.preprocess(decoded)
 
 
+def test_preprocess_names_an_image_of_more_pixels_than_pil_opens(tiny_staged, tmp_path, monkeypatch):
+    """PIL's DecompressionBombError is no OSError: a file over twice its pixel limit ended in its traceback."""
+    from PIL import Image
+
+    Image.new("1", (40, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,200 pixels: over twice the limit
+    with pytest.raises(UsageError, match=rf"^cannot read image {re.escape(str(tmp_path / 'huge.png'))}: Image size "
+                                         r"\(1200 pixels\) exceeds limit"):
+        PrunedViT(*tiny_staged).preprocess([tmp_path / "huge.png"])
+
+
 @pytest.mark.parametrize(("mode", "level", "described"), [("F", 0.5, r"32-bit floating-point \(PIL mode F, values in "
                                                            r"\[0.5, 0.5\]\)"),
                                                           ("I", 40000, r"32-bit integer \(PIL mode I, values in "
