@@ -82,6 +82,11 @@ class CascadeViT(InferenceModel):
         return self.first.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating-point type (:attr:`PrunedViT.dtype`), which :meth:`normalize` returns."""
+        return self.first.dtype
+
+    @property
     def backbone_config(self) -> dict[str, Any]:
         """The backbone checkpoint's config, as :class:`PrunedViT` has it."""
         return self.first.backbone_config

@@ -123,3 +123,13 @@ def test_forwards_that_are_no_pruned_vits_are_refused(passes):
         CascadeViT(cascade, passes[1])
     with pytest.raises(ValueError, match="a cascade's second forward must be a PrunedViT, got str"):
         CascadeViT(passes[0], "similarity")
+
+
+def test_a_cascade_says_its_device_and_dtype_as_a_pruned_vit_does(tiny_staged):
+    """CascadeViT had PrunedViT's ``device`` but not its ``dtype``: ``images.to(cascade.dtype)`` was an
+    AttributeError."""
+    staged, config = tiny_staged
+    cascade = CascadeViT(PrunedViT(staged, config, "similarity", 0.6), PrunedViT(staged, config, "similarity", 0.2))
+    assert (cascade.device, cascade.dtype) == (torch.device("cpu"), torch.float32)
+    pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert cascade.normalize(pixels).dtype == cascade.dtype
