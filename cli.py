@@ -321,6 +321,13 @@ def check_output_dir(path: Path, given: str) -> None:
 def output_directory(text: str) -> str:
     """An argparse ``type`` for ``--output-dir``: not empty (``--output-dir=$OUT`` with ``OUT`` unset would write
     into the current directory), ``~`` expanded; a cloud URI (``s3://...``) stays as it is."""
+    return named_directory(text)
+
+
+def named_directory(text: str) -> str:
+    """An argparse ``type`` for a directory to read or write: not empty, ``~`` expanded (:func:`home_expanded`).
+    ``--data-dir=$DATA`` with ``DATA`` unset names the current directory, into which evaluate.py would download
+    CIFAR-10, and an empty ``--backbone`` is no backbone, which fell back to the default without a word."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty: name a directory (an unset shell variable?)")
     return home_expanded(text)

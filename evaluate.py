@@ -69,6 +69,7 @@ from cli import (
     comma_separated,
     data_access,
     given_flags,
+    named_directory,
     output_directory,
     positive_int,
     random_seed,
@@ -122,17 +123,18 @@ CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validatio
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    parser.add_argument("--checkpoint", type=lambda text: Path(named_directory(text)), default=DEFAULT_CHECKPOINT,
                         help="policy checkpoint directory written by train.py (default: reference/marl_policy)")
-    parser.add_argument("--backbone", default=None, help="backbone checkpoint directory (default: the policy "
-                        f"checkpoint's, else {REFERENCE_BACKBONE.relative_to(REPO_ROOT)})")
+    parser.add_argument("--backbone", type=named_directory, default=None,
+                        help="backbone checkpoint directory (default: the policy checkpoint's, else "
+                             f"{REFERENCE_BACKBONE.relative_to(REPO_ROOT)})")
     parser.add_argument("--heuristics-only", action="store_true",
                         help="no policy: the heuristics, ToMe and --cascade on --backbone, e.g. to see what the agents "
                              "will have to beat before training them")
     parser.add_argument("--prune-points", type=block_indices, default=None,
                         help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
                              f"{spelled_points(DEFAULT_PRUNE_POINTS)}; a checkpoint brings its own)")
-    parser.add_argument("--data-dir", default=default_data_dir(),
+    parser.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
                         help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
     parser.add_argument("--dataset", default=None, choices=DATASETS,
                         help="default: the data set of the checkpoint (or --backbone)")

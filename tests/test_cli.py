@@ -270,6 +270,17 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(comm
     assert cli.output_directory("~/runs") == str(Path.home() / "runs") and cli.output_directory("s3://b/r") == "s3://b/r"
 
 
+@pytest.mark.parametrize("flag", ["--data-dir", "--checkpoint", "--backbone"])
+def test_an_empty_directory_to_read_is_refused_by_evaluate(flag, capsys):
+    """``--data-dir=$DATA`` with DATA unset named the current directory, into which evaluate.py downloads
+    CIFAR-10 when online; an empty --checkpoint was the current directory too, and an empty --backbone fell back to
+    the default backbone without a word."""
+    assert importlib.import_module("evaluate").main([f"{flag}="]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: argument {flag}: empty: name a directory (an unset shell variable?)\n")
+    assert cli.named_directory("~/data") == str(Path.home() / "data")
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
 def test_an_output_dir_that_refuses_a_directory_where_os_access_allows_it_is_one_line(command, tmp_path, monkeypatch,
                                                                                       capsys):
