@@ -396,6 +396,10 @@ class PrunedViT(InferenceModel):
         if self.selection == "tome":
             return tome_gflops(spec, self.tome_merges)
         kept = self.schedule() if kept_per_stage is None else list(kept_per_stage)
+        if len(kept) != self.staged.num_stages:  # else a ValueError from envs.vit.flops, as if a bug
+            raise UsageError(f"kept_per_stage must hold {self.staged.num_stages} patch-token counts, one per stage "
+                             f"of pruning points {self.staged.prune_points}, got {len(kept)} (a row of this model's "
+                             f"forward_with_kept kept; a cascade's goes to its own mean_gflops)")
         macs = sum(module.macs_per_token() for module in self.policies.values())
         return image_gflops(spec, self.staged.prune_points, kept, self.reduction, self._scores(), macs)
 
@@ -406,6 +410,9 @@ class PrunedViT(InferenceModel):
 
     def mean_gflops(self, kept: torch.Tensor) -> ImageGflops:
         """The mean of :meth:`gflops` over images with the token counts ``kept [B, num_stages]``, B >= 1."""
+        if kept.dim() != 2:
+            raise UsageError(f"kept must be [B, {self.staged.num_stages}] (forward_with_kept's), got "
+                             f"{list(kept.shape)}")
         if not len(kept):
             raise UsageError("mean_gflops needs the token counts of one image or more; kept holds none")
         schedules, counts = torch.unique(kept, dim=0, return_counts=True)

@@ -271,6 +271,21 @@ def test_the_random_heuristic_is_seeded_from_a_backbone_too_and_a_bad_seed_is_re
             PrunedViT.from_heuristic(tiny_backbone, "random", TARGET_RATIO, prune_points=PRUNE_POINTS, seed=seed)
 
 
+def test_token_counts_of_another_model_are_refused_by_its_costs(tiny_staged, images):
+    """A cascade's kept (or one image's counts of another schedule) ended in a ValueError from envs.vit.flops, a
+    plain one, as if a bug, and a row of kept given to mean_gflops in a TypeError."""
+    model = PrunedViT(*tiny_staged, "similarity", 0.6)
+    cascade = CascadeViT(model, PrunedViT(*tiny_staged, "similarity", 0.2))
+    _, kept = cascade.forward_with_kept(images)
+    stages = tiny_staged[0].num_stages
+    with pytest.raises(UsageError, match=rf"^kept_per_stage must hold {stages} patch-token counts, one per stage of "
+                                         rf"pruning points \(1, 2, 3\), got {2 * stages} \(a row of this model's "):
+        model.mean_gflops(kept)
+    with pytest.raises(UsageError, match=rf"^kept must be \[B, {stages}\] \(forward_with_kept's\), got \[{stages}\]$"):
+        model.mean_gflops(kept[0, :stages])
+    assert model.mean_gflops(kept[:, :stages]) == pytest.approx(model.gflops())
+
+
 def test_a_cost_that_is_no_positive_number_is_refused(tiny_staged):
     """A NaN ToMe cost ran ToMe unpruned, a NaN cascade budget ran every image twice, and the mean cost of no
     images was a ZeroDivisionError."""
