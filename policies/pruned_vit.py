@@ -135,6 +135,21 @@ def eight_bit(image: Image.Image, name: object) -> Image.Image:
                      "image.convert('L') for values in [0, 255]")
 
 
+def _loaded(image: Image.Image, position: int) -> Image.Image:
+    """``image`` (the ``position``-th of a list) with its pixels read, or a ``UsageError`` saying why not. PIL reads
+    a file's pixels when first used: one opened in a ``with`` block that has ended fails on a bare
+    ``AssertionError``, and a truncated file on an ``OSError``."""
+    try:
+        image.load()
+    except AssertionError:
+        raise UsageError(f"cannot read image {position} of the list: its file was closed before its pixels were read "
+                         f"(read it while its file is open: image.load() inside the with block of Image.open; or "
+                         f"pass the file's path)") from None
+    except OSError as error:
+        raise UsageError(f"cannot read image {position} of the list: {error}") from None
+    return image
+
+
 def check_image_batch(images: object, size: Sequence[int]) -> None:
     """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, H, W]`` at ``size`` ``(H, W)``: what a user
     holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
@@ -202,8 +217,8 @@ class InferenceModel(nn.Module):
                 raise UsageError(f"preprocess reads PIL images or image files, got {type(image).__name__} (a batch "
                                  f"tensor [B, 3, H, W] at the input size goes to model.normalize)")
         size = self.backbone_config["input_size"]
-        return torch.stack([fit_image(eight_bit(image, f"{position} of the list") if isinstance(image, Image.Image)
-                                      else eight_bit(_opened(image), image), size)
+        return torch.stack([fit_image(eight_bit(_loaded(image, position), f"{position} of the list")
+                                      if isinstance(image, Image.Image) else eight_bit(_opened(image), image), size)
                             for position, image in enumerate(images)])
 
     @property

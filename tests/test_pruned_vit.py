@@ -404,6 +404,27 @@ def test_preprocess_decodes_ones_own_images_as_the_data_sets_do(tiny_staged, ima
         model.preprocess(decoded)
 
 
+def test_preprocess_names_an_image_whose_file_was_closed_before_it_was_read(tiny_staged, tmp_path):
+    """PIL reads pixels lazily: images opened in a with block that had ended made preprocess fail on a bare
+    AssertionError, a truncated file on PIL's OSError traceback."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "teal").save(tmp_path / "teal.png")
+    with Image.open(tmp_path / "teal.png") as closed:
+        pass
+    model = PrunedViT(*tiny_staged)
+    with pytest.raises(UsageError, match=r"^cannot read image 1 of the list: its file was closed before its pixels "
+                                         r"were read \(read it while its file is open: image.load\(\) inside the "
+                                         r"with block of Image.open; or pass the file's path\)$"):
+        model.preprocess([Image.new("RGB", (40, 30)), closed])
+    (tmp_path / "cut.png").write_bytes((tmp_path / "teal.png").read_bytes()[:-30])
+    with pytest.raises(UsageError, match=r"^cannot read image 0 of the list: [^(]+$"):
+        model.preprocess([Image.open(tmp_path / "cut.png")])
+    with Image.open(tmp_path / "teal.png") as image:
+        image.load()
+    assert torch.equal(model.preprocess([image]), model.preprocess([tmp_path / "teal.png"]))
+
+
 def test_preprocess_names_an_image_of_more_pixels_than_pil_opens(tiny_staged, tmp_path, monkeypatch):
     """PIL's DecompressionBombError is no OSError: a file over twice its pixel limit ended in its traceback."""
     from PIL import Image
