@@ -29,10 +29,12 @@ runs here, in batches. One row per method and budget (``budget`` = ``target_rati
   are the checkpoint's pruning points (the agents were trained on those).
 MARL rows come at the checkpoint's own ``target_ratio``, at the budgets of ``--budgets`` it was trained at
 (``train.py --train-ratios``) and at those of ``--checkpoints-per-budget``.
-Every pruned row removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
-otherwise (``envs.vit.token_merge``). GFLOPs come from ``PrunedViT.gflops`` (``envs.vit.flops``) per image; the
-columns are defined in ``evaluation.results_table.COLUMNS`` (also written to results.md and results.json); every
-row's answer on every image goes to predictions.csv.gz (``evaluation.predictions.per_image_predictions``).
+Every pruned row but ToMe removes tokens the same way: the checkpoint's ``reduction`` unless ``--reduction`` says
+otherwise (``envs.vit.token_merge``); ToMe merges by its own matching whatever the reduction (dropping in every
+block would not be ToMe), at the cost of the rows that reduce so. GFLOPs come from ``PrunedViT.gflops``
+(``envs.vit.flops``) per image; the columns are defined in ``evaluation.results_table.COLUMNS`` (also written to
+results.md and results.json); every row's answer on every image goes to predictions.csv.gz
+(``evaluation.predictions.per_image_predictions``).
 Learned and cascade rows are compared with the heuristic most accurate at their budget on ``--selection-images``
 validation images (with ``--split val``, on the evaluated images).
 Every row runs on ``--device`` (a GPU when one is visible, by default): the backbone, the policy modules, the
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(--checkpoint's, --checkpoints-per-budget's, and a --train-ratios checkpoint's among "
                              "these) get MARL rows and the heuristic rows beside them (default: %(default)s)")
     parser.add_argument("--reduction", default=None, choices=REDUCTIONS,
-                        help="what pruned rows do with removed tokens (default: the checkpoint's)")
+                        help="what pruned rows do with removed tokens, but ToMe's, which always merges (default: "
+                             "the checkpoint's)")
     parser.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},
                         metavar="RATIO=PATH,...", help="more policy checkpoints, each evaluated at its budget")
     parser.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",

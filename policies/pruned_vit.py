@@ -248,7 +248,8 @@ class PrunedViT(InferenceModel):
             alone is that agent's ablation).
         budget: ``target_ratio``, the fraction of live patch tokens removed at each pruning point; required
             by every selection but ``None``, which takes none.
-        reduction: what removed tokens become: ``merge`` (into the most similar kept token) or ``drop``.
+        reduction: what removed tokens become: ``merge`` (into the most similar kept token) or ``drop``. ToMe
+            always merges, by its own matching: for it, ``reduction`` sets only the cost its merges match by default.
         seed: seed of the ``random`` heuristic, so that a new model repeats its choices.
         protected_share: with both policy modules, the share of each pruning point's kept tokens the attention
             agent chooses (``policies.decisions``; a checkpoint's own comes with :meth:`from_checkpoint`).

@@ -106,6 +106,15 @@ def test_a_policy_checkpoint_given_as_a_backbone_is_named_one(tiny_policy):
             PrunedViT.from_heuristic(given, "similarity", TARGET_RATIO)
 
 
+def test_tome_merges_whatever_the_reduction(tiny_staged, images):
+    """evaluate.py's --reduction drop said every pruned row dropped its tokens; ToMe's row merged them all the same
+    (as ToMe does), which its docs now say: drop sets only the cost its merges match."""
+    merged, dropped = (PrunedViT(*tiny_staged, "tome", TARGET_RATIO, reduction) for reduction in ("merge", "drop"))
+    at_cost = PrunedViT(*tiny_staged, "tome", TARGET_RATIO, "drop", tome_gflops=merged.gflops().total)
+    assert torch.equal(at_cost(images), merged(images))
+    assert dropped.gflops().total <= merged.gflops().total
+
+
 def test_unpruned_model_is_the_timm_model(tiny_staged, images):
     model = PrunedViT(*tiny_staged)
     logits, kept = model.forward_with_kept(images)
