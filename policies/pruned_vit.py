@@ -153,6 +153,9 @@ def _loaded(image: Image.Image, position: int) -> Image.Image:
 def check_image_batch(images: object, size: Sequence[int]) -> None:
     """A ``UsageError`` unless ``images`` is a torch tensor ``[B, 3, H, W]`` at ``size`` ``(H, W)``: what a user
     holds instead (a numpy array, one image, channels last, another size) would fail deep inside the model."""
+    if isinstance(images, list | tuple) and images and all(isinstance(image, torch.Tensor) for image in images):
+        raise UsageError(f"images must be a torch tensor [B, 3, H, W], got a {type(images).__name__} of "
+                         f"{len(images)} tensors (torch.stack(images) makes images [3, H, W] a batch)")
     if not isinstance(images, torch.Tensor):
         raise UsageError(f"images must be a torch tensor [B, 3, H, W], got {type(images).__name__} "
                          "(model.preprocess([...]) reads PIL images and files; torch.from_numpy(array) converts a "

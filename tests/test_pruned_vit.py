@@ -371,6 +371,8 @@ def test_normalize_refuses_images_of_an_unknown_scale(tiny_staged, given, messag
 @pytest.mark.parametrize(("given", "message"), [
     (lambda pixels: pixels.numpy(), r"must be a torch tensor \[B, 3, H, W\], got ndarray \(model.preprocess\(\[...\]\) "
                                     r"reads PIL images and files; torch.from_numpy"),
+    (lambda pixels: list(pixels), r"^images must be a torch tensor \[B, 3, H, W\], got a list of 2 tensors "
+                                  r"\(torch.stack\(images\) makes images \[3, H, W\] a batch\)$"),
     (lambda pixels: pixels.permute(0, 2, 3, 1), r"got \[2, 32, 32, 3\]; channels last\? images.permute"),
     (lambda pixels: pixels[0], r"got \[3, 32, 32\]; one image\? images.unsqueeze\(0\)"),
     (lambda pixels: pixels[..., :16, :16], r"\[B, 3, 32, 32\], got \[2, 3, 16, 16\]; model.preprocess\(\[...\]\) fits "
