@@ -53,6 +53,7 @@ from cli import (
     command_words,
     duration_in,
     given_flags,
+    named_directory,
     non_negative_float,
     non_negative_int,
     output_directory,
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "drop_path_rate=0.1 to keep stochastic depth")
     p.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (from the Hugging Face Hub, or its local cache)")
-    p.add_argument("--init-from", default=None, metavar="DIR",
+    p.add_argument("--init-from", type=named_directory, default=None, metavar="DIR",
                    help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
                         "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
                         "lengthens its training without its optimiser state")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10 (the default) and cifar100 as torchvision or the README (\"Data and splits\") "
                         "lays them out; folder: train/ and test/ (or val/) class directories under --data-dir, or "
                         ".tars of them")
-    p.add_argument("--data-dir", default=default_data_dir(),
+    p.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
                    help="where the data set lives (see README, \"Data and splits\")")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,

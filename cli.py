@@ -326,8 +326,8 @@ def output_directory(text: str) -> str:
 
 def named_directory(text: str) -> str:
     """An argparse ``type`` for a directory to read or write: not empty, ``~`` expanded (:func:`home_expanded`).
-    ``--data-dir=$DATA`` with ``DATA`` unset names the current directory, into which evaluate.py would download
-    CIFAR-10, and an empty ``--backbone`` is no backbone, which fell back to the default without a word."""
+    ``--data-dir=$DATA`` with ``DATA`` unset would name the current directory, into which the commands download
+    CIFAR-10 when online, and an empty ``--backbone`` no backbone, taken for the default without a word."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty: name a directory (an unset shell variable?)")
     return home_expanded(text)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli import MAX_SEED, comma_separated
+from cli import MAX_SEED, comma_separated, named_directory
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import (
     REFERENCE_BACKBONE,
@@ -403,9 +403,12 @@ removal_ratio_sweep = comma_separated(removal_ratio, "removal ratios to sweep")
 """:data:`removal_ratios` as a setting's flag takes them (``--target-ratio 0.3,0.5``: a trial each)."""
 
 
-def _parser_type(annotation: Any) -> typing.Callable[[str], Any]:
-    """The argparse ``type`` of a field annotation: str, bool, ``tuple[int, ...]``, ``tuple[float, ...]``, or int /
-    float / ``X | None``, which take a comma-separated sweep of values."""
+def _parser_type(annotation: Any, choices: tuple[str, ...] | None) -> typing.Callable[[str], Any]:
+    """The argparse ``type`` of a field annotation: bool, ``tuple[int, ...]``, ``tuple[float, ...]``, int / float /
+    ``X | None``, which take a comma-separated sweep of values, or str: one of its ``choices``, else a path
+    (``--backbone``, ``--data-dir``), which :func:`cli.named_directory` refuses empty."""
+    if annotation is str and not choices:
+        return named_directory
     if annotation is bool:
         return _boolean
     if typing.get_origin(annotation) is tuple:
@@ -423,7 +426,7 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         choices = f.metadata["choices"]
-        parse = removal_ratio_sweep if f.metadata["ratio"] else _parser_type(hints[f.name])
+        parse = removal_ratio_sweep if f.metadata["ratio"] else _parser_type(hints[f.name], choices)
         group.add_argument(flag_name(f.name), dest=prefix + f.name, type=parse, default=None,
                            choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
                            help=f"{f.metadata['doc']} (default: {shown})")

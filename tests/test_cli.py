@@ -270,12 +270,15 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_current_directory(comm
     assert cli.output_directory("~/runs") == str(Path.home() / "runs") and cli.output_directory("s3://b/r") == "s3://b/r"
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--checkpoint", "--backbone"])
-def test_an_empty_directory_to_read_is_refused_by_evaluate(flag, capsys):
-    """``--data-dir=$DATA`` with DATA unset named the current directory, into which evaluate.py downloads
-    CIFAR-10 when online; an empty --checkpoint was the current directory too, and an empty --backbone fell back to
-    the default backbone without a word."""
-    assert importlib.import_module("evaluate").main([f"{flag}="]) == 2
+@pytest.mark.parametrize(("command", "flag"), [
+    ("evaluate", "--data-dir"), ("evaluate", "--checkpoint"), ("evaluate", "--backbone"),
+    ("train", "--data-dir"), ("train", "--backbone"), ("backbone", "--data-dir"), ("backbone", "--init-from"),
+])
+def test_an_empty_directory_to_read_is_refused(command, flag, capsys):
+    """``--data-dir=$DATA`` with DATA unset named the current directory, into which evaluate.py and backbone.py
+    download CIFAR-10 when online; an empty --checkpoint was the current directory too, and an empty --backbone
+    fell back to the default backbone without a word."""
+    assert importlib.import_module(command).main([f"{flag}="]) == 2
     assert capsys.readouterr().err.endswith(
         f"error: argument {flag}: empty: name a directory (an unset shell variable?)\n")
     assert cli.named_directory("~/data") == str(Path.home() / "data")
