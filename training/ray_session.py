@@ -112,10 +112,10 @@ warning."""
 
 
 def interrupt_on_sigterm(go_on_command: Callable[[], str] | None = None) -> None:
-    """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with a checkpoint and the line that
-    says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver. With ``go_on_command``
-    (the command that goes on with the run), a SIGTERM that stopped Ray's own processes too ends the driver at
-    once with a line naming it (:func:`exit_once_ray_is_gone`)."""
+    """A SIGTERM (``kill``, a job scheduler) ends the run as Ctrl-C does, with the checkpoints written so far and
+    the line that says how to go on, instead of the handler ``ray.init`` installs, which aborts the driver. With
+    ``go_on_command`` (the command that goes on with the run), a SIGTERM that stopped Ray's own processes too ends
+    the driver at once with a line naming it (:func:`exit_once_ray_is_gone`)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         return
     if go_on_command is None:
