@@ -7,7 +7,9 @@ step on a GPU must not do (wait for the device, copy from the host) is said in o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import time
 import warnings
@@ -87,6 +89,19 @@ class TrainingStep:
         return loss
 
 
+@contextlib.contextmanager
+def timm_scheduler_quiet() -> Iterator[None]:
+    """timm's cosine scheduler logs a warning, outside the commands' ``warning: ...`` lines, for a schedule of one
+    step; backbone.py warns of short schedules itself (``--warmup-epochs`` not fewer than ``--epochs``)."""
+    logger = logging.getLogger("timm.scheduler.cosine_lr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_classes: int, steps_per_epoch: int,
                         config: dict, device: torch.device) -> TrainingStep:
     """The recipe of ``args`` for ``model`` (on ``device``): fused AdamW with the learning rate scaled from batch
@@ -95,9 +110,10 @@ def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_cl
     the model's parameters (so ``model.state_dict()`` stays the one to save)."""
     lr = args.lr * args.batch_size / 512
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
-                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
-                                  t_in_epochs=False)
+    with timm_scheduler_quiet():  # a one-step schedule (a smoke test) would log a bare line that the cosine is idle
+        scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
+                                      warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
+                                      t_in_epochs=False)
     mixup, criterion = make_mixup_and_loss(args, num_classes)
     return TrainingStep(model=torch.compile(model) if args.compile else model, optimizer=optimizer,
                         scheduler=scheduler, criterion=criterion, mixup=mixup,

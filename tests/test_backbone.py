@@ -1,6 +1,7 @@
 """backbone.py: a tiny model trains a few steps, exports, and reloads with the same logits."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -269,6 +270,20 @@ def test_a_training_epoch_neither_waits_for_the_device_nor_copies_from_the_host(
     with host_round_trips(monkeypatch) as calls:
         training_step.run_epoch(step, images, labels, 16, 3, 3)
     assert calls == []
+
+
+def test_a_one_step_schedule_prints_no_bare_timm_line(caplog):
+    """A schedule of one step (``--epochs 1`` on a split of one batch, a smoke test) makes timm's cosine scheduler
+    log that it has no effect, a bare line outside the commands' ``warning: ...`` form: the step builds it
+    without that line."""
+    args = backbone.build_parser().parse_args(["--model-kwargs", *TINY, "--epochs", "1", "--warmup-epochs", "0",
+                                               "--device", "cpu"])
+    model = create_vit(args.model, 10, model_geometry.parse_kwargs(args.model_kwargs)).train()
+    with caplog.at_level(logging.WARNING):
+        step = training_step.build_training_step(args, model, 10, 1, {"mean": [0.5] * 3, "std": [0.25] * 3},
+                                                 torch.device("cpu"))
+    assert step.scheduler.t_initial == 1
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("timm")] == []
 
 
 def test_a_class_the_validation_split_takes_whole_is_named(tmp_path):
