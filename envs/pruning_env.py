@@ -265,8 +265,11 @@ class TokenPruningEnv(MultiAgentEnv):
                 raise
             raise self._episode_lost() from None
         if not results[0]["done"]:
-            return self._start_point([result["obs"] for result in results]), {}, {"__all__": False}, \
-                {"__all__": False}, {}
+            obs = self._start_point([result["obs"] for result in results])
+            # an agent that acted and observes again at once (one agent alone, --agents attention or similarity)
+            # gets its reward so far, 0, as RLlib's episodes require; with both, the agent observing has not acted
+            rewards = {aid: 0.0 for aid in obs if policy_for_agent(aid) == policy}
+            return obs, rewards, {"__all__": False}, {"__all__": False}, {}
         problem = self.problem
         reached = np.array([fidelity(problem, result["agree"], result["prob_unpruned_class"]) for result in results])
         if problem.reward_baseline == "rollouts":

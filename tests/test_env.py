@@ -88,6 +88,28 @@ def test_agent_ids_spaces_and_turns(engine):
     assert single.possible_agents == ["similarity"]
 
 
+@pytest.mark.parametrize("agents", ["both", "attention", "similarity"])
+def test_rllib_episodes_take_every_step_of_every_agent_setting(engine, agents):
+    """RLlib's MultiAgentEpisode takes each step of an episode as the env runners add it: an agent that acts and
+    observes again at once, as one agent alone does at every pruning point, must get a reward (0 until the
+    end), which RLlib refused the single-agent ablations for (``MultiAgentEnvError``) before any iteration."""
+    from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
+
+    env = make_env(engine, 2, agents=agents)
+    episode = MultiAgentEpisode(agent_module_ids={aid: policy_for_agent(aid) for aid in env.possible_agents})
+    obs, infos = env.reset(seed=0)
+    episode.add_env_reset(observations=obs, infos=infos)
+    done, steps = False, 0
+    while not done:
+        actions = {aid: first_live(o) for aid, o in obs.items()}
+        obs, rewards, terminateds, truncateds, infos = env.step(actions)
+        episode.add_env_step(observations=obs, actions=actions, rewards=rewards, infos=infos,
+                             terminateds=terminateds, truncateds=truncateds)
+        done, steps = terminateds["__all__"], steps + 1
+    assert steps == 3 * (2 if agents == "both" else 1)  # one turn per acting agent at each of 3 pruning points
+    assert episode.is_done
+
+
 def test_spaces_pickle_once_per_policy_however_many_images(engine):
     """RLlib pickles the agents' spaces into every checkpoint: their size must not grow with the images."""
     def pickled(env):
