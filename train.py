@@ -348,7 +348,13 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
 
 def check_new_run_directory(args: argparse.Namespace, local: Path | None) -> None:
     """A :class:`UsageError` where a new run's local directory holds something: a run, unless ``--overwrite``
-    replaces it, or anything else."""
+    replaces it, or anything else. A cloud URI that holds a run is refused even with ``--overwrite``, which
+    deletes only on a local disk: Tune would write the new run over the old one's checkpoints and records."""
+    if local is None:
+        if tune.Tuner.can_restore(args.output_dir):
+            raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or another "
+                             f"--output-dir (--overwrite deletes a run on a local disk only)")
+        return
     if local is not None and local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"

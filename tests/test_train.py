@@ -664,6 +664,20 @@ def test_an_output_dir_this_process_cannot_write_in_is_one_line_before_anything_
     assert list(read_only.iterdir()) == []
 
 
+def test_a_cloud_output_dir_that_holds_a_run_is_refused_before_anything_starts(tmp_path, capsys):
+    """A second run into a storage URI that held one wrote over its checkpoint_000000 and mixed Tune's records of
+    both (two experiment_state files, two event files per trial); --overwrite deletes only on a local disk."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    uri = f"file://{run}"
+    for flags in ([], ["--overwrite"]):
+        assert train.main(["--output-dir", uri, "--iterations", "1", *flags]) == 2
+        assert capsys.readouterr().err == (f"error: {uri} already holds a run; pass --resume to continue it or another "
+                                           "--output-dir (--overwrite deletes a run on a local disk only)\n")
+    assert [p.name for p in run.iterdir()] == ["tuner.pkl"]
+
+
 def full_disk_line(run: Path, cause: str) -> str:
     """What train.py prints where ``cause`` stopped a run on a disk with 3 MiB free."""
     return (f"error: the disk of {run} is full (3.0 MiB free) and the run stopped ({cause}): free space, then go on "
