@@ -355,7 +355,7 @@ def check_new_run_directory(args: argparse.Namespace, local: Path | None) -> Non
             raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or another "
                              f"--output-dir (--overwrite deletes a run on a local disk only)")
         return
-    if local is not None and local.exists() and any(local.iterdir()):
+    if local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
                              f"{what_it_holds_instead(args.output_dir)}")
