@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import math
 import os
 import platform
@@ -125,6 +126,20 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
     source = warning_library(filename)
     prefix = "warning: " if source is None else f"warning from {source} ({category.__name__}): "
     print(prefix + one_line(message), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def library_log_quieted(name: str) -> Iterator[None]:
+    """Raise library logger ``name`` to ERROR for the duration: for a library's log line that says nothing to
+    our users and would print outside the commands' ``warning: ...`` lines (RLlib's deprecation notice about
+    its own legacy classes, timm's note that a one-step cosine schedule has no effect)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def warning_library(filename: str) -> str | None:

@@ -7,9 +7,7 @@ step on a GPU must not do (wait for the device, copy from the host) is said in o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import logging
 import os
 import time
 import warnings
@@ -21,7 +19,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from cli import progress_bar
+from cli import library_log_quieted, progress_bar
 from envs.vit.augment import RandAugment, random_crop_flip
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit.data import ImageSplit, StreamedImages, errors_of_workers
@@ -89,19 +87,6 @@ class TrainingStep:
         return loss
 
 
-@contextlib.contextmanager
-def timm_scheduler_quiet() -> Iterator[None]:
-    """timm's cosine scheduler logs a warning, outside the commands' ``warning: ...`` lines, for a schedule of one
-    step; backbone.py warns of short schedules itself (``--warmup-epochs`` not fewer than ``--epochs``)."""
-    logger = logging.getLogger("timm.scheduler.cosine_lr")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_classes: int, steps_per_epoch: int,
                         config: dict, device: torch.device) -> TrainingStep:
     """The recipe of ``args`` for ``model`` (on ``device``): fused AdamW with the learning rate scaled from batch
@@ -110,7 +95,9 @@ def build_training_step(args: argparse.Namespace, model: torch.nn.Module, num_cl
     the model's parameters (so ``model.state_dict()`` stays the one to save)."""
     lr = args.lr * args.batch_size / 512
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=args.weight_decay, fused=True)
-    with timm_scheduler_quiet():  # a one-step schedule (a smoke test) would log a bare line that the cosine is idle
+    # timm logs a bare line that a one-step schedule (a smoke test) leaves the cosine idle; backbone.py warns of
+    # short schedules itself (--warmup-epochs not fewer than --epochs)
+    with library_log_quieted("timm.scheduler.cosine_lr"):
         scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 1e-2,
                                       warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-3,
                                       t_in_epochs=False)

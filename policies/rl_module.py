@@ -8,9 +8,6 @@ says how many), drawn by :class:`~policies.distribution.ExactCount` from the tok
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -22,22 +19,10 @@ from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
+from cli import library_log_quieted
 from envs.vit.features import AGENT_FEATURES
 from policies.distribution import ExactCount, ExactCountEntropyStatistic
 from policies.token_scorer import DEFAULT_HIDDEN, TokenEmbeddings, TokenScoring
-
-
-@contextlib.contextmanager
-def _quiet_ray_deprecations() -> Iterator[None]:
-    """Silence RLlib's deprecation log for the duration: ``RLModule.__init__`` warns about RLlib's own legacy
-    ``RLModuleConfig`` on every module it builds or restores, which says nothing to our users."""
-    logger = logging.getLogger("ray._common.deprecation")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
@@ -48,7 +33,7 @@ class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        with _quiet_ray_deprecations():
+        with library_log_quieted("ray._common.deprecation"):  # RLModule.__init__ warns of RLlib's own legacy config
             super().__init__(*args, **kwargs)
 
     @override(TorchRLModule)
