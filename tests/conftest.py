@@ -71,7 +71,7 @@ def one_timed_pass_for_model_cards() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared CIFAR-10 copy: ``$MARL_PRUNING_DATA_DIR``, else ``../shared/data`` beside the repo."""
-    path = Path(os.environ.get(DATA_DIR_ENV, REPO.parent / "shared" / "data"))
+    path = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data")
     if not (path / "cifar10" / "test.tar").exists():
         pytest.skip(f"CIFAR-10 tars not found under {path} (set {DATA_DIR_ENV})")
     return path

@@ -760,9 +760,11 @@ def test_a_failed_trial_exits_1_with_one_line_naming_its_traceback(tmp_path, mon
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("environment", [None, ""])
+def test_without_data_offline_one_line_says_where_to_put_it(command, environment, tmp_path, monkeypatch, capsys):
     """No data and no network: the download is tried (as on a fresh clone), then one line names the layout
-    looked for, --data-dir and MARL_PRUNING_DATA_DIR."""
+    looked for, --data-dir and MARL_PRUNING_DATA_DIR. The variable set empty counts as unset: it was taken for
+    the current directory by train.py and refused by evaluate.py as an empty --data-dir, a flag not given."""
     import urllib.request
     from urllib.error import URLError
 
@@ -772,7 +774,10 @@ def test_without_data_offline_one_line_says_where_to_put_it(command, tmp_path, m
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)  # torchvision makes its directories, then fails
-    monkeypatch.delenv("MARL_PRUNING_DATA_DIR", raising=False)
+    if environment is None:
+        monkeypatch.delenv("MARL_PRUNING_DATA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("MARL_PRUNING_DATA_DIR", environment)
     monkeypatch.chdir(tmp_path)
     main = train.main if command == "train" else evaluate.main
     assert main([]) == 2

@@ -215,8 +215,9 @@ def check_recorded_data_dir(data_dir: str) -> None:
 
 
 def default_data_dir() -> str:
-    """``$MARL_PRUNING_DATA_DIR`` when set, else ``./data``."""
-    return os.environ.get(DATA_DIR_ENV, "data")
+    """``$MARL_PRUNING_DATA_DIR`` when set, else ``./data``. Set empty (``export MARL_PRUNING_DATA_DIR=$DATA`` with
+    ``DATA`` unset) it counts as unset, as the shell's own ``${VAR:-default}`` does: not the current directory."""
+    return os.environ.get(DATA_DIR_ENV) or "data"
 
 
 def _split_names(split: str) -> tuple[str, ...]:
