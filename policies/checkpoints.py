@@ -36,11 +36,11 @@ from safetensors.torch import load_file
 from cli import versions_line
 from envs.errors import UserError, one_line
 from envs.problem import ProblemError, PruningProblem, trained_policies
-from envs.vit.backbone_checkpoint import is_backbone_checkpoint, weights_digest
+from envs.vit.backbone_checkpoint import POLICY_FILES, is_backbone_checkpoint, weights_digest
 from envs.vit.features import AGENT_FEATURES
 from policies.token_scorer import TokenScorer, TokenScoring
 
-PRUNING_CONFIG = "pruning_config.json"
+PRUNING_CONFIG, EXPORT_CONFIG = POLICY_FILES  # a checkpoint's record, its export's config
 MODULES_DIR = Path("learner_group", "learner", "rl_module")
 CHECKPOINT_PREFIX = "checkpoint_"  # Tune's name for a trial's checkpoint directories
 UNRECORDED_PREFIX = "unrecorded_"  # put before the name of a checkpoint Tune has no record of: out of its numbering
@@ -48,7 +48,6 @@ Modules = Mapping[str, TokenScoring]
 
 EXPORT_DIR = "export"  # a checkpoint's policy export (policies.export writes it)
 EXPORT_WEIGHTS = "policies.safetensors"
-EXPORT_CONFIG = "policy.json"
 
 
 def export_path(checkpoint: str | os.PathLike) -> Path:

@@ -134,8 +134,8 @@ def installed_without_repository() -> bool:
 
 
 POLICY_FILES = ("pruning_config.json", "policy.json")
-"""What a policy checkpoint and its export hold (``policies.checkpoints``, which imports this module): a directory
-holding one, given as a backbone, is named a policy checkpoint."""
+"""What a policy checkpoint and its export hold: their names, which ``policies.checkpoints`` (it imports this
+module) takes from here; a directory holding one, given as a backbone, is named a policy checkpoint."""
 
 
 def read_backbone_config(directory: str | os.PathLike) -> dict[str, Any]:
