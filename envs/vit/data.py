@@ -256,9 +256,14 @@ def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     return f"expected {layout}; pass --data-dir DIR (data_dir= in Python) or set {DATA_DIR_ENV}"
 
 
+def _names_split(name: str, splits: tuple[str, ...] = ("train", "test")) -> bool:
+    """Whether a file or directory ``name`` is that of one of ``splits``, in any case, a directory or a ``.tar``."""
+    return any(name.lower().removesuffix(".tar") in _split_names(split) for split in splits)
+
+
 def _split_given(data_dir: Path) -> str:
     """The hint for a data directory that is a split itself (``train/`` or ``train.tar``), else ''."""
-    if data_dir.name.lower().removesuffix(".tar") in _split_names("train") + _split_names("test"):
+    if _names_split(data_dir.name):
         return f" ({data_dir} looks like a split itself: pass the directory above it, --data-dir {data_dir.parent})"
     return ""
 
@@ -272,9 +277,9 @@ def _layout_hint(data_dir: Path, split: str) -> str:
     given = _split_given(data_dir)
     if given:
         return given
-    other_case = sorted(child.name for child in data_dir.iterdir() if child.name != child.name.lower()
-                        and child.name.lower().removesuffix(".tar") in _split_names("train") + _split_names("test"))
-    if any(name.lower().removesuffix(".tar") in _split_names(split) for name in other_case):
+    other_case = sorted(child.name for child in data_dir.iterdir()
+                        if child.name != child.name.lower() and _names_split(child.name))
+    if any(_names_split(name, (split,)) for name in other_case):
         renames = ", ".join(f"{name} to {name.lower()}" for name in other_case)
         return f" (split folders are looked for in lower case: rename {renames} in {data_dir})"
     packed = sorted(child.name for child in data_dir.iterdir()
