@@ -207,9 +207,10 @@ class InferenceModel(nn.Module):
 
     def preprocess(self, images: Sequence[Image.Image | str | os.PathLike]) -> torch.Tensor:
         """One's own images (PIL images or image files, of any size and mode) as the data sets decode theirs for
-        the backbone (``envs.vit.data.fit_image``: RGB, the short side resized to the input size, centre-cropped):
-        uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead would distort them.
-        32-bit grey images (PIL modes I and F, :func:`eight_bit`) are refused: their scale is unknown."""
+        the backbone (``envs.vit.data.fit_image``: RGB, upright by its EXIF tag, the short side resized to the input
+        size, centre-cropped): uint8 ``[B, 3, S, S]`` on the CPU, for :meth:`normalize`. Resizing to S x S instead
+        would distort them. 32-bit grey images (PIL modes I and F, :func:`eight_bit`) are refused: their scale is
+        unknown."""
         if isinstance(images, Image.Image | str | os.PathLike):
             raise UsageError("preprocess takes a list of images (or files): model.preprocess([image])")
         images = list(images)

@@ -334,6 +334,23 @@ def test_a_16_bit_image_is_scaled_to_8_bits(tmp_path):
     assert image.unique().tolist() == [round(30000 / 257)]
 
 
+def test_a_photo_is_turned_upright_as_its_exif_tag_says(tmp_path):
+    """A phone stores a photo taken sideways as its sensor read it, tagged with how to turn it for display: the
+    data sets, and so every split and ``PrunedViT.preprocess``, turn it as every viewer does."""
+    from PIL import ExifTags, Image
+
+    root = _colour_folder(tmp_path / "data")
+    sideways = np.zeros((32, 64, 3), dtype=np.uint8)
+    sideways[:, :32] = 255  # its left half white: the top half, turned a quarter clockwise (orientation 6)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(sideways).save(root / "test" / "ant" / "2.jpg", exif=exif, quality=95)
+    split = load_split("folder", "test", root)
+    (image,) = split.images[(split.labels == 0).nonzero().flatten()[-1:]]
+    top, bottom = image[:, :16].float().mean(), image[:, 16:].float().mean()
+    assert top > 240 and bottom < 15
+
+
 def test_one_file_is_indexed_once_per_process(image_folder_224, monkeypatch):
     """train and val cut one file, which is opened (for a tar: every member header read) once; a streamed
     split opens a reader of its own, as its reader thread must not share one."""

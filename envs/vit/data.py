@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from timm.data import ImageDataset, create_dataset
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
@@ -531,11 +531,20 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says. A camera or phone stores a photo taken sideways as the
+    sensor read it and tags how to turn it for display; every viewer does, and the model should see what the user
+    sees (PIL, torchvision's and timm's data sets leave it sideways)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def fit_image(image: Image.Image, input_size: int) -> torch.Tensor:
-    """``image`` as every split decodes its images for a backbone of ``input_size``: uint8 RGB ``[3, S, S]``, its
-    short side resized to S (bicubic) and centre-cropped (a no-op for CIFAR), so that its shapes keep their
-    proportions."""
-    image = _rgb(image)
+    """``image`` as every split decodes its images for a backbone of ``input_size``: uint8 RGB ``[3, S, S]``,
+    upright (:func:`upright`), its short side resized to S (bicubic) and centre-cropped (a no-op for CIFAR), so
+    that its shapes keep their proportions."""
+    image = _rgb(upright(image))
     if image.size != (input_size, input_size):
         scale = input_size / min(image.size)
         width, height = (max(input_size, round(s * scale)) for s in image.size)
