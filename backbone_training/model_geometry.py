@@ -92,7 +92,7 @@ def check_trains(probe: torch.nn.Module, input_size: int, flags: str) -> None:
     try:
         with torch.no_grad():
             probe(torch.zeros(2, 3, input_size, input_size))
-    except (RuntimeError, *TIMM_KWARG_ERRORS) as error:
+    except TIMM_KWARG_ERRORS as error:
         raise UsageError(f"{flags}: timm's model fails to train with them: {timm_error(error)}") from None
 
 

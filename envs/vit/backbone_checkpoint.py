@@ -70,31 +70,29 @@ def weights_from_the_cache_unless_the_hub_answers(pretrained: bool) -> Iterator[
         constants.HF_HUB_OFFLINE = False
 
 
-TIMM_KWARG_ERRORS = (TypeError, ValueError, AssertionError, KeyError, ZeroDivisionError)
-"""What timm's constructors raise on keyword arguments they cannot build with, besides a ``RuntimeError``: an
-unknown kwarg, ``embed_dim`` that ``num_heads`` does not divide, ``act_layer='foo'`` (a ``KeyError`` of timm's
-layer lookup), ``num_heads=0`` or ``patch_size=0`` (a division by zero)."""
+TIMM_KWARG_ERRORS = (RuntimeError, TypeError, ValueError, AssertionError, KeyError, ZeroDivisionError)
+"""What timm's models raise on keyword arguments they cannot build or run with: an unknown kwarg, ``embed_dim``
+that ``num_heads`` does not divide, ``act_layer='foo'`` (a ``KeyError`` of timm's layer lookup), ``num_heads=0``
+or ``patch_size=0`` (a division by zero), a tensor of a negative size (``mlp_ratio=-1``, ``depth=-1``: a
+``RuntimeError``)."""
 
 
 def create_vit(model_name: str, num_classes: int, model_kwargs: dict[str, Any],
                pretrained: bool = False) -> torch.nn.Module:
     """A timm model by name; a clear error for unknown names, for kwargs timm cannot build with
-    (:data:`TIMM_KWARG_ERRORS`, and a ``RuntimeError`` where no weights are loaded) and for unreachable pretrained
-    weights, which come from the local cache only where the Hub does not answer."""
+    (:data:`TIMM_KWARG_ERRORS`) and for unreachable pretrained weights, which come from the local cache only where
+    the Hub does not answer. Where weights are loaded, an ``OSError`` or a ``RuntimeError`` is theirs (a file not
+    in the cache, one that does not read); without them, an ``OSError`` is no user error and keeps its traceback."""
     if not timm.is_model(model_name):
         raise CheckpointError(f"unknown timm model {model_name!r}")
+    weights_errors = (OSError, RuntimeError) if pretrained else ()
     try:
         with weights_from_the_cache_unless_the_hub_answers(pretrained):
             return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
-    except (OSError, RuntimeError) as error:
-        if pretrained:
-            raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
-        if isinstance(error, OSError):
-            raise
-        unbuilt = error  # a tensor of a negative size (mlp_ratio=-1, depth=-1, reg_tokens=-1)
+    except weights_errors as error:
+        raise CheckpointError(f"could not load pretrained weights for {model_name} (offline?): {error}") from None
     except TIMM_KWARG_ERRORS as error:
-        unbuilt = error
-    raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: {timm_error(unbuilt)}") from None
+        raise CheckpointError(f"timm cannot build {model_name} with {model_kwargs}: {timm_error(error)}") from None
 
 
 def timm_error(error: Exception) -> str:
