@@ -53,6 +53,7 @@ from cli import (
     command_words,
     duration_in,
     given_flags,
+    interrupted_go_on_line,
     named_directory,
     non_negative_float,
     non_negative_int,
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted_line() -> str:
         if args is None or not (Path(args.output_dir) / STATE_FILE).exists():
             return "interrupted before an epoch was saved: run the command again"
-        return f"interrupted: go on with {go_on_command(args, given)}"
+        return interrupted_go_on_line(go_on_command(args, given))
 
     return run_command(run, interrupted_line)
 

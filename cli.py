@@ -290,6 +290,14 @@ def resume_command(script: str, parser: argparse.ArgumentParser, args: argparse.
     return shlex.join([*script_words(script), "--output-dir", args.output_dir, "--resume", *words])
 
 
+def interrupted_go_on_line(go_on_command: str, also_stopped: str = "") -> str:
+    """The line an interrupted run of backbone.py or train.py ends with (:func:`run_command`'s ``interrupted``,
+    train.py's closing lines after Tune stopped on the interrupt, or its exit once Ray's processes were stopped
+    too): ``go_on_command``, from :func:`resume_command`, is how to go on; ``also_stopped``, where given, says
+    what the interrupt stopped besides the run."""
+    return f"interrupted{', ' + also_stopped if also_stopped else ''}: go on with {go_on_command}"
+
+
 def command_words(parser: argparse.ArgumentParser, dest: str, value: Any) -> tuple[str, list[str]]:
     """How a command line of ``parser`` sets ``dest`` (an argparse destination) to ``value``, as (its option, the
     words): the switch that sets it (``--half``, ``--no-download``, ``--no-amp``), the option and its value

@@ -48,6 +48,7 @@ from cli import (
     duration_in,
     given_flags,
     home_expanded,
+    interrupted_go_on_line,
     non_negative_int,
     output_directory,
     positive_int,
@@ -498,7 +499,7 @@ def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection
     if errors:
         return 1
     if interrupted(results, args.iterations, args.output_dir, started):
-        print(f"interrupted: go on with {go_on_command(args, given)}", file=sys.stderr)
+        print(interrupted_go_on_line(go_on_command(args, given)), file=sys.stderr)
         return 130
     return 0
 
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = local_run_dir(args.output_dir) if args is not None else None
         if args is None or run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
             return INTERRUPTED_BEFORE_TRAINING
-        return f"interrupted: go on with {go_on_command(args, given)}"
+        return interrupted_go_on_line(go_on_command(args, given))
 
     return run_command(run, interrupted_line)
 

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads --address
 
+from cli import interrupted_go_on_line
 from envs.errors import UsageError, one_line
 from envs.vit.backbone_checkpoint import NOT_A_CLONE, REPO_ROOT, installed_without_repository
 
@@ -160,7 +161,7 @@ def exit_once_ray_is_gone(gcs_address: str, go_on_command: Callable[[], str], ha
             return
         time.sleep(RAY_GONE_POLL_S)
     sys.stdout.flush()
-    print(f"interrupted, Ray's own processes too (no closing lines): go on with {go_on_command()}", file=sys.stderr,
+    print(interrupted_go_on_line(go_on_command(), "Ray's own processes too (no closing lines)"), file=sys.stderr,
           flush=True)
     os._exit(130)
 
