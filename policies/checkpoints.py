@@ -117,9 +117,16 @@ class PolicyCheckpointError(UserError, RuntimeError):
     """A path that is not a complete, readable training checkpoint; the message is meant for the user."""
 
 
+def trial_directories(run_dir: str | os.PathLike) -> list[Path]:
+    """The directories of a run's trials, by name, as their checkpoints find them: every directory in ``run_dir``
+    (one that is no trial's holds no checkpoint), not Tune's records of the run, so that a run copied without them,
+    or one whose records a full disk cut short, lists too."""
+    return sorted(path for path in Path(run_dir).glob("*") if path.is_dir())
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run's trials, by trial name, oldest first."""
-    return [c for trial in sorted(Path(output_dir).glob("*/")) for c in trial_checkpoints(trial)]
+    return [c for trial in trial_directories(output_dir) for c in trial_checkpoints(trial)]
 
 
 def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:

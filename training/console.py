@@ -29,7 +29,7 @@ from envs.problem import PruningProblem
 from envs.vit.data import DataError
 from envs.vit_server import ask_for_data_errors, data_error_among, remote_cause
 from policies.checkpoints import validation_rank
-from training.run_directory import check_space_after_failure, local_run_dir, scored_checkpoints
+from training.run_directory import check_space_after_failure, local_run_dir, local_trial_dir, scored_checkpoints
 from training.trial import reached_iteration
 
 
@@ -219,7 +219,7 @@ def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str, star
         if result.config is None:
             return True
         metrics = result.metrics or {}
-        on_disk = reached_iteration(run_dir / Path(result.path).name) if run_dir is not None else 0
+        on_disk = reached_iteration(local_trial_dir(run_dir, result)) if run_dir is not None else 0
         reached = max(metrics.get("training_iteration", 0), on_disk)
         out_of_time = metrics.get("progress", {}).get("out_of_time") and metrics.get(TIMESTAMP, 0) >= int(started)
         if reached < iterations and not out_of_time:

@@ -26,6 +26,7 @@ from policies.checkpoints import (
     incomplete_checkpoints,
     readable_checkpoint_info,
     trial_checkpoints,
+    trial_directories,
     validated_checkpoints,
 )
 from training.trial import SCORE
@@ -55,6 +56,12 @@ def local_run_dir(output_dir: str) -> Path | None:
     Tune stores each trial's files in ``<run>/<trial name>``; None for a cloud URI."""
     storage_path, name = storage_location(output_dir)
     return None if "://" in storage_path else Path(storage_path, name)
+
+
+def local_trial_dir(run_dir: Path, result: tune.Result) -> Path:
+    """The directory in which the trial of ``result`` (Tune's, from ``Tuner.fit``) keeps its files in the run's
+    local directory ``run_dir`` (:func:`local_run_dir`): ``<run>/<trial name>``."""
+    return run_dir / Path(result.path).name
 
 
 def _lock(descriptor: int, run_dir: Path) -> None:
@@ -139,7 +146,7 @@ def newest_complete_checkpoints(run_dir: Path) -> list[Path]:
     records do not read (a full disk, say, cut them and the checkpoint being copied short), what a new run can
     start from."""
     newest = []
-    for trial in sorted(path for path in run_dir.glob("*/") if path.is_dir()):
+    for trial in trial_directories(run_dir):
         for checkpoint in reversed(trial_checkpoints(trial)):
             if readable_checkpoint_info(checkpoint) is None:  # read before the pickles check_restorable opens
                 continue
@@ -178,7 +185,10 @@ def check_resumable(trial_dir: Path) -> None:
 
 def delete_run(run_dir: Path) -> None:
     """``--overwrite``: delete what the run in ``run_dir`` wrote (:data:`RUN_FILES`, and :data:`TRIAL_FILES` in
-    its trials' directories, those holding a ``params.json``), and say what else is kept there."""
+    its trials' directories, those holding a ``params.json``), and say what else is kept there. Only the
+    directories Tune made (it writes ``params.json`` as a trial starts) count as trials, unlike
+    :func:`~policies.checkpoints.trial_directories`, which reads every directory: a directory of one's own beside
+    them keeps what it holds."""
     trials = [path.parent for path in run_dir.glob("*/params.json")]
     for directory, patterns in ((run_dir, RUN_FILES), *((trial, TRIAL_FILES) for trial in trials)):
         for path in {match for pattern in patterns for match in directory.glob(pattern)}:
@@ -208,9 +218,8 @@ def scored_checkpoints(result: tune.Result, run_dir: Path | None) -> list[tuple[
     storage, what Tune recorded with each, so that nothing is downloaded: its ranked checkpoints and the last
     report's, which Tune keeps whatever its score (the stop writes one)."""
     if run_dir is not None:
-        trial_dir = run_dir / Path(result.path).name
         return [(path.name, info.val_score, info.iteration)
-                for path, info in validated_checkpoints(trial_checkpoints(trial_dir))]
+                for path, info in validated_checkpoints(trial_checkpoints(local_trial_dir(run_dir, result)))]
     latest = [(result.checkpoint, result.metrics)] if result.checkpoint is not None else []
     return [(Path(checkpoint.path).name, metrics[SCORE], metrics.get("training_iteration"))
             for checkpoint, metrics in [*result.best_checkpoints, *latest]
