@@ -52,7 +52,6 @@ from cli import (
     code_commit,
     command_words,
     duration_in,
-    given_flags,
     interrupted_go_on_line,
     named_directory,
     non_negative_float,
@@ -62,7 +61,7 @@ from cli import (
     positive_int,
     random_seed,
     resume_command,
-    run_command,
+    run_command_line,
     versions_line,
 )
 from envs.errors import UsageError
@@ -377,23 +376,17 @@ def check_args(args: argparse.Namespace, given: Collection[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, given = None, frozenset()
-
-    def run() -> int:
-        nonlocal args, given
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        given = given_flags(parser, argv)
+    def run(args: argparse.Namespace, given: frozenset[str]) -> int:
         check_args(args, given)
         train(args, given)
         return 0
 
-    def interrupted_line() -> str:
+    def interrupted_line(args: argparse.Namespace | None, given: frozenset[str]) -> str:
         if args is None or not (Path(args.output_dir) / STATE_FILE).exists():
             return "interrupted before an epoch was saved: run the command again"
         return interrupted_go_on_line(go_on_command(args, given))
 
-    return run_command(run, interrupted_line)
+    return run_command_line(build_parser, argv, run, interrupted_line)
 
 
 if __name__ == "__main__":

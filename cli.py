@@ -63,6 +63,24 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
             return 130
 
 
+def run_command_line(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None,
+                     body: Callable[[argparse.Namespace, frozenset[str]], int],
+                     interrupted: Callable[[argparse.Namespace | None, frozenset[str]], str]) -> int:
+    """:func:`run_command` for a command line ``argv`` (``sys.argv`` when None) of the parser ``build_parser``
+    makes: ``body`` runs on its arguments and the flags it named (:func:`given_flags`), and ``interrupted`` says
+    from them how to go on, from (None, no flags) where the interrupt came before they parsed."""
+    parsed: tuple[argparse.Namespace | None, frozenset[str]] = (None, frozenset())
+
+    def run() -> int:
+        nonlocal parsed
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        parsed = args, given_flags(parser, argv)
+        return body(args, parsed[1])
+
+    return run_command(run, lambda: interrupted(*parsed))
+
+
 REDELIVERY_DELAY_S = 0.05
 """How long after Python dropped an interrupt it is delivered again: time for the main thread to leave the
 callback it was dropped in."""

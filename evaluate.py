@@ -70,12 +70,11 @@ from cli import (
     code_commit,
     comma_separated,
     data_access,
-    given_flags,
     named_directory,
     output_directory,
     positive_int,
     random_seed,
-    run_command,
+    run_command_line,
     versions_line,
 )
 from envs.errors import UsageError
@@ -542,11 +541,8 @@ def as_json(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 on success, 2 with one ``error: ...`` line on stderr for bad input, 130 on
     Ctrl-C (the results are written at the end only, so nothing is)."""
-    def body() -> int:
-        parser = build_parser()
-        return run(parser.parse_args(argv), given_flags(parser, argv))
-
-    return run_command(body, lambda: "interrupted: nothing was written; run the command again")
+    return run_command_line(build_parser, argv, run,
+                            lambda args, given: "interrupted: nothing was written; run the command again")
 
 
 if __name__ == "__main__":

@@ -46,14 +46,13 @@ from cli import (
     code_commit,
     data_access,
     duration_in,
-    given_flags,
     home_expanded,
     interrupted_go_on_line,
     non_negative_int,
     output_directory,
     positive_int,
     resume_command,
-    run_command,
+    run_command_line,
     signal_handlers_restored,
 )
 from envs.errors import UsageError, UserError
@@ -520,13 +519,8 @@ start, which has no trial to resume."""
 
 def main(argv: list[str] | None = None) -> int:
     owns_ray = not ray.is_initialized()
-    args, given = None, frozenset()
 
-    def run() -> int:
-        nonlocal args, given
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        given = given_flags(parser, argv)
+    def run(args: argparse.Namespace, given: frozenset[str]) -> int:
         started = time.time()
         try:
             with signal_handlers_restored(RUN_SIGNALS):
@@ -547,13 +541,14 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
         return report(results, args, given, started)
 
-    def interrupted_line() -> str:  # before Tune's loop, which handles the first Ctrl-C itself, or a second one
+    def interrupted_line(args: argparse.Namespace | None, given: frozenset[str]) -> str:
+        # before Tune's loop, which handles the first Ctrl-C itself, or a second one
         run_dir = local_run_dir(args.output_dir) if args is not None else None
         if args is None or run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
             return INTERRUPTED_BEFORE_TRAINING
         return interrupted_go_on_line(go_on_command(args, given))
 
-    return run_command(run, interrupted_line)
+    return run_command_line(build_parser, argv, run, interrupted_line)
 
 
 if __name__ == "__main__":
