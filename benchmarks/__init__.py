@@ -15,6 +15,7 @@ from cli import OneLineParser, run_command
 from envs.errors import UsageError, one_line
 from envs.problem import PruningProblem
 from envs.vit.staged_vit import StagedViT
+from evaluate import DEFAULT_CHECKPOINT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
 from policies.pruned_vit import policy_backbone
 
@@ -32,6 +33,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def benchmark_parser(doc: str | None) -> OneLineParser:
     """The argument parser of a benchmark whose module docstring is ``doc``."""
     return OneLineParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_data_and_checkpoint_arguments(parser: argparse.ArgumentParser, checkpoint_read_for: str) -> None:
+    """The flags of a benchmark that measures on a policy checkpoint's backbone and problem: ``--data-dir``
+    (required, as train.py's) and ``--checkpoint`` (the reference policy by default), whose help says what the
+    benchmark reads of it (``checkpoint_read_for``: ``its backbone and problem``)."""
+    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help=f"{checkpoint_read_for} (default: %(default)s)")
 
 
 def run_from_command_line(main: Callable[[], object]) -> NoReturn:

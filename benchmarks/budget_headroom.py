@@ -29,8 +29,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -39,7 +37,13 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import benchmark_parser, checkpoint_backbone, fitted_on, run_from_command_line
+from benchmarks import (
+    add_data_and_checkpoint_arguments,
+    benchmark_parser,
+    checkpoint_backbone,
+    fitted_on,
+    run_from_command_line,
+)
 from benchmarks.schedule_headroom import matched_ratio
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
@@ -47,7 +51,6 @@ from envs.problem import block_indices, removal_ratio, removal_ratios
 from envs.vit.flops import ViTSpec, exact_budget_schedule, image_gflops
 from envs.vit.pruned_forward import TokenState, classify, prune_step
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
 from policies.heuristics import heuristic_selector
 
@@ -133,9 +136,7 @@ def fitted_allocation(models: dict[int, Pipeline], train_x: np.ndarray, train_ag
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone, target ratio and reduction (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone, target ratio and reduction")
     parser.add_argument("--levels", type=removal_ratios, default="0.1,0.2,0.35,0.5,0.65,0.8",
                         help="removal ratios an image may take from the decision point on (default: %(default)s)")
     parser.add_argument("--prune-points", type=block_indices, default=None,

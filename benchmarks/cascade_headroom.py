@@ -28,7 +28,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -36,7 +35,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks import benchmark_parser, checkpoint_backbone, fitted_on, run_from_command_line
+from benchmarks import (
+    add_data_and_checkpoint_arguments,
+    benchmark_parser,
+    checkpoint_backbone,
+    fitted_on,
+    run_from_command_line,
+)
 from benchmarks.budget_headroom import logit_lens, output_features
 from benchmarks.split_states import first_stage_states
 from cli import positive_int
@@ -45,7 +50,7 @@ from envs.vit.flops import ViTSpec, exact_budget_gflops, unpruned_gflops
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
-from evaluate import CASCADE_PRUNE_POINTS, DEFAULT_CHECKPOINT
+from evaluate import CASCADE_PRUNE_POINTS
 from evaluation.compare import paired_difference
 from policies.cascade import doubt, rerun_share
 from policies.heuristics import heuristic_selector
@@ -160,9 +165,7 @@ def run_passes(staged: StagedViT, schedules: list[tuple[int, ...]], ratios: tupl
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone, data split, reduction and pruning points (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone, data split, reduction and pruning points")
     parser.add_argument("--budget", type=removal_ratio, default=None,
                         help="removal ratio at the checkpoint's pruning points that sets the mean GFLOPs "
                              "(default: the checkpoint's target ratio)")

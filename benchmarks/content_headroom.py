@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
+from benchmarks import add_data_and_checkpoint_arguments, benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.learned_vs_warm_start import kept_positions
 from benchmarks.split_states import first_stage_states
 from cli import positive_float, positive_int, random_seed
@@ -56,7 +56,6 @@ from envs.vit.pruned_forward import (
 from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest
-from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
 from policies.distribution import ExactCount
 from policies.heuristics import complete_removal_order, heuristic_selector
@@ -207,9 +206,7 @@ def print_validation(staged: StagedViT, config: dict[str, Any], problem: Pruning
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone and problem (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone and problem")
     parser.add_argument("--train-images", type=positive_int, default=8000, help="train images the scorer trains on")
     parser.add_argument("--val-images", type=positive_int, default=2000,
                         help="validation images it is scored on (never the test split)")

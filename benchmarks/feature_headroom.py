@@ -18,12 +18,10 @@ features hold no scoring better than the heuristic, and new observations, not mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
+from benchmarks import add_data_and_checkpoint_arguments, benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.split_states import first_stage_states
 from cli import positive_int, random_seed
 from envs.pruning_env import fidelity
@@ -31,7 +29,6 @@ from envs.vit.features import ATTENTION_FEATURES, SIMILARITY_FEATURES, observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward_from
 from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
 from policies.heuristics import heuristic_selector
 from policies.warm_start import heuristic_turns
@@ -56,9 +53,7 @@ def linear_pair(staged: StagedViT, weights: np.ndarray, target_ratio: float, pro
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone, problem and reward weights (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone, problem and reward weights")
     parser.add_argument("--train-images", type=positive_int, default=2048,
                         help="train images the search maximises fidelity on")
     parser.add_argument("--val-images", type=positive_int, default=2000,

@@ -26,17 +26,15 @@ benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
+from benchmarks import add_data_and_checkpoint_arguments, benchmark_parser, checkpoint_backbone, run_from_command_line
 from benchmarks.content_headroom import print_validation
 from cli import positive_int
 from envs.vit.pruned_forward import Selector, TokenState
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest
-from evaluate import DEFAULT_CHECKPOINT
 
 TokenSaliency = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(gradient, tokens)``, both ``[B, W, D]`` -> ``[B, W]``: how much the answer depends on each token."""
@@ -72,9 +70,7 @@ def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone and problem: pruning points, ratio, reduction (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone and problem: pruning points, ratio, reduction")
     parser.add_argument("--val-images", type=positive_int, default=2000,
                         help="validation images it is scored on (never the test split)")
     args = parser.parse_args(argv)

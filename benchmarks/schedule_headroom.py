@@ -22,17 +22,15 @@ Measured (reference backbone, 2,000 validation images, this 2-core CPU): see ben
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import benchmark_parser, checkpoint_backbone, run_from_command_line
+from benchmarks import add_data_and_checkpoint_arguments, benchmark_parser, checkpoint_backbone, run_from_command_line
 from cli import positive_int
 from envs.problem import block_indices, removal_ratio
 from envs.vit.flops import ViTSpec, exact_budget_gflops, matching_ratio
 from envs.vit.held_out import load_checked_split
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT
 from evaluation.compare import paired_difference
 from evaluation.methods import HEURISTIC_ROWS, Method
 from evaluation.predictions import cost, predict, quality
@@ -65,10 +63,8 @@ def schedule_methods(spec: ViTSpec, schedules: Sequence[tuple[int, ...]], budget
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone, data split, reduction and pruning points (the reference schedule); "
-                             "default: %(default)s")
+    add_data_and_checkpoint_arguments(parser, "its backbone, data split, reduction and pruning points (the reference "
+                                              "schedule)")
     parser.add_argument("--budget", type=removal_ratio, default=0.7,
                         help="removal ratio at the reference schedule that sets the cost (default: %(default)s)")
     parser.add_argument("--schedules", type=block_indices, nargs="+",

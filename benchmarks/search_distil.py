@@ -26,13 +26,12 @@ fits little of it (benchmarks/README.md).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks import benchmark_parser, run_from_command_line
+from benchmarks import add_data_and_checkpoint_arguments, benchmark_parser, run_from_command_line
 from benchmarks.content_headroom import (
     ContentScorer,
     greedy_keep_rank,
@@ -48,7 +47,6 @@ from envs.vit.pruned_forward import Selector, TokenState, concat_states, exact_f
 from envs.vit.scoring import percent_equal
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, tokens_to_keep
-from evaluate import DEFAULT_CHECKPOINT
 from policies.heuristics import heuristic_selector
 
 GREEDY = heuristic_selector("similarity")
@@ -213,9 +211,7 @@ def distil(staged: StagedViT, found: list[PointSearch], targets: list[torch.Tens
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="its backbone and problem (default: %(default)s)")
+    add_data_and_checkpoint_arguments(parser, "its backbone and problem")
     parser.add_argument("--train-images", type=positive_int, default=4000,
                         help="train images searched and distilled on")
     parser.add_argument("--val-images", type=positive_int, default=2000,
