@@ -98,6 +98,9 @@ from training.ray_session import (
     start_ray,
 )
 from training.run_directory import (
+    EXPERIMENT_STATE,
+    TRIAL_RECORD,
+    TUNER_RECORD,
     check_not_running,
     check_resumable,
     check_space_after_failure,
@@ -264,7 +267,7 @@ def what_it_holds_instead(output_dir: str) -> str:
     shown = Path(output_dir).expanduser()
     if shown.name in ("", ".", ".."):  # no parent to show as given
         shown = local
-    if (local / "params.json").is_file() and tune.Tuner.can_restore(str(local.parent)):
+    if (local / TRIAL_RECORD).is_file() and tune.Tuner.can_restore(str(local.parent)):
         return f" ({shown} is a trial of the run in {shown.parent}: pass --output-dir {shown.parent})"
     if is_policy_checkpoint(local):
         run = shown.parent.parent
@@ -315,7 +318,7 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
     tuner = None
     try:  # Tune's records, read by Tuner.restore once Ray is up
         if local is not None:
-            with (local / "tuner.pkl").open("rb") as file:
+            with (local / TUNER_RECORD).open("rb") as file:
                 tuner = pickle.load(file)
         trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
     except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
@@ -323,7 +326,7 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
         start = (f"start a new run from a trial's newest complete checkpoint ({', '.join(map(str, complete))}) "
                  f"with --from-checkpoint and another --output-dir" if complete else
                  "no complete checkpoint is left to start a new run from")
-        raise UsageError(f"the run's Tune records in {args.output_dir} (tuner.pkl, experiment_state-*.json) do "
+        raise UsageError(f"the run's Tune records in {args.output_dir} ({TUNER_RECORD}, {EXPERIMENT_STATE}) do "
                          f"not read ({type(error).__name__}: {error}): {start}") from None
     if not trials:  # stopped before Tune made its trials: its records hold the run's start alone
         raise UsageError(f"nothing to resume: the run in {args.output_dir} was stopped before its trials started; "
@@ -544,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted_line(args: argparse.Namespace | None, given: frozenset[str]) -> str:
         # before Tune's loop, which handles the first Ctrl-C itself, or a second one
         run_dir = local_run_dir(args.output_dir) if args is not None else None
-        if args is None or run_dir is not None and not any(run_dir.glob("experiment_state-*.json")):
+        if args is None or run_dir is not None and not any(run_dir.glob(EXPERIMENT_STATE)):
             return INTERRUPTED_BEFORE_TRAINING
         return interrupted_go_on_line(go_on_command(args, given))
 

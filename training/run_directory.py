@@ -109,12 +109,23 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
         os.close(descriptor)
 
 
-RUN_FILES = ("tuner.pkl", "trainable.pkl", ".validate_storage_marker", "experiment_state-*.json",
-             "basic-variant-state-*.json")
+TUNER_RECORD = "tuner.pkl"
+"""Tune's record of how a run was set up (its Tuner pickled: run config, callbacks), which ``--resume`` reads."""
+
+
+EXPERIMENT_STATE = "experiment_state-*.json"
+"""Tune's record of a run's trials, written from the start of its loop: without one, no trial has started."""
+
+
+RUN_FILES = (TUNER_RECORD, "trainable.pkl", ".validate_storage_marker", EXPERIMENT_STATE, "basic-variant-state-*.json")
 """What Tune writes at the top of a run directory, beside a directory per trial."""
 
 
-TRIAL_FILES = ("params.json", "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
+TRIAL_RECORD = "params.json"
+"""Tune's record of a trial's config, written as the trial starts: what marks a directory as one of Tune's trials."""
+
+
+TRIAL_FILES = (TRIAL_RECORD, "params.pkl", "progress.csv", "result.json", "events.out.tfevents.*", "error.txt",
                "error.pkl", f"{CHECKPOINT_PREFIX}*", f"{UNRECORDED_PREFIX}{CHECKPOINT_PREFIX}*", "warm_start")
 """What a trial's directory holds: Tune's records and loggers, its checkpoints and the warm start's modules."""
 
@@ -185,11 +196,10 @@ def check_resumable(trial_dir: Path) -> None:
 
 def delete_run(run_dir: Path) -> None:
     """``--overwrite``: delete what the run in ``run_dir`` wrote (:data:`RUN_FILES`, and :data:`TRIAL_FILES` in
-    its trials' directories, those holding a ``params.json``), and say what else is kept there. Only the
-    directories Tune made (it writes ``params.json`` as a trial starts) count as trials, unlike
-    :func:`~policies.checkpoints.trial_directories`, which reads every directory: a directory of one's own beside
-    them keeps what it holds."""
-    trials = [path.parent for path in run_dir.glob("*/params.json")]
+    its trials' directories, those holding a :data:`TRIAL_RECORD`), and say what else is kept there. Only the
+    directories Tune made count as trials, unlike :func:`~policies.checkpoints.trial_directories`, which reads every
+    directory: a directory of one's own beside them keeps what it holds."""
+    trials = [path.parent for path in run_dir.glob(f"*/{TRIAL_RECORD}")]
     for directory, patterns in ((run_dir, RUN_FILES), *((trial, TRIAL_FILES) for trial in trials)):
         for path in {match for pattern in patterns for match in directory.glob(pattern)}:
             if path.is_dir() and not path.is_symlink():
