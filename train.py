@@ -110,6 +110,7 @@ from training.run_directory import (
     newest_complete_checkpoints,
     run_lock,
     storage_location,
+    tune_run_path,
 )
 from training.trial import SCORE, TRAIN_SERVER, StopRule, reached_iteration, run_trial, server_settings
 
@@ -239,7 +240,7 @@ def build_tuner(args: argparse.Namespace, trainable: Callable[[dict], None], pro
     trainable = tune.with_resources(trainable, trial_resources(resources))
     if args.resume:
         resume = tune.ResumeConfig.ResumeType.RESUME
-        return tune.Tuner.restore(f"{storage_path}/{name}", trainable=trainable,
+        return tune.Tuner.restore(tune_run_path(args.output_dir), trainable=trainable,
                                   _resume_config=tune.ResumeConfig(finished=resume, errored=resume))
     trials = [{"name": sweep_label(p, problems), "problem": p.to_json(), "resources": resources.to_json(),
                "from_checkpoint": args.from_checkpoint and str(Path(args.from_checkpoint).resolve())}
@@ -312,15 +313,15 @@ def resumed_trials(args: argparse.Namespace, kept: Collection[str],
     """The problems and resources a ``--resume`` goes on with, from the run's Tune records (read now: a damaged
     one is refused before Ray starts); ``kept``: the flags given that must equal the run's (``local``: the run's
     directory on a local disk, None in cloud storage)."""
-    storage_path, name = storage_location(args.output_dir)
-    if not tune.Tuner.can_restore(f"{storage_path}/{name}"):
+    run_path = tune_run_path(args.output_dir)
+    if not tune.Tuner.can_restore(run_path):
         raise UsageError(f"nothing to resume: no run in {args.output_dir}{what_it_holds_instead(args.output_dir)}")
     tuner = None
     try:  # Tune's records, read by Tuner.restore once Ray is up
         if local is not None:
             with (local / TUNER_RECORD).open("rb") as file:
                 tuner = pickle.load(file)
-        trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(f"{storage_path}/{name}").trials]
+        trials = [trial.config["trial"] for trial in tune.ExperimentAnalysis(run_path).trials]
     except Exception as error:  # noqa: BLE001 - a damaged record fails in many ways
         complete = newest_complete_checkpoints(local) if local is not None else []
         start = (f"start a new run from a trial's newest complete checkpoint ({', '.join(map(str, complete))}) "

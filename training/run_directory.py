@@ -41,6 +41,12 @@ def storage_location(output_dir: str) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def tune_run_path(output_dir: str) -> str:
+    """``--output-dir`` as the path of the run that Tune restores and reads (``Tuner.restore``,
+    ``ExperimentAnalysis``): :func:`storage_location`'s two parts joined."""
+    return "/".join(storage_location(output_dir))
+
+
 def check_storage_uri(output_dir: str) -> None:
     """Refuse, before the data is read, a cloud ``--output-dir`` that pyarrow cannot open, as Tune opens it (an
     unknown scheme, HDFS without Java); for S3 this may ask the bucket's region. The error's first line is kept:
