@@ -30,7 +30,7 @@ with one noise row per agent in that order, so only a fixed seed makes a seeded 
 RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Where ``ray job submit`` hands its driver the job's config, runtime_env included."""
 CONNECT_TIMEOUT_S = 5.0
-"""How long :func:`check_cluster_answers` waits for a cluster's head node to accept a connection."""
+"""How long :func:`connect_once` waits for a cluster's head node or GCS to accept a connection."""
 
 
 def start_ray(args: argparse.Namespace, reserved_cpus: float) -> None:
@@ -81,12 +81,19 @@ def check_cluster_answers(address: str) -> None:
         raise UsageError(f"--address {address}: {one_line(error)}") from None
     if resolved is None:  # 'local': ray.init starts one
         return
-    host, _, port = resolved.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        connect_once(resolved)
     except OSError as error:
         raise UsageError(f"--address {address}: no Ray cluster answers at {resolved} ({error.strerror or error}): "
                          f"start one (ray start --head) or pass its head node's address") from None
+
+
+def connect_once(address: str) -> None:
+    """Open a TCP connection to ``address`` (``host:port``) and close it again: whether a Ray cluster's head node or
+    GCS answers there. Its ``OSError`` where it fails: refused, or (``TimeoutError``) no answer within
+    :data:`CONNECT_TIMEOUT_S`."""
+    host, _, port = address.rpartition(":")
+    socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
 
 
 def cluster_shortfall(reserved: Mapping[str, float]) -> str | None:
@@ -171,9 +178,8 @@ def ray_gone(gcs_address: str) -> bool:
     connected to Ray. Asked in this order because ``ray.shutdown`` disconnects before it stops the GCS: a GCS
     that this process shut down is never taken for one stopped by a signal. Only a refusal counts (its host up,
     its port closed): a timeout, a cluster's GCS slow to answer over the network, is not taken for one gone."""
-    host, _, port = gcs_address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        connect_once(gcs_address)
     except ConnectionRefusedError:
         return ray.is_initialized()
     except OSError:  # no answer in time
