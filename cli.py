@@ -36,10 +36,10 @@ DISTRIBUTION = "marl-token-pruning"
 VERSIONED_PACKAGES = (DISTRIBUTION, "torch", "timm", "ray", "numpy")
 
 
-def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
+def run_command(body: Callable[[], int], interrupted_line: Callable[[], str]) -> int:
     """Run a command's ``body`` and return its exit code: a user error (``envs.errors.UserError``) ends it with
     one ``error: ...`` line and code 2; Ctrl-C, or a SIGTERM (``kill``, a job scheduler), with the line
-    ``interrupted()`` says (how to go on), or the ``KeyboardInterrupt``'s own where it carries one, and code
+    ``interrupted_line()`` says (how to go on), or the ``KeyboardInterrupt``'s own where it carries one, and code
     130, as a shell reports a process ended by SIGINT, once the compile jobs queued behind the interrupt are
     dropped (:func:`cancel_queued_compiles`). Other exceptions, a plain ``ValueError`` included, are bugs and
     keep their tracebacks. A Python warning is one ``warning: ...`` line (:func:`one_line_warning`). An interrupt
@@ -59,16 +59,16 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
             return 2
         except KeyboardInterrupt as interrupt:  # one raised with a line of its own says what was done
             cancel_queued_compiles()
-            print(interrupt.args[0] if interrupt.args else interrupted(), file=sys.stderr)
+            print(interrupt.args[0] if interrupt.args else interrupted_line(), file=sys.stderr)
             return 130
 
 
 def run_command_line(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None,
                      body: Callable[[argparse.Namespace, frozenset[str]], int],
-                     interrupted: Callable[[argparse.Namespace | None, frozenset[str]], str]) -> int:
+                     interrupted_line: Callable[[argparse.Namespace | None, frozenset[str]], str]) -> int:
     """:func:`run_command` for a command line ``argv`` (``sys.argv`` when None) of the parser ``build_parser``
-    makes: ``body`` runs on its arguments and the flags it named (:func:`given_flags`), and ``interrupted`` says
-    from them how to go on, from (None, no flags) where the interrupt came before they parsed."""
+    makes: ``body`` runs on its arguments and the flags it named (:func:`given_flags`), and ``interrupted_line``
+    says from them how to go on, from (None, no flags) where the interrupt came before they parsed."""
     parsed: tuple[argparse.Namespace | None, frozenset[str]] = (None, frozenset())
 
     def run() -> int:
@@ -78,7 +78,7 @@ def run_command_line(build_parser: Callable[[], argparse.ArgumentParser], argv: 
         parsed = args, given_flags(parser, argv)
         return body(args, parsed[1])
 
-    return run_command(run, lambda: interrupted(*parsed))
+    return run_command(run, lambda: interrupted_line(*parsed))
 
 
 REDELIVERY_DELAY_S = 0.05
@@ -309,7 +309,7 @@ def resume_command(script: str, parser: argparse.ArgumentParser, args: argparse.
 
 
 def interrupted_go_on_line(go_on_command: str, also_stopped: str = "") -> str:
-    """The line an interrupted run of backbone.py or train.py ends with (:func:`run_command`'s ``interrupted``,
+    """The line an interrupted run of backbone.py or train.py ends with (:func:`run_command`'s ``interrupted_line``,
     train.py's closing lines after Tune stopped on the interrupt, or its exit once Ray's processes were stopped
     too): ``go_on_command``, from :func:`resume_command`, is how to go on; ``also_stopped``, where given, says
     what the interrupt stopped besides the run."""

@@ -86,7 +86,7 @@ from training.console import (
     StopOnDataError,
     StopOnFullDisk,
     closing_lines,
-    interrupted,
+    run_interrupted,
 )
 from training.placement import TrialResources, plan_placement, server_callers, trial_resources
 from training.ray_session import (
@@ -493,7 +493,7 @@ def train(args: argparse.Namespace, given: Collection[str]) -> tune.ResultGrid:
 
 def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection[str], started: float) -> int:
     """Print the run's closing lines; the exit code: 1 where a trial failed, 130 where the run was interrupted
-    (``started``: when this command began, which :func:`training.console.interrupted` compares reports with)."""
+    (``started``: when this command began, which :func:`training.console.run_interrupted` compares reports with)."""
     data_dir = getattr(args, "problem.data_dir")
     lines, errors = closing_lines(results, args.output_dir, data_dir and absolute_data_dir(data_dir))
     print("\n".join(lines))
@@ -501,7 +501,7 @@ def report(results: tune.ResultGrid, args: argparse.Namespace, given: Collection
         print("error: " + line, file=sys.stderr)
     if errors:
         return 1
-    if interrupted(results, args.iterations, args.output_dir, started):
+    if run_interrupted(results, args.iterations, args.output_dir, started):
         print(interrupted_go_on_line(go_on_command(args, given)), file=sys.stderr)
         return 130
     return 0

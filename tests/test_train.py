@@ -51,8 +51,8 @@ from training.console import (
     StopOnDataError,
     StopOnFullDisk,
     closing_lines,
-    interrupted,
     progress_line,
+    run_interrupted,
 )
 from training.learner import PruningPPOLearner
 from training.placement import Placement, TrialResources, plan_placement, trial_resources
@@ -418,13 +418,13 @@ def test_resume_refuses_overwrite_and_an_interrupted_run_says_how_to_go_on(tmp_p
     done, out_of_time, stopped = result(5), result(3, out_of_time=True), result(3)
     never_started = SimpleNamespace(error=None, config=None, metrics={}, path=str(tmp_path / "target_ratio=0.3"))
     run = str(tmp_path)
-    assert not interrupted([done, out_of_time], 5, run, started)
-    assert interrupted([done, stopped], 5, run, started) and interrupted([done, never_started], 5, run, started)
+    assert not run_interrupted([done, out_of_time], 5, run, started)
+    assert run_interrupted([done, stopped], 5, run, started) and run_interrupted([done, never_started], 5, run, started)
     # its last iteration's checkpoint stored, then Ctrl-C before Tune heard of it (or resumed at its stop): done
     last = tmp_path / "target_ratio=0.5" / "checkpoint_000004"
     last.mkdir(parents=True)
     (last / PRUNING_CONFIG).write_text(json.dumps(CheckpointInfo(PruningProblem(), 5, 80.0).to_json()))
-    assert not interrupted([done, stopped], 5, run, started)
+    assert not run_interrupted([done, stopped], 5, run, started)
     assert closing_lines([never_started, never_started], str(tmp_path)) == (
         ["[target_ratio=0.3] not started: --resume starts it"] * 2, [])
 

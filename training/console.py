@@ -203,7 +203,7 @@ def closing_lines(results: tune.ResultGrid, output_dir: str,
     return lines, errors
 
 
-def interrupted(results: tune.ResultGrid, iterations: int, output_dir: str, started: float) -> bool:
+def run_interrupted(results: tune.ResultGrid, iterations: int, output_dir: str, started: float) -> bool:
     """Whether a trial stopped before its stop rule without an error: the run was interrupted (Ctrl-C), and
     ``--resume`` goes on with it. A trial reached the iteration of its last report or, on a local disk, of its
     newest checkpoint (:func:`~training.trial.reached_iteration`): a trial resumed at its stop reports nothing,
