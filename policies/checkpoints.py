@@ -133,22 +133,23 @@ def trial_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     """A trial's complete checkpoints (those with their ``pruning_config.json``), Tune's and those set aside as
     :data:`UNRECORDED_PREFIX`, oldest first by the iteration they hold (a resumed trial can write a later iteration
     into a lower-numbered directory)."""
-    found = [path for path in _checkpoint_directories(trial_dir) if (path / PRUNING_CONFIG).exists()]
+    found = [path for path in numbered_checkpoint_directories(trial_dir) if (path / PRUNING_CONFIG).exists()]
     return sorted(found, key=_iteration_order)
 
 
 def incomplete_checkpoints(trial_dir: str | os.PathLike) -> list[Path]:
     """A trial's checkpoint directories, Tune's and those set aside, that lack their ``pruning_config.json`` (one
     cut short while it was stored, or the file removed), by name: what :func:`trial_checkpoints` passes over."""
-    return sorted(path for path in _checkpoint_directories(trial_dir) if not (path / PRUNING_CONFIG).exists())
+    return sorted(path for path in numbered_checkpoint_directories(trial_dir) if not (path / PRUNING_CONFIG).exists())
 
 
-def _checkpoint_directories(trial_dir: str | os.PathLike) -> list[Path]:
-    """A trial's numbered checkpoint directories (:func:`checkpoint_number`), Tune's and those set aside as
-    :data:`UNRECORDED_PREFIX`, complete or not: what :func:`trial_checkpoints` and :func:`incomplete_checkpoints`
-    divide between them."""
-    return [path for pattern in (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX)
-            for path in Path(trial_dir).glob(f"{pattern}*") if path.is_dir() and checkpoint_number(path) is not None]
+def numbered_checkpoint_directories(trial_dir: str | os.PathLike, set_aside: bool = True) -> list[Path]:
+    """A trial's numbered checkpoint directories (:func:`checkpoint_number`), complete or not: Tune's, and with
+    ``set_aside`` those set aside as :data:`UNRECORDED_PREFIX` too, what :func:`trial_checkpoints` and
+    :func:`incomplete_checkpoints` divide between them; without, those Tune's numbering goes on among."""
+    prefixes = (CHECKPOINT_PREFIX, UNRECORDED_PREFIX + CHECKPOINT_PREFIX) if set_aside else (CHECKPOINT_PREFIX,)
+    return [path for prefix in prefixes
+            for path in Path(trial_dir).glob(f"{prefix}*") if path.is_dir() and checkpoint_number(path) is not None]
 
 
 def checkpoint_number(checkpoint: Path) -> int | None:

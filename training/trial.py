@@ -51,11 +51,11 @@ from envs.vit_server import (
     wait_until_serving,
 )
 from policies.checkpoints import (
-    CHECKPOINT_PREFIX,
     UNRECORDED_PREFIX,
     CheckpointInfo,
     PolicyCheckpointError,
     checkpoint_number,
+    numbered_checkpoint_directories,
     read_checkpoint_info,
     trial_checkpoints,
 )
@@ -265,9 +265,8 @@ def set_aside_unrecorded(trial_dir: Path | None, recorded: tune.Checkpoint | Non
         return
     recorded_here = recorded is not None and Path(recorded.path).parent == trial_dir
     last_recorded = checkpoint_number(Path(recorded.path)) if recorded_here else -1
-    for checkpoint in trial_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        number = checkpoint_number(checkpoint)
-        if number is not None and number > last_recorded:
+    for checkpoint in numbered_checkpoint_directories(trial_dir, set_aside=False):
+        if checkpoint_number(checkpoint) > last_recorded:
             aside = checkpoint.with_name(UNRECORDED_PREFIX + checkpoint.name)
             shutil.rmtree(aside, ignore_errors=True)
             checkpoint.rename(aside)
