@@ -48,6 +48,7 @@ from backbone_training.training_step import (
 from cli import (
     OneLineParser,
     add_data_access_arguments,
+    already_holds_a_run,
     check_output_dir,
     code_commit,
     command_words,
@@ -61,6 +62,7 @@ from cli import (
     positive_int,
     random_seed,
     resume_command,
+    resume_conflict,
     run_command_line,
     versions_line,
 )
@@ -318,10 +320,10 @@ def check_run_directory(args: argparse.Namespace, out: Path) -> None:
     state_path = out / STATE_FILE
     exported = (out / RUN_EXPORT_DIR / CONFIG_FILE).is_file()
     if args.resume and args.overwrite:
-        raise UsageError("--resume continues a run; --overwrite replaces it: pass one of them")
+        raise UsageError(resume_conflict("--overwrite replaces it"))
     if not (args.resume or args.overwrite):
         if state_path.exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise UsageError(already_holds_a_run(out))
         if exported:  # a finished run's export alone
             raise UsageError(f"{out} already holds an exported backbone ({out / RUN_EXPORT_DIR}): pass --overwrite "
                              f"to replace it, or start from it with --init-from {out / RUN_EXPORT_DIR} in another "

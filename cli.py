@@ -308,6 +308,18 @@ def resume_command(script: str, parser: argparse.ArgumentParser, args: argparse.
     return shlex.join([*script_words(script), "--output-dir", args.output_dir, "--resume", *words])
 
 
+def already_holds_a_run(output_dir: str | os.PathLike, otherwise: str = "--overwrite to replace it") -> str:
+    """Why backbone.py and train.py refuse to start a new run in ``output_dir``: it holds a run, which ``--resume``
+    goes on with; or ``otherwise``."""
+    return f"{output_dir} already holds a run; pass --resume to continue it or {otherwise}"
+
+
+def resume_conflict(new_run: str) -> str:
+    """Why backbone.py and train.py refuse ``--resume`` given with a flag that starts a new run (``new_run``: the
+    flag and what it does, ``--overwrite replaces it``)."""
+    return f"--resume continues a run; {new_run}: pass one of them"
+
+
 def interrupted_go_on_line(go_on_command: str, also_stopped: str = "") -> str:
     """The line an interrupted run of backbone.py or train.py ends with (:func:`run_command`'s ``interrupted_line``,
     train.py's closing lines after Tune stopped on the interrupt, or its exit once Ray's processes were stopped

@@ -42,6 +42,7 @@ from ray.tune.error import TuneError
 from cli import (
     OneLineParser,
     add_data_access_arguments,
+    already_holds_a_run,
     check_output_dir,
     code_commit,
     data_access,
@@ -52,6 +53,7 @@ from cli import (
     output_directory,
     positive_int,
     resume_command,
+    resume_conflict,
     run_command_line,
     signal_handlers_restored,
 )
@@ -292,7 +294,7 @@ def planned_trials(args: argparse.Namespace, given: Collection[str]) -> tuple[li
         check_storage_uri(args.output_dir)
     if args.resume and (args.from_checkpoint or args.overwrite):
         other = "--from-checkpoint starts a new one" if args.from_checkpoint else "--overwrite replaces it"
-        raise UsageError(f"--resume continues a run; {other}: pass one of them")
+        raise UsageError(resume_conflict(other))
     check_run_flags_take_effect(args, given)
     kept = flags_kept_on(given, args.resume)
     if args.from_checkpoint and kept:
@@ -356,16 +358,15 @@ def check_new_run_directory(args: argparse.Namespace, local: Path | None) -> Non
     deletes only on a local disk: Tune would write the new run over the old one's checkpoints and records."""
     if local is None:
         if tune.Tuner.can_restore(args.output_dir):
-            raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or another "
-                             f"--output-dir (--overwrite deletes a run on a local disk only)")
+            raise UsageError(already_holds_a_run(args.output_dir, "another --output-dir (--overwrite deletes a run "
+                                                                  "on a local disk only)"))
         return
     if local.exists() and any(local.iterdir()):
         if not tune.Tuner.can_restore(str(local)):
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
                              f"{what_it_holds_instead(args.output_dir)}")
         if not args.overwrite:
-            raise UsageError(f"{args.output_dir} already holds a run; pass --resume to continue it or --overwrite "
-                             f"to replace it")
+            raise UsageError(already_holds_a_run(args.output_dir))
 
 
 def new_problems(args: argparse.Namespace, given: Collection[str]) -> list[PruningProblem]:
