@@ -33,7 +33,11 @@ from envs.vit.data import DEFAULT_MEMORY_BUDGET_MB
 
 DISTRIBUTION = "marl-token-pruning"
 """This project's distribution name (pyproject.toml)."""
-VERSIONED_PACKAGES = (DISTRIBUTION, "torch", "timm", "ray", "numpy")
+VERSIONED_PACKAGES = (DISTRIBUTION, "torch", "timm", "ray", "numpy", "scipy", "scikit-learn")
+"""The packages whose versions :func:`versions_line` records with every result: those that compute its numbers.
+scipy draws the paired bootstrap intervals (``evaluation.compare.paired_difference``: a seeded ``rng`` repeats
+only on the scipy that drew it) and scikit-learn computes the macro F1, so a table that names neither cannot
+say which interval code made it."""
 
 
 def run_command(body: Callable[[], int], interrupted_line: Callable[[], str]) -> int:

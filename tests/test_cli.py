@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 import weakref
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,11 @@ def test_the_gpu_session_script_checks_its_arguments_before_it_starts(args, mess
                           cwd=cli.REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith(message) and done.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_the_versions_every_result_records_name_the_packages_that_compute_its_intervals_and_f1():
+    """A results file's ``versions`` must name scipy (the seeded paired bootstrap) and scikit-learn (macro F1):
+    another version of either may read other digits from the same predictions."""
+    line = cli.versions_line()
+    for package in ("scipy", "scikit-learn", "torch", "numpy"):
+        assert f"{package} {version(package)}" in line.split(", ")
