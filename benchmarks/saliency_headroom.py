@@ -55,7 +55,7 @@ def answer_gradient(staged: StagedViT, state: TokenState, reduction: str) -> tor
                                         state.size if reduction == "merge" else None).log_softmax(dim=-1)
         answer = log_probs.detach().argmax(dim=1, keepdim=True)
         (gradient,) = torch.autograd.grad(log_probs.gather(1, answer).sum(), tokens)
-    return gradient[:, tokens.shape[1] - state.live.shape[1]:]
+    return gradient[:, state.num_prefix:]
 
 
 def saliency_selector(staged: StagedViT, reduction: str, saliency: TokenSaliency) -> Selector:

@@ -40,9 +40,14 @@ class TokenState(NamedTuple):
     stage: int  # the stage just run; the pruning point the state waits at has the same index
 
     @property
+    def num_prefix(self) -> int:
+        """``P``, the prefix tokens (class, distillation, register) before the patch-token rows."""
+        return self.tokens.shape[1] - self.live.shape[1]
+
+    @property
     def patches(self) -> torch.Tensor:
         """``[B, W, D]`` patch tokens."""
-        return self.tokens[:, self.tokens.shape[1] - self.live.shape[1]:]
+        return self.tokens[:, self.num_prefix:]
 
     @property
     def padded(self) -> bool:
@@ -55,9 +60,8 @@ class TokenState(NamedTuple):
         live = self.live[index]
         if width is None:
             width = int(live.sum(dim=1).max())
-        prefix = self.tokens.shape[1] - self.live.shape[1]
         cls_attention = None if self.cls_attention is None else self.cls_attention[index, :width]
-        return TokenState(self.tokens[index, :prefix + width], live[:, :width], self.size[index, :width],
+        return TokenState(self.tokens[index, :self.num_prefix + width], live[:, :width], self.size[index, :width],
                           self.positions[index, :width], cls_attention, self.stage)
 
 
@@ -67,7 +71,7 @@ def concat_states(states: Sequence[TokenState]) -> TokenState:
     if len({state.stage for state in states}) != 1:
         raise ValueError("states to concatenate must wait at the same pruning point")
     width = max(state.live.shape[1] for state in states)
-    prefix = states[0].tokens.shape[1] - states[0].live.shape[1]
+    prefix = states[0].num_prefix
     columns = zip(*((pad_tokens(state.tokens, prefix + width), *(pad_tokens(t, width) for t in state[1:5]))
                     for state in states), strict=True)
     return TokenState(*(torch.cat(column) for column in columns), states[0].stage)
@@ -106,9 +110,8 @@ def prune_step(staged: StagedViT, state: TokenState, keep: torch.Tensor, reducti
     checked it (an exact budget, at least 1): the step then reads nothing back from the device, which on a
     GPU would wait for the work queued before it.
     """
-    prefix = state.tokens.shape[1] - state.live.shape[1]
     index, live = pack_keep_mask(effective_keep(state, keep) if count is None else keep, state.live, count)
-    tokens, size = reduce_tokens(state.tokens, state.size, state.live, index, live, prefix, reduction)
+    tokens, size = reduce_tokens(state.tokens, state.size, state.live, index, live, state.num_prefix, reduction)
     stage = state.stage + 1
     padded = count is None and not bool(live.all())
     tokens, cls_attention = staged.forward_stage(tokens, stage, live if padded else None,
