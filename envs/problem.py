@@ -33,7 +33,7 @@ from envs.vit.data import DATASETS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_SIZE, defaul
 from envs.vit.held_out import held_out_split
 from envs.vit.staged_vit import DEFAULT_PRUNE_POINTS
 from envs.vit.token_merge import REDUCTIONS
-from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES
+from policies.decisions import DEFAULT_PROTECTED_SHARE, POLICIES, trained_policies
 from policies.heuristics import HEURISTICS, SIMILARITY_HEURISTICS
 from policies.token_scorer import DEFAULT_HIDDEN
 
@@ -45,11 +45,6 @@ UNRECORDED_SETTINGS: dict[str, Any] = {"rollouts_per_image": 1, "reward_baseline
 where the defaults differ."""
 AGENT_MODES: tuple[str, ...] = ("both", *POLICIES)
 WARM_STARTS: tuple[str, ...] = ("none", *SIMILARITY_HEURISTICS)
-
-
-def trained_policies(agents: str) -> tuple[str, ...]:
-    """The policies an ``agents`` mode trains: both, or the one it names."""
-    return POLICIES if agents == "both" else (agents,)
 
 
 class ProblemError(UsageError):
@@ -331,7 +326,7 @@ class PruningProblem:
                   "warm_start": config.get("warm_start", "none"),
                   **{k: config.get(k) for k in ("val_limit", "checkpoint_every", "seed", "ppo")}}
         if "train_batch_size_per_learner" in (values["ppo"] or {}):  # counted in env steps there
-            agent_steps_per_env_step = env.get("images_per_env", 8) * (2 if env.get("agents", "both") == "both" else 1)
+            agent_steps_per_env_step = env.get("images_per_env", 8) * len(trained_policies(env.get("agents", "both")))
             values["ppo"] = {**values["ppo"], "train_batch_size_per_learner":
                              values["ppo"]["train_batch_size_per_learner"] * agent_steps_per_env_step}
         return cls.from_json({**UNRECORDED_SETTINGS, **{k: v for k, v in values.items() if v is not None}})

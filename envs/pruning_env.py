@@ -38,11 +38,11 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from ray.rllib.utils.annotations import override
 
 from envs.errors import UsageError
-from envs.problem import PruningProblem, trained_policies
+from envs.problem import PruningProblem
 from envs.pruning_engine import EngineSpec, EpisodeLost
 from envs.vit.data import DataError
 from envs.vit_server import DEFAULT_NAME, NAMESPACE, RESTART_TIMEOUT_S, call_through_restarts, remote_cause
-from policies.decisions import POLICIES, choosable, survives, turn_counts
+from policies.decisions import POLICIES, choosable, survives, trained_policies, turn_counts
 from policies.rl_module import agent_spaces
 
 DEFAULT_ENV_CONFIG: dict[str, Any] = {

@@ -35,9 +35,10 @@ from safetensors.torch import load_file
 
 from cli import versions_line
 from envs.errors import UserError, one_line
-from envs.problem import ProblemError, PruningProblem, trained_policies
+from envs.problem import ProblemError, PruningProblem
 from envs.vit.backbone_checkpoint import POLICY_FILES, is_backbone_checkpoint, weights_digest
 from envs.vit.features import AGENT_FEATURES
+from policies.decisions import trained_policies
 from policies.token_scorer import TokenScorer, TokenScoring
 
 PRUNING_CONFIG, EXPORT_CONFIG = POLICY_FILES  # a checkpoint's record, its export's config

@@ -40,6 +40,11 @@ POLICIES: tuple[str, ...] = ("attention", "similarity")
 counts)."""
 
 
+def trained_policies(agents: str) -> tuple[str, ...]:
+    """The policies an ``agents`` mode trains: both, or the one it names."""
+    return POLICIES if agents == "both" else (agents,)
+
+
 def turn_counts(num_live: int, target_ratio: float, agents: str, protected_share: float) -> tuple[int, int]:
     """How many of ``num_live`` tokens the attention agent keeps, and how many of the others the similarity
     agent then removes, for ``agents`` (``both``, ``attention`` or ``similarity``) to meet the budget, the

@@ -24,7 +24,7 @@ from envs.vit.features import observe
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from envs.vit.staged_vit import StagedViT
 from envs.vit.token_ops import highest, pad_tokens
-from policies.decisions import Turns, take_turns
+from policies.decisions import Turns, take_turns, trained_policies
 from policies.heuristics import greedy_attention_keep, redundancy
 from policies.rl_module import policy_module_spec
 
@@ -62,9 +62,10 @@ def heuristic_turns(state: TokenState, target_ratio: float, removal_scores: Call
     """Heuristics taking the agents' turns at one pruning point (:func:`policies.decisions.take_turns`):
     greedy attention keeps the attention agent's share, then the highest ``removal_scores(state) [B, W]`` of the
     other tokens are removed. ``agents``: which agents have a turn."""
-    keep_by_attention = None if agents == "similarity" else (
+    acting = trained_policies(agents)
+    keep_by_attention = None if "attention" not in acting else (
         lambda tokens, count: greedy_attention_keep(state.cls_attention, tokens, count))
-    remove_by_similarity = None if agents == "attention" else (
+    remove_by_similarity = None if "similarity" not in acting else (
         lambda tokens, count: highest(removal_scores(state), count, tokens))
     return take_turns(state.live, target_ratio, protected_share, keep_by_attention, remove_by_similarity)
 

@@ -32,10 +32,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from envs.episode_metrics import PruningMetrics
-from envs.problem import (
-    PruningProblem,
-    trained_policies,
-)
+from envs.problem import PruningProblem
 from envs.pruning_env import TokenPruningEnv, env_steps_per_episode, policy_for_agent
 from envs.vit.backbone_checkpoint import normalize
 from envs.vit_server import (
@@ -59,6 +56,7 @@ from policies.checkpoints import (
     read_checkpoint_info,
     trial_checkpoints,
 )
+from policies.decisions import trained_policies
 from policies.export import stage_checkpoint
 from policies.rl_module import TokenPolicyModule
 from policies.sample_ahead import SampleAheadPPO
