@@ -21,7 +21,7 @@ class PruningMetrics(RLlibCallback):
     """Averages the env's final per-image infos over the last ``WINDOW`` images."""
 
     @override(RLlibCallback)
-    def on_episode_end(self, *, episode: MultiAgentEpisode, metrics_logger: MetricsLogger, **kwargs) -> None:
+    def on_episode_end(self, *, episode: MultiAgentEpisode, metrics_logger: MetricsLogger, **kwargs: object) -> None:
         counted = set()
         for agent_id, info in episode.get_infos(-1).items():
             image = image_of_agent(agent_id)

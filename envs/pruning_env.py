@@ -122,7 +122,7 @@ class TokenPruningEnv(MultiAgentEnv):
     """Both agents prune the tokens of ``images_per_env`` images; at each pruning point they take turns, one
     step per turn (one step per pruning point when only one agent acts)."""
 
-    def __init__(self, config: dict | None = None):
+    def __init__(self, config: dict | None = None) -> None:
         super().__init__()
         unknown = sorted(set(config or {}) - {*DEFAULT_ENV_CONFIG, "problem", "server"})
         if unknown:
@@ -170,7 +170,7 @@ class TokenPruningEnv(MultiAgentEnv):
                                      float(self.config["server_timeout_s"]), retry_on=(ValueError,),
                                      failure=f"no ViT server named {name!r} in namespace {NAMESPACE!r}")
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args: object) -> Any:
         """Call the server; if its actor died, wait (up to ``server_timeout_s``) for Ray's restart and retry."""
         if not isinstance(self._server, ray.actor.ActorHandle):
             return getattr(self._server, method)(*args)  # an in-process engine (env_config["server"])

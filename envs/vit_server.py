@@ -58,7 +58,7 @@ class ViTServer:
     """Async actor body; created by :func:`start_vit_servers`, which reads data and weights on the driver."""
 
     def __init__(self, state: dict, config: dict, images: torch.Tensor | StreamedImages, labels: torch.Tensor,
-                 settings: ServerSettings):
+                 settings: ServerSettings) -> None:
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
         device = "cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"

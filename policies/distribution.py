@@ -174,7 +174,7 @@ class ExactCount(TorchDistribution):
 
     @override(TorchDistribution)
     @staticmethod
-    def required_input_dim(space: gym.Space, **kwargs) -> int:
+    def required_input_dim(space: gym.Space, **kwargs: object) -> int:
         """One score per binary entry, and the count."""
         assert isinstance(space, gym.spaces.MultiBinary), space
         return int(np.prod(space.shape)) + 1

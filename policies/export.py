@@ -46,6 +46,7 @@ from policies.token_scorer import TokenScoring
 if TYPE_CHECKING:  # the export is read and written without Ray; staging a checkpoint is training's
     from ray.rllib.algorithms.algorithm import Algorithm
 
+
 def module_config(module: TokenScoring) -> dict[str, Any]:
     """What rebuilds ``module`` without RLlib's pickles: what it observes and its width."""
     num_patches, num_features = module.token_shape

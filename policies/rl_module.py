@@ -59,12 +59,12 @@ class TokenPolicyModule(TokenScoring, TorchRLModule, ValueFunctionAPI):
         return torch.cat([self._scores(obs, embedded), obs["count"]], dim=-1)
 
     @override(TorchRLModule)
-    def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         obs = batch[Columns.OBS]
         return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(obs, self._embed(obs))}
 
     @override(TorchRLModule)
-    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+    def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Also returns the context as EMBEDDINGS so PPO's value loss does not re-run the token MLP."""
         obs = batch[Columns.OBS]
         embedded = self._embed(obs)

@@ -64,7 +64,7 @@ class RandAugment:
     torchvision's own batched ``equalize``, which draws nothing and reads nothing back.
     """
 
-    def __init__(self, num_ops: int, magnitude: int):
+    def __init__(self, num_ops: int, magnitude: int) -> None:
         if num_ops < 0:
             raise UsageError(f"RandAugment needs num_ops >= 0, got {num_ops}")
         if not 0 <= magnitude < NUM_BINS:

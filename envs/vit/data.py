@@ -101,7 +101,7 @@ class StreamedImages(torch.utils.data.Dataset):
 
     PREFETCHED_LIMIT = 4096  # prefetched images kept waiting at most; the oldest are dropped first
 
-    def __init__(self, open_raw: Callable[[], Any], indices: np.ndarray, input_size: int):
+    def __init__(self, open_raw: Callable[[], Any], indices: np.ndarray, input_size: int) -> None:
         self.open_raw, self.indices, self.input_size = open_raw, indices, input_size
         self._raw = None
         self._pending: dict[int, Future] = {}
