@@ -290,14 +290,18 @@ def trial_server_name(role: str, trial_id: str, tag: str) -> str:
     return f"{DEFAULT_NAME}_{role}_{trial_id}_{tag}"
 
 
+def names_a_trial_server(name: str, trial_ids: Collection[str]) -> bool:
+    """Whether ``name`` is one that :func:`trial_server_name` gives a server of one of the trials ``trial_ids``."""
+    return name.startswith(f"{DEFAULT_NAME}_") and any(f"_{trial_id}_" in name for trial_id in trial_ids)
+
+
 def ask_for_data_errors(trial_ids: Collection[str]) -> list[ray.ObjectRef]:
     """Ask the ViT servers of these Tune trials which image they could not read first (a streamed split reads its
     images as episodes draw them); :func:`data_error_among` reads the answers as they arrive. An env cannot stop
     the run on it: RLlib recreates a failed env and resets it again, without end, so train.py's driver asks
     (``training.console.StopOnDataError``)."""
     names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-             if actor["namespace"] == NAMESPACE and actor["name"].startswith(f"{DEFAULT_NAME}_")
-             and any(f"_{trial_id}_" in actor["name"] for trial_id in trial_ids)]  # as trial_server_name names them
+             if actor["namespace"] == NAMESPACE and names_a_trial_server(actor["name"], trial_ids)]
     answers = []
     for name in names:
         try:
