@@ -275,14 +275,10 @@ class PruningProblem:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PruningProblem:
         """The problem :meth:`to_json` wrote; missing fields take their defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"unknown problem settings: {', '.join(unknown)}")
+        _check_known(cls, data, "problem")
         values = dict(data)
         if "ppo" in values:
-            ppo_known = {f.name for f in dataclasses.fields(PPOSettings)}
-            unknown = sorted(set(values["ppo"]) - ppo_known)
-            _check(not unknown, f"unknown PPO settings: {', '.join(unknown)}")
+            _check_known(PPOSettings, values["ppo"], "PPO")
             values["ppo"] = PPOSettings(**values["ppo"])
         return cls(**values)
 
@@ -330,6 +326,13 @@ class PruningProblem:
             values["ppo"] = {**values["ppo"], "train_batch_size_per_learner":
                              values["ppo"]["train_batch_size_per_learner"] * agent_steps_per_env_step}
         return cls.from_json({**UNRECORDED_SETTINGS, **{k: v for k, v in values.items() if v is not None}})
+
+
+def _check_known(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """A :class:`ProblemError` naming the keys of ``data`` that are no field of the dataclass ``cls`` (``what``
+    settings)."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    _check(not unknown, f"unknown {what} settings: {', '.join(unknown)}")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
