@@ -225,9 +225,14 @@ def _split_names(split: str) -> tuple[str, ...]:
     return ("train",) if split == "train" else ("test", "val", "validation")
 
 
+def _dataset_directory(dataset: str, data_dir: Path) -> Path:
+    """Where a data set's splits are looked for: ``data_dir`` itself for ``folder``, else ``data_dir/<dataset>``."""
+    return data_dir if dataset == "folder" else data_dir / dataset
+
+
 def _split_source(dataset: str, data_dir: Path, split: str) -> Path | None:
     """The ImageFolder directory or tar holding a train/test split, or None if absent."""
-    base = data_dir if dataset == "folder" else data_dir / dataset
+    base = _dataset_directory(dataset, data_dir)
     for name in _split_names(split):
         for candidate in (base / f"{name}.tar", base / name):
             if candidate.exists():
@@ -249,7 +254,7 @@ def _data_root(dataset: str, data_dir: str | os.PathLike | None, download: bool)
 
 def _where_to_put_it(dataset: str, data_dir: Path) -> str:
     """The layout a data set is looked for in and how to point the commands at it, for error messages."""
-    base = data_dir if dataset == "folder" else data_dir / dataset
+    base = _dataset_directory(dataset, data_dir)
     layout = f"{base}/train.tar and {base}/test.tar, or train/ and test/ ImageFolder directories"
     if dataset != "folder":
         layout += ", or torchvision's files"
