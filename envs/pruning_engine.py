@@ -221,12 +221,12 @@ class PruningEngine:
     def _final(self, episode: _Episode, probs: torch.Tensor) -> dict:
         """What the env needs for the reward and the per-image report."""
         full_class = int(self._unpruned_class[episode.image])
-        label = int(self.labels[episode.image])
+        label, prediction = int(self.labels[episode.image]), int(probs.argmax())
         gflops = image_gflops(self.vit_spec, self.staged.prune_points, [self.staged.num_patches, *episode.kept],
                               self.reduction, "agents")
         out = {"done": True, "kept": episode.kept[-1], "kept_per_stage": episode.kept,
-                "prediction": int(probs.argmax()), "unpruned_prediction": full_class, "label": label,
-                "agree": int(probs.argmax()) == full_class, "correct": int(probs.argmax()) == label,
+                "prediction": prediction, "unpruned_prediction": full_class, "label": label,
+                "agree": prediction == full_class, "correct": prediction == label,
                 "prob_unpruned_class": float(probs[full_class]),
                 "gflops_backbone": gflops.backbone, "gflops_features": gflops.features}
         if self._baseline is not None:
