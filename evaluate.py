@@ -90,6 +90,7 @@ from envs.problem import (
 from envs.vit.backbone_checkpoint import (
     NOT_A_CLONE,
     REFERENCE_BACKBONE,
+    REFERENCE_POLICY,
     REPO_ROOT,
     installed_without_repository,
     is_backbone_checkpoint,
@@ -115,7 +116,7 @@ from policies.checkpoints import (
 from policies.pruned_vit import checked_backbone
 from policies.token_scorer import TokenScoring
 
-DEFAULT_CHECKPOINT = REPO_ROOT / "reference" / "marl_policy"
+DEFAULT_CHECKPOINT = REFERENCE_POLICY
 CASCADE_PRUNE_POINTS = (1, 3, 5, 7, 9, 11)
 """``--cascade-points`` unless given: six pruning points, where cascade_headroom's best pairs prune
 (benchmarks/README.md)."""

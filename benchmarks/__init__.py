@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 from cli import OneLineParser, run_command
 from envs.errors import UsageError, one_line
 from envs.problem import PruningProblem
+from envs.vit.backbone_checkpoint import REFERENCE_POLICY
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
 from policies.pruned_vit import policy_backbone
 
@@ -40,7 +40,7 @@ def add_data_and_checkpoint_arguments(parser: argparse.ArgumentParser, checkpoin
     (required, as train.py's) and ``--checkpoint`` (the reference policy by default), whose help says what the
     benchmark reads of it (``checkpoint_read_for``: ``its backbone and problem``)."""
     parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    parser.add_argument("--checkpoint", type=Path, default=REFERENCE_POLICY,
                         help=f"{checkpoint_read_for} (default: %(default)s)")
 
 

@@ -24,7 +24,11 @@ BENCHMARK_WITHOUT_RAY = HIDE_RL_PACKAGES + """
 from benchmarks import engine_throughput
 
 engine_throughput.main(sys.argv[1:])
+evaluation_packages = sorted({"pandas", "scipy", "sklearn", "matplotlib"} & set(sys.modules))
+assert not evaluation_packages, f"the engine benchmark imported {evaluation_packages}"
 """
+"""The benchmark run as on a bare GPU box: without Ray and gymnasium, and needing none of evaluate.py's packages
+for tables, intervals and plots (it imports torch, timm and safetensors)."""
 
 
 def test_the_benchmark_runs_without_ray_and_reports_each_size_and_precision(tiny_backbone, tmp_path):

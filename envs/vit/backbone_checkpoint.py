@@ -30,6 +30,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_BACKBONE = REPO_ROOT / "reference" / "vit_tiny_cifar10"
+REFERENCE_POLICY = REPO_ROOT / "reference" / "marl_policy"
+"""The committed policy checkpoint, which evaluate.py and the benchmarks evaluate unless given another."""
 NOT_A_CLONE = ("this is an install without the repository (pip install . or a wheel), so it has no reference/ "
                "files and cannot ship the code to a cluster: install a clone with pip install -e .")
 """What the commands add to an error caused by running from such an install (:func:`installed_without_repository`)."""
