@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import math
 import numbers
+import re
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -53,11 +54,12 @@ class ProblemError(UsageError):
 
 
 def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, factory: bool = False,
-            ratio: bool = False) -> Any:
+            ratio: bool = False, shown: str | None = None) -> Any:
     """A dataclass field with its one-line doc (the ``--flag`` help) and, for strings, its choices; ``ratio``: a
     removal ratio, whose flag reads a sweep of them as :data:`removal_ratio_sweep` (each in (0, 1), the whole
-    value in the message of one that is not), not as any number."""
-    metadata = {"doc": doc, "choices": choices, "ratio": ratio}
+    value in the message of one that is not), not as any number; ``shown``: how ``--help`` words the default
+    where its value (None, an empty tuple) says nothing to a user."""
+    metadata = {"doc": doc, "choices": choices, "ratio": ratio, "shown": shown}
     if factory:
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -155,7 +157,8 @@ class PruningProblem:
     dataset: str = setting("cifar10", "data set (train.py: the backbone's, where it records one)", choices=DATASETS)
     data_dir: str = setting(default_data_dir, "directory holding the data set ($MARL_PRUNING_DATA_DIR, else ./data)",
                             factory=True)
-    train_limit: int | None = setting(None, "sample from a seeded subset of this many train images")
+    train_limit: int | None = setting(None, "sample from a seeded subset of this many train images",
+                                      shown="every train image")
     val_size: int = setting(DEFAULT_VAL_SIZE, "validation images held out of the training split; train.py holds "
                                               "out the backbone's where it records them, else this default")
     split_seed: int = setting(DEFAULT_SPLIT_SEED, "seed of the train/validation split; train.py takes the "
@@ -166,7 +169,8 @@ class PruningProblem:
                                        "(0.5: 64->32->16->8)", ratio=True)
     train_ratios: tuple[float, ...] = setting((), "removal ratios each training image draws one of, uniformly, so "
                                                   "that one policy serves them all (it sees 1 - ratio); empty: "
-                                                  "target_ratio alone. Validation stays at target_ratio")
+                                                  "target_ratio alone. Validation stays at target_ratio",
+                                           shown="none")
     reduction: str = setting("merge", "what removed tokens become: merged into the most similar kept one "
                                       "(ToMe) or dropped", choices=REDUCTIONS)
     agents: str = setting("both", "which agents act: both, or one alone (ablation)", choices=AGENT_MODES)
@@ -191,7 +195,7 @@ class PruningProblem:
     warm_start_images: int = setting(2048, "train images the warm start imitates the heuristic on")
     warm_start_steps: int = setting(400, "Adam steps (each on a batch of decisions, policies/warm_start.py) with "
                                          "which each agent imitates its heuristic")
-    checkpoint_every: int = setting(10, "validate and checkpoint every K iterations")
+    checkpoint_every: int = setting(10, "validate and checkpoint every this many iterations")
     seed: int = setting(0, "seed of the policies, the image streams and the warm start")
     ppo: PPOSettings = setting(PPOSettings, "PPO settings", factory=True)
 
@@ -416,18 +420,28 @@ def _parser_type(annotation: Any, choices: tuple[str, ...] | None) -> typing.Cal
     return comma_separated(kind, "numbers") if kind in (int, float) else kind
 
 
+def flag_help(doc: str) -> str:
+    """A field's ``doc`` as its flag's help: the other fields it names (``target_ratio``, ``images_per_env``) by
+    their flags (``--target-ratio``), which is what a user of the command line types."""
+    names = {f.name for cls in (PruningProblem, PPOSettings) for f in dataclasses.fields(cls) if "_" in f.name}
+    return re.sub(r"(?<![/\w])[a-z]+(?:_[a-z]+)+(?![\w/]|\.py)",
+                  lambda name: flag_name(name[0]) if name[0] in names else name[0], doc)
+
+
 def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (flag_help(f.metadata["shown"]) if f.metadata.get("shown")
+                 else ",".join(map(str, default)) if isinstance(default, tuple)
+                 else str(default).lower() if isinstance(default, bool) else default)
         choices = f.metadata["choices"]
         parse = removal_ratio_sweep if f.metadata["ratio"] else _parser_type(hints[f.name], choices)
+        metavar = None if choices else "{true,false}" if hints[f.name] is bool else f.name.rstrip("_").upper()
         group.add_argument(flag_name(f.name), dest=prefix + f.name, type=parse, default=None,
-                           choices=choices, metavar=None if choices else f.name.rstrip("_").upper(),
-                           help=f"{f.metadata['doc']} (default: {shown})")
+                           choices=choices, metavar=metavar, help=f"{flag_help(f.metadata['doc'])} (default: {shown})")
 
 
 def add_problem_arguments(parser: argparse.ArgumentParser, title: str) -> None:

@@ -17,6 +17,7 @@ from envs.problem import (
     PruningProblem,
     add_problem_arguments,
     check_target_ratio,
+    flag_help,
     problems_from_args,
     removal_ratio,
     sweep_label,
@@ -189,13 +190,19 @@ def test_a_removal_ratio_that_rounds_to_0_or_1_is_refused_as_it_is_parsed(text, 
 
 
 def test_flags_come_from_the_fields_with_their_docs_as_help(tmp_path):
+    """The help of each flag is its field's doc, with the other fields it names spelled as their flags, and a
+    default a user can read: not ``None``, an empty value or Python's ``False``."""
     parser = argparse.ArgumentParser()
     add_problem_arguments(parser, "pruning problem")
-    help_text = " ".join(parser.format_help().split())
+    help_text = " ".join(parser.format_help().split()).replace("- ", "-")  # argparse wraps after a hyphen
     for cls in (PruningProblem, PPOSettings):
         for field in dataclasses.fields(cls):
             if field.name != "ppo":
-                assert " ".join(field.metadata["doc"].split()) in help_text, field.name
+                assert " ".join(flag_help(field.metadata["doc"]).split()).replace("- ", "-") in help_text, field.name
+    assert "--rollouts-per-image of each image" in help_text and "(policies/warm_start.py)" in help_text
+    assert "rollouts_per_image" not in help_text and "--use-kl-loss {true,false}" in help_text
+    for shown in ("None", "", "False"):
+        assert f"(default: {shown})" not in help_text
     args = parser.parse_args(["--target-ratio", "0.3", "--prune-points", "2,4", "--lambda", "0.9",
                               "--use-kl-loss", "true", "--backbone", str(tmp_path)])
     (problem,) = problems_from_args(args)
