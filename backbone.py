@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lays them out; folder: train/ and test/ (or val/) class directories under --data-dir, or "
                         ".tars of them")
     p.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
-                   help="where the data set lives (see README, \"Data and splits\")")
+                   help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data; see README, \"Data "
+                        "and splits\")")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
                    help=f"training images held out as the validation split (default {DEFAULT_VAL_SIZE}); the "
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --randaug 0, which builds none)")
     p.add_argument("--seed", type=random_seed, default=0,
                    help="seed of the initial weights, augmentation and batch order (default 0)")
-    p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
+    p.add_argument("--device", default="auto",
+                   help=f"where it trains: {DEVICE_CHOICES} (default: auto, a GPU when one is visible)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="train and validate in bf16 autocast (default: on a GPU; --no-amp: float32). A CPU runs "
                         "float32 by default: without native bf16 (AVX2 only) autocast made an epoch 20 times as long")

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
                         help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
     parser.add_argument("--dataset", default=None, choices=DATASETS,
-                        help="default: the data set of the checkpoint (or --backbone)")
+                        help="data set (default: the checkpoint's, or --backbone's)")
     add_data_access_arguments(parser)
     parser.add_argument("--split", default="test", choices=("val", "test"),
                         help="test for final numbers, val (the backbone's held-out subset) for development "
@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --split test: validation images the heuristic that learned rows are compared "
                              "with is chosen on, per budget, so that it is not chosen on the test images (--split val "
                              "chooses it on the evaluated images; default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="images per forward for the accuracy and GFLOPs columns (the timed batches are "
+                             "--speed-batch-sizes) (default: %(default)s)")
     parser.add_argument("--device", default="auto",
                         help=f"where every row runs: {DEVICE_CHOICES} (default: %(default)s, a GPU when one is "
                              "visible)")
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "takes 30 s to 2 min per row on a 2-core CPU")
     parser.add_argument("--seed", type=random_seed, default=0, help="seed of the Random baseline (default: 0)")
     parser.add_argument("--output-dir", type=lambda text: Path(output_directory(text)), default=Path("results"),
-                        help="default: %(default)s")
+                        help="where results.csv, .json, .md, predictions.csv.gz and, with several budgets, the plot "
+                             "are written (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results files (results.csv, .json, .md, predictions.csv.gz, the plot) of an "
                              "earlier run")

@@ -372,11 +372,18 @@ def test_pruning_points_past_the_backbones_blocks_name_the_flag(command, tiny_ba
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "backbone"])
 def test_a_commands_help_says_how_to_run_it(command, capsys):
-    """``--help`` prints the command's docstring whole: it opens with how to run it."""
+    """``--help`` prints the command's docstring whole: it opens with how to run it; each flag says what it is
+    for, not only its default (evaluate.py's --batch-size and --output-dir said ``default: ...`` alone), and no
+    default reads as Python's ``None`` or as nothing."""
     module = importlib.import_module(command)
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
-    assert exit_.value.code == 0 and module.__doc__.split("\n\n")[1] in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0 and module.__doc__.split("\n\n")[1] in printed
+    assert [action.dest for action in module.build_parser()._actions
+            if not action.help or action.help.startswith("default")] == []
+    flowing = " ".join(printed.split())
+    assert "(default: None)" not in flowing and "(default: )" not in flowing
 
 
 @pytest.mark.parametrize("benchmark", ["backbone_step", "batch1_latency", "budget_headroom", "cascade_headroom",
