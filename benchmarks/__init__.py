@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -28,6 +29,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action: argparse.Action) -> str | None:
         told = "default" in (action.help or "") or action.default is None or action.nargs == 0
         return action.help if told else super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        """The help with a list or tuple default spelled as the flag takes it (``--modes eager compiled``,
+        ``--prune-points 3,6,9``), not as Python prints it (``['eager', 'compiled']``, ``(3, 6, 9)``)."""
+        if isinstance(action.default, list | tuple):
+            action = copy.copy(action)
+            action.default = spelled_default(action.default)
+        return super()._expand_help(action)
+
+
+def spelled_default(value: Any) -> str:
+    """A flag's default as a command line gives it: a list as its values, space-separated (a flag of
+    ``nargs="+"``), a tuple as comma-separated numbers (``3,6,9``)."""
+    if isinstance(value, list):
+        return " ".join(map(spelled_default, value))
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def benchmark_parser(doc: str | None) -> OneLineParser:

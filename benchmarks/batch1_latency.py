@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=default_data_dir(), help="holds cifar10/{train,test}.tar")
     parser.add_argument("--images", type=positive_int, default=32,
                         help="test images per timed pass, whole batches (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="images per timed forward (default: %(default)s)")
     parser.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per mode (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"),
                         help="eager: the models as they are; compiled: after torch.compile")

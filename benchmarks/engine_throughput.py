@@ -303,7 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--engine-images", type=positive_int, nargs="+",
                         default=sorted({PruningProblem().images_per_env, ServerSettings().max_batch}),
-                        help="images per engine call (default: per env request, and the server's max_batch)")
+                        help="images per engine call (default: %(default)s: one env's request, train.py's "
+                             "--images-per-env, and a ViT server's largest batch)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
                         help="precisions to time (bf16: the forwards under autocast)")
     parser.add_argument("--random-images", action="store_true",

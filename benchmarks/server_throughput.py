@@ -229,11 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="images per server request of the callers, and per env of the --runners stand-ins")
     parser.add_argument("--callers", type=positive_int, nargs="+", default=[1, 2, 4], help="concurrent callers")
     parser.add_argument("--env-images", type=positive_int, nargs="+", default=[1, 8],
-                        help="images_per_env values of the single env in this process")
+                        help="train.py --images-per-env values of the single env in this process")
     parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch,
                         help="most images a server's engine runs in one batch (ServerSettings.max_batch)")
     parser.add_argument("--max-wait-ms", type=non_negative_float, default=defaults.max_wait_ms,
-                        help="how long the server waits for company before a drain")
+                        help="how long the server waits for more requests before it runs a batch (default: 2 on a "
+                             "GPU, 0 on a CPU)")
     parser.add_argument("--servers", type=positive_int, default=2,
                         help="servers of the last measurement (1 vs this many)")
     parser.add_argument("--runners", type=positive_int, default=4, help="env runner stand-ins of the last measurement")

@@ -400,12 +400,14 @@ def test_a_benchmarks_help_says_how_to_run_it_and_each_flags_default(benchmark, 
                         lambda self, *args, **kwargs: parsers.append(self) or parse_args(self, *args, **kwargs))
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
-    assert [action.dest for action in parsers[0]._actions if not action.help] == []
+    assert [action.dest for action in parsers[0]._actions
+            if not action.help or action.help.startswith("default")] == []
     printed = capsys.readouterr().out
     assert exit_.value.code == 0 and f"python -m benchmarks.{benchmark}" in printed
     assert "--version" in printed and "(default: " in printed
     flowing = " ".join(printed.split())  # argparse wraps lines anywhere
     assert "(default: None)" not in flowing and not re.search(r"\(default: [^()]*\)\s*\(default: ", flowing)
+    assert not re.search(r"\(default: [\[(]", flowing), "a list or tuple default printed as Python's repr"
 
 
 def test_a_fit_on_too_few_images_names_the_flag_to_raise():
