@@ -16,6 +16,7 @@ from cli import OneLineParser, run_command
 from envs.errors import UsageError, one_line
 from envs.problem import PruningProblem
 from envs.vit.backbone_checkpoint import REFERENCE_POLICY
+from envs.vit.data import default_data_dir
 from envs.vit.staged_vit import StagedViT
 from policies.checkpoints import checkpoint_directory, read_checkpoint_info
 from policies.pruned_vit import policy_backbone
@@ -54,11 +55,16 @@ def benchmark_parser(doc: str | None) -> OneLineParser:
     return OneLineParser(description=doc, formatter_class=HelpFormatter)
 
 
+DATA_DIR_HELP = "where the data set lives, as train.py's --data-dir (default: $MARL_PRUNING_DATA_DIR, else ./data)"
+"""The help of every benchmark's ``--data-dir``: one flag, one default, as the commands have it."""
+
+
 def add_data_and_checkpoint_arguments(parser: argparse.ArgumentParser, checkpoint_read_for: str) -> None:
     """The flags of a benchmark that measures on a policy checkpoint's backbone and problem: ``--data-dir``
-    (required, as train.py's) and ``--checkpoint`` (the reference policy by default), whose help says what the
-    benchmark reads of it (``checkpoint_read_for``: ``its backbone and problem``)."""
-    parser.add_argument("--data-dir", required=True, help="the data directory, as train.py's --data-dir")
+    (defaulting as train.py's: ``$MARL_PRUNING_DATA_DIR``, else ``./data``) and ``--checkpoint`` (the reference
+    policy by default), whose help says what the benchmark reads of it (``checkpoint_read_for``: ``its backbone
+    and problem``)."""
+    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE_POLICY,
                         help=f"{checkpoint_read_for} (default: %(default)s)")
 

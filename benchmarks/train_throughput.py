@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import train
-from benchmarks import benchmark_parser, run_from_command_line
+from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line
 from cli import given_flags, positive_int, versions_line
 from envs.errors import UsageError
 from envs.problem import PruningProblem, flag_name
@@ -107,7 +107,7 @@ def wait_for_ray_to_exit(timeout_s: float = 60.0) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (default: as train.py)")
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     parser.add_argument("--iterations", type=positive_int, default=4,
                         help="PPO iterations to run, at least 2: the first, which includes start-up, is not timed")
     parser.add_argument("--images", type=positive_int, default=1024, help="validation images for the inference pass")
