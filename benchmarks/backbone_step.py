@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
     parser.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model's head")
-    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--output", "--json", dest="json", default=None, metavar="PATH",
+                        help="also write the rows here, as JSON")
     return parser
 
 

@@ -72,10 +72,10 @@ done
 case $mode in
 step)
     section "backbone step: the reference recipe (batch 256), then batch 512 and 1024 compiled"
-    step "$python" -m benchmarks.backbone_step --device "$device" --json "$work/step_b256.json"
+    step "$python" -m benchmarks.backbone_step --device "$device" --output "$work/step_b256.json"
     for batch in 512 1024; do
         step "$python" -m benchmarks.backbone_step --device "$device" --batch-size "$batch" --compile --steps 20 \
-            --json "$work/step_b${batch}_compiled.json"
+            --output "$work/step_b${batch}_compiled.json"
     done
     ;;
 speed)

@@ -651,7 +651,7 @@ def test_step_benchmark_times_every_part(tmp_path):
 
     out = tmp_path / "steps.json"
     assert step_benchmark.main(["--model-kwargs", *TINY, "--batch-size", "16", "--steps", "2", "--warmup", "1",
-                                "--json", str(out)]) == 0
+                                "--output", str(out)]) == 0
     table = json.loads(out.read_text())["rows"]
     rows = {row["part"]: row["ms_per_step"] for row in table}
     parts = ["crop + flip", "RandAugment", "normalize + mixup/cutmix", "forward + backward + AdamW"]
