@@ -468,10 +468,21 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
     problems = []
     for combination in grid:
         chosen = dict(zip(values, combination, strict=True))
-        ppo = PPOSettings(**{k.removeprefix("ppo."): v for k, v in chosen.items() if k.startswith("ppo.")})
-        problems.append(PruningProblem(**{k.removeprefix("problem."): v for k, v in chosen.items()
-                                          if k.startswith("problem.")}, ppo=ppo))
+        try:
+            ppo = PPOSettings(**{k.removeprefix("ppo."): v for k, v in chosen.items() if k.startswith("ppo.")})
+            problems.append(PruningProblem(**{k.removeprefix("problem."): v for k, v in chosen.items()
+                                              if k.startswith("problem.")}, ppo=ppo))
+        except ProblemError as error:  # "seed must be ...": the flag, "--seed must be ...", on a command line
+            raise ProblemError(flag_message(str(error))) from None
     return problems
+
+
+def flag_message(message: str) -> str:
+    """A :class:`ProblemError`'s ``message`` for a command line: the settings it names (``seed``, at its start,
+    and ``train_batch_size_per_learner``) spelled as their flags (``--seed``)."""
+    fields = {f.name.rstrip("_") for cls in (PruningProblem, PPOSettings) for f in dataclasses.fields(cls)}
+    first, _, rest = message.partition(" ")
+    return flag_help(f"{flag_name(first)} {rest}" if first in fields and rest.startswith("must") else message)
 
 
 def sweep_label(problem: PruningProblem, problems: list[PruningProblem]) -> str:

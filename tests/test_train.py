@@ -245,7 +245,10 @@ def test_bad_settings_exit_cleanly_without_writing(tmp_path, capsys):
                            (["--iterations", "many"], "--iterations: expected an integer, got 'many'"),
                            (["--target-ratio", "0.3,x"], "comma-separated removal ratios to sweep, got '0.3,x'"),
                            (["--resume", "--from-checkpoint", "x"], "pass one of them"),
-                           (["--warm-start-steps", "0"], "warm_start_steps must be >= 1, got 0"),
+                           (["--warm-start-steps", "0"], "--warm-start-steps must be >= 1, got 0"),
+                           (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),  # a flag, not a field
+                           (["--minibatch-size", "5000"],
+                            "--minibatch-size must be in [1, --train-batch-size-per-learner = 4096], got 5000"),
                            (["--from-checkpoint", "x", "--reduction", "drop", "--lr", "1e-4"],
                             "--from-checkpoint goes on with the checkpoint's problem and its PPO settings: drop "
                             "--lr, --reduction"),
