@@ -19,6 +19,7 @@ inference needs no Ray. Re-export a checkpoint (the committed reference policy, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -93,12 +94,23 @@ def stage_checkpoint(algo: Algorithm, directory: str | os.PathLike, info: Checkp
     return path
 
 
+EXPORT_DESCRIPTION = """\
+Write the export (safetensors + JSON, policies/export.py) of each training checkpoint into its directory, so that
+loading it (evaluate.py, PrunedViT) opens no pickle. train.py exports every checkpoint it writes: this is for a
+checkpoint without one (an older run) or to rewrite one.
+
+    python -m policies.export runs/marl/target_ratio=0.5/checkpoint_000005
+    python -m policies.export runs/marl/*/checkpoint_*          # every checkpoint of a run
+
+Exporting reads the checkpoint through RLlib, which unpickles it: export only checkpoints you trained yourself."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m policies.export CHECKPOINT...``: export each checkpoint in place."""
-    parser = OneLineParser(prog="python -m policies.export",
-                           description="Write the export (safetensors + JSON, policies/export.py) of each training "
-                                       "checkpoint into its directory, so that loading it opens no pickle.")
-    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="a checkpoint directory of train.py")
+    parser = OneLineParser(prog="python -m policies.export", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=EXPORT_DESCRIPTION)
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="a checkpoint directory of train.py (its export/ folder is written inside it)")
 
     def export_each() -> int:
         for checkpoint in parser.parse_args(argv).checkpoints:
