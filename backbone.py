@@ -93,7 +93,7 @@ def randaug_magnitude(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default vit_tiny_patch16_224)")
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default: vit_tiny_patch16_224)")
     p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
                    metavar="K=V", help="timm create_model kwargs (default: img_size=32 patch_size=4 "
                                       "drop_path_rate=0.1); given, they replace the defaults: add "
@@ -113,31 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "and splits\")")
     add_data_access_arguments(p)
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
-                   help=f"training images held out as the validation split (default {DEFAULT_VAL_SIZE}); the "
+                   help=f"training images held out as the validation split (default: {DEFAULT_VAL_SIZE}); the "
                         f"checkpoint records it, and train.py and evaluate.py hold out the same")
     p.add_argument("--split-seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
-                   help=f"seed of the train/validation split (default {DEFAULT_SPLIT_SEED})")
+                   help=f"seed of the train/validation split (default: {DEFAULT_SPLIT_SEED})")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="train and test on a seeded subset of N images of their splits, and validate on the first N "
                         "held-out images, the split the checkpoint records (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"schedule length (default {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
+                   help=f"schedule length (default: {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
                         f"the schedule")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default: 256)")
     p.add_argument("--lr", type=positive_float, default=3e-3,
-                   help="peak learning rate for batch 512, scaled linearly (default 3e-3)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's (default 0.05)")
+                   help="peak learning rate for batch 512, scaled linearly (default: 3e-3)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's weight decay (default: 0.05)")
     p.add_argument("--warmup-epochs", type=non_negative_float, default=10,
-                   help="linear warm-up before the cosine schedule (default 10)")
-    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="in [0, 1) (default 0.1)")
-    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (default 0.8; 0 = off)")
-    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default 1.0; 0 = off)")
-    p.add_argument("--randaug", type=non_negative_int, default=2, help="RandAugment ops per image (default 2; 0 = off)")
+                   help="linear warm-up before the cosine schedule (default: 10)")
+    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1,
+                   help="label smoothing of the targets, in [0, 1) (default: 0.1)")
+    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (default: 0.8; 0 = off)")
+    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default: 1.0; 0 = off)")
+    p.add_argument("--randaug", type=non_negative_int, default=2,
+                   help="RandAugment ops per image (default: 2; 0 = off)")
     p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
-                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default 9; refused "
+                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default: 9; refused "
                         "with --randaug 0, which builds none)")
     p.add_argument("--seed", type=random_seed, default=0,
-                   help="seed of the initial weights, augmentation and batch order (default 0)")
+                   help="seed of the initial weights, augmentation and batch order (default: 0)")
     p.add_argument("--device", default="auto",
                    help=f"where it trains: {DEVICE_CHOICES} (default: auto, a GPU when one is visible)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume) starts and pays off on long GPU runs; the weights saved are the same")
     p.add_argument("--time-limit", type=duration_in("s"), default=None, metavar="SECONDS",
                    help="stop (resumably) after the first epoch that ends past this many seconds (or a duration "
-                        "with a unit: 20m, 1.5h)")
+                        "with a unit: 20m, 1.5h) (default: no limit)")
     p.add_argument("--time-budget", type=duration_in("s"), default=None, metavar="SECONDS",
                    help="train as many epochs as fit in this many seconds (or 20m, 1.5h) from this process's start "
                         "(a --resume's budget starts anew), the test reading and export included: "
@@ -158,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "reading and export")
     p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
                    help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
-                        "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many")
+                        "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many "
+                        "(default: 1)")
     p.add_argument("--output-dir", type=output_directory, default="runs/backbone",
-                   help="the run's directory (default runs/backbone): the training state (train_state.pt), and the "
+                   help="the run's directory (default: runs/backbone): the training state (train_state.pt), and the "
                         "checkpoint with its model card in OUTPUT_DIR/backbone")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")

@@ -121,28 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--num-workers", type=non_negative_int, default=2,
-                     help="env runners per trial (0 = sample in the trial's own process, for debugging; default 2)")
+                     help="env runners per trial (0 = sample in the trial's own process, for debugging; default: 2)")
     run.add_argument("--envs-per-worker", type=positive_int, default=1,
-                     help="pruning envs each env runner steps in one batch (default 1)")
+                     help="pruning envs each env runner steps in one batch (default: 1)")
     run.add_argument("--sample-ahead", action=argparse.BooleanOptionalAction, default=True,
                      help="the env runners sample the next batch while the learner updates on this one, with the "
                           "policy of one update earlier (PPO's ratio is to the policy that sampled); "
                           "--no-sample-ahead: RLlib's PPO, which alternates the two")
     run.add_argument("--iterations", type=positive_int, default=1000,
-                     help="stop a trial after this many iterations in total (default 1000; raise it on --resume to go "
+                     help="stop a trial after this many iterations in total (default: 1000; raise it on --resume to go "
                           "on)")
     run.add_argument("--time-budget", type=duration_in("m"), default=18.0, metavar="MINUTES",
                      help="stop a trial (with a checkpoint) after the iteration that passes this much training "
                           "time since it (re)started, in minutes or with a unit (90s, 1.5h); 0 = no limit "
-                          "(default 18, so the default run fits in ~20 min)")
+                          "(default: 18, so the default run fits in ~20 min)")
     run.add_argument("--output-dir", type=output_directory, default="runs/marl",
                      help="the run's directory, local or a cloud URI (s3://, gs://): a cluster needs no shared disk "
-                          "(default runs/marl)")
+                          "(default: runs/marl)")
     run.add_argument("--keep-checkpoints", type=positive_int, default=3,
                      help="checkpoints kept per trial: the best by validation score, and always the latest "
-                          "(default 3)")
+                          "(default: 3)")
     run.add_argument("--max-failures", type=non_negative_int, default=2,
-                     help="times a failed trial is restarted from its latest checkpoint (default 2)")
+                     help="times a failed trial is restarted from its latest checkpoint (default: 2)")
     run.add_argument("--resume", action="store_true",
                      help="continue every trial of the run in --output-dir from its latest checkpoint, with its "
                           "problem and resources; --iterations and --time-budget are taken from this command")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ViT servers per trial, the env runners spread over them by index (default: one per "
                           "GPU of the cluster up to one per env runner, one without GPUs)")
     run.add_argument("--server-threads", type=positive_int, default=1,
-                     help="torch threads of each ViT server, and the CPUs it reserves (default 1)")
+                     help="torch threads of each ViT server, and the CPUs it reserves (default: 1)")
     add_data_access_arguments(run)
     add_problem_arguments(p, "pruning problem (comma-separated numbers sweep; taken from the run on --resume "
                              "and from the checkpoint with --from-checkpoint, --data-dir aside)")
