@@ -125,76 +125,83 @@ CHOSEN_ON_VALIDATION = "the best heuristic of each budget is chosen on validatio
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=lambda text: Path(named_directory(text)), default=DEFAULT_CHECKPOINT,
+    policy = parser.add_argument_group("what is evaluated")
+    policy.add_argument("--checkpoint", type=lambda text: Path(named_directory(text)), default=DEFAULT_CHECKPOINT,
                         help="policy checkpoint directory written by train.py (default: reference/marl_policy)")
-    parser.add_argument("--backbone", type=named_directory, default=None,
+    policy.add_argument("--backbone", type=named_directory, default=None,
                         help="backbone checkpoint directory (default: the policy checkpoint's, else "
                              f"{REFERENCE_BACKBONE.relative_to(REPO_ROOT)})")
-    parser.add_argument("--heuristics-only", action="store_true",
+    policy.add_argument("--heuristics-only", action="store_true",
                         help="no policy: the heuristics, ToMe and --cascade on --backbone, e.g. to see what the agents "
                              "will have to beat before training them")
-    parser.add_argument("--prune-points", type=block_indices, default=None,
+    policy.add_argument("--prune-points", type=block_indices, default=None,
                         help=f"with --heuristics-only, the blocks before which tokens are pruned (default: "
                              f"{spelled_points(DEFAULT_PRUNE_POINTS)}; a checkpoint brings its own)")
-    parser.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
-                        help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
-    parser.add_argument("--dataset", default=None, choices=DATASETS,
-                        help="data set (default: the checkpoint's, or --backbone's)")
-    add_data_access_arguments(parser)
-    parser.add_argument("--split", default="test", choices=("val", "test"),
-                        help="test for final numbers, val (the backbone's held-out subset) for development "
-                             "(default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=None,
-                        help="evaluate a seeded subset of N images (the heuristic that learned rows are compared "
-                             "with is still chosen on --selection-images, a cascade calibrated on "
-                             "--calibration-images)")
-    parser.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
-                        help="target ratios of the heuristic rows, comma-separated; the checkpoints' own ratios "
-                             "(--checkpoint's, --checkpoints-per-budget's, and a --train-ratios checkpoint's among "
-                             "these) get MARL rows and the heuristic rows beside them (default: %(default)s)")
-    parser.add_argument("--reduction", default=None, choices=REDUCTIONS,
-                        help="what pruned rows do with removed tokens, but ToMe's, which always merges (default: "
-                             "the checkpoint's)")
-    parser.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},
-                        metavar="RATIO=PATH,...", help="more policy checkpoints, each evaluated at its budget")
-    parser.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",
-                        help="add a cascade row at the checkpoint's budget (with --heuristics-only, the middle one of "
-                             "--budgets): greedy similarity removing FIRST, then SECOND on the least sure images "
-                             "(e.g. 0.35,0.1)")
-    parser.add_argument("--cascade-points", type=block_indices, default=None,
-                        help="with --cascade: its pruning points (default: "
-                             f"{spelled_points(CASCADE_PRUNE_POINTS)})")
-    parser.add_argument("--calibration-images", type=positive_int, default=None,
-                        help="with --cascade: validation images it is calibrated on (default: all of them)")
-    parser.add_argument("--selection-images", type=positive_int, default=2000,
-                        help="with --split test: validation images the heuristic that learned rows are compared "
-                             "with is chosen on, per budget, so that it is not chosen on the test images (--split val "
-                             "chooses it on the evaluated images; default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256,
-                        help="images per forward for the accuracy and GFLOPs columns (the timed batches are "
-                             "--speed-batch-sizes) (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help=f"where every row runs: {DEVICE_CHOICES} (default: %(default)s, a GPU when one is "
-                             "visible)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="bfloat16 runs every forward under torch.autocast to it (default: %(default)s)")
-    parser.add_argument("--speed-batch-sizes", type=_batch_sizes, default=SPEED_BATCH_SIZES, metavar="N,...",
-                        help="batch sizes timed, one images_per_s_bN column each; speedup is at the largest "
-                             f"(default: {','.join(map(str, SPEED_BATCH_SIZES))})")
-    parser.add_argument("--speed-repeats", type=positive_int, default=5,
-                        help="timing rounds, each timing every row once, in turns (default: %(default)s)")
-    parser.add_argument("--no-speed", action="store_true", help="skip the timing columns")
-    parser.add_argument("--compile", action="store_true",
-                        help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
-                             "takes 30 s to 2 min per row on a 2-core CPU")
-    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the Random baseline (default: 0)")
-    parser.add_argument("--output-dir", type=lambda text: Path(output_directory(text)), default=Path("results"),
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
+                      help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data)")
+    data.add_argument("--dataset", default=None, choices=DATASETS,
+                      help="data set (default: the checkpoint's, or --backbone's)")
+    add_data_access_arguments(data)
+    data.add_argument("--split", default="test", choices=("val", "test"),
+                      help="test for final numbers, val (the backbone's held-out subset) for development "
+                           "(default: %(default)s)")
+    data.add_argument("--limit", type=positive_int, default=None,
+                      help="evaluate a seeded subset of N images (the heuristic that learned rows are compared "
+                           "with is still chosen on --selection-images, a cascade calibrated on "
+                           "--calibration-images)")
+    rows = parser.add_argument_group("rows")
+    rows.add_argument("--budgets", type=_budgets, default="0.3,0.5,0.7",
+                      help="target ratios of the heuristic rows, comma-separated; the checkpoints' own ratios "
+                           "(--checkpoint's, --checkpoints-per-budget's, and a --train-ratios checkpoint's among "
+                           "these) get MARL rows and the heuristic rows beside them (default: %(default)s)")
+    rows.add_argument("--reduction", default=None, choices=REDUCTIONS,
+                      help="what pruned rows do with removed tokens, but ToMe's, which always merges (default: "
+                           "the checkpoint's)")
+    rows.add_argument("--checkpoints-per-budget", type=_checkpoints_per_budget, default={},
+                      metavar="RATIO=PATH,...", help="more policy checkpoints, each evaluated at its budget")
+    rows.add_argument("--seed", type=random_seed, default=0, help="seed of the Random baseline (default: 0)")
+    cascade = parser.add_argument_group("cascade row")
+    cascade.add_argument("--cascade", type=_cascade_ratios, default=None, metavar="FIRST,SECOND",
+                         help="add a cascade row at the checkpoint's budget (with --heuristics-only, the middle one of "
+                              "--budgets): greedy similarity removing FIRST, then SECOND on the least sure images "
+                              "(e.g. 0.35,0.1)")
+    cascade.add_argument("--cascade-points", type=block_indices, default=None,
+                         help="with --cascade: its pruning points (default: "
+                              f"{spelled_points(CASCADE_PRUNE_POINTS)})")
+    cascade.add_argument("--calibration-images", type=positive_int, default=None,
+                         help="with --cascade: validation images it is calibrated on (default: all of them)")
+    rows.add_argument("--selection-images", type=positive_int, default=2000,
+                      help="with --split test: validation images the heuristic that learned rows are compared "
+                           "with is chosen on, per budget, so that it is not chosen on the test images (--split val "
+                           "chooses it on the evaluated images; default: %(default)s)")
+    run = parser.add_argument_group("where and how it runs")
+    run.add_argument("--device", default="auto",
+                     help=f"where every row runs: {DEVICE_CHOICES} (default: %(default)s, a GPU when one is "
+                          "visible)")
+    run.add_argument("--dtype", default="float32", choices=DTYPES,
+                     help="bfloat16 runs every forward under torch.autocast to it (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive_int, default=256,
+                     help="images per forward for the accuracy and GFLOPs columns (the timed batches are "
+                          "--speed-batch-sizes) (default: %(default)s)")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    speed = parser.add_argument_group("timing")
+    speed.add_argument("--speed-batch-sizes", type=_batch_sizes, default=SPEED_BATCH_SIZES, metavar="N,...",
+                       help="batch sizes timed, one images_per_s_bN column each; speedup is at the largest "
+                            f"(default: {','.join(map(str, SPEED_BATCH_SIZES))})")
+    speed.add_argument("--speed-repeats", type=positive_int, default=5,
+                       help="timing rounds, each timing every row once, in turns (default: %(default)s)")
+    speed.add_argument("--no-speed", action="store_true", help="skip the timing columns")
+    speed.add_argument("--compile", action="store_true",
+                       help="time each row's forward compiled by torch.compile (CUDA graphs on a GPU); compiling "
+                            "takes 30 s to 2 min per row on a 2-core CPU")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", type=lambda text: Path(output_directory(text)), default=Path("results"),
                         help="where results.csv, .json, .md, predictions.csv.gz and, with several budgets, the plot "
                              "are written (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
+    output.add_argument("--overwrite", action="store_true",
                         help="replace the results files (results.csv, .json, .md, predictions.csv.gz, the plot) of an "
                              "earlier run")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     return parser
 
 
