@@ -93,82 +93,89 @@ def randaug_magnitude(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default: vit_tiny_patch16_224)")
-    p.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
-                   metavar="K=V", help="timm create_model kwargs (default: img_size=32 patch_size=4 "
-                                      "drop_path_rate=0.1); given, they replace the defaults: add "
-                                      "drop_path_rate=0.1 to keep stochastic depth")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from timm's pretrained weights (from the Hugging Face Hub, or its local cache)")
-    p.add_argument("--init-from", type=named_directory, default=None, metavar="DIR",
-                   help="start from the weights of a backbone this script exported (e.g. reference/vit_tiny_cifar10), "
-                        "trained on the same splits, with a fresh warm-up and cosine schedule: a second cycle that "
-                        "lengthens its training without its optimiser state")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="cifar10 (the default) and cifar100 as torchvision or the README (\"Data and splits\") "
-                        "lays them out; folder: train/ and test/ (or val/) class directories under --data-dir, or "
-                        ".tars of them")
-    p.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
-                   help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data; see README, \"Data "
-                        "and splits\")")
-    add_data_access_arguments(p)
-    p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
-                   help=f"training images held out as the validation split (default: {DEFAULT_VAL_SIZE}); the "
-                        f"checkpoint records it, and train.py and evaluate.py hold out the same")
-    p.add_argument("--split-seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
-                   help=f"seed of the train/validation split (default: {DEFAULT_SPLIT_SEED})")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="train and test on a seeded subset of N images of their splits, and validate on the first N "
-                        "held-out images, the split the checkpoint records (smoke tests)")
-    p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"schedule length (default: {DEFAULT_EPOCHS}); on --resume, a new length shortens or extends "
-                        f"the schedule")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default: 256)")
-    p.add_argument("--lr", type=positive_float, default=3e-3,
-                   help="peak learning rate for batch 512, scaled linearly (default: 3e-3)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW's weight decay (default: 0.05)")
-    p.add_argument("--warmup-epochs", type=non_negative_float, default=10,
-                   help="linear warm-up before the cosine schedule (default: 10)")
-    p.add_argument("--label-smoothing", type=non_negative_float, default=0.1,
-                   help="label smoothing of the targets, in [0, 1) (default: 0.1)")
-    p.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (default: 0.8; 0 = off)")
-    p.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default: 1.0; 0 = off)")
-    p.add_argument("--randaug", type=non_negative_int, default=2,
-                   help="RandAugment ops per image (default: 2; 0 = off)")
-    p.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
-                   help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default: 9; refused "
-                        "with --randaug 0, which builds none)")
-    p.add_argument("--seed", type=random_seed, default=0,
-                   help="seed of the initial weights, augmentation and batch order (default: 0)")
-    p.add_argument("--device", default="auto",
-                   help=f"where it trains: {DEVICE_CHOICES} (default: auto, a GPU when one is visible)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="train and validate in bf16 autocast (default: on a GPU; --no-amp: float32). A CPU runs "
-                        "float32 by default: without native bf16 (AVX2 only) autocast made an epoch 20 times as long")
-    p.add_argument("--compile", action="store_true",
-                   help="train the model through torch.compile: compiling takes about a minute when the run (or a "
-                        "--resume) starts and pays off on long GPU runs; the weights saved are the same")
-    p.add_argument("--time-limit", type=duration_in("s"), default=None, metavar="SECONDS",
-                   help="stop (resumably) after the first epoch that ends past this many seconds (or a duration "
-                        "with a unit: 20m, 1.5h) (default: no limit)")
-    p.add_argument("--time-budget", type=duration_in("s"), default=None, metavar="SECONDS",
-                   help="train as many epochs as fit in this many seconds (or 20m, 1.5h) from this process's start "
-                        "(a --resume's budget starts anew), the test reading and export included: "
-                        "the schedule's length is set from the second epoch's measured time (the first pays for "
-                        "compiling; where no second is scheduled, from the first's, then again from the second's), "
-                        "replacing --epochs; two epochs' time, and a minute more with --compile, is kept for the test "
-                        "reading and export")
-    p.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
-                   help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
-                        "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many "
-                        "(default: 1)")
-    p.add_argument("--output-dir", type=output_directory, default="runs/backbone",
-                   help="the run's directory (default: runs/backbone): the training state (train_state.pt), and the "
-                        "checkpoint with its model card in OUTPUT_DIR/backbone")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
-    p.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
-    p.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")
-    p.add_argument("--full-precision", dest="half", action="store_false", help="export float32 weights")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="vit_tiny_patch16_224",
+                       help="timm model name (default: vit_tiny_patch16_224)")
+    model.add_argument("--model-kwargs", nargs="*", default=["img_size=32", "patch_size=4", "drop_path_rate=0.1"],
+                       metavar="K=V", help="timm create_model kwargs (default: img_size=32 patch_size=4 "
+                                          "drop_path_rate=0.1); given, they replace the defaults: add "
+                                          "drop_path_rate=0.1 to keep stochastic depth")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from timm's pretrained weights (from the Hugging Face Hub, or its local cache)")
+    model.add_argument("--init-from", type=named_directory, default=None, metavar="DIR",
+                       help="start from the weights of a backbone this script exported (e.g. "
+                            "reference/vit_tiny_cifar10), trained on the same splits, with a fresh warm-up and cosine "
+                            "schedule: a second cycle that lengthens its training without its optimiser state")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                      help="cifar10 (the default) and cifar100 as torchvision or the README (\"Data and splits\") "
+                           "lays them out; folder: train/ and test/ (or val/) class directories under --data-dir, or "
+                           ".tars of them")
+    data.add_argument("--data-dir", type=named_directory, default=default_data_dir(),
+                      help="where the data set lives (default: $MARL_PRUNING_DATA_DIR, else ./data; see README, \"Data "
+                           "and splits\")")
+    add_data_access_arguments(data)
+    data.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
+                      help=f"training images held out as the validation split (default: {DEFAULT_VAL_SIZE}); the "
+                           f"checkpoint records it, and train.py and evaluate.py hold out the same")
+    data.add_argument("--split-seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
+                      help=f"seed of the train/validation split (default: {DEFAULT_SPLIT_SEED})")
+    data.add_argument("--limit", type=positive_int, default=None,
+                      help="train and test on a seeded subset of N images of their splits, and validate on the first N "
+                           "held-out images, the split the checkpoint records (smoke tests)")
+    recipe = p.add_argument_group("recipe")
+    recipe.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"schedule length (default: {DEFAULT_EPOCHS}); on --resume, a new length shortens or "
+                             "extends the schedule")
+    recipe.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default: 256)")
+    recipe.add_argument("--lr", type=positive_float, default=3e-3,
+                        help="peak learning rate for batch 512, scaled linearly (default: 3e-3)")
+    recipe.add_argument("--weight-decay", type=non_negative_float, default=0.05,
+                        help="AdamW's weight decay (default: 0.05)")
+    recipe.add_argument("--warmup-epochs", type=non_negative_float, default=10,
+                        help="linear warm-up before the cosine schedule (default: 10)")
+    recipe.add_argument("--label-smoothing", type=non_negative_float, default=0.1,
+                        help="label smoothing of the targets, in [0, 1) (default: 0.1)")
+    recipe.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha (default: 0.8; 0 = off)")
+    recipe.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha (default: 1.0; 0 = off)")
+    recipe.add_argument("--randaug", type=non_negative_int, default=2,
+                        help="RandAugment ops per image (default: 2; 0 = off)")
+    recipe.add_argument("--randaug-magnitude", type=randaug_magnitude, default=9,
+                        help="0 to 30: m/30 of each op's largest change, as torchvision's RandAugment (default: 9; "
+                             "refused with --randaug 0, which builds none)")
+    recipe.add_argument("--seed", type=random_seed, default=0,
+                        help="seed of the initial weights, augmentation and batch order (default: 0)")
+    run = p.add_argument_group("where and how long it runs")
+    run.add_argument("--device", default="auto",
+                     help=f"where it trains: {DEVICE_CHOICES} (default: auto, a GPU when one is visible)")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="train and validate in bf16 autocast (default: on a GPU; --no-amp: float32). A CPU runs "
+                          "float32 by default: without native bf16 (AVX2 only) autocast made an epoch 20 times as long")
+    run.add_argument("--compile", action="store_true",
+                     help="train the model through torch.compile: compiling takes about a minute when the run (or a "
+                          "--resume) starts and pays off on long GPU runs; the weights saved are the same")
+    run.add_argument("--time-limit", type=duration_in("s"), default=None, metavar="SECONDS",
+                     help="stop (resumably) after the first epoch that ends past this many seconds (or a duration "
+                          "with a unit: 20m, 1.5h) (default: no limit)")
+    run.add_argument("--time-budget", type=duration_in("s"), default=None, metavar="SECONDS",
+                     help="train as many epochs as fit in this many seconds (or 20m, 1.5h) from this process's start "
+                          "(a --resume's budget starts anew), the test reading and export included: "
+                          "the schedule's length is set from the second epoch's measured time (the first pays for "
+                          "compiling; where no second is scheduled, from the first's, then again from the second's), "
+                          "replacing --epochs; two epochs' time, and a minute more with --compile, is kept for the "
+                          "test reading and export")
+    run.add_argument("--save-every", type=positive_int, default=1, metavar="EPOCHS",
+                     help="write train_state.pt (weights, optimiser and random streams: 66 MB for the reference) every "
+                          "this many epochs, at a --time-limit stop and at the end; a crash loses at most this many "
+                          "(default: 1)")
+    output = p.add_argument_group("output")
+    output.add_argument("--output-dir", type=output_directory, default="runs/backbone",
+                        help="the run's directory (default: runs/backbone): the training state (train_state.pt), and "
+                             "the checkpoint with its model card in OUTPUT_DIR/backbone")
+    output.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/train_state.pt")
+    output.add_argument("--overwrite", action="store_true", help="discard a previous run in OUTPUT_DIR")
+    output.add_argument("--half", action="store_true", default=True, help="export float16 weights (default)")
+    output.add_argument("--full-precision", dest="half", action="store_false", help="export float32 weights")
     return p
 
 
