@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"checkpoint records it, and train.py and evaluate.py hold out the same")
     data.add_argument("--split-seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
                       help=f"seed of the train/validation split (default: {DEFAULT_SPLIT_SEED})")
-    data.add_argument("--limit", type=positive_int, default=None,
+    data.add_argument("--limit", type=positive_int, default=None, metavar="N",
                       help="train and test on a seeded subset of N images of their splits, and validate on the first N "
                            "held-out images, the split the checkpoint records (smoke tests)")
     recipe = p.add_argument_group("recipe")

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default="test", choices=("val", "test"),
                       help="test for final numbers, val (the backbone's held-out subset) for development "
                            "(default: %(default)s)")
-    data.add_argument("--limit", type=positive_int, default=None,
+    data.add_argument("--limit", type=positive_int, default=None, metavar="N",
                       help="evaluate a seeded subset of N images (the heuristic that learned rows are compared "
                            "with is still chosen on --selection-images, a cascade calibrated on "
                            "--calibration-images)")
