@@ -16,10 +16,11 @@ result (``progress.csv``, ``result.json``, TensorBoard) in the trial's directory
 It ends naming each trial's best checkpoint and the command that evaluates it. The test split is never read
 here. ``python train.py --help`` lists every setting of the pruning problem (``envs/problem.py``) with its doc.
 
-What to expect from the default run on a 2-core CPU: 90-220 PPO iterations in its 18 minutes (148-222 in the
-last six quick starts; the machines here differ by up to 2x), and an exact-budget validation accuracy of 82-84%
-on its 1,000 validation images at every checkpoint, level with the heuristics (greedy similarity 82.7%,
-Distinctive NMS 82.9%): PPO has not yet learned to beat them (README, "Results", and docs/results.md).
+What to expect from the default run on a 2-core CPU: 90-220 PPO iterations in its 18 minutes (146-222 in the
+ten quick starts recorded in benchmarks/README.md; the machines here differ by up to 2x), and an exact-budget
+validation accuracy of 82-84% on its 1,000 validation images at every checkpoint, level with the heuristics
+(greedy similarity 82.7%, Distinctive NMS 82.9%): PPO has not yet learned to beat them (README, "Results", and
+docs/results.md).
 """
 
 from __future__ import annotations
