@@ -22,10 +22,9 @@ import torch
 from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line
 from cli import non_negative_int, positive_int
 from envs.problem import removal_ratio
-from envs.vit.backbone_checkpoint import create_vit
+from envs.vit.backbone_checkpoint import REFERENCE_POLICY, create_vit
 from envs.vit.data import default_data_dir, load_split
 from envs.vit.staged_vit import StagedViT
-from evaluate import DEFAULT_CHECKPOINT
 from evaluation.measure import evaluate_methods
 from evaluation.methods import plan_methods
 from policies.checkpoints import load_policies
@@ -36,7 +35,7 @@ SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "im
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+    parser.add_argument("--checkpoint", default=str(REFERENCE_POLICY),
                         help="policy checkpoint (default: %(default)s)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model at 224 px")
     parser.add_argument("--reg-tokens", type=non_negative_int, default=0, help="register tokens (default: %(default)s)")
