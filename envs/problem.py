@@ -420,10 +420,16 @@ def _parser_type(annotation: Any, choices: tuple[str, ...] | None) -> typing.Cal
     return comma_separated(kind, "numbers") if kind in (int, float) else kind
 
 
+def setting_names() -> frozenset[str]:
+    """The names of the problem's and PPO's settings as their flags spell them, without a trailing ``_``
+    (``lambda_``: ``--lambda``)."""
+    return frozenset(f.name.rstrip("_") for cls in (PruningProblem, PPOSettings) for f in dataclasses.fields(cls))
+
+
 def flag_help(doc: str) -> str:
     """A field's ``doc`` as its flag's help: the other fields it names (``target_ratio``, ``images_per_env``) by
     their flags (``--target-ratio``), which is what a user of the command line types."""
-    names = {f.name for cls in (PruningProblem, PPOSettings) for f in dataclasses.fields(cls) if "_" in f.name}
+    names = setting_names()
     return re.sub(r"(?<![/\w])[a-z]+(?:_[a-z]+)+(?![\w/]|\.py)",
                   lambda name: flag_name(name[0]) if name[0] in names else name[0], doc)
 
@@ -480,9 +486,8 @@ def problems_from_args(args: argparse.Namespace) -> list[PruningProblem]:
 def flag_message(message: str) -> str:
     """A :class:`ProblemError`'s ``message`` for a command line: the settings it names (``seed``, at its start,
     and ``train_batch_size_per_learner``) spelled as their flags (``--seed``)."""
-    fields = {f.name.rstrip("_") for cls in (PruningProblem, PPOSettings) for f in dataclasses.fields(cls)}
     first, _, rest = message.partition(" ")
-    return flag_help(f"{flag_name(first)} {rest}" if first in fields and rest.startswith("must") else message)
+    return flag_help(f"{flag_name(first)} {rest}" if first in setting_names() and rest.startswith("must") else message)
 
 
 def sweep_label(problem: PruningProblem, problems: list[PruningProblem]) -> str:
