@@ -357,13 +357,14 @@ def check_new_run_directory(args: argparse.Namespace, local: Path | None) -> Non
     """A :class:`UsageError` where a new run's local directory holds something: a run, unless ``--overwrite``
     replaces it, or anything else. A cloud URI that holds a run is refused even with ``--overwrite``, which
     deletes only on a local disk: Tune would write the new run over the old one's checkpoints and records."""
+    holds_a_run = tune.Tuner.can_restore(tune_run_path(args.output_dir))  # where the new run would be stored
     if local is None:
-        if tune.Tuner.can_restore(args.output_dir):
+        if holds_a_run:
             raise UsageError(already_holds_a_run(args.output_dir, "another --output-dir (--overwrite deletes a run "
                                                                   "on a local disk only)"))
         return
     if local.exists() and any(local.iterdir()):
-        if not tune.Tuner.can_restore(str(local)):
+        if not holds_a_run:
             raise UsageError(f"{args.output_dir} is not empty and holds no run: choose another --output-dir"
                              f"{what_it_holds_instead(args.output_dir)}")
         if not args.overwrite:
