@@ -59,12 +59,17 @@ DATA_DIR_HELP = "where the data set lives, as train.py's --data-dir (default: $M
 """The help of every benchmark's ``--data-dir``: one flag, one default, as the commands have it."""
 
 
+def add_data_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """A benchmark's ``--data-dir``, read as the commands read theirs (``$MARL_PRUNING_DATA_DIR``, else ``./data``)."""
+    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+
+
 def add_data_and_checkpoint_arguments(parser: argparse.ArgumentParser, checkpoint_read_for: str) -> None:
     """The flags of a benchmark that measures on a policy checkpoint's backbone and problem: ``--data-dir``
     (defaulting as train.py's: ``$MARL_PRUNING_DATA_DIR``, else ``./data``) and ``--checkpoint`` (the reference
     policy by default), whose help says what the benchmark reads of it (``checkpoint_read_for``: ``its backbone
     and problem``)."""
-    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE_POLICY,
                         help=f"{checkpoint_read_for} (default: %(default)s)")
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line, write_json
+from benchmarks import add_data_dir_argument, benchmark_parser, run_from_command_line, write_json
 from cli import positive_int
 from envs.vit.backbone_checkpoint import REFERENCE_POLICY
-from envs.vit.data import default_data_dir, load_split
+from envs.vit.data import load_split
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, describe_device, resolve_device
 from envs.vit.timing import ratios_within_rounds
 from evaluation.methods import HEURISTIC_ROWS, MARL_EXACT, Method
@@ -68,7 +68,7 @@ def summary(rates: dict[str, list[float]], reference: str) -> dict[str, dict[str
 def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--checkpoint", default=str(REFERENCE_POLICY), help="the policy (default: the reference)")
-    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_data_dir_argument(parser)
     parser.add_argument("--images", type=positive_int, default=32,
                         help="test images per timed pass, whole batches (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=1,

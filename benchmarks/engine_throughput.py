@@ -39,13 +39,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line, write_json
+from benchmarks import add_data_dir_argument, benchmark_parser, run_from_command_line, write_json
 from cli import given_flags, non_negative_float, positive_int
 from envs.problem import PruningProblem, block_indices, flag_name, removal_ratio
 from envs.pruning_engine import PruningEngine
 from envs.server_settings import ServerSettings
 from envs.vit.backbone_checkpoint import REFERENCE_BACKBONE, load_backbone, normalize
-from envs.vit.data import default_data_dir, load_split
+from envs.vit.data import load_split
 from envs.vit.device import DEVICE_CHOICES, DTYPES, autocast_to, cpu_model, describe_device, resolve_device
 from envs.vit.flops import ViTSpec, exact_budget_gflops, exact_budget_schedule, unpruned_gflops
 from envs.vit.staged_vit import StagedViT
@@ -278,7 +278,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     problem = PruningProblem()
     parser.add_argument("--backbone", default=str(REFERENCE_BACKBONE) if REFERENCE_BACKBONE.exists() else None,
                         required=not REFERENCE_BACKBONE.exists(), help="backbone checkpoint directory")
-    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_data_dir_argument(parser)
     parser.add_argument("--dataset", default=problem.dataset, help="the data set the images come from")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="the split they are read from")
     parser.add_argument("--limit", type=positive_int, default=512, help="images served (each one warmed once)")

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line
+from benchmarks import add_data_dir_argument, benchmark_parser, run_from_command_line
 from cli import positive_int
 from envs.errors import UsageError
 from envs.vit.backbone_checkpoint import normalize
-from envs.vit.data import default_data_dir, limited_positions
+from envs.vit.data import limited_positions
 from envs.vit.held_out import load_checked_split
 from envs.vit.pruned_forward import Selector, TokenState, exact_forward
 from envs.vit.scoring import percent_equal
@@ -65,7 +65,7 @@ def unranked_positions(size: int, ranked: int, limit: int, seed: int) -> np.ndar
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("trial", type=Path, help="a trial directory of train.py (holds warm_start/ and checkpoints)")
-    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_data_dir_argument(parser)
     parser.add_argument("--limit", type=positive_int, default=2000,
                         help="validation images, of those the trial did not rank checkpoints on")
     parser.add_argument("--batch-size", type=positive_int, default=250, help="images per forward")

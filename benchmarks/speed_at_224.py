@@ -19,11 +19,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from benchmarks import DATA_DIR_HELP, benchmark_parser, run_from_command_line
+from benchmarks import add_data_dir_argument, benchmark_parser, run_from_command_line
 from cli import non_negative_int, positive_int
 from envs.problem import removal_ratio
 from envs.vit.backbone_checkpoint import REFERENCE_POLICY, create_vit
-from envs.vit.data import default_data_dir, load_split
+from envs.vit.data import load_split
 from envs.vit.staged_vit import StagedViT
 from evaluation.measure import evaluate_methods
 from evaluation.methods import plan_methods
@@ -34,7 +34,7 @@ SHOWN = ["method", "budget", "gflops", "gflops_features", "images_per_s_b1", "im
 
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--data-dir", default=default_data_dir(), help=DATA_DIR_HELP)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", default=str(REFERENCE_POLICY),
                         help="policy checkpoint (default: %(default)s)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model at 224 px")
